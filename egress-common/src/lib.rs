@@ -1,0 +1,276 @@
+//! The map schema shared by the egress kernel programs (`egress-ebpf`) and the agent
+//! (`egress-user`): the kernel/user ABI.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, free of padding (explicit `_pad` fields instead),
+//! and has its size asserted beside it, because the kernel and the agent are built by different
+//! compilers for different targets and must agree byte for byte. Addresses and ports are kept
+//! in network byte order, exactly as `struct bpf_sock_addr` delivers them, so the kernel side
+//! never swaps bytes on the hot path.
+//!
+//! Map names are ABI too: the agent pins each map at `<pin dir>/<NAME>`, and operators read
+//! them with `bpftool map dump pinned /sys/fs/bpf/egress/<NAME>`.
+#![no_std]
+
+/// Names of the maps, as the kernel sees them (at most 15 bytes) and as they are pinned.
+pub mod maps {
+    /// `Array<Config>`, one entry: the mode and generation of the policy in force.
+    pub const CONFIG: &str = "CONFIG";
+    /// `LpmTrie<RuleKeyV4, RuleValue>`: IPv4 allow rules, keyed by port, protocol and CIDR.
+    pub const RULES_V4: &str = "RULES_V4";
+    /// `LpmTrie<RuleKeyV6, RuleValue>`: IPv6 allow rules.
+    pub const RULES_V6: &str = "RULES_V6";
+    /// `LpmTrie<[u8; 4], u32>`: IPv4 destinations that are never filtered.
+    pub const BYPASS_V4: &str = "BYPASS_V4";
+    /// `LpmTrie<[u8; 16], u32>`: IPv6 destinations that are never filtered.
+    pub const BYPASS_V6: &str = "BYPASS_V6";
+    /// `PerCpuArray<RuleCounters>`: verdict counters, one row per rule plus the reserved rows.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// `Array<RuleInfo>`: which rule name owns each counter row.
+    pub const RULE_INFO: &str = "RULE_INFO";
+    /// `PerCpuArray<Stats>`, one entry: the programs' own health counters.
+    pub const STATS: &str = "STATS";
+    /// `RingBuf` of [`Event`](crate::Event): deny and would-deny verdicts.
+    pub const EVENTS: &str = "EVENTS";
+
+    /// Maps that belong to one policy generation: a new policy gets new ones, filled completely
+    /// before the programs that use them are swapped in.
+    pub const PER_GENERATION: [&str; 5] = [CONFIG, RULES_V4, RULES_V6, BYPASS_V4, BYPASS_V6];
+    /// Maps that outlive generations and agent restarts: reopened from their pins.
+    pub const SHARED: [&str; 4] = [COUNTERS, RULE_INFO, STATS, EVENTS];
+}
+
+/// Names of the kernel programs (their function names in `egress-ebpf`).
+pub mod programs {
+    /// `cgroup/connect4`.
+    pub const CONNECT4: &str = "egress_connect4";
+    /// `cgroup/connect6`.
+    pub const CONNECT6: &str = "egress_connect6";
+}
+
+/// Capacity of the rule tries (LPM tries are not preallocated, so this costs nothing unused).
+pub const MAX_RULE_KEYS: u32 = 1 << 20;
+/// Capacity of the bypass tries.
+pub const MAX_BYPASS: u32 = 4096;
+/// Rows of [`maps::COUNTERS`] and [`maps::RULE_INFO`]: the reserved rows plus one per rule.
+pub const COUNTER_ROWS: u32 = 1 << 17;
+/// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// Counter row for connections that matched no rule (denied, or would-be denied in audit).
+pub const ROW_NO_RULE: u32 = 0;
+/// Counter row for connections to a bypass destination.
+pub const ROW_BYPASS: u32 = 1;
+/// First counter row that belongs to a rule.
+pub const FIRST_RULE_ROW: u32 = 2;
+
+/// Values of [`Config::mode`].
+pub mod mode {
+    /// Deny what no rule allows: `connect()` fails with `EPERM`.
+    pub const ENFORCE: u32 = 0;
+    /// Allow everything, but report what enforce mode would have denied.
+    pub const AUDIT: u32 = 1;
+}
+
+/// Values of [`Event::verdict`].
+pub mod verdict {
+    /// A rule allowed the connection.
+    pub const ALLOW: u8 = 1;
+    /// No rule allowed it; `connect()` failed with `EPERM`.
+    pub const DENY: u8 = 2;
+    /// Audit mode: no rule allowed it, it went ahead, enforce mode would have denied it.
+    pub const WOULD_DENY: u8 = 3;
+    /// The destination is in a bypass range.
+    pub const BYPASS: u8 = 4;
+}
+
+/// Bits of [`Event::flags`].
+pub mod flags {
+    /// The application passed an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) to an `AF_INET6`
+    /// socket; it was judged by the IPv4 rules and [`Event::addr`](crate::Event) holds the
+    /// IPv4 address.
+    pub const V4_MAPPED: u8 = 1;
+}
+
+/// `IPPROTO_TCP`, as it appears in [`RuleKeyV4::proto`] and [`Event::proto`].
+pub const PROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const PROTO_UDP: u8 = 17;
+/// `AF_INET`, as it appears in [`Event::family`].
+pub const AF_INET: u8 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u8 = 10;
+
+/// Bits of a rule key that precede the address: port (16), protocol (8), pad (8). The LPM
+/// prefix length of a key is `KEY_PREFIX_BITS + cidr_len`, so port and protocol always match
+/// exactly and the address matches by CIDR, in one lookup.
+pub const KEY_PREFIX_BITS: u32 = 32;
+
+/// The one entry of [`maps::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// [`mode::ENFORCE`] or [`mode::AUDIT`].
+    pub mode: u32,
+    /// Generation number of the policy, increasing with every policy the agent applies.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// The data part of an IPv4 rule key (the LPM trie adds the `u32` prefix length before it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKeyV4 {
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// IP protocol ([`PROTO_TCP`]).
+    pub proto: u8,
+    /// Always zero (it is inside the matched prefix).
+    pub _pad: u8,
+    /// Destination address, network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<RuleKeyV4>() == 8);
+
+/// The data part of an IPv6 rule key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKeyV6 {
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// IP protocol ([`PROTO_TCP`]).
+    pub proto: u8,
+    /// Always zero (it is inside the matched prefix).
+    pub _pad: u8,
+    /// Destination address, network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<RuleKeyV6>() == 20);
+
+/// Value of a rule key: which rule it belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleValue {
+    /// The rule's row in [`maps::COUNTERS`] and [`maps::RULE_INFO`].
+    pub row: u32,
+}
+const _: () = assert!(size_of::<RuleValue>() == 4);
+
+/// One row of [`maps::COUNTERS`] (per CPU; the agent sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    /// Connections allowed (by this rule, or by a bypass range on [`ROW_BYPASS`]).
+    pub allowed: u64,
+    /// Connections denied (only on [`ROW_NO_RULE`]).
+    pub denied: u64,
+    /// Connections that audit mode let through and enforce mode would have denied.
+    pub would_deny: u64,
+}
+const _: () = assert!(size_of::<RuleCounters>() == 24);
+
+/// Longest rule name kept in [`RuleInfo::name`]; longer names are told apart by
+/// [`RuleInfo::name_hash`].
+pub const RULE_NAME_LEN: usize = 64;
+
+/// One row of [`maps::RULE_INFO`]: the rule that owns a counter row.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleInfo {
+    /// Length of the full name in bytes; 0 marks a free row.
+    pub name_len: u32,
+    /// Generation that last assigned this row.
+    pub generation: u32,
+    /// FNV-1a 64 of the full name.
+    pub name_hash: u64,
+    /// The first [`RULE_NAME_LEN`] bytes of the name, zero padded.
+    pub name: [u8; RULE_NAME_LEN],
+}
+const _: () = assert!(size_of::<RuleInfo>() == 80);
+
+impl Default for RuleInfo {
+    fn default() -> Self {
+        Self { name_len: 0, generation: 0, name_hash: 0, name: [0; RULE_NAME_LEN] }
+    }
+}
+
+/// The one entry of [`maps::STATS`] (per CPU): the programs' own health.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Events dropped because the ring buffer was full (the verdict itself stood).
+    pub events_lost: u64,
+    /// Verdicts taken on an internal error path (always deny: the programs fail closed).
+    pub errors: u64,
+}
+const _: () = assert!(size_of::<Stats>() == 16);
+
+/// A verdict the kernel reports through [`maps::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` at the verdict (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// cgroup v2 id of the process that called `connect()`.
+    pub cgroup_id: u64,
+    /// Process id (thread group id).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Counter row of the rule that decided, or [`ROW_NO_RULE`].
+    pub row: u32,
+    /// Generation of the policy that judged it ([`Config::generation`]).
+    pub generation: u32,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    /// [`AF_INET`] or [`AF_INET6`]: the family the destination was judged as.
+    pub family: u8,
+    /// IP protocol ([`PROTO_TCP`]).
+    pub proto: u8,
+    /// Bits of [`flags`].
+    pub flags: u8,
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// Destination address, network byte order; an IPv4 address fills the first 4 bytes.
+    pub addr: [u8; 16],
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<Event>() == 72);
+
+/// FNV-1a, 64 bit: the hash in [`RuleInfo::name_hash`].
+pub const fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{Config, Event, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats};
+
+    // SAFETY: every type is #[repr(C)], Copy, made only of integers and byte arrays, with its
+    // size asserted equal to the sum of its fields, so it has no padding and every bit pattern
+    // is valid.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Stats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Event {}
+}

@@ -1,0 +1,48 @@
+//! Every map the kernel programs use. Names are ABI (`egress_common::maps`): the agent pins
+//! each at `<pin dir>/<NAME>` and `bpftool map dump pinned ...` shows their BTF field names.
+
+use aya_ebpf::{
+    btf_maps::{Array, LpmTrie, PerCpuArray, RingBuf},
+    macros::btf_map,
+};
+use egress_common::{
+    COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_RULE_KEYS, RuleCounters, RuleInfo,
+    RuleKeyV4, RuleKeyV6, RuleValue, Stats,
+};
+
+/// The policy's mode and generation (one entry).
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// IPv4 allow rules: (port, protocol, CIDR) -> rule row.
+#[btf_map]
+pub static RULES_V4: LpmTrie<RuleKeyV4, RuleValue, { MAX_RULE_KEYS as usize }> = LpmTrie::new();
+
+/// IPv6 allow rules: (port, protocol, CIDR) -> rule row.
+#[btf_map]
+pub static RULES_V6: LpmTrie<RuleKeyV6, RuleValue, { MAX_RULE_KEYS as usize }> = LpmTrie::new();
+
+/// IPv4 destinations never filtered (value unused).
+#[btf_map]
+pub static BYPASS_V4: LpmTrie<[u8; 4], u32, { MAX_BYPASS as usize }> = LpmTrie::new();
+
+/// IPv6 destinations never filtered (value unused).
+#[btf_map]
+pub static BYPASS_V6: LpmTrie<[u8; 16], u32, { MAX_BYPASS as usize }> = LpmTrie::new();
+
+/// Verdict counters per rule row, per CPU.
+#[btf_map]
+pub static COUNTERS: PerCpuArray<RuleCounters, { COUNTER_ROWS as usize }> = PerCpuArray::new();
+
+/// Which rule owns each counter row. Written by the agent only; the programs never read it,
+/// but it lives in this object so that it is created, typed (BTF) and pinned with the rest.
+#[btf_map]
+pub static RULE_INFO: Array<RuleInfo, { COUNTER_ROWS as usize }> = Array::new();
+
+/// The programs' own health counters (one entry, per CPU).
+#[btf_map]
+pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
+
+/// Deny and would-deny events for the agent.
+#[btf_map]
+pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();

@@ -1,0 +1,1 @@
+//! Compiles a validated [`Policy`](crate::policy::Policy) into map entries.

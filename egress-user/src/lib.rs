@@ -1,0 +1,11 @@
+//! The egress agent and CLI as a library, so that the `tests` crate can drive it.
+//!
+//! Modules follow a connection's policy from file to kernel: [`policy`] parses, validates and
+//! normalises the YAML; [`compile`] turns a policy into map entries; [`loader`] loads, attaches
+//! and pins the kernel programs and writes the maps; [`cli`] is one file per verb.
+
+pub mod cli;
+pub mod compile;
+pub mod loader;
+pub mod policy;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! Loads, attaches and pins the kernel programs; writes the maps.

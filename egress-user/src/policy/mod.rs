@@ -1,0 +1,20 @@
+//! Policy files: parse, validate and normalise Istio-style multi-document YAML.
+//!
+//! The entry points are [`load_files`] and [`load_sources`]; both return a complete
+//! [`Policy`] or every error found, each as `FILE:LINE: what is wrong`. Nothing partial ever
+//! comes out, so nothing invalid can reach a map.
+
+mod model;
+
+pub use model::{
+    Diagnostic, Mode, Origin, Policy, PolicyErrors, PortRule, Protocol, Rule, default_bypass,
+};
+
+/// The policy `egress run` enforces when no `--policy` is given (`egress check --default`).
+pub const DEFAULT_POLICY: &str = include_str!("default.yaml");
+/// The file name the default policy's messages carry.
+pub const DEFAULT_POLICY_NAME: &str = "<default>";
+
+
+
+
