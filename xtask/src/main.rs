@@ -1,0 +1,62 @@
+//! `cargo xtask`: the privileged and multi-step jobs of the egress workspace.
+//!
+//! Each subcommand lives in its own module and owns its options; `main` only parses the
+//! command line and dispatches. To add a subcommand (say `bench`), add a module with an
+//! `Options` struct and a `run` function, and one variant to [`Command`].
+
+mod env;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+/// Developer tasks for egress (set-up, tests, running the agent).
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need: nightly rust-src, bpf-linker, bpftool and
+    /// iproute2. Idempotent; takes about a second when everything is present.
+    ///
+    /// Example: cargo xtask setup
+    Setup(setup::Options),
+    /// Run set-up, then the test suite (`cargo test --workspace`) as root.
+    ///
+    /// Arguments after `--` go to `cargo test`; `-p PACKAGE` there narrows the run.
+    ///
+    /// Example: cargo xtask test -- --package tests -- --nocapture
+    Test(test::Options),
+    /// Run set-up, build the agent, then run `egress run` as root.
+    ///
+    /// Arguments after `--` go to `egress run`.
+    ///
+    /// Example: cargo xtask run -- --help
+    Run(run::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup(options) => setup::run(&options).map(drop),
+        Command::Test(options) => test::run(&options),
+        Command::Run(options) => run::run(&options),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// clap checks the command definitions only when a subcommand is parsed; check them all.
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

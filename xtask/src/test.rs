@@ -1,0 +1,110 @@
+//! `cargo xtask test`: set-up, then the test suite, as a list of steps run in order.
+//!
+//! The suite is a list so that later stages slot in as one more [`Step`] variant (the kernel
+//! matrix under QEMU, issue 7, will be one), selectable with `--step`.
+
+use std::ffi::OsString;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, ValueEnum};
+
+use crate::{
+    env::{self, ChildEnv},
+    setup,
+};
+
+/// Options of `cargo xtask test`.
+#[derive(Debug, Args)]
+pub struct Options {
+    #[command(flatten)]
+    setup: setup::Options,
+
+    /// Run only this step (repeatable); by default every step runs, in order.
+    #[arg(long = "step", value_enum, value_name = "STEP")]
+    steps: Vec<Step>,
+
+    /// Extra arguments for `cargo test` (after `--`); with `-p`/`--package` only those
+    /// packages are tested instead of the whole workspace.
+    #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+    cargo_test_args: Vec<OsString>,
+}
+
+/// One stage of the suite. Stages run in declaration order; the first failure stops the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Step {
+    /// `cargo test --workspace`: unit tests and the root integration tests on this kernel.
+    Workspace,
+}
+
+impl Step {
+    fn run(self, child: &ChildEnv, options: &Options) -> Result<()> {
+        match self {
+            Self::Workspace => {
+                let mut command = child.command("cargo");
+                command.arg("test");
+                // cargo ignores `--package` next to `--workspace`; let `-- -p tests` narrow.
+                if !selects_packages(&options.cargo_test_args) {
+                    command.arg("--workspace");
+                }
+                env::run_streaming(command.args(&options.cargo_test_args))
+            }
+        }
+    }
+
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |value| value.get_name().to_owned())
+    }
+}
+
+/// Whether cargo's own arguments (those before a `--`) pick packages with `-p`/`--package`.
+fn selects_packages(cargo_args: &[OsString]) -> bool {
+    cargo_args
+        .iter()
+        .map(|arg| arg.to_string_lossy())
+        .take_while(|arg| arg != "--")
+        .any(|arg| arg.starts_with("-p") || arg == "--package" || arg.starts_with("--package="))
+}
+
+/// Runs set-up and then each selected step.
+pub fn run(options: &Options) -> Result<()> {
+    // Fail before set-up spends a minute building bpf-linker for a run that cannot pass.
+    env::require_root("the integration tests")?;
+    let child = setup::run(&options.setup)?;
+    let steps = if options.steps.is_empty() {
+        Step::value_variants()
+    } else {
+        &options.steps
+    };
+    for &step in steps {
+        eprintln!("test: step {}", step.name());
+        step.run(&child, options)
+            .with_context(|| format!("test step `{}` failed", step.name()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<OsString> {
+        words.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn package_selection_is_seen_only_before_the_test_binary_separator() {
+        assert!(selects_packages(&args(&["-p", "tests"])));
+        assert!(selects_packages(&args(&["-ptests"])));
+        assert!(selects_packages(&args(&[
+            "--package",
+            "tests",
+            "--",
+            "--nocapture"
+        ])));
+        assert!(selects_packages(&args(&["--package=tests"])));
+        assert!(!selects_packages(&args(&[])));
+        assert!(!selects_packages(&args(&["policy", "--", "-p"])));
+        assert!(!selects_packages(&args(&["--", "--package"])));
+    }
+}
