@@ -4,8 +4,17 @@
 //! [`Policy`] or every error found, each as `FILE:LINE: what is wrong`. Nothing partial ever
 //! comes out, so nothing invalid can reach a map.
 
+mod addr;
+mod display;
+mod load;
 mod model;
+mod report;
+#[cfg(test)]
+mod tests;
+mod validate;
+mod yaml;
 
+pub use load::{MAX_FILE_SIZE, default_policy, load_files, load_sources};
 pub use model::{
     Diagnostic, Mode, Origin, Policy, PolicyErrors, PortRule, Protocol, Rule, default_bypass,
 };
@@ -14,7 +23,3 @@ pub use model::{
 pub const DEFAULT_POLICY: &str = include_str!("default.yaml");
 /// The file name the default policy's messages carry.
 pub const DEFAULT_POLICY_NAME: &str = "<default>";
-
-
-
-

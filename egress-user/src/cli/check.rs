@@ -1,0 +1,250 @@
+//! `egress check`: validate policy files and print what they mean, without touching the
+//! kernel, so a policy can be checked in CI or before `egress run` picks it up.
+
+use std::{io::Write, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+
+use crate::policy::{self, DEFAULT_POLICY_NAME, Policy, PolicyErrors};
+
+/// Validate policy files and print the normalised policy; exit 1 on any error.
+///
+/// All files together form one policy. Every error is printed as `FILE:LINE: message`, one a
+/// line on stderr; nothing is printed on stdout then.
+///
+/// Example: egress check policy/base.yaml policy/wikipedia.yaml
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Policy files (multi-document YAML) to check as one policy.
+    #[arg(value_name = "FILE", required_unless_present = "default")]
+    pub files: Vec<PathBuf>,
+    /// Check the policy built into the binary, the one `egress run` enforces without --policy.
+    #[arg(long, conflicts_with = "files")]
+    pub default: bool,
+}
+
+/// Exit status for a command line that names nothing to check (clap's own usage-error code).
+const USAGE_ERROR: u8 = 2;
+
+/// Runs `egress check`: 0 when the policy is valid (and printed), 1 when it is not, 2 when
+/// there is nothing to check.
+///
+/// # Errors
+/// Only when stdout or stderr cannot be written.
+pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    run_with(
+        args,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    )
+}
+
+/// [`run`] with its output streams given, so tests can read what it prints.
+fn run_with(
+    args: &CheckArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let result: Result<Policy, PolicyErrors> = match (args.default, args.files.is_empty()) {
+        (true, true) => Ok(policy::default_policy()),
+        (false, false) => policy::load_files(&args.files),
+        // clap rejects both cases already; this is for callers that build CheckArgs by hand.
+        (true, false) => {
+            writeln!(
+                err,
+                "egress check: give policy files or --default, not both"
+            )
+            .context("cannot write to stderr")?;
+            return Ok(ExitCode::from(USAGE_ERROR));
+        }
+        (false, true) => {
+            writeln!(
+                err,
+                "egress check: nothing to check: give policy files, or --default for {DEFAULT_POLICY_NAME}"
+            )
+            .context("cannot write to stderr")?;
+            return Ok(ExitCode::from(USAGE_ERROR));
+        }
+    };
+    match result {
+        Ok(policy) => {
+            write!(out, "{policy}").context("cannot write to stdout")?;
+            out.flush().context("cannot write to stdout")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for diagnostic in &errors.0 {
+                writeln!(err, "{diagnostic}").context("cannot write to stderr")?;
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use clap::Parser;
+
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("egress-check-{}-{n}", std::process::id()));
+            fs::create_dir_all(&dir).expect("create temp dir");
+            Self(dir)
+        }
+
+        fn file(&self, name: &str, contents: &str) -> PathBuf {
+            let path = self.0.join(name);
+            fs::write(&path, contents).expect("write temp file");
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Stands in for the lead's `Command` enum, to test the clap wiring of [`CheckArgs`].
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: CheckArgs,
+    }
+
+    const GOOD: &str = "\
+kind: EgressRule
+metadata: {name: wikipedia-range1}
+spec:
+  destination: {service: 91.198.174.192/27}
+  ports:
+    - {port: 443, protocol: tcp}
+";
+
+    fn check(args: &CheckArgs) -> (ExitCode, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = run_with(args, &mut out, &mut err).expect("writing to a Vec cannot fail");
+        (
+            code,
+            String::from_utf8(out).expect("utf-8"),
+            String::from_utf8(err).expect("utf-8"),
+        )
+    }
+
+    #[test]
+    fn valid_file_prints_the_policy_and_succeeds() {
+        let dir = TempDir::new();
+        let path = dir.file("good.yaml", GOOD);
+        let args = CheckArgs {
+            files: vec![path.clone()],
+            default: false,
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(err, "");
+        let origin = format!("({}:1)", path.display());
+        assert!(
+            out.starts_with("mode: enforce\nbypass: 127.0.0.0/8, ::1/128\nrules: 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("wikipedia-range1  91.198.174.192/27  443/tcp  "),
+            "{out}"
+        );
+        assert!(out.trim_end().ends_with(&origin), "{out}");
+        assert_eq!(run(&args).expect("run"), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn invalid_files_print_every_error_and_fail() {
+        let dir = TempDir::new();
+        let good = dir.file("a.yaml", GOOD);
+        let bad = dir.file(
+            "b.yaml",
+            &GOOD.replace("443,", "0,").replace("tcp}", "sctp}"),
+        );
+        let missing = dir.0.join("missing.yaml");
+        let args = CheckArgs {
+            files: vec![good, bad.clone(), missing.clone()],
+            default: false,
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::FAILURE);
+        assert_eq!(out, "");
+        let lines: Vec<&str> = err.lines().collect();
+        let bad = bad.display();
+        assert_eq!(lines.len(), 4, "{err}");
+        assert_eq!(
+            lines[0],
+            format!(
+                "{bad}:2: metadata.name: duplicate name `wikipedia-range1` (the first is at {}:2)",
+                dir.0.join("a.yaml").display()
+            )
+        );
+        assert_eq!(
+            lines[1],
+            format!("{bad}:6: spec.ports[0].port: 0 is not a valid port (1-65535)")
+        );
+        assert!(
+            lines[2].starts_with(&format!(
+                "{bad}:6: spec.ports[0].protocol: unknown protocol `sctp`"
+            )),
+            "{err}"
+        );
+        assert!(
+            lines[3].starts_with(&format!("{}:1: cannot read the file: ", missing.display())),
+            "{err}"
+        );
+        assert_eq!(run(&args).expect("run"), ExitCode::FAILURE);
+    }
+
+    #[test]
+    fn default_policy_checks_clean() {
+        let args = CheckArgs {
+            files: Vec::new(),
+            default: true,
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert!(out.contains("wikipedia-range5  208.80.154.224/27"), "{out}");
+        assert!(out.contains(&format!("({DEFAULT_POLICY_NAME}:")), "{out}");
+    }
+
+    #[test]
+    fn nothing_to_check_is_a_usage_error() {
+        let args = CheckArgs {
+            files: Vec::new(),
+            default: false,
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::from(USAGE_ERROR));
+        assert_eq!(out, "");
+        assert!(err.contains("nothing to check"), "{err}");
+        // clap refuses it before run() is reached, and refuses files with --default too.
+        assert!(Cli::try_parse_from(["check"]).is_err());
+        assert!(Cli::try_parse_from(["check", "--default", "a.yaml"]).is_err());
+        let parsed = Cli::try_parse_from(["check", "a.yaml", "b.yaml"]).expect("valid");
+        assert_eq!(
+            parsed.args.files,
+            [PathBuf::from("a.yaml"), PathBuf::from("b.yaml")]
+        );
+        assert!(
+            Cli::try_parse_from(["check", "--default"])
+                .expect("valid")
+                .args
+                .default
+        );
+    }
+}
