@@ -12,8 +12,14 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("egress-user has no parent directory"))?
         .join("egress-ebpf");
-    let root_dir = metadata_root.to_str().context("egress-ebpf path is not UTF-8")?;
-    let ebpf = Package { name: "egress-ebpf", root_dir, ..Default::default() };
+    let root_dir = metadata_root
+        .to_str()
+        .context("egress-ebpf path is not UTF-8")?;
+    let ebpf = Package {
+        name: "egress-ebpf",
+        root_dir,
+        ..Default::default()
+    };
     aya_build::build_ebpf([ebpf], Toolchain::default()).context(
         "building the eBPF programs failed; run `cargo xtask setup` to install the nightly \
          rust-src component and bpf-linker",

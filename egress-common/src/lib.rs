@@ -189,7 +189,12 @@ const _: () = assert!(size_of::<RuleInfo>() == 80);
 
 impl Default for RuleInfo {
     fn default() -> Self {
-        Self { name_len: 0, generation: 0, name_hash: 0, name: [0; RULE_NAME_LEN] }
+        Self {
+            name_len: 0,
+            generation: 0,
+            name_hash: 0,
+            name: [0; RULE_NAME_LEN],
+        }
     }
 }
 

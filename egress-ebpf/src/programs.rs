@@ -4,8 +4,7 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     btf_maps::lpm_trie::Key,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -15,9 +14,7 @@ use egress_common::{
     RuleKeyV6, flags, mode, verdict,
 };
 
-use crate::maps::{
-    BYPASS_V4, BYPASS_V6, CONFIG, COUNTERS, EVENTS, RULES_V4, RULES_V6, STATS,
-};
+use crate::maps::{BYPASS_V4, BYPASS_V6, CONFIG, COUNTERS, EVENTS, RULES_V4, RULES_V6, STATS};
 
 /// `connect()` goes ahead.
 const RET_ALLOW: i32 = 1;
@@ -114,7 +111,12 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
     if sa.type_ != SOCK_STREAM {
         return Ok(RET_ALLOW);
     }
-    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let port = sa.user_port as u16;
     // ::ffff:a.b.c.d: the words are in network byte order, so compare against the big-endian
     // form of 0x0000ffff.
@@ -136,7 +138,12 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
             addr[i * 4 + 3] = b[3];
             i += 1;
         }
-        Dest { family: AF_INET6, flags: 0, port, addr }
+        Dest {
+            family: AF_INET6,
+            flags: 0,
+            port,
+            addr,
+        }
     };
     decide(dest)
 }
@@ -165,7 +172,11 @@ fn decide(dest: Dest) -> Result<i32, ()> {
         None if config.mode == mode::AUDIT => (verdict::WOULD_DENY, ROW_NO_RULE, RET_ALLOW),
         None => (verdict::DENY, ROW_NO_RULE, RET_DENY),
     };
-    let judgement = Judgement { verdict, row, generation: config.generation };
+    let judgement = Judgement {
+        verdict,
+        row,
+        generation: config.generation,
+    };
     count(&judgement);
     if verdict == verdict::DENY || verdict == verdict::WOULD_DENY {
         report(&dest, &judgement);
@@ -187,7 +198,12 @@ fn judge_v4(dest: &Dest) -> Option<Matched> {
     if BYPASS_V4.get(&Key::new(32, addr)).is_some() {
         return Some(Matched::Bypass);
     }
-    let key = RuleKeyV4 { port: dest.port, proto: PROTO_TCP, _pad: 0, addr };
+    let key = RuleKeyV4 {
+        port: dest.port,
+        proto: PROTO_TCP,
+        _pad: 0,
+        addr,
+    };
     RULES_V4
         .get(&Key::new(KEY_PREFIX_BITS + 32, key))
         .map(|value| Matched::Rule(value.row))
@@ -202,7 +218,12 @@ fn judge_v6(dest: &Dest) -> Option<Matched> {
     if BYPASS_V6.get(&Key::new(128, addr)).is_some() {
         return Some(Matched::Bypass);
     }
-    let key = RuleKeyV6 { port: dest.port, proto: PROTO_TCP, _pad: 0, addr };
+    let key = RuleKeyV6 {
+        port: dest.port,
+        proto: PROTO_TCP,
+        _pad: 0,
+        addr,
+    };
     RULES_V6
         .get(&Key::new(KEY_PREFIX_BITS + 128, key))
         .map(|value| Matched::Rule(value.row))

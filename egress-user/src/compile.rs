@@ -1,1 +1,507 @@
-//! Compiles a validated [`Policy`](crate::policy::Policy) into map entries.
+//! Compiles a validated [`Policy`] into the exact entries the kernel maps will hold.
+//!
+//! Compilation is pure: it either produces every entry of a generation or fails before
+//! anything is written, so a policy the kernel cannot hold (too many rules, too many bypass
+//! ranges) is rejected whole and the running policy stays.
+//!
+//! Counter rows are stable: a rule keeps its row (and so its counters) across reloads and agent
+//! restarts for as long as its name stays in the policy. The row table lives in the pinned
+//! `RULE_INFO` map, read back by the loader into a [`RowTable`].
+
+use std::collections::{HashMap, hash_map::Entry};
+
+use egress_common::{
+    COUNTER_ROWS, Config, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS, PROTO_TCP,
+    RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, fnv1a64, mode,
+};
+use ipnet::IpNet;
+
+use crate::policy::{Mode, Policy, Protocol};
+
+/// Why a valid policy cannot be put into the kernel maps.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// More rules than counter rows.
+    #[error("the policy has {rules} rules; at most {max} fit in the kernel maps")]
+    TooManyRules {
+        /// Rules in the policy.
+        rules: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// More (destination, port) keys than the rule tries hold.
+    #[error("the policy needs {keys} {family} rule keys; at most {max} fit")]
+    TooManyKeys {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// Keys needed.
+        keys: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// More bypass ranges than the bypass tries hold.
+    #[error("the policy has {ranges} {family} bypass ranges; at most {max} fit")]
+    TooManyBypass {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// Ranges in the policy.
+        ranges: usize,
+        /// The limit.
+        max: u32,
+    },
+}
+
+/// One LPM trie entry: prefix length in bits, key data, value.
+pub type LpmEntry<K, V> = (u32, K, V);
+
+/// Everything one policy generation writes into the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// The `CONFIG` entry.
+    pub config: Config,
+    /// `RULES_V4` entries.
+    pub rules_v4: Vec<LpmEntry<RuleKeyV4, RuleValue>>,
+    /// `RULES_V6` entries.
+    pub rules_v6: Vec<LpmEntry<RuleKeyV6, RuleValue>>,
+    /// `BYPASS_V4` entries.
+    pub bypass_v4: Vec<LpmEntry<[u8; 4], u32>>,
+    /// `BYPASS_V6` entries.
+    pub bypass_v6: Vec<LpmEntry<[u8; 16], u32>>,
+    /// The row table after this generation: which rule owns each row.
+    pub rows: RowTable,
+    /// Rules whose every key was already taken by an earlier rule: they can never match.
+    pub shadowed: Vec<Shadowed>,
+}
+
+/// A rule key that an earlier rule already holds; the connection is counted on the earlier one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shadowed {
+    /// The later rule.
+    pub rule: String,
+    /// The rule that holds the key.
+    pub by: String,
+    /// The key, as `CIDR port/proto`.
+    pub key: String,
+}
+
+/// Which rule name owns each counter row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowTable {
+    by_name: HashMap<String, u32>,
+    by_row: HashMap<u32, String>,
+}
+
+impl RowTable {
+    /// Rebuilds the table from the `RULE_INFO` rows read back from the kernel. Rows whose
+    /// stored name is truncated keep their row only if a rule of the new policy has the same
+    /// length, prefix and hash; see [`RowTable::assign`].
+    pub fn from_rule_info(rows: impl IntoIterator<Item = (u32, RuleInfo)>) -> StoredRows {
+        StoredRows(
+            rows.into_iter()
+                .filter(|(row, info)| *row >= FIRST_RULE_ROW && info.name_len != 0)
+                .collect(),
+        )
+    }
+
+    /// The row of a rule.
+    pub fn row(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The name that owns a row.
+    pub fn name(&self, row: u32) -> Option<&str> {
+        self.by_row.get(&row).map(String::as_str)
+    }
+
+    /// Every (row, name), sorted by row.
+    pub fn rows(&self) -> Vec<(u32, &str)> {
+        let mut rows: Vec<_> = self.by_name.iter().map(|(n, r)| (*r, n.as_str())).collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// True when no rule has a row.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// The row table as the kernel holds it: names may be truncated to [`RULE_NAME_LEN`] bytes.
+#[derive(Clone, Debug, Default)]
+pub struct StoredRows(Vec<(u32, RuleInfo)>);
+
+impl StoredRows {
+    /// Gives every name a row: a name that already had one keeps it, new names take the lowest
+    /// free rows. Rows of names no longer present are freed.
+    pub fn assign<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<RowTable, CompileError> {
+        let names: Vec<&str> = names.into_iter().collect();
+        let max = COUNTER_ROWS - FIRST_RULE_ROW;
+        if names.len() > max as usize {
+            return Err(CompileError::TooManyRules {
+                rules: names.len(),
+                max,
+            });
+        }
+        let mut by_name = HashMap::with_capacity(names.len());
+        let mut taken = vec![false; COUNTER_ROWS as usize];
+        let stored: HashMap<(u64, u32), Vec<(u32, &RuleInfo)>> =
+            self.0.iter().fold(HashMap::new(), |mut acc, (row, info)| {
+                acc.entry((info.name_hash, info.name_len))
+                    .or_default()
+                    .push((*row, info));
+                acc
+            });
+        let mut new = Vec::new();
+        for name in &names {
+            let found = stored
+                .get(&(fnv1a64(name.as_bytes()), name.len() as u32))
+                .and_then(|c| {
+                    c.iter().find(|(row, info)| {
+                        !taken[*row as usize] && info.name == rule_info(name, 0).name
+                    })
+                });
+            match found {
+                Some((row, _)) => {
+                    taken[*row as usize] = true;
+                    by_name.insert((*name).to_owned(), *row);
+                }
+                None => new.push(*name),
+            }
+        }
+        let mut free = (FIRST_RULE_ROW..COUNTER_ROWS).filter(|row| !taken[*row as usize]);
+        for name in new {
+            let row = free.next().ok_or(CompileError::TooManyRules {
+                rules: names.len(),
+                max,
+            })?;
+            by_name.insert(name.to_owned(), row);
+        }
+        let by_row = by_name.iter().map(|(n, r)| (*r, n.clone())).collect();
+        Ok(RowTable { by_name, by_row })
+    }
+}
+
+/// The `RULE_INFO` row for a rule name.
+pub fn rule_info(name: &str, generation: u32) -> RuleInfo {
+    let mut info = RuleInfo {
+        name_len: name.len() as u32,
+        generation,
+        name_hash: fnv1a64(name.as_bytes()),
+        ..RuleInfo::default()
+    };
+    let n = name.len().min(RULE_NAME_LEN);
+    info.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    info
+}
+
+/// Compiles `policy` as generation `generation`, keeping the rows in `stored` where it can.
+pub fn compile(
+    policy: &Policy,
+    stored: &StoredRows,
+    generation: u32,
+) -> Result<Compiled, CompileError> {
+    let rows = stored.assign(policy.rules.iter().map(|r| r.name.as_str()))?;
+    let mut out = Compiled {
+        config: Config {
+            mode: match policy.mode {
+                Mode::Enforce => mode::ENFORCE,
+                Mode::Audit => mode::AUDIT,
+            },
+            generation,
+        },
+        ..Compiled::default()
+    };
+    // First rule to claim a key keeps it: file order is the user's order of precedence.
+    let mut owners: HashMap<(IpNet, u16, Protocol), &str> = HashMap::new();
+    for rule in &policy.rules {
+        let row = rows.row(&rule.name).expect("assign gave every rule a row");
+        let value = RuleValue { row };
+        for port in &rule.ports {
+            match owners.entry((rule.destination, port.port, port.protocol)) {
+                Entry::Occupied(owner) => {
+                    out.shadowed.push(Shadowed {
+                        rule: rule.name.clone(),
+                        by: (*owner.get()).to_owned(),
+                        key: format!("{} {}/{}", rule.destination, port.port, port.protocol),
+                    });
+                    continue;
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(&rule.name);
+                }
+            }
+            let proto = match port.protocol {
+                Protocol::Tcp => PROTO_TCP,
+            };
+            let port = port.port.to_be();
+            match rule.destination {
+                IpNet::V4(net) => out.rules_v4.push((
+                    KEY_PREFIX_BITS + u32::from(net.prefix_len()),
+                    RuleKeyV4 {
+                        port,
+                        proto,
+                        _pad: 0,
+                        addr: net.network().octets(),
+                    },
+                    value,
+                )),
+                IpNet::V6(net) => out.rules_v6.push((
+                    KEY_PREFIX_BITS + u32::from(net.prefix_len()),
+                    RuleKeyV6 {
+                        port,
+                        proto,
+                        _pad: 0,
+                        addr: net.network().octets(),
+                    },
+                    value,
+                )),
+            }
+        }
+    }
+    for net in &policy.bypass {
+        match net {
+            IpNet::V4(net) => {
+                out.bypass_v4
+                    .push((u32::from(net.prefix_len()), net.network().octets(), 1));
+            }
+            IpNet::V6(net) => {
+                out.bypass_v6
+                    .push((u32::from(net.prefix_len()), net.network().octets(), 1));
+            }
+        }
+    }
+    check_len(
+        "IPv4",
+        out.rules_v4.len(),
+        MAX_RULE_KEYS,
+        |family, keys, max| CompileError::TooManyKeys { family, keys, max },
+    )?;
+    check_len(
+        "IPv6",
+        out.rules_v6.len(),
+        MAX_RULE_KEYS,
+        |family, keys, max| CompileError::TooManyKeys { family, keys, max },
+    )?;
+    check_len(
+        "IPv4",
+        out.bypass_v4.len(),
+        MAX_BYPASS,
+        |family, ranges, max| CompileError::TooManyBypass {
+            family,
+            ranges,
+            max,
+        },
+    )?;
+    check_len(
+        "IPv6",
+        out.bypass_v6.len(),
+        MAX_BYPASS,
+        |family, ranges, max| CompileError::TooManyBypass {
+            family,
+            ranges,
+            max,
+        },
+    )?;
+    out.rows = rows;
+    Ok(out)
+}
+
+fn check_len(
+    family: &'static str,
+    len: usize,
+    max: u32,
+    err: impl FnOnce(&'static str, usize, u32) -> CompileError,
+) -> Result<(), CompileError> {
+    if len > max as usize {
+        Err(err(family, len, max))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Origin, PortRule, Rule, default_bypass};
+
+    fn rule(name: &str, dest: &str, ports: &[u16]) -> Rule {
+        Rule {
+            name: name.to_owned(),
+            origin: Origin {
+                file: "t.yaml".to_owned(),
+                line: 1,
+            },
+            destination: dest.parse().unwrap(),
+            ports: ports
+                .iter()
+                .map(|&port| PortRule {
+                    port,
+                    protocol: Protocol::Tcp,
+                })
+                .collect(),
+        }
+    }
+
+    fn policy(rules: Vec<Rule>) -> Policy {
+        Policy {
+            mode: Mode::Enforce,
+            bypass: default_bypass(),
+            rules,
+        }
+    }
+
+    #[test]
+    fn keys_carry_port_in_network_order_and_prefix_past_port_and_proto() {
+        let p = policy(vec![
+            rule("a", "192.0.2.0/24", &[443, 8080]),
+            rule("b", "2001:db8::/32", &[22]),
+        ]);
+        let c = compile(&p, &StoredRows::default(), 7).unwrap();
+        assert_eq!(
+            c.config,
+            Config {
+                mode: mode::ENFORCE,
+                generation: 7
+            }
+        );
+        assert_eq!(c.rules_v4.len(), 2);
+        let (prefix, key, value) = c.rules_v4[0];
+        assert_eq!(prefix, 32 + 24);
+        assert_eq!(key.addr, [192, 0, 2, 0]);
+        // Network byte order: the first byte in memory is the high byte of 443 (0x01bb).
+        assert_eq!(key.port.to_ne_bytes(), [0x01, 0xbb]);
+        assert_eq!(key.proto, PROTO_TCP);
+        assert_eq!(value.row, FIRST_RULE_ROW);
+        let (prefix, key, value) = c.rules_v6[0];
+        assert_eq!(prefix, 32 + 32);
+        assert_eq!(key.port.to_ne_bytes(), [0, 22]);
+        assert_eq!(value.row, FIRST_RULE_ROW + 1);
+        assert_eq!(c.bypass_v4, vec![(8, [127, 0, 0, 0], 1)]);
+        assert_eq!(c.bypass_v6.len(), 1);
+        assert_eq!(c.bypass_v6[0].0, 128);
+    }
+
+    #[test]
+    fn audit_mode_compiles_to_audit() {
+        let mut p = policy(vec![]);
+        p.mode = Mode::Audit;
+        assert_eq!(
+            compile(&p, &StoredRows::default(), 1).unwrap().config.mode,
+            mode::AUDIT
+        );
+    }
+
+    #[test]
+    fn same_key_twice_is_kept_by_the_first_rule_and_reported() {
+        let p = policy(vec![
+            rule("a", "192.0.2.0/24", &[443]),
+            rule("b", "192.0.2.0/24", &[443, 80]),
+        ]);
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        assert_eq!(c.rules_v4.len(), 2);
+        assert_eq!(c.shadowed.len(), 1);
+        assert_eq!(c.shadowed[0].rule, "b");
+        assert_eq!(c.shadowed[0].by, "a");
+    }
+
+    #[test]
+    fn rows_survive_a_recompile_and_new_names_take_free_rows() {
+        let first = compile(
+            &policy(vec![
+                rule("a", "192.0.2.1/32", &[1]),
+                rule("b", "192.0.2.2/32", &[1]),
+            ]),
+            &StoredRows::default(),
+            1,
+        )
+        .unwrap();
+        let stored = RowTable::from_rule_info(
+            first
+                .rows
+                .rows()
+                .into_iter()
+                .map(|(row, name)| (row, rule_info(name, 1))),
+        );
+        // "a" goes away, "c" arrives before "b" in file order: "b" keeps its row.
+        let second = compile(
+            &policy(vec![
+                rule("c", "192.0.2.3/32", &[1]),
+                rule("b", "192.0.2.2/32", &[1]),
+            ]),
+            &stored,
+            2,
+        )
+        .unwrap();
+        assert_eq!(second.rows.row("b"), first.rows.row("b"));
+        assert_eq!(
+            second.rows.row("c"),
+            first.rows.row("a"),
+            "the freed row is reused"
+        );
+        assert_eq!(second.rows.len(), 2);
+    }
+
+    #[test]
+    fn long_names_that_share_a_prefix_keep_their_own_rows() {
+        let long_a = format!("{}-a", "x".repeat(70));
+        let long_b = format!("{}-b", "x".repeat(70));
+        let first = compile(
+            &policy(vec![
+                rule(&long_a, "192.0.2.1/32", &[1]),
+                rule(&long_b, "192.0.2.2/32", &[1]),
+            ]),
+            &StoredRows::default(),
+            1,
+        )
+        .unwrap();
+        let stored = RowTable::from_rule_info(
+            first
+                .rows
+                .rows()
+                .into_iter()
+                .map(|(row, name)| (row, rule_info(name, 1))),
+        );
+        let second = compile(
+            &policy(vec![
+                rule(&long_b, "192.0.2.2/32", &[1]),
+                rule(&long_a, "192.0.2.1/32", &[1]),
+            ]),
+            &stored,
+            2,
+        )
+        .unwrap();
+        assert_eq!(second.rows.row(&long_a), first.rows.row(&long_a));
+        assert_eq!(second.rows.row(&long_b), first.rows.row(&long_b));
+    }
+
+    #[test]
+    fn too_many_rules_is_an_error_not_a_partial_policy() {
+        let names: Vec<String> = (0..COUNTER_ROWS).map(|i| format!("r{i}")).collect();
+        let err = StoredRows::default()
+            .assign(names.iter().map(String::as_str))
+            .unwrap_err();
+        assert!(matches!(err, CompileError::TooManyRules { .. }), "{err}");
+    }
+
+    #[test]
+    fn too_many_bypass_ranges_is_an_error() {
+        let mut p = policy(vec![]);
+        p.bypass = (0..=MAX_BYPASS)
+            .map(|i| {
+                ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(i << 8), 24)
+                    .unwrap()
+                    .into()
+            })
+            .collect();
+        let err = compile(&p, &StoredRows::default(), 1).unwrap_err();
+        assert!(matches!(err, CompileError::TooManyBypass { .. }), "{err}");
+    }
+}

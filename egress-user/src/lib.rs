@@ -4,8 +4,10 @@
 //! normalises the YAML; [`compile`] turns a policy into map entries; [`loader`] loads, attaches
 //! and pins the kernel programs and writes the maps; [`cli`] is one file per verb.
 
+pub mod cgroup;
 pub mod cli;
 pub mod compile;
 pub mod loader;
+pub use loader::events;
 pub mod policy;
 pub mod telemetry;

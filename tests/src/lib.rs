@@ -1,1 +1,434 @@
-//! Helpers shared by the integration tests: network namespaces, cgroups, probes.
+//! Helpers shared by the integration tests: a [`Sandbox`] per test (its own network namespace
+//! with no route out, its own cgroup, its own pin directory, all removed on drop, even when the
+//! test fails), a [`Sink`] server that counts what reaches it, and the probe that plays the
+//! workload.
+//!
+//! Network safety: every address here is assigned by the sandbox to a veth interface whose peer is also inside
+//! the sandbox's own namespace (TEST-NET ranges and 2001:db8::/32), so a filter that failed
+//! open still could not send a packet off the machine.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The first test address (TEST-NET-1), on the sandbox's interface.
+pub const V4_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// A second IPv4 address in another /24 (TEST-NET-2).
+pub const V4_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// A third (TEST-NET-3).
+pub const V4_C: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The first IPv6 test address (documentation prefix).
+pub const V6_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// A second IPv6 address in another /64.
+pub const V6_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+
+/// Path of the probe binary, from the integration test that calls it.
+#[macro_export]
+macro_rules! probe_bin {
+    () => {
+        env!("CARGO_BIN_EXE_egress-probe")
+    };
+}
+
+/// Path of the `egress` CLI, from the integration test that calls it.
+#[macro_export]
+macro_rules! egress_bin {
+    () => {
+        env!("CARGO_BIN_EXE_egress-cli")
+    };
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e} (cargo xtask setup installs iproute2)"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Moves the calling thread into the named network namespace.
+pub fn enter_netns(name: &str) {
+    let ns = fs::File::open(format!("/run/netns/{name}"))
+        .unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
+    // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
+    let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(ret, 0, "setns({name}): {}", std::io::Error::last_os_error());
+}
+
+/// One test's private world: a network namespace, a cgroup and a pin directory, unique to
+/// this process and test, removed on drop.
+pub struct Sandbox {
+    /// Namespace name (also the leaf name of the cgroup and pin directory).
+    pub name: String,
+    /// The managed cgroup for this test.
+    pub cgroup: PathBuf,
+    /// The pin directory for this test.
+    pub pin_dir: PathBuf,
+}
+
+impl Sandbox {
+    /// Creates the sandbox. Panics (with the reason) when not root or the kernel lacks
+    /// something the tests need: these tests never skip silently.
+    pub fn new() -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the integration tests load eBPF programs and must run as root (use `cargo xtask test`)"
+        );
+        let name = format!(
+            "egt{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(&["ip", "netns", "add", &name]);
+        let sandbox = Self {
+            cgroup: egress_user::cgroup::cgroup2_mount()
+                .expect("the tests need a cgroup v2 mount")
+                .join("egress-tests")
+                .join(&name),
+            pin_dir: Path::new(egress_user::loader::BPFFS_MOUNT)
+                .join("egress-tests")
+                .join(&name),
+            name,
+        };
+        // From here on Drop cleans up whatever was made.
+        let n = sandbox.name.as_str();
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        // A veth pair with both ends inside the namespace: somewhere to put addresses, and no
+        // way out of the namespace (this kernel has no dummy driver).
+        sh(&[
+            "ip", "-n", n, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+        ]);
+        sh(&["ip", "-n", n, "link", "set", "d0", "up"]);
+        sh(&["ip", "-n", n, "link", "set", "d1", "up"]);
+        for addr in ["192.0.2.1/24", "198.51.100.1/24", "203.0.113.1/24"] {
+            sh(&["ip", "-n", n, "addr", "add", addr, "dev", "d0"]);
+        }
+        for addr in ["2001:db8::1/64", "2001:db8:1::1/64"] {
+            sh(&[
+                "ip", "-n", n, "-6", "addr", "add", addr, "dev", "d0", "nodad",
+            ]);
+        }
+        fs::create_dir_all(&sandbox.cgroup)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", sandbox.cgroup.display()));
+        sandbox
+    }
+
+    /// Adds an address to the sandbox's interface (`ip addr add ... dev d0`).
+    pub fn add_addr(&self, cidr: &str) {
+        sh(&[
+            "ip", "-n", &self.name, "addr", "add", cidr, "dev", "d0", "nodad",
+        ]);
+    }
+
+    /// The target for the loader.
+    pub fn target(&self) -> egress_user::loader::Target {
+        egress_user::loader::Target {
+            pin_dir: self.pin_dir.clone(),
+            cgroup: self.cgroup.clone(),
+        }
+    }
+
+    /// The cgroup id of the managed cgroup.
+    pub fn cgroup_id(&self) -> u64 {
+        egress_user::cgroup::id(&self.cgroup).expect("cgroup id")
+    }
+
+    /// Starts a server inside the namespace at `addr`.
+    pub fn sink(&self, addr: SocketAddr) -> Sink {
+        Sink::start(&self.name, addr)
+    }
+
+    /// Connects from inside the managed cgroup and the namespace.
+    pub fn connect(&self, probe: &str, addr: SocketAddr) -> Outcome {
+        self.run_probe(probe, addr, true)
+    }
+
+    /// Connects from inside the namespace but outside the managed cgroup.
+    pub fn connect_outside(&self, probe: &str, addr: SocketAddr) -> Outcome {
+        self.run_probe(probe, addr, false)
+    }
+
+    fn run_probe(&self, probe: &str, addr: SocketAddr, in_cgroup: bool) -> Outcome {
+        let mut cmd = Command::new(probe);
+        if in_cgroup {
+            cmd.arg("--cgroup").arg(&self.cgroup);
+        }
+        let out = cmd
+            .args(["--netns", &self.name])
+            .arg(addr.to_string())
+            .output()
+            .expect("running the probe");
+        Outcome::parse(
+            &String::from_utf8_lossy(&out.stdout),
+            &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Err(e) = egress_user::loader::unload(&self.pin_dir) {
+            eprintln!("cleanup: unloading {}: {e:#}", self.pin_dir.display());
+        }
+        let _ = fs::remove_dir(&self.pin_dir);
+        let kill = self.cgroup.join("cgroup.kill");
+        if kill.exists() {
+            let _ = fs::write(kill, "1");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.cgroup.exists()
+            && fs::remove_dir(&self.cgroup).is_err()
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// What a probe's connect() did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connection was established.
+    Connected,
+    /// connect() failed with EPERM: the filter denied it.
+    Denied,
+    /// Anything else (refused, timed out, probe failure), with its text.
+    Other(String),
+}
+
+impl Outcome {
+    fn parse(stdout: &str, stderr: &str) -> Self {
+        let line = stdout.trim();
+        if line == "connected" {
+            Self::Connected
+        } else if line.starts_with(&format!("error {} ", libc::EPERM)) {
+            Self::Denied
+        } else {
+            Self::Other(format!("{line} {stderr}"))
+        }
+    }
+}
+
+/// A TCP server inside a sandbox that accepts and counts every connection that reaches it:
+/// the sink where "the server never saw it" is measured.
+pub struct Sink {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start(netns: &str, addr: SocketAddr) -> Self {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let netns = netns.to_owned();
+        let thread = {
+            let (accepted, peers, stop) = (accepted.clone(), peers.clone(), stop.clone());
+            thread::spawn(move || {
+                enter_netns(&netns);
+                let listener = TcpListener::bind(addr)
+                    .unwrap_or_else(|e| panic!("binding {addr} in {netns}: {e}"));
+                listener.set_nonblocking(true).expect("nonblocking");
+                tx.send(listener.local_addr().expect("local addr"))
+                    .expect("send addr");
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((_stream, peer)) => {
+                            peers.lock().expect("peers").push(peer);
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2))
+                        }
+                        Err(e) => panic!("accept on {addr}: {e}"),
+                    }
+                }
+            })
+        };
+        let addr = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the sink did not start");
+        Self {
+            addr,
+            accepted,
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far. Waits briefly for in-flight accepts to land, so that a
+    /// connection the client saw established is counted.
+    pub fn accepted(&self) -> usize {
+        thread::sleep(Duration::from_millis(30));
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Peer addresses of the accepted connections.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().expect("peers").clone()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A socket address from an IP and port.
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// The IPv4-mapped IPv6 form of an IPv4 address (`::ffff:a.b.c.d`).
+pub fn mapped(v4: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), port)
+}
+
+/// An `egress run` agent started as a child process, stopped on drop.
+pub struct Agent {
+    child: Child,
+    /// Everything the agent wrote to stderr so far (its log).
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts `egress run` with the given arguments and waits until it logs `ready`.
+    pub fn start(egress: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(egress)
+            .arg("run")
+            .args(args)
+            .env("EGRESS_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the agent");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            let stderr = child.stderr.take().expect("stderr");
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("ready") {
+                        let _ = tx.send(());
+                    }
+                    let mut log = log.lock().expect("log");
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let mut agent = Self { child, log };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let status = agent.child.try_wait();
+            panic!(
+                "the agent did not become ready ({status:?}); its log:\n{}",
+                agent.log()
+            );
+        }
+        agent
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Waits until the log contains `needle`, or panics with the log after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "the agent never logged {needle:?}; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let ret = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(ret, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the agent to exit and returns its exit status.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit; its log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a policy file in a fresh temporary directory and returns its path.
+pub fn policy_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    fs::create_dir_all(dir).expect("policy dir");
+    let path = dir.join(name);
+    fs::write(&path, yaml).expect("writing policy");
+    path
+}

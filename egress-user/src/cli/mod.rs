@@ -1,8 +1,62 @@
-//! The `egress` command line: one file per verb.
+//! The `egress` command line: one file per verb. Doc comments are the `--help` text.
+
+pub mod check;
+pub mod exec;
+pub mod run;
+pub mod unload;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+/// egress: default-deny TCP egress for the processes of a cgroup, enforced in the kernel at
+/// connect() time, from Istio-style EgressRule policies.
+#[derive(Parser, Debug)]
+#[command(name = "egress", version, about, long_about = None)]
+pub struct Cli {
+    /// The verb.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent in the foreground: load the policy, enforce it on the managed cgroup, log
+    /// verdicts. Enforcement stays pinned when the agent exits.
+    ///
+    /// Example: egress run --policy /etc/egress/policy.yaml
+    Run(run::RunArgs),
+    /// Validate policy files and print the normalised rules; exit 1 and print every error
+    /// (FILE:LINE: what is wrong) if any is invalid.
+    ///
+    /// Example: egress check policy.yaml more-rules.yaml
+    Check(check::CheckArgs),
+    /// Run a command inside the managed cgroup, so its connections are filtered; exits with
+    /// the command's status.
+    ///
+    /// Example: egress exec -- curl http://example.test/
+    Exec(exec::ExecArgs),
+    /// Detach the programs and remove every pin: nothing is filtered afterwards.
+    ///
+    /// Example: egress unload --pin-dir /sys/fs/bpf/egress
+    Unload(unload::UnloadArgs),
+}
+
 /// Entry point of the `egress` binary.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Exec(args) => exec::run(args),
+        Command::Unload(args) => unload::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("egress: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

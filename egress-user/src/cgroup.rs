@@ -1,0 +1,170 @@
+//! cgroup v2: finding the mount, creating the managed cgroup, moving processes into it.
+//!
+//! The cgroup v2 mount differs between hosts (`/sys/fs/cgroup` on a unified host,
+//! `/sys/fs/cgroup/unified` on a hybrid one), so it is always read from
+//! `/proc/self/mountinfo`, never assumed.
+
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// Name of the managed cgroup under the cgroup v2 mount when `--cgroup` is not given.
+pub const DEFAULT_CGROUP_NAME: &str = "egress";
+
+/// cgroup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup2 line in mountinfo.
+    #[error("no cgroup v2 filesystem is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2,
+    /// Reading mountinfo failed.
+    #[error("reading /proc/self/mountinfo")]
+    MountInfo(#[source] io::Error),
+    /// The path is not a cgroup v2 directory.
+    #[error("{0} is not a cgroup v2 directory (no cgroup.procs in it)")]
+    NotACgroup(PathBuf),
+    /// Creating or reading a cgroup failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The mount point of the cgroup v2 filesystem.
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::MountInfo)?;
+    parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+/// Finds the cgroup2 mount point in the text of a mountinfo file.
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "36 35 0:30 / /sys/fs/cgroup/unified rw,... - cgroup2 cgroup2 rw"
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        (fstype == "cgroup2").then(|| left.split_whitespace().nth(4).map(unescape_mountinfo))?
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 4 <= bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
+/// The managed cgroup when none is given: `<cgroup2 mount>/egress`.
+pub fn default_cgroup() -> Result<PathBuf, CgroupError> {
+    Ok(cgroup2_mount()?.join(DEFAULT_CGROUP_NAME))
+}
+
+/// Creates the cgroup directory if it is missing and checks it is a cgroup v2 directory.
+pub fn ensure(path: &Path) -> Result<(), CgroupError> {
+    // Check before creating anything: the nearest existing ancestor must be a cgroup, so a
+    // mistyped path outside cgroupfs is an error, not a stray directory.
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !existing.join("cgroup.procs").exists() {
+        return Err(CgroupError::NotACgroup(existing.to_owned()));
+    }
+    fs::create_dir_all(path).map_err(|source| CgroupError::Io {
+        what: "creating cgroup",
+        path: path.to_owned(),
+        source,
+    })?;
+    if !path.join("cgroup.procs").exists() {
+        return Err(CgroupError::NotACgroup(path.to_owned()));
+    }
+    Ok(())
+}
+
+/// The cgroup v2 id of a cgroup directory (the kernfs inode number, as
+/// `bpf_get_current_cgroup_id()` reports it).
+pub fn id(path: &Path) -> Result<u64, CgroupError> {
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| CgroupError::Io {
+            what: "reading cgroup",
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Moves the calling process (all its threads) into the cgroup.
+pub fn join(path: &Path) -> Result<(), CgroupError> {
+    let procs = path.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string()).map_err(|source| CgroupError::Io {
+        what: "joining cgroup",
+        path: procs,
+        source,
+    })
+}
+
+/// Opens the cgroup directory for attaching programs to it.
+pub fn open(path: &Path) -> Result<fs::File, CgroupError> {
+    fs::File::open(path).map_err(|source| CgroupError::Io {
+        what: "opening cgroup",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_a_hybrid_layout() {
+        let text = "25 30 0:23 / /sys rw - sysfs sysfs rw\n\
+                    35 25 0:30 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755\n\
+                    41 35 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                    42 35 0:39 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn finds_cgroup2_with_optional_fields_and_escapes() {
+        let text = "29 23 0:26 / /sys/fs/cg\\040v2 rw shared:4 master:1 - cgroup2 none rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cg v2"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2_is_none() {
+        assert_eq!(
+            parse_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+}

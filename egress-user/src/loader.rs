@@ -1,1 +1,0 @@
-//! Loads, attaches and pins the kernel programs; writes the maps.

@@ -1,0 +1,211 @@
+//! Kernel verdict events: decoding what the programs put in the `EVENTS` ring buffer, and
+//! logging it with the rule's name.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use aya::maps::{MapData, RingBuf};
+use egress_common::{AF_INET, Event, flags, verdict};
+
+/// What the kernel decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A rule allowed it.
+    Allow,
+    /// Denied: `connect()` failed with `EPERM`.
+    Deny,
+    /// Audit mode let it through; enforce mode would have denied it.
+    WouldDeny,
+    /// Destination in a bypass range.
+    Bypass,
+}
+
+impl Verdict {
+    fn from_raw(v: u8) -> Option<Self> {
+        Some(match v {
+            verdict::ALLOW => Self::Allow,
+            verdict::DENY => Self::Deny,
+            verdict::WOULD_DENY => Self::WouldDeny,
+            verdict::BYPASS => Self::Bypass,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::WouldDeny => "would-deny",
+            Self::Bypass => "bypass",
+        })
+    }
+}
+
+/// One decoded event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The counter row it was booked on.
+    pub row: u32,
+    /// The rule's name (or `(no rule)`), as the agent knows the row.
+    pub rule: String,
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// The thread's `comm`.
+    pub comm: String,
+    /// The caller's cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Destination as judged (an IPv4-mapped destination shows as IPv4).
+    pub destination: SocketAddr,
+    /// The application gave an IPv4-mapped IPv6 address.
+    pub v4_mapped: bool,
+    /// The policy generation that judged it.
+    pub generation: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub ts_ns: u64,
+}
+
+/// Decodes one ring buffer record; `None` for a record of the wrong size or an unknown verdict.
+pub fn decode(bytes: &[u8], rule_name: impl Fn(u32) -> Option<String>) -> Option<EventRecord> {
+    if bytes.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: the buffer holds at least size_of::<Event>() bytes, Event is Pod (any bit pattern
+    // is valid), and read_unaligned makes no alignment assumption.
+    let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let ip = if e.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(e.addr))
+    };
+    let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+    Some(EventRecord {
+        verdict: Verdict::from_raw(e.verdict)?,
+        row: e.row,
+        rule: rule_name(e.row).unwrap_or_else(|| format!("row {}", e.row)),
+        pid: e.pid,
+        tid: e.tid,
+        comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+        cgroup_id: e.cgroup_id,
+        destination: SocketAddr::new(ip, u16::from_be(e.port)),
+        v4_mapped: e.flags & flags::V4_MAPPED != 0,
+        generation: e.generation,
+        ts_ns: e.ts_ns,
+    })
+}
+
+/// Reads every event now in the ring buffer.
+pub fn drain(
+    ring: &mut RingBuf<MapData>,
+    rule_name: impl Fn(u32) -> Option<String>,
+) -> Vec<EventRecord> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        match decode(&item, &rule_name) {
+            Some(record) => out.push(record),
+            None => tracing::warn!(len = item.len(), "undecodable event from the kernel"),
+        }
+    }
+    out
+}
+
+/// Logs an event: denials as warnings, the rest as info.
+pub fn log(e: &EventRecord) {
+    macro_rules! emit {
+        ($level:ident) => {
+            tracing::$level!(
+                verdict = %e.verdict,
+                rule = %e.rule,
+                pid = e.pid,
+                comm = %e.comm,
+                cgroup_id = e.cgroup_id,
+                destination = %e.destination,
+                v4_mapped = e.v4_mapped,
+                generation = e.generation,
+                "connect {}",
+                e.verdict
+            )
+        };
+    }
+    match e.verdict {
+        Verdict::Deny | Verdict::WouldDeny => emit!(warn),
+        Verdict::Allow | Verdict::Bypass => emit!(info),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egress_common::{AF_INET6, PROTO_TCP};
+
+    fn raw(e: &Event) -> Vec<u8> {
+        // SAFETY: Event is Pod; viewing it as bytes is sound.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(e).cast::<u8>(), size_of::<Event>())
+        }
+        .to_vec()
+    }
+
+    fn event(family: u8, addr: [u8; 16], verdict: u8) -> Event {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        Event {
+            ts_ns: 5,
+            cgroup_id: 77,
+            pid: 10,
+            tid: 11,
+            row: 0,
+            generation: 3,
+            verdict,
+            family,
+            proto: PROTO_TCP,
+            flags: flags::V4_MAPPED,
+            port: 443u16.to_be(),
+            _pad: 0,
+            addr,
+            comm,
+        }
+    }
+
+    #[test]
+    fn decodes_an_ipv4_deny() {
+        let mut addr = [0; 16];
+        addr[..4].copy_from_slice(&[192, 0, 2, 7]);
+        let r = decode(&raw(&event(AF_INET, addr, verdict::DENY)), |_| {
+            Some("(no rule)".into())
+        })
+        .unwrap();
+        assert_eq!(r.verdict, Verdict::Deny);
+        assert_eq!(r.destination, "192.0.2.7:443".parse().unwrap());
+        assert_eq!(r.comm, "curl");
+        assert!(r.v4_mapped);
+        assert_eq!((r.pid, r.tid, r.cgroup_id, r.generation), (10, 11, 77, 3));
+        assert_eq!(r.rule, "(no rule)");
+    }
+
+    #[test]
+    fn decodes_an_ipv6_would_deny() {
+        let addr: Ipv6Addr = "2001:db8::9".parse().unwrap();
+        let r = decode(
+            &raw(&event(AF_INET6, addr.octets(), verdict::WOULD_DENY)),
+            |_| None,
+        )
+        .unwrap();
+        assert_eq!(r.verdict, Verdict::WouldDeny);
+        assert_eq!(r.destination, "[2001:db8::9]:443".parse().unwrap());
+        assert_eq!(r.rule, "row 0");
+    }
+
+    #[test]
+    fn rejects_short_records_and_unknown_verdicts() {
+        assert!(decode(&[0; 8], |_| None).is_none());
+        assert!(decode(&raw(&event(AF_INET, [0; 16], 99)), |_| None).is_none());
+    }
+}

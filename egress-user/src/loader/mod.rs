@@ -1,0 +1,689 @@
+//! Loads the kernel programs, writes a policy generation into fresh maps, attaches (or swaps)
+//! the programs on the managed cgroup, and pins everything so enforcement outlives the agent.
+//!
+//! # How a policy gets into the kernel
+//! Every [`Enforcer::apply`] builds a complete new generation: new `CONFIG`, `RULES_*` and
+//! `BYPASS_*` maps, filled while no program reads them, and new programs bound to them. Only
+//! then is each pinned cgroup link switched to the new program with `BPF_LINK_UPDATE`, which
+//! is atomic: a `connect()` is judged either entirely by the old generation or entirely by the
+//! new one, and the hook is never empty. The maps that outlive generations (counters, the row
+//! table, stats, the event ring) are reopened from their pins, so counters survive reloads
+//! and agent restarts.
+//!
+//! A new agent started over existing pins does the same, so "take over" and "reload" are one
+//! code path.
+
+pub mod events;
+mod pins;
+mod sys;
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues, RingBuf,
+        lpm_trie::Key,
+    },
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    util::nr_cpus,
+};
+use egress_common::{
+    COUNTER_ROWS, Config, EVENTS_BYTES, FIRST_RULE_ROW, ROW_BYPASS, ROW_NO_RULE, RuleCounters,
+    RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats, maps,
+};
+pub use pins::{BPFFS_MOUNT, DEFAULT_PIN_DIR, PinDir, is_bpffs};
+
+use crate::{
+    cgroup::{self, CgroupError},
+    compile::{self, CompileError, Compiled, RowTable},
+    policy::Policy,
+};
+
+/// The kernel programs, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
+
+/// What can go wrong putting a policy into the kernel. In every case the generation that was
+/// in force before stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The pin directory could not be prepared.
+    #[error("preparing pin directory {path}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The managed cgroup could not be prepared.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The policy does not fit the kernel maps.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// A pinned map was made by an incompatible version of egress.
+    #[error(
+        "pinned map {path} has {found}, this version needs {expected}; it was made by an \
+         incompatible version of egress: run `egress unload --pin-dir {dir}` first"
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: PathBuf,
+        /// The pin directory.
+        dir: PathBuf,
+        /// Its layout.
+        found: String,
+        /// The layout this build needs.
+        expected: String,
+    },
+    /// The pinned links are attached to another cgroup.
+    #[error(
+        "{path} is attached to cgroup id {found}, not to {cgroup} (id {expected}); use another \
+         --pin-dir or run `egress unload` first"
+    )]
+    LinkElsewhere {
+        /// The link pin.
+        path: PathBuf,
+        /// The cgroup asked for.
+        cgroup: PathBuf,
+        /// Its id.
+        expected: u64,
+        /// The id the link is attached to.
+        found: u64,
+    },
+    /// Loading the object or a program failed (the verifier's log is in the source).
+    #[error("loading the eBPF programs")]
+    Ebpf(#[from] aya::EbpfError),
+    /// A program failed to load or attach.
+    #[error("program {name}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {what}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Pinning or replacing a pin failed.
+    #[error("{what} {path}")]
+    Pin {
+        /// What was being done.
+        what: &'static str,
+        /// The pin.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn map_err(
+    name: &'static str,
+    what: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> LoadError {
+    move |source| LoadError::Map { name, what, source }
+}
+
+/// Where to enforce.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The pin directory (default [`DEFAULT_PIN_DIR`]).
+    pub pin_dir: PathBuf,
+    /// The managed cgroup v2 directory; created if missing.
+    pub cgroup: PathBuf,
+}
+
+/// The counters of one row, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowCount {
+    /// The row.
+    pub row: u32,
+    /// The rule's name, or `(no rule)` / `(bypass)` for the reserved rows.
+    pub name: String,
+    /// Summed counters.
+    pub counters: RuleCounters,
+}
+
+/// The name shown for [`ROW_NO_RULE`].
+pub const NO_RULE_NAME: &str = "(no rule)";
+/// The name shown for [`ROW_BYPASS`].
+pub const BYPASS_NAME: &str = "(bypass)";
+
+/// The policy in force on one cgroup, and the handles to read its counters and events.
+pub struct Enforcer {
+    pins: PinDir,
+    // The current generation's object: its programs are behind the pinned links and its maps
+    // hold the policy. Kept so that counters and the row table can be read.
+    ebpf: Ebpf,
+    rows: RowTable,
+    generation: u32,
+}
+
+impl Enforcer {
+    /// Puts `policy` in force on `target`, as a new generation: loads fresh programs and maps,
+    /// fills them, then attaches the programs (first time) or swaps them into the pinned links
+    /// in place (a reload, or a new agent taking over from a previous one).
+    pub fn apply(target: &Target, policy: &Policy) -> Result<Self, LoadError> {
+        cgroup::ensure(&target.cgroup)?;
+        let cgroup_id = cgroup::id(&target.cgroup)?;
+        let pins = PinDir::new(&target.pin_dir);
+        pins.prepare().map_err(|source| LoadError::PinDir {
+            path: target.pin_dir.clone(),
+            source,
+        })?;
+        let existing = existing_links(&pins, &target.cgroup, cgroup_id)?;
+        check_shared_pins(&pins)?;
+        let previous = previous_generation(&pins);
+
+        let mut loader = EbpfLoader::new();
+        for name in maps::SHARED {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+
+        let stored = {
+            let info: Array<_, RuleInfo> =
+                Array::try_from(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"))
+                    .map_err(map_err(maps::RULE_INFO, "opening"))?;
+            let rows = (0..COUNTER_ROWS)
+                .map(|row| info.get(&row, 0).map(|i| (row, i)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(map_err(maps::RULE_INFO, "reading"))?;
+            RowTable::from_rule_info(rows)
+        };
+        let generation = previous.map_or(1, |g| g.wrapping_add(1).max(1));
+        let compiled = compile::compile(policy, &stored, generation)?;
+        for s in &compiled.shadowed {
+            tracing::warn!(rule = %s.rule, by = %s.by, key = %s.key, "rule key already allowed by an earlier rule; counted there");
+        }
+        fill_generation(&mut ebpf, &compiled)?;
+        write_rule_info(&mut ebpf, &compiled.rows, generation)?;
+
+        for (program, _) in pins::LINKS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(program)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| LoadError::Program {
+                    name: program,
+                    source,
+                })?;
+            prog.load().map_err(|source| LoadError::Program {
+                name: program,
+                source,
+            })?;
+        }
+        // Up to here nothing the kernel enforces has changed. Now switch, program by program.
+        for (program, _) in pins::LINKS {
+            let path = pins.link(program);
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(program)
+                .expect("loaded above")
+                .try_into()
+                .expect("checked above");
+            match existing.get(program) {
+                Some(link) => {
+                    let prog_fd = prog.fd().map_err(|source| LoadError::Program {
+                        name: program,
+                        source,
+                    })?;
+                    sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
+                        LoadError::Pin {
+                            what: "swapping the program of",
+                            path,
+                            source,
+                        }
+                    })?;
+                }
+                None => {
+                    let file = cgroup::open(&target.cgroup)?;
+                    let id = prog
+                        .attach(file, CgroupAttachMode::Single)
+                        .map_err(|source| LoadError::Program {
+                            name: program,
+                            source,
+                        })?;
+                    let link: FdLink = prog
+                        .take_link(id)
+                        .map_err(|source| LoadError::Program {
+                            name: program,
+                            source,
+                        })?
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| LoadError::Pin {
+                            what: "converting the link of",
+                            path: path.clone(),
+                            source: io::Error::other(e),
+                        })?;
+                    link.pin(&path).map_err(|e| LoadError::Pin {
+                        what: "pinning",
+                        path: path.clone(),
+                        source: io::Error::other(e),
+                    })?;
+                }
+            }
+        }
+        repin_generation(&ebpf, &pins)?;
+        let gone = stored_rows_gone(&stored_names(&ebpf)?, &compiled.rows);
+        free_rows(&mut ebpf, &gone)?;
+        tracing::debug!(
+            generation,
+            rules = compiled.rows.len(),
+            "generation in force"
+        );
+        Ok(Self {
+            pins,
+            ebpf,
+            rows: compiled.rows,
+            generation,
+        })
+    }
+
+    /// The generation in force.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        self.pins.path()
+    }
+
+    /// Which rule owns each row.
+    pub fn rows(&self) -> &RowTable {
+        &self.rows
+    }
+
+    /// The name of a row: a rule name, or the reserved rows' names.
+    pub fn row_name(&self, row: u32) -> Option<&str> {
+        match row {
+            ROW_NO_RULE => Some(NO_RULE_NAME),
+            ROW_BYPASS => Some(BYPASS_NAME),
+            row => self.rows.name(row),
+        }
+    }
+
+    /// Counters of the reserved rows and every rule of the policy, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<RowCount>, LoadError> {
+        let counters: PerCpuArray<_, RuleCounters> =
+            PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).expect("object has COUNTERS"))
+                .map_err(map_err(maps::COUNTERS, "opening"))?;
+        let mut rows = vec![(ROW_NO_RULE, NO_RULE_NAME), (ROW_BYPASS, BYPASS_NAME)];
+        rows.extend(self.rows.rows());
+        rows.into_iter()
+            .map(|(row, name)| {
+                let per_cpu = counters
+                    .get(&row, 0)
+                    .map_err(map_err(maps::COUNTERS, "reading"))?;
+                let counters = per_cpu
+                    .iter()
+                    .fold(RuleCounters::default(), |a, c| RuleCounters {
+                        allowed: a.allowed + c.allowed,
+                        denied: a.denied + c.denied,
+                        would_deny: a.would_deny + c.would_deny,
+                    });
+                Ok(RowCount {
+                    row,
+                    name: name.to_owned(),
+                    counters,
+                })
+            })
+            .collect()
+    }
+
+    /// The programs' own health counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats, LoadError> {
+        let stats: PerCpuArray<_, Stats> =
+            PerCpuArray::try_from(self.ebpf.map(maps::STATS).expect("object has STATS"))
+                .map_err(map_err(maps::STATS, "opening"))?;
+        let per_cpu = stats.get(&0, 0).map_err(map_err(maps::STATS, "reading"))?;
+        Ok(per_cpu.iter().fold(Stats::default(), |a, s| Stats {
+            events_lost: a.events_lost + s.events_lost,
+            errors: a.errors + s.errors,
+        }))
+    }
+
+    /// Takes the event ring buffer (once; later calls return `None`).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.ebpf
+            .take_map(maps::EVENTS)
+            .and_then(|m| RingBuf::try_from(m).ok())
+    }
+
+    /// Takes the event ring buffer, registered with the current tokio runtime so that
+    /// `readable_mut().await` wakes when the kernel submits an event.
+    pub fn take_async_events(&mut self) -> io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
+        let ring = self
+            .take_events()
+            .ok_or_else(|| io::Error::other("the event ring buffer was already taken"))?;
+        // SAFETY: the RingBuf owns its map fd (MapData holds an OwnedFd) and returns the same
+        // fd from as_raw_fd() until it is dropped, which happens only when the AsyncFd is.
+        unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+    }
+}
+
+/// Opens the existing link pins and checks they belong to this cgroup.
+fn existing_links(
+    pins: &PinDir,
+    cgroup: &Path,
+    cgroup_id: u64,
+) -> Result<HashMap<&'static str, OwnedFd>, LoadError> {
+    let mut links = HashMap::new();
+    for (program, _) in pins::LINKS {
+        let path = pins.link(program);
+        if !path.exists() {
+            continue;
+        }
+        let link = sys::obj_get(&path).map_err(|source| LoadError::Pin {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+        let info = sys::cgroup_link_info(link.as_fd()).map_err(|source| LoadError::Pin {
+            what: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        if info.cgroup_id != cgroup_id {
+            return Err(LoadError::LinkElsewhere {
+                path,
+                cgroup: cgroup.to_owned(),
+                expected: cgroup_id,
+                found: info.cgroup_id,
+            });
+        }
+        links.insert(program, link);
+    }
+    Ok(links)
+}
+
+/// The layout each shared map must have to be reused.
+fn expected_layout(name: &str) -> (MapType, u32, u32, u32) {
+    match name {
+        maps::COUNTERS => (
+            MapType::PerCpuArray,
+            4,
+            size_of::<RuleCounters>() as u32,
+            COUNTER_ROWS,
+        ),
+        maps::RULE_INFO => (
+            MapType::Array,
+            4,
+            size_of::<RuleInfo>() as u32,
+            COUNTER_ROWS,
+        ),
+        maps::STATS => (MapType::PerCpuArray, 4, size_of::<Stats>() as u32, 1),
+        maps::EVENTS => (MapType::RingBuf, 0, 0, EVENTS_BYTES),
+        other => unreachable!("{other} is not a shared map"),
+    }
+}
+
+/// Refuses to reuse a pinned map whose type or sizes differ from this build's.
+fn check_shared_pins(pins: &PinDir) -> Result<(), LoadError> {
+    for name in maps::SHARED {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).map_err(map_err(name_static(name), "reading pinned"))?;
+        let found = (
+            info.map_type()
+                .map_err(map_err(name_static(name), "reading pinned"))?,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let expected = expected_layout(name);
+        if found != expected {
+            let show = |(t, k, v, m): (MapType, u32, u32, u32)| {
+                format!("type {t:?}, key {k} B, value {v} B, {m} entries")
+            };
+            return Err(LoadError::IncompatiblePin {
+                path,
+                dir: pins.path().to_owned(),
+                found: show(found),
+                expected: show(expected),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn name_static(name: &str) -> &'static str {
+    maps::SHARED
+        .into_iter()
+        .chain(maps::PER_GENERATION)
+        .find(|n| *n == name)
+        .unwrap_or("map")
+}
+
+/// The generation of the pinned `CONFIG`, if any.
+fn previous_generation(pins: &PinDir) -> Option<u32> {
+    let data = MapData::from_pin(pins.map(maps::CONFIG)).ok()?;
+    let config: Array<_, Config> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    config.get(&0, 0).ok().map(|c| c.generation)
+}
+
+/// Writes every entry of a generation into its (fresh, unreferenced) maps.
+fn fill_generation(ebpf: &mut Ebpf, c: &Compiled) -> Result<(), LoadError> {
+    let mut config: Array<_, Config> =
+        Array::try_from(ebpf.map_mut(maps::CONFIG).expect("object has CONFIG"))
+            .map_err(map_err(maps::CONFIG, "opening"))?;
+    config
+        .set(0, c.config, 0)
+        .map_err(map_err(maps::CONFIG, "writing"))?;
+    fill_lpm::<RuleKeyV4, RuleValue>(ebpf, maps::RULES_V4, &c.rules_v4)?;
+    fill_lpm::<RuleKeyV6, RuleValue>(ebpf, maps::RULES_V6, &c.rules_v6)?;
+    fill_lpm::<[u8; 4], u32>(ebpf, maps::BYPASS_V4, &c.bypass_v4)?;
+    fill_lpm::<[u8; 16], u32>(ebpf, maps::BYPASS_V6, &c.bypass_v6)?;
+    Ok(())
+}
+
+fn fill_lpm<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(u32, K, V)],
+) -> Result<(), LoadError> {
+    let mut trie: LpmTrie<_, K, V> =
+        LpmTrie::try_from(ebpf.map_mut(name).expect("object has the map"))
+            .map_err(map_err(name, "opening"))?;
+    for (prefix, key, value) in entries {
+        trie.insert(&Key::new(*prefix, *key), *value, 0)
+            .map_err(map_err(name, "inserting"))?;
+    }
+    Ok(())
+}
+
+/// Records which rule owns each row, before the programs that count on those rows run.
+fn write_rule_info(ebpf: &mut Ebpf, rows: &RowTable, generation: u32) -> Result<(), LoadError> {
+    let mut info: Array<_, RuleInfo> =
+        Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
+            .map_err(map_err(maps::RULE_INFO, "opening"))?;
+    for (row, name) in rows.rows() {
+        info.set(row, compile::rule_info(name, generation), 0)
+            .map_err(map_err(maps::RULE_INFO, "writing"))?;
+    }
+    Ok(())
+}
+
+/// Rows that `RULE_INFO` still marks as used: (row, name length, hash).
+fn stored_names(ebpf: &Ebpf) -> Result<Vec<(u32, RuleInfo)>, LoadError> {
+    let info: Array<_, RuleInfo> =
+        Array::try_from(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"))
+            .map_err(map_err(maps::RULE_INFO, "opening"))?;
+    let mut used = Vec::new();
+    for row in FIRST_RULE_ROW..COUNTER_ROWS {
+        let i = info
+            .get(&row, 0)
+            .map_err(map_err(maps::RULE_INFO, "reading"))?;
+        if i.name_len != 0 {
+            used.push((row, i));
+        }
+    }
+    Ok(used)
+}
+
+/// Rows in use in the kernel that the new row table does not have.
+fn stored_rows_gone(used: &[(u32, RuleInfo)], rows: &RowTable) -> Vec<u32> {
+    let live: std::collections::HashSet<u32> = rows.rows().into_iter().map(|(r, _)| r).collect();
+    used.iter()
+        .map(|(r, _)| *r)
+        .filter(|r| !live.contains(r))
+        .collect()
+}
+
+/// Frees rows whose rule left the policy: clears their name and counters, after the swap, so
+/// the next rule to take the row starts from zero.
+fn free_rows(ebpf: &mut Ebpf, rows: &[u32]) -> Result<(), LoadError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let cpus = nr_cpus().map_err(|(_, source)| LoadError::Pin {
+        what: "counting CPUs in",
+        path: PathBuf::from("/sys/devices/system/cpu/possible"),
+        source,
+    })?;
+    {
+        let mut info: Array<_, RuleInfo> =
+            Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
+                .map_err(map_err(maps::RULE_INFO, "opening"))?;
+        for row in rows {
+            info.set(*row, RuleInfo::default(), 0)
+                .map_err(map_err(maps::RULE_INFO, "clearing"))?;
+        }
+    }
+    let mut counters: PerCpuArray<_, RuleCounters> =
+        PerCpuArray::try_from(ebpf.map_mut(maps::COUNTERS).expect("object has COUNTERS"))
+            .map_err(map_err(maps::COUNTERS, "opening"))?;
+    for row in rows {
+        let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus]).map_err(|e| {
+            LoadError::Pin {
+                what: "building zero counters for",
+                path: PathBuf::from(maps::COUNTERS),
+                source: e,
+            }
+        })?;
+        counters
+            .set(*row, zero, 0)
+            .map_err(map_err(maps::COUNTERS, "clearing"))?;
+    }
+    Ok(())
+}
+
+/// Pins this generation's maps in place of the previous generation's, so `bpftool map dump
+/// pinned` shows what is in force.
+fn repin_generation(ebpf: &Ebpf, pins: &PinDir) -> Result<(), LoadError> {
+    for name in maps::PER_GENERATION {
+        let path = pins.map(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LoadError::Pin {
+                    what: "removing old pin",
+                    path,
+                    source,
+                });
+            }
+        }
+        ebpf.map(name)
+            .expect("object has the map")
+            .pin(&path)
+            .map_err(|e| LoadError::Pin {
+                what: "pinning",
+                path: path.clone(),
+                source: io::Error::other(e),
+            })?;
+    }
+    Ok(())
+}
+
+/// Detaches the programs and removes every pin `egress` made in `pin_dir`. Links are detached
+/// explicitly (`BPF_LINK_DETACH`), so enforcement stops even if a running agent still holds
+/// them. Returns what was removed.
+pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let pins = PinDir::new(pin_dir);
+    let mut removed = Vec::new();
+    for (program, _) in pins::LINKS {
+        let path = pins.link(program);
+        if !path.exists() {
+            continue;
+        }
+        let link = sys::obj_get(&path).map_err(|source| LoadError::Pin {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+        sys::link_detach(link.as_fd()).map_err(|source| LoadError::Pin {
+            what: "detaching",
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::remove_file(&path).map_err(|source| LoadError::Pin {
+            what: "removing",
+            path: path.clone(),
+            source,
+        })?;
+        removed.push(path);
+    }
+    for name in maps::PER_GENERATION.into_iter().chain(maps::SHARED) {
+        let path = pins.map(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LoadError::Pin {
+                    what: "removing",
+                    path,
+                    source,
+                });
+            }
+        }
+    }
+    // Only empty directories go; anything else in there is not ours to delete.
+    let _ = std::fs::remove_dir(pins.links_dir());
+    let _ = std::fs::remove_dir(pins.path());
+    Ok(removed)
+}
+
+/// The cgroup ids that the pinned links in `pin_dir` enforce on, or an empty list when no
+/// link is pinned there. A process is filtered when it is in one of these cgroups or below.
+pub fn enforced_cgroups(pin_dir: &Path) -> Result<Vec<u64>, LoadError> {
+    let pins = PinDir::new(pin_dir);
+    let mut ids = Vec::new();
+    for (program, _) in pins::LINKS {
+        let path = pins.link(program);
+        if !path.exists() {
+            continue;
+        }
+        let link = sys::obj_get(&path).map_err(|source| LoadError::Pin {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+        let info = sys::cgroup_link_info(link.as_fd()).map_err(|source| LoadError::Pin {
+            what: "reading",
+            path,
+            source,
+        })?;
+        ids.push(info.cgroup_id);
+    }
+    Ok(ids)
+}

@@ -1,0 +1,105 @@
+//! The few bpf(2) calls aya 0.14 does not expose for cgroup links: replace a link's program in
+//! place (`BPF_LINK_UPDATE`), detach a link that other fds may still hold (`BPF_LINK_DETACH`),
+//! and read which cgroup a link is attached to (`BPF_OBJ_GET_INFO_BY_FD`). This is the only
+//! `unsafe` in the agent.
+
+use std::{
+    io,
+    mem::{size_of, zeroed},
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info};
+
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+    // SAFETY: `attr` is a fully initialised bpf_attr owned by the caller for the duration of
+    // the call, and the size passed is its size.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_int,
+            std::ptr::from_mut(attr),
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Atomically replaces the program behind `link` with `new_prog`: at no moment is the hook
+/// without a program. Fails with `EPERM`/`EINVAL` if `old_prog` is given and no longer the
+/// link's program (someone else swapped it).
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: bpf_attr is a plain C union; all-zero is its documented initial state.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.link_update.link_fd = link.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_1.new_prog_fd = new_prog.as_raw_fd() as u32;
+    bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr)
+}
+
+/// Detaches `link` from its hook now, even while other processes hold fds to it.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.link_detach.link_fd = link.as_raw_fd() as u32;
+    bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr)
+}
+
+/// What the kernel says about a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    /// Id of the program currently behind the link.
+    pub prog_id: u32,
+    /// The cgroup it is attached to; 0 once detached.
+    pub cgroup_id: u64,
+    /// `enum bpf_attach_type`.
+    pub attach_type: u32,
+}
+
+/// Reads the program and cgroup of a cgroup link.
+pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    // SAFETY: plain C structs, all-zero initial state.
+    let mut info: bpf_link_info = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // `info` outlives the call and `info_len` is its size.
+    attr.info.bpf_fd = link.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.info = std::ptr::from_mut(&mut info) as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: the kernel filled the cgroup member for a cgroup link; for any other link type
+    // the caller sees nonsense ids and rejects the link.
+    let cgroup = unsafe { info.__bindgen_anon_1.cgroup };
+    Ok(CgroupLinkInfo {
+        prog_id: info.prog_id,
+        cgroup_id: cgroup.cgroup_id,
+        attach_type: cgroup.attach_type,
+    })
+}
+
+/// Opens a pinned bpf object (here: a link) by its bpffs path.
+pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // `c` outlives the call.
+    attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
+    // SAFETY: as in `bpf`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET as libc::c_int,
+            std::ptr::from_mut(&mut attr),
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+}

@@ -1,0 +1,183 @@
+//! The `egress` CLI as an operator runs it: `egress run` in the foreground, killed and
+//! restarted, `egress exec`, `egress unload`, and a bad policy.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use egress_tests::{Agent, Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa};
+
+const EGRESS: &str = egress_bin!();
+const PROBE: &str = probe_bin!();
+
+fn rule(name: &str, port: u16) -> String {
+    format!(
+        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: 192.0.2.0/24\n  ports:\n    - port: {port}\n      protocol: tcp\n"
+    )
+}
+
+fn run_args<'a>(sb: &'a Sandbox, policy: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--policy",
+        policy.to_str().expect("utf-8 path"),
+        "--cgroup",
+        sb.cgroup.to_str().expect("utf-8 path"),
+        "--pin-dir",
+        sb.pin_dir.to_str().expect("utf-8 path"),
+    ]
+}
+
+/// SIGKILL leaves enforcement in place (the pins hold it); a new agent takes the pins over
+/// and swaps its own policy in; `egress unload` then lifts all filtering.
+#[test]
+fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
+    let sb = Sandbox::new();
+    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
+    let p8080 = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
+    let p9090 = policy_file(&tmp, "b.yaml", &rule("allow-9090", 9090));
+    let s8080 = sb.sink(sa(V4_A, 8080));
+    let s9090 = sb.sink(sa(V4_A, 9090));
+
+    let first = Agent::start(EGRESS, &run_args(&sb, &p8080));
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    // The agent logs the denial with the destination and the process.
+    first.wait_for_log("192.0.2.1:9090", Duration::from_secs(5));
+    let log = first.log();
+    assert!(
+        log.contains("connect deny") && log.contains("egress-probe"),
+        "{log}"
+    );
+
+    first.signal(libc::SIGKILL);
+    let status = first.wait();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    assert_eq!(
+        sb.connect(PROBE, s9090.addr()),
+        Outcome::Denied,
+        "still enforced with no agent"
+    );
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+
+    let second = Agent::start(EGRESS, &run_args(&sb, &p9090));
+    assert!(second.log().contains("generation=2"), "{}", second.log());
+    assert_eq!(
+        sb.connect(PROBE, s9090.addr()),
+        Outcome::Connected,
+        "the new policy is in force"
+    );
+    assert_eq!(
+        sb.connect(PROBE, s8080.addr()),
+        Outcome::Denied,
+        "the old policy is gone"
+    );
+    second.signal(libc::SIGTERM);
+    let log = second.log.clone();
+    assert!(second.wait().success());
+    assert!(
+        log.lock()
+            .expect("log")
+            .contains("enforcement stays in place")
+    );
+    assert_eq!(
+        sb.connect(PROBE, s8080.addr()),
+        Outcome::Denied,
+        "a clean stop also keeps enforcing"
+    );
+
+    assert_eq!(s8080.accepted(), 2);
+    assert_eq!(s9090.accepted(), 1);
+
+    let out = Command::new(EGRESS)
+        .args(["unload", "--pin-dir"])
+        .arg(&sb.pin_dir)
+        .output()
+        .expect("unload");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no longer filtered"));
+    assert!(!sb.pin_dir.exists(), "unload removed the pin directory");
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, sa(V4_A, 9090)), Outcome::Connected);
+    assert_eq!(s8080.accepted(), 3);
+    assert_eq!(s9090.accepted(), 2);
+    let _ = std::fs::remove_dir_all(tmp);
+}
+
+/// `egress exec` runs the command inside the managed cgroup, with its exit status; it refuses
+/// to run anything when no egress program watches the cgroup (that would fail open).
+#[test]
+fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
+    let sb = Sandbox::new();
+    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
+    let policy = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
+    let allowed = sb.sink(sa(V4_A, 8080));
+    let denied = sb.sink(sa(V4_A, 9090));
+    let exec = |addr: &str| {
+        Command::new(EGRESS)
+            .args(["exec", "--cgroup"])
+            .arg(&sb.cgroup)
+            .arg("--pin-dir")
+            .arg(&sb.pin_dir)
+            .args(["--", PROBE, "--netns", &sb.name, addr])
+            .output()
+            .expect("egress exec")
+    };
+
+    let refused = exec("192.0.2.1:9090");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("start `egress run` first"),
+        "{refused:?}"
+    );
+    assert!(
+        refused.stdout.is_empty(),
+        "the command did not run: {refused:?}"
+    );
+    assert_eq!(denied.accepted(), 0);
+
+    let _agent = Agent::start(EGRESS, &run_args(&sb, &policy));
+    let out = exec("192.0.2.1:9090");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the command's own exit status: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!("error {} ", libc::EPERM)),
+        "{out:?}"
+    );
+    let out = exec("192.0.2.1:8080");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected");
+    assert_eq!(allowed.accepted(), 1);
+    assert_eq!(denied.accepted(), 0);
+    let _ = std::fs::remove_dir_all(tmp);
+}
+
+/// A bad policy is reported as FILE:LINE and nothing is loaded.
+#[test]
+fn run_with_an_invalid_policy_loads_nothing() {
+    let sb = Sandbox::new();
+    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
+    let bad = policy_file(&tmp, "bad.yaml", &rule("bad", 0));
+    let out = Command::new(EGRESS)
+        .arg("run")
+        .args(run_args(&sb, &bad))
+        .output()
+        .expect("egress run");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:8:", bad.display())),
+        "{stderr}"
+    );
+    assert!(!sb.pin_dir.join("links").exists(), "nothing was pinned");
+    let server = sb.sink(sa(V4_A, 8080));
+    assert_eq!(
+        sb.connect(PROBE, server.addr()),
+        Outcome::Connected,
+        "nothing is filtered"
+    );
+    let _ = std::fs::remove_dir_all(tmp);
+}

@@ -1,0 +1,377 @@
+//! The cgroup/connect4 and connect6 programs, loaded into the running kernel by the library
+//! (`Enforcer`), judged by what a workload process sees and by what the server receives.
+//!
+//! Every test runs in its own sandbox (network namespace with no route out, cgroup, pin
+//! directory); see `egress_tests::Sandbox`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Instant,
+};
+
+use egress_common::RuleCounters;
+use egress_tests::{Outcome, Sandbox, V4_A, V4_B, V6_A, V6_B, mapped, probe_bin, sa};
+use egress_user::{
+    events::{self, EventRecord, Verdict},
+    loader::{BYPASS_NAME, Enforcer, NO_RULE_NAME},
+    policy::{self, Mode, Origin, Policy, PortRule, Protocol, Rule},
+};
+
+const PROBE: &str = probe_bin!();
+
+fn policy(yaml: &str) -> Policy {
+    policy::load_sources(&[("test.yaml".to_owned(), yaml.as_bytes().to_vec())])
+        .unwrap_or_else(|e| panic!("test policy is invalid:\n{e}"))
+}
+
+fn rule_yaml(name: &str, service: &str, port: u16) -> String {
+    format!(
+        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: {service}\n  ports:\n    - port: {port}\n      protocol: tcp\n---\n"
+    )
+}
+
+fn counters(enforcer: &Enforcer) -> HashMap<String, RuleCounters> {
+    enforcer
+        .counters()
+        .expect("reading counters")
+        .into_iter()
+        .map(|c| (c.name, c.counters))
+        .collect()
+}
+
+fn drain(
+    enforcer: &mut Enforcer,
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+) -> Vec<EventRecord> {
+    events::drain(ring, |row| enforcer.row_name(row).map(str::to_owned))
+}
+
+fn allowed(n: u64) -> RuleCounters {
+    RuleCounters {
+        allowed: n,
+        ..RuleCounters::default()
+    }
+}
+
+/// For one family: a CIDR+port rule lets its own (address, port) through and nothing else,
+/// counted at the servers, in the counters and in the events.
+fn rule_allows_exactly_its_cidr_and_port(cidr: &str, inside: IpAddr, outside: IpAddr) {
+    let sb = Sandbox::new();
+    let ok = sb.sink(sa(inside, 8080));
+    let wrong_port = sb.sink(sa(inside, 9090));
+    let wrong_addr = sb.sink(sa(outside, 8080));
+    let mut enforcer =
+        Enforcer::apply(&sb.target(), &policy(&rule_yaml("net-a", cidr, 8080))).expect("apply");
+    let mut ring = enforcer.take_events().expect("events");
+
+    assert_eq!(sb.connect(PROBE, ok.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, wrong_port.addr()), Outcome::Denied);
+    assert_eq!(sb.connect(PROBE, wrong_addr.addr()), Outcome::Denied);
+
+    assert_eq!(ok.accepted(), 1, "the allowed server saw the connection");
+    assert_eq!(
+        wrong_port.accepted(),
+        0,
+        "a denied connection never reached the server"
+    );
+    assert_eq!(
+        wrong_addr.accepted(),
+        0,
+        "a denied connection never reached the server"
+    );
+
+    let c = counters(&enforcer);
+    assert_eq!(c["net-a"], allowed(1));
+    assert_eq!(
+        c[NO_RULE_NAME],
+        RuleCounters {
+            denied: 2,
+            ..RuleCounters::default()
+        }
+    );
+    assert_eq!(c[BYPASS_NAME], RuleCounters::default());
+
+    let events = drain(&mut enforcer, &mut ring);
+    let dests: Vec<SocketAddr> = events.iter().map(|e| e.destination).collect();
+    assert_eq!(
+        dests,
+        vec![wrong_port.addr(), wrong_addr.addr()],
+        "one event per denial: {events:#?}"
+    );
+    for e in &events {
+        assert_eq!(e.verdict, Verdict::Deny);
+        assert_eq!(e.rule, NO_RULE_NAME);
+        assert_eq!(e.comm, "egress-probe");
+        assert_eq!(e.cgroup_id, sb.cgroup_id());
+        assert_eq!(e.generation, enforcer.generation());
+        assert!(!e.v4_mapped);
+        assert!(e.pid > 0);
+    }
+    assert_eq!(
+        enforcer.stats().expect("stats"),
+        egress_common::Stats::default()
+    );
+}
+
+#[test]
+fn ipv4_rule_allows_exactly_its_cidr_and_port() {
+    rule_allows_exactly_its_cidr_and_port("192.0.2.0/24", V4_A.into(), V4_B.into());
+}
+
+#[test]
+fn ipv6_rule_allows_exactly_its_cidr_and_port() {
+    rule_allows_exactly_its_cidr_and_port("2001:db8::/64", V6_A.into(), V6_B.into());
+}
+
+#[test]
+fn single_address_rules_match_only_that_address() {
+    rule_allows_exactly_its_cidr_and_port("192.0.2.1", V4_A.into(), V4_B.into());
+    rule_allows_exactly_its_cidr_and_port("2001:db8::1", V6_A.into(), V6_B.into());
+}
+
+/// Dual-stack sockets send IPv4 destinations through connect6 as ::ffff:a.b.c.d; they must be
+/// judged by the IPv4 rules, both ways.
+#[test]
+fn v4_mapped_destinations_follow_the_ipv4_rules() {
+    let sb = Sandbox::new();
+    let ok = sb.sink(sa(V4_A, 8080));
+    let denied = sb.sink(sa(V4_B, 8080));
+    let yaml = rule_yaml("v4-a", "192.0.2.0/24", 8080) + &rule_yaml("v6-all", "::/0", 8080);
+    let mut enforcer = Enforcer::apply(&sb.target(), &policy(&yaml)).expect("apply");
+    let mut ring = enforcer.take_events().expect("events");
+
+    assert_eq!(sb.connect(PROBE, mapped(V4_A, 8080)), Outcome::Connected);
+    // An IPv6 rule for ::/0 does not open IPv4 through the mapped form.
+    assert_eq!(sb.connect(PROBE, mapped(V4_B, 8080)), Outcome::Denied);
+    assert_eq!(ok.accepted(), 1);
+    assert_eq!(denied.accepted(), 0);
+
+    let c = counters(&enforcer);
+    assert_eq!(c["v4-a"], allowed(1));
+    assert_eq!(c["v6-all"], RuleCounters::default());
+    let events = drain(&mut enforcer, &mut ring);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(
+        events[0].destination,
+        sa(V4_B, 8080),
+        "reported as the IPv4 address it is"
+    );
+    assert!(events[0].v4_mapped);
+    assert_eq!(events[0].verdict, Verdict::Deny);
+}
+
+#[test]
+fn default_bypass_is_loopback_and_unspecified_counts_as_loopback() {
+    let sb = Sandbox::new();
+    let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
+    let lo6 = sb.sink(sa(Ipv6Addr::LOCALHOST, 7002));
+    let elsewhere = sb.sink(sa(V4_A, 7003));
+    let enforcer = Enforcer::apply(
+        &sb.target(),
+        &policy("kind: EgressConfig\nspec:\n  mode: enforce\n"),
+    )
+    .expect("apply");
+
+    assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Connected);
+    assert_eq!(
+        sb.connect(PROBE, sa(Ipv4Addr::UNSPECIFIED, 7001)),
+        Outcome::Connected
+    );
+    assert_eq!(sb.connect(PROBE, lo6.addr()), Outcome::Connected);
+    assert_eq!(
+        sb.connect(PROBE, sa(Ipv6Addr::UNSPECIFIED, 7002)),
+        Outcome::Connected
+    );
+    assert_eq!(sb.connect(PROBE, elsewhere.addr()), Outcome::Denied);
+    assert_eq!(lo4.accepted(), 2);
+    assert_eq!(lo6.accepted(), 2);
+    assert_eq!(elsewhere.accepted(), 0);
+    let c = counters(&enforcer);
+    assert_eq!(c[BYPASS_NAME], allowed(4));
+    assert_eq!(c[NO_RULE_NAME].denied, 1);
+}
+
+#[test]
+fn explicit_bypass_replaces_the_default_so_loopback_is_filtered() {
+    let sb = Sandbox::new();
+    let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
+    let lo6 = sb.sink(sa(Ipv6Addr::LOCALHOST, 7002));
+    let bypassed = sb.sink(sa(V4_B, 7003));
+    let yaml = "kind: EgressConfig\nspec:\n  bypass: [198.51.100.0/24]\n";
+    let enforcer = Enforcer::apply(&sb.target(), &policy(yaml)).expect("apply");
+
+    assert_eq!(sb.connect(PROBE, bypassed.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Denied);
+    assert_eq!(
+        sb.connect(PROBE, sa(Ipv4Addr::UNSPECIFIED, 7001)),
+        Outcome::Denied
+    );
+    assert_eq!(sb.connect(PROBE, lo6.addr()), Outcome::Denied);
+    assert_eq!(
+        sb.connect(PROBE, sa(Ipv6Addr::UNSPECIFIED, 7002)),
+        Outcome::Denied
+    );
+    assert_eq!(bypassed.accepted(), 1);
+    assert_eq!(lo4.accepted(), 0);
+    assert_eq!(lo6.accepted(), 0);
+    let c = counters(&enforcer);
+    assert_eq!(c[BYPASS_NAME], allowed(1));
+    assert_eq!(c[NO_RULE_NAME].denied, 4);
+
+    // `bypass: []` filters loopback too.
+    let sb = Sandbox::new();
+    let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
+    let _enforcer = Enforcer::apply(
+        &sb.target(),
+        &policy("kind: EgressConfig\nspec:\n  bypass: []\n"),
+    )
+    .expect("apply");
+    assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Denied);
+    assert_eq!(lo4.accepted(), 0);
+}
+
+#[test]
+fn audit_mode_lets_through_and_records_a_would_deny() {
+    let sb = Sandbox::new();
+    let ruled = sb.sink(sa(V4_A, 8080));
+    let unruled = sb.sink(sa(V6_A, 8080));
+    let yaml = "kind: EgressConfig\nspec:\n  mode: audit\n---\n".to_owned()
+        + &rule_yaml("a", "192.0.2.0/24", 8080);
+    let p = policy(&yaml);
+    assert_eq!(p.mode, Mode::Audit);
+    let mut enforcer = Enforcer::apply(&sb.target(), &p).expect("apply");
+    let mut ring = enforcer.take_events().expect("events");
+
+    assert_eq!(sb.connect(PROBE, ruled.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, unruled.addr()), Outcome::Connected);
+    assert_eq!(ruled.accepted(), 1);
+    assert_eq!(unruled.accepted(), 1, "audit mode does not block");
+    let c = counters(&enforcer);
+    assert_eq!(c["a"], allowed(1));
+    assert_eq!(
+        c[NO_RULE_NAME],
+        RuleCounters {
+            would_deny: 1,
+            ..RuleCounters::default()
+        }
+    );
+    let events = drain(&mut enforcer, &mut ring);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].verdict, Verdict::WouldDeny);
+    assert_eq!(events[0].destination, unruled.addr());
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_not_filtered() {
+    let sb = Sandbox::new();
+    let server = sb.sink(sa(V4_A, 8080));
+    let enforcer = Enforcer::apply(
+        &sb.target(),
+        &policy("kind: EgressConfig\nspec:\n  mode: enforce\n"),
+    )
+    .expect("apply");
+    assert_eq!(sb.connect_outside(PROBE, server.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, server.addr()), Outcome::Denied);
+    assert_eq!(
+        server.accepted(),
+        1,
+        "only the process outside the cgroup got through"
+    );
+    let c = counters(&enforcer);
+    assert_eq!(
+        c[NO_RULE_NAME].denied, 1,
+        "the outside process was never judged"
+    );
+}
+
+/// A reload is a new generation swapped in place: the new rules apply at once, counters of
+/// rules that stay are kept, and the generation in events moves on.
+#[test]
+fn a_second_apply_swaps_the_policy_in_place_and_keeps_counters() {
+    let sb = Sandbox::new();
+    let a = sb.sink(sa(V4_A, 8080));
+    let b = sb.sink(sa(V4_A, 9090));
+    let keep = rule_yaml("keep", "192.0.2.0/24", 8080);
+    let first = Enforcer::apply(
+        &sb.target(),
+        &policy(&(keep.clone() + &rule_yaml("old", "192.0.2.0/24", 7000))),
+    )
+    .expect("apply");
+    assert_eq!(sb.connect(PROBE, a.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, b.addr()), Outcome::Denied);
+    let g1 = first.generation();
+    drop(first);
+
+    let mut second = Enforcer::apply(
+        &sb.target(),
+        &policy(&(keep + &rule_yaml("new", "192.0.2.0/24", 9090))),
+    )
+    .expect("reapply");
+    assert_eq!(second.generation(), g1 + 1);
+    let mut ring = second.take_events().expect("events");
+    assert_eq!(sb.connect(PROBE, b.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, sa(V4_A, 7000)), Outcome::Denied);
+    assert_eq!(a.accepted(), 1);
+    assert_eq!(b.accepted(), 1);
+    let c = counters(&second);
+    assert_eq!(
+        c["keep"],
+        allowed(1),
+        "a rule that stays keeps its counters"
+    );
+    assert_eq!(c["new"], allowed(1));
+    assert!(!c.contains_key("old"));
+    let events = drain(&mut second, &mut ring);
+    let deny: Vec<_> = events
+        .iter()
+        .filter(|e| e.verdict == Verdict::Deny)
+        .collect();
+    assert_eq!(
+        deny.last().map(|e| e.generation),
+        Some(g1 + 1),
+        "{events:#?}"
+    );
+}
+
+/// 100,000 CIDR rules load and judge correctly: the lookup is one LPM trie walk, not a scan.
+#[test]
+fn one_hundred_thousand_rules_load_and_work() {
+    let sb = Sandbox::new();
+    sb.add_addr("198.18.1.2/32");
+    sb.add_addr("198.19.255.1/32");
+    let first = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    let rules: Vec<Rule> = (0..100_000u32)
+        .map(|i| Rule {
+            name: format!("r{i}"),
+            origin: Origin {
+                file: "gen.yaml".into(),
+                line: 1,
+            },
+            destination: ipnet::Ipv4Net::new(Ipv4Addr::from(first + i), 32)
+                .expect("/32")
+                .into(),
+            ports: vec![PortRule {
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+        })
+        .collect();
+    let p = Policy {
+        mode: Mode::Enforce,
+        bypass: policy::default_bypass(),
+        rules,
+    };
+    let ok = sb.sink(sa(Ipv4Addr::new(198, 18, 1, 2), 8080));
+    let denied = sb.sink(sa(Ipv4Addr::new(198, 19, 255, 1), 8080));
+    let started = Instant::now();
+    let enforcer = Enforcer::apply(&sb.target(), &p).expect("apply 100k rules");
+    eprintln!("100k rules applied in {:?}", started.elapsed());
+    assert_eq!(sb.connect(PROBE, ok.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, denied.addr()), Outcome::Denied);
+    assert_eq!(ok.accepted(), 1);
+    assert_eq!(denied.accepted(), 0);
+    let c = counters(&enforcer);
+    assert_eq!(c.len(), 100_002);
+    assert_eq!(c["r258"], allowed(1), "198.18.1.2 is rule 258");
+}
