@@ -113,8 +113,13 @@ pub struct Config {
     pub mode: u32,
     /// Generation number of the policy, increasing with every policy the agent applies.
     pub generation: u32,
+    /// One past the highest counter row this generation uses: the agent reads [`RuleInfo`]
+    /// rows only below it, so a reload costs the number of rules, not [`COUNTER_ROWS`].
+    pub row_limit: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<Config>() == 16);
 
 /// The data part of an IPv4 rule key (the LPM trie adds the `u32` prefix length before it).
 #[repr(C)]

@@ -136,6 +136,20 @@ impl RowTable {
 pub struct StoredRows(Vec<(u32, RuleInfo)>);
 
 impl StoredRows {
+    /// True when `row` is in use in the kernel.
+    pub fn contains(&self, row: u32) -> bool {
+        self.0.iter().any(|(r, _)| *r == row)
+    }
+
+    /// The rows in use in the kernel that `table` does not keep: to be freed.
+    pub fn gone(&self, table: &RowTable) -> Vec<u32> {
+        self.0
+            .iter()
+            .map(|(r, _)| *r)
+            .filter(|r| !table.by_row.contains_key(r))
+            .collect()
+    }
+
     /// Gives every name a row: a name that already had one keeps it, new names take the lowest
     /// free rows. Rows of names no longer present are freed.
     pub fn assign<'a>(
@@ -216,6 +230,8 @@ pub fn compile(
                 Mode::Audit => mode::AUDIT,
             },
             generation,
+            row_limit: rows.by_row.keys().max().map_or(FIRST_RULE_ROW, |r| r + 1),
+            _pad: 0,
         },
         ..Compiled::default()
     };
@@ -369,7 +385,9 @@ mod tests {
             c.config,
             Config {
                 mode: mode::ENFORCE,
-                generation: 7
+                generation: 7,
+                row_limit: FIRST_RULE_ROW + 2,
+                _pad: 0
             }
         );
         assert_eq!(c.rules_v4.len(), 2);

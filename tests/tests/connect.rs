@@ -375,3 +375,53 @@ fn one_hundred_thousand_rules_load_and_work() {
     assert_eq!(c.len(), 100_002);
     assert_eq!(c["r258"], allowed(1), "198.18.1.2 is rule 258");
 }
+
+/// The maps are BTF-defined and pinned, so `bpftool map dump pinned` shows named fields: what
+/// an operator reads on a node.
+#[test]
+fn bpftool_shows_the_pinned_maps_with_field_names() {
+    let sb = Sandbox::new();
+    let server = sb.sink(sa(V4_A, 443));
+    let _enforcer = Enforcer::apply(
+        &sb.target(),
+        &policy(&rule_yaml("web", "192.0.2.0/24", 443)),
+    )
+    .expect("apply");
+    assert_eq!(sb.connect(PROBE, server.addr()), Outcome::Connected);
+    let dump = |map: &str| {
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(sb.pin_dir.join(map))
+            .output()
+            .expect("running bpftool (cargo xtask setup installs it)");
+        assert!(out.status.success(), "bpftool map dump {map}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rules = dump("RULES_V4");
+    // 443 in network byte order, read back as a little-endian u16: 0xbb01.
+    for needle in [
+        "\"prefix_len\": 56",
+        "\"port\": 47873",
+        "\"proto\": 6",
+        "\"addr\": [192,0,2,0",
+        "\"row\": 2",
+    ] {
+        assert!(
+            rules.contains(needle),
+            "{needle} missing from RULES_V4:\n{rules}"
+        );
+    }
+    let config = dump("CONFIG");
+    assert!(
+        config.contains("\"mode\": 0") && config.contains("\"generation\": 1"),
+        "{config}"
+    );
+    let counters = dump("COUNTERS");
+    assert!(counters.contains("\"allowed\": 1"), "{counters}");
+    for map in ["RULES_V6", "BYPASS_V4", "BYPASS_V6", "RULE_INFO", "STATS"] {
+        assert!(sb.pin_dir.join(map).exists(), "{map} is pinned");
+    }
+    assert!(
+        sb.pin_dir.join("links/connect4").exists() && sb.pin_dir.join("links/connect6").exists()
+    );
+}

@@ -41,7 +41,7 @@ pub use pins::{BPFFS_MOUNT, DEFAULT_PIN_DIR, PinDir, is_bpffs};
 
 use crate::{
     cgroup::{self, CgroupError},
-    compile::{self, CompileError, Compiled, RowTable},
+    compile::{self, CompileError, Compiled, RowTable, StoredRows},
     policy::Policy,
 };
 
@@ -189,7 +189,14 @@ impl Enforcer {
         })?;
         let existing = existing_links(&pins, &target.cgroup, cgroup_id)?;
         check_shared_pins(&pins)?;
-        let previous = previous_generation(&pins);
+        let previous = previous_config(&pins);
+        // Rows to read back: below the previous generation's limit; all of them if the row
+        // table is pinned without a config (an earlier apply stopped half way); none if fresh.
+        let row_limit = match (&previous, pins.map(maps::RULE_INFO).exists()) {
+            (Some(config), _) => config.row_limit.min(COUNTER_ROWS),
+            (None, true) => COUNTER_ROWS,
+            (None, false) => FIRST_RULE_ROW,
+        };
 
         let mut loader = EbpfLoader::new();
         for name in maps::SHARED {
@@ -197,23 +204,20 @@ impl Enforcer {
         }
         let mut ebpf = loader.load(OBJECT)?;
 
-        let stored = {
-            let info: Array<_, RuleInfo> =
-                Array::try_from(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"))
-                    .map_err(map_err(maps::RULE_INFO, "opening"))?;
-            let rows = (0..COUNTER_ROWS)
-                .map(|row| info.get(&row, 0).map(|i| (row, i)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(map_err(maps::RULE_INFO, "reading"))?;
-            RowTable::from_rule_info(rows)
-        };
-        let generation = previous.map_or(1, |g| g.wrapping_add(1).max(1));
+        let stored = read_rule_info(&ebpf, row_limit)?;
+        let generation = previous.map_or(1, |c| c.generation.wrapping_add(1).max(1));
         let compiled = compile::compile(policy, &stored, generation)?;
         for s in &compiled.shadowed {
             tracing::warn!(rule = %s.rule, by = %s.by, key = %s.key, "rule key already allowed by an earlier rule; counted there");
         }
         fill_generation(&mut ebpf, &compiled)?;
-        write_rule_info(&mut ebpf, &compiled.rows, generation)?;
+        let new_rows: Vec<(u32, &str)> = compiled
+            .rows
+            .rows()
+            .into_iter()
+            .filter(|(row, _)| !stored.contains(*row))
+            .collect();
+        take_rows(&mut ebpf, &new_rows, generation)?;
 
         for (program, _) in pins::LINKS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -280,8 +284,7 @@ impl Enforcer {
             }
         }
         repin_generation(&ebpf, &pins)?;
-        let gone = stored_rows_gone(&stored_names(&ebpf)?, &compiled.rows);
-        free_rows(&mut ebpf, &gone)?;
+        free_rows(&mut ebpf, &stored.gone(&compiled.rows))?;
         tracing::debug!(
             generation,
             rules = compiled.rows.len(),
@@ -474,11 +477,23 @@ fn name_static(name: &str) -> &'static str {
         .unwrap_or("map")
 }
 
-/// The generation of the pinned `CONFIG`, if any.
-fn previous_generation(pins: &PinDir) -> Option<u32> {
+/// The pinned `CONFIG` of the generation in force, if any.
+fn previous_config(pins: &PinDir) -> Option<Config> {
     let data = MapData::from_pin(pins.map(maps::CONFIG)).ok()?;
     let config: Array<_, Config> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
-    config.get(&0, 0).ok().map(|c| c.generation)
+    config.get(&0, 0).ok()
+}
+
+/// Reads the row table back from `RULE_INFO`, rows below `limit`.
+fn read_rule_info(ebpf: &Ebpf, limit: u32) -> Result<StoredRows, LoadError> {
+    let info: Array<_, RuleInfo> =
+        Array::try_from(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"))
+            .map_err(map_err(maps::RULE_INFO, "opening"))?;
+    let rows = (FIRST_RULE_ROW..limit)
+        .map(|row| info.get(&row, 0).map(|i| (row, i)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(maps::RULE_INFO, "reading"))?;
+    Ok(RowTable::from_rule_info(rows))
 }
 
 /// Writes every entry of a generation into its (fresh, unreferenced) maps.
@@ -511,47 +526,10 @@ fn fill_lpm<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// Records which rule owns each row, before the programs that count on those rows run.
-fn write_rule_info(ebpf: &mut Ebpf, rows: &RowTable, generation: u32) -> Result<(), LoadError> {
-    let mut info: Array<_, RuleInfo> =
-        Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
-            .map_err(map_err(maps::RULE_INFO, "opening"))?;
-    for (row, name) in rows.rows() {
-        info.set(row, compile::rule_info(name, generation), 0)
-            .map_err(map_err(maps::RULE_INFO, "writing"))?;
-    }
-    Ok(())
-}
-
-/// Rows that `RULE_INFO` still marks as used: (row, name length, hash).
-fn stored_names(ebpf: &Ebpf) -> Result<Vec<(u32, RuleInfo)>, LoadError> {
-    let info: Array<_, RuleInfo> =
-        Array::try_from(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"))
-            .map_err(map_err(maps::RULE_INFO, "opening"))?;
-    let mut used = Vec::new();
-    for row in FIRST_RULE_ROW..COUNTER_ROWS {
-        let i = info
-            .get(&row, 0)
-            .map_err(map_err(maps::RULE_INFO, "reading"))?;
-        if i.name_len != 0 {
-            used.push((row, i));
-        }
-    }
-    Ok(used)
-}
-
-/// Rows in use in the kernel that the new row table does not have.
-fn stored_rows_gone(used: &[(u32, RuleInfo)], rows: &RowTable) -> Vec<u32> {
-    let live: std::collections::HashSet<u32> = rows.rows().into_iter().map(|(r, _)| r).collect();
-    used.iter()
-        .map(|(r, _)| *r)
-        .filter(|r| !live.contains(r))
-        .collect()
-}
-
-/// Frees rows whose rule left the policy: clears their name and counters, after the swap, so
-/// the next rule to take the row starts from zero.
-fn free_rows(ebpf: &mut Ebpf, rows: &[u32]) -> Result<(), LoadError> {
+/// Gives rows to rules new in this generation: zeroes their counters (whatever an earlier
+/// rule or a crashed apply left there) and records the owner, before any program that counts
+/// on those rows runs.
+fn take_rows(ebpf: &mut Ebpf, rows: &[(u32, &str)], generation: u32) -> Result<(), LoadError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -561,28 +539,42 @@ fn free_rows(ebpf: &mut Ebpf, rows: &[u32]) -> Result<(), LoadError> {
         source,
     })?;
     {
-        let mut info: Array<_, RuleInfo> =
-            Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
-                .map_err(map_err(maps::RULE_INFO, "opening"))?;
-        for row in rows {
-            info.set(*row, RuleInfo::default(), 0)
-                .map_err(map_err(maps::RULE_INFO, "clearing"))?;
+        let mut counters: PerCpuArray<_, RuleCounters> =
+            PerCpuArray::try_from(ebpf.map_mut(maps::COUNTERS).expect("object has COUNTERS"))
+                .map_err(map_err(maps::COUNTERS, "opening"))?;
+        for (row, _) in rows {
+            let zero =
+                PerCpuValues::try_from(vec![RuleCounters::default(); cpus]).map_err(|source| {
+                    LoadError::Pin {
+                        what: "building zero counters for",
+                        path: PathBuf::from(maps::COUNTERS),
+                        source,
+                    }
+                })?;
+            counters
+                .set(*row, zero, 0)
+                .map_err(map_err(maps::COUNTERS, "clearing"))?;
         }
     }
-    let mut counters: PerCpuArray<_, RuleCounters> =
-        PerCpuArray::try_from(ebpf.map_mut(maps::COUNTERS).expect("object has COUNTERS"))
-            .map_err(map_err(maps::COUNTERS, "opening"))?;
+    let mut info: Array<_, RuleInfo> =
+        Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
+            .map_err(map_err(maps::RULE_INFO, "opening"))?;
+    for (row, name) in rows {
+        info.set(*row, compile::rule_info(name, generation), 0)
+            .map_err(map_err(maps::RULE_INFO, "writing"))?;
+    }
+    Ok(())
+}
+
+/// Frees the rows of rules that left the policy, after the swap: no program of the new
+/// generation counts on them.
+fn free_rows(ebpf: &mut Ebpf, rows: &[u32]) -> Result<(), LoadError> {
+    let mut info: Array<_, RuleInfo> =
+        Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
+            .map_err(map_err(maps::RULE_INFO, "opening"))?;
     for row in rows {
-        let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus]).map_err(|e| {
-            LoadError::Pin {
-                what: "building zero counters for",
-                path: PathBuf::from(maps::COUNTERS),
-                source: e,
-            }
-        })?;
-        counters
-            .set(*row, zero, 0)
-            .map_err(map_err(maps::COUNTERS, "clearing"))?;
+        info.set(*row, RuleInfo::default(), 0)
+            .map_err(map_err(maps::RULE_INFO, "clearing"))?;
     }
     Ok(())
 }
