@@ -381,6 +381,38 @@ impl Enforcer {
     }
 }
 
+/// A link pinned in the pin directory, opened.
+struct Pinned {
+    program: &'static str,
+    path: PathBuf,
+    fd: OwnedFd,
+    info: sys::CgroupLinkInfo,
+}
+
+/// Opens every link pinned in `pins` (none, one or both programs).
+fn pinned_links(pins: &PinDir) -> Result<Vec<Pinned>, LoadError> {
+    let mut links = Vec::new();
+    for (program, _) in pins::LINKS {
+        let path = pins.link(program);
+        if !path.exists() {
+            continue;
+        }
+        let pin_err = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| LoadError::Pin { what, path, source }
+        };
+        let fd = sys::obj_get(&path).map_err(pin_err("opening", &path))?;
+        let info = sys::cgroup_link_info(fd.as_fd()).map_err(pin_err("reading", &path))?;
+        links.push(Pinned {
+            program,
+            path,
+            fd,
+            info,
+        });
+    }
+    Ok(links)
+}
+
 /// Opens the existing link pins and checks they belong to this cgroup.
 fn existing_links(
     pins: &PinDir,
@@ -388,30 +420,16 @@ fn existing_links(
     cgroup_id: u64,
 ) -> Result<HashMap<&'static str, OwnedFd>, LoadError> {
     let mut links = HashMap::new();
-    for (program, _) in pins::LINKS {
-        let path = pins.link(program);
-        if !path.exists() {
-            continue;
-        }
-        let link = sys::obj_get(&path).map_err(|source| LoadError::Pin {
-            what: "opening",
-            path: path.clone(),
-            source,
-        })?;
-        let info = sys::cgroup_link_info(link.as_fd()).map_err(|source| LoadError::Pin {
-            what: "reading",
-            path: path.clone(),
-            source,
-        })?;
-        if info.cgroup_id != cgroup_id {
+    for link in pinned_links(pins)? {
+        if link.info.cgroup_id != cgroup_id {
             return Err(LoadError::LinkElsewhere {
-                path,
+                path: link.path,
                 cgroup: cgroup.to_owned(),
                 expected: cgroup_id,
-                found: info.cgroup_id,
+                found: link.info.cgroup_id,
             });
         }
-        links.insert(program, link);
+        links.insert(link.program, link.fd);
     }
     Ok(links)
 }
@@ -613,17 +631,9 @@ fn repin_generation(ebpf: &Ebpf, pins: &PinDir) -> Result<(), LoadError> {
 pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let pins = PinDir::new(pin_dir);
     let mut removed = Vec::new();
-    for (program, _) in pins::LINKS {
-        let path = pins.link(program);
-        if !path.exists() {
-            continue;
-        }
-        let link = sys::obj_get(&path).map_err(|source| LoadError::Pin {
-            what: "opening",
-            path: path.clone(),
-            source,
-        })?;
-        sys::link_detach(link.as_fd()).map_err(|source| LoadError::Pin {
+    for link in pinned_links(&pins)? {
+        let path = link.path;
+        sys::link_detach(link.fd.as_fd()).map_err(|source| LoadError::Pin {
             what: "detaching",
             path: path.clone(),
             source,
@@ -658,24 +668,8 @@ pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
 /// The cgroup ids that the pinned links in `pin_dir` enforce on, or an empty list when no
 /// link is pinned there. A process is filtered when it is in one of these cgroups or below.
 pub fn enforced_cgroups(pin_dir: &Path) -> Result<Vec<u64>, LoadError> {
-    let pins = PinDir::new(pin_dir);
-    let mut ids = Vec::new();
-    for (program, _) in pins::LINKS {
-        let path = pins.link(program);
-        if !path.exists() {
-            continue;
-        }
-        let link = sys::obj_get(&path).map_err(|source| LoadError::Pin {
-            what: "opening",
-            path: path.clone(),
-            source,
-        })?;
-        let info = sys::cgroup_link_info(link.as_fd()).map_err(|source| LoadError::Pin {
-            what: "reading",
-            path,
-            source,
-        })?;
-        ids.push(info.cgroup_id);
-    }
-    Ok(ids)
+    Ok(pinned_links(&PinDir::new(pin_dir))?
+        .into_iter()
+        .map(|l| l.info.cgroup_id)
+        .collect())
 }
