@@ -342,7 +342,6 @@ impl Agent {
             .arg("run")
             .args(args)
             .env("EGRESS_LOG", "info")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -354,12 +353,16 @@ impl Agent {
             let stderr = child.stderr.take().expect("stderr");
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("ready") {
+                    let ready = line.contains("ready");
+                    {
+                        let mut log = log.lock().expect("log");
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                    // Only once the line is in the log, so whoever waits for it can read it.
+                    if ready {
                         let _ = tx.send(());
                     }
-                    let mut log = log.lock().expect("log");
-                    log.push_str(&line);
-                    log.push('\n');
                 }
             });
         }
