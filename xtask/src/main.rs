@@ -4,6 +4,7 @@
 //! command line and dispatches. To add a subcommand (say `bench`), add a module with an
 //! `Options` struct and a `run` function, and one variant to [`Command`].
 
+mod bench;
 mod env;
 mod run;
 mod setup;
@@ -38,6 +39,12 @@ enum Command {
     ///
     /// Example: cargo xtask run -- --help
     Run(run::Options),
+    /// Run set-up, then a benchmark (`cargo bench`, release) as root; it prints a table.
+    ///
+    /// Arguments after `--` go to the benchmark.
+    ///
+    /// Example: cargo xtask bench connect -- --rounds 9
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(options) => setup::run(&options).map(drop),
         Command::Test(options) => test::run(&options),
         Command::Run(options) => run::run(&options),
+        Command::Bench(options) => bench::run(&options),
     }
 }
 

@@ -1,0 +1,324 @@
+//! A contender: one way of filtering (or not), its sandbox, sinks and load generator.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{Sandbox, V4_A, enter_netns, sa};
+use egress_user::{
+    loader::{Enforcer, NO_RULE_NAME},
+    policy::Policy,
+};
+
+use crate::{DENIED_PORT, PORT, TARGET_RULE, rulesets::netns_exec, sink::FastSink};
+
+/// What a contender's connects must do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Every connect is established (and reaches the sink).
+    Connected,
+    /// Every connect fails with `EPERM` (and nothing reaches the sink).
+    Denied,
+}
+
+/// One block's summary, as the load generator printed it.
+#[derive(Clone, Copy, Default)]
+pub struct Round {
+    /// Connects made, warm-up included.
+    pub total: u64,
+    /// Connects timed.
+    pub count: u64,
+    /// Mean, median and 99th percentile of the timed connects.
+    pub mean_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+}
+
+/// A running `egress-connect-loop --serve`, in a contender's cgroup and namespace, pinned to
+/// the client CPU; it runs one block per request.
+struct Client {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Client {
+    /// Starts the load generator for `c` and waits until it is in place.
+    pub fn start(c: &Contender, cpu: Option<usize>) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_egress-connect-loop"));
+        cmd.arg("--cgroup")
+            .arg(&c.sandbox.cgroup)
+            .args(["--netns", &c.sandbox.name]);
+        if let Some(cpu) = cpu {
+            cmd.args(["--cpu", &cpu.to_string()]);
+        }
+        cmd.args([
+            "--expect",
+            if c.expect == Expect::Connected {
+                "connected"
+            } else {
+                "denied"
+            },
+        ]);
+        let mut child = cmd
+            .args(["--serve", &c.target.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting egress-connect-loop");
+        let stdin = child.stdin.take();
+        let mut client = Self {
+            stdout: BufReader::new(child.stdout.take().expect("stdout")),
+            stdin,
+            child,
+        };
+        let ready = client.line(&c.name);
+        assert_eq!(
+            ready, "ready",
+            "{}: the load generator said {ready:?}",
+            c.name
+        );
+        client
+    }
+
+    /// The next line the client prints; panics (its error is on our stderr) when it exited.
+    fn line(&mut self, name: &str) -> String {
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .expect("reading the load generator");
+        if n == 0 {
+            let status = self.child.wait();
+            panic!("{name}: the load generator exited ({status:?}); its error is above");
+        }
+        line.trim().to_owned()
+    }
+
+    /// Runs one block and returns its summary.
+    pub fn block(&mut self, name: &str, warmup: u64, count: u64, budget_ms: u64) -> Round {
+        let stdin = self.stdin.as_mut().expect("stdin open until drop");
+        writeln!(stdin, "{warmup} {count} {budget_ms}")
+            .and_then(|()| stdin.flush())
+            .expect("driving the load generator");
+        let line = self.line(name);
+        let field = |key: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| {
+                    panic!("{name}: no {key} in the load generator's output {line:?}")
+                })
+        };
+        Round {
+            total: field("total"),
+            count: field("count"),
+            mean_ns: field("mean_ns"),
+            p50_ns: field("p50_ns"),
+            p99_ns: field("p99_ns"),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // End of input ends the client.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// One way of filtering (or not), with its own sandbox, sinks and load generator.
+pub struct Contender {
+    /// The name in the report.
+    pub name: String,
+    // Declared before the sandbox: the client leaves the cgroup before the sandbox removes it.
+    client: Option<Client>,
+    sinks: Vec<FastSink>,
+    /// Its netns, cgroup and pin directory.
+    pub sandbox: Sandbox,
+    /// Where its connects go.
+    pub target: SocketAddr,
+    /// What they must do.
+    pub expect: Expect,
+    /// The egress policy in force on its cgroup, if it is an egress contender.
+    pub enforcer: Option<Enforcer>,
+    /// How long putting the ruleset in force took.
+    pub load: Option<Duration>,
+    /// The timed rounds of metric 1.
+    pub rounds: Vec<Round>,
+    /// Connects made since [`Self::begin`], warm-up included.
+    total: u64,
+    /// The sink's count and the judged counter at [`Self::begin`].
+    accepted_before: u64,
+    counter_before: u64,
+}
+
+impl Contender {
+    /// A contender with nothing filtering yet: a fresh sandbox and its sinks.
+    pub fn new(
+        name: impl Into<String>,
+        target: SocketAddr,
+        expect: Expect,
+        sink_cpu: Option<usize>,
+    ) -> Self {
+        let sandbox = Sandbox::new();
+        // A listener on the denied port too, so that a filter failing open would connect
+        // (and the client, expecting EPERM, would stop the bench) instead of being refused.
+        let sinks = [PORT, DENIED_PORT]
+            .map(|port| FastSink::start(&sandbox.name, sa(V4_A, port), sink_cpu))
+            .into();
+        Self {
+            name: name.into(),
+            client: None,
+            sinks,
+            sandbox,
+            target,
+            expect,
+            enforcer: None,
+            load: None,
+            rounds: Vec::new(),
+            total: 0,
+            accepted_before: 0,
+            counter_before: 0,
+        }
+    }
+
+    /// Puts `policy` in force on the contender's cgroup.
+    pub fn with_egress(mut self, policy: &Policy) -> Self {
+        let started = Instant::now();
+        let enforcer = Enforcer::apply(&self.sandbox.target(), policy)
+            .unwrap_or_else(|e| panic!("{}: loading the policy: {}", self.name, chain(&e)));
+        self.load = Some(started.elapsed());
+        self.enforcer = Some(enforcer);
+        self
+    }
+
+    /// Takes an enforcer loaded elsewhere (timed by the caller).
+    pub fn enforced_by(mut self, enforcer: Enforcer, load: Duration) -> Self {
+        self.enforcer = Some(enforcer);
+        self.load = Some(load);
+        self
+    }
+
+    /// Loads a netfilter ruleset into the contender's netns with `loader` (a command reading
+    /// the ruleset on stdin), and checks that it resets a connection it does not allow.
+    pub fn with_ruleset(mut self, loader: &[&str], rules: &str) -> Self {
+        let started = Instant::now();
+        netns_exec(&self.sandbox.name, loader, rules);
+        self.load = Some(started.elapsed());
+        // The ruleset must reset anything it does not allow, even with a listener there.
+        let netns = self.sandbox.name.clone();
+        let refused = thread::spawn(move || {
+            enter_netns(&netns);
+            TcpStream::connect_timeout(&sa(V4_A, DENIED_PORT), Duration::from_secs(2))
+        })
+        .join()
+        .expect("probe thread");
+        match refused {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => panic!(
+                "{}: a connect to port {DENIED_PORT} should be reset by the ruleset, got {other:?}",
+                self.name
+            ),
+        }
+        self
+    }
+
+    /// The sink its connects go to.
+    fn sink_for_target(&self) -> &FastSink {
+        &self.sinks[usize::from(self.target.port() != PORT)]
+    }
+
+    /// The counter that proves the filter judged this contender's connects: the target rule's
+    /// `allowed`, or the `(no rule)` row's `denied`.
+    fn judged(&self) -> Option<u64> {
+        let enforcer = self.enforcer.as_ref()?;
+        let rows = enforcer
+            .counters()
+            .unwrap_or_else(|e| panic!("{}: reading counters: {}", self.name, chain(&e)));
+        let (row, field): (&str, fn(&egress_common::RuleCounters) -> u64) = match self.expect {
+            Expect::Connected => (TARGET_RULE, |c| c.allowed),
+            Expect::Denied => (NO_RULE_NAME, |c| c.denied),
+        };
+        let found = rows
+            .iter()
+            .find(|r| r.name == row)
+            .unwrap_or_else(|| panic!("{}: no row {row}", self.name));
+        Some(field(&found.counters))
+    }
+
+    /// Starts counting connects, for [`Self::verify`].
+    pub fn begin(&mut self) {
+        self.accepted_before = self.sink_for_target().wait_for(0);
+        self.counter_before = self.judged().unwrap_or(0);
+        self.total = 0;
+    }
+
+    /// Runs one block of connects (starting the load generator the first time).
+    pub fn block(
+        &mut self,
+        client_cpu: Option<usize>,
+        warmup: u64,
+        count: u64,
+        budget_ms: u64,
+    ) -> Round {
+        if self.client.is_none() {
+            self.client = Some(Client::start(self, client_cpu));
+        }
+        let client = self.client.as_mut().expect("started above");
+        let round = client.block(&self.name, warmup, count, budget_ms);
+        self.total += round.total;
+        round
+    }
+
+    /// Checks that every connect since [`Self::begin`] was seen by the sink (or not at all,
+    /// when denied) and judged by the filter.
+    pub fn verify(&self) {
+        let total = self.total;
+        let sink = self.sink_for_target();
+        let expected_at_sink = self.accepted_before
+            + if self.expect == Expect::Connected {
+                total
+            } else {
+                0
+            };
+        let accepted = sink.wait_for(expected_at_sink);
+        assert_eq!(
+            accepted,
+            expected_at_sink,
+            "{}: the sink accepted {} connections, the client made {total} that should {}",
+            self.name,
+            accepted - self.accepted_before,
+            if self.expect == Expect::Connected {
+                "all arrive"
+            } else {
+                "all be denied"
+            }
+        );
+        if let Some(after) = self.judged() {
+            assert_eq!(
+                after - self.counter_before,
+                total,
+                "{}: the filter's counter moved by {}, but the client made {total} connects: the filter did not judge them",
+                self.name,
+                after - self.counter_before
+            );
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}

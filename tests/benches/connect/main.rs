@@ -1,0 +1,310 @@
+//! `cargo xtask bench connect`: what the egress filter costs a `connect()`, against no filter
+//! and against the netfilter ways of writing the same allow-list (BENCHMARKS.md metrics 1
+//! and 2).
+//!
+//! # Method
+//! - Every contender gets its own [`Sandbox`](egress_tests::Sandbox) (a fresh network
+//!   namespace with no route out, a cgroup, a pin directory) and its own sink on
+//!   `192.0.2.1:8080`, an address on the sandbox's veth, so the measured path is the filtered
+//!   one and not the loopback bypass.
+//! - The ruleset is 10,000 CIDR+port rules: 9,999 distinct networks (/29 to /32) in
+//!   198.18.0.0/15 with a spread of ports, and the target `192.0.2.1/32` port 8080 last. The
+//!   netfilter contenders get the same list: the target last is the worst case of a linear
+//!   iptables chain and makes no difference to an LPM trie or an nft set. A second egress
+//!   contender holds 1,000,000 keys; a third connects to a port no rule allows (the deny path).
+//! - Each contender has one load generator (`egress-connect-loop --serve`) in its cgroup and
+//!   namespace, pinned to the last CPU (the sinks' accept threads take CPU 0). It times only
+//!   the `connect()` of `socket(); connect(); close()`, and closes with `SO_LINGER 0` (a RST,
+//!   no TIME_WAIT), so 100,000s of connects to one destination never run out of ports.
+//! - Contenders are interleaved a block at a time: a round runs one block per contender (100
+//!   untimed connects, then up to `--count` timed ones or `--budget-ms`, which is what limits
+//!   iptables), each round starting one contender later. This machine's load drifts by 10-20 %
+//!   within a second, so rounds are kept to a fraction of a second and there are many of them.
+//!   Reported: median and min-max over rounds of each block's mean; the ratio to "no filter"
+//!   in the same round (median, min-max) for the means and for the p50s; the p50 ratio is the
+//!   steadier one here.
+//! - Program run time (metric 2) is measured in a second phase with `BPF_ENABLE_STATS` on:
+//!   stats cost two clock reads per program run, so they stay off while connects are timed.
+//!
+//! Semantics of the netfilter contenders: stateless, and only a new connection's SYN is
+//! judged (the first rule accepts every TCP packet that is not a bare SYN), as the
+//! `cgroup/connect4` hook judges each `connect()` once; the SYN-ACK and the RST never walk the
+//! rules. This is the cheapest honest form of the allow-list for them (no conntrack).
+//!
+//! # Checks
+//! Numbers mean nothing if the filter did not judge the connections, so the bench stops with
+//! an error when: a connect that should succeed fails (or a denied one succeeds); a sink did
+//! not see exactly the connections the client made; the egress target rule's `allowed`
+//! counter (or the `(no rule)` row's `denied` counter) did not move by exactly the number of
+//! connects; a netfilter ruleset let through a connection it should reject; the programs'
+//! `run_cnt` did not move by the number of connects.
+
+mod contender;
+mod report;
+mod rulesets;
+mod run_time;
+mod sink;
+
+use std::{
+    fs,
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+use contender::{Contender, Expect, chain};
+use egress_tests::{V4_A, sa};
+use egress_user::loader::Enforcer;
+use report::{Context, print_report, thousands, us};
+use rulesets::{iptables_rules, nft_rules, policy_million, policy_one_port};
+use run_time::measure_run_time;
+
+/// The port every contender's sink listens on and the policy allows.
+pub const PORT: u16 = 8080;
+/// A port the policy does not allow (the denied-path contender connects here).
+pub const DENIED_PORT: u16 = 9090;
+/// The name of the rule that allows the target.
+pub const TARGET_RULE: &str = "target";
+/// Ports the generated rules spread over.
+pub const PORTS: [u16; 10] = [80, 443, 8080, 5432, 6379, 9200, 3306, 8443, 25, 53];
+
+pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench connect -- [--rounds N] [--count N] \
+                     [--budget-ms MS] [--warmup N] [--stats-rounds N] [--rules N] [--sink-cpu other|same|any] \
+                     [--no-netfilter] [--no-1m]";
+
+/// Where the sinks' accept threads run, relative to the client's CPU.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SinkCpu {
+    /// CPU 0, the client on the last CPU.
+    Other,
+    /// The client's CPU.
+    Same,
+    /// Wherever the scheduler likes.
+    Any,
+}
+
+/// Command-line options (after `cargo bench ... --`).
+pub struct Options {
+    /// Rounds of metric 1: each runs one block per contender.
+    pub rounds: usize,
+    /// Timed connects per block.
+    pub count: u64,
+    /// A block stops early after this long (iptables with 10,000 rules needs it).
+    pub budget_ms: u64,
+    /// Untimed connects before each block.
+    pub warmup: u64,
+    /// Rounds of metric 2.
+    pub stats_rounds: usize,
+    /// Rules of the main ruleset.
+    pub rules: usize,
+    pub sink_cpu: SinkCpu,
+    /// Run the iptables-nft and nft contenders.
+    pub netfilter: bool,
+    /// Run the 1,000,000-key egress contender.
+    pub big: bool,
+}
+
+fn parse(args: &[String]) -> Options {
+    let mut options = Options {
+        rounds: 50,
+        count: 2000,
+        budget_ms: 150,
+        warmup: 100,
+        stats_rounds: 10,
+        rules: 10_000,
+        sink_cpu: SinkCpu::Other,
+        netfilter: true,
+        big: true,
+    };
+    let mut args = args.iter();
+    let number = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> u64 {
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value; {USAGE}"));
+        value
+            .parse()
+            .unwrap_or_else(|e| panic!("{flag} {value}: {e}; {USAGE}"))
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            // cargo bench passes --bench to a harness = false target.
+            "--bench" => {}
+            "--rounds" => options.rounds = number(&mut args, "--rounds") as usize,
+            "--count" => options.count = number(&mut args, "--count"),
+            "--budget-ms" => options.budget_ms = number(&mut args, "--budget-ms"),
+            "--warmup" => options.warmup = number(&mut args, "--warmup"),
+            "--stats-rounds" => options.stats_rounds = number(&mut args, "--stats-rounds") as usize,
+            "--rules" => options.rules = number(&mut args, "--rules") as usize,
+            "--sink-cpu" => {
+                options.sink_cpu = match args.next().map(String::as_str) {
+                    Some("other") => SinkCpu::Other,
+                    Some("same") => SinkCpu::Same,
+                    Some("any") => SinkCpu::Any,
+                    other => panic!("--sink-cpu other|same|any, not {other:?}"),
+                }
+            }
+            "--no-netfilter" => options.netfilter = false,
+            "--no-1m" => options.big = false,
+            other => panic!("unknown argument {other:?}; {USAGE}"),
+        }
+    }
+    assert!(
+        options.rounds >= 1 && options.count >= 1 && options.stats_rounds >= 1,
+        "{USAGE}"
+    );
+    assert!(
+        (2..=16_384).contains(&options.rules),
+        "--rules must be 2..=16384 (a /29 slot each in 198.18.0.0/15)"
+    );
+    options
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test --benches`/`--all-targets` runs this target without --bench: nothing to do.
+    if !args.iter().any(|a| a == "--bench") {
+        eprintln!("connect: a benchmark, run it with `cargo xtask bench connect` (as root)");
+        return ExitCode::SUCCESS;
+    }
+    let options = parse(&args);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "bench connect: must run as root (it loads eBPF programs); use `cargo xtask bench connect`"
+        );
+        return ExitCode::FAILURE;
+    }
+    run(&options);
+    ExitCode::SUCCESS
+}
+
+fn run(options: &Options) {
+    let started = Instant::now();
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let client_cpu = (cpus > 1).then_some(cpus - 1);
+    let sink_cpu = match options.sink_cpu {
+        SinkCpu::Other => client_cpu.map(|_| 0),
+        SinkCpu::Same => client_cpu,
+        SinkCpu::Any => None,
+    };
+    let stats_were_on =
+        fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() != "0");
+    let target = sa(V4_A, PORT);
+    let n = thousands(options.rules);
+    eprintln!("bench connect: setting up the contenders ({n} rules)...");
+    let policy = policy_one_port(options.rules);
+    let mut contenders = vec![
+        Contender::new("no filter", target, Expect::Connected, sink_cpu),
+        Contender::new(
+            format!("egress, {n} rules"),
+            target,
+            Expect::Connected,
+            sink_cpu,
+        )
+        .with_egress(&policy),
+    ];
+    let mut notes = Vec::new();
+    if options.netfilter {
+        contenders.push(
+            Contender::new(
+                format!("iptables-nft, {n} rules in OUTPUT"),
+                target,
+                Expect::Connected,
+                sink_cpu,
+            )
+            .with_ruleset(&["iptables-nft-restore"], &iptables_rules(&policy)),
+        );
+        contenders.push(
+            Contender::new(
+                format!("nft interval set, {n} elements"),
+                target,
+                Expect::Connected,
+                sink_cpu,
+            )
+            .with_ruleset(&["nft", "-f", "-"], &nft_rules(&policy)),
+        );
+    }
+    contenders.push(
+        Contender::new(
+            format!("egress, {n} rules, denied (EPERM)"),
+            sa(V4_A, DENIED_PORT),
+            Expect::Denied,
+            sink_cpu,
+        )
+        .with_egress(&policy),
+    );
+    if options.big {
+        eprintln!("bench connect: loading 1,000,000 LPM keys...");
+        let million = policy_million();
+        let contender = Contender::new("egress, 1M keys", target, Expect::Connected, sink_cpu);
+        let loading = Instant::now();
+        match Enforcer::apply(&contender.sandbox.target(), &million) {
+            Ok(enforcer) if loading.elapsed() < Duration::from_secs(30) => {
+                contenders.push(contender.enforced_by(enforcer, loading.elapsed()));
+            }
+            Ok(_) => notes.push(format!(
+                "1M keys took {:.1?} to load (over 30 s): not measured",
+                loading.elapsed()
+            )),
+            Err(e) => notes.push(format!("1M keys did not load: {}", chain(&e))),
+        }
+    }
+    let setup = started.elapsed();
+
+    // Metric 1: connect() cost, contenders interleaved a block at a time.
+    eprintln!(
+        "bench connect: {} rounds of {} contenders, blocks of {} connects (or {} ms) after {} warm-up; mean us:",
+        options.rounds,
+        contenders.len(),
+        options.count,
+        options.budget_ms,
+        options.warmup
+    );
+    for (i, c) in contenders.iter().enumerate() {
+        eprintln!("  [{i}] {}", c.name);
+    }
+    for c in &mut contenders {
+        c.begin();
+        // Start the client and warm everything up once, untimed.
+        c.block(client_cpu, 0, options.count, options.budget_ms);
+    }
+    let count = contenders.len();
+    for round in 0..options.rounds {
+        // Each round starts one contender later, so none always follows the same one (a block
+        // after iptables' 10,000-rule walk starts with colder caches).
+        for i in (0..count).map(|k| (round + k) % count) {
+            let c = &mut contenders[i];
+            let r = c.block(client_cpu, options.warmup, options.count, options.budget_ms);
+            c.rounds.push(r);
+        }
+        let means: Vec<String> = contenders
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("[{i}] {:.2}", us(c.rounds[round].mean_ns as f64)))
+            .collect();
+        eprintln!("  round {:>3}: {}", round + 1, means.join(" "));
+    }
+    for c in &contenders {
+        c.verify();
+    }
+
+    // Metric 2: program run time, stats on.
+    eprintln!(
+        "bench connect: program run time with BPF_ENABLE_STATS, {} rounds...",
+        options.stats_rounds
+    );
+    let mut measured: Vec<&mut Contender> = contenders
+        .iter_mut()
+        .filter(|c| c.enforcer.is_some())
+        .collect();
+    let run_times = measure_run_time(&mut measured, options, client_cpu);
+
+    let context = Context {
+        stats_were_on,
+        setup,
+        elapsed: started.elapsed(),
+        client_cpu,
+        sink_cpu,
+    };
+    print_report(options, &contenders, &run_times, &notes, &context);
+}

@@ -1,0 +1,183 @@
+//! The printed report: a markdown table per metric.
+
+use std::{fs, process::Command, thread, time::Duration};
+
+use crate::{
+    Options,
+    contender::{Contender, Expect},
+    run_time::RunTime,
+};
+
+/// What the report says about the run besides the numbers.
+pub struct Context {
+    /// `kernel.bpf_stats_enabled` was already on before the bench (someone else enabled it).
+    pub stats_were_on: bool,
+    /// Time spent creating the contenders and loading the rulesets.
+    pub setup: Duration,
+    /// Time the whole bench took.
+    pub elapsed: Duration,
+    /// Where the load generators ran (`None`: anywhere).
+    pub client_cpu: Option<usize>,
+    /// Where the sinks' accept threads ran (`None`: anywhere).
+    pub sink_cpu: Option<usize>,
+}
+
+/// Prints the two tables, as markdown, on stdout.
+pub fn print_report(
+    options: &Options,
+    contenders: &[Contender],
+    run_times: &[RunTime],
+    notes: &[String],
+    context: &Context,
+) {
+    let cpu = |c: Option<usize>| c.map_or("any".to_owned(), |c| c.to_string());
+    let none = &contenders[0];
+    let mut out = String::new();
+    out.push_str("\n## connect() cost and program run time\n\n");
+    out.push_str(&format!(
+        "- kernel `{}`, CPU {} ({} CPUs), {}\n",
+        command_output("uname", &["-r"]),
+        cpu_model(),
+        thread::available_parallelism().map_or(1, |n| n.get()),
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    ));
+    out.push_str(&format!(
+        "- command: `cargo xtask bench connect` (`cargo bench -p egress-tests --bench connect -- --rounds {} --count {} \
+         --budget-ms {} --warmup {} --stats-rounds {} --rules {}`)\n",
+        options.rounds, options.count, options.budget_ms, options.warmup, options.stats_rounds, options.rules
+    ));
+    out.push_str(&format!(
+        "- each contender in its own fresh netns; {} rounds, contenders interleaved one block each per round; a block is \
+         {} untimed then up to {} timed `connect()`s (or {} ms); client pinned to CPU {}, sink accept threads on CPU {}; \
+         sockets closed with SO_LINGER 0 (RST, no TIME_WAIT)\n",
+        options.rounds,
+        options.warmup,
+        options.count,
+        options.budget_ms,
+        cpu(context.client_cpu),
+        cpu(context.sink_cpu),
+    ));
+    out.push_str(&format!(
+        "- took {:.0?} ({:.0?} of it setting up)\n",
+        context.elapsed, context.setup
+    ));
+    if context.stats_were_on {
+        out.push_str("- WARNING: kernel.bpf_stats_enabled was already 1: the egress connect times include stats overhead\n");
+    }
+    for note in notes {
+        out.push_str(&format!("- {note}\n"));
+    }
+    out.push_str(
+        "\n### Metric 1: connect() time (mean of each block; median and min-max over rounds)\n\n",
+    );
+    out.push_str(
+        "| contender | median (us) | min-max (us) | ratio to no filter, same round: median (min-max) | p50 (us) \
+         | p50 ratio, same round: median | p99 (us) | timed connects per block | ruleset load |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for c in contenders {
+        let (med, lo, hi) = summary(c.rounds.iter().map(|r| r.mean_ns as f64));
+        let (rmed, rlo, rhi) = summary(
+            c.rounds
+                .iter()
+                .zip(&none.rounds)
+                .map(|(a, b)| a.mean_ns as f64 / b.mean_ns as f64),
+        );
+        let ratio = match c.expect {
+            Expect::Denied => format!("({rmed:.2}x: fails before any packet)"),
+            Expect::Connected => format!("{rmed:.3}x ({rlo:.3}-{rhi:.3})"),
+        };
+        let (p50, _, _) = summary(c.rounds.iter().map(|r| r.p50_ns as f64));
+        let (p50_ratio, _, _) = summary(
+            c.rounds
+                .iter()
+                .zip(&none.rounds)
+                .map(|(a, b)| a.p50_ns as f64 / b.p50_ns as f64),
+        );
+        let (p99, _, _) = summary(c.rounds.iter().map(|r| r.p99_ns as f64));
+        let (cmed, cmin, cmax) = summary(c.rounds.iter().map(|r| r.count as f64));
+        let counts = if cmin == cmax {
+            thousands(cmed as usize)
+        } else {
+            format!("{}-{}", thousands(cmin as usize), thousands(cmax as usize))
+        };
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.2}-{:.2} | {ratio} | {:.2} | {p50_ratio:.3}x | {:.1} | {counts} | {} |\n",
+            c.name,
+            us(med),
+            us(lo),
+            us(hi),
+            us(p50),
+            us(p99),
+            c.load.map_or("-".into(), |d| format!("{d:.0?}")),
+        ));
+    }
+    out.push_str("\n### Metric 2: connect4 program run time per invocation (BPF_ENABLE_STATS: run_time_ns / run_cnt per block)\n\n");
+    out.push_str("| program | median (ns) | min-max (ns) | runs |\n|---|---|---|---|\n");
+    for r in run_times {
+        let (med, lo, hi) = summary(r.per_run_ns.iter().copied());
+        out.push_str(&format!(
+            "| {} | {med:.0} | {lo:.0}-{hi:.0} | {} |\n",
+            r.name,
+            thousands(r.runs as usize)
+        ));
+    }
+    println!("{out}");
+}
+
+/// Median, min and max.
+pub fn summary(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
+/// Nanoseconds to microseconds.
+pub fn us(ns: f64) -> f64 {
+    ns / 1000.0
+}
+
+/// 10000 -> "10,000".
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// A command's trimmed stdout (for `uname -r` and `date`), or why it did not run.
+pub fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("({program}: {e})"))
+}
+
+/// The first `model name` of /proc/cpuinfo.
+pub fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, m)| m.trim().to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

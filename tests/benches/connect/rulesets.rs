@@ -1,0 +1,162 @@
+//! The rulesets: the egress policies, and the same allow-list for iptables and nft.
+
+use std::{
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use egress_tests::V4_A;
+use egress_user::policy::{Mode, Origin, Policy, PortRule, Protocol, Rule, default_bypass};
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::{PORT, PORTS, TARGET_RULE};
+
+/// The networks of the generated rules: rule `i` gets the /29 slot `i` of 198.18.0.0/15 and a
+/// prefix length of 29 to 32 inside it, so no two overlap.
+pub fn network(i: usize) -> Ipv4Net {
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (i as u32) * 8;
+    Ipv4Net::new(Ipv4Addr::from(base), 29 + (i % 4) as u8).expect("prefix <= 32")
+}
+
+/// A TCP rule named `name` from the generated line `i`.
+pub fn rule(i: usize, name: String, destination: IpNet, ports: &[u16]) -> Rule {
+    Rule {
+        name,
+        origin: Origin {
+            file: "<bench>".into(),
+            line: i + 1,
+        },
+        destination,
+        ports: ports
+            .iter()
+            .map(|&port| PortRule {
+                port,
+                protocol: Protocol::Tcp,
+            })
+            .collect(),
+    }
+}
+
+/// `rules` rules of one port each: `rules - 1` generated ones and the target last.
+pub fn policy_one_port(rules: usize) -> Policy {
+    let mut list: Vec<Rule> = (0..rules - 1)
+        .map(|i| {
+            rule(
+                i,
+                format!("r{i}"),
+                network(i).into(),
+                &[PORTS[i % PORTS.len()]],
+            )
+        })
+        .collect();
+    list.push(rule(
+        rules,
+        TARGET_RULE.into(),
+        Ipv4Net::new(V4_A, 32).expect("/32").into(),
+        &[PORT],
+    ));
+    Policy {
+        mode: Mode::Enforce,
+        bypass: default_bypass(),
+        rules: list,
+    }
+}
+
+/// 1,000,000 LPM keys: 100,000 rules (99,999 /32s in 198.18.0.0/15, and the target) of 10
+/// ports each. A rule per key would exceed the counter rows (131,070); the trie is what
+/// matters for run time, and it holds a million keys either way.
+pub fn policy_million() -> Policy {
+    let mut list: Vec<Rule> = (0..99_999)
+        .map(|i| {
+            let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i as u32);
+            rule(
+                i,
+                format!("r{i}"),
+                Ipv4Net::new(addr, 32).expect("/32").into(),
+                &PORTS,
+            )
+        })
+        .collect();
+    list.push(rule(
+        99_999,
+        TARGET_RULE.into(),
+        Ipv4Net::new(V4_A, 32).expect("/32").into(),
+        &PORTS,
+    ));
+    Policy {
+        mode: Mode::Enforce,
+        bypass: default_bypass(),
+        rules: list,
+    }
+}
+
+/// (network, port) of every key of a one-port-per-rule policy, in policy order.
+pub fn keys(policy: &Policy) -> impl Iterator<Item = (IpNet, u16)> + '_ {
+    policy
+        .rules
+        .iter()
+        .flat_map(|r| r.ports.iter().map(move |p| (r.destination, p.port)))
+}
+
+/// The allow-list as an iptables-restore file: non-SYN packets accepted first, then one rule
+/// per key, then a TCP reset for any other new connection.
+pub fn iptables_rules(policy: &Policy) -> String {
+    let mut out =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    out.push_str("-A OUTPUT -p tcp ! --syn -j ACCEPT\n");
+    for (net, port) in keys(policy) {
+        out.push_str(&format!(
+            "-A OUTPUT -d {net} -p tcp --dport {port} -j ACCEPT\n"
+        ));
+    }
+    out.push_str("-A OUTPUT -p tcp -j REJECT --reject-with tcp-reset\nCOMMIT\n");
+    out
+}
+
+/// The allow-list as one nft rule over an interval set of `address . port`.
+pub fn nft_rules(policy: &Policy) -> String {
+    let elements: Vec<String> = keys(policy)
+        .map(|(net, port)| format!("{net} . {port}"))
+        .collect();
+    format!(
+        "table ip egress_bench {{\n\
+         \tset allow {{\n\t\ttype ipv4_addr . inet_service\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}\n\
+         \tchain output {{\n\t\ttype filter hook output priority filter; policy accept;\n\
+         \t\ttcp flags & (fin | syn | rst | ack) != syn accept\n\
+         \t\tip daddr . tcp dport @allow accept\n\
+         \t\tmeta l4proto tcp reject with tcp reset\n\t}}\n}}\n",
+        elements.join(",\n")
+    )
+}
+
+/// Runs `ip netns exec <netns> <args>` with `input` on stdin; panics with its output on failure.
+pub fn netns_exec(netns: &str, args: &[&str], input: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {args:?}: {e} (`cargo xtask bench connect` installs iptables and nftables)"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("writing the ruleset");
+    let out = child
+        .wait_with_output()
+        .expect("waiting for the ruleset loader");
+    assert!(
+        out.status.success(),
+        "{args:?} in netns {netns} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,318 @@
+//! The load generator of the connect benchmark (`tests/benches/connect/`): joins a cgroup and a
+//! network namespace, pins itself to one CPU, then does `socket()`, `connect()`, `close()` in a
+//! loop and prints how long each `connect()` took.
+//!
+//! Usage: `egress-connect-loop [--cgroup DIR] [--netns NAME] [--cpu N] [--warmup N] [--count N]
+//! [--budget-ms MS] [--expect connected|denied] [--serve] ADDR:PORT`
+//!
+//! With `--serve` it does not run one block and exit: it prints `ready`, then runs one block
+//! per line `WARMUP COUNT BUDGET_MS` read from stdin, until end of input. One process per
+//! contender, each driven a block at a time, lets the benchmark interleave contenders every
+//! few milliseconds instead of every few seconds (this machine's load drifts by 10-20 % from
+//! one second to the next).
+//!
+//! Only the `connect()` call is timed: that is where a `cgroup/connect4` program runs and where
+//! iptables/nft see the SYN (on loopback the handshake completes inside the call).
+//!
+//! Every socket gets `SO_LINGER {on, 0}`, so `close()` sends a RST and leaves no TIME_WAIT
+//! behind: 100,000 connects to one destination would otherwise run out of ephemeral ports
+//! (28,232 by default) within seconds. The server side of a reset connection leaves nothing
+//! behind either.
+//!
+//! A block is `--warmup` untimed connects, then up to `--count` timed ones, stopping early once
+//! `--budget-ms` have passed. Output, one line on stdout per block:
+//! `total=<connects incl. warm-up> count=<timed> mean_ns=.. min_ns=.. p50_ns=.. p99_ns=.. max_ns=..`.
+//! Any connect with another outcome than `--expect` stops the process with exit status 1 and
+//! the error on stderr.
+
+use std::{
+    io::{BufRead as _, Write as _},
+    mem,
+    net::SocketAddr,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+/// What every connect must do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Establish the connection.
+    Connected,
+    /// Fail with `EPERM` (the egress filter denied it).
+    Denied,
+}
+
+struct Options {
+    target: SocketAddr,
+    cpu: Option<usize>,
+    block: Block,
+    expect: Expect,
+    serve: bool,
+}
+
+/// One run of connects.
+#[derive(Clone, Copy)]
+struct Block {
+    warmup: u64,
+    count: u64,
+    budget: Duration,
+}
+
+impl Block {
+    /// `WARMUP COUNT BUDGET_MS`, as `--serve` reads it.
+    fn parse(line: &str) -> Option<Self> {
+        let mut words = line.split_whitespace().map(str::parse::<u64>);
+        let block = Self {
+            warmup: words.next()?.ok()?,
+            count: words.next()?.ok()?,
+            budget: Duration::from_millis(words.next()?.ok()?),
+        };
+        words.next().is_none().then_some(block)
+    }
+}
+
+fn parse() -> Options {
+    let mut args = std::env::args().skip(1);
+    let mut target = None;
+    let mut options = Options {
+        target: SocketAddr::from(([127, 0, 0, 1], 0)),
+        cpu: None,
+        block: Block {
+            warmup: 500,
+            count: 20_000,
+            budget: Duration::from_secs(3600),
+        },
+        expect: Expect::Connected,
+        serve: false,
+    };
+    let number = |args: &mut dyn Iterator<Item = String>, flag: &str| -> u64 {
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value"));
+        value
+            .parse()
+            .unwrap_or_else(|e| panic!("{flag} {value}: {e}"))
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--cgroup" => {
+                let dir = args.next().expect("--cgroup DIR");
+                egress_user::cgroup::join(dir.as_ref())
+                    .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
+            }
+            "--netns" => egress_tests::enter_netns(&args.next().expect("--netns NAME")),
+            "--cpu" => options.cpu = Some(number(&mut args, "--cpu") as usize),
+            "--warmup" => options.block.warmup = number(&mut args, "--warmup"),
+            "--count" => options.block.count = number(&mut args, "--count"),
+            "--budget-ms" => {
+                options.block.budget = Duration::from_millis(number(&mut args, "--budget-ms"))
+            }
+            "--serve" => options.serve = true,
+            "--expect" => {
+                options.expect = match args.next().as_deref() {
+                    Some("connected") => Expect::Connected,
+                    Some("denied") => Expect::Denied,
+                    other => panic!("--expect connected|denied, not {other:?}"),
+                }
+            }
+            addr => {
+                target = Some(
+                    addr.parse::<SocketAddr>()
+                        .unwrap_or_else(|e| panic!("{addr}: {e}")),
+                )
+            }
+        }
+    }
+    options.target = target.expect("usage: egress-connect-loop [OPTIONS] ADDR:PORT");
+    options
+}
+
+/// Pins the calling thread (the whole process: it has one) to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set` (it checks the bound).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid set of the size we pass, for this thread (pid 0).
+    let ret = unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(
+        ret,
+        0,
+        "sched_setaffinity(cpu {cpu}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The target as a `sockaddr_storage` and its length.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; zeroed is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// One socket, connect, close. Returns how long `connect()` took and what it returned: a
+/// denied connect fails inside `connect()` and is timed the same way.
+fn connect_once(
+    family: libc::c_int,
+    addr: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> (Duration, std::io::Result<()>) {
+    // SAFETY: plain syscalls on a descriptor this function owns and closes on every path.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return (Duration::ZERO, Err(std::io::Error::last_os_error()));
+        }
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let ret = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        if ret != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return (Duration::ZERO, Err(e));
+        }
+        let start = Instant::now();
+        let ret = libc::connect(fd, std::ptr::from_ref(addr).cast(), len);
+        let took = start.elapsed();
+        let result = if ret == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        libc::close(fd);
+        (took, result)
+    }
+}
+
+/// Prints the summary line (see the module docs).
+fn report(total: u64, times: &mut [u64]) {
+    times.sort_unstable();
+    let n = times.len().max(1) as u64;
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "total={total} count={} mean_ns={} min_ns={} p50_ns={} p99_ns={} max_ns={}",
+        times.len(),
+        times.iter().sum::<u64>() / n,
+        at(0.0),
+        at(0.5),
+        at(0.99),
+        at(1.0),
+    );
+    let _ = out.flush();
+}
+
+/// Runs one block and prints its line; an unexpected outcome is the error.
+fn run_block(options: &Options, block: Block, times: &mut Vec<u64>) -> Result<(), String> {
+    let family = if options.target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let (addr, len) = sockaddr(options.target);
+    times.clear();
+    let mut total = 0u64;
+    let mut started = None;
+    while (times.len() as u64) < block.count {
+        if total == block.warmup {
+            started = Some(Instant::now());
+        }
+        let (took, result) = connect_once(family, &addr, len);
+        total += 1;
+        match (options.expect, result) {
+            (Expect::Connected, Ok(())) => {}
+            (Expect::Denied, Err(e)) if e.raw_os_error() == Some(libc::EPERM) => {}
+            (expect, result) => {
+                let wanted = if expect == Expect::Connected {
+                    "connected"
+                } else {
+                    "EPERM"
+                };
+                return Err(format!(
+                    "connect #{total} to {}: expected {wanted}, got {result:?}",
+                    options.target
+                ));
+            }
+        }
+        if total > block.warmup {
+            times.push(took.as_nanos() as u64);
+        }
+        if started.is_some_and(|s| s.elapsed() >= block.budget) {
+            break;
+        }
+    }
+    report(total, times);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let options = parse();
+    if let Some(cpu) = options.cpu {
+        pin_to(cpu);
+    }
+    let mut times = Vec::new();
+    let result = if options.serve {
+        println!("ready");
+        std::io::stdin()
+            .lock()
+            .lines()
+            .map_while(Result::ok)
+            .try_for_each(|line| {
+                let block = Block::parse(&line)
+                    .ok_or_else(|| format!("expected `WARMUP COUNT BUDGET_MS`, got {line:?}"))?;
+                run_block(&options, block, &mut times)
+            })
+    } else {
+        run_block(&options, options.block, &mut times)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress-connect-loop: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `cargo xtask bench`: set-up, then one of the benchmarks, as root, with its output streamed.
+//!
+//! Each benchmark is a `harness = false` bench target of the `egress-tests` package, run with
+//! `cargo bench` (the release profile); this module only prepares the machine and starts it.
+//! What a benchmark measures and how is documented in its own file (`tests/benches/*.rs`).
+
+use std::ffi::OsString;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::{Args, ValueEnum};
+
+use crate::{
+    env::{self, ChildEnv},
+    setup,
+};
+
+/// Debian packages the netfilter contenders need, with a command each provides. Their rules
+/// are only ever loaded inside the benchmark's own network namespaces: the host's firewall is
+/// never touched.
+const NETFILTER_PACKAGES: &[(&str, &str)] =
+    &[("iptables", "iptables-nft-restore"), ("nftables", "nft")];
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Args)]
+pub struct Options {
+    #[command(flatten)]
+    setup: setup::Options,
+
+    /// The benchmark to run.
+    #[arg(value_enum)]
+    bench: Bench,
+
+    /// Arguments for the benchmark (after `--`), e.g. `--rounds 9 --no-netfilter`; the
+    /// benchmark's file documents them.
+    #[arg(last = true, value_name = "BENCH_ARGS")]
+    args: Vec<OsString>,
+}
+
+/// The benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    /// connect() cost with 10,000 CIDR+port rules against no filter, iptables-nft and an nft
+    /// set; and the program's run time per invocation at 10,000 and 1,000,000 keys
+    /// (tests/benches/connect/).
+    Connect,
+}
+
+impl Bench {
+    /// The bench target in the egress-tests package.
+    fn target(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+        }
+    }
+
+    /// Debian packages this benchmark needs beyond what `setup` installs.
+    fn packages(self, args: &[OsString]) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Connect if args.iter().any(|arg| arg == "--no-netfilter") => &[],
+            Self::Connect => NETFILTER_PACKAGES,
+        }
+    }
+}
+
+/// Runs set-up, installs the benchmark's own packages, then `cargo bench` of the benchmark.
+pub fn run(options: &Options) -> Result<()> {
+    env::require_root("the benchmarks")?;
+    let child = setup::run(&options.setup)?;
+    install_packages(&child, options.bench.packages(&options.args))?;
+    let mut command = child.command("cargo");
+    command
+        .args(["bench", "--package", "egress-tests", "--bench"])
+        .arg(options.bench.target())
+        .arg("--")
+        .args(&options.args);
+    eprintln!("bench: {}", env::describe(&command));
+    env::run_streaming(&mut command)
+        .with_context(|| format!("benchmark `{}` failed", options.bench.target()))
+}
+
+/// Installs the missing ones of `packages` with apt-get.
+fn install_packages(child: &ChildEnv, packages: &[(&str, &str)]) -> Result<()> {
+    let mut missing = Vec::new();
+    for &(package, command) in packages {
+        let output = child
+            .command("dpkg-query")
+            .args(["-W", "-f=${Status}", package])
+            .output();
+        match output {
+            Ok(output) if output.status.success() && output.stdout == b"install ok installed" => {
+                eprintln!("bench: {package}: ok (present)");
+            }
+            Ok(_) => missing.push(package),
+            // Not Debian: accept the tool if it is there.
+            Err(_) => ensure!(
+                ["/usr/sbin", "/sbin", "/usr/bin"]
+                    .iter()
+                    .any(|dir| std::path::Path::new(dir).join(command).exists()),
+                "`{command}` (Debian package {package}) is missing; install it, or pass \
+                 `-- --no-netfilter`"
+            ),
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    env::run_streaming(child.command("apt-get").args(["update", "-q"]))?;
+    env::run_streaming(
+        child
+            .command("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    if let Some(package) = missing.iter().find(|package| {
+        !child
+            .command("dpkg-query")
+            .args(["-W", "-f=${Status}", package])
+            .output()
+            .is_ok_and(|o| o.stdout == b"install ok installed")
+    }) {
+        bail!("apt-get succeeded but {package} is still not installed");
+    }
+    eprintln!("bench: installed {}", missing.join(" "));
+    Ok(())
+}
