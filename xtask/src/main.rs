@@ -1,7 +1,7 @@
 //! `cargo xtask`: the privileged and multi-step jobs of the egress workspace.
 //!
 //! Each subcommand lives in its own module and owns its options; `main` only parses the
-//! command line and dispatches. To add a subcommand (say `bench`), add a module with an
+//! command line and dispatches. To add a subcommand, add a module with an
 //! `Options` struct and a `run` function, and one variant to [`Command`].
 
 mod bench;
@@ -31,7 +31,7 @@ enum Command {
     ///
     /// Arguments after `--` go to `cargo test`; `-p PACKAGE` there narrows the run.
     ///
-    /// Example: cargo xtask test -- --package tests -- --nocapture
+    /// Example: cargo xtask test -- --package egress-tests -- --nocapture
     Test(test::Options),
     /// Run set-up, build the agent, then run `egress run` as root.
     ///
