@@ -3,9 +3,13 @@
 //! The suite is a list so that later stages slot in as one more [`Step`] variant (the kernel
 //! matrix under QEMU, issue 7, will be one), selectable with `--step`.
 
-use std::ffi::OsString;
+use std::{
+    ffi::OsString,
+    io::{BufRead as _, BufReader, Write as _},
+    process::Stdio,
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 
 use crate::{
@@ -46,7 +50,7 @@ impl Step {
                 if !selects_packages(&options.cargo_test_args) {
                     command.arg("--workspace");
                 }
-                env::run_streaming(command.args(&options.cargo_test_args))
+                run_tallied(command.args(&options.cargo_test_args))
             }
         }
     }
@@ -55,6 +59,66 @@ impl Step {
         self.to_possible_value()
             .map_or_else(|| format!("{self:?}"), |value| value.get_name().to_owned())
     }
+}
+
+/// Test counts summed over every `test result:` line cargo prints.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Adds one line of cargo test output, if it is a `test result:` line.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.trim_start().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo test`, streaming its output, and ends with one plain line that totals every
+/// test binary (cargo's own last lines are the doc-test runs, which often have no tests).
+fn run_tallied(command: &mut std::process::Command) -> Result<()> {
+    let described = env::describe(command);
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {described}"))?;
+    let mut tally = Tally::default();
+    let stdout = child.stdout.take().context("cargo's stdout")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo's output")?;
+        tally.add(&line);
+        writeln!(out, "{line}")?;
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {described}"))?;
+    writeln!(
+        out,
+        "\ntests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    )?;
+    if !status.success() {
+        bail!("{described} failed: {status}");
+    }
+    Ok(())
 }
 
 /// Whether cargo's own arguments (those before a `--`) pick packages with `-p`/`--package`.
@@ -90,6 +154,27 @@ mod tests {
 
     fn args(words: &[&str]) -> Vec<OsString> {
         words.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn tally_sums_every_test_result_line() {
+        let mut t = Tally::default();
+        for line in [
+            "running 3 tests",
+            "test result: ok. 101 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.21s",
+            "test result: FAILED. 10 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 8s",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ] {
+            t.add(line);
+        }
+        assert_eq!(
+            t,
+            Tally {
+                passed: 111,
+                failed: 1,
+                ignored: 2
+            }
+        );
     }
 
     #[test]
