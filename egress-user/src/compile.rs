@@ -371,6 +371,7 @@ mod tests {
             mode: Mode::Enforce,
             bypass: default_bypass(),
             rules,
+            ..Policy::default()
         }
     }
 

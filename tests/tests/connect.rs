@@ -361,6 +361,7 @@ fn one_hundred_thousand_rules_load_and_work() {
         mode: Mode::Enforce,
         bypass: policy::default_bypass(),
         rules,
+        ..Policy::default()
     };
     let ok = sb.sink(sa(Ipv4Addr::new(198, 18, 1, 2), 8080));
     let denied = sb.sink(sa(Ipv4Addr::new(198, 19, 255, 1), 8080));

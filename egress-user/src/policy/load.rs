@@ -193,5 +193,6 @@ fn load<'a>(
         mode: config.mode.unwrap_or_default(),
         bypass: config.bypass.unwrap_or_else(default_bypass),
         rules,
+        ..Policy::default()
     })
 }

@@ -16,7 +16,9 @@ mod yaml;
 
 pub use load::{MAX_FILE_SIZE, default_policy, load_files, load_sources};
 pub use model::{
-    Diagnostic, Mode, Origin, Policy, PolicyErrors, PortRule, Protocol, Rule, default_bypass,
+    Alias, DEFAULT_PROXY_PORT, Diagnostic, HostName, HostPattern, HttpPort, HttpProtocol,
+    HttpRule, Mode, Origin, Policy, PolicyErrors, PortRule, Protocol, ProxySettings, Rule,
+    default_bypass,
 };
 
 /// The policy `egress run` enforces when no `--policy` is given (`egress check --default`).

@@ -77,6 +77,131 @@ pub struct Rule {
     pub ports: Vec<PortRule>,
 }
 
+/// A normalised host name: ASCII (IDN converted to punycode), lowercase, no trailing dot.
+pub type HostName = String;
+
+/// The destination of an HTTP rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// Exactly this host.
+    Exact(HostName),
+    /// `*.suffix`: any host strictly below `suffix` (`a.suffix`, `a.b.suffix`), never
+    /// `suffix` itself. Holds the suffix without the `*.`.
+    Wildcard(HostName),
+}
+
+impl HostPattern {
+    /// True when `host` (already normalised) is allowed by this pattern.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(name) => host == name,
+            Self::Wildcard(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::Wildcard(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// How the proxy talks to the upstream of an HTTP rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HttpProtocol {
+    /// Plain HTTP to host:port.
+    Http,
+    /// The app speaks plain HTTP; the proxy originates TLS to host:port (SNI = host,
+    /// certificate verified against the system roots plus `caFiles`).
+    Https,
+}
+
+impl fmt::Display for HttpProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        })
+    }
+}
+
+/// One port of an HTTP rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HttpPort {
+    /// 1..=65535: the port the app connects to, and the upstream port.
+    pub port: u16,
+    /// Plain or TLS-originating.
+    pub protocol: HttpProtocol,
+}
+
+/// An `EgressRule` whose destination is a host name or `*.`-wildcard, with http/https ports:
+/// connections to those ports go through the proxy, which allows a request when its
+/// authority matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRule {
+    /// `metadata.name`, unique among EgressRules.
+    pub name: String,
+    /// Where the document starts.
+    pub origin: Origin,
+    /// `spec.destination.service`.
+    pub host: HostPattern,
+    /// `spec.ports`, http or https, in file order.
+    pub ports: Vec<HttpPort>,
+}
+
+/// A `kind: Service` with `spec.type: ExternalName`: requests whose Host is the service's name
+/// (see [`Alias::hostnames`]) go to `external_name` on the same port; port 443 means TLS
+/// origination, any other port plain HTTP. An alias is itself an allow rule for
+/// `external_name` on its ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alias {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`, `default` when absent.
+    pub namespace: String,
+    /// Where the document starts.
+    pub origin: Origin,
+    /// `spec.externalName`, normalised.
+    pub external_name: HostName,
+    /// `spec.ports[].port`.
+    pub ports: Vec<u16>,
+}
+
+impl Alias {
+    /// The Host names that select this alias: `name`, `name.ns`, `name.ns.svc`,
+    /// `name.ns.svc.cluster.local`.
+    pub fn hostnames(&self) -> [String; 4] {
+        let (n, ns) = (&self.name, &self.namespace);
+        [n.clone(), format!("{n}.{ns}"), format!("{n}.{ns}.svc"), format!("{n}.{ns}.svc.cluster.local")]
+    }
+
+    /// How the proxy reaches the upstream on `port`.
+    pub fn protocol(port: u16) -> HttpProtocol {
+        if port == 443 { HttpProtocol::Https } else { HttpProtocol::Http }
+    }
+}
+
+/// The proxy's settings (`kind: EgressConfig` `spec.proxy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// The port the proxy listens on, on 127.0.0.1 and [::1]; redirected connections go there.
+    pub port: u16,
+}
+
+/// The port the proxy listens on when the policy names none.
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self { port: DEFAULT_PROXY_PORT }
+    }
+}
+
 /// A whole validated policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -85,8 +210,35 @@ pub struct Policy {
     /// From `kind: EgressConfig` `spec.bypass`; [`default_bypass`] when absent. An explicit
     /// list replaces the default, so `bypass: []` filters loopback too.
     pub bypass: Vec<IpNet>,
-    /// Every EgressRule, in the order of the files and of the documents in them.
+    /// Every EgressRule with a CIDR/IP destination, in the order of the files and documents.
     pub rules: Vec<Rule>,
+    /// Every EgressRule with a host-name destination and http/https ports, in file order.
+    pub http_rules: Vec<HttpRule>,
+    /// Every ExternalName Service, in file order.
+    pub aliases: Vec<Alias>,
+    /// `spec.proxy` of the EgressConfig.
+    pub proxy: ProxySettings,
+    /// `spec.caFiles` of the EgressConfig: extra trusted roots (PEM), added to the system roots.
+    pub ca_files: Vec<std::path::PathBuf>,
+    /// `spec.hosts` of the EgressConfig: static name overrides the proxy uses before DNS, for
+    /// hosts without DNS. Addresses given here are trusted as the operator's own choice.
+    pub hosts: std::collections::BTreeMap<HostName, Vec<std::net::IpAddr>>,
+}
+
+impl Default for Policy {
+    /// Enforce mode, the default bypass ranges, no rules: everything but loopback denied.
+    fn default() -> Self {
+        Self {
+            mode: Mode::default(),
+            bypass: default_bypass(),
+            rules: Vec::new(),
+            http_rules: Vec::new(),
+            aliases: Vec::new(),
+            proxy: ProxySettings::default(),
+            ca_files: Vec::new(),
+            hosts: std::collections::BTreeMap::new(),
+        }
+    }
 }
 
 /// The bypass ranges when the policy names none: loopback, `127.0.0.0/8` and `::1/128`.

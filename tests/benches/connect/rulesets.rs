@@ -60,6 +60,7 @@ pub fn policy_one_port(rules: usize) -> Policy {
         mode: Mode::Enforce,
         bypass: default_bypass(),
         rules: list,
+        ..Policy::default()
     }
 }
 
@@ -88,6 +89,7 @@ pub fn policy_million() -> Policy {
         mode: Mode::Enforce,
         bypass: default_bypass(),
         rules: list,
+        ..Policy::default()
     }
 }
 
