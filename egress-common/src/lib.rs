@@ -31,12 +31,23 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `RingBuf` of [`Event`](crate::Event): deny and would-deny verdicts.
     pub const EVENTS: &str = "EVENTS";
+    /// `Array<u32>` indexed by port (host byte order): 1 for ports whose connections go to
+    /// the proxy when no TCP rule or bypass range allows them directly.
+    pub const HTTP_PORTS: &str = "HTTP_PORTS";
+    /// `LruHashMap<u64, OrigDst>`: original destination of a redirected socket, by socket
+    /// cookie (written by connect4/6, read by sock_ops and getpeername4/6).
+    pub const ORIG_BY_COOKIE: &str = "ORIG_COOKIE";
+    /// `LruHashMap<PeerKey, OrigDst>`: original destination of a redirected connection, by
+    /// the client socket's own address: what the proxy sees as the peer of `accept()`.
+    pub const ORIG_BY_PEER: &str = "ORIG_PEER";
 
     /// Maps that belong to one policy generation: a new policy gets new ones, filled completely
     /// before the programs that use them are swapped in.
-    pub const PER_GENERATION: [&str; 5] = [CONFIG, RULES_V4, RULES_V6, BYPASS_V4, BYPASS_V6];
-    /// Maps that outlive generations and agent restarts: reopened from their pins.
-    pub const SHARED: [&str; 4] = [COUNTERS, RULE_INFO, STATS, EVENTS];
+    pub const PER_GENERATION: [&str; 6] =
+        [CONFIG, RULES_V4, RULES_V6, BYPASS_V4, BYPASS_V6, HTTP_PORTS];
+    /// Maps that outlive generations and agent restarts: reopened from their pins. The
+    /// original-destination maps are here so a reload never loses a connection in flight.
+    pub const SHARED: [&str; 6] = [COUNTERS, RULE_INFO, STATS, EVENTS, ORIG_BY_COOKIE, ORIG_BY_PEER];
 }
 
 /// Names of the kernel programs (their function names in `egress-ebpf`).
@@ -45,6 +56,13 @@ pub mod programs {
     pub const CONNECT4: &str = "egress_connect4";
     /// `cgroup/connect6`.
     pub const CONNECT6: &str = "egress_connect6";
+    /// `sockops`: moves a redirected connection's original destination to the key the proxy
+    /// can build from `accept()`'s peer address.
+    pub const SOCK_OPS: &str = "egress_sockops";
+    /// `cgroup/getpeername4`: shows the app the original destination of a redirected socket.
+    pub const GETPEERNAME4: &str = "egress_getpeername4";
+    /// `cgroup/getpeername6`.
+    pub const GETPEERNAME6: &str = "egress_getpeername6";
 }
 
 /// Capacity of the rule tries (LPM tries are not preallocated, so this costs nothing unused).
@@ -55,13 +73,20 @@ pub const MAX_BYPASS: u32 = 4096;
 pub const COUNTER_ROWS: u32 = 1 << 17;
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Entries of each original-destination map: redirected connections being set up at once
+/// (LRU: the oldest are evicted, long after their connection was accepted).
+pub const MAX_REDIRECTS: u32 = 1 << 16;
+/// Entries of [`maps::HTTP_PORTS`]: one per port.
+pub const PORTS: u32 = 1 << 16;
 
 /// Counter row for connections that matched no rule (denied, or would-be denied in audit).
 pub const ROW_NO_RULE: u32 = 0;
 /// Counter row for connections to a bypass destination.
 pub const ROW_BYPASS: u32 = 1;
+/// Counter row for connections redirected to the proxy (the proxy counts per rule).
+pub const ROW_PROXY: u32 = 2;
 /// First counter row that belongs to a rule.
-pub const FIRST_RULE_ROW: u32 = 2;
+pub const FIRST_RULE_ROW: u32 = 3;
 
 /// Values of [`Config::mode`].
 pub mod mode {
@@ -81,6 +106,8 @@ pub mod verdict {
     pub const WOULD_DENY: u8 = 3;
     /// The destination is in a bypass range.
     pub const BYPASS: u8 = 4;
+    /// Redirected to the proxy, which judges the request.
+    pub const REDIRECT: u8 = 5;
 }
 
 /// Bits of [`Event::flags`].
@@ -116,10 +143,47 @@ pub struct Config {
     /// One past the highest counter row this generation uses: the agent reads [`RuleInfo`]
     /// rows only below it, so a reload costs the number of rules, not [`COUNTER_ROWS`].
     pub row_limit: u32,
+    /// The proxy's port, network byte order: redirected connections go to 127.0.0.1 or
+    /// [::1] on this port.
+    pub proxy_port: u16,
     /// Always zero.
-    pub _pad: u32,
+    pub _pad: u16,
+    /// cgroup v2 id of the agent: its own sockets (the proxy's upstream connections) are
+    /// never judged nor redirected. 0 when the agent is not below the managed cgroup.
+    pub agent_cgroup: u64,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
+
+/// A destination as the application gave it to `connect()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order; an IPv4 address (also when the app gave `::ffff:a.b.c.d`) fills the
+    /// first 4 bytes.
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// Bits of [`flags`] ([`flags::V4_MAPPED`]: give it back to the app in mapped form).
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<OrigDst>() == 20);
+
+/// The client end of a redirected connection, as the proxy sees it in `accept()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// Network byte order; IPv4 (also a v4-mapped client) in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PeerKey>() == 20);
 
 /// The data part of an IPv4 rule key (the LPM trie adds the `u32` prefix length before it).
 #[repr(C)]
@@ -263,7 +327,10 @@ pub const fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Config, Event, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats};
+    use super::{
+        Config, Event, OrigDst, PeerKey, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue,
+        Stats,
+    };
 
     // SAFETY: every type is #[repr(C)], Copy, made only of integers and byte arrays, with its
     // size asserted equal to the sum of its fields, so it has no padding and every bit pattern
@@ -283,4 +350,8 @@ mod pod {
     unsafe impl aya::Pod for Stats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PeerKey {}
 }

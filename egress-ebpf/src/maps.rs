@@ -2,12 +2,12 @@
 //! each at `<pin dir>/<NAME>` and `bpftool map dump pinned ...` shows their BTF field names.
 
 use aya_ebpf::{
-    btf_maps::{Array, LpmTrie, PerCpuArray, RingBuf},
+    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use egress_common::{
-    COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_RULE_KEYS, RuleCounters, RuleInfo,
-    RuleKeyV4, RuleKeyV6, RuleValue, Stats,
+    COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_REDIRECTS, MAX_RULE_KEYS, OrigDst,
+    PORTS, PeerKey, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats,
 };
 
 /// The policy's mode and generation (one entry).
@@ -46,3 +46,15 @@ pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 /// Deny and would-deny events for the agent.
 #[btf_map]
 pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Ports (host byte order index) whose unmatched connections go to the proxy: 1, else 0.
+#[btf_map]
+pub static HTTP_PORTS: Array<u32, { PORTS as usize }> = Array::new();
+
+/// Original destination of a redirected socket, by socket cookie.
+#[btf_map]
+pub static ORIG_COOKIE: LruHashMap<u64, OrigDst, { MAX_REDIRECTS as usize }> = LruHashMap::new();
+
+/// Original destination of a redirected connection, by the client socket's address.
+#[btf_map]
+pub static ORIG_PEER: LruHashMap<PeerKey, OrigDst, { MAX_REDIRECTS as usize }> = LruHashMap::new();

@@ -116,6 +116,18 @@ pub fn id(path: &Path) -> Result<u64, CgroupError> {
         })
 }
 
+/// The cgroup v2 id of the calling process's own cgroup (from `/proc/self/cgroup`).
+pub fn own_id() -> Result<u64, CgroupError> {
+    let text = fs::read_to_string("/proc/self/cgroup").map_err(|source| CgroupError::Io {
+        what: "reading",
+        path: PathBuf::from("/proc/self/cgroup"),
+        source,
+    })?;
+    // The cgroup v2 line is "0::/path".
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or(CgroupError::NoCgroup2)?;
+    id(&cgroup2_mount()?.join(rel.trim_start_matches('/')))
+}
+
 /// Moves the calling process (all its threads) into the cgroup.
 pub fn join(path: &Path) -> Result<(), CgroupError> {
     let procs = path.join("cgroup.procs");

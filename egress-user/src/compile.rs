@@ -67,6 +67,9 @@ pub struct Compiled {
     pub bypass_v4: Vec<LpmEntry<[u8; 4], u32>>,
     /// `BYPASS_V6` entries.
     pub bypass_v6: Vec<LpmEntry<[u8; 16], u32>>,
+    /// Ports (host byte order) whose connections go to the proxy: every port of an HTTP rule
+    /// or alias, sorted, without duplicates.
+    pub http_ports: Vec<u16>,
     /// The row table after this generation: which rule owns each row.
     pub rows: RowTable,
     /// Rules whose every key was already taken by an earlier rule: they can never match.
@@ -231,8 +234,12 @@ pub fn compile(
             },
             generation,
             row_limit: rows.by_row.keys().max().map_or(FIRST_RULE_ROW, |r| r + 1),
+            proxy_port: policy.proxy.port.to_be(),
             _pad: 0,
+            // The loader knows the agent's cgroup.
+            agent_cgroup: 0,
         },
+        http_ports: http_ports(policy),
         ..Compiled::default()
     };
     // First rule to claim a key keeps it: file order is the user's order of precedence.
@@ -330,6 +337,16 @@ pub fn compile(
     Ok(out)
 }
 
+/// Every port of an HTTP rule or alias, sorted, without duplicates.
+fn http_ports(policy: &Policy) -> Vec<u16> {
+    let rules = policy.http_rules.iter().flat_map(|r| r.ports.iter().map(|p| p.port));
+    let aliases = policy.aliases.iter().flat_map(|a| a.ports.iter().copied());
+    let mut ports: Vec<u16> = rules.chain(aliases).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 fn check_len(
     family: &'static str,
     len: usize,
@@ -388,9 +405,12 @@ mod tests {
                 mode: mode::ENFORCE,
                 generation: 7,
                 row_limit: FIRST_RULE_ROW + 2,
-                _pad: 0
+                proxy_port: crate::policy::DEFAULT_PROXY_PORT.to_be(),
+                _pad: 0,
+                agent_cgroup: 0,
             }
         );
+        assert!(c.http_ports.is_empty());
         assert_eq!(c.rules_v4.len(), 2);
         let (prefix, key, value) = c.rules_v4[0];
         assert_eq!(prefix, 32 + 24);
@@ -406,6 +426,35 @@ mod tests {
         assert_eq!(c.bypass_v4, vec![(8, [127, 0, 0, 0], 1)]);
         assert_eq!(c.bypass_v6.len(), 1);
         assert_eq!(c.bypass_v6[0].0, 128);
+    }
+
+    #[test]
+    fn http_rule_and_alias_ports_go_to_the_proxy() {
+        use crate::policy::{Alias, HostPattern, HttpPort, HttpProtocol, HttpRule};
+        let mut p = policy(vec![rule("a", "192.0.2.0/24", &[8080])]);
+        p.http_rules.push(HttpRule {
+            name: "web".into(),
+            origin: Origin { file: "t.yaml".into(), line: 1 },
+            host: HostPattern::Exact("httpbin.test".into()),
+            ports: vec![
+                HttpPort { port: 80, protocol: HttpProtocol::Http },
+                HttpPort { port: 443, protocol: HttpProtocol::Https },
+            ],
+        });
+        p.aliases.push(Alias {
+            name: "httpbin".into(),
+            namespace: "default".into(),
+            origin: Origin { file: "t.yaml".into(), line: 9 },
+            external_name: "httpbin.test".into(),
+            ports: vec![80, 8000],
+        });
+        p.proxy.port = 15999;
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        assert_eq!(c.http_ports, vec![80, 443, 8000]);
+        assert_eq!(c.config.proxy_port.to_ne_bytes(), 15999u16.to_be_bytes());
+        // HTTP rules are the proxy's: they take no counter row and no rule key.
+        assert_eq!(c.rows.len(), 1);
+        assert_eq!(c.rules_v4.len(), 1);
     }
 
     #[test]

@@ -373,7 +373,7 @@ fn one_hundred_thousand_rules_load_and_work() {
     assert_eq!(ok.accepted(), 1);
     assert_eq!(denied.accepted(), 0);
     let c = counters(&enforcer);
-    assert_eq!(c.len(), 100_002);
+    assert_eq!(c.len(), 100_003);
     assert_eq!(c["r258"], allowed(1), "198.18.1.2 is rule 258");
 }
 
@@ -405,7 +405,7 @@ fn bpftool_shows_the_pinned_maps_with_field_names() {
         "\"port\": 47873",
         "\"proto\": 6",
         "\"addr\": [192,0,2,0",
-        "\"row\": 2",
+        "\"row\": 3",
     ] {
         assert!(
             rules.contains(needle),

@@ -20,6 +20,7 @@ mod sys;
 use std::{
     collections::HashMap,
     io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -30,12 +31,13 @@ use aya::{
         Array, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues, RingBuf,
         lpm_trie::Key,
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, Program, links::FdLink},
     util::nr_cpus,
 };
 use egress_common::{
-    COUNTER_ROWS, Config, EVENTS_BYTES, FIRST_RULE_ROW, ROW_BYPASS, ROW_NO_RULE, RuleCounters,
-    RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats, maps,
+    AF_INET, COUNTER_ROWS, Config, EVENTS_BYTES, FIRST_RULE_ROW, MAX_REDIRECTS, OrigDst, PeerKey,
+    ROW_BYPASS, ROW_NO_RULE, ROW_PROXY, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue,
+    Stats, maps,
 };
 pub use pins::{BPFFS_MOUNT, DEFAULT_PIN_DIR, PinDir, is_bpffs};
 
@@ -67,6 +69,15 @@ pub enum LoadError {
     /// The policy does not fit the kernel maps.
     #[error(transparent)]
     Compile(#[from] CompileError),
+    /// The agent itself runs in the managed cgroup.
+    #[error(
+        "the agent runs in the managed cgroup {cgroup} itself, so exempting its own connections \
+         would exempt every workload there; run the agent in another cgroup"
+    )]
+    AgentInsideCgroup {
+        /// The managed cgroup.
+        cgroup: PathBuf,
+    },
     /// A pinned map was made by an incompatible version of egress.
     #[error(
         "pinned map {path} has {found}, this version needs {expected}; it was made by an \
@@ -164,6 +175,8 @@ pub struct RowCount {
 pub const NO_RULE_NAME: &str = "(no rule)";
 /// The name shown for [`ROW_BYPASS`].
 pub const BYPASS_NAME: &str = "(bypass)";
+/// The name shown for [`ROW_PROXY`].
+pub const PROXY_NAME: &str = "(proxy)";
 
 /// The policy in force on one cgroup, and the handles to read its counters and events.
 pub struct Enforcer {
@@ -182,6 +195,12 @@ impl Enforcer {
     pub fn apply(target: &Target, policy: &Policy) -> Result<Self, LoadError> {
         cgroup::ensure(&target.cgroup)?;
         let cgroup_id = cgroup::id(&target.cgroup)?;
+        let agent_cgroup = cgroup::own_id()?;
+        if agent_cgroup == cgroup_id {
+            // The agent's sockets are exempt by cgroup id; if that id is the managed cgroup's,
+            // every workload in it would be exempt too.
+            return Err(LoadError::AgentInsideCgroup { cgroup: target.cgroup.clone() });
+        }
         let pins = PinDir::new(&target.pin_dir);
         pins.prepare().map_err(|source| LoadError::PinDir {
             path: target.pin_dir.clone(),
@@ -206,7 +225,8 @@ impl Enforcer {
 
         let stored = read_rule_info(&ebpf, row_limit)?;
         let generation = previous.map_or(1, |c| c.generation.wrapping_add(1).max(1));
-        let compiled = compile::compile(policy, &stored, generation)?;
+        let mut compiled = compile::compile(policy, &stored, generation)?;
+        compiled.config.agent_cgroup = agent_cgroup;
         for s in &compiled.shadowed {
             tracing::warn!(rule = %s.rule, by = %s.by, key = %s.key, "rule key already allowed by an earlier rule; counted there");
         }
@@ -220,61 +240,24 @@ impl Enforcer {
         take_rows(&mut ebpf, &new_rows, generation)?;
 
         for (program, _) in pins::LINKS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(program)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|source| LoadError::Program {
-                    name: program,
-                    source,
-                })?;
-            prog.load().map_err(|source| LoadError::Program {
-                name: program,
-                source,
-            })?;
+            load_program(&mut ebpf, program)?;
         }
-        // Up to here nothing the kernel enforces has changed. Now switch, program by program.
-        for (program, _) in pins::LINKS {
+        // Up to here nothing the kernel enforces has changed. Now switch, program by program:
+        // connect4/6 last, so that when they start redirecting, sockops and getpeername of
+        // the same generation are already in place.
+        for (program, _) in pins::LINKS.iter().rev() {
             let path = pins.link(program);
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(program)
-                .expect("loaded above")
-                .try_into()
-                .expect("checked above");
+            let prog_fd = ebpf
+                .program(program)
+                .expect("object has the program")
+                .fd()
+                .map_err(|source| LoadError::Program { name: program, source })?;
             match existing.get(program) {
-                Some(link) => {
-                    let prog_fd = prog.fd().map_err(|source| LoadError::Program {
-                        name: program,
-                        source,
-                    })?;
-                    sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
-                        LoadError::Pin {
-                            what: "swapping the program of",
-                            path,
-                            source,
-                        }
-                    })?;
-                }
+                Some(link) => sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
+                    LoadError::Pin { what: "swapping the program of", path, source }
+                })?,
                 None => {
-                    let file = cgroup::open(&target.cgroup)?;
-                    let id = prog
-                        .attach(file, CgroupAttachMode::Single)
-                        .map_err(|source| LoadError::Program {
-                            name: program,
-                            source,
-                        })?;
-                    let link: FdLink = prog
-                        .take_link(id)
-                        .map_err(|source| LoadError::Program {
-                            name: program,
-                            source,
-                        })?
-                        .try_into()
-                        .map_err(|e: aya::programs::links::LinkError| LoadError::Pin {
-                            what: "converting the link of",
-                            path: path.clone(),
-                            source: io::Error::other(e),
-                        })?;
+                    let link = attach_program(&mut ebpf, program, &target.cgroup)?;
                     link.pin(&path).map_err(|e| LoadError::Pin {
                         what: "pinning",
                         path: path.clone(),
@@ -318,6 +301,7 @@ impl Enforcer {
         match row {
             ROW_NO_RULE => Some(NO_RULE_NAME),
             ROW_BYPASS => Some(BYPASS_NAME),
+            ROW_PROXY => Some(PROXY_NAME),
             row => self.rows.name(row),
         }
     }
@@ -327,7 +311,8 @@ impl Enforcer {
         let counters: PerCpuArray<_, RuleCounters> =
             PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).expect("object has COUNTERS"))
                 .map_err(map_err(maps::COUNTERS, "opening"))?;
-        let mut rows = vec![(ROW_NO_RULE, NO_RULE_NAME), (ROW_BYPASS, BYPASS_NAME)];
+        let mut rows =
+            vec![(ROW_NO_RULE, NO_RULE_NAME), (ROW_BYPASS, BYPASS_NAME), (ROW_PROXY, PROXY_NAME)];
         rows.extend(self.rows.rows());
         rows.into_iter()
             .map(|(row, name)| {
@@ -360,6 +345,14 @@ impl Enforcer {
             events_lost: a.events_lost + s.events_lost,
             errors: a.errors + s.errors,
         }))
+    }
+
+    /// Takes the table of redirected connections' original destinations, for the proxy
+    /// (once; later calls return `None`).
+    pub fn take_orig_dst(&mut self) -> Option<OrigDstTable> {
+        let map = self.ebpf.take_map(maps::ORIG_BY_PEER)?;
+        let map = aya::maps::HashMap::try_from(map).ok()?;
+        Some(OrigDstTable(std::sync::Mutex::new(map)))
     }
 
     /// Takes the event ring buffer (once; later calls return `None`).
@@ -413,6 +406,38 @@ fn pinned_links(pins: &PinDir) -> Result<Vec<Pinned>, LoadError> {
     Ok(links)
 }
 
+/// Loads (verifies) one program of the object.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+    let err = |source| LoadError::Program { name, source };
+    match ebpf.program_mut(name).expect("object has the program") {
+        Program::CgroupSockAddr(p) => p.load().map_err(err),
+        Program::SockOps(p) => p.load().map_err(err),
+        other => unreachable!("{name} is a {:?} program", other.prog_type()),
+    }
+}
+
+/// Attaches one loaded program to the cgroup and returns its link, to be pinned.
+fn attach_program(ebpf: &mut Ebpf, name: &'static str, cgroup: &Path) -> Result<FdLink, LoadError> {
+    let file = cgroup::open(cgroup)?;
+    let err = |source| LoadError::Program { name, source };
+    let to_fd = |e: aya::programs::links::LinkError| LoadError::Pin {
+        what: "converting the link of",
+        path: PathBuf::from(name),
+        source: io::Error::other(e),
+    };
+    match ebpf.program_mut(name).expect("object has the program") {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(to_fd)
+        }
+        Program::SockOps(p) => {
+            let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(to_fd)
+        }
+        other => unreachable!("{name} is a {:?} program", other.prog_type()),
+    }
+}
+
 /// Opens the existing link pins and checks they belong to this cgroup.
 fn existing_links(
     pins: &PinDir,
@@ -451,6 +476,13 @@ fn expected_layout(name: &str) -> (MapType, u32, u32, u32) {
         ),
         maps::STATS => (MapType::PerCpuArray, 4, size_of::<Stats>() as u32, 1),
         maps::EVENTS => (MapType::RingBuf, 0, 0, EVENTS_BYTES),
+        maps::ORIG_BY_COOKIE => (MapType::LruHash, 8, size_of::<OrigDst>() as u32, MAX_REDIRECTS),
+        maps::ORIG_BY_PEER => (
+            MapType::LruHash,
+            size_of::<PeerKey>() as u32,
+            size_of::<OrigDst>() as u32,
+            MAX_REDIRECTS,
+        ),
         other => unreachable!("{other} is not a shared map"),
     }
 }
@@ -519,9 +551,13 @@ fn fill_generation(ebpf: &mut Ebpf, c: &Compiled) -> Result<(), LoadError> {
     let mut config: Array<_, Config> =
         Array::try_from(ebpf.map_mut(maps::CONFIG).expect("object has CONFIG"))
             .map_err(map_err(maps::CONFIG, "opening"))?;
-    config
-        .set(0, c.config, 0)
-        .map_err(map_err(maps::CONFIG, "writing"))?;
+    config.set(0, c.config, 0).map_err(map_err(maps::CONFIG, "writing"))?;
+    let mut ports: Array<_, u32> =
+        Array::try_from(ebpf.map_mut(maps::HTTP_PORTS).expect("object has HTTP_PORTS"))
+            .map_err(map_err(maps::HTTP_PORTS, "opening"))?;
+    for port in &c.http_ports {
+        ports.set(u32::from(*port), 1, 0).map_err(map_err(maps::HTTP_PORTS, "writing"))?;
+    }
     fill_lpm::<RuleKeyV4, RuleValue>(ebpf, maps::RULES_V4, &c.rules_v4)?;
     fill_lpm::<RuleKeyV6, RuleValue>(ebpf, maps::RULES_V6, &c.rules_v6)?;
     fill_lpm::<[u8; 4], u32>(ebpf, maps::BYPASS_V4, &c.bypass_v4)?;
@@ -672,4 +708,80 @@ pub fn enforced_cgroups(pin_dir: &Path) -> Result<Vec<u64>, LoadError> {
         .into_iter()
         .map(|l| l.info.cgroup_id)
         .collect())
+}
+
+/// Where redirected connections were going, keyed by the client end of the connection (the
+/// peer address the proxy's `accept()` returns), as the sockops program files them.
+pub struct OrigDstTable(std::sync::Mutex<aya::maps::HashMap<MapData, PeerKey, OrigDst>>);
+
+impl OrigDstTable {
+    /// The original destination of the connection whose client end is `peer`, taken out of
+    /// the table (a later connection from the same address and port gets its own entry).
+    pub fn take(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = peer_key(peer);
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let orig = map.get(&key, 0).ok()?;
+        // Best effort: the LRU map evicts it anyway.
+        let _ = map.remove(&key);
+        Some(orig_to_socket_addr(&orig))
+    }
+}
+
+/// The key the sockops program files a connection under: IPv4 (also a v4-mapped client) in
+/// the first four bytes.
+fn peer_key(peer: SocketAddr) -> PeerKey {
+    let port = peer.port().to_be();
+    match peer.ip().to_canonical() {
+        IpAddr::V4(ip) => {
+            let mut addr = [0; 16];
+            addr[..4].copy_from_slice(&ip.octets());
+            PeerKey { addr, port, family: AF_INET, _pad: 0 }
+        }
+        IpAddr::V6(ip) => {
+            PeerKey { addr: ip.octets(), port, family: egress_common::AF_INET6, _pad: 0 }
+        }
+    }
+}
+
+fn orig_to_socket_addr(orig: &OrigDst) -> SocketAddr {
+    let ip = if orig.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(orig.addr))
+    };
+    SocketAddr::new(ip, u16::from_be(orig.port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_keys_match_what_sockops_files() {
+        let k = peer_key("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(&k.addr[..4], &[127, 0, 0, 1]);
+        assert_eq!(k.addr[4..], [0; 12]);
+        assert_eq!(k.port.to_ne_bytes(), 40000u16.to_be_bytes());
+        assert_eq!(k.family, AF_INET);
+        // A v4-mapped peer is filed as IPv4, like sockops does for dual-stack sockets.
+        assert_eq!(peer_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
+        let k6 = peer_key("[::1]:5".parse().unwrap());
+        assert_eq!(k6.family, egress_common::AF_INET6);
+        assert_eq!(k6.addr[15], 1);
+    }
+
+    #[test]
+    fn original_destinations_convert_back() {
+        let mut addr = [0; 16];
+        addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+        let v4 = OrigDst { addr, port: 80u16.to_be(), family: AF_INET, flags: 0 };
+        assert_eq!(orig_to_socket_addr(&v4), "192.0.2.1:80".parse().unwrap());
+        let v6 = OrigDst {
+            addr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            port: 443u16.to_be(),
+            family: egress_common::AF_INET6,
+            flags: 0,
+        };
+        assert_eq!(orig_to_socket_addr(&v6), "[2001:db8::1]:443".parse().unwrap());
+    }
 }

@@ -5,6 +5,9 @@
 //! <pin dir>/<MAP NAME>            every map of egress_common::maps (CONFIG, RULES_V4, ...)
 //! <pin dir>/links/connect4        the cgroup/connect4 link (holds the program attached)
 //! <pin dir>/links/connect6        the cgroup/connect6 link
+//! <pin dir>/links/sockops         the sockops link (original destinations for the proxy)
+//! <pin dir>/links/getpeername4    the cgroup/getpeername4 link (original destination for
+//! <pin dir>/links/getpeername6    the app), and getpeername6
 //! ```
 //! Enforcement lives as long as the link pins do: the agent can exit, crash or restart.
 
@@ -22,10 +25,14 @@ pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` from `<linux/magic.h>`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The link pins, by the program they hold.
-pub const LINKS: [(&str, &str); 2] = [
+/// The link pins, by the program they hold: every program is attached to the managed cgroup
+/// through a pinned link.
+pub const LINKS: [(&str, &str); 5] = [
     (egress_common::programs::CONNECT4, "connect4"),
     (egress_common::programs::CONNECT6, "connect6"),
+    (egress_common::programs::SOCK_OPS, "sockops"),
+    (egress_common::programs::GETPEERNAME4, "getpeername4"),
+    (egress_common::programs::GETPEERNAME6, "getpeername6"),
 ];
 
 /// Paths inside one pin directory.
