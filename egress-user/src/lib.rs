@@ -10,4 +10,5 @@ pub mod compile;
 pub mod loader;
 pub use loader::events;
 pub mod policy;
+pub mod proxy;
 pub mod telemetry;

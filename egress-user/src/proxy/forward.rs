@@ -1,0 +1,228 @@
+//! One request: check its framing, its authority and the policy, rewrite it for the upstream
+//! (hop-by-hop fields, Host for aliases, the upstream URI), send it through the pool, and
+//! stream the answer back; or answer it here with the error's status and a plain reason.
+
+use std::sync::Arc;
+
+use http::header::{CONNECTION, CONTENT_TYPE, HOST};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tracing::Instrument as _;
+
+use super::body::{ReqBody, RequestLog, RespBody};
+use super::error::{ProxyError, Side};
+use super::framing::Framing;
+use super::headers::{strip_hop_by_hop, wants_upgrade};
+use super::listen::Conn;
+use super::route::parse_authority;
+use super::upstream::UpstreamAddr;
+use crate::policy::HttpProtocol;
+
+impl Conn {
+    /// Answers one request from the app.
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+        let framing = self.next_verdict();
+        let path = req.uri().path_and_query().cloned();
+        let mut log = RequestLog::new(self.clone(), req.method().clone(), path);
+        // A body the proxy does not read leaves the stream mid-message: close after answering.
+        let unread_body = !req.body().is_end_stream();
+        let close = framing == Framing::Untracked;
+        match self.forward(req, framing, &mut log).await {
+            Ok((resp, client_upgrade)) => respond(resp, client_upgrade, log, close),
+            Err(err) => answer(err, log, close || unread_body),
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        framing: Framing,
+        log: &mut RequestLog,
+    ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
+        if let Framing::Ambiguous(why) = framing {
+            return Err(ProxyError::AmbiguousFraming(why));
+        }
+        let orig = self.orig_dst.ok_or(ProxyError::NotRedirected {
+            client: self.client,
+        })?;
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectMethod);
+        }
+        // RFC 9112 3.2.2: an absolute-form target wins over Host, which is then replaced.
+        let absolute = req.uri().authority().is_some();
+        let port = {
+            let (host, port) = request_authority(&req)?;
+            log.host = host.into_owned();
+            port
+        };
+        if let Some(port) = port.filter(|&p| p != orig.port()) {
+            return Err(ProxyError::PortMismatch {
+                request: port,
+                connection: orig.port(),
+            });
+        }
+        let target = self.proxy.routes.decide(&log.host, orig.port())?;
+        log.slot = target.slot;
+
+        let upgrade = wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        if let Some(host) = &target.host_header {
+            parts.headers.insert(HOST, host.clone());
+        } else if absolute && let Some(a) = parts.uri.authority() {
+            let host = HeaderValue::from_str(a.as_str())
+                .map_err(|e| ProxyError::BuildRequest(e.into()))?;
+            parts.headers.insert(HOST, host);
+        }
+        let authority = match &target.authority {
+            Some(a) => a.clone(),
+            None => Authority::try_from(format!("{}:{}", log.host, orig.port()))
+                .map_err(|e| ProxyError::BuildRequest(e.into()))?,
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(match target.protocol {
+            HttpProtocol::Http => Scheme::HTTP,
+            HttpProtocol::Https => Scheme::HTTPS,
+        });
+        uri.authority = Some(authority.clone());
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BuildRequest(e.into()))?;
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, ReqBody::new(body, log.bytes_in.clone()));
+
+        let timeout = self.proxy.timeouts.response;
+        let resp = tokio::time::timeout(timeout, self.proxy.client.request(req))
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout {
+                authority: authority.to_string(),
+                timeout,
+            })?
+            .map_err(|source| ProxyError::Upstream {
+                authority: authority.to_string(),
+                source,
+            })?;
+        log.upstream = resp.extensions().get::<UpstreamAddr>().map(|a| a.0);
+        Ok((resp, client_upgrade))
+    }
+}
+
+/// The request's normalised host and explicit port, from the absolute-form URI or else the
+/// single Host header.
+fn request_authority<B>(
+    req: &Request<B>,
+) -> Result<(std::borrow::Cow<'_, str>, Option<u16>), ProxyError> {
+    if let Some(a) = req.uri().authority() {
+        return parse_authority(a.as_str());
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next().ok_or(ProxyError::MissingHost)?;
+    if hosts.next().is_some() {
+        return Err(ProxyError::MultipleHosts);
+    }
+    let host = host.to_str().map_err(|_| {
+        ProxyError::InvalidHost(String::from_utf8_lossy(host.as_bytes()).into_owned())
+    })?;
+    parse_authority(host)
+}
+
+/// The upstream's answer, on its way to the app: streamed, or for a 101 the two upgraded
+/// connections joined.
+fn respond(
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<OnUpgrade>,
+    mut log: RequestLog,
+    close: bool,
+) -> Response<RespBody> {
+    log.status = resp.status().as_u16();
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            let why = "upstream switched protocols without an upgrade request";
+            tracing::warn!(host = %log.host, "{why}");
+            log.status = StatusCode::BAD_GATEWAY.as_u16();
+            log.reason = Some(why.to_owned());
+            return plain(
+                StatusCode::BAD_GATEWAY,
+                format!("egress: {why}\n"),
+                log,
+                true,
+            );
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, log).in_current_span());
+        return Response::from_parts(parts, RespBody::empty());
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    // After an upgrade request the framing guard stopped; a refused upgrade ends the connection.
+    if close || client_upgrade.is_some() {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Response::from_parts(parts, RespBody::stream(body, log))
+}
+
+/// Joins the app's and the upstream's upgraded connections until either side closes.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestLog) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((to_upstream, to_client)) => {
+                    log.bytes_in
+                        .store(to_upstream, std::sync::atomic::Ordering::Relaxed);
+                    log.bytes_out = to_client;
+                }
+                Err(e) => log.reason = Some(format!("tunnel ended with an error: {e}")),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "upgrade failed");
+            log.reason = Some(format!("upgrade failed: {e}"));
+        }
+    }
+}
+
+/// The proxy's own answer to a request it did not forward.
+fn answer(err: ProxyError, mut log: RequestLog, close: bool) -> Response<RespBody> {
+    let status = err.status();
+    let reason = err.reason();
+    match err.side() {
+        Side::Client if status == StatusCode::FORBIDDEN => {
+            tracing::info!(host = %log.host, %reason, "request denied");
+        }
+        Side::Client => tracing::info!(host = %log.host, %reason, "bad request"),
+        Side::Upstream => tracing::warn!(host = %log.host, %reason, "upstream failed"),
+        Side::Internal => tracing::error!(host = %log.host, %reason, "internal error"),
+    }
+    let body = format!("egress: {reason}\n");
+    log.status = status.as_u16();
+    log.reason = Some(reason);
+    plain(status, body, log, close || err.closes_connection())
+}
+
+fn plain(status: StatusCode, body: String, log: RequestLog, close: bool) -> Response<RespBody> {
+    let mut resp = Response::new(RespBody::full(body, Some(log)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if close {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}

@@ -1,0 +1,136 @@
+//! Recognising an app that did its own TLS on an HTTP egress port: the first byte of a TLS
+//! connection is a handshake record (0x16), which no HTTP method starts with. The proxy cannot
+//! check the Host of an encrypted request, so it refuses the connection and names the SNI.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+
+/// The TLS record type of a handshake message.
+pub(crate) const HANDSHAKE: u8 = 0x16;
+
+/// How long the proxy waits for the rest of a ClientHello record.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A fatal `handshake_failure` alert, so the app's TLS library reports a refusal rather than a
+/// reset.
+const ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
+
+/// Reads the first TLS record from `stream` (whose first byte is [`HANDSHAKE`]), answers with
+/// an alert, and returns the SNI of the ClientHello, if it has one.
+pub(crate) async fn read_sni_and_refuse(stream: &mut TcpStream) -> Option<String> {
+    let read = async {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).await.ok()?;
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let mut record = vec![0u8; len.min(18 * 1024)];
+        stream.read_exact(&mut record).await.ok()?;
+        Some(record)
+    };
+    let record = tokio::time::timeout(READ_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten();
+    let _ = tokio::io::AsyncWriteExt::write_all(stream, &ALERT).await;
+    record.as_deref().and_then(client_hello_sni)
+}
+
+/// The server name in a ClientHello handshake message (the payload of the first record).
+pub(crate) fn client_hello_sni(msg: &[u8]) -> Option<String> {
+    let mut c = Cursor(msg);
+    if c.u8()? != 0x01 {
+        return None; // not a ClientHello
+    }
+    let _len = c.take(3)?;
+    let _version = c.take(2)?;
+    let _random = c.take(32)?;
+    let n = c.u8()?;
+    let _session_id = c.take(usize::from(n))?;
+    let n = c.u16()?;
+    let _ciphers = c.take(usize::from(n))?;
+    let n = c.u8()?;
+    let _compression = c.take(usize::from(n))?;
+    let n = c.u16()?;
+    let mut exts = Cursor(c.take(usize::from(n)).unwrap_or(c.0));
+    while let (Some(kind), Some(len)) = (exts.u16(), exts.u16()) {
+        let data = exts.take(usize::from(len))?;
+        if kind != 0 {
+            continue;
+        }
+        let mut list = Cursor(data);
+        let n = list.u16()?;
+        let mut list = Cursor(list.take(usize::from(n))?);
+        while let Some(name_type) = list.u8() {
+            let n = list.u16()?;
+            let name = list.take(usize::from(n))?;
+            if name_type == 0 {
+                return std::str::from_utf8(name).ok().map(str::to_owned);
+            }
+        }
+        return None;
+    }
+    None
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ClientHello, from rustls, for `name`.
+    fn hello(name: &str) -> Vec<u8> {
+        super::super::tls::install_crypto_provider();
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn finds_the_sni_of_a_real_client_hello() {
+        let record = hello("secure.example.test");
+        assert_eq!(record[0], HANDSHAKE);
+        assert_eq!(
+            client_hello_sni(&record[5..]).as_deref(),
+            Some("secure.example.test")
+        );
+        // An IP address sends no SNI.
+        let record = hello("127.0.0.1");
+        assert_eq!(client_hello_sni(&record[5..]), None);
+    }
+
+    #[test]
+    fn survives_truncation_and_garbage() {
+        let record = hello("a.test");
+        for n in 0..record.len() - 5 {
+            let _ = client_hello_sni(&record[5..5 + n]);
+        }
+        assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(client_hello_sni(&[1, 0, 0]), None);
+    }
+}

@@ -1,0 +1,187 @@
+//! The accept loop and one app connection: a span per connection, a peek at the first byte
+//! (a TLS ClientHello is refused), then hyper's HTTP/1.1 server with keep-alive and upgrades
+//! over the [`FramingGuard`].
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+use super::events::RequestEvent;
+use super::framing::{Framing, FramingGuard, Verdicts};
+use super::hello;
+use super::{OrigDst, Proxy};
+
+/// One accepted app connection, shared by its requests.
+pub(crate) struct Conn {
+    pub(crate) proxy: Arc<Proxy>,
+    pub(crate) events: mpsc::Sender<RequestEvent>,
+    /// The app's end (the accepted socket's peer).
+    pub(crate) client: SocketAddr,
+    /// Where the app wanted to go; `None`: not redirected.
+    pub(crate) orig_dst: Option<SocketAddr>,
+    verdicts: Verdicts,
+}
+
+impl Conn {
+    /// The framing verdict of the next request head; the guard queued it before hyper could
+    /// parse that head.
+    pub(crate) fn next_verdict(&self) -> Framing {
+        let mut q = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        q.pop_front().unwrap_or(Framing::Untracked)
+    }
+}
+
+impl Proxy {
+    /// Accepts app connections on `listener` and serves each on its own task, until the
+    /// listener fails with an error that is not about one connection (or this future is
+    /// dropped). `orig_dst` tells where each connection was going; every request and every
+    /// refused connection is reported on `events`, without ever waiting for room in it.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        orig_dst: Arc<dyn OrigDst>,
+        events: mpsc::Sender<RequestEvent>,
+    ) -> io::Result<()> {
+        tracing::info!(listen = %listener.local_addr()?, "http egress proxy listening");
+        loop {
+            let (stream, client) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) if per_connection(&e) => {
+                    tracing::warn!(error = %e, "accept failed; going on");
+                    // Out of descriptors: give connections a moment to close.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let orig = orig_dst.lookup(client);
+            let span = tracing::info_span!(
+                "proxy_conn",
+                %client,
+                orig_dst = orig.map(tracing::field::display),
+            );
+            let proxy = self.clone();
+            tokio::spawn(connection(proxy, stream, client, orig, events.clone()).instrument(span));
+        }
+    }
+}
+
+/// Accept errors that concern one connection or a passing shortage, not the listener.
+fn per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EINTR
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ETIMEDOUT
+        )
+    )
+}
+
+async fn connection(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    client: SocketAddr,
+    orig_dst: Option<SocketAddr>,
+    events: mpsc::Sender<RequestEvent>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(proxy.timeouts.header_read, stream.peek(&mut first)).await {
+        Ok(Ok(1..)) => {}
+        Ok(Ok(_)) => return, // closed before sending anything
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "connection failed before a request");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("no request in time; closing");
+            return;
+        }
+    }
+    if first[0] == hello::HANDSHAKE {
+        return refuse_tls(&proxy, stream, client, orig_dst, &events).await;
+    }
+
+    let guard = FramingGuard::new(stream);
+    let conn = Arc::new(Conn {
+        proxy: proxy.clone(),
+        events,
+        client,
+        orig_dst,
+        verdicts: guard.verdicts(),
+    });
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.timeouts.header_read)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(guard), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// The app did its own TLS on an HTTP egress port: the proxy cannot see the Host inside, so it
+/// says which name was asked for, and how to get what the app wants.
+async fn refuse_tls(
+    proxy: &Proxy,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    orig_dst: Option<SocketAddr>,
+    events: &mpsc::Sender<RequestEvent>,
+) {
+    let start = Instant::now();
+    let sni = hello::read_sni_and_refuse(&mut stream).await;
+    drop(stream);
+    let port = orig_dst.map_or(443, |d| d.port());
+    let name = sni.as_deref().unwrap_or("HOST");
+    let reason = format!(
+        "tls client hello {} on an http egress port refused: the proxy must see plain http; \
+         send http://{name}:{port}/ to have the proxy originate tls, or allow opaque tls with a \
+         tcp rule",
+        match &sni {
+            Some(s) => format!("for {s}"),
+            None => "without sni".to_owned(),
+        },
+    );
+    tracing::warn!(sni = sni.as_deref().unwrap_or(""), "{reason}");
+    let counters = &proxy.counters;
+    counters.record(counters.no_rule(), 0, true, 0, 0);
+    let event = RequestEvent {
+        rule: None,
+        host: sni.unwrap_or_default(),
+        method: String::new(),
+        path: String::new(),
+        status: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        latency: start.elapsed(),
+        client,
+        orig_dst,
+        upstream: None,
+        reason: Some(reason),
+    };
+    counters.emit(events, event);
+}

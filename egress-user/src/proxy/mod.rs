@@ -1,0 +1,180 @@
+//! The HTTP egress proxy: the kernel redirects an app's connections to HTTP egress ports here;
+//! the proxy lets a request through only when an HTTP rule or alias allows its host on the
+//! port the app connected to, and reaches the upstream itself (resolving the allowed name,
+//! never dialling the app's original address), originating TLS for https rules.
+//!
+//! A request flows through the files in this order: [`listen`](self::listen) (accept, span,
+//! ClientHello peek, hyper's HTTP/1.1 server), `framing` (refuses ambiguous framing),
+//! `forward` (per request: checks, rewrite, answer), `route` (authority -> rule), `upstream`
+//! (resolve, rebinding filter, dial, pooled connections), `tls` (rustls settings), `body`
+//! (streaming, counting, the per-request event), `events` (events and counters), `error`
+//! (which side failed and the one error -> status mapping).
+//!
+//! Performance shape: upstream connections are pooled per scheme and authority (hyper-util's
+//! client), bodies stream frame by frame in both directions, and a request costs a handful of
+//! small allocations (its event's strings among them), none proportional to its body.
+
+#![forbid(unsafe_code)]
+
+mod body;
+mod error;
+mod events;
+mod forward;
+mod framing;
+mod headers;
+mod hello;
+mod listen;
+mod orig_dst;
+mod route;
+#[cfg(test)]
+mod tests;
+mod tls;
+mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio_rustls::TlsConnector;
+
+pub use error::{ConfigError, ProxyError, Side};
+pub use events::{RequestEvent, RuleStats};
+pub use orig_dst::OrigDst;
+pub use tls::install_crypto_provider;
+pub use upstream::{BoxFuture, ConnectError, Resolve, SystemResolver};
+
+use crate::policy::Policy;
+use body::ReqBody;
+use events::Counters;
+use route::Routes;
+use upstream::{AddrFilter, Connector, Dialer};
+
+/// Time limits of the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Resolving, connecting and the TLS handshake of a new upstream connection (then 504).
+    pub connect: Duration,
+    /// From sending a request upstream to its response head (then 504).
+    pub response: Duration,
+    /// For an app's request head, on a new or an idle kept-alive connection.
+    pub header_read: Duration,
+    /// How long an idle upstream connection stays in the pool.
+    pub pool_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            response: Duration::from_secs(60),
+            header_read: Duration::from_secs(30),
+            pool_idle: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The HTTP egress proxy for one policy: its routes, TLS settings, upstream pool and counters.
+/// A new policy means a new `Proxy`; connections already open keep the one they started with.
+pub struct Proxy {
+    routes: Routes,
+    client: Client<Connector, ReqBody>,
+    counters: Counters,
+    timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Proxy`] with settings other than the defaults.
+pub struct ProxyBuilder<'a> {
+    policy: &'a Policy,
+    resolver: Arc<dyn Resolve>,
+    timeouts: Timeouts,
+    system_roots: tls::SystemRoots,
+}
+
+impl ProxyBuilder<'_> {
+    /// Resolves upstream names with `resolver` instead of the system's (after the policy's
+    /// `hosts`, which always come first). Its answers are filtered like DNS answers.
+    pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Uses these time limits.
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Trusts only the policy's `caFiles`, not the system's roots.
+    #[cfg(test)]
+    fn without_system_roots(mut self) -> Self {
+        self.system_roots = tls::SystemRoots::Skip;
+        self
+    }
+
+    /// Reads the CA files and builds the routes and the pool.
+    pub fn build(self) -> Result<Proxy, ConfigError> {
+        let routes = Routes::new(self.policy)?;
+        let tls = tls::client_config(&self.policy.ca_files, self.system_roots)?;
+        let dialer = Dialer {
+            hosts: self
+                .policy
+                .hosts
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            resolver: self.resolver,
+            filter: AddrFilter::new(self.policy),
+            tls: TlsConnector::from(tls),
+            connect_timeout: self.timeouts.connect,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.timeouts.pool_idle)
+            .build(Connector(Arc::new(dialer)));
+        let counters = Counters::new(routes.names());
+        Ok(Proxy {
+            routes,
+            client,
+            counters,
+            timeouts: self.timeouts,
+        })
+    }
+}
+
+impl Proxy {
+    /// The proxy for `policy`, with the system resolver and default time limits. Reads
+    /// `policy.ca_files`; an error names the file.
+    pub fn new(policy: &Policy) -> Result<Proxy, ConfigError> {
+        Self::builder(policy).build()
+    }
+
+    /// A builder for a proxy with other settings.
+    pub fn builder(policy: &Policy) -> ProxyBuilder<'_> {
+        install_crypto_provider();
+        ProxyBuilder {
+            policy,
+            resolver: Arc::new(SystemResolver),
+            timeouts: Timeouts::default(),
+            system_roots: tls::SystemRoots::Load,
+        }
+    }
+
+    /// Counters per rule and alias (in policy order), then one for requests no rule allowed.
+    pub fn counters(&self) -> Vec<RuleStats> {
+        self.counters.snapshot()
+    }
+
+    /// Events lost because the channel was full or closed.
+    pub fn events_dropped(&self) -> u64 {
+        self.counters.events_dropped()
+    }
+}

@@ -1,0 +1,22 @@
+//! Where a redirected connection was going. The kernel side records the destination an app's
+//! `connect()` asked for before it rewrites the connection to the proxy; the proxy asks for it
+//! by the accepted socket's peer address (the app's end of the connection).
+
+use std::net::SocketAddr;
+
+/// The original destination of a redirected connection.
+pub trait OrigDst: Send + Sync + 'static {
+    /// The destination the app asked for, for a redirected connection whose client end
+    /// (the accepted socket's peer address) is `peer`. None: not a redirected connection.
+    fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr>;
+}
+
+/// Any `Fn(peer) -> Option<destination>` is a lookup (handy in tests and for fixed setups).
+impl<F> OrigDst for F
+where
+    F: Fn(SocketAddr) -> Option<SocketAddr> + Send + Sync + 'static,
+{
+    fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        self(peer)
+    }
+}

@@ -1,0 +1,255 @@
+//! TLS origination to local rustls servers under a test CA, and apps that bring their own TLS.
+
+use std::path::PathBuf;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+use super::*;
+use crate::policy::{Alias, HttpProtocol::Https};
+
+/// A test certificate authority.
+struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        Ca(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
+    }
+
+    /// The CA's PEM in a file of its own, for `caFiles`.
+    fn file(&self, tag: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "egress-proxy-test-{}-{tag}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&path, self.0.pem()).unwrap();
+        path
+    }
+
+    /// A server configuration with a certificate for `names`, optionally long expired.
+    fn server(&self, names: &[&str], expired: bool) -> Arc<rustls::ServerConfig> {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.0).unwrap();
+        let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        super::super::install_crypto_provider();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// A TLS upstream on `addr` answering with [`echo`], and a harness whose policy has one https
+/// rule for `name` on its port, mapped to 127.0.0.1 and trusting `trusted`.
+async fn setup(
+    name: &str,
+    server: Arc<rustls::ServerConfig>,
+    trusted: &Ca,
+    tag: &str,
+) -> (Upstream, Harness, PathBuf) {
+    let up = Upstream::with("127.0.0.1:0", Some(server), handler(echo)).await;
+    let ca = trusted.file(tag);
+    let mut p = policy(vec![rule("secure", name, up.addr.port(), Https)], &[name]);
+    p.ca_files = vec![ca.clone()];
+    (up, Harness::start(p).await, ca)
+}
+
+#[tokio::test]
+async fn https_rule_originates_tls_with_the_host_as_sni() {
+    let ca = Ca::new("egress test ca");
+    let (up, mut h, file) =
+        setup("secure.test", ca.server(&["secure.test"], false), &ca, "ok").await;
+    let port = up.addr.port();
+    let mut c = h.connect(orig(port)).await;
+    // The app speaks plain HTTP to http://secure.test:PORT/.
+    let r = c.get(&format!("secure.test:{port}"), "/get").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        format!("host=secure.test:{port} path=/get body=0")
+    );
+    assert_eq!(
+        *up.sni.lock().unwrap(),
+        vec![Some("secure.test".to_owned())]
+    );
+    // Kept alive and pooled: a second request reuses the TLS connection.
+    assert_eq!(c.get("secure.test", "/again").await.status, 200);
+    assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(h.event().await.upstream, Some(up.addr));
+    let _ = std::fs::remove_file(file);
+}
+
+/// Fails the handshake for `server` and returns the 502's body.
+async fn refused(
+    name: &str,
+    server: Arc<rustls::ServerConfig>,
+    trusted: &Ca,
+    tag: &str,
+) -> (String, RequestEvent) {
+    let (up, mut h, file) = setup(name, server, trusted, tag).await;
+    let mut c = h.connect(orig(up.addr.port())).await;
+    let r = c.get(name, "/").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(up.requests(), 0);
+    let _ = std::fs::remove_file(file);
+    (r.text(), h.event().await)
+}
+
+/// `a:123 (127.0.0.1:5)` -> `a:N (N.N.N.N:N)`.
+fn numbers_to_n(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if !c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('N') {
+            out.push('N');
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn wrong_ca_wrong_name_and_expired_are_502_with_the_reason() {
+    let ca = Ca::new("egress test ca");
+    let other = Ca::new("another test ca");
+    let (body, ev) = refused(
+        "secure.test",
+        other.server(&["secure.test"], false),
+        &ca,
+        "wrong-ca",
+    )
+    .await;
+    let port_free = numbers_to_n(&body);
+    assert!(
+        port_free.starts_with("egress: upstream secure.test:N: tls handshake with secure.test (N.N.N.N:N): invalid peer certificate: UnknownIssuer"),
+        "{body}"
+    );
+    assert_eq!(
+        ev.reason.as_deref(),
+        Some(body.trim_start_matches("egress: ").trim_end())
+    );
+
+    let (body, _) = refused(
+        "secure.test",
+        ca.server(&["other.test"], false),
+        &ca,
+        "wrong-name",
+    )
+    .await;
+    assert!(
+        body.contains("invalid peer certificate: certificate not valid for name \"secure.test\""),
+        "{body}"
+    );
+
+    let (body, _) = refused(
+        "secure.test",
+        ca.server(&["secure.test"], true),
+        &ca,
+        "expired",
+    )
+    .await;
+    assert!(
+        body.contains("invalid peer certificate: certificate expired"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn an_alias_on_443_originates_tls_to_the_external_name() {
+    let ca = Ca::new("egress test ca");
+    let server = ca.server(&["secure.test"], false);
+    // Port 443 is what makes an alias https; several loopback addresses in case one is taken.
+    let mut up = None;
+    for last in 77..90 {
+        let addr = format!("127.0.0.{last}:443");
+        if let Ok(l) = std::net::TcpListener::bind(&addr) {
+            drop(l);
+            up = Some(Upstream::with(&addr, Some(server.clone()), handler(echo)).await);
+            break;
+        }
+    }
+    let up = up.expect("binding a loopback address on port 443 (the tests run as root)");
+    let file = ca.file("alias");
+    let mut p = Policy {
+        ca_files: vec![file.clone()],
+        ..Policy::default()
+    };
+    p.hosts.insert("secure.test".into(), vec![up.addr.ip()]);
+    p.aliases.push(Alias {
+        name: "securebin".into(),
+        namespace: "apps".into(),
+        origin: origin(),
+        external_name: "secure.test".into(),
+        ports: vec![443],
+    });
+    let mut h = Harness::start(p).await;
+    let mut c = h.connect(orig(443)).await;
+    let r = c.get("securebin.apps.svc", "/headers").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "host=secure.test path=/headers body=0");
+    assert_eq!(
+        *up.sni.lock().unwrap(),
+        vec![Some("secure.test".to_owned())]
+    );
+    let ev = h.event().await;
+    assert_eq!(
+        (ev.rule.as_deref(), ev.upstream),
+        (Some("securebin"), Some(up.addr))
+    );
+    let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test]
+async fn an_app_that_does_its_own_tls_is_refused_with_its_sni_named() {
+    let up = Upstream::start("127.0.0.1").await;
+    let mut h = Harness::start(policy(
+        vec![rule("secure", "tls.test", 443, Https)],
+        &["tls.test"],
+    ))
+    .await;
+    let c = h.connect(orig(443)).await;
+    let tcp = c.io.into_inner();
+    super::super::install_crypto_provider();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from("tls.test").unwrap();
+    let result = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await;
+    let err = result.expect_err("the proxy must not complete a TLS handshake");
+    assert!(err.to_string().contains("HandshakeFailure"), "{err}");
+    let ev = h.event().await;
+    assert_eq!(
+        (ev.host.as_str(), ev.status, ev.rule.as_deref()),
+        ("tls.test", 0, None)
+    );
+    let reason = ev.reason.unwrap();
+    assert!(
+        reason.starts_with("tls client hello for tls.test on an http egress port refused"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("send http://tls.test:443/ to have the proxy originate tls"),
+        "{reason}"
+    );
+    assert!(reason.contains("tcp rule"), "{reason}");
+    let none = h.proxy.counters().pop().unwrap();
+    assert_eq!((none.requests, none.denied), (1, 1));
+    assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

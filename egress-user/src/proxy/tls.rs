@@ -1,0 +1,162 @@
+//! TLS origination settings: one rustls client configuration per proxy, built from the
+//! system's roots plus the policy's `caFiles`, on the `ring` provider (aws-lc-rs would need
+//! cmake to build). The server name and verification are explicit per upstream: the connector
+//! ([`super::upstream`]) passes the rule's host as the SNI and the name to verify.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+
+use super::error::ConfigError;
+
+/// Installs `ring` as the process's default rustls crypto provider, once. Call it at start-up;
+/// [`super::Proxy::new`] calls it too, so calling it is never required, only earlier.
+pub fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only when another provider is already installed, which is then the default.
+        if rustls::crypto::ring::default_provider()
+            .install_default()
+            .is_err()
+        {
+            tracing::debug!("a rustls crypto provider was already installed");
+        }
+    });
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    install_crypto_provider();
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// Where trusted roots come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SystemRoots {
+    /// The operating system's store plus `caFiles`.
+    Load,
+    /// Only `caFiles` (tests, so that the machine's store cannot make a wrong-CA test pass).
+    #[cfg_attr(not(test), expect(dead_code, reason = "used by the tests only"))]
+    Skip,
+}
+
+/// The client configuration for every TLS upstream: HTTP/1.1 by ALPN, session resumption on
+/// (rustls' default in-memory cache), roots from the system and `ca_files`.
+pub(crate) fn client_config(
+    ca_files: &[PathBuf],
+    system: SystemRoots,
+) -> Result<Arc<ClientConfig>, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    if system == SystemRoots::Load {
+        let native = rustls_native_certs::load_native_certs();
+        for err in &native.errors {
+            tracing::warn!(error = %err, "skipping part of the system certificate store");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "system trust roots loaded");
+    }
+    for path in ca_files {
+        add_ca_file(&mut roots, path)?;
+    }
+    if roots.is_empty() {
+        tracing::warn!("no trusted roots: every https upstream will fail verification");
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(ConfigError::Tls)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), ConfigError> {
+    let pem = std::fs::read(path).map_err(|source| ConfigError::CaFileRead {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| ConfigError::CaFilePem {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(ConfigError::CaFileEmpty {
+            path: path.to_owned(),
+        });
+    }
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|source| ConfigError::CaCert {
+            path: path.to_owned(),
+            index: i + 1,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, contents: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("egress-tls-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let missing = PathBuf::from("/nonexistent/egress-ca.pem");
+        let err = client_config(std::slice::from_ref(&missing), SystemRoots::Skip).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "ca file /nonexistent/egress-ca.pem: cannot read it"
+        );
+
+        let empty = temp("empty.pem", b"no pem here\n");
+        let err = client_config(std::slice::from_ref(&empty), SystemRoots::Skip).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("ca file {}: no certificate in it", empty.display())
+        );
+
+        let garbage = temp(
+            "garbage.pem",
+            b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        );
+        let err = client_config(std::slice::from_ref(&garbage), SystemRoots::Skip).unwrap_err();
+        assert!(matches!(err, ConfigError::CaFilePem { .. }), "{err:?}");
+
+        let not_a_cert = temp(
+            "bad.pem",
+            b"-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n",
+        );
+        let err = client_config(std::slice::from_ref(&not_a_cert), SystemRoots::Skip).unwrap_err();
+        assert!(
+            err.to_string().contains("certificate 1 is not a usable ca"),
+            "{err}"
+        );
+        for p in [empty, garbage, not_a_cert] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
+    fn good_ca_file_loads() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let path = temp("ca.pem", ca.pem().as_bytes());
+        let config = client_config(std::slice::from_ref(&path), SystemRoots::Skip).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        let _ = std::fs::remove_file(path);
+    }
+}
