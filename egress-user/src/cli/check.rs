@@ -163,7 +163,10 @@ spec:
             out.contains("wikipedia-range1  91.198.174.192/27  443/tcp  "),
             "{out}"
         );
-        assert!(out.trim_end().ends_with(&origin), "{out}");
+        assert!(
+            out.contains(&format!("443/tcp  {origin}\nhttp rules: 0\n")),
+            "{out}"
+        );
         assert_eq!(run(&args).expect("run"), ExitCode::SUCCESS);
     }
 
@@ -208,6 +211,117 @@ spec:
             "{err}"
         );
         assert_eq!(run(&args).expect("run"), ExitCode::FAILURE);
+    }
+
+    /// Every policy document of both seeds, verbatim: the five EgressRules of seed 003
+    /// ("Control Egress TCP Traffic") and the two Services of seed 000 ("Configuring Egress
+    /// with Envoy").
+    const SEEDS: &str = "\
+kind: EgressRule
+metadata:
+  name: wikipedia-range1
+spec:
+  destination:
+      service: 91.198.174.192/27
+  ports:
+      - port: 443
+        protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range2
+spec:
+  destination:
+      service: 103.102.166.224/27
+  ports:
+      - port: 443
+        protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range3
+spec:
+  destination:
+      service: 198.35.26.96/27
+  ports:
+      - port: 443
+        protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range4
+spec:
+  destination:
+      service: 208.80.153.224/27
+  ports:
+      - port: 443
+        protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range5
+spec:
+  destination:
+      service: 208.80.154.224/27
+  ports:
+      - port: 443
+        protocol: tcp
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: httpbin
+spec:
+  type: ExternalName
+  externalName: httpbin.org
+  ports:
+  - port: 80
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: securegoogle
+spec:
+  type: ExternalName
+  externalName: www.google.com
+  ports:
+  - port: 443
+";
+
+    #[test]
+    fn both_seeds_check_clean() {
+        let dir = TempDir::new();
+        let path = dir.file("seeds.yaml", SEEDS);
+        let args = CheckArgs {
+            files: vec![path.clone()],
+            default: false,
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert_eq!(err, "");
+        let f = path.display();
+        assert_eq!(
+            out,
+            format!(
+                "\
+mode: enforce
+bypass: 127.0.0.0/8, ::1/128
+rules: 5
+wikipedia-range1  91.198.174.192/27   443/tcp  ({f}:1)
+wikipedia-range2  103.102.166.224/27  443/tcp  ({f}:11)
+wikipedia-range3  198.35.26.96/27     443/tcp  ({f}:21)
+wikipedia-range4  208.80.153.224/27   443/tcp  ({f}:31)
+wikipedia-range5  208.80.154.224/27   443/tcp  ({f}:41)
+http rules: 0
+aliases: 2
+alias httpbin (httpbin, httpbin.default, httpbin.default.svc, httpbin.default.svc.cluster.local) -> httpbin.org 80/http                                ({f}:51)
+alias securegoogle (securegoogle, securegoogle.default, securegoogle.default.svc, securegoogle.default.svc.cluster.local) -> www.google.com 443/https  ({f}:61)
+proxy: port 15001
+caFiles: none
+hosts: 0
+"
+            )
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Destination and bypass addresses: a CIDR or a single IP, IPv4 or IPv6, written exactly.
+//! Destination, bypass and `hosts` addresses: a CIDR or a single IP, IPv4 or IPv6, written
+//! exactly.
 //!
 //! Stricter than [`IpNet`]'s own parser on purpose, and with a reason for every rejection:
 //! `10.0.0.1/24` is refused rather than silently truncated (did the author mean the /24 or the
@@ -97,6 +98,28 @@ pub(crate) enum AddrError {
         /// As written.
         text: String,
     },
+    /// `10.0.0.0/8` where one address is wanted (a `hosts` entry).
+    #[error("`{text}` is a network; a single IP address is needed here")]
+    NotSingle {
+        /// As written.
+        text: String,
+    },
+    /// `::ffff:10.0.0.1` where one address is wanted: the proxy would connect over IPv4
+    /// anyway, so say it plainly.
+    #[error("`{text}` is an IPv4-mapped IPv6 address; write `{ipv4}`")]
+    MappedAddress {
+        /// As written.
+        text: String,
+        /// The same address written as IPv4.
+        ipv4: Ipv4Addr,
+    },
+    /// `0.0.0.0`, `::`, `224.0.0.1`, `255.255.255.255`: not an address a host is reached at
+    /// (a connect() to `0.0.0.0` even reaches the local machine).
+    #[error("`{text}` is not an address a host can have (unspecified, multicast or broadcast)")]
+    NotHostAddress {
+        /// As written.
+        text: String,
+    },
 }
 
 /// Parses a CIDR (`91.198.174.192/27`, `2001:db8::/32`) or a single address (`10.0.0.1` is
@@ -135,6 +158,31 @@ pub(crate) fn parse_net(text: &str) -> Result<IpNet, AddrError> {
         });
     }
     Ok(net)
+}
+
+/// Parses one host's address (`10.0.0.1`, `2001:db8::1`), as strictly as [`parse_net`]: no
+/// prefix, no IPv4-mapped form, nothing a host cannot be reached at.
+pub(crate) fn parse_ip(text: &str) -> Result<IpAddr, AddrError> {
+    let owned = || text.to_owned();
+    let net = match parse_net(text) {
+        Ok(net) => net,
+        Err(AddrError::Ipv4Mapped { ipv4, .. }) if !text.contains('/') => {
+            return Err(AddrError::MappedAddress {
+                text: owned(),
+                ipv4: ipv4.addr(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    if text.contains('/') {
+        return Err(AddrError::NotSingle { text: owned() });
+    }
+    let address = net.addr();
+    let broadcast = address == IpAddr::V4(Ipv4Addr::BROADCAST);
+    if address.is_unspecified() || address.is_multicast() || broadcast {
+        return Err(AddrError::NotHostAddress { text: owned() });
+    }
+    Ok(address)
 }
 
 /// The prefix length after the `/`: decimal digits without a leading zero, at most `max`.
@@ -214,7 +262,7 @@ fn parse_ipv4(text: &str, address: &str) -> Result<Ipv4Addr, AddrError> {
 }
 
 /// Whether `text` reads as a DNS name (`httpbin.org`) or a wildcard (`*.example.com`), so the
-/// message can say "host names are not supported yet" rather than "not an address".
+/// message can say "a host name where an address belongs" rather than "not an address".
 pub(crate) fn is_host_name(text: &str) -> bool {
     let name = text.strip_suffix('.').unwrap_or(text);
     let name = name.strip_prefix("*.").unwrap_or(name);
@@ -284,6 +332,38 @@ mod tests {
         ];
         for (text, expected) in cases {
             let error = parse_net(text).expect_err(text).to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn single_host_addresses() {
+        assert_eq!(
+            parse_ip("192.0.2.1"),
+            Ok(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
+        );
+        assert_eq!(parse_ip("2001:db8::1"), Ok("2001:db8::1".parse().unwrap()));
+        let cases = [
+            (
+                "192.0.2.0/24",
+                "is a network; a single IP address is needed here",
+            ),
+            ("192.0.2.1/32", "is a network"),
+            (
+                "::ffff:192.0.2.1",
+                "IPv4-mapped IPv6 address; write `192.0.2.1`",
+            ),
+            ("0.0.0.0", "is not an address a host can have"),
+            ("::", "is not an address a host can have"),
+            ("224.0.0.1", "is not an address a host can have"),
+            ("ff02::1", "is not an address a host can have"),
+            ("255.255.255.255", "is not an address a host can have"),
+            ("010.0.0.1", "leading zero"),
+            ("example.test", "is a host name"),
+            ("192.0.2.1/24", "has host bits set"),
+        ];
+        for (text, expected) in cases {
+            let error = parse_ip(text).expect_err(text).to_string();
             assert!(error.contains(expected), "{text}: {error}");
         }
     }

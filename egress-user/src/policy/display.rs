@@ -6,16 +6,25 @@
 //! rules: 2
 //! wikipedia-range1  91.198.174.192/27  443/tcp            (seed.yaml:1)
 //! example-v6        2001:db8::/32      443/tcp, 8443/tcp  (seed.yaml:11)
+//! http rules: 1
+//! httpbin-rule  httpbin.test  80/http, 443/https  (seed.yaml:21)
+//! aliases: 1
+//! alias httpbin (httpbin, httpbin.default, httpbin.default.svc, httpbin.default.svc.cluster.local) -> httpbin.test 80/http  (seed.yaml:31)
+//! proxy: port 15001
+//! caFiles: none
+//! hosts: 1
+//! httpbin.test  192.0.2.10, 2001:db8::10
 //! ```
 //!
-//! Everything is shown as the filter will use it: single addresses as /32 or /128, protocols
-//! lowercase, the default bypass spelt out. Rules keep their file order and columns are
+//! Everything is shown as the filter and the proxy will use it: single addresses as /32 or
+//! /128, host names in their ASCII form, protocols lowercase, alias ports with the protocol
+//! the proxy speaks upstream, defaults spelt out. Rules keep their file order and columns are
 //! aligned, so two outputs can be diffed line by line and read at a glance. Each rule ends
 //! with the `FILE:LINE` of its document, to find it again.
 
 use std::fmt;
 
-use super::model::Policy;
+use super::model::{Alias, Policy};
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -24,36 +33,111 @@ impl fmt::Display for Policy {
             // Not an empty line: with no bypass even loopback is filtered, worth saying.
             writeln!(f, "bypass: none")?;
         } else {
-            let bypass: Vec<String> = self.bypass.iter().map(ToString::to_string).collect();
-            writeln!(f, "bypass: {}", bypass.join(", "))?;
+            writeln!(f, "bypass: {}", list(&self.bypass))?;
         }
+
         writeln!(f, "rules: {}", self.rules.len())?;
-        let rows: Vec<[String; 3]> = self
-            .rules
-            .iter()
-            .map(|rule| {
-                let ports: Vec<String> = rule
-                    .ports
-                    .iter()
-                    .map(|p| format!("{}/{}", p.port, p.protocol))
-                    .collect();
-                [
-                    rule.name.clone(),
-                    rule.destination.to_string(),
-                    ports.join(", "),
-                ]
-            })
-            .collect();
-        let width = |column: usize| rows.iter().map(|r| r[column].len()).max().unwrap_or(0);
-        let (name_width, destination_width, ports_width) = (width(0), width(1), width(2));
-        for (rule, [name, destination, ports]) in self.rules.iter().zip(&rows) {
+        let rows = self.rules.iter().map(|rule| {
+            let ports = rule
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol));
+            (
+                [rule.name.clone(), rule.destination.to_string(), list(ports)],
+                Some(rule.origin.to_string()),
+            )
+        });
+        table(f, rows)?;
+
+        writeln!(f, "http rules: {}", self.http_rules.len())?;
+        let rows = self.http_rules.iter().map(|rule| {
+            let ports = rule
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol));
+            (
+                [rule.name.clone(), rule.host.to_string(), list(ports)],
+                Some(rule.origin.to_string()),
+            )
+        });
+        table(f, rows)?;
+
+        writeln!(f, "aliases: {}", self.aliases.len())?;
+        let rows = self.aliases.iter().map(|alias| {
+            let ports = alias
+                .ports
+                .iter()
+                .map(|&port| format!("{port}/{}", Alias::protocol(port)));
+            (
+                [format!(
+                    "alias {} ({}) -> {} {}",
+                    alias.name,
+                    alias.hostnames().join(", "),
+                    alias.external_name,
+                    list(ports)
+                )],
+                Some(alias.origin.to_string()),
+            )
+        });
+        table(f, rows)?;
+
+        writeln!(f, "proxy: port {}", self.proxy.port)?;
+        if self.ca_files.is_empty() {
+            writeln!(f, "caFiles: none")?;
+        } else {
             writeln!(
                 f,
-                "{name:<name_width$}  {destination:<destination_width$}  \
-                 {ports:<ports_width$}  ({})",
-                rule.origin
+                "caFiles: {}",
+                list(self.ca_files.iter().map(|p| p.display()))
             )?;
         }
-        Ok(())
+        writeln!(f, "hosts: {}", self.hosts.len())?;
+        let rows = self
+            .hosts
+            .iter()
+            .map(|(name, addresses)| ([name.clone(), list(addresses)], None));
+        table(f, rows)
     }
+}
+
+/// `a, b, c`.
+fn list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|item| item.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows of `N` columns, each padded to the column's widest cell and separated by two spaces,
+/// then the origin in parentheses when there is one. The last column is not padded when no
+/// origin follows it, so no line ends in spaces.
+fn table<const N: usize>(
+    f: &mut fmt::Formatter<'_>,
+    rows: impl Iterator<Item = ([String; N], Option<String>)>,
+) -> fmt::Result {
+    let rows: Vec<_> = rows.collect();
+    let mut widths = [0; N];
+    for (cells, _) in &rows {
+        for (width, cell) in widths.iter_mut().zip(cells) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for (cells, origin) in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            if i + 1 < N || origin.is_some() {
+                line.extend(std::iter::repeat_n(' ', width - cell.chars().count()));
+            }
+        }
+        match origin {
+            Some(origin) => writeln!(f, "{line}  ({origin})")?,
+            None => writeln!(f, "{line}")?,
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! From files to one [`Policy`]: read each file (bounded), parse its documents, check each,
-//! then check what only the whole policy shows (duplicate names, a second EgressConfig).
+//! then check what only the whole policy shows (duplicate names, a second EgressConfig, two
+//! http rules giving one host's port different protocols).
 //!
 //! The policy is the union of every document of every file, so splitting a policy over files
 //! changes nothing but the file names in messages.
@@ -8,14 +9,14 @@ use std::{
     collections::{HashMap, hash_map},
     fs::File,
     io::Read,
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use super::{
     DEFAULT_POLICY, DEFAULT_POLICY_NAME,
-    model::{Origin, Policy, PolicyErrors, default_bypass},
+    model::{HostPattern, HttpProtocol, HttpRule, Origin, Policy, PolicyErrors, default_bypass},
     report::Report,
-    validate::{self, Config, Item},
+    validate::{self, Config, EgressRule, Item, ServiceKey},
     yaml,
 };
 
@@ -27,7 +28,8 @@ pub const MAX_FILE_SIZE: u64 = 64 * 1024 * 1024;
 ///
 /// A file that cannot be read, or is larger than [`MAX_FILE_SIZE`], is an error like any
 /// other (reported on line 1), and the other files are still checked, so one run reports
-/// everything.
+/// everything. A relative `caFiles` path is taken relative to the directory of the file that
+/// names it, and made absolute.
 ///
 /// # Errors
 /// Every problem in every file, sorted by file (in the order given) and line.
@@ -39,21 +41,26 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Policy, PolicyErrors> {
     load(
         sources
             .iter()
-            .map(|(name, bytes)| (name.as_str(), bytes.as_deref().map_err(String::as_str))),
+            .zip(paths)
+            .map(|((name, bytes), path)| Source {
+                name,
+                directory: Some(path.parent().unwrap_or_else(|| Path::new(""))),
+                bytes: bytes.as_deref().map_err(String::as_str),
+            }),
     )
 }
 
 /// Checks policy sources given as `(file name, contents)` pairs, as one policy. The name is
-/// only used in messages.
+/// only used in messages; `caFiles` paths are kept as written.
 ///
 /// # Errors
 /// Every problem in every source, sorted by source (in the order given) and line.
 pub fn load_sources(sources: &[(String, Vec<u8>)]) -> Result<Policy, PolicyErrors> {
-    load(
-        sources
-            .iter()
-            .map(|(name, bytes)| (name.as_str(), Ok(bytes.as_slice()))),
-    )
+    load(sources.iter().map(|(name, bytes)| Source {
+        name,
+        directory: None,
+        bytes: Ok(bytes.as_slice()),
+    }))
 }
 
 /// The embedded [`DEFAULT_POLICY`], checked like any file.
@@ -62,10 +69,11 @@ pub fn load_sources(sources: &[(String, Vec<u8>)]) -> Result<Policy, PolicyError
 /// If the embedded policy is invalid: a bug that the unit tests catch before a release.
 #[must_use]
 pub fn default_policy() -> Policy {
-    load(std::iter::once((
-        DEFAULT_POLICY_NAME,
-        Ok(DEFAULT_POLICY.as_bytes()),
-    )))
+    load(std::iter::once(Source {
+        name: DEFAULT_POLICY_NAME,
+        directory: None,
+        bytes: Ok(DEFAULT_POLICY.as_bytes()),
+    }))
     .unwrap_or_else(|errors| panic!("the embedded default policy is invalid:\n{errors}"))
 }
 
@@ -124,15 +132,24 @@ fn parse_source(bytes: &[u8], report: &mut Report) -> Vec<yaml::Node> {
     yaml::parse(text, report)
 }
 
+/// One policy source as [`load`] takes it.
+struct Source<'a> {
+    /// The name messages use.
+    name: &'a str,
+    /// The directory relative `caFiles` paths are resolved against, when the source is a file.
+    directory: Option<&'a Path>,
+    /// The contents, or why there are none.
+    bytes: Result<&'a [u8], &'a str>,
+}
+
 /// The whole load: per-source checks, then the checks across documents.
-fn load<'a>(
-    sources: impl Iterator<Item = (&'a str, Result<&'a [u8], &'a str>)>,
-) -> Result<Policy, PolicyErrors> {
+fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyErrors> {
     let mut reports = Vec::new();
+    let mut directories = Vec::new();
     let mut items = Vec::new();
-    for (index, (name, bytes)) in sources.enumerate() {
-        let mut report = Report::new(name);
-        match bytes {
+    for (index, source) in sources.enumerate() {
+        let mut report = Report::new(source.name);
+        match source.bytes {
             Err(message) => report.error(1, message),
             Ok(bytes) => {
                 for root in parse_source(bytes, &mut report) {
@@ -143,32 +160,33 @@ fn load<'a>(
             }
         }
         reports.push(report);
+        directories.push(source.directory);
     }
 
-    let mut names: HashMap<String, Origin> = HashMap::new();
-    let mut config: Option<(Origin, Option<Config>)> = None;
-    let mut rules = Vec::new();
+    let mut across = Across::default();
+    let mut config: Option<(Origin, Option<(usize, Config)>)> = None;
+    let mut policy = Policy::default();
     for (index, item) in items {
         let report = &mut reports[index];
         match item {
             Item::Rule { name, rule } => {
                 if let Some((name, line)) = name {
-                    match names.entry(name) {
-                        hash_map::Entry::Occupied(first) => report.field_error(
-                            line,
-                            "metadata.name",
-                            format!(
-                                "duplicate name `{}` (the first is at {})",
-                                first.key(),
-                                first.get()
-                            ),
-                        ),
-                        hash_map::Entry::Vacant(slot) => {
-                            slot.insert(report.origin(line));
-                        }
-                    }
+                    across.rule_name(report, name, line);
                 }
-                rules.extend(rule);
+                match rule {
+                    Some(EgressRule::Tcp(rule)) => policy.rules.push(rule),
+                    Some(EgressRule::Http { rule, port_lines }) => {
+                        across.http_ports(report, &rule, &port_lines);
+                        policy.http_rules.push(rule);
+                    }
+                    None => {}
+                }
+            }
+            Item::Service { key, alias } => {
+                if let Some(key) = key {
+                    across.service(report, key);
+                }
+                policy.aliases.extend(alias);
             }
             Item::Config { line, config: this } => match &config {
                 Some((first, _)) => report.field_error(
@@ -178,7 +196,7 @@ fn load<'a>(
                         "a second EgressConfig (the first is at {first}); at most one is allowed"
                     ),
                 ),
-                None => config = Some((report.origin(line), this)),
+                None => config = Some((report.origin(line), this.map(|c| (index, c)))),
             },
         }
     }
@@ -188,11 +206,139 @@ fn load<'a>(
             reports.into_iter().flat_map(Report::into_sorted).collect(),
         ));
     }
-    let config = config.and_then(|(_, config)| config).unwrap_or_default();
-    Ok(Policy {
-        mode: config.mode.unwrap_or_default(),
-        bypass: config.bypass.unwrap_or_else(default_bypass),
-        rules,
-        ..Policy::default()
-    })
+    if let Some((_, Some((index, config)))) = config {
+        policy.mode = config.mode.unwrap_or_default();
+        policy.bypass = config.bypass.unwrap_or_else(default_bypass);
+        policy.proxy = config.proxy.unwrap_or_default();
+        policy.ca_files = config
+            .ca_files
+            .unwrap_or_default()
+            .into_iter()
+            .map(|path| resolve(directories[index], path))
+            .collect();
+        policy.hosts = config.hosts.unwrap_or_default();
+    }
+    Ok(policy)
+}
+
+/// `path` from a `caFiles` list: a relative one is relative to `directory` (the policy file's,
+/// when known), made absolute so a later change of working directory does not change it.
+fn resolve(directory: Option<&Path>, path: PathBuf) -> PathBuf {
+    match directory {
+        Some(directory) if path.is_relative() => {
+            let joined = directory.join(path);
+            std::path::absolute(&joined).unwrap_or(joined)
+        }
+        _ => path,
+    }
+}
+
+/// What only the whole policy shows: names used twice, and proxy routes that contradict each
+/// other.
+#[derive(Default)]
+struct Across {
+    /// EgressRule names: unique among EgressRules.
+    rule_names: HashMap<String, Origin>,
+    /// Services by (namespace, name): unique, as in Kubernetes.
+    services: HashMap<(String, String), Origin>,
+    /// Services by name alone: the short host name (`httpbin`) of two Services in different
+    /// namespaces would be the same, and the proxy cannot know the client's namespace.
+    short_names: HashMap<String, (String, Origin)>,
+    /// The protocol of each (host, port) of the http rules, with the rule's name and where.
+    http_ports: HashMap<(HostPattern, u16), (HttpProtocol, String, Origin)>,
+}
+
+impl Across {
+    /// Records an EgressRule's name, reporting a duplicate.
+    fn rule_name(&mut self, report: &mut Report, name: String, line: usize) {
+        match self.rule_names.entry(name) {
+            hash_map::Entry::Occupied(first) => report.field_error(
+                line,
+                "metadata.name",
+                format!(
+                    "duplicate name `{}` (the first is at {})",
+                    first.key(),
+                    first.get()
+                ),
+            ),
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(report.origin(line));
+            }
+        }
+    }
+
+    /// Records a Service, reporting a duplicate in its namespace or a short name taken in
+    /// another namespace.
+    fn service(&mut self, report: &mut Report, key: ServiceKey) {
+        let ServiceKey {
+            name,
+            namespace,
+            line,
+        } = key;
+        let origin = report.origin(line);
+        match self.services.entry((namespace.clone(), name.clone())) {
+            hash_map::Entry::Occupied(first) => {
+                report.field_error(
+                    line,
+                    "metadata.name",
+                    format!(
+                        "duplicate Service `{name}` in namespace `{namespace}` (the first is at \
+                         {})",
+                        first.get()
+                    ),
+                );
+                return;
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(origin.clone());
+            }
+        }
+        match self.short_names.entry(name) {
+            hash_map::Entry::Occupied(first) => {
+                let (first_namespace, first_origin) = first.get();
+                report.field_error(
+                    line,
+                    "metadata.name",
+                    format!(
+                        "Service `{}` in namespace `{namespace}` would answer to the host name \
+                         `{}`, which the Service in namespace `{first_namespace}` (at \
+                         {first_origin}) already does; the proxy cannot tell a client's \
+                         namespace, so give one of them another name",
+                        first.key(),
+                        first.key()
+                    ),
+                );
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert((namespace, origin));
+            }
+        }
+    }
+
+    /// Records an http rule's ports, reporting a (host, port) that another rule gives the
+    /// other protocol: the proxy could not know whether to originate TLS.
+    fn http_ports(&mut self, report: &mut Report, rule: &HttpRule, port_lines: &[usize]) {
+        for (i, (port, line)) in rule.ports.iter().zip(port_lines).enumerate() {
+            let key = (rule.host.clone(), port.port);
+            match self.http_ports.entry(key) {
+                hash_map::Entry::Occupied(first) => {
+                    let (protocol, name, origin) = first.get();
+                    if *protocol != port.protocol {
+                        report.field_error(
+                            *line,
+                            &format!("spec.ports[{i}]"),
+                            format!(
+                                "{} port {} is {} here but {protocol} in rule `{name}` (at \
+                                 {origin}); a host's port has one protocol",
+                                rule.host, port.port, port.protocol
+                            ),
+                        );
+                    }
+                }
+                hash_map::Entry::Vacant(slot) => {
+                    slot.insert((port.protocol, rule.name.clone(), report.origin(*line)));
+                }
+            }
+        }
+    }
 }

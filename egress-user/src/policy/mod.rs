@@ -6,6 +6,7 @@
 
 mod addr;
 mod display;
+mod host;
 mod load;
 mod model;
 mod report;
@@ -14,6 +15,7 @@ mod tests;
 mod validate;
 mod yaml;
 
+pub use host::{HostError, LabelProblem, MAX_HOST_LEN, MAX_LABEL_LEN, normalise_host};
 pub use load::{MAX_FILE_SIZE, default_policy, load_files, load_sources};
 pub use model::{
     Alias, DEFAULT_PROXY_PORT, Diagnostic, HostName, HostPattern, HttpPort, HttpProtocol,

@@ -1,5 +1,8 @@
 //! Policy loading tests: what valid documents mean, and for every kind of invalid input the
 //! exact `FILE:LINE:` and the gist of the message.
+//!
+//! The tests of EgressRule documents with CIDR destinations and of the YAML layer are here;
+//! host-name rules, Services and the EgressConfig have a submodule each.
 
 use std::time::{Duration, Instant};
 
@@ -153,6 +156,11 @@ wikipedia-range2  103.102.166.224/27  443/tcp  (p.yaml:11)
 wikipedia-range3  198.35.26.96/27     443/tcp  (p.yaml:21)
 wikipedia-range4  208.80.153.224/27   443/tcp  (p.yaml:31)
 wikipedia-range5  208.80.154.224/27   443/tcp  (p.yaml:41)
+http rules: 0
+aliases: 0
+proxy: port 15001
+caFiles: none
+hosts: 0
 "
     );
 }
@@ -281,10 +289,11 @@ rejects! {
         => "p.yaml:6: spec.destination.service: `256.1.1.1`: octet `256` is over 255";
     ipv4_mapped_destination: rule_with("10.0.0.0/8", "\"::ffff:10.0.0.1\"")
         => "p.yaml:6: spec.destination.service: `::ffff:10.0.0.1` is an IPv4-mapped IPv6 network";
-    host_name_destination: rule_with("10.0.0.0/8", "httpbin.org")
-        => "p.yaml:6: spec.destination.service: host name destinations (`httpbin.org`) are not supported yet";
-    wildcard_destination: rule_with("10.0.0.0/8", "\"*.example.com\"")
-        => "p.yaml:6: spec.destination.service: host name destinations (`*.example.com`) are not supported yet";
+    tcp_with_host_name: rule_with("10.0.0.0/8", "httpbin.test")
+        => "p.yaml:6: spec.destination.service: tcp rules with a host name (FQDN rules) are not \
+            supported yet; use an IP/CIDR, or protocol http/https";
+    tcp_with_wildcard: rule_with("10.0.0.0/8", "\"*.example.test\"")
+        => "p.yaml:6: spec.destination.service: tcp rules with a host name (FQDN rules) are not supported yet";
     garbage_destination: rule_with("10.0.0.0/8", "not/an/address")
         => "p.yaml:6: spec.destination.service: `not/an/address` is not a CIDR or an IP address";
     port_zero: rule_with("443", "0")
@@ -306,21 +315,23 @@ rejects! {
     port_bool: rule_with("443", "true")
         => "p.yaml:8: spec.ports[0].port: expected a port number (1-65535), found a boolean `true`";
     unknown_protocol: rule_with("tcp", "sctp")
-        => "p.yaml:9: spec.ports[0].protocol: unknown protocol `sctp` (expected tcp)";
-    http_not_yet: rule_with("tcp", "http")
-        => "p.yaml:9: spec.ports[0].protocol: protocol `http` is not supported yet";
-    https_not_yet: rule_with("tcp", "HTTPS")
-        => "p.yaml:9: spec.ports[0].protocol: protocol `HTTPS` is not supported yet";
+        => "p.yaml:9: spec.ports[0].protocol: unknown protocol `sctp` (expected tcp, http or https)";
+    http_with_cidr: rule_with("tcp", "http")
+        => "p.yaml:6: spec.destination.service: http/https rules need a host name destination, \
+            and `10.0.0.0/8` is an address; use protocol tcp for an IP/CIDR";
+    https_with_ip: rule_with("tcp", "HTTPS").replace("10.0.0.0/8", "192.0.2.1")
+        => "p.yaml:6: spec.destination.service: http/https rules need a host name destination, \
+            and `192.0.2.1/32` is an address";
     udp_not_yet: rule_with("tcp", "udp")
-        => "p.yaml:9: spec.ports[0].protocol: protocol `udp` is not supported yet";
+        => "p.yaml:9: spec.ports[0].protocol: protocol `udp` is not supported yet (expected tcp, http or https)";
+    udp_not_yet_on_a_host: rule_with("tcp", "UDP").replace("10.0.0.0/8", "example.test")
+        => "p.yaml:9: spec.ports[0].protocol: protocol `UDP` is not supported yet";
     unknown_kind: rule_with("EgressRule", "DestinationRule")
-        => "p.yaml:1: kind: unknown kind `DestinationRule` (expected EgressRule or EgressConfig)";
+        => "p.yaml:1: kind: unknown kind `DestinationRule` (expected EgressRule, EgressConfig or Service)";
     kind_case_matters: rule_with("EgressRule", "egressrule")
         => "p.yaml:1: kind: unknown kind `egressrule`";
-    service_kind_not_yet: "kind: Service\nmetadata: {name: httpbin}\nspec: {type: ExternalName}\n"
-        => "p.yaml:1: kind: Service is not supported yet";
     missing_kind: rule_with("kind: EgressRule\n", "apiVersion: v1\n")
-        => "p.yaml:1: kind: missing field (expected EgressRule or EgressConfig)";
+        => "p.yaml:1: kind: missing field (expected EgressRule, EgressConfig or Service)";
     unknown_top_level_field: format!("{RULE}status: {{}}\n")
         => "p.yaml:10: status: unknown field (expected apiVersion, kind, metadata or spec)";
     unknown_metadata_field: rule_with("  name: r1\n", "  name: r1\n  uid: x\n")
@@ -372,7 +383,7 @@ rejects! {
     invalid_mode: "kind: EgressConfig\nspec:\n  mode: block\n"
         => "p.yaml:3: spec.mode: unknown mode `block` (expected enforce or audit)";
     unknown_config_field: "kind: EgressConfig\nspec:\n  proxyPort: 15001\n"
-        => "p.yaml:3: spec.proxyPort: unknown field (expected mode or bypass)";
+        => "p.yaml:3: spec.proxyPort: unknown field (expected mode, bypass, proxy, caFiles or hosts)";
     bypass_host_name: "kind: EgressConfig\nspec:\n  bypass:\n    - 10.0.0.0/8\n    - kubernetes.default\n"
         => "p.yaml:5: spec.bypass[1]: `kubernetes.default` is a host name; bypass entries are CIDRs or IP addresses";
     bypass_host_bits: "kind: EgressConfig\nspec: {bypass: [10.0.0.1/8]}\n"
@@ -480,8 +491,8 @@ fn every_error_is_reported_sorted_by_file_then_line() {
     let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     let expected = [
         "b.yaml:8: spec.ports[0].port: 0 is not a valid port (1-65535)",
-        "b.yaml:9: spec.ports[0].protocol: protocol `udp` is not supported yet (only tcp for now)",
-        "b.yaml:11: kind: unknown kind `Nope` (expected EgressRule or EgressConfig)",
+        "b.yaml:9: spec.ports[0].protocol: protocol `udp` is not supported yet (expected tcp, http or https)",
+        "b.yaml:11: kind: unknown kind `Nope` (expected EgressRule, EgressConfig or Service)",
         "b.yaml:18: spec.destination.service: `10.0.0.1/8` has host bits set; did you mean `10.0.0.0/8`?",
         "a.yaml:3: metadata.name: duplicate name `r1` (the first is at b.yaml:3)",
         "a.yaml:10: bogus: unknown field (expected apiVersion, kind, metadata or spec)",
@@ -554,3 +565,8 @@ fn files_unreadable_or_oversized_are_errors() {
         "{lines:#?}"
     );
 }
+
+// After `rejects!`, so the submodules can use it.
+mod config;
+mod http;
+mod service;

@@ -4,14 +4,21 @@
 //! The walk never stops at the first error: a bad port does not hide a bad protocol on the
 //! next line, so a user fixes a file in one round. What a document cannot check alone (a
 //! duplicate name, a second EgressConfig) is left to [`super::load`].
+//!
+//! This module holds the dispatch on `kind` and the field helpers every kind uses; each kind
+//! has its own submodule: [`rule`] (EgressRule), [`service`] (Service) and [`config`]
+//! (EgressConfig).
+
+mod config;
+mod rule;
+mod service;
 
 use std::collections::HashMap;
 
-use ipnet::IpNet;
+pub(crate) use config::Config;
 
 use super::{
-    addr::{self, AddrError},
-    model::{Mode, PortRule, Protocol, Rule},
+    model::{Alias, HttpRule, Rule},
     report::{Report, join},
     yaml::{Entry, Node, ScalarKind, Value},
 };
@@ -23,6 +30,8 @@ const METADATA_FIELDS: &[&str] = &["name"];
 /// The usual Kubernetes `metadata` fields, accepted so that manifests written for a cluster
 /// load as they are, and ignored: they mean nothing to the filter.
 const METADATA_IGNORED: &[&str] = &["namespace", "labels", "annotations"];
+/// The kinds a document may be, for messages.
+const KINDS: &str = "EgressRule, EgressConfig or Service";
 
 /// What one document turned out to be.
 #[derive(Debug)]
@@ -33,7 +42,14 @@ pub(crate) enum Item {
         /// among rules that have other errors.
         name: Option<(String, usize)>,
         /// The rule, when the document has no error.
-        rule: Option<Rule>,
+        rule: Option<EgressRule>,
+    },
+    /// A `kind: Service` document (an ExternalName alias).
+    Service {
+        /// Name, namespace and the name's line, when valid, for the duplicate checks.
+        key: Option<ServiceKey>,
+        /// The alias, when the document has no error.
+        alias: Option<Alias>,
     },
     /// A `kind: EgressConfig` document.
     Config {
@@ -44,13 +60,29 @@ pub(crate) enum Item {
     },
 }
 
-/// The settings of a `kind: EgressConfig` document.
-#[derive(Debug, Default)]
-pub(crate) struct Config {
-    /// `spec.mode`, when given.
-    pub(crate) mode: Option<Mode>,
-    /// `spec.bypass`, when given (an empty list is given).
-    pub(crate) bypass: Option<Vec<IpNet>>,
+/// A checked EgressRule: which list of the policy it goes to depends on its destination.
+#[derive(Debug)]
+pub(crate) enum EgressRule {
+    /// A CIDR or IP destination with tcp ports.
+    Tcp(Rule),
+    /// A host-name destination with http/https ports.
+    Http {
+        /// The rule.
+        rule: HttpRule,
+        /// The line of each of `rule.ports`, for messages about a port.
+        port_lines: Vec<usize>,
+    },
+}
+
+/// Who a Service is: Services are unique by namespace and name.
+#[derive(Debug)]
+pub(crate) struct ServiceKey {
+    /// `metadata.name`.
+    pub(crate) name: String,
+    /// `metadata.namespace`, `default` when absent.
+    pub(crate) namespace: String,
+    /// Line of `metadata.name`.
+    pub(crate) line: usize,
 }
 
 /// Checks one document (the root node of a non-empty YAML document). `None` when the document
@@ -63,7 +95,7 @@ pub(crate) fn document(root: &Node, report: &mut Report) -> Option<Item> {
         walk.report.field_error(
             root.line,
             "kind",
-            "missing field (expected EgressRule or EgressConfig)",
+            format!("missing field (expected {KINDS})"),
         );
         return None;
     };
@@ -75,19 +107,12 @@ pub(crate) fn document(root: &Node, report: &mut Report) -> Option<Item> {
             line,
             config: walk.config(&fields),
         }),
-        "Service" => {
-            walk.report.field_error(
-                line,
-                "kind",
-                "Service is not supported yet (only EgressRule and EgressConfig)",
-            );
-            None
-        }
+        "Service" => Some(walk.service(root, &fields)),
         other => {
             walk.report.field_error(
                 line,
                 "kind",
-                format!("unknown kind `{other}` (expected EgressRule or EgressConfig)"),
+                format!("unknown kind `{other}` (expected {KINDS})"),
             );
             None
         }
@@ -237,117 +262,17 @@ impl Walk<'_> {
         Some((name.to_owned(), entry.value.line))
     }
 
-    /// A `kind: EgressRule` document.
-    fn rule(&mut self, root: &Node, doc: &Fields<'_>) -> Item {
-        let errors_before = self.report.error_count();
-        let name = self.name(doc, true);
-        let spec = self.sub_mapping(doc, "spec", &["destination", "ports"], &[], true);
-        let destination = spec.as_ref().and_then(|spec| self.destination(spec));
-        let ports = spec.as_ref().and_then(|spec| self.ports(spec));
-        let rule = match (&name, destination, ports) {
-            (Some((name, _)), Some(destination), Some(ports))
-                if self.report.error_count() == errors_before =>
-            {
-                Some(Rule {
-                    name: name.clone(),
-                    origin: self.report.origin(root.line),
-                    destination,
-                    ports,
-                })
-            }
-            _ => None,
-        };
-        Item::Rule { name, rule }
-    }
-
-    /// `spec.destination.service`.
-    fn destination(&mut self, spec: &Fields<'_>) -> Option<IpNet> {
-        let destination = self.sub_mapping(spec, "destination", &["service"], &[], true)?;
-        let entry = self.require(&destination, "service")?;
-        let path = "spec.destination.service";
-        let service = self.string(path, &entry.value)?;
-        match addr::parse_net(service) {
-            Ok(net) => Some(net),
-            Err(AddrError::HostName { .. }) => {
-                self.report.field_error(
-                    entry.value.line,
-                    path,
-                    format!(
-                        "host name destinations (`{service}`) are not supported yet; \
-                         use a CIDR or an IP address"
-                    ),
-                );
-                None
-            }
-            Err(e) => {
-                self.report
-                    .field_error(entry.value.line, path, e.to_string());
-                None
-            }
-        }
-    }
-
-    /// `spec.ports`: at least one, no duplicates.
-    fn ports(&mut self, spec: &Fields<'_>) -> Option<Vec<PortRule>> {
-        let entry = self.require(spec, "ports")?;
-        let Value::Seq(items) = &entry.value.value else {
-            self.wrong_type("spec.ports", &entry.value, "a sequence");
-            return None;
-        };
-        if items.is_empty() {
-            self.report.field_error(
-                entry.value.line,
-                "spec.ports",
-                "a rule needs at least one port",
-            );
-            return None;
-        }
-        let mut ports = Vec::with_capacity(items.len());
-        let mut seen: HashMap<PortRule, usize> = HashMap::new();
-        let mut ok = true;
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("spec.ports[{i}]");
-            let Some(fields) = self.mapping_of(&path, item.line, item, &["port", "protocol"], &[])
-            else {
-                ok = false;
-                continue;
-            };
-            let port = self
-                .require(&fields, "port")
-                .and_then(|e| self.port(&path, e));
-            let protocol = self
-                .require(&fields, "protocol")
-                .and_then(|e| self.protocol(&path, e));
-            let (Some(port), Some(protocol)) = (port, protocol) else {
-                ok = false;
-                continue;
-            };
-            let rule = PortRule { port, protocol };
-            // Rejected rather than merged: a repeated port is more often a typo for another
-            // one (443 twice where 8443 was meant) than a deliberate repeat.
-            if let Some(first) = seen.get(&rule) {
-                self.report.field_error(
-                    item.line,
-                    &path,
-                    format!("duplicate port {port}/{protocol} (also spec.ports[{first}])"),
-                );
-                ok = false;
-                continue;
-            }
-            seen.insert(rule, i);
-            ports.push(rule);
-        }
-        ok.then_some(ports)
-    }
-
-    /// `spec.ports[i].port`: an integer 1..=65535.
+    /// The field `port` of the mapping at `path`: an integer 1..=65535.
     fn port(&mut self, path: &str, entry: &Entry) -> Option<u16> {
-        let path = join(path, "port");
-        let node = &entry.value;
+        self.port_value(&join(path, "port"), &entry.value)
+    }
+
+    /// `node` (at `path`) as a port: an integer 1..=65535, written without a leading zero.
+    fn port_value(&mut self, path: &str, node: &Node) -> Option<u16> {
         let text = match &node.value {
             Value::Scalar(s) if s.kind == ScalarKind::Int => &s.text,
             _ => {
-                self.wrong_type(&path, node, "a port number (1-65535)");
+                self.wrong_type(path, node, "a port number (1-65535)");
                 return None;
             }
         };
@@ -362,7 +287,7 @@ impl Walk<'_> {
             // refuse the ambiguity rather than pick one.
             self.report.field_error(
                 node.line,
-                &path,
+                path,
                 format!("`{text}` has a leading zero, which some YAML readers take as octal"),
             );
             return None;
@@ -374,7 +299,7 @@ impl Walk<'_> {
             _ => {
                 self.report.field_error(
                     node.line,
-                    &path,
+                    path,
                     format!("{text} is not a valid port (1-65535)"),
                 );
                 None
@@ -382,97 +307,14 @@ impl Walk<'_> {
         }
     }
 
-    /// `spec.ports[i].protocol`: `tcp` in any case, as the Istio docs write both.
-    fn protocol(&mut self, path: &str, entry: &Entry) -> Option<Protocol> {
-        let path = join(path, "protocol");
-        let text = self.string(&path, &entry.value)?;
-        let message = match text.to_ascii_lowercase().as_str() {
-            "tcp" => return Some(Protocol::Tcp),
-            "http" | "https" | "udp" => {
-                format!("protocol `{text}` is not supported yet (only tcp for now)")
-            }
-            _ => format!("unknown protocol `{text}` (expected tcp)"),
-        };
-        self.report.field_error(entry.value.line, &path, message);
-        None
-    }
-
-    /// A `kind: EgressConfig` document.
-    fn config(&mut self, doc: &Fields<'_>) -> Option<Config> {
-        let errors_before = self.report.error_count();
-        // The config needs no name, but one is checked like a rule's when given.
-        self.name(doc, false);
-        let mut config = Config::default();
-        if let Some(spec) = self.sub_mapping(doc, "spec", &["mode", "bypass"], &[], false) {
-            if let Some(entry) = spec.get("mode") {
-                config.mode = self.mode(&entry.value);
-            }
-            if let Some(entry) = spec.get("bypass") {
-                config.bypass = self.bypass(&entry.value);
-            }
+    /// `node` (at `path`) as a sequence.
+    fn sequence<'n>(&mut self, path: &str, node: &'n Node) -> Option<&'n [Node]> {
+        if let Value::Seq(items) = &node.value {
+            Some(items)
+        } else {
+            self.wrong_type(path, node, "a sequence");
+            None
         }
-        (self.report.error_count() == errors_before).then_some(config)
-    }
-
-    /// `spec.mode`.
-    fn mode(&mut self, node: &Node) -> Option<Mode> {
-        match self.string("spec.mode", node)? {
-            "enforce" => Some(Mode::Enforce),
-            "audit" => Some(Mode::Audit),
-            other => {
-                self.report.field_error(
-                    node.line,
-                    "spec.mode",
-                    format!("unknown mode `{other}` (expected enforce or audit)"),
-                );
-                None
-            }
-        }
-    }
-
-    /// `spec.bypass`: CIDRs or single addresses, no duplicates.
-    fn bypass(&mut self, node: &Node) -> Option<Vec<IpNet>> {
-        let Value::Seq(items) = &node.value else {
-            self.wrong_type("spec.bypass", node, "a sequence");
-            return None;
-        };
-        let mut nets: Vec<IpNet> = Vec::with_capacity(items.len());
-        let mut ok = true;
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("spec.bypass[{i}]");
-            let Some(text) = self.string(&path, item) else {
-                ok = false;
-                continue;
-            };
-            match addr::parse_net(text) {
-                Ok(net) => {
-                    if let Some(first) = nets.iter().position(|n| *n == net) {
-                        self.report.field_error(
-                            item.line,
-                            &path,
-                            format!("duplicate of spec.bypass[{first}] ({net})"),
-                        );
-                        ok = false;
-                    }
-                    nets.push(net);
-                }
-                Err(AddrError::HostName { .. }) => {
-                    self.report.field_error(
-                        item.line,
-                        &path,
-                        format!(
-                            "`{text}` is a host name; bypass entries are CIDRs or IP addresses"
-                        ),
-                    );
-                    ok = false;
-                }
-                Err(e) => {
-                    self.report.field_error(item.line, &path, e.to_string());
-                    ok = false;
-                }
-            }
-        }
-        ok.then_some(nets)
     }
 }
 
@@ -493,5 +335,23 @@ fn is_dns_subdomain(name: &str) -> bool {
         && name.len() <= 253
         && name.bytes().all(|b| ok_byte(b) || b == b'-' || b == b'.')
         && name.bytes().next().is_some_and(ok_byte)
+        && name.bytes().last().is_some_and(ok_byte)
+}
+
+/// An RFC 1123 label (a Kubernetes namespace): lowercase letters, digits and '-', starting and
+/// ending with a letter or digit, at most 63 characters. With `letter_first`, an RFC 1035
+/// label (a Kubernetes Service name), which must start with a letter.
+fn is_dns_label(name: &str, letter_first: bool) -> bool {
+    let ok_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let first_ok = |b: u8| {
+        if letter_first {
+            b.is_ascii_lowercase()
+        } else {
+            ok_byte(b)
+        }
+    };
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| ok_byte(b) || b == b'-')
+        && name.bytes().next().is_some_and(first_ok)
         && name.bytes().last().is_some_and(ok_byte)
 }

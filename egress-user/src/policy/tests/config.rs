@@ -1,0 +1,162 @@
+//! The EgressConfig's proxy port, `caFiles` and `hosts`: what they mean and what is refused.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use super::*;
+
+/// An EgressConfig with every new setting, one field a line: 1 kind, 2 spec, 3 proxy,
+/// 4 port, 5 caFiles, 6 and 7 the files, 8 hosts, 9 and 10 the hosts.
+const CONFIG: &str = "\
+kind: EgressConfig
+spec:
+  proxy:
+    port: 15002
+  caFiles:
+    - /etc/egress/ca.pem
+    - certs/extra.pem
+  hosts:
+    db.internal.test: [192.0.2.10, 2001:db8::10]
+    Cache.Internal.Test.: 192.0.2.11
+";
+
+/// `CONFIG` with the first `from` replaced by `to`.
+fn config_with(from: &str, to: &str) -> String {
+    assert!(CONFIG.contains(from), "{from:?} is not in CONFIG");
+    CONFIG.replacen(from, to, 1)
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("valid literal")
+}
+
+#[test]
+fn proxy_ca_files_and_hosts() {
+    let policy = loaded(CONFIG);
+    assert_eq!(policy.proxy, ProxySettings { port: 15002 });
+    // A source that is not a file has no directory: relative paths stay as written.
+    assert_eq!(
+        policy.ca_files,
+        [
+            PathBuf::from("/etc/egress/ca.pem"),
+            PathBuf::from("certs/extra.pem")
+        ]
+    );
+    let hosts: BTreeMap<String, Vec<IpAddr>> = [
+        ("cache.internal.test".to_owned(), vec![ip("192.0.2.11")]),
+        (
+            "db.internal.test".to_owned(),
+            vec![ip("192.0.2.10"), ip("2001:db8::10")],
+        ),
+    ]
+    .into();
+    assert_eq!(policy.hosts, hosts);
+    let shown = policy.to_string();
+    assert!(
+        shown.ends_with(
+            "\nproxy: port 15002\n\
+             caFiles: /etc/egress/ca.pem, certs/extra.pem\n\
+             hosts: 2\n\
+             cache.internal.test  192.0.2.11\n\
+             db.internal.test     192.0.2.10, 2001:db8::10\n"
+        ),
+        "{shown}"
+    );
+}
+
+#[test]
+fn defaults_when_not_given() {
+    let policy = loaded(RULE);
+    assert_eq!(policy.proxy.port, DEFAULT_PROXY_PORT);
+    assert!(policy.ca_files.is_empty());
+    assert!(policy.hosts.is_empty());
+    let policy = loaded("kind: EgressConfig\nspec:\n  proxy: {}\n  caFiles: []\n  hosts: {}\n");
+    assert_eq!(policy.proxy, ProxySettings::default());
+    assert!(policy.ca_files.is_empty());
+    assert!(policy.hosts.is_empty());
+}
+
+#[test]
+fn ca_files_are_relative_to_the_policy_file() {
+    let dir = std::env::temp_dir().join(format!("egress-ca-files-{}", std::process::id()));
+    let sub = dir.join("policy");
+    std::fs::create_dir_all(&sub).expect("temp dir");
+    let file = sub.join("config.yaml");
+    std::fs::write(&file, CONFIG).expect("write");
+    let result = load_files(std::slice::from_ref(&file));
+    let _ = std::fs::remove_dir_all(&dir);
+    let policy = result.unwrap_or_else(|e| panic!("should load, got:\n{e}"));
+    assert_eq!(
+        policy.ca_files,
+        [
+            PathBuf::from("/etc/egress/ca.pem"),
+            std::path::absolute(sub.join("certs/extra.pem")).expect("absolute")
+        ]
+    );
+    assert!(policy.ca_files.iter().all(|p| p.is_absolute()));
+}
+
+rejects! {
+    proxy_port_zero: config_with("port: 15002", "port: 0")
+        => "p.yaml:4: spec.proxy.port: 0 is not a valid port (1-65535)";
+    proxy_port_too_big: config_with("port: 15002", "port: 70000")
+        => "p.yaml:4: spec.proxy.port: 70000 is not a valid port (1-65535)";
+    proxy_port_string: config_with("port: 15002", "port: \"15002\"")
+        => "p.yaml:4: spec.proxy.port: expected a port number (1-65535), found a string \"15002\"";
+    proxy_unknown_field: config_with("    port: 15002\n", "    port: 15002\n    address: 0.0.0.0\n")
+        => "p.yaml:5: spec.proxy.address: unknown field (expected port)";
+    proxy_not_a_mapping: config_with("  proxy:\n    port: 15002\n", "  proxy: 15002\n")
+        => "p.yaml:3: spec.proxy: expected a mapping, found an integer `15002`";
+    ca_files_not_a_list: config_with(
+            "  caFiles:\n    - /etc/egress/ca.pem\n    - certs/extra.pem\n",
+            "  caFiles: /etc/egress/ca.pem\n")
+        => "p.yaml:5: spec.caFiles: expected a sequence, found a string \"/etc/egress/ca.pem\"";
+    ca_files_empty_path: config_with("certs/extra.pem", "\"\"")
+        => "p.yaml:7: spec.caFiles[1]: the path is empty";
+    ca_files_nul: config_with("certs/extra.pem", "\"a\\0b\"")
+        => "p.yaml:7: spec.caFiles[1]: the path contains a NUL character";
+    ca_files_duplicate: config_with("certs/extra.pem", "/etc/egress/ca.pem")
+        => "p.yaml:7: spec.caFiles[1]: duplicate of spec.caFiles[0] (/etc/egress/ca.pem)";
+    ca_files_number: config_with("certs/extra.pem", "42")
+        => "p.yaml:7: spec.caFiles[1]: expected a string, found an integer `42`";
+    hosts_bad_address: config_with("192.0.2.10,", "192.0.2.300,")
+        => "p.yaml:9: spec.hosts.db.internal.test[0]: `192.0.2.300`: octet `300` is over 255";
+    hosts_bad_single_address: config_with("192.0.2.11", "192.0.2.011")
+        => "p.yaml:10: spec.hosts.Cache.Internal.Test.: `192.0.2.011`: octet `011` has a leading zero";
+    hosts_network: config_with("192.0.2.10,", "192.0.2.0/24,")
+        => "p.yaml:9: spec.hosts.db.internal.test[0]: `192.0.2.0/24` is a network; a single IP \
+            address is needed here";
+    hosts_unspecified: config_with("192.0.2.11", "0.0.0.0")
+        => "p.yaml:10: spec.hosts.Cache.Internal.Test.: `0.0.0.0` is not an address a host can \
+            have";
+    hosts_ipv4_mapped: config_with("2001:db8::10", "\"::ffff:192.0.2.10\"")
+        => "p.yaml:9: spec.hosts.db.internal.test[1]: `::ffff:192.0.2.10` is an IPv4-mapped IPv6 \
+            address; write `192.0.2.10`";
+    hosts_name_as_address: config_with("192.0.2.11", "db.internal.test")
+        => "p.yaml:10: spec.hosts.Cache.Internal.Test.: `db.internal.test` is a host name; \
+            spec.hosts entries map names to IP addresses";
+    hosts_duplicate_address: config_with("2001:db8::10", "192.0.2.10")
+        => "p.yaml:9: spec.hosts.db.internal.test[1]: duplicate of \
+            spec.hosts.db.internal.test[0] (192.0.2.10)";
+    hosts_no_address: config_with("[192.0.2.10, 2001:db8::10]", "[]")
+        => "p.yaml:9: spec.hosts.db.internal.test: a host needs at least one address";
+    hosts_null_address: config_with(" [192.0.2.10, 2001:db8::10]", "")
+        => "p.yaml:9: spec.hosts.db.internal.test: expected an IP address or a list of them, \
+            found nothing";
+    hosts_key_is_an_ip: config_with("db.internal.test:", "192.0.2.1:")
+        => "p.yaml:9: spec.hosts.192.0.2.1: `192.0.2.1` is an IP address; spec.hosts maps host \
+            names to addresses";
+    hosts_key_is_a_wildcard: config_with("db.internal.test:", "\"*.internal.test\":")
+        => "p.yaml:9: spec.hosts.*.internal.test: `*.internal.test` is a wildcard; each \
+            spec.hosts entry names one host";
+    hosts_key_bad_label: config_with("db.internal.test:", "db_1.internal.test:")
+        => "p.yaml:9: spec.hosts.db_1.internal.test: `db_1.internal.test`: label `db_1` may hold \
+            only letters, digits and '-'";
+    hosts_same_host_twice: config_with("Cache.Internal.Test.", "DB.internal.test.")
+        => "p.yaml:10: spec.hosts.DB.internal.test.: the same host as `db.internal.test` on line 9 \
+            (both are `db.internal.test`)";
+    hosts_not_a_mapping: config_with(
+            "  hosts:\n    db.internal.test: [192.0.2.10, 2001:db8::10]\n    \
+             Cache.Internal.Test.: 192.0.2.11\n",
+            "  hosts: [db.internal.test]\n")
+        => "p.yaml:8: spec.hosts: expected a mapping of host names to addresses, found a sequence";
+}

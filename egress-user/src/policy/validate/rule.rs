@@ -1,0 +1,304 @@
+//! `kind: EgressRule`: a destination and its ports. The destination decides what the rule is:
+//! a CIDR or IP address with tcp ports is a kernel rule ([`Rule`]); a host name or
+//! `*.`-wildcard with http/https ports is a proxy rule ([`HttpRule`]). Every other pairing is
+//! refused with what to write instead.
+
+use std::{collections::HashMap, fmt};
+
+use ipnet::IpNet;
+
+use super::{EgressRule, Fields, Item, Walk};
+use crate::policy::{
+    addr, host,
+    model::{HostPattern, HttpPort, HttpProtocol, HttpRule, PortRule, Protocol, Rule},
+    yaml::{Entry, Node},
+};
+
+/// The field path of the destination, in messages.
+const SERVICE_PATH: &str = "spec.destination.service";
+
+/// A port's protocol as written: tcp goes to the kernel, http and https to the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortProtocol {
+    /// `tcp`.
+    Tcp,
+    /// `http` or `https`.
+    Http(HttpProtocol),
+}
+
+impl fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp => Protocol::Tcp.fmt(f),
+            Self::Http(protocol) => protocol.fmt(f),
+        }
+    }
+}
+
+/// One checked `spec.ports[]` entry.
+#[derive(Clone, Copy, Debug)]
+struct PortSpec {
+    /// 1..=65535.
+    port: u16,
+    /// Its protocol.
+    protocol: PortProtocol,
+    /// Line of the item, where a problem with the whole port is reported.
+    line: usize,
+    /// Line of the `protocol` value, where a protocol that does not fit is reported.
+    protocol_line: usize,
+}
+
+/// `spec.destination.service`, classified.
+enum Destination {
+    /// A CIDR or a single address.
+    Net(IpNet),
+    /// A host name or wildcard, normalised.
+    Host(HostPattern),
+}
+
+impl Walk<'_> {
+    /// A `kind: EgressRule` document.
+    pub(super) fn rule(&mut self, root: &Node, doc: &Fields<'_>) -> Item {
+        let errors_before = self.report.error_count();
+        let name = self.name(doc, true);
+        let spec = self.sub_mapping(doc, "spec", &["destination", "ports"], &[], true);
+        let destination = spec.as_ref().and_then(|spec| self.destination(spec));
+        let ports = spec.as_ref().and_then(|spec| self.ports(spec));
+        // One family of protocols per rule, checked even when the destination is wrong.
+        let ports = ports.filter(|ports| self.one_family(ports));
+        let rule = match (destination, ports) {
+            (Some((destination, line)), Some(ports)) => self.pair(destination, line, &ports),
+            _ => None,
+        };
+        let rule = match (&name, rule) {
+            (Some((name, _)), Some(rule)) if self.report.error_count() == errors_before => {
+                let (name, origin) = (name.clone(), self.report.origin(root.line));
+                Some(match rule {
+                    Paired::Tcp(destination, ports) => EgressRule::Tcp(Rule {
+                        name,
+                        origin,
+                        destination,
+                        ports,
+                    }),
+                    Paired::Http(host, ports, port_lines) => EgressRule::Http {
+                        rule: HttpRule {
+                            name,
+                            origin,
+                            host,
+                            ports,
+                        },
+                        port_lines,
+                    },
+                })
+            }
+            _ => None,
+        };
+        Item::Rule { name, rule }
+    }
+
+    /// Whether the ports are all tcp or all http/https (reported when not): the two go to
+    /// different places, the kernel and the proxy, with different kinds of destination.
+    fn one_family(&mut self, ports: &[PortSpec]) -> bool {
+        let Some(first) = ports.first() else {
+            return true;
+        };
+        let is_tcp = |p: &PortSpec| p.protocol == PortProtocol::Tcp;
+        if let Some((i, other)) = ports
+            .iter()
+            .enumerate()
+            .find(|(_, p)| is_tcp(p) != is_tcp(first))
+        {
+            self.report.field_error(
+                other.protocol_line,
+                &format!("spec.ports[{i}].protocol"),
+                format!(
+                    "`{}` and `{}` (spec.ports[0]) cannot share a rule: tcp ports need an \
+                     IP/CIDR destination and http/https ports a host name; write two rules",
+                    other.protocol, first.protocol
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Checks that the destination and the ports (of one family) go together: tcp with an
+    /// address, http/https with a host name.
+    fn pair(
+        &mut self,
+        destination: Destination,
+        service_line: usize,
+        ports: &[PortSpec],
+    ) -> Option<Paired> {
+        let first = ports.first()?;
+        let is_tcp = first.protocol == PortProtocol::Tcp;
+        match destination {
+            Destination::Net(net) if is_tcp => Some(Paired::Tcp(
+                net,
+                ports
+                    .iter()
+                    .map(|p| PortRule {
+                        port: p.port,
+                        protocol: Protocol::Tcp,
+                    })
+                    .collect(),
+            )),
+            Destination::Host(host) if !is_tcp => Some(Paired::Http(
+                host,
+                ports
+                    .iter()
+                    .filter_map(|p| match p.protocol {
+                        PortProtocol::Http(protocol) => Some(HttpPort {
+                            port: p.port,
+                            protocol,
+                        }),
+                        PortProtocol::Tcp => None,
+                    })
+                    .collect(),
+                ports.iter().map(|p| p.line).collect(),
+            )),
+            Destination::Host(_) => {
+                self.report.field_error(
+                    service_line,
+                    SERVICE_PATH,
+                    "tcp rules with a host name (FQDN rules) are not supported yet; \
+                     use an IP/CIDR, or protocol http/https",
+                );
+                None
+            }
+            Destination::Net(net) => {
+                self.report.field_error(
+                    service_line,
+                    SERVICE_PATH,
+                    format!(
+                        "http/https rules need a host name destination, and `{net}` is an \
+                         address; use protocol tcp for an IP/CIDR"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// `spec.destination.service` and the line of its value: what looks like an address is
+    /// parsed as one (so `10.0.0.1/24` gets the address's message), anything else as a host
+    /// name or wildcard.
+    fn destination(&mut self, spec: &Fields<'_>) -> Option<(Destination, usize)> {
+        let destination = self.sub_mapping(spec, "destination", &["service"], &[], true)?;
+        let entry = self.require(&destination, "service")?;
+        let service = self.string(SERVICE_PATH, &entry.value)?;
+        let line = entry.value.line;
+        let looks_like_address = service.contains(['/', ':'])
+            || service.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        let parsed = if service.is_empty() {
+            Err(
+                "the destination is empty (expected a CIDR, an IP address or a host name)"
+                    .to_owned(),
+            )
+        } else if looks_like_address {
+            addr::parse_net(service)
+                .map(Destination::Net)
+                .map_err(|e| e.to_string())
+        } else {
+            host::parse_pattern(service)
+                .map(Destination::Host)
+                .map_err(|e| e.to_string())
+        };
+        match parsed {
+            Ok(destination) => Some((destination, line)),
+            Err(message) => {
+                self.report.field_error(line, SERVICE_PATH, message);
+                None
+            }
+        }
+    }
+
+    /// `spec.ports`: at least one, each port number once.
+    fn ports(&mut self, spec: &Fields<'_>) -> Option<Vec<PortSpec>> {
+        let entry = self.require(spec, "ports")?;
+        let items = self.sequence("spec.ports", &entry.value)?;
+        if items.is_empty() {
+            self.report.field_error(
+                entry.value.line,
+                "spec.ports",
+                "a rule needs at least one port",
+            );
+            return None;
+        }
+        let mut ports: Vec<PortSpec> = Vec::with_capacity(items.len());
+        let mut seen: HashMap<u16, usize> = HashMap::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("spec.ports[{i}]");
+            let Some(fields) = self.mapping_of(&path, item.line, item, &["port", "protocol"], &[])
+            else {
+                ok = false;
+                continue;
+            };
+            let port = self
+                .require(&fields, "port")
+                .and_then(|e| self.port(&path, e));
+            let protocol = self
+                .require(&fields, "protocol")
+                .and_then(|e| self.protocol(&path, e).map(|p| (p, e.value.line)));
+            let (Some(port), Some((protocol, protocol_line))) = (port, protocol) else {
+                ok = false;
+                continue;
+            };
+            // Rejected rather than merged: a repeated port is more often a typo for another
+            // one (443 twice where 8443 was meant) than a deliberate repeat, and one port
+            // cannot be both plain and TLS-originating.
+            if let Some(&first) = seen.get(&port) {
+                let earlier = ports[first].protocol;
+                let message = if earlier == protocol {
+                    format!("duplicate port {port}/{protocol} (also spec.ports[{first}])")
+                } else {
+                    format!(
+                        "port {port} is already spec.ports[{first}] as {port}/{earlier}; \
+                         a port has one protocol in a rule"
+                    )
+                };
+                self.report.field_error(item.line, &path, message);
+                ok = false;
+                continue;
+            }
+            seen.insert(port, ports.len());
+            ports.push(PortSpec {
+                port,
+                protocol,
+                line: item.line,
+                protocol_line,
+            });
+        }
+        ok.then_some(ports)
+    }
+
+    /// `spec.ports[i].protocol`: tcp, http or https, in any case, as the Istio docs write
+    /// both `tcp` and `HTTP`.
+    fn protocol(&mut self, path: &str, entry: &Entry) -> Option<PortProtocol> {
+        let path = format!("{path}.protocol");
+        let text = self.string(&path, &entry.value)?;
+        let message = match text.to_ascii_lowercase().as_str() {
+            "tcp" => return Some(PortProtocol::Tcp),
+            "http" => return Some(PortProtocol::Http(HttpProtocol::Http)),
+            "https" => return Some(PortProtocol::Http(HttpProtocol::Https)),
+            "udp" => {
+                format!("protocol `{text}` is not supported yet (expected tcp, http or https)")
+            }
+            _ => format!(
+                "unknown protocol `{}` (expected tcp, http or https)",
+                text.escape_debug()
+            ),
+        };
+        self.report.field_error(entry.value.line, &path, message);
+        None
+    }
+}
+
+/// A destination and ports that go together.
+enum Paired {
+    /// An address range and tcp ports.
+    Tcp(IpNet, Vec<PortRule>),
+    /// A host pattern, http/https ports and the line of each port.
+    Http(HostPattern, Vec<HttpPort>, Vec<usize>),
+}
