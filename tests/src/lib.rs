@@ -3,6 +3,8 @@
 //! test fails), a [`Sink`] server that counts what reaches it, and the probe that plays the
 //! workload.
 //!
+//! [`upstream`] has the HTTP and TLS servers of the HTTP egress tests.
+//!
 //! Network safety: every address here is assigned by the sandbox to a veth interface whose peer is also inside
 //! the sandbox's own namespace (TEST-NET ranges and 2001:db8::/32), so a filter that failed
 //! open still could not send a packet off the machine.
@@ -48,6 +50,8 @@ macro_rules! egress_bin {
         env!("CARGO_BIN_EXE_egress-cli")
     };
 }
+
+pub mod upstream;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -134,6 +138,37 @@ impl Sandbox {
         sandbox
     }
 
+    /// Writes the hosts file `ip netns exec` gives processes in this namespace
+    /// (`/etc/netns/NAME/hosts`): made-up names for the test's own addresses.
+    pub fn hosts(&self, lines: &str) {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        fs::create_dir_all(&dir).expect("creating /etc/netns/NAME");
+        fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n::1 localhost\n{lines}\n"))
+            .expect("writing hosts");
+    }
+
+    /// Adds many addresses at once (`ip -batch`).
+    pub fn add_addrs(&self, cidrs: &[String]) {
+        let batch: String = cidrs.iter().map(|c| format!("addr add {c} dev d0 nodad\n")).collect();
+        let file = std::env::temp_dir().join(format!("{}-addrs", self.name));
+        fs::write(&file, batch).expect("batch file");
+        sh(&["ip", "-n", &self.name, "-batch", file.to_str().expect("utf-8")]);
+        let _ = fs::remove_file(file);
+    }
+
+    /// Runs the probe in HTTP mode from inside the managed cgroup: `request` goes to each
+    /// address over its own connection, all open at once. Returns the probe's stdout.
+    pub fn http(&self, probe: &str, request: &str, addrs: &[SocketAddr]) -> String {
+        let out = Command::new(probe)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--netns", &self.name, "--http", request])
+            .args(addrs.iter().map(ToString::to_string))
+            .output()
+            .expect("running the probe");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Adds an address to the sandbox's interface (`ip addr add ... dev d0`).
     pub fn add_addr(&self, cidr: &str) {
         sh(&[
@@ -212,6 +247,7 @@ impl Drop for Sandbox {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }
 
@@ -338,7 +374,25 @@ pub struct Agent {
 impl Agent {
     /// Starts `egress run` with the given arguments and waits until it logs `ready`.
     pub fn start(egress: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(egress)
+        Self::spawn(Command::new(egress), args)
+    }
+
+        /// Starts `egress run` inside the sandbox's network namespace, where the proxy must run
+    /// for the loopback redirect to reach it. `nsenter --net` switches only the network
+    /// namespace: `ip netns exec` would also remount /sys, hiding the cgroup2 and bpffs mounts.
+    pub fn start_in(sandbox: &Sandbox, egress: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", sandbox.name)).arg(egress);
+        Self::spawn(cmd, args)
+    }
+
+    /// The agent's process id (`nsenter` execs it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Self {
+        let mut child = cmd
             .arg("run")
             .args(args)
             .env("EGRESS_LOG", "info")

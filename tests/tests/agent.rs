@@ -36,7 +36,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
 
-    let first = Agent::start(EGRESS, &run_args(&sb, &p8080));
+    let first = Agent::start_in(&sb, EGRESS, &run_args(&sb, &p8080));
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
     // The agent logs the denial with the destination and the process.
@@ -60,7 +60,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     );
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
 
-    let second = Agent::start(EGRESS, &run_args(&sb, &p9090));
+    let second = Agent::start_in(&sb, EGRESS, &run_args(&sb, &p9090));
     assert!(second.log().contains("generation=2"), "{}", second.log());
     assert_eq!(
         sb.connect(PROBE, s9090.addr()),
@@ -136,7 +136,7 @@ fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     );
     assert_eq!(denied.accepted(), 0);
 
-    let _agent = Agent::start(EGRESS, &run_args(&sb, &policy));
+    let _agent = Agent::start_in(&sb, EGRESS, &run_args(&sb, &policy));
     let out = exec("192.0.2.1:9090");
     assert_eq!(
         out.status.code(),

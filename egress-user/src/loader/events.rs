@@ -140,6 +140,40 @@ pub fn log(e: &EventRecord) {
     }
 }
 
+/// Logs a proxied request (or a connection the proxy refused) in the same form as the
+/// kernel's verdicts: refusals and errors as warnings, the rest as info.
+pub fn log_request(e: &crate::proxy::RequestEvent) {
+    let rule = e.rule.as_deref().unwrap_or(super::NO_RULE_NAME);
+    let orig_dst = e.orig_dst.map(|a| a.to_string()).unwrap_or_default();
+    let upstream = e.upstream.map(|a| a.to_string()).unwrap_or_default();
+    let reason = e.reason.as_deref().unwrap_or("");
+    macro_rules! emit {
+        ($level:ident) => {
+            tracing::$level!(
+                rule = %rule,
+                host = %e.host,
+                method = %e.method,
+                path = %e.path,
+                status = e.status,
+                bytes_in = e.bytes_in,
+                bytes_out = e.bytes_out,
+                latency_ms = e.latency.as_secs_f64() * 1000.0,
+                client = %e.client,
+                orig_dst = %orig_dst,
+                upstream = %upstream,
+                reason = %reason,
+                "http {}",
+                e.status
+            )
+        };
+    }
+    if e.status == 0 || e.status >= 400 {
+        emit!(warn);
+    } else {
+        emit!(info);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

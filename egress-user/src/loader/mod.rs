@@ -727,6 +727,12 @@ impl OrigDstTable {
     }
 }
 
+impl crate::proxy::OrigDst for OrigDstTable {
+    fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        self.take(peer)
+    }
+}
+
 /// The key the sockops program files a connection under: IPv4 (also a v4-mapped client) in
 /// the first four bytes.
 fn peer_key(peer: SocketAddr) -> PeerKey {

@@ -1,10 +1,20 @@
-//! The workload of the integration tests: joins a cgroup and a network namespace, makes one TCP
-//! connection, and reports the outcome on stdout as `connected` or `error <errno> <message>`.
+//! The workload of the integration tests: joins a cgroup and a network namespace, then either
+//! makes one TCP connection and reports the outcome, or speaks HTTP over it.
 //!
-//! Usage: `egress-probe [--cgroup DIR] [--netns NAME] ADDR:PORT`
-//! (an `[::ffff:a.b.c.d]:port` address makes an AF_INET6 socket, the dual-stack case).
+//! Usage:
+//! - `egress-probe [--cgroup DIR] [--netns NAME] ADDR:PORT` prints `connected` or
+//!   `error <errno> <message>`.
+//! - `egress-probe [--cgroup DIR] [--netns NAME] --http REQUEST ADDR:PORT...` connects to every
+//!   address first (so the connections are open at the same time), then on each sends
+//!   REQUEST (with `\r\n` written as the two characters backslash-r backslash-n, and `{addr}`
+//!   replaced by that connection's address), and prints for each, in order:
+//!   `peer <getpeername()>` or `error <errno> <message>`, then `status <status line>`,
+//!   `bytes <response bytes>`, and the first 4 KiB of the response between `begin` and `end`.
+//!
+//! An `[::ffff:a.b.c.d]:port` address makes an AF_INET6 socket, the dual-stack case.
 
 use std::{
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     process::ExitCode,
     time::Duration,
@@ -12,7 +22,8 @@ use std::{
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let mut target = None;
+    let mut targets = Vec::new();
+    let mut request = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--cgroup" => {
@@ -27,10 +38,47 @@ fn main() -> ExitCode {
                 let name = args.next().expect("--netns NAME");
                 egress_tests::enter_netns(&name);
             }
-            addr => target = Some(addr.parse::<SocketAddr>().expect("ADDR:PORT")),
+            "--http" => {
+                request = Some(
+                    args.next()
+                        .expect("--http REQUEST")
+                        .replace("\\r\\n", "\r\n"),
+                )
+            }
+            addr => targets.push(addr.parse::<SocketAddr>().expect("ADDR:PORT")),
         }
     }
-    let target = target.expect("usage: egress-probe [--cgroup DIR] [--netns NAME] ADDR:PORT");
+    assert!(
+        !targets.is_empty(),
+        "usage: egress-probe [--cgroup DIR] [--netns NAME] [--http REQUEST] ADDR:PORT..."
+    );
+    let Some(request) = request else {
+        return connect_once(targets[0]);
+    };
+    let conns: Vec<_> = targets
+        .iter()
+        .map(|t| (t, TcpStream::connect_timeout(t, Duration::from_secs(3))))
+        .collect();
+    let mut failed = false;
+    for (target, conn) in conns {
+        match conn
+            .and_then(|mut s| exchange(&mut s, &request.replace("{addr}", &target.to_string())))
+        {
+            Ok(out) => print!("{out}"),
+            Err(e) => {
+                failed = true;
+                println!("error {} {e}", e.raw_os_error().unwrap_or(0));
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn connect_once(target: SocketAddr) -> ExitCode {
     match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
         Ok(_) => {
             println!("connected");
@@ -41,4 +89,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Sends the request and reads until the server closes (or 10 s pass).
+fn exchange(stream: &mut TcpStream, request: &str) -> std::io::Result<String> {
+    let peer = stream.peer_addr()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut head = Vec::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n as u64;
+                if head.len() < 4096 {
+                    let take = n.min(4096 - head.len());
+                    head.extend_from_slice(&buf[..take]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status = text.lines().next().unwrap_or("");
+    Ok(format!(
+        "peer {peer}\nstatus {status}\nbytes {total}\nbegin\n{text}\nend\n"
+    ))
 }

@@ -1,0 +1,355 @@
+//! HTTP egress end to end, as in Istio's "Configuring Egress with Envoy" task: the app's
+//! connect() to an HTTP port is redirected in the kernel to the agent's proxy, which allows
+//! requests by Host, originates TLS, and resolves aliases. The agent runs inside the test's
+//! network namespace (the redirect goes to its loopback); upstreams are servers the test runs
+//! at addresses it assigned there, under made-up names.
+
+use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
+
+use egress_tests::{
+    Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, probe_bin, sa,
+    upstream::{TestCa, Upstream},
+};
+
+const EGRESS: &str = egress_bin!();
+const PROBE: &str = probe_bin!();
+
+/// The test's world: upstreams, a CA, a policy, and the agent enforcing it.
+struct World {
+    sb: Sandbox,
+    dir: PathBuf,
+    http: Upstream,
+    tls: Upstream,
+    rogue_tls: Upstream,
+    agent: Option<Agent>,
+}
+
+const POLICY: &str = r#"
+kind: EgressConfig
+metadata: {name: config}
+spec:
+  caFiles: [ca.pem]
+  hosts:
+    httpbin.test: [192.0.2.1]
+    secure.test: [192.0.2.1]
+    rogue.test: [198.51.100.1]
+---
+kind: EgressRule
+metadata: {name: httpbin}
+spec:
+  destination: {service: httpbin.test}
+  ports:
+    - {port: 80, protocol: http}
+---
+kind: EgressRule
+metadata: {name: secure}
+spec:
+  destination: {service: secure.test}
+  ports:
+    - {port: 443, protocol: https}
+---
+kind: EgressRule
+metadata: {name: rogue}
+spec:
+  destination: {service: rogue.test}
+  ports:
+    - {port: 443, protocol: https}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: securebin
+spec:
+  type: ExternalName
+  externalName: secure.test
+  ports:
+  - port: 443
+"#;
+
+impl World {
+    fn new() -> Self {
+        let sb = Sandbox::new();
+        let dir = std::env::temp_dir().join(format!("{}-http", sb.name));
+        fs::create_dir_all(&dir).expect("policy dir");
+        let ca = TestCa::new(&["secure.test"]);
+        // A server with a certificate for its own name, from a CA the agent does not trust.
+        let rogue_ca = TestCa::new(&["rogue.test"]);
+        fs::write(dir.join("ca.pem"), &ca.ca_pem).expect("ca.pem");
+        fs::write(dir.join("policy.yaml"), POLICY).expect("policy");
+        let http = Upstream::http(&sb.name, sa(V4_A, 80));
+        let tls = Upstream::tls(&sb.name, sa(V4_A, 443), &ca);
+        let rogue_tls = Upstream::tls(&sb.name, sa(V4_B, 443), &rogue_ca);
+        let mut world = Self {
+            sb,
+            dir,
+            http,
+            tls,
+            rogue_tls,
+            agent: None,
+        };
+        world.start_agent();
+        world
+    }
+
+    fn start_agent(&mut self) {
+        let policy = self.dir.join("policy.yaml");
+        let args = [
+            "--policy",
+            policy.to_str().expect("utf-8"),
+            "--cgroup",
+            self.sb.cgroup.to_str().expect("utf-8"),
+            "--pin-dir",
+            self.sb.pin_dir.to_str().expect("utf-8"),
+        ];
+        self.agent = Some(Agent::start_in(&self.sb, EGRESS, &args));
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    /// One request over its own connection to `addr`, from inside the managed cgroup.
+    fn get(&self, addr: SocketAddr, host: &str, path: &str) -> Response {
+        let req =
+            format!("GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
+        Response::parse(&self.sb.http(PROBE, &req, &[addr]))
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the probe printed for one connection.
+#[derive(Debug)]
+struct Response {
+    peer: String,
+    status: String,
+    bytes: u64,
+    text: String,
+    raw: String,
+}
+
+impl Response {
+    fn parse(out: &str) -> Self {
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or("")
+                .to_owned()
+        };
+        let text = out
+            .split_once("begin\n")
+            .and_then(|(_, r)| r.rsplit_once("\nend"))
+            .map_or("", |(t, _)| t);
+        Self {
+            peer: field("peer"),
+            status: field("status"),
+            bytes: field("bytes").parse().unwrap_or(0),
+            text: text.to_owned(),
+            raw: out.to_owned(),
+        }
+    }
+
+    fn code(&self) -> u16 {
+        self.status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn plain_http_by_host_and_tls_origination_as_in_the_seed() {
+    let w = World::new();
+    // curl http://httpbin.test/headers
+    let r = w.get(sa(V4_A, 80), "httpbin.test", "/headers");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    assert!(
+        r.text
+            .contains("upstream saw host=httpbin.test path=/headers sni=-"),
+        "{}",
+        r.raw
+    );
+    // The app's getpeername() shows where it connected, not the proxy.
+    assert_eq!(r.peer, "192.0.2.1:80");
+
+    // curl http://secure.test:443/: the app speaks HTTP, the upstream sees TLS for secure.test.
+    let r = w.get(sa(V4_A, 443), "secure.test:443", "/");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    assert!(r.text.contains("sni=secure.test"), "{}", r.raw);
+    assert_eq!(r.peer, "192.0.2.1:443");
+    let tls = w.tls.seen();
+    assert_eq!(tls.len(), 1);
+    assert_eq!(tls[0].sni.as_deref(), Some("secure.test"));
+
+    // The agent logged both requests with their rule and original destination.
+    w.agent()
+        .wait_for_log("path=/headers", Duration::from_secs(5));
+    let log = w.agent().log();
+    assert!(
+        log.lines().any(|l| l.contains("rule=httpbin")
+            && l.contains("status=200")
+            && l.contains("orig_dst=192.0.2.1:80")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("rule=secure") && l.contains("orig_dst=192.0.2.1:443")),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_externalname_alias_is_sent_to_its_external_name() {
+    let w = World::new();
+    // The app calls the alias; any address works for the connection, Host picks the alias.
+    let r = w.get(sa(V4_A, 443), "securebin", "/alias");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    assert!(
+        r.text
+            .contains("host=secure.test path=/alias sni=secure.test"),
+        "{}",
+        r.raw
+    );
+    let r = w.get(
+        sa(V4_A, 443),
+        "securebin.default.svc.cluster.local",
+        "/fqdn",
+    );
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    assert_eq!(w.tls.seen().len(), 2);
+}
+
+#[test]
+fn a_forbidden_host_on_an_allowed_address_gets_403_and_the_upstream_sees_nothing() {
+    let w = World::new();
+    let r = w.get(sa(V4_A, 80), "forbidden.test", "/");
+    assert_eq!(r.code(), 403, "{}", r.raw);
+    assert!(
+        r.text.contains("forbidden.test"),
+        "the reason names the host: {}",
+        r.raw
+    );
+    // A pipelined second request with a forbidden Host is refused on its own.
+    let req = "GET /one HTTP/1.1\\r\\nHost: httpbin.test\\r\\n\\r\\nGET /two HTTP/1.1\\r\\nHost: forbidden.test\\r\\nConnection: close\\r\\n\\r\\n";
+    let out = w.sb.http(PROBE, req, &[sa(V4_A, 80)]);
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("HTTP/1.1 403"), "{out}");
+    // CONNECT is refused.
+    let out = w.sb.http(
+        PROBE,
+        "CONNECT httpbin.test:80 HTTP/1.1\\r\\nHost: httpbin.test:80\\r\\n\\r\\n",
+        &[sa(V4_A, 80)],
+    );
+    let connect = Response::parse(&out);
+    assert!(matches!(connect.code(), 403 | 405), "{out}");
+    let seen = w.http.seen();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the allowed request reached the upstream: {seen:?}"
+    );
+    assert_eq!(seen[0].path, "/one");
+}
+
+#[test]
+fn an_upstream_certificate_from_an_untrusted_ca_gets_502() {
+    let w = World::new();
+    let r = w.get(sa(V4_B, 443), "rogue.test:443", "/");
+    assert_eq!(r.code(), 502, "{}", r.raw);
+    assert!(
+        r.text.to_ascii_lowercase().contains("certificate"),
+        "the reason says why: {}",
+        r.raw
+    );
+    assert!(
+        w.rogue_tls.seen().is_empty(),
+        "no request was sent over the untrusted connection"
+    );
+}
+
+#[test]
+fn with_the_proxy_stopped_redirected_connections_fail_and_never_go_direct() {
+    let mut w = World::new();
+    assert_eq!(w.get(sa(V4_A, 80), "httpbin.test", "/").code(), 200);
+    let agent = w.agent.take().expect("agent");
+    agent.signal(libc::SIGKILL);
+    let _ = agent.wait();
+    // The programs are still pinned and still redirect; nothing listens there.
+    match w.sb.connect(PROBE, sa(V4_A, 80)) {
+        Outcome::Other(text) => assert!(
+            text.contains(&format!("error {} ", libc::ECONNREFUSED)),
+            "{text}"
+        ),
+        other => panic!("a redirected connect with no proxy must fail, got {other:?}"),
+    }
+    assert_eq!(
+        w.http.seen().len(),
+        1,
+        "nothing reached the upstream directly"
+    );
+    // A restarted agent serves again.
+    w.start_agent();
+    assert_eq!(w.get(sa(V4_A, 80), "httpbin.test", "/again").code(), 200);
+}
+
+#[test]
+fn a_large_response_streams_through_with_bounded_proxy_memory() {
+    let w = World::new();
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let r = w.get(sa(V4_A, 80), "httpbin.test", &format!("/big/{SIZE}"));
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    assert!(r.bytes > SIZE, "the whole body arrived: {} bytes", r.bytes);
+    let status =
+        fs::read_to_string(format!("/proc/{}/status", w.agent().pid())).expect("agent status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    assert!(
+        peak_kib < 64 * 1024,
+        "the agent's peak RSS was {peak_kib} KiB for a 100 MiB body"
+    );
+}
+
+#[test]
+fn two_hundred_concurrent_connections_each_get_their_own_original_destination() {
+    let w = World::new();
+    let addrs: Vec<SocketAddr> = (1..=200u8)
+        .map(|i| sa(std::net::Ipv4Addr::new(198, 18, 0, i), 80))
+        .collect();
+    w.sb.add_addrs(
+        &addrs
+            .iter()
+            .map(|a| format!("{}/32", a.ip()))
+            .collect::<Vec<_>>(),
+    );
+    let out = w.sb.http(
+        PROBE,
+        "GET /conn/{addr} HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n",
+        &addrs,
+    );
+    let peers: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("peer "))
+        .collect();
+    let wanted: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    assert_eq!(peers, wanted, "every app socket shows its own destination");
+    assert_eq!(out.matches("status HTTP/1.1 200").count(), 200, "{out}");
+    w.agent()
+        .wait_for_log("path=/conn/198.18.0.200:80", Duration::from_secs(10));
+    let log = w.agent().log();
+    for a in &addrs {
+        assert!(
+            log.lines().any(|l| l.contains(&format!("path=/conn/{a} "))
+                && l.contains(&format!("orig_dst={a} "))),
+            "the proxy saw {a} as the original destination of its own request"
+        );
+    }
+}
