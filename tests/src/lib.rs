@@ -143,16 +143,28 @@ impl Sandbox {
     pub fn hosts(&self, lines: &str) {
         let dir = Path::new("/etc/netns").join(&self.name);
         fs::create_dir_all(&dir).expect("creating /etc/netns/NAME");
-        fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n::1 localhost\n{lines}\n"))
-            .expect("writing hosts");
+        fs::write(
+            dir.join("hosts"),
+            format!("127.0.0.1 localhost\n::1 localhost\n{lines}\n"),
+        )
+        .expect("writing hosts");
     }
 
     /// Adds many addresses at once (`ip -batch`).
     pub fn add_addrs(&self, cidrs: &[String]) {
-        let batch: String = cidrs.iter().map(|c| format!("addr add {c} dev d0 nodad\n")).collect();
+        let batch: String = cidrs
+            .iter()
+            .map(|c| format!("addr add {c} dev d0 nodad\n"))
+            .collect();
         let file = std::env::temp_dir().join(format!("{}-addrs", self.name));
         fs::write(&file, batch).expect("batch file");
-        sh(&["ip", "-n", &self.name, "-batch", file.to_str().expect("utf-8")]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.name,
+            "-batch",
+            file.to_str().expect("utf-8"),
+        ]);
         let _ = fs::remove_file(file);
     }
 
@@ -377,13 +389,69 @@ impl Agent {
         Self::spawn(Command::new(egress), args)
     }
 
-        /// Starts `egress run` inside the sandbox's network namespace, where the proxy must run
+    /// Starts `egress run` inside the sandbox's network namespace, where the proxy must run
     /// for the loopback redirect to reach it. `nsenter --net` switches only the network
     /// namespace: `ip netns exec` would also remount /sys, hiding the cgroup2 and bpffs mounts.
     pub fn start_in(sandbox: &Sandbox, egress: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", sandbox.name)).arg(egress);
+        cmd.arg(format!("--net=/run/netns/{}", sandbox.name))
+            .arg(egress);
         Self::spawn(cmd, args)
+    }
+
+    /// Like [`Agent::start_in`], but the agent first joins `cgroup` (when given) and sees
+    /// `hosts` as its `/etc/hosts` (when given, through a private mount namespace), so its
+    /// proxy resolves names with the system resolver as on a real host.
+    pub fn start_in_with(
+        sandbox: &Sandbox,
+        egress: &str,
+        args: &[&str],
+        cgroup: Option<&Path>,
+        hosts: Option<&Path>,
+    ) -> Self {
+        let mut script = String::new();
+        if let Some(cg) = cgroup {
+            script += &format!("echo $$ > '{}/cgroup.procs' && ", cg.display());
+        }
+        if let Some(h) = hosts {
+            script += &format!("mount --bind '{}' /etc/hosts && ", h.display());
+        }
+        script += &format!("exec nsenter --net=/run/netns/{} \"$@\"", sandbox.name);
+        // Every step execs in place, so the child's pid is the agent's.
+        let mut cmd = if hosts.is_some() {
+            let mut c = Command::new("unshare");
+            c.args(["-m", "--propagation", "private"]);
+            c.arg("sh");
+            c
+        } else {
+            Command::new("sh")
+        };
+        cmd.args(["-c", &script, "sh", egress]);
+        Self::spawn(cmd, args)
+    }
+
+    /// Starts `egress run` as [`Agent::start_in_with`] does and returns its exit status and
+    /// log, for an agent expected to refuse to start.
+    pub fn run_to_exit(
+        sandbox: &Sandbox,
+        egress: &str,
+        args: &[&str],
+        cgroup: &Path,
+    ) -> (std::process::ExitStatus, String) {
+        let script = format!(
+            "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/run/netns/{} \"$@\"",
+            cgroup.display(),
+            sandbox.name
+        );
+        let out = Command::new("sh")
+            .args(["-c", &script, "sh", egress, "run"])
+            .args(args)
+            .output()
+            .expect("running the agent");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// The agent's process id (`nsenter` execs it in place).

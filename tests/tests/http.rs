@@ -353,3 +353,106 @@ fn two_hundred_concurrent_connections_each_get_their_own_original_destination() 
         );
     }
 }
+
+fn run_args(sb: &Sandbox, policy: &std::path::Path) -> Vec<String> {
+    vec![
+        "--policy".into(),
+        policy.display().to_string(),
+        "--cgroup".into(),
+        sb.cgroup.display().to_string(),
+        "--pin-dir".into(),
+        sb.pin_dir.display().to_string(),
+    ]
+}
+
+/// The agent's own upstream connections are exempt by its cgroup id: an agent running below
+/// the managed cgroup still reaches the upstream instead of being redirected to itself. An
+/// agent in the managed cgroup itself refuses to start, since that exemption would cover
+/// every workload there.
+#[test]
+fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cgroup() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-exempt", sb.name));
+    fs::create_dir_all(&dir).expect("dir");
+    let policy = dir.join("policy.yaml");
+    fs::write(
+        &policy,
+        "kind: EgressConfig\nspec:\n  hosts: {httpbin.test: [192.0.2.1]}\n---\nkind: EgressRule\nmetadata: {name: httpbin}\nspec:\n  destination: {service: httpbin.test}\n  ports: [{port: 80, protocol: http}]\n",
+    )
+    .expect("policy");
+    let http = Upstream::http(&sb.name, sa(V4_A, 80));
+    let args = run_args(&sb, &policy);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let (status, log) = Agent::run_to_exit(&sb, EGRESS, &args, &sb.cgroup);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("runs in the managed cgroup"), "{log}");
+    assert!(
+        !sb.pin_dir.join("links").join("connect4").exists(),
+        "nothing was attached"
+    );
+
+    let agent_cgroup = sb.cgroup.join("agent");
+    fs::create_dir_all(&agent_cgroup).expect("agent cgroup");
+    let agent = Agent::start_in_with(&sb, EGRESS, &args, Some(&agent_cgroup), None);
+    let req = "GET /exempt HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n";
+    let r = Response::parse(&sb.http(PROBE, req, &[sa(V4_A, 80)]));
+    assert_eq!(r.code(), 200, "{}\n{}", r.raw, agent.log());
+    let seen = http.seen();
+    assert_eq!(
+        seen.len(),
+        1,
+        "one request, not a loop through the proxy: {seen:?}"
+    );
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Without a static override the proxy resolves the host with the system resolver (here
+/// `/etc/hosts`), and refuses an answer inside a bypass range (DNS rebinding).
+#[test]
+fn names_resolve_through_the_system_resolver_and_rebinding_to_a_bypass_range_gets_502() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-dns", sb.name));
+    fs::create_dir_all(&dir).expect("dir");
+    let hosts = dir.join("hosts");
+    fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n192.0.2.1 dns.test\n127.0.0.1 rebind.test\n",
+    )
+    .expect("hosts");
+    let policy = dir.join("policy.yaml");
+    fs::write(
+        &policy,
+        "kind: EgressRule\nmetadata: {name: dns}\nspec:\n  destination: {service: dns.test}\n  ports: [{port: 80, protocol: http}]\n---\nkind: EgressRule\nmetadata: {name: rebind}\nspec:\n  destination: {service: rebind.test}\n  ports: [{port: 80, protocol: http}]\n",
+    )
+    .expect("policy");
+    let http = Upstream::http(&sb.name, sa(V4_A, 80));
+    // Something listening where the rebinding answer points: it must see nothing.
+    let local = Upstream::http(&sb.name, sa(std::net::Ipv4Addr::LOCALHOST, 80));
+    let args = run_args(&sb, &policy);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start_in_with(&sb, EGRESS, &args, None, Some(&hosts));
+
+    let get = |host: &str| {
+        let req =
+            format!("GET /{host} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
+        Response::parse(&sb.http(PROBE, &req, &[sa(V4_A, 80)]))
+    };
+    let r = get("dns.test");
+    assert_eq!(r.code(), 200, "{}\n{}", r.raw, agent.log());
+    assert_eq!(http.seen().len(), 1);
+    let r = get("rebind.test");
+    assert_eq!(r.code(), 502, "{}", r.raw);
+    assert!(
+        r.text.contains("127.0.0.1"),
+        "the reason names the refused address: {}",
+        r.raw
+    );
+    assert!(
+        local.seen().is_empty(),
+        "nothing reached the loopback server"
+    );
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}
