@@ -42,6 +42,13 @@ impl Conn {
         framing: Framing,
         log: &mut RequestLog,
     ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
+        // RFC 9112 3.2.2: an absolute-form target wins over Host, which is then replaced.
+        let absolute = req.uri().authority().is_some();
+        let port = request_authority(&req).map(|(host, port)| {
+            // Known before any refusal, so that every event names the host it can.
+            log.host = host.into_owned();
+            port
+        });
         if let Framing::Ambiguous(why) = framing {
             return Err(ProxyError::AmbiguousFraming(why));
         }
@@ -51,13 +58,7 @@ impl Conn {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
-        // RFC 9112 3.2.2: an absolute-form target wins over Host, which is then replaced.
-        let absolute = req.uri().authority().is_some();
-        let port = {
-            let (host, port) = request_authority(&req)?;
-            log.host = host.into_owned();
-            port
-        };
+        let port = port?;
         if let Some(port) = port.filter(|&p| p != orig.port()) {
             return Err(ProxyError::PortMismatch {
                 request: port,
@@ -199,13 +200,12 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestLog) {
 fn answer(err: ProxyError, mut log: RequestLog, close: bool) -> Response<RespBody> {
     let status = err.status();
     let reason = err.reason();
+    // The consumer of the events logs every request; refusing an app's request is routine,
+    // while upstream and internal failures are worth a line even if their event is dropped.
     match err.side() {
-        Side::Client if status == StatusCode::FORBIDDEN => {
-            tracing::info!(host = %log.host, %reason, "request denied");
-        }
-        Side::Client => tracing::info!(host = %log.host, %reason, "bad request"),
-        Side::Upstream => tracing::warn!(host = %log.host, %reason, "upstream failed"),
-        Side::Internal => tracing::error!(host = %log.host, %reason, "internal error"),
+        Side::Client => tracing::debug!(host = %log.host, %status, %reason, "request refused"),
+        Side::Upstream => tracing::warn!(host = %log.host, %status, %reason, "upstream failed"),
+        Side::Internal => tracing::error!(host = %log.host, %status, %reason, "internal error"),
     }
     let body = format!("egress: {reason}\n");
     log.status = status.as_u16();

@@ -240,10 +240,22 @@ impl Dialer {
         let https = uri.scheme() == Some(&Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let timeout = self.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let work = async {
+            let addrs = self.addresses(host, port).await?;
             let mut last = None;
-            for addr in self.addresses(host, port).await? {
-                match dial(addr).await {
+            for (i, &addr) in addrs.iter().enumerate() {
+                // An address that drops SYNs must not eat the time the next one needs: each
+                // try gets an equal share of what is left, at least a second.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let tries_left = u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+                let share = (left / tries_left).max(Duration::from_secs(1));
+                let tried = tokio::time::timeout(share, dial(addr))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                    });
+                match tried {
                     Ok(tcp) => {
                         let _ = tcp.set_nodelay(true);
                         let stream = if https {
@@ -266,7 +278,7 @@ impl Dialer {
                 host: host.to_owned(),
             }))
         };
-        tokio::time::timeout(timeout, work)
+        tokio::time::timeout_at(deadline, work)
             .await
             .unwrap_or_else(|_| {
                 Err(ConnectError::Timeout {

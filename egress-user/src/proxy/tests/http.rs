@@ -196,7 +196,7 @@ async fn the_port_must_be_the_one_the_app_connected_to() {
 async fn connect_and_unredirected_connections_are_refused() {
     let up = Upstream::start("127.0.0.1").await;
     let port = up.addr.port();
-    let h = Harness::start(policy(
+    let mut h = Harness::start(policy(
         vec![rule("web", "httpbin.test", port, Http)],
         &["httpbin.test"],
     ))
@@ -223,6 +223,12 @@ async fn connect_and_unredirected_connections_are_refused() {
     assert_eq!(r.header("connection"), Some("close"));
     assert!(c.closed().await);
     assert_eq!(up.conns.load(Ordering::SeqCst), 0);
+    // The events name the host even for requests refused before the policy was consulted.
+    for _ in 0..2 {
+        let ev = h.event().await;
+        assert_eq!((ev.host.as_str(), ev.rule.as_deref()), ("httpbin.test", None));
+        assert!(matches!(ev.status, 400 | 405), "{ev:?}");
+    }
 }
 
 #[tokio::test]
