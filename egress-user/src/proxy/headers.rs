@@ -60,10 +60,19 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// True when the request asks to switch protocols: `Upgrade` present and `Connection` lists
-/// `upgrade` (RFC 9110 7.8).
+/// True when the request asks to switch to WebSocket: `Upgrade: websocket` (exactly one
+/// protocol) and `Connection` lists `upgrade` (RFC 9110 7.8, RFC 6455 4.1). Other upgrades
+/// (`h2c` above all) are not passed on: inside such a tunnel the app could send requests for
+/// other hosts to the same server (domain fronting), which the proxy could no longer check;
+/// without the hop-by-hop `Upgrade` the request goes on as a plain request.
 pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE)
+    let mut upgrades = headers.get_all(UPGRADE).iter();
+    let websocket = upgrades.next().is_some_and(|v| {
+        let v = v.as_bytes().trim_ascii();
+        let name = v.split(|&b| b == b'/').next().unwrap_or(v);
+        name.eq_ignore_ascii_case(b"websocket") && !v.contains(&b',')
+    }) && upgrades.next().is_none();
+    websocket
         && headers.get_all(CONNECTION).iter().any(|v| {
             v.as_bytes()
                 .split(|&b| b == b',')
@@ -123,6 +132,22 @@ mod tests {
         assert!(!h.contains_key("x-foo"));
 
         assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+        let up =
+            |p: &'static str| wants_upgrade(&map(&[("connection", "Upgrade"), ("upgrade", p)]));
+        assert!(up("WebSocket"));
+        assert!(!up("h2c"));
+        assert!(!up("websocket, h2c"));
+        assert!(!up("TLS/1.2"));
+
+        // Refused upgrades lose their hop-by-hop fields and go on as plain requests.
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAA"),
+        ]);
+        let upgrade = wants_upgrade(&h);
+        strip_hop_by_hop(&mut h, upgrade);
+        assert!(h.is_empty(), "{h:?}");
         assert!(!wants_upgrade(&map(&[("connection", "upgrade")])));
     }
 }

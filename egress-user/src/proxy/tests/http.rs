@@ -226,7 +226,10 @@ async fn connect_and_unredirected_connections_are_refused() {
     // The events name the host even for requests refused before the policy was consulted.
     for _ in 0..2 {
         let ev = h.event().await;
-        assert_eq!((ev.host.as_str(), ev.rule.as_deref()), ("httpbin.test", None));
+        assert_eq!(
+            (ev.host.as_str(), ev.rule.as_deref()),
+            ("httpbin.test", None)
+        );
         assert!(matches!(ev.status, 400 | 405), "{ev:?}");
     }
 }
@@ -455,6 +458,21 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
         (ev.status, ev.rule.as_deref(), ev.bytes_in, ev.bytes_out),
         (101, Some("ws"), 24, 24)
     );
+
+    // Only WebSocket: an h2c tunnel could carry requests for other hosts. The request goes on
+    // as a plain one, and the connection closes after it.
+    let mut c = h.connect(orig(port)).await;
+    c.send(
+        "GET / HTTP/1.1\r\nHost: ws.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.text().as_str()), (200, "not an upgrade"));
+    assert!(!up.last().headers.contains_key("upgrade"));
+    assert!(c.closed().await);
+    let ev = h.event().await;
+    assert_eq!((ev.status, ev.rule.as_deref()), (200, Some("ws")));
 }
 
 #[tokio::test]
