@@ -39,6 +39,8 @@
 //! connects; a netfilter ruleset let through a connection it should reject; the programs'
 //! `run_cnt` did not move by the number of connects.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod contender;
 mod report;
 mod rulesets;
@@ -52,10 +54,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::thousands;
 use contender::{Contender, Expect, chain};
 use egress_tests::{V4_A, sa};
 use egress_user::loader::Enforcer;
-use report::{Context, print_report, thousands, us};
+use report::{Context, print_report, us};
 use rulesets::{iptables_rules, nft_rules, policy_million, policy_one_port};
 use run_time::measure_run_time;
 

@@ -1,9 +1,10 @@
 //! The printed report: a markdown table per metric.
 
-use std::{fs, process::Command, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use crate::{
     Options,
+    common::{command_output, cpu_model, summary, thousands},
     contender::{Contender, Expect},
     run_time::RunTime,
 };
@@ -125,59 +126,7 @@ pub fn print_report(
     println!("{out}");
 }
 
-/// Median, min and max.
-pub fn summary(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let mid = v.len() / 2;
-    let median = if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    };
-    (median, v[0], v[v.len() - 1])
-}
-
 /// Nanoseconds to microseconds.
 pub fn us(ns: f64) -> f64 {
     ns / 1000.0
-}
-
-/// 10000 -> "10,000".
-pub fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-/// A command's trimmed stdout (for `uname -r` and `date`), or why it did not run.
-pub fn command_output(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("({program}: {e})"))
-}
-
-/// The first `model name` of /proc/cpuinfo.
-pub fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, m)| m.trim().to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
