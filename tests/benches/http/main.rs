@@ -1,0 +1,622 @@
+//! `cargo xtask bench http`: the HTTP egress proxy against no proxy and against Envoy
+//! (BENCHMARKS.md metrics 4 to 7): throughput and p99 for plain HTTP and for TLS origination,
+//! latency added at a fixed 1000 req/s, and the proxy's memory and CPU.
+//!
+//! # Method
+//! - One [`Sandbox`] (a fresh network namespace with no route out, a cgroup, a pin directory)
+//!   holds everything: nginx as the upstream on `192.0.2.1:80` and `:443` (TLS, a certificate
+//!   from a CA the bench makes), one worker, keep-alive, no access log, a fixed 1 KB body;
+//!   Envoy (1 worker) listening on `127.0.0.1:10080`/`:10443`; and `egress run` enforcing a
+//!   policy with `http`/`https` rules for `bench.test` on ports 80 and 443 on the sandbox's
+//!   cgroup, its proxy on `127.0.0.1:15001`.
+//! - Contenders: *direct* (the load generator to nginx's `192.0.2.1:80`), *egress* (the load
+//!   generator in the managed cgroup, connecting to `203.0.113.1:80` or `:443`, where nothing
+//!   listens: only the kernel's redirect to the proxy can answer) and *Envoy* (the load
+//!   generator to Envoy's listeners). For TLS origination the client sends plain HTTP with
+//!   `Host: bench.test:443`; the proxy speaks TLS 1.3 to nginx (SNI bench.test, the test CA the
+//!   only trusted root, the name checked) over pooled connections.
+//! - CPUs: the proxies run on CPU 0; the load generator on the last CPU; nginx on the load
+//!   generator's CPU by default (`--upstream-cpu`), so that a proxy has a core to itself and
+//!   its number is what one core of proxy does.
+//! - Metrics 4 and 5: `wrk -t1 -c50 -d5s --latency` (keep-alive), as fast as it goes.
+//!   Metric 6: `oha` at a fixed 1000 req/s over 16 connections for 5 s, with latency
+//!   correction; the added latency is the contender's p50/p90/p99 minus direct's in the same
+//!   round. Metric 7: `VmRSS` after start-up (idle) and half-way through the fixed-rate run;
+//!   CPU (`utime + stime` of the whole process from `/proc/PID/stat`) per 1000 requests at
+//!   1000 req/s and at full load.
+//! - After a warm-up run per contender and protocol, the contenders are interleaved: each
+//!   round runs plain (direct, egress, Envoy), then TLS (egress, Envoy), then the fixed rate
+//!   (direct, egress, Envoy), each list starting one contender later than in the round before.
+//!   Reported: median and min-max over rounds, and for egress the ratio to Envoy in the same
+//!   round.
+//!
+//! # Checks
+//! The bench stops with an error when: a run has a socket error or an answer with a status
+//! of 400 or more (wrk's "Non-2xx or 3xx responses") or any non-2xx (oha); nginx's `stub_status`
+//! counted fewer requests during a run than the client completed (a proxy answered itself);
+//! something answers on `203.0.113.1:80`/`:443` outside the cgroup (a direct path for the
+//! egress client); a proxy process exited.
+//!
+//! # Options (after `cargo bench -p egress-tests --bench http --`)
+//! `--rounds N` (5), `--seconds N` (wrk run length, 5), `--warmup N` (seconds, 1),
+//! `--connections N` (wrk, 50), `--rate N` (1000), `--rate-connections N` (16),
+//! `--rate-seconds N` (5), `--contenders direct,egress,envoy`, `--upstream-cpu load|proxy|any`,
+//! `--agent-log FILTER` (the agent's `EGRESS_LOG`; default: unset, its default),
+//! `--envoy PATH`, `--oha PATH` (`cargo xtask bench http` installs both and passes them),
+//! `--no-rate` (skip metric 6 and oha).
+
+#[path = "../common/mod.rs"]
+mod common;
+mod json;
+mod load;
+mod procfs;
+mod report;
+mod servers;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{Sandbox, V4_A, V4_C, sa, upstream::TestCa};
+use load::{Oha, RateRun, Target, Wrk, WrkRun};
+use servers::{Daemon, ENVOY_PLAIN, ENVOY_TLS, HOST, Nginx};
+
+pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench http -- [--rounds N] [--seconds N] \
+     [--warmup N] [--connections N] [--rate N] [--rate-connections N] [--rate-seconds N] \
+     [--contenders direct,egress,envoy] [--upstream-cpu load|proxy|any] [--agent-log FILTER] \
+     [--envoy PATH] [--oha PATH] [--no-rate]";
+
+/// Where nginx runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum UpstreamCpu {
+    /// With the load generator, so a proxy has its CPU to itself.
+    Load,
+    /// With the proxies.
+    Proxy,
+    /// Wherever the scheduler likes.
+    Any,
+}
+
+/// The contenders.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Direct,
+    Egress,
+    Envoy,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct (no proxy)",
+            Self::Egress => "egress proxy",
+            Self::Envoy => "Envoy",
+        }
+    }
+}
+
+/// Command-line options.
+pub struct Options {
+    pub rounds: usize,
+    pub seconds: u64,
+    pub warmup: u64,
+    pub connections: u32,
+    pub rate: u32,
+    pub rate_connections: u32,
+    pub rate_seconds: u64,
+    pub contenders: Vec<Kind>,
+    pub upstream_cpu: UpstreamCpu,
+    pub agent_log: Option<String>,
+    pub envoy: Option<PathBuf>,
+    pub oha: Option<PathBuf>,
+    pub no_rate: bool,
+    /// The arguments as given, less `--bench` and the tool paths `cargo xtask` adds: what
+    /// goes after `cargo xtask bench http --` to repeat the run.
+    pub shown_args: Vec<String>,
+}
+
+fn parse(args: &[String]) -> Options {
+    let mut options = Options {
+        rounds: 5,
+        seconds: 5,
+        warmup: 1,
+        connections: 50,
+        rate: 1000,
+        rate_connections: 16,
+        rate_seconds: 5,
+        contenders: vec![Kind::Direct, Kind::Egress, Kind::Envoy],
+        upstream_cpu: UpstreamCpu::Load,
+        agent_log: None,
+        envoy: None,
+        oha: None,
+        no_rate: false,
+        shown_args: Vec::new(),
+    };
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) || arg == "--bench" {
+            continue;
+        }
+        skip_value = arg == "--envoy" || arg == "--oha";
+        if !skip_value {
+            options.shown_args.push(arg.clone());
+        }
+    }
+    let mut args = args.iter();
+    let value = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> String {
+        args.next()
+            .unwrap_or_else(|| panic!("{flag} needs a value; {USAGE}"))
+            .clone()
+    };
+    let number = |text: String, flag: &str| -> u64 {
+        text.parse()
+            .unwrap_or_else(|e| panic!("{flag} {text}: {e}; {USAGE}"))
+    };
+    while let Some(arg) = args.next() {
+        let flag = arg.as_str();
+        match flag {
+            // cargo bench passes --bench to a harness = false target.
+            "--bench" => {}
+            "--rounds" => options.rounds = number(value(&mut args, flag), flag) as usize,
+            "--seconds" => options.seconds = number(value(&mut args, flag), flag),
+            "--warmup" => options.warmup = number(value(&mut args, flag), flag),
+            "--connections" => options.connections = number(value(&mut args, flag), flag) as u32,
+            "--rate" => options.rate = number(value(&mut args, flag), flag) as u32,
+            "--rate-connections" => {
+                options.rate_connections = number(value(&mut args, flag), flag) as u32;
+            }
+            "--rate-seconds" => options.rate_seconds = number(value(&mut args, flag), flag),
+            "--contenders" => {
+                options.contenders = value(&mut args, flag)
+                    .split(',')
+                    .map(|c| match c {
+                        "direct" => Kind::Direct,
+                        "egress" => Kind::Egress,
+                        "envoy" => Kind::Envoy,
+                        other => panic!("--contenders: unknown {other:?}; {USAGE}"),
+                    })
+                    .collect();
+            }
+            "--upstream-cpu" => {
+                options.upstream_cpu = match value(&mut args, flag).as_str() {
+                    "load" => UpstreamCpu::Load,
+                    "proxy" => UpstreamCpu::Proxy,
+                    "any" => UpstreamCpu::Any,
+                    other => panic!("--upstream-cpu load|proxy|any, not {other:?}"),
+                }
+            }
+            "--agent-log" => options.agent_log = Some(value(&mut args, flag)),
+            "--envoy" => options.envoy = Some(value(&mut args, flag).into()),
+            "--oha" => options.oha = Some(value(&mut args, flag).into()),
+            "--no-rate" => options.no_rate = true,
+            other => panic!("unknown argument {other:?}; {USAGE}"),
+        }
+    }
+    assert!(
+        options.rounds >= 1 && options.seconds >= 1 && options.rate_seconds >= 1,
+        "{USAGE}"
+    );
+    assert!(
+        !options.contenders.is_empty()
+            && (options.no_rate || options.contenders[0] == Kind::Direct),
+        "--contenders must start with direct unless --no-rate (metric 6 subtracts direct's latency)"
+    );
+    if options.contenders.contains(&Kind::Envoy) && options.envoy.is_none() {
+        panic!(
+            "--envoy PATH is needed for the Envoy contender (`cargo xtask bench http` installs it)"
+        );
+    }
+    if !options.no_rate && options.oha.is_none() {
+        panic!(
+            "--oha PATH is needed for metric 6 (`cargo xtask bench http` installs it), or --no-rate"
+        );
+    }
+    options
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test --benches`/`--all-targets` runs this target without --bench: nothing to do.
+    if !args.iter().any(|a| a == "--bench") {
+        eprintln!("http: a benchmark, run it with `cargo xtask bench http` (as root)");
+        return ExitCode::SUCCESS;
+    }
+    let options = parse(&args);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "bench http: must run as root (network namespaces, eBPF); use `cargo xtask bench http`"
+        );
+        return ExitCode::FAILURE;
+    }
+    run(&options);
+    ExitCode::SUCCESS
+}
+
+/// One wrk run of a contender, with what the proxy and the upstream did meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub run: WrkRun,
+    /// The proxy's CPU seconds per 1000 requests.
+    pub cpu_per_1k: Option<f64>,
+}
+
+/// One fixed-rate run of a contender.
+#[derive(Clone, Copy, Debug)]
+pub struct RateSample {
+    pub run: RateRun,
+    pub cpu_per_1k: Option<f64>,
+    /// The proxy's resident memory half-way through, MiB.
+    pub rss_mib: Option<f64>,
+}
+
+/// A contender: where its client connects, its proxy process, its results.
+pub struct Contender {
+    pub kind: Kind,
+    /// The proxy (none for direct).
+    pub daemon: Option<Daemon>,
+    pub plain_url: String,
+    /// None: the contender does not originate TLS (direct).
+    pub tls_url: Option<String>,
+    /// The cgroup its clients join (egress).
+    pub cgroup: Option<PathBuf>,
+    pub idle_rss_mib: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+    pub plain: Vec<Sample>,
+    pub tls: Vec<Sample>,
+    pub rate: Vec<RateSample>,
+}
+
+/// What the bench measures in one run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Phase {
+    Plain,
+    Tls,
+    Rate,
+}
+
+/// Everything one run of a contender needs.
+struct Bench<'a> {
+    options: &'a Options,
+    sandbox: &'a Sandbox,
+    nginx: &'a Nginx,
+    dir: &'a Path,
+    load_cpu: Option<usize>,
+}
+
+impl Bench<'_> {
+    fn target<'c>(&'c self, c: &'c Contender, phase: Phase) -> Target<'c> {
+        let (url, host) = match phase {
+            Phase::Plain | Phase::Rate => (c.plain_url.as_str(), HOST),
+            Phase::Tls => (
+                c.tls_url.as_deref().expect("a TLS contender"),
+                "bench.test:443",
+            ),
+        };
+        Target {
+            name: c.kind.name(),
+            url,
+            host,
+            netns: &self.sandbox.name,
+            cgroup: c.cgroup.as_deref(),
+            cpu: self.load_cpu,
+            dir: self.dir,
+        }
+    }
+
+    fn wrk(&self) -> Wrk {
+        Wrk {
+            connections: self.options.connections,
+            seconds: self.options.seconds,
+        }
+    }
+
+    fn oha(&self) -> Oha {
+        Oha {
+            bin: self.options.oha.clone().expect("checked in parse"),
+            rate: self.options.rate,
+            connections: self.options.rate_connections,
+            seconds: self.options.rate_seconds,
+        }
+    }
+
+    /// Checks that nginx answered at least the `completed` requests the client saw since
+    /// `before` (its counter then), and returns the new counter.
+    fn check_upstream(&self, c: &Contender, phase: Phase, before: u64, completed: u64) -> u64 {
+        let after = self.nginx.requests();
+        // The status request that read `after` counts itself.
+        let seen = after - before - 1;
+        assert!(
+            seen >= completed,
+            "{} ({phase:?}): the client completed {completed} requests but nginx answered only \
+             {seen}: something other than the upstream answered",
+            c.kind.name()
+        );
+        after
+    }
+
+    /// A wrk run of `seconds` (0: the configured length).
+    fn wrk_run(&self, c: &mut Contender, phase: Phase, seconds: u64) -> Sample {
+        let seconds = if seconds == 0 {
+            self.options.seconds
+        } else {
+            seconds
+        };
+        let pid = c.daemon.as_ref().map(Daemon::pid);
+        let before = self.nginx.requests();
+        let cpu = pid.map(procfs::cpu_seconds);
+        let run = self.wrk().run(&self.target(c, phase), seconds);
+        let cpu_per_1k = pid
+            .zip(cpu)
+            .map(|(pid, cpu)| (procfs::cpu_seconds(pid) - cpu) / run.requests as f64 * 1000.0);
+        self.check_upstream(c, phase, before, run.requests);
+        if let Some(d) = c.daemon.as_mut() {
+            d.check_alive();
+        }
+        Sample { run, cpu_per_1k }
+    }
+
+    fn rate_run(&self, c: &mut Contender) -> RateSample {
+        let pid = c.daemon.as_ref().map(Daemon::pid);
+        let before = self.nginx.requests();
+        let cpu = pid.map(procfs::cpu_seconds);
+        // Resident memory half-way through the run.
+        let half = Duration::from_millis(self.options.rate_seconds * 500);
+        let rss = pid.map(|pid| {
+            thread::spawn(move || {
+                thread::sleep(half);
+                procfs::rss_mib(pid)
+            })
+        });
+        let run = self.oha().run(&self.target(c, Phase::Rate));
+        let rss_mib = rss.map(|t| t.join().expect("RSS sampler"));
+        let cpu_per_1k = pid
+            .zip(cpu)
+            .map(|(pid, cpu)| (procfs::cpu_seconds(pid) - cpu) / run.requests as f64 * 1000.0);
+        self.check_upstream(c, Phase::Rate, before, run.requests);
+        if let Some(d) = c.daemon.as_mut() {
+            d.check_alive();
+        }
+        RateSample {
+            run,
+            cpu_per_1k,
+            rss_mib,
+        }
+    }
+}
+
+fn run(options: &Options) {
+    let started = Instant::now();
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let (proxy_cpu, load_cpu) = if cpus > 1 {
+        (Some(0), Some(cpus - 1))
+    } else {
+        (None, None)
+    };
+    let upstream_cpu = match options.upstream_cpu {
+        UpstreamCpu::Load => load_cpu,
+        UpstreamCpu::Proxy => proxy_cpu,
+        UpstreamCpu::Any => None,
+    };
+    let sandbox = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("egress-bench-http-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("bench directory");
+    eprintln!(
+        "bench http: sandbox {}, files in {}",
+        sandbox.name,
+        dir.display()
+    );
+
+    let ca = TestCa::new(&[HOST]);
+    let ca_path = dir.join("ca.pem");
+    fs::write(&ca_path, &ca.ca_pem).expect("ca.pem");
+    let nginx = Nginx::start(&dir, &sandbox.name, upstream_cpu, &ca);
+    check_no_direct_path(&sandbox.name);
+
+    let mut contenders: Vec<Contender> = options
+        .contenders
+        .iter()
+        .map(|&kind| start(kind, options, &sandbox, &dir, &ca_path, proxy_cpu))
+        .collect();
+    // Let start-up settle before the idle footprint.
+    thread::sleep(Duration::from_secs(1));
+    for c in &mut contenders {
+        c.idle_rss_mib = c.daemon.as_ref().map(|d| procfs::rss_mib(d.pid()));
+    }
+    let setup = started.elapsed();
+
+    let bench = Bench {
+        options,
+        sandbox: &sandbox,
+        nginx: &nginx,
+        dir: &dir,
+        load_cpu,
+    };
+    let phases: Vec<Phase> = [Phase::Plain, Phase::Tls, Phase::Rate]
+        .into_iter()
+        .filter(|&p| p != Phase::Rate || !options.no_rate)
+        .collect();
+    let originates_tls: Vec<bool> = contenders.iter().map(|c| c.tls_url.is_some()).collect();
+    let runs_in = |phase: Phase| -> Vec<usize> {
+        (0..originates_tls.len())
+            .filter(|&i| phase != Phase::Tls || originates_tls[i])
+            .collect()
+    };
+
+    eprintln!(
+        "bench http: warm-up, {} s per contender and protocol",
+        options.warmup
+    );
+    for phase in [Phase::Plain, Phase::Tls] {
+        for i in runs_in(phase) {
+            let c = &mut contenders[i];
+            let s = bench.wrk_run(c, phase, options.warmup);
+            eprintln!(
+                "  {:<18} {phase:?}: {:.0} req/s, p99 {:.2} ms",
+                c.kind.name(),
+                s.run.rps,
+                s.run.p99_ms
+            );
+        }
+    }
+
+    eprintln!(
+        "bench http: {} rounds; wrk {} s per run, oha {} req/s for {} s",
+        options.rounds, options.seconds, options.rate, options.rate_seconds
+    );
+    for round in 0..options.rounds {
+        for &phase in &phases {
+            let order = runs_in(phase);
+            let n = order.len();
+            let mut line = Vec::new();
+            for k in 0..n {
+                let i = order[(round + k) % n];
+                let c = &mut contenders[i];
+                match phase {
+                    Phase::Plain | Phase::Tls => {
+                        let s = bench.wrk_run(c, phase, 0);
+                        line.push(format!(
+                            "{} {:.0}/s p99 {:.2}ms",
+                            short(c.kind),
+                            s.run.rps,
+                            s.run.p99_ms
+                        ));
+                        if phase == Phase::Plain {
+                            c.plain.push(s);
+                        } else {
+                            c.tls.push(s);
+                        }
+                    }
+                    Phase::Rate => {
+                        let s = bench.rate_run(c);
+                        line.push(format!(
+                            "{} p50 {:.3} p99 {:.3}ms",
+                            short(c.kind),
+                            s.run.p50_ms,
+                            s.run.p99_ms
+                        ));
+                        c.rate.push(s);
+                    }
+                }
+            }
+            eprintln!("  round {:>2} {phase:<5?}: {}", round + 1, line.join(", "));
+        }
+    }
+    for c in &mut contenders {
+        c.peak_rss_mib = c.daemon.as_ref().map(|d| procfs::peak_rss_mib(d.pid()));
+    }
+
+    let shown = report::Shown {
+        wrk: bench
+            .wrk()
+            .shown(&bench.target(&contenders[0], Phase::Plain)),
+        oha: (!options.no_rate).then(|| {
+            bench
+                .oha()
+                .shown(&bench.target(&contenders[0], Phase::Rate))
+        }),
+        proxy_cpu,
+        load_cpu,
+        upstream_cpu,
+        setup,
+        elapsed: started.elapsed(),
+    };
+    report::print(options, &contenders, &shown);
+    drop(contenders);
+    drop(nginx);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn short(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Direct => "direct",
+        Kind::Egress => "egress",
+        Kind::Envoy => "envoy",
+    }
+}
+
+/// The egress client connects to `203.0.113.1`, where nothing listens: without the kernel's
+/// redirect to the proxy its connections are refused. Checked from outside the cgroup.
+fn check_no_direct_path(netns: &str) {
+    for port in [80, 443] {
+        let addr = sa(V4_C, port);
+        match servers::get(netns, addr, HOST, "/") {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => panic!(
+                "{addr} must refuse connections (it is the egress client's unreachable \
+                 destination), got {other:?}"
+            ),
+        }
+    }
+}
+
+/// Starts a contender's proxy.
+fn start(
+    kind: Kind,
+    options: &Options,
+    sandbox: &Sandbox,
+    dir: &Path,
+    ca_path: &Path,
+    cpu: Option<usize>,
+) -> Contender {
+    let (daemon, plain_url, tls_url, cgroup) = match kind {
+        Kind::Direct => (None, format!("http://{}/", sa(V4_A, 80)), None, None),
+        Kind::Egress => {
+            let policy = dir.join("policy.yaml");
+            fs::write(
+                &policy,
+                format!(
+                    "kind: EgressConfig\nmetadata: {{name: config}}\nspec:\n  caFiles: [{}]\n  \
+                     hosts: {{{HOST}: [{V4_A}]}}\n---\nkind: EgressRule\nmetadata: {{name: bench-http}}\n\
+                     spec:\n  destination: {{service: {HOST}}}\n  ports: [{{port: 80, protocol: http}}, \
+                     {{port: 443, protocol: https}}]\n",
+                    ca_path.display()
+                ),
+            )
+            .expect("policy.yaml");
+            if let Err(e) = egress_user::policy::load_files(std::slice::from_ref(&policy)) {
+                panic!("the bench's egress policy does not load:\n{e}");
+            }
+            let daemon = servers::start_egress(
+                Path::new(env!("CARGO_BIN_EXE_egress-cli")),
+                dir,
+                sandbox,
+                cpu,
+                &policy,
+                options.agent_log.as_deref(),
+            );
+            (
+                Some(daemon),
+                format!("http://{}/", sa(V4_C, 80)),
+                Some(format!("http://{}/", sa(V4_C, 443))),
+                Some(sandbox.cgroup.clone()),
+            )
+        }
+        Kind::Envoy => {
+            let bin = options.envoy.as_deref().expect("checked in parse");
+            let daemon = servers::start_envoy(bin, dir, &sandbox.name, cpu, ca_path);
+            (
+                Some(daemon),
+                format!("http://{ENVOY_PLAIN}/"),
+                Some(format!("http://{ENVOY_TLS}/")),
+                None,
+            )
+        }
+    };
+    Contender {
+        kind,
+        daemon,
+        plain_url,
+        tls_url,
+        cgroup,
+        idle_rss_mib: None,
+        peak_rss_mib: None,
+        plain: Vec::new(),
+        tls: Vec::new(),
+        rate: Vec::new(),
+    }
+}
