@@ -199,7 +199,8 @@ fn alias_target(
     })
 }
 
-/// A host name as the policy stores it: lowercase, without one trailing dot.
+/// A host name as the policy stores it ([`crate::policy::normalise_host`]): lowercase, without
+/// one trailing dot. Request hosts are ASCII, where that is all the policy's normal form does.
 pub(crate) fn normalise(name: &str) -> Cow<'_, str> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -422,6 +423,29 @@ mod tests {
             "a/b", "[::1", "[zz]", "[::1]x", "a:+80", "é.test", "a:000080",
         ] {
             assert!(parse_authority(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// A request's Host arrives in ASCII (HTTP carries no other), where the policy's
+    /// normalisation (UTS 46, which also checks punycode) comes down to lowercasing and one
+    /// trailing dot; the proxy does that without allocating. Wherever the policy accepts a
+    /// name, both give the same result, so a rule's name and a request's host compare equal.
+    #[test]
+    fn agrees_with_the_policy_normal_form() {
+        for host in [
+            "example.test",
+            "Example.TEST.",
+            "xn--bcher-kva.test",
+            "XN--BCHER-KVA.Test",
+            "a-b.c-d.test",
+            "httpbin",
+            "httpbin.default.svc.cluster.local.",
+            "0a.example.test",
+            "a.b.c.d.e.f.example.test",
+        ] {
+            let policy = crate::policy::normalise_host(host).expect(host);
+            let (ours, _) = parse_authority(host).expect(host);
+            assert_eq!(ours, policy, "{host}");
         }
     }
 
