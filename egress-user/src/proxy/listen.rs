@@ -12,7 +12,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
 use super::events::RequestEvent;
@@ -51,27 +51,49 @@ impl Proxy {
         orig_dst: Arc<dyn OrigDst>,
         events: mpsc::Sender<RequestEvent>,
     ) -> io::Result<()> {
-        tracing::info!(listen = %listener.local_addr()?, "http egress proxy listening");
-        loop {
-            let (stream, client) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) if per_connection(&e) => {
-                    tracing::warn!(error = %e, "accept failed; going on");
-                    // Out of descriptors: give connections a moment to close.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let orig = orig_dst.lookup(client);
-            let span = tracing::info_span!(
-                "proxy_conn",
-                %client,
-                orig_dst = orig.map(tracing::field::display),
-            );
-            let proxy = self.clone();
-            tokio::spawn(connection(proxy, stream, client, orig, events.clone()).instrument(span));
-        }
+        accept_loop(|| self.clone(), listener, orig_dst, events).await
+    }
+
+    /// As [`Proxy::serve`], for a policy that changes: each new connection is served by the
+    /// proxy `proxies` holds when it is accepted, so a reload (send a new `Proxy` for the new
+    /// policy) applies to new connections without closing the listener; open connections
+    /// finish with the proxy they started with. Counters belong to each `Proxy`.
+    pub async fn serve_reloadable(
+        proxies: watch::Receiver<Arc<Proxy>>,
+        listener: TcpListener,
+        orig_dst: Arc<dyn OrigDst>,
+        events: mpsc::Sender<RequestEvent>,
+    ) -> io::Result<()> {
+        accept_loop(|| proxies.borrow().clone(), listener, orig_dst, events).await
+    }
+}
+
+async fn accept_loop(
+    current: impl Fn() -> Arc<Proxy>,
+    listener: TcpListener,
+    orig_dst: Arc<dyn OrigDst>,
+    events: mpsc::Sender<RequestEvent>,
+) -> io::Result<()> {
+    tracing::info!(listen = %listener.local_addr()?, "http egress proxy listening");
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) if per_connection(&e) => {
+                tracing::warn!(error = %e, "accept failed; going on");
+                // Out of descriptors: give connections a moment to close.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let orig = orig_dst.lookup(client);
+        let span = tracing::info_span!(
+            "proxy_conn",
+            %client,
+            orig_dst = orig.map(tracing::field::display),
+        );
+        let conn = connection(current(), stream, client, orig, events.clone());
+        tokio::spawn(conn.instrument(span));
     }
 }
 

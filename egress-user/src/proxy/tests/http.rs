@@ -538,3 +538,38 @@ async fn events_and_counters_describe_each_request() {
     );
     assert_eq!(h.proxy.events_dropped(), 0);
 }
+
+#[tokio::test]
+async fn a_reload_applies_to_new_connections_and_open_ones_keep_theirs() {
+    let up = Upstream::start("127.0.0.1").await;
+    let port = up.addr.port();
+    let build = |p: Policy| {
+        let b = Proxy::builder(&p).resolver(Arc::new(MapResolver::default()));
+        Arc::new(b.without_system_roots().build().unwrap())
+    };
+    let before = build(policy(vec![], &["httpbin.test"]));
+    let after = build(policy(
+        vec![rule("web", "httpbin.test", port, Http)],
+        &["httpbin.test"],
+    ));
+    let (reload, proxies) = tokio::sync::watch::channel(before);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lookup = move |_| Some(orig(port));
+    let (tx, _events) = mpsc::channel(16);
+    tokio::spawn(Proxy::serve_reloadable(
+        proxies,
+        listener,
+        Arc::new(lookup),
+        tx,
+    ));
+
+    let mut old = Client::new(TcpStream::connect(addr).await.unwrap());
+    assert_eq!(old.get("httpbin.test", "/").await.status, 403);
+    reload.send(after.clone()).unwrap();
+    let mut new = Client::new(TcpStream::connect(addr).await.unwrap());
+    assert_eq!(new.get("httpbin.test", "/").await.status, 200);
+    assert_eq!(old.get("httpbin.test", "/").await.status, 403);
+    assert_eq!(up.requests(), 1);
+    assert_eq!(after.counters()[0].status_2xx, 1);
+}

@@ -319,7 +319,7 @@ pub(super) struct Client {
 }
 
 impl Client {
-    fn new(s: TcpStream) -> Self {
+    pub(super) fn new(s: TcpStream) -> Self {
         Self {
             io: BufReader::new(s),
         }
