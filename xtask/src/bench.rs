@@ -3,6 +3,11 @@
 //! Each benchmark is a `harness = false` bench target of the `egress-tests` package, run with
 //! `cargo bench` (the release profile); this module only prepares the machine and starts it.
 //! What a benchmark measures and how is documented in its own file (`tests/benches/*.rs`).
+//!
+//! Its tools come first: Debian packages with apt-get, and for `http` the ones Debian lacks
+//! (Envoy, oha) under `target/bench-tools/` ([`tools`]).
+
+mod tools;
 
 use std::ffi::OsString;
 
@@ -19,6 +24,9 @@ use crate::{
 /// never touched.
 const NETFILTER_PACKAGES: &[(&str, &str)] =
     &[("iptables", "iptables-nft-restore"), ("nftables", "nft")];
+/// Debian packages the HTTP benchmark needs: the upstream and the load generator. Its nginx
+/// runs with its own prefix and config; the system's nginx service is never started.
+const HTTP_PACKAGES: &[(&str, &str)] = &[("nginx", "nginx"), ("wrk", "wrk")];
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Args)]
@@ -31,7 +39,7 @@ pub struct Options {
     bench: Bench,
 
     /// Arguments for the benchmark (after `--`), e.g. `--rounds 9 --no-netfilter`; the
-    /// benchmark's file documents them.
+    /// benchmark's main.rs documents them.
     #[arg(last = true, value_name = "BENCH_ARGS")]
     args: Vec<OsString>,
 }
@@ -43,6 +51,9 @@ enum Bench {
     /// set; and the program's run time per invocation at 10,000 and 1,000,000 keys
     /// (tests/benches/connect/).
     Connect,
+    /// The HTTP egress proxy against no proxy and Envoy: req/s and p99 for plain HTTP and TLS
+    /// origination, latency added at 1000 req/s, RSS and CPU (tests/benches/http/).
+    Http,
 }
 
 impl Bench {
@@ -50,6 +61,7 @@ impl Bench {
     fn target(self) -> &'static str {
         match self {
             Self::Connect => "connect",
+            Self::Http => "http",
         }
     }
 
@@ -58,7 +70,29 @@ impl Bench {
         match self {
             Self::Connect if args.iter().any(|arg| arg == "--no-netfilter") => &[],
             Self::Connect => NETFILTER_PACKAGES,
+            Self::Http => HTTP_PACKAGES,
         }
+    }
+
+    /// Installs the tools this benchmark needs that Debian lacks; returns the arguments that
+    /// tell the benchmark where they are.
+    fn tools(self, child: &ChildEnv, args: &[OsString]) -> Result<Vec<OsString>> {
+        let mut paths = Vec::new();
+        if self != Self::Http {
+            return Ok(paths);
+        }
+        // `--contenders direct,egress` leaves Envoy out; `--no-rate` leaves oha out.
+        let contenders = args.iter().skip_while(|arg| *arg != "--contenders").nth(1);
+        if contenders.is_none_or(|list| list.to_string_lossy().contains("envoy")) {
+            let envoy = tools::envoy(child, || {
+                install_packages(child, &[("python3-venv", "python3")])
+            })?;
+            paths.extend(["--envoy".into(), envoy.into_os_string()]);
+        }
+        if !args.iter().any(|arg| arg == "--no-rate") {
+            paths.extend(["--oha".into(), tools::oha(child)?.into_os_string()]);
+        }
+        Ok(paths)
     }
 }
 
@@ -67,11 +101,13 @@ pub fn run(options: &Options) -> Result<()> {
     env::require_root("the benchmarks")?;
     let child = setup::run(&options.setup)?;
     install_packages(&child, options.bench.packages(&options.args))?;
+    let tool_args = options.bench.tools(&child, &options.args)?;
     let mut command = child.command("cargo");
     command
         .args(["bench", "--package", "egress-tests", "--bench"])
         .arg(options.bench.target())
         .arg("--")
+        .args(tool_args)
         .args(&options.args);
     eprintln!("bench: {}", env::describe(&command));
     env::run_streaming(&mut command)
@@ -96,8 +132,8 @@ fn install_packages(child: &ChildEnv, packages: &[(&str, &str)]) -> Result<()> {
                 ["/usr/sbin", "/sbin", "/usr/bin"]
                     .iter()
                     .any(|dir| std::path::Path::new(dir).join(command).exists()),
-                "`{command}` (Debian package {package}) is missing; install it, or pass \
-                 `-- --no-netfilter`"
+                "`{command}` (Debian package {package}) is missing; install it (`bench connect \
+                 -- --no-netfilter` does without iptables and nft)"
             ),
         }
     }
