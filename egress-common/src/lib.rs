@@ -47,7 +47,14 @@ pub mod maps {
         [CONFIG, RULES_V4, RULES_V6, BYPASS_V4, BYPASS_V6, HTTP_PORTS];
     /// Maps that outlive generations and agent restarts: reopened from their pins. The
     /// original-destination maps are here so a reload never loses a connection in flight.
-    pub const SHARED: [&str; 6] = [COUNTERS, RULE_INFO, STATS, EVENTS, ORIG_BY_COOKIE, ORIG_BY_PEER];
+    pub const SHARED: [&str; 6] = [
+        COUNTERS,
+        RULE_INFO,
+        STATS,
+        EVENTS,
+        ORIG_BY_COOKIE,
+        ORIG_BY_PEER,
+    ];
 }
 
 /// Names of the kernel programs (their function names in `egress-ebpf`).

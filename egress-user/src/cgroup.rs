@@ -124,7 +124,10 @@ pub fn own_id() -> Result<u64, CgroupError> {
         source,
     })?;
     // The cgroup v2 line is "0::/path".
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or(CgroupError::NoCgroup2)?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(CgroupError::NoCgroup2)?;
     id(&cgroup2_mount()?.join(rel.trim_start_matches('/')))
 }
 

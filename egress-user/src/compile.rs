@@ -339,7 +339,10 @@ pub fn compile(
 
 /// Every port of an HTTP rule or alias, sorted, without duplicates.
 fn http_ports(policy: &Policy) -> Vec<u16> {
-    let rules = policy.http_rules.iter().flat_map(|r| r.ports.iter().map(|p| p.port));
+    let rules = policy
+        .http_rules
+        .iter()
+        .flat_map(|r| r.ports.iter().map(|p| p.port));
     let aliases = policy.aliases.iter().flat_map(|a| a.ports.iter().copied());
     let mut ports: Vec<u16> = rules.chain(aliases).collect();
     ports.sort_unstable();
@@ -434,17 +437,29 @@ mod tests {
         let mut p = policy(vec![rule("a", "192.0.2.0/24", &[8080])]);
         p.http_rules.push(HttpRule {
             name: "web".into(),
-            origin: Origin { file: "t.yaml".into(), line: 1 },
+            origin: Origin {
+                file: "t.yaml".into(),
+                line: 1,
+            },
             host: HostPattern::Exact("httpbin.test".into()),
             ports: vec![
-                HttpPort { port: 80, protocol: HttpProtocol::Http },
-                HttpPort { port: 443, protocol: HttpProtocol::Https },
+                HttpPort {
+                    port: 80,
+                    protocol: HttpProtocol::Http,
+                },
+                HttpPort {
+                    port: 443,
+                    protocol: HttpProtocol::Https,
+                },
             ],
         });
         p.aliases.push(Alias {
             name: "httpbin".into(),
             namespace: "default".into(),
-            origin: Origin { file: "t.yaml".into(), line: 9 },
+            origin: Origin {
+                file: "t.yaml".into(),
+                line: 9,
+            },
             external_name: "httpbin.test".into(),
             ports: vec![80, 8000],
         });

@@ -41,12 +41,16 @@ impl TestCa {
         let ca_key = rcgen::KeyPair::generate().expect("CA key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "egress test CA");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "egress test CA");
         let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = rcgen::KeyPair::generate().expect("server key");
-        let params = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-            .expect("server params");
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("server params");
         let cert = params.signed_by(&key, &issuer).expect("server certificate");
         Self {
             ca_pem: ca_cert.pem(),
@@ -91,7 +95,8 @@ impl Upstream {
             let (seen, stop) = (seen.clone(), stop.clone());
             thread::spawn(move || {
                 crate::enter_netns(&netns);
-                let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+                let listener =
+                    TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
                 listener.set_nonblocking(true).expect("nonblocking");
                 tx.send(listener.local_addr().expect("addr")).expect("send");
                 while !stop.load(Ordering::Relaxed) {
@@ -109,8 +114,15 @@ impl Upstream {
                 }
             })
         };
-        let addr = rx.recv_timeout(Duration::from_secs(5)).expect("upstream did not start");
-        Self { addr, seen, stop, thread: Some(thread) }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("upstream did not start");
+        Self {
+            addr,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Its address.
@@ -141,7 +153,9 @@ fn serve(stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, seen: &Mutex
             let _ = serve_http(stream, None, seen);
         }
         Some(config) => {
-            let Ok(conn) = rustls::ServerConnection::new(config) else { return };
+            let Ok(conn) = rustls::ServerConnection::new(config) else {
+                return;
+            };
             let mut tls = rustls::StreamOwned::new(conn, stream);
             // Finish the handshake to learn the server name the client sent.
             while tls.conn.is_handshaking() {
@@ -158,7 +172,11 @@ fn serve(stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, seen: &Mutex
 /// Answers HTTP/1.1 requests on one connection until the client closes or asks to.
 /// `GET /big/N` answers with N bytes, produced as they are sent; anything else with a short
 /// text naming what the server saw.
-fn serve_http<S: Read + Write>(stream: S, sni: Option<String>, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+fn serve_http<S: Read + Write>(
+    stream: S,
+    sni: Option<String>,
+    seen: &Mutex<Vec<Seen>>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     loop {
         let mut request_line = String::new();
@@ -188,10 +206,21 @@ fn serve_http<S: Read + Write>(stream: S, sni: Option<String>, seen: &Mutex<Vec<
         }
         let mut body = vec![0; length];
         reader.read_exact(&mut body)?;
-        let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
-        seen.lock().expect("seen").push(Seen { host: host.clone(), path: path.clone(), sni: sni.clone() });
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_owned();
+        seen.lock().expect("seen").push(Seen {
+            host: host.clone(),
+            path: path.clone(),
+            sni: sni.clone(),
+        });
         let out = reader.get_mut();
-        if let Some(n) = path.strip_prefix("/big/").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(n) = path
+            .strip_prefix("/big/")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n")?;
             let chunk = vec![b'x'; 64 * 1024];
             let mut left = n;
@@ -201,8 +230,15 @@ fn serve_http<S: Read + Write>(stream: S, sni: Option<String>, seen: &Mutex<Vec<
                 left -= k as u64;
             }
         } else {
-            let body = format!("upstream saw host={host} path={path} sni={}\n", sni.as_deref().unwrap_or("-"));
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+            let body = format!(
+                "upstream saw host={host} path={path} sni={}\n",
+                sni.as_deref().unwrap_or("-")
+            );
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
         }
         out.flush()?;
         if close {

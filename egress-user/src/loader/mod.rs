@@ -199,7 +199,9 @@ impl Enforcer {
         if agent_cgroup == cgroup_id {
             // The agent's sockets are exempt by cgroup id; if that id is the managed cgroup's,
             // every workload in it would be exempt too.
-            return Err(LoadError::AgentInsideCgroup { cgroup: target.cgroup.clone() });
+            return Err(LoadError::AgentInsideCgroup {
+                cgroup: target.cgroup.clone(),
+            });
         }
         let pins = PinDir::new(&target.pin_dir);
         pins.prepare().map_err(|source| LoadError::PinDir {
@@ -251,11 +253,20 @@ impl Enforcer {
                 .program(program)
                 .expect("object has the program")
                 .fd()
-                .map_err(|source| LoadError::Program { name: program, source })?;
+                .map_err(|source| LoadError::Program {
+                    name: program,
+                    source,
+                })?;
             match existing.get(program) {
-                Some(link) => sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
-                    LoadError::Pin { what: "swapping the program of", path, source }
-                })?,
+                Some(link) => {
+                    sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
+                        LoadError::Pin {
+                            what: "swapping the program of",
+                            path,
+                            source,
+                        }
+                    })?
+                }
                 None => {
                     let link = attach_program(&mut ebpf, program, &target.cgroup)?;
                     link.pin(&path).map_err(|e| LoadError::Pin {
@@ -311,8 +322,11 @@ impl Enforcer {
         let counters: PerCpuArray<_, RuleCounters> =
             PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).expect("object has COUNTERS"))
                 .map_err(map_err(maps::COUNTERS, "opening"))?;
-        let mut rows =
-            vec![(ROW_NO_RULE, NO_RULE_NAME), (ROW_BYPASS, BYPASS_NAME), (ROW_PROXY, PROXY_NAME)];
+        let mut rows = vec![
+            (ROW_NO_RULE, NO_RULE_NAME),
+            (ROW_BYPASS, BYPASS_NAME),
+            (ROW_PROXY, PROXY_NAME),
+        ];
         rows.extend(self.rows.rows());
         rows.into_iter()
             .map(|(row, name)| {
@@ -476,7 +490,12 @@ fn expected_layout(name: &str) -> (MapType, u32, u32, u32) {
         ),
         maps::STATS => (MapType::PerCpuArray, 4, size_of::<Stats>() as u32, 1),
         maps::EVENTS => (MapType::RingBuf, 0, 0, EVENTS_BYTES),
-        maps::ORIG_BY_COOKIE => (MapType::LruHash, 8, size_of::<OrigDst>() as u32, MAX_REDIRECTS),
+        maps::ORIG_BY_COOKIE => (
+            MapType::LruHash,
+            8,
+            size_of::<OrigDst>() as u32,
+            MAX_REDIRECTS,
+        ),
         maps::ORIG_BY_PEER => (
             MapType::LruHash,
             size_of::<PeerKey>() as u32,
@@ -551,12 +570,18 @@ fn fill_generation(ebpf: &mut Ebpf, c: &Compiled) -> Result<(), LoadError> {
     let mut config: Array<_, Config> =
         Array::try_from(ebpf.map_mut(maps::CONFIG).expect("object has CONFIG"))
             .map_err(map_err(maps::CONFIG, "opening"))?;
-    config.set(0, c.config, 0).map_err(map_err(maps::CONFIG, "writing"))?;
-    let mut ports: Array<_, u32> =
-        Array::try_from(ebpf.map_mut(maps::HTTP_PORTS).expect("object has HTTP_PORTS"))
-            .map_err(map_err(maps::HTTP_PORTS, "opening"))?;
+    config
+        .set(0, c.config, 0)
+        .map_err(map_err(maps::CONFIG, "writing"))?;
+    let mut ports: Array<_, u32> = Array::try_from(
+        ebpf.map_mut(maps::HTTP_PORTS)
+            .expect("object has HTTP_PORTS"),
+    )
+    .map_err(map_err(maps::HTTP_PORTS, "opening"))?;
     for port in &c.http_ports {
-        ports.set(u32::from(*port), 1, 0).map_err(map_err(maps::HTTP_PORTS, "writing"))?;
+        ports
+            .set(u32::from(*port), 1, 0)
+            .map_err(map_err(maps::HTTP_PORTS, "writing"))?;
     }
     fill_lpm::<RuleKeyV4, RuleValue>(ebpf, maps::RULES_V4, &c.rules_v4)?;
     fill_lpm::<RuleKeyV6, RuleValue>(ebpf, maps::RULES_V6, &c.rules_v6)?;
@@ -719,7 +744,10 @@ impl OrigDstTable {
     /// the table (a later connection from the same address and port gets its own entry).
     pub fn take(&self, peer: SocketAddr) -> Option<SocketAddr> {
         let key = peer_key(peer);
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let orig = map.get(&key, 0).ok()?;
         // Best effort: the LRU map evicts it anyway.
         let _ = map.remove(&key);
@@ -741,17 +769,30 @@ fn peer_key(peer: SocketAddr) -> PeerKey {
         IpAddr::V4(ip) => {
             let mut addr = [0; 16];
             addr[..4].copy_from_slice(&ip.octets());
-            PeerKey { addr, port, family: AF_INET, _pad: 0 }
+            PeerKey {
+                addr,
+                port,
+                family: AF_INET,
+                _pad: 0,
+            }
         }
-        IpAddr::V6(ip) => {
-            PeerKey { addr: ip.octets(), port, family: egress_common::AF_INET6, _pad: 0 }
-        }
+        IpAddr::V6(ip) => PeerKey {
+            addr: ip.octets(),
+            port,
+            family: egress_common::AF_INET6,
+            _pad: 0,
+        },
     }
 }
 
 fn orig_to_socket_addr(orig: &OrigDst) -> SocketAddr {
     let ip = if orig.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]))
+        IpAddr::V4(Ipv4Addr::new(
+            orig.addr[0],
+            orig.addr[1],
+            orig.addr[2],
+            orig.addr[3],
+        ))
     } else {
         IpAddr::V6(Ipv6Addr::from(orig.addr))
     };
@@ -780,7 +821,12 @@ mod tests {
     fn original_destinations_convert_back() {
         let mut addr = [0; 16];
         addr[..4].copy_from_slice(&[192, 0, 2, 1]);
-        let v4 = OrigDst { addr, port: 80u16.to_be(), family: AF_INET, flags: 0 };
+        let v4 = OrigDst {
+            addr,
+            port: 80u16.to_be(),
+            family: AF_INET,
+            flags: 0,
+        };
         assert_eq!(orig_to_socket_addr(&v4), "192.0.2.1:80".parse().unwrap());
         let v6 = OrigDst {
             addr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
@@ -788,6 +834,9 @@ mod tests {
             family: egress_common::AF_INET6,
             flags: 0,
         };
-        assert_eq!(orig_to_socket_addr(&v6), "[2001:db8::1]:443".parse().unwrap());
+        assert_eq!(
+            orig_to_socket_addr(&v6),
+            "[2001:db8::1]:443".parse().unwrap()
+        );
     }
 }

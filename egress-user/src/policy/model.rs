@@ -177,12 +177,21 @@ impl Alias {
     /// `name.ns.svc.cluster.local`.
     pub fn hostnames(&self) -> [String; 4] {
         let (n, ns) = (&self.name, &self.namespace);
-        [n.clone(), format!("{n}.{ns}"), format!("{n}.{ns}.svc"), format!("{n}.{ns}.svc.cluster.local")]
+        [
+            n.clone(),
+            format!("{n}.{ns}"),
+            format!("{n}.{ns}.svc"),
+            format!("{n}.{ns}.svc.cluster.local"),
+        ]
     }
 
     /// How the proxy reaches the upstream on `port`.
     pub fn protocol(port: u16) -> HttpProtocol {
-        if port == 443 { HttpProtocol::Https } else { HttpProtocol::Http }
+        if port == 443 {
+            HttpProtocol::Https
+        } else {
+            HttpProtocol::Http
+        }
     }
 }
 
@@ -198,7 +207,9 @@ pub const DEFAULT_PROXY_PORT: u16 = 15001;
 
 impl Default for ProxySettings {
     fn default() -> Self {
-        Self { port: DEFAULT_PROXY_PORT }
+        Self {
+            port: DEFAULT_PROXY_PORT,
+        }
     }
 }
 
