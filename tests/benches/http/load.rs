@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{json::Json, servers::pinned_in_netns};
+use crate::{
+    json::Json,
+    servers::{Pin, pinned_in_netns},
+};
 
 /// Where and how a load generator runs.
 pub struct Target<'a> {
@@ -24,7 +27,7 @@ pub struct Target<'a> {
     pub netns: &'a str,
     /// The managed cgroup, which the generator joins before it connects (egress).
     pub cgroup: Option<&'a Path>,
-    pub cpu: Option<usize>,
+    pub pin: Pin,
     /// Where the generator's output goes.
     pub dir: &'a Path,
 }
@@ -33,7 +36,7 @@ impl Target<'_> {
     /// A command that runs `program args` in the target's cgroup (joined first, while `/sys`
     /// is still the host's), namespace and CPU.
     fn command(&self, program: &Path, args: &[String]) -> Command {
-        let inner = pinned_in_netns(self.netns, self.cpu);
+        let inner = pinned_in_netns(self.netns, self.pin);
         let mut cmd = match self.cgroup {
             Some(cgroup) => {
                 let mut cmd = Command::new("sh");

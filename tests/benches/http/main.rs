@@ -17,7 +17,9 @@
 //!   only trusted root, the name checked) over pooled connections.
 //! - CPUs: the proxies run on CPU 0; the load generator on the last CPU; nginx on the load
 //!   generator's CPU by default (`--upstream-cpu`), so that a proxy has a core to itself and
-//!   its number is what one core of proxy does.
+//!   its number is what one core of proxy does. Every process of the bench runs at nice -10
+//!   (`--nice`): this machine is shared, and a build landing on the proxies' CPU would
+//!   otherwise take half of it for a few seconds, for one contender and not the next.
 //! - Metrics 4 and 5: `wrk -t1 -c50 -d5s --latency` (keep-alive), as fast as it goes.
 //!   Metric 6: `oha` at a fixed 1000 req/s over 16 connections for 5 s, with latency
 //!   correction; the added latency is the contender's p50/p90/p99 minus direct's in the same
@@ -41,7 +43,10 @@
 //! `--rounds N` (5), `--seconds N` (wrk run length, 5), `--warmup N` (seconds, 1),
 //! `--connections N` (wrk, 50), `--rate N` (1000), `--rate-connections N` (16),
 //! `--rate-seconds N` (5), `--contenders direct,egress,envoy`, `--upstream-cpu load|proxy|any`,
-//! `--agent-log FILTER` (the agent's `EGRESS_LOG`; default: unset, its default),
+//! `--nice N` (-10; 0 leaves priorities alone),
+//! `--agent-log FILTER` (the agent's `EGRESS_LOG`; default: unset, the agent's own default,
+//! which logs a line per request; `info,egress_user::loader::events=warn` drops those lines
+//! but keeps the `ready` line the bench waits for),
 //! `--envoy PATH`, `--oha PATH` (`cargo xtask bench http` installs both and passes them),
 //! `--no-rate` (skip metric 6 and oha).
 
@@ -63,11 +68,11 @@ use std::{
 
 use egress_tests::{Sandbox, V4_A, V4_C, sa, upstream::TestCa};
 use load::{Oha, RateRun, Target, Wrk, WrkRun};
-use servers::{Daemon, ENVOY_PLAIN, ENVOY_TLS, HOST, Nginx};
+use servers::{Daemon, ENVOY_PLAIN, ENVOY_TLS, HOST, Nginx, Pin};
 
 pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench http -- [--rounds N] [--seconds N] \
      [--warmup N] [--connections N] [--rate N] [--rate-connections N] [--rate-seconds N] \
-     [--contenders direct,egress,envoy] [--upstream-cpu load|proxy|any] [--agent-log FILTER] \
+     [--contenders direct,egress,envoy] [--upstream-cpu load|proxy|any] [--nice N] [--agent-log FILTER] \
      [--envoy PATH] [--oha PATH] [--no-rate]";
 
 /// Where nginx runs.
@@ -110,6 +115,7 @@ pub struct Options {
     pub rate_seconds: u64,
     pub contenders: Vec<Kind>,
     pub upstream_cpu: UpstreamCpu,
+    pub nice: i32,
     pub agent_log: Option<String>,
     pub envoy: Option<PathBuf>,
     pub oha: Option<PathBuf>,
@@ -130,6 +136,7 @@ fn parse(args: &[String]) -> Options {
         rate_seconds: 5,
         contenders: vec![Kind::Direct, Kind::Egress, Kind::Envoy],
         upstream_cpu: UpstreamCpu::Load,
+        nice: -10,
         agent_log: None,
         envoy: None,
         oha: None,
@@ -188,6 +195,12 @@ fn parse(args: &[String]) -> Options {
                     "any" => UpstreamCpu::Any,
                     other => panic!("--upstream-cpu load|proxy|any, not {other:?}"),
                 }
+            }
+            "--nice" => {
+                let text = value(&mut args, flag);
+                options.nice = text
+                    .parse()
+                    .unwrap_or_else(|e| panic!("--nice {text}: {e}; {USAGE}"));
             }
             "--agent-log" => options.agent_log = Some(value(&mut args, flag)),
             "--envoy" => options.envoy = Some(value(&mut args, flag).into()),
@@ -285,7 +298,7 @@ struct Bench<'a> {
     sandbox: &'a Sandbox,
     nginx: &'a Nginx,
     dir: &'a Path,
-    load_cpu: Option<usize>,
+    load: Pin,
 }
 
 impl Bench<'_> {
@@ -303,7 +316,7 @@ impl Bench<'_> {
             host,
             netns: &self.sandbox.name,
             cgroup: c.cgroup.as_deref(),
-            cpu: self.load_cpu,
+            pin: self.load,
             dir: self.dir,
         }
     }
@@ -402,6 +415,10 @@ fn run(options: &Options) {
         UpstreamCpu::Proxy => proxy_cpu,
         UpstreamCpu::Any => None,
     };
+    let pin = |cpu| Pin {
+        cpu,
+        nice: options.nice,
+    };
     let sandbox = Sandbox::new();
     let dir = std::env::temp_dir().join(format!("egress-bench-http-{}", std::process::id()));
     fs::create_dir_all(&dir).expect("bench directory");
@@ -414,13 +431,13 @@ fn run(options: &Options) {
     let ca = TestCa::new(&[HOST]);
     let ca_path = dir.join("ca.pem");
     fs::write(&ca_path, &ca.ca_pem).expect("ca.pem");
-    let nginx = Nginx::start(&dir, &sandbox.name, upstream_cpu, &ca);
+    let nginx = Nginx::start(&dir, &sandbox.name, pin(upstream_cpu), &ca);
     check_no_direct_path(&sandbox.name);
 
     let mut contenders: Vec<Contender> = options
         .contenders
         .iter()
-        .map(|&kind| start(kind, options, &sandbox, &dir, &ca_path, proxy_cpu))
+        .map(|&kind| start(kind, options, &sandbox, &dir, &ca_path, pin(proxy_cpu)))
         .collect();
     // Let start-up settle before the idle footprint.
     thread::sleep(Duration::from_secs(1));
@@ -434,7 +451,7 @@ fn run(options: &Options) {
         sandbox: &sandbox,
         nginx: &nginx,
         dir: &dir,
-        load_cpu,
+        load: pin(load_cpu),
     };
     let phases: Vec<Phase> = [Phase::Plain, Phase::Tls, Phase::Rate]
         .into_iter()
@@ -561,7 +578,7 @@ fn start(
     sandbox: &Sandbox,
     dir: &Path,
     ca_path: &Path,
-    cpu: Option<usize>,
+    pin: Pin,
 ) -> Contender {
     let (daemon, plain_url, tls_url, cgroup) = match kind {
         Kind::Direct => (None, format!("http://{}/", sa(V4_A, 80)), None, None),
@@ -585,7 +602,7 @@ fn start(
                 Path::new(env!("CARGO_BIN_EXE_egress-cli")),
                 dir,
                 sandbox,
-                cpu,
+                pin,
                 &policy,
                 options.agent_log.as_deref(),
             );
@@ -598,7 +615,7 @@ fn start(
         }
         Kind::Envoy => {
             let bin = options.envoy.as_deref().expect("checked in parse");
-            let daemon = servers::start_envoy(bin, dir, &sandbox.name, cpu, ca_path);
+            let daemon = servers::start_envoy(bin, dir, &sandbox.name, pin, ca_path);
             (
                 Some(daemon),
                 format!("http://{ENVOY_PLAIN}/"),

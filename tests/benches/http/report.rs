@@ -42,12 +42,13 @@ pub fn print(options: &Options, contenders: &[Contender], shown: &Shown) {
     ));
     out.push_str(&format!("- versions: {}\n", versions(options)));
     out.push_str(&format!(
-        "- one fresh network namespace; proxies on CPU {}, load generator on CPU {}, nginx on CPU {}; \
+        "- one fresh network namespace; proxies on CPU {}, load generator on CPU {}, nginx on CPU {}, all at nice {}; \
          {} rounds, contenders interleaved (each round: plain, TLS, fixed rate; each list starting one \
          contender later than the round before), after a {} s warm-up per contender and protocol\n",
         cpu(shown.proxy_cpu),
         cpu(shown.load_cpu),
         cpu(shown.upstream_cpu),
+        options.nice,
         options.rounds,
         options.warmup,
     ));

@@ -26,6 +26,16 @@ const ENVOY_ADMIN: &str = "127.0.0.1:9901";
 /// The body every request gets: 1 KB.
 pub const BODY_BYTES: usize = 1024;
 
+/// Where a process runs: a CPU (`None`: any) and a nice value.
+#[derive(Clone, Copy, Debug)]
+pub struct Pin {
+    pub cpu: Option<usize>,
+    /// Below 0 favours the bench's processes over whatever else this shared machine runs (a
+    /// build on the proxies' CPU would otherwise take half of it, at random moments); all of
+    /// them get the same value, so no contender is favoured over another.
+    pub nice: i32,
+}
+
 /// A child process that is stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Daemon {
     /// For messages.
@@ -36,17 +46,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `program args` in `netns`, on `cpu` if given, with its output in `log`.
+    /// Starts `program args` in `netns`, placed by `pin`, with its output in `log`.
     fn spawn(
         name: &'static str,
         netns: &str,
-        cpu: Option<usize>,
+        pin: Pin,
         program: &Path,
         args: &[&str],
         log: PathBuf,
         configure: impl FnOnce(&mut Command),
     ) -> Self {
-        let mut cmd = pinned_in_netns(netns, cpu);
+        let mut cmd = pinned_in_netns(netns, pin);
         cmd.arg(program).args(args);
         configure(&mut cmd);
         let out = fs::File::create(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
@@ -115,18 +125,15 @@ impl Drop for Daemon {
     }
 }
 
-/// `taskset -c CPU nsenter --net=/run/netns/NETNS`, to which the program and its arguments
-/// are appended.
-pub fn pinned_in_netns(netns: &str, cpu: Option<usize>) -> Command {
-    let mut cmd = match cpu {
-        Some(cpu) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", &cpu.to_string(), "nsenter"]);
-            cmd
-        }
-        None => Command::new("nsenter"),
-    };
-    cmd.arg(format!("--net=/run/netns/{netns}"));
+/// `nice -n NICE taskset -c CPU nsenter --net=/run/netns/NETNS`, to which the program and its
+/// arguments are appended; each execs the next, so the process id is the program's.
+pub fn pinned_in_netns(netns: &str, pin: Pin) -> Command {
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", &pin.nice.to_string()]);
+    if let Some(cpu) = pin.cpu {
+        cmd.args(["taskset", "-c", &cpu.to_string()]);
+    }
+    cmd.arg("nsenter").arg(format!("--net=/run/netns/{netns}"));
     cmd
 }
 
@@ -146,7 +153,7 @@ pub struct Nginx {
 
 impl Nginx {
     /// Writes its prefix directory (config, certificate, key) under `dir` and starts it.
-    pub fn start(dir: &Path, netns: &str, cpu: Option<usize>, ca: &TestCa) -> Self {
+    pub fn start(dir: &Path, netns: &str, pin: Pin, ca: &TestCa) -> Self {
         let prefix = dir.join("nginx");
         for sub in ["logs", "tmp"] {
             fs::create_dir_all(prefix.join(sub)).expect("nginx prefix");
@@ -201,7 +208,7 @@ http {{
         let mut daemon = Daemon::spawn(
             "nginx",
             netns,
-            cpu,
+            pin,
             Path::new("nginx"),
             &[
                 "-p",
@@ -248,7 +255,7 @@ http {{
 /// forwards Host bench.test:443 to `192.0.2.1:443` over TLS (SNI bench.test, the test CA as
 /// the only trusted CA, the name checked); upstream connections pooled (Envoy's default).
 /// Any other Host gets Envoy's 404, as egress answers 403: both check the Host.
-pub fn start_envoy(bin: &Path, dir: &Path, netns: &str, cpu: Option<usize>, ca: &Path) -> Daemon {
+pub fn start_envoy(bin: &Path, dir: &Path, netns: &str, pin: Pin, ca: &Path) -> Daemon {
     let listener = |name: &str, addr: &str, domains: &str, cluster: &str| {
         let (ip, port) = addr.split_once(':').expect("ip:port");
         format!(
@@ -320,7 +327,7 @@ pub fn start_envoy(bin: &Path, dir: &Path, netns: &str, cpu: Option<usize>, ca: 
     let mut daemon = Daemon::spawn(
         "envoy",
         netns,
-        cpu,
+        pin,
         bin,
         &[
             "-c",
@@ -355,14 +362,14 @@ pub fn start_egress(
     bin: &Path,
     dir: &Path,
     sandbox: &Sandbox,
-    cpu: Option<usize>,
+    pin: Pin,
     policy: &Path,
     log_level: Option<&str>,
 ) -> Daemon {
     let mut daemon = Daemon::spawn(
         "egress",
         &sandbox.name,
-        cpu,
+        pin,
         bin,
         &[
             "run",
