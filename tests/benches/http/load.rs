@@ -30,6 +30,8 @@ pub struct Target<'a> {
     pub pin: Pin,
     /// Where the generator's output goes.
     pub dir: &'a Path,
+    /// What a failure may mean, appended to its message ("" for nothing).
+    pub hint: &'a str,
 }
 
 impl Target<'_> {
@@ -83,8 +85,9 @@ impl Target<'_> {
         let stderr = fs::read_to_string(&err_path).unwrap_or_default();
         assert!(
             status.success(),
-            "{}: {shown} failed ({status}):\n{stdout}{stderr}",
-            self.name
+            "{}: {shown} failed ({status}):\n{stdout}{stderr}\n{}",
+            self.name,
+            self.hint
         );
         stdout
     }
@@ -149,8 +152,8 @@ impl Wrk {
         let out = target.run(Path::new("wrk"), &args, Duration::from_secs(seconds + 30));
         parse_wrk(&out).unwrap_or_else(|e| {
             panic!(
-                "{}: wrk {}: {e}; its output:\n{out}",
-                target.name, target.url
+                "{}: wrk {}: {e}; its output:\n{out}\n{}",
+                target.name, target.url, target.hint
             )
         })
     }
@@ -264,8 +267,8 @@ impl Oha {
         );
         parse_oha(&out).unwrap_or_else(|e| {
             panic!(
-                "{}: oha {}: {e}; its output:\n{out}",
-                target.name, target.url
+                "{}: oha {}: {e}; its output:\n{out}\n{}",
+                target.name, target.url, target.hint
             )
         })
     }

@@ -318,6 +318,14 @@ impl Bench<'_> {
             cgroup: c.cgroup.as_deref(),
             pin: self.load,
             dir: self.dir,
+            hint: match c.kind {
+                Kind::Egress => {
+                    "Nothing listens at the egress client's destination: only the kernel's \
+                     redirect to the agent's proxy answers there. Is `egress run` proxying ports \
+                     80 and 443 (see the agent's log, egress.log in the bench directory)?"
+                }
+                Kind::Direct | Kind::Envoy => "",
+            },
         }
     }
 
