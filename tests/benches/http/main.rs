@@ -15,9 +15,14 @@
 //!   generator to Envoy's listeners). For TLS origination the client sends plain HTTP with
 //!   `Host: bench.test:443`; the proxy speaks TLS 1.3 to nginx (SNI bench.test, the test CA the
 //!   only trusted root, the name checked) over pooled connections.
-//! - CPUs: the proxies run on CPU 0; the load generator on the last CPU; nginx on the load
-//!   generator's CPU by default (`--upstream-cpu`), so that a proxy has a core to itself and
-//!   its number is what one core of proxy does. Every process of the bench runs at nice -10
+//! - CPUs: the proxies run on CPU 0; the load generator on the last CPU. nginx runs on the
+//!   load generator's CPU for the throughput runs (`--upstream-cpu`), so that a proxy has a
+//!   core to itself and its number is what one core of proxy does; and on the proxies' CPU for
+//!   the fixed-rate runs (`--rate-upstream-cpu`), so that direct crosses CPUs as often as a
+//!   proxied request does (client to nginx and back, against client to proxy and back). With
+//!   nginx beside the client, direct would pay no cross-CPU wake-up at all, and in this VM each
+//!   one costs tens of microseconds: about +0.1 ms of "added latency" that was the layout's,
+//!   not the proxy's. Every process of the bench runs at nice -10
 //!   (`--nice`): this machine is shared, and a build landing on the proxies' CPU would
 //!   otherwise take half of it for a few seconds, for one contender and not the next.
 //! - Metrics 4 and 5: `wrk -t1 -c50 -d5s --latency` (keep-alive), as fast as it goes.
@@ -42,7 +47,8 @@
 //! # Options (after `cargo bench -p egress-tests --bench http --`)
 //! `--rounds N` (5), `--seconds N` (wrk run length, 5), `--warmup N` (seconds, 1),
 //! `--connections N` (wrk, 50), `--rate N` (1000), `--rate-connections N` (16),
-//! `--rate-seconds N` (5), `--contenders direct,egress,envoy`, `--upstream-cpu load|proxy|any`,
+//! `--rate-seconds N` (5), `--contenders direct,egress,envoy`, `--upstream-cpu load|proxy|any`
+//! (load), `--rate-upstream-cpu load|proxy|any` (proxy),
 //! `--nice N` (-10; 0 leaves priorities alone),
 //! `--agent-log FILTER` (the agent's `EGRESS_LOG`; default: unset, the agent's own default,
 //! which logs a line per request; `info,egress_user::loader::events=warn` drops those lines
@@ -72,7 +78,8 @@ use servers::{Daemon, ENVOY_PLAIN, ENVOY_TLS, HOST, Nginx, Pin};
 
 pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench http -- [--rounds N] [--seconds N] \
      [--warmup N] [--connections N] [--rate N] [--rate-connections N] [--rate-seconds N] \
-     [--contenders direct,egress,envoy] [--upstream-cpu load|proxy|any] [--nice N] [--agent-log FILTER] \
+     [--contenders direct,egress,envoy] [--upstream-cpu load|proxy|any] \
+     [--rate-upstream-cpu load|proxy|any] [--nice N] [--agent-log FILTER] \
      [--envoy PATH] [--oha PATH] [--no-rate]";
 
 /// Where nginx runs.
@@ -115,6 +122,8 @@ pub struct Options {
     pub rate_seconds: u64,
     pub contenders: Vec<Kind>,
     pub upstream_cpu: UpstreamCpu,
+    /// Where nginx runs during the fixed-rate runs.
+    pub rate_upstream_cpu: UpstreamCpu,
     pub nice: i32,
     pub agent_log: Option<String>,
     pub envoy: Option<PathBuf>,
@@ -136,6 +145,7 @@ fn parse(args: &[String]) -> Options {
         rate_seconds: 5,
         contenders: vec![Kind::Direct, Kind::Egress, Kind::Envoy],
         upstream_cpu: UpstreamCpu::Load,
+        rate_upstream_cpu: UpstreamCpu::Proxy,
         nice: -10,
         agent_log: None,
         envoy: None,
@@ -188,12 +198,17 @@ fn parse(args: &[String]) -> Options {
                     })
                     .collect();
             }
-            "--upstream-cpu" => {
-                options.upstream_cpu = match value(&mut args, flag).as_str() {
+            "--upstream-cpu" | "--rate-upstream-cpu" => {
+                let place = match value(&mut args, flag).as_str() {
                     "load" => UpstreamCpu::Load,
                     "proxy" => UpstreamCpu::Proxy,
                     "any" => UpstreamCpu::Any,
-                    other => panic!("--upstream-cpu load|proxy|any, not {other:?}"),
+                    other => panic!("{flag} load|proxy|any, not {other:?}"),
+                };
+                if flag == "--upstream-cpu" {
+                    options.upstream_cpu = place;
+                } else {
+                    options.rate_upstream_cpu = place;
                 }
             }
             "--nice" => {
@@ -418,11 +433,13 @@ fn run(options: &Options) {
     } else {
         (None, None)
     };
-    let upstream_cpu = match options.upstream_cpu {
+    let place = |place| match place {
         UpstreamCpu::Load => load_cpu,
         UpstreamCpu::Proxy => proxy_cpu,
         UpstreamCpu::Any => None,
     };
+    let upstream_cpu = place(options.upstream_cpu);
+    let rate_upstream_cpu = place(options.rate_upstream_cpu);
     let pin = |cpu| Pin {
         cpu,
         nice: options.nice,
@@ -495,6 +512,11 @@ fn run(options: &Options) {
     );
     for round in 0..options.rounds {
         for &phase in &phases {
+            nginx.move_to(if phase == Phase::Rate {
+                rate_upstream_cpu
+            } else {
+                upstream_cpu
+            });
             let order = runs_in(phase);
             let n = order.len();
             let mut line = Vec::new();
@@ -547,6 +569,7 @@ fn run(options: &Options) {
         proxy_cpu,
         load_cpu,
         upstream_cpu,
+        rate_upstream_cpu,
         setup,
         elapsed: started.elapsed(),
     };

@@ -16,6 +16,7 @@ pub struct Shown {
     pub proxy_cpu: Option<usize>,
     pub load_cpu: Option<usize>,
     pub upstream_cpu: Option<usize>,
+    pub rate_upstream_cpu: Option<usize>,
     pub setup: Duration,
     pub elapsed: Duration,
 }
@@ -42,12 +43,14 @@ pub fn print(options: &Options, contenders: &[Contender], shown: &Shown) {
     ));
     out.push_str(&format!("- versions: {}\n", versions(options)));
     out.push_str(&format!(
-        "- one fresh network namespace; proxies on CPU {}, load generator on CPU {}, nginx on CPU {}, all at nice {}; \
+        "- one fresh network namespace; proxies on CPU {}, load generator on CPU {}, nginx on CPU {} (CPU {} for \
+         the fixed-rate runs), all at nice {}; \
          {} rounds, contenders interleaved (each round: plain, TLS, fixed rate; each list starting one \
          contender later than the round before), after a {} s warm-up per contender and protocol\n",
         cpu(shown.proxy_cpu),
         cpu(shown.load_cpu),
         cpu(shown.upstream_cpu),
+        cpu(shown.rate_upstream_cpu),
         options.nice,
         options.rounds,
         options.warmup,

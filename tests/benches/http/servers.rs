@@ -137,6 +137,23 @@ pub fn pinned_in_netns(netns: &str, pin: Pin) -> Command {
     cmd
 }
 
+/// The processes whose parent is `parent` (from `/proc/*/stat`, field 4).
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -147,7 +164,7 @@ pub fn tail(text: &str, n: usize) -> String {
 /// one worker, keep-alive, no access log, a fixed 1 KB body; `stub_status` on loopback.
 pub struct Nginx {
     /// Stopped when the bench drops this.
-    _daemon: Daemon,
+    daemon: Daemon,
     netns: String,
 }
 
@@ -225,9 +242,31 @@ http {{
         daemon.wait_until(Duration::from_secs(10), |_| {
             get(&netns, STATUS_ADDR.parse().expect("addr"), HOST, "/status").is_ok()
         });
-        Self {
-            _daemon: daemon,
-            netns,
+        Self { daemon, netns }
+    }
+
+    /// Moves nginx (its master and worker processes) to `cpu` (`None`: any CPU).
+    pub fn move_to(&self, cpu: Option<usize>) {
+        let master = self.daemon.pid();
+        let mut pids = vec![master];
+        pids.extend(children(master));
+        for pid in pids {
+            // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+            for c in (0..cpus).filter(|&c| cpu.is_none_or(|cpu| cpu == c)) {
+                // SAFETY: c < CPU_SETSIZE on a 2-CPU machine (and any other we run on).
+                unsafe { libc::CPU_SET(c, &mut set) };
+            }
+            // SAFETY: a valid set of the size we pass, for a process we started.
+            let ret =
+                unsafe { libc::sched_setaffinity(pid as i32, size_of::<libc::cpu_set_t>(), &set) };
+            assert_eq!(
+                ret,
+                0,
+                "moving nginx ({pid}) to CPU {cpu:?}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 
