@@ -13,6 +13,7 @@ use http::Method;
 use http::uri::PathAndQuery;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::Proxy;
 use super::events::RequestEvent;
 use super::listen::Conn;
 
@@ -20,6 +21,8 @@ use super::listen::Conn;
 /// the tunnel closed) it counts the request and sends its [`RequestEvent`].
 pub(crate) struct RequestLog {
     conn: Arc<Conn>,
+    /// The policy that judges this request (and counts it).
+    pub(crate) proxy: Arc<Proxy>,
     start: Instant,
     method: Method,
     path: Option<PathAndQuery>,
@@ -40,10 +43,16 @@ pub(crate) struct RequestLog {
 }
 
 impl RequestLog {
-    pub(crate) fn new(conn: Arc<Conn>, method: Method, path: Option<PathAndQuery>) -> Self {
-        let slot = conn.proxy.counters.no_rule();
+    pub(crate) fn new(
+        conn: Arc<Conn>,
+        proxy: Arc<Proxy>,
+        method: Method,
+        path: Option<PathAndQuery>,
+    ) -> Self {
+        let slot = proxy.counters.no_rule();
         Self {
             conn,
+            proxy,
             start: Instant::now(),
             method,
             path,
@@ -60,7 +69,7 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
-        let counters = &self.conn.proxy.counters;
+        let counters = &self.proxy.counters;
         let bytes_in = self.bytes_in.load(Relaxed);
         let denied = self.status == 403;
         counters.record(self.slot, self.status, denied, bytes_in, self.bytes_out);

@@ -26,7 +26,9 @@ impl Conn {
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let framing = self.next_verdict();
         let path = req.uri().path_and_query().cloned();
-        let mut log = RequestLog::new(self.clone(), req.method().clone(), path);
+        // The policy in force as this request arrives judges all of it.
+        let proxy = self.current.get();
+        let mut log = RequestLog::new(self.clone(), proxy, req.method().clone(), path);
         // A body the proxy does not read leaves the stream mid-message: close after answering.
         let unread_body = !req.body().is_end_stream();
         let close = framing == Framing::Untracked;
@@ -65,7 +67,8 @@ impl Conn {
                 connection: orig.port(),
             });
         }
-        let target = self.proxy.routes.decide(&log.host, orig.port())?;
+        let proxy = log.proxy.clone();
+        let target = proxy.routes.decide(&log.host, orig.port())?;
         log.slot = target.slot;
 
         let upgrade = wants_upgrade(req.headers());
@@ -101,8 +104,8 @@ impl Conn {
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, ReqBody::new(body, log.bytes_in.clone()));
 
-        let timeout = self.proxy.timeouts.response;
-        let resp = tokio::time::timeout(timeout, self.proxy.client.request(req))
+        let timeout = proxy.timeouts.response;
+        let resp = tokio::time::timeout(timeout, proxy.client.request(req))
             .await
             .map_err(|_| ProxyError::ResponseTimeout {
                 authority: authority.to_string(),

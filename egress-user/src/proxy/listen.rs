@@ -20,9 +20,30 @@ use super::framing::{Framing, FramingGuard, Verdicts};
 use super::hello;
 use super::{OrigDst, Proxy};
 
+/// Where a connection's requests find the proxy (policy) that judges them.
+#[derive(Clone)]
+pub(crate) enum Current {
+    /// One policy for the proxy's life.
+    Fixed(Arc<Proxy>),
+    /// The policy in force when each request arrives: after a reload, the next request on a
+    /// kept-alive connection is judged by the new policy.
+    Live(watch::Receiver<Arc<Proxy>>),
+}
+
+impl Current {
+    /// The proxy in force now.
+    pub(crate) fn get(&self) -> Arc<Proxy> {
+        match self {
+            Self::Fixed(proxy) => proxy.clone(),
+            Self::Live(proxies) => proxies.borrow().clone(),
+        }
+    }
+}
+
 /// One accepted app connection, shared by its requests.
 pub(crate) struct Conn {
-    pub(crate) proxy: Arc<Proxy>,
+    /// The policy; read again for every request.
+    pub(crate) current: Current,
     pub(crate) events: mpsc::Sender<RequestEvent>,
     /// The app's end (the accepted socket's peer).
     pub(crate) client: SocketAddr,
@@ -51,25 +72,26 @@ impl Proxy {
         orig_dst: Arc<dyn OrigDst>,
         events: mpsc::Sender<RequestEvent>,
     ) -> io::Result<()> {
-        accept_loop(|| self.clone(), listener, orig_dst, events).await
+        accept_loop(Current::Fixed(self), listener, orig_dst, events).await
     }
 
-    /// As [`Proxy::serve`], for a policy that changes: each new connection is served by the
-    /// proxy `proxies` holds when it is accepted, so a reload (send a new `Proxy` for the new
-    /// policy) applies to new connections without closing the listener; open connections
-    /// finish with the proxy they started with. Counters belong to each `Proxy`.
+    /// As [`Proxy::serve`], for a policy that changes: each request is judged by the proxy
+    /// `proxies` holds when the request arrives, so a reload (send a new `Proxy` for the new
+    /// policy) applies at once, to kept-alive connections too, without closing the listener.
+    /// A request already under way finishes with the proxy it started with. Counters belong
+    /// to each `Proxy`.
     pub async fn serve_reloadable(
         proxies: watch::Receiver<Arc<Proxy>>,
         listener: TcpListener,
         orig_dst: Arc<dyn OrigDst>,
         events: mpsc::Sender<RequestEvent>,
     ) -> io::Result<()> {
-        accept_loop(|| proxies.borrow().clone(), listener, orig_dst, events).await
+        accept_loop(Current::Live(proxies), listener, orig_dst, events).await
     }
 }
 
 async fn accept_loop(
-    current: impl Fn() -> Arc<Proxy>,
+    current: Current,
     listener: TcpListener,
     orig_dst: Arc<dyn OrigDst>,
     events: mpsc::Sender<RequestEvent>,
@@ -92,7 +114,7 @@ async fn accept_loop(
             %client,
             orig_dst = orig.map(tracing::field::display),
         );
-        let conn = connection(current(), stream, client, orig, events.clone());
+        let conn = connection(current.clone(), stream, client, orig, events.clone());
         tokio::spawn(conn.instrument(span));
     }
 }
@@ -117,13 +139,15 @@ fn per_connection(e: &io::Error) -> bool {
 }
 
 async fn connection(
-    proxy: Arc<Proxy>,
+    current: Current,
     stream: TcpStream,
     client: SocketAddr,
     orig_dst: Option<SocketAddr>,
     events: mpsc::Sender<RequestEvent>,
 ) {
     let _ = stream.set_nodelay(true);
+    // Connection-level settings (time limits) come from the policy in force at accept().
+    let proxy = current.get();
     let mut first = [0u8; 1];
     match tokio::time::timeout(proxy.timeouts.header_read, stream.peek(&mut first)).await {
         Ok(Ok(1..)) => {}
@@ -143,7 +167,7 @@ async fn connection(
 
     let guard = FramingGuard::new(stream);
     let conn = Arc::new(Conn {
-        proxy: proxy.clone(),
+        current,
         events,
         client,
         orig_dst,

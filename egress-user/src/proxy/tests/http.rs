@@ -540,19 +540,19 @@ async fn events_and_counters_describe_each_request() {
 }
 
 #[tokio::test]
-async fn a_reload_applies_to_new_connections_and_open_ones_keep_theirs() {
+async fn a_reload_applies_to_the_next_request_on_every_connection() {
     let up = Upstream::start("127.0.0.1").await;
     let port = up.addr.port();
     let build = |p: Policy| {
         let b = Proxy::builder(&p).resolver(Arc::new(MapResolver::default()));
         Arc::new(b.without_system_roots().build().unwrap())
     };
-    let before = build(policy(vec![], &["httpbin.test"]));
-    let after = build(policy(
+    let allowing = build(policy(
         vec![rule("web", "httpbin.test", port, Http)],
         &["httpbin.test"],
     ));
-    let (reload, proxies) = tokio::sync::watch::channel(before);
+    let denying = build(policy(vec![], &["httpbin.test"]));
+    let (reload, proxies) = tokio::sync::watch::channel(allowing.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let lookup = move |_| Some(orig(port));
@@ -564,12 +564,22 @@ async fn a_reload_applies_to_new_connections_and_open_ones_keep_theirs() {
         tx,
     ));
 
-    let mut old = Client::new(TcpStream::connect(addr).await.unwrap());
-    assert_eq!(old.get("httpbin.test", "/").await.status, 403);
-    reload.send(after.clone()).unwrap();
-    let mut new = Client::new(TcpStream::connect(addr).await.unwrap());
-    assert_eq!(new.get("httpbin.test", "/").await.status, 200);
-    assert_eq!(old.get("httpbin.test", "/").await.status, 403);
-    assert_eq!(up.requests(), 1);
-    assert_eq!(after.counters()[0].status_2xx, 1);
+    // A kept-alive connection opened under the allowing policy...
+    let mut kept = Client::new(TcpStream::connect(addr).await.unwrap());
+    assert_eq!(kept.get("httpbin.test", "/").await.status, 200);
+    // ...is judged by the new one from its next request: a removed host is gone at once.
+    reload.send(denying.clone()).unwrap();
+    assert_eq!(kept.get("httpbin.test", "/").await.status, 403);
+    let mut fresh = Client::new(TcpStream::connect(addr).await.unwrap());
+    assert_eq!(fresh.get("httpbin.test", "/").await.status, 403);
+    // And back: the same kept-alive connection gets through again.
+    reload.send(allowing.clone()).unwrap();
+    assert_eq!(kept.get("httpbin.test", "/").await.status, 200);
+    assert_eq!(
+        up.requests(),
+        2,
+        "the upstream saw only the allowed requests"
+    );
+    assert_eq!(allowing.counters()[0].status_2xx, 2);
+    assert_eq!(denying.counters().last().unwrap().denied, 2);
 }
