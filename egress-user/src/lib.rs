@@ -4,11 +4,14 @@
 //! normalises the YAML; [`compile`] turns a policy into map entries; [`loader`] loads, attaches
 //! and pins the kernel programs and writes the maps; [`cli`] is one file per verb.
 
+pub mod agent;
 pub mod cgroup;
 pub mod cli;
 pub mod compile;
+pub mod control;
 pub mod loader;
 pub use loader::events;
 pub mod policy;
 pub mod proxy;
+pub mod state;
 pub mod telemetry;

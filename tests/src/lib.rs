@@ -87,6 +87,8 @@ pub struct Sandbox {
     pub cgroup: PathBuf,
     /// The pin directory for this test.
     pub pin_dir: PathBuf,
+    /// The agent's state directory and control socket live here (`state/`, `egress.sock`).
+    pub run_dir: PathBuf,
 }
 
 impl Sandbox {
@@ -113,6 +115,7 @@ impl Sandbox {
             pin_dir: Path::new(egress_user::loader::BPFFS_MOUNT)
                 .join("egress-tests")
                 .join(&name),
+            run_dir: Path::new("/run/egress-tests").join(&name),
             name,
         };
         // From here on Drop cleans up whatever was made.
@@ -239,12 +242,55 @@ impl Default for Sandbox {
     }
 }
 
+impl Sandbox {
+    /// The agent's state directory in this sandbox.
+    pub fn state_dir(&self) -> PathBuf {
+        self.run_dir.join("state")
+    }
+
+    /// The agent's control socket in this sandbox.
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.join("egress.sock")
+    }
+
+    /// `args` with this sandbox's `--state-dir` and `--socket` added, unless given.
+    fn agent_args(&self, args: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        if !args.contains(&"--state-dir") {
+            out.push("--state-dir".into());
+            out.push(self.state_dir().display().to_string());
+        }
+        if !args.contains(&"--socket") {
+            out.push("--socket".into());
+            out.push(self.socket().display().to_string());
+        }
+        out
+    }
+
+    /// Runs `egress VERB ARGS... --socket <this sandbox's>` (a client of the agent) and returns
+    /// its exit status, stdout and stderr.
+    pub fn ctl(&self, egress: &str, verb: &[&str]) -> (std::process::ExitStatus, String, String) {
+        let out = Command::new(egress)
+            .args(verb)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .expect("running the egress client");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Err(e) = egress_user::loader::unload(&self.pin_dir) {
             eprintln!("cleanup: unloading {}: {e:#}", self.pin_dir.display());
         }
         let _ = fs::remove_dir(&self.pin_dir);
+        let _ = fs::remove_dir_all(&self.run_dir);
         let kill = self.cgroup.join("cgroup.kill");
         if kill.exists() {
             let _ = fs::write(kill, "1");
@@ -386,7 +432,8 @@ pub struct Agent {
 impl Agent {
     /// Starts `egress run` with the given arguments and waits until it logs `ready`.
     pub fn start(egress: &str, args: &[&str]) -> Self {
-        Self::spawn(Command::new(egress), args)
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::spawn(Command::new(egress), &args)
     }
 
     /// Starts `egress run` inside the sandbox's network namespace, where the proxy must run
@@ -396,7 +443,7 @@ impl Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", sandbox.name))
             .arg(egress);
-        Self::spawn(cmd, args)
+        Self::spawn(cmd, &sandbox.agent_args(args))
     }
 
     /// Like [`Agent::start_in`], but the agent first joins `cgroup` (when given) and sees
@@ -427,7 +474,7 @@ impl Agent {
             Command::new("sh")
         };
         cmd.args(["-c", &script, "sh", egress]);
-        Self::spawn(cmd, args)
+        Self::spawn(cmd, &sandbox.agent_args(args))
     }
 
     /// Starts `egress run` as [`Agent::start_in_with`] does and returns its exit status and
@@ -445,7 +492,7 @@ impl Agent {
         );
         let out = Command::new("sh")
             .args(["-c", &script, "sh", egress, "run"])
-            .args(args)
+            .args(sandbox.agent_args(args))
             .output()
             .expect("running the agent");
         (
@@ -459,7 +506,7 @@ impl Agent {
         self.child.id()
     }
 
-    fn spawn(mut cmd: Command, args: &[&str]) -> Self {
+    fn spawn(mut cmd: Command, args: &[String]) -> Self {
         let mut child = cmd
             .arg("run")
             .args(args)

@@ -1,8 +1,15 @@
 //! The `egress` command line: one file per verb. Doc comments are the `--help` text.
 
 pub mod check;
+pub mod create;
+pub mod ctl;
+pub mod delete;
+pub mod events;
 pub mod exec;
+pub mod get;
+pub mod reload;
 pub mod run;
+pub mod status;
 pub mod unload;
 
 use std::process::ExitCode;
@@ -37,6 +44,35 @@ pub enum Command {
     ///
     /// Example: egress exec -- curl http://example.test/
     Exec(exec::ExecArgs),
+    /// Show the running agent: mode, generation, rules with allow/deny counters, proxy state.
+    /// `--ready` is a readiness probe.
+    ///
+    /// Example: egress status
+    Status(status::StatusArgs),
+    /// List the rules (`egressrules`) or aliases (`services`) in force, with counters and
+    /// where each is defined.
+    ///
+    /// Example: egress get egressrules
+    Get(get::GetArgs),
+    /// Add EgressRule and Service documents to the running agent's policy. They are checked
+    /// with the whole policy first (an invalid one changes nothing), and kept in the agent's
+    /// state directory across restarts.
+    ///
+    /// Example: egress create -f rules.yaml
+    Create(create::CreateArgs),
+    /// Remove rules or aliases made with `egress create` (all named, or none).
+    ///
+    /// Example: egress delete egressrule httpbin
+    Delete(delete::DeleteArgs),
+    /// Make the running agent read its policy files again now (as SIGHUP does) and report
+    /// whether the new policy is in force.
+    ///
+    /// Example: egress reload
+    Reload(reload::ReloadArgs),
+    /// Print the running agent's recent allow/deny events; `--follow` keeps printing.
+    ///
+    /// Example: egress events --follow
+    Events(events::EventsArgs),
     /// Detach the programs and remove every pin: nothing is filtered afterwards.
     ///
     /// Example: egress unload --pin-dir /sys/fs/bpf/egress
@@ -51,6 +87,12 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Exec(args) => exec::run(args),
         Command::Unload(args) => unload::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Get(args) => get::run(args),
+        Command::Create(args) => create::run(args),
+        Command::Delete(args) => delete::run(args),
+        Command::Reload(args) => reload::run(args),
+        Command::Events(args) => events::run(args),
     };
     match result {
         Ok(code) => code,

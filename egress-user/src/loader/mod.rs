@@ -598,11 +598,58 @@ fn fill_lpm<K: aya::Pod, V: aya::Pod>(
     let mut trie: LpmTrie<_, K, V> =
         LpmTrie::try_from(ebpf.map_mut(name).expect("object has the map"))
             .map_err(map_err(name, "opening"))?;
+    let mut progress = Progress::new(name, entries.len());
     for (prefix, key, value) in entries {
         trie.insert(&Key::new(*prefix, *key), *value, 0)
             .map_err(map_err(name, "inserting"))?;
+        progress.step();
     }
     Ok(())
+}
+
+/// Progress of a long map fill, logged at every tenth for fills of at least
+/// [`Progress::LONG`] entries (a 100k-rule policy takes seconds to load), so an operator sees
+/// the agent working rather than hung.
+struct Progress {
+    map: &'static str,
+    total: usize,
+    done: usize,
+    next: usize,
+    start: std::time::Instant,
+}
+
+impl Progress {
+    /// Fills shorter than this are not reported.
+    const LONG: usize = 10_000;
+
+    fn new(map: &'static str, total: usize) -> Self {
+        Self {
+            map,
+            total,
+            done: 0,
+            next: if total >= Self::LONG {
+                total / 10
+            } else {
+                usize::MAX
+            },
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn step(&mut self) {
+        self.done += 1;
+        if self.done >= self.next {
+            self.next = self.next.saturating_add(self.total / 10);
+            tracing::info!(
+                map = self.map,
+                done = self.done,
+                total = self.total,
+                elapsed_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "loading rules: {}%",
+                self.done * 100 / self.total
+            );
+        }
+    }
 }
 
 /// Gives rows to rules new in this generation: zeroes their counters (whatever an earlier

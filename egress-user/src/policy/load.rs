@@ -34,20 +34,8 @@ pub const MAX_FILE_SIZE: u64 = 64 * 1024 * 1024;
 /// # Errors
 /// Every problem in every file, sorted by file (in the order given) and line.
 pub fn load_files(paths: &[PathBuf]) -> Result<Policy, PolicyErrors> {
-    let sources: Vec<(String, Result<Vec<u8>, String>)> = paths
-        .iter()
-        .map(|path| (path.display().to_string(), read_capped(path)))
-        .collect();
-    load(
-        sources
-            .iter()
-            .zip(paths)
-            .map(|((name, bytes), path)| Source {
-                name,
-                directory: Some(path.parent().unwrap_or_else(|| Path::new(""))),
-                bytes: bytes.as_deref().map_err(String::as_str),
-            }),
-    )
+    let sources: Vec<PolicySource> = paths.iter().cloned().map(PolicySource::File).collect();
+    load_mixed(&sources)
 }
 
 /// Checks policy sources given as `(file name, contents)` pairs, as one policy. The name is
@@ -60,6 +48,46 @@ pub fn load_sources(sources: &[(String, Vec<u8>)]) -> Result<Policy, PolicyError
         name,
         directory: None,
         bytes: Ok(bytes.as_slice()),
+    }))
+}
+
+/// One input of [`load_mixed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicySource {
+    /// A file, read here (as [`load_files`] does).
+    File(PathBuf),
+    /// Text already in hand, with the name messages use (as [`load_sources`] takes it).
+    Text {
+        /// The name.
+        name: String,
+        /// The contents.
+        bytes: Vec<u8>,
+    },
+}
+
+/// Checks files and texts together, as one policy, in the order given: the agent's policy is
+/// its files (or the embedded default) plus the rules made with `egress create`, and a rule
+/// about to be created is checked against all of them.
+///
+/// # Errors
+/// Every problem in every source, sorted by source (in the order given) and line.
+pub fn load_mixed(sources: &[PolicySource]) -> Result<Policy, PolicyErrors> {
+    type Read<'a> = (String, Option<&'a Path>, Result<Vec<u8>, String>);
+    let read: Vec<Read<'_>> = sources
+        .iter()
+        .map(|source| match source {
+            PolicySource::File(path) => (
+                path.display().to_string(),
+                Some(path.parent().unwrap_or_else(|| Path::new(""))),
+                read_capped(path),
+            ),
+            PolicySource::Text { name, bytes } => (name.clone(), None, Ok(bytes.clone())),
+        })
+        .collect();
+    load(read.iter().map(|(name, directory, bytes)| Source {
+        name,
+        directory: *directory,
+        bytes: bytes.as_deref().map_err(String::as_str),
     }))
 }
 

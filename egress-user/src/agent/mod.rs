@@ -1,0 +1,629 @@
+//! The running agent: the policy in force, and every way it changes (SIGHUP, a change of the
+//! policy files, `egress reload`, `egress create`, `egress delete`), what `egress status`,
+//! `get` and `events` show, and the loop that serves all of it.
+//!
+//! Every change takes one path, [`Agent::apply`]: the whole policy (the policy files, or the
+//! embedded default, plus the created rules in the state directory) is read and validated
+//! first; an invalid one changes nothing and the error is logged and counted. A valid one goes
+//! to the proxy first (so a removed host is refused at once) and then to the kernel as a new
+//! generation, swapped in atomically; if the kernel refuses it, the proxy gets the old policy
+//! back. Changes are handled one at a time, in the order they arrive.
+
+pub mod watch;
+
+use std::{
+    collections::HashMap,
+    hash::{Hash as _, Hasher as _},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::SystemTime,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch as channel},
+};
+
+use crate::{
+    control::{
+        self, ProxyStatus, Request, Response, RuleRow, Status, WireEvent,
+        server::{Call, EventHub},
+    },
+    events::{self, EventRecord},
+    loader::{self, Enforcer, Target},
+    policy::{self, Policy, PolicySource},
+    proxy::{Proxy, RequestEvent},
+    state::{self, Kind, Store},
+};
+
+/// Proxy events waiting to be logged; past this the proxy drops (and counts) them rather than
+/// slow a request down.
+const EVENT_QUEUE: usize = 4096;
+
+/// What the agent was started with.
+pub struct Settings {
+    /// Policy files and directories; none: the embedded default.
+    pub paths: Vec<PathBuf>,
+    /// The state directory (created rules).
+    pub store: Store,
+    /// Where the programs go.
+    pub target: Target,
+    /// The proxy's listeners (bound before anything was attached).
+    pub listening: Vec<SocketAddr>,
+}
+
+/// The running agent.
+pub struct Agent {
+    settings: Settings,
+    enforcer: Enforcer,
+    proxies: channel::Sender<Arc<Proxy>>,
+    policy: Policy,
+    /// A hash of the policy sources' bytes in force: a watch event that changed nothing
+    /// reloads nothing.
+    digest: u64,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_error: Option<String>,
+    hub: Arc<EventHub>,
+}
+
+/// Where the agent's policy comes from: the files (directories expanded, `*.yaml`/`*.yml` in
+/// name order) or the embedded default, then the created rules.
+pub fn sources(paths: &[PathBuf], store: &Store) -> Vec<PolicySource> {
+    let mut out = Vec::new();
+    if paths.is_empty() {
+        out.push(PolicySource::Text {
+            name: policy::DEFAULT_POLICY_NAME.to_owned(),
+            bytes: policy::DEFAULT_POLICY.as_bytes().to_vec(),
+        });
+    }
+    for path in paths {
+        match std::fs::read_dir(path) {
+            Ok(entries) => {
+                let mut found: Vec<PathBuf> = entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+                    .collect();
+                found.sort();
+                out.extend(found.into_iter().map(PolicySource::File));
+            }
+            // Not a directory (or unreadable): loading reports it with the path.
+            Err(_) => out.push(PolicySource::File(path.clone())),
+        }
+    }
+    let created = store.created_path();
+    if created.exists() {
+        out.push(PolicySource::File(created));
+    }
+    out
+}
+
+/// A hash of the sources' names and bytes (an unreadable file hashes its error).
+fn digest(sources: &[PolicySource]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for source in sources {
+        match source {
+            PolicySource::File(path) => {
+                path.hash(&mut h);
+                match std::fs::read(path) {
+                    Ok(bytes) => bytes.hash(&mut h),
+                    Err(e) => e.to_string().hash(&mut h),
+                }
+            }
+            PolicySource::Text { name, bytes } => {
+                name.hash(&mut h);
+                bytes.hash(&mut h);
+            }
+        }
+    }
+    h.finish()
+}
+
+impl Agent {
+    /// Loads the policy and puts it in force: the first generation, or a takeover of pinned
+    /// programs left by an earlier agent. Returns the agent and the proxy channel.
+    ///
+    /// # Errors
+    /// The policy is invalid (every error as `FILE:LINE: message`), or the kernel refused it.
+    pub fn start(settings: Settings) -> anyhow::Result<(Self, channel::Receiver<Arc<Proxy>>)> {
+        let sources = sources(&settings.paths, &settings.store);
+        let policy = policy::load_mixed(&sources).map_err(|errors| {
+            anyhow::anyhow!("{errors}\nthe policy is invalid; nothing was loaded")
+        })?;
+        let proxy = Arc::new(Proxy::new(&policy).context("configuring the proxy")?);
+        let enforcer = Enforcer::apply(&settings.target, &policy).with_context(|| {
+            format!(
+                "enforcing the policy on {}",
+                settings.target.cgroup.display()
+            )
+        })?;
+        let (proxies, rx) = channel::channel(proxy);
+        let agent = Self {
+            digest: digest(&sources),
+            settings,
+            enforcer,
+            proxies,
+            policy,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            last_error: None,
+            hub: Arc::default(),
+        };
+        Ok((agent, rx))
+    }
+
+    /// The generation in force.
+    pub fn generation(&self) -> u32 {
+        self.enforcer.generation()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Where events for `egress events` go.
+    pub fn hub(&self) -> Arc<EventHub> {
+        self.hub.clone()
+    }
+
+    /// Reads the policy sources again and applies them; unless `force`, only if their bytes
+    /// changed. Returns the generation in force.
+    fn reload(&mut self, force: bool, why: &str) -> Result<u32, String> {
+        let sources = sources(&self.settings.paths, &self.settings.store);
+        if !force && digest(&sources) == self.digest {
+            tracing::debug!(why, "policy sources unchanged; nothing to reload");
+            return Ok(self.generation());
+        }
+        self.apply(&sources, why)
+    }
+
+    /// Validates `sources` as a whole and puts them in force (see the module docs). Every
+    /// outcome is logged and counted.
+    fn apply(&mut self, sources: &[PolicySource], why: &str) -> Result<u32, String> {
+        let generation = self.generation();
+        let result = self.try_apply(sources);
+        match &result {
+            Ok(new) => {
+                self.reloads_ok += 1;
+                self.last_error = None;
+                tracing::info!(
+                    why,
+                    generation = new,
+                    rules = self.policy.rules.len(),
+                    http_rules = self.policy.http_rules.len(),
+                    aliases = self.policy.aliases.len(),
+                    "reloaded: new policy in force"
+                );
+            }
+            Err(e) => {
+                self.reloads_failed += 1;
+                self.last_error = Some(e.clone());
+                for line in e.lines() {
+                    tracing::error!(why, error = %line, "reload: error");
+                }
+                tracing::error!(
+                    why,
+                    generation,
+                    "reload failed; the running policy stays in force"
+                );
+            }
+        }
+        result
+    }
+
+    fn try_apply(&mut self, sources: &[PolicySource]) -> Result<u32, String> {
+        let policy = policy::load_mixed(sources).map_err(|e| e.to_string())?;
+        if policy.proxy.port != self.policy.proxy.port {
+            return Err(format!(
+                "changing the proxy port ({} to {}) needs a restart of the agent",
+                self.policy.proxy.port, policy.proxy.port
+            ));
+        }
+        let proxy = Arc::new(Proxy::new(&policy).map_err(|e| e.to_string())?);
+        let previous = self.proxies.send_replace(proxy);
+        match tokio::task::block_in_place(|| Enforcer::apply(&self.settings.target, &policy)) {
+            Ok(enforcer) => {
+                self.enforcer = enforcer;
+                self.policy = policy;
+                self.digest = digest(sources);
+                Ok(self.generation())
+            }
+            Err(e) => {
+                self.proxies.send_replace(previous);
+                Err(format!("{:#}", anyhow::Error::from(e)))
+            }
+        }
+    }
+
+    /// `egress create`: adds the documents of `text`, if the whole policy with them is valid
+    /// and the kernel takes it; otherwise nothing changes, on disk or in force.
+    fn create(&mut self, source: &str, text: &str) -> Result<Response, String> {
+        let docs = state::split(source, text).map_err(|e| e.to_string())?;
+        if docs.is_empty() {
+            return Err(format!("{source}: no EgressRule or Service document"));
+        }
+        let old = self.settings.store.documents()?;
+        let mut candidate = sources(&self.settings.paths, &self.settings.store);
+        candidate.push(PolicySource::Text {
+            name: source.to_owned(),
+            bytes: text.as_bytes().to_vec(),
+        });
+        policy::load_mixed(&candidate).map_err(|e| format!("{e}\nnothing was created"))?;
+        let mut new = old.clone();
+        new.extend(docs.iter().cloned());
+        let names = describe(&docs);
+        self.change_store(&old, &new, &format!("create {names}"))
+            .map(|generation| Response::Applied {
+                generation,
+                message: format!("created {names}"),
+            })
+    }
+
+    /// `egress delete`: removes created documents by name; all of them or none.
+    fn delete(&mut self, kind: Kind, names: &[String]) -> Result<Response, String> {
+        let old = self.settings.store.documents()?;
+        let mut problems = Vec::new();
+        for name in names {
+            if old.iter().any(|d| d.kind == kind && &d.name == name) {
+                continue;
+            }
+            problems.push(match self.origin_of(kind, name) {
+                Some(origin) => format!(
+                    "{kind} `{name}` comes from {origin}, not from `egress create`; edit that file"
+                ),
+                None => format!("no {kind} named `{name}`"),
+            });
+        }
+        if !problems.is_empty() {
+            problems.push("nothing was deleted".to_owned());
+            return Err(problems.join("\n"));
+        }
+        let (gone, new): (Vec<_>, Vec<_>) = old
+            .iter()
+            .cloned()
+            .partition(|d| d.kind == kind && names.contains(&d.name));
+        let names = describe(&gone);
+        self.change_store(&old, &new, &format!("delete {names}"))
+            .map(|generation| Response::Applied {
+                generation,
+                message: format!("deleted {names}"),
+            })
+    }
+
+    /// Saves `new` as the created documents and applies the result; puts `old` back on disk if
+    /// the policy cannot be applied.
+    fn change_store(
+        &mut self,
+        old: &[state::Document],
+        new: &[state::Document],
+        why: &str,
+    ) -> Result<u32, String> {
+        self.settings
+            .store
+            .save(new)
+            .map_err(|e| format!("saving the created rules: {e}"))?;
+        self.reload(true, why).inspect_err(|_| {
+            if let Err(e) = self.settings.store.save(old) {
+                tracing::error!(error = %e, "putting the created rules back failed");
+            }
+        })
+    }
+
+    /// Where a rule or alias of the policy in force is defined.
+    fn origin_of(&self, kind: Kind, name: &str) -> Option<String> {
+        match kind {
+            Kind::EgressRule => self
+                .policy
+                .rules
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.origin.to_string())
+                .or_else(|| {
+                    let rules = &self.policy.http_rules;
+                    rules
+                        .iter()
+                        .find(|r| r.name == name)
+                        .map(|r| r.origin.to_string())
+                }),
+            Kind::Service => self
+                .policy
+                .aliases
+                .iter()
+                .find(|a| a.name == name)
+                .map(|a| a.origin.to_string()),
+        }
+    }
+
+    /// Every rule and alias in force with its counters, then the reserved rows.
+    fn rows(&self) -> Vec<RuleRow> {
+        let kernel: HashMap<String, egress_common::RuleCounters> = match self.enforcer.counters() {
+            Ok(rows) => rows.into_iter().map(|r| (r.name, r.counters)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the kernel counters");
+                HashMap::new()
+            }
+        };
+        let proxy: HashMap<Option<String>, u64> = self
+            .proxies
+            .borrow()
+            .counters()
+            .into_iter()
+            .map(|s| (s.rule, s.requests))
+            .collect();
+        let created = self.settings.store.created_path().display().to_string();
+        let row = |kind: Kind, name: &str, allows: String, origin: &policy::Origin| {
+            let k = kernel.get(name).copied().unwrap_or_default();
+            RuleRow {
+                kind: kind.to_string(),
+                name: name.to_owned(),
+                allows,
+                source: origin.to_string(),
+                created: origin.file == created,
+                allowed: k.allowed,
+                denied: k.denied,
+                would_deny: k.would_deny,
+                requests: proxy.get(&Some(name.to_owned())).copied().unwrap_or(0),
+            }
+        };
+        let mut rows = Vec::new();
+        for r in &self.policy.rules {
+            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.protocol, p.port)));
+            rows.push(row(
+                Kind::EgressRule,
+                &r.name,
+                format!("{} {ports}", r.destination),
+                &r.origin,
+            ));
+        }
+        for r in &self.policy.http_rules {
+            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.protocol, p.port)));
+            rows.push(row(
+                Kind::EgressRule,
+                &r.name,
+                format!("{} {ports}", r.host),
+                &r.origin,
+            ));
+        }
+        for a in &self.policy.aliases {
+            let ports = join(
+                a.ports
+                    .iter()
+                    .map(|p| format!("{}/{p}", policy::Alias::protocol(*p))),
+            );
+            rows.push(row(
+                Kind::Service,
+                &a.name,
+                format!("{}.{} -> {} {ports}", a.name, a.namespace, a.external_name),
+                &a.origin,
+            ));
+        }
+        for name in [
+            loader::NO_RULE_NAME,
+            loader::BYPASS_NAME,
+            loader::PROXY_NAME,
+        ] {
+            let k = kernel.get(name).copied().unwrap_or_default();
+            rows.push(RuleRow {
+                kind: "reserved".to_owned(),
+                name: name.to_owned(),
+                allowed: k.allowed,
+                denied: k.denied,
+                would_deny: k.would_deny,
+                requests: if name == loader::NO_RULE_NAME {
+                    proxy.get(&None).copied().unwrap_or(0)
+                } else {
+                    0
+                },
+                ..RuleRow::default()
+            });
+        }
+        rows
+    }
+
+    /// `egress status`.
+    fn status(&self) -> Status {
+        let target = &self.settings.target;
+        let attached = crate::cgroup::id(&target.cgroup).ok().is_some_and(|id| {
+            loader::enforced_cgroups(&target.pin_dir).is_ok_and(|ids| ids.contains(&id))
+        });
+        let proxy = self.proxies.borrow().clone();
+        let counters = proxy.counters();
+        let stats = self.enforcer.stats().unwrap_or_default();
+        let mut sources: Vec<String> = if self.settings.paths.is_empty() {
+            vec![policy::DEFAULT_POLICY_NAME.to_owned()]
+        } else {
+            self.settings
+                .paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect()
+        };
+        sources.push(self.settings.store.created_path().display().to_string());
+        Status {
+            ready: attached,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            mode: self.policy.mode.to_string(),
+            generation: self.generation(),
+            cgroup: target.cgroup.display().to_string(),
+            pin_dir: target.pin_dir.display().to_string(),
+            attached,
+            sources,
+            rules: self.rows(),
+            proxy: ProxyStatus {
+                listening: self
+                    .settings
+                    .listening
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                requests: counters.iter().map(|c| c.requests).sum(),
+                denied: counters.iter().map(|c| c.denied).sum(),
+                events_dropped: proxy.events_dropped(),
+            },
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            last_error: self.last_error.clone(),
+            events_lost: stats.events_lost,
+            kernel_errors: stats.errors,
+        }
+    }
+
+    /// Answers one control request.
+    fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => Ok(Response::Status(Box::new(self.status()))),
+            Request::Get { kind } => {
+                let kind = kind.to_string();
+                let rules = self.rows().into_iter().filter(|r| r.kind == kind).collect();
+                Ok(Response::Rules { rules })
+            }
+            Request::Create { source, text } => self.create(&source, &text),
+            Request::Delete { kind, names } => self.delete(kind, &names),
+            Request::Reload => {
+                self.reload(true, "egress reload")
+                    .map(|generation| Response::Applied {
+                        generation,
+                        message: "reloaded".to_owned(),
+                    })
+            }
+            // The server answers these itself.
+            Request::Events { .. } => Err("events are served by the control socket".to_owned()),
+        };
+        result.unwrap_or_else(|message| Response::Error { message })
+    }
+
+    /// Serves the proxy and the control socket, logs and publishes kernel and proxy events,
+    /// and reloads on SIGHUP and on changes of the policy files, until SIGINT or SIGTERM.
+    ///
+    /// # Errors
+    /// A signal handler, the ring buffer or a listener cannot be set up, or reading kernel
+    /// events fails.
+    pub async fn serve(
+        &mut self,
+        proxies: channel::Receiver<Arc<Proxy>>,
+        listeners: Vec<std::net::TcpListener>,
+        control: std::os::unix::net::UnixListener,
+        mut watch: Option<watch::PolicyWatch>,
+    ) -> anyhow::Result<()> {
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        // The ring buffer and the original-destination map are shared by every generation,
+        // so these handles stay valid across reloads.
+        let mut ring = self
+            .enforcer
+            .take_async_events()
+            .context("watching the event ring buffer")?;
+        let orig_dst = Arc::new(
+            self.enforcer
+                .take_orig_dst()
+                .context("the original-destination map is missing")?,
+        );
+        let (tx, mut requests) = mpsc::channel::<RequestEvent>(EVENT_QUEUE);
+        for listener in listeners {
+            let address = listener.local_addr().context("proxy listener address")?;
+            let listener = tokio::net::TcpListener::from_std(listener).context("proxy listener")?;
+            let (proxies, orig_dst, tx) = (proxies.clone(), orig_dst.clone(), tx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = Proxy::serve_reloadable(proxies, listener, orig_dst, tx).await {
+                    tracing::error!(%address, error = %e, "proxy listener failed");
+                }
+            });
+        }
+        let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
+        let control =
+            tokio::net::UnixListener::from_std(control).context("control socket listener")?;
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = control::server::serve(control, calls_tx, hub).await {
+                tracing::error!(error = %e, "control socket failed");
+            }
+        });
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => return Ok(()),
+                _ = sigterm.recv() => return Ok(()),
+                _ = sighup.recv() => {
+                    let _ = self.reload(true, "SIGHUP");
+                }
+                () = changed(&mut watch) => {
+                    let _ = self.reload(false, "policy files changed");
+                }
+                Some(call) = calls.recv() => {
+                    let response = self.handle(call.request);
+                    let _ = call.reply.send(response);
+                }
+                Some(request) = requests.recv() => {
+                    events::log_request(&request);
+                    self.hub.publish(request_event(request));
+                }
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.context("waiting for kernel events")?;
+                    let name = |row| self.enforcer.row_name(row).map(str::to_owned);
+                    for event in events::drain(guard.get_inner_mut(), name) {
+                        events::log(&event);
+                        self.hub.publish(kernel_event(&event));
+                    }
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+}
+
+/// The next settled change of the policy files; never, without a watch.
+async fn changed(watch: &mut Option<watch::PolicyWatch>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn join(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(",")
+}
+
+/// `egressrule/a, service/b` for messages.
+fn describe(docs: &[state::Document]) -> String {
+    join(docs.iter().map(|d| format!("{}/{}", d.kind, d.name))).replace(',', ", ")
+}
+
+fn kernel_event(e: &EventRecord) -> WireEvent {
+    WireEvent {
+        time: control::rfc3339(SystemTime::now()),
+        source: "connect".to_owned(),
+        verdict: e.verdict.to_string(),
+        rule: e.rule.clone(),
+        pid: e.pid,
+        comm: e.comm.clone(),
+        cgroup_id: e.cgroup_id,
+        destination: e.destination.to_string(),
+        generation: e.generation,
+        ..WireEvent::default()
+    }
+}
+
+fn request_event(e: RequestEvent) -> WireEvent {
+    let verdict = match e.status {
+        403 => "deny",
+        0 => "refused",
+        s if s >= 400 => "error",
+        _ => "allow",
+    };
+    WireEvent {
+        time: control::rfc3339(SystemTime::now()),
+        source: "http".to_owned(),
+        verdict: verdict.to_owned(),
+        rule: e.rule.unwrap_or_else(|| loader::NO_RULE_NAME.to_owned()),
+        destination: e.orig_dst.map(|a| a.to_string()).unwrap_or_default(),
+        host: e.host,
+        status: e.status,
+        reason: e.reason.unwrap_or_default(),
+        ..WireEvent::default()
+    }
+}

@@ -1,0 +1,96 @@
+//! What the verbs that talk to a running agent share: the socket option, one request with its
+//! answer, and printing tables.
+
+use std::path::PathBuf;
+
+use crate::control::{
+    DEFAULT_SOCKET, Request, Response, RuleRow,
+    client::{self},
+};
+
+/// The control socket option.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SocketArg {
+    /// The running agent's control socket (root only).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Output formats.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    /// A table for people.
+    #[default]
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+/// Sends `request` and returns the answer; the agent's error answer becomes an error.
+pub fn call(socket: &SocketArg, request: &Request) -> anyhow::Result<Response> {
+    match client::call(&socket.socket, request)? {
+        Response::Error { message } => Err(anyhow::anyhow!("{message}")),
+        other => Ok(other),
+    }
+}
+
+/// Prints rows as an aligned table.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// The rule table `status` and `get` print.
+pub fn print_rules(rules: &[RuleRow]) {
+    let rows: Vec<Vec<String>> = rules
+        .iter()
+        .map(|r| {
+            vec![
+                r.kind.clone(),
+                r.name.clone(),
+                r.allows.clone(),
+                r.allowed.to_string(),
+                r.denied.to_string(),
+                r.would_deny.to_string(),
+                r.requests.to_string(),
+                if r.created {
+                    format!("created ({})", r.source)
+                } else {
+                    r.source.clone()
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "KIND",
+            "NAME",
+            "ALLOWS",
+            "ALLOWED",
+            "DENIED",
+            "WOULD-DENY",
+            "HTTP-REQS",
+            "SOURCE",
+        ],
+        &rows,
+    );
+}

@@ -1,0 +1,64 @@
+//! `egress events [--follow]`: the running agent's allow/deny events, with pid, command,
+//! cgroup, destination and rule.
+
+use std::process::ExitCode;
+
+use super::ctl::{Output, SocketArg};
+use crate::control::{Request, Response, WireEvent, client::Conversation};
+
+/// Arguments of `egress events`.
+#[derive(clap::Args, Debug)]
+pub struct EventsArgs {
+    /// Keep printing new events as they happen, until interrupted.
+    #[arg(short, long)]
+    follow: bool,
+    /// How many recent events to print first (the agent keeps the last 1024).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    recent: usize,
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Output format: a line per event, or a JSON document per line.
+    #[arg(short, long, value_enum, default_value_t)]
+    output: Output,
+}
+
+/// Runs `egress events`.
+pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
+    let request = Request::Events {
+        follow: args.follow,
+        recent: args.recent,
+    };
+    let mut conversation = Conversation::start(&args.socket.socket, &request)?;
+    while let Some(response) = conversation.answer()? {
+        match response {
+            Response::Event(e) if args.output == Output::Json => {
+                println!("{}", serde_json::to_string(&e)?);
+            }
+            Response::Event(e) => println!("{}", line(&e)),
+            Response::EndOfRecent if !args.follow => break,
+            Response::EndOfRecent => {}
+            Response::Error { message } => eprintln!("egress: warning: {message}"),
+            other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One event as a line.
+fn line(e: &WireEvent) -> String {
+    if e.source == "http" {
+        let mut out = format!(
+            "{} http {} {} status={} rule={} dst={}",
+            e.time, e.verdict, e.host, e.status, e.rule, e.destination
+        );
+        if !e.reason.is_empty() {
+            out.push_str(&format!(" reason={:?}", e.reason));
+        }
+        out
+    } else {
+        format!(
+            "{} connect {} dst={} rule={} pid={} comm={} cgroup={} generation={}",
+            e.time, e.verdict, e.destination, e.rule, e.pid, e.comm, e.cgroup_id, e.generation
+        )
+    }
+}

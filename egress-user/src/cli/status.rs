@@ -1,0 +1,85 @@
+//! `egress status`: the running agent's mode, generation, rules with counters, proxy state.
+
+use std::process::ExitCode;
+
+use super::ctl::{self, Output, SocketArg};
+use crate::control::{Request, Response};
+
+/// Arguments of `egress status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print nothing; exit 0 only if the agent answers with programs attached and a policy
+    /// applied (a readiness probe).
+    #[arg(long)]
+    ready: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    output: Output,
+}
+
+/// Runs `egress status`.
+pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let status = match ctl::call(&args.socket, &Request::Status) {
+        Ok(Response::Status(status)) => status,
+        Ok(other) => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+        Err(e) if args.ready => {
+            eprintln!("not ready: {e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e),
+    };
+    if args.ready {
+        if status.ready {
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!(
+            "not ready: the programs are not attached to {}",
+            status.cgroup
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "agent:       pid {} (egress {}), {}",
+        status.pid,
+        status.version,
+        if status.ready {
+            "ready"
+        } else {
+            "NOT READY: programs not attached"
+        }
+    );
+    println!("mode:        {}", status.mode);
+    println!("generation:  {}", status.generation);
+    println!("cgroup:      {}", status.cgroup);
+    println!("pin dir:     {}", status.pin_dir);
+    println!("policy:      {}", status.sources.join(", "));
+    println!(
+        "reloads:     {} ok, {} failed{}",
+        status.reloads_ok,
+        status.reloads_failed,
+        match &status.last_error {
+            Some(e) => format!(" (last failed: {})", e.lines().next().unwrap_or("")),
+            None => String::new(),
+        }
+    );
+    println!(
+        "proxy:       listening on {}; {} requests, {} refused, {} events dropped",
+        status.proxy.listening.join(", "),
+        status.proxy.requests,
+        status.proxy.denied,
+        status.proxy.events_dropped
+    );
+    println!(
+        "kernel:      {} events lost, {} errors (failed closed)",
+        status.events_lost, status.kernel_errors
+    );
+    println!();
+    ctl::print_rules(&status.rules);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,119 @@
+//! The CLI's end of the control socket.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+};
+
+use super::{Request, Response};
+
+/// Why a request did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No socket, or nobody listening on it.
+    #[error(
+        "no egress agent is listening on {path} ({source}); is `egress run` running, and is \
+         --socket the same as its?"
+    )]
+    NoAgent {
+        /// The socket.
+        path: PathBuf,
+        /// What connect() said.
+        source: io::Error,
+    },
+    /// The socket is root-only.
+    #[error("permission denied on {path}: the egress control socket is for root only")]
+    NotRoot {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The conversation broke off.
+    #[error("talking to the agent on {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The agent closed the connection without answering.
+    #[error("the agent on {path} closed the connection without answering")]
+    NoAnswer {
+        /// The socket.
+        path: PathBuf,
+    },
+}
+
+/// A connection to the agent with one request sent.
+pub struct Conversation {
+    path: PathBuf,
+    lines: BufReader<UnixStream>,
+}
+
+impl Conversation {
+    /// Connects to the agent on `path` and sends `request`.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn start(path: &Path, request: &Request) -> Result<Self, ClientError> {
+        let mut stream = UnixStream::connect(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::PermissionDenied {
+                ClientError::NotRoot {
+                    path: path.to_owned(),
+                }
+            } else {
+                ClientError::NoAgent {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let io_err = |source| ClientError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut line = serde_json::to_vec(request).map_err(|e| io_err(io::Error::other(e)))?;
+        line.push(b'\n');
+        stream.write_all(&line).map_err(io_err)?;
+        Ok(Self {
+            path: path.to_owned(),
+            lines: BufReader::new(stream),
+        })
+    }
+
+    /// The next answer; `None` when the agent has closed the connection.
+    ///
+    /// # Errors
+    /// Reading failed or the agent sent something that is not a [`Response`].
+    pub fn answer(&mut self) -> Result<Option<Response>, ClientError> {
+        let mut line = String::new();
+        let n = self
+            .lines
+            .read_line(&mut line)
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| ClientError::Io {
+                path: self.path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })
+    }
+}
+
+/// Sends `request` and returns the one answer.
+///
+/// # Errors
+/// See [`ClientError`].
+pub fn call(path: &Path, request: &Request) -> Result<Response, ClientError> {
+    Conversation::start(path, request)?
+        .answer()?
+        .ok_or_else(|| ClientError::NoAnswer {
+            path: path.to_owned(),
+        })
+}

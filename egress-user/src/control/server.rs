@@ -1,0 +1,231 @@
+//! The agent's end of the control socket: bind it root-only, check each client's uid, read its
+//! request, and hand it to the agent (or, for `events`, serve it from the [`EventHub`]).
+
+use std::{
+    collections::VecDeque,
+    io,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, mpsc, oneshot},
+};
+
+use super::{MAX_REQUEST, Request, Response, WireEvent};
+
+/// How long a client has to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Recent events kept for `egress events`.
+pub const RECENT_EVENTS: usize = 1024;
+/// Events a following client may fall behind by before it misses some.
+const FOLLOW_BUFFER: usize = 4096;
+
+/// Binds the control socket at `path`, before the agent touches the kernel, so that a second
+/// agent fails early. The directory is created mode 0700 if missing; the socket is mode 0600.
+/// A socket file left by an agent that died is replaced; one that an agent still answers on
+/// is an error.
+///
+/// # Errors
+/// The directory or socket cannot be made, or another agent is serving on `path`.
+pub fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(at)?;
+    }
+    if path.exists() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{}: another egress agent is serving on this control socket",
+                        path.display()
+                    ),
+                ));
+            }
+            // Nobody listening: a socket left by an agent that was killed.
+            Err(_) => std::fs::remove_file(path).map_err(at)?,
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(at)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(at)?;
+    listener.set_nonblocking(true).map_err(at)?;
+    Ok(listener)
+}
+
+/// A request for the agent, with where its answer goes.
+#[derive(Debug)]
+pub struct Call {
+    /// The request (never `Events`: the server answers those itself).
+    pub request: Request,
+    /// The answer.
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// An event with its sequence number.
+type Numbered = (u64, Arc<WireEvent>);
+
+/// Events for `egress events`: the recent ones, and a channel of new ones.
+#[derive(Debug)]
+pub struct EventHub {
+    recent: Mutex<VecDeque<Numbered>>,
+    new: broadcast::Sender<Numbered>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+            new: broadcast::channel(FOLLOW_BUFFER).0,
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+}
+
+impl EventHub {
+    /// Publishes one event.
+    pub fn publish(&self, event: WireEvent) {
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let event = Arc::new(event);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back((seq, event.clone()));
+        }
+        // No follower: nothing to do.
+        let _ = self.new.send((seq, event));
+    }
+
+    /// The last `n` events, and a receiver of every later one.
+    fn subscribe(&self, n: usize) -> (Vec<Numbered>, broadcast::Receiver<Numbered>) {
+        // Subscribe under the lock: an event is either in the snapshot or in the receiver.
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.new.subscribe();
+        let skip = recent.len().saturating_sub(n);
+        (recent.iter().skip(skip).cloned().collect(), rx)
+    }
+}
+
+/// Serves clients on `listener` until it fails: each on its own task, so one slow client holds
+/// up nobody.
+///
+/// # Errors
+/// The listener failed.
+pub async fn serve(
+    listener: UnixListener,
+    calls: mpsc::Sender<Call>,
+    events: Arc<EventHub>,
+) -> io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (calls, events) = (calls.clone(), events.clone());
+        tokio::spawn(async move {
+            if let Err(e) = client(stream, calls, events).await {
+                tracing::debug!(error = %e, "control client failed");
+            }
+        });
+    }
+}
+
+async fn client(
+    stream: UnixStream,
+    calls: mpsc::Sender<Call>,
+    events: Arc<EventHub>,
+) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let uid = read.as_ref().peer_cred()?.uid();
+    if uid != 0 {
+        tracing::warn!(uid, "control socket: refused a client that is not root");
+        let message = format!(
+            "permission denied: the egress control socket is for root only (your uid is {uid})"
+        );
+        return send(&mut write, &Response::Error { message }).await;
+    }
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Ok(result) => {
+            result?;
+        }
+        Err(_) => {
+            let message = "no request within 10 s".to_owned();
+            return send(&mut write, &Response::Error { message }).await;
+        }
+    }
+    if line.len() > MAX_REQUEST {
+        let message = format!("request larger than {} MiB", MAX_REQUEST >> 20);
+        return send(&mut write, &Response::Error { message }).await;
+    }
+    let request: Request = match serde_json::from_slice(&line) {
+        Ok(request) => request,
+        Err(e) => {
+            let message = format!("malformed request: {e}");
+            return send(&mut write, &Response::Error { message }).await;
+        }
+    };
+    if let Request::Events { follow, recent } = request {
+        return stream_events(&mut write, &events, follow, recent).await;
+    }
+    let (reply, answer) = oneshot::channel();
+    let response = match calls.send(Call { request, reply }).await {
+        Ok(()) => answer.await.unwrap_or_else(|_| Response::Error {
+            message: "the agent is stopping".to_owned(),
+        }),
+        Err(_) => Response::Error {
+            message: "the agent is stopping".to_owned(),
+        },
+    };
+    send(&mut write, &response).await
+}
+
+async fn stream_events(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    hub: &EventHub,
+    follow: bool,
+    recent: usize,
+) -> io::Result<()> {
+    let (recent, mut rx) = hub.subscribe(recent);
+    let mut last = 0;
+    for (seq, event) in recent {
+        last = seq;
+        send(write, &Response::Event(Box::new((*event).clone()))).await?;
+    }
+    send(write, &Response::EndOfRecent).await?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        match rx.recv().await {
+            Ok((seq, _)) if seq <= last => {}
+            Ok((seq, event)) => {
+                last = seq;
+                send(write, &Response::Event(Box::new((*event).clone()))).await?;
+            }
+            Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                let message = format!("{skipped} events skipped: the client read too slowly");
+                send(write, &Response::Error { message }).await?;
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
+    line.push(b'\n');
+    write.write_all(&line).await
+}
