@@ -117,6 +117,12 @@ pub mod verdict {
     pub const REDIRECT: u8 = 5;
 }
 
+/// Bits of [`Config::flags`].
+pub mod config_flags {
+    /// Report every verdict as an event (EgressConfig `events: all`), not only denials.
+    pub const EVENTS_ALL: u16 = 1;
+}
+
 /// Bits of [`Event::flags`].
 pub mod flags {
     /// The application passed an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) to an `AF_INET6`
@@ -153,8 +159,8 @@ pub struct Config {
     /// The proxy's port, network byte order: redirected connections go to 127.0.0.1 or
     /// [::1] on this port.
     pub proxy_port: u16,
-    /// Always zero.
-    pub _pad: u16,
+    /// Bits of [`config_flags`].
+    pub flags: u16,
     /// cgroup v2 id of the agent: its own sockets (the proxy's upstream connections) are
     /// never judged nor redirected. 0 when the agent is not below the managed cgroup.
     pub agent_cgroup: u64,

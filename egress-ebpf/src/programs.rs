@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     AF_INET, AF_INET6, Event, KEY_PREFIX_BITS, OrigDst, PROTO_TCP, PeerKey, ROW_BYPASS,
-    ROW_NO_RULE, ROW_PROXY, RuleKeyV4, RuleKeyV6, flags, mode, verdict,
+    ROW_NO_RULE, ROW_PROXY, RuleKeyV4, RuleKeyV6, config_flags, flags, mode, verdict,
 };
 
 use crate::maps::{
@@ -395,7 +395,10 @@ fn decide(ctx: &SockAddrContext, dest: Dest) -> Result<Outcome, ()> {
         generation: config.generation,
     };
     count(&judgement);
-    if verdict == verdict::DENY || verdict == verdict::WOULD_DENY {
+    if verdict == verdict::DENY
+        || verdict == verdict::WOULD_DENY
+        || config.flags & config_flags::EVENTS_ALL != 0
+    {
         report(&dest, &judgement);
     }
     Ok(outcome)

@@ -12,11 +12,11 @@ use std::collections::{HashMap, hash_map::Entry};
 
 use egress_common::{
     COUNTER_ROWS, Config, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS, PROTO_TCP,
-    RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, fnv1a64, mode,
+    RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags, fnv1a64, mode,
 };
 use ipnet::IpNet;
 
-use crate::policy::{Mode, Policy, Protocol};
+use crate::policy::{Events, Mode, Policy, Protocol};
 
 /// Why a valid policy cannot be put into the kernel maps.
 #[derive(Debug, thiserror::Error)]
@@ -235,7 +235,10 @@ pub fn compile(
             generation,
             row_limit: rows.by_row.keys().max().map_or(FIRST_RULE_ROW, |r| r + 1),
             proxy_port: policy.proxy.port.to_be(),
-            _pad: 0,
+            flags: match policy.events {
+                Events::Denied => 0,
+                Events::All => config_flags::EVENTS_ALL,
+            },
             // The loader knows the agent's cgroup.
             agent_cgroup: 0,
         },
@@ -409,7 +412,7 @@ mod tests {
                 generation: 7,
                 row_limit: FIRST_RULE_ROW + 2,
                 proxy_port: crate::policy::DEFAULT_PROXY_PORT.to_be(),
-                _pad: 0,
+                flags: 0,
                 agent_cgroup: 0,
             }
         );
@@ -479,6 +482,20 @@ mod tests {
         assert_eq!(
             compile(&p, &StoredRows::default(), 1).unwrap().config.mode,
             mode::AUDIT
+        );
+    }
+
+    #[test]
+    fn events_all_sets_the_config_flag() {
+        let mut p = policy(vec![]);
+        assert_eq!(
+            compile(&p, &StoredRows::default(), 1).unwrap().config.flags,
+            0
+        );
+        p.events = Events::All;
+        assert_eq!(
+            compile(&p, &StoredRows::default(), 1).unwrap().config.flags,
+            config_flags::EVENTS_ALL
         );
     }
 

@@ -20,6 +20,8 @@ pub enum Verdict {
     WouldDeny,
     /// Destination in a bypass range.
     Bypass,
+    /// Sent to the proxy, which judges the request (reported with `events: all` only).
+    Redirect,
 }
 
 impl Verdict {
@@ -29,6 +31,7 @@ impl Verdict {
             verdict::DENY => Self::Deny,
             verdict::WOULD_DENY => Self::WouldDeny,
             verdict::BYPASS => Self::Bypass,
+            verdict::REDIRECT => Self::Redirect,
             _ => return None,
         })
     }
@@ -41,6 +44,7 @@ impl fmt::Display for Verdict {
             Self::Deny => "deny",
             Self::WouldDeny => "would-deny",
             Self::Bypass => "bypass",
+            Self::Redirect => "redirect",
         })
     }
 }
@@ -136,7 +140,7 @@ pub fn log(e: &EventRecord) {
     }
     match e.verdict {
         Verdict::Deny | Verdict::WouldDeny => emit!(warn),
-        Verdict::Allow | Verdict::Bypass => emit!(info),
+        Verdict::Allow | Verdict::Bypass | Verdict::Redirect => emit!(info),
     }
 }
 

@@ -29,6 +29,9 @@ use super::model::{Alias, Policy};
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "mode: {}", self.mode)?;
+        if self.events != super::model::Events::default() {
+            writeln!(f, "events: {}", self.events)?;
+        }
         if self.bypass.is_empty() {
             // Not an empty line: with no bypass even loopback is filtered, worth saying.
             writeln!(f, "bypass: none")?;

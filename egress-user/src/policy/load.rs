@@ -236,6 +236,7 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
     }
     if let Some((_, Some((index, config)))) = config {
         policy.mode = config.mode.unwrap_or_default();
+        policy.events = config.events.unwrap_or_default();
         policy.bypass = config.bypass.unwrap_or_else(default_bypass);
         policy.proxy = config.proxy.unwrap_or_default();
         policy.ca_files = config

@@ -40,6 +40,26 @@ impl fmt::Display for Mode {
 }
 
 /// The protocol of a rule's port.
+/// Which kernel verdicts become events (EgressConfig `spec.events`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Events {
+    /// Denials and audit mode's would-be denials only: an allowed connection is counted, not
+    /// reported (the default; allowed connections can come at tens of thousands a second).
+    #[default]
+    Denied,
+    /// Every verdict, allowed ones too.
+    All,
+}
+
+impl fmt::Display for Events {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Denied => "denied",
+            Self::All => "all",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
     /// A TCP connection, judged at `connect()`.
@@ -218,6 +238,8 @@ impl Default for ProxySettings {
 pub struct Policy {
     /// From `kind: EgressConfig` `spec.mode`; enforce when absent.
     pub mode: Mode,
+    /// Which kernel verdicts become events.
+    pub events: Events,
     /// From `kind: EgressConfig` `spec.bypass`; [`default_bypass`] when absent. An explicit
     /// list replaces the default, so `bypass: []` filters loopback too.
     pub bypass: Vec<IpNet>,
@@ -241,6 +263,7 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             mode: Mode::default(),
+            events: Events::default(),
             bypass: default_bypass(),
             rules: Vec::new(),
             http_rules: Vec::new(),

@@ -212,9 +212,10 @@ fn bypass_default_explicit_and_empty() {
     assert_eq!(loaded(RULE).bypass, default_bypass());
     let config = |spec: &str| format!("kind: EgressConfig\nspec:\n{spec}---\n{RULE}");
     let explicit = loaded(&config(
-        "  mode: audit\n  bypass: [10.96.0.0/12, 10.0.0.1, fd00::/8]\n",
+        "  mode: audit\n  events: all\n  bypass: [10.96.0.0/12, 10.0.0.1, fd00::/8]\n",
     ));
     assert_eq!(explicit.mode, Mode::Audit);
+    assert_eq!(explicit.events, crate::policy::Events::All);
     assert_eq!(
         explicit.bypass,
         [net("10.96.0.0/12"), net("10.0.0.1/32"), net("fd00::/8")]
@@ -222,6 +223,7 @@ fn bypass_default_explicit_and_empty() {
     let empty = loaded(&config("  bypass: []\n"));
     assert_eq!(empty.bypass, []);
     assert_eq!(empty.mode, Mode::Enforce);
+    assert_eq!(empty.events, crate::policy::Events::Denied);
     assert!(empty.to_string().contains("\nbypass: none\n"));
 }
 
@@ -383,7 +385,9 @@ rejects! {
     invalid_mode: "kind: EgressConfig\nspec:\n  mode: block\n"
         => "p.yaml:3: spec.mode: unknown mode `block` (expected enforce or audit)";
     unknown_config_field: "kind: EgressConfig\nspec:\n  proxyPort: 15001\n"
-        => "p.yaml:3: spec.proxyPort: unknown field (expected mode, bypass, proxy, caFiles or hosts)";
+        => "p.yaml:3: spec.proxyPort: unknown field (expected mode, events, bypass, proxy, caFiles or hosts)";
+    invalid_events: "kind: EgressConfig\nspec:\n  events: allowed\n"
+        => "p.yaml:3: spec.events: unknown events setting `allowed` (expected denied or all)";
     bypass_host_name: "kind: EgressConfig\nspec:\n  bypass:\n    - 10.0.0.0/8\n    - kubernetes.default\n"
         => "p.yaml:5: spec.bypass[1]: `kubernetes.default` is a host name; bypass entries are CIDRs or IP addresses";
     bypass_host_bits: "kind: EgressConfig\nspec: {bypass: [10.0.0.1/8]}\n"

@@ -13,19 +13,21 @@ use super::{Fields, Walk};
 use crate::policy::{
     addr::{self, AddrError},
     host::{self, HostError},
-    model::{HostName, Mode, ProxySettings},
+    model::{Events, HostName, Mode, ProxySettings},
     report::join,
     yaml::{Node, ScalarKind, Value},
 };
 
 /// The `spec` fields of an EgressConfig.
-const SPEC_FIELDS: &[&str] = &["mode", "bypass", "proxy", "caFiles", "hosts"];
+const SPEC_FIELDS: &[&str] = &["mode", "events", "bypass", "proxy", "caFiles", "hosts"];
 
 /// The settings of a `kind: EgressConfig` document; `None` where the document says nothing.
 #[derive(Debug, Default)]
 pub(crate) struct Config {
     /// `spec.mode`, when given.
     pub(crate) mode: Option<Mode>,
+    /// `spec.events`, when given.
+    pub(crate) events: Option<Events>,
     /// `spec.bypass`, when given (an empty list is given).
     pub(crate) bypass: Option<Vec<IpNet>>,
     /// `spec.proxy`, when given.
@@ -47,6 +49,9 @@ impl Walk<'_> {
         if let Some(spec) = self.sub_mapping(doc, "spec", SPEC_FIELDS, &[], false) {
             if let Some(entry) = spec.get("mode") {
                 config.mode = self.mode(&entry.value);
+            }
+            if let Some(entry) = spec.get("events") {
+                config.events = self.events(&entry.value);
             }
             if let Some(entry) = spec.get("bypass") {
                 config.bypass = self.bypass(&entry.value);
@@ -72,6 +77,22 @@ impl Walk<'_> {
                     node.line,
                     "spec.mode",
                     format!("unknown mode `{other}` (expected enforce or audit)"),
+                );
+                None
+            }
+        }
+    }
+
+    /// `spec.events`.
+    fn events(&mut self, node: &Node) -> Option<Events> {
+        match self.string("spec.events", node)? {
+            "denied" => Some(Events::Denied),
+            "all" => Some(Events::All),
+            other => {
+                self.report.field_error(
+                    node.line,
+                    "spec.events",
+                    format!("unknown events setting `{other}` (expected denied or all)"),
                 );
                 None
             }
