@@ -25,6 +25,7 @@
 //! Any connect with another outcome than `--expect` stops the process with exit status 1 and
 //! the error on stderr.
 
+use egress_tests::raw;
 use std::{
     io::{BufRead as _, Write as _},
     mem,
@@ -143,84 +144,6 @@ fn pin_to(cpu: usize) {
     );
 }
 
-/// The target as a `sockaddr_storage` and its length.
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; zeroed is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
-            mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
-            mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
-/// One socket, connect, close. Returns how long `connect()` took and what it returned: a
-/// denied connect fails inside `connect()` and is timed the same way.
-fn connect_once(
-    family: libc::c_int,
-    addr: &libc::sockaddr_storage,
-    len: libc::socklen_t,
-) -> (Duration, std::io::Result<()>) {
-    // SAFETY: plain syscalls on a descriptor this function owns and closes on every path.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return (Duration::ZERO, Err(std::io::Error::last_os_error()));
-        }
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        let ret = libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-        if ret != 0 {
-            let e = std::io::Error::last_os_error();
-            libc::close(fd);
-            return (Duration::ZERO, Err(e));
-        }
-        let start = Instant::now();
-        let ret = libc::connect(fd, std::ptr::from_ref(addr).cast(), len);
-        let took = start.elapsed();
-        let result = if ret == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        };
-        libc::close(fd);
-        (took, result)
-    }
-}
-
 /// Prints the summary line (see the module docs).
 fn report(total: u64, times: &mut [u64]) {
     times.sort_unstable();
@@ -252,7 +175,7 @@ fn run_block(options: &Options, block: Block, times: &mut Vec<u64>) -> Result<()
     } else {
         libc::AF_INET6
     };
-    let (addr, len) = sockaddr(options.target);
+    let (addr, len) = raw::sockaddr(options.target);
     times.clear();
     let mut total = 0u64;
     let mut started = None;
@@ -260,7 +183,7 @@ fn run_block(options: &Options, block: Block, times: &mut Vec<u64>) -> Result<()
         if total == block.warmup {
             started = Some(Instant::now());
         }
-        let (took, result) = connect_once(family, &addr, len);
+        let (took, result) = raw::connect_once(family, &addr, len);
         total += 1;
         match (options.expect, result) {
             (Expect::Connected, Ok(())) => {}

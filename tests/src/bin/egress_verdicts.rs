@@ -1,0 +1,87 @@
+//! The workload of the soak tests: joins a cgroup and a network namespace, then connects to
+//! each target in turn, over and over, as fast as it can, until its standard input closes;
+//! then prints one line per target: `ADDR connected=N denied=N failed=N`, where denied means
+//! `EPERM` (the filter) and failed any other error, and, for each failure, a line
+//! `failure ADDR ERROR` (at most 20).
+//!
+//! Usage: `egress-verdicts --cgroup DIR --netns NAME ADDR:PORT...`
+
+use std::{
+    collections::BTreeMap,
+    io::Read as _,
+    net::SocketAddr,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use egress_tests::raw;
+
+#[derive(Default)]
+struct Count {
+    connected: u64,
+    denied: u64,
+    failed: u64,
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut targets = Vec::new();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--cgroup" => {
+                let dir = args.next().expect("--cgroup DIR");
+                egress_user::cgroup::join(dir.as_ref())
+                    .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
+            }
+            "--netns" => egress_tests::enter_netns(&args.next().expect("--netns NAME")),
+            addr => targets.push(
+                addr.parse::<SocketAddr>()
+                    .unwrap_or_else(|e| panic!("{addr}: {e}")),
+            ),
+        }
+    }
+    assert!(
+        !targets.is_empty(),
+        "usage: egress-verdicts [OPTIONS] ADDR:PORT..."
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    println!("ready");
+    let mut counts: BTreeMap<SocketAddr, Count> = BTreeMap::new();
+    let mut failures = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        for &target in &targets {
+            let count = counts.entry(target).or_default();
+            match raw::connect(target) {
+                Ok(()) => count.connected += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => count.denied += 1,
+                Err(e) => {
+                    count.failed += 1;
+                    if failures.len() < 20 {
+                        failures.push(format!("failure {target} {e}"));
+                    }
+                }
+            }
+        }
+    }
+    for (target, c) in &counts {
+        println!(
+            "{target} connected={} denied={} failed={}",
+            c.connected, c.denied, c.failed
+        );
+    }
+    for f in failures {
+        println!("{f}");
+    }
+    ExitCode::SUCCESS
+}
