@@ -108,8 +108,9 @@ pub fn run(child: &ChildEnv) -> Result<()> {
         if verdict.accepted {
             print!("{}", verdict.output);
             bail!(
-                "the validator accepted the broken manifest {}: it would pass anything",
-                file.display()
+                "the checks accepted the broken manifest {}, so their verdict on deploy/ \
+                 cannot be trusted",
+                relative(file)
             );
         }
         for message in &expected {
@@ -117,7 +118,7 @@ pub fn run(child: &ChildEnv) -> Result<()> {
                 print!("{}", verdict.output);
                 bail!(
                     "{} was rejected, but not with {message:?}: it may be broken in another way",
-                    file.display()
+                    relative(file)
                 );
             }
         }
