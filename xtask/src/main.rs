@@ -5,6 +5,7 @@
 //! `Options` struct and a `run` function, and one variant to [`Command`].
 
 mod bench;
+mod deploy;
 mod env;
 mod run;
 mod setup;

@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 
 use crate::{
+    deploy,
     env::{self, ChildEnv},
     setup,
 };
@@ -38,6 +39,9 @@ pub struct Options {
 enum Step {
     /// `cargo test --workspace`: unit tests and the root integration tests on this kernel.
     Workspace,
+    /// The Kubernetes manifests in `deploy/`, validated offline (schemas, strict), broken
+    /// examples rejected, and the ConfigMap's policy run through `egress check`.
+    Deploy,
 }
 
 impl Step {
@@ -52,6 +56,7 @@ impl Step {
                 }
                 run_tallied(command.args(&options.cargo_test_args))
             }
+            Self::Deploy => deploy::run(child),
         }
     }
 
