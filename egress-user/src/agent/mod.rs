@@ -242,7 +242,7 @@ impl Agent {
     /// `egress create`: adds the documents of `text`, if the whole policy with them is valid
     /// and the kernel takes it; otherwise nothing changes, on disk or in force.
     fn create(&mut self, source: &str, text: &str) -> Result<Response, String> {
-        let docs = state::split(source, text).map_err(|e| e.to_string())?;
+        let docs = state::split(source, text).map_err(|e| format!("{e}\nnothing was created"))?;
         if docs.is_empty() {
             return Err(format!("{source}: no EgressRule or Service document"));
         }

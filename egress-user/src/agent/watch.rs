@@ -22,6 +22,10 @@ pub const QUIET: Duration = Duration::from_millis(200);
 pub struct PolicyWatch {
     _watcher: RecommendedWatcher,
     changes: mpsc::Receiver<()>,
+    /// When the last change of a burst not yet reported was seen. Kept here, not in the
+    /// future, so that [`PolicyWatch::changed`] is cancel-safe: the agent's loop drops it
+    /// whenever another event comes first, and the burst must not be forgotten then.
+    last_change: Option<tokio::time::Instant>,
 }
 
 impl PolicyWatch {
@@ -53,19 +57,33 @@ impl PolicyWatch {
         Ok(Self {
             _watcher: watcher,
             changes,
+            last_change: None,
         })
     }
 
-    /// Waits for a change, then for [`QUIET`] without one.
+    /// Waits for a change, then for [`QUIET`] without one. Cancel-safe.
     pub async fn changed(&mut self) {
-        if self.changes.recv().await.is_none() {
-            // The watcher is gone: never report a change again.
-            std::future::pending::<()>().await;
-        }
         loop {
-            match tokio::time::timeout(QUIET, self.changes.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) | Err(_) => return,
+            let Some(last) = self.last_change else {
+                if self.changes.recv().await.is_none() {
+                    // The watcher is gone: never report a change again.
+                    std::future::pending::<()>().await;
+                }
+                self.last_change = Some(tokio::time::Instant::now());
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(last + QUIET) => {
+                    self.last_change = None;
+                    return;
+                }
+                more = self.changes.recv() => match more {
+                    Some(()) => self.last_change = Some(tokio::time::Instant::now()),
+                    None => {
+                        self.last_change = None;
+                        return;
+                    }
+                },
             }
         }
     }
@@ -106,6 +124,10 @@ mod tests {
         let tmp = dir.join(".policy.yaml.tmp");
         std::fs::write(&tmp, "b").unwrap();
         std::fs::rename(&tmp, &file).unwrap();
+        // Interrupted (as the agent's loop does when another event comes first) while the
+        // burst settles: the change is still reported afterwards.
+        let interrupted = tokio::time::timeout(QUIET / 4, watch.changed()).await;
+        assert!(interrupted.is_err(), "reported before the files were quiet");
         tokio::time::timeout(Duration::from_secs(5), watch.changed())
             .await
             .expect("the rename is seen");

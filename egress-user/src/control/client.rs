@@ -36,6 +36,12 @@ pub enum ClientError {
         /// What failed.
         source: io::Error,
     },
+    /// The agent refused the connection before reading the request.
+    #[error("{message}")]
+    Refused {
+        /// The agent's reason.
+        message: String,
+    },
     /// The agent closed the connection without answering.
     #[error("the agent on {path} closed the connection without answering")]
     NoAnswer {
@@ -74,11 +80,20 @@ impl Conversation {
         };
         let mut line = serde_json::to_vec(request).map_err(|e| io_err(io::Error::other(e)))?;
         line.push(b'\n');
-        stream.write_all(&line).map_err(io_err)?;
-        Ok(Self {
+        let written = stream.write_all(&line);
+        let mut conversation = Self {
             path: path.to_owned(),
             lines: BufReader::new(stream),
-        })
+        };
+        if let Err(e) = written {
+            // The agent may have answered and closed before reading (it refuses a client
+            // that is not root at once): its answer says more than the broken pipe.
+            return match conversation.answer() {
+                Ok(Some(Response::Error { message })) => Err(ClientError::Refused { message }),
+                _ => Err(io_err(e)),
+            };
+        }
+        Ok(conversation)
     }
 
     /// The next answer; `None` when the agent has closed the connection.

@@ -1,0 +1,350 @@
+//! Operating a running agent: rule management over the control socket (create, get, delete,
+//! persisted across restarts), `status` and `events`, the socket's root-only guard, and
+//! policy files watched for changes.
+
+use std::{
+    fs,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use egress_tests::{Agent, Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
+
+const EGRESS: &str = egress_bin!();
+const PROBE: &str = probe_bin!();
+
+fn rule(name: &str, port: u16) -> String {
+    format!(
+        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: 192.0.2.0/24\n  ports:\n    - port: {port}\n      protocol: tcp\n"
+    )
+}
+
+fn args<'a>(sb: &'a Sandbox, policy: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--policy",
+        policy.to_str().expect("utf-8 path"),
+        "--cgroup",
+        sb.cgroup.to_str().expect("utf-8 path"),
+        "--pin-dir",
+        sb.pin_dir.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Runs `egress create -f - --socket ...` with `yaml` on stdin.
+fn create(sb: &Sandbox, yaml: &str) -> (bool, String, String) {
+    let mut child = Command::new(EGRESS)
+        .args(["create", "-f", "-", "--socket"])
+        .arg(sb.socket())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("egress create");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), yaml.as_bytes())
+        .expect("writing the rule");
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("egress create");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `egress status -o json`, parsed.
+fn status(sb: &Sandbox) -> serde_json::Value {
+    let (ok, out, err) = sb.ctl(EGRESS, &["status", "-o", "json"]);
+    assert!(ok.success(), "egress status failed: {err}");
+    serde_json::from_str(&out).expect("status is JSON")
+}
+
+/// The row of `name` in a status.
+fn row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no rule {name} in {status:#}"))
+}
+
+/// Rules made with `egress create` are checked with the whole policy, kept across a restart,
+/// shown by `get` and `status` with their counters, and removed by `delete`; every bad
+/// request is refused with a clear message and changes nothing, on disk or in the kernel.
+#[test]
+fn created_rules_persist_and_bad_requests_change_nothing() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-ops", sb.name));
+    let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("from-file", 8080));
+    let s8080 = sb.sink(sa(V4_A, 8080));
+    let s9090 = sb.sink(sa(V4_A, 9090));
+    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &policy, &[]));
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+
+    let (ok, out, err) = create(&sb, &rule("extra", 9090));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "created egressrule/extra (generation 2)");
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    let created = sb.state_dir().join("created.yaml");
+    let saved = fs::read(&created).expect("the created rule is saved");
+    let mode = fs::metadata(&created)
+        .expect("state file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the state file is root's alone");
+
+    // Refused, each with its reason, and nothing changes.
+    let (ok, _, err) = create(&sb, &rule("bad", 0));
+    assert!(!ok);
+    assert!(
+        err.contains("-:8: spec.ports[0].port") && err.contains("nothing was created"),
+        "{err}"
+    );
+    let (ok, _, err) = create(&sb, &rule("from-file", 7070));
+    assert!(!ok);
+    assert!(
+        err.contains("duplicate name `from-file`")
+            && err.contains(&format!("{}:3", policy.display())),
+        "{err}"
+    );
+    let (ok, _, err) = create(&sb, "kind: EgressConfig\nspec: {mode: audit}\n");
+    assert!(!ok);
+    assert!(
+        err.contains("-:1: `egress create` takes EgressRule"),
+        "{err}"
+    );
+    let (ok, _, err) = sb.ctl(EGRESS, &["delete", "egressrule", "from-file"]);
+    assert!(!ok.success());
+    assert!(
+        err.contains("egressrule `from-file` comes from") && err.contains("edit that file"),
+        "{err}"
+    );
+    let (ok, _, err) = sb.ctl(EGRESS, &["delete", "egressrule", "extra", "nope"]);
+    assert!(!ok.success());
+    assert!(
+        err.contains("no egressrule named `nope`") && err.contains("nothing was deleted"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(&created).expect("state"),
+        saved,
+        "the state file is untouched"
+    );
+    let s = status(&sb);
+    assert_eq!(s["generation"], 2, "no bad request made a generation");
+    assert_eq!(
+        s["reloads_failed"], 0,
+        "refused requests are not failed reloads"
+    );
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
+
+    // get and status show where each rule comes from and its counters.
+    let (ok, out, err) = sb.ctl(EGRESS, &["get", "egressrules"]);
+    assert!(ok.success(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("KIND") && lines[0].contains("SOURCE"),
+        "{out}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("from-file")
+            && l.contains("192.0.2.0/24 tcp/8080")
+            && l.contains(&format!("{}:1", policy.display()))),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("extra") && l.contains("created (")),
+        "{out}"
+    );
+    let s = status(&sb);
+    assert_eq!(s["ready"], true);
+    assert_eq!(s["mode"], "enforce");
+    assert_eq!(row(&s, "extra")["allowed"], 2);
+    assert_eq!(row(&s, "extra")["created"], true);
+    assert_eq!(row(&s, "from-file")["allowed"], 1);
+    assert_eq!(row(&s, "(no rule)")["denied"], 1);
+
+    // events: the denial, with the process and the rule.
+    let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
+    assert!(ok.success(), "{err}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an event per line"))
+        .collect();
+    let deny = events
+        .iter()
+        .find(|e| e["verdict"] == "deny")
+        .unwrap_or_else(|| panic!("no deny event in {out}"));
+    assert_eq!(deny["destination"], "192.0.2.1:9090");
+    assert_eq!(deny["rule"], "(no rule)");
+    assert_eq!(deny["comm"], "egress-probe");
+    assert_eq!(deny["generation"], 1);
+    assert_eq!(deny["cgroup_id"], sb.cgroup_id());
+    assert!(deny["pid"].as_u64().is_some_and(|p| p > 0), "{deny}");
+
+    // A restart (SIGTERM, then a new agent on the same state directory) keeps the rule.
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait().success());
+    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &policy, &[]));
+    let (_, out, _) = sb.ctl(EGRESS, &["get", "egressrules"]);
+    assert!(out.lines().any(|l| l.contains("extra")), "{out}");
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
+
+    let (ok, out, err) = sb.ctl(EGRESS, &["delete", "egressrule", "extra"]);
+    assert!(ok.success(), "{err}");
+    assert!(
+        out.starts_with("deleted egressrule/extra (generation 4)"),
+        "{out}"
+    );
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    assert!(!created.exists(), "no created rule left: no state file");
+    assert_eq!(
+        s9090.accepted(),
+        3,
+        "the sink saw only the allowed connections"
+    );
+    assert_eq!(s8080.accepted(), 1);
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// A copy of the egress binary that any user may run, in `dir` (the build tree may not be
+/// readable by an unprivileged user).
+fn world_runnable_egress(dir: &Path) -> PathBuf {
+    let copy = dir.join("egress-copy");
+    fs::copy(EGRESS, &copy).expect("copying egress");
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
+    copy
+}
+
+/// The control socket is for root only: file modes keep others out, and the agent checks the
+/// peer's uid too, so a socket made world-writable by mistake still refuses them.
+#[test]
+fn the_control_socket_refuses_a_client_that_is_not_root() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-ops", sb.name));
+    let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
+    // The socket in a directory anyone may enter, so only the socket's own mode and the
+    // agent's uid check stand in the way.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let socket = dir.join("egress.sock");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &policy, &["--socket", socket_arg]));
+    let egress = world_runnable_egress(&dir);
+    let as_nobody = |verb: &[&str]| {
+        let out = Command::new(&egress)
+            .args(verb)
+            .arg("--socket")
+            .arg(&socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("running egress as nobody");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let socket_mode = fs::metadata(&socket).expect("socket").permissions().mode();
+    assert_eq!(socket_mode & 0o777, 0o600);
+    let (status, err) = as_nobody(&["status"]);
+    assert!(!status.success());
+    assert!(err.contains("for root only"), "{err}");
+
+    // Opened up by hand: the agent still says no, and logs it.
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).expect("chmod socket");
+    let (status, err) = as_nobody(&["delete", "egressrule", "r"]);
+    assert!(!status.success());
+    assert!(
+        err.contains(
+            "permission denied: the egress control socket is for root only (your uid is 65534)"
+        ),
+        "{err}"
+    );
+    agent.wait_for_log("refused a client that is not root", Duration::from_secs(5));
+    let out = Command::new(EGRESS)
+        .args(["get", "egressrules", "--socket", socket_arg])
+        .output()
+        .expect("egress get");
+    assert!(out.status.success(), "root still gets in: {out:?}");
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// The agent watches its policy directory: a file replaced by rename (as editors and
+/// ConfigMap updates do) is applied without a signal; a write that changes nothing makes no
+/// generation; an invalid file is reported, counted, and the running policy stays.
+#[test]
+fn policy_file_changes_are_applied_without_a_signal() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-watch", sb.name));
+    let file = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
+    let s8080 = sb.sink(sa(V4_A, 8080));
+    let s9090 = sb.sink(sa(V4_A, 9090));
+    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &dir, &[]));
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    let replace = |yaml: &str| {
+        let tmp = dir.join(".policy.yaml.new");
+        fs::write(&tmp, yaml).expect("writing");
+        fs::rename(&tmp, &file).expect("renaming");
+    };
+
+    replace(&rule("r", 9090));
+    assert!(
+        eventually(Duration::from_secs(10), || status(&sb)["generation"] == 2),
+        "the change was not applied: {}",
+        agent.log()
+    );
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    assert!(
+        agent.log().contains("policy files changed"),
+        "{}",
+        agent.log()
+    );
+
+    // Same bytes again: nothing to do.
+    replace(&rule("r", 9090));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status(&sb)["generation"], 2);
+
+    // Invalid: reported with file and line, counted, and the old policy stays.
+    replace(&rule("r", 0));
+    assert!(
+        eventually(Duration::from_secs(10), || status(&sb)["reloads_failed"]
+            == 1),
+        "the invalid change was not reported: {}",
+        agent.log()
+    );
+    let s = status(&sb);
+    let error = s["last_error"].as_str().expect("last error");
+    assert!(
+        error.contains(&format!("{}:8: spec.ports[0].port", file.display())),
+        "{error}"
+    );
+    assert_eq!(s["generation"], 2);
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
+    assert_eq!(s9090.accepted(), 2);
+    assert_eq!(s8080.accepted(), 1);
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}
