@@ -9,6 +9,7 @@ pub mod cli;
 pub mod compile;
 pub mod loader;
 pub use loader::events;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

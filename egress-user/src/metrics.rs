@@ -1,0 +1,595 @@
+//! Prometheus metrics: what the agent counts itself (reloads, proxied requests, lost proxy
+//! events) and what the kernel programs counted (verdicts per rule row, their own health),
+//! exposed in the OpenMetrics 1.0 text format.
+//!
+//! The format is OpenMetrics text 1.0.0 (the only text format `prometheus-client` writes),
+//! served as [`CONTENT_TYPE`]; Prometheus asks for it by default. So a counter family
+//! `egress_reloads` has samples `egress_reloads_total{...}`, and the output ends in `# EOF`.
+//!
+//! Series, all bounded: rule names come from the policy, statuses are three-digit codes, and
+//! verdicts and reload results are fixed sets.
+//! - `egress_reloads_total{result="ok|failed"}`
+//! - `egress_proxy_requests_total{rule,status}`: `rule="(none)"` when no rule allowed the
+//!   request, `status="0"` when the connection closed without an answer.
+//! - `egress_proxy_request_duration_seconds{rule}`: histogram, [`LATENCY_BUCKETS`].
+//! - `egress_proxy_events_dropped_total`
+//! - `egress_verdicts_total{rule,verdict="allowed|denied|would_deny"}`, `egress_generation`,
+//!   `egress_events_lost_total`, `egress_kernel_errors_total`: read from the kernel's maps at
+//!   each scrape (a [`KernelSnapshot`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// The `Content-Type` of [`Metrics::encode`]'s text: OpenMetrics 1.0.0.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The `rule` label of requests that no rule allowed (denied, malformed, refused TLS).
+pub const NO_RULE: &str = "(none)";
+
+/// Upper bounds (seconds) of the request-duration buckets: 0.1 ms to 10 s in 1-2.5-5 steps.
+/// A proxied request on loopback takes a few hundred microseconds; a slow upstream, seconds.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Kernel-side numbers read at scrape time (the agent fills this from the pinned maps).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelSnapshot {
+    /// The policy generation the programs run.
+    pub generation: u32,
+    /// The verdict counters, one per rule row (reserved rows included).
+    pub rules: Vec<RuleVerdicts>,
+    /// Events the programs could not put in the ring buffer.
+    pub events_lost: u64,
+    /// Errors in the programs (each failed closed).
+    pub errors: u64,
+}
+
+/// One rule row's verdict counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleVerdicts {
+    /// The rule's name (or the reserved row's, such as `(no rule)`).
+    pub rule: String,
+    /// Connections allowed.
+    pub allowed: u64,
+    /// Connections denied.
+    pub denied: u64,
+    /// Connections audit mode let through that enforce mode would have denied.
+    pub would_deny: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    rule: Arc<str>,
+    status: u16,
+}
+
+/// The handles of one rule's series, so that a request whose series exist costs two read
+/// locks and no allocation: `Family::get_or_create` would need an owned label set (a
+/// `String` or `Arc<str>`) built for every lookup.
+struct RuleSeries {
+    rule: Arc<str>,
+    duration: Histogram,
+    by_status: RwLock<HashMap<u16, Counter>>,
+}
+
+/// The agent's metrics: a registry of its own families, plus the kernel's numbers added at
+/// each [`encode`](Metrics::encode).
+pub struct Metrics {
+    registry: Registry,
+    reloads: Family<ReloadLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RuleLabels, Histogram, fn() -> Histogram>,
+    events_dropped: Counter,
+    /// The last running total given to [`Metrics::set_proxy_events_dropped`].
+    events_dropped_seen: AtomicU64,
+    by_rule: RwLock<HashMap<Box<str>, RuleSeries>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family; both reload results start at 0, so that a first failure is a
+    /// change `increase()` sees.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        for result in ["ok", "failed"] {
+            // Creates the series; the guard it returns is let go at once.
+            let _ = reloads.get_or_create(&ReloadLabels { result });
+        }
+        registry.register(
+            "egress_reloads",
+            "Policy reloads, by result (failed: invalid policy, or the kernel refused it)",
+            reloads.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "egress_proxy_requests",
+            "Requests the HTTP proxy finished, and connections it refused, by rule and status \
+             (0: closed without an answer)",
+            requests.clone(),
+        );
+        let durations: Family<RuleLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        registry.register_with_unit(
+            "egress_proxy_request_duration",
+            "From the start of a proxied request to the end of its response body, by rule",
+            Unit::Seconds,
+            durations.clone(),
+        );
+        let events_dropped = Counter::default();
+        registry.register(
+            "egress_proxy_events_dropped",
+            "Proxy request events lost because their queue was full",
+            events_dropped.clone(),
+        );
+        Self {
+            registry,
+            reloads,
+            requests,
+            durations,
+            events_dropped,
+            events_dropped_seen: AtomicU64::new(0),
+            by_rule: RwLock::default(),
+        }
+    }
+
+    /// A reload finished: ok or failed (invalid policy, kernel refused it...).
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// One proxied request (or refused connection), from a
+    /// [`RequestEvent`](crate::proxy::RequestEvent): counts it by rule (`None`: [`NO_RULE`])
+    /// and status (0: closed without an answer), and observes its latency.
+    ///
+    /// Runs at the event rate (tens of thousands a second): once a (rule, status) pair has
+    /// been seen, this takes two uncontended read locks and the histogram's mutex, and
+    /// allocates nothing.
+    pub fn proxy_request(&self, rule: Option<&str>, status: u16, latency: Duration) {
+        let rule = rule.unwrap_or(NO_RULE);
+        let secs = latency.as_secs_f64();
+        {
+            let by_rule = self.by_rule.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(series) = by_rule.get(rule) {
+                series.duration.observe(secs);
+                self.count(series, status);
+                return;
+            }
+        }
+        // First request of this rule: create its series (another thread may just have).
+        let mut by_rule = self.by_rule.write().unwrap_or_else(PoisonError::into_inner);
+        let series = by_rule.entry(rule.into()).or_insert_with(|| {
+            let rule: Arc<str> = rule.into();
+            RuleSeries {
+                duration: self
+                    .durations
+                    .get_or_create_owned(&RuleLabels { rule: rule.clone() }),
+                rule,
+                by_status: RwLock::default(),
+            }
+        });
+        series.duration.observe(secs);
+        self.count(series, status);
+    }
+
+    /// Counts one request of `series`' rule with `status`, creating its counter on first use.
+    fn count(&self, series: &RuleSeries, status: u16) {
+        if let Some(counter) = series
+            .by_status
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&status)
+        {
+            counter.inc();
+            return;
+        }
+        let mut by_status = series
+            .by_status
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let counter = by_status.entry(status).or_insert_with(|| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                rule: series.rule.clone(),
+                status,
+            })
+        });
+        counter.inc();
+    }
+
+    /// Proxy events dropped because the queue was full, as the proxy's running total.
+    ///
+    /// The exported counter grows by the difference from the last total given. A total
+    /// smaller than the last one means the source started again from zero (a reload serves
+    /// new connections with a new proxy, whose counts start at 0), so it all counts as new.
+    pub fn set_proxy_events_dropped(&self, total: u64) {
+        let last = self.events_dropped_seen.swap(total, Relaxed);
+        let new = total.checked_sub(last).unwrap_or(total);
+        if new > 0 {
+            self.events_dropped.inc_by(new);
+        }
+    }
+
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]) of the agent's families and of
+    /// `kernel`, ending in `# EOF`.
+    ///
+    /// The kernel's numbers are totals kept by the maps, so they are exported as constant
+    /// counters (`ConstCounter`) by a [`Collector`], the way `prometheus-client` exports
+    /// values that something else counts. The collector goes in a small registry made for
+    /// this call, not in the long-lived one: `Collector` must be `'static`, and the snapshot
+    /// is borrowed for this call only, so a registered collector would need shared mutable
+    /// state between concurrent scrapes. Nothing is registered twice: each call's registry
+    /// is dropped with it.
+    pub fn encode(&self, kernel: &KernelSnapshot) -> String {
+        let mut kernel_registry = Registry::default();
+        kernel_registry.register_collector(Box::new(KernelCollector(kernel.clone())));
+        let mut text = String::with_capacity(4096);
+        // Writing to a String cannot fail, and neither can encoding these metric types; were
+        // it to, the scraper gets an exposition without `# EOF`, which it rejects whole.
+        let encoded = encode_registry(&mut text, &self.registry)
+            .and_then(|()| encode_registry(&mut text, &kernel_registry))
+            .and_then(|()| encode_eof(&mut text));
+        if encoded.is_err() {
+            tracing::error!("encoding metrics failed");
+        }
+        text
+    }
+}
+
+/// Encodes one [`KernelSnapshot`].
+#[derive(Debug)]
+struct KernelCollector(KernelSnapshot);
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let kernel = &self.0;
+        // Rows are one per rule, so names are unique; should two rows share one (a reserved
+        // row named like a rule), they add up rather than make two series with one name.
+        let mut rows: BTreeMap<&str, [u64; 3]> = BTreeMap::new();
+        for r in &kernel.rules {
+            let sums = rows.entry(r.rule.as_str()).or_default();
+            for (sum, v) in sums.iter_mut().zip([r.allowed, r.denied, r.would_deny]) {
+                *sum = sum.saturating_add(v);
+            }
+        }
+        let mut verdicts = encoder.encode_descriptor(
+            "egress_verdicts",
+            "Connections the kernel programs decided, by rule row and verdict.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (rule, counts) in &rows {
+            for (verdict, count) in ["allowed", "denied", "would_deny"].into_iter().zip(counts) {
+                let labels = [("rule", *rule), ("verdict", verdict)];
+                ConstCounter::new(*count).encode(verdicts.encode_family(&labels)?)?;
+            }
+        }
+
+        let gauge = ConstGauge::new(i64::from(kernel.generation));
+        gauge.encode(encoder.encode_descriptor(
+            "egress_generation",
+            "The policy generation the kernel programs run.",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            (
+                "egress_events_lost",
+                "Verdict events the kernel programs lost to a full ring buffer.",
+                kernel.events_lost,
+            ),
+            (
+                "egress_kernel_errors",
+                "Errors in the kernel programs (each failed closed).",
+                kernel.errors,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sample line as series -> value; panics on a series written twice.
+    fn samples(text: &str) -> HashMap<String, String> {
+        let mut samples = HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("sample line without a value: {line:?}"));
+            let old = samples.insert(series.to_owned(), value.to_owned());
+            assert!(old.is_none(), "series written twice: {series}\n{text}");
+        }
+        samples
+    }
+
+    /// The value of `series`, which must be there.
+    fn value(samples: &HashMap<String, String>, series: &str) -> String {
+        samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no series {series} in {samples:#?}"))
+            .clone()
+    }
+
+    /// The `# TYPE` lines as (family, type), in order.
+    fn types(text: &str) -> Vec<(String, String)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (name, kind) = l.split_once(' ').expect("type line has a type");
+                (name.to_owned(), kind.to_owned())
+            })
+            .collect()
+    }
+
+    fn snapshot(generation: u32, rules: &[(&str, u64, u64, u64)]) -> KernelSnapshot {
+        KernelSnapshot {
+            generation,
+            rules: rules
+                .iter()
+                .map(|&(rule, allowed, denied, would_deny)| RuleVerdicts {
+                    rule: rule.to_owned(),
+                    allowed,
+                    denied,
+                    would_deny,
+                })
+                .collect(),
+            events_lost: 4,
+            errors: 1,
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn encodes_agent_and_kernel_numbers() {
+        let m = Metrics::new();
+        m.reload(true);
+        m.reload(true);
+        m.reload(false);
+        m.proxy_request(Some("web"), 200, 3 * MS);
+        m.proxy_request(Some("web"), 200, 4 * MS);
+        m.proxy_request(Some("web"), 503, 2000 * MS);
+        m.proxy_request(None, 403, MS / 10);
+        m.proxy_request(None, 0, MS);
+        m.set_proxy_events_dropped(5);
+        m.set_proxy_events_dropped(7);
+        let kernel = snapshot(
+            3,
+            &[("(no rule)", 0, 3, 0), ("a", 10, 3, 2), ("b", 1, 0, 0)],
+        );
+        let text = m.encode(&kernel);
+
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        for line in [
+            "# TYPE egress_reloads counter",
+            "egress_reloads_total{result=\"ok\"} 2",
+            "egress_reloads_total{result=\"failed\"} 1",
+            "# TYPE egress_verdicts counter",
+            "egress_verdicts_total{rule=\"a\",verdict=\"allowed\"} 10",
+            "egress_verdicts_total{rule=\"a\",verdict=\"denied\"} 3",
+            "egress_verdicts_total{rule=\"a\",verdict=\"would_deny\"} 2",
+            "egress_verdicts_total{rule=\"(no rule)\",verdict=\"denied\"} 3",
+            "# TYPE egress_generation gauge",
+            "egress_generation 3",
+            "# TYPE egress_events_lost counter",
+            "egress_events_lost_total 4",
+            "# TYPE egress_kernel_errors counter",
+            "egress_kernel_errors_total 1",
+            "# TYPE egress_proxy_events_dropped counter",
+            "egress_proxy_events_dropped_total 7",
+            "# TYPE egress_proxy_request_duration_seconds histogram",
+            "# UNIT egress_proxy_request_duration_seconds seconds",
+        ] {
+            assert!(lines.contains(&line), "no line {line:?} in\n{text}");
+        }
+
+        let s = samples(&text);
+        let requests = |rule: &str, status: &str| {
+            value(
+                &s,
+                &format!("egress_proxy_requests_total{{rule=\"{rule}\",status=\"{status}\"}}"),
+            )
+        };
+        assert_eq!(requests("web", "200"), "2");
+        assert_eq!(requests("web", "503"), "1");
+        assert_eq!(requests("(none)", "403"), "1");
+        assert_eq!(requests("(none)", "0"), "1");
+        // Only the pairs seen: 4 request series.
+        let request_series = s
+            .keys()
+            .filter(|k| k.starts_with("egress_proxy_requests_total"))
+            .count();
+        assert_eq!(request_series, 4);
+        assert_eq!(
+            value(
+                &s,
+                "egress_proxy_request_duration_seconds_count{rule=\"web\"}"
+            ),
+            "3"
+        );
+        assert_eq!(
+            value(
+                &s,
+                "egress_proxy_request_duration_seconds_count{rule=\"(none)\"}"
+            ),
+            "2"
+        );
+        // 3 verdicts for each of the 3 rows.
+        let verdict_series = s
+            .keys()
+            .filter(|k| k.starts_with("egress_verdicts_total"))
+            .count();
+        assert_eq!(verdict_series, 9);
+
+        // Every family once, with the type Prometheus needs to read it right.
+        let types = types(&text);
+        let mut names: Vec<&str> = types.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "egress_events_lost",
+                "egress_generation",
+                "egress_kernel_errors",
+                "egress_proxy_events_dropped",
+                "egress_proxy_request_duration_seconds",
+                "egress_proxy_requests",
+                "egress_reloads",
+                "egress_verdicts",
+            ]
+        );
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_inclusive() {
+        let m = Metrics::new();
+        let micros = Duration::from_micros;
+        // 50 us and exactly 100 us fall in le=0.0001 (bounds are inclusive), 0.3 ms in
+        // le=0.0005, 7 ms in le=0.01, 20 s only in +Inf.
+        for latency in [micros(50), micros(100), micros(300), 7 * MS, 20_000 * MS] {
+            m.proxy_request(Some("h"), 200, latency);
+        }
+        let text = m.encode(&KernelSnapshot::default());
+        let s = samples(&text);
+        let bucket = |le: &str| {
+            value(
+                &s,
+                &format!("egress_proxy_request_duration_seconds_bucket{{le=\"{le}\",rule=\"h\"}}"),
+            )
+            .parse::<u64>()
+            .expect("a bucket count is an integer")
+        };
+        let expected = [
+            ("0.0001", 2),
+            ("0.00025", 2),
+            ("0.0005", 3),
+            ("0.001", 3),
+            ("0.0025", 3),
+            ("0.005", 3),
+            ("0.01", 4),
+            ("0.025", 4),
+            ("0.05", 4),
+            ("0.1", 4),
+            ("0.25", 4),
+            ("0.5", 4),
+            ("1.0", 4),
+            ("2.5", 4),
+            ("5.0", 4),
+            ("10.0", 4),
+            ("+Inf", 5),
+        ];
+        for (le, count) in expected {
+            assert_eq!(bucket(le), count, "bucket le={le}\n{text}");
+        }
+        // No other buckets than these 17.
+        let buckets = s.keys().filter(|k| k.contains("_bucket{")).count();
+        assert_eq!(buckets, expected.len());
+        assert_eq!(
+            value(
+                &s,
+                "egress_proxy_request_duration_seconds_count{rule=\"h\"}"
+            ),
+            "5"
+        );
+        let sum: f64 = value(&s, "egress_proxy_request_duration_seconds_sum{rule=\"h\"}")
+            .parse()
+            .expect("the sum is a number");
+        assert!((sum - 20.00745).abs() < 1e-9, "sum {sum}");
+    }
+
+    #[test]
+    fn kernel_numbers_are_the_snapshot_given_each_time() {
+        let m = Metrics::new();
+        let first = m.encode(&snapshot(1, &[("a", 1, 2, 3)]));
+        let second = m.encode(&snapshot(2, &[("a", 5, 2, 3), ("b", 0, 1, 0)]));
+        assert_eq!(types(&first), types(&second));
+        let s = samples(&second);
+        assert_eq!(value(&s, "egress_generation"), "2");
+        assert_eq!(
+            value(&s, "egress_verdicts_total{rule=\"a\",verdict=\"allowed\"}"),
+            "5"
+        );
+        assert_eq!(
+            value(&s, "egress_verdicts_total{rule=\"b\",verdict=\"denied\"}"),
+            "1"
+        );
+        // Two rows with one name add up instead of writing one series twice.
+        let text = m.encode(&snapshot(2, &[("a", 1, 0, 0), ("a", 2, 0, 0)]));
+        assert_eq!(
+            value(
+                &samples(&text),
+                "egress_verdicts_total{rule=\"a\",verdict=\"allowed\"}"
+            ),
+            "3"
+        );
+        // A rule name that needs escaping stays one well-formed label value.
+        let text = m.encode(&snapshot(2, &[("q\"\\", 1, 0, 0)]));
+        assert!(
+            text.lines()
+                .any(|l| l == r#"egress_verdicts_total{rule="q\"\\",verdict="allowed"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn dropped_events_follow_the_running_total_across_restarts() {
+        let m = Metrics::new();
+        let dropped = || {
+            value(
+                &samples(&m.encode(&KernelSnapshot::default())),
+                "egress_proxy_events_dropped_total",
+            )
+        };
+        assert_eq!(dropped(), "0");
+        m.set_proxy_events_dropped(3);
+        m.set_proxy_events_dropped(3);
+        assert_eq!(dropped(), "3");
+        // A new proxy's count starts at 0: its 2 are new drops.
+        m.set_proxy_events_dropped(2);
+        assert_eq!(dropped(), "5");
+        m.set_proxy_events_dropped(6);
+        assert_eq!(dropped(), "9");
+    }
+}
