@@ -1,10 +1,12 @@
 //! Prometheus metrics: what the agent counts itself (reloads, proxied requests, lost proxy
 //! events) and what the kernel programs counted (verdicts per rule row, their own health),
-//! exposed in the OpenMetrics 1.0 text format.
+//! exposed in the OpenMetrics 1.0 text format on `GET /metrics` by [`serve`], beside the
+//! `/healthz` and `/readyz` probes.
 //!
 //! The format is OpenMetrics text 1.0.0 (the only text format `prometheus-client` writes),
-//! served as [`CONTENT_TYPE`]; Prometheus asks for it by default. So a counter family
-//! `egress_reloads` has samples `egress_reloads_total{...}`, and the output ends in `# EOF`.
+//! served as [`CONTENT_TYPE`]; Prometheus's default scrape protocols include it. So a counter
+//! family `egress_reloads` has samples `egress_reloads_total{...}`, and the output ends in
+//! `# EOF`.
 //!
 //! Series, all bounded: rule names come from the policy, statuses are three-digit codes, and
 //! verdicts and reload results are fixed sets.
@@ -18,11 +20,21 @@
 //!   each scrape (a [`KernelSnapshot`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
 use std::fmt;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE as CONTENT_TYPE_HEADER, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
@@ -32,6 +44,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// The `Content-Type` of [`Metrics::encode`]'s text: OpenMetrics 1.0.0.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -45,6 +59,14 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
+
+/// How long a client may take to send a request head, idle keep-alive time included: a
+/// client that opens a connection and sends nothing (or a byte a minute) is cut off then.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request head accepted (hyper answers 431 above it); a scraper sends a few hundred
+/// bytes.
+const MAX_HEADER_SIZE: usize = 16 * 1024;
 
 /// Kernel-side numbers read at scrape time (the agent fills this from the pinned maps).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -326,8 +348,152 @@ impl Collector for KernelCollector {
     }
 }
 
+/// What every connection's handler shares.
+struct Endpoints {
+    metrics: Arc<Metrics>,
+    snapshot: Arc<dyn Fn() -> KernelSnapshot + Send + Sync>,
+    ready: watch::Receiver<bool>,
+}
+
+/// Serves `GET /metrics` ([`Metrics::encode`] with a fresh `snapshot()` per scrape),
+/// `GET /healthz` (200 `ok` while the agent runs) and `GET /readyz` (200 `ready` while
+/// `*ready.borrow()` is true, else 503 `not ready`); 404 for other paths, 405 for other
+/// methods. Runs until the listener fails with an error that is not about one connection.
+///
+/// Each connection is served on its own task by hyper's HTTP/1.1 server, with keep-alive; a
+/// client has [`HEADER_READ_TIMEOUT`] to send each request head, and a head may be 16 KiB.
+/// The snapshot and the encoding run on the blocking pool: reading every counter row is a
+/// system call per row.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    snapshot: Arc<dyn Fn() -> KernelSnapshot + Send + Sync>,
+    ready: watch::Receiver<bool>,
+) -> io::Result<()> {
+    serve_with(listener, metrics, snapshot, ready, HEADER_READ_TIMEOUT).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    snapshot: Arc<dyn Fn() -> KernelSnapshot + Send + Sync>,
+    ready: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+) -> io::Result<()> {
+    let endpoints = Arc::new(Endpoints {
+        metrics,
+        snapshot,
+        ready,
+    });
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_header_size(MAX_HEADER_SIZE)
+        .keep_alive(true);
+    tracing::info!(listen = %listener.local_addr()?, "metrics endpoint listening");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) if per_connection(&e) => {
+                tracing::warn!(error = %e, "metrics accept failed; going on");
+                // Out of descriptors: give connections a moment to close.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let endpoints = endpoints.clone();
+        let service = service_fn(move |req| {
+            let endpoints = endpoints.clone();
+            async move { Ok::<_, Infallible>(endpoints.handle(req).await) }
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Accept errors that concern one connection or a passing shortage, not the listener.
+fn per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EINTR
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ETIMEDOUT
+        )
+    )
+}
+
+impl Endpoints {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+            return text(StatusCode::NOT_FOUND, "not found");
+        }
+        if req.method() != Method::GET {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET"));
+            return resp;
+        }
+        match path {
+            "/metrics" => self.scrape().await,
+            "/healthz" => text(StatusCode::OK, "ok"),
+            "/readyz" if *self.ready.borrow() => text(StatusCode::OK, "ready"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+            _ => text(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    async fn scrape(&self) -> Response<Full<Bytes>> {
+        let metrics = self.metrics.clone();
+        let snapshot = self.snapshot.clone();
+        match tokio::task::spawn_blocking(move || metrics.encode(&snapshot())).await {
+            Ok(body) => {
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE_HEADER, HeaderValue::from_static(CONTENT_TYPE));
+                resp
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading metrics failed");
+                text(StatusCode::INTERNAL_SERVER_ERROR, "reading metrics failed")
+            }
+        }
+    }
+}
+
+/// A plain-text response.
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE_HEADER,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+    use tokio::time::timeout;
+
     use super::*;
 
     /// Every sample line as series -> value; panics on a series written twice.
@@ -591,5 +757,178 @@ mod tests {
         assert_eq!(dropped(), "5");
         m.set_proxy_events_dropped(6);
         assert_eq!(dropped(), "9");
+    }
+
+    /// A response read off the wire.
+    struct Resp {
+        status: u16,
+        content_type: Option<String>,
+        allow: Option<String>,
+        body: String,
+    }
+
+    /// Sends one request with `Connection: close` and reads the whole response.
+    async fn request(addr: SocketAddr, method: &str, path: &str) -> Resp {
+        let exchange = async {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.expect("send");
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await.expect("read");
+            raw
+        };
+        let raw = timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("response in time");
+        let raw = String::from_utf8(raw).expect("utf-8 response");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a complete head");
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {raw:?}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        Resp {
+            status,
+            content_type: header("content-type"),
+            allow: header("allow"),
+            body: body.to_owned(),
+        }
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        generation: Arc<Mutex<u32>>,
+        ready: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<io::Result<()>>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn start(header_read_timeout: Duration) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let generation = Arc::new(Mutex::new(1));
+        let g = generation.clone();
+        let snapshot = Arc::new(move || {
+            let generation = *g.lock().expect("generation lock");
+            snapshot(generation, &[("a", u64::from(generation), 3, 0)])
+        });
+        let metrics = Arc::new(Metrics::new());
+        metrics.reload(true);
+        let (ready, ready_rx) = watch::channel(false);
+        let task = tokio::spawn(serve_with(
+            listener,
+            metrics,
+            snapshot,
+            ready_rx,
+            header_read_timeout,
+        ));
+        Server {
+            addr,
+            generation,
+            ready,
+            task,
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_probes() {
+        let server = start(HEADER_READ_TIMEOUT).await;
+        let addr = server.addr;
+
+        let resp = request(addr, "GET", "/metrics").await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.content_type.as_deref(), Some(CONTENT_TYPE));
+        let s = samples(&resp.body);
+        assert_eq!(value(&s, "egress_generation"), "1");
+        assert_eq!(value(&s, "egress_reloads_total{result=\"ok\"}"), "1");
+        assert!(resp.body.ends_with("# EOF\n"));
+
+        // Each scrape reads the kernel again.
+        *server.generation.lock().expect("generation lock") = 2;
+        let resp = request(addr, "GET", "/metrics?x=1").await;
+        assert_eq!(resp.status, 200);
+        let s = samples(&resp.body);
+        assert_eq!(value(&s, "egress_generation"), "2");
+        assert_eq!(
+            value(&s, "egress_verdicts_total{rule=\"a\",verdict=\"allowed\"}"),
+            "2"
+        );
+
+        let resp = request(addr, "GET", "/healthz").await;
+        assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+
+        let resp = request(addr, "GET", "/readyz").await;
+        assert_eq!((resp.status, resp.body.as_str()), (503, "not ready"));
+        server.ready.send_replace(true);
+        let resp = request(addr, "GET", "/readyz").await;
+        assert_eq!((resp.status, resp.body.as_str()), (200, "ready"));
+        server.ready.send_replace(false);
+        let resp = request(addr, "GET", "/readyz").await;
+        assert_eq!(resp.status, 503);
+
+        assert_eq!(request(addr, "GET", "/").await.status, 404);
+        assert_eq!(request(addr, "GET", "/metricsx").await.status, 404);
+        let resp = request(addr, "POST", "/metrics").await;
+        assert_eq!(resp.status, 405);
+        assert_eq!(resp.allow.as_deref(), Some("GET"));
+        assert_eq!(request(addr, "HEAD", "/healthz").await.status, 405);
+        assert_eq!(request(addr, "DELETE", "/readyz").await.status, 405);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_client_blocks_no_one_and_is_cut_off() {
+        let server = start(Duration::from_millis(300)).await;
+        let addr = server.addr;
+
+        // Half a request head, then nothing.
+        let mut stalled = TcpStream::connect(addr).await.expect("connect");
+        stalled
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("send");
+        // Another that sends nothing at all.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+
+        let resp = request(addr, "GET", "/healthz").await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(request(addr, "GET", "/metrics").await.status, 200);
+
+        // Both are closed once the head timeout passes.
+        for s in [&mut stalled, &mut silent] {
+            let mut rest = Vec::new();
+            let read = timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+            assert!(read.is_ok(), "connection still open after the head timeout");
+        }
+
+        // A head over the limit is refused, and the server goes on.
+        let big = format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(MAX_HEADER_SIZE)
+        );
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(big.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        let _ = timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+            .await
+            .expect("answered in time");
+        let raw = String::from_utf8_lossy(&raw);
+        assert!(raw.starts_with("HTTP/1.1 431"), "{raw}");
+        assert_eq!(request(addr, "GET", "/healthz").await.status, 200);
     }
 }
