@@ -11,6 +11,7 @@ pub mod compile;
 pub mod control;
 pub mod loader;
 pub use loader::events;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod state;
