@@ -348,3 +348,142 @@ fn policy_file_changes_are_applied_without_a_signal() {
     drop(agent);
     let _ = fs::remove_dir_all(dir);
 }
+
+/// `GET path` from the metrics listener inside the sandbox: (status line, body). From a
+/// thread that enters the sandbox's netns (the agent's loopback), not from the workload
+/// cgroup: the scraper is not a workload.
+fn scrape(sb: &Sandbox, path: &str) -> (String, String) {
+    let (name, path) = (sb.name.clone(), path.to_owned());
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        egress_tests::enter_netns(&name);
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", 9464)).expect("connecting to /metrics");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n"
+        )
+        .expect("sending the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("reading the response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head.lines().next().unwrap_or("").to_owned();
+        (status, body.to_owned())
+    })
+    .join()
+    .expect("scraping")
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed).
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// Prometheus metrics: kernel verdicts per rule, proxied requests by rule and status with a
+/// latency histogram, reloads ok and failed; and the readiness probe.
+#[test]
+fn metrics_count_verdicts_requests_and_reloads() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-metrics", sb.name));
+    let yaml = format!(
+        "kind: EgressConfig\nspec:\n  hosts: {{one.test: [192.0.2.1]}}\n---\n{}---\n\
+         kind: EgressRule\nmetadata: {{name: web}}\nspec:\n  destination: {{service: one.test}}\n  ports: [{{port: 80, protocol: http}}]\n",
+        rule("tcp", 8080)
+    );
+    let file = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    let s8080 = sb.sink(sa(V4_A, 8080));
+    let s9090 = sb.sink(sa(V4_A, 9090));
+    let http = egress_tests::upstream::Upstream::http(&sb.name, sa(V4_A, 80));
+    let agent = Agent::start_in(
+        &sb,
+        EGRESS,
+        &args(
+            &sb,
+            &file,
+            &["--metrics-addr", "127.0.0.1:9464", "--no-watch"],
+        ),
+    );
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    for host in ["one.test", "two.test"] {
+        let req = format!("GET / HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
+        sb.http(PROBE, &req, &[sa(V4_A, 80)]);
+    }
+    let (status, _) = scrape(&sb, "/readyz");
+    assert!(status.contains("200"), "{status}");
+    let (_, body) = scrape(&sb, "/healthz");
+    assert_eq!(body.trim(), "ok");
+
+    let mut body = String::new();
+    let seen = eventually(Duration::from_secs(10), || {
+        body = scrape(&sb, "/metrics").1;
+        sample(
+            &body,
+            r#"egress_proxy_requests_total{rule="(none)",status="403"}"#,
+        )
+        .is_some()
+    });
+    assert!(seen, "{body}");
+    for (series, value) in [
+        (
+            r#"egress_verdicts_total{rule="tcp",verdict="allowed"}"#,
+            1.0,
+        ),
+        (
+            r#"egress_verdicts_total{rule="(no rule)",verdict="denied"}"#,
+            1.0,
+        ),
+        (
+            r#"egress_proxy_requests_total{rule="web",status="200"}"#,
+            1.0,
+        ),
+        (
+            r#"egress_proxy_requests_total{rule="(none)",status="403"}"#,
+            1.0,
+        ),
+        (
+            r#"egress_proxy_request_duration_seconds_count{rule="web"}"#,
+            1.0,
+        ),
+        (r#"egress_reloads_total{result="ok"}"#, 0.0),
+        ("egress_generation", 1.0),
+        ("egress_events_lost_total", 0.0),
+    ] {
+        assert_eq!(sample(&body, series), Some(value), "{series} in\n{body}");
+    }
+
+    // A failed and a good reload are counted, and the new generation shows.
+    fs::write(&file, rule("tcp", 0)).expect("writing");
+    let (ok, _, _) = sb.ctl(EGRESS, &["reload"]);
+    assert!(!ok.success());
+    fs::write(&file, rule("tcp", 9090)).expect("writing");
+    let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
+    assert!(ok.success(), "{err}");
+    assert_eq!(out.trim(), "reloaded: generation 2 in force");
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
+    let body = scrape(&sb, "/metrics").1;
+    for (series, value) in [
+        (r#"egress_reloads_total{result="ok"}"#, 1.0),
+        (r#"egress_reloads_total{result="failed"}"#, 1.0),
+        ("egress_generation", 2.0),
+        (
+            r#"egress_verdicts_total{rule="tcp",verdict="allowed"}"#,
+            2.0,
+        ),
+    ] {
+        assert_eq!(sample(&body, series), Some(value), "{series} in\n{body}");
+    }
+    assert_eq!(
+        http.seen().len(),
+        1,
+        "only the allowed request reached the upstream"
+    );
+    assert_eq!(s9090.accepted(), 1);
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}

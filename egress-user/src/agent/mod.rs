@@ -32,7 +32,8 @@ use crate::{
         server::{Call, EventHub},
     },
     events::{self, EventRecord},
-    loader::{self, Enforcer, Target},
+    loader::{self, Enforcer, PinnedCounters, Target},
+    metrics::{self, KernelSnapshot, Metrics, RuleVerdicts},
     policy::{self, Policy, PolicySource},
     proxy::{Proxy, RequestEvent},
     state::{self, Kind, Store},
@@ -52,7 +53,12 @@ pub struct Settings {
     pub target: Target,
     /// The proxy's listeners (bound before anything was attached).
     pub listening: Vec<SocketAddr>,
+    /// The metrics listener, when metrics are served.
+    pub metrics: Option<std::net::TcpListener>,
 }
+
+/// The generation in force and its counter rows with their names, for the metrics endpoint.
+type Rows = Arc<(u32, Vec<(u32, String)>)>;
 
 /// The running agent.
 pub struct Agent {
@@ -67,6 +73,8 @@ pub struct Agent {
     reloads_failed: u64,
     last_error: Option<String>,
     hub: Arc<EventHub>,
+    metrics: Arc<Metrics>,
+    rows: channel::Sender<Rows>,
 }
 
 /// Where the agent's policy comes from: the files (directories expanded, `*.yaml`/`*.yml` in
@@ -141,6 +149,7 @@ impl Agent {
             )
         })?;
         let (proxies, rx) = channel::channel(proxy);
+        let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
         let agent = Self {
             digest: digest(&sources),
             settings,
@@ -151,6 +160,8 @@ impl Agent {
             reloads_failed: 0,
             last_error: None,
             hub: Arc::default(),
+            metrics: Arc::new(Metrics::new()),
+            rows,
         };
         Ok((agent, rx))
     }
@@ -186,6 +197,7 @@ impl Agent {
     fn apply(&mut self, sources: &[PolicySource], why: &str) -> Result<u32, String> {
         let generation = self.generation();
         let result = self.try_apply(sources);
+        self.metrics.reload(result.is_ok());
         match &result {
             Ok(new) => {
                 self.reloads_ok += 1;
@@ -227,6 +239,8 @@ impl Agent {
         let previous = self.proxies.send_replace(proxy);
         match tokio::task::block_in_place(|| Enforcer::apply(&self.settings.target, &policy)) {
             Ok(enforcer) => {
+                self.rows
+                    .send_replace(Arc::new((enforcer.generation(), enforcer.row_names())));
                 self.enforcer = enforcer;
                 self.policy = policy;
                 self.digest = digest(sources);
@@ -424,12 +438,19 @@ impl Agent {
         rows
     }
 
+    /// Whether the pinned links enforce on the managed cgroup (read from the kernel, not
+    /// remembered: `egress unload` may have detached them).
+    fn attached(&self) -> bool {
+        let target = &self.settings.target;
+        crate::cgroup::id(&target.cgroup).ok().is_some_and(|id| {
+            loader::enforced_cgroups(&target.pin_dir).is_ok_and(|ids| ids.contains(&id))
+        })
+    }
+
     /// `egress status`.
     fn status(&self) -> Status {
         let target = &self.settings.target;
-        let attached = crate::cgroup::id(&target.cgroup).ok().is_some_and(|id| {
-            loader::enforced_cgroups(&target.pin_dir).is_ok_and(|ids| ids.contains(&id))
-        });
+        let attached = self.attached();
         let proxy = self.proxies.borrow().clone();
         let counters = proxy.counters();
         let stats = self.enforcer.stats().unwrap_or_default();
@@ -544,6 +565,11 @@ impl Agent {
                 tracing::error!(error = %e, "control socket failed");
             }
         });
+        let (ready, ready_rx) = channel::channel(self.attached());
+        if let Some(listener) = self.settings.metrics.take() {
+            self.serve_metrics(listener, ready_rx)?;
+        }
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = sigint.recv() => return Ok(()),
@@ -558,7 +584,13 @@ impl Agent {
                     let response = self.handle(call.request);
                     let _ = call.reply.send(response);
                 }
+                _ = tick.tick() => {
+                    ready.send_replace(self.attached());
+                    let dropped = self.proxies.borrow().events_dropped();
+                    self.metrics.set_proxy_events_dropped(dropped);
+                }
                 Some(request) = requests.recv() => {
+                    self.metrics.proxy_request(request.rule.as_deref(), request.status, request.latency);
                     events::log_request(&request);
                     self.hub.publish(request_event(request));
                 }
@@ -573,6 +605,53 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+impl Agent {
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `listener`. Kernel counters are read from
+    /// their pins at each scrape, on the metrics server's threads, so a scrape never waits
+    /// for a reload and a reload never waits for a scrape.
+    fn serve_metrics(
+        &self,
+        listener: std::net::TcpListener,
+        ready: channel::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let address = listener.local_addr().context("metrics listener address")?;
+        let listener = tokio::net::TcpListener::from_std(listener).context("metrics listener")?;
+        let counters = PinnedCounters::open(&self.settings.target.pin_dir)
+            .context("opening the pinned counters for metrics")?;
+        let rows = self.rows.subscribe();
+        let snapshot = Arc::new(move || {
+            let rows = rows.borrow().clone();
+            let counts = counters.rows(&rows.1).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "metrics: reading the kernel counters");
+                Vec::new()
+            });
+            let stats = counters.stats().unwrap_or_default();
+            KernelSnapshot {
+                generation: rows.0,
+                rules: counts
+                    .into_iter()
+                    .map(|r| RuleVerdicts {
+                        rule: r.name,
+                        allowed: r.counters.allowed,
+                        denied: r.counters.denied,
+                        would_deny: r.counters.would_deny,
+                    })
+                    .collect(),
+                events_lost: stats.events_lost,
+                errors: stats.errors,
+            }
+        });
+        let metrics = self.metrics.clone();
+        tracing::info!(%address, "metrics: serving /metrics, /healthz and /readyz");
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, metrics, snapshot, ready).await {
+                tracing::error!(%address, error = %e, "metrics listener failed");
+            }
+        });
+        Ok(())
     }
 }
 

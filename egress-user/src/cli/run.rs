@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// Do not watch the policy files; reload only on SIGHUP or `egress reload`.
     #[arg(long)]
     pub no_watch: bool,
+    /// Serve Prometheus metrics (`/metrics`) and probes (`/healthz`, `/readyz`: programs
+    /// attached and the policy applied) on this address, e.g. 127.0.0.1:9464. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -65,6 +69,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let listeners = bind_proxy(port)?;
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("metrics: listening on {addr}"))?;
+            l.set_nonblocking(true)
+                .context("metrics: non-blocking listener")?;
+            Some(l)
+        }
+        None => None,
+    };
     let listening = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
@@ -77,6 +91,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             cgroup: cgroup.clone(),
         },
         listening,
+        metrics,
     };
     let (mut agent, proxies) = Agent::start(settings)?;
     tracing::info!(

@@ -317,36 +317,23 @@ impl Enforcer {
         }
     }
 
+    /// The reserved rows and every rule row of this generation, with their names.
+    pub fn row_names(&self) -> Vec<(u32, String)> {
+        let mut rows = vec![
+            (ROW_NO_RULE, NO_RULE_NAME.to_owned()),
+            (ROW_BYPASS, BYPASS_NAME.to_owned()),
+            (ROW_PROXY, PROXY_NAME.to_owned()),
+        ];
+        rows.extend(self.rows.rows().into_iter().map(|(r, n)| (r, n.to_owned())));
+        rows
+    }
+
     /// Counters of the reserved rows and every rule of the policy, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<RowCount>, LoadError> {
         let counters: PerCpuArray<_, RuleCounters> =
             PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).expect("object has COUNTERS"))
                 .map_err(map_err(maps::COUNTERS, "opening"))?;
-        let mut rows = vec![
-            (ROW_NO_RULE, NO_RULE_NAME),
-            (ROW_BYPASS, BYPASS_NAME),
-            (ROW_PROXY, PROXY_NAME),
-        ];
-        rows.extend(self.rows.rows());
-        rows.into_iter()
-            .map(|(row, name)| {
-                let per_cpu = counters
-                    .get(&row, 0)
-                    .map_err(map_err(maps::COUNTERS, "reading"))?;
-                let counters = per_cpu
-                    .iter()
-                    .fold(RuleCounters::default(), |a, c| RuleCounters {
-                        allowed: a.allowed + c.allowed,
-                        denied: a.denied + c.denied,
-                        would_deny: a.would_deny + c.would_deny,
-                    });
-                Ok(RowCount {
-                    row,
-                    name: name.to_owned(),
-                    counters,
-                })
-            })
-            .collect()
+        sum_rows(&counters, &self.row_names())
     }
 
     /// The programs' own health counters, summed over CPUs.
@@ -354,11 +341,7 @@ impl Enforcer {
         let stats: PerCpuArray<_, Stats> =
             PerCpuArray::try_from(self.ebpf.map(maps::STATS).expect("object has STATS"))
                 .map_err(map_err(maps::STATS, "opening"))?;
-        let per_cpu = stats.get(&0, 0).map_err(map_err(maps::STATS, "reading"))?;
-        Ok(per_cpu.iter().fold(Stats::default(), |a, s| Stats {
-            events_lost: a.events_lost + s.events_lost,
-            errors: a.errors + s.errors,
-        }))
+        sum_stats(&stats)
     }
 
     /// Takes the table of redirected connections' original destinations, for the proxy
@@ -385,6 +368,85 @@ impl Enforcer {
         // SAFETY: the RingBuf owns its map fd (MapData holds an OwnedFd) and returns the same
         // fd from as_raw_fd() until it is dropped, which happens only when the AsyncFd is.
         unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+    }
+}
+
+/// Per-CPU counters of `rows`, summed.
+fn sum_rows<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, RuleCounters>,
+    rows: &[(u32, String)],
+) -> Result<Vec<RowCount>, LoadError> {
+    rows.iter()
+        .map(|(row, name)| {
+            let per_cpu = counters
+                .get(row, 0)
+                .map_err(map_err(maps::COUNTERS, "reading"))?;
+            let counters = per_cpu
+                .iter()
+                .fold(RuleCounters::default(), |a, c| RuleCounters {
+                    allowed: a.allowed + c.allowed,
+                    denied: a.denied + c.denied,
+                    would_deny: a.would_deny + c.would_deny,
+                });
+            Ok(RowCount {
+                row: *row,
+                name: name.clone(),
+                counters,
+            })
+        })
+        .collect()
+}
+
+/// The per-CPU health counters, summed.
+fn sum_stats<T: std::borrow::Borrow<MapData>>(
+    stats: &PerCpuArray<T, Stats>,
+) -> Result<Stats, LoadError> {
+    let per_cpu = stats.get(&0, 0).map_err(map_err(maps::STATS, "reading"))?;
+    Ok(per_cpu.iter().fold(Stats::default(), |a, s| Stats {
+        events_lost: a.events_lost + s.events_lost,
+        errors: a.errors + s.errors,
+    }))
+}
+
+/// The counters that outlive generations, opened from their pins: readable from any thread
+/// while the agent applies new generations (the metrics endpoint reads them at each scrape).
+pub struct PinnedCounters {
+    counters: PerCpuArray<MapData, RuleCounters>,
+    stats: PerCpuArray<MapData, Stats>,
+}
+
+impl PinnedCounters {
+    /// Opens `COUNTERS` and `STATS` under `pin_dir`.
+    ///
+    /// # Errors
+    /// A pin is missing or not the map this version expects.
+    pub fn open(pin_dir: &Path) -> Result<Self, LoadError> {
+        let pins = PinDir::new(pin_dir);
+        let open = |name: &'static str| {
+            MapData::from_pin(pins.map(name)).map_err(map_err(name, "opening the pin of"))
+        };
+        Ok(Self {
+            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(maps::COUNTERS)?))
+                .map_err(map_err(maps::COUNTERS, "opening"))?,
+            stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(maps::STATS)?))
+                .map_err(map_err(maps::STATS, "opening"))?,
+        })
+    }
+
+    /// Counters of `rows` (as [`Enforcer::row_names`] lists them), summed over CPUs.
+    ///
+    /// # Errors
+    /// Reading the map failed.
+    pub fn rows(&self, rows: &[(u32, String)]) -> Result<Vec<RowCount>, LoadError> {
+        sum_rows(&self.counters, rows)
+    }
+
+    /// The programs' health counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// Reading the map failed.
+    pub fn stats(&self) -> Result<Stats, LoadError> {
+        sum_stats(&self.stats)
     }
 }
 
