@@ -154,7 +154,11 @@ impl StoredRows {
     }
 
     /// Gives every name a row: a name that already had one keeps it, new names take the lowest
-    /// free rows. Rows of names no longer present are freed.
+    /// rows that no stored name holds. Rows of names no longer present are freed after the
+    /// swap, and only a later generation reuses them: until the swap, the previous
+    /// generation's programs still count on those rows, and a new rule given one of them
+    /// would be booked the old rule's last connections (and events naming the row would name
+    /// the wrong rule).
     pub fn assign<'a>(
         &self,
         names: impl IntoIterator<Item = &'a str>,
@@ -192,6 +196,10 @@ impl StoredRows {
                 }
                 None => new.push(*name),
             }
+        }
+        for (row, _) in &self.0 {
+            // Held by the generation in force until the swap.
+            taken[*row as usize] = true;
         }
         let mut free = (FIRST_RULE_ROW..COUNTER_ROWS).filter(|row| !taken[*row as usize]);
         for name in new {
@@ -513,7 +521,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_survive_a_recompile_and_new_names_take_free_rows() {
+    fn rows_survive_a_recompile_and_new_names_never_take_a_row_still_in_force() {
         let first = compile(
             &policy(vec![
                 rule("a", "192.0.2.1/32", &[1]),
@@ -541,12 +549,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(second.rows.row("b"), first.rows.row("b"));
-        assert_eq!(
+        assert_ne!(
             second.rows.row("c"),
+            first.rows.row("a"),
+            "a's row is still counted on by generation 1 until the swap"
+        );
+        assert_eq!(second.rows.len(), 2);
+        // One generation later a's row is free and is reused.
+        let stored = RowTable::from_rule_info(
+            second
+                .rows
+                .rows()
+                .into_iter()
+                .map(|(row, name)| (row, rule_info(name, 2))),
+        );
+        let third = compile(
+            &policy(vec![
+                rule("c", "192.0.2.3/32", &[1]),
+                rule("b", "192.0.2.2/32", &[1]),
+                rule("d", "192.0.2.4/32", &[1]),
+            ]),
+            &stored,
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            third.rows.row("d"),
             first.rows.row("a"),
             "the freed row is reused"
         );
-        assert_eq!(second.rows.len(), 2);
+        assert_eq!(third.rows.row("c"), second.rows.row("c"));
     }
 
     #[test]

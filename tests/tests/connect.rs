@@ -44,7 +44,7 @@ fn drain(
     enforcer: &mut Enforcer,
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
 ) -> Vec<EventRecord> {
-    events::drain(ring, |row| enforcer.row_name(row).map(str::to_owned))
+    events::drain(ring, |_, row| enforcer.row_name(row).map(str::to_owned))
 }
 
 fn allowed(n: u64) -> RuleCounters {

@@ -75,7 +75,14 @@ pub struct Agent {
     hub: Arc<EventHub>,
     metrics: Arc<Metrics>,
     rows: channel::Sender<Rows>,
+    /// The row tables of the last [`NAMED_GENERATIONS`] generations, newest last: an event
+    /// names its rule as the generation that judged it knew the row.
+    names: std::collections::VecDeque<(u32, Arc<crate::compile::RowTable>)>,
 }
+
+/// How many generations' row tables are kept to name events with. Events wait in the ring
+/// buffer for milliseconds; one older than this many reloads is named by its row number.
+const NAMED_GENERATIONS: usize = 16;
 
 /// Where the agent's policy comes from: the files (directories expanded, `*.yaml`/`*.yml` in
 /// name order) or the embedded default, then the created rules.
@@ -150,7 +157,7 @@ impl Agent {
         })?;
         let (proxies, rx) = channel::channel(proxy);
         let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
-        let agent = Self {
+        let mut agent = Self {
             digest: digest(&sources),
             settings,
             enforcer,
@@ -162,8 +169,34 @@ impl Agent {
             hub: Arc::default(),
             metrics: Arc::new(Metrics::new()),
             rows,
+            names: std::collections::VecDeque::new(),
         };
+        agent.remember_names();
         Ok((agent, rx))
+    }
+
+    /// Keeps the row table of the generation in force, for naming its events.
+    fn remember_names(&mut self) {
+        if self.names.len() == NAMED_GENERATIONS {
+            self.names.pop_front();
+        }
+        let table = Arc::new(self.enforcer.rows().clone());
+        self.names.push_back((self.generation(), table));
+    }
+
+    /// The name of `row` as `generation` knew it.
+    fn row_name(&self, generation: u32, row: u32) -> Option<String> {
+        match row {
+            egress_common::ROW_NO_RULE => Some(loader::NO_RULE_NAME.to_owned()),
+            egress_common::ROW_BYPASS => Some(loader::BYPASS_NAME.to_owned()),
+            egress_common::ROW_PROXY => Some(loader::PROXY_NAME.to_owned()),
+            _ => self
+                .names
+                .iter()
+                .rev()
+                .find(|(g, _)| *g == generation)
+                .and_then(|(_, table)| table.name(row).map(str::to_owned)),
+        }
     }
 
     /// The generation in force.
@@ -242,6 +275,7 @@ impl Agent {
                 self.rows
                     .send_replace(Arc::new((enforcer.generation(), enforcer.row_names())));
                 self.enforcer = enforcer;
+                self.remember_names();
                 self.policy = policy;
                 self.digest = digest(sources);
                 Ok(self.generation())
@@ -596,7 +630,7 @@ impl Agent {
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("waiting for kernel events")?;
-                    let name = |row| self.enforcer.row_name(row).map(str::to_owned);
+                    let name = |generation, row| self.row_name(generation, row);
                     for event in events::drain(guard.get_inner_mut(), name) {
                         events::log(&event);
                         self.hub.publish(kernel_event(&event));

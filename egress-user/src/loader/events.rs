@@ -77,7 +77,9 @@ pub struct EventRecord {
 }
 
 /// Decodes one ring buffer record; `None` for a record of the wrong size or an unknown verdict.
-pub fn decode(bytes: &[u8], rule_name: impl Fn(u32) -> Option<String>) -> Option<EventRecord> {
+/// `rule_name(generation, row)` names the row as that generation knew it: a row freed by a
+/// later generation may since have been given to another rule.
+pub fn decode(bytes: &[u8], rule_name: impl Fn(u32, u32) -> Option<String>) -> Option<EventRecord> {
     if bytes.len() < size_of::<Event>() {
         return None;
     }
@@ -93,7 +95,8 @@ pub fn decode(bytes: &[u8], rule_name: impl Fn(u32) -> Option<String>) -> Option
     Some(EventRecord {
         verdict: Verdict::from_raw(e.verdict)?,
         row: e.row,
-        rule: rule_name(e.row).unwrap_or_else(|| format!("row {}", e.row)),
+        rule: rule_name(e.generation, e.row)
+            .unwrap_or_else(|| format!("row {} of generation {}", e.row, e.generation)),
         pid: e.pid,
         tid: e.tid,
         comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
@@ -108,7 +111,7 @@ pub fn decode(bytes: &[u8], rule_name: impl Fn(u32) -> Option<String>) -> Option
 /// Reads every event now in the ring buffer.
 pub fn drain(
     ring: &mut RingBuf<MapData>,
-    rule_name: impl Fn(u32) -> Option<String>,
+    rule_name: impl Fn(u32, u32) -> Option<String>,
 ) -> Vec<EventRecord> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
@@ -216,8 +219,8 @@ mod tests {
     fn decodes_an_ipv4_deny() {
         let mut addr = [0; 16];
         addr[..4].copy_from_slice(&[192, 0, 2, 7]);
-        let r = decode(&raw(&event(AF_INET, addr, verdict::DENY)), |_| {
-            Some("(no rule)".into())
+        let r = decode(&raw(&event(AF_INET, addr, verdict::DENY)), |g, _| {
+            (g == 3).then(|| "(no rule)".into())
         })
         .unwrap();
         assert_eq!(r.verdict, Verdict::Deny);
@@ -233,17 +236,17 @@ mod tests {
         let addr: Ipv6Addr = "2001:db8::9".parse().unwrap();
         let r = decode(
             &raw(&event(AF_INET6, addr.octets(), verdict::WOULD_DENY)),
-            |_| None,
+            |_, _| None,
         )
         .unwrap();
         assert_eq!(r.verdict, Verdict::WouldDeny);
         assert_eq!(r.destination, "[2001:db8::9]:443".parse().unwrap());
-        assert_eq!(r.rule, "row 0");
+        assert_eq!(r.rule, "row 0 of generation 3");
     }
 
     #[test]
     fn rejects_short_records_and_unknown_verdicts() {
-        assert!(decode(&[0; 8], |_| None).is_none());
-        assert!(decode(&raw(&event(AF_INET, [0; 16], 99)), |_| None).is_none());
+        assert!(decode(&[0; 8], |_, _| None).is_none());
+        assert!(decode(&raw(&event(AF_INET, [0; 16], 99)), |_, _| None).is_none());
     }
 }
