@@ -440,9 +440,17 @@ impl Agent {
     /// for the loopback redirect to reach it. `nsenter --net` switches only the network
     /// namespace: `ip netns exec` would also remount /sys, hiding the cgroup2 and bpffs mounts.
     pub fn start_in(sandbox: &Sandbox, egress: &str, args: &[&str]) -> Self {
+        Self::start_in_logging(sandbox, egress, args, "info")
+    }
+
+    /// [`Agent::start_in`] with the log filter `log` (`EGRESS_LOG`), for tests whose agent
+    /// would otherwise log more than the test can hold. It must let the `ready` line through
+    /// (target `egress_user::cli::run`, info).
+    pub fn start_in_logging(sandbox: &Sandbox, egress: &str, args: &[&str], log: &str) -> Self {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", sandbox.name))
-            .arg(egress);
+            .arg(egress)
+            .env("EGRESS_LOG", log);
         Self::spawn(cmd, &sandbox.agent_args(args))
     }
 
@@ -507,10 +515,12 @@ impl Agent {
     }
 
     fn spawn(mut cmd: Command, args: &[String]) -> Self {
+        if !cmd.get_envs().any(|(k, _)| k == "EGRESS_LOG") {
+            cmd.env("EGRESS_LOG", "info");
+        }
         let mut child = cmd
             .arg("run")
             .args(args)
-            .env("EGRESS_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -616,12 +626,15 @@ pub struct Workload {
 
 impl Workload {
     /// Starts it (`bin` is `env!("CARGO_BIN_EXE_egress-verdicts")`) and waits until it runs.
-    pub fn start(sandbox: &Sandbox, bin: &str, targets: &[SocketAddr]) -> Self {
+    /// With `pause`, it sleeps that long after each round over the targets.
+    pub fn start(sandbox: &Sandbox, bin: &str, targets: &[SocketAddr], pause: Duration) -> Self {
         let mut child = Command::new(bin)
             .arg("--cgroup")
             .arg(&sandbox.cgroup)
             .arg("--netns")
             .arg(&sandbox.name)
+            .arg("--pause-us")
+            .arg(pause.as_micros().to_string())
             .args(targets.iter().map(ToString::to_string))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

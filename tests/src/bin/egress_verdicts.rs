@@ -4,7 +4,8 @@
 //! `EPERM` (the filter) and failed any other error, and, for each failure, a line
 //! `failure ADDR ERROR` (at most 20).
 //!
-//! Usage: `egress-verdicts --cgroup DIR --netns NAME ADDR:PORT...`
+//! Usage: `egress-verdicts --cgroup DIR --netns NAME [--pause-us N] ADDR:PORT...`; with
+//! `--pause-us` it sleeps that long after each round over the targets, to set the rate.
 
 use std::{
     collections::BTreeMap,
@@ -29,6 +30,7 @@ struct Count {
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut targets = Vec::new();
+    let mut pause = std::time::Duration::ZERO;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--cgroup" => {
@@ -37,6 +39,10 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
             }
             "--netns" => egress_tests::enter_netns(&args.next().expect("--netns NAME")),
+            "--pause-us" => {
+                let us = args.next().expect("--pause-us N");
+                pause = std::time::Duration::from_micros(us.parse().expect("--pause-us N"));
+            }
             addr => targets.push(
                 addr.parse::<SocketAddr>()
                     .unwrap_or_else(|e| panic!("{addr}: {e}")),
@@ -72,6 +78,9 @@ fn main() -> ExitCode {
                     }
                 }
             }
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
         }
     }
     for (target, c) in &counts {
