@@ -487,3 +487,40 @@ fn metrics_count_verdicts_requests_and_reloads() {
     drop(agent);
     let _ = fs::remove_dir_all(dir);
 }
+
+/// A policy big enough to take a while shows the agent loading it: progress lines at every
+/// tenth of the map fill, then ready, and the rules work.
+#[test]
+fn a_large_policy_logs_progress_while_it_loads() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-large", sb.name));
+    let mut yaml = String::new();
+    for i in 0..20_000u32 {
+        let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
+        yaml.push_str(&format!(
+            "---\nkind: EgressRule\nmetadata: {{name: r{i}}}\nspec:\n  destination: {{service: {ip}/32}}\n  ports: [{{port: 8080, protocol: tcp}}]\n"
+        ));
+    }
+    let file = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    sb.add_addr("198.18.0.7/32");
+    let sink = sb.sink(sa(std::net::Ipv4Addr::new(198, 18, 0, 7), 8080));
+    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &file, &[]));
+    let log = agent.log();
+    let progress: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("loading rules:"))
+        .collect();
+    assert_eq!(progress.len(), 10, "one line per tenth:\n{log}");
+    assert!(
+        progress[0].contains("loading rules: 10%") && progress[9].contains("loading rules: 100%"),
+        "{progress:#?}"
+    );
+    assert!(progress[9].contains("total=20000"), "{progress:#?}");
+    let ready = log.find("ready: enforcing").expect("ready");
+    let last = log.find("loading rules: 100%").expect("100%");
+    assert!(last < ready, "progress comes before ready");
+    assert_eq!(sb.connect(PROBE, sink.addr()), Outcome::Connected);
+    assert_eq!(sink.accepted(), 1);
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}
