@@ -394,7 +394,7 @@ async fn serve_with(
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
-            Err(e) if per_connection(&e) => {
+            Err(e) if crate::proxy::accept_error_is_per_connection(&e) => {
                 tracing::warn!(error = %e, "metrics accept failed; going on");
                 // Out of descriptors: give connections a moment to close.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -414,25 +414,6 @@ async fn serve_with(
             }
         });
     }
-}
-
-/// Accept errors that concern one connection or a passing shortage, not the listener.
-fn per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::ECONNRESET
-                | libc::EINTR
-                | libc::EMFILE
-                | libc::ENFILE
-                | libc::ENOBUFS
-                | libc::ENOMEM
-                | libc::EPROTO
-                | libc::EPERM
-                | libc::ETIMEDOUT
-        )
-    )
 }
 
 impl Endpoints {

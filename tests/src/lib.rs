@@ -253,6 +253,21 @@ impl Sandbox {
         self.run_dir.join("egress.sock")
     }
 
+    /// `egress run` arguments for this sandbox: `--policy POLICY`, its `--cgroup` and
+    /// `--pin-dir`, then `extra`.
+    pub fn run_args<'a>(&'a self, policy: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "--policy",
+            policy.to_str().expect("utf-8 path"),
+            "--cgroup",
+            self.cgroup.to_str().expect("utf-8 path"),
+            "--pin-dir",
+            self.pin_dir.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
     /// `args` with this sandbox's `--state-dir` and `--socket` added, unless given.
     fn agent_args(&self, args: &[&str]) -> Vec<String> {
         let mut out: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();

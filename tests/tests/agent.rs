@@ -1,7 +1,7 @@
 //! The `egress` CLI as an operator runs it: `egress run` in the foreground, killed and
 //! restarted, `egress exec`, `egress unload`, and a bad policy.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use egress_tests::{Agent, Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa};
 
@@ -12,17 +12,6 @@ fn rule(name: &str, port: u16) -> String {
     format!(
         "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: 192.0.2.0/24\n  ports:\n    - port: {port}\n      protocol: tcp\n"
     )
-}
-
-fn run_args<'a>(sb: &'a Sandbox, policy: &'a Path) -> Vec<&'a str> {
-    vec![
-        "--policy",
-        policy.to_str().expect("utf-8 path"),
-        "--cgroup",
-        sb.cgroup.to_str().expect("utf-8 path"),
-        "--pin-dir",
-        sb.pin_dir.to_str().expect("utf-8 path"),
-    ]
 }
 
 /// SIGKILL leaves enforcement in place (the pins hold it); a new agent takes the pins over
@@ -36,7 +25,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
 
-    let first = Agent::start_in(&sb, EGRESS, &run_args(&sb, &p8080));
+    let first = Agent::start_in(&sb, EGRESS, &sb.run_args(&p8080, &[]));
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
     // The agent logs the denial with the destination and the process.
@@ -60,7 +49,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     );
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
 
-    let second = Agent::start_in(&sb, EGRESS, &run_args(&sb, &p9090));
+    let second = Agent::start_in(&sb, EGRESS, &sb.run_args(&p9090, &[]));
     assert!(second.log().contains("generation=2"), "{}", second.log());
     assert_eq!(
         sb.connect(PROBE, s9090.addr()),
@@ -136,7 +125,7 @@ fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     );
     assert_eq!(denied.accepted(), 0);
 
-    let _agent = Agent::start_in(&sb, EGRESS, &run_args(&sb, &policy));
+    let _agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
     let out = exec("192.0.2.1:9090");
     assert_eq!(
         out.status.code(),
@@ -163,7 +152,7 @@ fn run_with_an_invalid_policy_loads_nothing() {
     let bad = policy_file(&tmp, "bad.yaml", &rule("bad", 0));
     let out = Command::new(EGRESS)
         .arg("run")
-        .args(run_args(&sb, &bad))
+        .args(sb.run_args(&bad, &[]))
         .output()
         .expect("egress run");
     assert_eq!(out.status.code(), Some(1), "{out:?}");

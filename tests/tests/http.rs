@@ -93,15 +93,8 @@ impl World {
 
     fn start_agent(&mut self) {
         let policy = self.dir.join("policy.yaml");
-        let args = [
-            "--policy",
-            policy.to_str().expect("utf-8"),
-            "--cgroup",
-            self.sb.cgroup.to_str().expect("utf-8"),
-            "--pin-dir",
-            self.sb.pin_dir.to_str().expect("utf-8"),
-        ];
-        self.agent = Some(Agent::start_in(&self.sb, EGRESS, &args));
+        let agent = Agent::start_in(&self.sb, EGRESS, &self.sb.run_args(&policy, &[]));
+        self.agent = Some(agent);
     }
 
     fn agent(&self) -> &Agent {
@@ -354,17 +347,6 @@ fn two_hundred_concurrent_connections_each_get_their_own_original_destination() 
     }
 }
 
-fn run_args(sb: &Sandbox, policy: &std::path::Path) -> Vec<String> {
-    vec![
-        "--policy".into(),
-        policy.display().to_string(),
-        "--cgroup".into(),
-        sb.cgroup.display().to_string(),
-        "--pin-dir".into(),
-        sb.pin_dir.display().to_string(),
-    ]
-}
-
 /// The agent's own upstream connections are exempt by its cgroup id: an agent running below
 /// the managed cgroup still reaches the upstream instead of being redirected to itself. An
 /// agent in the managed cgroup itself refuses to start, since that exemption would cover
@@ -381,8 +363,7 @@ fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cg
     )
     .expect("policy");
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
-    let args = run_args(&sb, &policy);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = sb.run_args(&policy, &[]);
 
     let (status, log) = Agent::run_to_exit(&sb, EGRESS, &args, &sb.cgroup);
     assert!(!status.success(), "{log}");
@@ -430,8 +411,7 @@ fn names_resolve_through_the_system_resolver_and_rebinding_to_a_bypass_range_get
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
     // Something listening where the rebinding answer points: it must see nothing.
     let local = Upstream::http(&sb.name, sa(std::net::Ipv4Addr::LOCALHOST, 80));
-    let args = run_args(&sb, &policy);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = sb.run_args(&policy, &[]);
     let agent = Agent::start_in_with(&sb, EGRESS, &args, None, Some(&hosts));
 
     let get = |host: &str| {

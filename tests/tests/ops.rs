@@ -21,19 +21,6 @@ fn rule(name: &str, port: u16) -> String {
     )
 }
 
-fn args<'a>(sb: &'a Sandbox, policy: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--policy",
-        policy.to_str().expect("utf-8 path"),
-        "--cgroup",
-        sb.cgroup.to_str().expect("utf-8 path"),
-        "--pin-dir",
-        sb.pin_dir.to_str().expect("utf-8 path"),
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 /// Runs `egress create -f - --socket ...` with `yaml` on stdin.
 fn create(sb: &Sandbox, yaml: &str) -> (bool, String, String) {
     let mut child = Command::new(EGRESS)
@@ -82,7 +69,7 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("from-file", 8080));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
-    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &policy, &[]));
+    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
 
     let (ok, out, err) = create(&sb, &rule("extra", 9090));
@@ -192,7 +179,7 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     // A restart (SIGTERM, then a new agent on the same state directory) keeps the rule.
     agent.signal(libc::SIGTERM);
     assert!(agent.wait().success());
-    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &policy, &[]));
+    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
     let (_, out, _) = sb.ctl(EGRESS, &["get", "egressrules"]);
     assert!(out.lines().any(|l| l.contains("extra")), "{out}");
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
@@ -236,7 +223,11 @@ fn the_control_socket_refuses_a_client_that_is_not_root() {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let socket = dir.join("egress.sock");
     let socket_arg = socket.to_str().expect("utf-8 path");
-    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &policy, &["--socket", socket_arg]));
+    let agent = Agent::start_in(
+        &sb,
+        EGRESS,
+        &sb.run_args(&policy, &["--socket", socket_arg]),
+    );
     let egress = world_runnable_egress(&dir);
     let as_nobody = |verb: &[&str]| {
         let out = Command::new(&egress)
@@ -300,7 +291,7 @@ fn policy_file_changes_are_applied_without_a_signal() {
     let file = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
-    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &dir, &[]));
+    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&dir, &[]));
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     let replace = |yaml: &str| {
         let tmp = dir.join(".policy.yaml.new");
@@ -402,11 +393,7 @@ fn metrics_count_verdicts_requests_and_reloads() {
     let agent = Agent::start_in(
         &sb,
         EGRESS,
-        &args(
-            &sb,
-            &file,
-            &["--metrics-addr", "127.0.0.1:9464", "--no-watch"],
-        ),
+        &sb.run_args(&file, &["--metrics-addr", "127.0.0.1:9464", "--no-watch"]),
     );
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
@@ -504,7 +491,7 @@ fn a_large_policy_logs_progress_while_it_loads() {
     let file = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
     sb.add_addr("198.18.0.7/32");
     let sink = sb.sink(sa(std::net::Ipv4Addr::new(198, 18, 0, 7), 8080));
-    let agent = Agent::start_in(&sb, EGRESS, &args(&sb, &file, &[]));
+    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&file, &[]));
     let log = agent.log();
     let progress: Vec<&str> = log
         .lines()

@@ -49,16 +49,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
-    let args = [
-        "--policy".to_owned(),
-        dir.display().to_string(),
-        "--cgroup".to_owned(),
-        sb.cgroup.display().to_string(),
-        "--pin-dir".to_owned(),
-        sb.pin_dir.display().to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = Agent::start_in(&sb, EGRESS, &args);
+    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&dir, &[]));
 
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);

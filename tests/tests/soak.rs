@@ -77,19 +77,6 @@ fn policies() -> (TestPolicy, TestPolicy, Vec<SocketAddr>) {
     (a, b, targets)
 }
 
-fn args<'a>(sb: &'a Sandbox, policy: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--policy",
-        policy.to_str().expect("utf-8 path"),
-        "--cgroup",
-        sb.cgroup.to_str().expect("utf-8 path"),
-        "--pin-dir",
-        sb.pin_dir.to_str().expect("utf-8 path"),
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 /// Writes `yaml` to `path` by rename, as a deployment tool would.
 fn replace(path: &Path, yaml: &str) {
     let tmp = path.with_extension("tmp");
@@ -150,7 +137,7 @@ fn a_thousand_alternating_reloads_judge_every_connect_by_one_whole_policy() {
     let dir = std::env::temp_dir().join(format!("{}-soak", sb.name));
     let file = egress_tests::policy_file(&dir, "policy.yaml", &a.yaml("all"));
     let sinks: HashMap<SocketAddr, Sink> = targets.iter().map(|t| (*t, sb.sink(*t))).collect();
-    let agent = Agent::start_in_logging(&sb, EGRESS, &args(&sb, &file, &["--no-watch"]), QUIET);
+    let agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &["--no-watch"]), QUIET);
     let follower = Follower::start(&sb);
     // Generation -> which policy it holds; the agent started with A.
     let mut judged_by: HashMap<u64, usize> = HashMap::from([(1, 0)]);
@@ -266,7 +253,7 @@ fn twenty_sigkills_under_load_let_nothing_through_and_block_nothing_allowed() {
     let dir = std::env::temp_dir().join(format!("{}-kill", sb.name));
     let file = egress_tests::policy_file(&dir, "policy.yaml", &a.yaml("denied"));
     let sinks: HashMap<SocketAddr, Sink> = targets.iter().map(|t| (*t, sb.sink(*t))).collect();
-    let mut agent = Agent::start_in_logging(&sb, EGRESS, &args(&sb, &file, &[]), QUIET);
+    let mut agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &[]), QUIET);
     let workload = Workload::start(&sb, VERDICTS, &targets, PAUSE);
     for round in 0..20u64 {
         // Die at a different point each round: while idle, and right after starting.
@@ -279,7 +266,7 @@ fn twenty_sigkills_under_load_let_nothing_through_and_block_nothing_allowed() {
         );
         // A moment with no agent at all.
         std::thread::sleep(Duration::from_millis(50));
-        agent = Agent::start_in_logging(&sb, EGRESS, &args(&sb, &file, &[]), QUIET);
+        agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &[]), QUIET);
         let log = agent.log();
         assert!(
             log.contains(&format!("generation={}", round + 2)),

@@ -6,7 +6,7 @@ use std::{io::Read as _, path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 
 use super::ctl::{self, SocketArg};
-use crate::control::{MAX_REQUEST, Request, Response};
+use crate::control::{MAX_REQUEST, Request};
 
 /// Arguments of `egress create`.
 #[derive(clap::Args, Debug)]
@@ -34,12 +34,6 @@ pub fn run(args: &CreateArgs) -> anyhow::Result<ExitCode> {
         .read_to_string(&mut text)
         .with_context(|| format!("reading {source} (it must be UTF-8 YAML)"))?;
     let request = Request::Create { source, text };
-    match ctl::call(&args.socket, &request)? {
-        Response::Applied {
-            generation,
-            message,
-        } => println!("{message} (generation {generation})"),
-        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
-    }
+    ctl::apply(&args.socket, &request)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -34,6 +34,18 @@ pub fn call(socket: &SocketArg, request: &Request) -> anyhow::Result<Response> {
     }
 }
 
+/// Sends a request that changes the policy and prints what it did and the new generation.
+pub fn apply(socket: &SocketArg, request: &Request) -> anyhow::Result<()> {
+    match call(socket, request)? {
+        Response::Applied {
+            generation,
+            message,
+        } => println!("{message} (generation {generation})"),
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+    }
+    Ok(())
+}
+
 /// Prints rows as an aligned table.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -3,10 +3,7 @@
 use std::process::ExitCode;
 
 use super::ctl::{self, SocketArg};
-use crate::{
-    control::{Request, Response},
-    state::Kind,
-};
+use crate::{control::Request, state::Kind};
 
 /// Arguments of `egress delete`.
 #[derive(clap::Args, Debug)]
@@ -27,12 +24,6 @@ pub fn run(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
         kind: args.kind,
         names: args.names.clone(),
     };
-    match ctl::call(&args.socket, &request)? {
-        Response::Applied {
-            generation,
-            message,
-        } => println!("{message} (generation {generation})"),
-        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
-    }
+    ctl::apply(&args.socket, &request)?;
     Ok(ExitCode::SUCCESS)
 }

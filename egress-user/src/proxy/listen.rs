@@ -100,7 +100,7 @@ async fn accept_loop(
     loop {
         let (stream, client) = match listener.accept().await {
             Ok(accepted) => accepted,
-            Err(e) if per_connection(&e) => {
+            Err(e) if accept_error_is_per_connection(&e) => {
                 tracing::warn!(error = %e, "accept failed; going on");
                 // Out of descriptors: give connections a moment to close.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -119,8 +119,9 @@ async fn accept_loop(
     }
 }
 
-/// Accept errors that concern one connection or a passing shortage, not the listener.
-fn per_connection(e: &io::Error) -> bool {
+/// Accept errors that concern one connection or a passing shortage, not the listener: an
+/// accept loop logs them and goes on.
+pub fn accept_error_is_per_connection(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(
