@@ -263,6 +263,15 @@ fn an_upstream_certificate_from_an_untrusted_ca_gets_502() {
         w.rogue_tls.seen().is_empty(),
         "no request was sent over the untrusted connection"
     );
+    // Logged once, by the agent's request log, with the reason.
+    w.agent().wait_for_log("http 502", Duration::from_secs(5));
+    let log = w.agent().log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("rogue.test")).collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("http 502") && lines[0].contains("certificate"),
+        "{lines:#?}"
+    );
 }
 
 #[test]

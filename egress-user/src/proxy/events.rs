@@ -134,9 +134,22 @@ impl Counters {
     }
 
     /// Sends `event` without waiting; counts it as dropped when the channel is full or closed.
+    /// A failure (no answer, or a 5xx) whose event is dropped is still logged here, so that
+    /// no upstream or internal failure goes unrecorded; the consumer logs the rest.
     pub(crate) fn emit(&self, events: &mpsc::Sender<RequestEvent>, event: RequestEvent) {
-        if events.try_send(event).is_err() {
+        if let Err(e) = events.try_send(event) {
             self.events_dropped.fetch_add(1, Relaxed);
+            let event = match e {
+                mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e) => e,
+            };
+            if event.status == 0 || event.status >= 500 {
+                tracing::warn!(
+                    host = %event.host,
+                    status = event.status,
+                    reason = event.reason.as_deref().unwrap_or(""),
+                    "request failed (its event was dropped: the event queue is full)"
+                );
+            }
         }
     }
 

@@ -203,11 +203,11 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestLog) {
 fn answer(err: ProxyError, mut log: RequestLog, close: bool) -> Response<RespBody> {
     let status = err.status();
     let reason = err.reason();
-    // The consumer of the events logs every request; refusing an app's request is routine,
-    // while upstream and internal failures are worth a line even if their event is dropped.
+    // The consumer of the events logs every request (and the proxy logs a failure whose event
+    // is dropped): one line per request, not two.
     match err.side() {
         Side::Client => tracing::debug!(host = %log.host, %status, %reason, "request refused"),
-        Side::Upstream => tracing::warn!(host = %log.host, %status, %reason, "upstream failed"),
+        Side::Upstream => tracing::debug!(host = %log.host, %status, %reason, "upstream failed"),
         Side::Internal => tracing::error!(host = %log.host, %status, %reason, "internal error"),
     }
     let body = format!("egress: {reason}\n");

@@ -213,7 +213,7 @@ async fn refuse_tls(
             None => "without sni".to_owned(),
         },
     );
-    tracing::warn!(sni = sni.as_deref().unwrap_or(""), "{reason}");
+    tracing::debug!(sni = sni.as_deref().unwrap_or(""), "{reason}");
     let counters = &proxy.counters;
     counters.record(counters.no_rule(), 0, true, 0, 0);
     let event = RequestEvent {
