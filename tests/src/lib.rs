@@ -705,6 +705,19 @@ pub fn policy_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     path
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on the host, so a time taken
+/// in one process (a benchmark renaming a policy file) and one taken in another (a workload
+/// seeing the new verdict) can be subtracted. `Instant` reads the same clock but does not
+/// expose its value.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain data; clock_gettime only writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a valid pointer to a timespec.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(ret, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Raw `connect()` for workloads that connect in a loop: one socket per call with
 /// `SO_LINGER {on, 0}`, so `close()` sends a RST and leaves no TIME_WAIT behind (100,000
 /// connects to one destination would otherwise run out of ephemeral ports within seconds).

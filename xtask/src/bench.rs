@@ -54,6 +54,10 @@ enum Bench {
     /// The HTTP egress proxy against no proxy and Envoy: req/s and p99 for plain HTTP and TLS
     /// origination, latency added at 1000 req/s, RSS and CPU (tests/benches/http/).
     Http,
+    /// Reload to enforced: `egress reload` round trip and file change to new verdict at 10,
+    /// 1,000 and 10,000 rules; start-up and reload time at 100,000 rules and 1M keys
+    /// (tests/benches/reload/).
+    Reload,
 }
 
 impl Bench {
@@ -62,6 +66,7 @@ impl Bench {
         match self {
             Self::Connect => "connect",
             Self::Http => "http",
+            Self::Reload => "reload",
         }
     }
 
@@ -71,6 +76,8 @@ impl Bench {
             Self::Connect if args.iter().any(|arg| arg == "--no-netfilter") => &[],
             Self::Connect => NETFILTER_PACKAGES,
             Self::Http => HTTP_PACKAGES,
+            // Only the agent, its CLI and a workload of the egress-tests package.
+            Self::Reload => &[],
         }
     }
 

@@ -1,0 +1,727 @@
+//! `cargo xtask bench reload`: how long a policy change takes to be enforced by a running
+//! `egress run`, and how long a large policy takes to load.
+//!
+//! # Method
+//! - Every measured agent is the release build of the `egress` CLI (`egress-cli`, built by
+//!   `cargo bench` with this target), started as `egress run --policy DIR` in its own
+//!   [`Sandbox`](egress_tests::Sandbox): a fresh network namespace with no route out (where its
+//!   proxy listens), its own cgroup, pin directory, state directory and control socket, all
+//!   removed when the bench ends, also when it fails. Its log (`EGRESS_LOG=info`) is read line
+//!   by line and each line is stamped with `CLOCK_MONOTONIC` when it arrives.
+//! - The policies: `N` TCP rules, `N - 1` filler rules (a /32 each in 198.18.0.0/15, never
+//!   connected to) and the rule `target`, which allows either `192.0.2.1:8080` (A) or
+//!   `198.51.100.1:8080` (B), both on the sandbox's own veth, with a sink listening on each.
+//!   Each reload alternates between the two, so each one flips both verdicts.
+//! - The workload is `egress-verdict-poll`, a process in the managed cgroup and the namespace
+//!   (a thread cannot join a cgroup by itself).
+//! - Reload to enforced, for each size (`--sizes`, default 10, 1,000 and 10,000 rules), two
+//!   ways, each with its own agent and sandbox:
+//!   - *round trip*: the agent runs with `--no-watch`; the new file is renamed into the policy
+//!     directory (untimed), then the bench sends the `Reload` request on the control socket
+//!     itself (what `egress reload` sends, without starting a process) and times until the
+//!     answer. The agent answers once the new generation is in force, so right after the
+//!     answer the workload must see both new verdicts, at once, without retrying: checked.
+//!   - *end to end*: the agent watches its policy directory. The workload starts polling the
+//!     destination the new policy allows (every `--poll-us`, 1,000 us; a denied `connect()`
+//!     fails with `EPERM` in about a microsecond without sending a packet, so polling costs
+//!     almost nothing); then the bench renames the new file into the directory. Measured: from
+//!     just before the `rename()` to the return of the first `connect()` that succeeds. This
+//!     includes by design the 200 ms the agent waits for the files to be quiet; the table also
+//!     shows the time minus 200 ms. The resolution is the gap between the last denied and the
+//!     first successful connect (reported). Afterwards the other destination must be denied,
+//!     and the agent must log the reload with the next generation, before the next change.
+//!   - The `2 x sizes` agents run side by side, and each round does one reload on each, the
+//!     round's order starting one agent later each time, so that drift in this shared
+//!     machine's load spreads over all of them. `--warmup` rounds first, not counted. Reported:
+//!     p50, p99 (nearest rank) and max over `--reloads` rounds, or fewer if `--budget-s` runs
+//!     out first: a round takes about 1.5 s on the 2-core VM (most of it the 10,000-rule
+//!     reloads and the three 200 ms debounces), so 200 rounds alone take 5 minutes; the budget
+//!     (210 s) keeps the whole bench near 5 minutes, and the table says how many were measured.
+//! - Everything the bench starts runs at nice -10 (`--nice`): the machine is shared, and a
+//!   workload that does not get the CPU for a while reports the flip late.
+//! - Where the time goes: for each size, in the bench's own process, on a scratch sandbox,
+//!   what a reload does one step at a time: parsing and validating the file
+//!   (`policy::load_files`), configuring the proxy (`Proxy::new`, which reads the system's
+//!   trusted roots), and the kernel generation (`Enforcer::apply`: load and fill fresh maps,
+//!   load and verify the 5 programs, swap them behind the pinned links; plus dropping the old
+//!   generation). Median of 5.
+//! - Start-up at 100,000 rules (`--big-rules`): `--starts` (3) fresh agents, each in a fresh
+//!   sandbox; from just before the agent process is spawned until its `ready: enforcing egress
+//!   policy` line arrives, and the `loading rules: N%` lines on the way (which must all be
+//!   there); then, on the same agent, the round trip of a `Reload` to the other 100,000-rule
+//!   policy. Median (min-max). Then 1,000,000 keys (100,000 rules of 10 ports each: a million
+//!   separate rules would not fit the 131,072 counter rows), once, unless the 100,000-rule
+//!   start-up predicts more than 60 s (a note says so), or `--no-1m`.
+//!
+//! # Checks
+//! The bench stops with an error when a reload is not answered with the next generation, when
+//! a verdict is not the new one right after the answer, when the workload does not see the new
+//! verdict within the timeout, when the other destination is not denied after a flip, when the
+//! agent logs an error or exits, or when the `loading rules` progress lines are missing.
+//!
+//! # Options (after `cargo bench -p egress-tests --bench reload --`)
+//! `--reloads N` (200), `--sizes 10,1000,10000`, `--warmup N` (2 rounds), `--poll-us N` (1000),
+//! `--budget-s N` (210; 0: no limit), `--starts N` (3), `--big-rules N` (100000),
+//! `--nice N` (-10; 0 leaves priorities alone), `--no-big` (skip start-up and 1M), `--no-1m`.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod daemon;
+mod policies;
+mod report;
+
+use std::{
+    path::Path,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use daemon::{Agent, Line, Poller, READY, RELOADED, generation_of};
+use egress_tests::{Sandbox, Sink};
+use egress_user::{
+    control::{Request, Response, client},
+    loader::Enforcer,
+    proxy::Proxy,
+};
+use policies::{Allowed, MAX_FILLER, PolicyDir, yaml};
+
+pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench reload -- [--reloads N] \
+     [--sizes 10,1000,10000] [--warmup N] [--poll-us N] [--budget-s N] [--starts N] [--big-rules N] [--nice N] \
+     [--no-big] [--no-1m]";
+
+/// The agent's debounce: how long the policy files must stay quiet before a watched change is
+/// applied (`egress_user::agent::watch::QUIET`).
+pub const DEBOUNCE: Duration = egress_user::agent::watch::QUIET;
+
+/// Start-ups predicted to take longer than this are not run.
+const MILLION_LIMIT: Duration = Duration::from_secs(60);
+
+/// Command-line options (after `cargo bench ... --`).
+pub struct Options {
+    /// Measured reloads per size and way.
+    pub reloads: usize,
+    /// Policy sizes, in rules.
+    pub sizes: Vec<usize>,
+    /// Uncounted rounds first.
+    pub warmup: usize,
+    /// Poll interval of the end-to-end workload.
+    pub poll: Duration,
+    /// Fresh start-ups of the big policy.
+    pub starts: usize,
+    /// Rules of the big policy.
+    pub big_rules: usize,
+    /// Run the start-up phase.
+    pub big: bool,
+    /// Try 1,000,000 keys.
+    pub million: bool,
+    /// The reload rounds stop after this long, even before `reloads` (zero: no limit).
+    pub budget: Duration,
+    /// Nice value of the bench and everything it starts.
+    pub nice: i32,
+}
+
+fn parse(args: &[String]) -> Options {
+    let mut options = Options {
+        reloads: 200,
+        sizes: vec![10, 1_000, 10_000],
+        warmup: 2,
+        poll: Duration::from_micros(1000),
+        starts: 3,
+        big_rules: 100_000,
+        big: true,
+        million: true,
+        budget: Duration::from_secs(210),
+        nice: -10,
+    };
+    let mut args = args.iter();
+    let value = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> String {
+        args.next()
+            .unwrap_or_else(|| panic!("{flag} needs a value; {USAGE}"))
+            .replace('_', "")
+    };
+    let number = |text: &str, flag: &str| -> usize {
+        text.parse()
+            .unwrap_or_else(|e| panic!("{flag} {text}: {e}; {USAGE}"))
+    };
+    while let Some(arg) = args.next() {
+        let flag = arg.as_str();
+        match flag {
+            // cargo bench passes --bench to a harness = false target.
+            "--bench" => {}
+            "--reloads" => options.reloads = number(&value(&mut args, flag), flag),
+            "--warmup" => options.warmup = number(&value(&mut args, flag), flag),
+            "--poll-us" => {
+                options.poll = Duration::from_micros(number(&value(&mut args, flag), flag) as u64)
+            }
+            "--starts" => options.starts = number(&value(&mut args, flag), flag),
+            "--big-rules" => options.big_rules = number(&value(&mut args, flag), flag),
+            "--sizes" => {
+                options.sizes = value(&mut args, flag)
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| number(s, flag))
+                    .collect()
+            }
+            "--budget-s" => {
+                options.budget = Duration::from_secs(number(&value(&mut args, flag), flag) as u64)
+            }
+            "--nice" => {
+                let text = value(&mut args, flag);
+                options.nice = text
+                    .parse()
+                    .unwrap_or_else(|e| panic!("--nice {text}: {e}; {USAGE}"));
+            }
+            "--no-big" => options.big = false,
+            "--no-1m" => options.million = false,
+            other => panic!("unknown argument {other:?}; {USAGE}"),
+        }
+    }
+    assert!(options.reloads >= 1 && options.starts >= 1, "{USAGE}");
+    for &n in options.sizes.iter().chain([&options.big_rules]) {
+        assert!(
+            (1..=MAX_FILLER + 1).contains(&n),
+            "sizes must be 1..={} rules",
+            MAX_FILLER + 1
+        );
+    }
+    options
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test --benches`/`--all-targets` runs this target without --bench: nothing to do.
+    if !args.iter().any(|a| a == "--bench") {
+        eprintln!("reload: a benchmark, run it with `cargo xtask bench reload` (as root)");
+        return ExitCode::SUCCESS;
+    }
+    let options = parse(&args);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "bench reload: must run as root (it loads eBPF programs); use `cargo xtask bench reload`"
+        );
+        return ExitCode::FAILURE;
+    }
+    catch_interrupts();
+    run(&options);
+    ExitCode::SUCCESS
+}
+
+/// Set by SIGINT or SIGTERM: the bench then stops at the next reload and, unwinding, stops its
+/// agents and removes its sandboxes, rather than die with programs still pinned.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs [`on_signal`] for SIGINT and SIGTERM (the processes the bench starts get the
+/// default actions back when they exec).
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Panics (and so cleans up) once a SIGINT or SIGTERM came.
+fn check_interrupted() {
+    assert!(
+        !INTERRUPTED.load(Ordering::SeqCst),
+        "interrupted: stopping the agents and removing the sandboxes"
+    );
+}
+
+/// The `egress` CLI and the workload, built by `cargo bench` in the release profile.
+const EGRESS: &str = env!("CARGO_BIN_EXE_egress-cli");
+const POLL: &str = env!("CARGO_BIN_EXE_egress-verdict-poll");
+
+/// How a reload is started and what is timed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// `Reload` on the control socket, timed to the answer.
+    RoundTrip,
+    /// A file renamed into the watched directory, timed until the workload sees the new verdict.
+    EndToEnd,
+}
+
+/// One agent with one policy size, reloaded one way, and what was measured.
+pub struct Contender {
+    // Fields drop in order: the processes go before the sandbox they live in.
+    agent: Agent,
+    poller: Poller,
+    _sinks: [Sink; 2],
+    pub rules: usize,
+    pub way: Way,
+    policies: PolicyDir,
+    texts: [String; 2],
+    current: Allowed,
+    generation: u32,
+    /// Log lines before this index belong to reloads already checked.
+    log_from: usize,
+    /// Milliseconds per measured reload.
+    pub samples: Vec<f64>,
+    /// End to end: the gap between the last connect with the old verdict and the first with
+    /// the new one, in milliseconds (the resolution).
+    pub gaps: Vec<f64>,
+    sandbox: Sandbox,
+}
+
+fn text(texts: &[String; 2], which: Allowed) -> &str {
+    match which {
+        Allowed::A => &texts[0],
+        Allowed::B => &texts[1],
+    }
+}
+
+/// Starts an agent on a fresh sandbox with the policy that allows A; returns the agent, the
+/// index of its ready line, and the ready line.
+fn start_agent(
+    sandbox: &Sandbox,
+    policies: &PolicyDir,
+    watch: bool,
+    timeout: Duration,
+) -> (Agent, usize, Line) {
+    let mut agent = Agent::spawn(Path::new(EGRESS), sandbox, &policies.dir, watch);
+    let (index, line) = agent.wait_for(0, READY, timeout);
+    assert_eq!(
+        generation_of(&line.text),
+        Some(1),
+        "a fresh agent starts at generation 1: {}",
+        line.text
+    );
+    (agent, index, line)
+}
+
+/// Checks both verdicts right now: `allowed` connects, the other is denied.
+fn expect_verdicts(poller: &mut Poller, allowed: Allowed, when: &str, agent: &Agent) {
+    let (a, d) = (
+        poller.check(allowed.allowed()),
+        poller.check(allowed.denied()),
+    );
+    assert!(
+        a == "connected" && d == "denied",
+        "{when}: {} should connect (got {a}) and {} be denied (got {d}); the agent's log:\n{}",
+        allowed.allowed(),
+        allowed.denied(),
+        agent.tail(30)
+    );
+}
+
+/// Sends `Reload` on the control socket; returns the round trip and the generation in force.
+fn reload_request(sandbox: &Sandbox) -> (Duration, u32) {
+    let socket = sandbox.socket();
+    let started = Instant::now();
+    let answer = client::call(&socket, &Request::Reload);
+    let took = started.elapsed();
+    match answer {
+        Ok(Response::Applied { generation, .. }) => (took, generation),
+        other => panic!("reload on {}: {other:?}", socket.display()),
+    }
+}
+
+impl Contender {
+    fn new(rules: usize, way: Way) -> Self {
+        let sandbox = Sandbox::new();
+        let policies = PolicyDir::new(&sandbox.run_dir);
+        let texts = [yaml(rules, 1, Allowed::A), yaml(rules, 1, Allowed::B)];
+        policies.replace(&texts[0]);
+        let sinks = [
+            sandbox.sink(Allowed::A.allowed()),
+            sandbox.sink(Allowed::B.allowed()),
+        ];
+        let (agent, index, _) = start_agent(
+            &sandbox,
+            &policies,
+            way == Way::EndToEnd,
+            Duration::from_secs(60),
+        );
+        let mut poller = Poller::start(POLL, &sandbox);
+        expect_verdicts(&mut poller, Allowed::A, "after start-up", &agent);
+        Self {
+            agent,
+            poller,
+            _sinks: sinks,
+            rules,
+            way,
+            policies,
+            texts,
+            current: Allowed::A,
+            generation: 1,
+            log_from: index + 1,
+            samples: Vec::new(),
+            gaps: Vec::new(),
+            sandbox,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!(
+            "{} rules, {}",
+            common::thousands(self.rules),
+            match self.way {
+                Way::RoundTrip => "`egress reload` round trip",
+                Way::EndToEnd => "file rename to new verdict",
+            }
+        )
+    }
+
+    /// One reload to the other policy, checked; returns milliseconds (and the resolution).
+    fn reload(&mut self, poll: Duration) -> (f64, Option<f64>) {
+        let next = self.current.flip();
+        let timeout = Duration::from_secs(10) + Duration::from_millis(self.rules as u64 / 10);
+        let result = match self.way {
+            Way::RoundTrip => {
+                self.policies.replace(text(&self.texts, next));
+                let (took, generation) = reload_request(&self.sandbox);
+                assert_eq!(
+                    generation,
+                    self.generation + 1,
+                    "the reload did not make the next generation; the agent's log:\n{}",
+                    self.agent.tail(30)
+                );
+                // In force when answered: no retry, no wait.
+                expect_verdicts(
+                    &mut self.poller,
+                    next,
+                    "right after the answer",
+                    &self.agent,
+                );
+                (took.as_secs_f64() * 1e3, None)
+            }
+            Way::EndToEnd => {
+                self.poller.start_wait(next.allowed(), poll, timeout);
+                let renamed = self.policies.replace(text(&self.texts, next));
+                let flip = self.poller.flipped().unwrap_or_else(|line| {
+                    panic!(
+                        "the workload did not see {} allowed within {timeout:?} of the rename: \
+                         {line}; the agent's log:\n{}",
+                        next.allowed(),
+                        self.agent.tail(30)
+                    )
+                });
+                let denied = self.poller.check(next.denied());
+                assert_eq!(
+                    denied,
+                    "denied",
+                    "{} should be denied once {} is allowed",
+                    next.denied(),
+                    next.allowed()
+                );
+                let ms = |ns: u64| ns as f64 / 1e6;
+                (
+                    ms(flip.at_ns.saturating_sub(renamed)),
+                    Some(ms(flip.at_ns.saturating_sub(flip.last_old_ns))),
+                )
+            }
+        };
+        // The agent logs every applied reload: it must be this one, and it must be done
+        // before the next change (a change seen while a reload runs would be timed late).
+        let (index, line) = self.agent.wait_for(self.log_from, RELOADED, timeout);
+        assert_eq!(
+            generation_of(&line.text),
+            Some(self.generation + 1),
+            "unexpected reload: {}",
+            line.text
+        );
+        if self.way == Way::EndToEnd {
+            assert!(
+                line.text.contains("policy files changed"),
+                "not the file watch: {}",
+                line.text
+            );
+        }
+        self.log_from = index + 1;
+        self.generation += 1;
+        self.current = next;
+        result
+    }
+}
+
+/// What one reload does, step by step, in the bench's own process (milliseconds, median of
+/// the runs).
+pub struct Breakdown {
+    pub rules: usize,
+    pub parse: f64,
+    pub proxy: f64,
+    pub kernel: f64,
+}
+
+/// Times parsing, the proxy configuration and the kernel generation of `rules`-rule policies,
+/// alternating as the reloads do, on a scratch sandbox.
+fn breakdown(rules: usize, runs: usize) -> Breakdown {
+    let sandbox = Sandbox::new();
+    let policies = PolicyDir::new(&sandbox.run_dir);
+    let target = sandbox.target();
+    let texts = [yaml(rules, 1, Allowed::A), yaml(rules, 1, Allowed::B)];
+    let mut which = Allowed::A;
+    policies.replace(text(&texts, which));
+    let load = || egress_user::policy::load_files(&[policies.file()]).expect("the policy loads");
+    let mut enforcer = Enforcer::apply(&target, &load()).expect("first generation");
+    let (mut parse, mut proxy, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        which = which.flip();
+        policies.replace(text(&texts, which));
+        let started = Instant::now();
+        let policy = load();
+        parse.push(started.elapsed());
+        let started = Instant::now();
+        let p = Proxy::new(&policy).expect("proxy config");
+        proxy.push(started.elapsed());
+        drop(p);
+        let started = Instant::now();
+        let next = Enforcer::apply(&target, &policy).expect("next generation");
+        // The agent drops the old generation before it answers, too.
+        drop(std::mem::replace(&mut enforcer, next));
+        kernel.push(started.elapsed());
+    }
+    drop(enforcer);
+    let med = |v: &[Duration]| common::summary(v.iter().map(|d| d.as_secs_f64() * 1e3)).0;
+    Breakdown {
+        rules,
+        parse: med(&parse),
+        proxy: med(&proxy),
+        kernel: med(&kernel),
+    }
+}
+
+/// One big start-up: a fresh agent, then one reload to the other policy.
+pub struct Startup {
+    /// Spawn to the ready line, ms.
+    pub start: f64,
+    /// `Reload` round trip to the other policy, ms.
+    pub reload: f64,
+    /// The `loading rules` lines of the start-up: (ms since spawn, the line's message and
+    /// fields).
+    pub progress: Vec<(f64, String)>,
+    /// How many `loading rules` lines the reload logged.
+    pub reload_progress: usize,
+}
+
+/// Starts an agent with `texts[0]` (allows A), times it to ready, checks the verdicts, then
+/// reloads to `texts[1]` (allows B) and times that.
+fn startup(texts: &[String; 2], timeout: Duration) -> Startup {
+    let sandbox = Sandbox::new();
+    let policies = PolicyDir::new(&sandbox.run_dir);
+    policies.replace(&texts[0]);
+    let _sinks = [
+        sandbox.sink(Allowed::A.allowed()),
+        sandbox.sink(Allowed::B.allowed()),
+    ];
+    let (mut agent, index, ready) = start_agent(&sandbox, &policies, false, timeout);
+    let since = |ns: u64| ns.saturating_sub(agent.spawned_ns) as f64 / 1e6;
+    let start = since(ready.at_ns);
+    let progress: Vec<(f64, String)> = agent
+        .lines_from(0)
+        .into_iter()
+        .take(index)
+        .filter(|l| l.text.contains("loading rules:"))
+        .map(|l| {
+            let message = l
+                .text
+                .split_once("loading rules:")
+                .map_or(l.text.clone(), |(_, rest)| format!("loading rules:{rest}"));
+            (since(l.at_ns), message)
+        })
+        .collect();
+    let mut poller = Poller::start(POLL, &sandbox);
+    expect_verdicts(&mut poller, Allowed::A, "after start-up", &agent);
+    policies.replace(&texts[1]);
+    let before = agent.line_count();
+    let (took, generation) = reload_request(&sandbox);
+    assert_eq!(generation, 2, "the reload did not make generation 2");
+    expect_verdicts(&mut poller, Allowed::B, "right after the answer", &agent);
+    let (_, line) = agent.wait_for(before, RELOADED, Duration::from_secs(5));
+    assert_eq!(generation_of(&line.text), Some(2), "{}", line.text);
+    let reload_progress = agent
+        .lines_from(before)
+        .iter()
+        .filter(|l| l.text.contains("loading rules:"))
+        .count();
+    drop(poller);
+    drop(agent);
+    Startup {
+        start,
+        reload: took.as_secs_f64() * 1e3,
+        progress,
+        reload_progress,
+    }
+}
+
+/// The start-up phase's results.
+pub struct Big {
+    pub rules: usize,
+    /// Bytes of one of the policy files.
+    pub bytes: usize,
+    pub runs: Vec<Startup>,
+    /// 1,000,000 keys: (bytes, result), or why not.
+    pub million: Result<(usize, Startup), String>,
+}
+
+fn big(options: &Options) -> Big {
+    let rules = options.big_rules;
+    let n = common::thousands(rules);
+    let texts = [yaml(rules, 1, Allowed::A), yaml(rules, 1, Allowed::B)];
+    let mut runs = Vec::new();
+    for i in 0..options.starts {
+        check_interrupted();
+        let run = startup(&texts, Duration::from_secs(120));
+        eprintln!(
+            "bench reload: {n} rules, start-up {}/{}: ready after {:.0} ms ({} progress lines), reload {:.0} ms",
+            i + 1,
+            options.starts,
+            run.start,
+            run.progress.len(),
+            run.reload
+        );
+        // Ten lines at every tenth of the one big map fill (RULES_V4).
+        let wanted = if rules >= 10_000 { 10 } else { 0 };
+        assert_eq!(
+            run.progress.len(),
+            wanted,
+            "the start-up should log `loading rules: N%` at every 10% of the {n}-rule fill: {:?}",
+            run.progress
+        );
+        assert_eq!(run.reload_progress, wanted, "the reload's progress lines");
+        runs.push(run);
+    }
+    let million = if !options.million {
+        Err("1,000,000 keys: skipped (--no-1m)".to_owned())
+    } else {
+        let start = common::summary(runs.iter().map(|r| r.start)).0;
+        // A million keys are ten times the map fill of 100,000 one-port rules, and their YAML
+        // is about three times larger: ten times is a generous forecast.
+        let forecast = Duration::from_secs_f64(start * 10.0 * 100_000.0 / rules as f64 / 1e3);
+        if forecast > MILLION_LIMIT {
+            Err(format!(
+                "1,000,000 keys: skipped, the {n}-rule start-up ({start:.0} ms) forecasts about {forecast:.0?}, over {MILLION_LIMIT:?}"
+            ))
+        } else {
+            eprintln!("bench reload: 1,000,000 keys (forecast under {forecast:.0?})...");
+            let texts = [yaml(100_000, 10, Allowed::A), yaml(100_000, 10, Allowed::B)];
+            let run = startup(&texts, MILLION_LIMIT * 3);
+            eprintln!(
+                "bench reload: 1,000,000 keys: ready after {:.0} ms, reload {:.0} ms",
+                run.start, run.reload
+            );
+            assert_eq!(run.progress.len(), 10, "progress lines: {:?}", run.progress);
+            Ok((texts[0].len(), run))
+        }
+    };
+    Big {
+        rules,
+        bytes: texts[0].len(),
+        runs,
+        million,
+    }
+}
+
+fn run(options: &Options) {
+    let started = Instant::now();
+    if options.nice != 0 {
+        // Before any thread or process is started: they all inherit it.
+        // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
+        let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, options.nice) };
+        assert_eq!(
+            ret,
+            0,
+            "setpriority({}): {}",
+            options.nice,
+            std::io::Error::last_os_error()
+        );
+    }
+    eprintln!(
+        "bench reload: starting {} agents ({} sizes x 2 ways)...",
+        options.sizes.len() * 2,
+        options.sizes.len()
+    );
+    let mut contenders: Vec<Contender> = options
+        .sizes
+        .iter()
+        .flat_map(|&rules| {
+            [
+                Contender::new(rules, Way::RoundTrip),
+                Contender::new(rules, Way::EndToEnd),
+            ]
+        })
+        .collect();
+    for (i, c) in contenders.iter().enumerate() {
+        eprintln!("  [{i}] {}", c.name());
+    }
+    let setup = started.elapsed();
+    let count = contenders.len();
+    let rounds = options.warmup + options.reloads;
+    eprintln!(
+        "bench reload: {} rounds ({} warm-up), one reload per agent each, ms:",
+        rounds, options.warmup
+    );
+    let mut measured_from = None;
+    for round in 0..rounds {
+        if round == options.warmup {
+            measured_from = Some(Instant::now());
+        }
+        check_interrupted();
+        if measured_from.is_some_and(|t| !options.budget.is_zero() && t.elapsed() >= options.budget)
+        {
+            eprintln!(
+                "  stopping after {} measured rounds: the {:?} budget (--budget-s) is spent",
+                round - options.warmup,
+                options.budget
+            );
+            break;
+        }
+        // Each round starts one agent later, so none always follows the same one.
+        let mut last = vec![f64::NAN; count];
+        for i in (0..count).map(|k| (round + k) % count) {
+            let c = &mut contenders[i];
+            let (ms, gap) = c.reload(options.poll);
+            last[i] = ms;
+            if round >= options.warmup {
+                c.samples.push(ms);
+                c.gaps.extend(gap);
+            }
+        }
+        if round < options.warmup
+            || (round + 1 - options.warmup).is_multiple_of(20)
+            || round + 1 == rounds
+        {
+            let last: Vec<String> = last
+                .iter()
+                .enumerate()
+                .map(|(i, ms)| format!("[{i}] {ms:.1}"))
+                .collect();
+            eprintln!(
+                "  round {:>3}{}: {}",
+                round + 1,
+                if round < options.warmup {
+                    " (warm-up)"
+                } else {
+                    ""
+                },
+                last.join(" ")
+            );
+        }
+    }
+    let reloads_took = started.elapsed() - setup;
+    // The agents are done; stop them before the next phases.
+    let results: Vec<report::Series> = contenders.drain(..).map(report::Series::from).collect();
+
+    eprintln!("bench reload: where a reload's time goes (in this process, median of 5)...");
+    let breakdowns: Vec<Breakdown> = options.sizes.iter().map(|&n| breakdown(n, 5)).collect();
+
+    let big = options.big.then(|| {
+        eprintln!(
+            "bench reload: start-up with {} rules, {} fresh agents...",
+            common::thousands(options.big_rules),
+            options.starts
+        );
+        big(options)
+    });
+    let context = report::Context {
+        setup,
+        reloads_took,
+        elapsed: started.elapsed(),
+    };
+    report::print(options, &results, &breakdowns, big.as_ref(), &context);
+}
