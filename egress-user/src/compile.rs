@@ -99,11 +99,12 @@ impl RowTable {
     /// stored name is truncated keep their row only if a rule of the new policy has the same
     /// length, prefix and hash; see [`RowTable::assign`].
     pub fn from_rule_info(rows: impl IntoIterator<Item = (u32, RuleInfo)>) -> StoredRows {
-        StoredRows(
-            rows.into_iter()
-                .filter(|(row, info)| *row >= FIRST_RULE_ROW && info.name_len != 0)
-                .collect(),
-        )
+        let mut rows: Vec<(u32, RuleInfo)> = rows
+            .into_iter()
+            .filter(|(row, info)| *row >= FIRST_RULE_ROW && info.name_len != 0)
+            .collect();
+        rows.sort_unstable_by_key(|(row, _)| *row);
+        StoredRows(rows)
     }
 
     /// The row of a rule.
@@ -134,14 +135,16 @@ impl RowTable {
     }
 }
 
-/// The row table as the kernel holds it: names may be truncated to [`RULE_NAME_LEN`] bytes.
+/// The row table as the kernel holds it, sorted by row: names may be truncated to
+/// [`RULE_NAME_LEN`] bytes.
 #[derive(Clone, Debug, Default)]
 pub struct StoredRows(Vec<(u32, RuleInfo)>);
 
 impl StoredRows {
-    /// True when `row` is in use in the kernel.
+    /// True when `row` is in use in the kernel. A binary search: the loader asks this for
+    /// every row of a policy of up to 100,000 rules.
     pub fn contains(&self, row: u32) -> bool {
-        self.0.iter().any(|(r, _)| *r == row)
+        self.0.binary_search_by_key(&row, |(r, _)| *r).is_ok()
     }
 
     /// The rows in use in the kernel that `table` does not keep: to be freed.
@@ -579,6 +582,21 @@ mod tests {
             "the freed row is reused"
         );
         assert_eq!(third.rows.row("c"), second.rows.row("c"));
+    }
+
+    #[test]
+    fn stored_rows_are_sorted_so_contains_can_search() {
+        let stored = RowTable::from_rule_info(
+            [9, 3, 7, 5]
+                .into_iter()
+                .map(|row| (row, rule_info(&format!("r{row}"), 1))),
+        );
+        for row in [3, 5, 7, 9] {
+            assert!(stored.contains(row), "{row}");
+        }
+        for row in [0, 4, 8, 10] {
+            assert!(!stored.contains(row), "{row}");
+        }
     }
 
     #[test]

@@ -138,16 +138,17 @@ fn digest(sources: &[PolicySource]) -> u64 {
 }
 
 impl Agent {
-    /// Loads the policy and puts it in force: the first generation, or a takeover of pinned
-    /// programs left by an earlier agent. Returns the agent and the proxy channel.
+    /// Puts `policy` (loaded from `sources`, see [`sources`]) in force: the first generation,
+    /// or a takeover of pinned programs left by an earlier agent. Returns the agent and the
+    /// proxy channel.
     ///
     /// # Errors
-    /// The policy is invalid (every error as `FILE:LINE: message`), or the kernel refused it.
-    pub fn start(settings: Settings) -> anyhow::Result<(Self, channel::Receiver<Arc<Proxy>>)> {
-        let sources = sources(&settings.paths, &settings.store);
-        let policy = policy::load_mixed(&sources).map_err(|errors| {
-            anyhow::anyhow!("{errors}\nthe policy is invalid; nothing was loaded")
-        })?;
+    /// The proxy cannot be configured (a CA file), or the kernel refused the policy.
+    pub fn start(
+        settings: Settings,
+        sources: &[PolicySource],
+        policy: Policy,
+    ) -> anyhow::Result<(Self, channel::Receiver<Arc<Proxy>>)> {
         let proxy = Arc::new(Proxy::new(&policy).context("configuring the proxy")?);
         let enforcer = Enforcer::apply(&settings.target, &policy).with_context(|| {
             format!(
@@ -158,7 +159,7 @@ impl Agent {
         let (proxies, rx) = channel::channel(proxy);
         let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
         let mut agent = Self {
-            digest: digest(&sources),
+            digest: digest(sources),
             settings,
             enforcer,
             proxies,

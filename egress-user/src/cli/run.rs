@@ -59,8 +59,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // control socket (a second agent stops here), the proxy listeners (they must be there
     // before any program sends a connection to them) and the policy.
     let control = control::server::bind(&args.socket).context("binding the control socket")?;
-    let port = match crate::policy::load_mixed(&crate::agent::sources(&args.policy, &store)) {
-        Ok(policy) => policy.proxy.port,
+    let sources = crate::agent::sources(&args.policy, &store);
+    let policy = match crate::policy::load_mixed(&sources) {
+        Ok(policy) => policy,
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("egress: error: the policy is invalid; nothing was loaded");
@@ -68,7 +69,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let listeners = bind_proxy(port)?;
+    let listeners = bind_proxy(policy.proxy.port)?;
     let metrics = match args.metrics_addr {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
@@ -93,7 +94,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         listening,
         metrics,
     };
-    let (mut agent, proxies) = Agent::start(settings)?;
+    let (mut agent, proxies) = Agent::start(settings, &sources, policy)?;
     tracing::info!(
         generation = agent.generation(),
         mode = %agent.policy().mode,
