@@ -55,3 +55,22 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown".into())
 }
+
+/// The benchmark's arguments, or the exit code when there is nothing to run: `cargo test
+/// --benches` (or `--all-targets`) runs a bench target without `--bench`, which is not an
+/// error; a run that is not root is one (`name` goes in the messages).
+pub fn bench_args(name: &str) -> Result<Vec<String>, std::process::ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        eprintln!("{name}: a benchmark, run it with `cargo xtask bench {name}` (as root)");
+        return Err(std::process::ExitCode::SUCCESS);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "bench {name}: must run as root (namespaces, eBPF); use `cargo xtask bench {name}`"
+        );
+        return Err(std::process::ExitCode::FAILURE);
+    }
+    Ok(args)
+}

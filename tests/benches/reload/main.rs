@@ -189,20 +189,11 @@ fn parse(args: &[String]) -> Options {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // `cargo test --benches`/`--all-targets` runs this target without --bench: nothing to do.
-    if !args.iter().any(|a| a == "--bench") {
-        eprintln!("reload: a benchmark, run it with `cargo xtask bench reload` (as root)");
-        return ExitCode::SUCCESS;
-    }
+    let args = match common::bench_args("reload") {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let options = parse(&args);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "bench reload: must run as root (it loads eBPF programs); use `cargo xtask bench reload`"
-        );
-        return ExitCode::FAILURE;
-    }
     catch_interrupts();
     run(&options);
     ExitCode::SUCCESS
