@@ -253,29 +253,37 @@ impl Sandbox {
         self.run_dir.join("egress.sock")
     }
 
-    /// `egress run` arguments for this sandbox: `--policy POLICY`, its `--cgroup` and
-    /// `--pin-dir`, then `extra`.
-    pub fn run_args<'a>(&'a self, policy: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec![
-            "--policy",
-            policy.to_str().expect("utf-8 path"),
-            "--cgroup",
-            self.cgroup.to_str().expect("utf-8 path"),
-            "--pin-dir",
-            self.pin_dir.to_str().expect("utf-8 path"),
+    /// `egress run` arguments for this sandbox: `--policy POLICY`, its `--cgroup`,
+    /// `--pin-dir`, `--state-dir` and `--socket` (unless `extra` has one), then `extra`. Every
+    /// agent a test starts uses these, so none touches the host's default paths.
+    pub fn run_args<'a>(&'a self, policy: &'a Path, extra: &[&'a str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--policy".into(),
+            policy.display().to_string(),
+            "--cgroup".into(),
+            self.cgroup.display().to_string(),
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
         ];
-        args.extend_from_slice(extra);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let given: Vec<&str> = extra.to_vec();
+        args = self.agent_args_given(args, &given);
         args
     }
 
     /// `args` with this sandbox's `--state-dir` and `--socket` added, unless given.
-    fn agent_args(&self, args: &[&str]) -> Vec<String> {
-        let mut out: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        if !args.contains(&"--state-dir") {
+    fn agent_args<S: AsRef<str>>(&self, args: &[S]) -> Vec<String> {
+        let out: Vec<String> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+        let given: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+        self.agent_args_given(out.clone(), &given)
+    }
+
+    fn agent_args_given(&self, mut out: Vec<String>, given: &[&str]) -> Vec<String> {
+        if !given.contains(&"--state-dir") {
             out.push("--state-dir".into());
             out.push(self.state_dir().display().to_string());
         }
-        if !args.contains(&"--socket") {
+        if !given.contains(&"--socket") {
             out.push("--socket".into());
             out.push(self.socket().display().to_string());
         }
@@ -454,14 +462,19 @@ impl Agent {
     /// Starts `egress run` inside the sandbox's network namespace, where the proxy must run
     /// for the loopback redirect to reach it. `nsenter --net` switches only the network
     /// namespace: `ip netns exec` would also remount /sys, hiding the cgroup2 and bpffs mounts.
-    pub fn start_in(sandbox: &Sandbox, egress: &str, args: &[&str]) -> Self {
+    pub fn start_in<S: AsRef<str>>(sandbox: &Sandbox, egress: &str, args: &[S]) -> Self {
         Self::start_in_logging(sandbox, egress, args, "info")
     }
 
     /// [`Agent::start_in`] with the log filter `log` (`EGRESS_LOG`), for tests whose agent
     /// would otherwise log more than the test can hold. It must let the `ready` line through
     /// (target `egress_user::cli::run`, info).
-    pub fn start_in_logging(sandbox: &Sandbox, egress: &str, args: &[&str], log: &str) -> Self {
+    pub fn start_in_logging<S: AsRef<str>>(
+        sandbox: &Sandbox,
+        egress: &str,
+        args: &[S],
+        log: &str,
+    ) -> Self {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", sandbox.name))
             .arg(egress)
@@ -472,10 +485,10 @@ impl Agent {
     /// Like [`Agent::start_in`], but the agent first joins `cgroup` (when given) and sees
     /// `hosts` as its `/etc/hosts` (when given, through a private mount namespace), so its
     /// proxy resolves names with the system resolver as on a real host.
-    pub fn start_in_with(
+    pub fn start_in_with<S: AsRef<str>>(
         sandbox: &Sandbox,
         egress: &str,
-        args: &[&str],
+        args: &[S],
         cgroup: Option<&Path>,
         hosts: Option<&Path>,
     ) -> Self {
@@ -502,10 +515,10 @@ impl Agent {
 
     /// Starts `egress run` as [`Agent::start_in_with`] does and returns its exit status and
     /// log, for an agent expected to refuse to start.
-    pub fn run_to_exit(
+    pub fn run_to_exit<S: AsRef<str>>(
         sandbox: &Sandbox,
         egress: &str,
-        args: &[&str],
+        args: &[S],
         cgroup: &Path,
     ) -> (std::process::ExitStatus, String) {
         let script = format!(

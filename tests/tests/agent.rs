@@ -170,3 +170,73 @@ fn run_with_an_invalid_policy_loads_nothing() {
     );
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// A map pinned by an incompatible version of egress is reported, with the command that
+/// clears it, and nothing is attached; after that command a new agent starts.
+#[test]
+fn a_pinned_map_of_another_layout_is_reported_not_misread() {
+    let sb = Sandbox::new();
+    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
+    let policy = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
+    std::fs::create_dir_all(&sb.pin_dir).expect("pin dir");
+    // COUNTERS as another version might have made it: per-CPU, but 16-byte values.
+    let counters = sb.pin_dir.join("COUNTERS");
+    egress_tests::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        counters.to_str().expect("utf-8 path"),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "16",
+        "entries",
+        "8",
+        "name",
+        "COUNTERS",
+    ]);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sb.name))
+        .arg(EGRESS)
+        .arg("run")
+        .args(sb.run_args(&policy, &[]))
+        .output()
+        .expect("egress run");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "pinned map {} has type PerCpuArray, key 4 B, value 16 B, 8 entries",
+            counters.display()
+        )) && stderr.contains(&format!(
+            "incompatible version of egress: run `egress unload --pin-dir {}` first",
+            sb.pin_dir.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        egress_user::loader::enforced_cgroups(&sb.pin_dir)
+            .expect("reading the pins")
+            .is_empty(),
+        "nothing was attached"
+    );
+    let server = sb.sink(sa(V4_A, 9090));
+    assert_eq!(
+        sb.connect(PROBE, server.addr()),
+        Outcome::Connected,
+        "nothing is filtered"
+    );
+
+    let unload = Command::new(EGRESS)
+        .args(["unload", "--pin-dir"])
+        .arg(&sb.pin_dir)
+        .output()
+        .expect("egress unload");
+    assert!(unload.status.success(), "{unload:?}");
+    let _agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    assert_eq!(sb.connect(PROBE, server.addr()), Outcome::Denied);
+    assert_eq!(server.accepted(), 1);
+    let _ = std::fs::remove_dir_all(tmp);
+}
