@@ -28,10 +28,10 @@ use tokio::{
 
 use crate::{
     control::{
-        self, ProxyStatus, Request, Response, RuleRow, Status, WireEvent,
-        server::{Call, EventHub},
+        self, ProxyStatus, Request, Response, RuleRow, Status,
+        server::{Call, EventHub, HubEvent},
     },
-    events::{self, EventRecord},
+    events,
     loader::{self, Enforcer, PinnedCounters, Target},
     metrics::{self, KernelSnapshot, Metrics, RuleVerdicts},
     policy::{self, Policy, PolicySource},
@@ -627,14 +627,14 @@ impl Agent {
                 Some(request) = requests.recv() => {
                     self.metrics.proxy_request(request.rule.as_deref(), request.status, request.latency);
                     events::log_request(&request);
-                    self.hub.publish(request_event(request));
+                    self.hub.publish(HubEvent::Http(SystemTime::now(), request));
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("waiting for kernel events")?;
                     let name = |generation, row| self.row_name(generation, row);
                     for event in events::drain(guard.get_inner_mut(), name) {
                         events::log(&event);
-                        self.hub.publish(kernel_event(&event));
+                        self.hub.publish(HubEvent::Connect(SystemTime::now(), event));
                     }
                     guard.clear_ready();
                 }
@@ -705,39 +705,4 @@ fn join(items: impl Iterator<Item = String>) -> String {
 /// `egressrule/a, service/b` for messages.
 fn describe(docs: &[state::Document]) -> String {
     join(docs.iter().map(|d| format!("{}/{}", d.kind, d.name))).replace(',', ", ")
-}
-
-fn kernel_event(e: &EventRecord) -> WireEvent {
-    WireEvent {
-        time: control::rfc3339(SystemTime::now()),
-        source: "connect".to_owned(),
-        verdict: e.verdict.to_string(),
-        rule: e.rule.clone(),
-        pid: e.pid,
-        comm: e.comm.clone(),
-        cgroup_id: e.cgroup_id,
-        destination: e.destination.to_string(),
-        generation: e.generation,
-        ..WireEvent::default()
-    }
-}
-
-fn request_event(e: RequestEvent) -> WireEvent {
-    let verdict = match e.status {
-        403 => "deny",
-        0 => "refused",
-        s if s >= 400 => "error",
-        _ => "allow",
-    };
-    WireEvent {
-        time: control::rfc3339(SystemTime::now()),
-        source: "http".to_owned(),
-        verdict: verdict.to_owned(),
-        rule: e.rule.unwrap_or_else(|| loader::NO_RULE_NAME.to_owned()),
-        destination: e.orig_dst.map(|a| a.to_string()).unwrap_or_default(),
-        host: e.host,
-        status: e.status,
-        reason: e.reason.unwrap_or_default(),
-        ..WireEvent::default()
-    }
 }

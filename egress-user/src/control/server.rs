@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use super::{MAX_REQUEST, Request, Response, WireEvent};
+use crate::{events::EventRecord, proxy::RequestEvent};
 
 /// How long a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,8 +74,58 @@ pub struct Call {
     pub reply: oneshot::Sender<Response>,
 }
 
+/// An event as the agent got it, with when. It is turned into a [`WireEvent`] (strings, a
+/// formatted time) only when a client asks: publishing costs the request path's consumer no
+/// more than a move into the buffer.
+#[derive(Debug)]
+pub enum HubEvent {
+    /// A kernel verdict.
+    Connect(std::time::SystemTime, EventRecord),
+    /// A proxied request.
+    Http(std::time::SystemTime, RequestEvent),
+}
+
+impl HubEvent {
+    fn wire(&self) -> WireEvent {
+        match self {
+            Self::Connect(at, e) => WireEvent {
+                time: super::rfc3339(*at),
+                source: "connect".to_owned(),
+                verdict: e.verdict.to_string(),
+                rule: e.rule.clone(),
+                pid: e.pid,
+                comm: e.comm.clone(),
+                cgroup_id: e.cgroup_id,
+                destination: e.destination.to_string(),
+                generation: e.generation,
+                ..WireEvent::default()
+            },
+            Self::Http(at, e) => WireEvent {
+                time: super::rfc3339(*at),
+                source: "http".to_owned(),
+                verdict: match e.status {
+                    403 => "deny",
+                    0 => "refused",
+                    s if s >= 400 => "error",
+                    _ => "allow",
+                }
+                .to_owned(),
+                rule: e
+                    .rule
+                    .clone()
+                    .unwrap_or_else(|| crate::loader::NO_RULE_NAME.to_owned()),
+                destination: e.orig_dst.map(|a| a.to_string()).unwrap_or_default(),
+                host: e.host.clone(),
+                status: e.status,
+                reason: e.reason.clone().unwrap_or_default(),
+                ..WireEvent::default()
+            },
+        }
+    }
+}
+
 /// An event with its sequence number.
-type Numbered = (u64, Arc<WireEvent>);
+type Numbered = (u64, Arc<HubEvent>);
 
 /// Events for `egress events`: the recent ones, and a channel of new ones.
 #[derive(Debug)]
@@ -96,7 +147,7 @@ impl Default for EventHub {
 
 impl EventHub {
     /// Publishes one event.
-    pub fn publish(&self, event: WireEvent) {
+    pub fn publish(&self, event: HubEvent) {
         let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let event = Arc::new(event);
         {
@@ -202,7 +253,7 @@ async fn stream_events(
     let mut last = 0;
     for (seq, event) in recent {
         last = seq;
-        send(write, &Response::Event(Box::new((*event).clone()))).await?;
+        send(write, &Response::Event(Box::new(event.wire()))).await?;
     }
     send(write, &Response::EndOfRecent).await?;
     if !follow {
@@ -213,7 +264,7 @@ async fn stream_events(
             Ok((seq, _)) if seq <= last => {}
             Ok((seq, event)) => {
                 last = seq;
-                send(write, &Response::Event(Box::new((*event).clone()))).await?;
+                send(write, &Response::Event(Box::new(event.wire()))).await?;
             }
             Err(broadcast::error::RecvError::Lagged(skipped)) => {
                 let message = format!("{skipped} events skipped: the client read too slowly");
