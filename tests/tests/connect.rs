@@ -161,6 +161,33 @@ fn v4_mapped_destinations_follow_the_ipv4_rules() {
     assert_eq!(events[0].verdict, Verdict::Deny);
 }
 
+/// IPv4 rules never open IPv6: `0.0.0.0/0` allows every IPv4 destination on its port (also
+/// in the mapped form) and no IPv6 one.
+#[test]
+fn an_ipv4_wildcard_never_opens_ipv6() {
+    let sb = Sandbox::new();
+    let v4 = sb.sink(sa(V4_A, 8080));
+    let v6 = sb.sink(sa(V6_A, 8080));
+    let mut enforcer = Enforcer::apply(
+        &sb.target(),
+        &policy(&rule_yaml("any-v4", "0.0.0.0/0", 8080)),
+    )
+    .expect("apply");
+    let mut ring = enforcer.take_events().expect("events");
+
+    assert_eq!(sb.connect(PROBE, v4.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, mapped(V4_A, 8080)), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, v6.addr()), Outcome::Denied);
+    assert_eq!(v4.accepted(), 2);
+    assert_eq!(v6.accepted(), 0, "the IPv6 server never saw a connection");
+
+    assert_eq!(counters(&enforcer)["any-v4"], allowed(2));
+    let events = drain(&mut enforcer, &mut ring);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].destination, sa(V6_A, 8080));
+    assert_eq!(events[0].verdict, Verdict::Deny);
+}
+
 #[test]
 fn default_bypass_is_loopback_and_unspecified_counts_as_loopback() {
     let sb = Sandbox::new();
