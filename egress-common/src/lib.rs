@@ -40,20 +40,35 @@ pub mod maps {
     /// `LruHashMap<PeerKey, OrigDst>`: original destination of a redirected connection, by
     /// the client socket's own address: what the proxy sees as the peer of `accept()`.
     pub const ORIG_BY_PEER: &str = "ORIG_PEER";
+    /// `Array<u32>` indexed by IP protocol number (0..=[`MAX_PROTOCOL`](crate::MAX_PROTOCOL)):
+    /// 1 for protocols a socket inside the managed cgroup may be created with besides TCP and
+    /// UDP (EgressConfig `allowSockets`), and that the XDP backstop lets through.
+    pub const SOCK_PROTOS: &str = "SOCK_PROTOS";
+    /// `PerCpuArray<RuleCounters>`, one row per [`hook`](crate::hook): verdicts by the hook
+    /// that took them.
+    pub const HOOKS: &str = "HOOKS";
 
     /// Maps that belong to one policy generation: a new policy gets new ones, filled completely
     /// before the programs that use them are swapped in.
-    pub const PER_GENERATION: [&str; 6] =
-        [CONFIG, RULES_V4, RULES_V6, BYPASS_V4, BYPASS_V6, HTTP_PORTS];
+    pub const PER_GENERATION: [&str; 7] = [
+        CONFIG,
+        RULES_V4,
+        RULES_V6,
+        BYPASS_V4,
+        BYPASS_V6,
+        HTTP_PORTS,
+        SOCK_PROTOS,
+    ];
     /// Maps that outlive generations and agent restarts: reopened from their pins. The
     /// original-destination maps are here so a reload never loses a connection in flight.
-    pub const SHARED: [&str; 6] = [
+    pub const SHARED: [&str; 7] = [
         COUNTERS,
         RULE_INFO,
         STATS,
         EVENTS,
         ORIG_BY_COOKIE,
         ORIG_BY_PEER,
+        HOOKS,
     ];
 }
 
@@ -70,6 +85,28 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "egress_getpeername4";
     /// `cgroup/getpeername6`.
     pub const GETPEERNAME6: &str = "egress_getpeername6";
+    /// `cgroup/sendmsg4`: UDP datagrams sent with a destination address (`sendto`).
+    pub const SENDMSG4: &str = "egress_sendmsg4";
+    /// `cgroup/sendmsg6`.
+    pub const SENDMSG6: &str = "egress_sendmsg6";
+    /// `cgroup/sock_create`: refuses raw sockets and protocols other than TCP and UDP.
+    pub const SOCK_CREATE: &str = "egress_sock_create";
+    /// `xdp`: the packet-level backstop on host-side veths (`egress run --xdp-iface`).
+    pub const XDP: &str = "egress_xdp";
+}
+
+/// The hooks that take verdicts: rows of [`maps::HOOKS`] and values of [`Event::hook`].
+pub mod hook {
+    /// `cgroup/connect4`/`6`: TCP connections and connected datagram sockets.
+    pub const CONNECT: u8 = 0;
+    /// `cgroup/sendmsg4`/`6`: datagrams sent to an address.
+    pub const SENDMSG: u8 = 1;
+    /// `cgroup/sock_create`: socket creation (raw sockets, other protocols).
+    pub const SOCK_CREATE: u8 = 2;
+    /// `xdp` on a host-side veth: packets no socket hook of this host judged.
+    pub const XDP: u8 = 3;
+    /// Rows of [`maps::HOOKS`](super::maps::HOOKS).
+    pub const COUNT: u32 = 4;
 }
 
 /// Capacity of the rule tries (LPM tries are not preallocated, so this costs nothing unused).
@@ -85,6 +122,9 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 pub const MAX_REDIRECTS: u32 = 1 << 16;
 /// Entries of [`maps::HTTP_PORTS`]: one per port.
 pub const PORTS: u32 = 1 << 16;
+/// Highest protocol number in [`maps::SOCK_PROTOS`]: `IPPROTO_MPTCP` (262), the one inet
+/// protocol above 255.
+pub const MAX_PROTOCOL: u32 = 262;
 
 /// Counter row for connections that matched no rule (denied, or would-be denied in audit).
 pub const ROW_NO_RULE: u32 = 0;
@@ -121,6 +161,9 @@ pub mod verdict {
 pub mod config_flags {
     /// Report every verdict as an event (EgressConfig `events: all`), not only denials.
     pub const EVENTS_ALL: u16 = 1;
+    /// Raw sockets (`SOCK_RAW`, any protocol) may be created in the managed cgroup
+    /// (EgressConfig `allowSockets: [raw]`).
+    pub const ALLOW_RAW: u16 = 2;
 }
 
 /// Bits of [`Event::flags`].
@@ -129,6 +172,15 @@ pub mod flags {
     /// socket; it was judged by the IPv4 rules and [`Event::addr`](crate::Event) holds the
     /// IPv4 address.
     pub const V4_MAPPED: u8 = 1;
+    /// The destination was a NAT64 address (`64:ff9b::a.b.c.d`, RFC 6052); it was judged by
+    /// the IPv4 rules as `a.b.c.d`, which [`Event::addr`](crate::Event) holds.
+    pub const NAT64: u8 = 2;
+    /// The destination was a 6to4 address (`2002:AABB:CCDD::/48`, RFC 3056); it was judged by
+    /// the IPv4 rules as the embedded `AA.BB.CC.DD`, which [`Event::addr`](crate::Event) holds.
+    pub const SIX_TO_FOUR: u8 = 4;
+    /// A `cgroup/sock_create` verdict on a `SOCK_RAW` socket ([`Event::proto`](crate::Event)
+    /// is its protocol; there is no destination).
+    pub const RAW: u8 = 8;
 }
 
 /// `IPPROTO_TCP`, as it appears in [`RuleKeyV4::proto`] and [`Event::proto`].
@@ -139,6 +191,13 @@ pub const PROTO_UDP: u8 = 17;
 pub const AF_INET: u8 = 2;
 /// `AF_INET6`.
 pub const AF_INET6: u8 = 10;
+
+/// `IPPROTO_ICMP`.
+pub const PROTO_ICMP: u8 = 1;
+/// `IPPROTO_ICMPV6`.
+pub const PROTO_ICMPV6: u8 = 58;
+/// DNS: datagrams and connections to this port go to the resolvers' implicit rule.
+pub const DNS_PORT: u16 = 53;
 
 /// Bits of a rule key that precede the address: port (16), protocol (8), pad (8). The LPM
 /// prefix length of a key is `KEY_PREFIX_BITS + cidr_len`, so port and protocol always match
@@ -204,7 +263,7 @@ const _: () = assert!(size_of::<PeerKey>() == 20);
 pub struct RuleKeyV4 {
     /// Destination port, network byte order.
     pub port: u16,
-    /// IP protocol ([`PROTO_TCP`]).
+    /// IP protocol ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
     /// Always zero (it is inside the matched prefix).
     pub _pad: u8,
@@ -219,7 +278,7 @@ const _: () = assert!(size_of::<RuleKeyV4>() == 8);
 pub struct RuleKeyV6 {
     /// Destination port, network byte order.
     pub port: u16,
-    /// IP protocol ([`PROTO_TCP`]).
+    /// IP protocol ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
     /// Always zero (it is inside the matched prefix).
     pub _pad: u8,
@@ -299,9 +358,9 @@ pub struct Event {
     pub ts_ns: u64,
     /// cgroup v2 id of the process that called `connect()`.
     pub cgroup_id: u64,
-    /// Process id (thread group id).
+    /// Process id (thread group id); 0 for [`hook::XDP`] (no process context).
     pub pid: u32,
-    /// Thread id.
+    /// Thread id; for [`hook::XDP`], the ifindex of the interface the packet arrived on.
     pub tid: u32,
     /// Counter row of the rule that decided, or [`ROW_NO_RULE`].
     pub row: u32,
@@ -309,16 +368,21 @@ pub struct Event {
     pub generation: u32,
     /// One of [`verdict`].
     pub verdict: u8,
-    /// [`AF_INET`] or [`AF_INET6`]: the family the destination was judged as.
+    /// [`AF_INET`] or [`AF_INET6`]: the family the destination was judged as (for
+    /// [`hook::SOCK_CREATE`], the socket's family).
     pub family: u8,
-    /// IP protocol ([`PROTO_TCP`]).
+    /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`], or for [`hook::SOCK_CREATE`] and
+    /// [`hook::XDP`] any other).
     pub proto: u8,
     /// Bits of [`flags`].
     pub flags: u8,
-    /// Destination port, network byte order.
+    /// Destination port, network byte order (0 for [`hook::SOCK_CREATE`]).
     pub port: u16,
+    /// One of [`hook`]: which hook took the verdict. Agents before issue 5 wrote 0 here,
+    /// which is [`hook::CONNECT`], the only hook they had.
+    pub hook: u8,
     /// Always zero.
-    pub _pad: u16,
+    pub _pad: u8,
     /// Destination address, network byte order; an IPv4 address fills the first 4 bytes.
     pub addr: [u8; 16],
     /// `comm` of the calling thread, NUL padded.

@@ -6,8 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use egress_common::{
-    COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_REDIRECTS, MAX_RULE_KEYS, OrigDst,
-    PORTS, PeerKey, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats,
+    COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_PROTOCOL, MAX_REDIRECTS,
+    MAX_RULE_KEYS, OrigDst, PORTS, PeerKey, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6,
+    RuleValue, Stats, hook,
 };
 
 /// The policy's mode and generation (one entry).
@@ -58,3 +59,12 @@ pub static ORIG_COOKIE: LruHashMap<u64, OrigDst, { MAX_REDIRECTS as usize }> = L
 /// Original destination of a redirected connection, by the client socket's address.
 #[btf_map]
 pub static ORIG_PEER: LruHashMap<PeerKey, OrigDst, { MAX_REDIRECTS as usize }> = LruHashMap::new();
+
+/// Protocol numbers (index) a socket may be created with besides TCP and UDP, and that the XDP
+/// backstop lets through: 1, else 0.
+#[btf_map]
+pub static SOCK_PROTOS: Array<u32, { MAX_PROTOCOL as usize + 1 }> = Array::new();
+
+/// Verdict counters per hook (`egress_common::hook`), per CPU.
+#[btf_map]
+pub static HOOKS: PerCpuArray<RuleCounters, { hook::COUNT as usize }> = PerCpuArray::new();

@@ -514,6 +514,7 @@ fn report(dest: &Dest, judgement: &Judgement) {
         proto: PROTO_TCP,
         flags: dest.flags,
         port: dest.port,
+        hook: 0,
         _pad: 0,
         addr: dest.addr,
         comm,

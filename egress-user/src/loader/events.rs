@@ -209,6 +209,7 @@ mod tests {
             proto: PROTO_TCP,
             flags: flags::V4_MAPPED,
             port: 443u16.to_be(),
+            hook: 0,
             _pad: 0,
             addr,
             comm,

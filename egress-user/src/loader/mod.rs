@@ -564,6 +564,12 @@ fn expected_layout(name: &str) -> (MapType, u32, u32, u32) {
             size_of::<OrigDst>() as u32,
             MAX_REDIRECTS,
         ),
+        maps::HOOKS => (
+            MapType::PerCpuArray,
+            4,
+            size_of::<RuleCounters>() as u32,
+            egress_common::hook::COUNT,
+        ),
         other => unreachable!("{other} is not a shared map"),
     }
 }
