@@ -1,73 +1,93 @@
-//! `cgroup/connect4` and `cgroup/connect6`: thin entry points around one decision path; and
-//! the programs that keep a redirected connection's original destination: `sockops` (for the
-//! proxy) and `cgroup/getpeername4`/`6` (for the app).
+//! The cgroup programs: `cgroup/connect4`/`connect6` (TCP connections and connected datagram
+//! sockets), `cgroup/sendmsg4`/`sendmsg6` (datagrams sent to an address) and
+//! `cgroup/sock_create` (socket kinds) around one decision path; and the programs that keep a
+//! redirected connection's original destination: `sockops` (for the proxy) and
+//! `cgroup/getpeername4`/`6` (for the app).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
-    btf_maps::lpm_trie::Key,
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
-    },
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use egress_common::{
-    AF_INET, AF_INET6, Event, KEY_PREFIX_BITS, OrigDst, PROTO_TCP, PeerKey, ROW_BYPASS,
-    ROW_NO_RULE, ROW_PROXY, RuleKeyV4, RuleKeyV6, config_flags, flags, mode, verdict,
+    AF_INET, AF_INET6, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey, ROW_BYPASS, ROW_NO_RULE, ROW_PROXY,
+    config_flags, flags, hook, mode, verdict,
 };
 
-use crate::maps::{
-    BYPASS_V4, BYPASS_V6, CONFIG, COUNTERS, EVENTS, HTTP_PORTS, ORIG_COOKIE, ORIG_PEER, RULES_V4,
-    RULES_V6, STATS,
+use crate::{
+    judge::{
+        Dest, Judgement, LOOPBACK_V4, Matched, NAT64_WORD, V4_MAPPED_WORD, Who, count,
+        count_error, lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
+    },
+    maps::{CONFIG, HTTP_PORTS, ORIG_COOKIE, ORIG_PEER},
 };
 
-/// `connect()` goes ahead.
+/// The operation goes ahead.
 const RET_ALLOW: i32 = 1;
-/// `connect()` fails with `EPERM`.
+/// The operation fails with `EPERM`.
 const RET_DENY: i32 = 0;
 
-/// `SOCK_STREAM`: the only socket type judged here (datagram sockets are a later issue and
-/// pass untouched; see the README's coverage table).
-const SOCK_STREAM: u32 = 1;
+/// `SOCK_RAW`.
+const SOCK_RAW: u32 = 3;
 
-/// `::ffff:0:0/96` as its third 32-bit word (network byte order), the mark of a v4-mapped
-/// IPv6 address.
-const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
-
-/// `127.0.0.1` in network byte order: what `0.0.0.0` means as a connect destination.
-const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
-/// `::1`: what `::` means as a connect destination.
-const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-
-/// The destination of one `connect()`, as judged.
-struct Dest {
-    /// `AF_INET` or `AF_INET6`: which rule set judged it.
-    family: u8,
-    /// Bits of `egress_common::flags`.
-    flags: u8,
-    /// Network byte order.
-    port: u16,
-    /// Network byte order; IPv4 in the first four bytes.
-    addr: [u8; 16],
-}
-
-/// A verdict and the counter row it is booked on.
-struct Judgement {
-    verdict: u8,
-    row: u32,
-    generation: u32,
-}
-
-/// `cgroup/connect4`.
+/// `cgroup/connect4`: TCP connections, and `connect()` on UDP sockets.
 ///
 /// # Minimum kernel version
 ///
 /// 6.1 (see the crate docs for why).
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
-    finish(try_connect4(&ctx))
+    finish(try_addr4(&ctx, hook::CONNECT))
+}
+
+/// `cgroup/connect6`, including IPv4-mapped destinations on dual-stack sockets, which the
+/// kernel sends only here and which are judged by the IPv4 rules (as are NAT64 and 6to4
+/// destinations).
+///
+/// # Minimum kernel version
+///
+/// 6.1 (see the crate docs for why).
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    finish(try_addr6(&ctx, hook::CONNECT))
+}
+
+/// `cgroup/sendmsg4`: a datagram sent with a destination address (`sendto`, `sendmsg` with
+/// `msg_name`) on an unconnected UDP socket. A connected socket's datagrams were judged at
+/// `connect()`.
+///
+/// # Minimum kernel version
+///
+/// 6.1 (4.18 for the hook; 6.1 for the helpers, as connect4).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
+    finish(try_addr4(&ctx, hook::SENDMSG))
+}
+
+/// `cgroup/sendmsg6`, v4-mapped, NAT64 and 6to4 destinations judged as IPv4.
+///
+/// # Minimum kernel version
+///
+/// 6.1 (as sendmsg4).
+#[cgroup_sock_addr(sendmsg6)]
+pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    finish(try_addr6(&ctx, hook::SENDMSG))
+}
+
+/// `cgroup/sock_create`: a socket of the managed cgroup may be TCP or UDP; a raw socket, or
+/// any other inet protocol (SCTP, UDP-Lite, MPTCP, ICMP ping sockets...), only when the
+/// EgressConfig's `allowSockets` names it. Their traffic would never reach the connect and
+/// sendmsg hooks' rules. Runs for `AF_INET` and `AF_INET6` sockets only (the kernel does not
+/// run it for `AF_PACKET`; see the README's coverage table).
+///
+/// # Minimum kernel version
+///
+/// 6.1 (4.10 for the hook; 6.1 for the helpers, as connect4).
+#[cgroup_sock(sock_create)]
+pub fn egress_sock_create(ctx: SockContext) -> i32 {
+    finish(try_sock_create(&ctx))
 }
 
 /// `cgroup/getpeername4`: an app whose connection was redirected to the proxy sees the
@@ -86,7 +106,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// `cgroup/getpeername6`, for IPv6 and v4-mapped redirected sockets.
+/// `cgroup/getpeername6`, for IPv6, v4-mapped and NAT64 redirected sockets.
 ///
 /// # Minimum kernel version
 ///
@@ -95,16 +115,14 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
         let a = orig.addr;
-        let words = if orig.family == AF_INET {
-            [
-                0,
-                0,
-                V4_MAPPED_WORD,
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-            ]
+        let v4 = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        let words = if orig.family == AF_INET && orig.flags & flags::NAT64 != 0 {
+            [NAT64_WORD, 0, 0, v4]
+        } else if orig.family == AF_INET {
+            [0, 0, V4_MAPPED_WORD, v4]
         } else {
             [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                v4,
                 u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
                 u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
                 u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
@@ -188,22 +206,11 @@ fn orig_of(ctx: &SockAddrContext) -> Option<OrigDst> {
     ORIG_COOKIE.get_ptr(cookie).map(|p| unsafe { *p })
 }
 
-/// `cgroup/connect6`, including IPv4-mapped destinations on dual-stack sockets, which the
-/// kernel sends only here and which are judged by the IPv4 rules.
-///
-/// # Minimum kernel version
-///
-/// 6.1 (see the crate docs for why).
-#[cgroup_sock_addr(connect6)]
-pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
-    finish(try_connect6(&ctx))
-}
-
-/// What the hook does with the connection.
+/// What the hook does with the operation.
 enum Outcome {
-    /// `connect()` goes ahead unchanged.
+    /// It goes ahead unchanged.
     Allow,
-    /// `connect()` fails with `EPERM`.
+    /// It fails with `EPERM`.
     Deny,
     /// Rewrite the destination to the proxy on this port (network byte order); the original
     /// destination is already recorded.
@@ -214,20 +221,14 @@ enum Outcome {
 #[inline(always)]
 fn finish(result: Result<i32, ()>) -> i32 {
     match result {
-        Ok(ret) => ret,
+        // Spelled out so that the verifier sees a return value of 0 or 1 even when the
+        // compiler passes the result through the stack.
+        Ok(RET_ALLOW) => RET_ALLOW,
+        Ok(_) => RET_DENY,
         Err(()) => {
             count_error();
             RET_DENY
         }
-    }
-}
-
-#[inline(always)]
-fn count_error() {
-    if let Some(stats) = STATS.get_ptr_mut(0) {
-        // SAFETY: a valid per-CPU slot of STATS; nothing else on this CPU writes it while this
-        // program runs.
-        unsafe { (*stats).errors += 1 };
     }
 }
 
@@ -261,33 +262,29 @@ fn write_ip6(sa: &mut bpf_sock_addr, words: [u32; 4]) {
     }
 }
 
+/// The protocol a socket's traffic is judged as, and whether it is a raw socket.
 #[inline(always)]
-fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = words[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    addr
+fn socket_kind(sa: &bpf_sock_addr) -> (u8, bool) {
+    let raw = sa.type_ == SOCK_RAW;
+    let proto = if sa.protocol <= 255 {
+        sa.protocol as u8
+    } else {
+        // IPPROTO_MPTCP (262): never in a rule; `other_allowed` looks the full number up.
+        0
+    };
+    (proto, raw)
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
+fn try_addr4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     let sa = sock_addr(ctx);
-    if sa.type_ != SOCK_STREAM {
-        return Ok(RET_ALLOW);
-    }
-    let dest = Dest {
-        family: AF_INET,
-        flags: 0,
-        port: sa.user_port as u16,
-        addr: v4_in_16(sa.user_ip4.to_ne_bytes()),
-    };
-    match decide(ctx, dest)? {
+    let (proto, raw) = socket_kind(sa);
+    let dest = Dest::v4(
+        sa.user_ip4.to_ne_bytes(),
+        sa.user_port as u16,
+        proto,
+        hook,
+    );
+    match decide(ctx, &dest, raw, sa.protocol)? {
         Outcome::Allow => Ok(RET_ALLOW),
         Outcome::Deny => Ok(RET_DENY),
         Outcome::Redirect(port) => {
@@ -301,43 +298,24 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
     }
 }
 
-fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
+fn try_addr6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     let sa = sock_addr(ctx);
-    if sa.type_ != SOCK_STREAM {
-        return Ok(RET_ALLOW);
-    }
+    let (proto, raw) = socket_kind(sa);
     let words = [
         sa.user_ip6[0],
         sa.user_ip6[1],
         sa.user_ip6[2],
         sa.user_ip6[3],
     ];
-    let port = sa.user_port as u16;
-    // ::ffff:a.b.c.d: the words are in network byte order, so compare against the big-endian
-    // form of 0x0000ffff.
-    let dest = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
-        Dest {
-            family: AF_INET,
-            flags: flags::V4_MAPPED,
-            port,
-            addr: v4_in_16(words[3].to_ne_bytes()),
-        }
-    } else {
-        Dest {
-            family: AF_INET6,
-            flags: 0,
-            port,
-            addr: words_to_bytes(words),
-        }
-    };
-    let v4_mapped = dest.family == AF_INET;
-    match decide(ctx, dest)? {
+    let dest = Dest::v6(words, sa.user_port as u16, proto, hook);
+    match decide(ctx, &dest, raw, sa.protocol)? {
         Outcome::Allow => Ok(RET_ALLOW),
         Outcome::Deny => Ok(RET_DENY),
         Outcome::Redirect(port) => {
             // A dual-stack socket headed for IPv4 reaches the proxy's IPv4 listener through
-            // ::ffff:127.0.0.1; an IPv6 destination goes to [::1].
-            let words = if v4_mapped {
+            // ::ffff:127.0.0.1; an IPv6 destination (NAT64 too: the socket may be IPv6-only)
+            // goes to [::1].
+            let words = if dest.flags & flags::V4_MAPPED != 0 {
                 [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(LOOPBACK_V4)]
             } else {
                 [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
@@ -350,18 +328,18 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
     }
 }
 
+/// True when a socket that is not plain TCP or UDP may be used (EgressConfig `allowSockets`).
 #[inline(always)]
-fn v4_in_16(v4: [u8; 4]) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    addr[0] = v4[0];
-    addr[1] = v4[1];
-    addr[2] = v4[2];
-    addr[3] = v4[3];
-    addr
+fn other_allowed(config_flags_: u16, raw: bool, protocol: u32) -> bool {
+    if raw {
+        config_flags_ & config_flags::ALLOW_RAW != 0
+    } else {
+        protocol_allowed(protocol)
+    }
 }
 
-/// The one decision path for both families.
-fn decide(ctx: &SockAddrContext, dest: Dest) -> Result<Outcome, ()> {
+/// The one decision path of the connect and sendmsg hooks, both families.
+fn decide(ctx: &SockAddrContext, dest: &Dest, raw: bool, protocol: u32) -> Result<Outcome, ()> {
     let config = CONFIG.get(0).ok_or(())?;
     // SAFETY: a plain helper call without arguments.
     if config.agent_cgroup != 0 && unsafe { bpf_get_current_cgroup_id() } == config.agent_cgroup {
@@ -370,16 +348,27 @@ fn decide(ctx: &SockAddrContext, dest: Dest) -> Result<Outcome, ()> {
         // can be set by anyone holding CAP_NET_RAW).
         return Ok(Outcome::Allow);
     }
-    let judged = if dest.family == AF_INET {
-        judge_v4(&dest)
+    let judged = if !raw && (protocol == u32::from(PROTO_TCP) || protocol == u32::from(PROTO_UDP))
+    {
+        lookup(dest)
+    } else if other_allowed(config.flags, raw, protocol) {
+        // allowSockets lets this kind of socket through without rules: booked as a bypass.
+        Some(Matched::Bypass)
     } else {
-        judge_v6(&dest)
+        // Created before the agent attached, or handed in from outside the cgroup: a socket
+        // sock_create would have refused is refused here too.
+        None
     };
+    let redirectable = dest.hook == hook::CONNECT
+        && !raw
+        && protocol == u32::from(PROTO_TCP)
+        // A 6to4 address cannot be rebuilt from the IPv4 address alone for getpeername.
+        && dest.flags & flags::SIX_TO_FOUR == 0;
     let (verdict, row, outcome) = match judged {
         Some(Matched::Bypass) => (verdict::BYPASS, ROW_BYPASS, Outcome::Allow),
         Some(Matched::Rule(row)) => (verdict::ALLOW, row, Outcome::Allow),
-        None if is_http_port(dest.port) => {
-            record_redirect(ctx, &dest)?;
+        None if redirectable && is_http_port(dest.port) => {
+            record_redirect(ctx, dest)?;
             (
                 verdict::REDIRECT,
                 ROW_PROXY,
@@ -394,14 +383,57 @@ fn decide(ctx: &SockAddrContext, dest: Dest) -> Result<Outcome, ()> {
         row,
         generation: config.generation,
     };
-    count(&judgement);
+    count(&judgement, dest.hook);
     if verdict == verdict::DENY
         || verdict == verdict::WOULD_DENY
         || config.flags & config_flags::EVENTS_ALL != 0
     {
-        report(&dest, &judgement);
+        report(dest, &judgement, &Who::current());
     }
     Ok(outcome)
+}
+
+fn try_sock_create(ctx: &SockContext) -> Result<i32, ()> {
+    // SAFETY: the kernel hands every cgroup/sock program a valid context.
+    let sk = unsafe { &*ctx.sock };
+    let raw = sk.type_ == SOCK_RAW;
+    let protocol = sk.protocol;
+    if !raw && (protocol == u32::from(PROTO_TCP) || protocol == u32::from(PROTO_UDP)) {
+        // Their traffic meets the connect and sendmsg hooks.
+        return Ok(RET_ALLOW);
+    }
+    let config = CONFIG.get(0).ok_or(())?;
+    // SAFETY: a plain helper call without arguments.
+    if config.agent_cgroup != 0 && unsafe { bpf_get_current_cgroup_id() } == config.agent_cgroup {
+        return Ok(RET_ALLOW);
+    }
+    let (verdict, row, ret) = if other_allowed(config.flags, raw, protocol) {
+        (verdict::BYPASS, ROW_BYPASS, RET_ALLOW)
+    } else if config.mode == mode::AUDIT {
+        (verdict::WOULD_DENY, ROW_NO_RULE, RET_ALLOW)
+    } else {
+        (verdict::DENY, ROW_NO_RULE, RET_DENY)
+    };
+    let judgement = Judgement {
+        verdict,
+        row,
+        generation: config.generation,
+    };
+    count(&judgement, hook::SOCK_CREATE);
+    if verdict != verdict::BYPASS || config.flags & config_flags::EVENTS_ALL != 0 {
+        let dest = Dest {
+            family: sk.family as u8,
+            flags: if raw { flags::RAW } else { 0 },
+            proto: if protocol <= 255 { protocol as u8 } else { 0 },
+            hook: hook::SOCK_CREATE,
+            // No destination yet: the port field carries the full protocol number (MPTCP is
+            // 262), network byte order.
+            port: (protocol as u16).to_be(),
+            addr: [0; 16],
+        };
+        report(&dest, &judgement, &Who::current());
+    }
+    Ok(ret)
 }
 
 #[inline(always)]
@@ -424,100 +456,4 @@ fn record_redirect(ctx: &SockAddrContext, dest: &Dest) -> Result<(), ()> {
         flags: dest.flags,
     };
     ORIG_COOKIE.insert(cookie, orig, 0).map_err(|_| ())
-}
-
-enum Matched {
-    Bypass,
-    Rule(u32),
-}
-
-fn judge_v4(dest: &Dest) -> Option<Matched> {
-    let mut addr = [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]];
-    if addr == [0, 0, 0, 0] {
-        // connect() to 0.0.0.0 reaches the local host.
-        addr = LOOPBACK_V4;
-    }
-    if BYPASS_V4.get(&Key::new(32, addr)).is_some() {
-        return Some(Matched::Bypass);
-    }
-    let key = RuleKeyV4 {
-        port: dest.port,
-        proto: PROTO_TCP,
-        _pad: 0,
-        addr,
-    };
-    RULES_V4
-        .get(&Key::new(KEY_PREFIX_BITS + 32, key))
-        .map(|value| Matched::Rule(value.row))
-}
-
-fn judge_v6(dest: &Dest) -> Option<Matched> {
-    let mut addr = dest.addr;
-    if addr == [0; 16] {
-        // connect() to :: reaches the local host.
-        addr = LOOPBACK_V6;
-    }
-    if BYPASS_V6.get(&Key::new(128, addr)).is_some() {
-        return Some(Matched::Bypass);
-    }
-    let key = RuleKeyV6 {
-        port: dest.port,
-        proto: PROTO_TCP,
-        _pad: 0,
-        addr,
-    };
-    RULES_V6
-        .get(&Key::new(KEY_PREFIX_BITS + 128, key))
-        .map(|value| Matched::Rule(value.row))
-}
-
-/// Books the verdict on its counter row. A row outside the map (a corrupt rule value) is not
-/// counted, and does not change the verdict.
-#[inline(always)]
-fn count(judgement: &Judgement) {
-    let Some(counters) = COUNTERS.get_ptr_mut(judgement.row) else {
-        return;
-    };
-    // SAFETY: a valid per-CPU slot of COUNTERS; nothing else on this CPU writes it while this
-    // program runs.
-    let counters = unsafe { &mut *counters };
-    match judgement.verdict {
-        verdict::DENY => counters.denied += 1,
-        verdict::WOULD_DENY => counters.would_deny += 1,
-        _ => counters.allowed += 1,
-    }
-}
-
-/// Sends an event to the agent. A full ring buffer loses the event, never the verdict.
-#[inline(always)]
-fn report(dest: &Dest, judgement: &Judgement) {
-    let Some(mut entry) = EVENTS.reserve_untyped::<Event>(0) else {
-        if let Some(stats) = STATS.get_ptr_mut(0) {
-            // SAFETY: as in `finish`.
-            unsafe { (*stats).events_lost += 1 };
-        }
-        return;
-    };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    entry.write(Event {
-        // SAFETY: plain helper calls without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        // SAFETY: as above.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        row: judgement.row,
-        generation: judgement.generation,
-        verdict: judgement.verdict,
-        family: dest.family,
-        proto: PROTO_TCP,
-        flags: dest.flags,
-        port: dest.port,
-        hook: 0,
-        _pad: 0,
-        addr: dest.addr,
-        comm,
-    });
-    entry.submit(0);
 }

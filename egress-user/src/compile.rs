@@ -70,6 +70,8 @@ pub struct Compiled {
     /// Ports (host byte order) whose connections go to the proxy: every port of an HTTP rule
     /// or alias, sorted, without duplicates.
     pub http_ports: Vec<u16>,
+    /// Protocol numbers whose `SOCK_PROTOS` entry is 1 (EgressConfig `allowSockets`), sorted.
+    pub sock_protos: Vec<u16>,
     /// The row table after this generation: which rule owns each row.
     pub rows: RowTable,
     /// Rules whose every key was already taken by an earlier rule: they can never match.

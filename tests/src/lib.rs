@@ -196,6 +196,7 @@ impl Sandbox {
         egress_user::loader::Target {
             pin_dir: self.pin_dir.clone(),
             cgroup: self.cgroup.clone(),
+            xdp_ifaces: Vec::new(),
         }
     }
 

@@ -45,6 +45,13 @@ pub struct RunArgs {
     /// attached and the policy applied) on this address, e.g. 127.0.0.1:9464. Off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Attach the XDP backstop to this host-side interface (repeat, or comma-separate, for
+    /// several): a pod's egress arrives there as ingress, and a TCP SYN or UDP datagram the
+    /// rules do not allow is dropped there, whatever socket sent it. The interface must exist
+    /// in the agent's network namespace; an interface no longer named is detached at the next
+    /// start.
+    #[arg(long = "xdp-iface", value_name = "IFACE", value_delimiter = ',')]
+    pub xdp_iface: Vec<String>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -90,6 +97,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         target: Target {
             pin_dir: args.pin_dir.clone(),
             cgroup: cgroup.clone(),
+            xdp_ifaces: args.xdp_iface.clone(),
         },
         listening,
         metrics,

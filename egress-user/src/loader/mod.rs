@@ -16,6 +16,7 @@
 pub mod events;
 mod pins;
 mod sys;
+mod xdp;
 
 use std::{
     collections::HashMap,
@@ -77,6 +78,15 @@ pub enum LoadError {
     AgentInsideCgroup {
         /// The managed cgroup.
         cgroup: PathBuf,
+    },
+    /// An `--xdp-iface` interface does not exist.
+    #[error("--xdp-iface {name}: no such interface in the agent's network namespace")]
+    Interface {
+        /// The name given.
+        name: String,
+        /// What if_nametoindex said.
+        #[source]
+        source: io::Error,
     },
     /// A pinned map was made by an incompatible version of egress.
     #[error(
@@ -158,6 +168,8 @@ pub struct Target {
     pub pin_dir: PathBuf,
     /// The managed cgroup v2 directory; created if missing.
     pub cgroup: PathBuf,
+    /// Host-side interfaces for the XDP backstop (`--xdp-iface`); empty for none.
+    pub xdp_ifaces: Vec<String>,
 }
 
 /// The counters of one row, summed over CPUs.
@@ -209,6 +221,8 @@ impl Enforcer {
             source,
         })?;
         let existing = existing_links(&pins, &target.cgroup, cgroup_id)?;
+        let xdp_ifaces = xdp::resolve(&target.xdp_ifaces)?;
+        let existing_xdp = xdp::pinned(&pins)?;
         check_shared_pins(&pins)?;
         let previous = previous_config(&pins);
         // Rows to read back: below the previous generation's limit; all of them if the row
@@ -277,6 +291,7 @@ impl Enforcer {
                 }
             }
         }
+        xdp::apply(&mut ebpf, &pins, &xdp_ifaces, existing_xdp)?;
         repin_generation(&ebpf, &pins)?;
         free_rows(&mut ebpf, &stored.gone(&compiled.rows))?;
         tracing::debug!(
@@ -488,6 +503,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     match ebpf.program_mut(name).expect("object has the program") {
         Program::CgroupSockAddr(p) => p.load().map_err(err),
         Program::SockOps(p) => p.load().map_err(err),
+        Program::CgroupSock(p) => p.load().map_err(err),
         other => unreachable!("{name} is a {:?} program", other.prog_type()),
     }
 }
@@ -507,6 +523,10 @@ fn attach_program(ebpf: &mut Ebpf, name: &'static str, cgroup: &Path) -> Result<
             p.take_link(id).map_err(err)?.try_into().map_err(to_fd)
         }
         Program::SockOps(p) => {
+            let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(to_fd)
+        }
+        Program::CgroupSock(p) => {
             let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
             p.take_link(id).map_err(err)?.try_into().map_err(to_fd)
         }
@@ -650,6 +670,16 @@ fn fill_generation(ebpf: &mut Ebpf, c: &Compiled) -> Result<(), LoadError> {
         ports
             .set(u32::from(*port), 1, 0)
             .map_err(map_err(maps::HTTP_PORTS, "writing"))?;
+    }
+    let mut protos: Array<_, u32> = Array::try_from(
+        ebpf.map_mut(maps::SOCK_PROTOS)
+            .expect("object has SOCK_PROTOS"),
+    )
+    .map_err(map_err(maps::SOCK_PROTOS, "opening"))?;
+    for proto in &c.sock_protos {
+        protos
+            .set(u32::from(*proto), 1, 0)
+            .map_err(map_err(maps::SOCK_PROTOS, "writing"))?;
     }
     fill_lpm::<RuleKeyV4, RuleValue>(ebpf, maps::RULES_V4, &c.rules_v4)?;
     fill_lpm::<RuleKeyV6, RuleValue>(ebpf, maps::RULES_V6, &c.rules_v6)?;
@@ -820,6 +850,10 @@ pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
             source,
         })?;
         removed.push(path);
+    }
+    for link in xdp::pinned(&pins)? {
+        xdp::detach(&link)?;
+        removed.push(link.path);
     }
     for name in maps::PER_GENERATION.into_iter().chain(maps::SHARED) {
         let path = pins.map(name);

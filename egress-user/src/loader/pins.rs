@@ -8,6 +8,10 @@
 //! <pin dir>/links/sockops         the sockops link (original destinations for the proxy)
 //! <pin dir>/links/getpeername4    the cgroup/getpeername4 link (original destination for
 //! <pin dir>/links/getpeername6    the app), and getpeername6
+//! <pin dir>/links/sendmsg4        cgroup/sendmsg4 and sendmsg6 (datagrams sent to an address)
+//! <pin dir>/links/sendmsg6
+//! <pin dir>/links/sock_create     cgroup/sock_create (raw sockets, other protocols)
+//! <pin dir>/links/xdp-<IFNAME>    the XDP backstop on one host-side interface (--xdp-iface)
 //! ```
 //! Enforcement lives as long as the link pins do: the agent can exit, crash or restart.
 
@@ -27,9 +31,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The link pins, by the program they hold: every program is attached to the managed cgroup
 /// through a pinned link.
-pub const LINKS: [(&str, &str); 5] = [
+pub const LINKS: [(&str, &str); 8] = [
+    (egress_common::programs::SOCK_CREATE, "sock_create"),
     (egress_common::programs::CONNECT4, "connect4"),
     (egress_common::programs::CONNECT6, "connect6"),
+    (egress_common::programs::SENDMSG4, "sendmsg4"),
+    (egress_common::programs::SENDMSG6, "sendmsg6"),
     (egress_common::programs::SOCK_OPS, "sockops"),
     (egress_common::programs::GETPEERNAME4, "getpeername4"),
     (egress_common::programs::GETPEERNAME6, "getpeername6"),

@@ -59,8 +59,7 @@ pub struct CgroupLinkInfo {
     pub attach_type: u32,
 }
 
-/// Reads the program and cgroup of a cgroup link.
-pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+fn link_info(link: BorrowedFd<'_>) -> io::Result<bpf_link_info> {
     // SAFETY: plain C structs, all-zero initial state.
     let mut info: bpf_link_info = unsafe { zeroed() };
     // SAFETY: as above.
@@ -70,6 +69,12 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
     attr.info.info_len = size_of::<bpf_link_info>() as u32;
     attr.info.info = std::ptr::from_mut(&mut info) as u64;
     bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// Reads the program and cgroup of a cgroup link.
+pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    let info = link_info(link)?;
     // SAFETY: the kernel filled the cgroup member for a cgroup link; for any other link type
     // the caller sees nonsense ids and rejects the link.
     let cgroup = unsafe { info.__bindgen_anon_1.cgroup };
@@ -78,6 +83,20 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
         cgroup_id: cgroup.cgroup_id,
         attach_type: cgroup.attach_type,
     })
+}
+
+/// `BPF_LINK_TYPE_XDP`.
+const BPF_LINK_TYPE_XDP: u32 = 6;
+
+/// The ifindex an XDP link is attached to: 0 once its interface is gone; `None` when the link
+/// is not an XDP link.
+pub fn xdp_link_ifindex(link: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let info = link_info(link)?;
+    if info.type_ != BPF_LINK_TYPE_XDP {
+        return Ok(None);
+    }
+    // SAFETY: the kernel filled the xdp member for an XDP link (checked above).
+    Ok(Some(unsafe { info.__bindgen_anon_1.xdp.ifindex }))
 }
 
 /// Opens a pinned bpf object (here: a link) by its bpffs path.

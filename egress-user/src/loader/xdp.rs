@@ -1,0 +1,205 @@
+//! The XDP backstop's links: one pinned `bpf_link` per host-side interface, at
+//! `<pin dir>/links/xdp-<IFNAME>`. Like the cgroup links they outlive the agent and are swapped
+//! to each new generation's program with `BPF_LINK_UPDATE`; an interface no longer named by
+//! `--xdp-iface` has its link detached.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::PathBuf,
+};
+
+use aya::{
+    Ebpf,
+    programs::{Program, XdpMode, links::FdLink},
+};
+use egress_common::programs::XDP;
+
+use super::{LoadError, PinDir, sys};
+
+/// Prefix of an XDP link pin's file name.
+const PREFIX: &str = "xdp-";
+
+/// A pinned XDP link.
+pub(super) struct PinnedXdp {
+    /// The interface name, from the pin's file name.
+    pub(super) iface: String,
+    /// The pin.
+    pub(super) path: PathBuf,
+    /// The link.
+    pub(super) fd: OwnedFd,
+    /// Where the link is attached; 0 once the interface is gone.
+    pub(super) ifindex: u32,
+}
+
+/// Where the link for `iface` is pinned.
+fn pin_path(pins: &PinDir, iface: &str) -> PathBuf {
+    pins.links_dir().join(format!("{PREFIX}{iface}"))
+}
+
+/// Every pinned XDP link in the pin directory.
+pub(super) fn pinned(pins: &PinDir) -> Result<Vec<PinnedXdp>, LoadError> {
+    let dir = pins.links_dir();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(LoadError::Pin {
+                what: "listing",
+                path: dir,
+                source,
+            });
+        }
+    };
+    let mut links = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| LoadError::Pin {
+            what: "listing",
+            path: dir.clone(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(iface) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let path = entry.path();
+        let fd = sys::obj_get(&path).map_err(|source| LoadError::Pin {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+        let ifindex = sys::xdp_link_ifindex(fd.as_fd())
+            .map_err(|source| LoadError::Pin {
+                what: "reading",
+                path: path.clone(),
+                source,
+            })?
+            .ok_or_else(|| LoadError::Pin {
+                what: "reading",
+                path: path.clone(),
+                source: io::Error::other("not an XDP link"),
+            })?;
+        links.push(PinnedXdp {
+            iface: iface.to_owned(),
+            path,
+            fd,
+            ifindex,
+        });
+    }
+    links.sort_by(|a, b| a.iface.cmp(&b.iface));
+    Ok(links)
+}
+
+/// The ifindex of every interface, in order; fails before anything changes when one is
+/// missing.
+pub(super) fn resolve(ifaces: &[String]) -> Result<Vec<(String, u32)>, LoadError> {
+    ifaces
+        .iter()
+        .map(|name| {
+            let index = CString::new(name.as_str())
+                .ok()
+                .filter(|_| !name.is_empty() && name.len() < libc::IF_NAMESIZE && !name.contains('/'))
+                // SAFETY: a valid NUL-terminated string.
+                .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
+            if index == 0 {
+                Err(LoadError::Interface {
+                    name: name.clone(),
+                    source: io::Error::last_os_error(),
+                })
+            } else {
+                Ok((name.clone(), index))
+            }
+        })
+        .collect()
+}
+
+/// Puts this generation's XDP program on every interface of `ifaces` (already resolved), and
+/// takes it off every other interface a previous agent attached it to.
+pub(super) fn apply(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    ifaces: &[(String, u32)],
+    existing: Vec<PinnedXdp>,
+) -> Result<(), LoadError> {
+    let err = |source| LoadError::Program { name: XDP, source };
+    if !ifaces.is_empty() {
+        let Program::Xdp(program) = ebpf.program_mut(XDP).expect("object has the program") else {
+            unreachable!("{XDP} is an XDP program");
+        };
+        program.load().map_err(err)?;
+    }
+    for (iface, ifindex) in ifaces {
+        let path = pin_path(pins, iface);
+        let current = existing
+            .iter()
+            .find(|p| p.iface == *iface && p.ifindex == *ifindex);
+        let Program::Xdp(program) = ebpf.program_mut(XDP).expect("object has the program") else {
+            unreachable!("{XDP} is an XDP program");
+        };
+        let prog_fd = program.fd().map_err(err)?;
+        if let Some(link) = current {
+            sys::link_update(link.fd.as_fd(), prog_fd.as_fd()).map_err(|source| {
+                LoadError::Pin {
+                    what: "swapping the program of",
+                    path,
+                    source,
+                }
+            })?;
+            continue;
+        }
+        // No link, or one whose interface is gone (a new interface of the same name): start
+        // afresh.
+        remove_pin(&path)?;
+        let id = program
+            .attach_to_if_index(*ifindex, XdpMode::default())
+            .map_err(err)?;
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(err)?
+            .try_into()
+            .map_err(|e| LoadError::Pin {
+                what: "converting the XDP link of (XDP through bpf_link needs Linux 5.9)",
+                path: path.clone(),
+                source: io::Error::other(e),
+            })?;
+        link.pin(&path).map_err(|e| LoadError::Pin {
+            what: "pinning",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        tracing::info!(iface = %iface, ifindex, "XDP backstop attached");
+    }
+    for old in existing {
+        if ifaces.iter().any(|(name, _)| *name == old.iface) {
+            continue;
+        }
+        detach(&old)?;
+        tracing::info!(iface = %old.iface, "XDP backstop detached (no longer named by --xdp-iface)");
+    }
+    Ok(())
+}
+
+/// Detaches a pinned XDP link and removes its pin.
+pub(super) fn detach(link: &PinnedXdp) -> Result<(), LoadError> {
+    if link.ifindex != 0 {
+        sys::link_detach(link.fd.as_fd()).map_err(|source| LoadError::Pin {
+            what: "detaching",
+            path: link.path.clone(),
+            source,
+        })?;
+    }
+    remove_pin(&link.path)
+}
+
+fn remove_pin(path: &std::path::Path) -> Result<(), LoadError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoadError::Pin {
+            what: "removing",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
