@@ -15,7 +15,9 @@
 //!   request, `status="0"` when the connection closed without an answer.
 //! - `egress_proxy_request_duration_seconds{rule}`: histogram, [`LATENCY_BUCKETS`].
 //! - `egress_proxy_events_dropped_total`
-//! - `egress_verdicts_total{rule,verdict="allowed|denied|would_deny"}`, `egress_generation`,
+//! - `egress_verdicts_total{rule,verdict="allowed|denied|would_deny"}`,
+//!   `egress_hook_verdicts_total{hook="connect|sendmsg|sock_create|xdp",verdict}`,
+//!   `egress_generation`,
 //!   `egress_events_lost_total`, `egress_kernel_errors_total`: read from the kernel's maps at
 //!   each scrape (a [`KernelSnapshot`]).
 
@@ -79,6 +81,9 @@ pub struct KernelSnapshot {
     pub events_lost: u64,
     /// Errors in the programs (each failed closed).
     pub errors: u64,
+    /// The verdict counters by hook (`rule` holds the hook's name: connect, sendmsg,
+    /// sock_create, xdp).
+    pub hooks: Vec<RuleVerdicts>,
 }
 
 /// One rule row's verdict counters, summed over CPUs.
@@ -317,6 +322,22 @@ impl Collector for KernelCollector {
             }
         }
 
+        let mut by_hook = encoder.encode_descriptor(
+            "egress_hook_verdicts",
+            "Verdicts of the kernel programs by the hook that took them (connect, sendmsg, \
+             sock_create, xdp) and verdict.",
+            None,
+            MetricType::Counter,
+        )?;
+        for h in &kernel.hooks {
+            for (verdict, count) in
+                ["allowed", "denied", "would_deny"].into_iter().zip([h.allowed, h.denied, h.would_deny])
+            {
+                let labels = [("hook", h.rule.as_str()), ("verdict", verdict)];
+                ConstCounter::new(count).encode(by_hook.encode_family(&labels)?)?;
+            }
+        }
+
         let gauge = ConstGauge::new(i64::from(kernel.generation));
         gauge.encode(encoder.encode_descriptor(
             "egress_generation",
@@ -523,6 +544,20 @@ mod tests {
                 .collect(),
             events_lost: 4,
             errors: 1,
+            hooks: vec![
+                RuleVerdicts {
+                    rule: "connect".to_owned(),
+                    allowed: 11,
+                    denied: 2,
+                    would_deny: 0,
+                },
+                RuleVerdicts {
+                    rule: "xdp".to_owned(),
+                    allowed: 0,
+                    denied: 5,
+                    would_deny: 1,
+                },
+            ],
         }
     }
 
@@ -558,6 +593,10 @@ mod tests {
             "egress_verdicts_total{rule=\"a\",verdict=\"denied\"} 3",
             "egress_verdicts_total{rule=\"a\",verdict=\"would_deny\"} 2",
             "egress_verdicts_total{rule=\"(no rule)\",verdict=\"denied\"} 3",
+            "# TYPE egress_hook_verdicts counter",
+            "egress_hook_verdicts_total{hook=\"connect\",verdict=\"allowed\"} 11",
+            "egress_hook_verdicts_total{hook=\"xdp\",verdict=\"denied\"} 5",
+            "egress_hook_verdicts_total{hook=\"xdp\",verdict=\"would_deny\"} 1",
             "# TYPE egress_generation gauge",
             "egress_generation 3",
             "# TYPE egress_events_lost counter",
@@ -619,6 +658,7 @@ mod tests {
             [
                 "egress_events_lost",
                 "egress_generation",
+                "egress_hook_verdicts",
                 "egress_kernel_errors",
                 "egress_proxy_events_dropped",
                 "egress_proxy_request_duration_seconds",

@@ -105,7 +105,7 @@ fn rule_allows_exactly_its_cidr_and_port(cidr: &str, inside: IpAddr, outside: Ip
         assert_eq!(e.comm, "egress-probe");
         assert_eq!(e.cgroup_id, sb.cgroup_id());
         assert_eq!(e.generation, enforcer.generation());
-        assert!(!e.v4_mapped);
+        assert_eq!(e.via, egress_user::events::Via::Direct);
         assert!(e.pid > 0);
     }
     assert_eq!(
@@ -157,7 +157,7 @@ fn v4_mapped_destinations_follow_the_ipv4_rules() {
         sa(V4_B, 8080),
         "reported as the IPv4 address it is"
     );
-    assert!(events[0].v4_mapped);
+    assert_eq!(events[0].via, egress_user::events::Via::V4Mapped);
     assert_eq!(events[0].verdict, Verdict::Deny);
 }
 

@@ -526,6 +526,19 @@ impl Agent {
             last_error: self.last_error.clone(),
             events_lost: stats.events_lost,
             kernel_errors: stats.errors,
+            hooks: self
+                .enforcer
+                .hooks()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| crate::control::HookRow {
+                    hook: h.name,
+                    allowed: h.counters.allowed,
+                    denied: h.counters.denied,
+                    would_deny: h.counters.would_deny,
+                })
+                .collect(),
+            xdp_ifaces: self.enforcer.xdp_ifaces(),
         }
     }
 
@@ -677,6 +690,17 @@ impl Agent {
                     .collect(),
                 events_lost: stats.events_lost,
                 errors: stats.errors,
+                hooks: counters
+                    .hooks()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|h| RuleVerdicts {
+                        rule: h.name,
+                        allowed: h.counters.allowed,
+                        denied: h.counters.denied,
+                        would_deny: h.counters.would_deny,
+                    })
+                    .collect(),
             }
         });
         let metrics = self.metrics.clone();

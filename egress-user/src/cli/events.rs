@@ -55,10 +55,54 @@ fn line(e: &WireEvent) -> String {
             out.push_str(&format!(" reason={:?}", e.reason));
         }
         out
+    } else if e.source == "xdp" {
+        format!(
+            "{} xdp {} {} dst={}{} rule={} iface={} generation={}",
+            e.time,
+            e.verdict,
+            e.protocol,
+            e.destination,
+            via(e),
+            e.rule,
+            e.iface,
+            e.generation
+        )
+    } else if e.source == "sock_create" {
+        format!(
+            "{} sock_create {} {}{} rule={} pid={} comm={} cgroup={} generation={}",
+            e.time,
+            e.verdict,
+            if e.socket.is_empty() { "" } else { "raw " },
+            e.protocol,
+            e.rule,
+            e.pid,
+            e.comm,
+            e.cgroup_id,
+            e.generation
+        )
     } else {
         format!(
-            "{} connect {} dst={} rule={} pid={} comm={} cgroup={} generation={}",
-            e.time, e.verdict, e.destination, e.rule, e.pid, e.comm, e.cgroup_id, e.generation
+            "{} {} {} {} dst={}{} rule={} pid={} comm={} cgroup={} generation={}",
+            e.time,
+            e.source,
+            e.verdict,
+            e.protocol,
+            e.destination,
+            via(e),
+            e.rule,
+            e.pid,
+            e.comm,
+            e.cgroup_id,
+            e.generation
         )
+    }
+}
+
+/// ` via=nat64` and the like, or nothing.
+fn via(e: &WireEvent) -> String {
+    if e.via.is_empty() {
+        String::new()
+    } else {
+        format!(" via={}", e.via)
     }
 }

@@ -79,6 +79,26 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         "kernel:      {} events lost, {} errors (failed closed)",
         status.events_lost, status.kernel_errors
     );
+    println!(
+        "xdp:         {}",
+        if status.xdp_ifaces.is_empty() {
+            "off".to_owned()
+        } else {
+            status.xdp_ifaces.join(", ")
+        }
+    );
+    let hooks: Vec<String> = status
+        .hooks
+        .iter()
+        .map(|h| {
+            let mut s = format!("{} {}/{}", h.hook, h.allowed, h.denied);
+            if h.would_deny != 0 {
+                s.push_str(&format!(" ({} would-deny)", h.would_deny));
+            }
+            s
+        })
+        .collect();
+    println!("hooks:       allowed/denied: {}", hooks.join(", "));
     println!();
     ctl::print_rules(&status.rules);
     Ok(ExitCode::SUCCESS)

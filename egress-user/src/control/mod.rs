@@ -122,6 +122,25 @@ pub struct Status {
     pub events_lost: u64,
     /// Kernel program errors (each failed closed).
     pub kernel_errors: u64,
+    /// Verdicts by the hook that took them.
+    #[serde(default)]
+    pub hooks: Vec<HookRow>,
+    /// Interfaces with the XDP backstop attached.
+    #[serde(default)]
+    pub xdp_ifaces: Vec<String>,
+}
+
+/// Verdicts of one hook, summed over every rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRow {
+    /// `connect`, `sendmsg`, `sock_create` or `xdp`.
+    pub hook: String,
+    /// Allowed (by a rule, a bypass range or allowSockets).
+    pub allowed: u64,
+    /// Denied.
+    pub denied: u64,
+    /// Audit mode's would-be denials.
+    pub would_deny: u64,
 }
 
 /// The proxy's state.
@@ -165,7 +184,8 @@ pub struct RuleRow {
 pub struct WireEvent {
     /// Wall-clock time the agent read it, RFC 3339 UTC with milliseconds.
     pub time: String,
-    /// `connect` (a kernel verdict) or `http` (a proxied request).
+    /// The hook of a kernel verdict (`connect`, `sendmsg`, `sock_create`, `xdp`), or `http`
+    /// (a proxied request).
     pub source: String,
     /// `allow`, `deny`, `would-deny`, `bypass`; for http the status class.
     pub verdict: String,
@@ -177,8 +197,20 @@ pub struct WireEvent {
     pub comm: String,
     /// Its cgroup id (kernel events).
     pub cgroup_id: u64,
-    /// Destination `IP:PORT` (for http, the original destination).
+    /// Destination `IP:PORT` (for http, the original destination); empty for sock_create.
     pub destination: String,
+    /// Kernel events: `tcp`, `udp`, or the protocol of a refused socket (`icmp`, `sctp`...).
+    #[serde(default)]
+    pub protocol: String,
+    /// Kernel events: `raw` for a raw socket (sock_create).
+    #[serde(default)]
+    pub socket: String,
+    /// Kernel events judged as IPv4 though written otherwise: `v4-mapped`, `nat64`, `6to4`.
+    #[serde(default)]
+    pub via: String,
+    /// XDP events: the interface the packet arrived on.
+    #[serde(default)]
+    pub iface: String,
     /// The policy generation that judged it (kernel events).
     pub generation: u32,
     /// The request's host (http).

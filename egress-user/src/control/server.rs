@@ -90,13 +90,21 @@ impl HubEvent {
         match self {
             Self::Connect(at, e) => WireEvent {
                 time: super::rfc3339(*at),
-                source: "connect".to_owned(),
+                source: e.hook.to_string(),
                 verdict: e.verdict.to_string(),
                 rule: e.rule.clone(),
                 pid: e.pid,
                 comm: e.comm.clone(),
                 cgroup_id: e.cgroup_id,
-                destination: e.destination.to_string(),
+                destination: if e.hook == crate::events::Hook::SockCreate {
+                    String::new()
+                } else {
+                    e.destination.to_string()
+                },
+                protocol: crate::events::protocol_name(e.protocol),
+                socket: if e.raw { "raw".to_owned() } else { String::new() },
+                via: e.via.to_string(),
+                iface: e.ifindex.map(iface_name).unwrap_or_default(),
                 generation: e.generation,
                 ..WireEvent::default()
             },
@@ -122,6 +130,18 @@ impl HubEvent {
             },
         }
     }
+}
+
+/// The name of an interface by index (as the agent's namespace sees it now), or `ifindex N`.
+fn iface_name(index: u32) -> String {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return format!("ifindex {index}");
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into_owned()
 }
 
 /// An event with its sequence number.

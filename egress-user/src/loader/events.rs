@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use egress_common::{AF_INET, Event, flags, verdict};
+use egress_common::{AF_INET, Event, flags, hook, verdict};
 
 /// What the kernel decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +49,83 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// The hook that took a verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `cgroup/connect4`/`6`.
+    Connect,
+    /// `cgroup/sendmsg4`/`6`.
+    Sendmsg,
+    /// `cgroup/sock_create`.
+    SockCreate,
+    /// The XDP backstop.
+    Xdp,
+}
+
+impl Hook {
+    fn from_raw(h: u8) -> Option<Self> {
+        Some(match h {
+            hook::CONNECT => Self::Connect,
+            hook::SENDMSG => Self::Sendmsg,
+            hook::SOCK_CREATE => Self::SockCreate,
+            hook::XDP => Self::Xdp,
+            _ => return None,
+        })
+    }
+
+    /// Every hook, in the order of `egress_common::hook`.
+    pub const ALL: [Self; 4] = [Self::Connect, Self::Sendmsg, Self::SockCreate, Self::Xdp];
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connect",
+            Self::Sendmsg => "sendmsg",
+            Self::SockCreate => "sock_create",
+            Self::Xdp => "xdp",
+        })
+    }
+}
+
+/// How the application wrote a destination that was judged as IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// As it is shown.
+    Direct,
+    /// `::ffff:a.b.c.d` on an `AF_INET6` socket.
+    V4Mapped,
+    /// `64:ff9b::a.b.c.d` (NAT64).
+    Nat64,
+    /// `2002:AABB:CCDD::/48` (6to4).
+    SixToFour,
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "",
+            Self::V4Mapped => "v4-mapped",
+            Self::Nat64 => "nat64",
+            Self::SixToFour => "6to4",
+        })
+    }
+}
+
+/// An IP protocol number by name, as events show it.
+pub fn protocol_name(proto: u16) -> String {
+    match proto {
+        1 => "icmp".to_owned(),
+        6 => "tcp".to_owned(),
+        17 => "udp".to_owned(),
+        58 => "icmpv6".to_owned(),
+        132 => "sctp".to_owned(),
+        136 => "udplite".to_owned(),
+        262 => "mptcp".to_owned(),
+        other => format!("proto-{other}"),
+    }
+}
+
 /// One decoded event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventRecord {
@@ -66,10 +143,19 @@ pub struct EventRecord {
     pub comm: String,
     /// The caller's cgroup v2 id.
     pub cgroup_id: u64,
-    /// Destination as judged (an IPv4-mapped destination shows as IPv4).
+    /// Destination as judged (an IPv4-mapped, NAT64 or 6to4 destination shows as IPv4);
+    /// unspecified for a socket creation.
     pub destination: SocketAddr,
-    /// The application gave an IPv4-mapped IPv6 address.
-    pub v4_mapped: bool,
+    /// How the application wrote the destination.
+    pub via: Via,
+    /// The hook that took the verdict.
+    pub hook: Hook,
+    /// IP protocol number (for a socket creation, the socket's protocol).
+    pub protocol: u16,
+    /// A raw socket (socket creation verdicts).
+    pub raw: bool,
+    /// The interface the packet arrived on (XDP verdicts).
+    pub ifindex: Option<u32>,
     /// The policy generation that judged it.
     pub generation: u32,
     /// `CLOCK_MONOTONIC` nanoseconds.
@@ -92,6 +178,22 @@ pub fn decode(bytes: &[u8], rule_name: impl Fn(u32, u32) -> Option<String>) -> O
         IpAddr::V6(Ipv6Addr::from(e.addr))
     };
     let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+    let hook = Hook::from_raw(e.hook)?;
+    let (port, protocol) = if hook == Hook::SockCreate {
+        // No destination: the port field carries the full protocol number.
+        (0, u16::from_be(e.port))
+    } else {
+        (u16::from_be(e.port), u16::from(e.proto))
+    };
+    let via = if e.flags & flags::V4_MAPPED != 0 {
+        Via::V4Mapped
+    } else if e.flags & flags::NAT64 != 0 {
+        Via::Nat64
+    } else if e.flags & flags::SIX_TO_FOUR != 0 {
+        Via::SixToFour
+    } else {
+        Via::Direct
+    };
     Some(EventRecord {
         verdict: Verdict::from_raw(e.verdict)?,
         row: e.row,
@@ -101,8 +203,12 @@ pub fn decode(bytes: &[u8], rule_name: impl Fn(u32, u32) -> Option<String>) -> O
         tid: e.tid,
         comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
         cgroup_id: e.cgroup_id,
-        destination: SocketAddr::new(ip, u16::from_be(e.port)),
-        v4_mapped: e.flags & flags::V4_MAPPED != 0,
+        destination: SocketAddr::new(ip, port),
+        via,
+        hook,
+        protocol,
+        raw: e.flags & flags::RAW != 0,
+        ifindex: (hook == Hook::Xdp).then_some(e.tid),
         generation: e.generation,
         ts_ns: e.ts_ns,
     })
@@ -134,9 +240,13 @@ pub fn log(e: &EventRecord) {
                 comm = %e.comm,
                 cgroup_id = e.cgroup_id,
                 destination = %e.destination,
-                v4_mapped = e.v4_mapped,
+                protocol = %protocol_name(e.protocol),
+                raw = e.raw,
+                via = %e.via,
+                ifindex = e.ifindex.unwrap_or(0),
                 generation = e.generation,
-                "connect {}",
+                "{} {}",
+                e.hook,
                 e.verdict
             )
         };
@@ -227,7 +337,8 @@ mod tests {
         assert_eq!(r.verdict, Verdict::Deny);
         assert_eq!(r.destination, "192.0.2.7:443".parse().unwrap());
         assert_eq!(r.comm, "curl");
-        assert!(r.v4_mapped);
+        assert_eq!(r.via, Via::V4Mapped);
+        assert_eq!((r.hook, r.protocol, r.ifindex), (Hook::Connect, 6, None));
         assert_eq!((r.pid, r.tid, r.cgroup_id, r.generation), (10, 11, 77, 3));
         assert_eq!(r.rule, "(no rule)");
     }
@@ -246,8 +357,33 @@ mod tests {
     }
 
     #[test]
+    fn decodes_nat64_xdp_and_socket_creation_verdicts() {
+        let mut e = event(AF_INET, [198, 51, 100, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], verdict::DENY);
+        e.flags = flags::NAT64;
+        e.hook = hook::XDP;
+        e.proto = egress_common::PROTO_UDP;
+        let r = decode(&raw(&e), |_, _| None).unwrap();
+        assert_eq!((r.hook, r.via, r.protocol), (Hook::Xdp, Via::Nat64, 17));
+        assert_eq!(r.ifindex, Some(11), "the tid field carries the ifindex");
+        assert_eq!(r.destination, "198.51.100.9:443".parse().unwrap());
+
+        let mut e = event(AF_INET6, [0; 16], verdict::DENY);
+        e.flags = flags::RAW;
+        e.hook = hook::SOCK_CREATE;
+        e.proto = 0;
+        e.port = 262u16.to_be();
+        let r = decode(&raw(&e), |_, _| None).unwrap();
+        assert_eq!((r.hook, r.raw, r.protocol), (Hook::SockCreate, true, 262));
+        assert_eq!(r.destination.port(), 0);
+        assert_eq!(protocol_name(r.protocol), "mptcp");
+    }
+
+    #[test]
     fn rejects_short_records_and_unknown_verdicts() {
         assert!(decode(&[0; 8], |_, _| None).is_none());
         assert!(decode(&raw(&event(AF_INET, [0; 16], 99)), |_, _| None).is_none());
+        let mut unknown_hook = event(AF_INET, [0; 16], verdict::DENY);
+        unknown_hook.hook = 9;
+        assert!(decode(&raw(&unknown_hook), |_, _| None).is_none());
     }
 }

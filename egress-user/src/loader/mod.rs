@@ -351,6 +351,27 @@ impl Enforcer {
         sum_rows(&counters, &self.row_names())
     }
 
+    /// Verdicts by hook (`connect`, `sendmsg`, `sock_create`, `xdp`), summed over CPUs.
+    pub fn hooks(&self) -> Result<Vec<RowCount>, LoadError> {
+        let hooks: PerCpuArray<_, RuleCounters> =
+            PerCpuArray::try_from(self.ebpf.map(maps::HOOKS).expect("object has HOOKS"))
+                .map_err(map_err(maps::HOOKS, "opening"))?;
+        sum_rows(&hooks, &hook_rows())
+    }
+
+    /// Interfaces with the XDP backstop attached (from the pins).
+    pub fn xdp_ifaces(&self) -> Vec<String> {
+        xdp::pinned(&self.pins)
+            .map(|links| {
+                links
+                    .into_iter()
+                    .filter(|l| l.ifindex != 0)
+                    .map(|l| l.iface)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The programs' own health counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats, LoadError> {
         let stats: PerCpuArray<_, Stats> =
@@ -384,6 +405,15 @@ impl Enforcer {
         // fd from as_raw_fd() until it is dropped, which happens only when the AsyncFd is.
         unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
     }
+}
+
+/// The rows of `HOOKS`, named as events name the hooks.
+fn hook_rows() -> Vec<(u32, String)> {
+    events::Hook::ALL
+        .iter()
+        .zip(0..)
+        .map(|(hook, row)| (row, hook.to_string()))
+        .collect()
 }
 
 /// Per-CPU counters of `rows`, summed.
@@ -427,6 +457,7 @@ fn sum_stats<T: std::borrow::Borrow<MapData>>(
 /// while the agent applies new generations (the metrics endpoint reads them at each scrape).
 pub struct PinnedCounters {
     counters: PerCpuArray<MapData, RuleCounters>,
+    hooks: PerCpuArray<MapData, RuleCounters>,
     stats: PerCpuArray<MapData, Stats>,
 }
 
@@ -443,6 +474,8 @@ impl PinnedCounters {
         Ok(Self {
             counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(maps::COUNTERS)?))
                 .map_err(map_err(maps::COUNTERS, "opening"))?,
+            hooks: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(maps::HOOKS)?))
+                .map_err(map_err(maps::HOOKS, "opening"))?,
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(maps::STATS)?))
                 .map_err(map_err(maps::STATS, "opening"))?,
         })
@@ -454,6 +487,14 @@ impl PinnedCounters {
     /// Reading the map failed.
     pub fn rows(&self, rows: &[(u32, String)]) -> Result<Vec<RowCount>, LoadError> {
         sum_rows(&self.counters, rows)
+    }
+
+    /// Verdicts by hook, summed over CPUs.
+    ///
+    /// # Errors
+    /// Reading the map failed.
+    pub fn hooks(&self) -> Result<Vec<RowCount>, LoadError> {
+        sum_rows(&self.hooks, &hook_rows())
     }
 
     /// The programs' health counters, summed over CPUs.
@@ -935,7 +976,20 @@ fn peer_key(peer: SocketAddr) -> PeerKey {
 }
 
 fn orig_to_socket_addr(orig: &OrigDst) -> SocketAddr {
-    let ip = if orig.family == AF_INET {
+    let ip = if orig.family == AF_INET && orig.flags & egress_common::flags::NAT64 != 0 {
+        // The app asked for 64:ff9b::a.b.c.d; it was judged as a.b.c.d.
+        let [a, b, c, d] = [orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]];
+        IpAddr::V6(Ipv6Addr::new(
+            0x64,
+            0xff9b,
+            0,
+            0,
+            0,
+            0,
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d]),
+        ))
+    } else if orig.family == AF_INET {
         IpAddr::V4(Ipv4Addr::new(
             orig.addr[0],
             orig.addr[1],
@@ -986,6 +1040,16 @@ mod tests {
         assert_eq!(
             orig_to_socket_addr(&v6),
             "[2001:db8::1]:443".parse().unwrap()
+        );
+        let nat64 = OrigDst {
+            addr: [192, 0, 2, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 80u16.to_be(),
+            family: AF_INET,
+            flags: egress_common::flags::NAT64,
+        };
+        assert_eq!(
+            orig_to_socket_addr(&nat64),
+            "[64:ff9b::192.0.2.7]:80".parse().unwrap()
         );
     }
 }
