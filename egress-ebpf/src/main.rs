@@ -1,23 +1,38 @@
 //! The egress kernel programs.
 //!
-//! `egress_connect4` and `egress_connect6` are `cgroup/connect4` and `cgroup/connect6`
-//! programs attached to the managed cgroup v2. Every TCP `connect()` made by a process in that
-//! cgroup (or below it) is judged before a packet is sent:
+//! The cgroup programs are attached to the managed cgroup v2 and judge every process in it
+//! (or below it) before a packet is sent:
 //!
-//! 1. destination in a bypass range -> allow;
+//! - `egress_connect4`/`egress_connect6` (`cgroup/connect4`/`6`): TCP `connect()` (also TCP
+//!   Fast Open and io_uring connects, which take the same kernel path) and `connect()` on UDP
+//!   sockets;
+//! - `egress_sendmsg4`/`egress_sendmsg6` (`cgroup/sendmsg4`/`6`): UDP datagrams sent to an
+//!   address;
+//! - `egress_sock_create` (`cgroup/sock_create`): raw sockets and inet protocols other than
+//!   TCP and UDP are refused unless the policy's `allowSockets` names them.
+//!
+//! For a destination:
+//!
+//! 1. in a bypass range -> allow;
 //! 2. (port, protocol, address) matches a rule -> allow, counted on the rule's row;
-//! 3. otherwise -> deny (`connect()` fails with `EPERM`), or in audit mode allow and report a
-//!    would-deny. Both are counted and sent to the agent as an [`Event`].
+//! 3. a TCP connect to an HTTP port -> redirected to the proxy;
+//! 4. otherwise -> deny (`EPERM`), or in audit mode allow and report a would-deny. Both are
+//!    counted and sent to the agent as an `Event`.
 //!
-//! Both programs fail closed: an error on the way to a verdict (a missing config entry) denies
-//! the connection and counts it in `STATS.errors`.
+//! v4-mapped, NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`) destinations are judged as the IPv4
+//! address they carry. `egress_xdp` applies the same rules to TCP SYNs and UDP datagrams
+//! arriving on host-side veths (a pod's egress), dropping what they do not allow.
+//!
+//! Every program fails closed: an error on the way to a verdict (a missing config entry, a
+//! truncated packet) denies and counts it in `STATS.errors`.
 //!
 //! # Minimum kernel version
 //!
-//! `cgroup/connect4`/`connect6` need 4.17; BTF-defined maps and the ring buffer need 5.8;
+//! `cgroup/connect4`/`connect6` need 4.17, `cgroup/sendmsg4`/`6` 4.18, `cgroup/sock_create`
+//! 4.10; BTF-defined maps and the ring buffer need 5.8; XDP through a `bpf_link` needs 5.9;
 //! `bpf_get_current_pid_tgid`, `bpf_get_current_comm` and `bpf_get_current_cgroup_id` in
-//! `cgroup_sock_addr` programs need 6.1 (they came with the common cgroup helpers in 5.19/6.0;
-//! 6.1 is the oldest long-term kernel we test).
+//! `cgroup_sock_addr` and `cgroup_sock` programs need 6.1 (they came with the common cgroup
+//! helpers in 5.19/6.0; 6.1 is the oldest long-term kernel we test).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
