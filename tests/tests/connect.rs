@@ -453,3 +453,79 @@ fn bpftool_shows_the_pinned_maps_with_field_names() {
         sb.pin_dir.join("links/connect4").exists() && sb.pin_dir.join("links/connect6").exists()
     );
 }
+
+/// NAT64 (`64:ff9b::a.b.c.d`) and 6to4 (`2002:AABB:CCDD::/48`) destinations carry an IPv4
+/// address: they are judged by the IPv4 rules, and an IPv6 rule, even `::/0`, never opens IPv4
+/// through a translator. The translated addresses are assigned inside the sandbox, so the
+/// sinks count what got through.
+#[test]
+fn nat64_and_6to4_destinations_are_judged_by_their_ipv4_address() {
+    let sb = Sandbox::new();
+    let nat64 = |v4: Ipv4Addr| -> Ipv6Addr {
+        let [a, b, c, d] = v4.octets();
+        Ipv6Addr::new(
+            0x64,
+            0xff9b,
+            0,
+            0,
+            0,
+            0,
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d]),
+        )
+    };
+    let six_to_four = |v4: Ipv4Addr| -> Ipv6Addr {
+        let [a, b, c, d] = v4.octets();
+        Ipv6Addr::new(
+            0x2002,
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d]),
+            0,
+            0,
+            0,
+            0,
+            1,
+        )
+    };
+    let targets = [
+        (nat64(V4_A), true, events::Via::Nat64),
+        (nat64(V4_B), false, events::Via::Nat64),
+        (six_to_four(V4_A), true, events::Via::SixToFour),
+        (six_to_four(V4_B), false, events::Via::SixToFour),
+    ];
+    for (ip, _, _) in &targets {
+        sb.add_addr(&format!("{ip}/128"));
+    }
+    let sinks: Vec<_> = targets.iter().map(|(ip, _, _)| sb.sink(sa(*ip, 7000))).collect();
+    // The IPv4 rule allows V4_A only; the IPv6 rule allows every IPv6 address on the port.
+    let yaml = rule_yaml("v4-a", "192.0.2.1", 7000) + &rule_yaml("all-v6", "::/0", 7000);
+    let mut enforcer = Enforcer::apply(&sb.target(), &policy(&yaml)).expect("apply");
+    let mut ring = enforcer.take_events().expect("events");
+
+    for ((ip, allow, _), sink) in targets.iter().zip(&sinks) {
+        let expected = if *allow {
+            Outcome::Connected
+        } else {
+            Outcome::Denied
+        };
+        assert_eq!(sb.connect(PROBE, sink.addr()), expected, "connect to {ip}");
+        assert_eq!(sink.accepted(), usize::from(*allow), "sink at {ip}");
+    }
+
+    let c = counters(&enforcer);
+    assert_eq!(c["v4-a"], allowed(2), "judged by the IPv4 rule: {c:?}");
+    assert_eq!(c["all-v6"], RuleCounters::default(), "never by the IPv6 rule");
+    assert_eq!(c[NO_RULE_NAME].denied, 2);
+
+    let events = drain(&mut enforcer, &mut ring);
+    let seen: Vec<(SocketAddr, events::Via)> =
+        events.iter().map(|e| (e.destination, e.via)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (sa(V4_B, 7000), events::Via::Nat64),
+            (sa(V4_B, 7000), events::Via::SixToFour)
+        ],
+        "denials name the embedded IPv4 address and how it was written: {events:#?}"
+    );
+}
