@@ -12,7 +12,7 @@ use std::collections::{HashMap, hash_map::Entry};
 
 use egress_common::{
     COUNTER_ROWS, Config, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS, PROTO_TCP,
-    RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags, fnv1a64, mode,
+    PROTO_UDP, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags, fnv1a64, mode,
 };
 use ipnet::IpNet;
 
@@ -275,9 +275,7 @@ pub fn compile(
                     slot.insert(&rule.name);
                 }
             }
-            let proto = match port.protocol {
-                Protocol::Tcp => PROTO_TCP,
-            };
+            let proto = proto(port.protocol);
             let port = port.port.to_be();
             match rule.destination {
                 IpNet::V4(net) => out.rules_v4.push((
@@ -349,6 +347,14 @@ pub fn compile(
     )?;
     out.rows = rows;
     Ok(out)
+}
+
+/// The IP protocol number a rule key carries.
+fn proto(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
 }
 
 /// Every port of an HTTP rule or alias, sorted, without duplicates.
@@ -521,6 +527,38 @@ mod tests {
         assert_eq!(c.shadowed.len(), 1);
         assert_eq!(c.shadowed[0].rule, "b");
         assert_eq!(c.shadowed[0].by, "a");
+    }
+
+    #[test]
+    fn udp_ports_compile_to_udp_keys_beside_tcp_ones() {
+        let mut dns = rule("dns", "192.0.2.53/32", &[53]);
+        dns.ports.insert(
+            0,
+            PortRule {
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+        );
+        let mut again = rule("again", "192.0.2.53/32", &[]);
+        again.ports.push(PortRule {
+            port: 53,
+            protocol: Protocol::Udp,
+        });
+        let c = compile(&policy(vec![dns, again]), &StoredRows::default(), 1).unwrap();
+        let keys: Vec<(u16, u8)> = c
+            .rules_v4
+            .iter()
+            .map(|(_, k, _)| (u16::from_be(k.port), k.proto))
+            .collect();
+        assert_eq!(keys, [(53, PROTO_UDP), (53, PROTO_TCP)]);
+        assert_eq!(
+            c.shadowed,
+            [Shadowed {
+                rule: "again".into(),
+                by: "dns".into(),
+                key: "192.0.2.53/32 53/udp".into(),
+            }]
+        );
     }
 
     #[test]

@@ -202,7 +202,7 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
                     across.rule_name(report, name, line);
                 }
                 match rule {
-                    Some(EgressRule::Tcp(rule)) => policy.rules.push(rule),
+                    Some(EgressRule::Kernel(rule)) => policy.rules.push(rule),
                     Some(EgressRule::Http { rule, port_lines }) => {
                         across.http_ports(report, &rule, &port_lines);
                         policy.http_rules.push(rule);

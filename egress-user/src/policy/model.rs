@@ -39,7 +39,6 @@ impl fmt::Display for Mode {
     }
 }
 
-/// The protocol of a rule's port.
 /// Which kernel verdicts become events (EgressConfig `spec.events`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Events {
@@ -60,16 +59,21 @@ impl fmt::Display for Events {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The protocol of a rule's port: both are judged by the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     /// A TCP connection, judged at `connect()`.
     Tcp,
+    /// UDP datagrams, judged at `connect()` of the socket or at each `sendmsg()` to an
+    /// address.
+    Udp,
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Tcp => "tcp",
+            Self::Udp => "udp",
         })
     }
 }
@@ -93,7 +97,8 @@ pub struct Rule {
     /// `spec.destination.service` as a network with no host bits set; a single address
     /// becomes a /32 or /128.
     pub destination: IpNet,
-    /// `spec.ports`, in file order, without duplicates.
+    /// `spec.ports`, in file order, each (port, protocol) once: a port may be both tcp and
+    /// udp.
     pub ports: Vec<PortRule>,
 }
 

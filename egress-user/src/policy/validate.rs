@@ -63,8 +63,8 @@ pub(crate) enum Item {
 /// A checked EgressRule: which list of the policy it goes to depends on its destination.
 #[derive(Debug)]
 pub(crate) enum EgressRule {
-    /// A CIDR or IP destination with tcp ports.
-    Tcp(Rule),
+    /// A CIDR or IP destination with tcp and udp ports.
+    Kernel(Rule),
     /// A host-name destination with http/https ports.
     Http {
         /// The rule.
