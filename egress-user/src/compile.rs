@@ -12,7 +12,8 @@ use std::collections::{HashMap, hash_map::Entry};
 
 use egress_common::{
     COUNTER_ROWS, Config, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS, PROTO_TCP,
-    PROTO_UDP, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags, fnv1a64, mode,
+    PROTO_UDP, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags, fnv1a64,
+    mode,
 };
 use ipnet::IpNet;
 
@@ -70,6 +71,9 @@ pub struct Compiled {
     /// Ports (host byte order) whose connections go to the proxy: every port of an HTTP rule
     /// or alias, sorted, without duplicates.
     pub http_ports: Vec<u16>,
+    /// Protocol numbers whose `SOCK_PROTOS` entry is 1 (EgressConfig `allowSockets`), sorted,
+    /// without duplicates; TCP and UDP are never among them (always allowed).
+    pub sock_protos: Vec<u16>,
     /// The row table after this generation: which rule owns each row.
     pub rows: RowTable,
     /// Rules whose every key was already taken by an earlier rule: they can never match.
@@ -249,11 +253,16 @@ pub fn compile(
             flags: match policy.events {
                 Events::Denied => 0,
                 Events::All => config_flags::EVENTS_ALL,
+            } | if policy.allow_sockets.raw {
+                config_flags::ALLOW_RAW
+            } else {
+                0
             },
             // The loader knows the agent's cgroup.
             agent_cgroup: 0,
         },
         http_ports: http_ports(policy),
+        sock_protos: policy.allow_sockets.protocols.iter().copied().collect(),
         ..Compiled::default()
     };
     // First rule to claim a key keeps it: file order is the user's order of precedence.
@@ -514,6 +523,23 @@ mod tests {
             compile(&p, &StoredRows::default(), 1).unwrap().config.flags,
             config_flags::EVENTS_ALL
         );
+    }
+
+    #[test]
+    fn allow_sockets_compile_to_the_raw_flag_and_sock_protos() {
+        let mut p = policy(vec![]);
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        assert_eq!(c.config.flags & config_flags::ALLOW_RAW, 0);
+        assert!(c.sock_protos.is_empty());
+        p.allow_sockets.raw = true;
+        p.allow_sockets.protocols = [262, 1, 58, 132].into();
+        p.events = Events::All;
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        assert_eq!(
+            c.config.flags,
+            config_flags::ALLOW_RAW | config_flags::EVENTS_ALL
+        );
+        assert_eq!(c.sock_protos, [1, 58, 132, 262]);
     }
 
     #[test]

@@ -18,13 +18,14 @@
 //!
 //! Everything is shown as the filter and the proxy will use it: single addresses as /32 or
 //! /128, host names in their ASCII form, protocols lowercase, alias ports with the protocol
-//! the proxy speaks upstream, defaults spelt out. Rules keep their file order and columns are
+//! the proxy speaks upstream, defaults spelt out (`events` and `allowSockets` appear only when
+//! they are not the default). Rules keep their file order and columns are
 //! aligned, so two outputs can be diffed line by line and read at a glance. Each rule ends
 //! with the `FILE:LINE` of its document, to find it again.
 
 use std::fmt;
 
-use super::model::{Alias, Policy};
+use super::model::{Alias, AllowSockets, Policy};
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -37,6 +38,18 @@ impl fmt::Display for Policy {
             writeln!(f, "bypass: none")?;
         } else {
             writeln!(f, "bypass: {}", list(&self.bypass))?;
+        }
+        if self.allow_sockets != AllowSockets::default() {
+            let raw = self.allow_sockets.raw.then(|| "raw".to_owned());
+            let protocols = self.allow_sockets.protocols.iter().map(|&p| {
+                AllowSockets::protocol_name(p)
+                    .map_or_else(|| p.to_string(), |n| format!("{p} ({n})"))
+            });
+            writeln!(
+                f,
+                "allowSockets: {}",
+                list(raw.into_iter().chain(protocols))
+            )?;
         }
 
         writeln!(f, "rules: {}", self.rules.len())?;

@@ -246,6 +246,7 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
             .map(|path| resolve(directories[index], path))
             .collect();
         policy.hosts = config.hosts.unwrap_or_default();
+        policy.allow_sockets = config.allow_sockets.unwrap_or_default();
     }
     Ok(policy)
 }

@@ -238,6 +238,33 @@ impl Default for ProxySettings {
     }
 }
 
+/// Which sockets besides TCP and UDP a process in the managed cgroup may create
+/// (`kind: EgressConfig` `spec.allowSockets`). Nothing by default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowSockets {
+    /// `raw`: raw sockets (`SOCK_RAW`, any protocol).
+    pub raw: bool,
+    /// IP protocol numbers (0..=[`egress_common::MAX_PROTOCOL`]) other sockets may be created
+    /// with: `icmp` is 1 and 58 (ping sockets), `sctp` 132, `udplite` 136, `mptcp` 262. Never
+    /// 6 or 17: TCP and UDP sockets are always allowed, and rules judge their traffic.
+    pub protocols: std::collections::BTreeSet<u16>,
+}
+
+impl AllowSockets {
+    /// The name of a protocol `allowSockets` knows by name (`icmp` for 1 and `icmpv6` for 58,
+    /// which `icmp` allows together).
+    pub fn protocol_name(protocol: u16) -> Option<&'static str> {
+        match protocol {
+            1 => Some("icmp"),
+            58 => Some("icmpv6"),
+            132 => Some("sctp"),
+            136 => Some("udplite"),
+            262 => Some("mptcp"),
+            _ => None,
+        }
+    }
+}
+
 /// A whole validated policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -261,6 +288,8 @@ pub struct Policy {
     /// `spec.hosts` of the EgressConfig: static name overrides the proxy uses before DNS, for
     /// hosts without DNS. Addresses given here are trusted as the operator's own choice.
     pub hosts: std::collections::BTreeMap<HostName, Vec<std::net::IpAddr>>,
+    /// `spec.allowSockets` of the EgressConfig: socket kinds besides TCP and UDP.
+    pub allow_sockets: AllowSockets,
 }
 
 impl Default for Policy {
@@ -276,6 +305,7 @@ impl Default for Policy {
             proxy: ProxySettings::default(),
             ca_files: Vec::new(),
             hosts: std::collections::BTreeMap::new(),
+            allow_sockets: AllowSockets::default(),
         }
     }
 }

@@ -213,7 +213,11 @@ fn udp_ports_and_one_port_as_both_tcp_and_udp() {
         .collect();
     assert_eq!(
         ports,
-        [(53, Protocol::Udp), (53, Protocol::Tcp), (123, Protocol::Udp)]
+        [
+            (53, Protocol::Udp),
+            (53, Protocol::Tcp),
+            (123, Protocol::Udp)
+        ]
     );
     assert!(
         policy
@@ -425,7 +429,8 @@ rejects! {
     invalid_mode: "kind: EgressConfig\nspec:\n  mode: block\n"
         => "p.yaml:3: spec.mode: unknown mode `block` (expected enforce or audit)";
     unknown_config_field: "kind: EgressConfig\nspec:\n  proxyPort: 15001\n"
-        => "p.yaml:3: spec.proxyPort: unknown field (expected mode, events, bypass, proxy, caFiles or hosts)";
+        => "p.yaml:3: spec.proxyPort: unknown field (expected mode, events, bypass, proxy, caFiles, \
+            hosts or allowSockets)";
     invalid_events: "kind: EgressConfig\nspec:\n  events: allowed\n"
         => "p.yaml:3: spec.events: unknown events setting `allowed` (expected denied or all)";
     bypass_host_name: "kind: EgressConfig\nspec:\n  bypass:\n    - 10.0.0.0/8\n    - kubernetes.default\n"

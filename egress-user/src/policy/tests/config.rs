@@ -1,6 +1,11 @@
-//! The EgressConfig's proxy port, `caFiles` and `hosts`: what they mean and what is refused.
+//! The EgressConfig's proxy port, `caFiles`, `hosts` and `allowSockets`: what they mean and
+//! what is refused.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+};
 
 use super::*;
 
@@ -95,7 +100,84 @@ fn ca_files_are_relative_to_the_policy_file() {
     assert!(policy.ca_files.iter().all(|p| p.is_absolute()));
 }
 
+/// An EgressConfig whose `allowSockets` has one entry a line, from line 4.
+fn sockets(entries: &[&str]) -> String {
+    let entries: String = entries.iter().map(|e| format!("    - {e}\n")).collect();
+    format!("kind: EgressConfig\nspec:\n  allowSockets:\n{entries}")
+}
+
+#[test]
+fn allow_sockets_names_and_numbers() {
+    let policy = loaded(&sockets(&[
+        "raw", "ICMP", "sctp", "udplite", "mptcp", "0", "255", "0x2f",
+    ]));
+    assert!(policy.allow_sockets.raw);
+    assert_eq!(
+        policy.allow_sockets.protocols,
+        BTreeSet::from([0, 1, 47, 58, 132, 136, 255, 262])
+    );
+    assert!(
+        policy.to_string().contains(
+            "\nallowSockets: raw, 0, 1 (icmp), 47, 58 (icmpv6), 132 (sctp), 136 (udplite), 255, \
+             262 (mptcp)\n"
+        ),
+        "{policy}"
+    );
+    let one = loaded(&sockets(&["58"]));
+    assert!(!one.allow_sockets.raw);
+    assert_eq!(one.allow_sockets.protocols, BTreeSet::from([58]));
+}
+
+#[test]
+fn allow_sockets_default_to_nothing() {
+    for policy in [
+        loaded(RULE),
+        loaded("kind: EgressConfig\nspec: {allowSockets: []}\n"),
+    ] {
+        assert_eq!(policy.allow_sockets, AllowSockets::default());
+        assert!(!policy.allow_sockets.raw);
+        assert!(policy.allow_sockets.protocols.is_empty());
+        assert!(!policy.to_string().contains("allowSockets"), "{policy}");
+    }
+}
+
 rejects! {
+    sockets_tcp: sockets(&["raw", "tcp"])
+        => "p.yaml:5: spec.allowSockets[1]: `tcp`: tcp and udp sockets are always allowed; rules \
+            judge their traffic";
+    sockets_udp: sockets(&["UDP"])
+        => "p.yaml:4: spec.allowSockets[0]: `UDP`: tcp and udp sockets are always allowed; rules \
+            judge their traffic";
+    sockets_6: sockets(&["6"])
+        => "p.yaml:4: spec.allowSockets[0]: `6`: tcp and udp sockets are always allowed";
+    sockets_17: sockets(&["0x11"])
+        => "p.yaml:4: spec.allowSockets[0]: `0x11`: tcp and udp sockets are always allowed";
+    sockets_unknown: sockets(&["ping"])
+        => "p.yaml:4: spec.allowSockets[0]: unknown socket kind `ping` (expected raw, icmp, sctp, \
+            udplite, mptcp or a protocol number 0-262)";
+    sockets_quoted_number: sockets(&["\"132\""])
+        => "p.yaml:4: spec.allowSockets[0]: unknown socket kind `132` (expected raw, icmp, sctp, \
+            udplite, mptcp or a protocol number 0-262)";
+    sockets_too_big: sockets(&["263"])
+        => "p.yaml:4: spec.allowSockets[0]: 263 is not a protocol number (0-262)";
+    sockets_negative: sockets(&["-1"])
+        => "p.yaml:4: spec.allowSockets[0]: -1 is not a protocol number (0-262)";
+    sockets_leading_zero: sockets(&["0132"])
+        => "p.yaml:4: spec.allowSockets[0]: `0132` has a leading zero, which some YAML readers \
+            take as octal";
+    sockets_duplicate_name: sockets(&["sctp", "udplite", "SCTP"])
+        => "p.yaml:6: spec.allowSockets[2]: `SCTP` repeats spec.allowSockets[0] (`sctp`)";
+    sockets_number_and_name: sockets(&["132", "sctp"])
+        => "p.yaml:5: spec.allowSockets[1]: `sctp` repeats spec.allowSockets[0] (`132`)";
+    sockets_icmpv6_inside_icmp: sockets(&["icmp", "58"])
+        => "p.yaml:5: spec.allowSockets[1]: `58` repeats spec.allowSockets[0] (`icmp`)";
+    sockets_raw_twice: sockets(&["raw", "raw"])
+        => "p.yaml:5: spec.allowSockets[1]: `raw` repeats spec.allowSockets[0] (`raw`)";
+    sockets_float: sockets(&["1.5"])
+        => "p.yaml:4: spec.allowSockets[0]: expected a socket kind (raw, icmp, sctp, udplite, \
+            mptcp or a protocol number 0-262), found a float `1.5`";
+    sockets_not_a_list: "kind: EgressConfig\nspec:\n  allowSockets: raw\n"
+        => "p.yaml:3: spec.allowSockets: expected a sequence, found a string \"raw\"";
     proxy_port_zero: config_with("port: 15002", "port: 0")
         => "p.yaml:4: spec.proxy.port: 0 is not a valid port (1-65535)";
     proxy_port_too_big: config_with("port: 15002", "port: 70000")
