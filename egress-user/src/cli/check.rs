@@ -68,6 +68,9 @@ fn run_with(
     };
     match result {
         Ok(policy) => {
+            for note in notes(&policy) {
+                writeln!(err, "{note}").context("cannot write to stderr")?;
+            }
             write!(out, "{policy}").context("cannot write to stdout")?;
             out.flush().context("cannot write to stdout")?;
             Ok(ExitCode::SUCCESS)
@@ -79,6 +82,29 @@ fn run_with(
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// What a valid policy may not mean at a glance, one note per rule: an IPv6 rule whose
+/// destination contains the NAT64 or 6to4 range does not allow the destinations there, which
+/// the kernel judges by the IPv4 rules.
+fn notes(policy: &Policy) -> Vec<String> {
+    policy
+        .rules
+        .iter()
+        .filter_map(|rule| {
+            let ranges = rule.embedded_ranges();
+            let ranges = match ranges.as_slice() {
+                [] => return None,
+                [one] => one.to_string(),
+                [first, second, ..] => format!("{first} and {second}"),
+            };
+            Some(format!(
+                "{}: note: rule `{}` ({}) contains {ranges} destinations, which the kernel judges \
+                 by the IPv4 rules as their embedded IPv4 address, not by this rule",
+                rule.origin, rule.name, rule.destination
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -320,6 +346,40 @@ proxy: port 15001
 caFiles: none
 hosts: 0
 "
+            )
+        );
+    }
+
+    #[test]
+    fn wide_ipv6_rules_get_a_note_about_nat64_and_6to4() {
+        let dir = TempDir::new();
+        let doc = |name: &str, destination: &str| {
+            GOOD.replace("wikipedia-range1", name)
+                .replace("91.198.174.192/27", destination)
+        };
+        let text = format!(
+            "{}---\n{}---\n{}",
+            doc("wide", "\"::/0\""),
+            doc("v4", "192.0.2.0/24"),
+            doc("global", "2000::/3")
+        );
+        let path = dir.file("wide.yaml", &text);
+        let args = CheckArgs {
+            files: vec![path.clone()],
+            default: false,
+        };
+        let (code, _, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        let f = path.display();
+        assert_eq!(
+            err,
+            format!(
+                "{f}:1: note: rule `wide` (::/0) contains NAT64 (64:ff9b::/96) and \
+                 6to4 (2002::/16) destinations, which the kernel judges by the IPv4 rules as \
+                 their embedded IPv4 address, not by this rule\n\
+                 {f}:15: note: rule `global` (2000::/3) contains 6to4 (2002::/16) destinations, \
+                 which the kernel judges by the IPv4 rules as their embedded IPv4 address, not \
+                 by this rule\n"
             )
         );
     }

@@ -228,6 +228,34 @@ fn udp_ports_and_one_port_as_both_tcp_and_udp() {
 }
 
 #[test]
+fn wide_ipv6_destinations_contain_nat64_and_6to4_and_are_fine() {
+    let all = loaded(&rule_with("10.0.0.0/8", "\"::/0\""));
+    assert_eq!(all.rules[0].embedded_ranges(), Embedded::ALL);
+    let global = loaded(&rule_with("10.0.0.0/8", "2000::/3"));
+    assert_eq!(global.rules[0].embedded_ranges(), [Embedded::SixToFour]);
+    let other = loaded(&rule_with("10.0.0.0/8", "2001:db8::/32"));
+    assert!(other.rules[0].embedded_ranges().is_empty());
+    let v4 = loaded(RULE);
+    assert!(v4.rules[0].embedded_ranges().is_empty());
+    let bypass = loaded("kind: EgressConfig\nspec: {bypass: [\"::/0\"]}\n");
+    assert_eq!(bypass.bypass, [net("::/0")]);
+}
+
+#[test]
+fn the_kernel_judges_mapped_nat64_and_6to4_addresses_as_ipv4() {
+    let ip = |text: &str| text.parse::<std::net::IpAddr>().expect("valid literal");
+    for (given, judged) in [
+        ("64:ff9b::c000:201", "192.0.2.1"),
+        ("2002:c000:201::1", "192.0.2.1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("192.0.2.1", "192.0.2.1"),
+    ] {
+        assert_eq!(judged_as(ip(given)), ip(judged), "{given}");
+    }
+}
+
+#[test]
 fn single_addresses_become_host_routes() {
     let v4 = loaded(&rule_with("10.0.0.0/8", "93.184.216.34"));
     assert_eq!(v4.rules[0].destination, net("93.184.216.34/32"));
@@ -319,6 +347,18 @@ rejects! {
         => "p.yaml:6: spec.destination.service: `256.1.1.1`: octet `256` is over 255";
     ipv4_mapped_destination: rule_with("10.0.0.0/8", "\"::ffff:10.0.0.1\"")
         => "p.yaml:6: spec.destination.service: `::ffff:10.0.0.1` is an IPv4-mapped IPv6 network";
+    nat64_destination: rule_with("10.0.0.0/8", "64:ff9b::c000:200/120")
+        => "p.yaml:6: spec.destination.service: `64:ff9b::c000:200/120` lies inside the NAT64 \
+            (64:ff9b::/96) range, whose destinations the kernel judges by the IPv4 rules as their \
+            embedded IPv4 address, never by IPv6 rules or bypass ranges; write `192.0.2.0/24`";
+    six_to_four_destination: rule_with("10.0.0.0/8", "2002:c000:0200::/40")
+        => "p.yaml:6: spec.destination.service: `2002:c000:0200::/40` lies inside the 6to4 \
+            (2002::/16) range, whose destinations the kernel judges by the IPv4 rules as their \
+            embedded IPv4 address, never by IPv6 rules or bypass ranges; write `192.0.2.0/24`";
+    nat64_bypass: "kind: EgressConfig\nspec:\n  bypass:\n    - 10.0.0.0/8\n    - 64:ff9b::a00:0/104\n"
+        => "p.yaml:5: spec.bypass[1]: `64:ff9b::a00:0/104` lies inside the NAT64 (64:ff9b::/96) \
+            range, whose destinations the kernel judges by the IPv4 rules as their embedded IPv4 \
+            address, never by IPv6 rules or bypass ranges; write `10.0.0.0/8`";
     tcp_with_host_name: rule_with("10.0.0.0/8", "httpbin.test")
         => "p.yaml:6: spec.destination.service: tcp or udp rules with a host name (FQDN rules) \
             are not supported yet; use an IP/CIDR, or protocol http/https";

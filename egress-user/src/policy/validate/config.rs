@@ -132,7 +132,7 @@ impl Walk<'_> {
                 ok = false;
                 continue;
             };
-            match addr::parse_net(text) {
+            match addr::parse_net(text).and_then(|net| addr::not_embedded(text, net)) {
                 Ok(net) => {
                     if let Some(first) = nets.iter().position(|n| *n == net) {
                         self.report.field_error(

@@ -206,6 +206,7 @@ impl Walk<'_> {
             )
         } else if looks_like_address {
             addr::parse_net(service)
+                .and_then(|net| addr::not_embedded(service, net))
                 .map(Destination::Net)
                 .map_err(|e| e.to_string())
         } else {
