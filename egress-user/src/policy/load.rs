@@ -14,7 +14,10 @@ use std::{
 
 use super::{
     DEFAULT_POLICY, DEFAULT_POLICY_NAME,
-    model::{HostPattern, HttpProtocol, HttpRule, Origin, Policy, PolicyErrors, default_bypass},
+    model::{
+        Dns, DnsSource, HostPattern, HttpProtocol, HttpRule, Origin, Policy, PolicyErrors,
+        default_bypass,
+    },
     report::Report,
     validate::{self, Config, EgressRule, Item, ServiceKey},
     yaml,
@@ -247,6 +250,12 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
             .collect();
         policy.hosts = config.hosts.unwrap_or_default();
         policy.allow_sockets = config.allow_sockets.unwrap_or_default();
+        if let Some((resolvers, line)) = config.dns {
+            policy.dns = Dns {
+                resolvers,
+                source: DnsSource::Config(reports[index].origin(line)),
+            };
+        }
     }
     Ok(policy)
 }

@@ -365,6 +365,40 @@ impl AllowSockets {
     }
 }
 
+/// Where the DNS resolvers of a policy come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DnsSource {
+    /// Not filled yet: the policy was loaded, and [`Policy::fill_resolvers`] not called. It
+    /// compiles to no DNS at all.
+    #[default]
+    None,
+    /// The EgressConfig's `spec.dns`, at this place.
+    Config(Origin),
+    /// The `nameserver` lines of this resolv.conf file.
+    ResolvConf(std::path::PathBuf),
+}
+
+impl fmt::Display for DnsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("not read"),
+            Self::Config(origin) => origin.fmt(f),
+            Self::ResolvConf(path) => path.display().fmt(f),
+        }
+    }
+}
+
+/// The DNS resolvers the processes of the managed cgroup may query: port 53, udp and tcp.
+/// They compile to an implicit rule named [`crate::compile::DNS_RULE_NAME`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dns {
+    /// Single addresses, without duplicates (no IPv4-mapped ones: those are given as IPv4).
+    /// Empty: no DNS is allowed (besides what a rule or bypass range allows).
+    pub resolvers: Vec<IpAddr>,
+    /// Where they come from.
+    pub source: DnsSource,
+}
+
 /// A whole validated policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -390,6 +424,9 @@ pub struct Policy {
     pub hosts: std::collections::BTreeMap<HostName, Vec<std::net::IpAddr>>,
     /// `spec.allowSockets` of the EgressConfig: socket kinds besides TCP and UDP.
     pub allow_sockets: AllowSockets,
+    /// `spec.dns` of the EgressConfig, or (after [`Policy::fill_resolvers`]) the resolvers of
+    /// resolv.conf.
+    pub dns: Dns,
 }
 
 impl Default for Policy {
@@ -406,6 +443,7 @@ impl Default for Policy {
             ca_files: Vec::new(),
             hosts: std::collections::BTreeMap::new(),
             allow_sockets: AllowSockets::default(),
+            dns: Dns::default(),
         }
     }
 }

@@ -470,7 +470,7 @@ rejects! {
         => "p.yaml:3: spec.mode: unknown mode `block` (expected enforce or audit)";
     unknown_config_field: "kind: EgressConfig\nspec:\n  proxyPort: 15001\n"
         => "p.yaml:3: spec.proxyPort: unknown field (expected mode, events, bypass, proxy, caFiles, \
-            hosts or allowSockets)";
+            hosts, dns or allowSockets)";
     invalid_events: "kind: EgressConfig\nspec:\n  events: allowed\n"
         => "p.yaml:3: spec.events: unknown events setting `allowed` (expected denied or all)";
     bypass_host_name: "kind: EgressConfig\nspec:\n  bypass:\n    - 10.0.0.0/8\n    - kubernetes.default\n"

@@ -1,5 +1,5 @@
-//! The EgressConfig's proxy port, `caFiles`, `hosts` and `allowSockets`: what they mean and
-//! what is refused.
+//! The EgressConfig's proxy port, `caFiles`, `hosts`, `dns` and `allowSockets`: what they
+//! mean and what is refused.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -100,6 +100,63 @@ fn ca_files_are_relative_to_the_policy_file() {
     assert!(policy.ca_files.iter().all(|p| p.is_absolute()));
 }
 
+/// An EgressConfig whose `dns.resolvers` has one entry a line, from line 5 (`dns` is on 3).
+fn resolvers(entries: &[&str]) -> String {
+    let entries: String = entries.iter().map(|e| format!("      - {e}\n")).collect();
+    format!("kind: EgressConfig\nspec:\n  dns:\n    resolvers:\n{entries}")
+}
+
+#[test]
+fn dns_resolvers_from_the_config() {
+    let policy = loaded(&resolvers(&[
+        "192.0.2.53",
+        "2001:db8::53",
+        "64:ff9b::c000:235",
+    ]));
+    assert_eq!(
+        policy.dns,
+        Dns {
+            resolvers: vec![
+                ip("192.0.2.53"),
+                ip("2001:db8::53"),
+                ip("64:ff9b::c000:235")
+            ],
+            source: DnsSource::Config(Origin {
+                file: "p.yaml".to_owned(),
+                line: 3,
+            }),
+        }
+    );
+    assert!(
+        policy.to_string().contains(
+            "\nbypass: 127.0.0.0/8, ::1/128\ndns: 192.0.2.53, 2001:db8::53, 64:ff9b::c000:235 \
+             (from p.yaml:3)\nrules: 0\n"
+        ),
+        "{policy}"
+    );
+    let none = loaded("kind: EgressConfig\nspec:\n  dns: {resolvers: []}\n");
+    assert!(none.dns.resolvers.is_empty());
+    assert_eq!(
+        none.dns.source,
+        DnsSource::Config(Origin {
+            file: "p.yaml".to_owned(),
+            line: 3,
+        })
+    );
+    assert!(
+        none.to_string().contains("\ndns: none (from p.yaml:3)\n"),
+        "{none}"
+    );
+}
+
+#[test]
+fn dns_is_not_filled_by_loading_alone() {
+    let policy = loaded(RULE);
+    assert_eq!(policy.dns, Dns::default());
+    assert_eq!(policy.dns.source, DnsSource::None);
+    assert!(!policy.to_string().contains("dns:"), "{policy}");
+}
+
 /// An EgressConfig whose `allowSockets` has one entry a line, from line 4.
 fn sockets(entries: &[&str]) -> String {
     let entries: String = entries.iter().map(|e| format!("    - {e}\n")).collect();
@@ -142,6 +199,31 @@ fn allow_sockets_default_to_nothing() {
 }
 
 rejects! {
+    dns_not_a_mapping: "kind: EgressConfig\nspec:\n  dns: [192.0.2.53]\n"
+        => "p.yaml:3: spec.dns: expected a mapping, found a sequence";
+    dns_without_resolvers: "kind: EgressConfig\nspec:\n  dns: {}\n"
+        => "p.yaml:3: spec.dns.resolvers: missing field";
+    dns_unknown_field: "kind: EgressConfig\nspec:\n  dns:\n    resolvers: []\n    search: [a.test]\n"
+        => "p.yaml:5: spec.dns.search: unknown field (expected resolvers)";
+    dns_resolvers_not_a_list: "kind: EgressConfig\nspec:\n  dns:\n    resolvers: 192.0.2.53\n"
+        => "p.yaml:4: spec.dns.resolvers: expected a sequence, found a string \"192.0.2.53\"";
+    dns_network: resolvers(&["192.0.2.53", "192.0.2.0/24"])
+        => "p.yaml:6: spec.dns.resolvers[1]: `192.0.2.0/24` is a network; a single IP address is \
+            needed here";
+    dns_host_name: resolvers(&["dns.example.test"])
+        => "p.yaml:5: spec.dns.resolvers[0]: `dns.example.test` is a host name; a resolver is an \
+            IP address";
+    dns_ipv4_mapped: resolvers(&["\"::ffff:192.0.2.53\""])
+        => "p.yaml:5: spec.dns.resolvers[0]: `::ffff:192.0.2.53` is an IPv4-mapped IPv6 address, \
+            which the kernel judges as `192.0.2.53`; write `192.0.2.53`";
+    dns_unspecified: resolvers(&["0.0.0.0"])
+        => "p.yaml:5: spec.dns.resolvers[0]: `0.0.0.0` is not an address a host can have";
+    dns_bad_octet: resolvers(&["192.0.2.053"])
+        => "p.yaml:5: spec.dns.resolvers[0]: `192.0.2.053`: octet `053` has a leading zero";
+    dns_duplicate: resolvers(&["2001:db8::53", "192.0.2.53", "2001:DB8:0::53"])
+        => "p.yaml:7: spec.dns.resolvers[2]: duplicate of spec.dns.resolvers[0] (2001:db8::53)";
+    dns_number: resolvers(&["53"])
+        => "p.yaml:5: spec.dns.resolvers[0]: expected a string, found an integer `53`";
     sockets_tcp: sockets(&["raw", "tcp"])
         => "p.yaml:5: spec.allowSockets[1]: `tcp`: tcp and udp sockets are always allowed; rules \
             judge their traffic";

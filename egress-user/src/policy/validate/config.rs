@@ -1,6 +1,6 @@
 //! `kind: EgressConfig`: the settings of the whole policy (at most one such document): mode,
-//! bypass ranges, the proxy's port, extra CA files, static host addresses and the socket
-//! kinds allowed besides TCP and UDP.
+//! bypass ranges, the proxy's port, extra CA files, static host addresses, the DNS resolvers
+//! and the socket kinds allowed besides TCP and UDP.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,6 +29,7 @@ const SPEC_FIELDS: &[&str] = &[
     "proxy",
     "caFiles",
     "hosts",
+    "dns",
     "allowSockets",
 ];
 
@@ -56,6 +57,9 @@ pub(crate) struct Config {
     pub(crate) hosts: Option<BTreeMap<HostName, Vec<IpAddr>>>,
     /// `spec.allowSockets`, when given.
     pub(crate) allow_sockets: Option<AllowSockets>,
+    /// `spec.dns.resolvers` and the line of the `dns` key, when given (an empty list is
+    /// given: no DNS).
+    pub(crate) dns: Option<(Vec<IpAddr>, usize)>,
 }
 
 impl Walk<'_> {
@@ -82,6 +86,7 @@ impl Walk<'_> {
             if let Some(entry) = spec.get("hosts") {
                 config.hosts = self.hosts(&entry.value);
             }
+            config.dns = self.dns(&spec);
             if let Some(entry) = spec.get("allowSockets") {
                 config.allow_sockets = self.allow_sockets(&entry.value);
             }
@@ -302,6 +307,44 @@ impl Walk<'_> {
             ok = false;
         }
         ok.then_some(addresses)
+    }
+
+    /// `spec.dns`: `{resolvers: [address, ...]}`, single addresses, each once.
+    fn dns(&mut self, spec: &Fields<'_>) -> Option<(Vec<IpAddr>, usize)> {
+        let dns = self.sub_mapping(spec, "dns", &["resolvers"], &[], false)?;
+        let entry = self.require(&dns, "resolvers")?;
+        let items = self.sequence("spec.dns.resolvers", &entry.value)?;
+        let mut resolvers: Vec<IpAddr> = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("spec.dns.resolvers[{i}]");
+            let Some(text) = self.string(&path, item) else {
+                ok = false;
+                continue;
+            };
+            let message = match addr::parse_ip(text) {
+                Ok(address) => match resolvers.iter().position(|a| *a == address) {
+                    None => {
+                        resolvers.push(address);
+                        continue;
+                    }
+                    Some(first) => {
+                        format!("duplicate of spec.dns.resolvers[{first}] ({address})")
+                    }
+                },
+                Err(AddrError::HostName { .. }) => {
+                    format!("`{text}` is a host name; a resolver is an IP address")
+                }
+                Err(AddrError::MappedAddress { ipv4, .. }) => format!(
+                    "`{text}` is an IPv4-mapped IPv6 address, which the kernel judges as \
+                     `{ipv4}`; write `{ipv4}`"
+                ),
+                Err(e) => e.to_string(),
+            };
+            self.report.field_error(item.line, &path, message);
+            ok = false;
+        }
+        ok.then_some((resolvers, dns.line))
     }
 
     /// `spec.allowSockets`: socket kinds besides TCP and UDP, each once.
