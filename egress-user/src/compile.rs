@@ -7,16 +7,25 @@
 //! Counter rows are stable: a rule keeps its row (and so its counters) across reloads and agent
 //! restarts for as long as its name stays in the policy. The row table lives in the pinned
 //! `RULE_INFO` map, read back by the loader into a [`RowTable`].
+//!
+//! The policy's DNS resolvers become one more rule, [`DNS_RULE_NAME`], after the user's: its
+//! keys allow port 53 over udp and tcp to each resolver, and it gets a row like any rule (only
+//! when there is a resolver), so its counters survive reloads too.
 
 use std::collections::{HashMap, hash_map::Entry};
 
 use egress_common::{
-    COUNTER_ROWS, Config, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS, PROTO_TCP,
-    RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags, fnv1a64, mode,
+    COUNTER_ROWS, Config, DNS_PORT, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS,
+    PROTO_TCP, PROTO_UDP, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags,
+    fnv1a64, mode,
 };
 use ipnet::IpNet;
 
-use crate::policy::{Events, Mode, Policy, Protocol};
+use crate::policy::{Events, Mode, Policy, Protocol, judged_as};
+
+/// The row name of the implicit rule that allows DNS to the policy's resolvers. No EgressRule
+/// can be named so (names are DNS subdomains), so it never clashes with one.
+pub const DNS_RULE_NAME: &str = "(dns)";
 
 /// Why a valid policy cannot be put into the kernel maps.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +79,8 @@ pub struct Compiled {
     /// Ports (host byte order) whose connections go to the proxy: every port of an HTTP rule
     /// or alias, sorted, without duplicates.
     pub http_ports: Vec<u16>,
-    /// Protocol numbers whose `SOCK_PROTOS` entry is 1 (EgressConfig `allowSockets`), sorted.
+    /// Protocol numbers whose `SOCK_PROTOS` entry is 1 (EgressConfig `allowSockets`), sorted,
+    /// without duplicates; TCP and UDP are never among them (always allowed).
     pub sock_protos: Vec<u16>,
     /// The row table after this generation: which rule owns each row.
     pub rows: RowTable,
@@ -238,7 +248,8 @@ pub fn compile(
     stored: &StoredRows,
     generation: u32,
 ) -> Result<Compiled, CompileError> {
-    let rows = stored.assign(policy.rules.iter().map(|r| r.name.as_str()))?;
+    let dns = (!policy.dns.resolvers.is_empty()).then_some(DNS_RULE_NAME);
+    let rows = stored.assign(policy.rules.iter().map(|r| r.name.as_str()).chain(dns))?;
     let mut out = Compiled {
         config: Config {
             mode: match policy.mode {
@@ -251,11 +262,16 @@ pub fn compile(
             flags: match policy.events {
                 Events::Denied => 0,
                 Events::All => config_flags::EVENTS_ALL,
+            } | if policy.allow_sockets.raw {
+                config_flags::ALLOW_RAW
+            } else {
+                0
             },
             // The loader knows the agent's cgroup.
             agent_cgroup: 0,
         },
         http_ports: http_ports(policy),
+        sock_protos: policy.allow_sockets.protocols.iter().copied().collect(),
         ..Compiled::default()
     };
     // First rule to claim a key keeps it: file order is the user's order of precedence.
@@ -277,31 +293,20 @@ pub fn compile(
                     slot.insert(&rule.name);
                 }
             }
-            let proto = match port.protocol {
-                Protocol::Tcp => PROTO_TCP,
-            };
-            let port = port.port.to_be();
-            match rule.destination {
-                IpNet::V4(net) => out.rules_v4.push((
-                    KEY_PREFIX_BITS + u32::from(net.prefix_len()),
-                    RuleKeyV4 {
-                        port,
-                        proto,
-                        _pad: 0,
-                        addr: net.network().octets(),
-                    },
-                    value,
-                )),
-                IpNet::V6(net) => out.rules_v6.push((
-                    KEY_PREFIX_BITS + u32::from(net.prefix_len()),
-                    RuleKeyV6 {
-                        port,
-                        proto,
-                        _pad: 0,
-                        addr: net.network().octets(),
-                    },
-                    value,
-                )),
+            push_key(&mut out, rule.destination, port.port, port.protocol, value);
+        }
+    }
+    // After the user's rules: a key one of them holds stays theirs, and is not reported.
+    if let Some(row) = rows.row(DNS_RULE_NAME) {
+        let value = RuleValue { row };
+        for resolver in &policy.dns.resolvers {
+            // A NAT64 or 6to4 resolver is judged as its IPv4 address: the key must be that.
+            let destination = IpNet::from(judged_as(*resolver));
+            for protocol in [Protocol::Udp, Protocol::Tcp] {
+                if let Entry::Vacant(slot) = owners.entry((destination, DNS_PORT, protocol)) {
+                    slot.insert(DNS_RULE_NAME);
+                    push_key(&mut out, destination, DNS_PORT, protocol, value);
+                }
             }
         }
     }
@@ -351,6 +356,47 @@ pub fn compile(
     )?;
     out.rows = rows;
     Ok(out)
+}
+
+/// Adds the rule key for `destination` and `port`/`protocol` (port in host order).
+fn push_key(
+    out: &mut Compiled,
+    destination: IpNet,
+    port: u16,
+    protocol: Protocol,
+    value: RuleValue,
+) {
+    let (port, proto) = (port.to_be(), proto(protocol));
+    match destination {
+        IpNet::V4(net) => out.rules_v4.push((
+            KEY_PREFIX_BITS + u32::from(net.prefix_len()),
+            RuleKeyV4 {
+                port,
+                proto,
+                _pad: 0,
+                addr: net.network().octets(),
+            },
+            value,
+        )),
+        IpNet::V6(net) => out.rules_v6.push((
+            KEY_PREFIX_BITS + u32::from(net.prefix_len()),
+            RuleKeyV6 {
+                port,
+                proto,
+                _pad: 0,
+                addr: net.network().octets(),
+            },
+            value,
+        )),
+    }
+}
+
+/// The IP protocol number a rule key carries.
+fn proto(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
 }
 
 /// Every port of an HTTP rule or alias, sorted, without duplicates.
@@ -513,6 +559,144 @@ mod tests {
     }
 
     #[test]
+    fn allow_sockets_compile_to_the_raw_flag_and_sock_protos() {
+        let mut p = policy(vec![]);
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        assert_eq!(c.config.flags & config_flags::ALLOW_RAW, 0);
+        assert!(c.sock_protos.is_empty());
+        p.allow_sockets.raw = true;
+        p.allow_sockets.protocols = [262, 1, 58, 132].into();
+        p.events = Events::All;
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        assert_eq!(
+            c.config.flags,
+            config_flags::ALLOW_RAW | config_flags::EVENTS_ALL
+        );
+        assert_eq!(c.sock_protos, [1, 58, 132, 262]);
+    }
+
+    fn with_resolvers(mut p: Policy, resolvers: &[&str]) -> Policy {
+        p.dns = crate::policy::Dns {
+            resolvers: resolvers.iter().map(|r| r.parse().unwrap()).collect(),
+            source: crate::policy::DnsSource::ResolvConf("/etc/resolv.conf".into()),
+        };
+        p
+    }
+
+    #[test]
+    fn resolvers_become_the_dns_rule_after_the_users_rules() {
+        let mut user = rule("own-dns", "192.0.2.53/32", &[53]);
+        user.ports.push(PortRule {
+            port: 5353,
+            protocol: Protocol::Udp,
+        });
+        let p = with_resolvers(
+            policy(vec![user]),
+            &[
+                "192.0.2.53",
+                "2001:db8::53",
+                "64:ff9b::c000:236",
+                "2002:c000:236::1",
+            ],
+        );
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        let user_row = c.rows.row("own-dns").unwrap();
+        let dns_row = c.rows.row(DNS_RULE_NAME).unwrap();
+        assert_eq!((user_row, dns_row), (FIRST_RULE_ROW, FIRST_RULE_ROW + 1));
+        assert_eq!(c.config.row_limit, FIRST_RULE_ROW + 2);
+        let v4: Vec<(u32, [u8; 4], u16, u8, u32)> = c
+            .rules_v4
+            .iter()
+            .map(|(prefix, k, v)| (*prefix, k.addr, u16::from_be(k.port), k.proto, v.row))
+            .collect();
+        assert_eq!(
+            v4,
+            [
+                (64, [192, 0, 2, 53], 53, PROTO_TCP, user_row),
+                (64, [192, 0, 2, 53], 5353, PROTO_UDP, user_row),
+                // 53/tcp to 192.0.2.53 is the user's rule's already: skipped, not reported.
+                (64, [192, 0, 2, 53], 53, PROTO_UDP, dns_row),
+                // The NAT64 and 6to4 resolvers are judged as 192.0.2.54: one pair of keys.
+                (64, [192, 0, 2, 54], 53, PROTO_UDP, dns_row),
+                (64, [192, 0, 2, 54], 53, PROTO_TCP, dns_row),
+            ]
+        );
+        let v6: Vec<(u32, u16, u8, u32)> = c
+            .rules_v6
+            .iter()
+            .map(|(prefix, k, v)| (*prefix, u16::from_be(k.port), k.proto, v.row))
+            .collect();
+        assert_eq!(
+            v6,
+            [(160, 53, PROTO_UDP, dns_row), (160, 53, PROTO_TCP, dns_row)]
+        );
+        assert_eq!(
+            c.rules_v6[0].1.addr,
+            "2001:db8::53"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert!(c.shadowed.is_empty(), "{:?}", c.shadowed);
+    }
+
+    #[test]
+    fn no_resolvers_no_dns_row() {
+        let p = with_resolvers(policy(vec![rule("a", "192.0.2.1/32", &[443])]), &[]);
+        let c = compile(&p, &StoredRows::default(), 1).unwrap();
+        assert_eq!(c.rows.row(DNS_RULE_NAME), None);
+        assert_eq!(c.rows.len(), 1);
+        assert_eq!(c.rules_v4.len(), 1);
+        // Not filled at all: no DNS either.
+        let c = compile(
+            &policy(vec![rule("a", "192.0.2.1/32", &[443])]),
+            &StoredRows::default(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(c.rows.row(DNS_RULE_NAME), None);
+    }
+
+    #[test]
+    fn the_dns_row_is_stable_across_reloads() {
+        let first = compile(
+            &with_resolvers(
+                policy(vec![rule("a", "192.0.2.1/32", &[1])]),
+                &["192.0.2.53"],
+            ),
+            &StoredRows::default(),
+            1,
+        )
+        .unwrap();
+        let stored = RowTable::from_rule_info(
+            first
+                .rows
+                .rows()
+                .into_iter()
+                .map(|(row, name)| (row, rule_info(name, 1))),
+        );
+        // A new rule comes first and the resolvers change: (dns) keeps its row.
+        let second = compile(
+            &with_resolvers(
+                policy(vec![
+                    rule("new", "192.0.2.2/32", &[1]),
+                    rule("a", "192.0.2.1/32", &[1]),
+                ]),
+                &["192.0.2.54"],
+            ),
+            &stored,
+            2,
+        )
+        .unwrap();
+        assert_eq!(
+            second.rows.row(DNS_RULE_NAME),
+            first.rows.row(DNS_RULE_NAME)
+        );
+        assert_eq!(second.rows.row("a"), first.rows.row("a"));
+        assert_eq!(second.rows.len(), 3);
+    }
+
+    #[test]
     fn same_key_twice_is_kept_by_the_first_rule_and_reported() {
         let p = policy(vec![
             rule("a", "192.0.2.0/24", &[443]),
@@ -523,6 +707,38 @@ mod tests {
         assert_eq!(c.shadowed.len(), 1);
         assert_eq!(c.shadowed[0].rule, "b");
         assert_eq!(c.shadowed[0].by, "a");
+    }
+
+    #[test]
+    fn udp_ports_compile_to_udp_keys_beside_tcp_ones() {
+        let mut dns = rule("dns", "192.0.2.53/32", &[53]);
+        dns.ports.insert(
+            0,
+            PortRule {
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+        );
+        let mut again = rule("again", "192.0.2.53/32", &[]);
+        again.ports.push(PortRule {
+            port: 53,
+            protocol: Protocol::Udp,
+        });
+        let c = compile(&policy(vec![dns, again]), &StoredRows::default(), 1).unwrap();
+        let keys: Vec<(u16, u8)> = c
+            .rules_v4
+            .iter()
+            .map(|(_, k, _)| (u16::from_be(k.port), k.proto))
+            .collect();
+        assert_eq!(keys, [(53, PROTO_UDP), (53, PROTO_TCP)]);
+        assert_eq!(
+            c.shadowed,
+            [Shadowed {
+                rule: "again".into(),
+                by: "dns".into(),
+                key: "192.0.2.53/32 53/udp".into(),
+            }]
+        );
     }
 
     #[test]

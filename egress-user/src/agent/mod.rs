@@ -3,8 +3,9 @@
 //! `get` and `events` show, and the loop that serves all of it.
 //!
 //! Every change takes one path, [`Agent::apply`]: the whole policy (the policy files, or the
-//! embedded default, plus the created rules in the state directory) is read and validated
-//! first; an invalid one changes nothing and the error is logged and counted. A valid one goes
+//! embedded default, plus the created rules in the state directory, and the DNS resolvers of
+//! resolv.conf unless the policy names its own) is read and validated first; an invalid one
+//! changes nothing and the error is logged and counted. A valid one goes
 //! to the proxy first (so a removed host is refused at once) and then to the kernel as a new
 //! generation, swapped in atomically; if the kernel refuses it, the proxy gets the old policy
 //! back. Changes are handled one at a time, in the order they arrive.
@@ -15,7 +16,7 @@ use std::{
     collections::HashMap,
     hash::{Hash as _, Hasher as _},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
 };
@@ -26,7 +27,10 @@ use tokio::{
     sync::{mpsc, watch as channel},
 };
 
+use egress_common::DNS_PORT;
+
 use crate::{
+    compile::DNS_RULE_NAME,
     control::{
         self, ProxyStatus, Request, Response, RuleRow, Status,
         server::{Call, EventHub, HubEvent},
@@ -49,6 +53,9 @@ pub struct Settings {
     pub paths: Vec<PathBuf>,
     /// The state directory (created rules).
     pub store: Store,
+    /// The resolv.conf whose resolvers DNS is allowed to (unless the policy names its own),
+    /// read again at every reload.
+    pub resolv_conf: PathBuf,
     /// Where the programs go.
     pub target: Target,
     /// The proxy's listeners (bound before anything was attached).
@@ -116,10 +123,27 @@ pub fn sources(paths: &[PathBuf], store: &Store) -> Vec<PolicySource> {
     out
 }
 
-/// A hash of the sources' names and bytes (an unreadable file hashes its error).
-fn digest(sources: &[PolicySource]) -> u64 {
+/// Fills `policy`'s DNS resolvers from `resolv_conf` unless the policy names its own, and logs
+/// what was wrong with the file (a line without a usable address, a missing file).
+///
+/// # Errors
+/// The file exists but cannot be read.
+pub fn fill_resolvers(policy: &mut Policy, resolv_conf: &Path) -> Result<(), String> {
+    let warnings = policy
+        .fill_resolvers(resolv_conf)
+        .map_err(|e| e.to_string())?;
+    for warning in warnings {
+        tracing::warn!(problem = %warning, "dns: resolv.conf");
+    }
+    Ok(())
+}
+
+/// A hash of the sources' names and bytes, and of resolv.conf's (an unreadable file hashes its
+/// error): a reload that would change nothing is skipped.
+fn digest(sources: &[PolicySource], resolv_conf: &Path) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
-    for source in sources {
+    let resolv_conf = PolicySource::File(resolv_conf.to_owned());
+    for source in sources.iter().chain([&resolv_conf]) {
         match source {
             PolicySource::File(path) => {
                 path.hash(&mut h);
@@ -159,7 +183,7 @@ impl Agent {
         let (proxies, rx) = channel::channel(proxy);
         let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
         let mut agent = Self {
-            digest: digest(sources),
+            digest: digest(sources, &settings.resolv_conf),
             settings,
             enforcer,
             proxies,
@@ -219,7 +243,7 @@ impl Agent {
     /// changed. Returns the generation in force.
     fn reload(&mut self, force: bool, why: &str) -> Result<u32, String> {
         let sources = sources(&self.settings.paths, &self.settings.store);
-        if !force && digest(&sources) == self.digest {
+        if !force && digest(&sources, &self.settings.resolv_conf) == self.digest {
             tracing::debug!(why, "policy sources unchanged; nothing to reload");
             return Ok(self.generation());
         }
@@ -242,6 +266,7 @@ impl Agent {
                     rules = self.policy.rules.len(),
                     http_rules = self.policy.http_rules.len(),
                     aliases = self.policy.aliases.len(),
+                    dns_resolvers = self.policy.dns.resolvers.len(),
                     "reloaded: new policy in force"
                 );
             }
@@ -262,7 +287,9 @@ impl Agent {
     }
 
     fn try_apply(&mut self, sources: &[PolicySource]) -> Result<u32, String> {
-        let policy = policy::load_mixed(sources).map_err(|e| e.to_string())?;
+        let mut policy = policy::load_mixed(sources).map_err(|e| e.to_string())?;
+        // Read at every reload, so a changed resolv.conf is in force from the next one on.
+        fill_resolvers(&mut policy, &self.settings.resolv_conf)?;
         if policy.proxy.port != self.policy.proxy.port {
             return Err(format!(
                 "changing the proxy port ({} to {}) needs a restart of the agent",
@@ -278,7 +305,7 @@ impl Agent {
                 self.enforcer = enforcer;
                 self.remember_names();
                 self.policy = policy;
-                self.digest = digest(sources);
+                self.digest = digest(sources, &self.settings.resolv_conf);
                 Ok(self.generation())
             }
             Err(e) => {
@@ -301,7 +328,12 @@ impl Agent {
             name: source.to_owned(),
             bytes: text.as_bytes().to_vec(),
         });
-        policy::load_mixed(&candidate).map_err(|e| format!("{e}\nnothing was created"))?;
+        let mut policy =
+            policy::load_mixed(&candidate).map_err(|e| format!("{e}\nnothing was created"))?;
+        // Its warnings are logged by the reload that follows.
+        policy
+            .fill_resolvers(&self.settings.resolv_conf)
+            .map_err(|e| format!("{e}\nnothing was created"))?;
         let mut new = old.clone();
         new.extend(docs.iter().cloned());
         let names = describe(&docs);
@@ -365,6 +397,9 @@ impl Agent {
     /// Where a rule or alias of the policy in force is defined.
     fn origin_of(&self, kind: Kind, name: &str) -> Option<String> {
         match kind {
+            Kind::EgressRule if name == DNS_RULE_NAME => self
+                .has_dns_rule()
+                .then(|| self.policy.dns.source.to_string()),
             Kind::EgressRule => self
                 .policy
                 .rules
@@ -437,6 +472,10 @@ impl Agent {
                 &r.origin,
             ));
         }
+        rows.extend(dns_row(
+            &self.policy.dns,
+            kernel.get(DNS_RULE_NAME).copied().unwrap_or_default(),
+        ));
         for a in &self.policy.aliases {
             let ports = join(
                 a.ports
@@ -471,6 +510,11 @@ impl Agent {
             });
         }
         rows
+    }
+
+    /// Whether the policy in force has the implicit DNS rule: it has resolvers.
+    fn has_dns_rule(&self) -> bool {
+        !self.policy.dns.resolvers.is_empty()
     }
 
     /// Whether the pinned links enforce on the managed cgroup (read from the kernel, not
@@ -722,6 +766,28 @@ async fn changed(watch: &mut Option<watch::PolicyWatch>) {
     }
 }
 
+/// The row `egress status` and `get` show for the implicit DNS rule, when the policy has
+/// resolvers: its source is where the resolvers come from (a resolv.conf, or the EgressConfig).
+fn dns_row(dns: &policy::Dns, k: egress_common::RuleCounters) -> Option<RuleRow> {
+    if dns.resolvers.is_empty() {
+        return None;
+    }
+    Some(RuleRow {
+        kind: Kind::EgressRule.to_string(),
+        name: DNS_RULE_NAME.to_owned(),
+        allows: format!(
+            "{} udp/{DNS_PORT},tcp/{DNS_PORT}",
+            join(dns.resolvers.iter().map(ToString::to_string))
+        ),
+        source: dns.source.to_string(),
+        created: false,
+        allowed: k.allowed,
+        denied: k.denied,
+        would_deny: k.would_deny,
+        requests: 0,
+    })
+}
+
 fn join(items: impl Iterator<Item = String>) -> String {
     items.collect::<Vec<_>>().join(",")
 }
@@ -729,4 +795,71 @@ fn join(items: impl Iterator<Item = String>) -> String {
 /// `egressrule/a, service/b` for messages.
 fn describe(docs: &[state::Document]) -> String {
     join(docs.iter().map(|d| format!("{}/{}", d.kind, d.name))).replace(',', ", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dns_rule_row_names_its_resolvers_and_their_source() {
+        let mut dns = policy::Dns {
+            resolvers: vec![
+                "192.0.2.53".parse().unwrap(),
+                "2001:db8::53".parse().unwrap(),
+            ],
+            source: policy::DnsSource::ResolvConf("/etc/resolv.conf".into()),
+        };
+        let counters = egress_common::RuleCounters {
+            allowed: 7,
+            denied: 0,
+            would_deny: 1,
+        };
+        let row = dns_row(&dns, counters).expect("resolvers");
+        assert_eq!(
+            row,
+            RuleRow {
+                kind: "egressrule".to_owned(),
+                name: "(dns)".to_owned(),
+                allows: "192.0.2.53,2001:db8::53 udp/53,tcp/53".to_owned(),
+                source: "/etc/resolv.conf".to_owned(),
+                created: false,
+                allowed: 7,
+                denied: 0,
+                would_deny: 1,
+                requests: 0,
+            }
+        );
+        dns.source = policy::DnsSource::Config(policy::Origin {
+            file: "p.yaml".to_owned(),
+            line: 3,
+        });
+        assert_eq!(
+            dns_row(&dns, counters).expect("resolvers").source,
+            "p.yaml:3"
+        );
+        dns.resolvers.clear();
+        assert_eq!(dns_row(&dns, counters), None);
+    }
+
+    #[test]
+    fn a_changed_resolv_conf_changes_the_digest() {
+        let dir = std::env::temp_dir().join(format!("egress-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let resolv_conf = dir.join("resolv.conf");
+        std::fs::write(&resolv_conf, "nameserver 192.0.2.53\n").expect("write");
+        let sources = [PolicySource::Text {
+            name: "p.yaml".to_owned(),
+            bytes: b"kind: EgressConfig\n".to_vec(),
+        }];
+        let before = digest(&sources, &resolv_conf);
+        assert_eq!(digest(&sources, &resolv_conf), before);
+        std::fs::write(&resolv_conf, "nameserver 192.0.2.54\n").expect("write");
+        let after = digest(&sources, &resolv_conf);
+        std::fs::remove_file(&resolv_conf).expect("remove");
+        let missing = digest(&sources, &resolv_conf);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_ne!(after, before);
+        assert_ne!(missing, after);
+    }
 }

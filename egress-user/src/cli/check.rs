@@ -5,12 +5,14 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 
-use crate::policy::{self, DEFAULT_POLICY_NAME, Policy, PolicyErrors};
+use crate::policy::{self, DEFAULT_POLICY_NAME, Policy, PolicyErrors, dns::DEFAULT_RESOLV_CONF};
 
 /// Validate policy files and print the normalised policy; exit 1 on any error.
 ///
 /// All files together form one policy. Every error is printed as `FILE:LINE: message`, one a
-/// line on stderr; nothing is printed on stdout then.
+/// line on stderr; nothing is printed on stdout then. The DNS resolvers shown are the policy's
+/// own, or those of `--resolv-conf`, as `egress run` would read them; problems with that file
+/// and notes about the policy go to stderr without failing the check.
 ///
 /// Example: egress check policy/base.yaml policy/wikipedia.yaml
 #[derive(clap::Args, Debug)]
@@ -21,6 +23,15 @@ pub struct CheckArgs {
     /// Check the policy built into the binary, the one `egress run` enforces without --policy.
     #[arg(long, conflicts_with = "files")]
     pub default: bool,
+    /// The resolv.conf whose `nameserver` addresses DNS is allowed to, unless the EgressConfig
+    /// names `dns.resolvers` (as `egress run --resolv-conf`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "EGRESS_RESOLV_CONF",
+        default_value = DEFAULT_RESOLV_CONF
+    )]
+    pub resolv_conf: PathBuf,
 }
 
 /// Exit status for a command line that names nothing to check (clap's own usage-error code).
@@ -67,7 +78,21 @@ fn run_with(
         }
     };
     match result {
-        Ok(policy) => {
+        Ok(mut policy) => {
+            match policy.fill_resolvers(&args.resolv_conf) {
+                Ok(warnings) => {
+                    for warning in warnings {
+                        writeln!(err, "warning: {warning}").context("cannot write to stderr")?;
+                    }
+                }
+                Err(e) => {
+                    writeln!(err, "egress check: {e}").context("cannot write to stderr")?;
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            for note in notes(&policy) {
+                writeln!(err, "{note}").context("cannot write to stderr")?;
+            }
             write!(out, "{policy}").context("cannot write to stdout")?;
             out.flush().context("cannot write to stdout")?;
             Ok(ExitCode::SUCCESS)
@@ -79,6 +104,29 @@ fn run_with(
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// What a valid policy may not mean at a glance, one note per rule: an IPv6 rule whose
+/// destination contains the NAT64 or 6to4 range does not allow the destinations there, which
+/// the kernel judges by the IPv4 rules.
+fn notes(policy: &Policy) -> Vec<String> {
+    policy
+        .rules
+        .iter()
+        .filter_map(|rule| {
+            let ranges = rule.embedded_ranges();
+            let ranges = match ranges.as_slice() {
+                [] => return None,
+                [one] => one.to_string(),
+                [first, second, ..] => format!("{first} and {second}"),
+            };
+            Some(format!(
+                "{}: note: rule `{}` ({}) contains {ranges} destinations, which the kernel judges \
+                 by the IPv4 rules as their embedded IPv4 address, not by this rule",
+                rule.origin, rule.name, rule.destination
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -108,6 +156,14 @@ mod tests {
             let path = self.0.join(name);
             fs::write(&path, contents).expect("write temp file");
             path
+        }
+
+        /// A resolv.conf with two resolvers.
+        fn resolv_conf(&self) -> PathBuf {
+            self.file(
+                "resolv.conf",
+                "nameserver 192.0.2.53\nnameserver 2001:db8::53\n",
+            )
         }
     }
 
@@ -150,13 +206,18 @@ spec:
         let args = CheckArgs {
             files: vec![path.clone()],
             default: false,
+            resolv_conf: dir.resolv_conf(),
         };
         let (code, out, err) = check(&args);
         assert_eq!(code, ExitCode::SUCCESS);
         assert_eq!(err, "");
         let origin = format!("({}:1)", path.display());
         assert!(
-            out.starts_with("mode: enforce\nbypass: 127.0.0.0/8, ::1/128\nrules: 1\n"),
+            out.starts_with(&format!(
+                "mode: enforce\nbypass: 127.0.0.0/8, ::1/128\ndns: 192.0.2.53, 2001:db8::53 (from \
+                 {})\nrules: 1\n",
+                args.resolv_conf.display()
+            )),
             "{out}"
         );
         assert!(
@@ -182,6 +243,7 @@ spec:
         let args = CheckArgs {
             files: vec![good, bad.clone(), missing.clone()],
             default: false,
+            resolv_conf: dir.resolv_conf(),
         };
         let (code, out, err) = check(&args);
         assert_eq!(code, ExitCode::FAILURE);
@@ -295,17 +357,20 @@ spec:
         let args = CheckArgs {
             files: vec![path.clone()],
             default: false,
+            resolv_conf: dir.resolv_conf(),
         };
         let (code, out, err) = check(&args);
         assert_eq!(code, ExitCode::SUCCESS, "{err}");
         assert_eq!(err, "");
         let f = path.display();
+        let r = args.resolv_conf.display();
         assert_eq!(
             out,
             format!(
                 "\
 mode: enforce
 bypass: 127.0.0.0/8, ::1/128
+dns: 192.0.2.53, 2001:db8::53 (from {r})
 rules: 5
 wikipedia-range1  91.198.174.192/27   443/tcp  ({f}:1)
 wikipedia-range2  103.102.166.224/27  443/tcp  ({f}:11)
@@ -325,15 +390,143 @@ hosts: 0
     }
 
     #[test]
+    fn wide_ipv6_rules_get_a_note_about_nat64_and_6to4() {
+        let dir = TempDir::new();
+        let doc = |name: &str, destination: &str| {
+            GOOD.replace("wikipedia-range1", name)
+                .replace("91.198.174.192/27", destination)
+        };
+        let text = format!(
+            "{}---\n{}---\n{}",
+            doc("wide", "\"::/0\""),
+            doc("v4", "192.0.2.0/24"),
+            doc("global", "2000::/3")
+        );
+        let path = dir.file("wide.yaml", &text);
+        let args = CheckArgs {
+            files: vec![path.clone()],
+            default: false,
+            resolv_conf: dir.resolv_conf(),
+        };
+        let (code, _, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        let f = path.display();
+        assert_eq!(
+            err,
+            format!(
+                "{f}:1: note: rule `wide` (::/0) contains NAT64 (64:ff9b::/96) and \
+                 6to4 (2002::/16) destinations, which the kernel judges by the IPv4 rules as \
+                 their embedded IPv4 address, not by this rule\n\
+                 {f}:15: note: rule `global` (2000::/3) contains 6to4 (2002::/16) destinations, \
+                 which the kernel judges by the IPv4 rules as their embedded IPv4 address, not \
+                 by this rule\n"
+            )
+        );
+    }
+
+    #[test]
     fn default_policy_checks_clean() {
+        let dir = TempDir::new();
         let args = CheckArgs {
             files: Vec::new(),
             default: true,
+            resolv_conf: dir.resolv_conf(),
         };
         let (code, out, err) = check(&args);
         assert_eq!(code, ExitCode::SUCCESS, "{err}");
         assert!(out.contains("wikipedia-range5  208.80.154.224/27"), "{out}");
         assert!(out.contains(&format!("({DEFAULT_POLICY_NAME}:")), "{out}");
+        // The default policy names no resolvers: resolv.conf's are in force.
+        assert!(
+            out.contains(&format!(
+                "\ndns: 192.0.2.53, 2001:db8::53 (from {})\n",
+                args.resolv_conf.display()
+            )),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn resolv_conf_problems_are_warnings_and_a_missing_one_allows_no_dns() {
+        let dir = TempDir::new();
+        let path = dir.file("good.yaml", GOOD);
+        let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\nnameserver bogus\n");
+        let args = CheckArgs {
+            files: vec![path.clone()],
+            default: false,
+            resolv_conf: resolv_conf.clone(),
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        let r = resolv_conf.display();
+        assert_eq!(
+            err,
+            format!(
+                "warning: {r}:2: `bogus` is not an IP address; this nameserver is not allowed\n"
+            )
+        );
+        assert!(
+            out.contains(&format!("\ndns: 192.0.2.53 (from {r})\n")),
+            "{out}"
+        );
+
+        let missing = dir.0.join("no-resolv.conf");
+        let args = CheckArgs {
+            files: vec![path],
+            default: false,
+            resolv_conf: missing.clone(),
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        let m = missing.display();
+        assert_eq!(
+            err,
+            format!("warning: {m}: not found; no DNS resolver is allowed\n")
+        );
+        assert!(out.contains(&format!("\ndns: none (from {m})\n")), "{out}");
+    }
+
+    #[test]
+    fn an_unreadable_resolv_conf_fails_the_check() {
+        let dir = TempDir::new();
+        let path = dir.file("good.yaml", GOOD);
+        let args = CheckArgs {
+            files: vec![path],
+            default: false,
+            resolv_conf: dir.0.clone(),
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::FAILURE);
+        assert_eq!(out, "");
+        assert!(
+            err.starts_with(&format!(
+                "egress check: reading the DNS resolvers from {}: ",
+                dir.0.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resolvers_named_by_the_policy_win_over_resolv_conf() {
+        let dir = TempDir::new();
+        let path = dir.file(
+            "config.yaml",
+            "kind: EgressConfig\nspec:\n  dns:\n    resolvers: [192.0.2.1]\n",
+        );
+        let args = CheckArgs {
+            files: vec![path.clone()],
+            default: false,
+            // Not even read: a directory would fail the check otherwise.
+            resolv_conf: dir.0.clone(),
+        };
+        let (code, out, err) = check(&args);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert_eq!(err, "");
+        assert!(
+            out.contains(&format!("\ndns: 192.0.2.1 (from {}:3)\n", path.display())),
+            "{out}"
+        );
     }
 
     #[test]
@@ -341,6 +534,7 @@ hosts: 0
         let args = CheckArgs {
             files: Vec::new(),
             default: false,
+            resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF),
         };
         let (code, out, err) = check(&args);
         assert_eq!(code, ExitCode::from(USAGE_ERROR));
@@ -360,5 +554,12 @@ hosts: 0
                 .args
                 .default
         );
+        let parsed = Cli::try_parse_from(["check", "--resolv-conf", "/tmp/r.conf", "a.yaml"])
+            .expect("valid");
+        assert_eq!(parsed.args.resolv_conf, PathBuf::from("/tmp/r.conf"));
+        if std::env::var_os("EGRESS_RESOLV_CONF").is_none() {
+            let parsed = Cli::try_parse_from(["check", "a.yaml"]).expect("valid");
+            assert_eq!(parsed.args.resolv_conf, PathBuf::from(DEFAULT_RESOLV_CONF));
+        }
     }
 }

@@ -13,6 +13,7 @@ use crate::{
     cgroup,
     control::{self, DEFAULT_SOCKET},
     loader::{DEFAULT_PIN_DIR, Target},
+    policy::dns::DEFAULT_RESOLV_CONF,
     state::{DEFAULT_STATE_DIR, Store},
     telemetry,
 };
@@ -38,6 +39,16 @@ pub struct RunArgs {
     /// The control socket for `egress status|get|create|delete|reload|events` (root only).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// The resolv.conf whose `nameserver` addresses DNS (port 53, udp and tcp) is allowed to,
+    /// unless the EgressConfig names `dns.resolvers`. Read again at every reload; a missing
+    /// file allows no DNS.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "EGRESS_RESOLV_CONF",
+        default_value = DEFAULT_RESOLV_CONF
+    )]
+    pub resolv_conf: PathBuf,
     /// Do not watch the policy files; reload only on SIGHUP or `egress reload`.
     #[arg(long)]
     pub no_watch: bool,
@@ -67,7 +78,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // before any program sends a connection to them) and the policy.
     let control = control::server::bind(&args.socket).context("binding the control socket")?;
     let sources = crate::agent::sources(&args.policy, &store);
-    let policy = match crate::policy::load_mixed(&sources) {
+    let mut policy = match crate::policy::load_mixed(&sources) {
         Ok(policy) => policy,
         Err(errors) => {
             eprintln!("{errors}");
@@ -76,6 +87,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    if let Err(e) = crate::agent::fill_resolvers(&mut policy, &args.resolv_conf) {
+        eprintln!("egress: error: {e}; nothing was loaded");
+        let _ = std::fs::remove_file(&args.socket);
+        return Ok(ExitCode::FAILURE);
+    }
     let listeners = bind_proxy(policy.proxy.port)?;
     let metrics = match args.metrics_addr {
         Some(addr) => {
@@ -94,6 +110,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings {
         paths: args.policy.clone(),
         store,
+        resolv_conf: args.resolv_conf.clone(),
         target: Target {
             pin_dir: args.pin_dir.clone(),
             cgroup: cgroup.clone(),
@@ -107,6 +124,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         generation = agent.generation(),
         mode = %agent.policy().mode,
         rules = agent.policy().rules.len(),
+        dns_resolvers = agent.policy().dns.resolvers.len(),
+        dns_from = %agent.policy().dns.source,
         cgroup = %cgroup.display(),
         pin_dir = %args.pin_dir.display(),
         socket = %args.socket.display(),

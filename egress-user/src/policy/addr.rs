@@ -5,11 +5,14 @@
 //! `10.0.0.1/24` is refused rather than silently truncated (did the author mean the /24 or the
 //! one host?), `010.0.0.1` is refused because `inet_aton` and many tools read a leading zero as
 //! octal (`010` = 8), and an IPv4-mapped IPv6 rule is refused because it could never match:
-//! connect6 judges `::ffff:a.b.c.d` by the IPv4 rules.
+//! connect6 judges `::ffff:a.b.c.d` by the IPv4 rules. So are rules and bypass ranges inside
+//! the NAT64 and 6to4 ranges ([`not_embedded`]), for the same reason.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::model::Embedded;
 
 /// Why a text is not an acceptable network.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +89,21 @@ pub(crate) enum AddrError {
         /// The same network written as IPv4.
         ipv4: Ipv4Net,
     },
+    /// `64:ff9b::c000:200/120`, `2002:c000:200::/40`: never matches, the kernel judges NAT64
+    /// and 6to4 destinations by the IPv4 rules as their embedded IPv4 address.
+    #[error(
+        "`{text}` lies inside the {range} range, whose destinations the kernel judges by the \
+         IPv4 rules as their embedded IPv4 address, never by IPv6 rules or bypass ranges; \
+         write `{ipv4}`"
+    )]
+    Embedded {
+        /// As written.
+        text: String,
+        /// The range it lies in.
+        range: Embedded,
+        /// The IPv4 network its addresses are judged as.
+        ipv4: Ipv4Net,
+    },
     /// `httpbin.org`, `*.example.com`: a name, not an address.
     #[error("`{text}` is a host name, not an address")]
     HostName {
@@ -158,6 +176,26 @@ pub(crate) fn parse_net(text: &str) -> Result<IpNet, AddrError> {
         });
     }
     Ok(net)
+}
+
+/// Refuses an IPv6 rule destination or bypass range that lies inside the NAT64 or 6to4 range
+/// ([`Embedded`]): the kernel never judges those addresses by the IPv6 rules and bypass
+/// ranges, so it could never match. `text` is the network as written, for the message.
+pub(crate) fn not_embedded(text: &str, net: IpNet) -> Result<IpNet, AddrError> {
+    let IpNet::V6(v6) = net else {
+        return Ok(net);
+    };
+    match Embedded::ALL
+        .into_iter()
+        .find_map(|range| range.ipv4_net(v6).map(|ipv4| (range, ipv4)))
+    {
+        Some((range, ipv4)) => Err(AddrError::Embedded {
+            text: text.to_owned(),
+            range,
+            ipv4,
+        }),
+        None => Ok(net),
+    }
 }
 
 /// Parses one host's address (`10.0.0.1`, `2001:db8::1`), as strictly as [`parse_net`]: no
@@ -333,6 +371,45 @@ mod tests {
         for (text, expected) in cases {
             let error = parse_net(text).expect_err(text).to_string();
             assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn nat64_and_6to4_networks_say_which_ipv4_network_to_write() {
+        let cases = [
+            (
+                "64:ff9b::c000:200/120",
+                "NAT64 (64:ff9b::/96)",
+                "192.0.2.0/24",
+            ),
+            ("64:ff9b::c000:201", "NAT64 (64:ff9b::/96)", "192.0.2.1/32"),
+            ("64:ff9b::/96", "NAT64 (64:ff9b::/96)", "0.0.0.0/0"),
+            ("2002:c000:200::/40", "6to4 (2002::/16)", "192.0.2.0/24"),
+            ("2002:c000:201::/48", "6to4 (2002::/16)", "192.0.2.1/32"),
+            ("2002:c000:201:1::/64", "6to4 (2002::/16)", "192.0.2.1/32"),
+            ("2002::/16", "6to4 (2002::/16)", "0.0.0.0/0"),
+        ];
+        for (text, range, ipv4) in cases {
+            let error = not_embedded(text, net(text)).expect_err(text).to_string();
+            assert_eq!(
+                error,
+                format!(
+                    "`{text}` lies inside the {range} range, whose destinations the kernel \
+                     judges by the IPv4 rules as their embedded IPv4 address, never by IPv6 \
+                     rules or bypass ranges; write `{ipv4}`"
+                )
+            );
+        }
+        // Wider networks contain the ranges without lying inside them; others miss them.
+        for text in [
+            "::/0",
+            "2000::/3",
+            "64:ff9b::/64",
+            "2001:db8::/32",
+            "64:ff9a::/32",
+            "192.0.2.0/24",
+        ] {
+            assert_eq!(not_embedded(text, net(text)), Ok(net(text)), "{text}");
         }
     }
 

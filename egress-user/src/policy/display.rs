@@ -3,6 +3,7 @@
 //! ```text
 //! mode: enforce
 //! bypass: 127.0.0.0/8, ::1/128
+//! dns: 192.0.2.53, 2001:db8::53 (from /etc/resolv.conf)
 //! rules: 2
 //! wikipedia-range1  91.198.174.192/27  443/tcp            (seed.yaml:1)
 //! example-v6        2001:db8::/32      443/tcp, 8443/tcp  (seed.yaml:11)
@@ -18,13 +19,15 @@
 //!
 //! Everything is shown as the filter and the proxy will use it: single addresses as /32 or
 //! /128, host names in their ASCII form, protocols lowercase, alias ports with the protocol
-//! the proxy speaks upstream, defaults spelt out. Rules keep their file order and columns are
-//! aligned, so two outputs can be diffed line by line and read at a glance. Each rule ends
-//! with the `FILE:LINE` of its document, to find it again.
+//! the proxy speaks upstream, defaults spelt out (`events` and `allowSockets` appear only when
+//! they are not the default; `dns` once the resolvers are filled, with where they came from).
+//! Rules keep their file order and columns are aligned, so two outputs can be diffed line by
+//! line and read at a glance. Each rule ends with the `FILE:LINE` of its document, to find it
+//! again.
 
 use std::fmt;
 
-use super::model::{Alias, Policy};
+use super::model::{Alias, AllowSockets, DnsSource, Policy};
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -37,6 +40,23 @@ impl fmt::Display for Policy {
             writeln!(f, "bypass: none")?;
         } else {
             writeln!(f, "bypass: {}", list(&self.bypass))?;
+        }
+        match (&self.dns.source, self.dns.resolvers.as_slice()) {
+            (DnsSource::None, _) => {}
+            (source, []) => writeln!(f, "dns: none (from {source})")?,
+            (source, resolvers) => writeln!(f, "dns: {} (from {source})", list(resolvers))?,
+        }
+        if self.allow_sockets != AllowSockets::default() {
+            let raw = self.allow_sockets.raw.then(|| "raw".to_owned());
+            let protocols = self.allow_sockets.protocols.iter().map(|&p| {
+                AllowSockets::protocol_name(p)
+                    .map_or_else(|| p.to_string(), |n| format!("{p} ({n})"))
+            });
+            writeln!(
+                f,
+                "allowSockets: {}",
+                list(raw.into_iter().chain(protocols))
+            )?;
         }
 
         writeln!(f, "rules: {}", self.rules.len())?;

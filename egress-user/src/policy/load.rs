@@ -14,7 +14,10 @@ use std::{
 
 use super::{
     DEFAULT_POLICY, DEFAULT_POLICY_NAME,
-    model::{HostPattern, HttpProtocol, HttpRule, Origin, Policy, PolicyErrors, default_bypass},
+    model::{
+        Dns, DnsSource, HostPattern, HttpProtocol, HttpRule, Origin, Policy, PolicyErrors,
+        default_bypass,
+    },
     report::Report,
     validate::{self, Config, EgressRule, Item, ServiceKey},
     yaml,
@@ -202,7 +205,7 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
                     across.rule_name(report, name, line);
                 }
                 match rule {
-                    Some(EgressRule::Tcp(rule)) => policy.rules.push(rule),
+                    Some(EgressRule::Kernel(rule)) => policy.rules.push(rule),
                     Some(EgressRule::Http { rule, port_lines }) => {
                         across.http_ports(report, &rule, &port_lines);
                         policy.http_rules.push(rule);
@@ -246,6 +249,13 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
             .map(|path| resolve(directories[index], path))
             .collect();
         policy.hosts = config.hosts.unwrap_or_default();
+        policy.allow_sockets = config.allow_sockets.unwrap_or_default();
+        if let Some((resolvers, line)) = config.dns {
+            policy.dns = Dns {
+                resolvers,
+                source: DnsSource::Config(reports[index].origin(line)),
+            };
+        }
     }
     Ok(policy)
 }

@@ -2,10 +2,12 @@
 //!
 //! The entry points are [`load_files`] and [`load_sources`]; both return a complete
 //! [`Policy`] or every error found, each as `FILE:LINE: what is wrong`. Nothing partial ever
-//! comes out, so nothing invalid can reach a map.
+//! comes out, so nothing invalid can reach a map. Unless its EgressConfig names them, a policy
+//! to enforce then gets its DNS resolvers from resolv.conf ([`Policy::fill_resolvers`]).
 
 mod addr;
 mod display;
+pub mod dns;
 mod host;
 mod load;
 mod model;
@@ -18,9 +20,9 @@ mod yaml;
 pub use host::{HostError, LabelProblem, MAX_HOST_LEN, MAX_LABEL_LEN, normalise_host};
 pub use load::{MAX_FILE_SIZE, PolicySource, default_policy, load_files, load_mixed, load_sources};
 pub use model::{
-    Alias, DEFAULT_PROXY_PORT, Diagnostic, Events, HostName, HostPattern, HttpPort, HttpProtocol,
-    HttpRule, Mode, Origin, Policy, PolicyErrors, PortRule, Protocol, ProxySettings, Rule,
-    default_bypass,
+    Alias, AllowSockets, DEFAULT_PROXY_PORT, Diagnostic, Dns, DnsSource, Embedded, Events,
+    HostName, HostPattern, HttpPort, HttpProtocol, HttpRule, Mode, Origin, Policy, PolicyErrors,
+    PortRule, Protocol, ProxySettings, Rule, default_bypass, judged_as,
 };
 
 /// The policy `egress run` enforces when no `--policy` is given (`egress check --default`).

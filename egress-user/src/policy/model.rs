@@ -1,9 +1,12 @@
 //! The normalised policy: what every valid policy file means, independent of how it was
 //! written. The compiler ([`crate::compile`]) turns this, and only this, into map entries.
 
-use std::fmt;
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Where a document or a field came from, for messages of the form `FILE:LINE: ...`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +42,6 @@ impl fmt::Display for Mode {
     }
 }
 
-/// The protocol of a rule's port.
 /// Which kernel verdicts become events (EgressConfig `spec.events`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Events {
@@ -60,16 +62,21 @@ impl fmt::Display for Events {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The protocol of a rule's port: both are judged by the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     /// A TCP connection, judged at `connect()`.
     Tcp,
+    /// UDP datagrams, judged at `connect()` of the socket or at each `sendmsg()` to an
+    /// address.
+    Udp,
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Tcp => "tcp",
+            Self::Udp => "udp",
         })
     }
 }
@@ -93,8 +100,106 @@ pub struct Rule {
     /// `spec.destination.service` as a network with no host bits set; a single address
     /// becomes a /32 or /128.
     pub destination: IpNet,
-    /// `spec.ports`, in file order, without duplicates.
+    /// `spec.ports`, in file order, each (port, protocol) once: a port may be both tcp and
+    /// udp.
     pub ports: Vec<PortRule>,
+}
+
+impl Rule {
+    /// The IPv6 ranges with an embedded IPv4 address that this rule's destination contains:
+    /// connections there are judged by the IPv4 rules, not by this rule (`::/0` contains both).
+    /// A destination inside one of them is refused when the policy is loaded.
+    pub fn embedded_ranges(&self) -> Vec<Embedded> {
+        match self.destination {
+            IpNet::V4(_) => Vec::new(),
+            IpNet::V6(net) => Embedded::ALL
+                .into_iter()
+                .filter(|range| net.contains(&range.prefix()))
+                .collect(),
+        }
+    }
+}
+
+/// An IPv6 range whose addresses carry an IPv4 address. The kernel judges a destination there
+/// by the IPv4 rules as the embedded IPv4 address (the event says which range it came from),
+/// never by the IPv6 rules, as it does for IPv4-mapped addresses (`::ffff:a.b.c.d`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Embedded {
+    /// NAT64's well-known prefix, `64:ff9b::/96` (RFC 6052): the last 32 bits.
+    Nat64,
+    /// 6to4, `2002::/16` (RFC 3056): the 32 bits after the prefix, `2002:AABB:CCDD::/48`.
+    SixToFour,
+}
+
+impl Embedded {
+    /// Both ranges.
+    pub const ALL: [Self; 2] = [Self::Nat64, Self::SixToFour];
+
+    /// The range.
+    pub fn prefix(self) -> Ipv6Net {
+        match self {
+            Self::Nat64 => Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96),
+            Self::SixToFour => Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16),
+        }
+    }
+
+    /// The bit where the IPv4 address starts: the length of the prefix.
+    fn offset(self) -> u8 {
+        self.prefix().prefix_len()
+    }
+
+    /// The range `addr` is in, if any.
+    pub fn of(addr: Ipv6Addr) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|range| range.prefix().contains(&addr))
+    }
+
+    /// The IPv4 address embedded in `addr` (which is in this range).
+    pub fn ipv4(self, addr: Ipv6Addr) -> Ipv4Addr {
+        let bits = u128::from(addr);
+        let shift = 128 - 32 - u32::from(self.offset());
+        // Truncation intended: the 32 bits after the prefix.
+        Ipv4Addr::from((bits >> shift) as u32)
+    }
+
+    /// The IPv4 network the kernel judges the addresses of `net` as, when `net` lies inside
+    /// this range: its embedded bits, at most 32 of them (a 6to4 /64 is one IPv4 address).
+    pub fn ipv4_net(self, net: Ipv6Net) -> Option<Ipv4Net> {
+        if !self.prefix().contains(&net) {
+            return None;
+        }
+        let len = (net.prefix_len() - self.offset()).min(32);
+        Ipv4Net::new(self.ipv4(net.network()), len)
+            .ok()
+            .map(|net| net.trunc())
+    }
+}
+
+impl fmt::Display for Embedded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Nat64 => write!(f, "NAT64 ({})", self.prefix()),
+            Self::SixToFour => write!(f, "6to4 ({})", self.prefix()),
+        }
+    }
+}
+
+/// The address the kernel judges a connection to `addr` as: the IPv4 address inside an
+/// IPv4-mapped, NAT64 or 6to4 address; anything else as it is.
+pub fn judged_as(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                IpAddr::V4(v4)
+            } else if let Some(range) = Embedded::of(v6) {
+                IpAddr::V4(range.ipv4(v6))
+            } else {
+                addr
+            }
+        }
+    }
 }
 
 /// A normalised host name: ASCII (IDN converted to punycode), lowercase, no trailing dot.
@@ -233,6 +338,67 @@ impl Default for ProxySettings {
     }
 }
 
+/// Which sockets besides TCP and UDP a process in the managed cgroup may create
+/// (`kind: EgressConfig` `spec.allowSockets`). Nothing by default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowSockets {
+    /// `raw`: raw sockets (`SOCK_RAW`, any protocol).
+    pub raw: bool,
+    /// IP protocol numbers (0..=[`egress_common::MAX_PROTOCOL`]) other sockets may be created
+    /// with: `icmp` is 1 and 58 (ping sockets), `sctp` 132, `udplite` 136, `mptcp` 262. Never
+    /// 6 or 17: TCP and UDP sockets are always allowed, and rules judge their traffic.
+    pub protocols: std::collections::BTreeSet<u16>,
+}
+
+impl AllowSockets {
+    /// The name of a protocol `allowSockets` knows by name (`icmp` for 1 and `icmpv6` for 58,
+    /// which `icmp` allows together).
+    pub fn protocol_name(protocol: u16) -> Option<&'static str> {
+        match protocol {
+            1 => Some("icmp"),
+            58 => Some("icmpv6"),
+            132 => Some("sctp"),
+            136 => Some("udplite"),
+            262 => Some("mptcp"),
+            _ => None,
+        }
+    }
+}
+
+/// Where the DNS resolvers of a policy come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DnsSource {
+    /// Not filled yet: the policy was loaded, and [`Policy::fill_resolvers`] not called. It
+    /// compiles to no DNS at all.
+    #[default]
+    None,
+    /// The EgressConfig's `spec.dns`, at this place.
+    Config(Origin),
+    /// The `nameserver` lines of this resolv.conf file.
+    ResolvConf(std::path::PathBuf),
+}
+
+impl fmt::Display for DnsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("not read"),
+            Self::Config(origin) => origin.fmt(f),
+            Self::ResolvConf(path) => path.display().fmt(f),
+        }
+    }
+}
+
+/// The DNS resolvers the processes of the managed cgroup may query: port 53, udp and tcp.
+/// They compile to an implicit rule named [`crate::compile::DNS_RULE_NAME`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dns {
+    /// Single addresses, without duplicates (no IPv4-mapped ones: those are given as IPv4).
+    /// Empty: no DNS is allowed (besides what a rule or bypass range allows).
+    pub resolvers: Vec<IpAddr>,
+    /// Where they come from.
+    pub source: DnsSource,
+}
+
 /// A whole validated policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -256,6 +422,11 @@ pub struct Policy {
     /// `spec.hosts` of the EgressConfig: static name overrides the proxy uses before DNS, for
     /// hosts without DNS. Addresses given here are trusted as the operator's own choice.
     pub hosts: std::collections::BTreeMap<HostName, Vec<std::net::IpAddr>>,
+    /// `spec.allowSockets` of the EgressConfig: socket kinds besides TCP and UDP.
+    pub allow_sockets: AllowSockets,
+    /// `spec.dns` of the EgressConfig, or (after [`Policy::fill_resolvers`]) the resolvers of
+    /// resolv.conf.
+    pub dns: Dns,
 }
 
 impl Default for Policy {
@@ -271,6 +442,8 @@ impl Default for Policy {
             proxy: ProxySettings::default(),
             ca_files: Vec::new(),
             hosts: std::collections::BTreeMap::new(),
+            allow_sockets: AllowSockets::default(),
+            dns: Dns::default(),
         }
     }
 }

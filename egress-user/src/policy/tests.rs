@@ -200,6 +200,62 @@ fn ipv6_rule_and_multiple_ports() {
 }
 
 #[test]
+fn udp_ports_and_one_port_as_both_tcp_and_udp() {
+    let policy = loaded(&rule_with(
+        "    - port: 443\n      protocol: tcp\n",
+        "    - {port: 53, protocol: udp}\n    - {port: 53, protocol: TCP}\n    - {port: 123, \
+         protocol: UDP}\n",
+    ));
+    let ports: Vec<(u16, Protocol)> = policy.rules[0]
+        .ports
+        .iter()
+        .map(|p| (p.port, p.protocol))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (53, Protocol::Udp),
+            (53, Protocol::Tcp),
+            (123, Protocol::Udp)
+        ]
+    );
+    assert!(
+        policy
+            .to_string()
+            .contains("\nr1  10.0.0.0/8  53/udp, 53/tcp, 123/udp  (p.yaml:1)\n"),
+        "{policy}"
+    );
+}
+
+#[test]
+fn wide_ipv6_destinations_contain_nat64_and_6to4_and_are_fine() {
+    let all = loaded(&rule_with("10.0.0.0/8", "\"::/0\""));
+    assert_eq!(all.rules[0].embedded_ranges(), Embedded::ALL);
+    let global = loaded(&rule_with("10.0.0.0/8", "2000::/3"));
+    assert_eq!(global.rules[0].embedded_ranges(), [Embedded::SixToFour]);
+    let other = loaded(&rule_with("10.0.0.0/8", "2001:db8::/32"));
+    assert!(other.rules[0].embedded_ranges().is_empty());
+    let v4 = loaded(RULE);
+    assert!(v4.rules[0].embedded_ranges().is_empty());
+    let bypass = loaded("kind: EgressConfig\nspec: {bypass: [\"::/0\"]}\n");
+    assert_eq!(bypass.bypass, [net("::/0")]);
+}
+
+#[test]
+fn the_kernel_judges_mapped_nat64_and_6to4_addresses_as_ipv4() {
+    let ip = |text: &str| text.parse::<std::net::IpAddr>().expect("valid literal");
+    for (given, judged) in [
+        ("64:ff9b::c000:201", "192.0.2.1"),
+        ("2002:c000:201::1", "192.0.2.1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("192.0.2.1", "192.0.2.1"),
+    ] {
+        assert_eq!(judged_as(ip(given)), ip(judged), "{given}");
+    }
+}
+
+#[test]
 fn single_addresses_become_host_routes() {
     let v4 = loaded(&rule_with("10.0.0.0/8", "93.184.216.34"));
     assert_eq!(v4.rules[0].destination, net("93.184.216.34/32"));
@@ -291,11 +347,24 @@ rejects! {
         => "p.yaml:6: spec.destination.service: `256.1.1.1`: octet `256` is over 255";
     ipv4_mapped_destination: rule_with("10.0.0.0/8", "\"::ffff:10.0.0.1\"")
         => "p.yaml:6: spec.destination.service: `::ffff:10.0.0.1` is an IPv4-mapped IPv6 network";
+    nat64_destination: rule_with("10.0.0.0/8", "64:ff9b::c000:200/120")
+        => "p.yaml:6: spec.destination.service: `64:ff9b::c000:200/120` lies inside the NAT64 \
+            (64:ff9b::/96) range, whose destinations the kernel judges by the IPv4 rules as their \
+            embedded IPv4 address, never by IPv6 rules or bypass ranges; write `192.0.2.0/24`";
+    six_to_four_destination: rule_with("10.0.0.0/8", "2002:c000:0200::/40")
+        => "p.yaml:6: spec.destination.service: `2002:c000:0200::/40` lies inside the 6to4 \
+            (2002::/16) range, whose destinations the kernel judges by the IPv4 rules as their \
+            embedded IPv4 address, never by IPv6 rules or bypass ranges; write `192.0.2.0/24`";
+    nat64_bypass: "kind: EgressConfig\nspec:\n  bypass:\n    - 10.0.0.0/8\n    - 64:ff9b::a00:0/104\n"
+        => "p.yaml:5: spec.bypass[1]: `64:ff9b::a00:0/104` lies inside the NAT64 (64:ff9b::/96) \
+            range, whose destinations the kernel judges by the IPv4 rules as their embedded IPv4 \
+            address, never by IPv6 rules or bypass ranges; write `10.0.0.0/8`";
     tcp_with_host_name: rule_with("10.0.0.0/8", "httpbin.test")
-        => "p.yaml:6: spec.destination.service: tcp rules with a host name (FQDN rules) are not \
-            supported yet; use an IP/CIDR, or protocol http/https";
+        => "p.yaml:6: spec.destination.service: tcp or udp rules with a host name (FQDN rules) \
+            are not supported yet; use an IP/CIDR, or protocol http/https";
     tcp_with_wildcard: rule_with("10.0.0.0/8", "\"*.example.test\"")
-        => "p.yaml:6: spec.destination.service: tcp rules with a host name (FQDN rules) are not supported yet";
+        => "p.yaml:6: spec.destination.service: tcp or udp rules with a host name (FQDN rules) \
+            are not supported yet";
     garbage_destination: rule_with("10.0.0.0/8", "not/an/address")
         => "p.yaml:6: spec.destination.service: `not/an/address` is not a CIDR or an IP address";
     port_zero: rule_with("443", "0")
@@ -317,17 +386,32 @@ rejects! {
     port_bool: rule_with("443", "true")
         => "p.yaml:8: spec.ports[0].port: expected a port number (1-65535), found a boolean `true`";
     unknown_protocol: rule_with("tcp", "sctp")
-        => "p.yaml:9: spec.ports[0].protocol: unknown protocol `sctp` (expected tcp, http or https)";
+        => "p.yaml:9: spec.ports[0].protocol: unknown protocol `sctp` (expected tcp, udp, http or \
+            https)";
     http_with_cidr: rule_with("tcp", "http")
         => "p.yaml:6: spec.destination.service: http/https rules need a host name destination, \
-            and `10.0.0.0/8` is an address; use protocol tcp for an IP/CIDR";
+            and `10.0.0.0/8` is an address; use protocol tcp or udp for an IP/CIDR";
     https_with_ip: rule_with("tcp", "HTTPS").replace("10.0.0.0/8", "192.0.2.1")
         => "p.yaml:6: spec.destination.service: http/https rules need a host name destination, \
             and `192.0.2.1/32` is an address";
-    udp_not_yet: rule_with("tcp", "udp")
-        => "p.yaml:9: spec.ports[0].protocol: protocol `udp` is not supported yet (expected tcp, http or https)";
-    udp_not_yet_on_a_host: rule_with("tcp", "UDP").replace("10.0.0.0/8", "example.test")
-        => "p.yaml:9: spec.ports[0].protocol: protocol `UDP` is not supported yet";
+    udp_with_host_name: rule_with("tcp", "UDP").replace("10.0.0.0/8", "example.test")
+        => "p.yaml:6: spec.destination.service: tcp or udp rules with a host name (FQDN rules) \
+            are not supported yet; use an IP/CIDR, or protocol http/https";
+    duplicate_udp_port: rule_with("      protocol: tcp\n",
+            "      protocol: udp\n    - {port: 443, protocol: UDP}\n")
+        => "p.yaml:10: spec.ports[1]: duplicate port 443/udp (also spec.ports[0])";
+    duplicate_after_tcp_and_udp: rule_with("      protocol: tcp\n",
+            "      protocol: tcp\n    - {port: 443, protocol: udp}\n    - {port: 443, protocol: tcp}\n")
+        => "p.yaml:11: spec.ports[2]: duplicate port 443/tcp (also spec.ports[0])";
+    udp_with_http: rule_with("      protocol: tcp\n",
+            "      protocol: udp\n    - {port: 80, protocol: http}\n")
+        => "p.yaml:10: spec.ports[1].protocol: `http` and `udp` (spec.ports[0]) cannot share a \
+            rule: tcp or udp ports need an IP/CIDR destination and http/https ports a host name; \
+            write two rules";
+    same_port_tcp_and_http: rule_with("      protocol: tcp\n",
+            "      protocol: tcp\n    - {port: 443, protocol: https}\n")
+        => "p.yaml:10: spec.ports[1].protocol: `https` and `tcp` (spec.ports[0]) cannot share a \
+            rule";
     unknown_kind: rule_with("EgressRule", "DestinationRule")
         => "p.yaml:1: kind: unknown kind `DestinationRule` (expected EgressRule, EgressConfig or Service)";
     kind_case_matters: rule_with("EgressRule", "egressrule")
@@ -385,7 +469,8 @@ rejects! {
     invalid_mode: "kind: EgressConfig\nspec:\n  mode: block\n"
         => "p.yaml:3: spec.mode: unknown mode `block` (expected enforce or audit)";
     unknown_config_field: "kind: EgressConfig\nspec:\n  proxyPort: 15001\n"
-        => "p.yaml:3: spec.proxyPort: unknown field (expected mode, events, bypass, proxy, caFiles or hosts)";
+        => "p.yaml:3: spec.proxyPort: unknown field (expected mode, events, bypass, proxy, caFiles, \
+            hosts, dns or allowSockets)";
     invalid_events: "kind: EgressConfig\nspec:\n  events: allowed\n"
         => "p.yaml:3: spec.events: unknown events setting `allowed` (expected denied or all)";
     bypass_host_name: "kind: EgressConfig\nspec:\n  bypass:\n    - 10.0.0.0/8\n    - kubernetes.default\n"
@@ -483,7 +568,7 @@ fn billion_laughs_is_rejected_fast() {
 fn every_error_is_reported_sorted_by_file_then_line() {
     let first = format!(
         "{}---\nkind: Nope\n---\n{}",
-        rule_with("443", "0").replace("tcp", "udp"),
+        rule_with("443", "0").replace("tcp", "quic"),
         rule_with("10.0.0.0/8", "10.0.0.1/8").replace("r1", "r2")
     );
     let second = format!("{RULE}bogus: 1\n");
@@ -495,7 +580,7 @@ fn every_error_is_reported_sorted_by_file_then_line() {
     let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     let expected = [
         "b.yaml:8: spec.ports[0].port: 0 is not a valid port (1-65535)",
-        "b.yaml:9: spec.ports[0].protocol: protocol `udp` is not supported yet (expected tcp, http or https)",
+        "b.yaml:9: spec.ports[0].protocol: unknown protocol `quic` (expected tcp, udp, http or https)",
         "b.yaml:11: kind: unknown kind `Nope` (expected EgressRule, EgressConfig or Service)",
         "b.yaml:18: spec.destination.service: `10.0.0.1/8` has host bits set; did you mean `10.0.0.0/8`?",
         "a.yaml:3: metadata.name: duplicate name `r1` (the first is at b.yaml:3)",

@@ -63,8 +63,8 @@ pub(crate) enum Item {
 /// A checked EgressRule: which list of the policy it goes to depends on its destination.
 #[derive(Debug)]
 pub(crate) enum EgressRule {
-    /// A CIDR or IP destination with tcp ports.
-    Tcp(Rule),
+    /// A CIDR or IP destination with tcp and udp ports.
+    Kernel(Rule),
     /// A host-name destination with http/https ports.
     Http {
         /// The rule.
@@ -276,23 +276,13 @@ impl Walk<'_> {
                 return None;
             }
         };
-        // The core schema's integer forms: 443, +443, 0x1bb, 0o673.
-        let unsigned = text.strip_prefix('+').unwrap_or(text);
-        let port = if let Some(hex) = unsigned.strip_prefix("0x") {
-            u16::from_str_radix(hex, 16).ok()
-        } else if let Some(octal) = unsigned.strip_prefix("0o") {
-            u16::from_str_radix(octal, 8).ok()
-        } else if unsigned.len() > 1 && unsigned.starts_with('0') {
-            // YAML 1.2 reads 0443 as 443 and YAML 1.1 (PyYAML, Go's yaml.v2) as octal 291:
-            // refuse the ambiguity rather than pick one.
-            self.report.field_error(
-                node.line,
-                path,
-                format!("`{text}` has a leading zero, which some YAML readers take as octal"),
-            );
-            return None;
-        } else {
-            unsigned.parse::<u16>().ok()
+        let port = match parse_int(text) {
+            Int::Value(n) => u16::try_from(n).ok(),
+            Int::LeadingZero => {
+                self.leading_zero(path, node, text);
+                return None;
+            }
+            Int::Invalid => None,
         };
         match port {
             Some(port) if port != 0 => Some(port),
@@ -307,6 +297,15 @@ impl Walk<'_> {
         }
     }
 
+    /// Reports an integer written with a leading zero.
+    fn leading_zero(&mut self, path: &str, node: &Node, text: &str) {
+        self.report.field_error(
+            node.line,
+            path,
+            format!("`{text}` has a leading zero, which some YAML readers take as octal"),
+        );
+    }
+
     /// `node` (at `path`) as a sequence.
     fn sequence<'n>(&mut self, path: &str, node: &'n Node) -> Option<&'n [Node]> {
         if let Value::Seq(items) = &node.value {
@@ -316,6 +315,32 @@ impl Walk<'_> {
             None
         }
     }
+}
+
+/// An integer scalar's value.
+enum Int {
+    /// The value (negative numbers and numbers past `u64` are [`Int::Invalid`]).
+    Value(u64),
+    /// `0443`: YAML 1.2 reads it as 443 and YAML 1.1 (PyYAML, Go's yaml.v2) as octal 291, so
+    /// it is refused rather than read either way.
+    LeadingZero,
+    /// Not a non-negative integer that fits.
+    Invalid,
+}
+
+/// The core schema's integer forms: `443`, `+443`, `0x1bb`, `0o673`.
+fn parse_int(text: &str) -> Int {
+    let unsigned = text.strip_prefix('+').unwrap_or(text);
+    let value = if let Some(hex) = unsigned.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16).ok()
+    } else if let Some(octal) = unsigned.strip_prefix("0o") {
+        u64::from_str_radix(octal, 8).ok()
+    } else if unsigned.len() > 1 && unsigned.starts_with('0') {
+        return Int::LeadingZero;
+    } else {
+        unsigned.parse::<u64>().ok()
+    };
+    value.map_or(Int::Invalid, Int::Value)
 }
 
 /// `a, b or c`, for "expected ..." messages.

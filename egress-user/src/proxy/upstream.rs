@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::policy::Policy;
+use crate::policy::{Policy, Protocol};
 
 /// A boxed future, as [`Resolve`] returns.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -160,7 +160,10 @@ impl AddrFilter {
         let allowed = policy
             .rules
             .iter()
-            .map(|r| (r.destination, r.ports.iter().map(|p| p.port).collect()))
+            .map(|r| {
+                let tcp = r.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
+                (r.destination, tcp.map(|p| p.port).collect())
+            })
             .collect();
         Self { refused, allowed }
     }
@@ -462,7 +465,7 @@ impl hyper::rt::Write for UpstreamIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{PortRule, Protocol, Rule};
+    use crate::policy::{PortRule, Rule};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -522,6 +525,27 @@ mod tests {
         assert!(f.allows(ip("169.254.169.254"), 80));
         assert!(!f.allows(ip("169.254.169.254"), 8080));
         assert!(!f.allows(ip("169.254.169.253"), 80));
+    }
+
+    #[test]
+    fn a_udp_port_does_not_lift_the_refusal() {
+        let rule = Rule {
+            name: "dns".into(),
+            origin: crate::policy::Origin {
+                file: "t".into(),
+                line: 1,
+            },
+            destination: "169.254.169.254/32".parse().unwrap(),
+            ports: vec![PortRule {
+                port: 80,
+                protocol: Protocol::Udp,
+            }],
+        };
+        let f = AddrFilter::new(&Policy {
+            rules: vec![rule],
+            ..Policy::default()
+        });
+        assert!(!f.allows(ip("169.254.169.254"), 80));
     }
 
     struct Fixed(Vec<IpAddr>);

@@ -1,6 +1,11 @@
-//! The EgressConfig's proxy port, `caFiles` and `hosts`: what they mean and what is refused.
+//! The EgressConfig's proxy port, `caFiles`, `hosts`, `dns` and `allowSockets`: what they
+//! mean and what is refused.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+};
 
 use super::*;
 
@@ -95,7 +100,166 @@ fn ca_files_are_relative_to_the_policy_file() {
     assert!(policy.ca_files.iter().all(|p| p.is_absolute()));
 }
 
+/// An EgressConfig whose `dns.resolvers` has one entry a line, from line 5 (`dns` is on 3).
+fn resolvers(entries: &[&str]) -> String {
+    let entries: String = entries.iter().map(|e| format!("      - {e}\n")).collect();
+    format!("kind: EgressConfig\nspec:\n  dns:\n    resolvers:\n{entries}")
+}
+
+#[test]
+fn dns_resolvers_from_the_config() {
+    let policy = loaded(&resolvers(&[
+        "192.0.2.53",
+        "2001:db8::53",
+        "64:ff9b::c000:235",
+    ]));
+    assert_eq!(
+        policy.dns,
+        Dns {
+            resolvers: vec![
+                ip("192.0.2.53"),
+                ip("2001:db8::53"),
+                ip("64:ff9b::c000:235")
+            ],
+            source: DnsSource::Config(Origin {
+                file: "p.yaml".to_owned(),
+                line: 3,
+            }),
+        }
+    );
+    assert!(
+        policy.to_string().contains(
+            "\nbypass: 127.0.0.0/8, ::1/128\ndns: 192.0.2.53, 2001:db8::53, 64:ff9b::c000:235 \
+             (from p.yaml:3)\nrules: 0\n"
+        ),
+        "{policy}"
+    );
+    let none = loaded("kind: EgressConfig\nspec:\n  dns: {resolvers: []}\n");
+    assert!(none.dns.resolvers.is_empty());
+    assert_eq!(
+        none.dns.source,
+        DnsSource::Config(Origin {
+            file: "p.yaml".to_owned(),
+            line: 3,
+        })
+    );
+    assert!(
+        none.to_string().contains("\ndns: none (from p.yaml:3)\n"),
+        "{none}"
+    );
+}
+
+#[test]
+fn dns_is_not_filled_by_loading_alone() {
+    let policy = loaded(RULE);
+    assert_eq!(policy.dns, Dns::default());
+    assert_eq!(policy.dns.source, DnsSource::None);
+    assert!(!policy.to_string().contains("dns:"), "{policy}");
+}
+
+/// An EgressConfig whose `allowSockets` has one entry a line, from line 4.
+fn sockets(entries: &[&str]) -> String {
+    let entries: String = entries.iter().map(|e| format!("    - {e}\n")).collect();
+    format!("kind: EgressConfig\nspec:\n  allowSockets:\n{entries}")
+}
+
+#[test]
+fn allow_sockets_names_and_numbers() {
+    let policy = loaded(&sockets(&[
+        "raw", "ICMP", "sctp", "udplite", "mptcp", "0", "255", "0x2f",
+    ]));
+    assert!(policy.allow_sockets.raw);
+    assert_eq!(
+        policy.allow_sockets.protocols,
+        BTreeSet::from([0, 1, 47, 58, 132, 136, 255, 262])
+    );
+    assert!(
+        policy.to_string().contains(
+            "\nallowSockets: raw, 0, 1 (icmp), 47, 58 (icmpv6), 132 (sctp), 136 (udplite), 255, \
+             262 (mptcp)\n"
+        ),
+        "{policy}"
+    );
+    let one = loaded(&sockets(&["58"]));
+    assert!(!one.allow_sockets.raw);
+    assert_eq!(one.allow_sockets.protocols, BTreeSet::from([58]));
+}
+
+#[test]
+fn allow_sockets_default_to_nothing() {
+    for policy in [
+        loaded(RULE),
+        loaded("kind: EgressConfig\nspec: {allowSockets: []}\n"),
+    ] {
+        assert_eq!(policy.allow_sockets, AllowSockets::default());
+        assert!(!policy.allow_sockets.raw);
+        assert!(policy.allow_sockets.protocols.is_empty());
+        assert!(!policy.to_string().contains("allowSockets"), "{policy}");
+    }
+}
+
 rejects! {
+    dns_not_a_mapping: "kind: EgressConfig\nspec:\n  dns: [192.0.2.53]\n"
+        => "p.yaml:3: spec.dns: expected a mapping, found a sequence";
+    dns_without_resolvers: "kind: EgressConfig\nspec:\n  dns: {}\n"
+        => "p.yaml:3: spec.dns.resolvers: missing field";
+    dns_unknown_field: "kind: EgressConfig\nspec:\n  dns:\n    resolvers: []\n    search: [a.test]\n"
+        => "p.yaml:5: spec.dns.search: unknown field (expected resolvers)";
+    dns_resolvers_not_a_list: "kind: EgressConfig\nspec:\n  dns:\n    resolvers: 192.0.2.53\n"
+        => "p.yaml:4: spec.dns.resolvers: expected a sequence, found a string \"192.0.2.53\"";
+    dns_network: resolvers(&["192.0.2.53", "192.0.2.0/24"])
+        => "p.yaml:6: spec.dns.resolvers[1]: `192.0.2.0/24` is a network; a single IP address is \
+            needed here";
+    dns_host_name: resolvers(&["dns.example.test"])
+        => "p.yaml:5: spec.dns.resolvers[0]: `dns.example.test` is a host name; a resolver is an \
+            IP address";
+    dns_ipv4_mapped: resolvers(&["\"::ffff:192.0.2.53\""])
+        => "p.yaml:5: spec.dns.resolvers[0]: `::ffff:192.0.2.53` is an IPv4-mapped IPv6 address, \
+            which the kernel judges as `192.0.2.53`; write `192.0.2.53`";
+    dns_unspecified: resolvers(&["0.0.0.0"])
+        => "p.yaml:5: spec.dns.resolvers[0]: `0.0.0.0` is not an address a host can have";
+    dns_bad_octet: resolvers(&["192.0.2.053"])
+        => "p.yaml:5: spec.dns.resolvers[0]: `192.0.2.053`: octet `053` has a leading zero";
+    dns_duplicate: resolvers(&["2001:db8::53", "192.0.2.53", "2001:DB8:0::53"])
+        => "p.yaml:7: spec.dns.resolvers[2]: duplicate of spec.dns.resolvers[0] (2001:db8::53)";
+    dns_number: resolvers(&["53"])
+        => "p.yaml:5: spec.dns.resolvers[0]: expected a string, found an integer `53`";
+    sockets_tcp: sockets(&["raw", "tcp"])
+        => "p.yaml:5: spec.allowSockets[1]: `tcp`: tcp and udp sockets are always allowed; rules \
+            judge their traffic";
+    sockets_udp: sockets(&["UDP"])
+        => "p.yaml:4: spec.allowSockets[0]: `UDP`: tcp and udp sockets are always allowed; rules \
+            judge their traffic";
+    sockets_6: sockets(&["6"])
+        => "p.yaml:4: spec.allowSockets[0]: `6`: tcp and udp sockets are always allowed";
+    sockets_17: sockets(&["0x11"])
+        => "p.yaml:4: spec.allowSockets[0]: `0x11`: tcp and udp sockets are always allowed";
+    sockets_unknown: sockets(&["ping"])
+        => "p.yaml:4: spec.allowSockets[0]: unknown socket kind `ping` (expected raw, icmp, sctp, \
+            udplite, mptcp or a protocol number 0-262)";
+    sockets_quoted_number: sockets(&["\"132\""])
+        => "p.yaml:4: spec.allowSockets[0]: unknown socket kind `132` (expected raw, icmp, sctp, \
+            udplite, mptcp or a protocol number 0-262)";
+    sockets_too_big: sockets(&["263"])
+        => "p.yaml:4: spec.allowSockets[0]: 263 is not a protocol number (0-262)";
+    sockets_negative: sockets(&["-1"])
+        => "p.yaml:4: spec.allowSockets[0]: -1 is not a protocol number (0-262)";
+    sockets_leading_zero: sockets(&["0132"])
+        => "p.yaml:4: spec.allowSockets[0]: `0132` has a leading zero, which some YAML readers \
+            take as octal";
+    sockets_duplicate_name: sockets(&["sctp", "udplite", "SCTP"])
+        => "p.yaml:6: spec.allowSockets[2]: `SCTP` repeats spec.allowSockets[0] (`sctp`)";
+    sockets_number_and_name: sockets(&["132", "sctp"])
+        => "p.yaml:5: spec.allowSockets[1]: `sctp` repeats spec.allowSockets[0] (`132`)";
+    sockets_icmpv6_inside_icmp: sockets(&["icmp", "58"])
+        => "p.yaml:5: spec.allowSockets[1]: `58` repeats spec.allowSockets[0] (`icmp`)";
+    sockets_raw_twice: sockets(&["raw", "raw"])
+        => "p.yaml:5: spec.allowSockets[1]: `raw` repeats spec.allowSockets[0] (`raw`)";
+    sockets_float: sockets(&["1.5"])
+        => "p.yaml:4: spec.allowSockets[0]: expected a socket kind (raw, icmp, sctp, udplite, \
+            mptcp or a protocol number 0-262), found a float `1.5`";
+    sockets_not_a_list: "kind: EgressConfig\nspec:\n  allowSockets: raw\n"
+        => "p.yaml:3: spec.allowSockets: expected a sequence, found a string \"raw\"";
     proxy_port_zero: config_with("port: 15002", "port: 0")
         => "p.yaml:4: spec.proxy.port: 0 is not a valid port (1-65535)";
     proxy_port_too_big: config_with("port: 15002", "port: 70000")

@@ -236,8 +236,8 @@ rejects! {
     mixed_http_then_tcp: host_rule("web", "example.test",
             &["{port: 80, protocol: http}", "{port: 443, protocol: tcp}"])
         => "p.yaml:9: spec.ports[1].protocol: `tcp` and `http` (spec.ports[0]) cannot share a \
-            rule: tcp ports need an IP/CIDR destination and http/https ports a host name; write \
-            two rules";
+            rule: tcp or udp ports need an IP/CIDR destination and http/https ports a host name; \
+            write two rules";
     mixed_tcp_then_https: host_rule("web", "192.0.2.0/24",
             &["{port: 22, protocol: tcp}", "{port: 443, protocol: https}"])
         => "p.yaml:9: spec.ports[1].protocol: `https` and `tcp` (spec.ports[0]) cannot share a \
@@ -250,7 +250,8 @@ rejects! {
             &["{port: 80, protocol: http}", "{port: 80, protocol: HTTP}"])
         => "p.yaml:9: spec.ports[1]: duplicate port 80/http (also spec.ports[0])";
     grpc_is_unknown: host_rule("web", "example.test", &["{port: 80, protocol: GRPC}"])
-        => "p.yaml:8: spec.ports[0].protocol: unknown protocol `GRPC` (expected tcp, http or https)";
+        => "p.yaml:8: spec.ports[0].protocol: unknown protocol `GRPC` (expected tcp, udp, http or \
+            https)";
 }
 
 #[test]

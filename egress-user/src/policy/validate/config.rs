@@ -1,5 +1,6 @@
 //! `kind: EgressConfig`: the settings of the whole policy (at most one such document): mode,
-//! bypass ranges, the proxy's port, extra CA files and static host addresses.
+//! bypass ranges, the proxy's port, extra CA files, static host addresses, the DNS resolvers
+//! and the socket kinds allowed besides TCP and UDP.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -9,17 +10,34 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{Fields, Walk};
+use egress_common::MAX_PROTOCOL;
+
+use super::{Fields, Int, Walk, parse_int};
 use crate::policy::{
     addr::{self, AddrError},
     host::{self, HostError},
-    model::{Events, HostName, Mode, ProxySettings},
+    model::{AllowSockets, Events, HostName, Mode, ProxySettings},
     report::join,
     yaml::{Node, ScalarKind, Value},
 };
 
 /// The `spec` fields of an EgressConfig.
-const SPEC_FIELDS: &[&str] = &["mode", "events", "bypass", "proxy", "caFiles", "hosts"];
+const SPEC_FIELDS: &[&str] = &[
+    "mode",
+    "events",
+    "bypass",
+    "proxy",
+    "caFiles",
+    "hosts",
+    "dns",
+    "allowSockets",
+];
+
+/// What a `spec.allowSockets` entry may be, for messages.
+const SOCKET_KINDS: &str = "raw, icmp, sctp, udplite, mptcp or a protocol number 0-262";
+
+/// Why tcp and udp are never listed in `spec.allowSockets`.
+const ALWAYS_ALLOWED: &str = "tcp and udp sockets are always allowed; rules judge their traffic";
 
 /// The settings of a `kind: EgressConfig` document; `None` where the document says nothing.
 #[derive(Debug, Default)]
@@ -37,6 +55,11 @@ pub(crate) struct Config {
     pub(crate) ca_files: Option<Vec<PathBuf>>,
     /// `spec.hosts`, names normalised.
     pub(crate) hosts: Option<BTreeMap<HostName, Vec<IpAddr>>>,
+    /// `spec.allowSockets`, when given.
+    pub(crate) allow_sockets: Option<AllowSockets>,
+    /// `spec.dns.resolvers` and the line of the `dns` key, when given (an empty list is
+    /// given: no DNS).
+    pub(crate) dns: Option<(Vec<IpAddr>, usize)>,
 }
 
 impl Walk<'_> {
@@ -62,6 +85,10 @@ impl Walk<'_> {
             }
             if let Some(entry) = spec.get("hosts") {
                 config.hosts = self.hosts(&entry.value);
+            }
+            config.dns = self.dns(&spec);
+            if let Some(entry) = spec.get("allowSockets") {
+                config.allow_sockets = self.allow_sockets(&entry.value);
             }
         }
         (self.report.error_count() == errors_before).then_some(config)
@@ -110,7 +137,7 @@ impl Walk<'_> {
                 ok = false;
                 continue;
             };
-            match addr::parse_net(text) {
+            match addr::parse_net(text).and_then(|net| addr::not_embedded(text, net)) {
                 Ok(net) => {
                     if let Some(first) = nets.iter().position(|n| *n == net) {
                         self.report.field_error(
@@ -280,5 +307,128 @@ impl Walk<'_> {
             ok = false;
         }
         ok.then_some(addresses)
+    }
+
+    /// `spec.dns`: `{resolvers: [address, ...]}`, single addresses, each once.
+    fn dns(&mut self, spec: &Fields<'_>) -> Option<(Vec<IpAddr>, usize)> {
+        let dns = self.sub_mapping(spec, "dns", &["resolvers"], &[], false)?;
+        let entry = self.require(&dns, "resolvers")?;
+        let items = self.sequence("spec.dns.resolvers", &entry.value)?;
+        let mut resolvers: Vec<IpAddr> = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("spec.dns.resolvers[{i}]");
+            let Some(text) = self.string(&path, item) else {
+                ok = false;
+                continue;
+            };
+            let message = match addr::parse_ip(text) {
+                Ok(address) => match resolvers.iter().position(|a| *a == address) {
+                    None => {
+                        resolvers.push(address);
+                        continue;
+                    }
+                    Some(first) => {
+                        format!("duplicate of spec.dns.resolvers[{first}] ({address})")
+                    }
+                },
+                Err(AddrError::HostName { .. }) => {
+                    format!("`{text}` is a host name; a resolver is an IP address")
+                }
+                Err(AddrError::MappedAddress { ipv4, .. }) => format!(
+                    "`{text}` is an IPv4-mapped IPv6 address, which the kernel judges as \
+                     `{ipv4}`; write `{ipv4}`"
+                ),
+                Err(e) => e.to_string(),
+            };
+            self.report.field_error(item.line, &path, message);
+            ok = false;
+        }
+        ok.then_some((resolvers, dns.line))
+    }
+
+    /// `spec.allowSockets`: socket kinds besides TCP and UDP, each once.
+    fn allow_sockets(&mut self, node: &Node) -> Option<AllowSockets> {
+        let items = self.sequence("spec.allowSockets", node)?;
+        let mut allowed = AllowSockets::default();
+        // Which entry allowed what (`None`: raw sockets), for the duplicate message.
+        let mut by: HashMap<Option<u16>, (usize, String)> = HashMap::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("spec.allowSockets[{i}]");
+            let Some((text, kinds)) = self.socket_kind(&path, item) else {
+                ok = false;
+                continue;
+            };
+            if let Some((first, first_text)) = kinds.iter().find_map(|kind| by.get(kind)) {
+                self.report.field_error(
+                    item.line,
+                    &path,
+                    format!("`{text}` repeats spec.allowSockets[{first}] (`{first_text}`)"),
+                );
+                ok = false;
+                continue;
+            }
+            for kind in kinds {
+                by.insert(kind, (i, text.clone()));
+                match kind {
+                    None => allowed.raw = true,
+                    Some(protocol) => {
+                        allowed.protocols.insert(protocol);
+                    }
+                }
+            }
+        }
+        ok.then_some(allowed)
+    }
+
+    /// One `spec.allowSockets` entry as written, and what it allows: `None` for raw sockets,
+    /// else protocol numbers.
+    fn socket_kind(&mut self, path: &str, node: &Node) -> Option<(String, Vec<Option<u16>>)> {
+        let (text, kinds) = match &node.value {
+            Value::Scalar(s) if s.kind == ScalarKind::Str => {
+                let kinds = match s.text.to_ascii_lowercase().as_str() {
+                    "raw" => Ok(vec![None]),
+                    "icmp" => Ok(vec![Some(1), Some(58)]),
+                    "sctp" => Ok(vec![Some(132)]),
+                    "udplite" => Ok(vec![Some(136)]),
+                    "mptcp" => Ok(vec![Some(262)]),
+                    "tcp" | "udp" => Err(format!("`{}`: {ALWAYS_ALLOWED}", s.text)),
+                    _ => Err(format!(
+                        "unknown socket kind `{}` (expected {SOCKET_KINDS})",
+                        s.text.escape_debug()
+                    )),
+                };
+                (&s.text, kinds)
+            }
+            Value::Scalar(s) if s.kind == ScalarKind::Int => {
+                let kinds = match parse_int(&s.text) {
+                    Int::Value(6 | 17) => Err(format!("`{}`: {ALWAYS_ALLOWED}", s.text)),
+                    Int::Value(n) if n <= u64::from(MAX_PROTOCOL) => {
+                        Ok(vec![Some(u16::try_from(n).ok()?)])
+                    }
+                    Int::LeadingZero => {
+                        self.leading_zero(path, node, &s.text);
+                        return None;
+                    }
+                    Int::Value(_) | Int::Invalid => Err(format!(
+                        "{} is not a protocol number (0-{MAX_PROTOCOL})",
+                        s.text
+                    )),
+                };
+                (&s.text, kinds)
+            }
+            _ => {
+                self.wrong_type(path, node, &format!("a socket kind ({SOCKET_KINDS})"));
+                return None;
+            }
+        };
+        match kinds {
+            Ok(kinds) => Some((text.clone(), kinds)),
+            Err(message) => {
+                self.report.field_error(node.line, path, message);
+                None
+            }
+        }
     }
 }

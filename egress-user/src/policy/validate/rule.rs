@@ -1,5 +1,5 @@
 //! `kind: EgressRule`: a destination and its ports. The destination decides what the rule is:
-//! a CIDR or IP address with tcp ports is a kernel rule ([`Rule`]); a host name or
+//! a CIDR or IP address with tcp and udp ports is a kernel rule ([`Rule`]); a host name or
 //! `*.`-wildcard with http/https ports is a proxy rule ([`HttpRule`]). Every other pairing is
 //! refused with what to write instead.
 
@@ -17,19 +17,26 @@ use crate::policy::{
 /// The field path of the destination, in messages.
 const SERVICE_PATH: &str = "spec.destination.service";
 
-/// A port's protocol as written: tcp goes to the kernel, http and https to the proxy.
+/// A port's protocol as written: tcp and udp go to the kernel, http and https to the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PortProtocol {
-    /// `tcp`.
-    Tcp,
+    /// `tcp` or `udp`.
+    Kernel(Protocol),
     /// `http` or `https`.
     Http(HttpProtocol),
+}
+
+impl PortProtocol {
+    /// Whether the kernel judges it (tcp, udp) rather than the proxy (http, https).
+    fn is_kernel(self) -> bool {
+        matches!(self, Self::Kernel(_))
+    }
 }
 
 impl fmt::Display for PortProtocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Tcp => Protocol::Tcp.fmt(f),
+            Self::Kernel(protocol) => protocol.fmt(f),
             Self::Http(protocol) => protocol.fmt(f),
         }
     }
@@ -74,7 +81,7 @@ impl Walk<'_> {
             (Some((name, _)), Some(rule)) if self.report.error_count() == errors_before => {
                 let (name, origin) = (name.clone(), self.report.origin(root.line));
                 Some(match rule {
-                    Paired::Tcp(destination, ports) => EgressRule::Tcp(Rule {
+                    Paired::Kernel(destination, ports) => EgressRule::Kernel(Rule {
                         name,
                         origin,
                         destination,
@@ -96,23 +103,22 @@ impl Walk<'_> {
         Item::Rule { name, rule }
     }
 
-    /// Whether the ports are all tcp or all http/https (reported when not): the two go to
+    /// Whether the ports are all tcp/udp or all http/https (reported when not): the two go to
     /// different places, the kernel and the proxy, with different kinds of destination.
     fn one_family(&mut self, ports: &[PortSpec]) -> bool {
         let Some(first) = ports.first() else {
             return true;
         };
-        let is_tcp = |p: &PortSpec| p.protocol == PortProtocol::Tcp;
         if let Some((i, other)) = ports
             .iter()
             .enumerate()
-            .find(|(_, p)| is_tcp(p) != is_tcp(first))
+            .find(|(_, p)| p.protocol.is_kernel() != first.protocol.is_kernel())
         {
             self.report.field_error(
                 other.protocol_line,
                 &format!("spec.ports[{i}].protocol"),
                 format!(
-                    "`{}` and `{}` (spec.ports[0]) cannot share a rule: tcp ports need an \
+                    "`{}` and `{}` (spec.ports[0]) cannot share a rule: tcp or udp ports need an \
                      IP/CIDR destination and http/https ports a host name; write two rules",
                     other.protocol, first.protocol
                 ),
@@ -122,8 +128,8 @@ impl Walk<'_> {
         true
     }
 
-    /// Checks that the destination and the ports (of one family) go together: tcp with an
-    /// address, http/https with a host name.
+    /// Checks that the destination and the ports (of one family) go together: tcp/udp with
+    /// an address, http/https with a host name.
     fn pair(
         &mut self,
         destination: Destination,
@@ -131,19 +137,22 @@ impl Walk<'_> {
         ports: &[PortSpec],
     ) -> Option<Paired> {
         let first = ports.first()?;
-        let is_tcp = first.protocol == PortProtocol::Tcp;
+        let is_kernel = first.protocol.is_kernel();
         match destination {
-            Destination::Net(net) if is_tcp => Some(Paired::Tcp(
+            Destination::Net(net) if is_kernel => Some(Paired::Kernel(
                 net,
                 ports
                     .iter()
-                    .map(|p| PortRule {
-                        port: p.port,
-                        protocol: Protocol::Tcp,
+                    .filter_map(|p| match p.protocol {
+                        PortProtocol::Kernel(protocol) => Some(PortRule {
+                            port: p.port,
+                            protocol,
+                        }),
+                        PortProtocol::Http(_) => None,
                     })
                     .collect(),
             )),
-            Destination::Host(host) if !is_tcp => Some(Paired::Http(
+            Destination::Host(host) if !is_kernel => Some(Paired::Http(
                 host,
                 ports
                     .iter()
@@ -152,7 +161,7 @@ impl Walk<'_> {
                             port: p.port,
                             protocol,
                         }),
-                        PortProtocol::Tcp => None,
+                        PortProtocol::Kernel(_) => None,
                     })
                     .collect(),
                 ports.iter().map(|p| p.line).collect(),
@@ -161,7 +170,7 @@ impl Walk<'_> {
                 self.report.field_error(
                     service_line,
                     SERVICE_PATH,
-                    "tcp rules with a host name (FQDN rules) are not supported yet; \
+                    "tcp or udp rules with a host name (FQDN rules) are not supported yet; \
                      use an IP/CIDR, or protocol http/https",
                 );
                 None
@@ -172,7 +181,7 @@ impl Walk<'_> {
                     SERVICE_PATH,
                     format!(
                         "http/https rules need a host name destination, and `{net}` is an \
-                         address; use protocol tcp for an IP/CIDR"
+                         address; use protocol tcp or udp for an IP/CIDR"
                     ),
                 );
                 None
@@ -197,6 +206,7 @@ impl Walk<'_> {
             )
         } else if looks_like_address {
             addr::parse_net(service)
+                .and_then(|net| addr::not_embedded(service, net))
                 .map(Destination::Net)
                 .map_err(|e| e.to_string())
         } else {
@@ -213,7 +223,8 @@ impl Walk<'_> {
         }
     }
 
-    /// `spec.ports`: at least one, each port number once.
+    /// `spec.ports`: at least one, each port once with each protocol. One port may be both
+    /// tcp and udp (53/tcp and 53/udp), never both http and https, nor kernel and proxy.
     fn ports(&mut self, spec: &Fields<'_>) -> Option<Vec<PortSpec>> {
         let entry = self.require(spec, "ports")?;
         let items = self.sequence("spec.ports", &entry.value)?;
@@ -226,7 +237,7 @@ impl Walk<'_> {
             return None;
         }
         let mut ports: Vec<PortSpec> = Vec::with_capacity(items.len());
-        let mut seen: HashMap<u16, usize> = HashMap::new();
+        let mut seen: HashMap<u16, Vec<usize>> = HashMap::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let path = format!("spec.ports[{i}]");
@@ -247,9 +258,15 @@ impl Walk<'_> {
             };
             // Rejected rather than merged: a repeated port is more often a typo for another
             // one (443 twice where 8443 was meant) than a deliberate repeat, and one port
-            // cannot be both plain and TLS-originating.
-            if let Some(&first) = seen.get(&port) {
+            // cannot be both plain and TLS-originating. TCP and UDP are separate port spaces,
+            // so 53/tcp beside 53/udp is two keys, not a repeat; a tcp port beside an http one
+            // is left to `one_family`, which says why they cannot share a rule.
+            let earlier = seen.get(&port).into_iter().flatten().find_map(|&first| {
                 let earlier = ports[first].protocol;
+                let both_http = !earlier.is_kernel() && !protocol.is_kernel();
+                (earlier == protocol || both_http).then_some((first, earlier))
+            });
+            if let Some((first, earlier)) = earlier {
                 let message = if earlier == protocol {
                     format!("duplicate port {port}/{protocol} (also spec.ports[{first}])")
                 } else {
@@ -262,7 +279,7 @@ impl Walk<'_> {
                 ok = false;
                 continue;
             }
-            seen.insert(port, ports.len());
+            seen.entry(port).or_default().push(ports.len());
             ports.push(PortSpec {
                 port,
                 protocol,
@@ -273,32 +290,35 @@ impl Walk<'_> {
         ok.then_some(ports)
     }
 
-    /// `spec.ports[i].protocol`: tcp, http or https, in any case, as the Istio docs write
-    /// both `tcp` and `HTTP`.
+    /// `spec.ports[i].protocol`: tcp, udp, http or https, in any case, as the Istio docs
+    /// write both `tcp` and `HTTP`.
     fn protocol(&mut self, path: &str, entry: &Entry) -> Option<PortProtocol> {
         let path = format!("{path}.protocol");
         let text = self.string(&path, &entry.value)?;
-        let message = match text.to_ascii_lowercase().as_str() {
-            "tcp" => return Some(PortProtocol::Tcp),
-            "http" => return Some(PortProtocol::Http(HttpProtocol::Http)),
-            "https" => return Some(PortProtocol::Http(HttpProtocol::Https)),
-            "udp" => {
-                format!("protocol `{text}` is not supported yet (expected tcp, http or https)")
+        match text.to_ascii_lowercase().as_str() {
+            "tcp" => Some(PortProtocol::Kernel(Protocol::Tcp)),
+            "udp" => Some(PortProtocol::Kernel(Protocol::Udp)),
+            "http" => Some(PortProtocol::Http(HttpProtocol::Http)),
+            "https" => Some(PortProtocol::Http(HttpProtocol::Https)),
+            _ => {
+                self.report.field_error(
+                    entry.value.line,
+                    &path,
+                    format!(
+                        "unknown protocol `{}` (expected tcp, udp, http or https)",
+                        text.escape_debug()
+                    ),
+                );
+                None
             }
-            _ => format!(
-                "unknown protocol `{}` (expected tcp, http or https)",
-                text.escape_debug()
-            ),
-        };
-        self.report.field_error(entry.value.line, &path, message);
-        None
+        }
     }
 }
 
 /// A destination and ports that go together.
 enum Paired {
-    /// An address range and tcp ports.
-    Tcp(IpNet, Vec<PortRule>),
+    /// An address range and tcp/udp ports.
+    Kernel(IpNet, Vec<PortRule>),
     /// A host pattern, http/https ports and the line of each port.
     Http(HostPattern, Vec<HttpPort>, Vec<usize>),
 }
