@@ -3,7 +3,8 @@
 //! test fails), a [`Sink`] server that counts what reaches it, and the probe that plays the
 //! workload.
 //!
-//! [`upstream`] has the HTTP and TLS servers of the HTTP egress tests.
+//! [`upstream`] has the HTTP and TLS servers of the HTTP egress tests; [`sinks`] the UDP and
+//! SYN sinks of the non-TCP-connect egress vectors (`egress-vector`).
 //!
 //! Network safety: every address here is assigned by the sandbox to a veth interface whose peer is also inside
 //! the sandbox's own namespace (TEST-NET ranges and 2001:db8::/32), so a filter that failed
@@ -51,7 +52,10 @@ macro_rules! egress_bin {
     };
 }
 
+pub mod sinks;
 pub mod upstream;
+
+pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
