@@ -4,7 +4,8 @@
 //! workload.
 //!
 //! [`upstream`] has the HTTP and TLS servers of the HTTP egress tests; [`sinks`] the UDP and
-//! SYN sinks of the non-TCP-connect egress vectors (`egress-vector`).
+//! SYN sinks of the non-TCP-connect egress vectors (`egress-vector`); [`vector`] runs
+//! `egress-vector`.
 //!
 //! Network safety: every address here is assigned by the sandbox to a veth interface whose peer is also inside
 //! the sandbox's own namespace (TEST-NET ranges and 2001:db8::/32), so a filter that failed
@@ -44,6 +45,15 @@ macro_rules! probe_bin {
     };
 }
 
+/// Path of the `egress-vector` workload (one egress attempt of a given kind), from the
+/// integration test that calls it.
+#[macro_export]
+macro_rules! vector_bin {
+    () => {
+        env!("CARGO_BIN_EXE_egress-vector")
+    };
+}
+
 /// Path of the `egress` CLI, from the integration test that calls it.
 #[macro_export]
 macro_rules! egress_bin {
@@ -54,8 +64,10 @@ macro_rules! egress_bin {
 
 pub mod sinks;
 pub mod upstream;
+pub mod vector;
 
 pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
+pub use vector::{Attempted, Vector};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
