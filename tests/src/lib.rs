@@ -4,8 +4,8 @@
 //! workload.
 //!
 //! [`upstream`] has the HTTP and TLS servers of the HTTP egress tests; [`sinks`] the UDP and
-//! SYN sinks of the non-TCP-connect egress vectors (`egress-vector`); [`vector`] runs
-//! `egress-vector`.
+//! SYN sinks of the non-TCP-connect egress vectors (`egress-vector`); [`pod`] a second
+//! namespace wired to a sandbox as a pod to its node; [`vector`] runs `egress-vector`.
 //!
 //! Network safety: every address here is assigned by the sandbox to a veth interface whose peer is also inside
 //! the sandbox's own namespace (TEST-NET ranges and 2001:db8::/32), so a filter that failed
@@ -62,10 +62,12 @@ macro_rules! egress_bin {
     };
 }
 
+pub mod pod;
 pub mod sinks;
 pub mod upstream;
 pub mod vector;
 
+pub use pod::PodNet;
 pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
 pub use vector::{Attempted, Vector};
 
