@@ -1,0 +1,523 @@
+//! The workload for egress vectors other than a plain TCP connect: joins a cgroup and a
+//! network namespace, makes exactly one egress attempt of the given kind, and reports it.
+//!
+//! Usage: `egress-vector [--cgroup DIR] [--netns NAME] [--timeout-ms N] VECTOR ADDR:PORT`
+//!
+//! It prints one line: `ok`, or `error <stage> <errno> <message>`, where `stage` names the step
+//! that failed (`socket`, `setsockopt`, `io_uring`, `connect`, `getsockname`, `send`) and
+//! `errno` is the error number (a timeout is reported as `ETIMEDOUT`); it exits 0 on `ok`
+//! and 1 otherwise. Bad arguments make it panic (exit 101).
+//!
+//! Vectors (every payload starts with `egress-vector <VECTOR>`, so sinks can tell it apart):
+//! - `tcp`: a blocking TCP `connect()` (`SO_SNDTIMEO` bounds it), then `send()` of the payload.
+//! - `tfo`: TCP Fast Open: `sendto(payload, MSG_FASTOPEN, ADDR)` on a fresh socket, never
+//!   `connect()`, with `TCP_FASTOPEN_NO_COOKIE` so the payload rides in the SYN even without a
+//!   cookie from an earlier connection; then it waits for the handshake (writable, `SO_ERROR`
+//!   0). A denied attempt fails at stage `send` (the syscall is `sendto`).
+//! - `uring`: `IORING_OP_CONNECT` through io_uring, bounded by a linked timeout, then a plain
+//!   `send()`. A negative CQE result is reported as the errno at stage `connect`; stage
+//!   `io_uring` is the ring itself failing.
+//! - `udp-connected`: a UDP `connect()`, then `send()` of one datagram.
+//! - `udp-sendto`: one unconnected `sendto()` of a datagram.
+//! - `raw-udp`: `socket(AF, SOCK_RAW, IPPROTO_UDP)` and a hand-built UDP header (source port
+//!   40000, destination ADDR's port) plus payload. IPv4: the kernel builds the IP header, and
+//!   the UDP checksum is 0 (legal, "none"). IPv6: `IPV6_CHECKSUM` 6 makes the kernel fill it.
+//! - `raw-syn`: `socket(AF, SOCK_RAW, IPPROTO_TCP)` and a hand-built TCP SYN (no ACK; source
+//!   port 40001) carrying the payload. IPv4: the checksum is computed here over the
+//!   pseudo-header, with the source address the kernel picks, learnt by `connect()` on the raw
+//!   socket and `getsockname()` (a raw socket's connect is only a route lookup, and it keeps
+//!   the vector to one socket); IPv6: `IPV6_CHECKSUM` 16 makes the kernel fill it.
+//!
+//! `a.b.c.d:p` uses an AF_INET socket, `[v6]:p` an AF_INET6 one, and `[::ffff:a.b.c.d]:p` an
+//! AF_INET6 socket to the v4-mapped address: for TCP and UDP with `IPV6_V6ONLY` off (the
+//! dual-stack case); for the raw vectors as it is (a raw socket refuses `IPV6_V6ONLY`, and is
+//! never v6-only unless the namespace's `bindv6only` says so), whatever the kernel then does.
+
+use std::{
+    io, mem,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{raw::sockaddr, setsockopt_int};
+
+/// Source port of the raw UDP datagram.
+const RAW_UDP_SPORT: u16 = 40000;
+/// Source port of the raw SYN.
+const RAW_SYN_SPORT: u16 = 40001;
+
+/// Why the attempt failed: the step, the errno and its text.
+struct Failure {
+    stage: &'static str,
+    errno: i32,
+    message: String,
+}
+
+impl Failure {
+    fn new(stage: &'static str, errno: i32) -> Self {
+        let text = io::Error::from_raw_os_error(errno).to_string();
+        let message = match text.rfind(" (os error ") {
+            Some(i) => text[..i].to_owned(),
+            None => text,
+        };
+        Self {
+            stage,
+            errno,
+            message,
+        }
+    }
+
+    /// The failure of `stage` from the thread's last OS error.
+    fn last(stage: &'static str) -> Self {
+        Self::from_io(stage, &io::Error::last_os_error())
+    }
+
+    fn from_io(stage: &'static str, e: &io::Error) -> Self {
+        Self::new(stage, e.raw_os_error().unwrap_or(libc::EIO))
+    }
+
+    fn timed_out(stage: &'static str, what: &str, timeout: Duration) -> Self {
+        let mut f = Self::new(stage, libc::ETIMEDOUT);
+        f.message = format!("{what} timed out after {} ms", timeout.as_millis());
+        f
+    }
+}
+
+type Step<T> = Result<T, Failure>;
+
+fn main() -> ExitCode {
+    let usage = "usage: egress-vector [--cgroup DIR] [--netns NAME] [--timeout-ms N] \
+                 tcp|tfo|uring|udp-connected|udp-sendto|raw-udp|raw-syn ADDR:PORT";
+    let mut args = std::env::args().skip(1);
+    let mut timeout = Duration::from_secs(3);
+    let mut positional = Vec::new();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--cgroup" => {
+                let dir = args.next().expect(usage);
+                std::fs::write(
+                    format!("{dir}/cgroup.procs"),
+                    std::process::id().to_string(),
+                )
+                .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
+            }
+            "--netns" => egress_tests::enter_netns(&args.next().expect(usage)),
+            "--timeout-ms" => {
+                let ms = args.next().expect(usage).parse().expect("--timeout-ms N");
+                timeout = Duration::from_millis(ms);
+            }
+            _ => positional.push(arg),
+        }
+    }
+    let [vector, addr] = positional.as_slice() else {
+        panic!("{usage}");
+    };
+    let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+    let payload = format!("egress-vector {vector}").into_bytes();
+    let attempt = Attempt {
+        addr,
+        timeout,
+        payload,
+    };
+    let result = match vector.as_str() {
+        "tcp" => attempt.tcp(),
+        "tfo" => attempt.tfo(),
+        "uring" => attempt.uring(),
+        "udp-connected" => attempt.udp(true),
+        "udp-sendto" => attempt.udp(false),
+        "raw-udp" => attempt.raw_udp(),
+        "raw-syn" => attempt.raw_syn(),
+        other => panic!("unknown vector {other}; {usage}"),
+    };
+    match result {
+        Ok(()) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            println!("error {} {} {}", f.stage, f.errno, f.message);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One egress attempt to `addr`.
+struct Attempt {
+    addr: SocketAddr,
+    timeout: Duration,
+    payload: Vec<u8>,
+}
+
+impl Attempt {
+    /// The socket family for the address: AF_INET6 for any IPv6 form, v4-mapped included.
+    fn family(&self) -> libc::c_int {
+        if self.addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        }
+    }
+
+    fn is_mapped(&self) -> bool {
+        matches!(self.addr.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
+    }
+
+    /// A TCP or UDP socket for the address; dual-stack for a v4-mapped one.
+    fn inet_socket(&self, ty: libc::c_int) -> Step<OwnedFd> {
+        let fd = socket(self.family(), ty, 0)?;
+        if self.is_mapped() {
+            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
+                .map_err(|e| Failure::from_io("setsockopt", &e))?;
+        }
+        Ok(fd)
+    }
+
+    fn tcp(&self) -> Step<()> {
+        let fd = self.inet_socket(libc::SOCK_STREAM)?;
+        let tv = timeval(self.timeout);
+        // SAFETY: a valid socket and a timeval of the size given.
+        let ret = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                std::ptr::from_ref(&tv).cast(),
+                mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if ret != 0 {
+            return Err(Failure::last("setsockopt"));
+        }
+        let (sa, len) = sockaddr(self.addr);
+        // SAFETY: a valid socket and a sockaddr of `len` bytes.
+        if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
+            let e = io::Error::last_os_error();
+            // A blocking connect() cut short by SO_SNDTIMEO returns EINPROGRESS.
+            if e.raw_os_error() == Some(libc::EINPROGRESS) {
+                return Err(Failure::timed_out("connect", "connect", self.timeout));
+            }
+            return Err(Failure::from_io("connect", &e));
+        }
+        send(&fd, &self.payload)
+    }
+
+    fn tfo(&self) -> Step<()> {
+        let fd = self.inet_socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK)?;
+        setsockopt_int(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN_NO_COOKIE,
+            1,
+        )
+        .map_err(|e| Failure::from_io("setsockopt", &e))?;
+        let (sa, len) = sockaddr(self.addr);
+        // SAFETY: a valid socket, a buffer of its own length and a sockaddr of `len` bytes.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                self.payload.as_ptr().cast(),
+                self.payload.len(),
+                libc::MSG_FASTOPEN | libc::MSG_NOSIGNAL,
+                std::ptr::from_ref(&sa).cast(),
+                len,
+            )
+        };
+        // EINPROGRESS: the SYN left without the data (no TFO for this route after all); the
+        // data then goes once the handshake completes.
+        let in_syn = if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(Failure::from_io("send", &e));
+            }
+            false
+        } else {
+            true
+        };
+        wait_connected(&fd, Instant::now() + self.timeout, self.timeout)?;
+        if in_syn {
+            Ok(())
+        } else {
+            send(&fd, &self.payload)
+        }
+    }
+
+    fn uring(&self) -> Step<()> {
+        use io_uring::{IoUring, opcode, squeue, types};
+
+        let fd = self.inet_socket(libc::SOCK_STREAM)?;
+        let mut ring = IoUring::new(4).map_err(|e| Failure::from_io("io_uring", &e))?;
+        let (sa, len) = sockaddr(self.addr);
+        let ts = types::Timespec::new()
+            .sec(self.timeout.as_secs())
+            .nsec(self.timeout.subsec_nanos());
+        let connect = opcode::Connect::new(
+            types::Fd(fd.as_raw_fd()),
+            std::ptr::from_ref(&sa).cast(),
+            len,
+        )
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(1);
+        let timeout = opcode::LinkTimeout::new(&ts).build().user_data(2);
+        // SAFETY: `sa` and `ts` outlive the ring's use of them: both completions are reaped
+        // below, before either goes out of scope.
+        unsafe {
+            let mut sq = ring.submission();
+            sq.push(&connect)
+                .map_err(|_| Failure::new("io_uring", libc::EBUSY))?;
+            sq.push(&timeout)
+                .map_err(|_| Failure::new("io_uring", libc::EBUSY))?;
+        }
+        let mut results = [None, None];
+        while results.iter().any(Option::is_none) {
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Failure::from_io("io_uring", &e)),
+            }
+            for cqe in ring.completion() {
+                if let Some(slot) = results.get_mut((cqe.user_data() as usize).wrapping_sub(1)) {
+                    *slot = Some(cqe.result());
+                }
+            }
+        }
+        let (connected, timer) = (results[0].unwrap_or(0), results[1].unwrap_or(0));
+        if connected == -libc::ECANCELED && timer == -libc::ETIME {
+            return Err(Failure::timed_out(
+                "connect",
+                "io_uring connect",
+                self.timeout,
+            ));
+        }
+        if connected < 0 {
+            return Err(Failure::new("connect", -connected));
+        }
+        send(&fd, &self.payload)
+    }
+
+    fn udp(&self, connected: bool) -> Step<()> {
+        let fd = self.inet_socket(libc::SOCK_DGRAM)?;
+        let (sa, len) = sockaddr(self.addr);
+        if connected {
+            // SAFETY: a valid socket and a sockaddr of `len` bytes.
+            if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
+                return Err(Failure::last("connect"));
+            }
+            return send(&fd, &self.payload);
+        }
+        sendto(&fd, &self.payload, self.addr)
+    }
+
+    fn raw_udp(&self) -> Step<()> {
+        let fd = socket(self.family(), libc::SOCK_RAW, libc::IPPROTO_UDP)?;
+        if self.family() == libc::AF_INET6 {
+            // The UDP checksum is at offset 6 of what we hand the kernel.
+            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 6)
+                .map_err(|e| Failure::from_io("setsockopt", &e))?;
+        }
+        let mut datagram = Vec::with_capacity(8 + self.payload.len());
+        datagram.extend_from_slice(&RAW_UDP_SPORT.to_be_bytes());
+        datagram.extend_from_slice(&self.addr.port().to_be_bytes());
+        datagram.extend_from_slice(&(8 + self.payload.len() as u16).to_be_bytes());
+        datagram.extend_from_slice(&[0, 0]);
+        datagram.extend_from_slice(&self.payload);
+        // An IPv6 raw socket takes port 0 or its own protocol in the address; IPv4 ignores it.
+        sendto(&fd, &datagram, SocketAddr::new(self.addr.ip(), 0))
+    }
+
+    fn raw_syn(&self) -> Step<()> {
+        let fd = socket(self.family(), libc::SOCK_RAW, libc::IPPROTO_TCP)?;
+        let target = SocketAddr::new(self.addr.ip(), 0);
+        let mut segment = Vec::with_capacity(20 + self.payload.len());
+        segment.extend_from_slice(&RAW_SYN_SPORT.to_be_bytes());
+        segment.extend_from_slice(&self.addr.port().to_be_bytes());
+        segment.extend_from_slice(&initial_sequence().to_be_bytes());
+        segment.extend_from_slice(&0u32.to_be_bytes()); // no ACK number
+        segment.push(5 << 4); // 20-byte header, no options
+        segment.push(0x02); // SYN
+        segment.extend_from_slice(&65535u16.to_be_bytes()); // window
+        segment.extend_from_slice(&[0, 0]); // checksum, below
+        segment.extend_from_slice(&[0, 0]); // urgent pointer
+        segment.extend_from_slice(&self.payload);
+        match self.addr.ip() {
+            IpAddr::V4(dst) => {
+                let src = raw_source(&fd, target)?;
+                let sum = tcp4_checksum(src, dst, &segment);
+                segment[16..18].copy_from_slice(&sum.to_be_bytes());
+            }
+            IpAddr::V6(_) => {
+                // The TCP checksum is at offset 16 of what we hand the kernel.
+                setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 16)
+                    .map_err(|e| Failure::from_io("setsockopt", &e))?;
+            }
+        }
+        sendto(&fd, &segment, target)
+    }
+}
+
+/// `socket()` with `SOCK_CLOEXEC`, owned.
+fn socket(family: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> Step<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(Failure::last("socket"));
+    }
+    // SAFETY: a descriptor socket() just returned, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `send()` of all of `data` on a connected socket.
+fn send(fd: &OwnedFd, data: &[u8]) -> Step<()> {
+    // SAFETY: a valid socket and a buffer of its own length.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    sent(n, data.len())
+}
+
+/// `sendto()` of `data` to `addr`.
+fn sendto(fd: &OwnedFd, data: &[u8], addr: SocketAddr) -> Step<()> {
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: a valid socket, a buffer of its own length and a sockaddr of `len` bytes.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_NOSIGNAL,
+            std::ptr::from_ref(&sa).cast(),
+            len,
+        )
+    };
+    sent(n, data.len())
+}
+
+fn sent(n: isize, want: usize) -> Step<()> {
+    if n < 0 {
+        return Err(Failure::last("send"));
+    }
+    if n as usize != want {
+        let mut f = Failure::new("send", libc::EMSGSIZE);
+        f.message = format!("sent {n} of {want} bytes");
+        return Err(f);
+    }
+    Ok(())
+}
+
+/// Waits for a non-blocking TCP socket's handshake: writable, then `SO_ERROR`.
+fn wait_connected(fd: &OwnedFd, deadline: Instant, timeout: Duration) -> Step<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Failure::from_io("connect", &e));
+        }
+        if n == 0 {
+            return Err(Failure::timed_out("connect", "handshake", timeout));
+        }
+        let err = so_error(fd.as_raw_fd()).map_err(|e| Failure::from_io("connect", &e))?;
+        if err != 0 {
+            return Err(Failure::new("connect", err));
+        }
+        return Ok(());
+    }
+}
+
+/// The socket's pending error (`SO_ERROR`).
+fn so_error(fd: RawFd) -> io::Result<i32> {
+    let mut err: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket and an int of `len` bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            std::ptr::from_mut(&mut err).cast(),
+            &mut len,
+        )
+    };
+    if ret == 0 {
+        Ok(err)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The IPv4 source the kernel picks for `target`: `connect()` on the raw socket (a route
+/// lookup; it also makes the socket take packets from `target` only, which does not matter
+/// for sending), then `getsockname()`.
+fn raw_source(fd: &OwnedFd, target: SocketAddr) -> Step<Ipv4Addr> {
+    let (sa, len) = sockaddr(target);
+    // SAFETY: a valid socket and a sockaddr of `len` bytes.
+    if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
+        return Err(Failure::last("connect"));
+    }
+    // SAFETY: sockaddr_in is plain data; zeroed is valid.
+    let mut local: libc::sockaddr_in = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a valid socket and a sockaddr_in of `len` bytes.
+    let ret = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            std::ptr::from_mut(&mut local).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(Failure::last("getsockname"));
+    }
+    Ok(Ipv4Addr::from(local.sin_addr.s_addr.to_ne_bytes()))
+}
+
+/// The TCP checksum of `segment` (its checksum field zero) from `src` to `dst` (RFC 793:
+/// the one's-complement sum over the pseudo-header and the segment).
+fn tcp4_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.push(0);
+    pseudo.push(libc::IPPROTO_TCP as u8);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    let mut sum: u32 = pseudo
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A sequence number that differs from run to run (the kernel's own are random too).
+fn initial_sequence() -> u32 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.subsec_nanos() ^ std::process::id().rotate_left(16)
+}
+
+fn timeval(d: Duration) -> libc::timeval {
+    libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(d.subsec_micros()),
+    }
+}
