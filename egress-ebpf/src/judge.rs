@@ -3,13 +3,17 @@
 
 use aya_ebpf::{
     btf_maps::lpm_trie::Key,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    },
 };
 use egress_common::{
     AF_INET, Event, KEY_PREFIX_BITS, MAX_PROTOCOL, RuleKeyV4, RuleKeyV6, flags, verdict,
 };
 
-use crate::maps::{BYPASS_V4, BYPASS_V6, COUNTERS, EVENTS, HOOKS, RULES_V4, RULES_V6, SOCK_PROTOS, STATS};
+use crate::maps::{
+    BYPASS_V4, BYPASS_V6, COUNTERS, EVENTS, HOOKS, RULES_V4, RULES_V6, SOCK_PROTOS, STATS,
+};
 
 /// `::ffff:0:0/96` as its third 32-bit word (network byte order), the mark of a v4-mapped
 /// IPv6 address.
@@ -60,7 +64,8 @@ impl Dest {
     #[inline(always)]
     pub fn v6(words: [u32; 4], port: u16, proto: u8, hook: u8) -> Self {
         let bytes = words_to_bytes(words);
-        let (family, flags, addr) = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
+        let (family, flags, addr) = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD
+        {
             (AF_INET, flags::V4_MAPPED, v4_in_16(words[3].to_ne_bytes()))
         } else if words[0] == NAT64_WORD && words[1] == 0 && words[2] == 0 {
             (AF_INET, flags::NAT64, v4_in_16(words[3].to_ne_bytes()))

@@ -18,8 +18,8 @@ use egress_common::{
 
 use crate::{
     judge::{
-        Dest, Judgement, LOOPBACK_V4, Matched, NAT64_WORD, V4_MAPPED_WORD, Who, count,
-        count_error, lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
+        Dest, Judgement, LOOPBACK_V4, Matched, NAT64_WORD, V4_MAPPED_WORD, Who, count, count_error,
+        lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
     },
     maps::{CONFIG, HTTP_PORTS, ORIG_COOKIE, ORIG_PEER},
 };
@@ -278,12 +278,12 @@ fn socket_kind(sa: &bpf_sock_addr) -> (u8, bool) {
 fn try_addr4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     let sa = sock_addr(ctx);
     let (proto, raw) = socket_kind(sa);
-    let dest = Dest::v4(
-        sa.user_ip4.to_ne_bytes(),
-        sa.user_port as u16,
-        proto,
-        hook,
-    );
+    let mut dest = Dest::v4(sa.user_ip4.to_ne_bytes(), sa.user_port as u16, proto, hook);
+    if sa.family == u32::from(AF_INET6) {
+        // sendmsg4 on a dual-stack socket: the app wrote ::ffff:a.b.c.d and the kernel's
+        // IPv4 path shows it here as a.b.c.d.
+        dest.flags = flags::V4_MAPPED;
+    }
     match decide(ctx, &dest, raw, sa.protocol)? {
         Outcome::Allow => Ok(RET_ALLOW),
         Outcome::Deny => Ok(RET_DENY),
@@ -348,8 +348,7 @@ fn decide(ctx: &SockAddrContext, dest: &Dest, raw: bool, protocol: u32) -> Resul
         // can be set by anyone holding CAP_NET_RAW).
         return Ok(Outcome::Allow);
     }
-    let judged = if !raw && (protocol == u32::from(PROTO_TCP) || protocol == u32::from(PROTO_UDP))
-    {
+    let judged = if !raw && (protocol == u32::from(PROTO_TCP) || protocol == u32::from(PROTO_UDP)) {
         lookup(dest)
     } else if other_allowed(config.flags, raw, protocol) {
         // allowSockets lets this kind of socket through without rules: booked as a bypass.

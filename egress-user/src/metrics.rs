@@ -330,9 +330,11 @@ impl Collector for KernelCollector {
             MetricType::Counter,
         )?;
         for h in &kernel.hooks {
-            for (verdict, count) in
-                ["allowed", "denied", "would_deny"].into_iter().zip([h.allowed, h.denied, h.would_deny])
-            {
+            for (verdict, count) in ["allowed", "denied", "would_deny"].into_iter().zip([
+                h.allowed,
+                h.denied,
+                h.would_deny,
+            ]) {
                 let labels = [("hook", h.rule.as_str()), ("verdict", verdict)];
                 ConstCounter::new(count).encode(by_hook.encode_family(&labels)?)?;
             }

@@ -62,6 +62,7 @@ macro_rules! egress_bin {
     };
 }
 
+pub mod matrix;
 pub mod pod;
 pub mod sinks;
 pub mod upstream;

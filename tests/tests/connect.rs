@@ -496,7 +496,10 @@ fn nat64_and_6to4_destinations_are_judged_by_their_ipv4_address() {
     for (ip, _, _) in &targets {
         sb.add_addr(&format!("{ip}/128"));
     }
-    let sinks: Vec<_> = targets.iter().map(|(ip, _, _)| sb.sink(sa(*ip, 7000))).collect();
+    let sinks: Vec<_> = targets
+        .iter()
+        .map(|(ip, _, _)| sb.sink(sa(*ip, 7000)))
+        .collect();
     // The IPv4 rule allows V4_A only; the IPv6 rule allows every IPv6 address on the port.
     let yaml = rule_yaml("v4-a", "192.0.2.1", 7000) + &rule_yaml("all-v6", "::/0", 7000);
     let mut enforcer = Enforcer::apply(&sb.target(), &policy(&yaml)).expect("apply");
@@ -514,7 +517,11 @@ fn nat64_and_6to4_destinations_are_judged_by_their_ipv4_address() {
 
     let c = counters(&enforcer);
     assert_eq!(c["v4-a"], allowed(2), "judged by the IPv4 rule: {c:?}");
-    assert_eq!(c["all-v6"], RuleCounters::default(), "never by the IPv6 rule");
+    assert_eq!(
+        c["all-v6"],
+        RuleCounters::default(),
+        "never by the IPv6 rule"
+    );
     assert_eq!(c[NO_RULE_NAME].denied, 2);
 
     let events = drain(&mut enforcer, &mut ring);

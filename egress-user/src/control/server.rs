@@ -102,7 +102,11 @@ impl HubEvent {
                     e.destination.to_string()
                 },
                 protocol: crate::events::protocol_name(e.protocol),
-                socket: if e.raw { "raw".to_owned() } else { String::new() },
+                socket: if e.raw {
+                    "raw".to_owned()
+                } else {
+                    String::new()
+                },
                 via: e.via.to_string(),
                 iface: e.ifindex.map(iface_name).unwrap_or_default(),
                 generation: e.generation,

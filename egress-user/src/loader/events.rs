@@ -50,7 +50,7 @@ impl fmt::Display for Verdict {
 }
 
 /// The hook that took a verdict.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
     /// `cgroup/connect4`/`6`.
     Connect,
@@ -358,7 +358,11 @@ mod tests {
 
     #[test]
     fn decodes_nat64_xdp_and_socket_creation_verdicts() {
-        let mut e = event(AF_INET, [198, 51, 100, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], verdict::DENY);
+        let mut e = event(
+            AF_INET,
+            [198, 51, 100, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            verdict::DENY,
+        );
         e.flags = flags::NAT64;
         e.hook = hook::XDP;
         e.proto = egress_common::PROTO_UDP;

@@ -99,7 +99,9 @@ pub(super) fn resolve(ifaces: &[String]) -> Result<Vec<(String, u32)>, LoadError
         .map(|name| {
             let index = CString::new(name.as_str())
                 .ok()
-                .filter(|_| !name.is_empty() && name.len() < libc::IF_NAMESIZE && !name.contains('/'))
+                .filter(|_| {
+                    !name.is_empty() && name.len() < libc::IF_NAMESIZE && !name.contains('/')
+                })
                 // SAFETY: a valid NUL-terminated string.
                 .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
             if index == 0 {

@@ -1,0 +1,204 @@
+//! The table-driven runner of the vector tests: every `egress-vector` vector over IPv4, IPv6
+//! and v4-mapped IPv6, each against its own sink on its own port, checked against what the
+//! caller expects of each (vector, family), counted at the sink.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use crate::{Attempted, Sink, SynSink, UdpSink, Vector, mapped, sa, vector::attempt};
+
+/// How long each attempt may wait.
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The address forms a vector is tried with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `a.b.c.d` from an AF_INET socket.
+    V4,
+    /// An IPv6 address from an AF_INET6 socket.
+    V6,
+    /// `[::ffff:a.b.c.d]` from an AF_INET6 socket.
+    Mapped,
+}
+
+/// Every family.
+pub const FAMILIES: [Family; 3] = [Family::V4, Family::V6, Family::Mapped];
+
+/// Where a vector's traffic is counted.
+pub enum AnySink {
+    /// TCP connections.
+    Tcp(Sink),
+    /// UDP datagrams.
+    Udp(UdpSink),
+    /// TCP SYNs (raw).
+    Syn(SynSink),
+}
+
+/// What a case should come to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// `ok`, and counted once at the sink (from the expected source, with the payload).
+    Arrives,
+    /// `ok` from the tool (the kernel took the packet), nothing reaches the sink, and the
+    /// sink's namespace counts one more IPv6 packet it had no route for (`Ip6InNoRoutes`).
+    DroppedNoRoute,
+    /// The tool fails at this stage with this errno, and nothing reaches the sink.
+    Fails(&'static str, i32),
+}
+
+/// Runs every vector over every family from `netns` (inside `cgroup` when given) to sinks in
+/// `sink_ns`, at `v4`/`v6`, expecting sources `src4`/`src6`; returns the failures, one line
+/// each. `bin` is `vector_bin!()`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one table-driven runner for every caller"
+)]
+pub fn run_matrix(
+    bin: &str,
+    netns: &str,
+    cgroup: Option<&Path>,
+    sink_ns: &str,
+    (v4, v6): (std::net::Ipv4Addr, std::net::Ipv6Addr),
+    (src4, src6): (IpAddr, IpAddr),
+    base_port: u16,
+    expect: impl Fn(Vector, Family) -> Expect,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (fi, family) in FAMILIES.into_iter().enumerate() {
+        for (vi, vector) in Vector::ALL.into_iter().enumerate() {
+            let port = base_port + (fi * 10 + vi) as u16;
+            let (sink_addr, target, src) = match family {
+                Family::V4 => (sa(v4, port), sa(v4, port), src4),
+                Family::V6 => (sa(v6, port), sa(v6, port), src6),
+                Family::Mapped => (sa(v4, port), mapped(v4, port), src4),
+            };
+            let sink = match vector {
+                Vector::Tcp | Vector::Uring => AnySink::Tcp(Sink::start(sink_ns, sink_addr)),
+                Vector::Tfo => AnySink::Tcp(Sink::start_tfo(sink_ns, sink_addr)),
+                Vector::UdpConnected | Vector::UdpSendto | Vector::RawUdp => {
+                    AnySink::Udp(UdpSink::start(sink_ns, sink_addr))
+                }
+                Vector::RawSyn => AnySink::Syn(SynSink::start(sink_ns, sink_addr)),
+            };
+            let no_routes = ip6_in_no_routes(sink_ns);
+            let got = attempt(bin, netns, cgroup, vector, target, TIMEOUT);
+            let want = expect(vector, family);
+            let case = format!("{vector} to {target} ({family:?})");
+            let no_route = ip6_in_no_routes(sink_ns) - no_routes;
+            let checked = check(&sink, vector, src, &got, &want).and_then(|()| {
+                let wanted = u64::from(want == Expect::DroppedNoRoute);
+                if no_route == wanted {
+                    Ok(())
+                } else {
+                    Err(format!("Ip6InNoRoutes grew by {no_route}, not {wanted}"))
+                }
+            });
+            if let Err(why) = checked {
+                failures.push(format!(
+                    "{case}: {why} (tool said {got:?}, wanted {want:?})"
+                ));
+            } else {
+                eprintln!("{case}: {got:?}, as expected ({want:?})");
+            }
+        }
+    }
+    failures
+}
+
+/// The `Ip6InNoRoutes` counter of a namespace: IPv6 packets it received and had no route for.
+pub fn ip6_in_no_routes(netns: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/proc/net/snmp6"])
+        .output()
+        .expect("reading snmp6");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Ip6InNoRoutes"))
+        .unwrap_or_else(|| panic!("no Ip6InNoRoutes in {netns}'s snmp6: {text}"))
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// Checks one case: what the tool said against `want`, and what the sink counted.
+fn check(
+    sink: &AnySink,
+    vector: Vector,
+    src: IpAddr,
+    got: &Attempted,
+    want: &Expect,
+) -> Result<(), String> {
+    match want {
+        Expect::Arrives | Expect::DroppedNoRoute if *got != Attempted::Ok => {
+            return Err("the tool did not report ok".into());
+        }
+        Expect::Fails(stage, errno) if !got.failed_with(stage, *errno) => {
+            return Err("the tool did not fail as expected".into());
+        }
+        _ => {}
+    }
+    let arrives = *want == Expect::Arrives;
+    let payload = vector.payload();
+    match sink {
+        AnySink::Tcp(s) => {
+            let (accepted, syn_data) = (s.accepted(), s.syn_data());
+            let wanted = usize::from(arrives);
+            if accepted != wanted {
+                return Err(format!("the sink accepted {accepted}, not {wanted}"));
+            }
+            if arrives && s.peers()[0].ip() != src {
+                return Err(format!("the peer was {}, not {src}", s.peers()[0]));
+            }
+            // TFO must really carry its data in the SYN, or it tests nothing TCP doesn't.
+            let syn_wanted = usize::from(arrives && vector == Vector::Tfo);
+            if syn_data != syn_wanted {
+                return Err(format!(
+                    "{syn_data} connections had data in the SYN, not {syn_wanted}"
+                ));
+            }
+        }
+        AnySink::Udp(s) => {
+            let got = s.datagrams();
+            if !arrives {
+                return if got.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("the sink received {got:?}"))
+                };
+            }
+            let [d] = got.as_slice() else {
+                return Err(format!(
+                    "the sink received {} datagrams: {got:?}",
+                    got.len()
+                ));
+            };
+            if d.payload != payload || !d.marked() || d.from.ip() != src {
+                return Err(format!("the sink received {d:?}"));
+            }
+            if vector == Vector::RawUdp && d.from.port() != 40000 {
+                return Err(format!("raw UDP from port {}, not 40000", d.from.port()));
+            }
+        }
+        AnySink::Syn(s) => {
+            let got = s.syns();
+            if !arrives {
+                return if got.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("the sink saw {got:?}"))
+                };
+            }
+            let [syn] = got.as_slice() else {
+                return Err(format!("the sink saw {} SYNs: {got:?}", got.len()));
+            };
+            if syn.payload != payload || syn.from != SocketAddr::new(src, 40001) {
+                return Err(format!("the sink saw {syn:?}"));
+            }
+        }
+    }
+    Ok(())
+}
