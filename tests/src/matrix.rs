@@ -48,17 +48,22 @@ pub enum Expect {
     DroppedNoRoute,
     /// The tool fails at this stage with this errno, and nothing reaches the sink.
     Fails(&'static str, i32),
+    /// `ok` from the tool (a datagram or a raw packet left), and nothing reaches the sink
+    /// nor goes unrouted: something on the way dropped it (the XDP backstop).
+    Vanishes,
 }
 
 /// Runs every vector over every family from `netns` (inside `cgroup` when given) to sinks in
 /// `sink_ns`, at `v4`/`v6`, expecting sources `src4`/`src6`; returns the failures, one line
-/// each. `bin` is `vector_bin!()`.
+/// each. `bin` is `vector_bin!()`; `timeout` bounds each attempt ([`TIMEOUT`] unless the
+/// caller counts retransmissions).
 #[expect(
     clippy::too_many_arguments,
     reason = "one table-driven runner for every caller"
 )]
 pub fn run_matrix(
     bin: &str,
+    timeout: Duration,
     netns: &str,
     cgroup: Option<&Path>,
     sink_ns: &str,
@@ -85,7 +90,7 @@ pub fn run_matrix(
                 Vector::RawSyn => AnySink::Syn(SynSink::start(sink_ns, sink_addr)),
             };
             let no_routes = ip6_in_no_routes(sink_ns);
-            let got = attempt(bin, netns, cgroup, vector, target, TIMEOUT);
+            let got = attempt(bin, netns, cgroup, vector, target, timeout);
             let want = expect(vector, family);
             let case = format!("{vector} to {target} ({family:?})");
             let no_route = ip6_in_no_routes(sink_ns) - no_routes;
@@ -133,7 +138,7 @@ fn check(
     want: &Expect,
 ) -> Result<(), String> {
     match want {
-        Expect::Arrives | Expect::DroppedNoRoute if *got != Attempted::Ok => {
+        Expect::Arrives | Expect::DroppedNoRoute | Expect::Vanishes if *got != Attempted::Ok => {
             return Err("the tool did not report ok".into());
         }
         Expect::Fails(stage, errno) if !got.failed_with(stage, *errno) => {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use egress_common::RuleCounters;
 use egress_tests::{
     Sandbox, V4_A, V4_B, V6_A, V6_B, Vector,
-    matrix::{Expect, FAMILIES, run_matrix},
+    matrix::{Expect, FAMILIES, TIMEOUT, run_matrix},
     vector_bin,
 };
 use egress_user::{
@@ -70,6 +70,7 @@ fn every_vector_is_judged_allowed_and_denied_over_every_family() {
     // at socket(), before it could send anything anywhere.
     let failures = run_matrix(
         VECTOR,
+        TIMEOUT,
         &sb.name,
         cgroup,
         &sb.name,
@@ -91,6 +92,7 @@ fn every_vector_is_judged_allowed_and_denied_over_every_family() {
     // EPERM at the call the kernel judged, and no sink sees anything.
     let failures = run_matrix(
         VECTOR,
+        TIMEOUT,
         &sb.name,
         cgroup,
         &sb.name,

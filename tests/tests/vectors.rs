@@ -7,18 +7,17 @@
 //! Where the kernel itself cannot carry a vector for a family (the raw sockets and v4-mapped
 //! addresses), the test asserts exactly what happens instead, and says why.
 
-use std::{net::IpAddr, process::Command, time::Duration};
+use std::{net::IpAddr, process::Command};
 
 use egress_tests::{
     Attempted, PodNet, Sandbox, Sink, UdpSink, V4_A, V4_B, V6_A, V6_B, Vector,
-    matrix::{Expect, Family, run_matrix},
+    matrix::{Expect, Family, TIMEOUT, run_matrix},
     sa,
     vector::attempt,
     vector_bin,
 };
 
 const VECTOR: &str = vector_bin!();
-const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every vector and family, from a process in the sandbox's own namespace to the sandbox's
 /// addresses (so over loopback).
@@ -27,6 +26,7 @@ fn every_vector_reaches_its_sink_from_the_sandbox() {
     let sb = Sandbox::new();
     let failures = run_matrix(
         VECTOR,
+        TIMEOUT,
         &sb.name,
         None,
         &sb.name,
@@ -53,6 +53,7 @@ fn every_vector_reaches_its_sink_from_a_pod() {
     let pod = PodNet::new(&sb);
     let failures = run_matrix(
         VECTOR,
+        TIMEOUT,
         pod.pod_netns(),
         None,
         &sb.name,

@@ -1,0 +1,173 @@
+//! The XDP backstop: `egress run --xdp-iface IF` on the host side of a pod's veth pair. A
+//! "pod" namespace ([`PodNet`]) sits behind a veth whose host end is in the sandbox (the
+//! node); its workload runs outside the managed cgroup, so no socket hook sees it: raw
+//! sockets, UDP and TCP alike meet only the XDP program. What the rules allow arrives at the
+//! node's sinks; what they do not is dropped on the veth, counted on the xdp hook and
+//! reported as events naming the interface.
+
+use std::time::Duration;
+
+use egress_tests::{
+    Agent, PodNet, Sandbox, V4_A, V4_B, V6_A, V6_B, Vector, egress_bin,
+    matrix::{Expect, FAMILIES, Family, TIMEOUT, run_matrix},
+    vector_bin,
+};
+
+const EGRESS: &str = egress_bin!();
+const VECTOR: &str = vector_bin!();
+const BASE_PORT: u16 = 25000;
+/// Short enough that a dropped SYN is sent once (Linux retransmits the first after 1 s).
+const SHORT: Duration = Duration::from_millis(500);
+
+/// An EgressRule allowing `service` on every port the matrix uses, over tcp and udp.
+fn rule(name: &str, service: &str) -> String {
+    let ports: String = (0..FAMILIES.len())
+        .flat_map(|fi| (0..Vector::ALL.len()).map(move |vi| BASE_PORT + (fi * 10 + vi) as u16))
+        .map(|p| {
+            format!("    - port: {p}\n      protocol: tcp\n    - port: {p}\n      protocol: udp\n")
+        })
+        .collect();
+    format!(
+        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: {service}\n  ports:\n{ports}---\n"
+    )
+}
+
+fn status(sb: &Sandbox) -> serde_json::Value {
+    let (ok, out, err) = sb.ctl(EGRESS, &["status", "-o", "json"]);
+    assert!(ok.success(), "egress status failed: {err}");
+    serde_json::from_str(&out).expect("status is JSON")
+}
+
+fn counts(value: &serde_json::Value, key: &str, name: &str) -> (u64, u64, u64) {
+    let row = value[key]
+        .as_array()
+        .expect("an array")
+        .iter()
+        .find(|r| r[if key == "hooks" { "hook" } else { "name" }] == name)
+        .unwrap_or_else(|| panic!("no {name} in {key}: {value:#}"));
+    (
+        row["allowed"].as_u64().expect("allowed"),
+        row["denied"].as_u64().expect("denied"),
+        row["would_deny"].as_u64().expect("would_deny"),
+    )
+}
+
+#[test]
+fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
+    let sb = Sandbox::new();
+    let pod = PodNet::new(&sb);
+    let dir = std::env::temp_dir().join(format!("{}-xdp", sb.name));
+    let yaml = rule("v4-a", "192.0.2.1") + &rule("v6-a", "2001:db8::1");
+    let policy = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    let agent = Agent::start_in(
+        &sb,
+        EGRESS,
+        &sb.run_args(&policy, &["--xdp-iface", pod.host_iface()]),
+    );
+    let st = status(&sb);
+    assert_eq!(
+        st["xdp_ifaces"],
+        serde_json::json!([pod.host_iface()]),
+        "{st:#}"
+    );
+
+    // Allowed destinations: everything arrives, raw sockets included (the pod's workload is
+    // outside the managed cgroup, so sock_create never refused them). As without a filter, a
+    // raw packet to a v4-mapped address crosses the veth as IPv6 and the node has no route
+    // for it.
+    let failures = run_matrix(
+        VECTOR,
+        TIMEOUT,
+        pod.pod_netns(),
+        None,
+        &sb.name,
+        (V4_A, V6_A),
+        (pod.pod_v4().into(), pod.pod_v6().into()),
+        BASE_PORT,
+        |vector, family| match (vector, family) {
+            (Vector::RawUdp | Vector::RawSyn, Family::Mapped) => Expect::DroppedNoRoute,
+            _ => Expect::Arrives,
+        },
+    );
+    assert!(
+        failures.is_empty(),
+        "allowed destinations:\n{}",
+        failures.join("\n")
+    );
+    let after_allowed = status(&sb);
+
+    // Denied destinations: the SYN or datagram leaves the pod and is dropped on the veth.
+    // TCP waits for an answer that never comes; a datagram's sender cannot tell.
+    let failures = run_matrix(
+        VECTOR,
+        SHORT,
+        pod.pod_netns(),
+        None,
+        &sb.name,
+        (V4_B, V6_B),
+        (pod.pod_v4().into(), pod.pod_v6().into()),
+        BASE_PORT,
+        |vector, _| match vector {
+            Vector::Tcp | Vector::Tfo | Vector::Uring => Expect::Fails("connect", libc::ETIMEDOUT),
+            Vector::UdpConnected | Vector::UdpSendto | Vector::RawUdp | Vector::RawSyn => {
+                Expect::Vanishes
+            }
+        },
+    );
+    assert!(
+        failures.is_empty(),
+        "denied destinations:\n{}",
+        failures.join("\n")
+    );
+
+    // Counted on the xdp hook only: 7 vectors x 3 families each way (one SYN per TCP attempt).
+    let st = status(&sb);
+    assert_eq!(
+        counts(&after_allowed, "hooks", "xdp"),
+        (21, 0, 0),
+        "{after_allowed:#}"
+    );
+    assert_eq!(counts(&st, "hooks", "xdp"), (21, 21, 0), "{st:#}");
+    for hook in ["connect", "sendmsg", "sock_create"] {
+        assert_eq!(counts(&st, "hooks", hook), (0, 0, 0), "{hook}: {st:#}");
+    }
+    // IPv4 and v4-mapped on the IPv4 rule, IPv6 on its own.
+    assert_eq!(counts(&st, "rules", "v4-a"), (14, 0, 0), "{st:#}");
+    assert_eq!(counts(&st, "rules", "v6-a"), (7, 0, 0), "{st:#}");
+    assert_eq!(counts(&st, "rules", "(no rule)"), (0, 21, 0), "{st:#}");
+
+    // Every drop is an event naming the interface, the protocol and the destination.
+    let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
+    assert!(ok.success(), "egress events failed: {err}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an event per line"))
+        .collect();
+    assert_eq!(events.len(), 21, "{out}");
+    let (mut tcp, mut udp, mut mapped) = (0, 0, 0);
+    for e in &events {
+        assert_eq!(e["source"], "xdp", "{e}");
+        assert_eq!(e["verdict"], "deny", "{e}");
+        assert_eq!(e["iface"], pod.host_iface(), "{e}");
+        assert_eq!(e["pid"], 0, "{e}");
+        let dst = e["destination"].as_str().expect("destination");
+        assert!(
+            dst.starts_with("198.51.100.1:") || dst.starts_with("[2001:db8:1::1]:"),
+            "{e}"
+        );
+        match e["protocol"].as_str() {
+            Some("tcp") => tcp += 1,
+            Some("udp") => udp += 1,
+            other => panic!("protocol {other:?}: {e}"),
+        }
+        if e["via"] == "v4-mapped" {
+            mapped += 1;
+        }
+    }
+    // tcp, tfo, uring and raw SYNs; connected, unconnected and raw UDP.
+    assert_eq!((tcp, udp), (12, 9), "{out}");
+    // Only the raw packets cross the veth with a v4-mapped destination; dual-stack TCP and
+    // UDP sockets send IPv4.
+    assert_eq!(mapped, 2, "{out}");
+    drop(agent);
+}
