@@ -171,3 +171,61 @@ fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
     assert_eq!(mapped, 2, "{out}");
     drop(agent);
 }
+
+/// `--xdp-iface 'hv*'`: a pod started after the agent gets the backstop within the rescan
+/// (a second), and its interface is forgotten when the pod goes.
+#[test]
+fn a_prefix_pattern_covers_pods_that_start_later() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-xdp", sb.name));
+    let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("v4-a", "192.0.2.1"));
+    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &["--xdp-iface", "hv*"]));
+    assert_eq!(status(&sb)["xdp_ifaces"], serde_json::json!([]));
+
+    let pod = PodNet::new(&sb);
+    let wait_for = |want: serde_json::Value| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = status(&sb)["xdp_ifaces"].clone();
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "xdp_ifaces stayed {got}, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(serde_json::json!([pod.host_iface()]));
+
+    let allowed = egress_tests::UdpSink::start(&sb.name, egress_tests::sa(V4_A, BASE_PORT + 4));
+    let denied = egress_tests::UdpSink::start(&sb.name, egress_tests::sa(V4_B, BASE_PORT + 4));
+    for sink in [&allowed, &denied] {
+        let got = egress_tests::vector::attempt(
+            VECTOR,
+            pod.pod_netns(),
+            None,
+            Vector::UdpSendto,
+            sink.addr(),
+            TIMEOUT,
+        );
+        assert_eq!(got, egress_tests::Attempted::Ok, "to {}", sink.addr());
+    }
+    assert_eq!(
+        allowed.wait_for(1, TIMEOUT),
+        1,
+        "the allowed datagram arrived"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        denied.count(),
+        0,
+        "the denied datagram was dropped on the veth"
+    );
+    assert_eq!(counts(&status(&sb), "hooks", "xdp"), (1, 1, 0));
+
+    drop(pod);
+    wait_for(serde_json::json!([]));
+    drop(agent);
+}

@@ -526,6 +526,23 @@ impl Agent {
         })
     }
 
+    /// With an `--xdp-iface` prefix pattern (`veth*`), attaches the XDP backstop to matching
+    /// interfaces that appeared since the last look (a new pod's veth) and forgets those that
+    /// went; at most a second after a pod starts.
+    fn rescan_xdp(&mut self) {
+        let patterns = &self.settings.target.xdp_ifaces;
+        if !patterns.iter().any(|p| p.ends_with('*')) {
+            return;
+        }
+        match self.enforcer.sync_xdp(patterns) {
+            Ok(true) => {
+                tracing::info!(ifaces = ?self.enforcer.xdp_ifaces(), "XDP backstop interfaces changed")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "XDP backstop: rescanning the interfaces"),
+        }
+    }
+
     /// `egress status`.
     fn status(&self) -> Status {
         let target = &self.settings.target;
@@ -677,6 +694,7 @@ impl Agent {
                     let _ = call.reply.send(response);
                 }
                 _ = tick.tick() => {
+                    self.rescan_xdp();
                     ready.send_replace(self.attached());
                     let dropped = self.proxies.borrow().events_dropped();
                     self.metrics.set_proxy_events_dropped(dropped);

@@ -58,9 +58,10 @@ pub struct RunArgs {
     pub metrics_addr: Option<SocketAddr>,
     /// Attach the XDP backstop to this host-side interface (repeat, or comma-separate, for
     /// several): a pod's egress arrives there as ingress, and a TCP SYN or UDP datagram the
-    /// rules do not allow is dropped there, whatever socket sent it. The interface must exist
-    /// in the agent's network namespace; an interface no longer named is detached at the next
-    /// start.
+    /// rules do not allow is dropped there, whatever socket sent it. An exact name must exist
+    /// in the agent's network namespace; a prefix ending in `*` (`veth*`, `cali*`; quote it)
+    /// matches every such interface, rescanned every second, so new pods' veths are covered.
+    /// An interface no longer named is detached at the next start or reload.
     #[arg(long = "xdp-iface", value_name = "IFACE", value_delimiter = ',')]
     pub xdp_iface: Vec<String>,
 }

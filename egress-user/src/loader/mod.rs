@@ -221,7 +221,7 @@ impl Enforcer {
             source,
         })?;
         let existing = existing_links(&pins, &target.cgroup, cgroup_id)?;
-        let xdp_ifaces = xdp::resolve(&target.xdp_ifaces)?;
+        let xdp_ifaces = xdp::resolve(&target.xdp_ifaces, true)?;
         let existing_xdp = xdp::pinned(&pins)?;
         check_shared_pins(&pins)?;
         let previous = previous_config(&pins);
@@ -357,6 +357,25 @@ impl Enforcer {
             PerCpuArray::try_from(self.ebpf.map(maps::HOOKS).expect("object has HOOKS"))
                 .map_err(map_err(maps::HOOKS, "opening"))?;
         sum_rows(&hooks, &hook_rows())
+    }
+
+    /// Brings the XDP backstop in line with the interfaces `patterns` name now: attaches this
+    /// generation's program to new ones (a pod's veth that appeared since), detaches it from
+    /// those that no longer match, and forgets links whose interface is gone. Returns whether
+    /// anything changed. Exact names that do not exist are left out, not an error.
+    pub fn sync_xdp(&mut self, patterns: &[String]) -> Result<bool, LoadError> {
+        let wanted = xdp::resolve(patterns, false)?;
+        let existing = xdp::pinned(&self.pins)?;
+        let mut have: Vec<(String, u32)> = existing
+            .iter()
+            .map(|l| (l.iface.clone(), l.ifindex))
+            .collect();
+        have.sort();
+        if have == wanted {
+            return Ok(false);
+        }
+        xdp::apply(&mut self.ebpf, &self.pins, &wanted, existing)?;
+        Ok(true)
     }
 
     /// Interfaces with the XDP backstop attached (from the pins).

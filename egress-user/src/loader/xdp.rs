@@ -4,7 +4,6 @@
 //! `--xdp-iface` has its link detached.
 
 use std::{
-    ffi::CString,
     io,
     os::fd::{AsFd as _, OwnedFd},
     path::PathBuf,
@@ -91,29 +90,55 @@ pub(super) fn pinned(pins: &PinDir) -> Result<Vec<PinnedXdp>, LoadError> {
     Ok(links)
 }
 
-/// The ifindex of every interface, in order; fails before anything changes when one is
-/// missing.
-pub(super) fn resolve(ifaces: &[String]) -> Result<Vec<(String, u32)>, LoadError> {
-    ifaces
-        .iter()
-        .map(|name| {
-            let index = CString::new(name.as_str())
-                .ok()
-                .filter(|_| {
-                    !name.is_empty() && name.len() < libc::IF_NAMESIZE && !name.contains('/')
-                })
-                // SAFETY: a valid NUL-terminated string.
-                .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
-            if index == 0 {
-                Err(LoadError::Interface {
-                    name: name.clone(),
-                    source: io::Error::last_os_error(),
-                })
-            } else {
-                Ok((name.clone(), index))
+/// Every interface of the agent's network namespace, by name.
+fn interfaces() -> Vec<(String, u32)> {
+    // SAFETY: if_nameindex returns a heap array ended by a zero entry, or null; it is read
+    // here and freed once with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*p).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push((name, (*p).if_index));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+        out
+    }
+}
+
+/// The interfaces `patterns` name, sorted: an exact name, or a prefix ending in `*`
+/// (`veth*`, `cali*`) for every interface whose name starts with it, now. With `strict`, an
+/// exact name that does not exist is an error (at start and reload, before anything
+/// changes); without it, it is left out (the periodic rescan, where interfaces come and go).
+pub(super) fn resolve(patterns: &[String], strict: bool) -> Result<Vec<(String, u32)>, LoadError> {
+    let all = interfaces();
+    let mut out: Vec<(String, u32)> = Vec::new();
+    for pattern in patterns {
+        if let Some(prefix) = pattern.strip_suffix('*') {
+            out.extend(all.iter().filter(|(n, _)| n.starts_with(prefix)).cloned());
+            continue;
+        }
+        match all.iter().find(|(n, _)| n == pattern) {
+            Some(found) => out.push(found.clone()),
+            None if strict => {
+                return Err(LoadError::Interface {
+                    name: pattern.clone(),
+                    source: io::Error::from_raw_os_error(libc::ENODEV),
+                });
             }
-        })
-        .collect()
+            None => {}
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// Puts this generation's XDP program on every interface of `ifaces` (already resolved), and
@@ -129,7 +154,10 @@ pub(super) fn apply(
         let Program::Xdp(program) = ebpf.program_mut(XDP).expect("object has the program") else {
             unreachable!("{XDP} is an XDP program");
         };
-        program.load().map_err(err)?;
+        // A rescan attaches the generation's program, loaded once, to new interfaces.
+        if program.fd().is_err() {
+            program.load().map_err(err)?;
+        }
     }
     for (iface, ifindex) in ifaces {
         let path = pin_path(pins, iface);
