@@ -291,7 +291,8 @@ impl Sandbox {
         args
     }
 
-    /// `args` with this sandbox's `--state-dir` and `--socket` added, unless given.
+    /// `args` with this sandbox's `--state-dir`, `--socket` and `--resolv-conf` added, unless
+    /// given.
     fn agent_args<S: AsRef<str>>(&self, args: &[S]) -> Vec<String> {
         let out: Vec<String> = args.iter().map(|a| a.as_ref().to_owned()).collect();
         let given: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
@@ -299,15 +300,40 @@ impl Sandbox {
     }
 
     fn agent_args_given(&self, mut out: Vec<String>, given: &[&str]) -> Vec<String> {
-        if !given.contains(&"--state-dir") {
+        let has = |flag: &str| {
+            given
+                .iter()
+                .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        if !has("--state-dir") {
             out.push("--state-dir".into());
             out.push(self.state_dir().display().to_string());
         }
-        if !given.contains(&"--socket") {
+        if !has("--socket") {
             out.push("--socket".into());
             out.push(self.socket().display().to_string());
         }
+        if !has("--resolv-conf") {
+            // The host's resolv.conf would add its nameservers as a `(dns)` rule: the tests
+            // see the same policy on every machine only with a resolv.conf of their own,
+            // empty unless a test says otherwise.
+            out.push("--resolv-conf".into());
+            out.push(self.resolv_conf().display().to_string());
+        }
         out
+    }
+
+    /// The sandbox's own resolv.conf (`--resolv-conf` of its agents), created empty: no DNS
+    /// unless a test writes nameservers into it.
+    pub fn resolv_conf(&self) -> PathBuf {
+        let path = self.run_dir.join("resolv.conf");
+        if !path.exists() {
+            fs::create_dir_all(&self.run_dir)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", self.run_dir.display()));
+            fs::write(&path, "# egress tests: no nameservers\n")
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        }
+        path
     }
 
     /// Runs `egress VERB ARGS... --socket <this sandbox's>` (a client of the agent) and returns
