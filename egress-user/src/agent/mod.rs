@@ -706,12 +706,15 @@ impl Agent {
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("waiting for kernel events")?;
+                    // Clear first, then drain: the ring buffer wakes its reader only when the
+                    // reader has caught up, so whatever is submitted after this point either
+                    // is seen by this drain or raises a fresh readiness.
+                    guard.clear_ready();
                     let name = |generation, row| self.row_name(generation, row);
                     for event in events::drain(guard.get_inner_mut(), name) {
                         events::log(&event);
                         self.hub.publish(HubEvent::Connect(SystemTime::now(), event));
                     }
-                    guard.clear_ready();
                 }
             }
         }
