@@ -38,6 +38,24 @@ pub enum AnySink {
     Syn(SynSink),
 }
 
+impl AnySink {
+    /// The sink that counts `vector`'s traffic to `addr`, started inside `netns`. Panics for
+    /// `ping`, which has no sink socket ([`echo_requests`](crate::sinks::echo_requests)
+    /// counts it).
+    pub fn start(vector: Vector, netns: &str, addr: SocketAddr) -> Self {
+        match vector {
+            Vector::Tcp | Vector::Uring | Vector::Mptcp => Self::Tcp(Sink::start(netns, addr)),
+            Vector::Tfo => Self::Tcp(Sink::start_tfo(netns, addr)),
+            Vector::UdpConnected | Vector::UdpSendto | Vector::RawUdp => {
+                Self::Udp(UdpSink::start(netns, addr))
+            }
+            Vector::Udplite => Self::Udp(UdpSink::start_lite(netns, addr)),
+            Vector::RawSyn => Self::Syn(SynSink::start(netns, addr)),
+            Vector::Ping => panic!("ping has no sink socket; count it with echo_requests"),
+        }
+    }
+}
+
 /// What a case should come to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {
@@ -81,14 +99,7 @@ pub fn run_matrix(
                 Family::V6 => (sa(v6, port), sa(v6, port), src6),
                 Family::Mapped => (sa(v4, port), mapped(v4, port), src4),
             };
-            let sink = match vector {
-                Vector::Tcp | Vector::Uring => AnySink::Tcp(Sink::start(sink_ns, sink_addr)),
-                Vector::Tfo => AnySink::Tcp(Sink::start_tfo(sink_ns, sink_addr)),
-                Vector::UdpConnected | Vector::UdpSendto | Vector::RawUdp => {
-                    AnySink::Udp(UdpSink::start(sink_ns, sink_addr))
-                }
-                Vector::RawSyn => AnySink::Syn(SynSink::start(sink_ns, sink_addr)),
-            };
+            let sink = AnySink::start(vector, sink_ns, sink_addr);
             let no_routes = ip6_in_no_routes(sink_ns);
             let got = attempt(bin, netns, cgroup, vector, target, timeout);
             let want = expect(vector, family);

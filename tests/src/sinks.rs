@@ -1,8 +1,9 @@
-//! Sinks for what is not a TCP connection: [`UdpSink`] counts UDP datagrams, [`SynSink`]
-//! counts TCP SYNs (such as the raw ones `egress-vector raw-syn` builds) whether or not
-//! anything completes a handshake. Like the TCP [`Sink`](crate::Sink), each runs on its own
-//! thread inside a named network namespace and stops on drop; counting at the sink is how a
-//! test tells "the filter stopped it" from "the tool never sent it".
+//! Sinks for what is not a TCP connection: [`UdpSink`] counts UDP (or UDP-Lite) datagrams,
+//! [`SynSink`] counts TCP SYNs (such as the raw ones `egress-vector raw-syn` builds) whether
+//! or not anything completes a handshake. Like the TCP [`Sink`](crate::Sink), each runs on its
+//! own thread inside a named network namespace and stops on drop; counting at the sink is how
+//! a test tells "the filter stopped it" from "the tool never sent it". Pings need no server:
+//! [`echo_requests`] counts the ICMP echo requests a namespace received.
 //!
 //! `egress-vector` puts [`MARKER`] in every payload it sends, so a test can tell its own
 //! traffic from anything else that reaches a sink.
@@ -19,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Sandbox, Sink, enter_netns};
+use crate::{Sandbox, Sink, enter_netns, sh};
 
 /// The bytes every payload of `egress-vector` starts with.
 pub const MARKER: &[u8] = b"egress-vector";
@@ -121,15 +122,31 @@ impl UdpSink {
     /// Binds `addr` inside the network namespace `netns` and starts receiving. An IPv4
     /// address also receives what an AF_INET6 socket sends to its `::ffff:a.b.c.d` form.
     pub fn start(netns: &str, addr: SocketAddr) -> Self {
+        Self::start_protocol(netns, addr, libc::IPPROTO_UDP)
+    }
+
+    /// Like [`UdpSink::start`], for UDP-Lite (IP protocol 136) datagrams: the same datagram
+    /// API on a `socket(AF, SOCK_DGRAM, IPPROTO_UDPLITE)`, which takes only datagrams whose
+    /// checksum covers them whole (what `egress-vector udplite` sends).
+    pub fn start_lite(netns: &str, addr: SocketAddr) -> Self {
+        Self::start_protocol(netns, addr, libc::IPPROTO_UDPLITE)
+    }
+
+    fn start_protocol(netns: &str, addr: SocketAddr, protocol: libc::c_int) -> Self {
         let shared = Shared::new();
         let ns = netns.to_owned();
+        let what = if protocol == libc::IPPROTO_UDP {
+            "UDP"
+        } else {
+            "UDP-Lite"
+        };
         let (addr, thread) = spawn(
             netns,
-            format!("UDP sink at {addr}"),
+            format!("{what} sink at {addr}"),
             shared.clone(),
             move |shared, tx| {
-                let socket = UdpSocket::bind(addr)
-                    .unwrap_or_else(|e| panic!("binding UDP {addr} in {ns}: {e}"));
+                let socket = datagram_socket(addr, protocol)
+                    .unwrap_or_else(|e| panic!("binding {what} {addr} in {ns}: {e}"));
                 socket
                     .set_read_timeout(Some(Duration::from_millis(5)))
                     .expect("read timeout");
@@ -147,7 +164,7 @@ impl UdpSink {
                                 e.kind(),
                                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                             ) => {}
-                        Err(e) => panic!("receiving on UDP {addr}: {e}"),
+                        Err(e) => panic!("receiving on {what} {addr}: {e}"),
                     }
                 }
             },
@@ -187,6 +204,29 @@ impl Drop for UdpSink {
             let _ = t.join();
         }
     }
+}
+
+/// A datagram socket of `protocol` (UDP or UDP-Lite) bound to `addr`. UDP-Lite has the
+/// datagram API of UDP, so the standard library's `UdpSocket` drives either once made.
+fn datagram_socket(addr: SocketAddr, protocol: libc::c_int) -> std::io::Result<UdpSocket> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor socket() just returned, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (storage, len) = crate::raw::sockaddr(addr);
+    // SAFETY: a valid socket and a sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UdpSocket::from(fd))
 }
 
 /// Counts TCP SYNs (SYN set, ACK clear) that reach an address and port inside a network
@@ -385,10 +425,78 @@ fn parse_syn(packet: &[u8], from: IpAddr, port: u16) -> Option<Syn> {
     })
 }
 
+/// ICMP echo requests the network namespace `netns` has received for `family`'s protocol
+/// (`InEchos` of `/proc/net/snmp` for an IPv4 address, `Icmp6InEchos` of `/proc/net/snmp6`
+/// for IPv6). A namespace's kernel answers pings itself, so this counter is the sink of
+/// `egress-vector ping`: nothing else in a test's own namespace sends echo requests.
+pub fn echo_requests(netns: &str, family: IpAddr) -> u64 {
+    let file = if family.is_ipv4() {
+        "/proc/net/snmp"
+    } else {
+        "/proc/net/snmp6"
+    };
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "cat", file])
+        .output()
+        .expect("reading the ICMP counters");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = if family.is_ipv4() {
+        // Two `Icmp:` lines: the names, then the values.
+        let mut lines = text.lines().filter(|l| l.starts_with("Icmp:"));
+        let (names, values) = (lines.next(), lines.next());
+        names.zip(values).and_then(|(names, values)| {
+            let at = names.split_whitespace().position(|n| n == "InEchos")?;
+            values.split_whitespace().nth(at)
+        })
+    } else {
+        text.lines()
+            .find_map(|l| l.strip_prefix("Icmp6InEchos"))
+            .map(str::trim)
+    };
+    value
+        .unwrap_or_else(|| panic!("no echo request counter in {netns}'s {file}: {text}"))
+        .parse()
+        .expect("a count")
+}
+
 impl Sandbox {
+    /// Lets every group open ping sockets in the sandbox's namespace
+    /// (`net.ipv4.ping_group_range`, which covers ICMPv6 too). A new namespace allows none
+    /// (`1 0`), and the kernel refuses a ping socket with `EACCES` for that before any eBPF
+    /// program sees it.
+    pub fn allow_ping(&self) {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ping_group_range=0 2147483647",
+        ]);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat"])
+            .arg("/proc/sys/net/ipv4/ping_group_range")
+            .output()
+            .expect("reading ping_group_range");
+        let range = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            range.split_whitespace().collect::<Vec<_>>(),
+            ["0", "2147483647"],
+            "ping_group_range in {}",
+            self.name
+        );
+    }
+
     /// Starts a [`UdpSink`] inside the sandbox's namespace at `addr`.
     pub fn udp_sink(&self, addr: SocketAddr) -> UdpSink {
         UdpSink::start(&self.name, addr)
+    }
+
+    /// Starts a UDP-Lite [`UdpSink`] ([`UdpSink::start_lite`]) inside the sandbox's namespace
+    /// at `addr`.
+    pub fn udplite_sink(&self, addr: SocketAddr) -> UdpSink {
+        UdpSink::start_lite(&self.name, addr)
     }
 
     /// Starts a [`SynSink`] inside the sandbox's namespace for `addr`.

@@ -20,10 +20,16 @@ pub enum Vector {
     RawUdp,
     /// A hand-built TCP SYN on a raw `IPPROTO_TCP` socket.
     RawSyn,
+    /// An ICMP (ICMPv6) echo request on a ping socket, and its reply.
+    Ping,
+    /// One datagram on a UDP-Lite socket, with `sendto()`.
+    Udplite,
+    /// An MPTCP `connect()` (TCP fallback against a plain listener), then `send()`.
+    Mptcp,
 }
 
 impl Vector {
-    /// Every vector.
+    /// The bypass matrix: every TCP, UDP and raw vector.
     pub const ALL: [Vector; 7] = [
         Vector::Tcp,
         Vector::Tfo,
@@ -33,6 +39,14 @@ impl Vector {
         Vector::RawUdp,
         Vector::RawSyn,
     ];
+
+    /// The socket kinds other than TCP, UDP and raw: `cgroup/sock_create` refuses them unless
+    /// `allowSockets` names them. Not in [`Vector::ALL`] (the bypass matrix, whose every
+    /// vector runs over every address family against a rule-judged destination). Their
+    /// sinks: [`echo_requests`](crate::sinks::echo_requests) for ping (the namespace answers
+    /// it), [`UdpSink::start_lite`](crate::UdpSink::start_lite), a TCP [`Sink`](crate::Sink)
+    /// for MPTCP.
+    pub const SOCKET_KINDS: [Vector; 3] = [Vector::Ping, Vector::Udplite, Vector::Mptcp];
 
     /// Its name on the `egress-vector` command line.
     pub fn name(self) -> &'static str {
@@ -44,6 +58,9 @@ impl Vector {
             Vector::UdpSendto => "udp-sendto",
             Vector::RawUdp => "raw-udp",
             Vector::RawSyn => "raw-syn",
+            Vector::Ping => "ping",
+            Vector::Udplite => "udplite",
+            Vector::Mptcp => "mptcp",
         }
     }
 
@@ -67,7 +84,7 @@ pub enum Attempted {
     /// `error <stage> <errno> <message>`.
     Error {
         /// The step that failed (`socket`, `setsockopt`, `io_uring`, `connect`,
-        /// `getsockname`, `send`).
+        /// `getsockname`, `send`, `recv`).
         stage: String,
         /// Its errno.
         errno: i32,

@@ -104,6 +104,7 @@ fn every_vector_is_judged_allowed_and_denied_over_every_family() {
             // sendto() is the call that connects (TFO) or names the destination (UDP).
             Vector::Tfo | Vector::UdpSendto => Expect::Fails("send", EPERM),
             Vector::RawUdp | Vector::RawSyn => Expect::Fails("socket", EPERM),
+            other => unreachable!("{other} is not in Vector::ALL"),
         },
     );
     assert!(

@@ -4,8 +4,8 @@
 //! Usage: `egress-vector [--cgroup DIR] [--netns NAME] [--timeout-ms N] VECTOR ADDR:PORT`
 //!
 //! It prints one line: `ok`, or `error <stage> <errno> <message>`, where `stage` names the step
-//! that failed (`socket`, `setsockopt`, `io_uring`, `connect`, `getsockname`, `send`) and
-//! `errno` is the error number (a timeout is reported as `ETIMEDOUT`); it exits 0 on `ok`
+//! that failed (`socket`, `setsockopt`, `io_uring`, `connect`, `getsockname`, `send`, `recv`)
+//! and `errno` is the error number (a timeout is reported as `ETIMEDOUT`); it exits 0 on `ok`
 //! and 1 otherwise. Bad arguments make it panic (exit 101).
 //!
 //! Vectors (every payload starts with `egress-vector <VECTOR>`, so sinks can tell it apart):
@@ -28,6 +28,20 @@
 //!   socket and `getsockname()` (a raw socket's connect is only a route lookup, and it keeps
 //!   the vector to one socket); IPv6: `IPV6_CHECKSUM` 16 makes the kernel fill it.
 //!
+//! Socket kinds other than TCP, UDP and raw, which `cgroup/sock_create` judges (none of them
+//! is in the bypass matrix):
+//! - `ping`: an ICMP echo request (ICMPv6 for an IPv6 address) carrying the payload, sent with
+//!   `sendto()` on a ping socket (`socket(AF, SOCK_DGRAM, IPPROTO_ICMP)`, or `IPPROTO_ICMPV6`),
+//!   then a wait for the echo reply with the socket's id and the request's sequence number.
+//!   `ok` once the reply is in; none within the timeout is `ETIMEDOUT` at stage `recv`. ADDR's
+//!   port is ignored. The kernel refuses a ping socket (`EACCES`) to a caller whose group is
+//!   outside the namespace's `net.ipv4.ping_group_range`, which is empty (`1 0`) in a new
+//!   namespace, before any eBPF program sees the socket.
+//! - `udplite`: one unconnected `sendto()` of a datagram on a UDP-Lite socket
+//!   (`socket(AF, SOCK_DGRAM, IPPROTO_UDPLITE)`), full checksum coverage (the default).
+//! - `mptcp`: as `tcp`, on an MPTCP socket (`socket(AF, SOCK_STREAM, IPPROTO_MPTCP)`); against
+//!   a plain TCP listener the connection falls back to TCP.
+//!
 //! `a.b.c.d:p` uses an AF_INET socket, `[v6]:p` an AF_INET6 one, and `[::ffff:a.b.c.d]:p` an
 //! AF_INET6 socket to the v4-mapped address: for TCP and UDP with `IPV6_V6ONLY` off (the
 //! dual-stack case); for the raw vectors as it is (a raw socket refuses `IPV6_V6ONLY`, and is
@@ -47,6 +61,14 @@ use egress_tests::{raw::sockaddr, setsockopt_int};
 const RAW_UDP_SPORT: u16 = 40000;
 /// Source port of the raw SYN.
 const RAW_SYN_SPORT: u16 = 40001;
+/// ICMP echo request (RFC 792).
+const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP echo reply.
+const ICMP_ECHO_REPLY: u8 = 0;
+/// ICMPv6 echo request (RFC 4443).
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 echo reply.
+const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// Why the attempt failed: the step, the errno and its text.
 struct Failure {
@@ -89,7 +111,8 @@ type Step<T> = Result<T, Failure>;
 
 fn main() -> ExitCode {
     let usage = "usage: egress-vector [--cgroup DIR] [--netns NAME] [--timeout-ms N] \
-                 tcp|tfo|uring|udp-connected|udp-sendto|raw-udp|raw-syn ADDR:PORT";
+                 tcp|tfo|uring|udp-connected|udp-sendto|raw-udp|raw-syn|ping|udplite|mptcp \
+                 ADDR:PORT";
     let mut args = std::env::args().skip(1);
     let mut timeout = Duration::from_secs(3);
     let mut positional = Vec::new();
@@ -122,13 +145,16 @@ fn main() -> ExitCode {
         payload,
     };
     let result = match vector.as_str() {
-        "tcp" => attempt.tcp(),
+        "tcp" => attempt.stream(0),
         "tfo" => attempt.tfo(),
         "uring" => attempt.uring(),
-        "udp-connected" => attempt.udp(true),
-        "udp-sendto" => attempt.udp(false),
+        "udp-connected" => attempt.datagram(0, true),
+        "udp-sendto" => attempt.datagram(0, false),
         "raw-udp" => attempt.raw_udp(),
         "raw-syn" => attempt.raw_syn(),
+        "ping" => attempt.ping(),
+        "udplite" => attempt.datagram(libc::IPPROTO_UDPLITE, false),
+        "mptcp" => attempt.stream(libc::IPPROTO_MPTCP),
         other => panic!("unknown vector {other}; {usage}"),
     };
     match result {
@@ -164,9 +190,10 @@ impl Attempt {
         matches!(self.addr.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
     }
 
-    /// A TCP or UDP socket for the address; dual-stack for a v4-mapped one.
-    fn inet_socket(&self, ty: libc::c_int) -> Step<OwnedFd> {
-        let fd = socket(self.family(), ty, 0)?;
+    /// A socket of type `ty` and protocol `proto` (0: TCP or UDP, by the type) for the
+    /// address; dual-stack for a v4-mapped one.
+    fn inet_socket(&self, ty: libc::c_int, proto: libc::c_int) -> Step<OwnedFd> {
+        let fd = socket(self.family(), ty, proto)?;
         if self.is_mapped() {
             setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
                 .map_err(|e| Failure::from_io("setsockopt", &e))?;
@@ -174,8 +201,9 @@ impl Attempt {
         Ok(fd)
     }
 
-    fn tcp(&self) -> Step<()> {
-        let fd = self.inet_socket(libc::SOCK_STREAM)?;
+    /// `tcp` (`proto` 0) and `mptcp`: connect, then send.
+    fn stream(&self, proto: libc::c_int) -> Step<()> {
+        let fd = self.inet_socket(libc::SOCK_STREAM, proto)?;
         let tv = timeval(self.timeout);
         // SAFETY: a valid socket and a timeval of the size given.
         let ret = unsafe {
@@ -204,7 +232,7 @@ impl Attempt {
     }
 
     fn tfo(&self) -> Step<()> {
-        let fd = self.inet_socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK)?;
+        let fd = self.inet_socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
         setsockopt_int(
             fd.as_raw_fd(),
             libc::IPPROTO_TCP,
@@ -246,7 +274,7 @@ impl Attempt {
     fn uring(&self) -> Step<()> {
         use io_uring::{IoUring, opcode, squeue, types};
 
-        let fd = self.inet_socket(libc::SOCK_STREAM)?;
+        let fd = self.inet_socket(libc::SOCK_STREAM, 0)?;
         let mut ring = IoUring::new(4).map_err(|e| Failure::from_io("io_uring", &e))?;
         let (sa, len) = sockaddr(self.addr);
         let ts = types::Timespec::new()
@@ -297,8 +325,10 @@ impl Attempt {
         send(&fd, &self.payload)
     }
 
-    fn udp(&self, connected: bool) -> Step<()> {
-        let fd = self.inet_socket(libc::SOCK_DGRAM)?;
+    /// The UDP vectors (`proto` 0) and `udplite`: one datagram, with `connect()` and `send()`
+    /// or with `sendto()`.
+    fn datagram(&self, proto: libc::c_int, connected: bool) -> Step<()> {
+        let fd = self.inet_socket(libc::SOCK_DGRAM, proto)?;
         let (sa, len) = sockaddr(self.addr);
         if connected {
             // SAFETY: a valid socket and a sockaddr of `len` bytes.
@@ -354,6 +384,75 @@ impl Attempt {
             }
         }
         sendto(&fd, &segment, target)
+    }
+
+    fn ping(&self) -> Step<()> {
+        let (proto, request, reply) = if self.family() == libc::AF_INET {
+            (libc::IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+        } else {
+            (libc::IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+        };
+        let fd = socket(self.family(), libc::SOCK_DGRAM, proto)?;
+        // Type, code, checksum and id (the kernel fills both: the id is the socket's), then
+        // the sequence number and the payload.
+        let sequence = (std::process::id() as u16) | 1;
+        let mut message = vec![request, 0, 0, 0, 0, 0];
+        message.extend_from_slice(&sequence.to_be_bytes());
+        message.extend_from_slice(&self.payload);
+        sendto(&fd, &message, SocketAddr::new(self.addr.ip(), 0))?;
+        // The id the kernel gave the request: the socket's "port", bound by sendto().
+        let id = local_port(&fd)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n =
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Failure::from_io("recv", &e));
+            }
+            if n == 0 {
+                return Err(Failure::timed_out("recv", "echo reply", self.timeout));
+            }
+            // SAFETY: a valid socket and a buffer of its own length; MSG_DONTWAIT never blocks.
+            let got = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if got < 0 {
+                let e = io::Error::last_os_error();
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
+                    continue;
+                }
+                return Err(Failure::from_io("recv", &e));
+            }
+            // A ping socket hands over the ICMP message without the IP header.
+            let message = &buf[..got as usize];
+            if message.len() >= 8
+                && message[0] == reply
+                && message[4..6] == id.to_be_bytes()
+                && message[6..8] == sequence.to_be_bytes()
+            {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -459,6 +558,33 @@ fn so_error(fd: RawFd) -> io::Result<i32> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The local port of a socket (`getsockname()`); for a ping socket, the echo id it sends.
+fn local_port(fd: &OwnedFd) -> Step<u16> {
+    // SAFETY: sockaddr_storage is plain data; zeroed is valid.
+    let mut local: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: a valid socket and a sockaddr_storage of `len` bytes.
+    let ret = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            std::ptr::from_mut(&mut local).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(Failure::last("getsockname"));
+    }
+    let port_be = match i32::from(local.ss_family) {
+        // SAFETY: the kernel filled an AF_INET address; storage is aligned for it.
+        libc::AF_INET => unsafe {
+            (*std::ptr::from_ref(&local).cast::<libc::sockaddr_in>()).sin_port
+        },
+        // SAFETY: the kernel filled an AF_INET6 address; storage is aligned for it.
+        _ => unsafe { (*std::ptr::from_ref(&local).cast::<libc::sockaddr_in6>()).sin6_port },
+    };
+    Ok(u16::from_be(port_be))
 }
 
 /// The IPv4 source the kernel picks for `target`: `connect()` on the raw socket (a route
