@@ -772,6 +772,8 @@ struct Progress {
     map: &'static str,
     total: usize,
     done: usize,
+    /// Tenths logged so far.
+    tenths: usize,
     next: usize,
     start: std::time::Instant,
 }
@@ -785,8 +787,9 @@ impl Progress {
             map,
             total,
             done: 0,
+            tenths: 0,
             next: if total >= Self::LONG {
-                total / 10
+                total.div_ceil(10)
             } else {
                 usize::MAX
             },
@@ -797,7 +800,10 @@ impl Progress {
     fn step(&mut self) {
         self.done += 1;
         if self.done >= self.next {
-            self.next = self.next.saturating_add(self.total / 10);
+            // The k-th line at ceil(total * k / 10) entries: ten lines, the last at the last
+            // entry, whatever the total (20,002 logged 9%, 19%, ... and never 100% before).
+            self.tenths += 1;
+            self.next = (self.total * (self.tenths + 1)).div_ceil(10);
             tracing::info!(
                 map = self.map,
                 done = self.done,
@@ -1024,6 +1030,24 @@ fn orig_to_socket_addr(orig: &OrigDst) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_logs_ten_tenths_and_the_last_at_the_last_entry() {
+        for total in [10_000, 20_002, 99_999] {
+            let mut p = Progress::new("RULES_V4", total);
+            let mut at = Vec::new();
+            for _ in 0..total {
+                let before = p.tenths;
+                p.step();
+                if p.tenths != before {
+                    at.push(p.done);
+                }
+            }
+            assert_eq!(at.len(), 10, "{total}: {at:?}");
+            assert_eq!(at[9], total, "{total}: {at:?}");
+            assert!(at[0] * 10 >= total, "{total}: {at:?}");
+        }
+    }
 
     #[test]
     fn peer_keys_match_what_sockops_files() {
