@@ -232,3 +232,43 @@ fn a_prefix_pattern_covers_pods_that_start_later() {
     wait_for(serde_json::json!([]));
     drop(agent);
 }
+
+/// Audit mode at the backstop: what enforce mode would drop passes, and is counted and
+/// reported as a would-deny.
+#[test]
+fn in_audit_mode_the_backstop_passes_and_reports_would_deny() {
+    let sb = Sandbox::new();
+    let pod = PodNet::new(&sb);
+    let dir = std::env::temp_dir().join(format!("{}-xdp", sb.name));
+    let yaml =
+        "kind: EgressConfig\nspec:\n  mode: audit\n---\n".to_owned() + &rule("v4-a", "192.0.2.1");
+    let policy = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    let agent = Agent::start_in(
+        &sb,
+        EGRESS,
+        &sb.run_args(&policy, &["--xdp-iface", pod.host_iface()]),
+    );
+    let sink = egress_tests::UdpSink::start(&sb.name, egress_tests::sa(V4_B, BASE_PORT + 4));
+    let got = egress_tests::vector::attempt(
+        VECTOR,
+        pod.pod_netns(),
+        None,
+        Vector::UdpSendto,
+        sink.addr(),
+        TIMEOUT,
+    );
+    assert_eq!(got, egress_tests::Attempted::Ok);
+    assert_eq!(sink.wait_for(1, TIMEOUT), 1, "audit mode let it through");
+    assert_eq!(counts(&status(&sb), "hooks", "xdp"), (0, 0, 1));
+    let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
+    assert!(ok.success(), "{err}");
+    let e: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("an event")).expect("JSON");
+    assert_eq!(
+        (&e["source"], &e["verdict"]),
+        (&serde_json::json!("xdp"), &serde_json::json!("would-deny")),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 1, "{out}");
+    drop(agent);
+}
