@@ -107,6 +107,7 @@ pub fn lookup(dest: &Dest) -> Option<Matched> {
     }
 }
 
+#[inline(always)]
 fn lookup_v4(dest: &Dest) -> Option<Matched> {
     let mut addr = [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]];
     if addr == [0, 0, 0, 0] {
@@ -127,6 +128,7 @@ fn lookup_v4(dest: &Dest) -> Option<Matched> {
         .map(|value| Matched::Rule(value.row))
 }
 
+#[inline(always)]
 fn lookup_v6(dest: &Dest) -> Option<Matched> {
     let mut addr = dest.addr;
     if addr == [0; 16] {

@@ -339,6 +339,7 @@ fn other_allowed(config_flags_: u16, raw: bool, protocol: u32) -> bool {
 }
 
 /// The one decision path of the connect and sendmsg hooks, both families.
+#[inline(always)]
 fn decide(ctx: &SockAddrContext, dest: &Dest, raw: bool, protocol: u32) -> Result<Outcome, ()> {
     let config = CONFIG.get(0).ok_or(())?;
     // SAFETY: a plain helper call without arguments.
