@@ -58,6 +58,9 @@ enum Bench {
     /// 1,000 and 10,000 rules; start-up and reload time at 100,000 rules and 1M keys
     /// (tests/benches/reload/).
     Reload,
+    /// Instructions per request on the HTTP proxy's path, counted by callgrind: stable
+    /// between runs, for comparing commits (tests/benches/instructions/).
+    Instructions,
 }
 
 impl Bench {
@@ -67,6 +70,7 @@ impl Bench {
             Self::Connect => "connect",
             Self::Http => "http",
             Self::Reload => "reload",
+            Self::Instructions => "instructions",
         }
     }
 
@@ -78,6 +82,7 @@ impl Bench {
             Self::Http => HTTP_PACKAGES,
             // Only the agent, its CLI and a workload of the egress-tests package.
             Self::Reload => &[],
+            Self::Instructions => &[("valgrind", "valgrind")],
         }
     }
 

@@ -1,0 +1,245 @@
+//! `cargo xtask bench instructions`: instructions the HTTP proxy executes per request,
+//! counted by callgrind (issue 6). Instruction counts, unlike times, repeat exactly for the
+//! same binary and input whatever else the machine does, so they can be compared between
+//! commits.
+//!
+//! # Method
+//! - One process, a single-threaded tokio runtime, loopback only: an upstream that answers
+//!   every request with a fixed 2-byte body on a kept-alive connection; the proxy
+//!   (`Proxy::serve`) with one plain-HTTP rule for `bench.test`, pinned to the upstream's
+//!   address by the policy's `hosts` (no DNS), and an original-destination lookup that names
+//!   the upstream; a client that
+//!   sends `GET /` requests one after another on one kept-alive connection.
+//! - The bench re-runs itself under `valgrind --tool=callgrind` with `--requests A` and
+//!   `--requests B`, counting every instruction of the process (user space). Instructions
+//!   per request = (Ir(B) - Ir(A)) / (B - A), so start-up (building the proxy, loading the CA
+//!   roots) cancels out.
+//! - It does the same with the client talking to the upstream directly (`--direct`). The
+//!   proxy's cost per request is the difference: the proxied request's instructions (proxy,
+//!   hyper on both sides, the runtime's extra scheduling) minus the direct one's (client,
+//!   upstream, runtime). Callgrind's `--toggle-collect` cannot isolate the proxy instead: it
+//!   flips collection at every entry of a matching function, so nested proxy functions
+//!   switch it off, and hyper's connection tasks run outside them.
+//!
+//! Arguments: `--requests-a N` (default 200), `--requests-b N` (default 1200); `--child
+//! --requests N [--direct]` is the run under valgrind. Needs valgrind (Debian package `valgrind`);
+//! `cargo xtask bench instructions` installs it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::{Command, ExitCode},
+    sync::Arc,
+};
+
+use egress_user::{policy, proxy::Proxy};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |name: &str, default: u64| -> u64 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map_or(default, |v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{name} takes a number, not {v:?}"))
+            })
+    };
+    if args.iter().any(|a| a == "--child") {
+        return child(
+            value("--requests", 100),
+            args.iter().any(|a| a == "--direct"),
+        );
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        // `cargo test --all-targets` builds and runs bench targets without --bench: a quick
+        // run of the request loop itself, no valgrind.
+        return child(20, false);
+    }
+    let (a, b) = (value("--requests-a", 200), value("--requests-b", 1200));
+    assert!(b > a, "--requests-b must be larger than --requests-a");
+    let proxied = (callgrind(a, false), callgrind(b, false));
+    let direct = (callgrind(a, true), callgrind(b, true));
+    let per = |(x, y): (u64, u64)| y.saturating_sub(x) as f64 / (b - a) as f64;
+    println!("## Proxy instructions per request (callgrind)\n");
+    println!(
+        "- command: `cargo xtask bench instructions` ({} and {} plain-HTTP keep-alive requests, one connection, single-threaded runtime)",
+        a, b
+    );
+    println!("- kernel `{}`", uname_r());
+    println!();
+    println!("| client to | Ir at {a} requests | Ir at {b} requests | instructions per request |");
+    println!("|---|---|---|---|");
+    println!(
+        "| the proxy, then the upstream | {} | {} | {:.0} |",
+        proxied.0,
+        proxied.1,
+        per(proxied)
+    );
+    println!(
+        "| the upstream directly | {} | {} | {:.0} |",
+        direct.0,
+        direct.1,
+        per(direct)
+    );
+    println!(
+        "\n**The proxy's request path: {:.0} instructions per request** (the difference).",
+        per(proxied) - per(direct)
+    );
+    ExitCode::SUCCESS
+}
+
+fn uname_r() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs this binary under callgrind for `requests` requests (to the upstream directly when
+/// `direct`) and returns the instructions the process executed.
+fn callgrind(requests: u64, direct: bool) -> u64 {
+    let exe = std::env::current_exe().expect("own path");
+    let out = std::env::temp_dir().join(format!(
+        "egress-callgrind-{}-{requests}-{direct}.out",
+        std::process::id()
+    ));
+    let mut cmd = Command::new("valgrind");
+    cmd.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()));
+    cmd.arg(&exe)
+        .args(["--child", "--requests", &requests.to_string()]);
+    if direct {
+        cmd.arg("--direct");
+    }
+    let status = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running valgrind (Debian package valgrind): {e}"));
+    assert!(
+        status.status.success(),
+        "valgrind failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let text =
+        std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("reading {}: {e}", out.display()));
+    let _ = std::fs::remove_file(&out);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no totals line in the callgrind output"))
+}
+
+/// The workload: upstream, proxy and client in one single-threaded runtime; with `direct`
+/// the client skips the proxy (which is still built and listening, so start-up is the same).
+fn child(requests: u64, direct: bool) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let upstream = TcpListener::bind((loopback, 0)).await.expect("upstream");
+        let upstream_addr = upstream.local_addr().expect("addr");
+        tokio::spawn(serve_upstream(upstream));
+
+        // The proxy dials loopback only for a name the operator pinned there (`hosts`).
+        let yaml = format!(
+            "kind: EgressConfig\nspec:\n  hosts:\n    bench.test: [127.0.0.1]\n---\nkind: EgressRule\nmetadata: {{name: bench}}\nspec:\n  destination: {{service: bench.test}}\n  ports: [{{port: {}, protocol: http}}]\n",
+            upstream_addr.port()
+        );
+        let policy = policy::load_sources(&[("bench.yaml".to_owned(), yaml.into_bytes())])
+            .unwrap_or_else(|e| panic!("bench policy: {e}"));
+        egress_user::proxy::install_crypto_provider();
+        let proxy = Proxy::new(&policy).expect("proxy");
+        let listener = TcpListener::bind((loopback, 0)).await.expect("proxy listener");
+        let proxy_addr = listener.local_addr().expect("addr");
+        let (tx, mut rx) = mpsc::channel(1024);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let orig = move |_peer: SocketAddr| Some(upstream_addr);
+        tokio::spawn(Arc::new(proxy).serve(listener, Arc::new(orig), tx));
+
+        let to = if direct { upstream_addr } else { proxy_addr };
+        let stream = TcpStream::connect(to).await.expect("connect");
+        let (read, mut write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: bench.test:{}\r\n\r\n",
+            upstream_addr.port()
+        );
+        for i in 0..requests {
+            write.write_all(request.as_bytes()).await.expect("send");
+            let (status, body) = read_response(&mut read).await;
+            assert_eq!(
+                status,
+                200,
+                "request {i}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    });
+    ExitCode::SUCCESS
+}
+
+/// Reads one response (status line, headers, a content-length body); returns the status and
+/// the body.
+async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R) -> (u16, Vec<u8>) {
+    let mut line = String::new();
+    read.read_line(&mut line).await.expect("status line");
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        read.read_line(&mut line).await.expect("header");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("content-length");
+        }
+    }
+    let mut body = vec![0; length];
+    read.read_exact(&mut body).await.expect("body");
+    (status, body)
+}
+
+/// Answers every request on every connection with `200` and a 2-byte body.
+async fn serve_upstream(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            let mut line = String::new();
+            loop {
+                // One request: lines until the blank one (GET, no body).
+                loop {
+                    line.clear();
+                    match read.read_line(&mut line).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if line == "\r\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if write.write_all(response).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
