@@ -16,8 +16,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// egress: default-deny TCP egress for the processes of a cgroup, enforced in the kernel at
-/// connect() time, from Istio-style EgressRule policies.
+/// egress: default-deny TCP and UDP egress for the processes of a cgroup, enforced in the
+/// kernel at connect()/sendto() time (raw and other sockets refused at socket()), from
+/// Istio-style EgressRule policies.
 #[derive(Parser, Debug)]
 #[command(name = "egress", version, about, long_about = None)]
 pub struct Cli {
