@@ -17,6 +17,7 @@ use egress_tests::{Agent, Sandbox, Sink, Workload, egress_bin, sa};
 
 const EGRESS: &str = egress_bin!();
 const VERDICTS: &str = env!("CARGO_BIN_EXE_egress-verdicts");
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
 
 /// The agents log only their start (the workload's verdicts would fill the test's memory).
 const QUIET: &str = "error,egress_user::cli::run=info";
@@ -139,6 +140,18 @@ fn a_thousand_alternating_reloads_judge_every_connect_by_one_whole_policy() {
     let sinks: HashMap<SocketAddr, Sink> = targets.iter().map(|t| (*t, sb.sink(*t))).collect();
     let agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &["--no-watch"]), QUIET);
     let follower = Follower::start(&sb);
+    // `egress events --follow` subscribes some time after it starts; events published before
+    // that go to no one (under CPU load, the first 94 connects' events once did). One denied
+    // connect to an address outside the targets, seen by the follower, proves it listens
+    // before the workload starts; the check below counts it as any other denial.
+    let marker = sa(Ipv4Addr::new(203, 0, 113, 1), 9);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while follower.count() == 0 {
+        assert!(Instant::now() < deadline, "the follower never saw an event");
+        let _ = sb.connect(PROBE, marker);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let markers = follower.count() as u64;
     // Generation -> which policy it holds; the agent started with A.
     let mut judged_by: HashMap<u64, usize> = HashMap::from([(1, 0)]);
     let workload = Workload::start(&sb, VERDICTS, &targets, PAUSE);
@@ -166,7 +179,7 @@ fn a_thousand_alternating_reloads_judge_every_connect_by_one_whole_policy() {
     let total: u64 = counts.values().map(|c| c.connected + c.denied).sum();
     // Wait for every verdict to arrive as an event.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while (follower.count() as u64) < total && Instant::now() < deadline {
+    while (follower.count() as u64) < total + markers && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let events = follower.stop();
