@@ -74,3 +74,41 @@ pub fn bench_args(name: &str) -> Result<Vec<String>, std::process::ExitCode> {
     }
     Ok(args)
 }
+
+/// A (median, min, max) summary as a JSON object, for the results file.
+pub fn spread((median, min, max): (f64, f64, f64)) -> serde_json::Value {
+    serde_json::json!({ "median": median, "min": min, "max": max })
+}
+
+/// The machine and the time, for a results file: kernel, CPU model, CPU count, UTC date.
+pub fn machine_json() -> serde_json::Value {
+    serde_json::json!({
+        "kernel": command_output("uname", &["-r"]),
+        "cpu": cpu_model(),
+        "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "date": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    })
+}
+
+/// Prints a benchmark's markdown report and, with `--out DIR`, writes it to `DIR/NAME.md` and
+/// its numbers to `DIR/NAME.json` (what `cargo xtask bench` assembles docs/benchmarks.md from).
+pub fn publish(
+    out: Option<&std::path::Path>,
+    name: &str,
+    markdown: &str,
+    json: &serde_json::Value,
+) {
+    println!("{markdown}");
+    let Some(dir) = out else { return };
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    for (file, text) in [
+        (format!("{name}.md"), markdown.to_owned()),
+        (
+            format!("{name}.json"),
+            serde_json::to_string_pretty(json).expect("JSON of plain values"),
+        ),
+    ] {
+        let path = dir.join(file);
+        fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+}

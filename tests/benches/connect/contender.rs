@@ -25,6 +25,29 @@ pub enum Expect {
     Denied,
 }
 
+/// Which filter a contender measures, for the rule-scaling table and the plot.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    None,
+    Egress,
+    IptablesNft,
+    NftSet,
+    EgressDenied,
+}
+
+impl Kind {
+    /// Its name in the JSON results.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Egress => "egress",
+            Self::IptablesNft => "iptables-nft",
+            Self::NftSet => "nft-set",
+            Self::EgressDenied => "egress-denied",
+        }
+    }
+}
+
 /// One block's summary, as the load generator printed it.
 #[derive(Clone, Copy, Default)]
 pub struct Round {
@@ -145,6 +168,11 @@ pub struct Contender {
     pub target: SocketAddr,
     /// What they must do.
     pub expect: Expect,
+    /// Which filter, and how many (network, port) keys it holds.
+    pub kind: Kind,
+    pub keys: usize,
+    /// Untimed connects before each timed block.
+    pub warmup: u64,
     /// The egress policy in force on its cgroup, if it is an egress contender.
     pub enforcer: Option<Enforcer>,
     /// How long putting the ruleset in force took.
@@ -179,6 +207,9 @@ impl Contender {
             sandbox,
             target,
             expect,
+            kind: Kind::None,
+            keys: 0,
+            warmup: 0,
             enforcer: None,
             load: None,
             rounds: Vec::new(),
@@ -186,6 +217,13 @@ impl Contender {
             accepted_before: 0,
             counter_before: 0,
         }
+    }
+
+    /// Says which filter it measures with how many keys.
+    pub fn of(mut self, kind: Kind, keys: usize) -> Self {
+        self.kind = kind;
+        self.keys = keys;
+        self
     }
 
     /// Puts `policy` in force on the contender's cgroup.
@@ -207,7 +245,7 @@ impl Contender {
 
     /// Loads a netfilter ruleset into the contender's netns with `loader` (a command reading
     /// the ruleset on stdin), and checks that it resets a connection it does not allow.
-    pub fn with_ruleset(mut self, loader: &[&str], rules: &str) -> Self {
+    pub fn load_ruleset(&mut self, loader: &[&str], rules: &str) {
         let started = Instant::now();
         netns_exec(&self.sandbox.name, loader, rules);
         self.load = Some(started.elapsed());
@@ -226,7 +264,6 @@ impl Contender {
                 self.name
             ),
         }
-        self
     }
 
     /// The sink its connects go to.

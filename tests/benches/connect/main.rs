@@ -10,8 +10,16 @@
 //! - The ruleset is 10,000 CIDR+port rules: 9,999 distinct networks (/29 to /32) in
 //!   198.18.0.0/15 with a spread of ports, and the target `192.0.2.1/32` port 8080 last. The
 //!   netfilter contenders get the same list: the target last is the worst case of a linear
-//!   iptables chain and makes no difference to an LPM trie or an nft set. A second egress
-//!   contender holds 1,000,000 keys; a third connects to a port no rule allows (the deny path).
+//!   iptables chain and makes no difference to an LPM trie or an nft set. Another egress
+//!   contender connects to a port no rule allows (the deny path).
+//! - Rule scaling (metric 3): egress, iptables-nft and the nft set each also hold 1,000,
+//!   100,000 and 1,000,000 keys (`--scale`), in the same rounds. Above 16,384 keys the
+//!   networks are /32s in 198.18.0.0/15, and 1,000,000 keys are 100,000 rules of 10 ports (a
+//!   rule takes one of egress's 131,070 counter rows). The netfilter rulesets load in
+//!   parallel (iptables-nft-restore takes about 30 s for 1,000,000 rules, nft about 80 s).
+//!   A contender whose connect takes longer than its block budget allows gets fewer untimed
+//!   warm-up connects (at most a tenth of the budget), so iptables' 1,000,000-rule walk
+//!   (tens of ms per SYN) does not stall the rounds.
 //! - Each contender has one load generator (`egress-connect-loop --serve`) in its cgroup and
 //!   namespace, pinned to the last CPU (the sinks' accept threads take CPU 0). It times only
 //!   the `connect()` of `socket(); connect(); close()`, and closes with `SO_LINGER 0` (a RST,
@@ -55,11 +63,11 @@ use std::{
 };
 
 use common::thousands;
-use contender::{Contender, Expect, chain};
+use contender::{Contender, Expect, Kind, chain};
 use egress_tests::{V4_A, sa};
 use egress_user::loader::Enforcer;
 use report::{Context, print_report, us};
-use rulesets::{iptables_rules, nft_rules, policy_million, policy_one_port};
+use rulesets::{iptables_rules, nft_rules, policy_keys};
 use run_time::measure_run_time;
 
 /// The port every contender's sink listens on and the policy allows.
@@ -73,7 +81,7 @@ pub const PORTS: [u16; 10] = [80, 443, 8080, 5432, 6379, 9200, 3306, 8443, 25, 5
 
 pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench connect -- [--rounds N] [--count N] \
                      [--budget-ms MS] [--warmup N] [--stats-rounds N] [--rules N] [--sink-cpu other|same|any] \
-                     [--no-netfilter] [--no-1m]";
+                     [--scale N,N,...] [--no-netfilter] [--no-1m] [--out DIR]";
 
 /// Where the sinks' accept threads run, relative to the client's CPU.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,8 +111,10 @@ pub struct Options {
     pub sink_cpu: SinkCpu,
     /// Run the iptables-nft and nft contenders.
     pub netfilter: bool,
-    /// Run the 1,000,000-key egress contender.
-    pub big: bool,
+    /// Key counts of the rule-scaling contenders (metric 3); `rules` is always one of them.
+    pub scale: Vec<usize>,
+    /// Where to write `connect.md` and `connect.json` (besides printing the report).
+    pub out: Option<std::path::PathBuf>,
 }
 
 fn parse(args: &[String]) -> Options {
@@ -117,7 +127,8 @@ fn parse(args: &[String]) -> Options {
         rules: 10_000,
         sink_cpu: SinkCpu::Other,
         netfilter: true,
-        big: true,
+        scale: vec![1_000, 10_000, 100_000, 1_000_000],
+        out: None,
     };
     let mut args = args.iter();
     let number = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> u64 {
@@ -147,7 +158,28 @@ fn parse(args: &[String]) -> Options {
                 }
             }
             "--no-netfilter" => options.netfilter = false,
-            "--no-1m" => options.big = false,
+            "--no-1m" => options.scale.retain(|&n| n < 1_000_000),
+            "--scale" => {
+                let list = args
+                    .next()
+                    .unwrap_or_else(|| panic!("--scale needs a list; {USAGE}"));
+                options.scale = list
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .replace('_', "")
+                            .parse()
+                            .unwrap_or_else(|e| panic!("--scale {list}: {e}"))
+                    })
+                    .collect();
+            }
+            "--out" => {
+                options.out = Some(
+                    args.next()
+                        .unwrap_or_else(|| panic!("--out needs a directory; {USAGE}"))
+                        .into(),
+                );
+            }
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -156,9 +188,21 @@ fn parse(args: &[String]) -> Options {
         "{USAGE}"
     );
     assert!(
-        (2..=16_384).contains(&options.rules),
+        (2..=rulesets::ONE_PORT_MAX).contains(&options.rules),
         "--rules must be 2..=16384 (a /29 slot each in 198.18.0.0/15)"
     );
+    for &n in &options.scale {
+        assert!(
+            (2..=rulesets::ONE_PORT_MAX).contains(&n)
+                || (n <= 1_000_000 && n.is_multiple_of(n.div_ceil(100_000))),
+            "--scale {n}: 2..=16384, or up to 1,000,000 in whole rules of up to 10 ports (100,000, 1,000,000)"
+        );
+    }
+    if !options.scale.contains(&options.rules) {
+        options.scale.push(options.rules);
+    }
+    options.scale.sort_unstable();
+    options.scale.dedup();
     options
 }
 
@@ -184,65 +228,97 @@ fn run(options: &Options) {
     let stats_were_on =
         fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() != "0");
     let target = sa(V4_A, PORT);
-    let n = thousands(options.rules);
-    eprintln!("bench connect: setting up the contenders ({n} rules)...");
-    let policy = policy_one_port(options.rules);
-    let mut contenders = vec![
-        Contender::new("no filter", target, Expect::Connected, sink_cpu),
-        Contender::new(
-            format!("egress, {n} rules"),
-            target,
-            Expect::Connected,
-            sink_cpu,
-        )
-        .with_egress(&policy),
-    ];
+    eprintln!(
+        "bench connect: setting up the contenders ({} rules; scaling over {} keys)...",
+        thousands(options.rules),
+        options
+            .scale
+            .iter()
+            .map(|&n| thousands(n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut contenders = vec![Contender::new(
+        "no filter",
+        target,
+        Expect::Connected,
+        sink_cpu,
+    )];
     let mut notes = Vec::new();
+    for &keys in &options.scale {
+        let policy = policy_keys(keys);
+        let name = format!("egress, {}", describe(&policy, keys));
+        eprintln!("bench connect: {name}: loading...");
+        let contender =
+            Contender::new(name, target, Expect::Connected, sink_cpu).of(Kind::Egress, keys);
+        let loading = Instant::now();
+        match Enforcer::apply(&contender.sandbox.target(), &policy) {
+            Ok(enforcer) if loading.elapsed() < Duration::from_secs(60) => {
+                contenders.push(contender.enforced_by(enforcer, loading.elapsed()));
+            }
+            Ok(_) => notes.push(format!(
+                "egress with {} keys took {:.1?} to load (over 60 s): not measured",
+                thousands(keys),
+                loading.elapsed()
+            )),
+            // The main ruleset must load; a scaling one that does not is reported.
+            Err(e) if keys != options.rules => notes.push(format!(
+                "egress with {} keys did not load: {}",
+                thousands(keys),
+                chain(&e)
+            )),
+            Err(e) => panic!("loading the {}-rule policy: {}", thousands(keys), chain(&e)),
+        }
+    }
     if options.netfilter {
-        contenders.push(
-            Contender::new(
-                format!("iptables-nft, {n} rules in OUTPUT"),
-                target,
-                Expect::Connected,
-                sink_cpu,
-            )
-            .with_ruleset(&["iptables-nft-restore"], &iptables_rules(&policy)),
+        let mut rulesets = Vec::new();
+        for &keys in &options.scale {
+            let policy = policy_keys(keys);
+            let n = thousands(keys);
+            rulesets.push((
+                Contender::new(
+                    format!("iptables-nft, {n} rules in OUTPUT"),
+                    target,
+                    Expect::Connected,
+                    sink_cpu,
+                )
+                .of(Kind::IptablesNft, keys),
+                &["iptables-nft-restore"][..],
+                iptables_rules(&policy),
+            ));
+            rulesets.push((
+                Contender::new(
+                    format!("nft interval set, {n} elements"),
+                    target,
+                    Expect::Connected,
+                    sink_cpu,
+                )
+                .of(Kind::NftSet, keys),
+                &["nft", "-f", "-"][..],
+                nft_rules(&policy),
+            ));
+        }
+        eprintln!(
+            "bench connect: loading {} netfilter rulesets in parallel (1,000,000 rules take a minute or two)...",
+            rulesets.len()
         );
-        contenders.push(
-            Contender::new(
-                format!("nft interval set, {n} elements"),
-                target,
-                Expect::Connected,
-                sink_cpu,
-            )
-            .with_ruleset(&["nft", "-f", "-"], &nft_rules(&policy)),
-        );
+        thread::scope(|scope| {
+            for (contender, loader, rules) in &mut rulesets {
+                scope.spawn(move || contender.load_ruleset(loader, rules));
+            }
+        });
+        contenders.extend(rulesets.into_iter().map(|(contender, _, _)| contender));
     }
     contenders.push(
         Contender::new(
-            format!("egress, {n} rules, denied (EPERM)"),
+            format!("egress, {} rules, denied (EPERM)", thousands(options.rules)),
             sa(V4_A, DENIED_PORT),
             Expect::Denied,
             sink_cpu,
         )
-        .with_egress(&policy),
+        .of(Kind::EgressDenied, options.rules)
+        .with_egress(&policy_keys(options.rules)),
     );
-    if options.big {
-        eprintln!("bench connect: loading 1,000,000 LPM keys...");
-        let million = policy_million();
-        let contender = Contender::new("egress, 1M keys", target, Expect::Connected, sink_cpu);
-        let loading = Instant::now();
-        match Enforcer::apply(&contender.sandbox.target(), &million) {
-            Ok(enforcer) if loading.elapsed() < Duration::from_secs(30) => {
-                contenders.push(contender.enforced_by(enforcer, loading.elapsed()));
-            }
-            Ok(_) => notes.push(format!(
-                "1M keys took {:.1?} to load (over 30 s): not measured",
-                loading.elapsed()
-            )),
-            Err(e) => notes.push(format!("1M keys did not load: {}", chain(&e))),
-        }
-    }
     let setup = started.elapsed();
 
     // Metric 1: connect() cost, contenders interleaved a block at a time.
@@ -259,8 +335,14 @@ fn run(options: &Options) {
     }
     for c in &mut contenders {
         c.begin();
-        // Start the client and warm everything up once, untimed.
-        c.block(client_cpu, 0, options.count, options.budget_ms);
+        // Start the client and warm everything up once, untimed; a slow contender gets at most
+        // a tenth of its block budget of untimed connects from then on.
+        let first = c.block(client_cpu, 0, options.count, options.budget_ms);
+        let budget_ns = options.budget_ms * 1_000_000;
+        c.warmup = options
+            .warmup
+            .min(budget_ns / 10 / first.mean_ns.max(1))
+            .max(1);
     }
     let count = contenders.len();
     for round in 0..options.rounds {
@@ -268,7 +350,7 @@ fn run(options: &Options) {
         // after iptables' 10,000-rule walk starts with colder caches).
         for i in (0..count).map(|k| (round + k) % count) {
             let c = &mut contenders[i];
-            let r = c.block(client_cpu, options.warmup, options.count, options.budget_ms);
+            let r = c.block(client_cpu, c.warmup, options.count, options.budget_ms);
             c.rounds.push(r);
         }
         let means: Vec<String> = contenders
@@ -301,4 +383,17 @@ fn run(options: &Options) {
         sink_cpu,
     };
     print_report(options, &contenders, &run_times, &notes, &context);
+}
+
+/// "10,000 rules" for a policy of one key per rule, "1,000,000 keys (100,000 rules)" otherwise.
+fn describe(policy: &egress_user::policy::Policy, keys: usize) -> String {
+    if policy.rules.len() == keys {
+        format!("{} rules", thousands(keys))
+    } else {
+        format!(
+            "{} keys ({} rules)",
+            thousands(keys),
+            thousands(policy.rules.len())
+        )
+    }
 }

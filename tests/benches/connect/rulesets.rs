@@ -64,26 +64,53 @@ pub fn policy_one_port(rules: usize) -> Policy {
     }
 }
 
-/// 1,000,000 LPM keys: 100,000 rules (99,999 /32s in 198.18.0.0/15, and the target) of 10
-/// ports each. A rule per key would exceed the counter rows (131,070); the trie is what
-/// matters for run time, and it holds a million keys either way.
-pub fn policy_million() -> Policy {
-    let mut list: Vec<Rule> = (0..99_999)
+/// Rules of a policy above [`ONE_PORT_MAX`] keys: at most this many (a rule takes a counter
+/// row, and there are 131,070), each a /32 in 198.18.0.0/15.
+const WIDE_RULES_MAX: usize = 100_000;
+
+/// The largest key count [`policy_one_port`] can write (a /29 slot each in 198.18.0.0/15).
+pub const ONE_PORT_MAX: usize = 16_384;
+
+/// A policy of exactly `keys` (network, port) keys, the target's last: up to
+/// [`ONE_PORT_MAX`] keys, [`policy_one_port`]; above, up to 100,000 rules of /32s in
+/// 198.18.0.0/15 with up to 10 ports each (1,000,000 keys: 100,000 rules of 10 ports; a rule
+/// per key would exceed the counter rows, and the trie holds a million keys either way).
+pub fn policy_keys(keys: usize) -> Policy {
+    if keys <= ONE_PORT_MAX {
+        return policy_one_port(keys);
+    }
+    let ports = keys.div_ceil(WIDE_RULES_MAX);
+    assert!(
+        ports <= PORTS.len() && keys.is_multiple_of(ports),
+        "{keys} keys: at most {} ports per rule, and a whole number of rules",
+        PORTS.len()
+    );
+    let rules = keys / ports;
+    let ports_of = |i: usize| -> Vec<u16> {
+        if ports == 1 {
+            vec![PORTS[i % PORTS.len()]]
+        } else {
+            PORTS[..ports].to_vec()
+        }
+    };
+    let mut list: Vec<Rule> = (0..rules - 1)
         .map(|i| {
             let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i as u32);
             rule(
                 i,
                 format!("r{i}"),
                 Ipv4Net::new(addr, 32).expect("/32").into(),
-                &PORTS,
+                &ports_of(i),
             )
         })
         .collect();
+    let mut target_ports = vec![PORT];
+    target_ports.extend(PORTS.iter().copied().filter(|&p| p != PORT).take(ports - 1));
     list.push(rule(
-        99_999,
+        rules,
         TARGET_RULE.into(),
         Ipv4Net::new(V4_A, 32).expect("/32").into(),
-        &PORTS,
+        &target_ports,
     ));
     Policy {
         mode: Mode::Enforce,
@@ -93,7 +120,7 @@ pub fn policy_million() -> Policy {
     }
 }
 
-/// (network, port) of every key of a one-port-per-rule policy, in policy order.
+/// (network, port) of every key of a policy, in policy order.
 pub fn keys(policy: &Policy) -> impl Iterator<Item = (IpNet, u16)> + '_ {
     policy
         .rules

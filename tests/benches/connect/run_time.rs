@@ -39,6 +39,9 @@ pub struct RunTime {
     pub per_run_ns: Vec<f64>,
     /// Program runs measured in all.
     pub runs: u64,
+    /// Keys in the contender's trie, and whether its connects are denied.
+    pub keys: usize,
+    pub denied: bool,
 }
 
 /// Runs `--stats-rounds` blocks per contender with stats on and returns, per contender, the
@@ -55,6 +58,8 @@ pub fn measure_run_time(
             name: c.name.clone(),
             per_run_ns: Vec::new(),
             runs: 0,
+            keys: c.keys,
+            denied: c.expect == crate::contender::Expect::Denied,
         })
         .collect();
     let ids: Vec<u32> = contenders.iter().map(|c| connect4_program_id(c)).collect();
@@ -64,7 +69,7 @@ pub fn measure_run_time(
     for _ in 0..options.stats_rounds {
         for (i, c) in contenders.iter_mut().enumerate() {
             let before = program_info(ids[i]);
-            let round = c.block(client_cpu, options.warmup, options.count, options.budget_ms);
+            let round = c.block(client_cpu, c.warmup, options.count, options.budget_ms);
             let after = program_info(ids[i]);
             let runs = after.run_count() - before.run_count();
             assert_eq!(
