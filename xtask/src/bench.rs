@@ -1,11 +1,15 @@
-//! `cargo xtask bench`: set-up, then one of the benchmarks, as root, with its output streamed.
+//! `cargo xtask bench [NAME]`: set-up, then the benchmarks, as root, with their output streamed.
 //!
 //! Each benchmark is a `harness = false` bench target of the `egress-tests` package, run with
 //! `cargo bench` (the release profile); this module only prepares the machine and starts it.
 //! What a benchmark measures and how is documented in its own file (`tests/benches/*.rs`).
 //!
-//! Its tools come first: Debian packages with apt-get, and for `http` the ones Debian lacks
-//! (Envoy, oha) under `target/bench-tools/` ([`tools`]).
+//! Without a name it runs all of them, one after the other, each with its results written to
+//! `target/bench-results/` (`--out`), then `egress-bench-report` turns those into
+//! `docs/benchmarks.md` and its plots.
+//!
+//! The tools come first: Debian packages with apt-get, and the ones Debian lacks (Envoy, oha)
+//! under `target/bench-tools/` ([`tools`]).
 
 mod tools;
 
@@ -27,6 +31,14 @@ const NETFILTER_PACKAGES: &[(&str, &str)] =
 /// Debian packages the HTTP benchmark needs: the upstream and the load generator. Its nginx
 /// runs with its own prefix and config; the system's nginx service is never started.
 const HTTP_PACKAGES: &[(&str, &str)] = &[("nginx", "nginx"), ("wrk", "wrk")];
+/// The font docs/benchmarks.md's plots are drawn with.
+// Off Debian the font file itself is looked for (an absolute path replaces the directory).
+const PLOT_PACKAGES: &[(&str, &str)] = &[(
+    "fonts-dejavu-core",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+)];
+/// Where `cargo xtask bench` (all) leaves each benchmark's report and numbers.
+const RESULTS_DIR: &str = "target/bench-results";
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Args)]
@@ -34,12 +46,13 @@ pub struct Options {
     #[command(flatten)]
     setup: setup::Options,
 
-    /// The benchmark to run.
+    /// The benchmark to run; without one, all of them in one run, then docs/benchmarks.md
+    /// and its plots are written from their results.
     #[arg(value_enum)]
-    bench: Bench,
+    bench: Option<Bench>,
 
     /// Arguments for the benchmark (after `--`), e.g. `--rounds 9 --no-netfilter`; the
-    /// benchmark's main.rs documents them.
+    /// benchmark's main.rs documents them. Not with all benchmarks.
     #[arg(last = true, value_name = "BENCH_ARGS")]
     args: Vec<OsString>,
 }
@@ -108,22 +121,105 @@ impl Bench {
     }
 }
 
-/// Runs set-up, installs the benchmark's own packages, then `cargo bench` of the benchmark.
+/// Runs set-up, installs the benchmark's own packages, then `cargo bench` of the benchmark;
+/// without a benchmark named, all of them and the report.
 pub fn run(options: &Options) -> Result<()> {
     env::require_root("the benchmarks")?;
     let child = setup::run(&options.setup)?;
-    install_packages(&child, options.bench.packages(&options.args))?;
-    let tool_args = options.bench.tools(&child, &options.args)?;
+    let Some(bench) = options.bench else {
+        ensure!(
+            options.args.is_empty(),
+            "arguments after `--` go to one benchmark: name it (`cargo xtask bench connect -- ...`)"
+        );
+        return run_all(&child);
+    };
+    install_packages(&child, bench.packages(&options.args))?;
+    let tool_args = bench.tools(&child, &options.args)?;
+    run_bench(&child, bench, &tool_args, &options.args)
+}
+
+/// `cargo bench` of one benchmark with `args`.
+fn run_bench(
+    child: &ChildEnv,
+    bench: Bench,
+    tool_args: &[OsString],
+    args: &[OsString],
+) -> Result<()> {
     let mut command = child.command("cargo");
     command
         .args(["bench", "--package", "egress-tests", "--bench"])
-        .arg(options.bench.target())
+        .arg(bench.target())
         .arg("--")
         .args(tool_args)
-        .args(&options.args);
+        .args(args);
     eprintln!("bench: {}", env::describe(&command));
     env::run_streaming(&mut command)
-        .with_context(|| format!("benchmark `{}` failed", options.bench.target()))
+        .with_context(|| format!("benchmark `{}` failed", bench.target()))
+}
+
+/// Every benchmark with its default settings, each writing its results to [`RESULTS_DIR`];
+/// then docs/benchmarks.md. A benchmark that fails does not stop the others: the page says it
+/// did not run, and the command fails at the end.
+fn run_all(child: &ChildEnv) -> Result<()> {
+    let all = Bench::value_variants();
+    let mut packages: Vec<(&str, &str)> = PLOT_PACKAGES.to_vec();
+    for bench in all {
+        packages.extend(bench.packages(&[]));
+    }
+    install_packages(child, &packages)?;
+    let results = env::workspace_root().join(RESULTS_DIR);
+    if results.exists() {
+        std::fs::remove_dir_all(&results)
+            .with_context(|| format!("clearing {}", results.display()))?;
+    }
+    // Build the report tool first: a compile error should not come after 15 minutes of runs.
+    let report_tool = || {
+        let mut command = child.command("cargo");
+        command.args([
+            "run",
+            "--quiet",
+            "--package",
+            "egress-tests",
+            "--features",
+            "plots",
+            "--bin",
+            "egress-bench-report",
+            "--",
+        ]);
+        command
+    };
+    env::run_streaming(child.command("cargo").args([
+        "build",
+        "--package",
+        "egress-tests",
+        "--features",
+        "plots",
+        "--bin",
+        "egress-bench-report",
+    ]))?;
+    let started = std::time::Instant::now();
+    let mut failed = Vec::new();
+    for &bench in all {
+        let tool_args = bench.tools(child, &[])?;
+        let out = [OsString::from("--out"), results.clone().into_os_string()];
+        if let Err(e) = run_bench(child, bench, &tool_args, &out) {
+            eprintln!("bench: {e:#}");
+            failed.push(bench.target());
+        }
+    }
+    eprintln!("bench: all benchmarks took {:.0?}", started.elapsed());
+    env::run_streaming(
+        report_tool()
+            .arg(&results)
+            .arg(env::workspace_root().join("docs"))
+            .arg("cargo xtask bench"),
+    )?;
+    ensure!(
+        failed.is_empty(),
+        "benchmarks that failed: {}",
+        failed.join(", ")
+    );
+    Ok(())
 }
 
 /// Installs the missing ones of `packages` with apt-get.

@@ -41,8 +41,10 @@ enum Command {
     /// Example: cargo xtask run -- --help
     Run(run::Options),
     /// Run set-up, then a benchmark (`cargo bench`, release) as root; it prints a table.
+    /// Without a benchmark named, run all of them (about 15 minutes) and write
+    /// docs/benchmarks.md with the tables and plots.
     ///
-    /// Arguments after `--` go to the benchmark.
+    /// Arguments after `--` go to the named benchmark.
     ///
     /// Example: cargo xtask bench connect -- --rounds 9
     Bench(bench::Options),

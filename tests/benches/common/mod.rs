@@ -2,6 +2,9 @@
 //! the machine. Each bench target includes this file with
 //! `#[path = "../common/mod.rs"] mod common;`.
 
+// Every bench includes all of this file and uses part of it.
+#![allow(dead_code)]
+
 use std::{fs, process::Command};
 
 /// Median, min and max (NaN for none).

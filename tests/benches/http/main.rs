@@ -80,7 +80,7 @@ pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench http -- [--r
      [--warmup N] [--connections N] [--rate N] [--rate-connections N] [--rate-seconds N] \
      [--contenders direct,egress,envoy] [--upstream-cpu load|proxy|any] \
      [--rate-upstream-cpu load|proxy|any] [--nice N] [--agent-log FILTER] \
-     [--envoy PATH] [--oha PATH] [--no-rate]";
+     [--envoy PATH] [--oha PATH] [--no-rate] [--out DIR]";
 
 /// Where nginx runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -129,6 +129,8 @@ pub struct Options {
     pub envoy: Option<PathBuf>,
     pub oha: Option<PathBuf>,
     pub no_rate: bool,
+    /// Where to write `http.md` and `http.json` (besides printing the report).
+    pub out: Option<PathBuf>,
     /// The arguments as given, less `--bench` and the tool paths `cargo xtask` adds: what
     /// goes after `cargo xtask bench http --` to repeat the run.
     pub shown_args: Vec<String>,
@@ -151,6 +153,7 @@ fn parse(args: &[String]) -> Options {
         envoy: None,
         oha: None,
         no_rate: false,
+        out: None,
         shown_args: Vec::new(),
     };
     let mut skip_value = false;
@@ -158,7 +161,7 @@ fn parse(args: &[String]) -> Options {
         if std::mem::take(&mut skip_value) || arg == "--bench" {
             continue;
         }
-        skip_value = arg == "--envoy" || arg == "--oha";
+        skip_value = arg == "--envoy" || arg == "--oha" || arg == "--out";
         if !skip_value {
             options.shown_args.push(arg.clone());
         }
@@ -221,6 +224,7 @@ fn parse(args: &[String]) -> Options {
             "--envoy" => options.envoy = Some(value(&mut args, flag).into()),
             "--oha" => options.oha = Some(value(&mut args, flag).into()),
             "--no-rate" => options.no_rate = true,
+            "--out" => options.out = Some(value(&mut args, flag).into()),
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }

@@ -4,7 +4,7 @@ use std::{path::Path, process::Command, thread, time::Duration};
 
 use crate::{
     Contender, Kind, Options,
-    common::{command_output, cpu_model, summary, thousands},
+    common::{command_output, cpu_model, machine_json, publish, spread, summary, thousands},
 };
 
 /// What the report says about the run besides the numbers.
@@ -21,7 +21,8 @@ pub struct Shown {
     pub elapsed: Duration,
 }
 
-/// Prints the report, as markdown, on stdout.
+/// Prints the report, as markdown, on stdout (and with `--out`, writes it and the numbers
+/// behind it).
 pub fn print(options: &Options, contenders: &[Contender], shown: &Shown) {
     let cpu = |c: Option<usize>| c.map_or("any".to_owned(), |c| c.to_string());
     let mut out = String::new();
@@ -187,7 +188,68 @@ pub fn print(options: &Options, contenders: &[Contender], shown: &Shown) {
             ));
         }
     }
-    println!("{out}");
+    let json = serde_json::json!({
+        "machine": machine_json(),
+        "versions": versions(options),
+        "rounds": options.rounds,
+        "seconds": shown.elapsed.as_secs_f64(),
+        "contenders": contenders.iter().map(|c| contender_json(c, envoy, direct)).collect::<Vec<_>>(),
+    });
+    publish(options.out.as_deref(), "http", &out, &json);
+}
+
+/// A contender's numbers for the results file: per phase, median/min/max over rounds, with the
+/// ratio to Envoy in the same round (metrics 4, 5) and the latency added to direct's (metric 6).
+fn contender_json(
+    c: &Contender,
+    envoy: Option<&Contender>,
+    direct: Option<&Contender>,
+) -> serde_json::Value {
+    let wrk = |samples: &[crate::Sample], envoys: Option<&[crate::Sample]>| {
+        if samples.is_empty() {
+            return serde_json::Value::Null;
+        }
+        serde_json::json!({
+            "rps": spread(summary(samples.iter().map(|s| s.run.rps))),
+            "p50_ms": spread(summary(samples.iter().map(|s| s.run.p50_ms))),
+            "p99_ms": spread(summary(samples.iter().map(|s| s.run.p99_ms))),
+            "cpu_s_per_1k": spread(summary(samples.iter().filter_map(|s| s.cpu_per_1k))),
+            "rps_ratio_to_envoy": envoys.filter(|e| !e.is_empty()).map(|e| {
+                spread(summary(samples.iter().zip(e).map(|(a, b)| a.run.rps / b.run.rps)))
+            }),
+            "p99_ratio_to_envoy": envoys.filter(|e| !e.is_empty()).map(|e| {
+                spread(summary(samples.iter().zip(e).map(|(a, b)| a.run.p99_ms / b.run.p99_ms)))
+            }),
+        })
+    };
+    let other_envoy = envoy.filter(|e| e.kind != c.kind);
+    let added = |pick: fn(&crate::RateSample) -> f64| {
+        direct
+            .filter(|d| d.kind != c.kind && !d.rate.is_empty())
+            .map(|d| {
+                spread(summary(
+                    c.rate.iter().zip(&d.rate).map(|(a, b)| pick(a) - pick(b)),
+                ))
+            })
+    };
+    serde_json::json!({
+        "name": c.kind.name(),
+        "plain": wrk(&c.plain, other_envoy.map(|e| e.plain.as_slice())),
+        "tls": wrk(&c.tls, other_envoy.map(|e| e.tls.as_slice())),
+        "rate": if c.rate.is_empty() { serde_json::Value::Null } else { serde_json::json!({
+            "rps": spread(summary(c.rate.iter().map(|s| s.run.rps))),
+            "p50_ms": spread(summary(c.rate.iter().map(|s| s.run.p50_ms))),
+            "p90_ms": spread(summary(c.rate.iter().map(|s| s.run.p90_ms))),
+            "p99_ms": spread(summary(c.rate.iter().map(|s| s.run.p99_ms))),
+            "added_p50_ms": added(|s| s.run.p50_ms),
+            "added_p90_ms": added(|s| s.run.p90_ms),
+            "added_p99_ms": added(|s| s.run.p99_ms),
+            "rss_mib": spread(summary(c.rate.iter().filter_map(|s| s.rss_mib))),
+            "cpu_s_per_1k": spread(summary(c.rate.iter().filter_map(|s| s.cpu_per_1k))),
+        }) },
+        "idle_rss_mib": c.idle_rss_mib,
+        "peak_rss_mib": c.peak_rss_mib,
+    })
 }
 
 /// "median (min-max)" with `decimals`.

@@ -21,9 +21,13 @@
 //!   flips collection at every entry of a matching function, so nested proxy functions
 //!   switch it off, and hyper's connection tasks run outside them.
 //!
-//! Arguments: `--requests-a N` (default 200), `--requests-b N` (default 1200); `--child
+//! Arguments: `--requests-a N` (default 200), `--requests-b N` (default 1200), `--out DIR`
+//! (also write `instructions.md` and `instructions.json` there); `--child
 //! --requests N [--direct]` is the run under valgrind. Needs valgrind (Debian package `valgrind`);
 //! `cargo xtask bench instructions` installs it.
+
+#[path = "../common/mod.rs"]
+mod common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -65,38 +69,46 @@ fn main() -> ExitCode {
     let proxied = (callgrind(a, false), callgrind(b, false));
     let direct = (callgrind(a, true), callgrind(b, true));
     let per = |(x, y): (u64, u64)| y.saturating_sub(x) as f64 / (b - a) as f64;
-    println!("## Proxy instructions per request (callgrind)\n");
-    println!(
-        "- command: `cargo xtask bench instructions` ({} and {} plain-HTTP keep-alive requests, one connection, single-threaded runtime)",
-        a, b
-    );
-    println!("- kernel `{}`", uname_r());
-    println!();
-    println!("| client to | Ir at {a} requests | Ir at {b} requests | instructions per request |");
-    println!("|---|---|---|---|");
-    println!(
-        "| the proxy, then the upstream | {} | {} | {:.0} |",
-        proxied.0,
-        proxied.1,
-        per(proxied)
-    );
-    println!(
-        "| the upstream directly | {} | {} | {:.0} |",
-        direct.0,
-        direct.1,
-        per(direct)
-    );
-    println!(
-        "\n**The proxy's request path: {:.0} instructions per request** (the difference).",
-        per(proxied) - per(direct)
-    );
+    let mut out = String::from("\n## Proxy instructions per request (callgrind)\n\n");
+    out.push_str(&format!(
+        "- command: `cargo xtask bench instructions` ({a} and {b} plain-HTTP keep-alive requests, one connection, \
+         single-threaded runtime)\n- kernel `{}`, valgrind {}\n\n",
+        common::command_output("uname", &["-r"]),
+        common::command_output("valgrind", &["--version"]),
+    ));
+    out.push_str(&format!(
+        "| client to | Ir at {a} requests | Ir at {b} requests | instructions per request |\n|---|---|---|---|\n"
+    ));
+    for (what, (x, y)) in [
+        ("the proxy, then the upstream", proxied),
+        ("the upstream directly", direct),
+    ] {
+        out.push_str(&format!(
+            "| {what} | {} | {} | {:.0} |\n",
+            common::thousands(x as usize),
+            common::thousands(y as usize),
+            per((x, y))
+        ));
+    }
+    let path = per(proxied) - per(direct);
+    out.push_str(&format!(
+        "\n**The proxy's request path: {path:.0} instructions per request** (the difference).\n"
+    ));
+    let json = serde_json::json!({
+        "machine": common::machine_json(),
+        "requests": [a, b],
+        "proxied_ir": [proxied.0, proxied.1],
+        "direct_ir": [direct.0, direct.1],
+        "proxied_per_request": per(proxied),
+        "direct_per_request": per(direct),
+        "proxy_path_per_request": path,
+    });
+    let out_dir = args
+        .iter()
+        .position(|a| a == "--out")
+        .map(|i| std::path::PathBuf::from(args.get(i + 1).expect("--out needs a directory")));
+    common::publish(out_dir.as_deref(), "instructions", &out, &json);
     ExitCode::SUCCESS
-}
-
-fn uname_r() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// Runs this binary under callgrind for `requests` requests (to the upstream directly when

@@ -88,7 +88,7 @@ use policies::{Allowed, MAX_FILLER, PolicyDir, yaml};
 
 pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench reload -- [--reloads N] \
      [--sizes 10,1000,10000] [--warmup N] [--poll-us N] [--budget-s N] [--starts N] [--big-rules N] [--nice N] \
-     [--no-big] [--no-1m]";
+     [--no-big] [--no-1m] [--out DIR]";
 
 /// The agent's debounce: how long the policy files must stay quiet before a watched change is
 /// applied (`egress_user::agent::watch::QUIET`).
@@ -119,6 +119,8 @@ pub struct Options {
     pub budget: Duration,
     /// Nice value of the bench and everything it starts.
     pub nice: i32,
+    /// Where to write `reload.md` and `reload.json` (besides printing the report).
+    pub out: Option<std::path::PathBuf>,
 }
 
 fn parse(args: &[String]) -> Options {
@@ -133,6 +135,7 @@ fn parse(args: &[String]) -> Options {
         million: true,
         budget: Duration::from_secs(210),
         nice: -10,
+        out: None,
     };
     let mut args = args.iter();
     let value = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> String {
@@ -174,6 +177,13 @@ fn parse(args: &[String]) -> Options {
             }
             "--no-big" => options.big = false,
             "--no-1m" => options.million = false,
+            "--out" => {
+                options.out = Some(
+                    args.next()
+                        .unwrap_or_else(|| panic!("--out needs a directory; {USAGE}"))
+                        .into(),
+                )
+            }
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }

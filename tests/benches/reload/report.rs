@@ -1,5 +1,5 @@
 //! The printed report: the machine and the method, markdown tables, and a one-line JSON
-//! summary for scripts.
+//! summary for scripts (also written to `reload.json` with `--out`).
 
 use std::{thread, time::Duration};
 
@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::{
     Big, Breakdown, Contender, DEBOUNCE, Options, Startup, Way,
-    common::{command_output, cpu_model, summary, thousands},
+    common::{command_output, cpu_model, machine_json, publish, summary, thousands},
 };
 
 /// One contender's measurements, its agent stopped.
@@ -213,6 +213,14 @@ pub fn print(
 
     let mut summary = json!({
         "bench": "reload",
+        "machine": machine_json(),
+        "seconds": context.elapsed.as_secs_f64(),
+        "breakdown_ms": breakdowns.iter().map(|b| json!({
+            "rules": b.rules,
+            "parse": round(b.parse),
+            "proxy": round(b.proxy),
+            "kernel": round(b.kernel),
+        })).collect::<Vec<_>>(),
         "reloads": options.reloads,
         "poll_us": options.poll.as_micros() as u64,
         "sizes": summary_sizes,
@@ -228,7 +236,7 @@ pub fn print(
             summary["reload_ms"]["1000000_keys"] = json!(round(m.reload));
         }
     }
-    println!("{out}");
+    publish(options.out.as_deref(), "reload", &out, &summary);
     println!("summary: {summary}");
 }
 
