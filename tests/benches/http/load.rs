@@ -11,10 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    json::Json,
-    servers::{Pin, pinned_in_netns},
-};
+use serde_json::Value;
+
+use crate::servers::{Pin, pinned_in_netns};
 
 /// Where and how a load generator runs.
 pub struct Target<'a> {
@@ -276,38 +275,38 @@ impl Oha {
 
 /// Parses oha's JSON summary (times in seconds). Any error or non-2xx status is an error.
 fn parse_oha(out: &str) -> Result<RateRun, String> {
-    let json = Json::parse(out).map_err(|e| format!("not JSON ({e})"))?;
-    let errors: Vec<String> = json
-        .fields(&["errorDistribution"])
-        .unwrap_or_default()
+    let json: Value = serde_json::from_str(out).map_err(|e| format!("not JSON ({e})"))?;
+    let object = |key: &str| json[key].as_object().cloned().unwrap_or_default();
+    let errors: Vec<String> = object("errorDistribution")
         .iter()
-        .map(|(error, n)| format!("{n:?} x {error}"))
+        .map(|(error, n)| format!("{n} x {error}"))
         .collect();
     if !errors.is_empty() {
         return Err(format!("errors: {}", errors.join("; ")));
     }
     let mut ok = 0;
-    for (status, n) in json.fields(&["statusCodeDistribution"]).unwrap_or_default() {
-        let Json::Number(n) = n else {
-            return Err(format!("status {status}: count {n:?}"));
-        };
+    for (status, n) in object("statusCodeDistribution") {
+        let n = n
+            .as_u64()
+            .ok_or_else(|| format!("status {status}: count {n}"))?;
         if !status.starts_with('2') {
             return Err(format!("{n} responses with status {status}"));
         }
-        ok += *n as u64;
+        ok += n;
     }
     if ok == 0 {
         return Err("no 2xx response".into());
     }
     let ms = |key: &str| {
-        json.number(&["latencyPercentiles", key])
+        json["latencyPercentiles"][key]
+            .as_f64()
             .map(|s| s * 1e3)
             .ok_or_else(|| format!("no latencyPercentiles.{key}"))
     };
     Ok(RateRun {
         requests: ok,
-        rps: json
-            .number(&["summary", "requestsPerSec"])
+        rps: json["summary"]["requestsPerSec"]
+            .as_f64()
             .ok_or("no summary.requestsPerSec")?,
         p50_ms: ms("p50")?,
         p90_ms: ms("p90")?,

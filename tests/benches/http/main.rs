@@ -58,7 +58,6 @@
 
 #[path = "../common/mod.rs"]
 mod common;
-mod json;
 mod load;
 mod procfs;
 mod report;
