@@ -61,8 +61,8 @@ pub struct Options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Bench {
     /// connect() cost with 10,000 CIDR+port rules against no filter, iptables-nft and an nft
-    /// set; and the program's run time per invocation at 10,000 and 1,000,000 keys
-    /// (tests/benches/connect/).
+    /// set; rule scaling from 1,000 to 1,000,000 keys for each; and the program's run time
+    /// per invocation (tests/benches/connect/).
     Connect,
     /// The HTTP egress proxy against no proxy and Envoy: req/s and p99 for plain HTTP and TLS
     /// origination, latency added at 1000 req/s, RSS and CPU (tests/benches/http/).
