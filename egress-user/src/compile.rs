@@ -178,6 +178,15 @@ impl StoredRows {
         &self,
         names: impl IntoIterator<Item = &'a str>,
     ) -> Result<RowTable, CompileError> {
+        self.assign_in_order(names).map(|(table, _)| table)
+    }
+
+    /// [`StoredRows::assign`], also returning the row of each name in the order given, so
+    /// that [`compile`] need not look 10,000 names up again.
+    fn assign_in_order<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(RowTable, Vec<u32>), CompileError> {
         let names: Vec<&str> = names.into_iter().collect();
         let max = COUNTER_ROWS - FIRST_RULE_ROW;
         if names.len() > max as usize {
@@ -196,7 +205,9 @@ impl StoredRows {
                 acc
             });
         let mut new = Vec::new();
-        for name in &names {
+        // Filled in below for the names in `new`.
+        let mut order = vec![0; names.len()];
+        for (i, name) in names.iter().enumerate() {
             let found = stored
                 .get(&(fnv1a64(name.as_bytes()), name.len() as u32))
                 .and_then(|c| {
@@ -208,8 +219,9 @@ impl StoredRows {
                 Some((row, _)) => {
                     taken[*row as usize] = true;
                     by_name.insert((*name).to_owned(), *row);
+                    order[i] = *row;
                 }
-                None => new.push(*name),
+                None => new.push((i, *name)),
             }
         }
         for (row, _) in &self.0 {
@@ -217,15 +229,22 @@ impl StoredRows {
             taken[*row as usize] = true;
         }
         let mut free = (FIRST_RULE_ROW..COUNTER_ROWS).filter(|row| !taken[*row as usize]);
-        for name in new {
+        for (i, name) in new {
             let row = free.next().ok_or(CompileError::TooManyRules {
                 rules: names.len(),
                 max,
             })?;
             by_name.insert(name.to_owned(), row);
+            order[i] = row;
+        }
+        if by_name.len() != names.len() {
+            // A name given twice (a policy never has one): each takes the row the table keeps.
+            for (slot, name) in order.iter_mut().zip(&names) {
+                *slot = by_name[*name];
+            }
         }
         let by_row = by_name.iter().map(|(n, r)| (*r, n.clone())).collect();
-        Ok(RowTable { by_name, by_row })
+        Ok((RowTable { by_name, by_row }, order))
     }
 }
 
@@ -249,7 +268,8 @@ pub fn compile(
     generation: u32,
 ) -> Result<Compiled, CompileError> {
     let dns = (!policy.dns.resolvers.is_empty()).then_some(DNS_RULE_NAME);
-    let rows = stored.assign(policy.rules.iter().map(|r| r.name.as_str()).chain(dns))?;
+    let (rows, order) =
+        stored.assign_in_order(policy.rules.iter().map(|r| r.name.as_str()).chain(dns))?;
     let mut out = Compiled {
         config: Config {
             mode: match policy.mode {
@@ -276,8 +296,7 @@ pub fn compile(
     };
     // First rule to claim a key keeps it: file order is the user's order of precedence.
     let mut owners: HashMap<(IpNet, u16, Protocol), &str> = HashMap::new();
-    for rule in &policy.rules {
-        let row = rows.row(&rule.name).expect("assign gave every rule a row");
+    for (rule, &row) in policy.rules.iter().zip(&order) {
         let value = RuleValue { row };
         for port in &rule.ports {
             match owners.entry((rule.destination, port.port, port.protocol)) {
@@ -297,7 +316,8 @@ pub fn compile(
         }
     }
     // After the user's rules: a key one of them holds stays theirs, and is not reported.
-    if let Some(row) = rows.row(DNS_RULE_NAME) {
+    if dns.is_some() {
+        let row = order[policy.rules.len()];
         let value = RuleValue { row };
         for resolver in &policy.dns.resolvers {
             // A NAT64 or 6to4 resolver is judged as its IPv4 address: the key must be that.

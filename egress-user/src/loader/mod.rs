@@ -701,16 +701,34 @@ fn previous_config(pins: &PinDir) -> Option<Config> {
     config.get(&0, 0).ok()
 }
 
-/// Reads the row table back from `RULE_INFO`, rows below `limit`.
+/// Reads the row table back from `RULE_INFO`, rows below `limit`, in one batch: one lookup
+/// per row took 7 ms of a 10,000-rule reload.
 fn read_rule_info(ebpf: &Ebpf, limit: u32) -> Result<StoredRows, LoadError> {
-    let info: Array<_, RuleInfo> =
-        Array::try_from(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"))
-            .map_err(map_err(maps::RULE_INFO, "opening"))?;
-    let rows = (FIRST_RULE_ROW..limit)
-        .map(|row| info.get(&row, 0).map(|i| (row, i)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err(maps::RULE_INFO, "reading"))?;
-    Ok(RowTable::from_rule_info(rows))
+    let map = ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO");
+    // Checks the map's key and value sizes against RuleInfo.
+    let _: Array<_, RuleInfo> =
+        Array::try_from(map).map_err(map_err(maps::RULE_INFO, "opening"))?;
+    let mut infos = vec![RuleInfo::default(); limit.saturating_sub(FIRST_RULE_ROW) as usize];
+    sys::array_lookup_batch(map_fd(map), FIRST_RULE_ROW, &mut infos).map_err(|io_error| {
+        map_err(maps::RULE_INFO, "reading")(syscall_error("bpf_map_lookup_batch", io_error))
+    })?;
+    Ok(RowTable::from_rule_info((FIRST_RULE_ROW..).zip(infos)))
+}
+
+/// The fd of a map of the object.
+fn map_fd(map: &aya::maps::Map) -> std::os::fd::BorrowedFd<'_> {
+    use aya::maps::Map;
+    match map {
+        Map::Array(data) | Map::LpmTrie(data) | Map::PerCpuArray(data) | Map::HashMap(data) => {
+            data.fd().as_fd()
+        }
+        other => unreachable!("no batch operations on {other:?}"),
+    }
+}
+
+/// A failed bpf(2) call, as aya reports its own.
+fn syscall_error(call: &'static str, io_error: io::Error) -> aya::maps::MapError {
+    aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error })
 }
 
 /// Writes every entry of a generation into its (fresh, unreferenced) maps.
@@ -753,14 +771,22 @@ fn fill_lpm<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
     entries: &[(u32, K, V)],
 ) -> Result<(), LoadError> {
-    let mut trie: LpmTrie<_, K, V> =
-        LpmTrie::try_from(ebpf.map_mut(name).expect("object has the map"))
-            .map_err(map_err(name, "opening"))?;
+    let map = ebpf.map(name).expect("object has the map");
+    // Checks the map's key and value sizes against K and V.
+    let _: LpmTrie<_, K, V> = LpmTrie::try_from(map).map_err(map_err(name, "opening"))?;
+    let keys: Vec<Key<K>> = entries
+        .iter()
+        .map(|(prefix, key, _)| Key::new(*prefix, *key))
+        .collect();
+    let values: Vec<V> = entries.iter().map(|(_, _, value)| *value).collect();
+    // In batches (one bpf(2) call each instead of one per key), cut where progress is logged.
     let mut progress = Progress::new(name, entries.len());
-    for (prefix, key, value) in entries {
-        trie.insert(&Key::new(*prefix, *key), *value, 0)
-            .map_err(map_err(name, "inserting"))?;
-        progress.step();
+    while progress.done < entries.len() {
+        let end = progress.next.min(entries.len());
+        let range = progress.done..end;
+        sys::map_update_batch(map_fd(map), &keys[range.clone()], &values[range])
+            .map_err(|e| map_err(name, "inserting")(syscall_error("bpf_map_update_batch", e)))?;
+        progress.step_to(end);
     }
     Ok(())
 }
@@ -797,8 +823,14 @@ impl Progress {
         }
     }
 
+    #[cfg(test)]
     fn step(&mut self) {
-        self.done += 1;
+        self.step_to(self.done + 1);
+    }
+
+    /// Records that the first `done` entries are written; `done` is at most `next`.
+    fn step_to(&mut self, done: usize) {
+        self.done = done;
         if self.done >= self.next {
             // The k-th line at ceil(total * k / 10) entries: ten lines, the last at the last
             // entry, whatever the total (20,002 logged 9%, 19%, ... and never 100% before).

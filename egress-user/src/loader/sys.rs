@@ -1,7 +1,9 @@
-//! The few bpf(2) calls aya 0.14 does not expose for cgroup links: replace a link's program in
-//! place (`BPF_LINK_UPDATE`), detach a link that other fds may still hold (`BPF_LINK_DETACH`),
-//! and read which cgroup a link is attached to (`BPF_OBJ_GET_INFO_BY_FD`). This is the only
-//! `unsafe` in the agent.
+//! The few bpf(2) calls aya 0.14 does not expose: for cgroup links, replace a link's program
+//! in place (`BPF_LINK_UPDATE`), detach a link that other fds may still hold
+//! (`BPF_LINK_DETACH`), and read which cgroup a link is attached to
+//! (`BPF_OBJ_GET_INFO_BY_FD`); for maps, write or read many entries in one call
+//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_LOOKUP_BATCH`, since 5.6 for arrays and LPM tries), where
+//! aya has one call per entry. This is the only `unsafe` in the agent.
 
 use std::{
     io,
@@ -121,4 +123,86 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     }
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// Writes `keys[i]` = `values[i]` for every `i` in one call (`BPF_MAP_UPDATE_BATCH`), as
+/// `BPF_MAP_UPDATE_ELEM` with flags 0 would one by one: a 10,000-rule policy is one call
+/// instead of 10,000. `K` and `V` must be the map's key and value types (their sizes are the
+/// map's key and value sizes).
+///
+/// # Errors
+/// As `BPF_MAP_UPDATE_ELEM`; the entries before the one that failed are written.
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // The kernel reads `count` keys and values from these arrays, which outlive the call.
+    attr.batch.map_fd = map.as_raw_fd() as u32;
+    attr.batch.keys = keys.as_ptr() as u64;
+    attr.batch.values = values.as_ptr() as u64;
+    attr.batch.count = u32::try_from(keys.len()).map_err(io::Error::other)?;
+    bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr)
+}
+
+/// Reads the entries of an array map from index `first` on into `values`, in one call
+/// (`BPF_MAP_LOOKUP_BATCH`) per `values.len()` entries, as `BPF_MAP_LOOKUP_ELEM` would one by
+/// one. `V` must be the map's value type and the map an array (`u32` keys).
+///
+/// # Errors
+/// As `BPF_MAP_LOOKUP_ELEM`; also when the array has fewer than `first + values.len()` entries.
+pub fn array_lookup_batch<V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    first: u32,
+    values: &mut [V],
+) -> io::Result<()> {
+    let mut keys = vec![0u32; values.len()];
+    let mut done = 0;
+    while done < values.len() {
+        // The batch starts after the key `in_batch` points to; a null pointer means from 0.
+        let start = first + done as u32;
+        let mut previous = start.wrapping_sub(1);
+        let mut out_batch = 0u32;
+        // SAFETY: as in `link_update`.
+        let mut attr: bpf_attr = unsafe { zeroed() };
+        // The kernel writes at most `count` keys and values into these arrays and the next
+        // position into `out_batch`; all of them outlive the call.
+        attr.batch.map_fd = map.as_raw_fd() as u32;
+        attr.batch.in_batch = if start == 0 {
+            0
+        } else {
+            std::ptr::from_mut(&mut previous) as u64
+        };
+        attr.batch.out_batch = std::ptr::from_mut(&mut out_batch) as u64;
+        attr.batch.keys = keys[done..].as_mut_ptr() as u64;
+        attr.batch.values = values[done..].as_mut_ptr() as u64;
+        attr.batch.count = u32::try_from(values.len() - done).map_err(io::Error::other)?;
+        let result = bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: `count` is a plain integer the kernel sets to the entries it copied.
+        let copied = unsafe { attr.batch.count } as usize;
+        match result {
+            Ok(()) => {}
+            // The end of the array: fine if everything asked for was there.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && done + copied == values.len() => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the array ends before the last row asked for",
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        if copied == 0 {
+            return Err(io::Error::other("BPF_MAP_LOOKUP_BATCH copied nothing"));
+        }
+        // An array has every key, in order: the keys are `first + done ..`.
+        done += copied;
+    }
+    Ok(())
 }

@@ -149,14 +149,21 @@ fn show_tag(tag: &Tag) -> String {
 
 /// Checks a node's tag: the only ones accepted are those that say what the node already is
 /// (`!!str` also turns `!!str 443` into a string). Returns whether the tag is acceptable.
-fn tag_ok(tag: Option<&Tag>, allowed: &str, line: usize, path: &str, report: &mut Report) -> bool {
+/// `path` gives the node's field path, only needed for the message.
+fn tag_ok(
+    tag: Option<&Tag>,
+    allowed: &str,
+    line: usize,
+    path: impl FnOnce() -> String,
+    report: &mut Report,
+) -> bool {
     match tag {
         None => true,
         Some(tag) if tag.handle == CORE_TAG_PREFIX && tag.suffix == allowed => true,
         Some(tag) => {
             report.field_error(
                 line,
-                path,
+                &path(),
                 format!(
                     "YAML tag `{}` is not supported here (only !!str on a scalar, !!seq on a \
                      sequence and !!map on a mapping)",
@@ -168,10 +175,18 @@ fn tag_ok(tag: Option<&Tag>, allowed: &str, line: usize, path: &str, report: &mu
     }
 }
 
+/// Mappings with at most this many keys find a duplicate key by scanning their entries; larger
+/// ones keep an index, so a mapping of 100,000 keys is not checked in O(n²). Policy mappings
+/// have two to six keys, and a hash map for each cost more than the scan.
+const SCANNED_KEYS: usize = 8;
+
 /// A sequence or mapping whose end has not been seen yet.
+///
+/// It does not store its field path: paths are only needed for messages, so [`next_path`]
+/// builds one from the open frames when something is reported. A frame's path is its parent's
+/// [`Frame::child_path`], which stays the same while the frame is open (the parent gets no new
+/// item or key until this one is finished).
 struct Frame {
-    /// Field path of the collection, for messages.
-    path: String,
     /// 1-based line of its start.
     line: usize,
     /// Already reported (bad tag): the finished node becomes [`Value::Invalid`].
@@ -188,8 +203,9 @@ enum FrameKind {
     Map {
         /// Entries with distinct keys.
         entries: Vec<Entry>,
-        /// Line of each key in `entries`, to name the first one of a duplicate in O(1).
-        seen: HashMap<String, usize>,
+        /// Line of each key in `entries`, to name the first one of a duplicate in O(1); only
+        /// once there are more than [`SCANNED_KEYS`] entries.
+        seen: Option<HashMap<String, usize>>,
         /// After a key and before its value: the key and its line, or `None` if the key was
         /// rejected (then the value is dropped).
         pending_key: Option<Option<(String, usize)>>,
@@ -197,48 +213,17 @@ enum FrameKind {
 }
 
 impl Frame {
-    /// The path of the node that comes next inside this collection.
-    fn child_path(&self) -> String {
+    /// The path of the node that comes next inside this collection, when this collection's
+    /// own path is `path`.
+    fn child_path(&self, path: &str) -> String {
         match &self.kind {
-            FrameKind::Seq(items) => format!("{}[{}]", self.path, items.len()),
+            FrameKind::Seq(items) => format!("{path}[{}]", items.len()),
             FrameKind::Map {
                 pending_key: Some(Some((key, _))),
                 ..
-            } => join(&self.path, key),
+            } => join(path, key),
             // A key (or the value of a rejected key): the mapping's own path is the best guess.
-            FrameKind::Map { .. } => self.path.clone(),
-        }
-    }
-
-    /// Adds a finished node to this collection.
-    fn push(&mut self, node: Node, report: &mut Report) {
-        let path = self.child_path();
-        match &mut self.kind {
-            FrameKind::Seq(items) => items.push(node),
-            FrameKind::Map {
-                entries,
-                seen,
-                pending_key,
-            } => match pending_key.take() {
-                None => *pending_key = Some(key_of(node, &path, report)),
-                Some(None) => {}
-                Some(Some((key, key_line))) => {
-                    if let Some(first) = seen.get(&key) {
-                        report.field_error(
-                            key_line,
-                            &path,
-                            format!("duplicate key (the first `{key}` is on line {first})"),
-                        );
-                    } else {
-                        seen.insert(key.clone(), key_line);
-                        entries.push(Entry {
-                            key,
-                            key_line,
-                            value: node,
-                        });
-                    }
-                }
-            },
+            FrameKind::Map { .. } => path.to_owned(),
         }
     }
 
@@ -256,10 +241,122 @@ impl Frame {
     }
 }
 
+/// The field path of the node that comes next inside the innermost open collection of
+/// `stack` (`""` at the top of a document).
+fn next_path(stack: &[Frame]) -> String {
+    stack
+        .iter()
+        .fold(String::new(), |path, frame| frame.child_path(&path))
+}
+
+/// The line of the key `key` among a mapping's `entries`, if it is there.
+fn first_line(
+    entries: &[Entry],
+    seen: Option<&HashMap<String, usize>>,
+    key: &str,
+) -> Option<usize> {
+    match seen {
+        Some(seen) => seen.get(key).copied(),
+        None => entries.iter().find(|e| e.key == key).map(|e| e.key_line),
+    }
+}
+
+/// Adds a finished node to the innermost open collection of `stack`: an item, a key, or the
+/// value of the pending key.
+fn push(stack: &mut [Frame], node: Node, report: &mut Report) {
+    let Some(top) = stack.last() else {
+        return;
+    };
+    let FrameKind::Map {
+        entries,
+        seen,
+        pending_key,
+    } = &top.kind
+    else {
+        if let Some(Frame {
+            kind: FrameKind::Seq(items),
+            ..
+        }) = stack.last_mut()
+        {
+            items.push(node);
+        }
+        return;
+    };
+    let (key, key_line) = match pending_key {
+        // The node is a key.
+        None => {
+            let key = key_of(node, || next_path(stack), report);
+            set_pending(stack, Some(key));
+            return;
+        }
+        // The value of a rejected key.
+        Some(None) => {
+            set_pending(stack, None);
+            return;
+        }
+        Some(Some((key, key_line))) => (key, *key_line),
+    };
+    if let Some(first) = first_line(entries, seen.as_ref(), key) {
+        report.field_error(
+            key_line,
+            &next_path(stack),
+            format!("duplicate key (the first `{key}` is on line {first})"),
+        );
+        set_pending(stack, None);
+        return;
+    }
+    if let Some(Frame {
+        kind:
+            FrameKind::Map {
+                entries,
+                seen,
+                pending_key,
+            },
+        ..
+    }) = stack.last_mut()
+        && let Some(Some((key, key_line))) = pending_key.take()
+    {
+        match seen {
+            Some(seen) => {
+                seen.insert(key.clone(), key_line);
+            }
+            None if entries.len() >= SCANNED_KEYS => {
+                let mut index: HashMap<String, usize> = entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.key_line))
+                    .collect();
+                index.insert(key.clone(), key_line);
+                *seen = Some(index);
+            }
+            None => {}
+        }
+        entries.push(Entry {
+            key,
+            key_line,
+            value: node,
+        });
+    }
+}
+
+/// Sets the pending key of the mapping at the top of `stack`.
+fn set_pending(stack: &mut [Frame], key: Option<Option<(String, usize)>>) {
+    if let Some(Frame {
+        kind: FrameKind::Map { pending_key, .. },
+        ..
+    }) = stack.last_mut()
+    {
+        *pending_key = key;
+    }
+}
+
 /// A mapping key as a string, or `None` (reported) when it is not one. Keys must be strings:
 /// every key a policy knows is one, and `1: x` or `[a]: x` is a mistake better named than
-/// reported later as an unknown field.
-fn key_of(node: Node, map_path: &str, report: &mut Report) -> Option<(String, usize)> {
+/// reported later as an unknown field. `map_path` gives the mapping's path, for messages.
+fn key_of(
+    node: Node,
+    map_path: impl FnOnce() -> String,
+    report: &mut Report,
+) -> Option<(String, usize)> {
     match node.value {
         Value::Scalar(Scalar {
             text,
@@ -280,13 +377,13 @@ fn key_of(node: Node, map_path: &str, report: &mut Report) -> Option<(String, us
                     }
                 )
             };
-            report.field_error(node.line, map_path, message);
+            report.field_error(node.line, &map_path(), message);
             None
         }
         Value::Seq(_) | Value::Map(_) => {
             report.field_error(
                 node.line,
-                map_path,
+                &map_path(),
                 format!(
                     "mapping keys must be strings, found {}",
                     node.value.describe()
@@ -325,7 +422,6 @@ pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
             }
         };
         let line = span.start.line();
-        let path = stack.last().map(Frame::child_path).unwrap_or_default();
         let anchored = match &event {
             Event::Scalar(_, _, anchor, _)
             | Event::SequenceStart(anchor, _)
@@ -333,7 +429,7 @@ pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
             _ => false,
         };
         if anchored {
-            report.field_error(line, &path, "YAML anchors are not supported");
+            report.field_error(line, &next_path(&stack), "YAML anchors are not supported");
         }
         let is_seq = matches!(event, Event::SequenceStart(..));
         let finished = match event {
@@ -343,14 +439,15 @@ pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
                 None
             }
             Event::Alias(_) => {
-                report.field_error(line, &path, "YAML aliases are not supported");
+                report.field_error(line, &next_path(&stack), "YAML aliases are not supported");
                 Some(Node {
                     line,
                     value: Value::Invalid,
                 })
             }
             Event::Scalar(text, style, _, tag) => {
-                let value = if tag_ok(tag.as_deref(), "str", line, &path, report) {
+                let path = || next_path(&stack);
+                let value = if tag_ok(tag.as_deref(), "str", line, path, report) {
                     let kind = match (style, tag) {
                         (ScalarStyle::Plain, None) => resolve_plain(&text),
                         _ => ScalarKind::Str,
@@ -368,24 +465,24 @@ pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
                 if stack.len() >= MAX_DEPTH {
                     report.field_error(
                         line,
-                        &path,
+                        &next_path(&stack),
                         format!("nesting is deeper than {MAX_DEPTH} levels"),
                     );
                     break;
                 }
                 let allowed = if is_seq { "seq" } else { "map" };
-                let invalid = !tag_ok(tag.as_deref(), allowed, line, &path, report);
+                let path = || next_path(&stack);
+                let invalid = !tag_ok(tag.as_deref(), allowed, line, path, report);
                 let kind = if is_seq {
                     FrameKind::Seq(Vec::new())
                 } else {
                     FrameKind::Map {
                         entries: Vec::new(),
-                        seen: HashMap::new(),
+                        seen: None,
                         pending_key: None,
                     }
                 };
                 stack.push(Frame {
-                    path,
                     line,
                     invalid,
                     kind,
@@ -395,8 +492,8 @@ pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
             Event::SequenceEnd | Event::MappingEnd => stack.pop().map(Frame::finish),
         };
         if let Some(node) = finished {
-            match stack.last_mut() {
-                Some(parent) => parent.push(node, report),
+            match stack.last() {
+                Some(_) => push(&mut stack, node, report),
                 None if matches!(
                     node.value,
                     Value::Scalar(Scalar {

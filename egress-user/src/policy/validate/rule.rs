@@ -11,7 +11,7 @@ use super::{EgressRule, Fields, Item, Walk};
 use crate::policy::{
     addr, host,
     model::{HostPattern, HttpPort, HttpProtocol, HttpRule, PortRule, Protocol, Rule},
-    yaml::{Entry, Node},
+    yaml::{Entry, Node, ScalarKind, Value},
 };
 
 /// The field path of the destination, in messages.
@@ -27,6 +27,18 @@ enum PortProtocol {
 }
 
 impl PortProtocol {
+    /// `tcp`, `udp`, `http` or `https`, in any case.
+    fn named(text: &str) -> Option<Self> {
+        [
+            ("tcp", Self::Kernel(Protocol::Tcp)),
+            ("udp", Self::Kernel(Protocol::Udp)),
+            ("http", Self::Http(HttpProtocol::Http)),
+            ("https", Self::Http(HttpProtocol::Https)),
+        ]
+        .into_iter()
+        .find_map(|(name, protocol)| text.eq_ignore_ascii_case(name).then_some(protocol))
+    }
+
     /// Whether the kernel judges it (tcp, udp) rather than the proxy (http, https).
     fn is_kernel(self) -> bool {
         matches!(self, Self::Kernel(_))
@@ -241,7 +253,7 @@ impl Walk<'_> {
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let path = format!("spec.ports[{i}]");
-            let Some(fields) = self.mapping_of(&path, item.line, item, &["port", "protocol"], &[])
+            let Some(fields) = self.mapping_of(&*path, item.line, item, &["port", "protocol"], &[])
             else {
                 ok = false;
                 continue;
@@ -293,14 +305,18 @@ impl Walk<'_> {
     /// `spec.ports[i].protocol`: tcp, udp, http or https, in any case, as the Istio docs
     /// write both `tcp` and `HTTP`.
     fn protocol(&mut self, path: &str, entry: &Entry) -> Option<PortProtocol> {
+        // The usual case without building the path, which only a message needs.
+        if let Value::Scalar(s) = &entry.value.value
+            && s.kind == ScalarKind::Str
+            && let Some(protocol) = PortProtocol::named(&s.text)
+        {
+            return Some(protocol);
+        }
         let path = format!("{path}.protocol");
         let text = self.string(&path, &entry.value)?;
-        match text.to_ascii_lowercase().as_str() {
-            "tcp" => Some(PortProtocol::Kernel(Protocol::Tcp)),
-            "udp" => Some(PortProtocol::Kernel(Protocol::Udp)),
-            "http" => Some(PortProtocol::Http(HttpProtocol::Http)),
-            "https" => Some(PortProtocol::Http(HttpProtocol::Https)),
-            _ => {
+        match PortProtocol::named(text) {
+            Some(protocol) => Some(protocol),
+            None => {
                 self.report.field_error(
                     entry.value.line,
                     &path,
