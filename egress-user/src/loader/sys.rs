@@ -2,8 +2,8 @@
 //! in place (`BPF_LINK_UPDATE`), detach a link that other fds may still hold
 //! (`BPF_LINK_DETACH`), and read which cgroup a link is attached to
 //! (`BPF_OBJ_GET_INFO_BY_FD`); for maps, write or read many entries in one call
-//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_LOOKUP_BATCH`, since 5.6 for arrays and LPM tries), where
-//! aya has one call per entry. This is the only `unsafe` in the agent.
+//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_LOOKUP_BATCH`: arrays since 5.6, LPM tries since
+//! 5.13), where aya has one call per entry. This is the only `unsafe` in the agent.
 
 use std::{
     io,
