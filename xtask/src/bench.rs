@@ -15,7 +15,7 @@ mod tools;
 
 use std::ffi::OsString;
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use clap::{Args, ValueEnum};
 
 use crate::{
@@ -110,7 +110,7 @@ impl Bench {
         let contenders = args.iter().skip_while(|arg| *arg != "--contenders").nth(1);
         if contenders.is_none_or(|list| list.to_string_lossy().contains("envoy")) {
             let envoy = tools::envoy(child, || {
-                install_packages(child, &[("python3-venv", "python3")])
+                setup::debian_packages(child, &[("python3-venv", "python3")])
             })?;
             paths.extend(["--envoy".into(), envoy.into_os_string()]);
         }
@@ -133,7 +133,7 @@ pub fn run(options: &Options) -> Result<()> {
         );
         return run_all(&child);
     };
-    install_packages(&child, bench.packages(&options.args))?;
+    setup::debian_packages(&child, bench.packages(&options.args))?;
     let tool_args = bench.tools(&child, &options.args)?;
     run_bench(&child, bench, &tool_args, &options.args)
 }
@@ -166,7 +166,7 @@ fn run_all(child: &ChildEnv) -> Result<()> {
     for bench in all {
         packages.extend(bench.packages(&[]));
     }
-    install_packages(child, &packages)?;
+    setup::debian_packages(child, &packages)?;
     let results = env::workspace_root().join(RESULTS_DIR);
     if results.exists() {
         std::fs::remove_dir_all(&results)
@@ -222,49 +222,3 @@ fn run_all(child: &ChildEnv) -> Result<()> {
     Ok(())
 }
 
-/// Installs the missing ones of `packages` with apt-get.
-fn install_packages(child: &ChildEnv, packages: &[(&str, &str)]) -> Result<()> {
-    let mut missing = Vec::new();
-    for &(package, command) in packages {
-        let output = child
-            .command("dpkg-query")
-            .args(["-W", "-f=${Status}", package])
-            .output();
-        match output {
-            Ok(output) if output.status.success() && output.stdout == b"install ok installed" => {
-                eprintln!("bench: {package}: ok (present)");
-            }
-            Ok(_) => missing.push(package),
-            // Not Debian: accept the tool if it is there.
-            Err(_) => ensure!(
-                ["/usr/sbin", "/sbin", "/usr/bin"]
-                    .iter()
-                    .any(|dir| std::path::Path::new(dir).join(command).exists()),
-                "`{command}` (Debian package {package}) is missing; install it (`bench connect \
-                 -- --no-netfilter` does without iptables and nft)"
-            ),
-        }
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    env::run_streaming(child.command("apt-get").args(["update", "-q"]))?;
-    env::run_streaming(
-        child
-            .command("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
-    )?;
-    if let Some(package) = missing.iter().find(|package| {
-        !child
-            .command("dpkg-query")
-            .args(["-W", "-f=${Status}", package])
-            .output()
-            .is_ok_and(|o| o.stdout == b"install ok installed")
-    }) {
-        bail!("apt-get succeeded but {package} is still not installed");
-    }
-    eprintln!("bench: installed {}", missing.join(" "));
-    Ok(())
-}

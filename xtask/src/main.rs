@@ -10,6 +10,7 @@ mod env;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -28,7 +29,9 @@ enum Command {
     ///
     /// Example: cargo xtask setup
     Setup(setup::Options),
-    /// Run set-up, then the test suite (`cargo test --workspace`) as root.
+    /// Run set-up, then the test suite as root: `cargo test --workspace` on this kernel, the
+    /// deployment manifests, then the kernel-facing tests on Debian's 6.1 and 6.12 kernels
+    /// under QEMU (`integration-test --kernel all`); `--step` picks stages.
     ///
     /// Arguments after `--` go to `cargo test`; `-p PACKAGE` there narrows the run.
     ///
@@ -48,6 +51,15 @@ enum Command {
     ///
     /// Example: cargo xtask bench connect -- --rounds 9
     Bench(bench::Options),
+    /// Run set-up, then the kernel-facing tests (`egress-tests`) on Debian's 6.1 and 6.12
+    /// long-term kernels, each booted under QEMU (software emulation), as root. Downloads and
+    /// caches the kernels under target/vm/; fails on any failed test or a guest that does not
+    /// finish.
+    ///
+    /// Arguments after `--` go to every test binary in the guest.
+    ///
+    /// Example: cargo xtask integration-test --kernel 6.1 --test connect -- allowed
+    IntegrationTest(vm::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(&options),
         Command::Run(options) => run::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::IntegrationTest(options) => vm::run(&options),
     }
 }
 

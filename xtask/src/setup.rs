@@ -64,7 +64,7 @@ pub fn run(options: &Options) -> Result<ChildEnv> {
         &bpf_linker_root,
         options.bpf_linker_root.is_some(),
     )?;
-    debian_packages(&child)?;
+    debian_packages(&child, DEBIAN_PACKAGES)?;
     Ok(child)
 }
 
@@ -283,10 +283,12 @@ fn bpf_linker_version(child: &ChildEnv, program: &Path) -> Result<String> {
         .with_context(|| format!("unexpected `bpf-linker --version` output: {output:?}"))
 }
 
-/// The Debian packages in [`DEBIAN_PACKAGES`]; `apt-get` runs only when one is missing.
-fn debian_packages(child: &ChildEnv) -> Result<()> {
+/// Installs the missing ones of `packages` (a Debian package and a command it provides, which
+/// is all that is checked on a host without dpkg); `apt-get` runs only when one is missing.
+/// Set-up passes [`DEBIAN_PACKAGES`]; `bench` and `integration-test` pass their own.
+pub fn debian_packages(child: &ChildEnv, packages: &[(&str, &str)]) -> Result<()> {
     let mut missing = Vec::new();
-    for &(package, command) in DEBIAN_PACKAGES {
+    for &(package, command) in packages {
         match deb_installed(child, package) {
             Ok(true) => report(package, "ok (present)"),
             Ok(false) => missing.push(package),

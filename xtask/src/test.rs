@@ -1,7 +1,7 @@
 //! `cargo xtask test`: set-up, then the test suite, as a list of steps run in order.
 //!
-//! The suite is a list so that later stages slot in as one more [`Step`] variant (the kernel
-//! matrix under QEMU, issue 7, will be one), selectable with `--step`.
+//! The suite is a list of stages, selectable with `--step`: the workspace's tests on this
+//! kernel, the deployment manifests, then the kernel matrix under QEMU.
 
 use std::{
     ffi::OsString,
@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use crate::{
     deploy,
     env::{self, ChildEnv},
-    setup,
+    setup, vm,
 };
 
 /// Options of `cargo xtask test`.
@@ -42,6 +42,9 @@ enum Step {
     /// The Kubernetes manifests in `deploy/`, validated offline (schemas, strict), broken
     /// examples rejected, and the ConfigMap's policy run through `egress check`.
     Deploy,
+    /// The kernel-facing tests on Debian's 6.1 and 6.12 kernels under QEMU
+    /// (`cargo xtask integration-test --kernel all`).
+    Kernels,
 }
 
 impl Step {
@@ -57,6 +60,7 @@ impl Step {
                 run_tallied(command.args(&options.cargo_test_args))
             }
             Self::Deploy => deploy::run(child),
+            Self::Kernels => vm::run_matrix(child, &vm::Matrix::all()),
         }
     }
 
