@@ -221,4 +221,3 @@ fn run_all(child: &ChildEnv) -> Result<()> {
     );
     Ok(())
 }
-

@@ -222,7 +222,9 @@ struct KernelImage {
 
 impl KernelImage {
     fn vmlinuz(&self) -> PathBuf {
-        self.root.join("boot").join(format!("vmlinuz-{}", self.release))
+        self.root
+            .join("boot")
+            .join(format!("vmlinuz-{}", self.release))
     }
 }
 
@@ -260,7 +262,14 @@ pub fn run_matrix(child: &ChildEnv, options: &Matrix) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let built = build_tests(child, &options.tests)?;
     let initramfs = work.join("initramfs.cpio");
-    build_initramfs(child, &built, &kernels, &options.test_args, &work, &initramfs)?;
+    build_initramfs(
+        child,
+        &built,
+        &kernels,
+        &options.test_args,
+        &work,
+        &initramfs,
+    )?;
 
     let mut failures = Vec::new();
     let mut summary = String::new();
@@ -298,38 +307,59 @@ pub fn run_matrix(child: &ChildEnv, options: &Matrix) -> Result<()> {
 /// Downloads (once) and unpacks the newest image of `kernel`'s series into `cache`.
 fn fetch_kernel(child: &ChildEnv, kernel: Kernel, cache: &Path) -> Result<KernelImage> {
     let meta = kernel.meta_package();
-    let package = match image_package(child, meta)? {
-        Some(package) => package,
-        None => {
-            // A fresh machine's package lists may predate the package; refresh once.
-            env::run_streaming(child.command("apt-get").args(["update", "-q"]))?;
-            image_package(child, meta)?
-                .with_context(|| format!("apt knows no package {meta}, even after apt-get update"))?
+    let mut refreshed = false;
+    loop {
+        let package = match image_package(child, meta)? {
+            Some(package) => package,
+            None if !refreshed => {
+                // A fresh machine's package lists may predate the package; refresh once.
+                env::run_streaming(child.command("apt-get").args(["update", "-q"]))?;
+                refreshed = true;
+                continue;
+            }
+            None => bail!("apt knows no package {meta}, even after apt-get update"),
+        };
+        let image = KernelImage {
+            kernel,
+            release: package
+                .strip_prefix("linux-image-")
+                .with_context(|| format!("{meta} depends on {package}, not a linux-image package"))?
+                .to_owned(),
+            root: cache.join(&package),
+        };
+        if image.vmlinuz().is_file() {
+            eprintln!("vm: kernel {}: {package} (cached)", kernel.name());
+            return Ok(image);
         }
-    };
-    let release = package
-        .strip_prefix("linux-image-")
-        .with_context(|| format!("{meta} depends on {package}, not a linux-image package"))?
-        .to_owned();
-    let root = cache.join(&package);
-    let image = KernelImage {
-        kernel,
-        release,
-        root,
-    };
-    if image.vmlinuz().is_file() {
-        eprintln!("vm: kernel {}: {package} (cached)", kernel.name());
-        return Ok(image);
+        match download_image(child, &package, cache, &image) {
+            Ok(()) => return Ok(image),
+            // Stale lists name an image the archive has since dropped: refresh and retry.
+            Err(error) if !refreshed => {
+                eprintln!("vm: {error:#}; refreshing the package lists and retrying");
+                env::run_streaming(child.command("apt-get").args(["update", "-q"]))?;
+                refreshed = true;
+            }
+            Err(error) => return Err(error),
+        }
     }
+}
+
+/// Downloads `package` and unpacks it at `image.root`.
+fn download_image(
+    child: &ChildEnv,
+    package: &str,
+    cache: &Path,
+    image: &KernelImage,
+) -> Result<()> {
     let download = cache.join("download");
     let _ = fs::remove_dir_all(&download);
     fs::create_dir_all(&download).with_context(|| format!("creating {}", download.display()))?;
-    eprintln!("vm: kernel {}: downloading {package}", kernel.name());
+    eprintln!("vm: kernel {}: downloading {package}", image.kernel.name());
     env::run_streaming(
         child
             .command("apt-get")
             .current_dir(&download)
-            .args(["download", "-q", &package]),
+            .args(["download", "-q", package]),
     )?;
     let deb = fs::read_dir(&download)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -347,7 +377,7 @@ fn fetch_kernel(child: &ChildEnv, kernel: Kernel, cache: &Path) -> Result<Kernel
         "{package} has no {}",
         image.vmlinuz().display()
     );
-    Ok(image)
+    Ok(())
 }
 
 /// The concrete image package `meta` depends on in its candidate version, if apt knows `meta`.
@@ -382,7 +412,15 @@ fn build_tests(child: &ChildEnv, only: &[String]) -> Result<Built> {
     eprintln!("vm: building the tests as static executables ({TARGET}, +crt-static)");
     let output = child
         .command("cargo")
-        .args(["test", "-p", "egress-tests", "--no-run", "--release", "--target", TARGET])
+        .args([
+            "test",
+            "-p",
+            "egress-tests",
+            "--no-run",
+            "--release",
+            "--target",
+            TARGET,
+        ])
         .args(["--message-format", "json-render-diagnostics"])
         // Only the target's own flags: build scripts and the eBPF build keep theirs.
         .env(
@@ -410,7 +448,11 @@ fn build_tests(child: &ChildEnv, only: &[String]) -> Result<Built> {
             continue;
         };
         let kinds = &message["target"]["kind"];
-        let is = |kind: &str| kinds.as_array().is_some_and(|k| k.iter().any(|v| v == kind));
+        let is = |kind: &str| {
+            kinds
+                .as_array()
+                .is_some_and(|k| k.iter().any(|v| v == kind))
+        };
         let test_profile = message["profile"]["test"] == true;
         let name = message["target"]["name"].as_str().unwrap_or_default();
         if is("test") {
@@ -437,7 +479,10 @@ fn build_tests(child: &ChildEnv, only: &[String]) -> Result<Built> {
         }
     });
     tests.sort_by(|a, b| a.name.cmp(&b.name));
-    ensure!(!tests.is_empty(), "cargo built no test binary for egress-tests");
+    ensure!(
+        !tests.is_empty(),
+        "cargo built no test binary for egress-tests"
+    );
     Ok(Built { tests, binaries })
 }
 
@@ -456,7 +501,9 @@ fn build_initramfs(
     if root.exists() {
         fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     }
-    for dir in ["bin", "dev", "etc", "proc", "sys", "tmp", "run", "root", "var"] {
+    for dir in [
+        "bin", "dev", "etc", "proc", "sys", "tmp", "run", "root", "var",
+    ] {
         fs::create_dir_all(root.join(dir))?;
     }
     symlink("../run", root.join("var/run"))?;
@@ -495,8 +542,14 @@ fn build_initramfs(
         let dir = root.join("lib/modules").join(&image.release);
         fs::create_dir_all(&dir)?;
         for module in MODULES {
-            let base = image.root.join("lib/modules").join(&image.release).join(module);
-            let file_name = Path::new(module).file_name().expect("module has a file name");
+            let base = image
+                .root
+                .join("lib/modules")
+                .join(&image.release)
+                .join(module);
+            let file_name = Path::new(module)
+                .file_name()
+                .expect("module has a file name");
             let dest = dir.join(file_name);
             let xz = base.with_extension("ko.xz");
             if base.is_file() {
@@ -516,7 +569,10 @@ fn build_initramfs(
         }
     }
 
-    fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+    fs::write(
+        root.join("etc/hosts"),
+        "127.0.0.1 localhost\n::1 localhost\n",
+    )?;
     fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
     fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     fs::write(root.join("etc/group"), "root:x:0:\n")?;
@@ -612,7 +668,14 @@ fn boot(image: &KernelImage, initramfs: &Path, log: &Path, options: &Matrix) -> 
         // KVM dies in this nested VM ("KVM internal error. Suberror: 1"): emulate.
         .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
         .args(["-m", &options.memory_mib.to_string()])
-        .args(["-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none"])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+        ])
         .args(["-nic", "none"])
         .arg("-kernel")
         .arg(image.vmlinuz())
@@ -628,8 +691,7 @@ fn boot(image: &KernelImage, initramfs: &Path, log: &Path, options: &Matrix) -> 
     let mut qemu = command
         .spawn()
         .with_context(|| format!("starting {}", env::describe(&command)))?;
-    let mut file =
-        fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut outcome = Outcome::default();
     let stdout = qemu.stdout.take().context("QEMU's stdout")?;
     let prefix = format!("[{}] ", image.kernel.name());
@@ -661,7 +723,8 @@ fn under(root: &Path, path: &Path) -> PathBuf {
 /// Copies `from` (following symbolic links) to `to`, creating its directory.
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to.parent().expect("destination has a parent"))?;
-    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
 }
 
