@@ -70,20 +70,23 @@ impl Step {
     }
 }
 
-/// Test counts summed over every `test result:` line cargo prints.
+/// Test counts summed over every `test result:` line cargo (or a test binary) prints.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Tally {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+    /// How many `test result:` lines there were: one per test binary that finished.
+    pub binaries: u64,
 }
 
 impl Tally {
     /// Adds one line of cargo test output, if it is a `test result:` line.
-    fn add(&mut self, line: &str) {
+    pub fn add(&mut self, line: &str) {
         let Some(rest) = line.trim_start().strip_prefix("test result: ") else {
             return;
         };
+        self.binaries += 1;
         for part in rest.split(';') {
             let mut words = part.split_whitespace().rev();
             let (Some(what), Some(n)) = (words.next(), words.next()) else {
@@ -181,7 +184,8 @@ mod tests {
             Tally {
                 passed: 111,
                 failed: 1,
-                ignored: 2
+                ignored: 2,
+                binaries: 3
             }
         );
     }

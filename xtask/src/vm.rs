@@ -39,6 +39,7 @@ use clap::{Args, ValueEnum};
 use crate::{
     env::{self, ChildEnv, workspace_root},
     setup,
+    test::Tally,
 };
 
 /// Debian packages the runner needs, with a command each provides.
@@ -148,11 +149,8 @@ pub struct Matrix {
 struct Outcome {
     /// The guest's exit status from the marker line; `None` when the marker never came.
     status: Option<i32>,
-    passed: u64,
-    failed: u64,
-    ignored: u64,
-    /// Test binaries that printed a `test result:` line.
-    binaries: u64,
+    /// The tests' `test result:` lines, summed.
+    tally: Tally,
     /// `uname -r` as the guest printed it.
     release: Option<String>,
 }
@@ -165,21 +163,8 @@ impl Outcome {
             self.status = rest.trim().parse().ok();
         } else if let Some(rest) = line.strip_prefix("EGRESS-VM-KERNEL ") {
             self.release = Some(rest.trim().to_owned());
-        } else if let Some(rest) = line.strip_prefix("test result: ") {
-            self.binaries += 1;
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let Ok(n) = n.parse::<u64>() else { continue };
-                match what {
-                    "passed" => self.passed += n,
-                    "failed" => self.failed += n,
-                    "ignored" => self.ignored += n,
-                    _ => {}
-                }
-            }
+        } else {
+            self.tally.add(line);
         }
     }
 
@@ -190,21 +175,21 @@ impl Outcome {
                 "no `{EXIT_MARKER}` line: the guest crashed, hung or was killed by the timeout"
             ));
         };
-        if self.failed > 0 {
-            return Err(format!("{} test(s) failed", self.failed));
+        if self.tally.failed > 0 {
+            return Err(format!("{} test(s) failed", self.tally.failed));
         }
         if status != 0 {
             return Err(format!(
                 "a test binary exited with a failure (guest status {status})"
             ));
         }
-        if self.binaries < expected as u64 {
+        if self.tally.binaries < expected as u64 {
             return Err(format!(
                 "only {} of {expected} test binaries reported a result",
-                self.binaries
+                self.tally.binaries
             ));
         }
-        if self.passed == 0 {
+        if self.tally.passed == 0 {
             return Err("no test passed".to_owned());
         }
         Ok(())
@@ -283,10 +268,10 @@ pub fn run_matrix(child: &ChildEnv, options: &Matrix) -> Result<()> {
             "kernel {} ({}): {} passed, {} failed, {} skipped in {} test binaries, {:.0?}: {}",
             image.kernel.name(),
             outcome.release.as_deref().unwrap_or(&image.release),
-            outcome.passed,
-            outcome.failed,
-            outcome.ignored,
-            outcome.binaries,
+            outcome.tally.passed,
+            outcome.tally.failed,
+            outcome.tally.ignored,
+            outcome.tally.binaries,
             started.elapsed(),
             match &verdict {
                 Ok(()) => "ok".to_owned(),
@@ -801,7 +786,15 @@ mod tests {
             o.add(line);
         }
         assert_eq!(o.release.as_deref(), Some("6.1.0-57-cloud-amd64"));
-        assert_eq!((o.passed, o.failed, o.ignored, o.binaries), (17, 0, 1, 2));
+        assert_eq!(
+            (
+                o.tally.passed,
+                o.tally.failed,
+                o.tally.ignored,
+                o.tally.binaries
+            ),
+            (17, 0, 1, 2)
+        );
         assert_eq!(o.verdict(2), Ok(()));
         assert!(o.verdict(3).unwrap_err().contains("only 2 of 3"));
     }
