@@ -14,6 +14,7 @@
 //! code path.
 
 pub mod events;
+pub mod features;
 mod pins;
 mod sys;
 mod xdp;
