@@ -36,7 +36,9 @@
 //! `bpf_link`s (5.7; `BPF_LINK_DETACH` for `egress unload`, 5.9), XDP through a `bpf_link`
 //! 5.9. The maps are BTF-defined, but that is the loader's business: the kernel needs neither
 //! `/sys/kernel/btf/vmlinux` (no CO-RE relocations) nor, strictly, to accept the object's BTF
-//! (aya drops it where the kernel cannot). The tests run on 6.1 and newer.
+//! (aya drops it where the kernel cannot). The agent probes each of these at start-up
+//! (`egress_user::loader::features`) and refuses to start without a required one; the tests
+//! run on 6.1 and newer.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

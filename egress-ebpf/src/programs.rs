@@ -98,7 +98,8 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 5.8 (the attach type; `bpf_get_socket_cookie` here is 4.20).
+/// 5.8 (the attach type; `bpf_get_socket_cookie` here is 4.20). Optional: without it the
+/// agent runs, and says so; the app then sees the proxy's address in `getpeername()`.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
@@ -113,7 +114,8 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 5.8 (the attach type; `bpf_get_socket_cookie` here is 4.20).
+/// 5.8 (the attach type; `bpf_get_socket_cookie` here is 4.20). Optional: without it the
+/// agent runs, and says so; the app then sees the proxy's address in `getpeername()`.
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
