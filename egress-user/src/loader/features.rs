@@ -406,6 +406,17 @@ impl fmt::Display for Unsupported {
                     .join(", ")
             );
         }
+        let not_permitted =
+            |p: &Probe| matches!(p, Probe::Failed(why) if why.ends_with(probe::NOT_PERMITTED));
+        if !self.missing.is_empty() && self.missing.iter().all(|(_, p)| not_permitted(p)) {
+            // Not a kernel without the features: a process without the right to ask.
+            return write!(
+                f,
+                "cannot probe the features of this kernel (Linux {}): bpf(2) is not permitted \
+                 (EPERM); run `egress run` as root",
+                self.release
+            );
+        }
         write!(
             f,
             "this kernel (Linux {}) lacks what egress needs to enforce its policy: ",

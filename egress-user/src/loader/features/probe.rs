@@ -13,10 +13,13 @@ use aya_obj::generated::{
 
 use crate::loader::sys;
 
+/// How a probe's failure ends when bpf(2) said `EPERM`.
+pub(super) const NOT_PERMITTED: &str = "(run as root)";
+
 /// `bpf(2)` refused with `EPERM`: say what to do about it.
 fn failed(call: &str, e: &io::Error) -> String {
     if e.raw_os_error() == Some(libc::EPERM) {
-        format!("{call}: {e} (run as root)")
+        format!("{call}: {e} {NOT_PERMITTED}")
     } else {
         format!("{call}: {e}")
     }
