@@ -15,10 +15,16 @@
 //!
 //! Every feature is probed with a real bpf(2) call (load a two- or three-instruction program
 //! of the type and attach type, calling the helper; create a one-entry map; create a link on
-//! a cgroup fd that cannot exist; write a tiny trie in a batch), not read off the version
-//! number: distribution kernels backport features and the version would lie both ways. Probes
-//! leave nothing behind: each fd they get is closed at once. The release (`uname -r`) is only
+//! a cgroup fd that cannot exist, or an XDP link on the loopback of a network namespace made
+//! for the probe; write a tiny trie in a batch), not read off the version number:
+//! distribution kernels backport features and the version would lie both ways. Probes leave
+//! nothing behind: each fd they get is closed at once. The release (`uname -r`) is only
 //! printed.
+//!
+//! Not in the list, because every kernel with the features above has them: plain array and
+//! hash maps (3.19), bpffs pins (4.4), `BPF_OBJ_GET_INFO_BY_FD` on links (5.8, with
+//! `cgroup_link`). Not probed either: what the verifier can prove (bounded loops, program
+//! size), which only loading the real programs shows; they are tested on 6.1 and newer.
 //!
 //! The README's "Kernel requirements" table is this list; a unit test keeps the two equal.
 //!
