@@ -28,11 +28,17 @@
 //!
 //! # Minimum kernel version
 //!
-//! `cgroup/connect4`/`connect6` need 4.17, `cgroup/sendmsg4`/`6` 4.18, `cgroup/sock_create`
-//! 4.10; BTF-defined maps and the ring buffer need 5.8; XDP through a `bpf_link` needs 5.9;
-//! `bpf_get_current_pid_tgid`, `bpf_get_current_comm` and `bpf_get_current_cgroup_id` in
-//! `cgroup_sock_addr` and `cgroup_sock` programs need 6.1 (they came with the common cgroup
-//! helpers in 5.19/6.0; 6.1 is the oldest long-term kernel we test).
+//! Per program below; in short: `cgroup/connect4`/`connect6` need 4.17, `cgroup/sendmsg4`/`6`
+//! 4.18, `cgroup/sock_create` 4.10, `sockops` 4.13 (with `bpf_get_socket_cookie` there, 4.20),
+//! `cgroup/getpeername4`/`6` 5.8; `bpf_get_current_pid_tgid`, `bpf_get_current_comm` and
+//! `bpf_get_current_cgroup_id` in `cgroup_sock_addr` and `cgroup_sock` programs 5.7 (6.1 only
+//! moved them into the common `cgroup_current_func_proto`, which is where "6.1" came from); the ring buffer 5.8; the cgroup programs are attached through
+//! `bpf_link`s (5.7; `BPF_LINK_DETACH` for `egress unload`, 5.9), XDP through a `bpf_link`
+//! 5.9. The maps are BTF-defined, but that is the loader's business: the kernel needs neither
+//! `/sys/kernel/btf/vmlinux` (no CO-RE relocations) nor, strictly, to accept the object's BTF
+//! (aya drops it where the kernel cannot). The agent probes each of these at start-up
+//! (`egress_user::loader::features`) and refuses to start without a required one; the tests
+//! run on 6.1 and newer.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

@@ -36,7 +36,9 @@ const SOCK_RAW: u32 = 3;
 ///
 /// # Minimum kernel version
 ///
-/// 6.1 (see the crate docs for why).
+/// 5.8: the hook is 4.17; the helpers it calls on every verdict (`bpf_get_current_pid_tgid`,
+/// `bpf_get_current_comm`, `bpf_get_current_cgroup_id`) 5.7 in this program type;
+/// `bpf_get_socket_cookie` 4.20; the ring buffer 5.8. Attached through a `bpf_link` (5.7).
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     finish(try_addr4(&ctx, hook::CONNECT))
@@ -48,7 +50,7 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 6.1 (see the crate docs for why).
+/// 5.8, as connect4.
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     finish(try_addr6(&ctx, hook::CONNECT))
@@ -60,7 +62,7 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 6.1 (4.18 for the hook; 6.1 for the helpers, as connect4).
+/// 5.8 (4.18 for the hook; the helpers and the ring buffer as connect4).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
     finish(try_addr4(&ctx, hook::SENDMSG))
@@ -70,7 +72,7 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 6.1 (as sendmsg4).
+/// 5.8 (as sendmsg4).
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     finish(try_addr6(&ctx, hook::SENDMSG))
@@ -84,7 +86,8 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 6.1 (4.10 for the hook; 6.1 for the helpers, as connect4).
+/// 5.8 (4.10 for the hook; the pid, comm and cgroup helpers 5.7 in `cgroup_sock` programs;
+/// the ring buffer 5.8).
 #[cgroup_sock(sock_create)]
 pub fn egress_sock_create(ctx: SockContext) -> i32 {
     finish(try_sock_create(&ctx))
@@ -95,7 +98,8 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 5.8.
+/// 5.8 (the attach type; `bpf_get_socket_cookie` here is 4.20). Optional: without it the
+/// agent runs, and says so; the app then sees the proxy's address in `getpeername()`.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
@@ -110,7 +114,8 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 5.8.
+/// 5.8 (the attach type; `bpf_get_socket_cookie` here is 4.20). Optional: without it the
+/// agent runs, and says so; the app then sees the proxy's address in `getpeername()`.
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
@@ -143,7 +148,8 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
 ///
 /// # Minimum kernel version
 ///
-/// 5.8 (socket cookies in sock_ops programs via `bpf_get_socket_cookie`).
+/// 5.7: sock_ops programs are 4.13 and `bpf_get_socket_cookie` in them 4.20; the program is
+/// attached through a cgroup `bpf_link`, 5.7.
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && record_peer(&ctx).is_err() {

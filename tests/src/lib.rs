@@ -691,6 +691,65 @@ impl Agent {
         )
     }
 
+    /// [`Agent::start_in`] with extra environment variables for the agent, such as
+    /// `EGRESS_KERNEL_FEATURES_HIDE` (which makes it see a kernel without those features).
+    pub fn start_in_env<S: AsRef<str>>(
+        sandbox: &Sandbox,
+        egress: &str,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", sandbox.name))
+            .arg(egress)
+            .envs(env.iter().copied());
+        Self::spawn(cmd, &sandbox.agent_args(args))
+    }
+
+    /// Runs `egress run` as [`Agent::start_in_env`] does, for an agent expected to refuse to
+    /// start: returns its exit status and log. Panics (killing it) if it is still running
+    /// after 30 s, that is, if it did not refuse.
+    pub fn run_to_exit_env<S: AsRef<str>>(
+        sandbox: &Sandbox,
+        egress: &str,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> (std::process::ExitStatus, String) {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", sandbox.name))
+            .arg(egress)
+            .arg("run")
+            .args(sandbox.agent_args(args))
+            .env("EGRESS_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the agent");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let reader = thread::spawn(move || {
+            let mut log = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+            log
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the agent did not exit; its log:\n{}",
+                    reader.join().unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        (status, reader.join().expect("log reader"))
+    }
+
     /// The agent's process id (`nsenter` execs it in place).
     pub fn pid(&self) -> u32 {
         self.child.id()

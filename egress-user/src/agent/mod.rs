@@ -606,6 +606,11 @@ impl Agent {
                 })
                 .collect(),
             xdp_ifaces: self.enforcer.xdp_ifaces(),
+            kernel: loader::features::kernel().release.clone(),
+            degraded: loader::features::kernel()
+                .assess(!target.xdp_ifaces.is_empty())
+                .map(|a| a.degraded_lines())
+                .unwrap_or_default(),
         }
     }
 

@@ -31,7 +31,10 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent in the foreground: load the policy, enforce it on the managed cgroup, log
-    /// verdicts. Enforcement stays pinned when the agent exits.
+    /// verdicts. Enforcement stays pinned when the agent exits. The kernel's features are
+    /// probed first: without one the policy cannot be enforced without, the agent refuses to
+    /// start and names it; without an optional one it runs, warns and says what is lost (see
+    /// the README's "Kernel requirements").
     ///
     /// Example: egress run --policy /etc/egress/policy.yaml
     Run(run::RunArgs),

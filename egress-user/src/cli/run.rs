@@ -12,7 +12,7 @@ use crate::{
     agent::{Agent, Settings, watch::PolicyWatch},
     cgroup,
     control::{self, DEFAULT_SOCKET},
-    loader::{DEFAULT_PIN_DIR, Target},
+    loader::{DEFAULT_PIN_DIR, Target, features},
     policy::dns::DEFAULT_RESOLV_CONF,
     state::{DEFAULT_STATE_DIR, Store},
     telemetry,
@@ -69,6 +69,16 @@ pub struct RunArgs {
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     telemetry::init();
+    // The kernel first: on one that lacks what the policy needs, refuse before anything is
+    // bound, created or loaded, naming every missing feature; on one without an optional
+    // feature, say what is lost.
+    match features::kernel().assess(!args.xdp_iface.is_empty()) {
+        Ok(assessment) => assessment.log(),
+        Err(unsupported) => {
+            eprintln!("egress: error: {unsupported}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     let cgroup = match &args.cgroup {
         Some(path) => path.clone(),
         None => cgroup::default_cgroup()?,

@@ -87,6 +87,17 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             status.xdp_ifaces.join(", ")
         }
     );
+    if status.degraded.is_empty() {
+        println!("features:    all present (Linux {})", status.kernel);
+    } else {
+        println!(
+            "features:    DEGRADED on Linux {}, running without:",
+            status.kernel
+        );
+        for line in &status.degraded {
+            println!("               {line}");
+        }
+    }
     let hooks: Vec<String> = status
         .hooks
         .iter()

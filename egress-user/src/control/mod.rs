@@ -128,6 +128,13 @@ pub struct Status {
     /// Interfaces with the XDP backstop attached.
     #[serde(default)]
     pub xdp_ifaces: Vec<String>,
+    /// The kernel release (`uname -r`).
+    #[serde(default)]
+    pub kernel: String,
+    /// Optional kernel features this kernel lacks, each `NAME (Linux >= X.Y): what is lost`;
+    /// empty when the agent runs with every feature.
+    #[serde(default)]
+    pub degraded: Vec<String>,
 }
 
 /// Verdicts of one hook, summed over every rule.

@@ -12,8 +12,13 @@
 //!
 //! A new agent started over existing pins does the same, so "take over" and "reload" are one
 //! code path.
+//!
+//! Before any of that, the kernel's features are checked ([`features`]): without a required
+//! one nothing is touched; without an optional one (the getpeername hooks, batch map calls)
+//! the generation is built without it.
 
 pub mod events;
+pub mod features;
 mod pins;
 mod sys;
 mod xdp;
@@ -70,6 +75,9 @@ pub enum LoadError {
     /// The policy does not fit the kernel maps.
     #[error(transparent)]
     Compile(#[from] CompileError),
+    /// The kernel lacks a feature the policy cannot be enforced without.
+    #[error(transparent)]
+    Kernel(#[from] features::Unsupported),
     /// The agent itself runs in the managed cgroup.
     #[error(
         "the agent runs in the managed cgroup {cgroup} itself, so exempting its own connections \
@@ -204,7 +212,15 @@ impl Enforcer {
     /// Puts `policy` in force on `target`, as a new generation: loads fresh programs and maps,
     /// fills them, then attaches the programs (first time) or swaps them into the pinned links
     /// in place (a reload, or a new agent taking over from a previous one).
+    ///
+    /// # Errors
+    /// Among others, [`LoadError::Kernel`] when the kernel lacks a required feature; then
+    /// nothing was touched.
     pub fn apply(target: &Target, policy: &Policy) -> Result<Self, LoadError> {
+        // First, before any cgroup, pin or map is touched. `egress run` has checked (and
+        // logged) this already; this is for every other caller.
+        let kernel = features::kernel();
+        kernel.assess(!target.xdp_ifaces.is_empty())?;
         cgroup::ensure(&target.cgroup)?;
         let cgroup_id = cgroup::id(&target.cgroup)?;
         let agent_cgroup = cgroup::own_id()?;
@@ -255,7 +271,14 @@ impl Enforcer {
             .collect();
         take_rows(&mut ebpf, &new_rows, generation)?;
 
-        for (program, _) in pins::LINKS {
+        // A program whose feature this kernel lacks is left out: only optional ones can be
+        // (assess() refused the rest), the getpeername hooks.
+        let wanted: Vec<&'static str> = pins::LINKS
+            .iter()
+            .map(|(program, _)| *program)
+            .filter(|program| kernel.program_available(program))
+            .collect();
+        for program in &wanted {
             load_program(&mut ebpf, program)?;
         }
         // Up to here nothing the kernel enforces has changed. Now switch, program by program:
@@ -263,6 +286,17 @@ impl Enforcer {
         // the same generation are already in place.
         for (program, _) in pins::LINKS.iter().rev() {
             let path = pins.link(program);
+            if !wanted.contains(program) {
+                if let Some(link) = existing.get(program) {
+                    // Pinned by an agent that had the feature (a hidden one, in the tests). Its
+                    // program would go on working (it reads only the shared ORIG_COOKIE), but
+                    // it is an older build that this agent neither swaps nor reports: detach
+                    // it, so that what runs is what this agent says runs.
+                    drop_link(link.as_fd(), &path)?;
+                    tracing::info!(program, path = %path.display(), "detached a pinned link this kernel's features leave out");
+                }
+                continue;
+            }
             let prog_fd = ebpf
                 .program(program)
                 .expect("object has the program")
@@ -557,6 +591,20 @@ fn pinned_links(pins: &PinDir) -> Result<Vec<Pinned>, LoadError> {
     Ok(links)
 }
 
+/// Detaches a pinned link and removes its pin.
+fn drop_link(link: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), LoadError> {
+    sys::link_detach(link).map_err(|source| LoadError::Pin {
+        what: "detaching",
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::remove_file(path).map_err(|source| LoadError::Pin {
+        what: "removing",
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Loads (verifies) one program of the object.
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     let err = |source| LoadError::Program { name, source };
@@ -709,9 +757,19 @@ fn read_rule_info(ebpf: &Ebpf, limit: u32) -> Result<StoredRows, LoadError> {
     let _: Array<_, RuleInfo> =
         Array::try_from(map).map_err(map_err(maps::RULE_INFO, "opening"))?;
     let mut infos = vec![RuleInfo::default(); limit.saturating_sub(FIRST_RULE_ROW) as usize];
-    sys::array_lookup_batch(map_fd(map), FIRST_RULE_ROW, &mut infos).map_err(|io_error| {
-        map_err(maps::RULE_INFO, "reading")(syscall_error("bpf_map_lookup_batch", io_error))
-    })?;
+    if features::kernel().has("batch_ops") {
+        sys::array_lookup_batch(map_fd(map), FIRST_RULE_ROW, &mut infos).map_err(|io_error| {
+            map_err(maps::RULE_INFO, "reading")(syscall_error("bpf_map_lookup_batch", io_error))
+        })?;
+    } else {
+        let array: Array<_, RuleInfo> =
+            Array::try_from(map).map_err(map_err(maps::RULE_INFO, "opening"))?;
+        for (row, info) in (FIRST_RULE_ROW..).zip(infos.iter_mut()) {
+            *info = array
+                .get(&row, 0)
+                .map_err(map_err(maps::RULE_INFO, "reading"))?;
+        }
+    }
     Ok(RowTable::from_rule_info((FIRST_RULE_ROW..).zip(infos)))
 }
 
@@ -771,16 +829,28 @@ fn fill_lpm<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
     entries: &[(u32, K, V)],
 ) -> Result<(), LoadError> {
-    let map = ebpf.map(name).expect("object has the map");
-    // Checks the map's key and value sizes against K and V.
-    let _: LpmTrie<_, K, V> = LpmTrie::try_from(map).map_err(map_err(name, "opening"))?;
+    let map = ebpf.map_mut(name).expect("object has the map");
     let keys: Vec<Key<K>> = entries
         .iter()
         .map(|(prefix, key, _)| Key::new(*prefix, *key))
         .collect();
     let values: Vec<V> = entries.iter().map(|(_, _, value)| *value).collect();
-    // In batches (one bpf(2) call each instead of one per key), cut where progress is logged.
     let mut progress = Progress::new(name, entries.len());
+    if !features::kernel().has("batch_ops") {
+        // One bpf(2) call per key, as aya does it: the same entries, more slowly.
+        let mut trie: LpmTrie<_, K, V> =
+            LpmTrie::try_from(map).map_err(map_err(name, "opening"))?;
+        for (key, value) in keys.iter().zip(&values) {
+            trie.insert(key, *value, 0)
+                .map_err(map_err(name, "inserting"))?;
+            progress.step_to(progress.done + 1);
+        }
+        return Ok(());
+    }
+    let map = &*map;
+    // Checks the map's key and value sizes against K and V.
+    let _: LpmTrie<_, K, V> = LpmTrie::try_from(map).map_err(map_err(name, "opening"))?;
+    // In batches (one bpf(2) call each instead of one per key), cut where progress is logged.
     while progress.done < entries.len() {
         let end = progress.next.min(entries.len());
         let range = progress.done..end;

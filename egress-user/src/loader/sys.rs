@@ -3,12 +3,14 @@
 //! (`BPF_LINK_DETACH`), and read which cgroup a link is attached to
 //! (`BPF_OBJ_GET_INFO_BY_FD`); for maps, write or read many entries in one call
 //! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_LOOKUP_BATCH`: arrays since 5.6, LPM tries since
-//! 5.13), where aya has one call per entry. This is the only `unsafe` in the agent.
+//! 5.13), where aya has one call per entry; and the probes of `features` (load a two- or
+//! three-instruction program, create a tiny map, create a link on nothing). With `pins.rs`'s
+//! statfs and mount, this is the only `unsafe` in the agent.
 
 use std::{
     io,
     mem::{size_of, zeroed},
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
 };
 
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info};
@@ -205,4 +207,174 @@ pub fn array_lookup_batch<V: aya::Pod>(
         done += copied;
     }
     Ok(())
+}
+
+/// A probe program or map, or why the kernel refused it.
+pub struct Refused {
+    /// The errno of the call.
+    pub error: io::Error,
+    /// The verifier's log (empty when the load failed before the verifier ran).
+    pub log: String,
+}
+
+/// One eBPF instruction.
+fn insn(code: u32, dst: u8, imm: i32) -> aya_obj::generated::bpf_insn {
+    // SAFETY: a plain C struct; all-zero is a valid instruction to fill in.
+    let mut insn: aya_obj::generated::bpf_insn = unsafe { zeroed() };
+    insn.code = code as u8;
+    insn.set_dst_reg(dst);
+    insn.imm = imm;
+    insn
+}
+
+/// Loads (and at once drops, closing it) a probe program of `prog_type` expecting
+/// `attach_type`: `r0 = ret; exit`, after a call to `helper` when given. The kernel checks the
+/// program type, the attach type and that the helper exists for this program type, and then
+/// the return value (getpeername programs must return 1). A helper is called without setting
+/// its arguments: the verifier looks the helper up before it checks arguments, so "unknown
+/// func" means it is missing and an argument complaint means it is there.
+///
+/// # Errors
+/// The kernel refused the program, with its verifier log.
+pub fn probe_prog_load(
+    prog_type: aya_obj::generated::bpf_prog_type,
+    attach_type: Option<aya_obj::generated::bpf_attach_type>,
+    helper: Option<aya_obj::generated::bpf_func_id>,
+    ret: i32,
+) -> Result<OwnedFd, Refused> {
+    use aya_obj::generated::{BPF_ALU64, BPF_CALL, BPF_EXIT, BPF_JMP, BPF_K, BPF_MOV};
+    let mut insns = Vec::with_capacity(3);
+    if let Some(helper) = helper {
+        insns.push(insn(BPF_JMP | BPF_CALL, 0, helper as i32));
+    }
+    insns.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, 0, ret));
+    insns.push(insn(BPF_JMP | BPF_EXIT, 0, 0));
+    let mut log = vec![0u8; 4096];
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // SAFETY: writing plain integers into the BPF_PROG_LOAD member of the union. The
+    // instructions, the licence and the log buffer outlive the call.
+    unsafe {
+        let load = &mut attr.__bindgen_anon_3;
+        load.prog_type = prog_type as u32;
+        load.insn_cnt = insns.len() as u32;
+        load.insns = insns.as_ptr() as u64;
+        load.license = c"GPL".as_ptr() as u64;
+        load.log_level = 1;
+        load.log_size = log.len() as u32;
+        load.log_buf = log.as_mut_ptr() as u64;
+        if let Some(attach_type) = attach_type {
+            load.expected_attach_type = attach_type as u32;
+        }
+    }
+    new_fd(bpf_cmd::BPF_PROG_LOAD, &mut attr).map_err(|error| {
+        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+        Refused {
+            error,
+            log: String::from_utf8_lossy(&log[..end]).into_owned(),
+        }
+    })
+}
+
+/// Creates a map (dropped by the caller, which closes and frees it).
+///
+/// # Errors
+/// The kernel refused the map type, sizes or flags.
+pub fn map_create(
+    map_type: aya_obj::generated::bpf_map_type,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // SAFETY: writing plain integers into the BPF_MAP_CREATE member of the union.
+    unsafe {
+        let create = &mut attr.__bindgen_anon_1;
+        create.map_type = map_type as u32;
+        create.key_size = key_size;
+        create.value_size = value_size;
+        create.max_entries = max_entries;
+        create.map_flags = flags;
+    }
+    new_fd(bpf_cmd::BPF_MAP_CREATE, &mut attr)
+}
+
+/// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup fd or an ifindex) with `attach_type`.
+/// The returned link detaches when dropped, unless pinned.
+///
+/// # Errors
+/// As `BPF_LINK_CREATE`: `EINVAL` where the kernel has no links of this kind, `EBADF` for a
+/// bad cgroup fd where it has.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: u32,
+    attach_type: aya_obj::generated::bpf_attach_type,
+) -> io::Result<OwnedFd> {
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    attr.link_create.__bindgen_anon_2.target_fd = target;
+    attr.link_create.attach_type = attach_type as u32;
+    new_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+}
+
+/// Calls `cmd` on a link fd that cannot exist (-1): `EBADF` means the kernel knows the
+/// command, `EINVAL` that it does not. Nothing is created or changed either way.
+pub fn link_cmd_known(cmd: bpf_cmd) -> io::Result<bool> {
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    match cmd {
+        bpf_cmd::BPF_LINK_UPDATE => attr.link_update.link_fd = u32::MAX,
+        bpf_cmd::BPF_LINK_DETACH => attr.link_detach.link_fd = u32::MAX,
+        other => unreachable!("{other:?} is not a link command"),
+    }
+    match bpf(cmd, &mut attr) {
+        Ok(()) => Err(io::Error::other(format!("{cmd:?} on fd -1 succeeded"))),
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A bpf(2) command that returns a new fd.
+fn new_fd(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: as in `bpf`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_int,
+            std::ptr::from_mut(attr),
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the command returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// Runs `f` on a new thread in a new, empty network namespace of its own (only that thread
+/// moves: a network namespace is per thread), which goes away with the thread. For a probe
+/// that must attach something to an interface without touching any interface that carries
+/// traffic: the namespace's loopback.
+///
+/// # Errors
+/// `unshare(CLONE_NEWNET)` failed (not root).
+pub fn in_private_netns<T: Send>(f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: unshare(2) with a flag constant; it changes only this thread.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }

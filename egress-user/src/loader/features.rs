@@ -1,0 +1,649 @@
+//! What egress needs from the kernel, and whether this kernel has it.
+//!
+//! [`FEATURES`] lists every kernel feature the programs and the loader use, with the oldest
+//! Linux that has it and what happens without it:
+//!
+//! - [`Need::Required`]: the policy cannot be enforced without it (a judging hook, a helper or
+//!   map the programs use, the links that keep enforcement in place). The agent refuses to
+//!   start, naming every missing feature in one message, before it touches a pin, map or
+//!   cgroup: failing obscurely in the verifier half way, or running with a hole, is worse.
+//! - [`Need::Optional`]: enforcement is the same without it; something else is lost (say, a
+//!   redirected app's `getpeername()` shows the proxy). The agent runs without it on purpose
+//!   and says so at start-up, one WARN per feature, and in `egress status`.
+//! - [`Need::ForXdp`]: needed only for the XDP backstop: required with `--xdp-iface`, unused
+//!   without.
+//!
+//! Every feature is probed with a real bpf(2) call (load a two- or three-instruction program
+//! of the type and attach type, calling the helper; create a one-entry map; create a link on
+//! a cgroup fd that cannot exist, or an XDP link on the loopback of a network namespace made
+//! for the probe; write a tiny trie in a batch), not read off the version number:
+//! distribution kernels backport features and the version would lie both ways. Probes leave
+//! nothing behind: each fd they get is closed at once. The release (`uname -r`) is only
+//! printed.
+//!
+//! Not in the list, because every kernel with the features above has them: plain array and
+//! hash maps (3.19), bpffs pins (4.4), `BPF_OBJ_GET_INFO_BY_FD` on links (5.8, with
+//! `cgroup_link`). Not probed either: what the verifier can prove (bounded loops, program
+//! size), which only loading the real programs shows; they are tested on 6.1 and newer.
+//!
+//! The README's "Kernel requirements" table is this list; a unit test keeps the two equal.
+//!
+//! # Hiding features (tests only)
+//! This machine's kernel has every feature. `EGRESS_KERNEL_FEATURES_HIDE=getpeername4,batch_ops`
+//! makes the named features count as missing, so that the tests can drive the refusal and the
+//! degraded paths. It can only take features away, so it can only make the agent refuse or
+//! run degraded, never open a hole; a name that is not in [`FEATURES`] makes the agent refuse,
+//! so a misspelt test hides nothing by accident.
+
+mod probe;
+
+use std::{fmt, sync::OnceLock};
+
+use aya_obj::generated::{
+    BPF_F_NO_PREALLOC, bpf_attach_type as attach, bpf_func_id as helper, bpf_map_type as map,
+    bpf_prog_type as prog,
+};
+use egress_common::programs;
+use probe::{batch_ops, call, cgroup_link, in_judges, map_type, program, xdp_link};
+
+/// The environment variable that hides features from the probes (tests only).
+pub const HIDE_ENV: &str = "EGRESS_KERNEL_FEATURES_HIDE";
+
+/// The oldest kernel the test suite runs on (Debian 12's 6.1 under QEMU): what a refusal
+/// recommends.
+pub const TESTED_SINCE: Linux = Linux(6, 1);
+
+/// A Linux version, major and minor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Linux(pub u32, pub u32);
+
+impl fmt::Display for Linux {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+/// What happens when a feature is missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The policy cannot be enforced without it: refuse to start.
+    Required,
+    /// Enforcement is unchanged without it; this is lost.
+    Optional {
+        /// What the agent cannot do without it, for the WARN line and the README.
+        lost: &'static str,
+    },
+    /// Used only by the XDP backstop: required when `--xdp-iface` is given, unused otherwise.
+    ForXdp,
+}
+
+/// One kernel feature egress uses.
+#[derive(Debug)]
+pub struct Feature {
+    /// Short name, as in messages, the README and [`HIDE_ENV`].
+    pub name: &'static str,
+    /// What the kernel must have, in its own terms.
+    pub kernel: &'static str,
+    /// What egress uses it for.
+    pub used_for: &'static str,
+    /// The first Linux release that has it.
+    pub since: Linux,
+    /// Refuse, degrade, or only with `--xdp-iface`.
+    pub need: Need,
+    /// The programs (`egress_common::programs`) that cannot load or attach without it.
+    pub programs: &'static [&'static str],
+    probe: fn() -> Result<bool, String>,
+}
+
+/// The cgroup programs that judge connections (and so run the shared decision path, its
+/// helpers and maps).
+const JUDGES: &[&str] = &[
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+    programs::SOCK_CREATE,
+];
+
+/// Every cgroup program the loader attaches.
+const CGROUP_PROGRAMS: &[&str] = &[
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+    programs::SOCK_CREATE,
+    programs::SOCK_OPS,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
+
+/// Every kernel feature the programs and the loader use. The README's "Kernel requirements"
+/// table lists the same, in the same order.
+pub static FEATURES: [Feature; 18] = [
+    Feature {
+        name: "connect4",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET4_CONNECT",
+        used_for: "judging IPv4 TCP connect() and UDP connect()",
+        since: Linux(4, 17),
+        need: Need::Required,
+        programs: &[programs::CONNECT4],
+        probe: || {
+            program(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                Some(attach::BPF_CGROUP_INET4_CONNECT),
+            )
+        },
+    },
+    Feature {
+        name: "connect6",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET6_CONNECT",
+        used_for: "judging IPv6 (and v4-mapped) TCP connect() and UDP connect()",
+        since: Linux(4, 17),
+        need: Need::Required,
+        programs: &[programs::CONNECT6],
+        probe: || {
+            program(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                Some(attach::BPF_CGROUP_INET6_CONNECT),
+            )
+        },
+    },
+    Feature {
+        name: "sendmsg4",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_UDP4_SENDMSG",
+        used_for: "judging UDP datagrams sent to an IPv4 address",
+        since: Linux(4, 18),
+        need: Need::Required,
+        programs: &[programs::SENDMSG4],
+        probe: || {
+            program(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                Some(attach::BPF_CGROUP_UDP4_SENDMSG),
+            )
+        },
+    },
+    Feature {
+        name: "sendmsg6",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_UDP6_SENDMSG",
+        used_for: "judging UDP datagrams sent to an IPv6 (or v4-mapped) address",
+        since: Linux(4, 18),
+        need: Need::Required,
+        programs: &[programs::SENDMSG6],
+        probe: || {
+            program(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                Some(attach::BPF_CGROUP_UDP6_SENDMSG),
+            )
+        },
+    },
+    Feature {
+        name: "sock_create",
+        kernel: "cgroup_sock programs on BPF_CGROUP_INET_SOCK_CREATE",
+        used_for: "refusing raw sockets and protocols other than TCP and UDP",
+        since: Linux(4, 10),
+        need: Need::Required,
+        programs: &[programs::SOCK_CREATE],
+        probe: || {
+            program(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK,
+                Some(attach::BPF_CGROUP_INET_SOCK_CREATE),
+            )
+        },
+    },
+    Feature {
+        name: "sockops",
+        kernel: "sock_ops programs",
+        used_for: "filing a redirected connection's original destination for the proxy",
+        since: Linux(4, 13),
+        need: Need::Required,
+        programs: &[programs::SOCK_OPS],
+        probe: || program(prog::BPF_PROG_TYPE_SOCK_OPS, None),
+    },
+    Feature {
+        name: "getpeername4",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET4_GETPEERNAME",
+        used_for: "showing a redirected IPv4 app its original destination in getpeername()",
+        since: Linux(5, 8),
+        need: Need::Optional {
+            lost: "an app whose connection is redirected to the proxy sees the proxy's \
+                   address (127.0.0.1:PORT) in getpeername() instead of the destination it \
+                   asked for; enforcement is unchanged",
+        },
+        programs: &[programs::GETPEERNAME4],
+        probe: || {
+            program(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                Some(attach::BPF_CGROUP_INET4_GETPEERNAME),
+            )
+        },
+    },
+    Feature {
+        name: "getpeername6",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET6_GETPEERNAME",
+        used_for: "showing a redirected IPv6 app its original destination in getpeername()",
+        since: Linux(5, 8),
+        need: Need::Optional {
+            lost: "an app whose IPv6 connection is redirected to the proxy sees the proxy's \
+                   address ([::1]:PORT) in getpeername() instead of the destination it asked \
+                   for; enforcement is unchanged",
+        },
+        programs: &[programs::GETPEERNAME6],
+        probe: || {
+            program(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                Some(attach::BPF_CGROUP_INET6_GETPEERNAME),
+            )
+        },
+    },
+    Feature {
+        name: "cgroup_id_helper",
+        kernel: "bpf_get_current_cgroup_id in cgroup_sock_addr and cgroup_sock programs",
+        used_for: "exempting the agent's own connections by its cgroup id; the cgroup of events",
+        since: Linux(5, 7),
+        need: Need::Required,
+        programs: JUDGES,
+        probe: || in_judges(helper::BPF_FUNC_get_current_cgroup_id),
+    },
+    Feature {
+        name: "task_helpers",
+        kernel: "bpf_get_current_pid_tgid and bpf_get_current_comm in cgroup_sock_addr and \
+                 cgroup_sock programs",
+        used_for: "the pid and command of each event (the programs call them on every verdict)",
+        since: Linux(5, 7),
+        need: Need::Required,
+        programs: JUDGES,
+        probe: || {
+            Ok(in_judges(helper::BPF_FUNC_get_current_pid_tgid)?
+                && in_judges(helper::BPF_FUNC_get_current_comm)?)
+        },
+    },
+    Feature {
+        name: "socket_cookie",
+        kernel: "bpf_get_socket_cookie in cgroup_sock_addr and sock_ops programs",
+        used_for: "pairing a redirected socket with its original destination",
+        since: Linux(4, 20),
+        need: Need::Required,
+        programs: &[
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::SOCK_OPS,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+        ],
+        probe: || {
+            Ok(call(
+                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                Some(attach::BPF_CGROUP_INET4_CONNECT),
+                helper::BPF_FUNC_get_socket_cookie,
+            )? && call(
+                prog::BPF_PROG_TYPE_SOCK_OPS,
+                None,
+                helper::BPF_FUNC_get_socket_cookie,
+            )?)
+        },
+    },
+    Feature {
+        name: "ringbuf",
+        kernel: "BPF_MAP_TYPE_RINGBUF and the bpf_ringbuf_* helpers",
+        used_for: "deny events from the kernel to the agent (EVENTS)",
+        since: Linux(5, 8),
+        need: Need::Required,
+        programs: JUDGES,
+        // 64 KiB: a power of two and a whole number of pages for every page size Linux has.
+        probe: || map_type(map::BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 16, 0),
+    },
+    Feature {
+        name: "lpm_trie",
+        kernel: "BPF_MAP_TYPE_LPM_TRIE",
+        used_for: "rule and bypass lookups (RULES_V4/V6, BYPASS_V4/V6)",
+        since: Linux(4, 11),
+        need: Need::Required,
+        programs: JUDGES,
+        probe: || map_type(map::BPF_MAP_TYPE_LPM_TRIE, 8, 4, 1, BPF_F_NO_PREALLOC),
+    },
+    Feature {
+        name: "lru_hash",
+        kernel: "BPF_MAP_TYPE_LRU_HASH",
+        used_for: "original destinations of redirected connections (ORIG_COOKIE, ORIG_PEER)",
+        since: Linux(4, 10),
+        need: Need::Required,
+        programs: &[programs::CONNECT4, programs::CONNECT6, programs::SOCK_OPS],
+        probe: || map_type(map::BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, 0),
+    },
+    Feature {
+        name: "percpu_array",
+        kernel: "BPF_MAP_TYPE_PERCPU_ARRAY",
+        used_for: "verdict counters (COUNTERS, HOOKS, STATS)",
+        since: Linux(4, 6),
+        need: Need::Required,
+        programs: JUDGES,
+        probe: || map_type(map::BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, 0),
+    },
+    Feature {
+        name: "cgroup_link",
+        kernel: "BPF_LINK_CREATE and BPF_LINK_UPDATE on cgroups (5.7), BPF_LINK_DETACH (5.9)",
+        used_for: "pinned links that keep enforcing without the agent, swapped atomically at \
+                   each reload, detached by `egress unload`",
+        since: Linux(5, 9),
+        need: Need::Required,
+        programs: CGROUP_PROGRAMS,
+        probe: cgroup_link,
+    },
+    Feature {
+        name: "xdp_link",
+        kernel: "XDP programs attached through BPF_LINK_CREATE",
+        used_for: "the XDP backstop on --xdp-iface interfaces, pinned and swapped like the \
+                   cgroup links",
+        since: Linux(5, 9),
+        need: Need::ForXdp,
+        programs: &[programs::XDP],
+        probe: xdp_link,
+    },
+    Feature {
+        name: "batch_ops",
+        kernel: "BPF_MAP_UPDATE_BATCH on LPM tries (5.13), BPF_MAP_LOOKUP_BATCH on arrays (5.6)",
+        used_for: "writing a generation's rules and reading the row table in one call",
+        since: Linux(5, 13),
+        need: Need::Optional {
+            lost: "rules are written and the row table read one bpf(2) call per entry \
+                   instead of one per batch: the same policy, loaded more slowly",
+        },
+        programs: &[],
+        probe: batch_ops,
+    },
+];
+
+/// What one probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The kernel has it.
+    Present,
+    /// The kernel refused it the way a kernel without it does.
+    Absent,
+    /// Hidden by [`HIDE_ENV`] (tests).
+    Hidden,
+    /// The probe itself failed (not root, an unexpected error): treated as missing.
+    Failed(String),
+}
+
+impl Probe {
+    fn present(&self) -> bool {
+        *self == Self::Present
+    }
+}
+
+/// The kernel's features, probed once.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// `uname -r`.
+    pub release: String,
+    results: Vec<(&'static Feature, Probe)>,
+    /// Names in [`HIDE_ENV`] that are not features.
+    unknown_hidden: Vec<String>,
+}
+
+/// The required features this kernel lacks: the agent cannot enforce its policy here.
+#[derive(Debug, thiserror::Error)]
+pub struct Unsupported {
+    /// `uname -r`.
+    pub release: String,
+    /// What is missing, and why (absent, hidden, or the probe failed).
+    pub missing: Vec<(&'static Feature, Probe)>,
+    /// Names in [`HIDE_ENV`] that are not features.
+    pub unknown_hidden: Vec<String>,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.unknown_hidden.is_empty() {
+            return write!(
+                f,
+                "{HIDE_ENV} names {}, which {} no kernel feature egress knows (known: {})",
+                self.unknown_hidden.join(", "),
+                if self.unknown_hidden.len() == 1 {
+                    "is"
+                } else {
+                    "are"
+                },
+                FEATURES
+                    .iter()
+                    .map(|f| f.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let not_permitted =
+            |p: &Probe| matches!(p, Probe::Failed(why) if why.ends_with(probe::NOT_PERMITTED));
+        if !self.missing.is_empty() && self.missing.iter().all(|(_, p)| not_permitted(p)) {
+            // Not a kernel without the features: a process without the right to ask.
+            return write!(
+                f,
+                "cannot probe the features of this kernel (Linux {}): bpf(2) is not permitted \
+                 (EPERM); run `egress run` as root",
+                self.release
+            );
+        }
+        write!(
+            f,
+            "this kernel (Linux {}) lacks what egress needs to enforce its policy: ",
+            self.release
+        )?;
+        for (i, (feature, probe)) in self.missing.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(
+                f,
+                "{} ({}; Linux >= {}; used for {})",
+                feature.name, feature.kernel, feature.since, feature.used_for
+            )?;
+            match probe {
+                Probe::Hidden => write!(f, " [hidden by {HIDE_ENV}]")?,
+                Probe::Failed(why) => write!(f, " [the probe failed: {why}]")?,
+                Probe::Present | Probe::Absent => {}
+            }
+        }
+        write!(
+            f,
+            "; nothing was loaded. Upgrade to Linux {TESTED_SINCE} or newer (the oldest kernel \
+             egress is tested on)"
+        )
+    }
+}
+
+/// Whether and how the agent can run on this kernel.
+#[derive(Clone, Debug)]
+pub struct Assessment {
+    /// `uname -r`.
+    pub release: String,
+    /// Optional features this kernel lacks: the agent runs without them.
+    pub degraded: Vec<&'static Feature>,
+    /// [`Need::ForXdp`] features this kernel lacks, harmless without `--xdp-iface`.
+    pub unavailable: Vec<&'static Feature>,
+}
+
+impl Assessment {
+    /// One line per degraded feature, for `egress status`.
+    pub fn degraded_lines(&self) -> Vec<String> {
+        self.degraded.iter().map(|f| degraded_line(f)).collect()
+    }
+
+    /// Logs one WARN per degraded feature, then a summary at INFO.
+    pub fn log(&self) {
+        for feature in &self.degraded {
+            let Need::Optional { lost } = feature.need else {
+                continue;
+            };
+            tracing::warn!(
+                feature = feature.name,
+                kernel = %self.release,
+                needs = %format!("Linux >= {}", feature.since),
+                lost,
+                "kernel feature missing, running without it: {}",
+                feature.kernel
+            );
+        }
+        tracing::info!(kernel = %self.release, "{}", self.summary());
+    }
+
+    /// "all kernel features present", or what is degraded and unavailable.
+    pub fn summary(&self) -> String {
+        if self.degraded.is_empty() && self.unavailable.is_empty() {
+            return "kernel: all kernel features present".to_owned();
+        }
+        let names = |list: &[&Feature]| list.iter().map(|f| f.name).collect::<Vec<_>>().join(", ");
+        let mut out = String::from("kernel: ");
+        if !self.degraded.is_empty() {
+            out.push_str(&format!(
+                "degraded, running without {}",
+                names(&self.degraded)
+            ));
+        }
+        if !self.unavailable.is_empty() {
+            if !self.degraded.is_empty() {
+                out.push_str("; ");
+            }
+            out.push_str(&format!(
+                "unavailable (needed only with --xdp-iface): {}",
+                names(&self.unavailable)
+            ));
+        }
+        out
+    }
+}
+
+/// `NAME (Linux >= X.Y): what is lost`.
+pub fn degraded_line(feature: &Feature) -> String {
+    let lost = match feature.need {
+        Need::Optional { lost } => lost,
+        Need::Required | Need::ForXdp => "",
+    };
+    format!("{} (Linux >= {}): {lost}", feature.name, feature.since)
+}
+
+impl Kernel {
+    /// Probes every feature of [`FEATURES`], minus those [`HIDE_ENV`] hides.
+    pub fn probe() -> Self {
+        let hidden = std::env::var(HIDE_ENV).unwrap_or_default();
+        let hidden: Vec<&str> = hidden
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let results = FEATURES
+            .iter()
+            .map(|feature| {
+                let probe = if hidden.contains(&feature.name) {
+                    Probe::Hidden
+                } else {
+                    match (feature.probe)() {
+                        Ok(true) => Probe::Present,
+                        Ok(false) => Probe::Absent,
+                        Err(why) => Probe::Failed(why),
+                    }
+                };
+                (feature, probe)
+            })
+            .collect();
+        Self {
+            release: release(),
+            results,
+            unknown_hidden: hidden
+                .iter()
+                .filter(|h| !FEATURES.iter().any(|f| f.name == **h))
+                .map(|h| (*h).to_owned())
+                .collect(),
+        }
+    }
+
+    /// A kernel with these probe results; features not named are present. For tests of the
+    /// decision.
+    pub fn with_results(release: &str, results: &[(&str, Probe)]) -> Self {
+        Self {
+            release: release.to_owned(),
+            results: FEATURES
+                .iter()
+                .map(|feature| {
+                    let probe = results
+                        .iter()
+                        .find(|(name, _)| *name == feature.name)
+                        .map_or(Probe::Present, |(_, p)| p.clone());
+                    (feature, probe)
+                })
+                .collect(),
+            unknown_hidden: Vec::new(),
+        }
+    }
+
+    /// Whether feature `name` is present.
+    ///
+    /// # Panics
+    /// `name` is not in [`FEATURES`] (a typo in the caller).
+    pub fn has(&self, name: &str) -> bool {
+        self.results
+            .iter()
+            .find(|(f, _)| f.name == name)
+            .unwrap_or_else(|| panic!("{name} is not a kernel feature of FEATURES"))
+            .1
+            .present()
+    }
+
+    /// Whether every feature `program` depends on is present.
+    pub fn program_available(&self, program: &str) -> bool {
+        self.results
+            .iter()
+            .filter(|(f, _)| f.programs.contains(&program))
+            .all(|(_, p)| p.present())
+    }
+
+    /// Decides: refuse ([`Unsupported`], every missing required feature in it), or run,
+    /// perhaps without some optional features. `xdp`: the XDP backstop is asked for.
+    ///
+    /// # Errors
+    /// A required feature is missing (or could not be probed), or [`HIDE_ENV`] names
+    /// something that is not a feature.
+    pub fn assess(&self, xdp: bool) -> Result<Assessment, Unsupported> {
+        let mut missing = Vec::new();
+        let mut degraded = Vec::new();
+        let mut unavailable = Vec::new();
+        for (feature, probe) in &self.results {
+            if probe.present() {
+                continue;
+            }
+            match feature.need {
+                Need::Required => missing.push((*feature, probe.clone())),
+                Need::ForXdp if xdp => missing.push((*feature, probe.clone())),
+                Need::ForXdp => unavailable.push(*feature),
+                Need::Optional { .. } => degraded.push(*feature),
+            }
+        }
+        if !missing.is_empty() || !self.unknown_hidden.is_empty() {
+            return Err(Unsupported {
+                release: self.release.clone(),
+                missing,
+                unknown_hidden: self.unknown_hidden.clone(),
+            });
+        }
+        Ok(Assessment {
+            release: self.release.clone(),
+            degraded,
+            unavailable,
+        })
+    }
+}
+
+/// This kernel's features, probed the first time they are asked for.
+pub fn kernel() -> &'static Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    KERNEL.get_or_init(Kernel::probe)
+}
+
+/// `uname -r`, or `unknown`.
+fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests;
