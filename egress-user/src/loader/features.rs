@@ -639,7 +639,7 @@ pub fn kernel() -> &'static Kernel {
 }
 
 /// `uname -r`, or `unknown`.
-fn release() -> String {
+pub fn release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())

@@ -138,6 +138,23 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// The kernel refused to load (verify) a program although every probed feature is there:
+    /// most likely a kernel older than any the programs are tested on.
+    #[error(
+        "the kernel (Linux {release}) refused to load program {name}; egress's programs are \
+         tested on Linux {tested_since} and newer, and older verifiers may reject them"
+    )]
+    Rejected {
+        /// The program.
+        name: &'static str,
+        /// `uname -r`.
+        release: String,
+        /// The oldest kernel the programs are tested on.
+        tested_since: features::Linux,
+        /// The load error, with the verifier's log.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     /// A map operation failed.
     #[error("map {name}: {what}")]
     Map {
@@ -607,7 +624,12 @@ fn drop_link(link: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), LoadE
 
 /// Loads (verifies) one program of the object.
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
-    let err = |source| LoadError::Program { name, source };
+    let err = |source| LoadError::Rejected {
+        name,
+        release: features::release(),
+        tested_since: features::TESTED_SINCE,
+        source,
+    };
     match ebpf.program_mut(name).expect("object has the program") {
         Program::CgroupSockAddr(p) => p.load().map_err(err),
         Program::SockOps(p) => p.load().map_err(err),
@@ -1195,6 +1217,21 @@ mod tests {
         assert_eq!(
             orig_to_socket_addr(&nat64),
             "[64:ff9b::192.0.2.7]:80".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_program_the_kernel_refuses_is_reported_with_the_kernel_and_the_tested_floor() {
+        let error = LoadError::Rejected {
+            name: "connect4",
+            release: "5.10.0-30-cloud-amd64".to_owned(),
+            tested_since: features::TESTED_SINCE,
+            source: aya::programs::ProgramError::NotLoaded,
+        };
+        assert_eq!(
+            error.to_string(),
+            "the kernel (Linux 5.10.0-30-cloud-amd64) refused to load program connect4; \
+             egress's programs are tested on Linux 6.1 and newer, and older verifiers may reject them"
         );
     }
 }
