@@ -65,6 +65,9 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// exercises user space, not the kernel's features; the others are all kernel-facing.
 const SKIPPED_BY_DEFAULT: &[&str] = &["soak"];
 
+/// The line /init prints first: `EGRESS-VM-KERNEL <uname -r>`.
+const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
+
 /// The line the guest prints last: `EGRESS-VM-EXIT <status>` (0 when every test passed).
 const EXIT_MARKER: &str = "EGRESS-VM-EXIT";
 
@@ -159,9 +162,11 @@ impl Outcome {
     /// Adds what one line of the guest's console says.
     fn add(&mut self, line: &str) {
         let line = line.trim();
-        if let Some(rest) = line.strip_prefix(EXIT_MARKER) {
+        // Markers are found anywhere in the line: the first one the guest prints shares its
+        // line with the firmware's terminal escapes (`ESC c ESC [?7l ESC [2J`).
+        if let Some((_, rest)) = line.split_once(EXIT_MARKER) {
             self.status = rest.trim().parse().ok();
-        } else if let Some(rest) = line.strip_prefix("EGRESS-VM-KERNEL ") {
+        } else if let Some((_, rest)) = line.split_once(KERNEL_MARKER) {
             self.release = Some(rest.trim().to_owned());
         } else {
             self.tally.add(line);
@@ -627,6 +632,7 @@ mount -t tmpfs tmpfs /dev/shm
 ip link set lo up
 release=$(uname -r)
 for m in /lib/modules/$release/*.ko; do insmod "$m" || echo "insmod $m failed"; done
+echo
 echo "EGRESS-VM-KERNEL $release"
 status=0
 "#,
@@ -794,7 +800,7 @@ mod tests {
     fn outcome_counts_results_and_reads_the_marker() {
         let mut o = Outcome::default();
         for line in [
-            "EGRESS-VM-KERNEL 6.1.0-57-cloud-amd64\r",
+            "\u{1b}c\u{1b}[?7l\u{1b}[2JEGRESS-VM-KERNEL 6.1.0-57-cloud-amd64\r",
             "test result: ok. 13 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 9.1s",
             "[   12.3] veth: something the kernel said",
             "test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2s",
