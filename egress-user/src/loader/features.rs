@@ -524,6 +524,11 @@ pub fn degraded_line(feature: &Feature) -> String {
 impl Kernel {
     /// Probes every feature of [`FEATURES`], minus those [`HIDE_ENV`] hides.
     pub fn probe() -> Self {
+        // Before 5.11 every map (the probes' one-entry maps too) counts against the memlock
+        // limit, and the default one makes map creation fail with EPERM even for root.
+        if let Err(error) = super::sys::raise_memlock() {
+            tracing::debug!(%error, "could not lift RLIMIT_MEMLOCK (not root?)");
+        }
         let hidden = std::env::var(HIDE_ENV).unwrap_or_default();
         let hidden: Vec<&str> = hidden
             .split(',')

@@ -142,18 +142,17 @@ pub enum LoadError {
     /// most likely a kernel older than any the programs are tested on.
     #[error(
         "the kernel (Linux {release}) refused to load program {name}; egress's programs are \
-         tested on Linux {tested_since} and newer, and older verifiers may reject them"
+         tested on Linux {} and newer, and older verifiers may reject them",
+        features::TESTED_SINCE
     )]
     Rejected {
         /// The program.
         name: &'static str,
         /// `uname -r`.
         release: String,
-        /// The oldest kernel the programs are tested on.
-        tested_since: features::Linux,
-        /// The load error, with the verifier's log.
+        /// The load error, with the verifier's log (boxed: it is large, and rare).
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// A map operation failed.
     #[error("map {name}: {what}")]
@@ -627,8 +626,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     let err = |source| LoadError::Rejected {
         name,
         release: features::release(),
-        tested_since: features::TESTED_SINCE,
-        source,
+        source: Box::new(source),
     };
     match ebpf.program_mut(name).expect("object has the program") {
         Program::CgroupSockAddr(p) => p.load().map_err(err),
@@ -1225,8 +1223,7 @@ mod tests {
         let error = LoadError::Rejected {
             name: "connect4",
             release: "5.10.0-30-cloud-amd64".to_owned(),
-            tested_since: features::TESTED_SINCE,
-            source: aya::programs::ProgramError::NotLoaded,
+            source: Box::new(aya::programs::ProgramError::NotLoaded),
         };
         assert_eq!(
             error.to_string(),

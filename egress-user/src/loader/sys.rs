@@ -103,6 +103,23 @@ pub fn xdp_link_ifindex(link: BorrowedFd<'_>) -> io::Result<Option<u32>> {
     Ok(Some(unsafe { info.__bindgen_anon_1.xdp.ifindex }))
 }
 
+/// Lifts `RLIMIT_MEMLOCK` for this process. Before Linux 5.11 the kernel charged BPF maps
+/// and programs to it, and at the usual default (8 MiB or less) creating the maps fails with
+/// `EPERM`, which reads like a missing privilege; 5.11 and later charge the memory cgroup
+/// instead and ignore it. Needs `CAP_SYS_RESOURCE` (root).
+pub fn raise_memlock() -> io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: `unlimited` is a valid rlimit that outlives the call; setrlimit only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Opens a pinned bpf object (here: a link) by its bpffs path.
 pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
