@@ -47,6 +47,11 @@ pub mod maps {
     /// `PerCpuArray<RuleCounters>`, one row per [`hook`](crate::hook): verdicts by the hook
     /// that took them.
     pub const HOOKS: &str = "HOOKS";
+    /// `SkStorage<ProxyMark>` (socket-local storage): set by the agent on each proxy listener
+    /// it made. A redirect goes ahead only when the socket listening at the redirect target in
+    /// the connecting socket's network namespace carries this mark; the mark dies with the
+    /// socket, so a listener of another process (a squatter on the proxy port) never has it.
+    pub const PROXY_LISTEN: &str = "PROXY_LISTEN";
 
     /// Maps that belong to one policy generation: a new policy gets new ones, filled completely
     /// before the programs that use them are swapped in.
@@ -61,7 +66,9 @@ pub mod maps {
     ];
     /// Maps that outlive generations and agent restarts: reopened from their pins. The
     /// original-destination maps are here so a reload never loses a connection in flight.
-    pub const SHARED: [&str; 7] = [
+    /// The proxy's listener marks are here too: they are set once per listener, not per
+    /// generation.
+    pub const SHARED: [&str; 8] = [
         COUNTERS,
         RULE_INFO,
         STATS,
@@ -69,6 +76,7 @@ pub mod maps {
         ORIG_BY_COOKIE,
         ORIG_BY_PEER,
         HOOKS,
+        PROXY_LISTEN,
     ];
 }
 
@@ -156,6 +164,33 @@ pub mod verdict {
     /// Redirected to the proxy, which judges the request.
     pub const REDIRECT: u8 = 5;
 }
+
+/// Values of [`Event::reason`]: why a verdict was taken when no rule decided it.
+pub mod reason {
+    /// The rules (or their absence) decided.
+    pub const RULES: u8 = 0;
+    /// The connection was to be redirected to the proxy, but nothing listens at the proxy's
+    /// address in the connecting socket's network namespace (the agent is down, or has not
+    /// opened that listener yet): refused rather than sent anywhere else.
+    pub const PROXY_ABSENT: u8 = 1;
+    /// The connection was to be redirected to the proxy, but the socket listening at the
+    /// proxy's address is not one the agent made (no [`maps::PROXY_LISTEN`](crate::maps)
+    /// mark): another process holds the port. Refused, so that it never receives the
+    /// connection.
+    pub const PROXY_FOREIGN: u8 = 2;
+}
+
+/// The value of [`maps::PROXY_LISTEN`] on a socket the agent listens on for the proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyMark {
+    /// The agent's process id when it set the mark (for `bpftool map dump`; the programs only
+    /// check that a mark exists).
+    pub pid: u32,
+    /// The listener's port, host byte order.
+    pub port: u32,
+}
+const _: () = assert!(size_of::<ProxyMark>() == 8);
 
 /// Bits of [`Config::flags`].
 pub mod config_flags {
@@ -381,8 +416,8 @@ pub struct Event {
     /// One of [`hook`]: which hook took the verdict. Agents before issue 5 wrote 0 here,
     /// which is [`hook::CONNECT`], the only hook they had.
     pub hook: u8,
-    /// Always zero.
-    pub _pad: u8,
+    /// One of [`reason`]; programs before issue 13 wrote 0 here ([`reason::RULES`]).
+    pub reason: u8,
     /// Destination address, network byte order; an IPv4 address fills the first 4 bytes.
     pub addr: [u8; 16],
     /// `comm` of the calling thread, NUL padded.
@@ -405,8 +440,8 @@ pub const fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, Event, OrigDst, PeerKey, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue,
-        Stats,
+        Config, Event, OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6,
+        RuleValue, Stats,
     };
 
     // SAFETY: every type is #[repr(C)], Copy, made only of integers and byte arrays, with its
@@ -431,4 +466,6 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProxyMark {}
 }

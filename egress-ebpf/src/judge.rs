@@ -164,6 +164,8 @@ pub struct Judgement {
     pub row: u32,
     /// Generation of the policy that judged.
     pub generation: u32,
+    /// One of `egress_common::reason`.
+    pub reason: u8,
 }
 
 /// Who a verdict was about: the calling task, or for XDP, the interface.
@@ -247,7 +249,7 @@ pub fn report(dest: &Dest, judgement: &Judgement, who: &Who) {
         flags: dest.flags,
         port: dest.port,
         hook: dest.hook,
-        _pad: 0,
+        reason: judgement.reason,
         addr: dest.addr,
         comm: who.comm,
     });

@@ -2,13 +2,13 @@
 //! each at `<pin dir>/<NAME>` and `bpftool map dump pinned ...` shows their BTF field names.
 
 use aya_ebpf::{
-    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use egress_common::{
     COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_PROTOCOL, MAX_REDIRECTS,
-    MAX_RULE_KEYS, OrigDst, PORTS, PeerKey, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6,
-    RuleValue, Stats, hook,
+    MAX_RULE_KEYS, OrigDst, PORTS, PeerKey, ProxyMark, RuleCounters, RuleInfo, RuleKeyV4,
+    RuleKeyV6, RuleValue, Stats, hook,
 };
 
 /// The policy's mode and generation (one entry).
@@ -68,3 +68,9 @@ pub static SOCK_PROTOS: Array<u32, { MAX_PROTOCOL as usize + 1 }> = Array::new()
 /// Verdict counters per hook (`egress_common::hook`), per CPU.
 #[btf_map]
 pub static HOOKS: PerCpuArray<RuleCounters, { hook::COUNT as usize }> = PerCpuArray::new();
+
+/// The agent's mark on each proxy listener it made (socket-local storage, keyed by the socket;
+/// the agent sets it through the listener's fd). A redirect is refused unless the listener at
+/// the redirect target carries it.
+#[btf_map]
+pub static PROXY_LISTEN: SkStorage<ProxyMark> = SkStorage::new();

@@ -6,14 +6,19 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_tuple,
+    },
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
+    },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use egress_common::{
     AF_INET, AF_INET6, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey, ROW_BYPASS, ROW_NO_RULE, ROW_PROXY,
-    config_flags, flags, hook, mode, verdict,
+    config_flags, flags, hook, mode, reason, verdict,
 };
 
 use crate::{
@@ -21,7 +26,7 @@ use crate::{
         Dest, Judgement, LOOPBACK_V4, Matched, NAT64_WORD, V4_MAPPED_WORD, Who, count, count_error,
         lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
     },
-    maps::{CONFIG, HTTP_PORTS, ORIG_COOKIE, ORIG_PEER},
+    maps::{CONFIG, HTTP_PORTS, ORIG_COOKIE, ORIG_PEER, PROXY_LISTEN},
 };
 
 /// The operation goes ahead.
@@ -290,7 +295,7 @@ fn try_addr4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         // IPv4 path shows it here as a.b.c.d.
         dest.flags = flags::V4_MAPPED;
     }
-    match decide(ctx, &dest, raw, sa.protocol)? {
+    match decide(ctx, &dest, raw, sa.protocol, ProxyFamily::V4)? {
         Outcome::Allow => Ok(RET_ALLOW),
         Outcome::Deny => Ok(RET_DENY),
         Outcome::Redirect(port) => {
@@ -314,7 +319,13 @@ fn try_addr6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         sa.user_ip6[3],
     ];
     let dest = Dest::v6(words, sa.user_port as u16, proto, hook);
-    match decide(ctx, &dest, raw, sa.protocol)? {
+    // Where a redirect of this socket goes: see the rewrite below.
+    let proxy = if dest.flags & flags::V4_MAPPED != 0 {
+        ProxyFamily::V4
+    } else {
+        ProxyFamily::V6
+    };
+    match decide(ctx, &dest, raw, sa.protocol, proxy)? {
         Outcome::Allow => Ok(RET_ALLOW),
         Outcome::Deny => Ok(RET_DENY),
         Outcome::Redirect(port) => {
@@ -344,9 +355,23 @@ fn other_allowed(config_flags_: u16, raw: bool, protocol: u32) -> bool {
     }
 }
 
+/// Which of the proxy's listeners a redirect of the socket goes to: `127.0.0.1` (IPv4 sockets,
+/// and dual-stack sockets headed for an IPv4-mapped address) or `[::1]`.
+#[derive(Clone, Copy)]
+enum ProxyFamily {
+    V4,
+    V6,
+}
+
 /// The one decision path of the connect and sendmsg hooks, both families.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, dest: &Dest, raw: bool, protocol: u32) -> Result<Outcome, ()> {
+fn decide(
+    ctx: &SockAddrContext,
+    dest: &Dest,
+    raw: bool,
+    protocol: u32,
+    proxy: ProxyFamily,
+) -> Result<Outcome, ()> {
     let config = CONFIG.get(0).ok_or(())?;
     // SAFETY: a plain helper call without arguments.
     if config.agent_cgroup != 0 && unsafe { bpf_get_current_cgroup_id() } == config.agent_cgroup {
@@ -370,24 +395,39 @@ fn decide(ctx: &SockAddrContext, dest: &Dest, raw: bool, protocol: u32) -> Resul
         && protocol == u32::from(PROTO_TCP)
         // A 6to4 address cannot be rebuilt from the IPv4 address alone for getpeername.
         && dest.flags & flags::SIX_TO_FOUR == 0;
-    let (verdict, row, outcome) = match judged {
-        Some(Matched::Bypass) => (verdict::BYPASS, ROW_BYPASS, Outcome::Allow),
-        Some(Matched::Rule(row)) => (verdict::ALLOW, row, Outcome::Allow),
+    let (verdict, row, outcome, why) = match judged {
+        Some(Matched::Bypass) => (verdict::BYPASS, ROW_BYPASS, Outcome::Allow, reason::RULES),
+        Some(Matched::Rule(row)) => (verdict::ALLOW, row, Outcome::Allow, reason::RULES),
         None if redirectable && is_http_port(dest.port) => {
-            record_redirect(ctx, dest)?;
-            (
-                verdict::REDIRECT,
-                ROW_PROXY,
-                Outcome::Redirect(config.proxy_port),
-            )
+            match proxy_listener(ctx, config.proxy_port, proxy) {
+                reason::RULES => {
+                    record_redirect(ctx, dest)?;
+                    (
+                        verdict::REDIRECT,
+                        ROW_PROXY,
+                        Outcome::Redirect(config.proxy_port),
+                        reason::RULES,
+                    )
+                }
+                // Nobody, or somebody other than the agent, listens where the connection would
+                // go: refused, in audit mode too, since the only alternative to the agent's
+                // proxy would be a process that may read it.
+                why => (verdict::DENY, ROW_PROXY, Outcome::Deny, why),
+            }
         }
-        None if config.mode == mode::AUDIT => (verdict::WOULD_DENY, ROW_NO_RULE, Outcome::Allow),
-        None => (verdict::DENY, ROW_NO_RULE, Outcome::Deny),
+        None if config.mode == mode::AUDIT => (
+            verdict::WOULD_DENY,
+            ROW_NO_RULE,
+            Outcome::Allow,
+            reason::RULES,
+        ),
+        None => (verdict::DENY, ROW_NO_RULE, Outcome::Deny, reason::RULES),
     };
     let judgement = Judgement {
         verdict,
         row,
         generation: config.generation,
+        reason: why,
     };
     count(&judgement, dest.hook);
     if verdict == verdict::DENY
@@ -424,6 +464,7 @@ fn try_sock_create(ctx: &SockContext) -> Result<i32, ()> {
         verdict,
         row,
         generation: config.generation,
+        reason: reason::RULES,
     };
     count(&judgement, hook::SOCK_CREATE);
     if verdict != verdict::BYPASS || config.flags & config_flags::EVENTS_ALL != 0 {
@@ -447,6 +488,73 @@ fn is_http_port(port_be: u16) -> bool {
     HTTP_PORTS
         .get(u32::from(u16::from_be(port_be)))
         .is_some_and(|v| *v != 0)
+}
+
+/// Whether the socket listening where a redirect would send the connection (the proxy's
+/// loopback address on `port_be`, in the connecting socket's own network namespace) is one the
+/// agent made: [`reason::RULES`] if it is, else why not ([`reason::PROXY_ABSENT`],
+/// [`reason::PROXY_FOREIGN`]). Only a listener the agent marked in `PROXY_LISTEN` passes; the
+/// mark lives on the socket and dies with it, so a process that binds the port while the agent
+/// is down (or before it starts) never receives a redirected connection.
+///
+/// The lookup is the kernel's own listener lookup for that address and port, as the SYN will
+/// meet it: the agent's listeners are bound without `SO_REUSEPORT`, so no other socket can
+/// share their address and port, and a socket bound to a device or to the wildcard address
+/// cannot be bound beside them.
+#[inline(always)]
+fn proxy_listener(ctx: &SockAddrContext, port_be: u16, family: ProxyFamily) -> u8 {
+    // SAFETY: an all-zero tuple is a valid value of this plain C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = match family {
+        ProxyFamily::V4 => {
+            let loopback = u32::from_ne_bytes(LOOPBACK_V4);
+            // Writing a union's fields is safe; nothing reads them back here.
+            tuple.__bindgen_anon_1.ipv4.saddr = loopback;
+            tuple.__bindgen_anon_1.ipv4.daddr = loopback;
+            tuple.__bindgen_anon_1.ipv4.dport = port_be;
+            size_of::<u32>() * 2 + size_of::<u16>() * 2
+        }
+        ProxyFamily::V6 => {
+            let loopback = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+            tuple.__bindgen_anon_1.ipv6.saddr = loopback;
+            tuple.__bindgen_anon_1.ipv6.daddr = loopback;
+            tuple.__bindgen_anon_1.ipv6.dport = port_be;
+            size_of::<bpf_sock_tuple>()
+        }
+    };
+    // The source port 0 matches no established socket, so the lookup finds the listener. A
+    // negative netns id means the connecting socket's own network namespace (each pod's, for
+    // a pod).
+    // SAFETY: a helper call with the program's context and a tuple on this stack frame.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return reason::PROXY_ABSENT;
+    }
+    // SAFETY: `sk` is the socket the lookup returned and still holds; the map pointer is the
+    // map definition's address, which the loader relocates.
+    let mark = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&PROXY_LISTEN).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    // SAFETY: releases the reference the lookup took; `sk` is not used after this.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if mark.is_null() {
+        reason::PROXY_FOREIGN
+    } else {
+        reason::RULES
+    }
 }
 
 /// Records where a connection that goes to the proxy was going. Without the record the

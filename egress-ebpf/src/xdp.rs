@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE, config_flags, hook,
-    mode, verdict,
+    mode, reason, verdict,
 };
 
 use crate::{
@@ -191,6 +191,7 @@ fn judge(ctx: &XdpContext, dest: &Dest) -> Result<u32, ()> {
         verdict,
         row,
         generation: config.generation,
+        reason: reason::RULES,
     };
     count(&judgement, hook::XDP);
     if verdict == verdict::DENY

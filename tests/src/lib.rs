@@ -45,6 +45,15 @@ macro_rules! probe_bin {
     };
 }
 
+/// Path of the `egress-squatter` workload (a process that takes the proxy's port), for
+/// [`squatter::Squatter`].
+#[macro_export]
+macro_rules! squatter_bin {
+    () => {
+        env!("CARGO_BIN_EXE_egress-squatter")
+    };
+}
+
 /// Path of the `egress-vector` workload (one egress attempt of a given kind), from the
 /// integration test that calls it.
 #[macro_export]
@@ -65,8 +74,10 @@ macro_rules! egress_bin {
 pub mod matrix;
 pub mod pod;
 pub mod sinks;
+pub mod squatter;
 pub mod upstream;
 pub mod vector;
+pub mod world;
 
 pub use pod::PodNet;
 pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
@@ -607,7 +618,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `egress run` with the given arguments and waits until it logs `ready`.
+    /// Starts `egress run` with the given arguments and waits until it logs that it is ready
+    /// (or, when it could not open every proxy listener, that it is not).
     pub fn start(egress: &str, args: &[&str]) -> Self {
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         Self::spawn(Command::new(egress), &args)
@@ -773,7 +785,9 @@ impl Agent {
             let stderr = child.stderr.take().expect("stderr");
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let ready = line.contains("ready");
+                    // `ready: enforcing ...`, or `not ready: ...` when the agent started but
+                    // lacks a listener (a squatter holds the proxy port).
+                    let ready = line.contains("ready: ");
                     {
                         let mut log = log.lock().expect("log");
                         log.push_str(&line);

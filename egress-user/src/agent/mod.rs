@@ -10,12 +10,12 @@
 //! generation, swapped in atomically; if the kernel refuses it, the proxy gets the old policy
 //! back. Changes are handled one at a time, in the order they arrive.
 
+pub mod listeners;
 pub mod watch;
 
 use std::{
     collections::HashMap,
     hash::{Hash as _, Hasher as _},
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -64,8 +64,9 @@ pub struct Settings {
     pub resolv_conf: PathBuf,
     /// Where the programs go.
     pub target: Target,
-    /// The proxy's listeners (bound before anything was attached).
-    pub listening: Vec<SocketAddr>,
+    /// The proxy's listeners (bound, as far as possible, before anything was attached; the
+    /// missing ones are tried again every second).
+    pub listeners: listeners::ProxyListeners,
     /// The metrics listener, when metrics are served.
     pub metrics: Option<std::net::TcpListener>,
 }
@@ -180,12 +181,14 @@ impl Agent {
         policy: Policy,
     ) -> anyhow::Result<(Self, channel::Receiver<Arc<Proxy>>)> {
         let proxy = Arc::new(Proxy::new(&policy).context("configuring the proxy")?);
-        let enforcer = Enforcer::apply(&settings.target, &policy).with_context(|| {
-            format!(
-                "enforcing the policy on {}",
-                settings.target.cgroup.display()
-            )
-        })?;
+        let enforcer =
+            Enforcer::apply_with_proxy(&settings.target, &policy, &settings.listeners.bound())
+                .with_context(|| {
+                    format!(
+                        "enforcing the policy on {}",
+                        settings.target.cgroup.display()
+                    )
+                })?;
         let (proxies, rx) = channel::channel(proxy);
         let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
         let mut agent = Self {
@@ -304,7 +307,14 @@ impl Agent {
         }
         let proxy = Arc::new(Proxy::new(&policy).map_err(|e| e.to_string())?);
         let previous = self.proxies.send_replace(proxy);
-        match tokio::task::block_in_place(|| Enforcer::apply(&self.settings.target, &policy)) {
+        let applied = tokio::task::block_in_place(|| {
+            Enforcer::apply_with_proxy(
+                &self.settings.target,
+                &policy,
+                &self.settings.listeners.bound(),
+            )
+        });
+        match applied {
             Ok(enforcer) => {
                 self.rows
                     .send_replace(Arc::new((enforcer.generation(), enforcer.row_names())));
@@ -532,6 +542,44 @@ impl Agent {
         })
     }
 
+    /// The first proxy listener still missing, as `ADDR: why`.
+    pub fn missing_listener(&self) -> Option<String> {
+        self.settings
+            .listeners
+            .missing()
+            .first()
+            .map(|m| format!("{}: {}", m.address, m.error))
+    }
+
+    /// Whether the agent does its whole job: the programs enforce on the managed cgroup and
+    /// every proxy listener is the agent's.
+    fn ready(&self) -> bool {
+        self.attached() && self.settings.listeners.complete()
+    }
+
+    /// Binds the proxy listeners that were missing, if their port is free now, and marks them
+    /// as the agent's; returns those to serve. A listener that cannot be marked is closed
+    /// again (the kernel would refuse connections to it anyway) and tried again later.
+    fn retry_listeners(&mut self) -> Vec<std::net::TcpListener> {
+        if self.settings.listeners.complete() {
+            return Vec::new();
+        }
+        let mut serve = Vec::new();
+        for listener in self.settings.listeners.retry() {
+            match self.enforcer.mark_proxy_listener(&listener) {
+                Ok(()) => serve.push(listener),
+                Err(e) => tracing::error!(error = %e, "proxy: marking a new listener"),
+            }
+        }
+        if !serve.is_empty() && self.ready() {
+            tracing::info!(
+                listening = ?self.settings.listeners.listening(),
+                "ready: every proxy listener is the agent's"
+            );
+        }
+        serve
+    }
+
     /// With an `--xdp-iface` prefix pattern (`veth*`), attaches the XDP backstop to matching
     /// interfaces that appeared since the last look (a new pod's veth) and forgets those that
     /// went; at most a second after a pod starts.
@@ -567,7 +615,7 @@ impl Agent {
         };
         sources.push(self.settings.store.created_path().display().to_string());
         Status {
-            ready: attached,
+            ready: attached && self.settings.listeners.complete(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             mode: self.policy.mode.to_string(),
@@ -580,9 +628,17 @@ impl Agent {
             proxy: ProxyStatus {
                 listening: self
                     .settings
-                    .listening
+                    .listeners
+                    .listening()
                     .iter()
                     .map(ToString::to_string)
+                    .collect(),
+                missing: self
+                    .settings
+                    .listeners
+                    .missing()
+                    .iter()
+                    .map(|m| format!("{}: {}", m.address, m.error))
                     .collect(),
                 requests: counters.iter().map(|c| c.requests).sum(),
                 denied: counters.iter().map(|c| c.denied).sum(),
@@ -647,7 +703,6 @@ impl Agent {
     pub async fn serve(
         &mut self,
         proxies: channel::Receiver<Arc<Proxy>>,
-        listeners: Vec<std::net::TcpListener>,
         control: std::os::unix::net::UnixListener,
         mut watch: Option<watch::PolicyWatch>,
     ) -> anyhow::Result<()> {
@@ -666,7 +721,7 @@ impl Agent {
                 .context("the original-destination map is missing")?,
         );
         let (tx, mut requests) = mpsc::channel::<RequestEvent>(EVENT_QUEUE);
-        for listener in listeners {
+        let serve_proxy = |listener: std::net::TcpListener| -> anyhow::Result<()> {
             let address = listener.local_addr().context("proxy listener address")?;
             let listener = tokio::net::TcpListener::from_std(listener).context("proxy listener")?;
             let (proxies, orig_dst, tx) = (proxies.clone(), orig_dst.clone(), tx.clone());
@@ -675,6 +730,15 @@ impl Agent {
                     tracing::error!(%address, error = %e, "proxy listener failed");
                 }
             });
+            Ok(())
+        };
+        let to_serve = self
+            .settings
+            .listeners
+            .to_serve()
+            .context("proxy listeners")?;
+        for listener in to_serve {
+            serve_proxy(listener)?;
         }
         let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
         let control =
@@ -685,7 +749,7 @@ impl Agent {
                 tracing::error!(error = %e, "control socket failed");
             }
         });
-        let (ready, ready_rx) = channel::channel(self.attached());
+        let (ready, ready_rx) = channel::channel(self.ready());
         if let Some(listener) = self.settings.metrics.take() {
             self.serve_metrics(listener, ready_rx)?;
         }
@@ -710,7 +774,10 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     self.rescan_xdp();
-                    ready.send_replace(self.attached());
+                    for listener in self.retry_listeners() {
+                        serve_proxy(listener)?;
+                    }
+                    ready.send_replace(self.ready());
                     let dropped = self.proxies.borrow().events_dropped();
                     self.metrics.set_proxy_events_dropped(dropped);
                 }

@@ -82,7 +82,7 @@ fn line(e: &WireEvent) -> String {
         )
     } else {
         format!(
-            "{} {} {} {} dst={}{} rule={} pid={} comm={} cgroup={} generation={}",
+            "{} {} {} {} dst={}{} rule={} pid={} comm={} cgroup={} generation={}{}",
             e.time,
             e.source,
             e.verdict,
@@ -93,7 +93,12 @@ fn line(e: &WireEvent) -> String {
             e.pid,
             e.comm,
             e.cgroup_id,
-            e.generation
+            e.generation,
+            if e.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" reason={}", e.reason)
+            }
         )
     }
 }

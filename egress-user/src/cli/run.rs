@@ -1,15 +1,11 @@
 //! `egress run`: the agent.
 
-use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
-    process::ExitCode,
-};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 
 use crate::{
-    agent::{Agent, Settings, watch::PolicyWatch},
+    agent::{Agent, Settings, listeners::ProxyListeners, watch::PolicyWatch},
     cgroup,
     control::{self, DEFAULT_SOCKET},
     loader::{DEFAULT_PIN_DIR, Target, features},
@@ -103,7 +99,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(&args.socket);
         return Ok(ExitCode::FAILURE);
     }
-    let listeners = bind_proxy(policy.proxy.port)?;
+    let listeners = ProxyListeners::bind(policy.proxy.port);
     let metrics = match args.metrics_addr {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
@@ -114,10 +110,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let listening = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
     let settings = Settings {
         paths: args.policy.clone(),
         store,
@@ -127,21 +119,29 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             cgroup: cgroup.clone(),
             xdp_ifaces: args.xdp_iface.clone(),
         },
-        listening,
+        listeners,
         metrics,
     };
     let (mut agent, proxies) = Agent::start(settings, &sources, policy)?;
-    tracing::info!(
-        generation = agent.generation(),
-        mode = %agent.policy().mode,
-        rules = agent.policy().rules.len(),
-        dns_resolvers = agent.policy().dns.resolvers.len(),
-        dns_from = %agent.policy().dns.source,
-        cgroup = %cgroup.display(),
-        pin_dir = %args.pin_dir.display(),
-        socket = %args.socket.display(),
-        "ready: enforcing egress policy"
-    );
+    if let Some(missing) = agent.missing_listener() {
+        tracing::warn!(
+            generation = agent.generation(),
+            missing = %missing,
+            "not ready: enforcing egress policy, but the proxy does not listen on every address; connections for the proxy there are refused"
+        );
+    } else {
+        tracing::info!(
+            generation = agent.generation(),
+            mode = %agent.policy().mode,
+            rules = agent.policy().rules.len(),
+            dns_resolvers = agent.policy().dns.resolvers.len(),
+            dns_from = %agent.policy().dns.source,
+            cgroup = %cgroup.display(),
+            pin_dir = %args.pin_dir.display(),
+            socket = %args.socket.display(),
+            "ready: enforcing egress policy"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,7 +152,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         } else {
             Some(PolicyWatch::new(&args.policy).context("watching the policy files")?)
         };
-        agent.serve(proxies, listeners, control, watch).await
+        agent.serve(proxies, control, watch).await
     });
     let _ = std::fs::remove_file(&args.socket);
     served?;
@@ -161,25 +161,4 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         "stopping; enforcement stays in place (pinned); `egress unload` removes it"
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Binds the proxy's listeners: 127.0.0.1 and [::1] on `port`, where the kernel sends
-/// redirected IPv4 and IPv6 connections. A host without IPv6 gets only the IPv4 listener (its
-/// redirected IPv6 connections then fail: nothing falls back to a direct connection).
-fn bind_proxy(port: u16) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut listeners =
-        vec![std::net::TcpListener::bind(v4).with_context(|| format!("proxy: listening on {v4}"))?];
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    match std::net::TcpListener::bind(v6) {
-        Ok(l) => listeners.push(l),
-        Err(e) => {
-            tracing::warn!(address = %v6, error = %e, "proxy: no IPv6 listener; redirected IPv6 connections will fail")
-        }
-    }
-    for l in &listeners {
-        l.set_nonblocking(true)
-            .context("proxy: non-blocking listener")?;
-    }
-    Ok(listeners)
 }

@@ -10,13 +10,27 @@ use crate::control::{Request, Response};
 pub struct StatusArgs {
     #[command(flatten)]
     socket: SocketArg,
-    /// Print nothing; exit 0 only if the agent answers with programs attached and a policy
-    /// applied (a readiness probe).
+    /// Print nothing; exit 0 only if the agent answers with programs attached, a policy
+    /// applied and every proxy listener its own (a readiness probe).
     #[arg(long)]
     ready: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
+}
+
+/// Why the agent is not ready.
+fn not_ready(status: &crate::control::Status) -> String {
+    if !status.attached {
+        format!("the programs are not attached to {}", status.cgroup)
+    } else if !status.proxy.missing.is_empty() {
+        format!(
+            "the proxy does not listen on {} (connections for it there are refused)",
+            status.proxy.missing.join("; ")
+        )
+    } else {
+        "unknown".to_owned()
+    }
 }
 
 /// Runs `egress status`.
@@ -34,10 +48,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         if status.ready {
             return Ok(ExitCode::SUCCESS);
         }
-        eprintln!(
-            "not ready: the programs are not attached to {}",
-            status.cgroup
-        );
+        eprintln!("not ready: {}", not_ready(&status));
         return Ok(ExitCode::FAILURE);
     }
     if args.output == Output::Json {
@@ -49,9 +60,9 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         status.pid,
         status.version,
         if status.ready {
-            "ready"
+            "ready".to_owned()
         } else {
-            "NOT READY: programs not attached"
+            format!("NOT READY: {}", not_ready(&status))
         }
     );
     println!("mode:        {}", status.mode);
@@ -75,6 +86,11 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         status.proxy.denied,
         status.proxy.events_dropped
     );
+    for missing in &status.proxy.missing {
+        println!(
+            "proxy:       NOT listening on {missing}; connections for the proxy there are refused"
+        );
+    }
     println!(
         "kernel:      {} events lost, {} errors (failed closed)",
         status.events_lost, status.kernel_errors

@@ -155,6 +155,10 @@ pub struct HookRow {
 pub struct ProxyStatus {
     /// Where it listens.
     pub listening: Vec<String>,
+    /// Listeners the proxy needs and does not have, each with why (`ADDR: error`); while any
+    /// is missing, the agent is not ready and the kernel refuses the connections meant for it.
+    #[serde(default)]
+    pub missing: Vec<String>,
     /// Requests answered by the current policy's proxy.
     pub requests: u64,
     /// Requests refused (403, refused TLS).
@@ -224,7 +228,8 @@ pub struct WireEvent {
     pub host: String,
     /// The status sent to the app (http).
     pub status: u16,
-    /// Why the proxy answered itself (http).
+    /// Why the proxy answered itself (http); for a kernel verdict the rules did not decide,
+    /// why (`proxy-absent`, `proxy-foreign`).
     pub reason: String,
 }
 

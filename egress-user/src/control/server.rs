@@ -110,6 +110,7 @@ impl HubEvent {
                 via: e.via.to_string(),
                 iface: e.ifindex.map(iface_name).unwrap_or_default(),
                 generation: e.generation,
+                reason: e.reason.to_string(),
                 ..WireEvent::default()
             },
             Self::Http(at, e) => WireEvent {

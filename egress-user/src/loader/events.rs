@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use egress_common::{AF_INET, Event, flags, hook, verdict};
+use egress_common::{AF_INET, Event, flags, hook, reason, verdict};
 
 /// What the kernel decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +112,41 @@ impl fmt::Display for Via {
     }
 }
 
+/// Why a verdict was taken when the rules did not decide it (`egress_common::reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The rules decided (or no rule matched).
+    Rules,
+    /// A connection for the proxy, refused because nothing listens on the proxy's port in the
+    /// caller's network namespace (the agent is down, or has not opened it yet).
+    ProxyAbsent,
+    /// A connection for the proxy, refused because the socket listening on the proxy's port is
+    /// not the agent's: another process holds the port.
+    ProxyForeign,
+}
+
+impl Reason {
+    fn from_raw(r: u8) -> Self {
+        match r {
+            reason::PROXY_ABSENT => Self::ProxyAbsent,
+            reason::PROXY_FOREIGN => Self::ProxyForeign,
+            // Unknown values come from a newer program: the verdict stands, the reason is
+            // not ours to name.
+            _ => Self::Rules,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Rules => "",
+            Self::ProxyAbsent => "proxy-absent",
+            Self::ProxyForeign => "proxy-foreign",
+        })
+    }
+}
+
 /// An IP protocol number by name, as events show it.
 pub fn protocol_name(proto: u16) -> String {
     match proto {
@@ -150,6 +185,8 @@ pub struct EventRecord {
     pub via: Via,
     /// The hook that took the verdict.
     pub hook: Hook,
+    /// Why, when the rules did not decide it.
+    pub reason: Reason,
     /// IP protocol number (for a socket creation, the socket's protocol).
     pub protocol: u16,
     /// A raw socket (socket creation verdicts).
@@ -206,6 +243,7 @@ pub fn decode(bytes: &[u8], rule_name: impl Fn(u32, u32) -> Option<String>) -> O
         destination: SocketAddr::new(ip, port),
         via,
         hook,
+        reason: Reason::from_raw(e.reason),
         protocol,
         raw: e.flags & flags::RAW != 0,
         ifindex: (hook == Hook::Xdp).then_some(e.tid),
@@ -243,11 +281,18 @@ pub fn log(e: &EventRecord) {
                 protocol = %protocol_name(e.protocol),
                 raw = e.raw,
                 via = %e.via,
+                reason = %e.reason,
                 ifindex = e.ifindex.unwrap_or(0),
                 generation = e.generation,
-                "{} {}",
+                "{} {}{}",
                 e.hook,
-                e.verdict
+                e.verdict,
+                match e.reason {
+                    Reason::Rules => "",
+                    Reason::ProxyAbsent => ": nothing listens on the proxy port (agent down?)",
+                    Reason::ProxyForeign =>
+                        ": the proxy port is held by a process that is not the agent",
+                }
             )
         };
     }
@@ -320,7 +365,7 @@ mod tests {
             flags: flags::V4_MAPPED,
             port: 443u16.to_be(),
             hook: 0,
-            _pad: 0,
+            reason: 0,
             addr,
             comm,
         }

@@ -20,6 +20,7 @@
 pub mod events;
 pub mod features;
 mod pins;
+mod proxy_mark;
 mod sys;
 mod xdp;
 
@@ -233,6 +234,23 @@ impl Enforcer {
     /// Among others, [`LoadError::Kernel`] when the kernel lacks a required feature; then
     /// nothing was touched.
     pub fn apply(target: &Target, policy: &Policy) -> Result<Self, LoadError> {
+        Self::apply_with_proxy(target, policy, &[])
+    }
+
+    /// [`Enforcer::apply`], marking `proxy_listeners` as the agent's (`PROXY_LISTEN`) before
+    /// any program of the new generation runs: the connect programs redirect to the proxy only
+    /// through a listener the agent marked, and refuse the connection otherwise. Marking again
+    /// on every generation costs two map writes and repairs the marks if the pinned map was
+    /// made anew (`egress unload` while the agent ran).
+    ///
+    /// # Errors
+    /// As [`Enforcer::apply`]; a listener that cannot be marked is [`LoadError::Map`], and
+    /// nothing was switched.
+    pub fn apply_with_proxy(
+        target: &Target,
+        policy: &Policy,
+        proxy_listeners: &[&std::net::TcpListener],
+    ) -> Result<Self, LoadError> {
         // First, before any cgroup, pin or map is touched. `egress run` has checked (and
         // logged) this already; this is for every other caller.
         let kernel = features::kernel();
@@ -270,6 +288,12 @@ impl Enforcer {
             loader.map_pin_path(name, pins.map(name));
         }
         let mut ebpf = loader.load(OBJECT)?;
+        if !proxy_listeners.is_empty() {
+            let map = ebpf
+                .map_mut(maps::PROXY_LISTEN)
+                .expect("object has PROXY_LISTEN");
+            proxy_mark::mark(map, proxy_listeners)?;
+        }
 
         let stored = read_rule_info(&ebpf, row_limit)?;
         let generation = previous.map_or(1, |c| c.generation.wrapping_add(1).max(1));
@@ -355,6 +379,15 @@ impl Enforcer {
             rows: compiled.rows,
             generation,
         })
+    }
+
+    /// Marks a proxy listener opened after this generation was applied as the agent's, so that
+    /// redirected connections may go to it (see [`Enforcer::apply_with_proxy`]).
+    ///
+    /// # Errors
+    /// The pinned `PROXY_LISTEN` map cannot be opened or written.
+    pub fn mark_proxy_listener(&self, listener: &std::net::TcpListener) -> Result<(), LoadError> {
+        proxy_mark::mark_pinned(&self.pins, listener)
     }
 
     /// The generation in force.
@@ -717,6 +750,12 @@ fn expected_layout(name: &str) -> (MapType, u32, u32, u32) {
             4,
             size_of::<RuleCounters>() as u32,
             egress_common::hook::COUNT,
+        ),
+        maps::PROXY_LISTEN => (
+            MapType::SkStorage,
+            4,
+            size_of::<egress_common::ProxyMark>() as u32,
+            0,
         ),
         other => unreachable!("{other} is not a shared map"),
     }

@@ -1,0 +1,168 @@
+//! The world of the HTTP tests: upstreams at addresses the test assigned in its sandbox
+//! (`httpbin.test` plain HTTP on 192.0.2.1:80, `secure.test` TLS on 192.0.2.1:443, and a TLS
+//! server with a certificate from an untrusted CA, `rogue.test` on 198.51.100.1:443), a policy
+//! for them, and an agent enforcing it inside the sandbox's network namespace.
+
+use std::{fs, net::SocketAddr, path::PathBuf};
+
+use crate::{
+    Agent, Sandbox, V4_A, V4_B, sa,
+    upstream::{TestCa, Upstream},
+};
+
+/// The test's world: upstreams, a CA, a policy, and the agent enforcing it.
+pub struct World {
+    pub sb: Sandbox,
+    pub dir: PathBuf,
+    pub http: Upstream,
+    pub tls: Upstream,
+    pub rogue_tls: Upstream,
+    pub agent: Option<Agent>,
+    /// The `egress` binary.
+    pub egress: &'static str,
+    /// The probe binary.
+    pub probe: &'static str,
+}
+
+/// The policy of the HTTP tests: two upstreams by name, one TLS origination, a rogue TLS
+/// server, and an ExternalName alias.
+pub const POLICY: &str = r#"
+kind: EgressConfig
+metadata: {name: config}
+spec:
+  caFiles: [ca.pem]
+  hosts:
+    httpbin.test: [192.0.2.1]
+    secure.test: [192.0.2.1]
+    rogue.test: [198.51.100.1]
+---
+kind: EgressRule
+metadata: {name: httpbin}
+spec:
+  destination: {service: httpbin.test}
+  ports:
+    - {port: 80, protocol: http}
+---
+kind: EgressRule
+metadata: {name: secure}
+spec:
+  destination: {service: secure.test}
+  ports:
+    - {port: 443, protocol: https}
+---
+kind: EgressRule
+metadata: {name: rogue}
+spec:
+  destination: {service: rogue.test}
+  ports:
+    - {port: 443, protocol: https}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: securebin
+spec:
+  type: ExternalName
+  externalName: secure.test
+  ports:
+  - port: 443
+"#;
+
+impl World {
+    /// Starts the upstreams and an agent enforcing [`POLICY`]; `egress` and `probe` are the
+    /// binaries (`egress_bin!()`, `probe_bin!()`).
+    pub fn new(egress: &'static str, probe: &'static str) -> Self {
+        let mut world = Self::without_agent(egress, probe);
+        world.start_agent();
+        world
+    }
+
+    /// The upstreams and the policy, no agent yet ([`World::start_agent`] starts one).
+    pub fn without_agent(egress: &'static str, probe: &'static str) -> Self {
+        let sb = Sandbox::new();
+        let dir = std::env::temp_dir().join(format!("{}-http", sb.name));
+        fs::create_dir_all(&dir).expect("policy dir");
+        let ca = TestCa::new(&["secure.test"]);
+        // A server with a certificate for its own name, from a CA the agent does not trust.
+        let rogue_ca = TestCa::new(&["rogue.test"]);
+        fs::write(dir.join("ca.pem"), &ca.ca_pem).expect("ca.pem");
+        fs::write(dir.join("policy.yaml"), POLICY).expect("policy");
+        let http = Upstream::http(&sb.name, sa(V4_A, 80));
+        let tls = Upstream::tls(&sb.name, sa(V4_A, 443), &ca);
+        let rogue_tls = Upstream::tls(&sb.name, sa(V4_B, 443), &rogue_ca);
+        Self {
+            sb,
+            dir,
+            http,
+            tls,
+            rogue_tls,
+            agent: None,
+            egress,
+            probe,
+        }
+    }
+
+    /// Starts an agent enforcing the policy (and waits for it to say whether it is ready).
+    pub fn start_agent(&mut self) {
+        let policy = self.dir.join("policy.yaml");
+        let agent = Agent::start_in(&self.sb, self.egress, &self.sb.run_args(&policy, &[]));
+        self.agent = Some(agent);
+    }
+
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    /// One request over its own connection to `addr`, from inside the managed cgroup.
+    pub fn get(&self, addr: SocketAddr, host: &str, path: &str) -> Response {
+        let req =
+            format!("GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
+        Response::parse(&self.sb.http(self.probe, &req, &[addr]))
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the probe printed for one connection.
+#[derive(Debug)]
+pub struct Response {
+    pub peer: String,
+    pub status: String,
+    pub bytes: u64,
+    pub text: String,
+    pub raw: String,
+}
+
+impl Response {
+    pub fn parse(out: &str) -> Self {
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or("")
+                .to_owned()
+        };
+        let text = out
+            .split_once("begin\n")
+            .and_then(|(_, r)| r.rsplit_once("\nend"))
+            .map_or("", |(t, _)| t);
+        Self {
+            peer: field("peer"),
+            status: field("status"),
+            bytes: field("bytes").parse().unwrap_or(0),
+            text: text.to_owned(),
+            raw: out.to_owned(),
+        }
+    }
+
+    pub fn code(&self) -> u16 {
+        self.status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,289 @@
+//! Issue 13, the proxy port taken over: an unprivileged process in the managed cgroup binds
+//! the proxy's address (127.0.0.1:15001 or [::1]:15001) before the agent starts, or while it
+//! is down, hoping to receive other workloads' redirected HTTP (with their tokens and bodies).
+//! The kernel redirects only to a listener the agent marked, so the victim's connect() is
+//! refused (EPERM) with a `proxy-foreign` event, the squatter receives nothing, the agent says
+//! it is not ready, and it takes its port back as soon as the port is free. Counted at the
+//! sinks: the squatter's own count of what it received, and the upstream's.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use egress_tests::{
+    V4_A, V6_A, egress_bin, probe_bin, sa,
+    squatter::{Hold, Squatter},
+    squatter_bin,
+    world::World,
+};
+
+const EGRESS: &str = egress_bin!();
+const PROBE: &str = probe_bin!();
+const SQUATTER: &str = squatter_bin!();
+
+const PROXY_V4: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15001);
+const PROXY_V6: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::LOCALHOST), 15001);
+
+/// A victim's request with a secret in it, to the upstream by name, over the given family:
+/// an IPv4 destination is redirected to 127.0.0.1:15001, an IPv6 one to [::1]:15001.
+fn victim(w: &World, family: SocketAddr) -> egress_tests::world::Response {
+    let dest = if family.is_ipv4() {
+        sa(V4_A, 80)
+    } else {
+        sa(V6_A, 80)
+    };
+    let req = "POST /upload HTTP/1.1\\r\\nHost: httpbin.test\\r\\nAuthorization: Bearer victim-secret\\r\\nContent-Length: 6\\r\\nConnection: close\\r\\n\\r\\nsecret";
+    egress_tests::world::Response::parse(&w.sb.http(PROBE, req, &[dest]))
+}
+
+fn assert_refused(r: &egress_tests::world::Response) {
+    assert!(
+        r.raw.starts_with(&format!("error {} ", libc::EPERM)),
+        "the victim's connect must be refused (EPERM): {}",
+        r.raw
+    );
+}
+
+fn assert_served(r: &egress_tests::world::Response) {
+    assert_eq!(r.code(), 200, "{}", r.raw);
+}
+
+/// Waits until `egress status` says ready (or panics after 10 s).
+fn wait_ready(w: &World) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = w.sb.ctl(EGRESS, &["status"]);
+        if out.lines().next().is_some_and(|l| l.ends_with(", ready")) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never became ready; status:\n{out}\nlog:\n{}",
+            w.agent().log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status(w: &World) -> String {
+    let (ok, out, err) = w.sb.ctl(EGRESS, &["status"]);
+    assert!(ok.success(), "{out}{err}");
+    out
+}
+
+fn squat_before_start(proxy: SocketAddr) {
+    let mut w = World::without_agent(EGRESS, PROBE);
+    let squatter = Squatter::start(SQUATTER, &w.sb, proxy, Hold::Listen)
+        .unwrap_or_else(|e| panic!("the squatter could not bind {proxy}: {e}"));
+    w.start_agent();
+    let agent = w.agent();
+    assert!(agent.log().contains("not ready"), "{}", agent.log());
+    let out = status(&w);
+    assert!(out.contains(&format!("NOT listening on {proxy}")), "{out}");
+    assert!(out.contains("held by pid"), "the holder is named: {out}");
+
+    let r = victim(&w, proxy);
+    assert_refused(&r);
+    agent.wait_for_log("reason=proxy-foreign", Duration::from_secs(5));
+    // The other family still works: only the squatted listener is missing.
+    let other = if proxy.is_ipv4() { PROXY_V6 } else { PROXY_V4 };
+    assert_served(&victim(&w, other));
+
+    // The squatter goes; the agent takes the port within a second or two and serves.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        squatter.stolen(),
+        Vec::<String>::new(),
+        "the squatter received nothing"
+    );
+    drop(squatter);
+    agent.wait_for_log(
+        "ready: every proxy listener is the agent's",
+        Duration::from_secs(5),
+    );
+    wait_ready(&w);
+    assert_served(&victim(&w, proxy));
+    assert_eq!(
+        w.http.seen().len(),
+        2,
+        "the upstream saw only the served requests"
+    );
+}
+
+#[test]
+fn an_ipv4_squatter_before_the_agent_starts_receives_nothing() {
+    squat_before_start(PROXY_V4);
+}
+
+#[test]
+fn an_ipv6_squatter_before_the_agent_starts_receives_nothing() {
+    squat_before_start(PROXY_V6);
+}
+
+#[test]
+fn with_the_agent_running_a_squatter_cannot_take_the_port() {
+    let w = World::new(EGRESS, PROBE);
+    for proxy in [PROXY_V4, PROXY_V6] {
+        for hold in [Hold::Listen, Hold::BindReuseAddr, Hold::Bind] {
+            match Squatter::start(SQUATTER, &w.sb, proxy, hold) {
+                Err(line) => assert!(
+                    line.starts_with(&format!("error {} ", libc::EADDRINUSE)),
+                    "{line}"
+                ),
+                Ok(s) => panic!(
+                    "a squatter bound {proxy} beside the agent (it got {:?})",
+                    s.stolen()
+                ),
+            }
+        }
+        assert_served(&victim(&w, proxy));
+    }
+}
+
+#[test]
+fn while_the_agent_is_down_a_squatter_receives_nothing_and_the_events_say_why() {
+    let mut w = World::new(EGRESS, PROBE);
+    assert_served(&victim(&w, PROXY_V4));
+    let agent = w.agent.take().expect("agent");
+    agent.signal(libc::SIGKILL);
+    let _ = agent.wait();
+
+    // Down, nobody on the port: refused, never sent anywhere (`proxy-absent`).
+    assert_refused(&victim(&w, PROXY_V4));
+    assert_refused(&victim(&w, PROXY_V6));
+    // Down, a squatter on each family: refused (`proxy-foreign`), the squatters get nothing.
+    let s4 = Squatter::start(SQUATTER, &w.sb, PROXY_V4, Hold::Listen).expect("squatting 127.0.0.1");
+    let s6 = Squatter::start(SQUATTER, &w.sb, PROXY_V6, Hold::Listen).expect("squatting [::1]");
+    for _ in 0..3 {
+        assert_refused(&victim(&w, PROXY_V4));
+        assert_refused(&victim(&w, PROXY_V6));
+    }
+    // An agent started now cannot listen; it enforces, says it is not ready, and reads the
+    // events the kernel kept while it was down.
+    w.start_agent();
+    let agent = w.agent();
+    assert!(agent.log().contains("not ready"), "{}", agent.log());
+    agent.wait_for_log("reason=proxy-absent", Duration::from_secs(5));
+    agent.wait_for_log("reason=proxy-foreign", Duration::from_secs(5));
+    assert_refused(&victim(&w, PROXY_V4));
+    let out = status(&w);
+    assert!(out.contains("NOT listening on 127.0.0.1:15001"), "{out}");
+    assert!(out.contains("NOT listening on [::1]:15001"), "{out}");
+    // (proxy) counts the refusals as denials: 2 while down without a squatter, 6 with them,
+    // 1 now.
+    let (_, json, _) = w.sb.ctl(EGRESS, &["status", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).expect("status json");
+    let proxy_row = json["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["name"] == "(proxy)")
+        .unwrap_or_else(|| panic!("no (proxy) row: {json}"));
+    assert_eq!(proxy_row["denied"], 9, "{proxy_row}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        s4.stolen(),
+        Vec::<String>::new(),
+        "the IPv4 squatter received nothing"
+    );
+    assert_eq!(
+        s6.stolen(),
+        Vec::<String>::new(),
+        "the IPv6 squatter received nothing"
+    );
+    drop((s4, s6));
+    agent.wait_for_log(
+        "ready: every proxy listener is the agent's",
+        Duration::from_secs(5),
+    );
+    wait_ready(&w);
+    assert_served(&victim(&w, PROXY_V4));
+    assert_served(&victim(&w, PROXY_V6));
+    assert_eq!(
+        w.http.seen().len(),
+        3,
+        "the upstream saw only the served requests"
+    );
+}
+
+#[test]
+fn a_bound_socket_that_does_not_listen_does_not_stop_the_agent() {
+    // Without SO_REUSEADDR it keeps the agent from binding: the agent starts anyway, not
+    // ready, and nothing listens at the redirect target (`proxy-absent`).
+    let mut w = World::without_agent(EGRESS, PROBE);
+    let squatter =
+        Squatter::start(SQUATTER, &w.sb, PROXY_V4, Hold::Bind).expect("binding 127.0.0.1");
+    w.start_agent();
+    let agent = w.agent();
+    assert!(agent.log().contains("not ready"), "{}", agent.log());
+    assert_refused(&victim(&w, PROXY_V4));
+    agent.wait_for_log("reason=proxy-absent", Duration::from_secs(5));
+    assert_served(&victim(&w, PROXY_V6));
+    drop(squatter);
+    agent.wait_for_log(
+        "ready: every proxy listener is the agent's",
+        Duration::from_secs(5),
+    );
+    assert_served(&victim(&w, PROXY_V4));
+
+    // With SO_REUSEADDR the agent binds beside it and listens; the squatter can no longer
+    // listen there, and receives nothing.
+    let mut w = World::without_agent(EGRESS, PROBE);
+    let squatter =
+        Squatter::start(SQUATTER, &w.sb, PROXY_V4, Hold::BindReuseAddr).expect("binding 127.0.0.1");
+    w.start_agent();
+    assert!(
+        !w.agent().log().contains("not ready"),
+        "{}",
+        w.agent().log()
+    );
+    assert_served(&victim(&w, PROXY_V4));
+    assert_eq!(squatter.stolen(), Vec::<String>::new());
+    assert_eq!(w.http.seen().len(), 1);
+}
+
+#[test]
+fn a_restart_with_time_wait_leftovers_on_the_proxy_port_is_ready_at_once() {
+    let mut w = World::new(EGRESS, PROBE);
+    // `Connection: close`: the proxy closes first, so each connection leaves a TIME-WAIT
+    // socket on the proxy's side of the port.
+    for _ in 0..5 {
+        assert_served(&victim(&w, PROXY_V4));
+        assert_served(&victim(&w, PROXY_V6));
+    }
+    let agent = w.agent.take().expect("agent");
+    agent.signal(libc::SIGKILL);
+    let _ = agent.wait();
+    let ss = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.sb.name,
+            "ss",
+            "-tanH",
+            "state",
+            "time-wait",
+            "( sport = :15001 )",
+        ])
+        .output()
+        .expect("ss");
+    let left = String::from_utf8_lossy(&ss.stdout).lines().count();
+    assert!(
+        left > 0,
+        "the test needs TIME-WAIT sockets on :15001 to mean anything"
+    );
+    let started = std::time::Instant::now();
+    w.start_agent();
+    let agent = w.agent();
+    assert!(
+        !agent.log().contains("not ready"),
+        "{left} TIME-WAIT sockets kept the agent from listening: {}",
+        agent.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_served(&victim(&w, PROXY_V4));
+    assert_served(&victim(&w, PROXY_V6));
+}
