@@ -119,7 +119,7 @@ const CGROUP_PROGRAMS: &[&str] = &[
 
 /// Every kernel feature the programs and the loader use. The README's "Kernel requirements"
 /// table lists the same, in the same order.
-pub static FEATURES: [Feature; 18] = [
+pub static FEATURES: [Feature; 19] = [
     Feature {
         name: "connect4",
         kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET4_CONNECT",
@@ -280,6 +280,31 @@ pub static FEATURES: [Feature; 18] = [
                 None,
                 helper::BPF_FUNC_get_socket_cookie,
             )?)
+        },
+    },
+    Feature {
+        name: "proxy_check",
+        kernel: "bpf_sk_lookup_tcp, bpf_sk_release and bpf_sk_storage_get in cgroup_sock_addr programs (and so BPF_MAP_TYPE_SK_STORAGE)",
+        used_for: "redirecting only to a proxy listener the agent made (PROXY_LISTEN), never to another process on the proxy port",
+        since: Linux(5, 8),
+        need: Need::Required,
+        programs: &[
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::SENDMSG4,
+            programs::SENDMSG6,
+        ],
+        probe: || {
+            let judge = |func| {
+                call(
+                    prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    Some(attach::BPF_CGROUP_INET4_CONNECT),
+                    func,
+                )
+            };
+            Ok(judge(helper::BPF_FUNC_sk_lookup_tcp)?
+                && judge(helper::BPF_FUNC_sk_release)?
+                && judge(helper::BPF_FUNC_sk_storage_get)?)
         },
     },
     Feature {
