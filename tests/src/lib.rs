@@ -71,6 +71,7 @@ macro_rules! egress_bin {
     };
 }
 
+pub mod follow;
 pub mod matrix;
 pub mod pod;
 pub mod sinks;

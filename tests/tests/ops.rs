@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_tests::{Agent, Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
+use egress_tests::{
+    Agent, Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, probe_bin, sa,
+};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -508,6 +510,84 @@ fn a_large_policy_logs_progress_while_it_loads() {
     assert!(last < ready, "progress comes before ready");
     assert_eq!(sb.connect(PROBE, sink.addr()), Outcome::Connected);
     assert_eq!(sink.accepted(), 1);
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// A workload that denies itself in a loop gets a bounded number of log lines, while `egress
+/// events`, the ring buffer and the counters see every denial: 2,000 denied connects to one
+/// destination log at most a few lines a second and a summary line that counts the rest, so
+/// that every denial is in the log either as its own line or in a summary's count.
+#[test]
+fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
+    const BURST: usize = 2000;
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-burst", sb.name));
+    let file = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
+    let denied = sb.sink(sa(V4_A, 9090));
+    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&file, &["--no-watch"]));
+    let follower = EventFollower::start(&sb, EGRESS);
+    let markers = follower.wait_subscribed(&sb, PROBE, sa(V4_A, 9));
+
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_egress-connect-loop"))
+        .arg("--cgroup")
+        .arg(&sb.cgroup)
+        .args(["--netns", &sb.name, "--warmup", "0", "--count"])
+        .arg(BURST.to_string())
+        .args(["--expect", "denied"])
+        .arg(denied.addr().to_string())
+        .output()
+        .expect("egress-connect-loop");
+    assert!(
+        out.status.success(),
+        "the burst: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let burst_time = started.elapsed();
+    let total = markers + BURST;
+    assert_eq!(
+        follower.wait_for(total, Duration::from_secs(30)),
+        total,
+        "egress events missed denials"
+    );
+    assert_eq!(denied.accepted(), 0, "a denied connect reached the sink");
+    let s = status(&sb);
+    assert_eq!(row(&s, "(no rule)")["denied"], total as u64, "{s:#}");
+    assert_eq!(s["events_lost"], 0);
+
+    // Every denial is in the log once: as its own line, or in a summary's count (the agent
+    // writes the last summary at its one-second tick).
+    let (mut lines, mut summarised) = (0, 0);
+    let accounted = eventually(Duration::from_secs(10), || {
+        let log = agent.log();
+        lines = log.lines().filter(|l| l.contains("connect deny")).count();
+        summarised = log
+            .lines()
+            .filter(|l| l.contains("more denials"))
+            .filter_map(|l| {
+                l.split_once("suppressed=")?
+                    .1
+                    .split(' ')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        lines + summarised == total
+    });
+    assert!(
+        accounted,
+        "{lines} lines + {summarised} summarised != {total} denials:\n{}",
+        agent.log()
+    );
+    // Five lines per destination per second of the burst (it may straddle two windows).
+    let windows = burst_time.as_secs() as usize + 2;
+    assert!(
+        lines <= 5 * windows + markers,
+        "{lines} lines for {total} denials in {burst_time:?}"
+    );
+    drop(follower);
     drop(agent);
     let _ = fs::remove_dir_all(dir);
 }

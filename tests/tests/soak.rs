@@ -5,15 +5,12 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
-    process::{Command, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use egress_tests::{Agent, Sandbox, Sink, Workload, egress_bin, sa};
+use egress_tests::{Agent, Sandbox, Sink, Workload, egress_bin, follow::EventFollower, sa};
 
 const EGRESS: &str = egress_bin!();
 const VERDICTS: &str = env!("CARGO_BIN_EXE_egress-verdicts");
@@ -85,48 +82,6 @@ fn replace(path: &Path, yaml: &str) {
     fs::rename(&tmp, path).expect("renaming the policy");
 }
 
-/// `egress events --follow -o json`, collected in the background.
-struct Follower {
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Follower {
-    fn start(sb: &Sandbox) -> Self {
-        let mut child = Command::new(EGRESS)
-            .args([
-                "events", "--follow", "--recent", "0", "-o", "json", "--socket",
-            ])
-            .arg(sb.socket())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("egress events");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().expect("lines").push(line);
-            }
-        });
-        Self { child, lines }
-    }
-
-    fn count(&self) -> usize {
-        self.lines.lock().expect("lines").len()
-    }
-
-    fn stop(mut self) -> Vec<serde_json::Value> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let lines = self.lines.lock().expect("lines");
-        lines
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event {l}: {e}")))
-            .collect()
-    }
-}
-
 /// 1,000 reloads alternating between two policies while a workload connects without pause to
 /// destinations each allows and one neither does: every verdict is the one its generation's
 /// policy gives, each sink saw exactly the connections the workload saw succeed, and nothing
@@ -139,18 +94,11 @@ fn a_thousand_alternating_reloads_judge_every_connect_by_one_whole_policy() {
     let file = egress_tests::policy_file(&dir, "policy.yaml", &a.yaml("all"));
     let sinks: HashMap<SocketAddr, Sink> = targets.iter().map(|t| (*t, sb.sink(*t))).collect();
     let agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &["--no-watch"]), QUIET);
-    let follower = Follower::start(&sb);
-    // `egress events --follow` subscribes some time after it starts; events published before
-    // that go to no one (under CPU load, the first 94 connects' events once did). One denied
-    // connect to an address outside the targets, seen by the follower, proves it listens
-    // before the workload starts; the check below counts it as any other denial.
+    let follower = EventFollower::start(&sb, EGRESS);
+    // One denied connect to an address outside the targets, seen by the follower, proves it
+    // listens before the workload starts; the check below counts it as any other denial.
     let marker = sa(Ipv4Addr::new(203, 0, 113, 1), 9);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while follower.count() == 0 {
-        assert!(Instant::now() < deadline, "the follower never saw an event");
-        let _ = sb.connect(PROBE, marker);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    follower.wait_subscribed(&sb, PROBE, marker);
     let markers = follower.count() as u64;
     // Generation -> which policy it holds; the agent started with A.
     let mut judged_by: HashMap<u64, usize> = HashMap::from([(1, 0)]);

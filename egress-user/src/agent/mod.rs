@@ -92,6 +92,8 @@ pub struct Agent {
     /// The row tables of the last [`NAMED_GENERATIONS`] generations, newest last: an event
     /// names its rule as the generation that judged it knew the row.
     names: std::collections::VecDeque<(u32, Arc<crate::compile::RowTable>)>,
+    /// Bounds the log lines of denials; events and counters keep every one.
+    log_limit: crate::telemetry::LogLimit,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -204,6 +206,7 @@ impl Agent {
             metrics: Arc::new(Metrics::new()),
             rows,
             names: std::collections::VecDeque::new(),
+            log_limit: crate::telemetry::LogLimit::new(),
         };
         agent.remember_names();
         Ok((agent, rx))
@@ -777,6 +780,7 @@ impl Agent {
                     for listener in self.retry_listeners() {
                         serve_proxy(listener)?;
                     }
+                    self.log_limit.flush();
                     ready.send_replace(self.ready());
                     let dropped = self.proxies.borrow().events_dropped();
                     self.metrics.set_proxy_events_dropped(dropped);
@@ -807,7 +811,7 @@ impl Agent {
                     guard.clear_ready();
                     let name = |generation, row| self.row_name(generation, row);
                     for event in events::drain(guard.get_inner_mut(), name) {
-                        events::log(&event);
+                        events::log(&event, &self.log_limit);
                         self.hub.publish(HubEvent::Connect(SystemTime::now(), event));
                     }
                 }
@@ -821,7 +825,7 @@ impl Agent {
     fn record_request(&self, request: RequestEvent) {
         self.metrics
             .proxy_request(request.rule.as_deref(), request.status, request.latency);
-        events::log_request(&request);
+        events::log_request(&request, &self.log_limit);
         self.hub.publish(HubEvent::Http(SystemTime::now(), request));
     }
 

@@ -9,6 +9,8 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use egress_common::{AF_INET, Event, flags, hook, reason, verdict};
 
+use crate::telemetry::LogLimit;
+
 /// What the kernel decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -267,8 +269,9 @@ pub fn drain(
     out
 }
 
-/// Logs an event: denials as warnings, the rest as info.
-pub fn log(e: &EventRecord) {
+/// Logs an event: denials as warnings (as many as `limit` lets through, per cgroup and
+/// destination), the rest as info.
+pub fn log(e: &EventRecord, limit: &LogLimit) {
     macro_rules! emit {
         ($level:ident) => {
             tracing::$level!(
@@ -297,14 +300,25 @@ pub fn log(e: &EventRecord) {
         };
     }
     match e.verdict {
-        Verdict::Deny | Verdict::WouldDeny => emit!(warn),
+        Verdict::Deny | Verdict::WouldDeny => {
+            let key = format!(
+                "cgroup {} -> {} {}",
+                e.cgroup_id,
+                protocol_name(e.protocol),
+                e.destination
+            );
+            if limit.admit(&key) {
+                emit!(warn);
+            }
+        }
         Verdict::Allow | Verdict::Bypass | Verdict::Redirect => emit!(info),
     }
 }
 
 /// Logs a proxied request (or a connection the proxy refused) in the same form as the
-/// kernel's verdicts: refusals and errors as warnings, the rest as info.
-pub fn log_request(e: &crate::proxy::RequestEvent) {
+/// kernel's verdicts: refusals and errors as warnings (as many as `limit` lets through, per
+/// client address and host), the rest as info.
+pub fn log_request(e: &crate::proxy::RequestEvent, limit: &LogLimit) {
     let rule = e.rule.as_deref().unwrap_or(super::NO_RULE_NAME);
     let orig_dst = e.orig_dst.map(|a| a.to_string()).unwrap_or_default();
     let upstream = e.upstream.map(|a| a.to_string()).unwrap_or_default();
@@ -330,7 +344,9 @@ pub fn log_request(e: &crate::proxy::RequestEvent) {
         };
     }
     if e.status == 0 || e.status >= 400 {
-        emit!(warn);
+        if limit.admit(&format!("http {} -> {}", e.client.ip(), e.host)) {
+            emit!(warn);
+        }
     } else {
         emit!(info);
     }

@@ -104,7 +104,12 @@ impl fmt::Display for Policy {
         });
         table(f, rows)?;
 
-        writeln!(f, "proxy: port {}", self.proxy.port)?;
+        write!(f, "proxy: port {}", self.proxy.port)?;
+        // Shown when set, so that the listing of a policy without it stays as it was.
+        if self.proxy.idle_timeout != super::DEFAULT_PROXY_IDLE_TIMEOUT {
+            write!(f, ", idle timeout {}s", self.proxy.idle_timeout.as_secs())?;
+        }
+        writeln!(f)?;
         if self.ca_files.is_empty() {
             writeln!(f, "caFiles: none")?;
         } else {

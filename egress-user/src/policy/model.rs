@@ -325,15 +325,26 @@ impl Alias {
 pub struct ProxySettings {
     /// The port the proxy listens on, on 127.0.0.1 and [::1]; redirected connections go there.
     pub port: u16,
+    /// `idleTimeout`: how long a proxied exchange may go without a byte moving either way
+    /// before the proxy gives up on it (504 or 408, or a response cut short).
+    pub idle_timeout: std::time::Duration,
 }
 
 /// The port the proxy listens on when the policy names none.
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 
+/// The proxy's idle limit when the policy names none.
+pub const DEFAULT_PROXY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The largest `idleTimeout`, in seconds: an hour. A stalled exchange holds an upstream
+/// connection and a task until then.
+pub const MAX_PROXY_IDLE_TIMEOUT_SECS: u64 = 3600;
+
 impl Default for ProxySettings {
     fn default() -> Self {
         Self {
             port: DEFAULT_PROXY_PORT,
+            idle_timeout: DEFAULT_PROXY_IDLE_TIMEOUT,
         }
     }
 }

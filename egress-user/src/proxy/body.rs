@@ -14,7 +14,9 @@ use http::uri::PathAndQuery;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::Proxy;
+use super::error::BodyError;
 use super::events::RequestEvent;
+use super::idle::{Activity, IdleTimer};
 use super::listen::Conn;
 
 /// What is known about one request; on drop (the response body finished or was abandoned, or
@@ -94,34 +96,56 @@ impl Drop for RequestLog {
     }
 }
 
-/// The app's request body on its way upstream, counted.
+/// The app's request body on its way upstream, counted; every frame is activity, and a
+/// failure is kept in the [`Activity`] as the app's.
 pub(crate) struct ReqBody {
     inner: Incoming,
     count: Arc<AtomicU64>,
+    activity: Arc<Activity>,
 }
 
 impl ReqBody {
-    pub(crate) fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
+    pub(crate) fn new(inner: Incoming, count: Arc<AtomicU64>, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            count,
+            activity,
+        }
     }
 }
 
+/// What the upstream client is told when the app's body fails; the real error waits in the
+/// [`Activity`] for the one who answers the app.
+#[derive(Debug, thiserror::Error)]
+#[error("the app's request body failed")]
+pub(crate) struct AppBodyFailed;
+
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = AppBodyFailed;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, AppBodyFailed>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            this.count.fetch_add(d.len() as u64, Relaxed);
+        this.activity.set_app_pending(r.is_pending());
+        match r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.count.fetch_add(d.len() as u64, Relaxed);
+                }
+                this.activity.touch();
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.activity.app_failed(e);
+                Poll::Ready(Some(Err(AppBodyFailed)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -134,7 +158,8 @@ impl Body for ReqBody {
 }
 
 enum Kind {
-    Stream(Incoming),
+    /// The upstream's body, and the timer that cuts it when the exchange goes idle.
+    Stream(Incoming, IdleTimer),
     Full(Option<Bytes>),
 }
 
@@ -145,10 +170,11 @@ pub(crate) struct RespBody {
 }
 
 impl RespBody {
-    /// The upstream's body, streamed; `log` is reported when it ends.
-    pub(crate) fn stream(body: Incoming, log: RequestLog) -> Self {
+    /// The upstream's body, streamed, and cut (the app's connection closed) once nothing has
+    /// moved either way for the timer's limit; `log` is reported when it ends.
+    pub(crate) fn stream(body: Incoming, timer: IdleTimer, log: RequestLog) -> Self {
         Self {
-            kind: Kind::Stream(body),
+            kind: Kind::Stream(body, timer),
             log: Some(log),
         }
     }
@@ -178,16 +204,27 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let r = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Stream(s) => Pin::new(s).poll_frame(cx),
+            Kind::Stream(s, timer) => match Pin::new(s).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    timer.touch();
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Upstream(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending if timer.poll_expired(cx) => {
+                    Poll::Ready(Some(Err(BodyError::Idle(timer.idle()))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         };
         match &r {
             Poll::Ready(Some(Ok(f))) => {
@@ -196,10 +233,11 @@ impl Body for RespBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
+                let reason = super::error::chain(e);
+                tracing::debug!(%reason, "response body cut");
                 if let Some(log) = &mut this.log {
-                    log.reason = Some(format!("upstream body ended early: {e}"));
+                    log.reason = Some(reason);
                 }
-                tracing::debug!(error = %e, "upstream body ended early");
                 this.log = None;
             }
             // The end: report now rather than when hyper gets round to dropping the body.
@@ -212,14 +250,14 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Stream(s) => s.is_end_stream(),
+            Kind::Stream(s, _) => s.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Stream(s) => s.size_hint(),
+            Kind::Stream(s, _) => s.size_hint(),
         }
     }
 }

@@ -86,14 +86,26 @@ pub enum ProxyError {
         /// The ports the matching rules allow, comma-separated.
         allowed: String,
     },
-    /// The upstream sent no response head in time.
-    #[error("upstream {authority} sent no response within {timeout:?}")]
-    ResponseTimeout {
+    /// Nothing moved either way for the idle limit while the proxy waited for the upstream:
+    /// it neither read the request body nor sent a response.
+    #[error("upstream {authority} was idle: no bytes either way for {idle:?}")]
+    UpstreamIdle {
         /// The upstream host:port.
         authority: String,
         /// The configured limit.
-        timeout: Duration,
+        idle: Duration,
     },
+    /// Nothing moved either way for the idle limit while the proxy waited for the rest of the
+    /// app's request body.
+    #[error("the request body stalled: no bytes from the app for {idle:?}")]
+    AppIdle {
+        /// The configured limit.
+        idle: Duration,
+    },
+    /// The app's request body could not be read: malformed chunked framing, or the app closed
+    /// the connection before the body ended. The app's fault, not the upstream's.
+    #[error("invalid request body")]
+    RequestBody(#[source] hyper::Error),
     /// Resolving, connecting, the TLS handshake or the exchange with the upstream failed.
     #[error("upstream {authority}")]
     Upstream {
@@ -121,8 +133,10 @@ impl ProxyError {
             | Self::InvalidHost(_)
             | Self::PortMismatch { .. }
             | Self::Denied { .. }
-            | Self::DeniedPort { .. } => Side::Client,
-            Self::ResponseTimeout { .. } => Side::Upstream,
+            | Self::DeniedPort { .. }
+            | Self::AppIdle { .. }
+            | Self::RequestBody(_) => Side::Client,
+            Self::UpstreamIdle { .. } => Side::Upstream,
             Self::Upstream { source, .. } => match connect_error(source) {
                 Some(ConnectError::BadUri(_)) => Side::Internal,
                 _ => Side::Upstream,
@@ -136,7 +150,8 @@ impl ProxyError {
         match self {
             Self::Denied { .. } | Self::DeniedPort { .. } => StatusCode::FORBIDDEN,
             Self::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
-            Self::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamIdle { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::AppIdle { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Upstream { source, .. }
                 if matches!(connect_error(source), Some(ConnectError::Timeout { .. })) =>
             {
@@ -174,8 +189,22 @@ impl ProxyError {
                 | Self::MissingHost
                 | Self::MultipleHosts
                 | Self::InvalidHost(_)
+                | Self::AppIdle { .. }
+                | Self::RequestBody(_)
         )
     }
+}
+
+/// Why a response body stopped before its end; hyper then cuts the app's connection, so the
+/// app cannot take a truncated body for a whole one.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    /// The upstream's body failed.
+    #[error("upstream body ended early")]
+    Upstream(#[source] hyper::Error),
+    /// No bytes moved either way for the idle limit.
+    #[error("idle: no bytes either way for {0:?}")]
+    Idle(Duration),
 }
 
 /// The connect error inside an HTTP client error, if the connection could not be made.
@@ -288,12 +317,18 @@ mod tests {
             ProxyError::ConnectMethod.status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
-        let t = ProxyError::ResponseTimeout {
+        let t = ProxyError::UpstreamIdle {
             authority: "a:1".into(),
-            timeout: Duration::ZERO,
+            idle: Duration::ZERO,
         };
         assert_eq!(t.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(t.side(), Side::Upstream);
+        let t = ProxyError::AppIdle {
+            idle: Duration::ZERO,
+        };
+        assert_eq!(t.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(t.side(), Side::Client);
+        assert!(t.closes_connection());
         assert!(ProxyError::AmbiguousFraming("x").closes_connection());
         assert!(!ProxyError::Denied { host: "a".into() }.closes_connection());
     }

@@ -16,6 +16,7 @@ use super::body::{ReqBody, RequestLog, RespBody};
 use super::error::{ProxyError, Side};
 use super::framing::Framing;
 use super::headers::{strip_hop_by_hop, wants_upgrade};
+use super::idle::{Activity, IdleTimer, Stalled, until_idle};
 use super::listen::Conn;
 use super::route::parse_authority;
 use super::upstream::UpstreamAddr;
@@ -33,7 +34,7 @@ impl Conn {
         let unread_body = !req.body().is_end_stream();
         let close = framing == Framing::Untracked;
         match self.forward(req, framing, &mut log).await {
-            Ok((resp, client_upgrade)) => respond(resp, client_upgrade, log, close),
+            Ok((resp, client_upgrade, timer)) => respond(resp, client_upgrade, timer, log, close),
             Err(err) => answer(err, log, close || unread_body),
         }
     }
@@ -43,7 +44,7 @@ impl Conn {
         mut req: Request<Incoming>,
         framing: Framing,
         log: &mut RequestLog,
-    ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<OnUpgrade>, IdleTimer), ProxyError> {
         // RFC 9112 3.2.2: an absolute-form target wins over Host, which is then replaced.
         let absolute = req.uri().authority().is_some();
         let port = request_authority(&req).map(|(host, port)| {
@@ -102,21 +103,42 @@ impl Conn {
         );
         parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BuildRequest(e.into()))?;
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, ReqBody::new(body, log.bytes_in.clone()));
-
-        let timeout = proxy.timeouts.response;
-        let resp = tokio::time::timeout(timeout, proxy.client.request(req))
-            .await
-            .map_err(|_| ProxyError::ResponseTimeout {
-                authority: authority.to_string(),
-                timeout,
-            })?
-            .map_err(|source| ProxyError::Upstream {
-                authority: authority.to_string(),
-                source,
-            })?;
+        // The idle clock starts once the connect limit has passed: a slow connect is reported
+        // as one (504 naming the connect), and then the upstream has the whole idle limit.
+        let activity = Arc::new(Activity::new(proxy.timeouts.connect));
+        let req = Request::from_parts(
+            parts,
+            ReqBody::new(body, log.bytes_in.clone(), activity.clone()),
+        );
+        let mut timer = IdleTimer::new(activity.clone(), proxy.timeouts.idle);
+        let sent = until_idle(&mut timer, proxy.client.request(req)).await;
+        let resp = match sent {
+            Ok(Ok(resp)) => resp,
+            // The app's body failed (malformed chunks, cut short): the client's fault, whatever
+            // the upstream client made of it.
+            Ok(Err(source)) => {
+                return Err(match activity.take_app_error() {
+                    Some(e) => ProxyError::RequestBody(e),
+                    None => ProxyError::Upstream {
+                        authority: authority.to_string(),
+                        source,
+                    },
+                });
+            }
+            Err(Stalled::App) => {
+                return Err(ProxyError::AppIdle {
+                    idle: proxy.timeouts.idle,
+                });
+            }
+            Err(Stalled::Upstream) => {
+                return Err(ProxyError::UpstreamIdle {
+                    authority: authority.to_string(),
+                    idle: proxy.timeouts.idle,
+                });
+            }
+        };
         log.upstream = resp.extensions().get::<UpstreamAddr>().map(|a| a.0);
-        Ok((resp, client_upgrade))
+        Ok((resp, client_upgrade, timer))
     }
 }
 
@@ -144,6 +166,7 @@ fn request_authority<B>(
 fn respond(
     mut resp: Response<Incoming>,
     client_upgrade: Option<OnUpgrade>,
+    timer: IdleTimer,
     mut log: RequestLog,
     close: bool,
 ) -> Response<RespBody> {
@@ -175,7 +198,7 @@ fn respond(
             .headers
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    Response::from_parts(parts, RespBody::stream(body, log))
+    Response::from_parts(parts, RespBody::stream(body, timer, log))
 }
 
 /// Joins the app's and the upstream's upgraded connections until either side closes.

@@ -7,7 +7,8 @@
 //! ClientHello peek, hyper's HTTP/1.1 server), `framing` (refuses ambiguous framing),
 //! `forward` (per request: checks, rewrite, answer), `route` (authority -> rule), `upstream`
 //! (resolve, rebinding filter, dial, pooled connections), `tls` (rustls settings), `body`
-//! (streaming, counting, the per-request event), `events` (events and counters), `error`
+//! (streaming, counting, the per-request event), `idle` (the limit on an exchange where
+//! nothing moves), `events` (events and counters), `error`
 //! (which side failed and the one error -> status mapping).
 //!
 //! Performance shape: upstream connections are pooled per scheme and authority (hyper-util's
@@ -23,6 +24,7 @@ mod forward;
 mod framing;
 mod headers;
 mod hello;
+mod idle;
 mod listen;
 mod orig_dst;
 mod route;
@@ -56,8 +58,12 @@ use upstream::{AddrFilter, Connector, Dialer};
 pub struct Timeouts {
     /// Resolving, connecting and the TLS handshake of a new upstream connection (then 504).
     pub connect: Duration,
-    /// From sending a request upstream to its response head (then 504).
-    pub response: Duration,
+    /// How long an exchange may go without a byte moving either way (the app's request body
+    /// going up, the response head or body coming down), however long it lasts in all. Then
+    /// 504 when the upstream stalled, 408 when the app's body did, and a response already
+    /// under way is cut. The clock starts once `connect` has passed, so that a slow connect is
+    /// reported as one. An upgraded (WebSocket) connection has no idle limit.
+    pub idle: Duration,
     /// For an app's request head, on a new or an idle kept-alive connection.
     pub header_read: Duration,
     /// How long an idle upstream connection stays in the pool.
@@ -68,7 +74,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             connect: Duration::from_secs(10),
-            response: Duration::from_secs(60),
+            idle: crate::policy::DEFAULT_PROXY_IDLE_TIMEOUT,
             header_read: Duration::from_secs(30),
             pool_idle: Duration::from_secs(90),
         }
@@ -108,7 +114,8 @@ impl ProxyBuilder<'_> {
         self
     }
 
-    /// Uses these time limits.
+    /// Uses these time limits (by default: [`Timeouts::default`], with the policy's
+    /// `proxy.idleTimeout`).
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
         self
@@ -164,7 +171,10 @@ impl Proxy {
         ProxyBuilder {
             policy,
             resolver: Arc::new(SystemResolver),
-            timeouts: Timeouts::default(),
+            timeouts: Timeouts {
+                idle: policy.proxy.idle_timeout,
+                ..Timeouts::default()
+            },
             system_roots: tls::SystemRoots::Load,
         }
     }

@@ -35,9 +35,43 @@ fn ip(text: &str) -> IpAddr {
 }
 
 #[test]
+fn proxy_idle_timeout_in_seconds() {
+    let yaml = config_with(
+        "    port: 15002\n",
+        "    port: 15002\n    idleTimeout: 300\n",
+    );
+    let policy = loaded(&yaml);
+    assert_eq!(
+        policy.proxy.idle_timeout,
+        std::time::Duration::from_secs(300)
+    );
+    assert!(
+        policy
+            .to_string()
+            .contains("\nproxy: port 15002, idle timeout 300s\n"),
+        "{policy}"
+    );
+    // Alone, without a port.
+    let policy = loaded("kind: EgressConfig\nspec:\n  proxy: {idleTimeout: 1}\n");
+    assert_eq!(
+        policy.proxy,
+        ProxySettings {
+            port: DEFAULT_PROXY_PORT,
+            idle_timeout: std::time::Duration::from_secs(1)
+        }
+    );
+}
+
+#[test]
 fn proxy_ca_files_and_hosts() {
     let policy = loaded(CONFIG);
-    assert_eq!(policy.proxy, ProxySettings { port: 15002 });
+    assert_eq!(
+        policy.proxy,
+        ProxySettings {
+            port: 15002,
+            idle_timeout: DEFAULT_PROXY_IDLE_TIMEOUT
+        }
+    );
     // A source that is not a file has no directory: relative paths stay as written.
     assert_eq!(
         policy.ca_files,
@@ -267,7 +301,15 @@ rejects! {
     proxy_port_string: config_with("port: 15002", "port: \"15002\"")
         => "p.yaml:4: spec.proxy.port: expected a port number (1-65535), found a string \"15002\"";
     proxy_unknown_field: config_with("    port: 15002\n", "    port: 15002\n    address: 0.0.0.0\n")
-        => "p.yaml:5: spec.proxy.address: unknown field (expected port)";
+        => "p.yaml:5: spec.proxy.address: unknown field (expected port or idleTimeout)";
+    proxy_idle_zero: config_with("    port: 15002\n", "    port: 15002\n    idleTimeout: 0\n")
+        => "p.yaml:5: spec.proxy.idleTimeout: 0 is not a valid idle timeout (1-3600 seconds)";
+    proxy_idle_too_long: config_with("    port: 15002\n", "    port: 15002\n    idleTimeout: 3601\n")
+        => "p.yaml:5: spec.proxy.idleTimeout: 3601 is not a valid idle timeout (1-3600 seconds)";
+    proxy_idle_negative: config_with("    port: 15002\n", "    port: 15002\n    idleTimeout: -5\n")
+        => "p.yaml:5: spec.proxy.idleTimeout: -5 is not a valid idle timeout (1-3600 seconds)";
+    proxy_idle_with_unit: config_with("    port: 15002\n", "    port: 15002\n    idleTimeout: 60s\n")
+        => "p.yaml:5: spec.proxy.idleTimeout: expected a number of seconds, found a string \"60s\"";
     proxy_not_a_mapping: config_with("  proxy:\n    port: 15002\n", "  proxy: 15002\n")
         => "p.yaml:3: spec.proxy: expected a mapping, found an integer `15002`";
     ca_files_not_a_list: config_with(

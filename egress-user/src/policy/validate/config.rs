@@ -1,11 +1,12 @@
 //! `kind: EgressConfig`: the settings of the whole policy (at most one such document): mode,
-//! bypass ranges, the proxy's port, extra CA files, static host addresses, the DNS resolvers
+//! bypass ranges, the proxy's port and idle limit, extra CA files, static host addresses, the DNS resolvers
 //! and the socket kinds allowed besides TCP and UDP.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -16,7 +17,7 @@ use super::{Fields, Int, Walk, parse_int};
 use crate::policy::{
     addr::{self, AddrError},
     host::{self, HostError},
-    model::{AllowSockets, Events, HostName, Mode, ProxySettings},
+    model::{AllowSockets, Events, HostName, MAX_PROXY_IDLE_TIMEOUT_SECS, Mode, ProxySettings},
     report::join,
     yaml::{Node, ScalarKind, Value},
 };
@@ -168,14 +169,51 @@ impl Walk<'_> {
         ok.then_some(nets)
     }
 
-    /// `spec.proxy`: `{port: N}`; the default port when the port is not given.
+    /// `spec.proxy`: `{port: N, idleTimeout: SECONDS}`; defaults for what is not given.
     fn proxy(&mut self, spec: &Fields<'_>) -> Option<ProxySettings> {
-        let proxy = self.sub_mapping(spec, "proxy", &["port"], &[], false)?;
-        let Some(entry) = proxy.get("port") else {
-            return Some(ProxySettings::default());
+        let proxy = self.sub_mapping(spec, "proxy", &["port", "idleTimeout"], &[], false)?;
+        let mut settings = ProxySettings::default();
+        let port = proxy.get("port").map(|e| self.port("spec.proxy", e));
+        let idle = proxy
+            .get("idleTimeout")
+            .map(|e| self.idle_timeout(&e.value));
+        if let Some(port) = port {
+            settings.port = port?;
+        }
+        if let Some(idle) = idle {
+            settings.idle_timeout = idle?;
+        }
+        Some(settings)
+    }
+
+    /// `spec.proxy.idleTimeout`: whole seconds, 1 to [`MAX_PROXY_IDLE_TIMEOUT_SECS`].
+    fn idle_timeout(&mut self, node: &Node) -> Option<Duration> {
+        const PATH: &str = "spec.proxy.idleTimeout";
+        let text = match &node.value {
+            Value::Scalar(s) if s.kind == ScalarKind::Int => &s.text,
+            _ => {
+                self.wrong_type(PATH, node, "a number of seconds");
+                return None;
+            }
         };
-        let port = self.port("spec.proxy", entry)?;
-        Some(ProxySettings { port })
+        match parse_int(text) {
+            Int::Value(n @ 1..=MAX_PROXY_IDLE_TIMEOUT_SECS) => Some(Duration::from_secs(n)),
+            Int::LeadingZero => {
+                self.leading_zero(PATH, node, text);
+                None
+            }
+            Int::Value(_) | Int::Invalid => {
+                self.report.field_error(
+                    node.line,
+                    PATH,
+                    format!(
+                        "{text} is not a valid idle timeout (1-{MAX_PROXY_IDLE_TIMEOUT_SECS} \
+                         seconds)"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// `spec.caFiles`: paths of PEM files, not read here (the proxy reads them, and a policy

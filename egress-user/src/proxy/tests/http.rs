@@ -452,11 +452,28 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
         .unwrap()
         .unwrap();
     assert_eq!(&back, b"hello through the tunnel");
+    // After the 101 the bytes are not HTTP to the proxy, and not checked: a request for another
+    // host goes to the same upstream connection as any other bytes (here, echoed back), never
+    // to another server and never as a request of its own.
+    let smuggled = "GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    c.send(smuggled).await;
+    let mut back = vec![0u8; smuggled.len()];
+    tokio::time::timeout(WAIT, c.io.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, smuggled.as_bytes());
+    assert_eq!((up.requests(), up.conns.load(Ordering::SeqCst)), (1, 1));
     drop(c);
     let ev = h.event().await;
     assert_eq!(
         (ev.status, ev.rule.as_deref(), ev.bytes_in, ev.bytes_out),
-        (101, Some("ws"), 24, 24)
+        (
+            101,
+            Some("ws"),
+            24 + smuggled.len() as u64,
+            24 + smuggled.len() as u64
+        )
     );
 
     // Only WebSocket: an h2c tunnel could carry requests for other hosts. The request goes on
