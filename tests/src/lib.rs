@@ -363,6 +363,63 @@ impl Sandbox {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+
+    /// [`Sandbox::ctl`] with `stdin` fed to the client, that fails the test (killing the
+    /// client) if it has not exited within `timeout`: for requests that once hung (a reload
+    /// reading a FIFO), so that a regression fails instead of hanging the suite. A client that
+    /// stops reading stdin early (input over its limit) is not an error here.
+    pub fn ctl_within(
+        &self,
+        egress: &str,
+        verb: &[&str],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, String, String) {
+        use std::io::{Read as _, Write as _};
+        let mut child = Command::new(egress)
+            .args(verb)
+            .arg("--socket")
+            .arg(self.socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running the egress client");
+        let mut input = child.stdin.take().expect("stdin");
+        let stdin = stdin.to_vec();
+        // Broken pipe when the client stops reading: that is its business, judged by its exit.
+        let writer = thread::spawn(move || drop(input.write_all(&stdin)));
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                text
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().expect("stdout")));
+        let err = drain(Box::new(child.stderr.take().expect("stderr")));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for the client") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`egress {}` did not finish within {timeout:?}",
+                    verb.join(" ")
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let _ = writer.join();
+        (
+            status,
+            out.join().expect("stdout"),
+            err.join().expect("stderr"),
+        )
+    }
 }
 
 impl Drop for Sandbox {

@@ -156,7 +156,9 @@ fn digest(sources: &[PolicySource], resolv_conf: &Path) -> u64 {
         match source {
             PolicySource::File(path) => {
                 path.hash(&mut h);
-                match std::fs::read(path) {
+                // Bounded and never blocking, as loading reads it: a FIFO named as a policy
+                // file must not hang the watcher (loading then reports it).
+                match policy::read::read_bounded(path, policy::MAX_FILE_SIZE) {
                     Ok(bytes) => bytes.hash(&mut h),
                     Err(e) => e.to_string().hash(&mut h),
                 }
@@ -168,6 +170,14 @@ fn digest(sources: &[PolicySource], resolv_conf: &Path) -> u64 {
         }
     }
     h.finish()
+}
+
+/// Logs the policy's warnings (an empty policy, ...) as `FILE:LINE: message`, as `egress
+/// check` prints them.
+fn log_warnings(policy: &Policy) {
+    for warning in &policy.warnings {
+        tracing::warn!(%warning, "policy warning");
+    }
 }
 
 impl Agent {
@@ -182,6 +192,7 @@ impl Agent {
         sources: &[PolicySource],
         policy: Policy,
     ) -> anyhow::Result<(Self, channel::Receiver<Arc<Proxy>>)> {
+        log_warnings(&policy);
         let proxy = Arc::new(Proxy::new(&policy).context("configuring the proxy")?);
         let enforcer =
             Enforcer::apply_with_proxy(&settings.target, &policy, &settings.listeners.bound())
@@ -300,6 +311,7 @@ impl Agent {
 
     fn try_apply(&mut self, sources: &[PolicySource]) -> Result<u32, String> {
         let mut policy = policy::load_mixed(sources).map_err(|e| e.to_string())?;
+        log_warnings(&policy);
         // Read at every reload, so a changed resolv.conf is in force from the next one on.
         fill_resolvers(&mut policy, &self.settings.resolv_conf)?;
         if policy.proxy.port != self.policy.proxy.port {

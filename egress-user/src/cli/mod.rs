@@ -60,7 +60,8 @@ pub enum Command {
     Get(get::GetArgs),
     /// Add EgressRule and Service documents to the running agent's policy. They are checked
     /// with the whole policy first (an invalid one changes nothing), and kept in the agent's
-    /// state directory across restarts.
+    /// state directory across restarts. The input is at most 8 MiB of UTF-8 YAML; more is an
+    /// error, never cut.
     ///
     /// Example: egress create -f rules.yaml
     Create(create::CreateArgs),

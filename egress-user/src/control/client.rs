@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Request, Response};
+use super::{MAX_REQUEST, Request, Response};
 
 /// Why a request did not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,18 @@ pub enum ClientError {
         /// The agent's reason.
         message: String,
     },
+    /// The request is larger than the agent reads ([`super::MAX_REQUEST`]): refused before
+    /// sending, so the agent never sees a cut one.
+    #[error(
+        "the request is {size} bytes, over the {} the agent reads; nothing was sent",
+        crate::policy::read::size_shown(*limit as u64)
+    )]
+    TooLarge {
+        /// Its size, as one JSON line.
+        size: usize,
+        /// [`super::MAX_REQUEST`].
+        limit: usize,
+    },
     /// The agent closed the connection without answering.
     #[error("the agent on {path} closed the connection without answering")]
     NoAnswer {
@@ -62,6 +74,17 @@ impl Conversation {
     /// # Errors
     /// See [`ClientError`].
     pub fn start(path: &Path, request: &Request) -> Result<Self, ClientError> {
+        let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Io {
+            path: path.to_owned(),
+            source: io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        if line.len() > MAX_REQUEST {
+            return Err(ClientError::TooLarge {
+                size: line.len(),
+                limit: MAX_REQUEST,
+            });
+        }
         let mut stream = UnixStream::connect(path).map_err(|source| {
             if source.kind() == io::ErrorKind::PermissionDenied {
                 ClientError::NotRoot {
@@ -78,8 +101,6 @@ impl Conversation {
             path: path.to_owned(),
             source,
         };
-        let mut line = serde_json::to_vec(request).map_err(|e| io_err(io::Error::other(e)))?;
-        line.push(b'\n');
         let written = stream.write_all(&line);
         let mut conversation = Self {
             path: path.to_owned(),
@@ -131,4 +152,28 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, ClientError> {
         .ok_or_else(|| ClientError::NoAnswer {
             path: path.to_owned(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_over_the_limit_is_refused_before_anything_is_sent() {
+        // No agent needed: the size is checked before connecting.
+        let request = Request::Create {
+            source: "big.yaml".to_owned(),
+            text: "#".repeat(MAX_REQUEST),
+        };
+        let error = Conversation::start(Path::new("/nonexistent/egress.sock"), &request)
+            .err()
+            .expect("too large");
+        let size = MAX_REQUEST + r#"{"op":"create","source":"big.yaml","text":""}"#.len() + 1;
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the request is {size} bytes, over the 16 MiB the agent reads; nothing was sent"
+            )
+        );
+    }
 }

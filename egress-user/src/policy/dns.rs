@@ -12,13 +12,15 @@
 //! would try 127.0.0.1 (loopback, which the default bypass ranges let through anyway).
 
 use std::{
-    fs::File,
-    io::{self, Read},
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
-use super::model::{Dns, DnsSource, Policy};
+use super::{
+    model::{Dns, DnsSource, Policy},
+    read::{ReadError, read_bounded},
+};
 
 /// The resolv.conf `egress run` and `egress check` read when not told another.
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -34,19 +36,14 @@ pub const MAX_RESOLV_CONF_SIZE: u64 = 1024 * 1024;
 /// # Errors
 /// The file cannot be read, or is larger than [`MAX_RESOLV_CONF_SIZE`].
 pub fn read_resolv_conf(path: &Path) -> io::Result<(Vec<IpAddr>, Vec<String>)> {
-    let mut bytes = Vec::new();
-    File::open(path)?
-        .take(MAX_RESOLV_CONF_SIZE + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_RESOLV_CONF_SIZE {
-        return Err(io::Error::new(
+    // Bounded and never blocking: a FIFO or device given as --resolv-conf is refused.
+    let bytes = read_bounded(path, MAX_RESOLV_CONF_SIZE).map_err(|e| match e {
+        ReadError::TooLarge { .. } => io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "larger than {} KiB, too large for a resolv.conf",
-                MAX_RESOLV_CONF_SIZE / 1024
-            ),
-        ));
-    }
+            format!("{e}, too large for a resolv.conf"),
+        ),
+        other => io::Error::from(other),
+    })?;
     Ok(parse(&path.display().to_string(), &bytes))
 }
 

@@ -63,6 +63,20 @@ pub enum HostError {
         /// As written.
         text: String,
     },
+    /// UTS 46 maps it to another name, not only to lower case: a zero-width character it drops
+    /// (`exa\u{200b}mple.test`), a fullwidth or other compatibility form it folds
+    /// (`ｅｘａｍｐｌｅ.test`). The rule would then match a name that is not what the file
+    /// shows a reviewer, so it must be written as what it means.
+    #[error(
+        "`{text}` holds characters that IDNA folds away (zero-width, fullwidth or other \
+         compatibility forms): it means `{folded}`; write that"
+    )]
+    Folded {
+        /// As written.
+        text: String,
+        /// What it means, in Unicode.
+        folded: String,
+    },
     /// A label that breaks RFC 1123 once in ASCII.
     #[error("`{text}`: label `{label}` {problem}")]
     BadLabel {
@@ -160,6 +174,9 @@ pub(crate) fn parse_pattern(text: &str) -> Result<HostPattern, HostError> {
         return Err(HostError::IpAddress { text: shown(text) });
     }
     let ascii = idna::domain_to_ascii(name).map_err(|_| HostError::Idna { text: shown(text) })?;
+    if !name.is_ascii() {
+        check_not_folded(text, name, &ascii)?;
+    }
     check_labels(text, &ascii)?;
     let len = ascii.len() + if wildcard { 2 } else { 0 };
     if len > MAX_HOST_LEN {
@@ -187,6 +204,20 @@ pub(crate) fn parse_pattern(text: &str) -> Result<HostPattern, HostError> {
         });
     }
     Ok(HostPattern::Wildcard(ascii))
+}
+
+/// Refuses a non-ASCII `name` whose meaning (`ascii`, back in Unicode) differs from it by more
+/// than lower case: see [`HostError::Folded`].
+fn check_not_folded(text: &str, name: &str, ascii: &str) -> Result<(), HostError> {
+    let (unicode, result) = idna::domain_to_unicode(ascii);
+    let lowered: String = name.chars().flat_map(char::to_lowercase).collect();
+    if result.is_err() || unicode == lowered {
+        return Ok(());
+    }
+    Err(HostError::Folded {
+        text: shown(text),
+        folded: unicode,
+    })
 }
 
 /// RFC 1123 labels in the ASCII form, and a last label that is not a number.
@@ -253,6 +284,8 @@ mod tests {
         assert_eq!(pattern("Example.TEST"), exact("example.test"));
         assert_eq!(pattern("example.test."), exact("example.test"));
         assert_eq!(pattern("bücher.test"), exact("xn--bcher-kva.test"));
+        // Upper case is only case: not a fold to refuse.
+        assert_eq!(pattern("BÜCHER.test"), exact("xn--bcher-kva.test"));
         assert_eq!(pattern("BÜCHER.test"), exact("xn--bcher-kva.test"));
         assert_eq!(pattern("XN--BCHER-KVA.test"), exact("xn--bcher-kva.test"));
         assert_eq!(pattern("httpbin"), exact("httpbin"));
@@ -319,6 +352,16 @@ mod tests {
             ("1.2.3", "ends in a number"),
             ("example.0x1f", "ends in a number"),
             ("xn--a.test", "is not a valid internationalised host name"),
+            (
+                "\u{ff45}\u{ff58}ample.test",
+                "`\u{ff45}\u{ff58}ample.test` holds characters that IDNA folds away \
+                 (zero-width, fullwidth or other compatibility forms): it means \
+                 `example.test`; write that",
+            ),
+            ("exa\u{200b}mple.test", "it means `example.test`"),
+            ("exa\u{ad}mple.test", "it means `example.test`"),
+            ("*.\u{ff45}xample.test", "it means `example.test`"),
+            ("b\u{fc}cher\u{2160}.test", "it means `b\u{fc}cheri.test`"),
             ("a..b.test", "label `` is empty"),
             (&long_label, "is longer than 63 characters"),
             (

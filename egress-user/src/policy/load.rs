@@ -7,17 +7,17 @@
 
 use std::{
     collections::{HashMap, hash_map},
-    fs::File,
-    io::Read,
     path::{Path, PathBuf},
 };
 
 use super::{
     DEFAULT_POLICY, DEFAULT_POLICY_NAME,
+    ca::read_ca_file,
     model::{
         Dns, DnsSource, HostPattern, HttpProtocol, HttpRule, Origin, Policy, PolicyErrors,
         default_bypass,
     },
+    read::read_bounded,
     report::Report,
     validate::{self, Config, EgressRule, Item, ServiceKey},
     yaml,
@@ -108,31 +108,10 @@ pub fn default_policy() -> Policy {
     .unwrap_or_else(|errors| panic!("the embedded default policy is invalid:\n{errors}"))
 }
 
-/// A file's contents, or why it cannot be had, read without ever holding more than
-/// [`MAX_FILE_SIZE`] + 1 bytes: the size in the metadata is checked first, and the read is
-/// bounded too, for files whose metadata says nothing (a pipe, `/dev/zero`, a growing file).
-fn read_capped(path: &PathBuf) -> Result<Vec<u8>, String> {
-    let too_big = |size: Option<u64>| {
-        let size = size.map_or_else(|| "more than that".to_owned(), |s| format!("{s} bytes"));
-        format!(
-            "the file is too large for a policy file (limit {} MiB, file: {size})",
-            MAX_FILE_SIZE / (1024 * 1024)
-        )
-    };
-    let file = File::open(path).map_err(|e| format!("cannot read the file: {e}"))?;
-    if let Ok(metadata) = file.metadata()
-        && metadata.len() > MAX_FILE_SIZE
-    {
-        return Err(too_big(Some(metadata.len())));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read the file: {e}"))?;
-    if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err(too_big(None));
-    }
-    Ok(bytes)
+/// A policy file's contents, or why it cannot be had: never blocking on a FIFO or device,
+/// never more than [`MAX_FILE_SIZE`] (see [`read_bounded`]).
+fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+    read_bounded(path, MAX_FILE_SIZE).map_err(|e| format!("cannot read the policy file: {e}"))
 }
 
 /// Parses one source's bytes into document roots.
@@ -232,22 +211,29 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
         }
     }
 
+    // The CA files are read here, where the directory of a relative path is known, and before
+    // the verdict, so their errors come out with all the others.
+    let ca_files = match &config {
+        Some((_, Some((index, config)))) => check_ca_files(
+            &mut reports[*index],
+            directories[*index],
+            config.ca_files.clone().unwrap_or_default(),
+        ),
+        _ => Vec::new(),
+    };
     if reports.iter().any(Report::has_errors) {
         return Err(PolicyErrors(
             reports.into_iter().flat_map(Report::into_sorted).collect(),
         ));
     }
-    if let Some((_, Some((index, config)))) = config {
+    let mut config_line = None;
+    if let Some((origin, Some((index, config)))) = config {
+        config_line = Some((index, origin.line));
         policy.mode = config.mode.unwrap_or_default();
         policy.events = config.events.unwrap_or_default();
         policy.bypass = config.bypass.unwrap_or_else(default_bypass);
         policy.proxy = config.proxy.unwrap_or_default();
-        policy.ca_files = config
-            .ca_files
-            .unwrap_or_default()
-            .into_iter()
-            .map(|path| resolve(directories[index], path))
-            .collect();
+        policy.ca_files = ca_files;
         policy.hosts = config.hosts.unwrap_or_default();
         policy.allow_sockets = config.allow_sockets.unwrap_or_default();
         if let Some((resolvers, line)) = config.dns {
@@ -257,7 +243,56 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
             };
         }
     }
+    if policy.rules.is_empty() && policy.http_rules.is_empty() && policy.aliases.is_empty() {
+        // Legitimate (deny everything) but more often an empty or wrong file: said, not refused.
+        let (index, line) = config_line.unwrap_or((0, 1));
+        if let Some(report) = reports.get_mut(index) {
+            report.warning(
+                line,
+                "the policy allows no destination (no EgressRule or Service in any file): every \
+                 connection outside the bypass ranges and DNS will be denied",
+            );
+        }
+    }
+    policy.warnings = reports.iter_mut().flat_map(Report::take_warnings).collect();
     Ok(policy)
+}
+
+/// Resolves (see [`resolve`]) and reads every `caFiles` entry, reporting at its line each one
+/// that is not a regular file of bounded size holding PEM certificates; returns the resolved
+/// paths.
+fn check_ca_files(
+    report: &mut Report,
+    directory: Option<&Path>,
+    ca_files: Vec<(PathBuf, usize)>,
+) -> Vec<PathBuf> {
+    let mut resolved = Vec::with_capacity(ca_files.len());
+    for (i, (written, line)) in ca_files.into_iter().enumerate() {
+        let path = format!("spec.caFiles[{i}]");
+        if directory.is_none() && written.is_relative() {
+            report.field_error(
+                line,
+                &path,
+                format!(
+                    "`{}` is relative, and this policy is not a file it could be relative to; \
+                     give an absolute path",
+                    written.display()
+                ),
+            );
+            continue;
+        }
+        let full = resolve(directory, written.clone());
+        if let Err(e) = read_ca_file(&full) {
+            let shown = if full == written {
+                format!("`{}`", full.display())
+            } else {
+                format!("`{}` ({})", written.display(), full.display())
+            };
+            report.field_error(line, &path, format!("CA file {shown}: {e}"));
+        }
+        resolved.push(full);
+    }
+    resolved
 }
 
 /// `path` from a `caFiles` list: a relative one is relative to `directory` (the policy file's,

@@ -6,11 +6,13 @@
 //! to enforce then gets its DNS resolvers from resolv.conf ([`Policy::fill_resolvers`]).
 
 mod addr;
+pub mod ca;
 mod display;
 pub mod dns;
 mod host;
 mod load;
 mod model;
+pub mod read;
 mod report;
 #[cfg(test)]
 mod tests;

@@ -438,6 +438,10 @@ pub struct Policy {
     /// `spec.dns` of the EgressConfig, or (after [`Policy::fill_resolvers`]) the resolvers of
     /// resolv.conf.
     pub dns: Dns,
+    /// What the policy means but is almost certainly not what was meant (an empty policy, ...),
+    /// in file and line order: `egress check` prints them and the agent logs them as
+    /// `FILE:LINE: warning: message`; they never refuse the policy.
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Default for Policy {
@@ -455,6 +459,7 @@ impl Default for Policy {
             hosts: std::collections::BTreeMap::new(),
             allow_sockets: AllowSockets::default(),
             dns: Dns::default(),
+            warnings: Vec::new(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The error collector every stage of loading writes to: one per source file, so that messages
+//! The error (and warning) collector every stage of loading writes to: one per source file, so that messages
 //! come out grouped by file and sorted by line however late a stage finds them (a duplicate
 //! name is only noticed after every document of every file has been read).
 
@@ -18,6 +18,9 @@ pub(crate) struct Report {
     diagnostics: Vec<Diagnostic>,
     /// Set once [`MAX_ERRORS_PER_FILE`] is reached: further errors are dropped.
     full: bool,
+    /// What is almost certainly a mistake but still means something (an empty policy), in the
+    /// order found; they never fail a load.
+    warnings: Vec<Diagnostic>,
 }
 
 impl Report {
@@ -27,6 +30,7 @@ impl Report {
             file: file.to_owned(),
             diagnostics: Vec::new(),
             full: false,
+            warnings: Vec::new(),
         }
     }
 
@@ -68,6 +72,24 @@ impl Report {
         } else {
             self.error(line, format!("{path}: {message}"));
         }
+    }
+
+    /// Records a warning at `line`: shown by `egress check` and logged by the agent as
+    /// `FILE:LINE: warning: message`, never a reason to refuse the policy.
+    pub(crate) fn warning(&mut self, line: usize, message: impl Into<String>) {
+        if self.warnings.len() < MAX_ERRORS_PER_FILE {
+            self.warnings.push(Diagnostic {
+                origin: self.origin(line),
+                message: message.into(),
+            });
+        }
+    }
+
+    /// The warnings in line order.
+    pub(crate) fn take_warnings(&mut self) -> Vec<Diagnostic> {
+        let mut warnings = std::mem::take(&mut self.warnings);
+        warnings.sort_by_key(|d| d.origin.line);
+        warnings
     }
 
     /// Whether the error limit was reached, so a caller can stop early.

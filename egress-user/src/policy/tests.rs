@@ -237,8 +237,8 @@ fn wide_ipv6_destinations_contain_nat64_and_6to4_and_are_fine() {
     assert!(other.rules[0].embedded_ranges().is_empty());
     let v4 = loaded(RULE);
     assert!(v4.rules[0].embedded_ranges().is_empty());
-    let bypass = loaded("kind: EgressConfig\nspec: {bypass: [\"::/0\"]}\n");
-    assert_eq!(bypass.bypass, [net("::/0")]);
+    let bypass = loaded("kind: EgressConfig\nspec: {bypass: [2000::/3]}\n");
+    assert_eq!(bypass.bypass, [net("2000::/3")]);
 }
 
 #[test]
@@ -513,19 +513,6 @@ fn non_utf8_names_offset_and_line() {
 }
 
 #[test]
-fn core_schema_integer_forms_are_ports() {
-    for (text, port) in [
-        ("+443", 443),
-        ("0x1bb", 443),
-        ("0o673", 443),
-        ("65535", 65535),
-    ] {
-        let policy = loaded(&rule_with("443", text));
-        assert_eq!(policy.rules[0].ports[0].port, port, "{text}");
-    }
-}
-
-#[test]
 fn std_str_tag_makes_a_string() {
     let policy = loaded(&rule_with("name: r1", "name: !!str 42"));
     assert_eq!(policy.rules[0].name, "42");
@@ -637,25 +624,28 @@ fn files_unreadable_or_oversized_are_errors() {
         .map(ToString::to_string)
         .collect();
     assert_eq!(lines.len(), 3, "{lines:#?}");
-    assert!(
-        lines[0].starts_with(&format!(
-            "{}:1: the file is too large for a policy file (limit 64 MiB, file: {} bytes)",
-            big.display(),
-            MAX_FILE_SIZE + 1
-        )),
-        "{lines:#?}"
-    );
-    assert!(
-        lines[1].starts_with(&format!("{}:1: cannot read the file: ", missing.display())),
-        "{lines:#?}"
-    );
-    assert!(
-        lines[2].starts_with(&format!("{}:1: cannot read the file: ", dir.display())),
-        "{lines:#?}"
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "{}:1: cannot read the policy file: it is larger than the 64 MiB limit ({} bytes)",
+                big.display(),
+                MAX_FILE_SIZE + 1
+            ),
+            format!(
+                "{}:1: cannot read the policy file: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            format!(
+                "{}:1: cannot read the policy file: it is a directory, not a regular file",
+                dir.display()
+            ),
+        ]
     );
 }
 
 // After `rejects!`, so the submodules can use it.
 mod config;
 mod http;
+mod input;
 mod service;

@@ -288,8 +288,8 @@ impl Walk<'_> {
         };
         let port = match parse_int(text) {
             Int::Value(n) => u16::try_from(n).ok(),
-            Int::LeadingZero => {
-                self.leading_zero(path, node, text);
+            Int::NotDecimal(value) => {
+                self.not_decimal(path, node, text, value);
                 return None;
             }
             Int::Invalid => None,
@@ -307,12 +307,25 @@ impl Walk<'_> {
         }
     }
 
-    /// Reports an integer written with a leading zero.
-    fn leading_zero(&mut self, path: &str, node: &Node, text: &str) {
+    /// Reports an integer not written in plain decimal ([`Int::NotDecimal`]).
+    fn not_decimal(&mut self, path: &str, node: &Node, text: &str, value: Option<u64>) {
+        let unsigned = text.strip_prefix('+').unwrap_or(text);
+        let (why, value) = if unsigned.starts_with("0x") || unsigned.starts_with("0o") {
+            ("is not written in decimal", value)
+        } else if unsigned.len() > 1 && unsigned.starts_with('0') {
+            // Whether 443 or 291 was meant cannot be told: no hint.
+            (
+                "has a leading zero, which some YAML readers take as octal",
+                None,
+            )
+        } else {
+            ("has a sign", value)
+        };
+        let write = value.map(|v| format!("; write {v}")).unwrap_or_default();
         self.report.field_error(
             node.line,
             path,
-            format!("`{text}` has a leading zero, which some YAML readers take as octal"),
+            format!("`{text}` {why}{write} (numbers are written in plain decimal here)"),
         );
     }
 
@@ -331,26 +344,34 @@ impl Walk<'_> {
 enum Int {
     /// The value (negative numbers and numbers past `u64` are [`Int::Invalid`]).
     Value(u64),
-    /// `0443`: YAML 1.2 reads it as 443 and YAML 1.1 (PyYAML, Go's yaml.v2) as octal 291, so
-    /// it is refused rather than read either way.
-    LeadingZero,
+    /// Not plain decimal, and refused rather than read one way: `0443` (YAML 1.2 reads it as
+    /// 443 and YAML 1.1 readers such as PyYAML and Go's yaml.v2 as octal 291), and `0x1bb`,
+    /// `0o673`, `+443` (the core schema reads them as 443, but a reviewer reading `port:
+    /// 0o673` does not see 443, and a YAML 1.1 reader sees the string `0o673`). The value, if
+    /// any, goes in the message.
+    NotDecimal(Option<u64>),
     /// Not a non-negative integer that fits.
     Invalid,
 }
 
-/// The core schema's integer forms: `443`, `+443`, `0x1bb`, `0o673`.
+/// The core schema's integer forms: `443`, and (as [`Int::NotDecimal`]) `+443`, `0x1bb`,
+/// `0o673`, `0443`.
 fn parse_int(text: &str) -> Int {
     let unsigned = text.strip_prefix('+').unwrap_or(text);
-    let value = if let Some(hex) = unsigned.strip_prefix("0x") {
-        u64::from_str_radix(hex, 16).ok()
+    let (value, decimal) = if let Some(hex) = unsigned.strip_prefix("0x") {
+        (u64::from_str_radix(hex, 16).ok(), false)
     } else if let Some(octal) = unsigned.strip_prefix("0o") {
-        u64::from_str_radix(octal, 8).ok()
-    } else if unsigned.len() > 1 && unsigned.starts_with('0') {
-        return Int::LeadingZero;
+        (u64::from_str_radix(octal, 8).ok(), false)
     } else {
-        unsigned.parse::<u64>().ok()
+        let leading_zero = unsigned.len() > 1 && unsigned.starts_with('0');
+        (unsigned.parse::<u64>().ok(), !leading_zero)
     };
-    value.map_or(Int::Invalid, Int::Value)
+    match value {
+        Some(value) if decimal && unsigned.len() == text.len() => Int::Value(value),
+        // `0o1777777777777777777777` is as much a mistake as `0o673`: say that first.
+        value if !decimal || unsigned.len() != text.len() => Int::NotDecimal(value),
+        _ => Int::Invalid,
+    }
 }
 
 /// `a, b or c`, for "expected ..." messages.

@@ -100,6 +100,37 @@ impl Value {
     }
 }
 
+/// The YAML versions a `%YAML` directive may name: the file is read by the 1.2 core schema,
+/// which reads 1.1 files the same wherever a policy could tell (and `0443`, where they differ,
+/// is refused).
+const YAML_VERSIONS: &[&str] = &["1.1", "1.2"];
+
+/// Reports a `%YAML` directive naming any other version (`%YAML 9.9`): a file that says it is
+/// written in another language than the one it will be read as. saphyr-parser reads the
+/// directive and throws the version away, so directives are found here, as the lines that start
+/// with `%YAML` (a directive starts at column 0, where no content line can begin with `%`).
+fn check_version_directives(text: &str, report: &mut Report) {
+    for (i, line) in text.lines().enumerate() {
+        let Some(rest) = line.strip_prefix("%YAML") else {
+            continue;
+        };
+        if !rest.starts_with([' ', '\t']) {
+            continue;
+        }
+        let version = rest.split_whitespace().next().unwrap_or_default();
+        if !YAML_VERSIONS.contains(&version) {
+            report.error(
+                i + 1,
+                format!(
+                    "`%YAML {}`: policy files are YAML 1.2 (a `%YAML` directive may name 1.1 or \
+                     1.2)",
+                    version.escape_debug()
+                ),
+            );
+        }
+    }
+}
+
 /// Types a plain (unquoted) scalar by the YAML 1.2 core schema.
 fn resolve_plain(text: &str) -> ScalarKind {
     fn digits(s: &str, radix: u32) -> bool {
@@ -400,6 +431,7 @@ fn key_of(
 /// After a syntax error the documents completed before it are still returned, so their own
 /// errors are reported too; the document it is in is dropped.
 pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
+    check_version_directives(text, report);
     let mut documents = Vec::new();
     let mut stack: Vec<Frame> = Vec::new();
     let mut parser = Parser::new_from_str(text);

@@ -6,12 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
 
+use super::error::ConfigError;
+use crate::policy::ca::{CaFileError, read_ca_file};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject as _;
-
-use super::error::ConfigError;
 
 /// Installs `ring` as the process's default rustls crypto provider, once. Call it at start-up;
 /// [`super::Proxy::new`] calls it too, so calling it is never required, only earlier.
@@ -75,25 +73,29 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Adds the certificates of one `caFiles` entry, read as the policy loader checked it
+/// ([`read_ca_file`]: a regular file of bounded size, never a FIFO that would block).
 fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), ConfigError> {
-    let pem = std::fs::read(path).map_err(|source| ConfigError::CaFileRead {
-        path: path.to_owned(),
-        source,
-    })?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| ConfigError::CaFilePem {
-            path: path.to_owned(),
+    let path_buf = || path.to_owned();
+    let certs = read_ca_file(path).map_err(|error| match error {
+        CaFileError::Read(source) => ConfigError::CaFileRead {
+            path: path_buf(),
+            source: source.into(),
+        },
+        CaFileError::Pem(source) => ConfigError::CaFilePem {
+            path: path_buf(),
             source,
-        })?;
-    if certs.is_empty() {
-        return Err(ConfigError::CaFileEmpty {
-            path: path.to_owned(),
-        });
-    }
+        },
+        CaFileError::Empty => ConfigError::CaFileEmpty { path: path_buf() },
+        CaFileError::Cert { index, error } => ConfigError::CaCert {
+            path: path_buf(),
+            index,
+            source: error,
+        },
+    })?;
     for (i, cert) in certs.into_iter().enumerate() {
         roots.add(cert).map_err(|source| ConfigError::CaCert {
-            path: path.to_owned(),
+            path: path_buf(),
             index: i + 1,
             source,
         })?;

@@ -34,13 +34,50 @@ fn ip(text: &str) -> IpAddr {
     text.parse().expect("valid literal")
 }
 
+/// A directory holding `CONFIG` as `policy/config.yaml`, with its two CA files made real:
+/// `/etc/egress/ca.pem` becomes `<dir>/ca.pem`, and `certs/extra.pem` is next to the policy.
+pub(super) struct ConfigDir {
+    /// The directory, removed when dropped.
+    pub(super) dir: PathBuf,
+    /// The policy file.
+    pub(super) file: PathBuf,
+    /// The absolute CA file.
+    pub(super) ca: PathBuf,
+}
+
+impl ConfigDir {
+    pub(super) fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("egress-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policy/certs")).expect("temp dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, ca_pem()).expect("write");
+        std::fs::write(dir.join("policy/certs/extra.pem"), ca_pem()).expect("write");
+        let file = dir.join("policy/config.yaml");
+        let text = config_with("/etc/egress/ca.pem", &ca.display().to_string());
+        std::fs::write(&file, text).expect("write");
+        Self { dir, file, ca }
+    }
+}
+
+impl Drop for ConfigDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A self-signed CA certificate, in PEM.
+pub(super) fn ca_pem() -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).expect("certificate").pem()
+}
+
 #[test]
 fn proxy_idle_timeout_in_seconds() {
-    let yaml = config_with(
-        "    port: 15002\n",
-        "    port: 15002\n    idleTimeout: 300\n",
-    );
-    let policy = loaded(&yaml);
+    let policy =
+        loaded("kind: EgressConfig\nspec:\n  proxy:\n    port: 15002\n    idleTimeout: 300\n");
     assert_eq!(
         policy.proxy.idle_timeout,
         std::time::Duration::from_secs(300)
@@ -64,7 +101,9 @@ fn proxy_idle_timeout_in_seconds() {
 
 #[test]
 fn proxy_ca_files_and_hosts() {
-    let policy = loaded(CONFIG);
+    let files = ConfigDir::new("ca-files");
+    let policy = load_files(std::slice::from_ref(&files.file))
+        .unwrap_or_else(|e| panic!("should load, got:\n{e}"));
     assert_eq!(
         policy.proxy,
         ProxySettings {
@@ -72,14 +111,9 @@ fn proxy_ca_files_and_hosts() {
             idle_timeout: DEFAULT_PROXY_IDLE_TIMEOUT
         }
     );
-    // A source that is not a file has no directory: relative paths stay as written.
-    assert_eq!(
-        policy.ca_files,
-        [
-            PathBuf::from("/etc/egress/ca.pem"),
-            PathBuf::from("certs/extra.pem")
-        ]
-    );
+    // A relative path is relative to the policy file's directory, and made absolute.
+    let extra = std::path::absolute(files.dir.join("policy/certs/extra.pem")).expect("absolute");
+    assert_eq!(policy.ca_files, [files.ca.clone(), extra.clone()]);
     let hosts: BTreeMap<String, Vec<IpAddr>> = [
         ("cache.internal.test".to_owned(), vec![ip("192.0.2.11")]),
         (
@@ -91,13 +125,15 @@ fn proxy_ca_files_and_hosts() {
     assert_eq!(policy.hosts, hosts);
     let shown = policy.to_string();
     assert!(
-        shown.ends_with(
+        shown.ends_with(&format!(
             "\nproxy: port 15002\n\
-             caFiles: /etc/egress/ca.pem, certs/extra.pem\n\
+             caFiles: {}, {}\n\
              hosts: 2\n\
              cache.internal.test  192.0.2.11\n\
-             db.internal.test     192.0.2.10, 2001:db8::10\n"
-        ),
+             db.internal.test     192.0.2.10, 2001:db8::10\n",
+            files.ca.display(),
+            extra.display()
+        )),
         "{shown}"
     );
 }
@@ -112,26 +148,6 @@ fn defaults_when_not_given() {
     assert_eq!(policy.proxy, ProxySettings::default());
     assert!(policy.ca_files.is_empty());
     assert!(policy.hosts.is_empty());
-}
-
-#[test]
-fn ca_files_are_relative_to_the_policy_file() {
-    let dir = std::env::temp_dir().join(format!("egress-ca-files-{}", std::process::id()));
-    let sub = dir.join("policy");
-    std::fs::create_dir_all(&sub).expect("temp dir");
-    let file = sub.join("config.yaml");
-    std::fs::write(&file, CONFIG).expect("write");
-    let result = load_files(std::slice::from_ref(&file));
-    let _ = std::fs::remove_dir_all(&dir);
-    let policy = result.unwrap_or_else(|e| panic!("should load, got:\n{e}"));
-    assert_eq!(
-        policy.ca_files,
-        [
-            PathBuf::from("/etc/egress/ca.pem"),
-            std::path::absolute(sub.join("certs/extra.pem")).expect("absolute")
-        ]
-    );
-    assert!(policy.ca_files.iter().all(|p| p.is_absolute()));
 }
 
 /// An EgressConfig whose `dns.resolvers` has one entry a line, from line 5 (`dns` is on 3).
@@ -200,7 +216,7 @@ fn sockets(entries: &[&str]) -> String {
 #[test]
 fn allow_sockets_names_and_numbers() {
     let policy = loaded(&sockets(&[
-        "raw", "ICMP", "sctp", "udplite", "mptcp", "0", "255", "0x2f",
+        "raw", "ICMP", "sctp", "udplite", "mptcp", "0", "255", "47",
     ]));
     assert!(policy.allow_sockets.raw);
     assert_eq!(
@@ -266,8 +282,11 @@ rejects! {
             judge their traffic";
     sockets_6: sockets(&["6"])
         => "p.yaml:4: spec.allowSockets[0]: `6`: tcp and udp sockets are always allowed";
-    sockets_17: sockets(&["0x11"])
-        => "p.yaml:4: spec.allowSockets[0]: `0x11`: tcp and udp sockets are always allowed";
+    sockets_17: sockets(&["17"])
+        => "p.yaml:4: spec.allowSockets[0]: `17`: tcp and udp sockets are always allowed";
+    sockets_hex: sockets(&["0x11"])
+        => "p.yaml:4: spec.allowSockets[0]: `0x11` is not written in decimal; write 17 (numbers \
+            are written in plain decimal here)";
     sockets_unknown: sockets(&["ping"])
         => "p.yaml:4: spec.allowSockets[0]: unknown socket kind `ping` (expected raw, icmp, sctp, \
             udplite, mptcp or a protocol number 0-262)";

@@ -53,7 +53,7 @@ pub(crate) struct Config {
     pub(crate) proxy: Option<ProxySettings>,
     /// `spec.caFiles` as written: [`super::super::load`] resolves relative paths against the
     /// directory of the file, which only it knows.
-    pub(crate) ca_files: Option<Vec<PathBuf>>,
+    pub(crate) ca_files: Option<Vec<(PathBuf, usize)>>,
     /// `spec.hosts`, names normalised.
     pub(crate) hosts: Option<BTreeMap<HostName, Vec<IpAddr>>>,
     /// `spec.allowSockets`, when given.
@@ -95,11 +95,11 @@ impl Walk<'_> {
         (self.report.error_count() == errors_before).then_some(config)
     }
 
-    /// `spec.mode`.
+    /// `spec.mode`: enforce or audit, in any case (as every keyword value).
     fn mode(&mut self, node: &Node) -> Option<Mode> {
         match self.string("spec.mode", node)? {
-            "enforce" => Some(Mode::Enforce),
-            "audit" => Some(Mode::Audit),
+            m if m.eq_ignore_ascii_case("enforce") => Some(Mode::Enforce),
+            m if m.eq_ignore_ascii_case("audit") => Some(Mode::Audit),
             other => {
                 self.report.field_error(
                     node.line,
@@ -111,11 +111,11 @@ impl Walk<'_> {
         }
     }
 
-    /// `spec.events`.
+    /// `spec.events`: denied or all, in any case (as every keyword value).
     fn events(&mut self, node: &Node) -> Option<Events> {
         match self.string("spec.events", node)? {
-            "denied" => Some(Events::Denied),
-            "all" => Some(Events::All),
+            e if e.eq_ignore_ascii_case("denied") => Some(Events::Denied),
+            e if e.eq_ignore_ascii_case("all") => Some(Events::All),
             other => {
                 self.report.field_error(
                     node.line,
@@ -139,6 +139,11 @@ impl Walk<'_> {
                 continue;
             };
             match addr::parse_net(text).and_then(|net| addr::not_embedded(text, net)) {
+                Ok(net) if net.prefix_len() == 0 => {
+                    self.report
+                        .field_error(item.line, &path, everything_bypassed(net));
+                    ok = false;
+                }
                 Ok(net) => {
                     if let Some(first) = nets.iter().position(|n| *n == net) {
                         self.report.field_error(
@@ -165,6 +170,13 @@ impl Walk<'_> {
                     ok = false;
                 }
             }
+        }
+        // Ranges that together cover a whole family (`0.0.0.0/1` and `128.0.0.0/1`) are the
+        // same mistake spelt in two lines.
+        if ok && let Some(all) = covered_family(&nets) {
+            self.report
+                .field_error(node.line, "spec.bypass", everything_bypassed(all));
+            ok = false;
         }
         ok.then_some(nets)
     }
@@ -198,8 +210,8 @@ impl Walk<'_> {
         };
         match parse_int(text) {
             Int::Value(n @ 1..=MAX_PROXY_IDLE_TIMEOUT_SECS) => Some(Duration::from_secs(n)),
-            Int::LeadingZero => {
-                self.leading_zero(PATH, node, text);
+            Int::NotDecimal(value) => {
+                self.not_decimal(PATH, node, text, value);
                 None
             }
             Int::Value(_) | Int::Invalid => {
@@ -216,11 +228,12 @@ impl Walk<'_> {
         }
     }
 
-    /// `spec.caFiles`: paths of PEM files, not read here (the proxy reads them, and a policy
-    /// is checked on machines that do not have them).
-    fn ca_files(&mut self, node: &Node) -> Option<Vec<PathBuf>> {
+    /// `spec.caFiles`: paths of PEM files, each with its line. The files are read once the
+    /// policy file's directory is known (a relative path is relative to it): see
+    /// `load::check_ca_files`.
+    fn ca_files(&mut self, node: &Node) -> Option<Vec<(PathBuf, usize)>> {
         let items = self.sequence("spec.caFiles", node)?;
-        let mut paths: Vec<PathBuf> = Vec::with_capacity(items.len());
+        let mut paths: Vec<(PathBuf, usize)> = Vec::with_capacity(items.len());
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let path = format!("spec.caFiles[{i}]");
@@ -235,14 +248,14 @@ impl Walk<'_> {
             } else {
                 paths
                     .iter()
-                    .position(|p| p.as_os_str() == text)
+                    .position(|(p, _)| p.as_os_str() == text)
                     .map(|first| format!("duplicate of spec.caFiles[{first}] ({text})"))
             };
             if let Some(problem) = problem {
                 self.report.field_error(item.line, &path, problem);
                 ok = false;
             }
-            paths.push(PathBuf::from(text));
+            paths.push((PathBuf::from(text), item.line));
         }
         ok.then_some(paths)
     }
@@ -445,8 +458,8 @@ impl Walk<'_> {
                     Int::Value(n) if n <= u64::from(MAX_PROTOCOL) => {
                         Ok(vec![Some(u16::try_from(n).ok()?)])
                     }
-                    Int::LeadingZero => {
-                        self.leading_zero(path, node, &s.text);
+                    Int::NotDecimal(value) => {
+                        self.not_decimal(path, node, &s.text, value);
                         return None;
                     }
                     Int::Value(_) | Int::Invalid => Err(format!(
@@ -469,4 +482,43 @@ impl Walk<'_> {
             }
         }
     }
+}
+
+/// `0.0.0.0/0` or `::/0` if `nets` together cover that whole family. (`IpNet::aggregate` does
+/// not merge two /1s into a /0, so the sizes of the merged, disjoint ranges are added up.)
+fn covered_family(nets: &[IpNet]) -> Option<IpNet> {
+    let merged = IpNet::aggregate(&nets.to_vec());
+    let v4: u64 = merged
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) => Some(1u64 << (32 - u32::from(n.prefix_len()))),
+            IpNet::V6(_) => None,
+        })
+        .sum();
+    if v4 == 1 << 32 {
+        return Some("0.0.0.0/0".parse().expect("valid literal"));
+    }
+    // 2^128 does not fit a u128: the sum overflows exactly when every address is covered.
+    let v6 = merged
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V6(n) => Some(n.prefix_len()),
+            IpNet::V4(_) => None,
+        })
+        .try_fold(0u128, |sum, len| {
+            sum.checked_add(1u128.checked_shl(128 - u32::from(len)).unwrap_or(0))
+        });
+    v6.is_none().then(|| "::/0".parse().expect("valid literal"))
+}
+
+/// Why a bypass range of a whole address family is refused: it turns filtering off for that
+/// family, silently (nothing is counted or reported there), which a range in a list does not
+/// look like. Audit mode is the switch for "let everything through but show it".
+fn everything_bypassed(net: IpNet) -> String {
+    let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+    format!(
+        "{net} would bypass every {family} destination: nothing would be filtered, counted or \
+         reported there; to let traffic through while watching it use `mode: audit`, and to \
+         stop filtering stop the agent"
+    )
 }

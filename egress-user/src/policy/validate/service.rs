@@ -145,7 +145,8 @@ impl Walk<'_> {
                 }
                 Some(entry) => {
                     let kind = self.string("spec.type", &entry.value)?;
-                    if kind != "ExternalName" {
+                    // A keyword value: any case, as every keyword value.
+                    if !kind.eq_ignore_ascii_case("ExternalName") {
                         self.report.field_error(
                             entry.value.line,
                             "spec.type",
