@@ -69,6 +69,17 @@ pub struct RunArgs {
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     telemetry::init();
+    // A service manager's soft limit of 1024 is exhausted by ~1,100 half-sent requests; the
+    // hard limit is what the host allows this agent. The budget is shared out in serve().
+    match crate::fds::raise_nofile_limit() {
+        Ok((before, after)) if before != after => tracing::info!(
+            from = before.soft,
+            to = after.soft,
+            "descriptors: raised the soft open-file limit to the hard one"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "descriptors: could not raise the open-file limit"),
+    }
     // The kernel first: on one that lacks what the policy needs, refuse before anything is
     // bound, created or loaded, naming every missing feature; on one without an optional
     // feature, say what is lost.
