@@ -144,12 +144,12 @@ mod tests {
 
         health.listener_stopped();
         let held = admission
-            .admit(std::net::Ipv4Addr::LOCALHOST.into())
+            .admit(std::net::Ipv4Addr::LOCALHOST.into(), false)
             .expect("room");
         held.served();
         assert!(
             admission
-                .admit(std::net::Ipv4Addr::LOCALHOST.into())
+                .admit(std::net::Ipv4Addr::LOCALHOST.into(), false)
                 .is_none()
         );
         health.control_stopped();

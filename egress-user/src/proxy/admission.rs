@@ -139,14 +139,20 @@ impl Admission {
     }
 
     /// Takes a new connection from `source`, evicting the oldest pending one if a limit is
-    /// reached; `None`: no room (every held connection serves requests), close it.
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Ticket> {
+    /// reached; `None`: no room (every held connection serves requests), close it. `head`:
+    /// a whole request head is already waiting on the connection, so it starts out served.
+    ///
+    /// Why `head` matters: the accept loop takes a burst of connections (up to tokio's
+    /// budget of 128) before their tasks run and read anything, so under a flood a good
+    /// client's connection would be the oldest pending one again before its head was read.
+    pub fn admit(self: &Arc<Self>, source: IpAddr, head: bool) -> Option<Ticket> {
         let mut state = self.lock();
         let own = state
             .pending_by_source
             .get(&source)
             .map_or(0, BTreeSet::len);
-        if own >= self.limits.pending_per_source
+        if !head
+            && own >= self.limits.pending_per_source
             && let Some(&oldest) = state.pending_by_source.get(&source).and_then(|s| s.first())
         {
             state.evict(oldest);
@@ -174,17 +180,19 @@ impl Admission {
                 evict: evict.clone(),
             },
         );
-        state.pending.insert(id, source);
-        state
-            .pending_by_source
-            .entry(source)
-            .or_default()
-            .insert(id);
+        if !head {
+            state.pending.insert(id, source);
+            state
+                .pending_by_source
+                .entry(source)
+                .or_default()
+                .insert(id);
+        }
         Some(Ticket {
             admission: self.clone(),
             id,
             source,
-            served: AtomicBool::new(false),
+            served: AtomicBool::new(head),
             evict,
         })
     }
@@ -281,10 +289,10 @@ mod tests {
             connections: 3,
             pending_per_source: 10,
         }));
-        let t: Vec<Ticket> = (0..3).map(|_| adm.admit(A).expect("room")).collect();
+        let t: Vec<Ticket> = (0..3).map(|_| adm.admit(A, false).expect("room")).collect();
         t[0].served();
         // Full: the oldest *pending* one (t[1]) goes, not the one serving requests.
-        let t3 = adm.admit(B).expect("room made");
+        let t3 = adm.admit(B, false).expect("room made");
         assert!(!is_evicted(&t[0]));
         assert!(is_evicted(&t[1]));
         assert!(!is_evicted(&t[2]));
@@ -304,15 +312,15 @@ mod tests {
             connections: 2,
             pending_per_source: 10,
         }));
-        let t: Vec<Ticket> = (0..2).map(|_| adm.admit(A).expect("room")).collect();
+        let t: Vec<Ticket> = (0..2).map(|_| adm.admit(A, false).expect("room")).collect();
         for x in &t {
             x.served();
         }
-        assert!(adm.admit(A).is_none());
+        assert!(adm.admit(A, false).is_none());
         let s = adm.stats();
         assert_eq!((s.open, s.refused, s.refusing), (2, 1, true));
         drop(t);
-        assert!(adm.admit(A).is_some());
+        assert!(adm.admit(A, false).is_some());
     }
 
     #[test]
@@ -321,8 +329,8 @@ mod tests {
             connections: 100,
             pending_per_source: 2,
         }));
-        let other = adm.admit(B).expect("room");
-        let flood: Vec<Ticket> = (0..5).map(|_| adm.admit(A).expect("room")).collect();
+        let other = adm.admit(B, false).expect("room");
+        let flood: Vec<Ticket> = (0..5).map(|_| adm.admit(A, false).expect("room")).collect();
         let evicted: Vec<bool> = flood.iter().map(is_evicted).collect();
         assert_eq!(evicted, [true, true, true, false, false]);
         assert!(
@@ -332,7 +340,14 @@ mod tests {
         assert_eq!(adm.stats().open, 3);
         // A connection that has sent its request no longer counts as pending.
         flood[4].served();
-        let _more = adm.admit(A).expect("room");
+        let _more = adm.admit(A, false).expect("room");
         assert!(!is_evicted(&flood[3]));
+        // A connection whose head is already there is admitted served: never evicted.
+        let ready = adm.admit(A, true).expect("room");
+        let later: Vec<Ticket> = (0..4).map(|_| adm.admit(A, false).expect("room")).collect();
+        assert!(!is_evicted(&ready));
+        assert!(is_evicted(&later[0]) && !is_evicted(&later[3]));
+        // Two of A's, and B's one.
+        assert_eq!(adm.stats().pending, 3);
     }
 }

@@ -125,7 +125,7 @@ async fn accept_loop(
             Err(e) => return Err(e),
         };
         // No room: closed before it costs anything more (the admission counts and logs it).
-        let Some(ticket) = admission.admit(client.ip()) else {
+        let Some(ticket) = admission.admit(client.ip(), head_waiting(&stream)) else {
             continue;
         };
         let ticket = Arc::new(ticket);
@@ -152,6 +152,19 @@ async fn accept_loop(
             }
         };
         tokio::spawn(held.instrument(span));
+    }
+}
+
+/// Whether a whole request head (up to its blank line) already waits on a just-accepted
+/// connection: a peek that never waits (a no-op waker; the connection's task peeks again and
+/// registers its own). A head longer than the peek buffer counts as not there yet.
+fn head_waiting(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 2048];
+    let mut read = tokio::io::ReadBuf::new(&mut buf);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_peek(&mut cx, &mut read) {
+        std::task::Poll::Ready(Ok(_)) => read.filled().windows(4).any(|w| w == b"\r\n\r\n"),
+        _ => false,
     }
 }
 
