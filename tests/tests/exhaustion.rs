@@ -175,3 +175,42 @@ fn half_sent_requests_at_a_1024_limit_starve_nothing() {
     assert!(evicted > 0.0, "the attack never filled the proxy");
     assert_eq!(health, "HTTP/1.1 200 OK", "{body}");
 }
+
+/// A workload that fills every place with kept-alive connections that each had a request
+/// answered (nothing to evict) gets new connections refused: `/healthz` then fails and says
+/// why, `egress status` still answers and shows it, and both recover once it lets go.
+#[test]
+fn healthz_fails_while_the_proxy_refuses_and_recovers() {
+    let w = World::new();
+    let hold = Hold::start(
+        &w.sb,
+        HOLD,
+        ATTACK,
+        "GET / HTTP/1.1\\r\\nHost: denied.test\\r\\n\\r\\n",
+        target(),
+    );
+    let (health, body) = w.sb.scrape(METRICS, "/healthz");
+    let (status, out, err) = w.sb.ctl(EGRESS, &["status"]);
+    let refused = w.metric("egress_proxy_connections_refused_total");
+    drop(hold);
+    eprintln!("figures: /healthz {health} {body:?}; refused {refused}");
+    assert_eq!(health, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert!(body.contains("proxy: refusing connections"), "{body}");
+    assert!(status.success(), "egress status: {err}");
+    assert!(out.contains("health:      UNHEALTHY"), "{out}");
+    assert!(refused > 0.0);
+
+    // Refusals stop with the flood; the probe recovers 5 s after the last one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (health, body) = w.sb.scrape(METRICS, "/healthz");
+        if health == "HTTP/1.1 200 OK" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still unhealthy: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -52,8 +52,9 @@ pub struct RunArgs {
     /// Do not watch the policy files; reload only on SIGHUP or `egress reload`.
     #[arg(long)]
     pub no_watch: bool,
-    /// Serve Prometheus metrics (`/metrics`) and probes (`/healthz`, `/readyz`: programs
-    /// attached and the policy applied) on this address, e.g. 127.0.0.1:9464. Off by default.
+    /// Serve Prometheus metrics (`/metrics`) and probes (`/healthz`: the agent can do its job,
+    /// 503 with the reasons otherwise; `/readyz`: programs attached and the policy applied) on
+    /// this address, e.g. 127.0.0.1:9464. Off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Attach the XDP backstop to this host-side interface (repeat, or comma-separate, for
