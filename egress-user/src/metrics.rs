@@ -15,6 +15,11 @@
 //!   request, `status="0"` when the connection closed without an answer.
 //! - `egress_proxy_request_duration_seconds{rule}`: histogram, [`LATENCY_BUCKETS`].
 //! - `egress_proxy_events_dropped_total`
+//! - `egress_proxy_connections` (held now), `egress_proxy_connections_limit`,
+//!   `egress_proxy_connections_refused_total` (no room: every held one serving requests),
+//!   `egress_proxy_connections_evicted_total` (pending ones closed to make room),
+//!   `egress_open_fds` and `egress_fds_limit`: see [`crate::fds`] and
+//!   [`crate::proxy::Admission`].
 //! - `egress_verdicts_total{rule,verdict="allowed|denied|would_deny"}`,
 //!   `egress_hook_verdicts_total{hook="connect|sendmsg|sock_create|xdp",verdict}`,
 //!   `egress_generation`,
@@ -43,7 +48,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
@@ -134,6 +139,12 @@ pub struct Metrics {
     events_dropped: Counter,
     /// The last running total given to [`Metrics::set_proxy_events_dropped`].
     events_dropped_seen: AtomicU64,
+    connections: Gauge,
+    connections_limit: Gauge,
+    connections_refused: Counter,
+    connections_evicted: Counter,
+    open_fds: Gauge,
+    fds_limit: Gauge,
     by_rule: RwLock<HashMap<Box<str>, RuleSeries>>,
 }
 
@@ -179,6 +190,46 @@ impl Metrics {
             "Proxy request events lost because their queue was full",
             events_dropped.clone(),
         );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let connections = gauge(
+            &mut registry,
+            "egress_proxy_connections",
+            "App connections the HTTP proxy holds",
+        );
+        let connections_limit = gauge(
+            &mut registry,
+            "egress_proxy_connections_limit",
+            "App connections the HTTP proxy may hold (from the descriptor limit)",
+        );
+        let connections_refused = counter(
+            &mut registry,
+            "egress_proxy_connections_refused",
+            "App connections closed at accept: every held connection was serving requests",
+        );
+        let connections_evicted = counter(
+            &mut registry,
+            "egress_proxy_connections_evicted",
+            "App connections closed before their first request to make room for new ones",
+        );
+        let open_fds = gauge(
+            &mut registry,
+            "egress_open_fds",
+            "File descriptors the agent has open",
+        );
+        let fds_limit = gauge(
+            &mut registry,
+            "egress_fds_limit",
+            "The agent's soft RLIMIT_NOFILE",
+        );
         Self {
             registry,
             reloads,
@@ -186,6 +237,12 @@ impl Metrics {
             durations,
             events_dropped,
             events_dropped_seen: AtomicU64::new(0),
+            connections,
+            connections_limit,
+            connections_refused,
+            connections_evicted,
+            open_fds,
+            fds_limit,
             by_rule: RwLock::default(),
         }
     }
@@ -265,6 +322,32 @@ impl Metrics {
         if new > 0 {
             self.events_dropped.inc_by(new);
         }
+    }
+
+    /// The proxy's connections and the agent's descriptors now. `stats` holds running
+    /// totals (the admission lives as long as the agent); the counters grow by the difference.
+    pub fn set_connections(
+        &self,
+        stats: &crate::proxy::AdmissionStats,
+        open_fds: Option<usize>,
+        fds_limit: usize,
+    ) {
+        let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.connections.set(gauge(stats.open));
+        self.connections_limit.set(gauge(stats.limit));
+        for (counter, total) in [
+            (&self.connections_refused, stats.refused),
+            (&self.connections_evicted, stats.evicted),
+        ] {
+            let new = total.saturating_sub(counter.get());
+            if new > 0 {
+                counter.inc_by(new);
+            }
+        }
+        if let Some(open) = open_fds {
+            self.open_fds.set(gauge(open));
+        }
+        self.fds_limit.set(gauge(fds_limit));
     }
 
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]) of the agent's families and of
@@ -371,20 +454,28 @@ impl Collector for KernelCollector {
     }
 }
 
+/// What keeps the agent from doing its job (one line each); empty: healthy.
+pub type HealthCheck = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// What every connection's handler shares.
 struct Endpoints {
     metrics: Arc<Metrics>,
     snapshot: Arc<dyn Fn() -> KernelSnapshot + Send + Sync>,
     ready: watch::Receiver<bool>,
+    health: HealthCheck,
 }
 
 /// Serves `GET /metrics` ([`Metrics::encode`] with a fresh `snapshot()` per scrape),
-/// `GET /healthz` (200 `ok` while the agent runs) and `GET /readyz` (200 `ready` while
-/// `*ready.borrow()` is true, else 503 `not ready`); 404 for other paths, 405 for other
-/// methods. Runs until the listener fails with an error that is not about one connection.
+/// `GET /healthz` (200 `ok` while `health()` finds nothing wrong, else 503 `unhealthy` and
+/// one line per problem) and `GET /readyz` (200 `ready` while `*ready.borrow()` is true, else
+/// 503 `not ready`); 404 for other paths, 405 for other methods. Runs until the listener fails
+/// with an error that is not about one connection.
 ///
 /// Each connection is served on its own task by hyper's HTTP/1.1 server, with keep-alive; a
 /// client has [`HEADER_READ_TIMEOUT`] to send each request head, and a head may be 16 KiB.
+/// At most [`METRICS_CONNECTIONS`](crate::fds::METRICS_CONNECTIONS) are served at once; a
+/// further one is closed at accept, so the endpoint never holds more descriptors than the
+/// agent keeps for it.
 /// The snapshot and the encoding run on the blocking pool: reading every counter row is a
 /// system call per row.
 pub async fn serve(
@@ -392,22 +483,28 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     snapshot: Arc<dyn Fn() -> KernelSnapshot + Send + Sync>,
     ready: watch::Receiver<bool>,
+    health: HealthCheck,
 ) -> io::Result<()> {
-    serve_with(listener, metrics, snapshot, ready, HEADER_READ_TIMEOUT).await
+    serve_with(
+        listener,
+        Endpoints {
+            metrics,
+            snapshot,
+            ready,
+            health,
+        },
+        HEADER_READ_TIMEOUT,
+    )
+    .await
 }
 
 async fn serve_with(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
-    snapshot: Arc<dyn Fn() -> KernelSnapshot + Send + Sync>,
-    ready: watch::Receiver<bool>,
+    endpoints: Endpoints,
     header_read_timeout: Duration,
 ) -> io::Result<()> {
-    let endpoints = Arc::new(Endpoints {
-        metrics,
-        snapshot,
-        ready,
-    });
+    let endpoints = Arc::new(endpoints);
+    let places = Arc::new(tokio::sync::Semaphore::new(crate::fds::METRICS_CONNECTIONS));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
@@ -425,6 +522,10 @@ async fn serve_with(
             }
             Err(e) => return Err(e),
         };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: too many connections; closing a new one");
+            continue;
+        };
         let endpoints = endpoints.clone();
         let service = service_fn(move |req| {
             let endpoints = endpoints.clone();
@@ -435,6 +536,7 @@ async fn serve_with(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
             }
+            drop(place);
         });
     }
 }
@@ -453,7 +555,17 @@ impl Endpoints {
         }
         match path {
             "/metrics" => self.scrape().await,
-            "/healthz" => text(StatusCode::OK, "ok"),
+            "/healthz" => {
+                let problems = (self.health)();
+                if problems.is_empty() {
+                    text(StatusCode::OK, "ok")
+                } else {
+                    let body = format!("unhealthy\n{}\n", problems.join("\n"));
+                    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *resp.body_mut() = Full::new(Bytes::from(body));
+                    resp
+                }
+            }
             "/readyz" if *self.ready.borrow() => text(StatusCode::OK, "ready"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
             _ => text(StatusCode::NOT_FOUND, "not found"),
@@ -578,6 +690,16 @@ mod tests {
         m.proxy_request(None, 0, MS);
         m.set_proxy_events_dropped(5);
         m.set_proxy_events_dropped(7);
+        let mut conns = crate::proxy::AdmissionStats {
+            open: 12,
+            limit: 400,
+            refused: 2,
+            evicted: 30,
+            ..Default::default()
+        };
+        m.set_connections(&conns, Some(77), 1024);
+        conns.evicted = 35;
+        m.set_connections(&conns, None, 1024);
         let kernel = snapshot(
             3,
             &[("(no rule)", 0, 3, 0), ("a", 10, 3, 2), ("b", 1, 0, 0)],
@@ -607,6 +729,12 @@ mod tests {
             "egress_kernel_errors_total 1",
             "# TYPE egress_proxy_events_dropped counter",
             "egress_proxy_events_dropped_total 7",
+            "egress_proxy_connections 12",
+            "egress_proxy_connections_limit 400",
+            "egress_proxy_connections_refused_total 2",
+            "egress_proxy_connections_evicted_total 35",
+            "egress_open_fds 77",
+            "egress_fds_limit 1024",
             "# TYPE egress_proxy_request_duration_seconds histogram",
             "# UNIT egress_proxy_request_duration_seconds seconds",
         ] {
@@ -659,9 +787,15 @@ mod tests {
             names,
             [
                 "egress_events_lost",
+                "egress_fds_limit",
                 "egress_generation",
                 "egress_hook_verdicts",
                 "egress_kernel_errors",
+                "egress_open_fds",
+                "egress_proxy_connections",
+                "egress_proxy_connections_evicted",
+                "egress_proxy_connections_limit",
+                "egress_proxy_connections_refused",
                 "egress_proxy_events_dropped",
                 "egress_proxy_request_duration_seconds",
                 "egress_proxy_requests",
@@ -833,6 +967,7 @@ mod tests {
         addr: SocketAddr,
         generation: Arc<Mutex<u32>>,
         ready: watch::Sender<bool>,
+        problems: Arc<Mutex<Vec<String>>>,
         task: tokio::task::JoinHandle<io::Result<()>>,
     }
 
@@ -854,17 +989,21 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         metrics.reload(true);
         let (ready, ready_rx) = watch::channel(false);
-        let task = tokio::spawn(serve_with(
-            listener,
+        let problems: Arc<Mutex<Vec<String>>> = Arc::default();
+        let p = problems.clone();
+        let health: HealthCheck = Arc::new(move || p.lock().expect("problems lock").clone());
+        let endpoints = Endpoints {
             metrics,
             snapshot,
-            ready_rx,
-            header_read_timeout,
-        ));
+            ready: ready_rx,
+            health,
+        };
+        let task = tokio::spawn(serve_with(listener, endpoints, header_read_timeout));
         Server {
             addr,
             generation,
             ready,
+            problems,
             task,
         }
     }
@@ -895,6 +1034,21 @@ mod tests {
 
         let resp = request(addr, "GET", "/healthz").await;
         assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+        // The agent cannot do its job: the probe fails and says why.
+        *server.problems.lock().expect("problems lock") = vec![
+            "control socket: stopped accepting".to_owned(),
+            "descriptors: 1000 open".to_owned(),
+        ];
+        let resp = request(addr, "GET", "/healthz").await;
+        assert_eq!(
+            (resp.status, resp.body.as_str()),
+            (
+                503,
+                "unhealthy\ncontrol socket: stopped accepting\ndescriptors: 1000 open\n"
+            )
+        );
+        server.problems.lock().expect("problems lock").clear();
+        assert_eq!(request(addr, "GET", "/healthz").await.status, 200);
 
         let resp = request(addr, "GET", "/readyz").await;
         assert_eq!((resp.status, resp.body.as_str()), (503, "not ready"));
@@ -952,6 +1106,31 @@ mod tests {
             .expect("answered in time");
         let raw = String::from_utf8_lossy(&raw);
         assert!(raw.starts_with("HTTP/1.1 431"), "{raw}");
+        assert_eq!(request(addr, "GET", "/healthz").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_and_the_cap_frees_up() {
+        let server = start(Duration::from_millis(500)).await;
+        let addr = server.addr;
+        let mut held = Vec::new();
+        for _ in 0..crate::fds::METRICS_CONNECTIONS {
+            held.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Let the server accept them all before the one too many.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut raw = Vec::new();
+        let _ = timeout(Duration::from_millis(400), extra.read_to_end(&mut raw))
+            .await
+            .expect("closed at once, before the head timeout");
+        assert!(raw.is_empty(), "{}", String::from_utf8_lossy(&raw));
+        // Once they close, their places serve again.
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(request(addr, "GET", "/healthz").await.status, 200);
     }
 }

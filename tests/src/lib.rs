@@ -3,6 +3,7 @@
 //! test fails), a [`Sink`] server that counts what reaches it, and the probe that plays the
 //! workload.
 //!
+//! [`hold`] has the descriptor-exhaustion attacker and the metrics scrape;
 //! [`upstream`] has the HTTP and TLS servers of the HTTP egress tests; [`sinks`] the UDP and
 //! SYN sinks of the non-TCP-connect egress vectors (`egress-vector`); [`pod`] a second
 //! namespace wired to a sandbox as a pod to its node; [`vector`] runs `egress-vector`.
@@ -72,6 +73,7 @@ macro_rules! egress_bin {
 }
 
 pub mod follow;
+pub mod hold;
 pub mod matrix;
 pub mod pod;
 pub mod sinks;
@@ -80,6 +82,7 @@ pub mod upstream;
 pub mod vector;
 pub mod world;
 
+pub use hold::{Hold, sample};
 pub use pod::PodNet;
 pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
 pub use vector::{Attempted, Vector};
@@ -773,6 +776,35 @@ impl Agent {
         cmd.arg(format!("--net=/run/netns/{}", sandbox.name))
             .arg(egress)
             .envs(env.iter().copied());
+        Self::spawn(cmd, &sandbox.agent_args(args))
+    }
+
+    /// [`Agent::start_in`] with `RLIMIT_NOFILE` set to `soft`:`hard` for the agent, as a
+    /// service manager would start it.
+    pub fn start_in_nofile<S: AsRef<str>>(
+        sandbox: &Sandbox,
+        egress: &str,
+        args: &[S],
+        (soft, hard): (u64, u64),
+    ) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", sandbox.name))
+            .arg(egress);
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         Self::spawn(cmd, &sandbox.agent_args(args))
     }
 

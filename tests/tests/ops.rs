@@ -11,7 +11,7 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, probe_bin, sa,
+    Agent, Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, probe_bin, sa, sample,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -342,41 +342,6 @@ fn policy_file_changes_are_applied_without_a_signal() {
     let _ = fs::remove_dir_all(dir);
 }
 
-/// `GET path` from the metrics listener inside the sandbox: (status line, body). From a
-/// thread that enters the sandbox's netns (the agent's loopback), not from the workload
-/// cgroup: the scraper is not a workload.
-fn scrape(sb: &Sandbox, path: &str) -> (String, String) {
-    let (name, path) = (sb.name.clone(), path.to_owned());
-    std::thread::spawn(move || {
-        use std::io::{Read as _, Write as _};
-        egress_tests::enter_netns(&name);
-        let mut stream =
-            std::net::TcpStream::connect(("127.0.0.1", 9464)).expect("connecting to /metrics");
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n"
-        )
-        .expect("sending the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("reading the response");
-        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        let status = head.lines().next().unwrap_or("").to_owned();
-        (status, body.to_owned())
-    })
-    .join()
-    .expect("scraping")
-}
-
-/// The value of the sample `series` (name and labels exactly as exposed).
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
-}
-
 /// Prometheus metrics: kernel verdicts per rule, proxied requests by rule and status with a
 /// latency histogram, reloads ok and failed; and the readiness probe.
 #[test]
@@ -403,14 +368,14 @@ fn metrics_count_verdicts_requests_and_reloads() {
         let req = format!("GET / HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
         sb.http(PROBE, &req, &[sa(V4_A, 80)]);
     }
-    let (status, _) = scrape(&sb, "/readyz");
+    let (status, _) = sb.scrape(9464, "/readyz");
     assert!(status.contains("200"), "{status}");
-    let (_, body) = scrape(&sb, "/healthz");
+    let (_, body) = sb.scrape(9464, "/healthz");
     assert_eq!(body.trim(), "ok");
 
     let mut body = String::new();
     let seen = eventually(Duration::from_secs(10), || {
-        body = scrape(&sb, "/metrics").1;
+        body = sb.scrape(9464, "/metrics").1;
         sample(
             &body,
             r#"egress_proxy_requests_total{rule="(none)",status="403"}"#,
@@ -455,7 +420,7 @@ fn metrics_count_verdicts_requests_and_reloads() {
     assert!(ok.success(), "{err}");
     assert_eq!(out.trim(), "reloaded: generation 2 in force");
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    let body = scrape(&sb, "/metrics").1;
+    let body = sb.scrape(9464, "/metrics").1;
     for (series, value) in [
         (r#"egress_reloads_total{result="ok"}"#, 1.0),
         (r#"egress_reloads_total{result="failed"}"#, 1.0),

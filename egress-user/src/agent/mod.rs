@@ -10,6 +10,7 @@
 //! generation, swapped in atomically; if the kernel refuses it, the proxy gets the old policy
 //! back. Changes are handled one at a time, in the order they arrive.
 
+pub mod health;
 pub mod listeners;
 pub mod watch;
 
@@ -94,6 +95,8 @@ pub struct Agent {
     names: std::collections::VecDeque<(u32, Arc<crate::compile::RowTable>)>,
     /// Bounds the log lines of denials; events and counters keep every one.
     log_limit: crate::telemetry::LogLimit,
+    /// Descriptors, the proxy's connections and what can fail; set when serving starts.
+    health: Option<Arc<health::Health>>,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -218,6 +221,7 @@ impl Agent {
             rows,
             names: std::collections::VecDeque::new(),
             log_limit: crate::telemetry::LogLimit::new(),
+            health: None,
         };
         agent.remember_names();
         Ok((agent, rx))
@@ -658,6 +662,11 @@ impl Agent {
                 requests: counters.iter().map(|c| c.requests).sum(),
                 denied: counters.iter().map(|c| c.denied).sum(),
                 events_dropped: proxy.events_dropped(),
+                ..self
+                    .health
+                    .as_ref()
+                    .map(|h| h.proxy_status())
+                    .unwrap_or_default()
             },
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
@@ -681,6 +690,11 @@ impl Agent {
             degraded: loader::features::kernel()
                 .assess(!target.xdp_ifaces.is_empty())
                 .map(|a| a.degraded_lines())
+                .unwrap_or_default(),
+            problems: self
+                .health
+                .as_ref()
+                .map(|h| h.problems())
                 .unwrap_or_default(),
         }
     }
@@ -736,37 +750,46 @@ impl Agent {
                 .context("the original-destination map is missing")?,
         );
         let (tx, mut requests) = mpsc::channel::<RequestEvent>(EVENT_QUEUE);
-        let serve_proxy = |listener: std::net::TcpListener| -> anyhow::Result<()> {
-            let address = listener.local_addr().context("proxy listener address")?;
-            let listener = tokio::net::TcpListener::from_std(listener).context("proxy listener")?;
-            let (proxies, orig_dst, tx) = (proxies.clone(), orig_dst.clone(), tx.clone());
-            tokio::spawn(async move {
-                if let Err(e) = Proxy::serve_reloadable(proxies, listener, orig_dst, tx).await {
-                    tracing::error!(%address, error = %e, "proxy listener failed");
-                }
-            });
-            Ok(())
-        };
         let to_serve = self
             .settings
             .listeners
             .to_serve()
             .context("proxy listeners")?;
+        // Everything the agent holds for good is open now: share out the descriptor limit.
+        let health = Arc::new(health::Health::measure());
+        self.health = Some(health.clone());
+        let serve_proxy = |listener: std::net::TcpListener| -> anyhow::Result<()> {
+            let address = listener.local_addr().context("proxy listener address")?;
+            let listener = tokio::net::TcpListener::from_std(listener).context("proxy listener")?;
+            let (proxies, orig_dst, tx) = (proxies.clone(), orig_dst.clone(), tx.clone());
+            let (admission, health) = (health.admission.clone(), health.clone());
+            health.listener_started();
+            tokio::spawn(async move {
+                let served =
+                    Proxy::serve_reloadable(proxies, listener, orig_dst, tx, admission).await;
+                if let Err(e) = served {
+                    tracing::error!(%address, error = %e, "proxy listener failed");
+                }
+                health.listener_stopped();
+            });
+            Ok(())
+        };
         for listener in to_serve {
             serve_proxy(listener)?;
         }
         let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
         let control =
             tokio::net::UnixListener::from_std(control).context("control socket listener")?;
-        let hub = self.hub.clone();
+        let (hub, control_health) = (self.hub.clone(), health.clone());
         tokio::spawn(async move {
             if let Err(e) = control::server::serve(control, calls_tx, hub).await {
                 tracing::error!(error = %e, "control socket failed");
             }
+            control_health.control_stopped();
         });
         let (ready, ready_rx) = channel::channel(self.ready());
         if let Some(listener) = self.settings.metrics.take() {
-            self.serve_metrics(listener, ready_rx)?;
+            self.serve_metrics(listener, ready_rx, health.clone())?;
         }
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         // While `batching`, proxy events are left queued until `batch` fires (REQUEST_BATCH).
@@ -796,6 +819,9 @@ impl Agent {
                     ready.send_replace(self.ready());
                     let dropped = self.proxies.borrow().events_dropped();
                     self.metrics.set_proxy_events_dropped(dropped);
+                    let connections = health.admission.stats();
+                    let open = crate::fds::open_fds().ok();
+                    self.metrics.set_connections(&connections, open, health.budget.limit);
                 }
                 Some(request) = requests.recv(), if !batching => {
                     self.record_request(request);
@@ -848,6 +874,7 @@ impl Agent {
         &self,
         listener: std::net::TcpListener,
         ready: channel::Receiver<bool>,
+        health: Arc<health::Health>,
     ) -> anyhow::Result<()> {
         let address = listener.local_addr().context("metrics listener address")?;
         let listener = tokio::net::TcpListener::from_std(listener).context("metrics listener")?;
@@ -890,7 +917,8 @@ impl Agent {
         let metrics = self.metrics.clone();
         tracing::info!(%address, "metrics: serving /metrics, /healthz and /readyz");
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, metrics, snapshot, ready).await {
+            let health: metrics::HealthCheck = Arc::new(move || health.problems());
+            if let Err(e) = metrics::serve(listener, metrics, snapshot, ready, health).await {
                 tracing::error!(%address, error = %e, "metrics listener failed");
             }
         });

@@ -48,8 +48,9 @@ pub struct RunArgs {
     /// Do not watch the policy files; reload only on SIGHUP or `egress reload`.
     #[arg(long)]
     pub no_watch: bool,
-    /// Serve Prometheus metrics (`/metrics`) and probes (`/healthz`, `/readyz`: programs
-    /// attached and the policy applied) on this address, e.g. 127.0.0.1:9464. Off by default.
+    /// Serve Prometheus metrics (`/metrics`) and probes (`/healthz`: the agent can do its job,
+    /// 503 with the reasons otherwise; `/readyz`: programs attached and the policy applied) on
+    /// this address, e.g. 127.0.0.1:9464. Off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Attach the XDP backstop to this host-side interface (repeat, or comma-separate, for
@@ -65,6 +66,17 @@ pub struct RunArgs {
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     telemetry::init();
+    // A service manager's soft limit of 1024 is exhausted by ~1,100 half-sent requests; the
+    // hard limit is what the host allows this agent. The budget is shared out in serve().
+    match crate::fds::raise_nofile_limit() {
+        Ok((before, after)) if before != after => tracing::info!(
+            from = before.soft,
+            to = after.soft,
+            "descriptors: raised the soft open-file limit to the hard one"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "descriptors: could not raise the open-file limit"),
+    }
     // The kernel first: on one that lacks what the policy needs, refuse before anything is
     // bound, created or loaded, naming every missing feature; on one without an optional
     // feature, say what is lost.

@@ -92,6 +92,24 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!(
+        "connections: {} of {} held, {} refused, {} evicted before a request; {} of {} \
+         descriptors open",
+        status.proxy.connections,
+        status.proxy.connections_limit,
+        status.proxy.connections_refused,
+        status.proxy.connections_evicted,
+        status.proxy.open_fds,
+        status.proxy.fds_limit
+    );
+    if status.problems.is_empty() {
+        println!("health:      ok");
+    } else {
+        println!("health:      UNHEALTHY:");
+        for line in &status.problems {
+            println!("               {line}");
+        }
+    }
+    println!(
         "kernel:      {} events lost, {} errors (failed closed)",
         status.events_lost, status.kernel_errors
     );

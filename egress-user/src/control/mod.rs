@@ -135,6 +135,10 @@ pub struct Status {
     /// empty when the agent runs with every feature.
     #[serde(default)]
     pub degraded: Vec<String>,
+    /// What keeps the agent from doing its job now (what makes `/healthz` fail); empty:
+    /// healthy.
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 /// Verdicts of one hook, summed over every rule.
@@ -165,6 +169,24 @@ pub struct ProxyStatus {
     pub denied: u64,
     /// Events dropped because the agent's queue was full.
     pub events_dropped: u64,
+    /// App connections held now.
+    #[serde(default)]
+    pub connections: u64,
+    /// App connections it may hold (from the descriptor limit).
+    #[serde(default)]
+    pub connections_limit: u64,
+    /// Connections closed at accept since start: every held one was serving requests.
+    #[serde(default)]
+    pub connections_refused: u64,
+    /// Connections closed before their first request to make room, since start.
+    #[serde(default)]
+    pub connections_evicted: u64,
+    /// Descriptors the agent has open.
+    #[serde(default)]
+    pub open_fds: u64,
+    /// Its soft descriptor limit.
+    #[serde(default)]
+    pub fds_limit: u64,
 }
 
 /// One rule or alias.

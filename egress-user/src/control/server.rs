@@ -21,6 +21,8 @@ use crate::{events::EventRecord, proxy::RequestEvent};
 
 /// How long a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the accept loop waits after a passing accept error (out of descriptors).
+const ACCEPT_RETRY: Duration = Duration::from_millis(20);
 /// Recent events kept for `egress events`.
 pub const RECENT_EVENTS: usize = 1024;
 /// Events a following client may fall behind by before it misses some.
@@ -197,22 +199,60 @@ impl EventHub {
 }
 
 /// Serves clients on `listener` until it fails: each on its own task, so one slow client holds
-/// up nobody.
+/// up nobody. An accept error that concerns one connection or a passing shortage (`EMFILE`
+/// when the agent is out of descriptors) is logged and waited out, never the end of the
+/// socket: the control socket is how an operator revokes access in the middle of an attack.
+/// At most [`CONTROL_CONNECTIONS`](crate::fds::CONTROL_CONNECTIONS) clients are served at
+/// once; the next waits in the socket's backlog, holding no descriptor of the agent's.
 ///
 /// # Errors
-/// The listener failed.
+/// The listener failed for good.
 pub async fn serve(
     listener: UnixListener,
     calls: mpsc::Sender<Call>,
     events: Arc<EventHub>,
 ) -> io::Result<()> {
+    accept_loop(listener, calls, events).await
+}
+
+/// Where [`serve`] gets its clients (a test's source fails on demand).
+trait Accept: Send {
+    fn next(&mut self) -> impl Future<Output = io::Result<UnixStream>> + Send;
+}
+
+impl Accept for UnixListener {
+    async fn next(&mut self) -> io::Result<UnixStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// [`serve`]'s loop, over any source of connections.
+async fn accept_loop(
+    mut clients: impl Accept,
+    calls: mpsc::Sender<Call>,
+    events: Arc<EventHub>,
+) -> io::Result<()> {
+    let places = Arc::new(tokio::sync::Semaphore::new(crate::fds::CONTROL_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return Ok(()); // never closed
+        };
+        let stream = match clients.next().await {
+            Ok(stream) => stream,
+            Err(e) if crate::proxy::accept_error_is_per_connection(&e) => {
+                tracing::warn!(error = %e, "control socket: accept failed; going on");
+                // Out of descriptors: give connections a moment to close.
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let (calls, events) = (calls.clone(), events.clone());
         tokio::spawn(async move {
             if let Err(e) = client(stream, calls, events).await {
                 tracing::debug!(error = %e, "control client failed");
             }
+            drop(place);
         });
     }
 }
@@ -304,4 +344,55 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response)
     let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
     line.push(b'\n');
     write.write_all(&line).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accept results in order, then nothing more.
+    struct Script(VecDeque<io::Result<UnixStream>>);
+
+    impl Accept for Script {
+        async fn next(&mut self) -> io::Result<UnixStream> {
+            match self.0.pop_front() {
+                Some(result) => result,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// The agent ran out of descriptors: accept() failed with EMFILE (twice), then a client
+    /// came. Before, the first error ended the loop and the socket stayed dead until a restart.
+    #[tokio::test]
+    async fn an_accept_error_does_not_end_the_control_socket() {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        let results = Script(VecDeque::from([
+            Err(io::Error::from_raw_os_error(libc::EMFILE)),
+            Err(io::Error::from_raw_os_error(libc::ENFILE)),
+            Ok(theirs),
+        ]));
+        let (calls, mut agent) = mpsc::channel(1);
+        let server = tokio::spawn(accept_loop(results, calls, Arc::default()));
+        let (read, mut write) = ours.into_split();
+        write
+            .write_all(b"{\"op\":\"status\"}\n")
+            .await
+            .expect("send");
+        let call = tokio::time::timeout(Duration::from_secs(5), agent.recv())
+            .await
+            .expect("the request reached the agent")
+            .expect("a call");
+        assert_eq!(call.request, Request::Status);
+        let message = "answered".to_owned();
+        call.reply.send(Response::Error { message }).expect("reply");
+        let mut line = String::new();
+        BufReader::new(read)
+            .read_line(&mut line)
+            .await
+            .expect("answer");
+        assert_eq!(line, "{\"type\":\"error\",\"message\":\"answered\"}\n");
+        assert!(!server.is_finished(), "the accept loop ended");
+        server.abort();
+    }
 }

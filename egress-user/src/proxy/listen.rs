@@ -1,6 +1,10 @@
-//! The accept loop and one app connection: a span per connection, a peek at the first byte
-//! (a TLS ClientHello is refused), then hyper's HTTP/1.1 server with keep-alive and upgrades
-//! over the [`FramingGuard`].
+//! The accept loop and one app connection: admission (see [`super::admission`]), a span per
+//! connection, a peek at the first byte (a TLS ClientHello is refused), then hyper's HTTP/1.1
+//! server with keep-alive and upgrades over the [`FramingGuard`].
+//!
+//! Time bounds on a client that sends slowly: the peek waits at most `header_read` for a first
+//! byte, and hyper then gives each request head `header_read` in all (not per byte), so a
+//! client that sends one byte every few seconds is cut after at most twice `header_read`.
 
 use std::convert::Infallible;
 use std::io;
@@ -15,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
+use super::admission::{Admission, Limits};
 use super::events::RequestEvent;
 use super::framing::{Framing, FramingGuard, Verdicts};
 use super::hello;
@@ -72,21 +77,31 @@ impl Proxy {
         orig_dst: Arc<dyn OrigDst>,
         events: mpsc::Sender<RequestEvent>,
     ) -> io::Result<()> {
-        accept_loop(Current::Fixed(self), listener, orig_dst, events).await
+        let admission = Arc::new(Admission::new(Limits::UNLIMITED));
+        accept_loop(Current::Fixed(self), listener, orig_dst, events, admission).await
     }
 
     /// As [`Proxy::serve`], for a policy that changes: each request is judged by the proxy
     /// `proxies` holds when the request arrives, so a reload (send a new `Proxy` for the new
     /// policy) applies at once, to kept-alive connections too, without closing the listener.
     /// A request already under way finishes with the proxy it started with. Counters belong
-    /// to each `Proxy`.
+    /// to each `Proxy`. `admission` bounds the connections held (shared by every listener of
+    /// the agent): a connection it has no room for is closed at once.
     pub async fn serve_reloadable(
         proxies: watch::Receiver<Arc<Proxy>>,
         listener: TcpListener,
         orig_dst: Arc<dyn OrigDst>,
         events: mpsc::Sender<RequestEvent>,
+        admission: Arc<Admission>,
     ) -> io::Result<()> {
-        accept_loop(Current::Live(proxies), listener, orig_dst, events).await
+        accept_loop(
+            Current::Live(proxies),
+            listener,
+            orig_dst,
+            events,
+            admission,
+        )
+        .await
     }
 }
 
@@ -95,6 +110,7 @@ async fn accept_loop(
     listener: TcpListener,
     orig_dst: Arc<dyn OrigDst>,
     events: mpsc::Sender<RequestEvent>,
+    admission: Arc<Admission>,
 ) -> io::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "http egress proxy listening");
     loop {
@@ -108,14 +124,47 @@ async fn accept_loop(
             }
             Err(e) => return Err(e),
         };
+        // No room: closed before it costs anything more (the admission counts and logs it).
+        let Some(ticket) = admission.admit(client.ip(), head_waiting(&stream)) else {
+            continue;
+        };
+        let ticket = Arc::new(ticket);
         let orig = orig_dst.lookup(client);
         let span = tracing::info_span!(
             "proxy_conn",
             %client,
             orig_dst = orig.map(tracing::field::display),
         );
-        let conn = connection(current.clone(), stream, client, orig, events.clone());
-        tokio::spawn(conn.instrument(span));
+        let conn = connection(
+            current.clone(),
+            stream,
+            client,
+            orig,
+            events.clone(),
+            ticket.clone(),
+        );
+        let held = async move {
+            tokio::select! {
+                () = conn => {}
+                () = ticket.evicted() => {
+                    tracing::debug!("no request yet and the proxy is full: closed to make room");
+                }
+            }
+        };
+        tokio::spawn(held.instrument(span));
+    }
+}
+
+/// Whether a whole request head (up to its blank line) already waits on a just-accepted
+/// connection: a peek that never waits (a no-op waker; the connection's task peeks again and
+/// registers its own). A head longer than the peek buffer counts as not there yet.
+fn head_waiting(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 2048];
+    let mut read = tokio::io::ReadBuf::new(&mut buf);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_peek(&mut cx, &mut read) {
+        std::task::Poll::Ready(Ok(_)) => read.filled().windows(4).any(|w| w == b"\r\n\r\n"),
+        _ => false,
     }
 }
 
@@ -145,6 +194,7 @@ async fn connection(
     client: SocketAddr,
     orig_dst: Option<SocketAddr>,
     events: mpsc::Sender<RequestEvent>,
+    ticket: Arc<super::admission::Ticket>,
 ) {
     let _ = stream.set_nodelay(true);
     // Connection-level settings (time limits) come from the policy in force at accept().
@@ -175,6 +225,8 @@ async fn connection(
         verdicts: guard.verdicts(),
     });
     let service = service_fn(move |req| {
+        // A whole request head arrived: this connection is no longer one to evict.
+        ticket.served();
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });

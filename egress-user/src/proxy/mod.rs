@@ -3,8 +3,8 @@
 //! port the app connected to, and reaches the upstream itself (resolving the allowed name,
 //! never dialling the app's original address), originating TLS for https rules.
 //!
-//! A request flows through the files in this order: [`listen`](self::listen) (accept, span,
-//! ClientHello peek, hyper's HTTP/1.1 server), `framing` (refuses ambiguous framing),
+//! A request flows through the files in this order: `admission` (which connections are
+//! held), [`listen`](self::listen) (accept, span, ClientHello peek, hyper's HTTP/1.1 server), `framing` (refuses ambiguous framing),
 //! `forward` (per request: checks, rewrite, answer), `route` (authority -> rule), `upstream`
 //! (resolve, rebinding filter, dial, pooled connections), `tls` (rustls settings), `body`
 //! (streaming, counting, the per-request event), `idle` (the limit on an exchange where
@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admission;
 mod body;
 mod error;
 mod events;
@@ -40,6 +41,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_rustls::TlsConnector;
 
+pub use admission::{Admission, AdmissionStats, Limits, Ticket};
 pub use error::{ConfigError, ProxyError, Side};
 pub use events::{RequestEvent, RuleStats};
 pub use listen::accept_error_is_per_connection;

@@ -579,6 +579,9 @@ async fn a_reload_applies_to_the_next_request_on_every_connection() {
         listener,
         Arc::new(lookup),
         tx,
+        Arc::new(crate::proxy::Admission::new(
+            crate::proxy::Limits::UNLIMITED,
+        )),
     ));
 
     // A kept-alive connection opened under the allowing policy...
