@@ -103,6 +103,15 @@ pub fn sh(args: &[&str]) {
     );
 }
 
+/// Moves the calling process into the cgroup v2 directory `dir` (the workloads' `--cgroup`).
+pub fn join_cgroup(dir: &str) {
+    fs::write(
+        format!("{dir}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
+}
+
 /// Moves the calling thread into the named network namespace.
 pub fn enter_netns(name: &str) {
     let ns = fs::File::open(format!("/run/netns/{name}"))

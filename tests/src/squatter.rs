@@ -5,6 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -46,13 +47,24 @@ impl Squatter {
         addr: SocketAddr,
         hold: Hold,
     ) -> Result<Self, String> {
+        Self::start_in(bin, &sandbox.cgroup, &sandbox.name, addr, hold)
+    }
+
+    /// [`Squatter::start`] in the cgroup `cgroup` and the network namespace `netns` (a pod's).
+    ///
+    /// # Errors
+    /// The squatter could not take the port.
+    pub fn start_in(
+        bin: &str,
+        cgroup: &Path,
+        netns: &str,
+        addr: SocketAddr,
+        hold: Hold,
+    ) -> Result<Self, String> {
         let mut cmd = Command::new(bin);
-        cmd.arg("--cgroup").arg(&sandbox.cgroup).args([
-            "--netns",
-            &sandbox.name,
-            "--uid",
-            &NOBODY.to_string(),
-        ]);
+        cmd.arg("--cgroup")
+            .arg(cgroup)
+            .args(["--netns", netns, "--uid", &NOBODY.to_string()]);
         match hold {
             Hold::Listen => {}
             Hold::BindReuseAddr => {

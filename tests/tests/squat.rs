@@ -13,7 +13,7 @@ use std::{
 };
 
 use egress_tests::{
-    V4_A, V6_A, egress_bin, probe_bin, sa,
+    PodNet, V4_A, V6_A, egress_bin, probe_bin, sa,
     squatter::{Hold, Squatter},
     squatter_bin,
     world::World,
@@ -286,4 +286,45 @@ fn a_restart_with_time_wait_leftovers_on_the_proxy_port_is_ready_at_once() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_served(&victim(&w, PROXY_V4));
     assert_served(&victim(&w, PROXY_V6));
+}
+
+#[test]
+fn in_another_network_namespace_only_the_agents_own_listener_there_would_do() {
+    // The agent listens (marked) in the node's namespace. A workload of the managed cgroup in
+    // a pod's namespace, where the agent has no listener, is refused (`proxy-absent`): the
+    // check looks in the caller's own namespace, as the redirect does. A squatter on the
+    // pod's own loopback gets nothing either (`proxy-foreign`), though the node's listener is
+    // marked: a mark vouches for one socket, not for an address.
+    let w = World::new(EGRESS, PROBE);
+    let pod = PodNet::new(&w.sb);
+    let from_pod = || {
+        let out = Command::new(PROBE)
+            .arg("--cgroup")
+            .arg(&w.sb.cgroup)
+            .args(["--netns", pod.pod_netns(), "--http"])
+            .arg("GET / HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n")
+            .arg(sa(V4_A, 80).to_string())
+            .output()
+            .expect("probe");
+        egress_tests::world::Response::parse(&String::from_utf8_lossy(&out.stdout))
+    };
+    assert_refused(&from_pod());
+    w.agent()
+        .wait_for_log("reason=proxy-absent", Duration::from_secs(5));
+    let squatter = Squatter::start_in(
+        SQUATTER,
+        &w.sb.cgroup,
+        pod.pod_netns(),
+        PROXY_V4,
+        Hold::Listen,
+    )
+    .expect("squatting the pod's loopback");
+    assert_refused(&from_pod());
+    w.agent()
+        .wait_for_log("reason=proxy-foreign", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(squatter.stolen(), Vec::<String>::new());
+    // The node's own workloads are served all along.
+    assert_served(&victim(&w, PROXY_V4));
+    assert_eq!(w.http.seen().len(), 1);
 }

@@ -26,14 +26,7 @@ fn main() -> ExitCode {
     let mut request = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--cgroup" => {
-                let dir = args.next().expect("--cgroup DIR");
-                std::fs::write(
-                    format!("{dir}/cgroup.procs"),
-                    std::process::id().to_string(),
-                )
-                .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
-            }
+            "--cgroup" => egress_tests::join_cgroup(&args.next().expect("--cgroup DIR")),
             "--netns" => {
                 let name = args.next().expect("--netns NAME");
                 egress_tests::enter_netns(&name);

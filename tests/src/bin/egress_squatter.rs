@@ -24,14 +24,7 @@ fn main() {
     let mut reuse = true;
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--cgroup" => {
-                let dir = args.next().expect("--cgroup DIR");
-                std::fs::write(
-                    format!("{dir}/cgroup.procs"),
-                    std::process::id().to_string(),
-                )
-                .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
-            }
+            "--cgroup" => egress_tests::join_cgroup(&args.next().expect("--cgroup DIR")),
             "--netns" => egress_tests::enter_netns(&args.next().expect("--netns NAME")),
             "--uid" => uid = Some(args.next().expect("--uid N").parse::<u32>().expect("uid")),
             "--bind-only" => bind_only = true,

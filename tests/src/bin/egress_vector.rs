@@ -118,14 +118,7 @@ fn main() -> ExitCode {
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--cgroup" => {
-                let dir = args.next().expect(usage);
-                std::fs::write(
-                    format!("{dir}/cgroup.procs"),
-                    std::process::id().to_string(),
-                )
-                .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
-            }
+            "--cgroup" => egress_tests::join_cgroup(&args.next().expect(usage)),
             "--netns" => egress_tests::enter_netns(&args.next().expect(usage)),
             "--timeout-ms" => {
                 let ms = args.next().expect(usage).parse().expect("--timeout-ms N");
