@@ -57,21 +57,12 @@ pub struct NofileLimit {
 /// # Errors
 /// getrlimit failed.
 pub fn nofile_limit() -> Result<NofileLimit, FdsError> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid rlimit that outlives the call; getrlimit only writes it.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(FdsError::Rlimit {
+    let (soft, hard) =
+        rlimit::getrlimit(rlimit::Resource::NOFILE).map_err(|source| FdsError::Rlimit {
             op: "getrlimit",
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(NofileLimit {
-        soft: lim.rlim_cur,
-        hard: lim.rlim_max,
-    })
+            source,
+        })?;
+    Ok(NofileLimit { soft, hard })
 }
 
 /// Raises the soft descriptor limit to the hard one and returns the limit before and after.
@@ -82,20 +73,15 @@ pub fn nofile_limit() -> Result<NofileLimit, FdsError> {
 /// getrlimit or setrlimit failed.
 pub fn raise_nofile_limit() -> Result<(NofileLimit, NofileLimit), FdsError> {
     let before = nofile_limit()?;
-    if before.soft >= before.hard || before.hard == libc::RLIM_INFINITY {
+    if before.soft >= before.hard || before.hard == rlimit::INFINITY {
         return Ok((before, before));
     }
-    let raised = libc::rlimit {
-        rlim_cur: before.hard,
-        rlim_max: before.hard,
-    };
-    // SAFETY: `raised` is a valid rlimit that outlives the call; setrlimit only reads it.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        return Err(FdsError::Rlimit {
+    rlimit::setrlimit(rlimit::Resource::NOFILE, before.hard, before.hard).map_err(|source| {
+        FdsError::Rlimit {
             op: "setrlimit",
-            source: io::Error::last_os_error(),
-        });
-    }
+            source,
+        }
+    })?;
     Ok((before, nofile_limit()?))
 }
 
@@ -153,17 +139,7 @@ mod tests {
         // Lower the soft limit (the 1024 a service manager hands out); raising it back to the
         // hard one needs no privilege, so this works for any user.
         let low = start.hard.min(512);
-        let lowered = libc::rlimit {
-            rlim_cur: low,
-            rlim_max: start.hard,
-        };
-        // SAFETY: a valid rlimit that outlives the call.
-        assert_eq!(
-            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) },
-            0,
-            "setrlimit: {}",
-            io::Error::last_os_error()
-        );
+        rlimit::setrlimit(rlimit::Resource::NOFILE, low, start.hard).expect("setrlimit");
         let (before, after) = raise_nofile_limit().expect("raise");
         assert_eq!(before.soft, low);
         assert_eq!(after.soft, start.hard);
