@@ -181,6 +181,14 @@ impl Sandbox {
         }
         fs::create_dir_all(&sandbox.cgroup)
             .unwrap_or_else(|e| panic!("creating {}: {e}", sandbox.cgroup.display()));
+        // bpffs is not mounted at boot: mount it as the agent does, so that a test which makes
+        // or reads pins before any agent ran works on a fresh machine too.
+        egress_user::loader::ensure_bpffs().unwrap_or_else(|e| {
+            panic!(
+                "mounting bpffs at {}: {e}",
+                egress_user::loader::BPFFS_MOUNT
+            )
+        });
         sandbox
     }
 

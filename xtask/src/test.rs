@@ -47,12 +47,29 @@ enum Step {
     Kernels,
 }
 
+/// Unmounts every bpffs stacked on `/sys/fs/bpf` (in the private mount namespace the script
+/// runs in), checks that none is left, says so, then runs its arguments.
+const WITHOUT_BPFFS: &str = r#"
+while mountpoint -q /sys/fs/bpf; do umount -l /sys/fs/bpf || exit 1; done
+if [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" = bpf_fs ]; then
+  echo "workspace: /sys/fs/bpf is still a bpf filesystem after unmounting it" >&2
+  exit 1
+fi
+echo "workspace: bpffs is not mounted in this mount namespace (as on a fresh machine); the tests mount it themselves"
+exec "$@"
+"#;
+
 impl Step {
     fn run(self, child: &ChildEnv, options: &Options) -> Result<()> {
         match self {
             Self::Workspace => {
-                let mut command = child.command("cargo");
-                command.arg("test");
+                // As on a machine that never mounted bpffs: in a private mount namespace where
+                // it is unmounted, every test that needs bpffs must mount it itself, the way
+                // the agent does. The host's mounts are not touched.
+                let mut command = child.command("unshare");
+                command
+                    .args(["--mount", "--propagation", "private", "--"])
+                    .args(["sh", "-c", WITHOUT_BPFFS, "sh", "cargo", "test"]);
                 // cargo ignores `--package` next to `--workspace`; let `-- -p tests` narrow.
                 if !selects_packages(&options.cargo_test_args) {
                     command.arg("--workspace");

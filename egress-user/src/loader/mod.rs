@@ -46,7 +46,7 @@ use egress_common::{
     ROW_BYPASS, ROW_NO_RULE, ROW_PROXY, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue,
     Stats, maps,
 };
-pub use pins::{BPFFS_MOUNT, DEFAULT_PIN_DIR, PinDir, is_bpffs};
+pub use pins::{BPFFS_MOUNT, DEFAULT_PIN_DIR, PinDir, ensure_bpffs, is_bpffs};
 
 use crate::{
     cgroup::{self, CgroupError},

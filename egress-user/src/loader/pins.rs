@@ -79,9 +79,8 @@ impl PinDir {
     /// Makes sure the directory exists on a bpf filesystem, mounting bpffs at
     /// [`BPFFS_MOUNT`] if the directory is under it and nothing is mounted there yet.
     pub fn prepare(&self) -> io::Result<()> {
-        let mount = Path::new(BPFFS_MOUNT);
-        if self.0.starts_with(mount) && !is_bpffs(mount)? {
-            mount_bpffs(mount)?;
+        if self.0.starts_with(BPFFS_MOUNT) {
+            ensure_bpffs()?;
         }
         // Check before creating anything: the nearest existing ancestor must be on bpffs.
         let existing = self
@@ -97,6 +96,18 @@ impl PinDir {
         }
         fs::create_dir_all(self.links_dir())
     }
+}
+
+/// Mounts bpffs at [`BPFFS_MOUNT`] unless one is mounted there already (it is not at boot).
+///
+/// # Errors
+/// The mount point cannot be checked, or the mount fails (not root).
+pub fn ensure_bpffs() -> io::Result<()> {
+    let mount = Path::new(BPFFS_MOUNT);
+    if !is_bpffs(mount)? {
+        mount_bpffs(mount)?;
+    }
+    Ok(())
 }
 
 /// True when `path` is on a bpf filesystem.
