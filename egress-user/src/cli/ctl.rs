@@ -12,7 +12,7 @@ use crate::control::{
 #[derive(clap::Args, Debug, Clone)]
 pub struct SocketArg {
     /// The running agent's control socket (root only).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", env = "EGRESS_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
 }
 

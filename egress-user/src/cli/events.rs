@@ -29,7 +29,18 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
         recent: args.recent,
     };
     let mut conversation = Conversation::start(&args.socket.socket, &request)?;
-    while let Some(response) = conversation.answer()? {
+    loop {
+        let Some(response) = conversation.answer()? else {
+            if args.follow {
+                // The agent closed the stream: it stopped (or restarted). Following is over,
+                // and a script watching for events must be able to tell.
+                eprintln!(
+                    "egress: error: the agent closed the event stream (it stopped or restarted); no more events follow"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            break;
+        };
         match response {
             Response::Event(e) if args.output == Output::Json => {
                 println!("{}", serde_json::to_string(&e)?);

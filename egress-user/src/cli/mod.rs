@@ -32,7 +32,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent in the foreground: load the policy, enforce it on the managed cgroup, log
     /// verdicts. Enforcement stays pinned when the agent exits. The kernel's features are
-    /// probed first: without one the policy cannot be enforced without, the agent refuses to
+    /// probed first: without a feature it needs to enforce the policy, the agent refuses to
     /// start and names it; without an optional one it runs, warns and says what is lost (see
     /// the README's "Kernel requirements").
     ///
@@ -87,6 +87,12 @@ pub enum Command {
 /// Entry point of the `egress` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // `egress status | head -1`: a command that prints ends quietly when its reader goes
+        // (killed by SIGPIPE, as `cat` is), instead of panicking on a failed write. Not the
+        // agent: it must outlive whatever reads its log.
+        sigpipe::reset();
+    }
     let result = match &cli.command {
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::run(args),

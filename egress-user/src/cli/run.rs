@@ -33,7 +33,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// The control socket for `egress status|get|create|delete|reload|events` (root only).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", env = "EGRESS_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// The resolv.conf whose `nameserver` addresses DNS (port 53, udp and tcp) is allowed to,
     /// unless the EgressConfig names `dns.resolvers`. Read again at every reload; a missing
