@@ -25,6 +25,8 @@ pub struct CreateArgs {
     file: PathBuf,
     #[command(flatten)]
     socket: SocketArg,
+    #[command(flatten)]
+    _namespace: ctl::NamespaceArg,
 }
 
 /// Runs `egress create`.

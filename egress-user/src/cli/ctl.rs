@@ -16,6 +16,29 @@ pub struct SocketArg {
     pub socket: PathBuf,
 }
 
+/// `-n/--namespace`, as `istioctl create -f rule.yaml -n default` and `kubectl -n` take it.
+/// Until namespaces scope rules, only `default` (where Istio's documents are created) is
+/// accepted: any other would be ignored, and its rules would apply to every workload.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NamespaceArg {
+    /// The namespace; only `default` until namespaces scope rules.
+    #[arg(short = 'n', long = "namespace", value_name = "NS", value_parser = parse_namespace)]
+    pub namespace: Option<String>,
+}
+
+/// Accepts `default` only (see [`NamespaceArg`]).
+pub fn parse_namespace(ns: &str) -> Result<String, String> {
+    if ns == crate::policy::ONLY_NAMESPACE {
+        Ok(ns.to_owned())
+    } else {
+        Err(format!(
+            "namespaces do not scope rules yet, so rules created in `{ns}` would apply to every \
+             workload of the managed cgroup; leave -n out (or write `-n {}`)",
+            crate::policy::ONLY_NAMESPACE
+        ))
+    }
+}
+
 /// Output formats.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Output {
@@ -105,4 +128,19 @@ pub fn print_rules(rules: &[RuleRow]) {
         ],
         &rows,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_default_namespace_is_taken() {
+        assert_eq!(parse_namespace("default").as_deref(), Ok("default"));
+        let refused = parse_namespace("team-a").expect_err("team-a");
+        assert!(
+            refused.contains("namespaces do not scope rules yet"),
+            "{refused}"
+        );
+    }
 }

@@ -16,6 +16,8 @@ pub struct DeleteArgs {
     names: Vec<String>,
     #[command(flatten)]
     socket: SocketArg,
+    #[command(flatten)]
+    _namespace: ctl::NamespaceArg,
 }
 
 /// Runs `egress delete`.

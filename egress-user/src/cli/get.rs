@@ -17,6 +17,8 @@ pub struct GetArgs {
     kind: Kind,
     #[command(flatten)]
     socket: SocketArg,
+    #[command(flatten)]
+    _namespace: ctl::NamespaceArg,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,

@@ -27,6 +27,7 @@ pub use model::{
     Origin, Policy, PolicyErrors, PortRule, Protocol, ProxySettings, Rule, default_bypass,
     judged_as,
 };
+pub use validate::ONLY_NAMESPACE;
 
 /// The policy `egress run` enforces when no `--policy` is given (`egress check --default`).
 pub const DEFAULT_POLICY: &str = include_str!("default.yaml");

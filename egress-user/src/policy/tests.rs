@@ -421,7 +421,7 @@ rejects! {
     unknown_top_level_field: format!("{RULE}status: {{}}\n")
         => "p.yaml:10: status: unknown field (expected apiVersion, kind, metadata or spec)";
     unknown_metadata_field: rule_with("  name: r1\n", "  name: r1\n  uid: x\n")
-        => "p.yaml:4: metadata.uid: unknown field (expected name)";
+        => "p.yaml:4: metadata.uid: unknown field (expected name or namespace)";
     unknown_spec_field: rule_with("spec:\n", "spec:\n  hosts: [a]\n")
         => "p.yaml:5: spec.hosts: unknown field (expected destination or ports)";
     unknown_destination_field: rule_with("    service: 10.0.0.0/8\n", "    service: 10.0.0.0/8\n    port: 443\n")
@@ -649,3 +649,21 @@ mod config;
 mod http;
 mod input;
 mod service;
+
+#[test]
+fn a_namespace_other_than_default_is_refused_until_namespaces_scope_rules() {
+    let rule = |ns: &str| {
+        format!(
+            "kind: EgressRule\nmetadata:\n  name: r\n  namespace: {ns}\nspec:\n  destination: {{service: 192.0.2.0/24}}\n  ports: [{{port: 443, protocol: tcp}}]\n"
+        )
+    };
+    // Istio's documents are created in `default`: they load as written.
+    assert_eq!(loaded(&rule("default")).rules.len(), 1);
+    assert_rejected(
+        &rule("team-a"),
+        "p.yaml:4: metadata.namespace: namespace \"team-a\": namespaces do not scope rules yet",
+    );
+    // Labels and annotations stay accepted and ignored.
+    let labelled = rule("default").replace("  namespace: default\n", "  labels: {app: x}\n");
+    assert_eq!(loaded(&labelled).rules.len(), 1);
+}

@@ -23,11 +23,14 @@ use super::{
 
 /// The fields every document may have, whatever its kind.
 const DOCUMENT_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
-/// The `metadata` fields we read.
-const METADATA_FIELDS: &[&str] = &["name"];
+/// The `metadata` fields we read: `namespace` only to refuse one that would not be honoured.
+const METADATA_FIELDS: &[&str] = &["name", "namespace"];
 /// The usual Kubernetes `metadata` fields, accepted so that manifests written for a cluster
 /// load as they are, and ignored: they mean nothing to the filter.
-const METADATA_IGNORED: &[&str] = &["namespace", "labels", "annotations"];
+const METADATA_IGNORED: &[&str] = &["labels", "annotations"];
+/// The one namespace an EgressRule or EgressConfig may name until namespaces scope rules: the
+/// one Istio's documents are created in (`istioctl create -f rule.yaml -n default`).
+pub const ONLY_NAMESPACE: &str = "default";
 /// The kinds a document may be, for messages.
 const KINDS: &str = "EgressRule, EgressConfig or Service";
 
@@ -242,6 +245,23 @@ impl Walk<'_> {
     fn name(&mut self, doc: &Fields<'_>, required: bool) -> Option<(String, usize)> {
         let metadata =
             self.sub_mapping(doc, "metadata", METADATA_FIELDS, METADATA_IGNORED, required)?;
+        if let Some(ns) = metadata.get("namespace")
+            && let Some(namespace) = self.string("metadata.namespace", &ns.value)
+            && namespace != ONLY_NAMESPACE
+        {
+            // Accepting and ignoring it would apply a rule written for one namespace to every
+            // workload of the managed cgroup.
+            self.report.field_error(
+                ns.value.line,
+                "metadata.namespace",
+                format!(
+                    "namespace \"{}\": namespaces do not scope rules yet, so this document \
+                     would apply to every workload of the managed cgroup; remove \
+                     metadata.namespace (or write `{ONLY_NAMESPACE}`)",
+                    namespace.escape_debug()
+                ),
+            );
+        }
         let entry = if required {
             self.require(&metadata, "name")?
         } else {
