@@ -25,6 +25,19 @@ pub enum CgroupError {
     /// The path is not a cgroup v2 directory.
     #[error("{0} is not a cgroup v2 directory (no cgroup.procs in it)")]
     NotACgroup(PathBuf),
+    /// A cgroup given by path does not exist, and creating it was not asked for: a typo
+    /// (`kubepods.slice` on a node with the cgroupfs driver) must not enforce on a new, empty
+    /// cgroup that no workload is in.
+    #[error(
+        "cgroup {path} does not exist (egress creates only the default <cgroup2 mount>/{DEFAULT_CGROUP_NAME}, \
+         or a given path with --create-cgroup); {nearby}"
+    )]
+    Missing {
+        /// The path given.
+        path: PathBuf,
+        /// What exists nearby, for the message.
+        nearby: String,
+    },
     /// Creating or reading a cgroup failed.
     #[error("{what} {path}")]
     Io {
@@ -80,6 +93,53 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
 /// The managed cgroup when none is given: `<cgroup2 mount>/egress`.
 pub fn default_cgroup() -> Result<PathBuf, CgroupError> {
     Ok(cgroup2_mount()?.join(DEFAULT_CGROUP_NAME))
+}
+
+/// Refuses a cgroup path that does not exist: see [`CgroupError::Missing`]. The message
+/// names the nearest existing directory and the cgroups in it.
+///
+/// # Errors
+/// [`CgroupError::Missing`].
+pub fn require_existing(path: &Path) -> Result<(), CgroupError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let nearest = path
+        .ancestors()
+        .skip(1)
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let mut children: Vec<String> = fs::read_dir(nearest)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().join("cgroup.procs").exists())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    children.sort();
+    let nearby = if children.is_empty() {
+        format!("{} exists and holds no cgroup", nearest.display())
+    } else {
+        const SHOWN: usize = 12;
+        let more = children.len().saturating_sub(SHOWN);
+        children.truncate(SHOWN);
+        format!(
+            "{} exists and holds {}{}",
+            nearest.display(),
+            children.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        )
+    };
+    Err(CgroupError::Missing {
+        path: path.to_owned(),
+        nearby,
+    })
 }
 
 /// Creates the cgroup directory if it is missing and checks it is a cgroup v2 directory.
@@ -153,6 +213,30 @@ pub fn open(path: &Path) -> Result<fs::File, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_cgroup_is_refused_naming_what_exists_nearby() {
+        let dir = std::env::temp_dir().join(format!("egress-cg-{}", std::process::id()));
+        fs::create_dir_all(dir.join("kubepods/pod1")).expect("dirs");
+        // Fake cgroups: directories with cgroup.procs.
+        fs::write(dir.join("kubepods/cgroup.procs"), "").expect("procs");
+        fs::write(dir.join("kubepods/pod1/cgroup.procs"), "").expect("procs");
+        assert!(require_existing(&dir.join("kubepods")).is_ok());
+        let err = require_existing(&dir.join("kubepods.slice")).expect_err("missing");
+        let text = err.to_string();
+        let _ = fs::remove_dir_all(&dir);
+        assert!(
+            text.starts_with(&format!(
+                "cgroup {}/kubepods.slice does not exist",
+                dir.display()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!("{} exists and holds kubepods", dir.display())),
+            "{text}"
+        );
+    }
 
     #[test]
     fn finds_cgroup2_in_a_hybrid_layout() {

@@ -240,3 +240,50 @@ fn a_pinned_map_of_another_layout_is_reported_not_misread() {
     assert_eq!(server.accepted(), 1);
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// A mistyped `--cgroup` (`kubepods.slice` on a cgroupfs-driver node) is an error naming what
+/// exists there, not a new empty cgroup enforced on; `--create-cgroup` asks for one.
+#[test]
+fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
+    let sb = Sandbox::new();
+    let tmp = std::env::temp_dir().join(format!("{}-cgroup", sb.name));
+    let policy = policy_file(&tmp, "p.yaml", &rule("r", 8080));
+    // The sandbox's cgroup holds one child cgroup, as a node holds kubepods.
+    std::fs::create_dir(sb.cgroup.join("kubepods")).expect("child cgroup");
+    let typo = sb.cgroup.join("kubepods.slice");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "--policy".to_owned(),
+            policy.display().to_string(),
+            "--cgroup".to_owned(),
+            typo.display().to_string(),
+            "--pin-dir".to_owned(),
+            sb.pin_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    };
+    let (status, log) = Agent::run_to_exit_env(&sb, EGRESS, &args(&[]), &[]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("cgroup {} does not exist", typo.display()))
+            && log.contains("--create-cgroup")
+            && log.contains(&format!(
+                "{} exists and holds kubepods",
+                sb.cgroup.display()
+            )),
+        "{log}"
+    );
+    assert!(!typo.exists(), "nothing was created");
+    assert!(!sb.pin_dir.join("links").exists(), "nothing was pinned");
+
+    let agent = Agent::start_in(&sb, EGRESS, &args(&["--create-cgroup"]));
+    assert!(typo.join("cgroup.procs").exists(), "{}", agent.log());
+    assert!(agent.log().contains("ready: enforcing"), "{}", agent.log());
+    agent.signal(libc::SIGTERM);
+    let _ = agent.wait();
+    let _ = egress_user::loader::unload(&sb.pin_dir);
+    let _ = std::fs::remove_dir(&typo);
+    let _ = std::fs::remove_dir(sb.cgroup.join("kubepods"));
+    let _ = std::fs::remove_dir_all(tmp);
+}

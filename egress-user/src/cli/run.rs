@@ -23,9 +23,14 @@ pub struct RunArgs {
     /// been quiet for 200 ms; SIGHUP (or `egress reload`) reloads at once.
     #[arg(long = "policy", value_name = "FILE")]
     pub policy: Vec<PathBuf>,
-    /// The managed cgroup v2 directory, created if missing (default: `<cgroup2 mount>/egress`).
+    /// The managed cgroup v2 directory (default: `<cgroup2 mount>/egress`, created if
+    /// missing). A path given here must exist, unless `--create-cgroup`: a mistyped path would
+    /// otherwise enforce on a new, empty cgroup.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
+    /// Create the `--cgroup` directory if it does not exist.
+    #[arg(long, requires = "cgroup")]
+    pub create_cgroup: bool,
     /// Where programs and maps are pinned (mounts bpffs at /sys/fs/bpf if needed).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
@@ -88,7 +93,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let cgroup = match &args.cgroup {
-        Some(path) => path.clone(),
+        Some(path) => {
+            if !args.create_cgroup {
+                cgroup::require_existing(path)?;
+            }
+            path.clone()
+        }
         None => cgroup::default_cgroup()?,
     };
     let store = Store::open(&args.state_dir).context("opening the state directory")?;
