@@ -287,3 +287,35 @@ fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
     let _ = std::fs::remove_dir(sb.cgroup.join("kubepods"));
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// An empty managed cgroup filters nothing: after a while the agent says so, once; a cgroup
+/// with a process in it is not reported.
+#[test]
+fn an_empty_managed_cgroup_is_reported() {
+    let sb = Sandbox::new();
+    let tmp = std::env::temp_dir().join(format!("{}-empty", sb.name));
+    let policy = policy_file(&tmp, "p.yaml", &rule("r", 8080));
+    const WARNING: &str = "the managed cgroup has no process and no child cgroup";
+    let env = [("EGRESS_EMPTY_CGROUP_WARN_AFTER_MS", "300")];
+    let agent = Agent::start_in_env(&sb, EGRESS, &sb.run_args(&policy, &[]), &env);
+    agent.wait_for_log(WARNING, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.log().matches(WARNING).count(), 1, "{}", agent.log());
+    agent.signal(libc::SIGTERM);
+    let _ = agent.wait();
+
+    // A workload in the cgroup: no warning.
+    let mut workload = Command::new("sh")
+        .args(["-c", "echo $$ > \"$1/cgroup.procs\" && exec sleep 30", "sh"])
+        .arg(&sb.cgroup)
+        .spawn()
+        .expect("a workload");
+    std::thread::sleep(Duration::from_millis(200));
+    let agent = Agent::start_in_env(&sb, EGRESS, &sb.run_args(&policy, &[]), &env);
+    std::thread::sleep(Duration::from_millis(2000));
+    let log = agent.log();
+    let _ = workload.kill();
+    let _ = workload.wait();
+    assert!(!log.contains(WARNING), "{log}");
+    let _ = std::fs::remove_dir_all(tmp);
+}

@@ -12,6 +12,7 @@
 
 pub mod health;
 pub mod listeners;
+pub mod occupancy;
 pub mod watch;
 
 use std::{
@@ -791,6 +792,7 @@ impl Agent {
         if let Some(listener) = self.settings.metrics.take() {
             self.serve_metrics(listener, ready_rx, health.clone())?;
         }
+        let mut occupancy = occupancy::Occupancy::new(&self.settings.target.cgroup);
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         // While `batching`, proxy events are left queued until `batch` fires (REQUEST_BATCH).
         let batch = tokio::time::sleep(REQUEST_BATCH);
@@ -812,6 +814,7 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     self.rescan_xdp();
+                    occupancy.check(std::time::Instant::now());
                     for listener in self.retry_listeners() {
                         serve_proxy(listener)?;
                     }
