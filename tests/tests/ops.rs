@@ -338,6 +338,35 @@ fn policy_file_changes_are_applied_without_a_signal() {
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
     assert_eq!(s9090.accepted(), 2);
     assert_eq!(s8080.accepted(), 1);
+
+    // Put back as it was: the files are the policy in force again, and the failure is no
+    // longer reported, without a manual reload.
+    replace(&rule("r", 9090));
+    assert!(
+        eventually(Duration::from_secs(10), || status(&sb)["last_error"]
+            .is_null()),
+        "the mended file still shows the old error: {}",
+        agent.log()
+    );
+    // A broken file added to the directory, then deleted: a removed file is a change too.
+    let broken = egress_tests::policy_file(&dir, "broken.yaml", &rule("b", 0));
+    assert!(
+        eventually(Duration::from_secs(10), || status(&sb)["reloads_failed"]
+            == 2),
+        "the broken file was not reported: {}",
+        agent.log()
+    );
+    assert!(!status(&sb)["last_error"].is_null());
+    fs::remove_file(&broken).expect("removing the broken file");
+    assert!(
+        eventually(Duration::from_secs(10), || status(&sb)["last_error"]
+            .is_null()),
+        "the removal was not seen: {}",
+        agent.log()
+    );
+    let s = status(&sb);
+    assert_eq!(s["generation"], 2);
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
     drop(agent);
     let _ = fs::remove_dir_all(dir);
 }

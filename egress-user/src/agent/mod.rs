@@ -272,7 +272,18 @@ impl Agent {
     fn reload(&mut self, force: bool, why: &str) -> Result<u32, String> {
         let sources = sources(&self.settings.paths, &self.settings.store);
         if !force && digest(&sources, &self.settings.resolv_conf) == self.digest {
-            tracing::debug!(why, "policy sources unchanged; nothing to reload");
+            if let Some(error) = self.last_error.take() {
+                // A broken file removed, or put back as it was: the sources are again those of
+                // the policy in force, so the last failure no longer describes them.
+                tracing::info!(
+                    why,
+                    generation = self.generation(),
+                    previous_error = %error.lines().next().unwrap_or(""),
+                    "policy sources are back to the policy in force; the last reload error is cleared"
+                );
+            } else {
+                tracing::debug!(why, "policy sources unchanged; nothing to reload");
+            }
             return Ok(self.generation());
         }
         self.apply(&sources, why)
