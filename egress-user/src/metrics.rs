@@ -11,7 +11,7 @@
 //! Series, all bounded: rule names come from the policy, statuses are three-digit codes, and
 //! verdicts and reload results are fixed sets.
 //! - `egress_reloads_total{result="ok|failed"}`
-//! - `egress_proxy_requests_total{rule,status}`: `rule="(none)"` when no rule allowed the
+//! - `egress_proxy_requests_total{rule,status}`: `rule="(no rule)"` when no rule allowed the
 //!   request, `status="0"` when the connection closed without an answer.
 //! - `egress_proxy_request_duration_seconds{rule}`: histogram, [`LATENCY_BUCKETS`].
 //! - `egress_proxy_events_dropped_total`
@@ -58,7 +58,7 @@ use tokio::sync::watch;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The `rule` label of requests that no rule allowed (denied, malformed, refused TLS).
-pub const NO_RULE: &str = "(none)";
+pub const NO_RULE: &str = crate::loader::NO_RULE_NAME;
 
 /// Upper bounds (seconds) of the request-duration buckets: 0.1 ms to 10 s in 1-2.5-5 steps.
 /// A proxied request on loopback takes a few hundred microseconds; a slow upstream, seconds.
@@ -750,8 +750,8 @@ mod tests {
         };
         assert_eq!(requests("web", "200"), "2");
         assert_eq!(requests("web", "503"), "1");
-        assert_eq!(requests("(none)", "403"), "1");
-        assert_eq!(requests("(none)", "0"), "1");
+        assert_eq!(requests("(no rule)", "403"), "1");
+        assert_eq!(requests("(no rule)", "0"), "1");
         // Only the pairs seen: 4 request series.
         let request_series = s
             .keys()
@@ -768,7 +768,7 @@ mod tests {
         assert_eq!(
             value(
                 &s,
-                "egress_proxy_request_duration_seconds_count{rule=\"(none)\"}"
+                "egress_proxy_request_duration_seconds_count{rule=\"(no rule)\"}"
             ),
             "2"
         );

@@ -33,6 +33,17 @@ fn plain_http_by_host_and_tls_origination_as_in_the_seed() {
     );
     // The app's getpeername() shows where it connected, not the proxy.
     assert_eq!(r.peer, "192.0.2.1:80");
+    // The request's log line rounds its latency for people: `latency_ms=0.84`.
+    w.agent()
+        .wait_for_log("latency_ms=", Duration::from_secs(5));
+    let log = w.agent().log();
+    let latency = log
+        .split("latency_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("latency_ms");
+    let decimals = latency.split_once('.').map_or(0, |(_, d)| d.len());
+    assert_eq!(decimals, 2, "latency_ms={latency}");
 
     // curl http://secure.test:443/: the app speaks HTTP, the upstream sees TLS for secure.test.
     let r = w.get(sa(V4_A, 443), "secure.test:443", "/");

@@ -142,7 +142,7 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     );
     assert!(
         lines.iter().any(|l| l.contains("from-file")
-            && l.contains("192.0.2.0/24 tcp/8080")
+            && l.contains("192.0.2.0/24 8080/tcp")
             && l.contains(&format!("{}:1", policy.display()))),
         "{out}"
     );
@@ -407,7 +407,7 @@ fn metrics_count_verdicts_requests_and_reloads() {
         body = sb.scrape(9464, "/metrics").1;
         sample(
             &body,
-            r#"egress_proxy_requests_total{rule="(none)",status="403"}"#,
+            r#"egress_proxy_requests_total{rule="(no rule)",status="403"}"#,
         )
         .is_some()
     });
@@ -426,7 +426,7 @@ fn metrics_count_verdicts_requests_and_reloads() {
             1.0,
         ),
         (
-            r#"egress_proxy_requests_total{rule="(none)",status="403"}"#,
+            r#"egress_proxy_requests_total{rule="(no rule)",status="403"}"#,
             1.0,
         ),
         (

@@ -502,7 +502,7 @@ impl Agent {
         };
         let mut rows = Vec::new();
         for r in &self.policy.rules {
-            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.protocol, p.port)));
+            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
             rows.push(row(
                 Kind::EgressRule,
                 &r.name,
@@ -511,7 +511,7 @@ impl Agent {
             ));
         }
         for r in &self.policy.http_rules {
-            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.protocol, p.port)));
+            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
             rows.push(row(
                 Kind::EgressRule,
                 &r.name,

@@ -333,7 +333,7 @@ pub fn log_request(e: &crate::proxy::RequestEvent, limit: &LogLimit) {
                 status = e.status,
                 bytes_in = e.bytes_in,
                 bytes_out = e.bytes_out,
-                latency_ms = e.latency.as_secs_f64() * 1000.0,
+                latency_ms = format_args!("{:.2}", e.latency.as_secs_f64() * 1000.0),
                 client = %e.client,
                 orig_dst = %orig_dst,
                 upstream = %upstream,
