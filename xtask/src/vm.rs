@@ -62,8 +62,10 @@ const MODULES: &[&str] = &["kernel/drivers/net/veth.ko"];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Test binaries of `egress-tests` left out by default: `soak` runs for minutes by design and
-/// exercises user space, not the kernel's features; the others are all kernel-facing.
-const SKIPPED_BY_DEFAULT: &[&str] = &["soak"];
+/// `exhaustion` holds thousands of connections against the agent's descriptor limit; both
+/// exercise user space, not the kernel's features, and would only be slow under emulation.
+/// The others are all kernel-facing.
+const SKIPPED_BY_DEFAULT: &[&str] = &["soak", "exhaustion"];
 
 /// The line /init prints first: `EGRESS-VM-KERNEL <uname -r>`.
 const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
@@ -129,7 +131,7 @@ pub struct Matrix {
     pub kernel: Kernel,
 
     /// Run only this test binary of `egress-tests` (repeatable; a file name in `tests/tests/`
-    /// without `.rs`). By default every one but `soak`.
+    /// without `.rs`). By default every one but `soak` and `exhaustion`.
     #[arg(long = "test", value_name = "NAME")]
     pub tests: Vec<String>,
 
