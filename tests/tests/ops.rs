@@ -522,6 +522,11 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&file, &["--no-watch"]));
     let follower = EventFollower::start(&sb, EGRESS);
     let markers = follower.wait_subscribed(&sb, PROBE, sa(V4_A, 9));
+    // A marker denied before the follower subscribed is counted and logged but not streamed
+    // (seen once under emulation): count the denials from here, as the kernel counts them.
+    let denied_before = row(&status(&sb), "(no rule)")["denied"]
+        .as_u64()
+        .expect("denied") as usize;
 
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_egress-connect-loop"))
@@ -547,7 +552,8 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     );
     assert_eq!(denied.accepted(), 0, "a denied connect reached the sink");
     let s = status(&sb);
-    assert_eq!(row(&s, "(no rule)")["denied"], total as u64, "{s:#}");
+    let denials = denied_before + BURST;
+    assert_eq!(row(&s, "(no rule)")["denied"], denials as u64, "{s:#}");
     assert_eq!(s["events_lost"], 0);
 
     // Every denial is in the log once: as its own line, or in a summary's count (the agent
@@ -568,17 +574,17 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
                     .ok()
             })
             .sum();
-        lines + summarised == total
+        lines + summarised == denials
     });
     assert!(
         accounted,
-        "{lines} lines + {summarised} summarised != {total} denials:\n{}",
+        "{lines} lines + {summarised} summarised != {denials} denials:\n{}",
         agent.log()
     );
     // Five lines per destination per second of the burst (it may straddle two windows).
     let windows = burst_time.as_secs() as usize + 2;
     assert!(
-        lines <= 5 * windows + markers,
+        lines <= 5 * windows + denied_before,
         "{lines} lines for {total} denials in {burst_time:?}"
     );
     drop(follower);
