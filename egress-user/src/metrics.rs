@@ -325,7 +325,8 @@ impl Metrics {
     }
 
     /// The proxy's connections and the agent's descriptors now. `stats` holds running
-    /// totals (the admission lives as long as the agent); the counters grow by the difference.
+    /// totals (the admission lives as long as the agent), which the counters take on. Called
+    /// every second and at each scrape, so a scrape shows the totals of that moment.
     pub fn set_connections(
         &self,
         stats: &crate::proxy::AdmissionStats,
@@ -335,14 +336,13 @@ impl Metrics {
         let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         self.connections.set(gauge(stats.open));
         self.connections_limit.set(gauge(stats.limit));
+        // The tick and a scrape may both call this at once; the counters hold the running
+        // totals, and `fetch_max` never lets one go back or count growth twice.
         for (counter, total) in [
             (&self.connections_refused, stats.refused),
             (&self.connections_evicted, stats.evicted),
         ] {
-            let new = total.saturating_sub(counter.get());
-            if new > 0 {
-                counter.inc_by(new);
-            }
+            counter.inner().fetch_max(total, Relaxed);
         }
         if let Some(open) = open_fds {
             self.open_fds.set(gauge(open));

@@ -895,7 +895,13 @@ impl Agent {
         let counters = PinnedCounters::open(&self.settings.target.pin_dir)
             .context("opening the pinned counters for metrics")?;
         let rows = self.rows.subscribe();
+        let (metrics, connections) = (self.metrics.clone(), health.clone());
         let snapshot = Arc::new(move || {
+            metrics.set_connections(
+                &connections.admission.stats(),
+                crate::fds::open_fds().ok(),
+                connections.budget.limit,
+            );
             let rows = rows.borrow().clone();
             let counts = counters.rows(&rows.1).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "metrics: reading the kernel counters");
