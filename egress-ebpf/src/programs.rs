@@ -410,8 +410,11 @@ fn decide(
                     )
                 }
                 // Nobody, or somebody other than the agent, listens where the connection would
-                // go: refused, in audit mode too, since the only alternative to the agent's
-                // proxy would be a process that may read it.
+                // go: never redirected there, since that process could read it. Audit mode
+                // lets the connection go where the app sent it, unchanged, as a would-deny.
+                why if config.mode == mode::AUDIT => {
+                    (verdict::WOULD_DENY, ROW_PROXY, Outcome::Allow, why)
+                }
                 why => (verdict::DENY, ROW_PROXY, Outcome::Deny, why),
             }
         }

@@ -673,6 +673,7 @@ impl Agent {
                     .collect(),
                 requests: counters.iter().map(|c| c.requests).sum(),
                 denied: counters.iter().map(|c| c.denied).sum(),
+                would_deny: counters.iter().map(|c| c.would_deny).sum(),
                 events_dropped: proxy.events_dropped(),
                 ..self
                     .health

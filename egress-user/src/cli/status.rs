@@ -80,10 +80,14 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         }
     );
     println!(
-        "proxy:       listening on {}; {} requests, {} refused, {} events dropped",
+        "proxy:       listening on {}; {} requests, {} refused{}, {} events dropped",
         status.proxy.listening.join(", "),
         status.proxy.requests,
         status.proxy.denied,
+        match status.proxy.would_deny {
+            0 => String::new(),
+            n => format!(", {n} passed on by audit mode (would refuse)"),
+        },
         status.proxy.events_dropped
     );
     for missing in &status.proxy.missing {

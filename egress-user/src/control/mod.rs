@@ -167,6 +167,9 @@ pub struct ProxyStatus {
     pub requests: u64,
     /// Requests refused (403, refused TLS).
     pub denied: u64,
+    /// Requests and connections audit mode passed on that enforce mode would refuse.
+    #[serde(default)]
+    pub would_deny: u64,
     /// Events dropped because the agent's queue was full.
     pub events_dropped: u64,
     /// App connections held now.

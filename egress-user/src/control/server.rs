@@ -119,6 +119,7 @@ impl HubEvent {
                 time: super::rfc3339(*at),
                 source: "http".to_owned(),
                 verdict: match e.status {
+                    _ if e.would_deny => "would-deny",
                     403 => "deny",
                     0 => "refused",
                     s if s >= 400 => "error",

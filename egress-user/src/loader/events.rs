@@ -338,12 +338,13 @@ pub fn log_request(e: &crate::proxy::RequestEvent, limit: &LogLimit) {
                 orig_dst = %orig_dst,
                 upstream = %upstream,
                 reason = %reason,
-                "http {}",
-                e.status
+                "http {}{}",
+                e.status,
+                if e.would_deny { " would-deny" } else { "" }
             )
         };
     }
-    if e.status == 0 || e.status >= 400 {
+    if e.would_deny || e.status == 0 || e.status >= 400 {
         if limit.admit(&format!("http {} -> {}", e.client.ip(), e.host)) {
             emit!(warn);
         }

@@ -42,6 +42,8 @@ pub(crate) struct RequestLog {
     pub(crate) upstream: Option<SocketAddr>,
     /// Why the proxy answered itself, or why the body ended early.
     pub(crate) reason: Option<String>,
+    /// Audit mode passed the request on; enforce would refuse it.
+    pub(crate) would_deny: bool,
 }
 
 impl RequestLog {
@@ -65,6 +67,7 @@ impl RequestLog {
             bytes_out: 0,
             upstream: None,
             reason: None,
+            would_deny: false,
         }
     }
 }
@@ -73,8 +76,12 @@ impl Drop for RequestLog {
     fn drop(&mut self) {
         let counters = &self.proxy.counters;
         let bytes_in = self.bytes_in.load(Relaxed);
-        let denied = self.status == 403;
-        counters.record(self.slot, self.status, denied, bytes_in, self.bytes_out);
+        if self.would_deny {
+            counters.record_would_deny(self.slot, self.status, bytes_in, self.bytes_out);
+        } else {
+            let denied = self.status == 403;
+            counters.record(self.slot, self.status, denied, bytes_in, self.bytes_out);
+        }
         let event = RequestEvent {
             rule: counters.name(self.slot).map(str::to_owned),
             host: std::mem::take(&mut self.host),
@@ -91,6 +98,7 @@ impl Drop for RequestLog {
             orig_dst: self.conn.orig_dst,
             upstream: self.upstream,
             reason: self.reason.take(),
+            would_deny: self.would_deny,
         };
         counters.emit(&self.conn.events, event);
     }

@@ -37,8 +37,11 @@ pub struct RequestEvent {
     /// The upstream address the request went to, when it got that far.
     pub upstream: Option<SocketAddr>,
     /// Why the proxy answered itself (denied, malformed, upstream failure), or why the body
-    /// ended early.
+    /// ended early; in audit mode, for a request passed on, why enforce would refuse it.
     pub reason: Option<String>,
+    /// Audit mode passed on a request (or relayed a connection) that enforce mode would
+    /// refuse: `status` is the destination's answer.
+    pub would_deny: bool,
 }
 
 /// A snapshot of one rule's or alias's counters.
@@ -63,6 +66,8 @@ pub struct RuleStats {
     pub status_5xx: u64,
     /// Requests refused by policy (403) and connections refused (a TLS ClientHello).
     pub denied: u64,
+    /// Requests and connections audit mode passed on that enforce mode would refuse.
+    pub would_deny: u64,
     /// Body bytes read from apps.
     pub bytes_in: u64,
     /// Body bytes sent to apps.
@@ -74,6 +79,7 @@ struct Slot {
     requests: AtomicU64,
     classes: [AtomicU64; 5],
     denied: AtomicU64,
+    would_deny: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
 }
@@ -133,6 +139,18 @@ impl Counters {
         s.bytes_out.fetch_add(bytes_out, Relaxed);
     }
 
+    /// Counts one finished request (or relayed connection) that audit mode passed on.
+    pub(crate) fn record_would_deny(
+        &self,
+        slot: usize,
+        status: u16,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        self.record(slot, status, false, bytes_in, bytes_out);
+        self.slots[slot].would_deny.fetch_add(1, Relaxed);
+    }
+
     /// Sends `event` without waiting; counts it as dropped when the channel is full or closed.
     /// A failure (no answer, or a 5xx) whose event is dropped is still logged here, so that
     /// no upstream or internal failure goes unrecorded; the consumer logs the rest.
@@ -175,6 +193,7 @@ impl Counters {
                     status_4xx: c(3),
                     status_5xx: c(4),
                     denied: s.denied.load(Relaxed),
+                    would_deny: s.would_deny.load(Relaxed),
                     bytes_in: s.bytes_in.load(Relaxed),
                     bytes_out: s.bytes_out.load(Relaxed),
                 }
@@ -218,6 +237,7 @@ mod tests {
             orig_dst: None,
             upstream: None,
             reason: None,
+            would_deny: false,
         };
         c.emit(&tx, ev.clone());
         c.emit(&tx, ev.clone());

@@ -12,6 +12,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::Instrument as _;
 
+use super::audit;
 use super::body::{ReqBody, RequestLog, RespBody};
 use super::error::{ProxyError, Side};
 use super::framing::Framing;
@@ -61,37 +62,53 @@ impl Conn {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
-        let port = port?;
-        if let Some(port) = port.filter(|&p| p != orig.port()) {
-            return Err(ProxyError::PortMismatch {
-                request: port,
-                connection: orig.port(),
-            });
-        }
         let proxy = log.proxy.clone();
-        let target = proxy.routes.decide(&log.host, orig.port())?;
-        log.slot = target.slot;
+        let judged = port.and_then(|port| {
+            if let Some(port) = port.filter(|&p| p != orig.port()) {
+                return Err(ProxyError::PortMismatch {
+                    request: port,
+                    connection: orig.port(),
+                });
+            }
+            proxy.routes.decide(&log.host, orig.port())
+        });
+        // `None`: audit mode passes the request on to where the app sent it.
+        let target = match judged {
+            Ok(target) => {
+                log.slot = target.slot;
+                Some(target)
+            }
+            Err(e) if proxy.audit && audit::passes_on(&e) => {
+                log.would_deny = true;
+                log.reason = Some(format!("{}: {e}", audit::WOULD_REFUSE));
+                None
+            }
+            Err(e) => return Err(e),
+        };
 
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        if let Some(host) = &target.host_header {
+        if let Some(host) = target.and_then(|t| t.host_header.as_ref()) {
             parts.headers.insert(HOST, host.clone());
         } else if absolute && let Some(a) = parts.uri.authority() {
             let host = HeaderValue::from_str(a.as_str())
                 .map_err(|e| ProxyError::BuildRequest(e.into()))?;
             parts.headers.insert(HOST, host);
         }
-        let authority = match &target.authority {
-            Some(a) => a.clone(),
-            None => Authority::try_from(format!("{}:{}", log.host, orig.port()))
+        let authority = match target.map(|t| &t.authority) {
+            Some(Some(a)) => a.clone(),
+            Some(None) => Authority::try_from(format!("{}:{}", log.host, orig.port()))
+                .map_err(|e| ProxyError::BuildRequest(e.into()))?,
+            // Audit mode: the app's own destination, an address.
+            None => Authority::try_from(orig.to_string())
                 .map_err(|e| ProxyError::BuildRequest(e.into()))?,
         };
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(match target.protocol {
-            HttpProtocol::Http => Scheme::HTTP,
-            HttpProtocol::Https => Scheme::HTTPS,
+        uri.scheme = Some(match target.map(|t| t.protocol) {
+            Some(HttpProtocol::Https) => Scheme::HTTPS,
+            Some(HttpProtocol::Http) | None => Scheme::HTTP,
         });
         uri.authority = Some(authority.clone());
         uri.path_and_query = Some(
@@ -111,7 +128,11 @@ impl Conn {
             ReqBody::new(body, log.bytes_in.clone(), activity.clone()),
         );
         let mut timer = IdleTimer::new(activity.clone(), proxy.timeouts.idle);
-        let sent = until_idle(&mut timer, proxy.client.request(req)).await;
+        let request = match target {
+            Some(_) => proxy.client.request(req),
+            None => proxy.direct.request(req),
+        };
+        let sent = until_idle(&mut timer, request).await;
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             // The app's body failed (malformed chunks, cut short): the client's fault, whatever
@@ -235,7 +256,11 @@ fn answer(err: ProxyError, mut log: RequestLog, close: bool) -> Response<RespBod
     }
     let body = format!("egress: {reason}\n");
     log.status = status.as_u16();
-    log.reason = Some(reason);
+    log.reason = Some(match log.reason.take() {
+        // Audit mode passed it on, and then it failed: say both.
+        Some(audit) if log.would_deny => format!("{audit}; then {reason}"),
+        _ => reason,
+    });
     plain(status, body, log, close || err.closes_connection())
 }
 

@@ -36,6 +36,31 @@ pub(crate) async fn read_sni_and_refuse(stream: &mut TcpStream) -> Option<String
     record.as_deref().and_then(client_hello_sni)
 }
 
+/// The SNI of the ClientHello waiting on `stream`, read without consuming it (audit mode relays
+/// the bytes on as they are): `None` when the first byte is not [`HANDSHAKE`], the record does
+/// not arrive whole within the read limit, or it names no server.
+pub(crate) async fn peek_sni(stream: &TcpStream) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+    let mut buf = vec![0u8; 5 + 18 * 1024];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 || buf[0] != HANDSHAKE {
+            return None;
+        }
+        if n >= 5 {
+            let len = usize::from(u16::from_be_bytes([buf[3], buf[4]])).min(18 * 1024);
+            if n >= 5 + len {
+                return client_hello_sni(&buf[5..5 + len]);
+            }
+        }
+        // A peek returns at once while any byte waits: wait a little for the rest.
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The server name in a ClientHello handshake message (the payload of the first record).
 pub(crate) fn client_hello_sni(msg: &[u8]) -> Option<String> {
     let mut c = Cursor(msg);

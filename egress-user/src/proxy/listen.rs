@@ -1,6 +1,7 @@
 //! The accept loop and one app connection: admission (see [`super::admission`]), a span per
-//! connection, a peek at the first byte (a TLS ClientHello is refused), then hyper's HTTP/1.1
-//! server with keep-alive and upgrades over the [`FramingGuard`].
+//! connection, a peek at the first byte (a TLS ClientHello is refused; in audit mode, a
+//! connection that does not start like HTTP is relayed, see [`super::audit`]), then hyper's
+//! HTTP/1.1 server with keep-alive and upgrades over the [`FramingGuard`].
 //!
 //! Time bounds on a client that sends slowly: the peek waits at most `header_read` for a first
 //! byte, and hyper then gives each request head `header_read` in all (not per byte), so a
@@ -22,8 +23,8 @@ use tracing::Instrument as _;
 use super::admission::{Admission, Limits};
 use super::events::RequestEvent;
 use super::framing::{Framing, FramingGuard, Verdicts};
-use super::hello;
 use super::{OrigDst, Proxy};
+use super::{audit, hello};
 
 /// Where a connection's requests find the proxy (policy) that judges them.
 #[derive(Clone)]
@@ -212,6 +213,12 @@ async fn connection(
             return;
         }
     }
+    if proxy.audit
+        && !audit::starts_http(first[0])
+        && let Some(orig) = orig_dst
+    {
+        return audit::relay(&proxy, stream, client, orig, &events).await;
+    }
     if first[0] == hello::HANDSHAKE {
         return refuse_tls(&proxy, stream, client, orig_dst, &events).await;
     }
@@ -281,6 +288,7 @@ async fn refuse_tls(
         orig_dst,
         upstream: None,
         reason: Some(reason),
+        would_deny: false,
     };
     counters.emit(events, event);
 }

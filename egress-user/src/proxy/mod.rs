@@ -1,7 +1,8 @@
 //! The HTTP egress proxy: the kernel redirects an app's connections to HTTP egress ports here;
 //! the proxy lets a request through only when an HTTP rule or alias allows its host on the
 //! port the app connected to, and reaches the upstream itself (resolving the allowed name,
-//! never dialling the app's original address), originating TLS for https rules.
+//! never dialling the app's original address), originating TLS for https rules. In audit mode
+//! what the policy would refuse goes on to the app's original address instead (`audit`).
 //!
 //! A request flows through the files in this order: `admission` (which connections are
 //! held), [`listen`](self::listen) (accept, span, ClientHello peek, hyper's HTTP/1.1 server), `framing` (refuses ambiguous framing),
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod audit;
 mod body;
 mod error;
 mod events;
@@ -88,6 +90,10 @@ impl Default for Timeouts {
 pub struct Proxy {
     routes: Routes,
     client: Client<Connector, ReqBody>,
+    /// Audit mode: what the policy would refuse is passed on, see [`audit`].
+    audit: bool,
+    /// Audit mode's pool, to the apps' original destinations.
+    direct: Client<audit::Direct, ReqBody>,
     counters: Counters,
     timeouts: Timeouts,
 }
@@ -150,10 +156,18 @@ impl ProxyBuilder<'_> {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(self.timeouts.pool_idle)
             .build(Connector(Arc::new(dialer)));
+        let direct = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.timeouts.pool_idle)
+            .build(audit::Direct {
+                connect_timeout: self.timeouts.connect,
+            });
         let counters = Counters::new(routes.names());
         Ok(Proxy {
             routes,
             client,
+            audit: self.policy.mode == crate::policy::Mode::Audit,
+            direct,
             counters,
             timeouts: self.timeouts,
         })

@@ -313,13 +313,13 @@ impl Dialer {
 }
 
 #[cfg(not(test))]
-async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
     TcpStream::connect(addr).await
 }
 
 /// Tests may only reach this machine: a filter bug must not send a packet anywhere else.
 #[cfg(test)]
-async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
     if !addr.ip().to_canonical().is_loopback() {
         return Err(io::Error::other(format!(
             "test safety net: refusing to dial {addr}"
@@ -414,6 +414,16 @@ impl AsyncWrite for Stream {
 pub(crate) struct UpstreamIo {
     io: TokioIo<Stream>,
     addr: SocketAddr,
+}
+
+impl UpstreamIo {
+    /// A plain TCP connection to `addr`.
+    pub(crate) fn plain(tcp: TcpStream, addr: SocketAddr) -> Self {
+        Self {
+            io: TokioIo::new(Stream::Plain(tcp)),
+            addr,
+        }
+    }
 }
 
 impl Connection for UpstreamIo {

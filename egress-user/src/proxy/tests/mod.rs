@@ -2,6 +2,7 @@
 //! 127.0.0.x, made-up names mapped by the policy's `hosts` or a map resolver (never DNS), and a
 //! fake original-destination table. Denials are proven at the upstream: it saw nothing.
 
+mod audit;
 mod exchange;
 mod http;
 mod stream;

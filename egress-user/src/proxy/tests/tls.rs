@@ -253,3 +253,63 @@ async fn an_app_that_does_its_own_tls_is_refused_with_its_sni_named() {
     assert_eq!((none.requests, none.denied), (1, 1));
     assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// Issue 14: in audit mode an app's own TLS is not refused but relayed, byte for byte, to
+/// where the app sent it: the handshake completes with the real server (which sees the app's
+/// SNI) and the request is answered, with one would-deny event naming the SNI.
+#[tokio::test]
+async fn in_audit_mode_an_apps_own_tls_is_relayed_to_its_destination_and_reported() {
+    let ca = Ca::new("egress audit test ca");
+    let up = Upstream::with(
+        "127.0.0.1:0",
+        Some(ca.server(&["tls.test"], false)),
+        handler(echo),
+    )
+    .await;
+    let mut p = policy(vec![rule("other", "other.test", 443, Https)], &[]);
+    p.mode = crate::policy::Mode::Audit;
+    let mut h = Harness::start(p).await;
+    let c = h.connect(up.addr).await;
+    let tcp = c.io.into_inner();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.0.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("tls.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("the handshake reaches the real server in audit mode");
+    tls.write_all(b"GET /own HTTP/1.1\r\nHost: tls.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("reading the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(tls);
+    assert_eq!(
+        up.requests(),
+        1,
+        "the destination served the app's own request"
+    );
+    assert_eq!(up.last().uri, "/own");
+    assert_eq!(*up.sni.lock().unwrap(), vec![Some("tls.test".to_owned())]);
+    let ev = h.event().await;
+    assert!(ev.would_deny, "{ev:?}");
+    assert_eq!((ev.host.as_str(), ev.rule.as_deref()), ("tls.test", None));
+    assert_eq!(ev.upstream, Some(up.addr));
+    assert!(ev.bytes_in > 0 && ev.bytes_out > 0, "{ev:?}");
+    let reason = ev.reason.unwrap();
+    assert!(
+        reason.contains("audit mode passed it on")
+            && reason.contains("tls client hello for tls.test"),
+        "{reason}"
+    );
+    let none = h.proxy.counters().pop().unwrap();
+    assert_eq!((none.would_deny, none.denied), (1, 0));
+}
