@@ -14,6 +14,8 @@
 //! - `egress_proxy_requests_total{rule,status}`: `rule="(no rule)"` when no rule allowed the
 //!   request, `status="0"` when the connection closed without an answer.
 //! - `egress_proxy_request_duration_seconds{rule}`: histogram, [`LATENCY_BUCKETS`].
+//! - `egress_proxy_would_deny_total`: requests and connections audit mode passed on that
+//!   enforce mode would refuse (also in `egress_proxy_requests_total`, as `(no rule)`).
 //! - `egress_proxy_events_dropped_total`
 //! - `egress_proxy_connections` (held now), `egress_proxy_connections_limit`,
 //!   `egress_proxy_connections_refused_total` (no room: every held one serving requests),
@@ -136,6 +138,7 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RuleLabels, Histogram, fn() -> Histogram>,
+    would_deny: Counter,
     events_dropped: Counter,
     /// The last running total given to [`Metrics::set_proxy_events_dropped`].
     events_dropped_seen: AtomicU64,
@@ -183,6 +186,12 @@ impl Metrics {
             "From the start of a proxied request to the end of its response body, by rule",
             Unit::Seconds,
             durations.clone(),
+        );
+        let would_deny = Counter::default();
+        registry.register(
+            "egress_proxy_would_deny",
+            "Requests and connections audit mode passed on that enforce mode would refuse",
+            would_deny.clone(),
         );
         let events_dropped = Counter::default();
         registry.register(
@@ -235,6 +244,7 @@ impl Metrics {
             reloads,
             requests,
             durations,
+            would_deny,
             events_dropped,
             events_dropped_seen: AtomicU64::new(0),
             connections,
@@ -309,6 +319,11 @@ impl Metrics {
             })
         });
         counter.inc();
+    }
+
+    /// One request or connection audit mode passed on (also counted by [`Self::proxy_request`]).
+    pub fn proxy_would_deny(&self) {
+        self.would_deny.inc();
     }
 
     /// Proxy events dropped because the queue was full, as the proxy's running total.
@@ -799,6 +814,7 @@ mod tests {
                 "egress_proxy_events_dropped",
                 "egress_proxy_request_duration_seconds",
                 "egress_proxy_requests",
+                "egress_proxy_would_deny",
                 "egress_reloads",
                 "egress_verdicts",
             ]

@@ -11,7 +11,7 @@ use std::{
 };
 
 use egress_tests::{
-    V4_A, egress_bin, probe_bin, sa,
+    Agent, V4_A, egress_bin, probe_bin, sa,
     squatter::{Hold, Squatter},
     squatter_bin,
     world::{POLICY, Response, World},
@@ -20,6 +20,8 @@ use egress_tests::{
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
 const SQUATTER: &str = squatter_bin!();
+
+const METRICS: u16 = 9464;
 
 const PROXY_V4: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15001);
 
@@ -31,8 +33,11 @@ fn audit_world() -> World {
         policy, POLICY,
         "the world's policy starts with its EgressConfig"
     );
-    std::fs::write(w.dir.join("policy.yaml"), policy).expect("audit policy");
-    w.start_agent();
+    let path = w.dir.join("policy.yaml");
+    std::fs::write(&path, policy).expect("audit policy");
+    let metrics = format!("127.0.0.1:{METRICS}");
+    let args = w.sb.run_args(&path, &["--metrics-addr", &metrics]);
+    w.agent = Some(Agent::start_in(&w.sb, EGRESS, &args));
     w
 }
 
@@ -89,6 +94,12 @@ fn a_request_no_rule_allows_reaches_the_address_the_app_chose_and_is_reported() 
             .is_some_and(|r| r.contains("enforce would refuse it: host nobody.test")),
         "{}",
         would[0]
+    );
+    let (_, metrics) = w.sb.scrape(METRICS, "/metrics");
+    assert_eq!(
+        egress_tests::sample(&metrics, "egress_proxy_would_deny_total"),
+        Some(1.0),
+        "{metrics}"
     );
     let (_, text, _) = w.sb.ctl(EGRESS, &["status"]);
     assert!(

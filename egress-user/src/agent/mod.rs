@@ -878,6 +878,9 @@ impl Agent {
     fn record_request(&self, request: RequestEvent) {
         self.metrics
             .proxy_request(request.rule.as_deref(), request.status, request.latency);
+        if request.would_deny {
+            self.metrics.proxy_would_deny();
+        }
         events::log_request(&request, &self.log_limit);
         self.hub.publish(HubEvent::Http(SystemTime::now(), request));
     }
