@@ -384,6 +384,13 @@ impl Sandbox {
         )
     }
 
+    /// `egress status -o json` of this sandbox's agent, parsed (fails the test if it fails).
+    pub fn status_json(&self, egress: &str) -> serde_json::Value {
+        let (ok, out, err) = self.ctl(egress, &["status", "-o", "json"]);
+        assert!(ok.success(), "egress status failed: {out}{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+    }
+
     /// [`Sandbox::ctl`] with `stdin` fed to the client, that fails the test (killing the
     /// client) if it has not exited within `timeout`: for requests that once hung (a reload
     /// reading a FIFO), so that a regression fails instead of hanging the suite. A client that
@@ -1164,4 +1171,14 @@ pub mod raw {
         let (storage, len) = sockaddr(addr);
         connect_once(family, &storage, len).1
     }
+}
+
+/// The row of rule `name` in a parsed `egress status -o json` (fails the test if there is none).
+pub fn status_row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no rule {name} in {status:#}"))
 }

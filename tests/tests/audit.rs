@@ -13,7 +13,7 @@ use std::{
 use egress_tests::{
     Agent, V4_A, egress_bin, probe_bin, sa,
     squatter::{Hold, Squatter},
-    squatter_bin,
+    squatter_bin, status_row,
     world::{POLICY, Response, World},
 };
 
@@ -39,22 +39,6 @@ fn audit_world() -> World {
     let args = w.sb.run_args(&path, &["--metrics-addr", &metrics]);
     w.agent = Some(Agent::start_in(&w.sb, EGRESS, &args));
     w
-}
-
-/// The JSON of `egress status -o json`.
-fn status_json(w: &World) -> serde_json::Value {
-    let (ok, out, err) = w.sb.ctl(EGRESS, &["status", "-o", "json"]);
-    assert!(ok.success(), "{out}{err}");
-    serde_json::from_str(&out).expect("status json")
-}
-
-fn row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    status["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no {name} row: {status}"))
 }
 
 #[test]
@@ -139,8 +123,8 @@ fn with_the_proxy_absent_or_squatted_connections_go_where_the_app_sent_them() {
     let agent = w.agent();
     agent.wait_for_log("reason=proxy-absent", Duration::from_secs(5));
     agent.wait_for_log("reason=proxy-foreign", Duration::from_secs(5));
-    let status = status_json(&w);
-    let proxy = row(&status, "(proxy)");
+    let status = w.sb.status_json(EGRESS);
+    let proxy = status_row(&status, "(proxy)");
     assert_eq!(
         (proxy["would_deny"].as_u64(), proxy["denied"].as_u64()),
         (Some(2), Some(0)),

@@ -110,9 +110,7 @@ fn denied(sb: &Sandbox, server: &Server) {
 
 /// `egress status -o json`, parsed.
 fn status(sb: &Sandbox) -> serde_json::Value {
-    let (ok, out, err) = sb.ctl(EGRESS, &["status", "-o", "json"]);
-    assert!(ok.success(), "egress status failed: {err}");
-    serde_json::from_str(&out).expect("status is JSON")
+    sb.status_json(EGRESS)
 }
 
 /// The row named `name`, if the status has one.

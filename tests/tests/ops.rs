@@ -12,6 +12,7 @@ use std::{
 
 use egress_tests::{
     Agent, Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, probe_bin, sa, sample,
+    status_row,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -46,19 +47,7 @@ fn create(sb: &Sandbox, yaml: &str) -> (bool, String, String) {
 
 /// `egress status -o json`, parsed.
 fn status(sb: &Sandbox) -> serde_json::Value {
-    let (ok, out, err) = sb.ctl(EGRESS, &["status", "-o", "json"]);
-    assert!(ok.success(), "egress status failed: {err}");
-    serde_json::from_str(&out).expect("status is JSON")
-}
-
-/// The row of `name` in a status.
-fn row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    status["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no rule {name} in {status:#}"))
+    sb.status_json(EGRESS)
 }
 
 /// Rules made with `egress create` are checked with the whole policy, kept across a restart,
@@ -155,10 +144,10 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     let s = status(&sb);
     assert_eq!(s["ready"], true);
     assert_eq!(s["mode"], "enforce");
-    assert_eq!(row(&s, "extra")["allowed"], 2);
-    assert_eq!(row(&s, "extra")["created"], true);
-    assert_eq!(row(&s, "from-file")["allowed"], 1);
-    assert_eq!(row(&s, "(no rule)")["denied"], 1);
+    assert_eq!(status_row(&s, "extra")["allowed"], 2);
+    assert_eq!(status_row(&s, "extra")["created"], true);
+    assert_eq!(status_row(&s, "from-file")["allowed"], 1);
+    assert_eq!(status_row(&s, "(no rule)")["denied"], 1);
 
     // events: the denial, with the process and the rule.
     let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
@@ -524,7 +513,7 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     let markers = follower.wait_subscribed(&sb, PROBE, sa(V4_A, 9));
     // A marker denied before the follower subscribed is counted and logged but not streamed
     // (seen once under emulation): count the denials from here, as the kernel counts them.
-    let denied_before = row(&status(&sb), "(no rule)")["denied"]
+    let denied_before = status_row(&status(&sb), "(no rule)")["denied"]
         .as_u64()
         .expect("denied") as usize;
 
@@ -553,7 +542,11 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     assert_eq!(denied.accepted(), 0, "a denied connect reached the sink");
     let s = status(&sb);
     let denials = denied_before + BURST;
-    assert_eq!(row(&s, "(no rule)")["denied"], denials as u64, "{s:#}");
+    assert_eq!(
+        status_row(&s, "(no rule)")["denied"],
+        denials as u64,
+        "{s:#}"
+    );
     assert_eq!(s["events_lost"], 0);
 
     // Every denial is in the log once: as its own line, or in a summary's count (the agent

@@ -173,14 +173,8 @@ fn while_the_agent_is_down_a_squatter_receives_nothing_and_the_events_say_why() 
     assert!(out.contains("NOT listening on [::1]:15001"), "{out}");
     // (proxy) counts the refusals as denials: 2 while down without a squatter, 6 with them,
     // 1 now.
-    let (_, json, _) = w.sb.ctl(EGRESS, &["status", "-o", "json"]);
-    let json: serde_json::Value = serde_json::from_str(&json).expect("status json");
-    let proxy_row = json["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .find(|r| r["name"] == "(proxy)")
-        .unwrap_or_else(|| panic!("no (proxy) row: {json}"));
+    let json = w.sb.status_json(EGRESS);
+    let proxy_row = egress_tests::status_row(&json, "(proxy)");
     assert_eq!(proxy_row["denied"], 9, "{proxy_row}");
 
     std::thread::sleep(Duration::from_millis(300));

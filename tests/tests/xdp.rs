@@ -33,9 +33,7 @@ fn rule(name: &str, service: &str) -> String {
 }
 
 fn status(sb: &Sandbox) -> serde_json::Value {
-    let (ok, out, err) = sb.ctl(EGRESS, &["status", "-o", "json"]);
-    assert!(ok.success(), "egress status failed: {err}");
-    serde_json::from_str(&out).expect("status is JSON")
+    sb.status_json(EGRESS)
 }
 
 fn counts(value: &serde_json::Value, key: &str, name: &str) -> (u64, u64, u64) {
