@@ -9,6 +9,7 @@ mod deploy;
 mod env;
 mod run;
 mod setup;
+mod tally;
 mod test;
 mod vm;
 
