@@ -77,9 +77,54 @@ pub enum Need {
     ForXdp,
 }
 
+/// A kernel feature by name, checked by the compiler (see [`FEATURES`] for each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Id {
+    /// `connect4`.
+    Connect4,
+    /// `connect6`.
+    Connect6,
+    /// `sendmsg4`.
+    Sendmsg4,
+    /// `sendmsg6`.
+    Sendmsg6,
+    /// `sock_create`.
+    SockCreate,
+    /// `sockops`.
+    Sockops,
+    /// `getpeername4`.
+    Getpeername4,
+    /// `getpeername6`.
+    Getpeername6,
+    /// `cgroup_id_helper`.
+    CgroupIdHelper,
+    /// `task_helpers`.
+    TaskHelpers,
+    /// `socket_cookie`.
+    SocketCookie,
+    /// `proxy_check`.
+    ProxyCheck,
+    /// `ringbuf`.
+    Ringbuf,
+    /// `lpm_trie`.
+    LpmTrie,
+    /// `lru_hash`.
+    LruHash,
+    /// `percpu_array`.
+    PercpuArray,
+    /// `cgroup_link`.
+    CgroupLink,
+    /// `xdp_link`.
+    XdpLink,
+    /// `batch_ops`.
+    BatchOps,
+}
+
 /// One kernel feature egress uses.
 #[derive(Debug)]
 pub struct Feature {
+    /// Which feature, for [`Kernel::has`].
+    pub id: Id,
     /// Short name, as in messages, the README and [`HIDE_ENV`].
     pub name: &'static str,
     /// What the kernel must have, in its own terms.
@@ -121,6 +166,7 @@ const CGROUP_PROGRAMS: &[&str] = &[
 /// table lists the same, in the same order.
 pub static FEATURES: [Feature; 19] = [
     Feature {
+        id: Id::Connect4,
         name: "connect4",
         kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET4_CONNECT",
         used_for: "judging IPv4 TCP connect() and UDP connect()",
@@ -135,6 +181,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::Connect6,
         name: "connect6",
         kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET6_CONNECT",
         used_for: "judging IPv6 (and v4-mapped) TCP connect() and UDP connect()",
@@ -149,6 +196,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::Sendmsg4,
         name: "sendmsg4",
         kernel: "cgroup_sock_addr programs on BPF_CGROUP_UDP4_SENDMSG",
         used_for: "judging UDP datagrams sent to an IPv4 address",
@@ -163,6 +211,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::Sendmsg6,
         name: "sendmsg6",
         kernel: "cgroup_sock_addr programs on BPF_CGROUP_UDP6_SENDMSG",
         used_for: "judging UDP datagrams sent to an IPv6 (or v4-mapped) address",
@@ -177,6 +226,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::SockCreate,
         name: "sock_create",
         kernel: "cgroup_sock programs on BPF_CGROUP_INET_SOCK_CREATE",
         used_for: "refusing raw sockets and protocols other than TCP and UDP",
@@ -191,6 +241,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::Sockops,
         name: "sockops",
         kernel: "sock_ops programs",
         used_for: "filing a redirected connection's original destination for the proxy",
@@ -200,6 +251,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: || program(prog::BPF_PROG_TYPE_SOCK_OPS, None),
     },
     Feature {
+        id: Id::Getpeername4,
         name: "getpeername4",
         kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET4_GETPEERNAME",
         used_for: "showing a redirected IPv4 app its original destination in getpeername()",
@@ -218,6 +270,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::Getpeername6,
         name: "getpeername6",
         kernel: "cgroup_sock_addr programs on BPF_CGROUP_INET6_GETPEERNAME",
         used_for: "showing a redirected IPv6 app its original destination in getpeername()",
@@ -236,6 +289,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::CgroupIdHelper,
         name: "cgroup_id_helper",
         kernel: "bpf_get_current_cgroup_id in cgroup_sock_addr and cgroup_sock programs",
         used_for: "exempting the agent's own connections by its cgroup id; the cgroup of events",
@@ -245,6 +299,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: || in_judges(helper::BPF_FUNC_get_current_cgroup_id),
     },
     Feature {
+        id: Id::TaskHelpers,
         name: "task_helpers",
         kernel: "bpf_get_current_pid_tgid and bpf_get_current_comm in cgroup_sock_addr and \
                  cgroup_sock programs",
@@ -258,6 +313,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::SocketCookie,
         name: "socket_cookie",
         kernel: "bpf_get_socket_cookie in cgroup_sock_addr and sock_ops programs",
         used_for: "pairing a redirected socket with its original destination",
@@ -283,6 +339,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::ProxyCheck,
         name: "proxy_check",
         kernel: "bpf_sk_lookup_tcp, bpf_sk_release and bpf_sk_storage_get in cgroup_sock_addr programs (and so BPF_MAP_TYPE_SK_STORAGE)",
         used_for: "redirecting only to a proxy listener the agent made (PROXY_LISTEN), never to another process on the proxy port",
@@ -308,6 +365,7 @@ pub static FEATURES: [Feature; 19] = [
         },
     },
     Feature {
+        id: Id::Ringbuf,
         name: "ringbuf",
         kernel: "BPF_MAP_TYPE_RINGBUF and the bpf_ringbuf_* helpers",
         used_for: "deny events from the kernel to the agent (EVENTS)",
@@ -318,6 +376,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: || map_type(map::BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 16, 0),
     },
     Feature {
+        id: Id::LpmTrie,
         name: "lpm_trie",
         kernel: "BPF_MAP_TYPE_LPM_TRIE",
         used_for: "rule and bypass lookups (RULES_V4/V6, BYPASS_V4/V6)",
@@ -327,6 +386,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: || map_type(map::BPF_MAP_TYPE_LPM_TRIE, 8, 4, 1, BPF_F_NO_PREALLOC),
     },
     Feature {
+        id: Id::LruHash,
         name: "lru_hash",
         kernel: "BPF_MAP_TYPE_LRU_HASH",
         used_for: "original destinations of redirected connections (ORIG_COOKIE, ORIG_PEER)",
@@ -336,6 +396,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: || map_type(map::BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, 0),
     },
     Feature {
+        id: Id::PercpuArray,
         name: "percpu_array",
         kernel: "BPF_MAP_TYPE_PERCPU_ARRAY",
         used_for: "verdict counters (COUNTERS, HOOKS, STATS)",
@@ -345,6 +406,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: || map_type(map::BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, 0),
     },
     Feature {
+        id: Id::CgroupLink,
         name: "cgroup_link",
         kernel: "BPF_LINK_CREATE and BPF_LINK_UPDATE on cgroups (5.7), BPF_LINK_DETACH (5.9)",
         used_for: "pinned links that keep enforcing without the agent, swapped atomically at \
@@ -355,6 +417,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: cgroup_link,
     },
     Feature {
+        id: Id::XdpLink,
         name: "xdp_link",
         kernel: "XDP programs attached through BPF_LINK_CREATE",
         used_for: "the XDP backstop on --xdp-iface interfaces, pinned and swapped like the \
@@ -365,6 +428,7 @@ pub static FEATURES: [Feature; 19] = [
         probe: xdp_link,
     },
     Feature {
+        id: Id::BatchOps,
         name: "batch_ops",
         kernel: "BPF_MAP_UPDATE_BATCH on LPM tries (5.13), BPF_MAP_LOOKUP_BATCH on arrays (5.6)",
         used_for: "writing a generation's rules and reading the row table in one call",
@@ -605,17 +669,12 @@ impl Kernel {
         }
     }
 
-    /// Whether feature `name` is present.
-    ///
-    /// # Panics
-    /// `name` is not in [`FEATURES`] (a typo in the caller).
-    pub fn has(&self, name: &str) -> bool {
+    /// Whether feature `id` is present (every [`Id`] is in [`FEATURES`], a unit test checks).
+    pub fn has(&self, id: Id) -> bool {
         self.results
             .iter()
-            .find(|(f, _)| f.name == name)
-            .unwrap_or_else(|| panic!("{name} is not a kernel feature of FEATURES"))
-            .1
-            .present()
+            .find(|(f, _)| f.id == id)
+            .is_some_and(|(_, probe)| probe.present())
     }
 
     /// Whether every feature `program` depends on is present.

@@ -816,7 +816,7 @@ fn read_rule_info(ebpf: &Ebpf, limit: u32) -> Result<StoredRows, LoadError> {
     let _: Array<_, RuleInfo> =
         Array::try_from(map).map_err(map_err(maps::RULE_INFO, "opening"))?;
     let mut infos = vec![RuleInfo::default(); limit.saturating_sub(FIRST_RULE_ROW) as usize];
-    if features::kernel().has("batch_ops") {
+    if features::kernel().has(features::Id::BatchOps) {
         sys::array_lookup_batch(map_fd(map), FIRST_RULE_ROW, &mut infos).map_err(|io_error| {
             map_err(maps::RULE_INFO, "reading")(syscall_error("bpf_map_lookup_batch", io_error))
         })?;
@@ -895,7 +895,7 @@ fn fill_lpm<K: aya::Pod, V: aya::Pod>(
         .collect();
     let values: Vec<V> = entries.iter().map(|(_, _, value)| *value).collect();
     let mut progress = Progress::new(name, entries.len());
-    if !features::kernel().has("batch_ops") {
+    if !features::kernel().has(features::Id::BatchOps) {
         // One bpf(2) call per key, as aya does it: the same entries, more slowly.
         let mut trie: LpmTrie<_, K, V> =
             LpmTrie::try_from(map).map_err(map_err(name, "opening"))?;

@@ -91,7 +91,7 @@ fn missing_optional_features_degrade_and_say_what_is_lost() {
     assert!(!k.program_available(programs::GETPEERNAME6));
     assert!(k.program_available(programs::CONNECT4));
     assert!(k.program_available(programs::SOCK_OPS));
-    assert!(!k.has("batch_ops"));
+    assert!(!k.has(Id::BatchOps));
 }
 
 #[test]
@@ -149,8 +149,18 @@ fn every_program_the_loader_attaches_depends_on_its_hook_feature() {
         );
     }
     let mut seen = std::collections::HashSet::new();
+    let mut ids = Vec::new();
     for f in &FEATURES {
         assert!(seen.insert(f.name), "{} twice", f.name);
+        assert!(!ids.contains(&f.id), "{:?} twice", f.id);
+        ids.push(f.id);
+        // The id is the name in CamelCase: each feature has the id it is looked up by.
+        let camel: String = f
+            .name
+            .split('_')
+            .map(|w| w[..1].to_uppercase() + &w[1..])
+            .collect();
+        assert_eq!(format!("{:?}", f.id), camel, "{}", f.name);
     }
 }
 
