@@ -1,0 +1,447 @@
+//! Tests of [`super`] (compile.rs).
+
+use super::*;
+use crate::policy::{Origin, PortRule, Rule, default_bypass};
+
+fn rule(name: &str, dest: &str, ports: &[u16]) -> Rule {
+    Rule {
+        name: name.to_owned(),
+        origin: Origin {
+            file: "t.yaml".to_owned(),
+            line: 1,
+        },
+        destination: dest.parse().unwrap(),
+        ports: ports
+            .iter()
+            .map(|&port| PortRule {
+                port,
+                protocol: Protocol::Tcp,
+            })
+            .collect(),
+    }
+}
+
+fn policy(rules: Vec<Rule>) -> Policy {
+    Policy {
+        mode: Mode::Enforce,
+        bypass: default_bypass(),
+        rules,
+        ..Policy::default()
+    }
+}
+
+#[test]
+fn keys_carry_port_in_network_order_and_prefix_past_port_and_proto() {
+    let p = policy(vec![
+        rule("a", "192.0.2.0/24", &[443, 8080]),
+        rule("b", "2001:db8::/32", &[22]),
+    ]);
+    let c = compile(&p, &StoredRows::default(), 7).unwrap();
+    assert_eq!(
+        c.config,
+        Config {
+            mode: mode::ENFORCE,
+            generation: 7,
+            row_limit: FIRST_RULE_ROW + 2,
+            proxy_port: crate::policy::DEFAULT_PROXY_PORT.to_be(),
+            flags: 0,
+            agent_cgroup: 0,
+        }
+    );
+    assert!(c.http_ports.is_empty());
+    assert_eq!(c.rules_v4.len(), 2);
+    let (prefix, key, value) = c.rules_v4[0];
+    assert_eq!(prefix, 32 + 24);
+    assert_eq!(key.addr, [192, 0, 2, 0]);
+    // Network byte order: the first byte in memory is the high byte of 443 (0x01bb).
+    assert_eq!(key.port.to_ne_bytes(), [0x01, 0xbb]);
+    assert_eq!(key.proto, PROTO_TCP);
+    assert_eq!(value.row, FIRST_RULE_ROW);
+    let (prefix, key, value) = c.rules_v6[0];
+    assert_eq!(prefix, 32 + 32);
+    assert_eq!(key.port.to_ne_bytes(), [0, 22]);
+    assert_eq!(value.row, FIRST_RULE_ROW + 1);
+    assert_eq!(c.bypass_v4, vec![(8, [127, 0, 0, 0], 1)]);
+    assert_eq!(c.bypass_v6.len(), 1);
+    assert_eq!(c.bypass_v6[0].0, 128);
+}
+
+#[test]
+fn http_rule_and_alias_ports_go_to_the_proxy() {
+    use crate::policy::{Alias, HostPattern, HttpPort, HttpProtocol, HttpRule};
+    let mut p = policy(vec![rule("a", "192.0.2.0/24", &[8080])]);
+    p.http_rules.push(HttpRule {
+        name: "web".into(),
+        origin: Origin {
+            file: "t.yaml".into(),
+            line: 1,
+        },
+        host: HostPattern::Exact("httpbin.test".into()),
+        ports: vec![
+            HttpPort {
+                port: 80,
+                protocol: HttpProtocol::Http,
+            },
+            HttpPort {
+                port: 443,
+                protocol: HttpProtocol::Https,
+            },
+        ],
+    });
+    p.aliases.push(Alias {
+        name: "httpbin".into(),
+        namespace: "default".into(),
+        origin: Origin {
+            file: "t.yaml".into(),
+            line: 9,
+        },
+        external_name: "httpbin.test".into(),
+        ports: vec![80, 8000],
+    });
+    p.proxy.port = 15999;
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(c.http_ports, vec![80, 443, 8000]);
+    assert_eq!(c.config.proxy_port.to_ne_bytes(), 15999u16.to_be_bytes());
+    // HTTP rules are the proxy's: they take no counter row and no rule key.
+    assert_eq!(c.rows.len(), 1);
+    assert_eq!(c.rules_v4.len(), 1);
+}
+
+#[test]
+fn audit_mode_compiles_to_audit() {
+    let mut p = policy(vec![]);
+    p.mode = Mode::Audit;
+    assert_eq!(
+        compile(&p, &StoredRows::default(), 1).unwrap().config.mode,
+        mode::AUDIT
+    );
+}
+
+#[test]
+fn events_all_sets_the_config_flag() {
+    let mut p = policy(vec![]);
+    assert_eq!(
+        compile(&p, &StoredRows::default(), 1).unwrap().config.flags,
+        0
+    );
+    p.events = Events::All;
+    assert_eq!(
+        compile(&p, &StoredRows::default(), 1).unwrap().config.flags,
+        config_flags::EVENTS_ALL
+    );
+}
+
+#[test]
+fn allow_sockets_compile_to_the_raw_flag_and_sock_protos() {
+    let mut p = policy(vec![]);
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(c.config.flags & config_flags::ALLOW_RAW, 0);
+    assert!(c.sock_protos.is_empty());
+    p.allow_sockets.raw = true;
+    p.allow_sockets.protocols = [262, 1, 58, 132].into();
+    p.events = Events::All;
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(
+        c.config.flags,
+        config_flags::ALLOW_RAW | config_flags::EVENTS_ALL
+    );
+    assert_eq!(c.sock_protos, [1, 58, 132, 262]);
+}
+
+fn with_resolvers(mut p: Policy, resolvers: &[&str]) -> Policy {
+    p.dns = crate::policy::Dns {
+        resolvers: resolvers.iter().map(|r| r.parse().unwrap()).collect(),
+        source: crate::policy::DnsSource::ResolvConf("/etc/resolv.conf".into()),
+    };
+    p
+}
+
+#[test]
+fn resolvers_become_the_dns_rule_after_the_users_rules() {
+    let mut user = rule("own-dns", "192.0.2.53/32", &[53]);
+    user.ports.push(PortRule {
+        port: 5353,
+        protocol: Protocol::Udp,
+    });
+    let p = with_resolvers(
+        policy(vec![user]),
+        &[
+            "192.0.2.53",
+            "2001:db8::53",
+            "64:ff9b::c000:236",
+            "2002:c000:236::1",
+        ],
+    );
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    let user_row = c.rows.row("own-dns").unwrap();
+    let dns_row = c.rows.row(DNS_RULE_NAME).unwrap();
+    assert_eq!((user_row, dns_row), (FIRST_RULE_ROW, FIRST_RULE_ROW + 1));
+    assert_eq!(c.config.row_limit, FIRST_RULE_ROW + 2);
+    let v4: Vec<(u32, [u8; 4], u16, u8, u32)> = c
+        .rules_v4
+        .iter()
+        .map(|(prefix, k, v)| (*prefix, k.addr, u16::from_be(k.port), k.proto, v.row))
+        .collect();
+    assert_eq!(
+        v4,
+        [
+            (64, [192, 0, 2, 53], 53, PROTO_TCP, user_row),
+            (64, [192, 0, 2, 53], 5353, PROTO_UDP, user_row),
+            // 53/tcp to 192.0.2.53 is the user's rule's already: skipped, not reported.
+            (64, [192, 0, 2, 53], 53, PROTO_UDP, dns_row),
+            // The NAT64 and 6to4 resolvers are judged as 192.0.2.54: one pair of keys.
+            (64, [192, 0, 2, 54], 53, PROTO_UDP, dns_row),
+            (64, [192, 0, 2, 54], 53, PROTO_TCP, dns_row),
+        ]
+    );
+    let v6: Vec<(u32, u16, u8, u32)> = c
+        .rules_v6
+        .iter()
+        .map(|(prefix, k, v)| (*prefix, u16::from_be(k.port), k.proto, v.row))
+        .collect();
+    assert_eq!(
+        v6,
+        [(160, 53, PROTO_UDP, dns_row), (160, 53, PROTO_TCP, dns_row)]
+    );
+    assert_eq!(
+        c.rules_v6[0].1.addr,
+        "2001:db8::53"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+    );
+    assert!(c.shadowed.is_empty(), "{:?}", c.shadowed);
+}
+
+#[test]
+fn no_resolvers_no_dns_row() {
+    let p = with_resolvers(policy(vec![rule("a", "192.0.2.1/32", &[443])]), &[]);
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(c.rows.row(DNS_RULE_NAME), None);
+    assert_eq!(c.rows.len(), 1);
+    assert_eq!(c.rules_v4.len(), 1);
+    // Not filled at all: no DNS either.
+    let c = compile(
+        &policy(vec![rule("a", "192.0.2.1/32", &[443])]),
+        &StoredRows::default(),
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.rows.row(DNS_RULE_NAME), None);
+}
+
+#[test]
+fn the_dns_row_is_stable_across_reloads() {
+    let first = compile(
+        &with_resolvers(
+            policy(vec![rule("a", "192.0.2.1/32", &[1])]),
+            &["192.0.2.53"],
+        ),
+        &StoredRows::default(),
+        1,
+    )
+    .unwrap();
+    let stored = RowTable::from_rule_info(
+        first
+            .rows
+            .rows()
+            .into_iter()
+            .map(|(row, name)| (row, rule_info(name, 1))),
+    );
+    // A new rule comes first and the resolvers change: (dns) keeps its row.
+    let second = compile(
+        &with_resolvers(
+            policy(vec![
+                rule("new", "192.0.2.2/32", &[1]),
+                rule("a", "192.0.2.1/32", &[1]),
+            ]),
+            &["192.0.2.54"],
+        ),
+        &stored,
+        2,
+    )
+    .unwrap();
+    assert_eq!(
+        second.rows.row(DNS_RULE_NAME),
+        first.rows.row(DNS_RULE_NAME)
+    );
+    assert_eq!(second.rows.row("a"), first.rows.row("a"));
+    assert_eq!(second.rows.len(), 3);
+}
+
+#[test]
+fn same_key_twice_is_kept_by_the_first_rule_and_reported() {
+    let p = policy(vec![
+        rule("a", "192.0.2.0/24", &[443]),
+        rule("b", "192.0.2.0/24", &[443, 80]),
+    ]);
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(c.rules_v4.len(), 2);
+    assert_eq!(c.shadowed.len(), 1);
+    assert_eq!(c.shadowed[0].rule, "b");
+    assert_eq!(c.shadowed[0].by, "a");
+}
+
+#[test]
+fn udp_ports_compile_to_udp_keys_beside_tcp_ones() {
+    let mut dns = rule("dns", "192.0.2.53/32", &[53]);
+    dns.ports.insert(
+        0,
+        PortRule {
+            port: 53,
+            protocol: Protocol::Udp,
+        },
+    );
+    let mut again = rule("again", "192.0.2.53/32", &[]);
+    again.ports.push(PortRule {
+        port: 53,
+        protocol: Protocol::Udp,
+    });
+    let c = compile(&policy(vec![dns, again]), &StoredRows::default(), 1).unwrap();
+    let keys: Vec<(u16, u8)> = c
+        .rules_v4
+        .iter()
+        .map(|(_, k, _)| (u16::from_be(k.port), k.proto))
+        .collect();
+    assert_eq!(keys, [(53, PROTO_UDP), (53, PROTO_TCP)]);
+    assert_eq!(
+        c.shadowed,
+        [Shadowed {
+            rule: "again".into(),
+            by: "dns".into(),
+            key: "192.0.2.53/32 53/udp".into(),
+        }]
+    );
+}
+
+#[test]
+fn rows_survive_a_recompile_and_new_names_never_take_a_row_still_in_force() {
+    let first = compile(
+        &policy(vec![
+            rule("a", "192.0.2.1/32", &[1]),
+            rule("b", "192.0.2.2/32", &[1]),
+        ]),
+        &StoredRows::default(),
+        1,
+    )
+    .unwrap();
+    let stored = RowTable::from_rule_info(
+        first
+            .rows
+            .rows()
+            .into_iter()
+            .map(|(row, name)| (row, rule_info(name, 1))),
+    );
+    // "a" goes away, "c" arrives before "b" in file order: "b" keeps its row.
+    let second = compile(
+        &policy(vec![
+            rule("c", "192.0.2.3/32", &[1]),
+            rule("b", "192.0.2.2/32", &[1]),
+        ]),
+        &stored,
+        2,
+    )
+    .unwrap();
+    assert_eq!(second.rows.row("b"), first.rows.row("b"));
+    assert_ne!(
+        second.rows.row("c"),
+        first.rows.row("a"),
+        "a's row is still counted on by generation 1 until the swap"
+    );
+    assert_eq!(second.rows.len(), 2);
+    // One generation later a's row is free and is reused.
+    let stored = RowTable::from_rule_info(
+        second
+            .rows
+            .rows()
+            .into_iter()
+            .map(|(row, name)| (row, rule_info(name, 2))),
+    );
+    let third = compile(
+        &policy(vec![
+            rule("c", "192.0.2.3/32", &[1]),
+            rule("b", "192.0.2.2/32", &[1]),
+            rule("d", "192.0.2.4/32", &[1]),
+        ]),
+        &stored,
+        3,
+    )
+    .unwrap();
+    assert_eq!(
+        third.rows.row("d"),
+        first.rows.row("a"),
+        "the freed row is reused"
+    );
+    assert_eq!(third.rows.row("c"), second.rows.row("c"));
+}
+
+#[test]
+fn stored_rows_are_sorted_so_contains_can_search() {
+    let stored = RowTable::from_rule_info(
+        [9, 3, 7, 5]
+            .into_iter()
+            .map(|row| (row, rule_info(&format!("r{row}"), 1))),
+    );
+    for row in [3, 5, 7, 9] {
+        assert!(stored.contains(row), "{row}");
+    }
+    for row in [0, 4, 8, 10] {
+        assert!(!stored.contains(row), "{row}");
+    }
+}
+
+#[test]
+fn long_names_that_share_a_prefix_keep_their_own_rows() {
+    let long_a = format!("{}-a", "x".repeat(70));
+    let long_b = format!("{}-b", "x".repeat(70));
+    let first = compile(
+        &policy(vec![
+            rule(&long_a, "192.0.2.1/32", &[1]),
+            rule(&long_b, "192.0.2.2/32", &[1]),
+        ]),
+        &StoredRows::default(),
+        1,
+    )
+    .unwrap();
+    let stored = RowTable::from_rule_info(
+        first
+            .rows
+            .rows()
+            .into_iter()
+            .map(|(row, name)| (row, rule_info(name, 1))),
+    );
+    let second = compile(
+        &policy(vec![
+            rule(&long_b, "192.0.2.2/32", &[1]),
+            rule(&long_a, "192.0.2.1/32", &[1]),
+        ]),
+        &stored,
+        2,
+    )
+    .unwrap();
+    assert_eq!(second.rows.row(&long_a), first.rows.row(&long_a));
+    assert_eq!(second.rows.row(&long_b), first.rows.row(&long_b));
+}
+
+#[test]
+fn too_many_rules_is_an_error_not_a_partial_policy() {
+    let names: Vec<String> = (0..COUNTER_ROWS).map(|i| format!("r{i}")).collect();
+    let err = StoredRows::default()
+        .assign(names.iter().map(String::as_str))
+        .unwrap_err();
+    assert!(matches!(err, CompileError::TooManyRules { .. }), "{err}");
+}
+
+#[test]
+fn too_many_bypass_ranges_is_an_error() {
+    let mut p = policy(vec![]);
+    p.bypass = (0..=MAX_BYPASS)
+        .map(|i| {
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(i << 8), 24)
+                .unwrap()
+                .into()
+        })
+        .collect();
+    let err = compile(&p, &StoredRows::default(), 1).unwrap_err();
+    assert!(matches!(err, CompileError::TooManyBypass { .. }), "{err}");
+}
