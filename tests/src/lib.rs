@@ -76,6 +76,7 @@ pub mod follow;
 pub mod hold;
 pub mod matrix;
 pub mod pod;
+pub mod policy;
 pub mod sinks;
 pub mod squatter;
 pub mod upstream;

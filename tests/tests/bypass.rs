@@ -12,12 +12,12 @@ use egress_common::RuleCounters;
 use egress_tests::{
     Sandbox, V4_A, V4_B, V6_A, V6_B, Vector,
     matrix::{Expect, FAMILIES, TIMEOUT, run_matrix},
+    policy::Rule,
     vector_bin,
 };
 use egress_user::{
     events::{self, Hook, Verdict},
     loader::{Enforcer, NO_RULE_NAME},
-    policy,
 };
 
 const VECTOR: &str = vector_bin!();
@@ -33,15 +33,7 @@ fn ports() -> Vec<u16> {
 
 /// An EgressRule allowing `service` on every case port, over tcp and udp.
 fn rule(name: &str, service: &str) -> String {
-    let ports: String = ports()
-        .iter()
-        .map(|p| {
-            format!("    - port: {p}\n      protocol: tcp\n    - port: {p}\n      protocol: udp\n")
-        })
-        .collect();
-    format!(
-        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: {service}\n  ports:\n{ports}---\n"
-    )
+    Rule::new(name, service).tcp_and_udp(ports()).to_string()
 }
 
 fn by_name(rows: Vec<egress_user::loader::RowCount>) -> HashMap<String, RuleCounters> {
@@ -60,8 +52,7 @@ fn counts(allowed: u64, denied: u64) -> RuleCounters {
 fn every_vector_is_judged_allowed_and_denied_over_every_family() {
     let sb = Sandbox::new();
     let yaml = rule("v4-a", "192.0.2.1") + &rule("v6-a", "2001:db8::1");
-    let policy = policy::load_sources(&[("bypass.yaml".to_owned(), yaml.into_bytes())])
-        .unwrap_or_else(|e| panic!("test policy is invalid:\n{e}"));
+    let policy = egress_tests::policy::load(&yaml);
     let mut enforcer = Enforcer::apply(&sb.target(), &policy).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
     let cgroup = Some(sb.cgroup.as_path());

@@ -20,16 +20,7 @@ use egress_user::{
 
 const PROBE: &str = probe_bin!();
 
-fn policy(yaml: &str) -> Policy {
-    policy::load_sources(&[("test.yaml".to_owned(), yaml.as_bytes().to_vec())])
-        .unwrap_or_else(|e| panic!("test policy is invalid:\n{e}"))
-}
-
-fn rule_yaml(name: &str, service: &str, port: u16) -> String {
-    format!(
-        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: {service}\n  ports:\n    - port: {port}\n      protocol: tcp\n---\n"
-    )
-}
+use egress_tests::policy::{load as policy, tcp_rule as rule_yaml};
 
 fn counters(enforcer: &Enforcer) -> HashMap<String, RuleCounters> {
     enforcer

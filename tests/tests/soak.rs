@@ -27,9 +27,7 @@ const V6_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 
 fn rule(name: &str, ip: IpAddr, port: u16) -> String {
     let prefix = if ip.is_ipv4() { 32 } else { 128 };
-    format!(
-        "kind: EgressRule\nmetadata: {{name: {name}}}\nspec:\n  destination: {{service: \"{ip}/{prefix}\"}}\n  ports: [{{port: {port}, protocol: tcp}}]\n"
-    )
+    egress_tests::policy::tcp_rule(name, format!("{ip}/{prefix}"), port)
 }
 
 /// A policy: its rules as (name, destination), and its YAML.
@@ -39,9 +37,8 @@ struct TestPolicy {
 
 impl TestPolicy {
     fn yaml(&self, events: &str) -> String {
-        let mut out = format!("kind: EgressConfig\nspec: {{events: {events}}}\n");
+        let mut out = egress_tests::policy::config(&format!("  events: {events}\n"));
         for (name, dst) in &self.allows {
-            out.push_str("---\n");
             out.push_str(&rule(name, dst.ip(), dst.port()));
         }
         out

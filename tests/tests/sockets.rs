@@ -13,13 +13,17 @@ use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
 
 use egress_common::RuleCounters;
 use egress_tests::{
-    Attempted, Sandbox, V4_A, V6_A, Vector, matrix::AnySink, sa, sinks::echo_requests,
-    vector::attempt, vector_bin,
+    Attempted, Sandbox, V4_A, V6_A, Vector,
+    matrix::AnySink,
+    policy::{Rule, config, load},
+    sa,
+    sinks::echo_requests,
+    vector::attempt,
+    vector_bin,
 };
 use egress_user::{
     events::{self, EventRecord, Hook, Verdict},
     loader::{BYPASS_NAME, Enforcer, NO_RULE_NAME, RowCount},
-    policy,
 };
 
 const VECTOR: &str = vector_bin!();
@@ -138,35 +142,21 @@ fn run(sb: &Sandbox, cgroup: Option<&Path>, expect: impl Fn(&Case) -> Expect) ->
 fn enforced(yaml: &str) -> (Sandbox, Enforcer) {
     let sb = Sandbox::new();
     sb.allow_ping();
-    let policy = policy::load_sources(&[("sockets.yaml".to_owned(), yaml.as_bytes().to_vec())])
-        .unwrap_or_else(|e| panic!("test policy is invalid:\n{e}"));
-    let enforcer = Enforcer::apply(&sb.target(), &policy).expect("apply");
+    let enforcer = Enforcer::apply(&sb.target(), &load(yaml)).expect("apply");
     (sb, enforcer)
-}
-
-fn config(spec: &str) -> String {
-    format!("kind: EgressConfig\nmetadata: {{name: config}}\nspec:\n{spec}")
 }
 
 /// An EgressRule allowing tcp and udp on every case port of both addresses: what a rule can
 /// say about these destinations, which must not open a socket kind.
 fn rules_for_every_port() -> String {
-    let ports: String = cases()
-        .iter()
-        .map(|c| {
-            format!(
-                "    - port: {}\n      protocol: tcp\n    - port: {}\n      protocol: udp\n",
-                c.port, c.port
-            )
-        })
-        .collect();
+    let ports: Vec<u16> = cases().iter().map(|c| c.port).collect();
     ["192.0.2.1", "2001:db8::1"]
         .iter()
         .enumerate()
         .map(|(i, service)| {
-            format!(
-                "kind: EgressRule\nmetadata:\n  name: ports-{i}\nspec:\n  destination:\n    service: {service}\n  ports:\n{ports}---\n"
-            )
+            Rule::new(&format!("ports-{i}"), service)
+                .tcp_and_udp(ports.iter().copied())
+                .to_string()
         })
         .collect()
 }
@@ -432,11 +422,7 @@ fn outside_the_cgroup_nothing_is_refused() {
 #[test]
 fn the_kernel_refuses_ping_sockets_before_the_filter_without_ping_group_range() {
     let sb = Sandbox::new();
-    let policy = policy::load_sources(&[(
-        "sockets.yaml".to_owned(),
-        config("  mode: enforce\n").into_bytes(),
-    )])
-    .unwrap_or_else(|e| panic!("test policy is invalid:\n{e}"));
+    let policy = load(&config("  mode: enforce\n"));
     let enforcer = Enforcer::apply(&sb.target(), &policy).expect("apply");
     for ip in [IpAddr::from(V4_A), V6_A.into()] {
         let got = attempt(

@@ -21,15 +21,11 @@ const SHORT: Duration = Duration::from_millis(500);
 
 /// An EgressRule allowing `service` on every port the matrix uses, over tcp and udp.
 fn rule(name: &str, service: &str) -> String {
-    let ports: String = (0..FAMILIES.len())
-        .flat_map(|fi| (0..Vector::ALL.len()).map(move |vi| BASE_PORT + (fi * 10 + vi) as u16))
-        .map(|p| {
-            format!("    - port: {p}\n      protocol: tcp\n    - port: {p}\n      protocol: udp\n")
-        })
-        .collect();
-    format!(
-        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: {service}\n  ports:\n{ports}---\n"
-    )
+    let ports = (0..FAMILIES.len())
+        .flat_map(|fi| (0..Vector::ALL.len()).map(move |vi| BASE_PORT + (fi * 10 + vi) as u16));
+    egress_tests::policy::Rule::new(name, service)
+        .tcp_and_udp(ports)
+        .to_string()
 }
 
 fn status(sb: &Sandbox) -> serde_json::Value {
