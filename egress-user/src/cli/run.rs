@@ -208,7 +208,7 @@ fn next_steps(args: &RunArgs, cgroup: &std::path::Path) -> String {
     };
     format!(
         "next, as root in another terminal:\n  \
-         {egress} exec{cgroup_flag} -- curl -sS http://192.0.2.1/   run a command in {cgroup} (filtered)\n  \
+         {egress} exec{cgroup_flag}{pin_flag} -- curl -sS http://192.0.2.1/   run a command in {cgroup} (filtered)\n  \
          {egress} events --follow{socket_flag}   watch its verdicts\n  \
          {egress} status{socket_flag}   rules and their counters\n\
          stop: Ctrl-C here (enforcement stays, pinned), then {egress} unload{pin_flag}\n",
