@@ -140,6 +140,24 @@ fn the_readme_quickstart_shows_an_allowed_and_a_denied_connection_and_their_even
         sb.pin_dir.display().to_string(),
     ]);
     let agent = Agent::start_in(&sb, EGRESS, &run);
+    // Start-up ends with what to run next, with this agent's own flags (issue 14, item 5).
+    agent.wait_for_log("stop: Ctrl-C here", std::time::Duration::from_secs(5));
+    let log = agent.log();
+    for next in [
+        "next, as root in another terminal:".to_owned(),
+        format!(
+            " exec --cgroup {} --pin-dir {} -- ",
+            sb.cgroup.display(),
+            sb.pin_dir.display()
+        ),
+        format!(" events --follow --socket {} ", sb.socket().display()),
+        format!("then {EGRESS} unload --pin-dir {}", sb.pin_dir.display()),
+    ] {
+        assert!(
+            log.contains(&next),
+            "no {next:?} in the agent's start-up:\n{log}"
+        );
+    }
 
     // The servers started in the background: wait until both listen.
     let allowed_log = dir.join("192.0.2.10.log");
