@@ -20,6 +20,13 @@ fn main() -> anyhow::Result<()> {
         root_dir,
         ..Default::default()
     };
+    // aya-build relays every line the nested cargo writes as `cargo:warning=`, so a cold
+    // build printed ~35 `warning: ... Compiling core` lines that were no warnings. A quiet
+    // nested cargo prints only what matters: its errors on stderr, and the compiler's own
+    // warnings and errors, which aya-build relays from the JSON messages.
+    // SAFETY: the build script is single-threaded here; nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([ebpf], Toolchain::default()).context(
         "building the eBPF programs failed; run `cargo xtask setup` to install the nightly \
          rust-src component and bpf-linker",

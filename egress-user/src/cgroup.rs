@@ -142,8 +142,16 @@ pub fn require_existing(path: &Path) -> Result<(), CgroupError> {
     })
 }
 
+/// The extended attribute that marks a cgroup `egress run` created, so that `egress unload`
+/// removes that one and no other (a `--cgroup` the operator made, `kubepods`, ...). A mark on
+/// the directory itself, rather than a note in the state directory, goes with the cgroup:
+/// it cannot outlive it or point at a namesake made later. `trusted.` needs
+/// `CAP_SYS_ADMIN`, which the agent has, so a workload cannot forge it.
+const CREATED_XATTR: &std::ffi::CStr = c"trusted.egress.created";
+
 /// Creates the cgroup directory if it is missing and checks it is a cgroup v2 directory.
-pub fn ensure(path: &Path) -> Result<(), CgroupError> {
+/// Returns true when it created it; such a cgroup is marked, for [`created_by_egress`].
+pub fn ensure(path: &Path) -> Result<bool, CgroupError> {
     // Check before creating anything: the nearest existing ancestor must be a cgroup, so a
     // mistyped path outside cgroupfs is an error, not a stray directory.
     let existing = path
@@ -153,6 +161,7 @@ pub fn ensure(path: &Path) -> Result<(), CgroupError> {
     if !existing.join("cgroup.procs").exists() {
         return Err(CgroupError::NotACgroup(existing.to_owned()));
     }
+    let created = !path.exists();
     fs::create_dir_all(path).map_err(|source| CgroupError::Io {
         what: "creating cgroup",
         path: path.to_owned(),
@@ -161,7 +170,115 @@ pub fn ensure(path: &Path) -> Result<(), CgroupError> {
     if !path.join("cgroup.procs").exists() {
         return Err(CgroupError::NotACgroup(path.to_owned()));
     }
-    Ok(())
+    if created {
+        set_xattr(path, CREATED_XATTR).map_err(|source| CgroupError::Io {
+            what: "marking the cgroup egress created",
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(created)
+}
+
+/// True when `egress run` created the cgroup at `path` (it carries the mark [`ensure`] set).
+pub fn created_by_egress(path: &Path) -> bool {
+    has_xattr(path, CREATED_XATTR)
+}
+
+/// What keeps a cgroup from being removed: processes in it, and child cgroups.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Occupants {
+    /// Process ids in the cgroup itself (`cgroup.procs`).
+    pub pids: Vec<u32>,
+    /// Names of the child cgroups.
+    pub children: Vec<String>,
+}
+
+/// Reads the processes and child cgroups of the cgroup at `path`.
+///
+/// # Errors
+/// [`CgroupError::Io`] when `cgroup.procs` or the directory cannot be read.
+pub fn occupants(path: &Path) -> Result<Occupants, CgroupError> {
+    let procs = path.join("cgroup.procs");
+    let text = fs::read_to_string(&procs).map_err(|source| CgroupError::Io {
+        what: "reading",
+        path: procs,
+        source,
+    })?;
+    let pids = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let mut children: Vec<String> = fs::read_dir(path)
+        .map_err(|source| CgroupError::Io {
+            what: "reading cgroup",
+            path: path.to_owned(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    children.sort();
+    Ok(Occupants { pids, children })
+}
+
+/// The path of the cgroup whose id is `id`, searched under the cgroup v2 mount; `None` when
+/// no cgroup has it (it was removed).
+///
+/// # Errors
+/// No cgroup v2 mount.
+pub fn find_by_id(id: u64) -> Result<Option<PathBuf>, CgroupError> {
+    let mut stack = vec![cgroup2_mount()?];
+    while let Some(dir) = stack.pop() {
+        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Ok(Some(dir));
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Ok(None)
+}
+
+/// Removes the (empty) cgroup at `path`.
+///
+/// # Errors
+/// [`CgroupError::Io`], e.g. `EBUSY` when a process joined it meanwhile.
+pub fn remove(path: &Path) -> Result<(), CgroupError> {
+    fs::remove_dir(path).map_err(|source| CgroupError::Io {
+        what: "removing cgroup",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+fn set_xattr(path: &Path, name: &std::ffi::CStr) -> io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; the value is one byte
+    // read from a live array.
+    let ret = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), c"1".as_ptr().cast(), 1, 0) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn has_xattr(path: &Path, name: &std::ffi::CStr) -> bool {
+    let Ok(path) = c_path(path) else {
+        return false;
+    };
+    // SAFETY: both strings are NUL-terminated and outlive the call; a null buffer of size 0
+    // asks only for the value's size.
+    unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) >= 0 }
 }
 
 /// The cgroup v2 id of a cgroup directory (the kernfs inode number, as

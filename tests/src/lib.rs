@@ -463,7 +463,7 @@ impl Drop for Sandbox {
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.cgroup.exists()
-            && fs::remove_dir(&self.cgroup).is_err()
+            && remove_cgroup_tree(&self.cgroup).is_err()
             && Instant::now() < deadline
         {
             thread::sleep(Duration::from_millis(20));
@@ -473,6 +473,17 @@ impl Drop for Sandbox {
             .status();
         let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
+}
+
+/// Removes a cgroup and the cgroups below it, deepest first (a cgroup with a child cannot be
+/// removed): a test may leave one made by `egress run --create-cgroup` below its sandbox's.
+fn remove_cgroup_tree(path: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(path)?.filter_map(Result::ok) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(path)
 }
 
 /// What a probe's connect() did.

@@ -1,5 +1,6 @@
 //! The printing commands as a shell uses them (issue 14): a closed pipe ends them quietly,
-//! `events --follow` says when the agent goes, and `EGRESS_SOCKET` names the socket.
+//! `events --follow` says when the agent goes, and `EGRESS_SOCKET` names the socket; `egress
+//! unload` tidies the cgroup `egress run` made, and `egress maps` decodes the pins.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -8,9 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_tests::{Agent, Sandbox, egress_bin, policy_file};
+use egress_tests::{Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, policy_file, probe_bin, sa};
 
 const EGRESS: &str = egress_bin!();
+const PROBE: &str = probe_bin!();
 
 /// Waits for `child` at most `limit`; kills it and panics if it is still running.
 fn wait_at_most(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
@@ -147,4 +149,216 @@ fn a_namespace_flag_other_than_default_is_refused_before_anything_is_sent() {
             "{verb:?}: {err}"
         );
     }
+}
+
+/// Starts an agent of `sb` on `cgroup` (with `--create-cgroup`), stops it, and returns what
+/// `egress unload` then printed.
+fn run_then_unload(sb: &Sandbox, policy: &std::path::Path, cgroup: &std::path::Path) -> String {
+    let cgroup = cgroup.display().to_string();
+    let policy = policy.display().to_string();
+    let pin_dir = sb.pin_dir.display().to_string();
+    let agent = Agent::start_in(
+        sb,
+        EGRESS,
+        &[
+            "--policy",
+            &policy,
+            "--cgroup",
+            &cgroup,
+            "--create-cgroup",
+            "--pin-dir",
+            &pin_dir,
+        ],
+    );
+    agent.signal(libc::SIGTERM);
+    let _ = agent.wait();
+    let out = Command::new(EGRESS)
+        .args(["unload", "--pin-dir", &pin_dir])
+        .output()
+        .expect("egress unload");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_stays() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-unload", sb.name));
+    let policy = policy_file(
+        &dir,
+        "p.yaml",
+        "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
+    );
+
+    // Created by `egress run --create-cgroup`, empty: removed.
+    let made = sb.cgroup.join("made");
+    let out = run_then_unload(&sb, &policy, &made);
+    assert!(
+        out.contains(&format!(
+            "removed cgroup {} (egress run created it)",
+            made.display()
+        )),
+        "{out}"
+    );
+    assert!(!made.exists(), "{out}");
+
+    // Created, but a process still runs in it: it stays, and unload says why.
+    let busy = sb.cgroup.join("busy");
+    let mut sleeper = Command::new("sleep").arg("60").spawn().expect("sleep");
+    let cleanup = |sleeper: &mut std::process::Child| {
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    };
+    let agent_then_join = {
+        // The agent makes the cgroup; the process joins it before the unload.
+        let cgroup = busy.display().to_string();
+        let policy = policy.display().to_string();
+        let pin_dir = sb.pin_dir.display().to_string();
+        let agent = Agent::start_in(
+            &sb,
+            EGRESS,
+            &[
+                "--policy",
+                &policy,
+                "--cgroup",
+                &cgroup,
+                "--create-cgroup",
+                "--pin-dir",
+                &pin_dir,
+            ],
+        );
+        std::fs::write(busy.join("cgroup.procs"), sleeper.id().to_string())
+            .expect("moving sleep into the cgroup");
+        agent.signal(libc::SIGTERM);
+        let _ = agent.wait();
+        Command::new(EGRESS)
+            .args(["unload", "--pin-dir", &pin_dir])
+            .output()
+            .expect("egress unload")
+    };
+    let out = String::from_utf8_lossy(&agent_then_join.stdout).into_owned();
+    let busy_stays = busy.exists();
+    cleanup(&mut sleeper);
+    assert!(
+        out.contains(&format!(
+            "cgroup {} stays: 1 process(es) still run in it (pid {})",
+            busy.display(),
+            sleeper.id()
+        )),
+        "{out}"
+    );
+    assert!(busy_stays, "{out}");
+
+    // A cgroup that existed before the agent (the sandbox made it): never removed.
+    let out = run_then_unload(&sb, &policy, &sb.cgroup);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.contains(&format!(
+            "cgroup {} stays: egress did not create it",
+            sb.cgroup.display()
+        )),
+        "{out}"
+    );
+    assert!(sb.cgroup.exists());
+}
+
+#[test]
+fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("{}-maps", sb.name));
+    let policy = policy_file(
+        &dir,
+        "p.yaml",
+        "kind: EgressRule\nmetadata: {name: web-a}\nspec:\n  destination: {service: 192.0.2.1/32}\n  ports: [{port: 8080, protocol: tcp}]\n---\n\
+         kind: EgressRule\nmetadata: {name: dns-b}\nspec:\n  destination: {service: 198.51.100.0/24}\n  ports: [{port: 53, protocol: udp}]\n---\n\
+         kind: EgressRule\nmetadata: {name: site}\nspec:\n  destination: {service: site.example.test}\n  ports: [{port: 80, protocol: http}]\n",
+    );
+    let _agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let allowed = sb.sink(sa(V4_A, 8080));
+    let denied = sb.sink(sa(V4_B, 8080));
+    for _ in 0..3 {
+        assert_eq!(sb.connect(PROBE, sa(V4_A, 8080)), Outcome::Connected);
+    }
+    for _ in 0..2 {
+        assert_eq!(sb.connect(PROBE, sa(V4_B, 8080)), Outcome::Denied);
+    }
+    // Counted at the sinks: the counters below describe what really happened.
+    assert_eq!(allowed.accepted(), 3);
+    assert_eq!(denied.accepted(), 0);
+
+    let pin_dir = sb.pin_dir.display().to_string();
+    let out = Command::new(EGRESS)
+        .args(["maps", "--pin-dir", &pin_dir])
+        .output()
+        .expect("egress maps");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{text}"))
+            .to_owned()
+    };
+    let key = line("192.0.2.1/32");
+    assert!(key.contains("8080/tcp") && key.ends_with("web-a"), "{text}");
+    let key = line("198.51.100.0/24");
+    assert!(key.contains("53/udp") && key.ends_with("dns-b"), "{text}");
+    assert!(line("HTTP_PORTS:").ends_with(" 80"), "{text}");
+    assert!(line("BYPASS:").contains("127.0.0.0/8"), "{text}");
+    let count = |name: &str| {
+        text.lines()
+            .skip_while(|l| !l.starts_with("COUNTERS"))
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no counter row {name:?} in:\n{text}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(count("web-a")[3], "3", "{text}");
+    assert_eq!(count("(no")[6], "2", "{text}");
+    assert_eq!(count("dns-b")[3], "0", "{text}");
+    // 131,072 rows in the map, only those in use shown.
+    assert!(text.lines().count() < 40, "{text}");
+
+    let out = Command::new(EGRESS)
+        .args(["maps", "--pin-dir", &pin_dir, "-o", "json"])
+        .output()
+        .expect("egress maps -o json");
+    let _ = std::fs::remove_dir_all(&dir);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let rules = json["rules"].as_array().expect("rules");
+    assert!(
+        rules.iter().any(|r| r["destination"] == "192.0.2.1/32"
+            && r["port"] == "8080/tcp"
+            && r["rule"] == "web-a"),
+        "{json}"
+    );
+    let counter = |name: &str| {
+        json["counters"]
+            .as_array()
+            .expect("counters")
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no counter {name}: {json}"))
+            .clone()
+    };
+    assert_eq!(counter("web-a")["allowed"], 3, "{json}");
+    assert_eq!(counter("(no rule)")["denied"], 2, "{json}");
+    assert_eq!(json["http_ports"], serde_json::json!([80]), "{json}");
+    assert_eq!(json["config"]["mode"], "enforce", "{json}");
 }

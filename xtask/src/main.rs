@@ -38,7 +38,8 @@ enum Command {
     ///
     /// Example: cargo xtask test -- --package egress-tests -- --nocapture
     Test(test::Options),
-    /// Run set-up, build the agent, then run `egress run` as root.
+    /// Run set-up, build the agent (one progress line per stage), then run `egress run` as
+    /// root; the agent ends its start-up with the commands to run next.
     ///
     /// Arguments after `--` go to `egress run`.
     ///

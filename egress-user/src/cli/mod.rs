@@ -7,6 +7,7 @@ pub mod delete;
 pub mod events;
 pub mod exec;
 pub mod get;
+pub mod maps;
 pub mod reload;
 pub mod run;
 pub mod status;
@@ -78,10 +79,19 @@ pub enum Command {
     ///
     /// Example: egress events --follow
     Events(events::EventsArgs),
-    /// Detach the programs and remove every pin: nothing is filtered afterwards.
+    /// Detach the programs and remove every pin: nothing is filtered afterwards. The managed
+    /// cgroup is removed too if `egress run` created it and it is empty; otherwise unload
+    /// says why it stays.
     ///
     /// Example: egress unload --pin-dir /sys/fs/bpf/egress
     Unload(unload::UnloadArgs),
+    /// Print the pinned maps decoded, from the pins alone (no agent needed): the config, every
+    /// rule key (CIDR, port/protocol -> rule name), bypass ranges, HTTP ports, and the
+    /// counters of the rows in use, summed over CPUs. `bpftool map dump` shows the same maps
+    /// raw.
+    ///
+    /// Example: egress maps -o json
+    Maps(maps::MapsArgs),
 }
 
 /// Entry point of the `egress` binary.
@@ -104,6 +114,7 @@ pub fn main() -> ExitCode {
         Command::Delete(args) => delete::run(args),
         Command::Reload(args) => reload::run(args),
         Command::Events(args) => events::run(args),
+        Command::Maps(args) => maps::run(args),
     };
     match result {
         Ok(code) => code,

@@ -164,6 +164,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             "ready: enforcing egress policy"
         );
     }
+    eprint!("{}", next_steps(args, &cgroup));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -183,4 +184,50 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         "stopping; enforcement stays in place (pinned); `egress unload` removes it"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a user runs next, printed once the agent is up: a first run should not leave them
+/// guessing. The commands carry the flags this agent was started with (a non-default cgroup,
+/// socket or pin directory) and name the binary as it was started (`target/debug/egress` under
+/// `cargo xtask run`), so they can be pasted as they are.
+fn next_steps(args: &RunArgs, cgroup: &std::path::Path) -> String {
+    let egress = invoked_as();
+    let cgroup_flag = match &args.cgroup {
+        Some(path) => format!(" --cgroup {}", path.display()),
+        None => String::new(),
+    };
+    let socket_flag = if args.socket == std::path::Path::new(DEFAULT_SOCKET) {
+        String::new()
+    } else {
+        format!(" --socket {}", args.socket.display())
+    };
+    let pin_flag = if args.pin_dir == std::path::Path::new(DEFAULT_PIN_DIR) {
+        String::new()
+    } else {
+        format!(" --pin-dir {}", args.pin_dir.display())
+    };
+    format!(
+        "next, as root in another terminal:\n  \
+         {egress} exec{cgroup_flag}{pin_flag} -- curl -sS http://192.0.2.1/   run a command in {cgroup} (filtered)\n  \
+         {egress} events --follow{socket_flag}   watch its verdicts\n  \
+         {egress} status{socket_flag}   rules and their counters\n\
+         stop: Ctrl-C here (enforcement stays, pinned), then {egress} unload{pin_flag}\n",
+        cgroup = cgroup.display()
+    )
+}
+
+/// `egress` when the running binary is the one PATH finds under that name, else its path.
+fn invoked_as() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "egress".to_owned();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .any(|dir| std::fs::canonicalize(dir.join("egress")).is_ok_and(|found| found == exe))
+    });
+    if on_path {
+        "egress".to_owned()
+    } else {
+        exe.display().to_string()
+    }
 }

@@ -19,6 +19,7 @@
 
 pub mod events;
 pub mod features;
+pub mod inspect;
 mod pins;
 mod proxy_mark;
 mod sys;
@@ -255,7 +256,12 @@ impl Enforcer {
         // logged) this already; this is for every other caller.
         let kernel = features::kernel();
         kernel.assess(!target.xdp_ifaces.is_empty())?;
-        cgroup::ensure(&target.cgroup)?;
+        if cgroup::ensure(&target.cgroup)? {
+            tracing::info!(
+                cgroup = %target.cgroup.display(),
+                "created the managed cgroup; `egress unload` removes it once it is empty"
+            );
+        }
         let cgroup_id = cgroup::id(&target.cgroup)?;
         let agent_cgroup = cgroup::own_id()?;
         if agent_cgroup == cgroup_id {
@@ -812,6 +818,12 @@ fn previous_config(pins: &PinDir) -> Option<Config> {
 /// per row took 7 ms of a 10,000-rule reload.
 fn read_rule_info(ebpf: &Ebpf, limit: u32) -> Result<StoredRows, LoadError> {
     let map = ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO");
+    Ok(RowTable::from_rule_info(rule_info_rows(map, limit)?))
+}
+
+/// The `RULE_INFO` rows from [`FIRST_RULE_ROW`] to below `limit` of `map`, named or free:
+/// for [`read_rule_info`] and for `egress maps`, which reads the pin.
+fn rule_info_rows(map: &aya::maps::Map, limit: u32) -> Result<Vec<(u32, RuleInfo)>, LoadError> {
     // Checks the map's key and value sizes against RuleInfo.
     let _: Array<_, RuleInfo> =
         Array::try_from(map).map_err(map_err(maps::RULE_INFO, "opening"))?;
@@ -829,7 +841,7 @@ fn read_rule_info(ebpf: &Ebpf, limit: u32) -> Result<StoredRows, LoadError> {
                 .map_err(map_err(maps::RULE_INFO, "reading"))?;
         }
     }
-    Ok(RowTable::from_rule_info((FIRST_RULE_ROW..).zip(infos)))
+    Ok((FIRST_RULE_ROW..).zip(infos).collect())
 }
 
 /// The fd of a map of the object.

@@ -1,0 +1,325 @@
+//! The pinned maps, decoded: what `egress maps` prints.
+//!
+//! `bpftool map dump` shows the raw maps: ports in network byte order read as little-endian
+//! numbers, rule names as byte arrays, and every one of the [`COUNTER_ROWS`] rows of
+//! `COUNTERS` once per CPU (131,072 rows, 57 MB of JSON on a 2-CPU machine). This reads the
+//! same pins and gives each rule key with its CIDR, `port/proto` and rule name, and the
+//! counters of the rows in use only: the reserved rows and the rows below the generation's
+//! `row_limit` that a rule owns or that counted something. It needs no running agent, only
+//! the pins, like `cilium-dbg bpf ... list`.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::maps::{Array, LpmTrie, Map, MapData};
+use egress_common::{
+    COUNTER_ROWS, Config, FIRST_RULE_ROW, PORTS, PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE,
+    ROW_PROXY, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats, config_flags, maps,
+    mode,
+};
+use serde::Serialize;
+
+use super::{
+    BYPASS_NAME, LoadError, NO_RULE_NAME, PROXY_NAME, PinDir, PinnedCounters, RowCount, features,
+    map_err, map_fd, rule_info_rows, sys, syscall_error,
+};
+
+/// Everything `egress maps` shows, read from one pin directory.
+#[derive(Debug, Serialize)]
+pub struct MapsView {
+    /// The pin directory read.
+    pub pin_dir: String,
+    /// The `CONFIG` entry.
+    pub config: ConfigView,
+    /// Every key of `RULES_V4` and `RULES_V6`, IPv4 first, in the tries' order.
+    pub rules: Vec<RuleKeyView>,
+    /// `BYPASS_V4` and `BYPASS_V6`: the never-filtered ranges.
+    pub bypass: Vec<String>,
+    /// `HTTP_PORTS`: the ports whose unmatched connections go to the proxy.
+    pub http_ports: Vec<u16>,
+    /// `COUNTERS` rows in use, summed over CPUs.
+    pub counters: Vec<CounterView>,
+    /// `HOOKS`: verdicts by hook, summed over CPUs.
+    pub hooks: Vec<CounterView>,
+    /// `STATS`: events lost and verdicts taken on an error path.
+    pub stats: StatsView,
+}
+
+/// The `CONFIG` entry, decoded.
+#[derive(Debug, Serialize)]
+pub struct ConfigView {
+    /// `enforce` or `audit`.
+    pub mode: &'static str,
+    /// The generation of the policy in the maps.
+    pub generation: u32,
+    /// One past the highest `COUNTERS` row this generation uses.
+    pub row_limit: u32,
+    /// The proxy's port (host byte order).
+    pub proxy_port: u16,
+    /// `events: all` in the EgressConfig.
+    pub events_all: bool,
+    /// `allowSockets: [raw]` in the EgressConfig.
+    pub allow_raw: bool,
+    /// The agent's cgroup id, whose sockets are never judged.
+    pub agent_cgroup: u64,
+}
+
+/// One rule key: what it matches and the rule that owns it.
+#[derive(Debug, Serialize)]
+pub struct RuleKeyView {
+    /// The destination, as a CIDR.
+    pub destination: String,
+    /// `443/tcp`, as `egress check` and `get` spell it.
+    pub port: String,
+    /// The counter row the key points to.
+    pub row: u32,
+    /// The rule owning that row in `RULE_INFO`.
+    pub rule: String,
+}
+
+/// One counter row, summed over CPUs.
+#[derive(Debug, Serialize)]
+pub struct CounterView {
+    /// The row (or hook number).
+    pub row: u32,
+    /// The rule, reserved row or hook.
+    pub name: String,
+    /// Allowed connections and datagrams.
+    pub allowed: u64,
+    /// Denied ones.
+    pub denied: u64,
+    /// Ones audit mode let through that enforce mode would deny.
+    pub would_deny: u64,
+}
+
+/// The `STATS` entry, summed over CPUs.
+#[derive(Debug, Serialize)]
+pub struct StatsView {
+    /// Events the ring buffer had no room for.
+    pub events_lost: u64,
+    /// Verdicts taken on an internal error path (denied: the programs fail closed).
+    pub errors: u64,
+}
+
+/// Reads and decodes the maps pinned in `pin_dir`.
+///
+/// # Errors
+/// A pin is missing (nothing loaded there) or not the map this version expects.
+pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
+    let pins = PinDir::new(pin_dir);
+    let open = |name: &'static str| {
+        MapData::from_pin(pins.map(name)).map_err(map_err(name, "opening the pin of"))
+    };
+    let config: Array<_, Config> = Array::try_from(Map::Array(open(maps::CONFIG)?))
+        .map_err(map_err(maps::CONFIG, "opening"))?;
+    let config = config
+        .get(&0, 0)
+        .map_err(map_err(maps::CONFIG, "reading"))?;
+    let row_limit = config.row_limit.clamp(FIRST_RULE_ROW, COUNTER_ROWS);
+    let names = rule_names(&rule_info_rows(
+        &Map::Array(open(maps::RULE_INFO)?),
+        row_limit,
+    )?);
+    let name_of = |row: u32| {
+        names
+            .iter()
+            .find(|(r, _)| *r == row)
+            .map_or_else(|| format!("(row {row} has no rule)"), |(_, n)| n.clone())
+    };
+    let mut rules = Vec::new();
+    let v4: LpmTrie<_, RuleKeyV4, RuleValue> =
+        LpmTrie::try_from(Map::LpmTrie(open(maps::RULES_V4)?))
+            .map_err(map_err(maps::RULES_V4, "opening"))?;
+    for entry in v4.iter() {
+        let (key, value) = entry.map_err(map_err(maps::RULES_V4, "reading"))?;
+        let data = key.data();
+        rules.push(RuleKeyView {
+            destination: cidr(Ipv4Addr::from(data.addr).into(), key.prefix_len()),
+            port: port_proto(data.port, data.proto),
+            row: value.row,
+            rule: name_of(value.row),
+        });
+    }
+    let v6: LpmTrie<_, RuleKeyV6, RuleValue> =
+        LpmTrie::try_from(Map::LpmTrie(open(maps::RULES_V6)?))
+            .map_err(map_err(maps::RULES_V6, "opening"))?;
+    for entry in v6.iter() {
+        let (key, value) = entry.map_err(map_err(maps::RULES_V6, "reading"))?;
+        let data = key.data();
+        rules.push(RuleKeyView {
+            destination: cidr(Ipv6Addr::from(data.addr).into(), key.prefix_len()),
+            port: port_proto(data.port, data.proto),
+            row: value.row,
+            rule: name_of(value.row),
+        });
+    }
+    let mut bypass = Vec::new();
+    let b4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(Map::LpmTrie(open(maps::BYPASS_V4)?))
+        .map_err(map_err(maps::BYPASS_V4, "opening"))?;
+    for entry in b4.iter() {
+        let (key, _) = entry.map_err(map_err(maps::BYPASS_V4, "reading"))?;
+        bypass.push(format!(
+            "{}/{}",
+            Ipv4Addr::from(key.data()),
+            key.prefix_len()
+        ));
+    }
+    let b6: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(Map::LpmTrie(open(maps::BYPASS_V6)?))
+        .map_err(map_err(maps::BYPASS_V6, "opening"))?;
+    for entry in b6.iter() {
+        let (key, _) = entry.map_err(map_err(maps::BYPASS_V6, "reading"))?;
+        bypass.push(format!(
+            "{}/{}",
+            Ipv6Addr::from(key.data()),
+            key.prefix_len()
+        ));
+    }
+    let http_ports = http_ports(&Map::Array(open(maps::HTTP_PORTS)?))?;
+
+    // Every row below the limit, so that a row still counting after its rule went (or a
+    // reserved row) is not hidden; only rows with a rule or a count are listed.
+    let mut rows = vec![
+        (ROW_NO_RULE, NO_RULE_NAME.to_owned()),
+        (ROW_BYPASS, BYPASS_NAME.to_owned()),
+        (ROW_PROXY, PROXY_NAME.to_owned()),
+    ];
+    rows.extend((FIRST_RULE_ROW..row_limit).map(|row| (row, name_of(row))));
+    let counted = PinnedCounters::open(pin_dir)?;
+    let counters = counted
+        .rows(&rows)?
+        .into_iter()
+        .filter(|c| {
+            c.row < FIRST_RULE_ROW
+                || names.iter().any(|(r, _)| *r == c.row)
+                || c.counters.allowed + c.counters.denied + c.counters.would_deny > 0
+        })
+        .map(counter_view)
+        .collect();
+    let hooks = counted.hooks()?.into_iter().map(counter_view).collect();
+    let Stats {
+        events_lost,
+        errors,
+    } = counted.stats()?;
+    Ok(MapsView {
+        pin_dir: pin_dir.display().to_string(),
+        config: ConfigView {
+            mode: if config.mode == mode::AUDIT {
+                "audit"
+            } else {
+                "enforce"
+            },
+            generation: config.generation,
+            row_limit: config.row_limit,
+            proxy_port: u16::from_be(config.proxy_port),
+            events_all: config.flags & config_flags::EVENTS_ALL != 0,
+            allow_raw: config.flags & config_flags::ALLOW_RAW != 0,
+            agent_cgroup: config.agent_cgroup,
+        },
+        rules,
+        bypass,
+        http_ports,
+        counters,
+        hooks,
+        stats: StatsView {
+            events_lost,
+            errors,
+        },
+    })
+}
+
+/// The names of the rows a rule owns. A name longer than [`RULE_NAME_LEN`] bytes is stored
+/// cut: it is shown cut, with `...`.
+fn rule_names(rows: &[(u32, RuleInfo)]) -> Vec<(u32, String)> {
+    rows.iter()
+        .filter(|(_, info)| info.name_len != 0)
+        .map(|(row, info)| {
+            let len = (info.name_len as usize).min(RULE_NAME_LEN);
+            let mut name = String::from_utf8_lossy(&info.name[..len]).into_owned();
+            if info.name_len as usize > RULE_NAME_LEN {
+                name.push_str("...");
+            }
+            (*row, name)
+        })
+        .collect()
+}
+
+/// The ports set in `HTTP_PORTS`, in one batch where the kernel has batch calls.
+fn http_ports(map: &Map) -> Result<Vec<u16>, LoadError> {
+    let mut set = vec![0u32; PORTS as usize];
+    if features::kernel().has(features::Id::BatchOps) {
+        sys::array_lookup_batch(map_fd(map), 0, &mut set).map_err(|io_error| {
+            map_err(maps::HTTP_PORTS, "reading")(syscall_error("bpf_map_lookup_batch", io_error))
+        })?;
+    } else {
+        let array: Array<_, u32> =
+            Array::try_from(map).map_err(map_err(maps::HTTP_PORTS, "opening"))?;
+        for (port, value) in (0..).zip(set.iter_mut()) {
+            *value = array
+                .get(&port, 0)
+                .map_err(map_err(maps::HTTP_PORTS, "reading"))?;
+        }
+    }
+    Ok((0..=u16::MAX)
+        .zip(set)
+        .filter(|(_, v)| *v != 0)
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// `192.0.2.0/24` from a rule key's address and its LPM prefix length, which counts the
+/// port, protocol and pad bits before the address.
+fn cidr(addr: std::net::IpAddr, prefix_len: u32) -> String {
+    format!(
+        "{addr}/{}",
+        prefix_len.saturating_sub(egress_common::KEY_PREFIX_BITS)
+    )
+}
+
+/// `443/tcp` from a key's port (network byte order) and protocol.
+fn port_proto(port: u16, proto: u8) -> String {
+    let proto = match proto {
+        PROTO_TCP => "tcp".to_owned(),
+        PROTO_UDP => "udp".to_owned(),
+        other => format!("proto{other}"),
+    };
+    format!("{}/{proto}", u16::from_be(port))
+}
+
+fn counter_view(count: RowCount) -> CounterView {
+    CounterView {
+        row: count.row,
+        name: count.name,
+        allowed: count.counters.allowed,
+        denied: count.counters.denied,
+        would_deny: count.counters.would_deny,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_read_as_a_user_writes_them() {
+        assert_eq!(port_proto(443u16.to_be(), PROTO_TCP), "443/tcp");
+        assert_eq!(port_proto(53u16.to_be(), PROTO_UDP), "53/udp");
+        assert_eq!(
+            cidr(Ipv4Addr::new(192, 0, 2, 0).into(), 32 + 24),
+            "192.0.2.0/24"
+        );
+    }
+
+    #[test]
+    fn a_cut_name_says_so_and_free_rows_have_none() {
+        let mut info = RuleInfo {
+            name_len: 70,
+            ..RuleInfo::default()
+        };
+        info.name.fill(b'a');
+        let named = rule_names(&[(3, info), (4, RuleInfo::default())]);
+        assert_eq!(named.len(), 1);
+        assert_eq!(named[0].1, format!("{}...", "a".repeat(64)));
+    }
+}
