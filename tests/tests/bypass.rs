@@ -4,7 +4,7 @@
 //! allows and one it does not. Counted at the sinks (each case has its own), then in the
 //! per-rule and per-hook counters and in the events.
 //!
-//! The README's "What is and is not filtered" table is this matrix in words.
+//! The table of docs/coverage.md is this matrix in words.
 
 use std::collections::HashMap;
 

@@ -273,7 +273,7 @@ fn other_socket_kinds_are_refused_at_socket_by_default() {
 /// and, with none for the address, denied (EPERM at `connect`). The kernel connects an MPTCP
 /// socket through its first subflow, a TCP socket (`sk_protocol` 6) in the same cgroup, and
 /// runs `cgroup/connect4`/`connect6` on that subflow; the hook sees plain TCP. This differs
-/// from the README ("an allowed one is not judged by rules"); see
+/// from docs/policy.md ("an allowed one is not judged by rules"); see
 /// `an_allowed_mptcp_socket_connects_where_a_tcp_rule_allows`.
 #[test]
 fn allow_sockets_lets_each_named_kind_through() {

@@ -35,7 +35,7 @@ pub enum Command {
     /// verdicts. Enforcement stays pinned when the agent exits. The kernel's features are
     /// probed first: without a feature it needs to enforce the policy, the agent refuses to
     /// start and names it; without an optional one it runs, warns and says what is lost (see
-    /// the README's "Kernel requirements").
+    /// docs/kernel.md).
     ///
     /// Example: egress run --policy /etc/egress/policy.yaml
     Run(run::RunArgs),

@@ -26,7 +26,7 @@
 //! `cgroup_link`). Not probed either: what the verifier can prove (bounded loops, program
 //! size), which only loading the real programs shows; they are tested on 6.1 and newer.
 //!
-//! The README's "Kernel requirements" table is this list; a unit test keeps the two equal.
+//! The "Kernel features" table of docs/kernel.md is this list; a unit test keeps the two equal.
 //!
 //! # Hiding features (tests only)
 //! This machine's kernel has every feature. `EGRESS_KERNEL_FEATURES_HIDE=getpeername4,batch_ops`
@@ -70,7 +70,7 @@ pub enum Need {
     Required,
     /// Enforcement is unchanged without it; this is lost.
     Optional {
-        /// What the agent cannot do without it, for the WARN line and the README.
+        /// What the agent cannot do without it, for the WARN line and docs/kernel.md.
         lost: &'static str,
     },
     /// Used only by the XDP backstop: required when `--xdp-iface` is given, unused otherwise.
@@ -125,7 +125,7 @@ pub enum Id {
 pub struct Feature {
     /// Which feature, for [`Kernel::has`].
     pub id: Id,
-    /// Short name, as in messages, the README and [`HIDE_ENV`].
+    /// Short name, as in messages, docs/kernel.md and [`HIDE_ENV`].
     pub name: &'static str,
     /// What the kernel must have, in its own terms.
     pub kernel: &'static str,
@@ -162,8 +162,8 @@ const CGROUP_PROGRAMS: &[&str] = &[
     programs::GETPEERNAME6,
 ];
 
-/// Every kernel feature the programs and the loader use. The README's "Kernel requirements"
-/// table lists the same, in the same order.
+/// Every kernel feature the programs and the loader use. The "Kernel features" table of
+/// docs/kernel.md lists the same, in the same order.
 pub static FEATURES: [Feature; 19] = [
     Feature {
         id: Id::Connect4,

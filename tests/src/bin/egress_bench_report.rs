@@ -115,7 +115,7 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
     let _ = writeln!(
         page,
         "Written by `{command}` (as root) on {}, at commit {}: every benchmark of \
-         ../shared/BENCHMARKS.md in one run, each with all of its contenders interleaved round by round. \
+         docs/testing.md in one run, each with all of its contenders interleaved round by round. \
          Machine: kernel `{}`, {} ({} CPUs), a shared VM: read ratios measured in the same round \
          rather than absolute numbers.\n",
         text(&machine["date"]),

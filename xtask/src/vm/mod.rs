@@ -15,10 +15,11 @@
 //!    the host tools the tests call (`ip`, `nsenter`, `unshare`, `bpftool`, `mount`) with
 //!    their shared libraries, and each kernel's `veth` module.
 //! 4. QEMU boots each kernel with that initramfs under software emulation (`-accel tcg`: KVM
-//!    does not work in this nested VM, see ../shared/TOOLCHAIN.md), inside `timeout`. The
-//!    guest's `/init` mounts proc, sysfs, devtmpfs, cgroup2 and bpffs, runs every test binary
-//!    and prints an exit marker with the result; the run fails on any failed test, on a
-//!    missing marker (a guest that crashed or hung) and on a binary that ran no test.
+//!    does not work in nested VMs such as our CI machines: "KVM internal error"), inside
+//!    `timeout`. The guest's `/init` mounts proc, sysfs, devtmpfs, cgroup2 and bpffs, runs
+//!    every test binary and prints an exit marker with the result; the run fails on any
+//!    failed test, on a missing marker (a guest that crashed or hung) and on a binary that ran
+//!    no test.
 //!
 //! The guest's console goes to `target/vm/<kernel>.log` and, line by line, to stderr.
 //!

@@ -1,4 +1,4 @@
-//! The feature table against the README, the refuse/degrade decision and its messages, and
+//! The feature table against docs/kernel.md, the refuse/degrade decision and its messages, and
 //! the probes on this machine's kernel.
 
 use super::*;
@@ -164,15 +164,15 @@ fn every_program_the_loader_attaches_depends_on_its_hook_feature() {
     }
 }
 
-/// The README's "Kernel requirements" table lists exactly [`FEATURES`], in order, with the
-/// same minimum kernel and the same refuse/degrade decision.
+/// The "Kernel features" table of docs/kernel.md lists exactly [`FEATURES`], in order, with
+/// the same minimum kernel and the same refuse/degrade decision.
 #[test]
-fn the_readme_table_is_the_feature_table() {
-    let readme = include_str!("../../../../README.md");
-    let section = readme
-        .split("\n## Kernel requirements\n")
+fn the_documented_table_is_the_feature_table() {
+    let doc = include_str!("../../../../docs/kernel.md");
+    let section = doc
+        .split("\n## Kernel features\n")
         .nth(1)
-        .expect("README has a Kernel requirements section");
+        .expect("docs/kernel.md has a Kernel features section");
     let section = section.split("\n## ").next().expect("section");
     let rows: Vec<Vec<&str>> = section
         .lines()
@@ -184,7 +184,7 @@ fn the_readme_table_is_the_feature_table() {
             .map(|r| r[0].trim_matches('`'))
             .collect::<Vec<_>>(),
         FEATURES.iter().map(|f| f.name).collect::<Vec<_>>(),
-        "README rows"
+        "docs/kernel.md rows"
     );
     for (row, f) in rows.iter().zip(&FEATURES) {
         assert_eq!(row.len(), 5, "{row:?}");
@@ -196,7 +196,7 @@ fn the_readme_table_is_the_feature_table() {
         };
         assert!(
             row[4].starts_with(decision),
-            "{}: README says {:?}, the code {decision}",
+            "{}: docs/kernel.md says {:?}, the code {decision}",
             f.name,
             row[4]
         );
