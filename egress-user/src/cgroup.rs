@@ -4,6 +4,8 @@
 //! `/sys/fs/cgroup/unified` on a hybrid one), so it is always read from
 //! `/proc/self/mountinfo`, never assumed.
 
+#![forbid(unsafe_code)]
+
 use std::{
     fs, io,
     os::unix::fs::MetadataExt as _,
@@ -147,7 +149,7 @@ pub fn require_existing(path: &Path) -> Result<(), CgroupError> {
 /// the directory itself, rather than a note in the state directory, goes with the cgroup:
 /// it cannot outlive it or point at a namesake made later. `trusted.` needs
 /// `CAP_SYS_ADMIN`, which the agent has, so a workload cannot forge it.
-const CREATED_XATTR: &std::ffi::CStr = c"trusted.egress.created";
+const CREATED_XATTR: &str = "trusted.egress.created";
 
 /// Creates the cgroup directory if it is missing and checks it is a cgroup v2 directory.
 /// Returns true when it created it; such a cgroup is marked, for [`created_by_egress`].
@@ -255,30 +257,12 @@ pub fn remove(path: &Path) -> Result<(), CgroupError> {
     })
 }
 
-fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt as _;
-    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+fn set_xattr(path: &Path, name: &str) -> io::Result<()> {
+    xattr::set(path, name, b"1")
 }
 
-fn set_xattr(path: &Path, name: &std::ffi::CStr) -> io::Result<()> {
-    let path = c_path(path)?;
-    // SAFETY: both strings are NUL-terminated and outlive the call; the value is one byte
-    // read from a live array.
-    let ret = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), c"1".as_ptr().cast(), 1, 0) };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn has_xattr(path: &Path, name: &std::ffi::CStr) -> bool {
-    let Ok(path) = c_path(path) else {
-        return false;
-    };
-    // SAFETY: both strings are NUL-terminated and outlive the call; a null buffer of size 0
-    // asks only for the value's size.
-    unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) >= 0 }
+fn has_xattr(path: &Path, name: &str) -> bool {
+    matches!(xattr::get(path, name), Ok(Some(_)))
 }
 
 /// The cgroup v2 id of a cgroup directory (the kernfs inode number, as

@@ -12,6 +12,8 @@
 //! keys allow port 53 over udp and tcp to each resolver, and it gets a row like any rule (only
 //! when there is a resolver), so its counters survive reloads too.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, hash_map::Entry};
 
 use egress_common::{

@@ -10,6 +10,8 @@
 //! [`Budget`]: what it already holds, a reserve for the control plane, and the rest for the
 //! proxy's app connections (each of which may hold an upstream socket too).
 
+#![forbid(unsafe_code)]
+
 use std::io;
 
 /// Descriptors kept out of the proxy's reach, beyond those the agent holds when it starts

@@ -28,6 +28,8 @@
 //!   `egress_events_lost_total`, `egress_kernel_errors_total`: read from the kernel's maps at
 //!   each scrape (a [`KernelSnapshot`]).
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt;

@@ -6,6 +6,8 @@
 //! crash-safe way: write a temporary file in the same directory, fsync it, rename it over the
 //! old one, fsync the directory. A crash leaves the old file or the new one, never a mix.
 
+#![forbid(unsafe_code)]
+
 use std::{
     fs,
     io::{self, Write as _},

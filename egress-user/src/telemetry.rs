@@ -1,6 +1,8 @@
 //! Logging: one place configures tracing, from one environment variable, `EGRESS_LOG`
 //! (an `EnvFilter` directive such as `info` or `egress_user=debug`; default `info`).
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::{EnvFilter, fmt};

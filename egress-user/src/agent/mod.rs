@@ -10,6 +10,8 @@
 //! generation, swapped in atomically; if the kernel refuses it, the proxy gets the old policy
 //! back. Changes are handled one at a time, in the order they arrive.
 
+#![forbid(unsafe_code)]
+
 pub mod health;
 pub mod listeners;
 pub mod occupancy;

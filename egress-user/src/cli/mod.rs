@@ -1,5 +1,7 @@
 //! The `egress` command line: one file per verb. Doc comments are the `--help` text.
 
+#![forbid(unsafe_code)]
+
 pub mod check;
 pub mod create;
 pub mod ctl;

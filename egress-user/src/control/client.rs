@@ -1,5 +1,7 @@
 //! The CLI's end of the control socket.
 
+#![forbid(unsafe_code)]
+
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,

@@ -4,8 +4,13 @@
 //! (`BPF_OBJ_GET_INFO_BY_FD`); for maps, write or read many entries in one call
 //! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_LOOKUP_BATCH`: arrays since 5.6, LPM tries since
 //! 5.13), where aya has one call per entry; and the probes of `features` (load a two- or
-//! three-instruction program, create a tiny map, create a link on nothing). With `pins.rs`'s
-//! statfs and mount, this is the only `unsafe` in the agent.
+//! three-instruction program, create a tiny map, create a link on nothing).
+//!
+//! Where the agent has `unsafe` (every module outside the loader and `control/server.rs`
+//! forbids it): here; `pins.rs`'s statfs and mount; `events.rs` reading an
+//! `Event` out of the ring buffer's bytes; `mod.rs` registering the ring buffer's fd with
+//! tokio; `xdp.rs`'s `if_nameindex`; and `control/server.rs`'s `if_indextoname`, for the
+//! interface names of events. Each block says why it is sound.
 
 use std::{
     io,

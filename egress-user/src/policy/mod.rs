@@ -5,6 +5,8 @@
 //! comes out, so nothing invalid can reach a map. Unless its EgressConfig names them, a policy
 //! to enforce then gets its DNS resolvers from resolv.conf ([`Policy::fill_resolvers`]).
 
+#![forbid(unsafe_code)]
+
 mod addr;
 pub mod ca;
 mod display;
