@@ -16,6 +16,16 @@ mod load;
 mod model;
 pub mod read;
 mod report;
+/// The policy documents of the seeds, Istio's tasks, verbatim: the five EgressRules of
+/// *Control Egress TCP Traffic* and the two ExternalName Services of *Configuring Egress with
+/// Envoy*. One copy, for every test that reads them.
+#[cfg(test)]
+pub(crate) mod seeds {
+    /// Seed 003's EgressRules.
+    pub(crate) const TCP: &str = include_str!("seeds/tcp.yaml");
+    /// Seed 000's Services.
+    pub(crate) const SERVICES: &str = include_str!("seeds/services.yaml");
+}
 #[cfg(test)]
 mod tests;
 mod validate;

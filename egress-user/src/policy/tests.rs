@@ -25,57 +25,7 @@ spec:
 ";
 
 /// The five documents of seed 003 (Istio's "Control Egress TCP Traffic" task), verbatim.
-const SEED: &str = "\
-kind: EgressRule
-metadata:
-  name: wikipedia-range1
-spec:
-  destination:
-      service: 91.198.174.192/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range2
-spec:
-  destination:
-      service: 103.102.166.224/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range3
-spec:
-  destination:
-      service: 198.35.26.96/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range4
-spec:
-  destination:
-      service: 208.80.153.224/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range5
-spec:
-  destination:
-      service: 208.80.154.224/27
-  ports:
-      - port: 443
-        protocol: tcp
-";
+const SEED: &str = super::seeds::TCP;
 
 /// `RULE` with the first `from` replaced by `to`.
 fn rule_with(from: &str, to: &str) -> String {

@@ -150,82 +150,15 @@ fn invalid_files_print_every_error_and_fail() {
 /// Every policy document of both seeds, verbatim: the five EgressRules of seed 003
 /// ("Control Egress TCP Traffic") and the two Services of seed 000 ("Configuring Egress
 /// with Envoy").
-const SEEDS: &str = "\
-kind: EgressRule
-metadata:
-  name: wikipedia-range1
-spec:
-  destination:
-      service: 91.198.174.192/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range2
-spec:
-  destination:
-      service: 103.102.166.224/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range3
-spec:
-  destination:
-      service: 198.35.26.96/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range4
-spec:
-  destination:
-      service: 208.80.153.224/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-kind: EgressRule
-metadata:
-  name: wikipedia-range5
-spec:
-  destination:
-      service: 208.80.154.224/27
-  ports:
-      - port: 443
-        protocol: tcp
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: httpbin
-spec:
-  type: ExternalName
-  externalName: httpbin.org
-  ports:
-  - port: 80
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: securegoogle
-spec:
-  type: ExternalName
-  externalName: www.google.com
-  ports:
-  - port: 443
-";
+fn seeds() -> String {
+    let seeds = crate::policy::seeds::TCP.to_owned() + "---\n";
+    seeds + crate::policy::seeds::SERVICES
+}
 
 #[test]
 fn both_seeds_check_clean() {
     let dir = TempDir::new();
-    let path = dir.file("seeds.yaml", SEEDS);
+    let path = dir.file("seeds.yaml", &seeds());
     let args = CheckArgs {
         files: vec![path.clone()],
         default: false,

@@ -5,27 +5,7 @@ use super::*;
 
 /// The two Service documents of seed 000 (Istio's "Configuring Egress with Envoy" task),
 /// verbatim, joined into one stream.
-const SEED_SERVICES: &str = "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: httpbin
-spec:
-  type: ExternalName
-  externalName: httpbin.org
-  ports:
-  - port: 80
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: securegoogle
-spec:
-  type: ExternalName
-  externalName: www.google.com
-  ports:
-  - port: 443
-";
+const SEED_SERVICES: &str = crate::policy::seeds::SERVICES;
 
 /// One Service, one field a line: 1 apiVersion, 2 kind, 3 metadata, 4 name, 5 spec, 6 type,
 /// 7 externalName, 8 ports, 9 port.
