@@ -336,8 +336,15 @@ impl Agent {
                 self.policy.proxy.port, policy.proxy.port
             ));
         }
-        let proxy = Arc::new(Proxy::new(&policy).map_err(|e| e.to_string())?);
-        let previous = self.proxies.send_replace(proxy);
+        let proxy = {
+            // Counts of the rules that stay go on (`egress status`, like the kernel's rows).
+            let previous = self.proxies.borrow();
+            Proxy::builder(&policy)
+                .counting_after(&previous)
+                .build()
+                .map_err(|e| e.to_string())?
+        };
+        let previous = self.proxies.send_replace(Arc::new(proxy));
         let applied = tokio::task::block_in_place(|| {
             Enforcer::apply_with_proxy(
                 &self.settings.target,

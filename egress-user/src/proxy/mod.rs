@@ -106,9 +106,17 @@ pub struct ProxyBuilder<'a> {
     resolver: Arc<dyn Resolve>,
     timeouts: Timeouts,
     system_roots: tls::SystemRoots,
+    previous: Option<&'a Proxy>,
 }
 
-impl ProxyBuilder<'_> {
+impl<'a> ProxyBuilder<'a> {
+    /// Goes on counting, for every rule and alias `previous` also has, where `previous` is at
+    /// (by name, as the kernel keeps its rows): a reload does not reset `egress status`.
+    pub fn counting_after(mut self, previous: &'a Proxy) -> Self {
+        self.previous = Some(previous);
+        self
+    }
+
     /// Resolves upstream names with `resolver` instead of the system's (after the policy's
     /// `hosts`, which always come first). Its answers are filtered like DNS answers.
     pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
@@ -150,7 +158,7 @@ impl ProxyBuilder<'_> {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(self.timeouts.pool_idle)
             .build(Connector(Arc::new(dialer)));
-        let counters = Counters::new(routes.names());
+        let counters = Counters::after(routes.names(), self.previous.map(|p| &p.counters));
         Ok(Proxy {
             routes,
             client,
@@ -178,6 +186,7 @@ impl Proxy {
                 ..Timeouts::default()
             },
             system_roots: tls::SystemRoots::Load,
+            previous: None,
         }
     }
 
