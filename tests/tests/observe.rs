@@ -79,3 +79,57 @@ fn request_counts_of_a_rule_that_stays_survive_create_reload_and_delete() {
     // Counted at the sink: the upstream saw exactly the requests the rule counts.
     assert_eq!(w.http.seen().len(), 3, "{:?}", w.http.seen());
 }
+
+/// Fails unless `needle` occurs exactly once in `text`: an error names its cause once, either in
+/// its message or in its chain, never in both.
+fn assert_once(text: &str, needle: &str) {
+    assert_eq!(
+        text.matches(needle).count(),
+        1,
+        "`{needle}` should appear exactly once in: {text}"
+    );
+}
+
+#[test]
+fn an_error_names_its_cause_once() {
+    let sb = egress_tests::Sandbox::new();
+    // A socket that is not there.
+    let missing = std::env::temp_dir().join(format!("{}-none.sock", sb.name));
+    let out = std::process::Command::new(EGRESS)
+        .args(["status", "--socket"])
+        .arg(&missing)
+        .output()
+        .expect("egress status");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no egress agent is listening on"), "{err}");
+    assert_once(&err, "No such file or directory");
+
+    // A policy file that is not there.
+    let policy = std::env::temp_dir().join(format!("{}-missing.yaml", sb.name));
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sb.name))
+        .arg(EGRESS)
+        .arg("run")
+        .args(sb.run_args(&policy, &[]))
+        .output()
+        .expect("egress run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&policy.display().to_string()), "{err}");
+    assert_once(&err, "No such file or directory");
+}
+
+#[test]
+fn a_reload_with_a_bad_file_names_its_cause_once() {
+    let w = World::new(EGRESS, PROBE);
+    // The policy's CA file is gone: the reload fails and says why, once.
+    std::fs::remove_file(w.dir.join("ca.pem")).expect("removing ca.pem");
+    let (status, out, err) = w.sb.ctl(EGRESS, &["reload"]);
+    assert!(!status.success(), "{out}");
+    assert!(err.contains("ca.pem"), "{err}");
+    assert_once(&err, "No such file or directory");
+    // And `egress status` shows the same error with its cause once.
+    let (_, out, _) = w.sb.ctl(EGRESS, &["status"]);
+    assert_once(&out, "No such file or directory");
+}

@@ -342,7 +342,8 @@ impl Agent {
             Proxy::builder(&policy)
                 .counting_after(&previous)
                 .build()
-                .map_err(|e| e.to_string())?
+                // The whole chain: `ca file F: cannot read it: <why>`, not just its first link.
+                .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?
         };
         let previous = self.proxies.send_replace(Arc::new(proxy));
         let applied = tokio::task::block_in_place(|| {
