@@ -133,3 +133,71 @@ fn a_reload_with_a_bad_file_names_its_cause_once() {
     let (_, out, _) = w.sb.ctl(EGRESS, &["status"]);
     assert_once(&out, "No such file or directory");
 }
+
+/// `egress events -o json` (the recent ones), parsed.
+fn events(w: &World) -> Vec<serde_json::Value> {
+    let (status, out, err) = w.sb.ctl(EGRESS, &["events", "-o", "json"]);
+    assert!(status.success(), "egress events: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The generation in force, from `egress status -o json`.
+fn generation(w: &World) -> u64 {
+    let (status, out, err) = w.sb.ctl(EGRESS, &["status", "-o", "json"]);
+    assert!(status.success(), "egress status: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    v["generation"].as_u64().expect("generation")
+}
+
+/// The http events of allowed requests to `httpbin.test`, once there are `want` of them (an
+/// event is published when its response is over, a moment after the app read it).
+fn http_events(w: &World, want: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found: Vec<_> = events(w)
+            .into_iter()
+            .filter(|e| e["source"] == "http" && e["host"] == "httpbin.test")
+            .filter(|e| e["reason"] == "" || e["reason"].is_null())
+            .collect();
+        if found.len() >= want || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn http_events_carry_their_generation_and_no_made_up_process() {
+    let w = World::new(EGRESS, PROBE);
+    let first = generation(&w);
+    assert!(first > 0);
+    let r = w.get(sa(V4_A, 80), "httpbin.test", "/one");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    let (status, _, err) = w.sb.ctl(EGRESS, &["reload"]);
+    assert!(status.success(), "egress reload: {err}");
+    let second = generation(&w);
+    assert!(second > first, "{first} then {second}");
+    let r = w.get(sa(V4_A, 80), "httpbin.test", "/two");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+
+    let events = http_events(&w, 2);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0]["generation"], first, "{}", events[0]);
+    assert_eq!(events[1]["generation"], second, "{}", events[1]);
+    for e in &events {
+        // The proxy does not know the process: no fields rather than zeros.
+        for key in ["pid", "comm", "cgroup_id"] {
+            assert!(e.get(key).is_none(), "{key} in {e}");
+        }
+    }
+    // The text form says the generation too.
+    let (_, out, _) = w.sb.ctl(EGRESS, &["events"]);
+    assert!(
+        out.lines().any(|l| l.contains(" http allow httpbin.test ")
+            && l.contains(&format!("generation={second}"))),
+        "{out}"
+    );
+    assert_eq!(w.http.seen().len(), 2, "{:?}", w.http.seen());
+}

@@ -206,6 +206,7 @@ impl Agent {
                         settings.target.cgroup.display()
                     )
                 })?;
+        proxy.set_generation(enforcer.generation());
         let (proxies, rx) = channel::channel(proxy);
         let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
         let mut agent = Self {
@@ -341,6 +342,9 @@ impl Agent {
             let previous = self.proxies.borrow();
             Proxy::builder(&policy)
                 .counting_after(&previous)
+                // The number the kernel will give it (the agent alone moves generations on);
+                // set again from the kernel's answer below.
+                .generation(loader::next_generation(self.generation()))
                 .build()
                 // The whole chain: `ca file F: cannot read it: <why>`, not just its first link.
                 .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?
@@ -355,6 +359,7 @@ impl Agent {
         });
         match applied {
             Ok(enforcer) => {
+                self.proxies.borrow().set_generation(enforcer.generation());
                 self.rows
                     .send_replace(Arc::new((enforcer.generation(), enforcer.row_names())));
                 self.enforcer = enforcer;

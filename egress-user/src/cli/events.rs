@@ -59,8 +59,8 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
 fn line(e: &WireEvent) -> String {
     if e.source == "http" {
         let mut out = format!(
-            "{} http {} {} status={} rule={} dst={}",
-            e.time, e.verdict, e.host, e.status, e.rule, e.destination
+            "{} http {} {} status={} rule={} dst={} generation={}",
+            e.time, e.verdict, e.host, e.status, e.rule, e.destination, e.generation
         );
         if !e.reason.is_empty() {
             out.push_str(&format!(" reason={:?}", e.reason));
@@ -86,9 +86,9 @@ fn line(e: &WireEvent) -> String {
             if e.socket.is_empty() { "" } else { "raw " },
             e.protocol,
             e.rule,
-            e.pid,
-            e.comm,
-            e.cgroup_id,
+            shown(&e.pid),
+            shown(&e.comm),
+            shown(&e.cgroup_id),
             e.generation
         )
     } else {
@@ -101,9 +101,9 @@ fn line(e: &WireEvent) -> String {
             e.destination,
             via(e),
             e.rule,
-            e.pid,
-            e.comm,
-            e.cgroup_id,
+            shown(&e.pid),
+            shown(&e.comm),
+            shown(&e.cgroup_id),
             e.generation,
             if e.reason.is_empty() {
                 String::new()
@@ -121,4 +121,9 @@ fn via(e: &WireEvent) -> String {
     } else {
         format!(" via={}", e.via)
     }
+}
+
+/// A process field of a kernel event, or `-` where the event has none.
+fn shown<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
 }

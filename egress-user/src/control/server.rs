@@ -95,9 +95,9 @@ impl HubEvent {
                 source: e.hook.to_string(),
                 verdict: e.verdict.to_string(),
                 rule: e.rule.clone(),
-                pid: e.pid,
-                comm: e.comm.clone(),
-                cgroup_id: e.cgroup_id,
+                pid: Some(e.pid),
+                comm: Some(e.comm.clone()),
+                cgroup_id: Some(e.cgroup_id),
                 destination: if e.hook == crate::events::Hook::SockCreate {
                     String::new()
                 } else {
@@ -133,6 +133,7 @@ impl HubEvent {
                 host: e.host.clone(),
                 status: e.status,
                 reason: e.reason.clone().unwrap_or_default(),
+                generation: e.generation,
                 ..WireEvent::default()
             },
         }

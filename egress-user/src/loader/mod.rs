@@ -296,7 +296,7 @@ impl Enforcer {
         }
 
         let stored = read_rule_info(&ebpf, row_limit)?;
-        let generation = previous.map_or(1, |c| c.generation.wrapping_add(1).max(1));
+        let generation = previous.map_or(1, |c| next_generation(c.generation));
         let mut compiled = compile::compile(policy, &stored, generation)?;
         compiled.config.agent_cgroup = agent_cgroup;
         for s in &compiled.shadowed {
@@ -553,6 +553,12 @@ fn sum_stats<T: std::borrow::Borrow<MapData>>(
         events_lost: a.events_lost + s.events_lost,
         errors: a.errors + s.errors,
     }))
+}
+
+/// The generation that follows `current`: the next number, skipping 0 (which means "none"
+/// in events and the pinned config) when it wraps.
+pub fn next_generation(current: u32) -> u32 {
+    current.wrapping_add(1).max(1)
 }
 
 /// The counters that outlive generations, opened from their pins: readable from any thread

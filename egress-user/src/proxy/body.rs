@@ -91,6 +91,7 @@ impl Drop for RequestLog {
             orig_dst: self.conn.orig_dst,
             upstream: self.upstream,
             reason: self.reason.take(),
+            generation: self.proxy.generation(),
         };
         counters.emit(&self.conn.events, event);
     }

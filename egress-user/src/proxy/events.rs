@@ -40,6 +40,8 @@ pub struct RequestEvent {
     /// Why the proxy answered itself (denied, malformed, upstream failure), or why the body
     /// ended early.
     pub reason: Option<String>,
+    /// The policy generation that judged it (the proxy's, see [`super::Proxy::generation`]).
+    pub generation: u32,
 }
 
 /// A snapshot of one rule's or alias's counters.
@@ -242,6 +244,7 @@ mod tests {
             orig_dst: None,
             upstream: None,
             reason: None,
+            generation: 1,
         };
         c.emit(&tx, ev.clone());
         c.emit(&tx, ev.clone());

@@ -281,6 +281,7 @@ async fn refuse_tls(
         orig_dst,
         upstream: None,
         reason: Some(reason),
+        generation: proxy.generation(),
     };
     counters.emit(events, event);
 }

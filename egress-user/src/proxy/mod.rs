@@ -90,6 +90,9 @@ pub struct Proxy {
     client: Client<Connector, ReqBody>,
     counters: Counters,
     timeouts: Timeouts,
+    /// The policy generation this proxy judges for, as its events report it. Set when the
+    /// kernel has taken the generation (the number is the kernel's to give).
+    generation: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -107,6 +110,7 @@ pub struct ProxyBuilder<'a> {
     timeouts: Timeouts,
     system_roots: tls::SystemRoots,
     previous: Option<&'a Proxy>,
+    generation: u32,
 }
 
 impl<'a> ProxyBuilder<'a> {
@@ -114,6 +118,13 @@ impl<'a> ProxyBuilder<'a> {
     /// (by name, as the kernel keeps its rows): a reload does not reset `egress status`.
     pub fn counting_after(mut self, previous: &'a Proxy) -> Self {
         self.previous = Some(previous);
+        self
+    }
+
+    /// The policy generation the proxy's events name until [`Proxy::set_generation`] (by
+    /// default 0: not yet known).
+    pub fn generation(mut self, generation: u32) -> Self {
+        self.generation = generation;
         self
     }
 
@@ -164,6 +175,7 @@ impl<'a> ProxyBuilder<'a> {
             client,
             counters,
             timeouts: self.timeouts,
+            generation: std::sync::atomic::AtomicU32::new(self.generation),
         })
     }
 }
@@ -187,12 +199,24 @@ impl Proxy {
             },
             system_roots: tls::SystemRoots::Load,
             previous: None,
+            generation: 0,
         }
     }
 
     /// Counters per rule and alias (in policy order), then one for requests no rule allowed.
     pub fn counters(&self) -> Vec<RuleStats> {
         self.counters.snapshot()
+    }
+
+    /// The policy generation this proxy judges for (0 until it is known).
+    pub fn generation(&self) -> u32 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the generation the kernel gave the policy this proxy was built from.
+    pub fn set_generation(&self, generation: u32) {
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Events lost because the channel was full or closed.
