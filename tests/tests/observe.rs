@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use egress_tests::{V4_A, egress_bin, probe_bin, sa, world::World};
+use egress_tests::{Outcome, V4_A, egress_bin, probe_bin, sa, world::World};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -200,4 +200,71 @@ fn http_events_carry_their_generation_and_no_made_up_process() {
         "{out}"
     );
     assert_eq!(w.http.seen().len(), 2, "{:?}", w.http.seen());
+}
+
+/// The `time` of every event `egress events -o json` lists, with its source.
+fn listed(w: &World) -> Vec<(String, String)> {
+    events(w)
+        .iter()
+        .map(|e| (e["time"].to_string(), e["source"].to_string()))
+        .collect()
+}
+
+#[test]
+fn the_event_history_survives_an_agent_restart_and_a_crash() {
+    let mut w = World::new(EGRESS, PROBE);
+    let r = w.get(sa(V4_A, 80), "httpbin.test", "/before-crash");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    // No rule allows tcp/22: a kernel denial, counted at the sink as never connected.
+    let sink = w.sb.sink(sa(V4_A, 22));
+    assert_eq!(w.sb.connect(PROBE, sa(V4_A, 22)), Outcome::Denied);
+    assert_eq!(sink.accepted(), 0);
+    http_events(&w, 1);
+    let first = listed(&w);
+    assert!(
+        first.iter().any(|(_, s)| s == "\"http\"") && first.iter().any(|(_, s)| s == "\"connect\""),
+        "{first:?}"
+    );
+
+    // A crash (SIGKILL) a while after the events: the history written in the meantime stays.
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(w.agent.take());
+    w.start_agent();
+    assert_eq!(listed(&w), first, "after a crash");
+
+    // A clean stop right after an event writes it too.
+    let r = w.get(sa(V4_A, 80), "httpbin.test", "/before-stop");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    http_events(&w, 2);
+    let second = listed(&w);
+    assert_eq!(second.len(), first.len() + 1, "{second:?}");
+    let agent = w.agent.take().expect("agent");
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait().success());
+    w.start_agent();
+    assert_eq!(listed(&w), second, "after a restart");
+    assert_eq!(w.http.seen().len(), 2, "{:?}", w.http.seen());
+}
+
+#[test]
+fn a_corrupt_event_history_is_reported_and_the_agent_starts_empty() {
+    let mut w = World::without_agent(EGRESS, PROBE);
+    std::fs::create_dir_all(w.sb.state_dir()).expect("state dir");
+    std::fs::write(
+        w.sb.state_dir().join("events.jsonl"),
+        "{\"time\": \"x\"\nnot json\n",
+    )
+    .expect("history");
+    w.start_agent();
+    w.agent()
+        .wait_for_log("the event history is unusable", Duration::from_secs(5));
+    assert!(
+        w.agent().log().contains("events.jsonl:1: not an event"),
+        "{}",
+        w.agent().log()
+    );
+    assert_eq!(listed(&w), [], "a corrupt history lists nothing");
+    // The agent serves as usual.
+    let r = w.get(sa(V4_A, 80), "httpbin.test", "/after");
+    assert_eq!(r.code(), 200, "{}", r.raw);
 }

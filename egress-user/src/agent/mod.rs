@@ -11,6 +11,7 @@
 //! back. Changes are handled one at a time, in the order they arrive.
 
 pub mod health;
+mod history;
 pub mod listeners;
 pub mod occupancy;
 pub mod watch;
@@ -98,6 +99,8 @@ pub struct Agent {
     log_limit: crate::telemetry::LogLimit,
     /// Descriptors, the proxy's connections and what can fail; set when serving starts.
     health: Option<Arc<health::Health>>,
+    /// Keeps `egress events` history across restarts.
+    history: history::HistoryWriter,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -208,6 +211,8 @@ impl Agent {
                 })?;
         proxy.set_generation(enforcer.generation());
         let (proxies, rx) = channel::channel(proxy);
+        let hub = Arc::<EventHub>::default();
+        let history = history::HistoryWriter::restore(settings.store.history_path(), &hub);
         let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
         let mut agent = Self {
             digest: digest(sources, &settings.resolv_conf),
@@ -218,7 +223,8 @@ impl Agent {
             reloads_ok: 0,
             reloads_failed: 0,
             last_error: None,
-            hub: Arc::default(),
+            hub,
+            history,
             metrics: Arc::new(Metrics::new()),
             rows,
             names: std::collections::VecDeque::new(),
@@ -824,8 +830,14 @@ impl Agent {
         let mut batching = false;
         loop {
             tokio::select! {
-                _ = sigint.recv() => return Ok(()),
-                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => {
+                    self.history.flush(&self.hub);
+                    return Ok(());
+                }
+                _ = sigterm.recv() => {
+                    self.history.flush(&self.hub);
+                    return Ok(());
+                }
                 _ = sighup.recv() => {
                     let _ = self.reload(true, "SIGHUP");
                 }
@@ -843,6 +855,7 @@ impl Agent {
                         serve_proxy(listener)?;
                     }
                     self.log_limit.flush();
+                    self.history.tick(&self.hub);
                     ready.send_replace(self.ready());
                     let dropped = self.proxies.borrow().events_dropped();
                     self.metrics.set_proxy_events_dropped(dropped);

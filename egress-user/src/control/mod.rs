@@ -10,6 +10,7 @@
 //! [`Response::Event`] lines until the client goes away.
 
 pub mod client;
+pub mod history;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
