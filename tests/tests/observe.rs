@@ -169,34 +169,39 @@ fn http_events(w: &World, want: usize) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn http_events_carry_their_generation_and_no_made_up_process() {
+fn http_events_carry_their_generation_and_process() {
     let w = World::new(EGRESS, PROBE);
     let first = generation(&w);
     assert!(first > 0);
     let r = w.get(sa(V4_A, 80), "httpbin.test", "/one");
     assert_eq!(r.code(), 200, "{}", r.raw);
+    assert!(r.pid > 0, "{}", r.raw);
+    let one = r.pid;
     let (status, _, err) = w.sb.ctl(EGRESS, &["reload"]);
     assert!(status.success(), "egress reload: {err}");
     let second = generation(&w);
     assert!(second > first, "{first} then {second}");
     let r = w.get(sa(V4_A, 80), "httpbin.test", "/two");
     assert_eq!(r.code(), 200, "{}", r.raw);
+    let two = r.pid;
 
     let events = http_events(&w, 2);
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0]["generation"], first, "{}", events[0]);
     assert_eq!(events[1]["generation"], second, "{}", events[1]);
+    // The process that connected, as the kernel recorded it with the redirect.
+    assert_eq!(events[0]["pid"], one, "{}", events[0]);
+    assert_eq!(events[1]["pid"], two, "{}", events[1]);
     for e in &events {
-        // The proxy does not know the process: no fields rather than zeros.
-        for key in ["pid", "comm", "cgroup_id"] {
-            assert!(e.get(key).is_none(), "{key} in {e}");
-        }
+        assert_eq!(e["comm"], "egress-probe", "{e}");
+        // The proxy does not learn the cgroup: no field rather than a zero.
+        assert!(e.get("cgroup_id").is_none(), "cgroup_id in {e}");
     }
     // The text form says the generation too.
     let (_, out, _) = w.sb.ctl(EGRESS, &["events"]);
     assert!(
         out.lines().any(|l| l.contains(" http allow httpbin.test ")
-            && l.contains(&format!("generation={second}"))),
+            && l.contains(&format!("generation={second} pid={two} comm=egress-probe"))),
         "{out}"
     );
     assert_eq!(w.http.seen().len(), 2, "{:?}", w.http.seen());

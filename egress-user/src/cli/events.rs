@@ -62,6 +62,10 @@ fn line(e: &WireEvent) -> String {
             "{} http {} {} status={} rule={} dst={} generation={}",
             e.time, e.verdict, e.host, e.status, e.rule, e.destination, e.generation
         );
+        // Known when the kernel recorded the caller with the redirect; left out otherwise.
+        if let (Some(pid), Some(comm)) = (e.pid, &e.comm) {
+            out.push_str(&format!(" pid={pid} comm={comm}"));
+        }
         if !e.reason.is_empty() {
             out.push_str(&format!(" reason={:?}", e.reason));
         }

@@ -138,6 +138,8 @@ impl HubEvent {
                 status: e.status,
                 reason: e.reason.clone().unwrap_or_default(),
                 generation: e.generation,
+                pid: e.process.as_ref().map(|p| p.pid),
+                comm: e.process.as_ref().map(|p| p.comm.clone()),
                 ..WireEvent::default()
             },
         }

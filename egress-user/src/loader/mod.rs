@@ -1125,6 +1125,15 @@ impl OrigDstTable {
     /// The original destination of the connection whose client end is `peer`, taken out of
     /// the table (a later connection from the same address and port gets its own entry).
     pub fn take(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        self.take_with_process(peer).map(|(dst, _)| dst)
+    }
+
+    /// [`OrigDstTable::take`], with the process that called `connect()` when the kernel
+    /// recorded one.
+    pub fn take_with_process(
+        &self,
+        peer: SocketAddr,
+    ) -> Option<(SocketAddr, Option<crate::proxy::Process>)> {
         let key = peer_key(peer);
         let mut map = self
             .0
@@ -1133,7 +1142,7 @@ impl OrigDstTable {
         let orig = map.get(&key, 0).ok()?;
         // Best effort: the LRU map evicts it anyway.
         let _ = map.remove(&key);
-        Some(orig_to_socket_addr(&orig))
+        Some((orig_to_socket_addr(&orig), orig_process(&orig)))
     }
 }
 
@@ -1141,6 +1150,24 @@ impl crate::proxy::OrigDst for OrigDstTable {
     fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr> {
         self.take(peer)
     }
+
+    fn lookup_with_process(
+        &self,
+        peer: SocketAddr,
+    ) -> Option<(SocketAddr, Option<crate::proxy::Process>)> {
+        self.take_with_process(peer)
+    }
+}
+
+/// The process the kernel recorded with a redirect; none for pid 0 (no process recorded).
+fn orig_process(orig: &OrigDst) -> Option<crate::proxy::Process> {
+    (orig.pid != 0).then(|| {
+        let len = orig.comm.iter().position(|b| *b == 0).unwrap_or(16);
+        crate::proxy::Process {
+            pid: orig.pid,
+            comm: String::from_utf8_lossy(&orig.comm[..len]).into_owned(),
+        }
+    })
 }
 
 /// The key the sockops program files a connection under: IPv4 (also a v4-mapped client) in
@@ -1239,6 +1266,7 @@ mod tests {
             port: 80u16.to_be(),
             family: AF_INET,
             flags: 0,
+            ..OrigDst::default()
         };
         assert_eq!(orig_to_socket_addr(&v4), "192.0.2.1:80".parse().unwrap());
         let v6 = OrigDst {
@@ -1246,6 +1274,7 @@ mod tests {
             port: 443u16.to_be(),
             family: egress_common::AF_INET6,
             flags: 0,
+            ..OrigDst::default()
         };
         assert_eq!(
             orig_to_socket_addr(&v6),
@@ -1256,6 +1285,7 @@ mod tests {
             port: 80u16.to_be(),
             family: AF_INET,
             flags: egress_common::flags::NAT64,
+            ..OrigDst::default()
         };
         assert_eq!(
             orig_to_socket_addr(&nat64),

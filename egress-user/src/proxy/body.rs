@@ -92,6 +92,7 @@ impl Drop for RequestLog {
             upstream: self.upstream,
             reason: self.reason.take(),
             generation: self.proxy.generation(),
+            process: self.conn.process.clone(),
         };
         counters.emit(&self.conn.events, event);
     }

@@ -42,6 +42,8 @@ pub struct RequestEvent {
     pub reason: Option<String>,
     /// The policy generation that judged it (the proxy's, see [`super::Proxy::generation`]).
     pub generation: u32,
+    /// The process that made the connection, when the kernel recorded it with the redirect.
+    pub process: Option<super::Process>,
 }
 
 /// A snapshot of one rule's or alias's counters.
@@ -245,6 +247,7 @@ mod tests {
             upstream: None,
             reason: None,
             generation: 1,
+            process: None,
         };
         c.emit(&tx, ev.clone());
         c.emit(&tx, ev.clone());

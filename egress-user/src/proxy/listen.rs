@@ -55,6 +55,8 @@ pub(crate) struct Conn {
     /// Where the app wanted to go; `None`: not redirected.
     pub(crate) orig_dst: Option<SocketAddr>,
     verdicts: Verdicts,
+    /// The process that connected, when the kernel recorded it.
+    pub(crate) process: Option<super::Process>,
 }
 
 impl Conn {
@@ -129,7 +131,10 @@ async fn accept_loop(
             continue;
         };
         let ticket = Arc::new(ticket);
-        let orig = orig_dst.lookup(client);
+        let (orig, process) = match orig_dst.lookup_with_process(client) {
+            Some((dst, process)) => (Some(dst), process),
+            None => (None, None),
+        };
         let span = tracing::info_span!(
             "proxy_conn",
             %client,
@@ -139,7 +144,7 @@ async fn accept_loop(
             current.clone(),
             stream,
             client,
-            orig,
+            (orig, process),
             events.clone(),
             ticket.clone(),
         );
@@ -192,7 +197,7 @@ async fn connection(
     current: Current,
     stream: TcpStream,
     client: SocketAddr,
-    orig_dst: Option<SocketAddr>,
+    (orig_dst, process): (Option<SocketAddr>, Option<super::Process>),
     events: mpsc::Sender<RequestEvent>,
     ticket: Arc<super::admission::Ticket>,
 ) {
@@ -213,7 +218,7 @@ async fn connection(
         }
     }
     if first[0] == hello::HANDSHAKE {
-        return refuse_tls(&proxy, stream, client, orig_dst, &events).await;
+        return refuse_tls(&proxy, stream, client, (orig_dst, process), &events).await;
     }
 
     let guard = FramingGuard::new(stream);
@@ -223,6 +228,7 @@ async fn connection(
         client,
         orig_dst,
         verdicts: guard.verdicts(),
+        process,
     });
     let service = service_fn(move |req| {
         // A whole request head arrived: this connection is no longer one to evict.
@@ -248,7 +254,7 @@ async fn refuse_tls(
     proxy: &Proxy,
     mut stream: TcpStream,
     client: SocketAddr,
-    orig_dst: Option<SocketAddr>,
+    (orig_dst, process): (Option<SocketAddr>, Option<super::Process>),
     events: &mpsc::Sender<RequestEvent>,
 ) {
     let start = Instant::now();
@@ -282,6 +288,7 @@ async fn refuse_tls(
         upstream: None,
         reason: Some(reason),
         generation: proxy.generation(),
+        process,
     };
     counters.emit(events, event);
 }

@@ -45,7 +45,7 @@ pub use admission::{Admission, AdmissionStats, Limits, Ticket};
 pub use error::{ConfigError, ProxyError, Side};
 pub use events::{RequestEvent, RuleStats};
 pub use listen::accept_error_is_per_connection;
-pub use orig_dst::OrigDst;
+pub use orig_dst::{OrigDst, Process};
 pub use tls::install_crypto_provider;
 pub use upstream::{BoxFuture, ConnectError, Resolve, SystemResolver};
 
