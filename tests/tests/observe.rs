@@ -273,3 +273,38 @@ fn a_corrupt_event_history_is_reported_and_the_agent_starts_empty() {
     let r = w.get(sa(V4_A, 80), "httpbin.test", "/after");
     assert_eq!(r.code(), 200, "{}", r.raw);
 }
+
+/// The redirect record grew (pid and comm): an agent of this build taking over from one of the
+/// last replaces the pinned original-destination map of the old layout instead of refusing to
+/// start, and redirects work.
+#[test]
+fn an_original_destination_map_of_the_earlier_layout_is_replaced() {
+    let mut w = World::without_agent(EGRESS, PROBE);
+    std::fs::create_dir_all(&w.sb.pin_dir).expect("pin dir");
+    let peer = w.sb.pin_dir.join("ORIG_PEER");
+    let entries = egress_common::MAX_REDIRECTS.to_string();
+    egress_tests::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        peer.to_str().expect("utf-8 path"),
+        "type",
+        "lru_hash",
+        "key",
+        "20",
+        "value",
+        "20",
+        "entries",
+        &entries,
+        "name",
+        "ORIG_PEER",
+    ]);
+    w.start_agent();
+    w.agent().wait_for_log(
+        "replaced a pinned original-destination map of an earlier layout",
+        Duration::from_secs(5),
+    );
+    let r = w.get(sa(V4_A, 80), "httpbin.test", "/after-upgrade");
+    assert_eq!(r.code(), 200, "{}", r.raw);
+    assert_eq!(w.http.seen().len(), 1);
+}

@@ -784,6 +784,23 @@ fn check_shared_pins(pins: &PinDir) -> Result<(), LoadError> {
             info.max_entries(),
         );
         let expected = expected_layout(name);
+        if found != expected && [maps::ORIG_BY_COOKIE, maps::ORIG_BY_PEER].contains(&name) {
+            // Only redirects in flight live here (for milliseconds, between connect() and the
+            // proxy's accept()), so an earlier build's layout (20-byte values, before pid and
+            // comm) is replaced rather than refused: an upgrade keeps its no-gap takeover, and
+            // at worst a connection made during the swap is refused by the proxy.
+            std::fs::remove_file(&path).map_err(|source| LoadError::PinDir {
+                path: pins.path().to_owned(),
+                source,
+            })?;
+            tracing::warn!(
+                map = name,
+                found = format!("value {} B", found.2),
+                expected = format!("value {} B", expected.2),
+                "replaced a pinned original-destination map of an earlier layout"
+            );
+            continue;
+        }
         if found != expected {
             let show = |(t, k, v, m): (MapType, u32, u32, u32)| {
                 format!("type {t:?}, key {k} B, value {v} B, {m} entries")
