@@ -1,5 +1,5 @@
 //! `egress events [--follow]`: the running agent's allow/deny events, with pid, command,
-//! cgroup, destination and rule.
+//! cgroup, destination and rule (http events: pid and command when the kernel recorded them).
 
 use std::process::ExitCode;
 
@@ -12,7 +12,8 @@ pub struct EventsArgs {
     /// Keep printing new events as they happen, until interrupted.
     #[arg(short, long)]
     follow: bool,
-    /// How many recent events to print first (the agent keeps the last 1024).
+    /// How many recent events to print first (the agent keeps the last 1024, across restarts,
+    /// in its state directory's `events.jsonl`).
     #[arg(long, value_name = "N", default_value_t = 100)]
     recent: usize,
     #[command(flatten)]
