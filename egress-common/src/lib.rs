@@ -261,7 +261,7 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 24);
 
-/// A destination as the application gave it to `connect()`.
+/// A destination as the application gave it to `connect()`, and who called it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
@@ -274,8 +274,13 @@ pub struct OrigDst {
     pub family: u8,
     /// Bits of [`flags`] ([`flags::V4_MAPPED`]: give it back to the app in mapped form).
     pub flags: u8,
+    /// The process (thread group id, host byte order) that called `connect()`: the proxy's
+    /// events name it, as the kernel's do.
+    pub pid: u32,
+    /// Its command name, NUL-padded (`bpf_get_current_comm`).
+    pub comm: [u8; 16],
 }
-const _: () = assert!(size_of::<OrigDst>() == 20);
+const _: () = assert!(size_of::<OrigDst>() == 40);
 
 /// The client end of a redirected connection, as the proxy sees it in `accept()`.
 #[repr(C)]

@@ -10,7 +10,8 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_tuple,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie,
         generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
     },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
@@ -571,6 +572,9 @@ fn record_redirect(ctx: &SockAddrContext, dest: &Dest) -> Result<(), ()> {
         port: dest.port,
         family: dest.family,
         flags: dest.flags,
+        // The caller of connect(), for the proxy's events (the redirect hides it otherwise).
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     ORIG_COOKIE.insert(cookie, orig, 0).map_err(|_| ())
 }

@@ -35,7 +35,7 @@ pub const METRICS_CONNECTIONS: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum FdsError {
     /// getrlimit or setrlimit failed.
-    #[error("RLIMIT_NOFILE: {op}: {source}")]
+    #[error("RLIMIT_NOFILE: {op}")]
     Rlimit {
         /// `getrlimit` or `setrlimit`.
         op: &'static str,

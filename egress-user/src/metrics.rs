@@ -330,9 +330,9 @@ impl Metrics {
 
     /// Proxy events dropped because the queue was full, as the proxy's running total.
     ///
-    /// The exported counter grows by the difference from the last total given. A total
-    /// smaller than the last one means the source started again from zero (a reload serves
-    /// new connections with a new proxy, whose counts start at 0), so it all counts as new.
+    /// The exported counter grows by the difference from the last total given. A reload's new
+    /// proxy goes on from its predecessor's total; a total smaller than the last one still
+    /// means the source started again from zero, so it all counts as new.
     pub fn set_proxy_events_dropped(&self, total: u64) {
         let last = self.events_dropped_seen.swap(total, Relaxed);
         let new = total.checked_sub(last).unwrap_or(total);

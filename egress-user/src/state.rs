@@ -205,6 +205,11 @@ impl Store {
         })
     }
 
+    /// The file of `egress events` history (see [`crate::control::history`]).
+    pub fn history_path(&self) -> PathBuf {
+        self.dir.join(crate::control::history::HISTORY_FILE)
+    }
+
     /// The file of created documents (it may not exist yet).
     pub fn created_path(&self) -> PathBuf {
         self.dir.join(CREATED_FILE)

@@ -130,6 +130,8 @@ impl Drop for World {
 /// What the probe printed for one connection.
 #[derive(Debug)]
 pub struct Response {
+    /// The probe's pid.
+    pub pid: u32,
     pub peer: String,
     pub status: String,
     pub bytes: u64,
@@ -150,6 +152,7 @@ impl Response {
             .and_then(|(_, r)| r.rsplit_once("\nend"))
             .map_or("", |(t, _)| t);
         Self {
+            pid: field("pid").parse().unwrap_or(0),
             peer: field("peer"),
             status: field("status"),
             bytes: field("bytes").parse().unwrap_or(0),

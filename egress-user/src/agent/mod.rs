@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod health;
+mod history;
 pub mod listeners;
 pub mod occupancy;
 pub mod watch;
@@ -100,6 +101,8 @@ pub struct Agent {
     log_limit: crate::telemetry::LogLimit,
     /// Descriptors, the proxy's connections and what can fail; set when serving starts.
     health: Option<Arc<health::Health>>,
+    /// Keeps `egress events` history across restarts.
+    history: history::HistoryWriter,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -208,7 +211,10 @@ impl Agent {
                         settings.target.cgroup.display()
                     )
                 })?;
+        proxy.set_generation(enforcer.generation());
         let (proxies, rx) = channel::channel(proxy);
+        let hub = Arc::<EventHub>::default();
+        let history = history::HistoryWriter::restore(settings.store.history_path(), &hub);
         let rows = channel::Sender::new(Arc::new((enforcer.generation(), enforcer.row_names())));
         let mut agent = Self {
             digest: digest(sources, &settings.resolv_conf),
@@ -219,7 +225,8 @@ impl Agent {
             reloads_ok: 0,
             reloads_failed: 0,
             last_error: None,
-            hub: Arc::default(),
+            hub,
+            history,
             metrics: Arc::new(Metrics::new()),
             rows,
             names: std::collections::VecDeque::new(),
@@ -338,8 +345,19 @@ impl Agent {
                 self.policy.proxy.port, policy.proxy.port
             ));
         }
-        let proxy = Arc::new(Proxy::new(&policy).map_err(|e| e.to_string())?);
-        let previous = self.proxies.send_replace(proxy);
+        let proxy = {
+            // Counts of the rules that stay go on (`egress status`, like the kernel's rows).
+            let previous = self.proxies.borrow();
+            Proxy::builder(&policy)
+                .counting_after(&previous)
+                // The number the kernel will give it (the agent alone moves generations on);
+                // set again from the kernel's answer below.
+                .generation(loader::next_generation(self.generation()))
+                .build()
+                // The whole chain: `ca file F: cannot read it: <why>`, not just its first link.
+                .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?
+        };
+        let previous = self.proxies.send_replace(Arc::new(proxy));
         let applied = tokio::task::block_in_place(|| {
             Enforcer::apply_with_proxy(
                 &self.settings.target,
@@ -349,6 +367,7 @@ impl Agent {
         });
         match applied {
             Ok(enforcer) => {
+                self.proxies.borrow().set_generation(enforcer.generation());
                 self.rows
                     .send_replace(Arc::new((enforcer.generation(), enforcer.row_names())));
                 self.enforcer = enforcer;
@@ -814,8 +833,14 @@ impl Agent {
         let mut batching = false;
         loop {
             tokio::select! {
-                _ = sigint.recv() => return Ok(()),
-                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => {
+                    self.history.flush(&self.hub);
+                    return Ok(());
+                }
+                _ = sigterm.recv() => {
+                    self.history.flush(&self.hub);
+                    return Ok(());
+                }
                 _ = sighup.recv() => {
                     let _ = self.reload(true, "SIGHUP");
                 }
@@ -833,6 +858,7 @@ impl Agent {
                         serve_proxy(listener)?;
                     }
                     self.log_limit.flush();
+                    self.history.tick(&self.hub);
                     ready.send_replace(self.ready());
                     let dropped = self.proxies.borrow().events_dropped();
                     self.metrics.set_proxy_events_dropped(dropped);

@@ -1,5 +1,5 @@
 //! `egress events [--follow]`: the running agent's allow/deny events, with pid, command,
-//! cgroup, destination and rule.
+//! cgroup, destination and rule (http events: pid and command when the kernel recorded them).
 
 use std::process::ExitCode;
 
@@ -12,7 +12,8 @@ pub struct EventsArgs {
     /// Keep printing new events as they happen, until interrupted.
     #[arg(short, long)]
     follow: bool,
-    /// How many recent events to print first (the agent keeps the last 1024).
+    /// How many recent events to print first (the agent keeps the last 1024, across restarts,
+    /// in its state directory's `events.jsonl`).
     #[arg(long, value_name = "N", default_value_t = 100)]
     recent: usize,
     #[command(flatten)]
@@ -59,9 +60,13 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
 fn line(e: &WireEvent) -> String {
     if e.source == "http" {
         let mut out = format!(
-            "{} http {} {} status={} rule={} dst={}",
-            e.time, e.verdict, e.host, e.status, e.rule, e.destination
+            "{} http {} {} status={} rule={} dst={} generation={}",
+            e.time, e.verdict, e.host, e.status, e.rule, e.destination, e.generation
         );
+        // Known when the kernel recorded the caller with the redirect; left out otherwise.
+        if let (Some(pid), Some(comm)) = (e.pid, &e.comm) {
+            out.push_str(&format!(" pid={pid} comm={comm}"));
+        }
         if !e.reason.is_empty() {
             out.push_str(&format!(" reason={:?}", e.reason));
         }
@@ -86,9 +91,9 @@ fn line(e: &WireEvent) -> String {
             if e.socket.is_empty() { "" } else { "raw " },
             e.protocol,
             e.rule,
-            e.pid,
-            e.comm,
-            e.cgroup_id,
+            shown(&e.pid),
+            shown(&e.comm),
+            shown(&e.cgroup_id),
             e.generation
         )
     } else {
@@ -101,9 +106,9 @@ fn line(e: &WireEvent) -> String {
             e.destination,
             via(e),
             e.rule,
-            e.pid,
-            e.comm,
-            e.cgroup_id,
+            shown(&e.pid),
+            shown(&e.comm),
+            shown(&e.cgroup_id),
             e.generation,
             if e.reason.is_empty() {
                 String::new()
@@ -121,4 +126,9 @@ fn via(e: &WireEvent) -> String {
     } else {
         format!(" via={}", e.via)
     }
+}
+
+/// A process field of a kernel event, or `-` where the event has none.
+fn shown<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
 }

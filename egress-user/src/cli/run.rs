@@ -34,7 +34,8 @@ pub struct RunArgs {
     /// Where programs and maps are pinned (mounts bpffs at /sys/fs/bpf if needed).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// Where rules made with `egress create` are kept (`created.yaml`), across restarts.
+    /// Where rules made with `egress create` (`created.yaml`) and the last 1024 events of
+    /// `egress events` (`events.jsonl`) are kept, across restarts.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// The control socket for `egress status|get|create|delete|reload|events` (root only).

@@ -14,15 +14,19 @@ use super::{MAX_REQUEST, Request, Response};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No socket, or nobody listening on it.
+    ///
+    /// The message names the cause itself, before the hint (`egress: error: no egress agent is
+    /// listening on P (No such file or directory); is ...`), so `error` is not a `source`: with
+    /// it in the chain too, `{:#}` printed the cause twice.
     #[error(
-        "no egress agent is listening on {path} ({source}); is `egress run` running, and is \
+        "no egress agent is listening on {path} ({error}); is `egress run` running, and is \
          --socket the same as its?"
     )]
     NoAgent {
         /// The socket.
         path: PathBuf,
         /// What connect() said.
-        source: io::Error,
+        error: io::Error,
     },
     /// The socket is root-only.
     #[error("permission denied on {path}: the egress control socket is for root only")]
@@ -31,7 +35,7 @@ pub enum ClientError {
         path: PathBuf,
     },
     /// The conversation broke off.
-    #[error("talking to the agent on {path}: {source}")]
+    #[error("talking to the agent on {path}")]
     Io {
         /// The socket.
         path: PathBuf,
@@ -95,7 +99,7 @@ impl Conversation {
             } else {
                 ClientError::NoAgent {
                     path: path.to_owned(),
-                    source,
+                    error: source,
                 }
             }
         })?;

@@ -10,6 +10,7 @@
 //! [`Response::Event`] lines until the client goes away.
 
 pub mod client;
+pub mod history;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -227,12 +228,16 @@ pub struct WireEvent {
     pub verdict: String,
     /// The rule that decided, or `(no rule)`.
     pub rule: String,
-    /// The calling process (kernel events).
-    pub pid: u32,
-    /// Its command name (kernel events).
-    pub comm: String,
-    /// Its cgroup id (kernel events).
-    pub cgroup_id: u64,
+    /// The calling process (kernel events). Absent where it is not known (http events: the
+    /// proxy sees a connection, not the process that made it), never a made-up 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Its command name (kernel events); absent as `pid` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// Its cgroup id (kernel events); absent as `pid` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
     /// Destination `IP:PORT` (for http, the original destination); empty for sock_create.
     pub destination: String,
     /// Kernel events: `tcp`, `udp`, or the protocol of a refused socket (`icmp`, `sctp`...).
@@ -247,7 +252,8 @@ pub struct WireEvent {
     /// XDP events: the interface the packet arrived on.
     #[serde(default)]
     pub iface: String,
-    /// The policy generation that judged it (kernel events).
+    /// The policy generation that judged it: the kernel's for kernel events, the proxy's for
+    /// http events.
     pub generation: u32,
     /// The request's host (http).
     pub host: String,

@@ -85,19 +85,23 @@ pub enum HubEvent {
     Connect(std::time::SystemTime, EventRecord),
     /// A proxied request.
     Http(std::time::SystemTime, RequestEvent),
+    /// An event of an earlier run of the agent, read back from the history file
+    /// ([`super::history`]).
+    Restored(WireEvent),
 }
 
 impl HubEvent {
     fn wire(&self) -> WireEvent {
         match self {
+            Self::Restored(e) => e.clone(),
             Self::Connect(at, e) => WireEvent {
                 time: super::rfc3339(*at),
                 source: e.hook.to_string(),
                 verdict: e.verdict.to_string(),
                 rule: e.rule.clone(),
-                pid: e.pid,
-                comm: e.comm.clone(),
-                cgroup_id: e.cgroup_id,
+                pid: Some(e.pid),
+                comm: Some(e.comm.clone()),
+                cgroup_id: Some(e.cgroup_id),
                 destination: if e.hook == crate::events::Hook::SockCreate {
                     String::new()
                 } else {
@@ -134,6 +138,9 @@ impl HubEvent {
                 host: e.host.clone(),
                 status: e.status,
                 reason: e.reason.clone().unwrap_or_default(),
+                generation: e.generation,
+                pid: e.process.as_ref().map(|p| p.pid),
+                comm: e.process.as_ref().map(|p| p.comm.clone()),
                 ..WireEvent::default()
             },
         }
@@ -187,6 +194,29 @@ impl EventHub {
         }
         // No follower: nothing to do.
         let _ = self.new.send((seq, event));
+    }
+
+    /// Puts the events of an earlier run (oldest first) before any new one.
+    pub fn restore(&self, events: Vec<WireEvent>) {
+        for event in events {
+            self.publish(HubEvent::Restored(event));
+        }
+    }
+
+    /// The recent events as `egress events` shows them, if any came since `seen` (the newest
+    /// sequence number of the last call, 0 at first), which is moved on. For the history file:
+    /// the lock is held only to clone the list.
+    pub fn recent_since(&self, seen: &mut u64) -> Option<Vec<WireEvent>> {
+        let events: Vec<Arc<HubEvent>> = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let newest = recent.back().map_or(0, |(seq, _)| *seq);
+            if newest == *seen {
+                return None;
+            }
+            *seen = newest;
+            recent.iter().map(|(_, e)| e.clone()).collect()
+        };
+        Some(events.iter().map(|e| e.wire()).collect())
     }
 
     /// The last `n` events, and a receiver of every later one.

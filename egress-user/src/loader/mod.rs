@@ -302,7 +302,7 @@ impl Enforcer {
         }
 
         let stored = read_rule_info(&ebpf, row_limit)?;
-        let generation = previous.map_or(1, |c| c.generation.wrapping_add(1).max(1));
+        let generation = previous.map_or(1, |c| next_generation(c.generation));
         let mut compiled = compile::compile(policy, &stored, generation)?;
         compiled.config.agent_cgroup = agent_cgroup;
         for s in &compiled.shadowed {
@@ -561,6 +561,12 @@ fn sum_stats<T: std::borrow::Borrow<MapData>>(
     }))
 }
 
+/// The generation that follows `current`: the next number, skipping 0 (which means "none"
+/// in events and the pinned config) when it wraps.
+pub fn next_generation(current: u32) -> u32 {
+    current.wrapping_add(1).max(1)
+}
+
 /// The counters that outlive generations, opened from their pins: readable from any thread
 /// while the agent applies new generations (the metrics endpoint reads them at each scrape).
 pub struct PinnedCounters {
@@ -784,6 +790,23 @@ fn check_shared_pins(pins: &PinDir) -> Result<(), LoadError> {
             info.max_entries(),
         );
         let expected = expected_layout(name);
+        if found != expected && [maps::ORIG_BY_COOKIE, maps::ORIG_BY_PEER].contains(&name) {
+            // Only redirects in flight live here (for milliseconds, between connect() and the
+            // proxy's accept()), so an earlier build's layout (20-byte values, before pid and
+            // comm) is replaced rather than refused: an upgrade keeps its no-gap takeover, and
+            // at worst a connection made during the swap is refused by the proxy.
+            std::fs::remove_file(&path).map_err(|source| LoadError::PinDir {
+                path: pins.path().to_owned(),
+                source,
+            })?;
+            tracing::warn!(
+                map = name,
+                found = format!("value {} B", found.2),
+                expected = format!("value {} B", expected.2),
+                "replaced a pinned original-destination map of an earlier layout"
+            );
+            continue;
+        }
         if found != expected {
             let show = |(t, k, v, m): (MapType, u32, u32, u32)| {
                 format!("type {t:?}, key {k} B, value {v} B, {m} entries")
@@ -1131,6 +1154,15 @@ impl OrigDstTable {
     /// The original destination of the connection whose client end is `peer`, taken out of
     /// the table (a later connection from the same address and port gets its own entry).
     pub fn take(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        self.take_with_process(peer).map(|(dst, _)| dst)
+    }
+
+    /// [`OrigDstTable::take`], with the process that called `connect()` when the kernel
+    /// recorded one.
+    pub fn take_with_process(
+        &self,
+        peer: SocketAddr,
+    ) -> Option<(SocketAddr, Option<crate::proxy::Process>)> {
         let key = peer_key(peer);
         let mut map = self
             .0
@@ -1139,7 +1171,7 @@ impl OrigDstTable {
         let orig = map.get(&key, 0).ok()?;
         // Best effort: the LRU map evicts it anyway.
         let _ = map.remove(&key);
-        Some(orig_to_socket_addr(&orig))
+        Some((orig_to_socket_addr(&orig), orig_process(&orig)))
     }
 }
 
@@ -1147,6 +1179,24 @@ impl crate::proxy::OrigDst for OrigDstTable {
     fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr> {
         self.take(peer)
     }
+
+    fn lookup_with_process(
+        &self,
+        peer: SocketAddr,
+    ) -> Option<(SocketAddr, Option<crate::proxy::Process>)> {
+        self.take_with_process(peer)
+    }
+}
+
+/// The process the kernel recorded with a redirect; none for pid 0 (no process recorded).
+fn orig_process(orig: &OrigDst) -> Option<crate::proxy::Process> {
+    (orig.pid != 0).then(|| {
+        let len = orig.comm.iter().position(|b| *b == 0).unwrap_or(16);
+        crate::proxy::Process {
+            pid: orig.pid,
+            comm: String::from_utf8_lossy(&orig.comm[..len]).into_owned(),
+        }
+    })
 }
 
 /// The key the sockops program files a connection under: IPv4 (also a v4-mapped client) in
@@ -1245,6 +1295,7 @@ mod tests {
             port: 80u16.to_be(),
             family: AF_INET,
             flags: 0,
+            ..OrigDst::default()
         };
         assert_eq!(orig_to_socket_addr(&v4), "192.0.2.1:80".parse().unwrap());
         let v6 = OrigDst {
@@ -1252,6 +1303,7 @@ mod tests {
             port: 443u16.to_be(),
             family: egress_common::AF_INET6,
             flags: 0,
+            ..OrigDst::default()
         };
         assert_eq!(
             orig_to_socket_addr(&v6),
@@ -1262,6 +1314,7 @@ mod tests {
             port: 80u16.to_be(),
             family: AF_INET,
             flags: egress_common::flags::NAT64,
+            ..OrigDst::default()
         };
         assert_eq!(
             orig_to_socket_addr(&nat64),

@@ -22,8 +22,11 @@ pub const MAX_CA_FILE_SIZE: u64 = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum CaFileError {
     /// It cannot be read, or is not a regular file of at most [`MAX_CA_FILE_SIZE`].
+    ///
+    /// The message names the cause (it is shown as `FILE:LINE: ...` text), so it is no
+    /// `#[source]`: `{:#}` would print it twice.
     #[error("cannot read it: {0}")]
-    Read(#[from] ReadError),
+    Read(ReadError),
     /// A PEM section is broken.
     #[error("invalid PEM: {0}")]
     Pem(rustls_pki_types::pem::Error),
@@ -47,7 +50,7 @@ pub enum CaFileError {
 /// # Errors
 /// See [`CaFileError`].
 pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
-    let pem = read_bounded(path, MAX_CA_FILE_SIZE)?;
+    let pem = read_bounded(path, MAX_CA_FILE_SIZE).map_err(CaFileError::Read)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(CaFileError::Pem)?;

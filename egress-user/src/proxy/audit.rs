@@ -94,7 +94,7 @@ pub(crate) async fn relay(
     proxy: &Proxy,
     mut app: TcpStream,
     client: SocketAddr,
-    orig: SocketAddr,
+    (orig, process): (SocketAddr, Option<super::Process>),
     events: &mpsc::Sender<RequestEvent>,
 ) {
     let start = Instant::now();
@@ -137,6 +137,8 @@ pub(crate) async fn relay(
         upstream,
         reason: Some(reason),
         would_deny: true,
+        generation: proxy.generation(),
+        process,
     };
     counters.emit(events, event);
 }

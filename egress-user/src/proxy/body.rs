@@ -99,6 +99,8 @@ impl Drop for RequestLog {
             upstream: self.upstream,
             reason: self.reason.take(),
             would_deny: self.would_deny,
+            generation: self.proxy.generation(),
+            process: self.conn.process.clone(),
         };
         counters.emit(&self.conn.events, event);
     }

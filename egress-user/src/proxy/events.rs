@@ -5,6 +5,7 @@
 //! in [`Counters::events_dropped`]), it never slows a request down.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -42,6 +43,10 @@ pub struct RequestEvent {
     /// Audit mode passed on a request (or relayed a connection) that enforce mode would
     /// refuse: `status` is the destination's answer.
     pub would_deny: bool,
+    /// The policy generation that judged it (the proxy's, see [`super::Proxy::generation`]).
+    pub generation: u32,
+    /// The process that made the connection, when the kernel recorded it with the redirect.
+    pub process: Option<super::Process>,
 }
 
 /// A snapshot of one rule's or alias's counters.
@@ -86,22 +91,45 @@ struct Slot {
 
 /// The counters of one proxy: a slot per rule and alias, one for "no rule", and the number of
 /// events lost to a full channel.
+///
+/// Slots are shared with the next generation's proxy for the rules both have (see
+/// [`Counters::after`]), so `egress status` keeps counting a rule across reloads as the kernel's
+/// rows do, and a request still finishing on the old proxy lands in the same count.
 pub(crate) struct Counters {
     names: Box<[(Option<String>, bool)]>,
-    slots: Box<[Slot]>,
-    events_dropped: AtomicU64,
+    slots: Box<[Arc<Slot>]>,
+    events_dropped: Arc<AtomicU64>,
 }
 
 impl Counters {
     /// Slots for `names` (name, is_alias) in order, plus a last one for "no rule".
+    #[cfg(test)]
     pub(crate) fn new(names: impl IntoIterator<Item = (String, bool)>) -> Self {
+        Self::after(names, None)
+    }
+
+    /// As [`Counters::new`], but a rule or alias that `previous` counted under the same name
+    /// (and kind) goes on counting in the same slot, as do "no rule" and the events lost. A
+    /// rule removed and added again starts at 0: `previous` no longer has it.
+    pub(crate) fn after(
+        names: impl IntoIterator<Item = (String, bool)>,
+        previous: Option<&Counters>,
+    ) -> Self {
         let mut names: Vec<_> = names.into_iter().map(|(n, a)| (Some(n), a)).collect();
         names.push((None, false));
-        let slots = names.iter().map(|_| Slot::default()).collect();
+        let slots = names
+            .iter()
+            .map(|name| {
+                previous
+                    .and_then(|p| p.names.iter().position(|n| n == name).map(|i| &p.slots[i]))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
         Self {
             names: names.into(),
             slots,
-            events_dropped: AtomicU64::new(0),
+            events_dropped: previous.map_or_else(Arc::default, |p| p.events_dropped.clone()),
         }
     }
 
@@ -238,6 +266,8 @@ mod tests {
             upstream: None,
             reason: None,
             would_deny: false,
+            generation: 1,
+            process: None,
         };
         c.emit(&tx, ev.clone());
         c.emit(&tx, ev.clone());
@@ -245,5 +275,42 @@ mod tests {
         drop(rx);
         c.emit(&tx, ev);
         assert_eq!(c.events_dropped(), 2);
+    }
+
+    #[test]
+    fn a_new_generation_keeps_counting_the_rules_it_shares() {
+        let old = Counters::new([
+            ("web".to_owned(), false),
+            ("gone".to_owned(), false),
+            ("httpbin".to_owned(), true),
+        ]);
+        old.record(0, 200, false, 1, 2);
+        old.record(1, 200, false, 0, 0);
+        old.record(2, 200, false, 0, 0);
+        old.record(old.no_rule(), 403, true, 0, 0);
+        // `httpbin` becomes a rule rather than an alias: another thing, counted anew.
+        let new = Counters::after(
+            [
+                ("httpbin".to_owned(), false),
+                ("web".to_owned(), false),
+                ("added".to_owned(), false),
+            ],
+            Some(&old),
+        );
+        // A request still finishing on the old proxy counts for the rule in force too.
+        old.record(0, 200, false, 0, 0);
+        new.record(1, 204, false, 0, 0);
+        let s = new.snapshot();
+        let requests: Vec<_> = s.iter().map(|s| (s.rule.as_deref(), s.requests)).collect();
+        assert_eq!(
+            requests,
+            [
+                (Some("httpbin"), 0),
+                (Some("web"), 3),
+                (Some("added"), 0),
+                (None, 1)
+            ]
+        );
+        assert_eq!((s[1].status_2xx, s[1].bytes_out), (3, 2));
     }
 }

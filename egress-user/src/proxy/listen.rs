@@ -56,6 +56,8 @@ pub(crate) struct Conn {
     /// Where the app wanted to go; `None`: not redirected.
     pub(crate) orig_dst: Option<SocketAddr>,
     verdicts: Verdicts,
+    /// The process that connected, when the kernel recorded it.
+    pub(crate) process: Option<super::Process>,
 }
 
 impl Conn {
@@ -130,7 +132,10 @@ async fn accept_loop(
             continue;
         };
         let ticket = Arc::new(ticket);
-        let orig = orig_dst.lookup(client);
+        let (orig, process) = match orig_dst.lookup_with_process(client) {
+            Some((dst, process)) => (Some(dst), process),
+            None => (None, None),
+        };
         let span = tracing::info_span!(
             "proxy_conn",
             %client,
@@ -140,7 +145,7 @@ async fn accept_loop(
             current.clone(),
             stream,
             client,
-            orig,
+            (orig, process),
             events.clone(),
             ticket.clone(),
         );
@@ -193,7 +198,7 @@ async fn connection(
     current: Current,
     stream: TcpStream,
     client: SocketAddr,
-    orig_dst: Option<SocketAddr>,
+    (orig_dst, process): (Option<SocketAddr>, Option<super::Process>),
     events: mpsc::Sender<RequestEvent>,
     ticket: Arc<super::admission::Ticket>,
 ) {
@@ -217,10 +222,10 @@ async fn connection(
         && !audit::starts_http(first[0])
         && let Some(orig) = orig_dst
     {
-        return audit::relay(&proxy, stream, client, orig, &events).await;
+        return audit::relay(&proxy, stream, client, (orig, process), &events).await;
     }
     if first[0] == hello::HANDSHAKE {
-        return refuse_tls(&proxy, stream, client, orig_dst, &events).await;
+        return refuse_tls(&proxy, stream, client, (orig_dst, process), &events).await;
     }
 
     let guard = FramingGuard::new(stream);
@@ -230,6 +235,7 @@ async fn connection(
         client,
         orig_dst,
         verdicts: guard.verdicts(),
+        process,
     });
     let service = service_fn(move |req| {
         // A whole request head arrived: this connection is no longer one to evict.
@@ -255,7 +261,7 @@ async fn refuse_tls(
     proxy: &Proxy,
     mut stream: TcpStream,
     client: SocketAddr,
-    orig_dst: Option<SocketAddr>,
+    (orig_dst, process): (Option<SocketAddr>, Option<super::Process>),
     events: &mpsc::Sender<RequestEvent>,
 ) {
     let start = Instant::now();
@@ -289,6 +295,8 @@ async fn refuse_tls(
         upstream: None,
         reason: Some(reason),
         would_deny: false,
+        generation: proxy.generation(),
+        process,
     };
     counters.emit(events, event);
 }

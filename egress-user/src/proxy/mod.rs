@@ -47,7 +47,7 @@ pub use admission::{Admission, AdmissionStats, Limits, Ticket};
 pub use error::{ConfigError, ProxyError, Side};
 pub use events::{RequestEvent, RuleStats};
 pub use listen::accept_error_is_per_connection;
-pub use orig_dst::OrigDst;
+pub use orig_dst::{OrigDst, Process};
 pub use tls::install_crypto_provider;
 pub use upstream::{BoxFuture, ConnectError, Resolve, SystemResolver};
 
@@ -96,6 +96,9 @@ pub struct Proxy {
     direct: Client<audit::Direct, ReqBody>,
     counters: Counters,
     timeouts: Timeouts,
+    /// The policy generation this proxy judges for, as its events report it. Set when the
+    /// kernel has taken the generation (the number is the kernel's to give).
+    generation: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -112,9 +115,25 @@ pub struct ProxyBuilder<'a> {
     resolver: Arc<dyn Resolve>,
     timeouts: Timeouts,
     system_roots: tls::SystemRoots,
+    previous: Option<&'a Proxy>,
+    generation: u32,
 }
 
-impl ProxyBuilder<'_> {
+impl<'a> ProxyBuilder<'a> {
+    /// Goes on counting, for every rule and alias `previous` also has, where `previous` is at
+    /// (by name, as the kernel keeps its rows): a reload does not reset `egress status`.
+    pub fn counting_after(mut self, previous: &'a Proxy) -> Self {
+        self.previous = Some(previous);
+        self
+    }
+
+    /// The policy generation the proxy's events name until [`Proxy::set_generation`] (by
+    /// default 0: not yet known).
+    pub fn generation(mut self, generation: u32) -> Self {
+        self.generation = generation;
+        self
+    }
+
     /// Resolves upstream names with `resolver` instead of the system's (after the policy's
     /// `hosts`, which always come first). Its answers are filtered like DNS answers.
     pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
@@ -162,7 +181,7 @@ impl ProxyBuilder<'_> {
             .build(audit::Direct {
                 connect_timeout: self.timeouts.connect,
             });
-        let counters = Counters::new(routes.names());
+        let counters = Counters::after(routes.names(), self.previous.map(|p| &p.counters));
         Ok(Proxy {
             routes,
             client,
@@ -170,6 +189,7 @@ impl ProxyBuilder<'_> {
             direct,
             counters,
             timeouts: self.timeouts,
+            generation: std::sync::atomic::AtomicU32::new(self.generation),
         })
     }
 }
@@ -192,12 +212,25 @@ impl Proxy {
                 ..Timeouts::default()
             },
             system_roots: tls::SystemRoots::Load,
+            previous: None,
+            generation: 0,
         }
     }
 
     /// Counters per rule and alias (in policy order), then one for requests no rule allowed.
     pub fn counters(&self) -> Vec<RuleStats> {
         self.counters.snapshot()
+    }
+
+    /// The policy generation this proxy judges for (0 until it is known).
+    pub fn generation(&self) -> u32 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the generation the kernel gave the policy this proxy was built from.
+    pub fn set_generation(&self, generation: u32) {
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Events lost because the channel was full or closed.

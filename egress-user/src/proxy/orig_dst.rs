@@ -9,6 +9,21 @@ pub trait OrigDst: Send + Sync + 'static {
     /// The destination the app asked for, for a redirected connection whose client end
     /// (the accepted socket's peer address) is `peer`. None: not a redirected connection.
     fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr>;
+
+    /// [`OrigDst::lookup`], with the process that made the connection when the lookup knows
+    /// it (the kernel's table does; a plain function does not).
+    fn lookup_with_process(&self, peer: SocketAddr) -> Option<(SocketAddr, Option<Process>)> {
+        self.lookup(peer).map(|dst| (dst, None))
+    }
+}
+
+/// The process that made a redirected connection, as the kernel saw it at `connect()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    /// Its pid (thread group id).
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
 }
 
 /// Any `Fn(peer) -> Option<destination>` is a lookup (handy in tests and for fixed setups).

@@ -108,7 +108,9 @@ fn exchange(stream: &mut TcpStream, request: &str) -> std::io::Result<String> {
     }
     let text = String::from_utf8_lossy(&head);
     let status = text.lines().next().unwrap_or("");
+    // Its pid, for tests that look for the process in the proxy's events.
+    let pid = std::process::id();
     Ok(format!(
-        "peer {peer}\nstatus {status}\nbytes {total}\nbegin\n{text}\nend\n"
+        "pid {pid}\npeer {peer}\nstatus {status}\nbytes {total}\nbegin\n{text}\nend\n"
     ))
 }
