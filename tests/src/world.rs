@@ -104,9 +104,25 @@ impl World {
 
     /// Starts an agent enforcing the policy (and waits for it to say whether it is ready).
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[], None);
+    }
+
+    /// [`World::start_agent`] with `extra` arguments and, given, a soft and hard open-file
+    /// limit for the agent.
+    pub fn start_agent_with(&mut self, extra: &[&str], nofile: Option<(u64, u64)>) {
         let policy = self.dir.join("policy.yaml");
-        let agent = Agent::start_in(&self.sb, self.egress, &self.sb.run_args(&policy, &[]));
+        let args = self.sb.run_args(&policy, extra);
+        let agent = match nofile {
+            Some(limits) => Agent::start_in_nofile(&self.sb, self.egress, &args, limits),
+            None => Agent::start_in(&self.sb, self.egress, &args),
+        };
         self.agent = Some(agent);
+    }
+
+    /// The value of `series` in the agent's metrics, served at `127.0.0.1:port` in the sandbox.
+    pub fn metric(&self, port: u16, series: &str) -> f64 {
+        let (_, body) = self.sb.scrape(port, "/metrics");
+        crate::sample(&body, series).unwrap_or_else(|| panic!("no {series} in\n{body}"))
     }
 
     pub fn agent(&self) -> &Agent {

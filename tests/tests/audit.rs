@@ -11,7 +11,7 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, V4_A, egress_bin, probe_bin, sa,
+    V4_A, egress_bin, probe_bin, sa,
     squatter::{Hold, Squatter},
     squatter_bin, status_row,
     world::{POLICY, Response, World},
@@ -33,11 +33,8 @@ fn audit_world() -> World {
         policy, POLICY,
         "the world's policy starts with its EgressConfig"
     );
-    let path = w.dir.join("policy.yaml");
-    std::fs::write(&path, policy).expect("audit policy");
-    let metrics = format!("127.0.0.1:{METRICS}");
-    let args = w.sb.run_args(&path, &["--metrics-addr", &metrics]);
-    w.agent = Some(Agent::start_in(&w.sb, EGRESS, &args));
+    std::fs::write(w.dir.join("policy.yaml"), policy).expect("audit policy");
+    w.start_agent_with(&["--metrics-addr", &format!("127.0.0.1:{METRICS}")], None);
     w
 }
 
@@ -79,12 +76,7 @@ fn a_request_no_rule_allows_reaches_the_address_the_app_chose_and_is_reported() 
         "{}",
         would[0]
     );
-    let (_, metrics) = w.sb.scrape(METRICS, "/metrics");
-    assert_eq!(
-        egress_tests::sample(&metrics, "egress_proxy_would_deny_total"),
-        Some(1.0),
-        "{metrics}"
-    );
+    assert_eq!(w.metric(METRICS, "egress_proxy_would_deny_total"), 1.0);
     let (_, text, _) = w.sb.ctl(EGRESS, &["status"]);
     assert!(
         text.contains("1 passed on by audit mode (would refuse)"),

@@ -4,11 +4,9 @@
 //! at the upstream), the control socket must answer and reload, and `/healthz` must tell the
 //! truth. Everything runs in the test's own network namespace.
 
-use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fs, net::SocketAddr, time::Duration};
 
-use egress_tests::{
-    Agent, Hold, Sandbox, V4_A, egress_bin, probe_bin, sa, sample, upstream::Upstream,
-};
+use egress_tests::{Hold, V4_A, egress_bin, probe_bin, sa, world::World};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -16,83 +14,40 @@ const HOLD: &str = env!("CARGO_BIN_EXE_egress-hold");
 const METRICS: u16 = 9464;
 const ATTACK: usize = 2000;
 
-const POLICY: &str = r#"
-kind: EgressConfig
-metadata: {name: config}
-spec:
-  hosts:
-    httpbin.test: [192.0.2.1]
----
-kind: EgressRule
-metadata: {name: httpbin}
-spec:
-  destination: {service: httpbin.test}
-  ports:
-    - {port: 80, protocol: http}
-"#;
-
-/// The sandbox, the upstream, and an agent limited to 1024 descriptors.
-struct World {
-    sb: Sandbox,
-    dir: PathBuf,
-    upstream: Upstream,
-    agent: Agent,
+/// The HTTP tests' world with an agent limited to 1024 descriptors, serving metrics.
+fn world() -> World {
+    let mut w = World::without_agent(EGRESS, PROBE);
+    let metrics = format!("127.0.0.1:{METRICS}");
+    w.start_agent_with(
+        &["--metrics-addr", &metrics, "--no-watch"],
+        Some((1024, 1024)),
+    );
+    w
 }
 
-impl World {
-    fn new() -> Self {
-        let sb = Sandbox::new();
-        let dir = std::env::temp_dir().join(format!("{}-fds", sb.name));
-        let policy = egress_tests::policy_file(&dir, "policy.yaml", POLICY);
-        let upstream = Upstream::http(&sb.name, sa(V4_A, 80));
-        let metrics = format!("127.0.0.1:{METRICS}");
-        let args = sb.run_args(&policy, &["--metrics-addr", &metrics, "--no-watch"]);
-        let agent = Agent::start_in_nofile(&sb, EGRESS, &args, (1024, 1024));
-        Self {
-            sb,
-            dir,
-            upstream,
-            agent,
-        }
-    }
-
-    /// One good request from the managed cgroup, over its own connection: its status line.
-    fn get(&self, path: &str) -> String {
-        let req = format!(
-            "GET {path} HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n"
-        );
-        let out = self.sb.http(PROBE, &req, &[sa(V4_A, 80)]);
-        out.lines()
-            .find_map(|l| l.strip_prefix("status "))
-            .unwrap_or(out.trim())
-            .to_owned()
-    }
-
-    /// How many of `paths` reached the upstream.
-    fn seen(&self, prefix: &str) -> usize {
-        self.upstream
-            .seen()
-            .iter()
-            .filter(|s| s.path.starts_with(prefix))
-            .count()
-    }
-
-    fn open_fds(&self) -> usize {
-        fs::read_dir(format!("/proc/{}/fd", self.agent.pid()))
-            .expect("the agent's fds")
-            .count()
-    }
-
-    fn metric(&self, series: &str) -> f64 {
-        let (_, body) = self.sb.scrape(METRICS, "/metrics");
-        sample(&body, series).unwrap_or_else(|| panic!("no {series} in\n{body}"))
+/// One good request from the managed cgroup, over its own connection: its status line.
+fn get(w: &World, path: &str) -> String {
+    let r = w.get(target(), "httpbin.test", path);
+    if r.status.is_empty() {
+        r.raw.trim().to_owned()
+    } else {
+        r.status
     }
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+/// How many requests whose path starts with `prefix` reached the upstream.
+fn seen(w: &World, prefix: &str) -> usize {
+    w.http
+        .seen()
+        .iter()
+        .filter(|s| s.path.starts_with(prefix))
+        .count()
+}
+
+fn open_fds(w: &World) -> usize {
+    fs::read_dir(format!("/proc/{}/fd", w.agent().pid()))
+        .expect("the agent's fds")
+        .count()
 }
 
 fn target() -> SocketAddr {
@@ -102,10 +57,9 @@ fn target() -> SocketAddr {
 /// The agent was given 1024:4096 and runs with 4096: the soft limit is raised to the hard one.
 #[test]
 fn the_agent_raises_its_soft_descriptor_limit_to_the_hard_one() {
-    let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-fds", sb.name));
-    let policy = egress_tests::policy_file(&dir, "policy.yaml", POLICY);
-    let agent = Agent::start_in_nofile(&sb, EGRESS, &sb.run_args(&policy, &[]), (1024, 4096));
+    let mut w = World::without_agent(EGRESS, PROBE);
+    w.start_agent_with(&[], Some((1024, 4096)));
+    let agent = w.agent();
     let limits = fs::read_to_string(format!("/proc/{}/limits", agent.pid())).expect("limits");
     let line = limits
         .lines()
@@ -118,7 +72,6 @@ fn the_agent_raises_its_soft_descriptor_limit_to_the_hard_one() {
         "{}",
         agent.log()
     );
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// 2,000 half-sent requests (the proxy's pending connections are evicted oldest first, and the
@@ -126,8 +79,8 @@ fn the_agent_raises_its_soft_descriptor_limit_to_the_hard_one() {
 /// reload or the metrics endpoint.
 #[test]
 fn half_sent_requests_at_a_1024_limit_starve_nothing() {
-    let w = World::new();
-    let idle = w.open_fds();
+    let w = world();
+    let idle = open_fds(&w);
     let hold = Hold::start(
         &w.sb,
         HOLD,
@@ -135,10 +88,10 @@ fn half_sent_requests_at_a_1024_limit_starve_nothing() {
         "GET / HTTP/1.1\\r\\nHost: httpbin.test\\r\\n",
         target(),
     );
-    let during = w.open_fds();
+    let during = open_fds(&w);
 
-    let statuses: Vec<String> = (0..7).map(|i| w.get(&format!("/good-{i}"))).collect();
-    let served = w.seen("/good-");
+    let statuses: Vec<String> = (0..7).map(|i| get(&w, &format!("/good-{i}"))).collect();
+    let served = seen(&w, "/good-");
 
     let (status, out, err) = w.sb.ctl(EGRESS, &["status"]);
     assert!(status.success(), "egress status during the attack: {err}");
@@ -153,8 +106,8 @@ fn half_sent_requests_at_a_1024_limit_starve_nothing() {
         "egress reload during the attack: {out}{err}"
     );
     let (health, body) = w.sb.scrape(METRICS, "/healthz");
-    let evicted = w.metric("egress_proxy_connections_evicted_total");
-    let refused = w.metric("egress_proxy_connections_refused_total");
+    let evicted = w.metric(METRICS, "egress_proxy_connections_evicted_total");
+    let refused = w.metric(METRICS, "egress_proxy_connections_refused_total");
     let (held, held_failed) = (hold.held, hold.failed);
     let (reopened, failed) = hold.stop();
 
@@ -181,7 +134,7 @@ fn half_sent_requests_at_a_1024_limit_starve_nothing() {
 /// why, `egress status` still answers and shows it, and both recover once it lets go.
 #[test]
 fn healthz_fails_while_the_proxy_refuses_and_recovers() {
-    let w = World::new();
+    let w = world();
     let hold = Hold::start(
         &w.sb,
         HOLD,
@@ -191,7 +144,7 @@ fn healthz_fails_while_the_proxy_refuses_and_recovers() {
     );
     let (health, body) = w.sb.scrape(METRICS, "/healthz");
     let (status, out, err) = w.sb.ctl(EGRESS, &["status"]);
-    let refused = w.metric("egress_proxy_connections_refused_total");
+    let refused = w.metric(METRICS, "egress_proxy_connections_refused_total");
     drop(hold);
     eprintln!("figures: /healthz {health} {body:?}; refused {refused}");
     assert_eq!(health, "HTTP/1.1 503 Service Unavailable", "{body}");
