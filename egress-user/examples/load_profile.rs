@@ -1,7 +1,7 @@
 //! Times one policy load step by step, for profiling (BENCHMARKS.md target 3: 10,000 rules
 //! loaded in 100 ms): reading and checking the YAML (`policy::load_files`), compiling it into
 //! map entries (`compile::compile`), and, with `--apply` (as root), putting it into the kernel
-//! as a new generation (`Enforcer::apply`) on a scratch cgroup and pin directory.
+//! as a new generation (`pipeline::apply`) on a scratch cgroup and pin directory.
 //!
 //! The policy has the shape the reload benchmark loads (`tests/benches/reload/policies.rs`):
 //! one `kind: EgressRule` document per rule, a /32 each in 198.18.0.0/15 (never connected to;
@@ -18,8 +18,8 @@ use std::{
 
 use egress_user::{
     compile::{self, StoredRows},
-    loader::{self, Enforcer, Target},
-    policy,
+    loader::{self, Target},
+    pipeline, policy,
 };
 
 /// Ports the rules spread over, as in the reload benchmark.
@@ -109,7 +109,7 @@ fn main() {
         drop(compiled);
         if let Some(target) = &scratch {
             let at = Instant::now();
-            let next = Enforcer::apply(target, &policy).expect("the kernel takes it");
+            let next = pipeline::apply(target, &policy).expect("the kernel takes it");
             // As the agent does: the old generation is dropped before the answer.
             drop(enforcer.replace(next));
             kernel.push(at.elapsed());
@@ -122,7 +122,7 @@ fn main() {
         println!("compile (no stored rows):           {}", summary(&mut comp));
         if !kernel.is_empty() {
             println!(
-                "Enforcer::apply (incl. compile):    {}",
+                "pipeline::apply (incl. compile):    {}",
                 summary(&mut kernel)
             );
         }

@@ -18,8 +18,8 @@ use std::collections::{HashMap, hash_map::Entry};
 
 use egress_common::{
     COUNTER_ROWS, Config, DNS_PORT, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS,
-    PROTO_TCP, PROTO_UDP, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, config_flags,
-    fnv1a64, mode,
+    PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE, ROW_PROXY, RULE_NAME_LEN, RuleInfo, RuleKeyV4,
+    RuleKeyV6, RuleValue, config_flags, fnv1a64, mode,
 };
 use ipnet::IpNet;
 
@@ -28,6 +28,30 @@ use crate::policy::{Events, Mode, Policy, Protocol, judged_as};
 /// The row name of the implicit rule that allows DNS to the policy's resolvers. No EgressRule
 /// can be named so (names are DNS subdomains), so it never clashes with one.
 pub const DNS_RULE_NAME: &str = "(dns)";
+
+/// The name shown for [`ROW_NO_RULE`]: connections no rule allowed (and, in the proxy,
+/// requests no rule allowed).
+pub const NO_RULE_NAME: &str = "(no rule)";
+/// The name shown for [`ROW_BYPASS`].
+pub const BYPASS_NAME: &str = "(bypass)";
+/// The name shown for [`ROW_PROXY`].
+pub const PROXY_NAME: &str = "(proxy)";
+
+/// The rows no rule owns, with their names, in row order. Like [`DNS_RULE_NAME`], the names
+/// are in parentheses, which no rule name can have.
+pub const RESERVED_ROWS: [(u32, &str); 3] = [
+    (ROW_NO_RULE, NO_RULE_NAME),
+    (ROW_BYPASS, BYPASS_NAME),
+    (ROW_PROXY, PROXY_NAME),
+];
+
+/// The name of `row` if it is a reserved row.
+pub fn reserved_row_name(row: u32) -> Option<&'static str> {
+    RESERVED_ROWS
+        .iter()
+        .find(|(r, _)| *r == row)
+        .map(|(_, name)| *name)
+}
 
 /// Why a valid policy cannot be put into the kernel maps.
 #[derive(Debug, thiserror::Error)]

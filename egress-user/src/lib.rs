@@ -13,6 +13,7 @@ pub mod fds;
 pub mod loader;
 pub use loader::events;
 pub mod metrics;
+pub mod pipeline;
 pub mod policy;
 pub mod proxy;
 pub mod state;

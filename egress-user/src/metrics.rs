@@ -62,7 +62,7 @@ use tokio::sync::watch;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The `rule` label of requests that no rule allowed (denied, malformed, refused TLS).
-pub const NO_RULE: &str = crate::loader::NO_RULE_NAME;
+pub const NO_RULE: &str = crate::compile::NO_RULE_NAME;
 
 /// Upper bounds (seconds) of the request-duration buckets: 0.1 ms to 10 s in 1-2.5-5 steps.
 /// A proxied request on loopback takes a few hundred microseconds; a slow upstream, seconds.

@@ -16,8 +16,9 @@ use egress_tests::{
     vector_bin,
 };
 use egress_user::{
+    compile::NO_RULE_NAME,
     events::{self, Hook, Verdict},
-    loader::{Enforcer, NO_RULE_NAME},
+    pipeline,
 };
 
 const VECTOR: &str = vector_bin!();
@@ -53,7 +54,7 @@ fn every_vector_is_judged_allowed_and_denied_over_every_family() {
     let sb = Sandbox::new();
     let yaml = rule("v4-a", "192.0.2.1") + &rule("v6-a", "2001:db8::1");
     let policy = egress_tests::policy::load(&yaml);
-    let mut enforcer = Enforcer::apply(&sb.target(), &policy).expect("apply");
+    let mut enforcer = pipeline::apply(&sb.target(), &policy).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
     let cgroup = Some(sb.cgroup.as_path());
 

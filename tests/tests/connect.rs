@@ -13,8 +13,10 @@ use std::{
 use egress_common::RuleCounters;
 use egress_tests::{Outcome, Sandbox, V4_A, V4_B, V6_A, V6_B, mapped, probe_bin, sa};
 use egress_user::{
+    compile::{BYPASS_NAME, NO_RULE_NAME},
     events::{self, EventRecord, Verdict},
-    loader::{BYPASS_NAME, Enforcer, NO_RULE_NAME},
+    loader::Enforcer,
+    pipeline,
     policy::{self, Mode, Origin, Policy, PortRule, Protocol, Rule},
 };
 
@@ -53,7 +55,7 @@ fn rule_allows_exactly_its_cidr_and_port(cidr: &str, inside: IpAddr, outside: Ip
     let wrong_port = sb.sink(sa(inside, 9090));
     let wrong_addr = sb.sink(sa(outside, 8080));
     let mut enforcer =
-        Enforcer::apply(&sb.target(), &policy(&rule_yaml("net-a", cidr, 8080))).expect("apply");
+        pipeline::apply(&sb.target(), &policy(&rule_yaml("net-a", cidr, 8080))).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
 
     assert_eq!(sb.connect(PROBE, ok.addr()), Outcome::Connected);
@@ -129,7 +131,7 @@ fn v4_mapped_destinations_follow_the_ipv4_rules() {
     let ok = sb.sink(sa(V4_A, 8080));
     let denied = sb.sink(sa(V4_B, 8080));
     let yaml = rule_yaml("v4-a", "192.0.2.0/24", 8080) + &rule_yaml("v6-all", "::/0", 8080);
-    let mut enforcer = Enforcer::apply(&sb.target(), &policy(&yaml)).expect("apply");
+    let mut enforcer = pipeline::apply(&sb.target(), &policy(&yaml)).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
 
     assert_eq!(sb.connect(PROBE, mapped(V4_A, 8080)), Outcome::Connected);
@@ -159,7 +161,7 @@ fn an_ipv4_wildcard_never_opens_ipv6() {
     let sb = Sandbox::new();
     let v4 = sb.sink(sa(V4_A, 8080));
     let v6 = sb.sink(sa(V6_A, 8080));
-    let mut enforcer = Enforcer::apply(
+    let mut enforcer = pipeline::apply(
         &sb.target(),
         &policy(&rule_yaml("any-v4", "0.0.0.0/0", 8080)),
     )
@@ -185,7 +187,7 @@ fn default_bypass_is_loopback_and_unspecified_counts_as_loopback() {
     let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
     let lo6 = sb.sink(sa(Ipv6Addr::LOCALHOST, 7002));
     let elsewhere = sb.sink(sa(V4_A, 7003));
-    let enforcer = Enforcer::apply(
+    let enforcer = pipeline::apply(
         &sb.target(),
         &policy("kind: EgressConfig\nspec:\n  mode: enforce\n"),
     )
@@ -217,7 +219,7 @@ fn explicit_bypass_replaces_the_default_so_loopback_is_filtered() {
     let lo6 = sb.sink(sa(Ipv6Addr::LOCALHOST, 7002));
     let bypassed = sb.sink(sa(V4_B, 7003));
     let yaml = "kind: EgressConfig\nspec:\n  bypass: [198.51.100.0/24]\n";
-    let enforcer = Enforcer::apply(&sb.target(), &policy(yaml)).expect("apply");
+    let enforcer = pipeline::apply(&sb.target(), &policy(yaml)).expect("apply");
 
     assert_eq!(sb.connect(PROBE, bypassed.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Denied);
@@ -240,7 +242,7 @@ fn explicit_bypass_replaces_the_default_so_loopback_is_filtered() {
     // `bypass: []` filters loopback too.
     let sb = Sandbox::new();
     let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
-    let _enforcer = Enforcer::apply(
+    let _enforcer = pipeline::apply(
         &sb.target(),
         &policy("kind: EgressConfig\nspec:\n  bypass: []\n"),
     )
@@ -258,7 +260,7 @@ fn audit_mode_lets_through_and_records_a_would_deny() {
         + &rule_yaml("a", "192.0.2.0/24", 8080);
     let p = policy(&yaml);
     assert_eq!(p.mode, Mode::Audit);
-    let mut enforcer = Enforcer::apply(&sb.target(), &p).expect("apply");
+    let mut enforcer = pipeline::apply(&sb.target(), &p).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
 
     assert_eq!(sb.connect(PROBE, ruled.addr()), Outcome::Connected);
@@ -284,7 +286,7 @@ fn audit_mode_lets_through_and_records_a_would_deny() {
 fn processes_outside_the_cgroup_are_not_filtered() {
     let sb = Sandbox::new();
     let server = sb.sink(sa(V4_A, 8080));
-    let enforcer = Enforcer::apply(
+    let enforcer = pipeline::apply(
         &sb.target(),
         &policy("kind: EgressConfig\nspec:\n  mode: enforce\n"),
     )
@@ -311,7 +313,7 @@ fn a_second_apply_swaps_the_policy_in_place_and_keeps_counters() {
     let a = sb.sink(sa(V4_A, 8080));
     let b = sb.sink(sa(V4_A, 9090));
     let keep = rule_yaml("keep", "192.0.2.0/24", 8080);
-    let first = Enforcer::apply(
+    let first = pipeline::apply(
         &sb.target(),
         &policy(&(keep.clone() + &rule_yaml("old", "192.0.2.0/24", 7000))),
     )
@@ -321,7 +323,7 @@ fn a_second_apply_swaps_the_policy_in_place_and_keeps_counters() {
     let g1 = first.generation();
     drop(first);
 
-    let mut second = Enforcer::apply(
+    let mut second = pipeline::apply(
         &sb.target(),
         &policy(&(keep + &rule_yaml("new", "192.0.2.0/24", 9090))),
     )
@@ -384,7 +386,7 @@ fn one_hundred_thousand_rules_load_and_work() {
     let ok = sb.sink(sa(Ipv4Addr::new(198, 18, 1, 2), 8080));
     let denied = sb.sink(sa(Ipv4Addr::new(198, 19, 255, 1), 8080));
     let started = Instant::now();
-    let enforcer = Enforcer::apply(&sb.target(), &p).expect("apply 100k rules");
+    let enforcer = pipeline::apply(&sb.target(), &p).expect("apply 100k rules");
     eprintln!("100k rules applied in {:?}", started.elapsed());
     assert_eq!(sb.connect(PROBE, ok.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, denied.addr()), Outcome::Denied);
@@ -401,7 +403,7 @@ fn one_hundred_thousand_rules_load_and_work() {
 fn bpftool_shows_the_pinned_maps_with_field_names() {
     let sb = Sandbox::new();
     let server = sb.sink(sa(V4_A, 443));
-    let _enforcer = Enforcer::apply(
+    let _enforcer = pipeline::apply(
         &sb.target(),
         &policy(&rule_yaml("web", "192.0.2.0/24", 443)),
     )
@@ -493,7 +495,7 @@ fn nat64_and_6to4_destinations_are_judged_by_their_ipv4_address() {
         .collect();
     // The IPv4 rule allows V4_A only; the IPv6 rule allows every IPv6 address on the port.
     let yaml = rule_yaml("v4-a", "192.0.2.1", 7000) + &rule_yaml("all-v6", "::/0", 7000);
-    let mut enforcer = Enforcer::apply(&sb.target(), &policy(&yaml)).expect("apply");
+    let mut enforcer = pipeline::apply(&sb.target(), &policy(&yaml)).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
 
     for ((ip, allow, _), sink) in targets.iter().zip(&sinks) {

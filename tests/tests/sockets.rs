@@ -22,8 +22,10 @@ use egress_tests::{
     vector_bin,
 };
 use egress_user::{
+    compile::{BYPASS_NAME, NO_RULE_NAME},
     events::{self, EventRecord, Hook, Verdict},
-    loader::{BYPASS_NAME, Enforcer, NO_RULE_NAME, RowCount},
+    loader::{Enforcer, RowCount},
+    pipeline,
 };
 
 const VECTOR: &str = vector_bin!();
@@ -142,7 +144,7 @@ fn run(sb: &Sandbox, cgroup: Option<&Path>, expect: impl Fn(&Case) -> Expect) ->
 fn enforced(yaml: &str) -> (Sandbox, Enforcer) {
     let sb = Sandbox::new();
     sb.allow_ping();
-    let enforcer = Enforcer::apply(&sb.target(), &load(yaml)).expect("apply");
+    let enforcer = pipeline::apply(&sb.target(), &load(yaml)).expect("apply");
     (sb, enforcer)
 }
 
@@ -423,7 +425,7 @@ fn outside_the_cgroup_nothing_is_refused() {
 fn the_kernel_refuses_ping_sockets_before_the_filter_without_ping_group_range() {
     let sb = Sandbox::new();
     let policy = load(&config("  mode: enforce\n"));
-    let enforcer = Enforcer::apply(&sb.target(), &policy).expect("apply");
+    let enforcer = pipeline::apply(&sb.target(), &policy).expect("apply");
     for ip in [IpAddr::from(V4_A), V6_A.into()] {
         let got = attempt(
             VECTOR,

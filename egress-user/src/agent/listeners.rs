@@ -3,7 +3,7 @@
 //!
 //! A listener that cannot be bound (another process holds the port: a squatter in the managed
 //! cgroup, or a leftover of something else) does not stop the agent: the kernel programs
-//! redirect only to a listener the agent marked (`loader::Enforcer::apply_with_proxy`), so
+//! redirect only to a listener the agent marked (`loader::Generation::open`), so
 //! until the agent has its own listener there, the connections meant for the proxy are refused
 //! with a `proxy-absent` or `proxy-foreign` event and never reach the other process. The agent
 //! keeps enforcing everything else, reports itself not ready, names the process that holds the

@@ -5,7 +5,12 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 
 use crate::{
-    agent::{Agent, Settings, listeners::ProxyListeners, watch::PolicyWatch},
+    agent::{
+        Agent, Settings,
+        listeners::ProxyListeners,
+        sources::{self, SourceError},
+        watch::PolicyWatch,
+    },
     cgroup,
     control::{self, DEFAULT_SOCKET},
     loader::{DEFAULT_PIN_DIR, Target, features},
@@ -86,13 +91,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // The kernel first: on one that lacks what the policy needs, refuse before anything is
     // bound, created or loaded, naming every missing feature; on one without an optional
     // feature, say what is lost.
-    match features::kernel().assess(!args.xdp_iface.is_empty()) {
-        Ok(assessment) => assessment.log(),
+    // Assessed once: the agent and every generation it builds go by this assessment.
+    let kernel = match features::kernel().assess(!args.xdp_iface.is_empty()) {
+        Ok(assessment) => assessment,
         Err(unsupported) => {
             eprintln!("egress: error: {unsupported}");
             return Ok(ExitCode::FAILURE);
         }
-    }
+    };
+    kernel.log();
     let cgroup = match &args.cgroup {
         Some(path) => {
             if !args.create_cgroup {
@@ -107,22 +114,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // control socket (a second agent stops here), the proxy listeners (they must be there
     // before any program sends a connection to them) and the policy.
     let control = control::server::bind(&args.socket).context("binding the control socket")?;
-    let sources = crate::agent::sources(&args.policy, &store);
-    let mut policy = match crate::policy::load_mixed(&sources) {
-        Ok(policy) => policy,
-        Err(errors) => {
+    let built = match sources::build(&sources::list(&args.policy, &store), &args.resolv_conf) {
+        Ok(built) => built,
+        Err(SourceError::Invalid(errors)) => {
             eprintln!("{errors}");
             eprintln!("egress: error: the policy is invalid; nothing was loaded");
             let _ = std::fs::remove_file(&args.socket);
             return Ok(ExitCode::FAILURE);
         }
+        Err(e) => {
+            eprintln!("egress: error: {e}; nothing was loaded");
+            let _ = std::fs::remove_file(&args.socket);
+            return Ok(ExitCode::FAILURE);
+        }
     };
-    if let Err(e) = crate::agent::fill_resolvers(&mut policy, &args.resolv_conf) {
-        eprintln!("egress: error: {e}; nothing was loaded");
-        let _ = std::fs::remove_file(&args.socket);
-        return Ok(ExitCode::FAILURE);
-    }
-    let listeners = ProxyListeners::bind(policy.proxy.port);
+    let listeners = ProxyListeners::bind(built.policy.proxy.port);
     let metrics = match args.metrics_addr {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
@@ -142,10 +148,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             cgroup: cgroup.clone(),
             xdp_ifaces: args.xdp_iface.clone(),
         },
+        kernel,
         listeners,
         metrics,
     };
-    let (mut agent, proxies) = Agent::start(settings, &sources, policy)?;
+    let (mut agent, proxies) = Agent::start(settings, built)?;
     if let Some(missing) = agent.missing_listener() {
         tracing::warn!(
             generation = agent.generation(),

@@ -133,7 +133,7 @@ impl HubEvent {
                 rule: e
                     .rule
                     .clone()
-                    .unwrap_or_else(|| crate::loader::NO_RULE_NAME.to_owned()),
+                    .unwrap_or_else(|| crate::compile::NO_RULE_NAME.to_owned()),
                 destination: e.orig_dst.map(|a| a.to_string()).unwrap_or_default(),
                 host: e.host.clone(),
                 status: e.status,

@@ -315,44 +315,6 @@ pub fn log(e: &EventRecord, limit: &LogLimit) {
     }
 }
 
-/// Logs a proxied request (or a connection the proxy refused) in the same form as the
-/// kernel's verdicts: refusals and errors as warnings (as many as `limit` lets through, per
-/// client address and host), the rest as info.
-pub fn log_request(e: &crate::proxy::RequestEvent, limit: &LogLimit) {
-    let rule = e.rule.as_deref().unwrap_or(super::NO_RULE_NAME);
-    let orig_dst = e.orig_dst.map(|a| a.to_string()).unwrap_or_default();
-    let upstream = e.upstream.map(|a| a.to_string()).unwrap_or_default();
-    let reason = e.reason.as_deref().unwrap_or("");
-    macro_rules! emit {
-        ($level:ident) => {
-            tracing::$level!(
-                rule = %rule,
-                host = %e.host,
-                method = %e.method,
-                path = %e.path,
-                status = e.status,
-                bytes_in = e.bytes_in,
-                bytes_out = e.bytes_out,
-                latency_ms = format_args!("{:.2}", e.latency.as_secs_f64() * 1000.0),
-                client = %e.client,
-                orig_dst = %orig_dst,
-                upstream = %upstream,
-                reason = %reason,
-                "http {}{}",
-                e.status,
-                if e.would_deny { " would-deny" } else { "" }
-            )
-        };
-    }
-    if e.would_deny || e.status == 0 || e.status >= 400 {
-        if limit.admit(&format!("http {} -> {}", e.client.ip(), e.host)) {
-            emit!(warn);
-        }
-    } else {
-        emit!(info);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

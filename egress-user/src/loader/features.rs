@@ -552,6 +552,21 @@ pub struct Assessment {
 }
 
 impl Assessment {
+    /// Whether feature `id` is there to use: an assessment exists only for a kernel with every
+    /// required feature, so what it does not list as degraded or unavailable is present.
+    pub fn has(&self, id: Id) -> bool {
+        !self.lacking().any(|f| f.id == id)
+    }
+
+    /// Whether every feature `program` depends on is there.
+    pub fn program_available(&self, program: &str) -> bool {
+        !self.lacking().any(|f| f.programs.contains(&program))
+    }
+
+    fn lacking(&self) -> impl Iterator<Item = &'static Feature> + '_ {
+        self.degraded.iter().chain(&self.unavailable).copied()
+    }
+
     /// One line per degraded feature, for `egress status`.
     pub fn degraded_lines(&self) -> Vec<String> {
         self.degraded.iter().map(|f| degraded_line(f)).collect()

@@ -15,16 +15,19 @@ use std::{
 
 use aya::maps::{Array, LpmTrie, Map, MapData};
 use egress_common::{
-    COUNTER_ROWS, Config, FIRST_RULE_ROW, PORTS, PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE,
-    ROW_PROXY, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats, config_flags, maps,
-    mode,
+    COUNTER_ROWS, Config, FIRST_RULE_ROW, PORTS, PROTO_TCP, PROTO_UDP, RULE_NAME_LEN, RuleInfo,
+    RuleKeyV4, RuleKeyV6, RuleValue, Stats, config_flags, maps, mode,
 };
 use serde::Serialize;
 
 use super::{
-    BYPASS_NAME, LoadError, NO_RULE_NAME, PROXY_NAME, PinDir, PinnedCounters, RowCount, features,
-    map_err, map_fd, rule_info_rows, sys, syscall_error,
+    LoadError, PinDir, PinnedCounters, RowCount,
+    error::map_err,
+    features,
+    fill::{map_fd, rule_info_rows, syscall_error},
+    sys,
 };
+use crate::compile::RESERVED_ROWS;
 
 /// Everything `egress maps` shows, read from one pin directory.
 #[derive(Debug, Serialize)]
@@ -121,6 +124,7 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
     let names = rule_names(&rule_info_rows(
         &Map::Array(open(maps::RULE_INFO)?),
         row_limit,
+        features::kernel().has(features::Id::BatchOps),
     )?);
     let name_of = |row: u32| {
         names
@@ -180,11 +184,10 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
 
     // Every row below the limit, so that a row still counting after its rule went (or a
     // reserved row) is not hidden; only rows with a rule or a count are listed.
-    let mut rows = vec![
-        (ROW_NO_RULE, NO_RULE_NAME.to_owned()),
-        (ROW_BYPASS, BYPASS_NAME.to_owned()),
-        (ROW_PROXY, PROXY_NAME.to_owned()),
-    ];
+    let mut rows: Vec<(u32, String)> = RESERVED_ROWS
+        .iter()
+        .map(|(row, name)| (*row, (*name).to_owned()))
+        .collect();
     rows.extend((FIRST_RULE_ROW..row_limit).map(|row| (row, name_of(row))));
     let counted = PinnedCounters::open(pin_dir)?;
     let counters = counted

@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use aya::maps::{Map, MapData, SkStorage};
 use egress_common::{ProxyMark, maps};
 
-use super::{LoadError, PinDir, map_err};
+use super::{LoadError, PinDir, error::map_err};
 
 /// Marks each of `listeners` as the agent's in the `PROXY_LISTEN` map `map`.
 pub(super) fn mark(map: &mut Map, listeners: &[&TcpListener]) -> Result<(), LoadError> {

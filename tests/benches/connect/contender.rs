@@ -9,10 +9,7 @@ use std::{
 };
 
 use egress_tests::{Sandbox, V4_A, enter_netns, sa};
-use egress_user::{
-    loader::{Enforcer, NO_RULE_NAME},
-    policy::Policy,
-};
+use egress_user::{compile::NO_RULE_NAME, loader::Enforcer, pipeline, policy::Policy};
 
 use crate::{DENIED_PORT, PORT, TARGET_RULE, rulesets::netns_exec, sink::FastSink};
 
@@ -229,7 +226,7 @@ impl Contender {
     /// Puts `policy` in force on the contender's cgroup.
     pub fn with_egress(mut self, policy: &Policy) -> Self {
         let started = Instant::now();
-        let enforcer = Enforcer::apply(&self.sandbox.target(), policy)
+        let enforcer = pipeline::apply(&self.sandbox.target(), policy)
             .unwrap_or_else(|e| panic!("{}: loading the policy: {}", self.name, chain(&e)));
         self.load = Some(started.elapsed());
         self.enforcer = Some(enforcer);

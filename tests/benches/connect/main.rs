@@ -65,7 +65,7 @@ use std::{
 use common::thousands;
 use contender::{Contender, Expect, Kind, chain};
 use egress_tests::{V4_A, sa};
-use egress_user::loader::Enforcer;
+use egress_user::pipeline;
 use report::{Context, print_report, us};
 use rulesets::{iptables_rules, nft_rules, policy_keys};
 use run_time::measure_run_time;
@@ -252,7 +252,7 @@ fn run(options: &Options) {
         let contender =
             Contender::new(name, target, Expect::Connected, sink_cpu).of(Kind::Egress, keys);
         let loading = Instant::now();
-        match Enforcer::apply(&contender.sandbox.target(), &policy) {
+        match pipeline::apply(&contender.sandbox.target(), &policy) {
             Ok(enforcer) if loading.elapsed() < Duration::from_secs(60) => {
                 contenders.push(contender.enforced_by(enforcer, loading.elapsed()));
             }

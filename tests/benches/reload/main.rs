@@ -42,7 +42,7 @@
 //! - Where the time goes: for each size, in the bench's own process, on a scratch sandbox,
 //!   what a reload does one step at a time: parsing and validating the file
 //!   (`policy::load_files`), configuring the proxy (`Proxy::new`, which reads the system's
-//!   trusted roots), and the kernel generation (`Enforcer::apply`: load and fill fresh maps,
+//!   trusted roots), and the kernel generation (`pipeline::apply`: load and fill fresh maps,
 //!   load and verify the 5 programs, swap them behind the pinned links; plus dropping the old
 //!   generation). Median of 5.
 //! - Start-up at 100,000 rules (`--big-rules`): `--starts` (3) fresh agents, each in a fresh
@@ -81,7 +81,7 @@ use daemon::{Agent, Line, Poller, READY, RELOADED, generation_of};
 use egress_tests::{Sandbox, Sink};
 use egress_user::{
     control::{Request, Response, client},
-    loader::Enforcer,
+    pipeline,
     proxy::Proxy,
 };
 use policies::{Allowed, MAX_FILLER, PolicyDir, yaml};
@@ -459,7 +459,7 @@ fn breakdown(rules: usize, runs: usize) -> Breakdown {
     let mut which = Allowed::A;
     policies.replace(text(&texts, which));
     let load = || egress_user::policy::load_files(&[policies.file()]).expect("the policy loads");
-    let mut enforcer = Enforcer::apply(&target, &load()).expect("first generation");
+    let mut enforcer = pipeline::apply(&target, &load()).expect("first generation");
     let (mut parse, mut proxy, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         which = which.flip();
@@ -472,7 +472,7 @@ fn breakdown(rules: usize, runs: usize) -> Breakdown {
         proxy.push(started.elapsed());
         drop(p);
         let started = Instant::now();
-        let next = Enforcer::apply(&target, &policy).expect("next generation");
+        let next = pipeline::apply(&target, &policy).expect("next generation");
         // The agent drops the old generation before it answers, too.
         drop(std::mem::replace(&mut enforcer, next));
         kernel.push(started.elapsed());

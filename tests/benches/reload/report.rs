@@ -191,7 +191,7 @@ pub fn print(
     );
     out.push_str(
         "| rules | parse and validate the file (`policy::load_files`) | proxy configuration (`Proxy::new`, reads the system's CA roots) \
-         | kernel generation (`Enforcer::apply`: fresh maps filled, 5 programs loaded and verified, links swapped; old one dropped) \
+         | kernel generation (`pipeline::apply`: fresh maps filled, 5 programs loaded and verified, links swapped; old one dropped) \
          | sum | round trip p50, for comparison |\n",
     );
     out.push_str("|---|---|---|---|---|---|\n");

@@ -1,0 +1,112 @@
+//! The layout of the maps that outlive generations, checked before an earlier agent's pins
+//! are reused.
+
+use aya::maps::{MapInfo, MapType};
+use egress_common::{
+    COUNTER_ROWS, EVENTS_BYTES, MAX_REDIRECTS, OrigDst, PeerKey, RuleCounters, RuleInfo, Stats,
+    maps,
+};
+
+use super::{LoadError, PinDir, error::map_err};
+
+/// The layout each shared map must have to be reused.
+fn expected_layout(name: &str) -> (MapType, u32, u32, u32) {
+    match name {
+        maps::COUNTERS => (
+            MapType::PerCpuArray,
+            4,
+            size_of::<RuleCounters>() as u32,
+            COUNTER_ROWS,
+        ),
+        maps::RULE_INFO => (
+            MapType::Array,
+            4,
+            size_of::<RuleInfo>() as u32,
+            COUNTER_ROWS,
+        ),
+        maps::STATS => (MapType::PerCpuArray, 4, size_of::<Stats>() as u32, 1),
+        maps::EVENTS => (MapType::RingBuf, 0, 0, EVENTS_BYTES),
+        maps::ORIG_BY_COOKIE => (
+            MapType::LruHash,
+            8,
+            size_of::<OrigDst>() as u32,
+            MAX_REDIRECTS,
+        ),
+        maps::ORIG_BY_PEER => (
+            MapType::LruHash,
+            size_of::<PeerKey>() as u32,
+            size_of::<OrigDst>() as u32,
+            MAX_REDIRECTS,
+        ),
+        maps::HOOKS => (
+            MapType::PerCpuArray,
+            4,
+            size_of::<RuleCounters>() as u32,
+            egress_common::hook::COUNT,
+        ),
+        maps::PROXY_LISTEN => (
+            MapType::SkStorage,
+            4,
+            size_of::<egress_common::ProxyMark>() as u32,
+            0,
+        ),
+        other => unreachable!("{other} is not a shared map"),
+    }
+}
+
+/// Refuses to reuse a pinned map whose type or sizes differ from this build's.
+pub(super) fn check_shared_pins(pins: &PinDir) -> Result<(), LoadError> {
+    for name in maps::SHARED {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).map_err(map_err(name_static(name), "reading pinned"))?;
+        let found = (
+            info.map_type()
+                .map_err(map_err(name_static(name), "reading pinned"))?,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let expected = expected_layout(name);
+        if found != expected && [maps::ORIG_BY_COOKIE, maps::ORIG_BY_PEER].contains(&name) {
+            // Only redirects in flight live here (for milliseconds, between connect() and the
+            // proxy's accept()), so an earlier build's layout (20-byte values, before pid and
+            // comm) is replaced rather than refused: an upgrade keeps its no-gap takeover, and
+            // at worst a connection made during the swap is refused by the proxy.
+            std::fs::remove_file(&path).map_err(|source| LoadError::PinDir {
+                path: pins.path().to_owned(),
+                source,
+            })?;
+            tracing::warn!(
+                map = name,
+                found = format!("value {} B", found.2),
+                expected = format!("value {} B", expected.2),
+                "replaced a pinned original-destination map of an earlier layout"
+            );
+            continue;
+        }
+        if found != expected {
+            let show = |(t, k, v, m): (MapType, u32, u32, u32)| {
+                format!("type {t:?}, key {k} B, value {v} B, {m} entries")
+            };
+            return Err(LoadError::IncompatiblePin {
+                path,
+                dir: pins.path().to_owned(),
+                found: show(found),
+                expected: show(expected),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn name_static(name: &str) -> &'static str {
+    maps::SHARED
+        .into_iter()
+        .chain(maps::PER_GENERATION)
+        .find(|n| *n == name)
+        .unwrap_or("map")
+}

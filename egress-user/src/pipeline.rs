@@ -1,0 +1,75 @@
+//! A policy's way into the kernel, in three stages whose inputs and outputs are types, each
+//! testable alone, and data flowing one way:
+//!
+//! 1. [`Generation::open`]: the managed cgroup, the pins an earlier generation left, the rows
+//!    it counts on ([`Generation::stored_rows`]) and the next generation's number, on a kernel
+//!    whose features were assessed once, before anything was touched;
+//! 2. [`compile::compile`]: the policy, those rows and that number become the entries of the
+//!    kernel maps ([`Compiled`]), purely;
+//! 3. [`Generation::fill`] then [`Filled::swap`](crate::loader::Filled::swap): the entries are
+//!    written into fresh maps and swapped in behind the pinned links, which gives the
+//!    [`Enforcer`] of the generation in force.
+//!
+//! The policy itself comes from its sources by [`crate::agent::sources::build`]. Neither the
+//! loader nor the compiler calls the other: this module is where they meet.
+
+#![forbid(unsafe_code)]
+
+use crate::{
+    compile::{self, CompileError, Compiled},
+    loader::{
+        Enforcer, Generation, LoadError, Target,
+        features::{self, Assessment, Unsupported},
+    },
+    policy::Policy,
+};
+
+/// Why a policy could not be put in force. In every case the generation that was in force
+/// before stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel lacks a feature the policy cannot be enforced without.
+    #[error(transparent)]
+    Kernel(#[from] Unsupported),
+    /// The policy does not fit the kernel maps.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// The kernel side failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// Puts `policy` in force on `target` as a new generation, on a kernel that `kernel` assessed,
+/// with `proxy_listeners` marked as the agent's before any program of the generation runs.
+///
+/// # Errors
+/// The policy does not fit the maps, or the kernel side failed; nothing was switched.
+pub fn enforce(
+    target: &Target,
+    kernel: &Assessment,
+    policy: &Policy,
+    proxy_listeners: &[&std::net::TcpListener],
+) -> Result<Enforcer, Error> {
+    let generation = Generation::open(target, kernel, proxy_listeners)?;
+    let compiled = compile::compile(policy, generation.stored_rows(), generation.number())?;
+    warn_shadowed(&compiled);
+    Ok(generation.fill(compiled)?.swap()?)
+}
+
+/// [`enforce`] without proxy listeners, after assessing this kernel for `target` (for tools,
+/// benchmarks and tests that put a policy in force without an agent).
+///
+/// # Errors
+/// As [`enforce`], and [`Error::Kernel`] when the kernel lacks a required feature; then
+/// nothing was touched.
+pub fn apply(target: &Target, policy: &Policy) -> Result<Enforcer, Error> {
+    let kernel = features::kernel().assess(!target.xdp_ifaces.is_empty())?;
+    enforce(target, &kernel, policy, &[])
+}
+
+/// Logs the rule keys an earlier rule already holds: connections are counted there.
+fn warn_shadowed(compiled: &Compiled) {
+    for s in &compiled.shadowed {
+        tracing::warn!(rule = %s.rule, by = %s.by, key = %s.key, "rule key already allowed by an earlier rule; counted there");
+    }
+}
