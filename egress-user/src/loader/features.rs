@@ -40,12 +40,12 @@ mod probe;
 
 use std::fmt;
 
+pub use assess::{Assessment, Kernel, Probe, Unsupported, degraded_line, kernel, release};
 use aya_obj::generated::{
     BPF_F_NO_PREALLOC, bpf_attach_type as attach, bpf_func_id as helper, bpf_map_type as map,
     bpf_prog_type as prog,
 };
 use egress_common::programs;
-pub use assess::{Assessment, Kernel, Probe, Unsupported, degraded_line, kernel, release};
 use probe::{batch_ops, call, cgroup_link, in_judges, map_type, program, xdp_link};
 
 /// The environment variable that hides features from the probes (tests only).

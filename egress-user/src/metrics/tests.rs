@@ -7,7 +7,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use super::serve::{Endpoints, MAX_HEADER_SIZE, serve_with};
 use super::*;
+use std::io;
+use tokio::{net::TcpListener, sync::watch};
 
 /// Every sample line as series -> value; panics on a series written twice.
 fn samples(text: &str) -> HashMap<String, String> {
