@@ -16,8 +16,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use super::Proxy;
 use super::error::BodyError;
 use super::events::RequestEvent;
+use super::forward::Conn;
 use super::idle::{Activity, IdleTimer};
-use super::listen::Conn;
 
 /// What is known about one request; on drop (the response body finished or was abandoned, or
 /// the tunnel closed) it counts the request and sends its [`RequestEvent`].

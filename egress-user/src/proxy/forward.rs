@@ -1,7 +1,9 @@
-//! One request: check its framing, its authority and the policy, rewrite it for the upstream
-//! (hop-by-hop fields, Host for aliases, the upstream URI), send it through the pool, and
-//! stream the answer back; or answer it here with the error's status and a plain reason.
+//! One app connection ([`Conn`], shared by its requests) and one request: check its framing,
+//! its authority and the policy, rewrite it for the upstream (hop-by-hop fields, Host for
+//! aliases, the upstream URI), send it through the pool, and stream the answer back; or answer
+//! it here with the error's status and a plain reason.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{CONNECTION, CONTENT_TYPE, HOST};
@@ -10,18 +12,63 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
+use super::Proxy;
 use super::audit;
 use super::body::{ReqBody, RequestLog, RespBody};
 use super::error::{ProxyError, Side};
-use super::framing::Framing;
+use super::events::RequestEvent;
+use super::framing::{Framing, Verdicts};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::idle::{Activity, IdleTimer, Stalled, until_idle};
-use super::listen::Conn;
 use super::route::parse_authority;
 use super::upstream::UpstreamAddr;
 use crate::policy::HttpProtocol;
+
+/// Where a connection's requests find the proxy (policy) that judges them.
+#[derive(Clone)]
+pub(crate) enum Current {
+    /// One policy for the proxy's life.
+    Fixed(Arc<Proxy>),
+    /// The policy in force when each request arrives: after a reload, the next request on a
+    /// kept-alive connection is judged by the new policy.
+    Live(watch::Receiver<Arc<Proxy>>),
+}
+
+impl Current {
+    /// The proxy in force now.
+    pub(crate) fn get(&self) -> Arc<Proxy> {
+        match self {
+            Self::Fixed(proxy) => proxy.clone(),
+            Self::Live(proxies) => proxies.borrow().clone(),
+        }
+    }
+}
+
+/// One accepted app connection, shared by its requests.
+pub(crate) struct Conn {
+    /// The policy; read again for every request.
+    pub(crate) current: Current,
+    pub(crate) events: mpsc::Sender<RequestEvent>,
+    /// The app's end (the accepted socket's peer).
+    pub(crate) client: SocketAddr,
+    /// Where the app wanted to go; `None`: not redirected.
+    pub(crate) orig_dst: Option<SocketAddr>,
+    pub(crate) verdicts: Verdicts,
+    /// The process that connected, when the kernel recorded it.
+    pub(crate) process: Option<super::Process>,
+}
+
+impl Conn {
+    /// The framing verdict of the next request head; the guard queued it before hyper could
+    /// parse that head.
+    pub(crate) fn next_verdict(&self) -> Framing {
+        let mut q = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        q.pop_front().unwrap_or(Framing::Untracked)
+    }
+}
 
 impl Conn {
     /// Answers one request from the app.

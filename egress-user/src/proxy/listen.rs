@@ -22,52 +22,10 @@ use tracing::Instrument as _;
 
 use super::admission::{Admission, Limits};
 use super::events::RequestEvent;
-use super::framing::{Framing, FramingGuard, Verdicts};
+use super::forward::{Conn, Current};
+use super::framing::FramingGuard;
 use super::{OrigDst, Proxy};
 use super::{audit, hello};
-
-/// Where a connection's requests find the proxy (policy) that judges them.
-#[derive(Clone)]
-pub(crate) enum Current {
-    /// One policy for the proxy's life.
-    Fixed(Arc<Proxy>),
-    /// The policy in force when each request arrives: after a reload, the next request on a
-    /// kept-alive connection is judged by the new policy.
-    Live(watch::Receiver<Arc<Proxy>>),
-}
-
-impl Current {
-    /// The proxy in force now.
-    pub(crate) fn get(&self) -> Arc<Proxy> {
-        match self {
-            Self::Fixed(proxy) => proxy.clone(),
-            Self::Live(proxies) => proxies.borrow().clone(),
-        }
-    }
-}
-
-/// One accepted app connection, shared by its requests.
-pub(crate) struct Conn {
-    /// The policy; read again for every request.
-    pub(crate) current: Current,
-    pub(crate) events: mpsc::Sender<RequestEvent>,
-    /// The app's end (the accepted socket's peer).
-    pub(crate) client: SocketAddr,
-    /// Where the app wanted to go; `None`: not redirected.
-    pub(crate) orig_dst: Option<SocketAddr>,
-    verdicts: Verdicts,
-    /// The process that connected, when the kernel recorded it.
-    pub(crate) process: Option<super::Process>,
-}
-
-impl Conn {
-    /// The framing verdict of the next request head; the guard queued it before hyper could
-    /// parse that head.
-    pub(crate) fn next_verdict(&self) -> Framing {
-        let mut q = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
-        q.pop_front().unwrap_or(Framing::Untracked)
-    }
-}
 
 impl Proxy {
     /// Accepts app connections on `listener` and serves each on its own task, until the
