@@ -183,6 +183,9 @@ pub fn join(documents: &[Document]) -> String {
     out
 }
 
+/// The file name of the `egress events` history in the state directory.
+pub const HISTORY_FILE: &str = "events.jsonl";
+
 /// The state directory.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -205,9 +208,10 @@ impl Store {
         })
     }
 
-    /// The file of `egress events` history (see [`crate::control::history`]).
+    /// The file of `egress events` history, [`HISTORY_FILE`] (the control socket's
+    /// `history` module writes and reads it).
     pub fn history_path(&self) -> PathBuf {
-        self.dir.join(crate::control::history::HISTORY_FILE)
+        self.dir.join(HISTORY_FILE)
     }
 
     /// The file of created documents (it may not exist yet).

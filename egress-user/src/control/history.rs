@@ -20,8 +20,7 @@ use std::{
 use super::{WireEvent, server::RECENT_EVENTS};
 use crate::policy::read::read_bounded;
 
-/// The history's file name in the state directory.
-pub const HISTORY_FILE: &str = "events.jsonl";
+pub use crate::state::HISTORY_FILE;
 
 /// The largest history file read: [`RECENT_EVENTS`] events of about 400 bytes each, with room
 /// for long reasons and hosts; anything larger was not written by the agent.
