@@ -78,23 +78,26 @@ impl Agent {
             }
         };
         let mut rows = Vec::new();
+        let ports = |ports: Vec<String>| join(ports.into_iter());
         for r in &self.policy.rules {
-            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
-            rows.push(row(
-                Kind::EgressRule,
-                &r.name,
-                format!("{} {ports}", r.destination),
-                &r.origin,
-            ));
+            let ports = ports(
+                r.ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect(),
+            );
+            let allows = format!("{} {ports}", r.destination);
+            rows.push(row(Kind::EgressRule, &r.name, allows, &r.origin));
         }
         for r in &self.policy.http_rules {
-            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
-            rows.push(row(
-                Kind::EgressRule,
-                &r.name,
-                format!("{} {ports}", r.host),
-                &r.origin,
-            ));
+            let ports = ports(
+                r.ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect(),
+            );
+            let allows = format!("{} {ports}", r.host);
+            rows.push(row(Kind::EgressRule, &r.name, allows, &r.origin));
         }
         rows.extend(dns_row(
             &self.policy.dns,

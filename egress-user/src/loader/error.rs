@@ -1,6 +1,9 @@
 //! What can go wrong putting a policy into the kernel.
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use super::features;
 use crate::cgroup::CgroupError;
@@ -119,6 +122,19 @@ pub enum LoadError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Removes the pin at `path`: true if it was there, false if there was none.
+pub(super) fn remove_pin(path: &Path, what: &'static str) -> Result<bool, LoadError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(LoadError::Pin {
+            what,
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// A [`LoadError::Map`] for map `name` while doing `what`.

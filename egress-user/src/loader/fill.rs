@@ -13,7 +13,11 @@ use egress_common::{
     Config, FIRST_RULE_ROW, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, maps,
 };
 
-use super::{LoadError, PinDir, error::map_err, sys};
+use super::{
+    LoadError, PinDir,
+    error::{map_err, remove_pin},
+    sys,
+};
 use crate::compile::{self, Compiled, RowTable, StoredRows};
 
 /// The pinned `CONFIG` of the generation in force, if any.
@@ -271,17 +275,7 @@ pub(super) fn free_rows(ebpf: &mut Ebpf, rows: &[u32]) -> Result<(), LoadError> 
 pub(super) fn repin_generation(ebpf: &Ebpf, pins: &PinDir) -> Result<(), LoadError> {
     for name in maps::PER_GENERATION {
         let path = pins.map(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(LoadError::Pin {
-                    what: "removing old pin",
-                    path,
-                    source,
-                });
-            }
-        }
+        remove_pin(&path, "removing old pin")?;
         ebpf.map(name)
             .expect("object has the map")
             .pin(&path)

@@ -14,7 +14,7 @@ use aya::{
 };
 use egress_common::maps;
 
-use super::{LoadError, PinDir, features, pins, sys, xdp};
+use super::{LoadError, PinDir, error::remove_pin, features, pins, sys, xdp};
 use crate::cgroup;
 
 /// A link pinned in the pin directory, opened.
@@ -155,16 +155,8 @@ pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     }
     for name in maps::PER_GENERATION.into_iter().chain(maps::SHARED) {
         let path = pins.map(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => removed.push(path),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(LoadError::Pin {
-                    what: "removing",
-                    path,
-                    source,
-                });
-            }
+        if remove_pin(&path, "removing")? {
+            removed.push(path);
         }
     }
     // Only empty directories go; anything else in there is not ours to delete.
