@@ -8,6 +8,7 @@ use std::{
 use clap::Parser;
 
 use super::*;
+use crate::policy::ca::testing as ca_testing;
 
 /// A fresh directory under the system temp dir, removed when dropped.
 struct TempDir(PathBuf);
@@ -58,6 +59,15 @@ spec:
     - {port: 443, protocol: tcp}
 ";
 
+/// `egress check FILES --resolv-conf RESOLV_CONF`.
+fn check_files(files: Vec<PathBuf>, resolv_conf: PathBuf) -> CheckArgs {
+    CheckArgs {
+        files,
+        default: false,
+        resolv_conf,
+    }
+}
+
 fn check(args: &CheckArgs) -> (ExitCode, String, String) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = run_with(args, &mut out, &mut err).expect("writing to a Vec cannot fail");
@@ -72,11 +82,7 @@ fn check(args: &CheckArgs) -> (ExitCode, String, String) {
 fn valid_file_prints_the_policy_and_succeeds() {
     let dir = TempDir::new();
     let path = dir.file("good.yaml", GOOD);
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let args = check_files(vec![path.clone()], dir.resolv_conf());
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS);
     assert_eq!(err, "");
@@ -109,11 +115,7 @@ fn invalid_files_print_every_error_and_fail() {
         &GOOD.replace("443,", "0,").replace("tcp}", "sctp}"),
     );
     let missing = dir.0.join("missing.yaml");
-    let args = CheckArgs {
-        files: vec![good, bad.clone(), missing.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let args = check_files(vec![good, bad.clone(), missing.clone()], dir.resolv_conf());
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::FAILURE);
     assert_eq!(out, "");
@@ -159,11 +161,7 @@ fn seeds() -> String {
 fn both_seeds_check_clean() {
     let dir = TempDir::new();
     let path = dir.file("seeds.yaml", &seeds());
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let args = check_files(vec![path.clone()], dir.resolv_conf());
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     assert_eq!(err, "");
@@ -208,11 +206,7 @@ fn wide_ipv6_rules_get_a_note_about_nat64_and_6to4() {
         doc("global", "2000::/3")
     );
     let path = dir.file("wide.yaml", &text);
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let args = check_files(vec![path.clone()], dir.resolv_conf());
     let (code, _, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     let f = path.display();
@@ -256,11 +250,7 @@ fn resolv_conf_problems_are_warnings_and_a_missing_one_allows_no_dns() {
     let dir = TempDir::new();
     let path = dir.file("good.yaml", GOOD);
     let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\nnameserver bogus\n");
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: resolv_conf.clone(),
-    };
+    let args = check_files(vec![path.clone()], resolv_conf.clone());
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     let r = resolv_conf.display();
@@ -274,11 +264,7 @@ fn resolv_conf_problems_are_warnings_and_a_missing_one_allows_no_dns() {
     );
 
     let missing = dir.0.join("no-resolv.conf");
-    let args = CheckArgs {
-        files: vec![path],
-        default: false,
-        resolv_conf: missing.clone(),
-    };
+    let args = check_files(vec![path], missing.clone());
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     let m = missing.display();
@@ -293,11 +279,7 @@ fn resolv_conf_problems_are_warnings_and_a_missing_one_allows_no_dns() {
 fn an_unreadable_resolv_conf_fails_the_check() {
     let dir = TempDir::new();
     let path = dir.file("good.yaml", GOOD);
-    let args = CheckArgs {
-        files: vec![path],
-        default: false,
-        resolv_conf: dir.0.clone(),
-    };
+    let args = check_files(vec![path], dir.0.clone());
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::FAILURE);
     assert_eq!(out, "");
@@ -335,11 +317,7 @@ fn resolvers_named_by_the_policy_win_over_resolv_conf() {
 
 #[test]
 fn nothing_to_check_is_a_usage_error() {
-    let args = CheckArgs {
-        files: Vec::new(),
-        default: false,
-        resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF),
-    };
+    let args = check_files(Vec::new(), PathBuf::from(DEFAULT_RESOLV_CONF));
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::from(USAGE_ERROR));
     assert_eq!(out, "");
@@ -400,47 +378,15 @@ fn a_fifo_policy_file_fails_promptly() {
 #[test]
 fn ca_files_that_are_not_ca_files_fail_the_check_at_their_line() {
     let dir = TempDir::new();
-    let fifo = dir.0.join("ca-fifo.pem");
-    crate::policy::read::mkfifo(&fifo);
     let d = dir.0.display().to_string();
-    let cases = [
-        (
-            format!("{d}/missing.pem"),
-            format!("`{d}/missing.pem`: cannot read it: No such file or directory (os error 2)"),
-        ),
-        (
-            d.clone(),
-            format!("`{d}`: cannot read it: it is a directory, not a regular file"),
-        ),
-        (
-            "/dev/zero".to_owned(),
-            "`/dev/zero`: cannot read it: it is a character device, not a regular file".to_owned(),
-        ),
-        (
-            "/etc/passwd".to_owned(),
-            "`/etc/passwd`: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"
-                .to_owned(),
-        ),
-        (
-            fifo.display().to_string(),
-            format!(
-                "`{}`: cannot read it: it is a FIFO (named pipe), not a regular file",
-                fifo.display()
-            ),
-        ),
-        // Relative to the policy file's directory, where there is no such file.
-        (
-            "ca.pem".to_owned(),
-            format!(
-                "`ca.pem` ({d}/ca.pem): cannot read it: No such file or directory (os error 2)"
-            ),
-        ),
-    ];
+    let mut cases = ca_testing::unusable(&dir.0);
+    // Relative to the policy file's directory, where there is no such file.
+    cases.push((
+        "ca.pem".to_owned(),
+        format!("`ca.pem` ({d}/ca.pem): cannot read it: No such file or directory (os error 2)"),
+    ));
     for (ca, message) in cases {
-        let path = dir.file(
-            "config.yaml",
-            &format!("kind: EgressConfig\nspec:\n  caFiles:\n    - \"{ca}\"\n"),
-        );
+        let path = dir.file("config.yaml", &ca_testing::config_naming(&ca));
         let (code, out, err) = check_promptly(&dir, vec![path.clone()]);
         assert_eq!(code, ExitCode::FAILURE, "{ca}");
         assert_eq!(out, "", "{ca}");
