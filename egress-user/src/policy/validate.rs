@@ -349,6 +349,19 @@ impl Walk<'_> {
         );
     }
 
+    /// `spec.ports` of `spec`: a sequence of at least one item. `empty` is the error for an
+    /// empty one.
+    fn port_items<'n>(&mut self, spec: &Fields<'n>, empty: &str) -> Option<&'n [Node]> {
+        let entry = self.require(spec, "ports")?;
+        let items = self.sequence("spec.ports", &entry.value)?;
+        if items.is_empty() {
+            self.report
+                .field_error(entry.value.line, "spec.ports", empty);
+            return None;
+        }
+        Some(items)
+    }
+
     /// `node` (at `path`) as a sequence.
     fn sequence<'n>(&mut self, path: &str, node: &'n Node) -> Option<&'n [Node]> {
         if let Value::Seq(items) = &node.value {

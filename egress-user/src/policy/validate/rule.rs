@@ -238,16 +238,7 @@ impl Walk<'_> {
     /// `spec.ports`: at least one, each port once with each protocol. One port may be both
     /// tcp and udp (53/tcp and 53/udp), never both http and https, nor kernel and proxy.
     fn ports(&mut self, spec: &Fields<'_>) -> Option<Vec<PortSpec>> {
-        let entry = self.require(spec, "ports")?;
-        let items = self.sequence("spec.ports", &entry.value)?;
-        if items.is_empty() {
-            self.report.field_error(
-                entry.value.line,
-                "spec.ports",
-                "a rule needs at least one port",
-            );
-            return None;
-        }
+        let items = self.port_items(spec, "a rule needs at least one port")?;
         let mut ports: Vec<PortSpec> = Vec::with_capacity(items.len());
         let mut seen: HashMap<u16, Vec<usize>> = HashMap::new();
         let mut ok = true;
