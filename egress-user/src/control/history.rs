@@ -13,7 +13,6 @@
 use std::{
     fs,
     io::{self, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -100,12 +99,7 @@ pub fn save(path: &Path, events: &[WireEvent]) -> io::Result<()> {
         text.push(b'\n');
     }
     let tmp = path.with_extension("jsonl.tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut file = crate::state::create_private(&tmp)?;
     file.write_all(&text)?;
     fs::rename(&tmp, path)
 }
