@@ -107,6 +107,7 @@ pub fn save(path: &Path, events: &[WireEvent]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     fn event(n: u32) -> WireEvent {
         WireEvent {
@@ -119,18 +120,10 @@ mod tests {
         }
     }
 
-    fn dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("egress-history-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir");
-        dir
-    }
-
     #[test]
     fn saved_events_load_back_in_order_and_bounded() {
-        let dir = dir("round-trip");
-        let path = dir.join(HISTORY_FILE);
+        let dir = TempDir::new("history-round-trip");
+        let path = dir.0.join(HISTORY_FILE);
         assert_eq!(load(&path).expect("no file is no history"), []);
         let many: Vec<_> = (0..RECENT_EVENTS as u32 + 5).map(event).collect();
         save(&path, &many).expect("save");
@@ -138,13 +131,12 @@ mod tests {
         assert_eq!(back.len(), RECENT_EVENTS);
         assert_eq!(back[0], event(5));
         assert_eq!(back.last(), many.last());
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
     fn a_corrupt_file_is_an_error_naming_its_line() {
-        let dir = dir("corrupt");
-        let path = dir.join(HISTORY_FILE);
+        let dir = TempDir::new("history-corrupt");
+        let path = dir.0.join(HISTORY_FILE);
         save(&path, &[event(1)]).expect("save");
         let mut text = fs::read_to_string(&path).expect("read");
         text.push_str("{\"time\": tru\n");
@@ -154,6 +146,5 @@ mod tests {
             e.to_string().ends_with("events.jsonl:2: not an event"),
             "{e}"
         );
-        let _ = fs::remove_dir_all(dir);
     }
 }
