@@ -95,36 +95,16 @@ impl Walk<'_> {
         (self.report.error_count() == errors_before).then_some(config)
     }
 
-    /// `spec.mode`: enforce or audit, in any case (as every keyword value).
+    /// `spec.mode`: enforce or audit.
     fn mode(&mut self, node: &Node) -> Option<Mode> {
-        match self.string("spec.mode", node)? {
-            m if m.eq_ignore_ascii_case("enforce") => Some(Mode::Enforce),
-            m if m.eq_ignore_ascii_case("audit") => Some(Mode::Audit),
-            other => {
-                self.report.field_error(
-                    node.line,
-                    "spec.mode",
-                    format!("unknown mode `{other}` (expected enforce or audit)"),
-                );
-                None
-            }
-        }
+        let modes = [("enforce", Mode::Enforce), ("audit", Mode::Audit)];
+        self.keyword("spec.mode", node, "mode", &modes)
     }
 
-    /// `spec.events`: denied or all, in any case (as every keyword value).
+    /// `spec.events`: denied or all.
     fn events(&mut self, node: &Node) -> Option<Events> {
-        match self.string("spec.events", node)? {
-            e if e.eq_ignore_ascii_case("denied") => Some(Events::Denied),
-            e if e.eq_ignore_ascii_case("all") => Some(Events::All),
-            other => {
-                self.report.field_error(
-                    node.line,
-                    "spec.events",
-                    format!("unknown events setting `{other}` (expected denied or all)"),
-                );
-                None
-            }
-        }
+        let settings = [("denied", Events::Denied), ("all", Events::All)];
+        self.keyword("spec.events", node, "events setting", &settings)
     }
 
     /// `spec.bypass`: CIDRs or single addresses, no duplicates.
