@@ -30,3 +30,16 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Asserts that `parse` refuses every text of `cases` with a message that contains the part
+/// the case expects.
+#[track_caller]
+pub(crate) fn assert_refused_saying<T: std::fmt::Debug, E: std::fmt::Display>(
+    parse: impl Fn(&str) -> Result<T, E>,
+    cases: &[(&str, &str)],
+) {
+    for (text, expected) in cases {
+        let error = parse(text).expect_err(text).to_string();
+        assert!(error.contains(expected), "{text}: {error}");
+    }
+}
