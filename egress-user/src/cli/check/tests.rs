@@ -220,30 +220,28 @@ fn default_policy_checks_clean() {
 fn resolv_conf_problems_are_warnings_and_a_missing_one_allows_no_dns() {
     let dir = TempDir::new("check");
     let path = dir.file("good.yaml", GOOD);
-    let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\nnameserver bogus\n");
-    let args = check_files(vec![path.clone()], resolv_conf.clone());
-    let (code, out, err) = check(&args);
-    assert_eq!(code, ExitCode::SUCCESS, "{err}");
-    let r = resolv_conf.display();
-    assert_eq!(
-        err,
-        format!("warning: {r}:2: `bogus` is not an IP address; this nameserver is not allowed\n")
-    );
-    assert!(
-        out.contains(&format!("\ndns: 192.0.2.53 (from {r})\n")),
-        "{out}"
-    );
-
+    let bogus = dir.file("resolv.conf", "nameserver 192.0.2.53\nnameserver bogus\n");
     let missing = dir.0.join("no-resolv.conf");
-    let args = check_files(vec![path], missing.clone());
-    let (code, out, err) = check(&args);
-    assert_eq!(code, ExitCode::SUCCESS, "{err}");
-    let m = missing.display();
-    assert_eq!(
-        err,
-        format!("warning: {m}: not found; no DNS resolver is allowed\n")
-    );
-    assert!(out.contains(&format!("\ndns: none (from {m})\n")), "{out}");
+    let (r, m) = (bogus.display(), missing.display());
+    // The resolv.conf, the warning about it and the dns line it makes.
+    let cases = [
+        (
+            &bogus,
+            format!("{r}:2: `bogus` is not an IP address; this nameserver is not allowed"),
+            format!("192.0.2.53 (from {r})"),
+        ),
+        (
+            &missing,
+            format!("{m}: not found; no DNS resolver is allowed"),
+            format!("none (from {m})"),
+        ),
+    ];
+    for (resolv_conf, warning, dns) in cases {
+        let (code, out, err) = check(&check_files(vec![path.clone()], resolv_conf.clone()));
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert_eq!(err, format!("warning: {warning}\n"));
+        assert!(out.contains(&format!("\ndns: {dns}\n")), "{out}");
+    }
 }
 
 #[test]
