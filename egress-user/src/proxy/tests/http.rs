@@ -106,11 +106,11 @@ async fn case_and_a_trailing_dot_do_not_matter() {
 async fn absolute_form_wins_over_host() {
     let (up, port, h) = httpbin().await;
     let mut c = h.connect(orig(port)).await;
-    c.send(&format!(
-        "GET http://httpbin.test:{port}/abs?q=1 HTTP/1.1\r\nHost: evil.test\r\n\r\n"
-    ))
-    .await;
-    let r = c.response().await;
+    let r = c
+        .exchange(&format!(
+            "GET http://httpbin.test:{port}/abs?q=1 HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+        ))
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = up.last();
     assert_eq!(seen.uri, "/abs?q=1");
@@ -157,11 +157,11 @@ async fn connect_and_unredirected_connections_are_refused() {
     let (up, port, mut h) = httpbin().await;
 
     let mut c = h.connect(orig(port)).await;
-    c.send(&format!(
-        "CONNECT httpbin.test:{port} HTTP/1.1\r\nHost: httpbin.test:{port}\r\n\r\n"
-    ))
-    .await;
-    let r = c.response().await;
+    let r = c
+        .exchange(&format!(
+            "CONNECT httpbin.test:{port} HTTP/1.1\r\nHost: httpbin.test:{port}\r\n\r\n"
+        ))
+        .await;
     assert_eq!(r.status, 405);
     assert!(r.text().contains("connect is refused"), "{}", r.text());
     assert!(c.closed().await);
@@ -207,11 +207,11 @@ async fn ambiguous_framing_is_refused() {
     ];
     for (framing, why) in cases {
         let mut c = h.connect(orig(port)).await;
-        c.send(&format!(
-            "POST / HTTP/1.1\r\nHost: httpbin.test\r\n{framing}\r\n0\r\n\r\n"
-        ))
-        .await;
-        let r = c.response().await;
+        let r = c
+            .exchange(&format!(
+                "POST / HTTP/1.1\r\nHost: httpbin.test\r\n{framing}\r\n0\r\n\r\n"
+            ))
+            .await;
         assert_eq!(r.status, 400, "{framing:?}");
         assert_eq!(
             r.text(),
@@ -221,11 +221,9 @@ async fn ambiguous_framing_is_refused() {
     }
     // Different lengths: hyper refuses those itself.
     let mut c = h.connect(orig(port)).await;
-    c.send(
-        "POST / HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-    )
-    .await;
-    assert_eq!(c.response().await.status, 400);
+    let raw =
+        "POST / HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
+    assert_eq!(c.exchange(raw).await.status, 400);
     assert_eq!(up.requests(), 0);
 }
 
@@ -247,12 +245,9 @@ async fn hop_by_hop_fields_stay_on_their_hop() {
     let port = up.addr.port();
     let h = Harness::one_rule("web", "httpbin.test", port).await;
     let mut c = h.connect(orig(port)).await;
-    c.send(
-        "GET / HTTP/1.1\r\nHost: httpbin.test\r\nConnection: x-foo, keep-alive\r\nX-Foo: 1\r\n\
-         X-Keep: 2\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eDp5\r\nTE: trailers\r\n\r\n",
-    )
-    .await;
-    let r = c.response().await;
+    let raw = "GET / HTTP/1.1\r\nHost: httpbin.test\r\nConnection: x-foo, keep-alive\r\nX-Foo: 1\r\n\
+         X-Keep: 2\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eDp5\r\nTE: trailers\r\n\r\n";
+    let r = c.exchange(raw).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-resp"), None);
     assert_eq!(r.header("x-end"), Some("2"));
@@ -351,8 +346,7 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
         )
     };
     let mut c = h.connect(orig(port)).await;
-    c.send(&upgrade("evil.test")).await;
-    let r = c.response().await;
+    let r = c.exchange(&upgrade("evil.test")).await;
     assert_eq!(r.status, 403);
     assert_eq!(up.conns.load(Ordering::SeqCst), 0);
     assert_eq!(h.event().await.status, 403);
@@ -404,12 +398,9 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
     // Only WebSocket: an h2c tunnel could carry requests for other hosts. The request goes on
     // as a plain one, and the connection closes after it.
     let mut c = h.connect(orig(port)).await;
-    c.send(
-        "GET / HTTP/1.1\r\nHost: ws.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
-         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
-    )
-    .await;
-    let r = c.response().await;
+    let raw = "GET / HTTP/1.1\r\nHost: ws.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+    let r = c.exchange(raw).await;
     assert_eq!((r.status, r.text().as_str()), (200, "not an upgrade"));
     assert!(!up.last().headers.contains_key("upgrade"));
     assert!(c.closed().await);
@@ -431,9 +422,8 @@ async fn events_and_counters_describe_each_request() {
     .await;
     let mut c = h.connect(orig(port)).await;
     let client = c.io.get_ref().local_addr().unwrap();
-    c.send("POST /post?x=1 HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 5\r\n\r\nhello")
-        .await;
-    let r = c.response().await;
+    let raw = "POST /post?x=1 HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 5\r\n\r\nhello";
+    let r = c.exchange(raw).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         (up.last().method.as_str(), r.text().as_str()),

@@ -370,10 +370,15 @@ impl Client {
         self.io.get_mut().write_all(raw.as_bytes()).await.unwrap();
     }
 
-    pub(super) async fn get(&mut self, host: &str, path: &str) -> Resp {
-        self.send(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"))
-            .await;
+    /// Sends `raw` and reads the response to it.
+    pub(super) async fn exchange(&mut self, raw: &str) -> Resp {
+        self.send(raw).await;
         self.response().await
+    }
+
+    pub(super) async fn get(&mut self, host: &str, path: &str) -> Resp {
+        self.exchange(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+            .await
     }
 
     /// Reads the head of the next response: status and headers.
