@@ -18,3 +18,5 @@ pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

@@ -173,30 +173,20 @@ fn run_all(child: &ChildEnv) -> Result<()> {
             .with_context(|| format!("clearing {}", results.display()))?;
     }
     // Build the report tool first: a compile error should not come after 15 minutes of runs.
-    let report_tool = || {
-        let mut command = child.command("cargo");
-        command.args([
-            "run",
-            "--quiet",
-            "--package",
-            "egress-tests",
-            "--features",
-            "plots",
-            "--bin",
-            "egress-bench-report",
-            "--",
-        ]);
-        command
-    };
-    env::run_streaming(child.command("cargo").args([
-        "build",
+    const REPORT_TOOL: [&str; 6] = [
         "--package",
         "egress-tests",
         "--features",
         "plots",
         "--bin",
         "egress-bench-report",
-    ]))?;
+    ];
+    let report_tool = || {
+        let mut command = child.command("cargo");
+        command.args(["run", "--quiet"]).args(REPORT_TOOL).arg("--");
+        command
+    };
+    env::run_streaming(child.command("cargo").arg("build").args(REPORT_TOOL))?;
     let started = std::time::Instant::now();
     let mut failed = Vec::new();
     for &bench in all {

@@ -254,13 +254,9 @@ fn install_validator(child: &ChildEnv, tools: &Path) -> Result<PathBuf> {
             .arg(&requirements),
     )
     .context("installing the validator from PyPI")?;
-    let version = validator_version(child, &validator)
-        .with_context(|| format!("the freshly installed {} does not run", validator.display()))?;
-    ensure!(
-        version == VALIDATOR_VERSION,
-        "{} reports version {version} after installing {VALIDATOR_VERSION}",
-        validator.display()
-    );
+    env::check_installed(&validator, VALIDATOR_VERSION, |v| {
+        validator_version(child, v)
+    })?;
     fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
     report(&format!("{item}: installed in {:.0?}", started.elapsed()));
     Ok(venv)

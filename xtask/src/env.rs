@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 /// The workspace root, one level above this crate's manifest.
 ///
@@ -125,6 +125,23 @@ pub fn run_captured(command: &mut Command) -> Result<String> {
     }
     String::from_utf8(output.stdout)
         .with_context(|| format!("{} printed non-UTF-8", describe(command)))
+}
+
+/// Checks that the tool just installed at `installed` runs and that `version` (which runs it)
+/// reads `wanted` from it.
+pub fn check_installed(
+    installed: &Path,
+    wanted: &str,
+    version: impl FnOnce(&Path) -> Result<String>,
+) -> Result<()> {
+    let got = version(installed)
+        .with_context(|| format!("the freshly installed {} does not run", installed.display()))?;
+    ensure!(
+        got == wanted,
+        "{} reports version {got} after installing {wanted}",
+        installed.display()
+    );
+    Ok(())
 }
 
 /// `program arg1 arg2 ...`, for error messages.

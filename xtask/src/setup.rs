@@ -255,13 +255,9 @@ fn bpf_linker(
             .arg(root)
             .env("LLVM_PREFIX", llvm_prefix),
     )?;
-    let version = bpf_linker_version(child, &installed)
-        .with_context(|| format!("the freshly installed {} does not run", installed.display()))?;
-    ensure!(
-        version == BPF_LINKER_VERSION,
-        "{} reports version {version} after installing {BPF_LINKER_VERSION}",
-        installed.display()
-    );
+    env::check_installed(&installed, BPF_LINKER_VERSION, |l| {
+        bpf_linker_version(child, l)
+    })?;
     report(
         &item,
         &format!(

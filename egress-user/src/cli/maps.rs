@@ -43,26 +43,8 @@ pub fn run(args: &MapsArgs) -> anyhow::Result<ExitCode> {
         if c.allow_raw { "allowed" } else { "refused" },
         c.agent_cgroup
     );
-    println!(
-        "BYPASS:     {}",
-        if view.bypass.is_empty() {
-            "none".to_owned()
-        } else {
-            view.bypass.join(", ")
-        }
-    );
-    println!(
-        "HTTP_PORTS: {}",
-        if view.http_ports.is_empty() {
-            "none".to_owned()
-        } else {
-            view.http_ports
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    );
+    println!("BYPASS:     {}", super::joined_or(&view.bypass, "none"));
+    println!("HTTP_PORTS: {}", super::joined_or(&view.http_ports, "none"));
     println!("RULES_V4, RULES_V6: {} keys", view.rules.len());
     let width = view
         .rules

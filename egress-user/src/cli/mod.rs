@@ -126,3 +126,17 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// `items` joined with `, `, or `none` when there are none: a list on one line of `egress
+/// maps` or `egress status`.
+fn joined_or<T: std::fmt::Display>(items: &[T], none: &str) -> String {
+    if items.is_empty() {
+        none.to_owned()
+    } else {
+        items
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

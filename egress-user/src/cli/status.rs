@@ -119,11 +119,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "xdp:         {}",
-        if status.xdp_ifaces.is_empty() {
-            "off".to_owned()
-        } else {
-            status.xdp_ifaces.join(", ")
-        }
+        super::joined_or(&status.xdp_ifaces, "off")
     );
     if status.degraded.is_empty() {
         println!("features:    all present (Linux {})", status.kernel);

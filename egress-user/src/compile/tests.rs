@@ -3,13 +3,17 @@
 use super::*;
 use crate::policy::{Origin, PortRule, Rule, default_bypass};
 
+fn origin(line: usize) -> Origin {
+    Origin {
+        file: "t.yaml".to_owned(),
+        line,
+    }
+}
+
 fn rule(name: &str, dest: &str, ports: &[u16]) -> Rule {
     Rule {
         name: name.to_owned(),
-        origin: Origin {
-            file: "t.yaml".to_owned(),
-            line: 1,
-        },
+        origin: origin(1),
         destination: dest.parse().unwrap(),
         ports: ports
             .iter()
@@ -19,6 +23,21 @@ fn rule(name: &str, dest: &str, ports: &[u16]) -> Rule {
             })
             .collect(),
     }
+}
+
+/// Compiles `p` as generation 1, with no rows in the kernel yet.
+fn compile_first(p: &Policy) -> Compiled {
+    compile(p, &StoredRows::default(), 1).unwrap()
+}
+
+/// The rows `c` leaves in the kernel, stored by generation `generation`.
+fn stored_by(c: &Compiled, generation: u32) -> StoredRows {
+    RowTable::from_rule_info(
+        c.rows
+            .rows()
+            .into_iter()
+            .map(|(row, name)| (row, rule_info(name, generation))),
+    )
 }
 
 fn policy(rules: Vec<Rule>) -> Policy {
@@ -72,34 +91,21 @@ fn http_rule_and_alias_ports_go_to_the_proxy() {
     let mut p = policy(vec![rule("a", "192.0.2.0/24", &[8080])]);
     p.http_rules.push(HttpRule {
         name: "web".into(),
-        origin: Origin {
-            file: "t.yaml".into(),
-            line: 1,
-        },
+        origin: origin(1),
         host: HostPattern::Exact("httpbin.test".into()),
-        ports: vec![
-            HttpPort {
-                port: 80,
-                protocol: HttpProtocol::Http,
-            },
-            HttpPort {
-                port: 443,
-                protocol: HttpProtocol::Https,
-            },
-        ],
+        ports: [(80, HttpProtocol::Http), (443, HttpProtocol::Https)]
+            .map(|(port, protocol)| HttpPort { port, protocol })
+            .into(),
     });
     p.aliases.push(Alias {
         name: "httpbin".into(),
         namespace: "default".into(),
-        origin: Origin {
-            file: "t.yaml".into(),
-            line: 9,
-        },
+        origin: origin(9),
         external_name: "httpbin.test".into(),
         ports: vec![80, 8000],
     });
     p.proxy.port = 15999;
-    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    let c = compile_first(&p);
     assert_eq!(c.http_ports, vec![80, 443, 8000]);
     assert_eq!(c.config.proxy_port.to_ne_bytes(), 15999u16.to_be_bytes());
     // HTTP rules are the proxy's: they take no counter row and no rule key.
@@ -111,36 +117,27 @@ fn http_rule_and_alias_ports_go_to_the_proxy() {
 fn audit_mode_compiles_to_audit() {
     let mut p = policy(vec![]);
     p.mode = Mode::Audit;
-    assert_eq!(
-        compile(&p, &StoredRows::default(), 1).unwrap().config.mode,
-        mode::AUDIT
-    );
+    assert_eq!(compile_first(&p).config.mode, mode::AUDIT);
 }
 
 #[test]
 fn events_all_sets_the_config_flag() {
     let mut p = policy(vec![]);
-    assert_eq!(
-        compile(&p, &StoredRows::default(), 1).unwrap().config.flags,
-        0
-    );
+    assert_eq!(compile_first(&p).config.flags, 0);
     p.events = Events::All;
-    assert_eq!(
-        compile(&p, &StoredRows::default(), 1).unwrap().config.flags,
-        config_flags::EVENTS_ALL
-    );
+    assert_eq!(compile_first(&p).config.flags, config_flags::EVENTS_ALL);
 }
 
 #[test]
 fn allow_sockets_compile_to_the_raw_flag_and_sock_protos() {
     let mut p = policy(vec![]);
-    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    let c = compile_first(&p);
     assert_eq!(c.config.flags & config_flags::ALLOW_RAW, 0);
     assert!(c.sock_protos.is_empty());
     p.allow_sockets.raw = true;
     p.allow_sockets.protocols = [262, 1, 58, 132].into();
     p.events = Events::All;
-    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    let c = compile_first(&p);
     assert_eq!(
         c.config.flags,
         config_flags::ALLOW_RAW | config_flags::EVENTS_ALL
@@ -172,7 +169,7 @@ fn resolvers_become_the_dns_rule_after_the_users_rules() {
             "2002:c000:236::1",
         ],
     );
-    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    let c = compile_first(&p);
     let user_row = c.rows.row("own-dns").unwrap();
     let dns_row = c.rows.row(DNS_RULE_NAME).unwrap();
     assert_eq!((user_row, dns_row), (FIRST_RULE_ROW, FIRST_RULE_ROW + 1));
@@ -216,38 +213,22 @@ fn resolvers_become_the_dns_rule_after_the_users_rules() {
 #[test]
 fn no_resolvers_no_dns_row() {
     let p = with_resolvers(policy(vec![rule("a", "192.0.2.1/32", &[443])]), &[]);
-    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    let c = compile_first(&p);
     assert_eq!(c.rows.row(DNS_RULE_NAME), None);
     assert_eq!(c.rows.len(), 1);
     assert_eq!(c.rules_v4.len(), 1);
     // Not filled at all: no DNS either.
-    let c = compile(
-        &policy(vec![rule("a", "192.0.2.1/32", &[443])]),
-        &StoredRows::default(),
-        1,
-    )
-    .unwrap();
+    let c = compile_first(&policy(vec![rule("a", "192.0.2.1/32", &[443])]));
     assert_eq!(c.rows.row(DNS_RULE_NAME), None);
 }
 
 #[test]
 fn the_dns_row_is_stable_across_reloads() {
-    let first = compile(
-        &with_resolvers(
-            policy(vec![rule("a", "192.0.2.1/32", &[1])]),
-            &["192.0.2.53"],
-        ),
-        &StoredRows::default(),
-        1,
-    )
-    .unwrap();
-    let stored = RowTable::from_rule_info(
-        first
-            .rows
-            .rows()
-            .into_iter()
-            .map(|(row, name)| (row, rule_info(name, 1))),
-    );
+    let first = compile_first(&with_resolvers(
+        policy(vec![rule("a", "192.0.2.1/32", &[1])]),
+        &["192.0.2.53"],
+    ));
+    let stored = stored_by(&first, 1);
     // A new rule comes first and the resolvers change: (dns) keeps its row.
     let second = compile(
         &with_resolvers(
@@ -275,7 +256,7 @@ fn same_key_twice_is_kept_by_the_first_rule_and_reported() {
         rule("a", "192.0.2.0/24", &[443]),
         rule("b", "192.0.2.0/24", &[443, 80]),
     ]);
-    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    let c = compile_first(&p);
     assert_eq!(c.rules_v4.len(), 2);
     assert_eq!(c.shadowed.len(), 1);
     assert_eq!(c.shadowed[0].rule, "b");
@@ -297,7 +278,7 @@ fn udp_ports_compile_to_udp_keys_beside_tcp_ones() {
         port: 53,
         protocol: Protocol::Udp,
     });
-    let c = compile(&policy(vec![dns, again]), &StoredRows::default(), 1).unwrap();
+    let c = compile_first(&policy(vec![dns, again]));
     let keys: Vec<(u16, u8)> = c
         .rules_v4
         .iter()
@@ -316,22 +297,11 @@ fn udp_ports_compile_to_udp_keys_beside_tcp_ones() {
 
 #[test]
 fn rows_survive_a_recompile_and_new_names_never_take_a_row_still_in_force() {
-    let first = compile(
-        &policy(vec![
-            rule("a", "192.0.2.1/32", &[1]),
-            rule("b", "192.0.2.2/32", &[1]),
-        ]),
-        &StoredRows::default(),
-        1,
-    )
-    .unwrap();
-    let stored = RowTable::from_rule_info(
-        first
-            .rows
-            .rows()
-            .into_iter()
-            .map(|(row, name)| (row, rule_info(name, 1))),
-    );
+    let first = compile_first(&policy(vec![
+        rule("a", "192.0.2.1/32", &[1]),
+        rule("b", "192.0.2.2/32", &[1]),
+    ]));
+    let stored = stored_by(&first, 1);
     // "a" goes away, "c" arrives before "b" in file order: "b" keeps its row.
     let second = compile(
         &policy(vec![
@@ -350,13 +320,7 @@ fn rows_survive_a_recompile_and_new_names_never_take_a_row_still_in_force() {
     );
     assert_eq!(second.rows.len(), 2);
     // One generation later a's row is free and is reused.
-    let stored = RowTable::from_rule_info(
-        second
-            .rows
-            .rows()
-            .into_iter()
-            .map(|(row, name)| (row, rule_info(name, 2))),
-    );
+    let stored = stored_by(&second, 2);
     let third = compile(
         &policy(vec![
             rule("c", "192.0.2.3/32", &[1]),
@@ -394,22 +358,11 @@ fn stored_rows_are_sorted_so_contains_can_search() {
 fn long_names_that_share_a_prefix_keep_their_own_rows() {
     let long_a = format!("{}-a", "x".repeat(70));
     let long_b = format!("{}-b", "x".repeat(70));
-    let first = compile(
-        &policy(vec![
-            rule(&long_a, "192.0.2.1/32", &[1]),
-            rule(&long_b, "192.0.2.2/32", &[1]),
-        ]),
-        &StoredRows::default(),
-        1,
-    )
-    .unwrap();
-    let stored = RowTable::from_rule_info(
-        first
-            .rows
-            .rows()
-            .into_iter()
-            .map(|(row, name)| (row, rule_info(name, 1))),
-    );
+    let first = compile_first(&policy(vec![
+        rule(&long_a, "192.0.2.1/32", &[1]),
+        rule(&long_b, "192.0.2.2/32", &[1]),
+    ]));
+    let stored = stored_by(&first, 1);
     let second = compile(
         &policy(vec![
             rule(&long_b, "192.0.2.2/32", &[1]),

@@ -13,7 +13,6 @@
 use std::{
     fs,
     io::{self, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -99,12 +98,7 @@ pub fn save(path: &Path, events: &[WireEvent]) -> io::Result<()> {
         text.push(b'\n');
     }
     let tmp = path.with_extension("jsonl.tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut file = crate::state::create_private(&tmp)?;
     file.write_all(&text)?;
     fs::rename(&tmp, path)
 }
@@ -112,6 +106,7 @@ pub fn save(path: &Path, events: &[WireEvent]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     fn event(n: u32) -> WireEvent {
         WireEvent {
@@ -124,18 +119,10 @@ mod tests {
         }
     }
 
-    fn dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("egress-history-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir");
-        dir
-    }
-
     #[test]
     fn saved_events_load_back_in_order_and_bounded() {
-        let dir = dir("round-trip");
-        let path = dir.join(HISTORY_FILE);
+        let dir = TempDir::new("history-round-trip");
+        let path = dir.0.join(HISTORY_FILE);
         assert_eq!(load(&path).expect("no file is no history"), []);
         let many: Vec<_> = (0..RECENT_EVENTS as u32 + 5).map(event).collect();
         save(&path, &many).expect("save");
@@ -143,13 +130,12 @@ mod tests {
         assert_eq!(back.len(), RECENT_EVENTS);
         assert_eq!(back[0], event(5));
         assert_eq!(back.last(), many.last());
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
     fn a_corrupt_file_is_an_error_naming_its_line() {
-        let dir = dir("corrupt");
-        let path = dir.join(HISTORY_FILE);
+        let dir = TempDir::new("history-corrupt");
+        let path = dir.0.join(HISTORY_FILE);
         save(&path, &[event(1)]).expect("save");
         let mut text = fs::read_to_string(&path).expect("read");
         text.push_str("{\"time\": tru\n");
@@ -159,6 +145,5 @@ mod tests {
             e.to_string().ends_with("events.jsonl:2: not an event"),
             "{e}"
         );
-        let _ = fs::remove_dir_all(dir);
     }
 }

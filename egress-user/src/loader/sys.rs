@@ -20,7 +20,8 @@ use std::{
 
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info};
 
-fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+/// bpf(2): what the command returned, or the error it set.
+fn bpf_call(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a fully initialised bpf_attr owned by the caller for the duration of
     // the call, and the size passed is its size.
     let ret = unsafe {
@@ -34,8 +35,12 @@ fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(ret)
     }
+}
+
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+    bpf_call(cmd, attr).map(drop)
 }
 
 /// Atomically replaces the program behind `link` with `new_prog`: at no moment is the hook
@@ -127,26 +132,13 @@ pub fn raise_memlock() -> io::Result<()> {
 
 /// Opens a pinned bpf object (here: a link) by its bpffs path.
 pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    use std::os::unix::ffi::OsStrExt as _;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: as in `link_update`.
     let mut attr: bpf_attr = unsafe { zeroed() };
     // `c` outlives the call.
     attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
-    // SAFETY: as in `bpf`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET as libc::c_int,
-            std::ptr::from_mut(&mut attr),
-            size_of::<bpf_attr>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+    new_fd(bpf_cmd::BPF_OBJ_GET, &mut attr)
 }
 
 /// Writes `keys[i]` = `values[i]` for every `i` in one call (`BPF_MAP_UPDATE_BATCH`), as
@@ -363,18 +355,7 @@ pub fn link_cmd_known(cmd: bpf_cmd) -> io::Result<bool> {
 /// A bpf(2) command that returns a new fd.
 fn new_fd(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
     use std::os::fd::FromRawFd as _;
-    // SAFETY: as in `bpf`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_int,
-            std::ptr::from_mut(attr),
-            size_of::<bpf_attr>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let ret = bpf_call(cmd, attr)?;
     // SAFETY: the command returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
 }

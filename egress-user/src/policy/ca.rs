@@ -68,3 +68,50 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileE
     }
     Ok(certs)
 }
+
+/// CA files for the tests of policy loading and of `egress check`, which refuse the same ones.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    /// An EgressConfig naming one CA file, on line 4.
+    pub(crate) fn config_naming(ca: &str) -> String {
+        format!("kind: EgressConfig\nspec:\n  caFiles:\n    - \"{ca}\"\n")
+    }
+
+    /// Files that cannot be CA files, all absolute, each as a policy names it and the message
+    /// it gets after `CA file `: a missing file and `dir` itself, a character device, a file
+    /// with no PEM in it, and a FIFO this makes in `dir`.
+    pub(crate) fn unusable(dir: &Path) -> Vec<(String, String)> {
+        let fifo = dir.join("ca-fifo.pem");
+        crate::policy::read::mkfifo(&fifo);
+        let d = dir.display();
+        // A CA file named as it is, and the message it gets, quoting that name.
+        let named = |ca: String, why: &str| {
+            let message = format!("`{ca}`: {why}");
+            (ca, message)
+        };
+        vec![
+            named(
+                format!("{d}/missing.pem"),
+                "cannot read it: No such file or directory (os error 2)",
+            ),
+            named(
+                d.to_string(),
+                "cannot read it: it is a directory, not a regular file",
+            ),
+            named(
+                "/dev/zero".to_owned(),
+                "cannot read it: it is a character device, not a regular file",
+            ),
+            named(
+                "/etc/passwd".to_owned(),
+                "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
+            ),
+            named(
+                fifo.display().to_string(),
+                "cannot read it: it is a FIFO (named pipe), not a regular file",
+            ),
+        ]
+    }
+}

@@ -27,7 +27,7 @@
 
 use std::fmt;
 
-use super::model::{Alias, AllowSockets, DnsSource, Policy};
+use super::model::{Alias, AllowSockets, DnsSource, Origin, Policy};
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -61,27 +61,15 @@ impl fmt::Display for Policy {
 
         writeln!(f, "rules: {}", self.rules.len())?;
         let rows = self.rules.iter().map(|rule| {
-            let ports = rule
-                .ports
-                .iter()
-                .map(|p| format!("{}/{}", p.port, p.protocol));
-            (
-                [rule.name.clone(), rule.destination.to_string(), list(ports)],
-                Some(rule.origin.to_string()),
-            )
+            let ports = rule.ports.iter().map(|p| (p.port, p.protocol));
+            rule_row(&rule.name, rule.destination, ports, &rule.origin)
         });
         table(f, rows)?;
 
         writeln!(f, "http rules: {}", self.http_rules.len())?;
         let rows = self.http_rules.iter().map(|rule| {
-            let ports = rule
-                .ports
-                .iter()
-                .map(|p| format!("{}/{}", p.port, p.protocol));
-            (
-                [rule.name.clone(), rule.host.to_string(), list(ports)],
-                Some(rule.origin.to_string()),
-            )
+            let ports = rule.ports.iter().map(|p| (p.port, p.protocol));
+            rule_row(&rule.name, &rule.host, ports, &rule.origin)
         });
         table(f, rows)?;
 
@@ -126,6 +114,21 @@ impl fmt::Display for Policy {
             .map(|(name, addresses)| ([name.clone(), list(addresses)], None));
         table(f, rows)
     }
+}
+
+/// A rule's row: its name, what it allows, its ports as `port/protocol`, and where it is
+/// written.
+fn rule_row<P: fmt::Display>(
+    name: &str,
+    allows: impl fmt::Display,
+    ports: impl Iterator<Item = (u16, P)>,
+    origin: &Origin,
+) -> ([String; 3], Option<String>) {
+    let ports = ports.map(|(port, protocol)| format!("{port}/{protocol}"));
+    (
+        [name.to_owned(), allows.to_string(), list(ports)],
+        Some(origin.to_string()),
+    )
 }
 
 /// `a, b, c`.

@@ -193,36 +193,19 @@ fn inet_aton(text: &str) -> Option<Ipv4Addr> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        path::PathBuf,
-        sync::atomic::{AtomicUsize, Ordering},
-    };
+    use std::path::PathBuf;
 
     use super::*;
     use crate::policy::{Origin, load_sources};
+    use crate::testing::TempDir;
 
     fn ip(text: &str) -> IpAddr {
         text.parse().expect("valid literal")
     }
 
-    /// A fresh file under the system temp dir, removed when dropped.
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        fn new(contents: &[u8]) -> Self {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path =
-                std::env::temp_dir().join(format!("egress-resolv-{}-{n}", std::process::id()));
-            std::fs::write(&path, contents).expect("write temp file");
-            Self(path)
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
+    /// A resolv.conf holding `contents` in `dir`.
+    fn resolv_conf(dir: &TempDir, contents: impl AsRef<[u8]>) -> PathBuf {
+        dir.file("resolv.conf", contents)
     }
 
     #[test]
@@ -323,18 +306,19 @@ nameserver -1
 
     #[test]
     fn read_resolv_conf_reads_a_file_and_refuses_a_huge_one() {
-        let file = TempFile::new(b"nameserver 192.0.2.53\nnameserver bogus\n");
-        let (resolvers, warnings) = read_resolv_conf(&file.0).expect("readable");
+        let dir = TempDir::new("resolv");
+        let file = resolv_conf(&dir, b"nameserver 192.0.2.53\nnameserver bogus\n");
+        let (resolvers, warnings) = read_resolv_conf(&file).expect("readable");
         assert_eq!(resolvers, [ip("192.0.2.53")]);
         assert_eq!(
             warnings,
             [format!(
                 "{}:2: `bogus` is not an IP address; this nameserver is not allowed",
-                file.0.display()
+                file.display()
             )]
         );
-        let huge = TempFile::new(&vec![b'#'; MAX_RESOLV_CONF_SIZE as usize + 1]);
-        let error = read_resolv_conf(&huge.0).expect_err("too large");
+        let huge = dir.file("huge.conf", vec![b'#'; MAX_RESOLV_CONF_SIZE as usize + 1]);
+        let error = read_resolv_conf(&huge).expect_err("too large");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         assert!(
             error.to_string().contains("too large for a resolv.conf"),
@@ -344,18 +328,19 @@ nameserver -1
 
     #[test]
     fn fill_resolvers_reads_resolv_conf_unless_the_config_names_them() {
-        let file = TempFile::new(b"nameserver 192.0.2.53\n");
+        let dir = TempDir::new("resolv");
+        let file = resolv_conf(&dir, b"nameserver 192.0.2.53\n");
         let mut policy = Policy::default();
         assert_eq!(policy.dns.source, DnsSource::None);
         assert_eq!(
-            policy.fill_resolvers(&file.0).expect("readable"),
+            policy.fill_resolvers(&file).expect("readable"),
             Vec::<String>::new()
         );
         assert_eq!(policy.dns.resolvers, [ip("192.0.2.53")]);
-        assert_eq!(policy.dns.source, DnsSource::ResolvConf(file.0.clone()));
+        assert_eq!(policy.dns.source, DnsSource::ResolvConf(file.clone()));
         // Read again at the next load: a changed file is picked up.
-        std::fs::write(&file.0, "nameserver 192.0.2.54\n").expect("rewrite");
-        policy.fill_resolvers(&file.0).expect("readable");
+        std::fs::write(&file, "nameserver 192.0.2.54\n").expect("rewrite");
+        policy.fill_resolvers(&file).expect("readable");
         assert_eq!(policy.dns.resolvers, [ip("192.0.2.54")]);
 
         let mut configured = load_sources(&[(
@@ -373,7 +358,7 @@ nameserver -1
         );
         assert!(
             configured
-                .fill_resolvers(&file.0)
+                .fill_resolvers(&file)
                 .expect("untouched")
                 .is_empty()
         );
@@ -400,14 +385,15 @@ nameserver -1
 
     #[test]
     fn an_empty_resolv_conf_allows_no_dns_and_says_so() {
-        let file = TempFile::new(b"# nothing here\nsearch example.test\n");
+        let dir = TempDir::new("resolv");
+        let file = resolv_conf(&dir, b"# nothing here\nsearch example.test\n");
         let mut policy = Policy::default();
-        let warnings = policy.fill_resolvers(&file.0).expect("readable");
+        let warnings = policy.fill_resolvers(&file).expect("readable");
         assert_eq!(
             warnings,
             [format!(
                 "{}: no nameserver line; no DNS resolver is allowed",
-                file.0.display()
+                file.display()
             )]
         );
         assert!(policy.dns.resolvers.is_empty());

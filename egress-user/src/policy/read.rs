@@ -154,29 +154,11 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-
-    /// A fresh directory, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("egress-read-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("temp dir");
-            Self(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testing::TempDir;
 
     #[test]
     fn special_files_are_refused_without_blocking() {
-        let dir = TempDir::new("special");
+        let dir = TempDir::new("read-special");
         let fifo = dir.0.join("fifo");
         mkfifo(&fifo);
         let cases = [
@@ -203,7 +185,7 @@ mod tests {
 
     #[test]
     fn the_limit_is_an_error_never_a_prefix() {
-        let dir = TempDir::new("limit");
+        let dir = TempDir::new("read-limit");
         let path = dir.0.join("big");
         std::fs::write(&path, vec![b'x'; 1025]).expect("write");
         let error = read_bounded(&path, 1024).expect_err("too large");

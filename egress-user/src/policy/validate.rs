@@ -349,6 +349,43 @@ impl Walk<'_> {
         );
     }
 
+    /// `node` (at `path`) as one of the keywords of `choices`, in any case (as every keyword
+    /// value); `what` names the setting when it is none of them.
+    fn keyword<T: Copy>(
+        &mut self,
+        path: &str,
+        node: &Node,
+        what: &str,
+        choices: &[(&str, T)],
+    ) -> Option<T> {
+        let text = self.string(path, node)?;
+        let found = choices
+            .iter()
+            .find(|(name, _)| text.eq_ignore_ascii_case(name));
+        if found.is_none() {
+            let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+            self.report.field_error(
+                node.line,
+                path,
+                format!("unknown {what} `{text}` (expected {})", one_of(&names)),
+            );
+        }
+        found.map(|(_, value)| *value)
+    }
+
+    /// `spec.ports` of `spec`: a sequence of at least one item. `empty` is the error for an
+    /// empty one.
+    fn port_items<'n>(&mut self, spec: &Fields<'n>, empty: &str) -> Option<&'n [Node]> {
+        let entry = self.require(spec, "ports")?;
+        let items = self.sequence("spec.ports", &entry.value)?;
+        if items.is_empty() {
+            self.report
+                .field_error(entry.value.line, "spec.ports", empty);
+            return None;
+        }
+        Some(items)
+    }
+
     /// `node` (at `path`) as a sequence.
     fn sequence<'n>(&mut self, path: &str, node: &'n Node) -> Option<&'n [Node]> {
         if let Value::Seq(items) = &node.value {

@@ -283,12 +283,16 @@ mod tests {
 
     use std::future::Future as _;
 
+    fn admission(connections: usize, pending_per_source: usize) -> Arc<Admission> {
+        Arc::new(Admission::new(Limits {
+            connections,
+            pending_per_source,
+        }))
+    }
+
     #[test]
     fn a_full_proxy_evicts_the_oldest_pending_connection() {
-        let adm = Arc::new(Admission::new(Limits {
-            connections: 3,
-            pending_per_source: 10,
-        }));
+        let adm = admission(3, 10);
         let t: Vec<Ticket> = (0..3).map(|_| adm.admit(A, false).expect("room")).collect();
         t[0].served();
         // Full: the oldest *pending* one (t[1]) goes, not the one serving requests.
@@ -308,10 +312,7 @@ mod tests {
 
     #[test]
     fn a_proxy_full_of_serving_connections_refuses_and_says_so() {
-        let adm = Arc::new(Admission::new(Limits {
-            connections: 2,
-            pending_per_source: 10,
-        }));
+        let adm = admission(2, 10);
         let t: Vec<Ticket> = (0..2).map(|_| adm.admit(A, false).expect("room")).collect();
         for x in &t {
             x.served();
@@ -325,10 +326,7 @@ mod tests {
 
     #[test]
     fn one_source_keeps_only_its_newest_pending_connections() {
-        let adm = Arc::new(Admission::new(Limits {
-            connections: 100,
-            pending_per_source: 2,
-        }));
+        let adm = admission(100, 2);
         let other = adm.admit(B, false).expect("room");
         let flood: Vec<Ticket> = (0..5).map(|_| adm.admit(A, false).expect("room")).collect();
         let evicted: Vec<bool> = flood.iter().map(is_evicted).collect();

@@ -123,22 +123,13 @@ pub(crate) async fn relay(
     }
     let counters = &proxy.counters;
     counters.record_would_deny(counters.no_rule(), 0, bytes_in, bytes_out);
+    let host = sni.unwrap_or_default();
     let event = RequestEvent {
-        rule: None,
-        host: sni.unwrap_or_default(),
-        method: String::new(),
-        path: String::new(),
-        status: 0,
         bytes_in,
         bytes_out,
-        latency: start.elapsed(),
-        client,
-        orig_dst: Some(orig),
         upstream,
-        reason: Some(reason),
         would_deny: true,
-        generation: proxy.generation(),
-        process,
+        ..RequestEvent::connection(proxy, host, client, (Some(orig), process), start, reason)
     };
     counters.emit(events, event);
 }

@@ -179,19 +179,14 @@ impl ProxyError {
     }
 
     /// True when the connection to the app must be closed after the answer: after a framing
-    /// or addressing error the proxy cannot trust where the next request starts.
+    /// or addressing error the proxy cannot trust where the next request starts. That is every
+    /// error of the app's but the policy's answers to a well-formed request.
     pub fn closes_connection(&self) -> bool {
-        matches!(
-            self,
-            Self::NotRedirected { .. }
-                | Self::AmbiguousFraming(_)
-                | Self::ConnectMethod
-                | Self::MissingHost
-                | Self::MultipleHosts
-                | Self::InvalidHost(_)
-                | Self::AppIdle { .. }
-                | Self::RequestBody(_)
-        )
+        self.side() == Side::Client
+            && !matches!(
+                self,
+                Self::PortMismatch { .. } | Self::Denied { .. } | Self::DeniedPort { .. }
+            )
     }
 }
 

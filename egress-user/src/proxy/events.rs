@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -47,6 +47,38 @@ pub struct RequestEvent {
     pub generation: u32,
     /// The process that made the connection, when the kernel recorded it with the redirect.
     pub process: Option<super::Process>,
+}
+
+impl RequestEvent {
+    /// The one event of a connection the proxy read no request from (an app's own TLS,
+    /// bytes that are not HTTP), started at `start`: no rule, method, path or status, and no
+    /// bytes or upstream unless the caller sets them.
+    pub(crate) fn connection(
+        proxy: &super::Proxy,
+        host: String,
+        client: SocketAddr,
+        (orig_dst, process): (Option<SocketAddr>, Option<super::Process>),
+        start: Instant,
+        reason: String,
+    ) -> Self {
+        Self {
+            rule: None,
+            host,
+            method: String::new(),
+            path: String::new(),
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            latency: start.elapsed(),
+            client,
+            orig_dst,
+            upstream: None,
+            reason: Some(reason),
+            would_deny: false,
+            generation: proxy.generation(),
+            process,
+        }
+    }
 }
 
 /// A snapshot of one rule's or alias's counters.

@@ -239,22 +239,7 @@ async fn refuse_tls(
     tracing::debug!(sni = sni.as_deref().unwrap_or(""), "{reason}");
     let counters = &proxy.counters;
     counters.record(counters.no_rule(), 0, true, 0, 0);
-    let event = RequestEvent {
-        rule: None,
-        host: sni.unwrap_or_default(),
-        method: String::new(),
-        path: String::new(),
-        status: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        latency: start.elapsed(),
-        client,
-        orig_dst,
-        upstream: None,
-        reason: Some(reason),
-        would_deny: false,
-        generation: proxy.generation(),
-        process,
-    };
+    let host = sni.unwrap_or_default();
+    let event = RequestEvent::connection(proxy, host, client, (orig_dst, process), start, reason);
     counters.emit(events, event);
 }

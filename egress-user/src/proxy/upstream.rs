@@ -514,24 +514,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_rule_on_the_port_lifts_the_refusal() {
+    /// A filter for a policy with one rule `name` for 169.254.169.254/32 port 80 over `protocol`.
+    fn metadata_rule(name: &str, protocol: Protocol) -> AddrFilter {
         let rule = Rule {
-            name: "meta".into(),
+            name: name.into(),
             origin: crate::policy::Origin {
                 file: "t".into(),
                 line: 1,
             },
             destination: "169.254.169.254/32".parse().unwrap(),
-            ports: vec![PortRule {
-                port: 80,
-                protocol: Protocol::Tcp,
-            }],
+            ports: vec![PortRule { port: 80, protocol }],
         };
-        let f = AddrFilter::new(&Policy {
+        AddrFilter::new(&Policy {
             rules: vec![rule],
             ..Policy::default()
-        });
+        })
+    }
+
+    #[test]
+    fn tcp_rule_on_the_port_lifts_the_refusal() {
+        let f = metadata_rule("meta", Protocol::Tcp);
         assert!(f.allows(ip("169.254.169.254"), 80));
         assert!(!f.allows(ip("169.254.169.254"), 8080));
         assert!(!f.allows(ip("169.254.169.253"), 80));
@@ -539,22 +541,7 @@ mod tests {
 
     #[test]
     fn a_udp_port_does_not_lift_the_refusal() {
-        let rule = Rule {
-            name: "dns".into(),
-            origin: crate::policy::Origin {
-                file: "t".into(),
-                line: 1,
-            },
-            destination: "169.254.169.254/32".parse().unwrap(),
-            ports: vec![PortRule {
-                port: 80,
-                protocol: Protocol::Udp,
-            }],
-        };
-        let f = AddrFilter::new(&Policy {
-            rules: vec![rule],
-            ..Policy::default()
-        });
+        let f = metadata_rule("dns", Protocol::Udp);
         assert!(!f.allows(ip("169.254.169.254"), 80));
     }
 

@@ -1,45 +1,17 @@
 //! `egress check` as a user runs it: what it prints on stdout and stderr, and its exit code.
 
-use std::{
-    fs,
-    sync::atomic::{AtomicUsize, Ordering},
-};
-
 use clap::Parser;
 
 use super::*;
+use crate::policy::ca::testing as ca_testing;
+use crate::testing::TempDir;
 
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("egress-check-{}-{n}", std::process::id()));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
-    }
-
-    fn file(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        fs::write(&path, contents).expect("write temp file");
-        path
-    }
-
-    /// A resolv.conf with two resolvers.
-    fn resolv_conf(&self) -> PathBuf {
-        self.file(
-            "resolv.conf",
-            "nameserver 192.0.2.53\nnameserver 2001:db8::53\n",
-        )
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A resolv.conf in `dir` with two resolvers.
+fn resolv_conf(dir: &TempDir) -> PathBuf {
+    dir.file(
+        "resolv.conf",
+        "nameserver 192.0.2.53\nnameserver 2001:db8::53\n",
+    )
 }
 
 /// Stands in for the lead's `Command` enum, to test the clap wiring of [`CheckArgs`].
@@ -58,6 +30,15 @@ spec:
     - {port: 443, protocol: tcp}
 ";
 
+/// `egress check FILES --resolv-conf RESOLV_CONF`.
+fn check_files(files: Vec<PathBuf>, resolv_conf: PathBuf) -> CheckArgs {
+    CheckArgs {
+        files,
+        default: false,
+        resolv_conf,
+    }
+}
+
 fn check(args: &CheckArgs) -> (ExitCode, String, String) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = run_with(args, &mut out, &mut err).expect("writing to a Vec cannot fail");
@@ -70,13 +51,9 @@ fn check(args: &CheckArgs) -> (ExitCode, String, String) {
 
 #[test]
 fn valid_file_prints_the_policy_and_succeeds() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let path = dir.file("good.yaml", GOOD);
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let args = check_files(vec![path.clone()], resolv_conf(&dir));
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS);
     assert_eq!(err, "");
@@ -102,18 +79,14 @@ fn valid_file_prints_the_policy_and_succeeds() {
 
 #[test]
 fn invalid_files_print_every_error_and_fail() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let good = dir.file("a.yaml", GOOD);
     let bad = dir.file(
         "b.yaml",
-        &GOOD.replace("443,", "0,").replace("tcp}", "sctp}"),
+        GOOD.replace("443,", "0,").replace("tcp}", "sctp}"),
     );
     let missing = dir.0.join("missing.yaml");
-    let args = CheckArgs {
-        files: vec![good, bad.clone(), missing.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let args = check_files(vec![good, bad.clone(), missing.clone()], resolv_conf(&dir));
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::FAILURE);
     assert_eq!(out, "");
@@ -157,13 +130,9 @@ fn seeds() -> String {
 
 #[test]
 fn both_seeds_check_clean() {
-    let dir = TempDir::new();
-    let path = dir.file("seeds.yaml", &seeds());
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let dir = TempDir::new("check");
+    let path = dir.file("seeds.yaml", seeds());
+    let args = check_files(vec![path.clone()], resolv_conf(&dir));
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     assert_eq!(err, "");
@@ -196,7 +165,7 @@ hosts: 0
 
 #[test]
 fn wide_ipv6_rules_get_a_note_about_nat64_and_6to4() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let doc = |name: &str, destination: &str| {
         GOOD.replace("wikipedia-range1", name)
             .replace("91.198.174.192/27", destination)
@@ -208,11 +177,7 @@ fn wide_ipv6_rules_get_a_note_about_nat64_and_6to4() {
         doc("global", "2000::/3")
     );
     let path = dir.file("wide.yaml", &text);
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: dir.resolv_conf(),
-    };
+    let args = check_files(vec![path.clone()], resolv_conf(&dir));
     let (code, _, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     let f = path.display();
@@ -231,11 +196,11 @@ fn wide_ipv6_rules_get_a_note_about_nat64_and_6to4() {
 
 #[test]
 fn default_policy_checks_clean() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let args = CheckArgs {
         files: Vec::new(),
         default: true,
-        resolv_conf: dir.resolv_conf(),
+        resolv_conf: resolv_conf(&dir),
     };
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
@@ -253,51 +218,37 @@ fn default_policy_checks_clean() {
 
 #[test]
 fn resolv_conf_problems_are_warnings_and_a_missing_one_allows_no_dns() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let path = dir.file("good.yaml", GOOD);
-    let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\nnameserver bogus\n");
-    let args = CheckArgs {
-        files: vec![path.clone()],
-        default: false,
-        resolv_conf: resolv_conf.clone(),
-    };
-    let (code, out, err) = check(&args);
-    assert_eq!(code, ExitCode::SUCCESS, "{err}");
-    let r = resolv_conf.display();
-    assert_eq!(
-        err,
-        format!("warning: {r}:2: `bogus` is not an IP address; this nameserver is not allowed\n")
-    );
-    assert!(
-        out.contains(&format!("\ndns: 192.0.2.53 (from {r})\n")),
-        "{out}"
-    );
-
+    let bogus = dir.file("resolv.conf", "nameserver 192.0.2.53\nnameserver bogus\n");
     let missing = dir.0.join("no-resolv.conf");
-    let args = CheckArgs {
-        files: vec![path],
-        default: false,
-        resolv_conf: missing.clone(),
-    };
-    let (code, out, err) = check(&args);
-    assert_eq!(code, ExitCode::SUCCESS, "{err}");
-    let m = missing.display();
-    assert_eq!(
-        err,
-        format!("warning: {m}: not found; no DNS resolver is allowed\n")
-    );
-    assert!(out.contains(&format!("\ndns: none (from {m})\n")), "{out}");
+    let (r, m) = (bogus.display(), missing.display());
+    // The resolv.conf, the warning about it and the dns line it makes.
+    let cases = [
+        (
+            &bogus,
+            format!("{r}:2: `bogus` is not an IP address; this nameserver is not allowed"),
+            format!("192.0.2.53 (from {r})"),
+        ),
+        (
+            &missing,
+            format!("{m}: not found; no DNS resolver is allowed"),
+            format!("none (from {m})"),
+        ),
+    ];
+    for (resolv_conf, warning, dns) in cases {
+        let (code, out, err) = check(&check_files(vec![path.clone()], resolv_conf.clone()));
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert_eq!(err, format!("warning: {warning}\n"));
+        assert!(out.contains(&format!("\ndns: {dns}\n")), "{out}");
+    }
 }
 
 #[test]
 fn an_unreadable_resolv_conf_fails_the_check() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let path = dir.file("good.yaml", GOOD);
-    let args = CheckArgs {
-        files: vec![path],
-        default: false,
-        resolv_conf: dir.0.clone(),
-    };
+    let args = check_files(vec![path], dir.0.clone());
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::FAILURE);
     assert_eq!(out, "");
@@ -312,7 +263,7 @@ fn an_unreadable_resolv_conf_fails_the_check() {
 
 #[test]
 fn resolvers_named_by_the_policy_win_over_resolv_conf() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let path = dir.file(
         "config.yaml",
         "kind: EgressConfig\nspec:\n  dns:\n    resolvers: [192.0.2.1]\n",
@@ -335,11 +286,7 @@ fn resolvers_named_by_the_policy_win_over_resolv_conf() {
 
 #[test]
 fn nothing_to_check_is_a_usage_error() {
-    let args = CheckArgs {
-        files: Vec::new(),
-        default: false,
-        resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF),
-    };
+    let args = check_files(Vec::new(), PathBuf::from(DEFAULT_RESOLV_CONF));
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::from(USAGE_ERROR));
     assert_eq!(out, "");
@@ -370,19 +317,13 @@ fn nothing_to_check_is_a_usage_error() {
 /// `egress check FILES` with the directory's resolv.conf, on another thread: a check that
 /// blocks (on a FIFO) fails the test after 5 s instead of hanging it.
 fn check_promptly(dir: &TempDir, files: Vec<PathBuf>) -> (ExitCode, String, String) {
-    let resolv_conf = dir.resolv_conf();
-    crate::policy::read::promptly(move || {
-        check(&CheckArgs {
-            files,
-            default: false,
-            resolv_conf,
-        })
-    })
+    let args = check_files(files, resolv_conf(dir));
+    crate::policy::read::promptly(move || check(&args))
 }
 
 #[test]
 fn a_fifo_policy_file_fails_promptly() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let fifo = dir.0.join("policy.yaml");
     crate::policy::read::mkfifo(&fifo);
     let (code, out, err) = check_promptly(&dir, vec![fifo.clone()]);
@@ -399,48 +340,16 @@ fn a_fifo_policy_file_fails_promptly() {
 
 #[test]
 fn ca_files_that_are_not_ca_files_fail_the_check_at_their_line() {
-    let dir = TempDir::new();
-    let fifo = dir.0.join("ca-fifo.pem");
-    crate::policy::read::mkfifo(&fifo);
+    let dir = TempDir::new("check");
     let d = dir.0.display().to_string();
-    let cases = [
-        (
-            format!("{d}/missing.pem"),
-            format!("`{d}/missing.pem`: cannot read it: No such file or directory (os error 2)"),
-        ),
-        (
-            d.clone(),
-            format!("`{d}`: cannot read it: it is a directory, not a regular file"),
-        ),
-        (
-            "/dev/zero".to_owned(),
-            "`/dev/zero`: cannot read it: it is a character device, not a regular file".to_owned(),
-        ),
-        (
-            "/etc/passwd".to_owned(),
-            "`/etc/passwd`: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"
-                .to_owned(),
-        ),
-        (
-            fifo.display().to_string(),
-            format!(
-                "`{}`: cannot read it: it is a FIFO (named pipe), not a regular file",
-                fifo.display()
-            ),
-        ),
-        // Relative to the policy file's directory, where there is no such file.
-        (
-            "ca.pem".to_owned(),
-            format!(
-                "`ca.pem` ({d}/ca.pem): cannot read it: No such file or directory (os error 2)"
-            ),
-        ),
-    ];
+    let mut cases = ca_testing::unusable(&dir.0);
+    // Relative to the policy file's directory, where there is no such file.
+    cases.push((
+        "ca.pem".to_owned(),
+        format!("`ca.pem` ({d}/ca.pem): cannot read it: No such file or directory (os error 2)"),
+    ));
     for (ca, message) in cases {
-        let path = dir.file(
-            "config.yaml",
-            &format!("kind: EgressConfig\nspec:\n  caFiles:\n    - \"{ca}\"\n"),
-        );
+        let path = dir.file("config.yaml", ca_testing::config_naming(&ca));
         let (code, out, err) = check_promptly(&dir, vec![path.clone()]);
         assert_eq!(code, ExitCode::FAILURE, "{ca}");
         assert_eq!(out, "", "{ca}");
@@ -454,7 +363,7 @@ fn ca_files_that_are_not_ca_files_fail_the_check_at_their_line() {
 
 #[test]
 fn an_empty_policy_passes_with_a_warning() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("check");
     let path = dir.file("empty.yaml", "# rules to come\n");
     let (code, out, err) = check_promptly(&dir, vec![path.clone()]);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");

@@ -150,10 +150,19 @@ fn defaults_when_not_given() {
     assert!(policy.hosts.is_empty());
 }
 
+/// An EgressConfig whose spec opens with `head` and goes on with a list of `entries`, one a
+/// line, indented by `indent` spaces.
+fn config_list(head: &str, indent: usize, entries: &[&str]) -> String {
+    let entries: String = entries
+        .iter()
+        .map(|e| format!("{:indent$}- {e}\n", ""))
+        .collect();
+    format!("kind: EgressConfig\nspec:\n{head}{entries}")
+}
+
 /// An EgressConfig whose `dns.resolvers` has one entry a line, from line 5 (`dns` is on 3).
 fn resolvers(entries: &[&str]) -> String {
-    let entries: String = entries.iter().map(|e| format!("      - {e}\n")).collect();
-    format!("kind: EgressConfig\nspec:\n  dns:\n    resolvers:\n{entries}")
+    config_list("  dns:\n    resolvers:\n", 6, entries)
 }
 
 #[test]
@@ -209,8 +218,7 @@ fn dns_is_not_filled_by_loading_alone() {
 
 /// An EgressConfig whose `allowSockets` has one entry a line, from line 4.
 fn sockets(entries: &[&str]) -> String {
-    let entries: String = entries.iter().map(|e| format!("    - {e}\n")).collect();
-    format!("kind: EgressConfig\nspec:\n  allowSockets:\n{entries}")
+    config_list("  allowSockets:\n", 4, entries)
 }
 
 #[test]

@@ -6,12 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{config::ConfigDir, *};
+use crate::policy::ca::testing::{self as ca_testing, config_naming};
 use crate::policy::read::{mkfifo, promptly};
-
-/// An EgressConfig naming one CA file, on line 4.
-fn config_naming(ca: &str) -> String {
-    format!("kind: EgressConfig\nspec:\n  caFiles:\n    - \"{ca}\"\n")
-}
 
 /// The errors of loading `dir/policy/config.yaml` holding [`config_naming`] `ca`; never blocks
 /// for more than 5 s.
@@ -29,10 +25,7 @@ fn ca_files_that_cannot_be_ca_files_are_refused_at_their_line() {
     let files = ConfigDir::new("bad-ca");
     let f = files.file.display().to_string();
     let at = |message: &str| vec![format!("{f}:4: spec.caFiles[0]: CA file {message}")];
-    let dir = files.dir.display().to_string();
 
-    let fifo = files.dir.join("fifo.pem");
-    mkfifo(&fifo);
     let big = files.dir.join("big.pem");
     std::fs::File::create(&big)
         .and_then(|file| file.set_len(crate::policy::ca::MAX_CA_FILE_SIZE + 1))
@@ -50,54 +43,25 @@ fn ca_files_that_cannot_be_ca_files_are_refused_at_their_line() {
     )
     .expect("write");
 
-    let cases: Vec<(String, Vec<String>)> = vec![
-        (
-            format!("{dir}/missing.pem"),
-            at(&format!(
-                "`{dir}/missing.pem`: cannot read it: No such file or directory (os error 2)"
-            )),
+    // A CA file named as it is, and the error it gets, quoting that name.
+    let named = |ca: &str, why: &str| (ca.to_owned(), at(&format!("`{ca}`: {why}")));
+    let path = |p: &Path| p.display().to_string();
+    let mut cases: Vec<(String, Vec<String>)> = ca_testing::unusable(&files.dir)
+        .into_iter()
+        .map(|(ca, message)| (ca, at(&message)))
+        .collect();
+    cases.extend([
+        named(
+            &path(&big),
+            "cannot read it: it is larger than the 4 MiB limit (4194305 bytes)",
         ),
-        (
-            dir.clone(),
-            at(&format!(
-                "`{dir}`: cannot read it: it is a directory, not a regular file"
-            )),
+        named(
+            &path(&key),
+            "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
         ),
-        (
-            "/dev/zero".to_owned(),
-            at("`/dev/zero`: cannot read it: it is a character device, not a regular file"),
-        ),
-        (
-            "/etc/passwd".to_owned(),
-            at("`/etc/passwd`: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"),
-        ),
-        (
-            fifo.display().to_string(),
-            at(&format!(
-                "`{}`: cannot read it: it is a FIFO (named pipe), not a regular file",
-                fifo.display()
-            )),
-        ),
-        (
-            big.display().to_string(),
-            at(&format!(
-                "`{}`: cannot read it: it is larger than the 4 MiB limit (4194305 bytes)",
-                big.display()
-            )),
-        ),
-        (
-            key.display().to_string(),
-            at(&format!(
-                "`{}`: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
-                key.display()
-            )),
-        ),
-        (
-            not_a_cert.display().to_string(),
-            at(&format!(
-                "`{}`: certificate 1 in it is not a usable CA certificate: ",
-                not_a_cert.display()
-            )),
+        named(
+            &path(&not_a_cert),
+            "certificate 1 in it is not a usable CA certificate: ",
         ),
         // Relative to the policy file's directory, where there is no such file.
         (
@@ -109,7 +73,7 @@ fn ca_files_that_cannot_be_ca_files_are_refused_at_their_line() {
                     .display()
             )),
         ),
-    ];
+    ]);
     for (ca, expected) in cases {
         let errors = ca_errors(&files, &ca);
         assert_eq!(errors.len(), 1, "{ca}: {errors:#?}");

@@ -95,36 +95,16 @@ impl Walk<'_> {
         (self.report.error_count() == errors_before).then_some(config)
     }
 
-    /// `spec.mode`: enforce or audit, in any case (as every keyword value).
+    /// `spec.mode`: enforce or audit.
     fn mode(&mut self, node: &Node) -> Option<Mode> {
-        match self.string("spec.mode", node)? {
-            m if m.eq_ignore_ascii_case("enforce") => Some(Mode::Enforce),
-            m if m.eq_ignore_ascii_case("audit") => Some(Mode::Audit),
-            other => {
-                self.report.field_error(
-                    node.line,
-                    "spec.mode",
-                    format!("unknown mode `{other}` (expected enforce or audit)"),
-                );
-                None
-            }
-        }
+        let modes = [("enforce", Mode::Enforce), ("audit", Mode::Audit)];
+        self.keyword("spec.mode", node, "mode", &modes)
     }
 
-    /// `spec.events`: denied or all, in any case (as every keyword value).
+    /// `spec.events`: denied or all.
     fn events(&mut self, node: &Node) -> Option<Events> {
-        match self.string("spec.events", node)? {
-            e if e.eq_ignore_ascii_case("denied") => Some(Events::Denied),
-            e if e.eq_ignore_ascii_case("all") => Some(Events::All),
-            other => {
-                self.report.field_error(
-                    node.line,
-                    "spec.events",
-                    format!("unknown events setting `{other}` (expected denied or all)"),
-                );
-                None
-            }
-        }
+        let settings = [("denied", Events::Denied), ("all", Events::All)];
+        self.keyword("spec.events", node, "events setting", &settings)
     }
 
     /// `spec.bypass`: CIDRs or single addresses, no duplicates.
@@ -329,7 +309,25 @@ impl Walk<'_> {
             return None;
         }
         let list = matches!(node.value, Value::Seq(_));
-        let mut addresses: Vec<IpAddr> = Vec::with_capacity(items.len());
+        self.distinct_addresses(path, list, items, |text, error| match error {
+            AddrError::HostName { .. } => {
+                format!("`{text}` is a host name; spec.hosts entries map names to IP addresses")
+            }
+            e => e.to_string(),
+        })
+    }
+
+    /// `items` as IP addresses, each once: an item of a `list` is at `path[i]`, else at
+    /// `path`; a repeated one is refused naming the first, one that is not an address with
+    /// what `refusal` says of its text and error.
+    fn distinct_addresses<'n>(
+        &mut self,
+        path: &str,
+        list: bool,
+        items: impl IntoIterator<Item = &'n Node>,
+        refusal: impl Fn(&str, AddrError) -> String,
+    ) -> Option<Vec<IpAddr>> {
+        let mut addresses: Vec<IpAddr> = Vec::new();
         let mut ok = true;
         for (i, item) in items.into_iter().enumerate() {
             let item_path = if list {
@@ -349,10 +347,7 @@ impl Walk<'_> {
                     }
                     Some(first) => format!("duplicate of {path}[{first}] ({address})"),
                 },
-                Err(AddrError::HostName { .. }) => {
-                    format!("`{text}` is a host name; spec.hosts entries map names to IP addresses")
-                }
-                Err(e) => e.to_string(),
+                Err(e) => refusal(text, e),
             };
             self.report.field_error(item.line, &item_path, message);
             ok = false;
@@ -365,37 +360,22 @@ impl Walk<'_> {
         let dns = self.sub_mapping(spec, "dns", &["resolvers"], &[], false)?;
         let entry = self.require(&dns, "resolvers")?;
         let items = self.sequence("spec.dns.resolvers", &entry.value)?;
-        let mut resolvers: Vec<IpAddr> = Vec::with_capacity(items.len());
-        let mut ok = true;
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("spec.dns.resolvers[{i}]");
-            let Some(text) = self.string(&path, item) else {
-                ok = false;
-                continue;
-            };
-            let message = match addr::parse_ip(text) {
-                Ok(address) => match resolvers.iter().position(|a| *a == address) {
-                    None => {
-                        resolvers.push(address);
-                        continue;
-                    }
-                    Some(first) => {
-                        format!("duplicate of spec.dns.resolvers[{first}] ({address})")
-                    }
-                },
-                Err(AddrError::HostName { .. }) => {
+        let resolvers = self.distinct_addresses(
+            "spec.dns.resolvers",
+            true,
+            items,
+            |text, error| match error {
+                AddrError::HostName { .. } => {
                     format!("`{text}` is a host name; a resolver is an IP address")
                 }
-                Err(AddrError::MappedAddress { ipv4, .. }) => format!(
+                AddrError::MappedAddress { ipv4, .. } => format!(
                     "`{text}` is an IPv4-mapped IPv6 address, which the kernel judges as \
                      `{ipv4}`; write `{ipv4}`"
                 ),
-                Err(e) => e.to_string(),
-            };
-            self.report.field_error(item.line, &path, message);
-            ok = false;
-        }
-        ok.then_some((resolvers, dns.line))
+                e => e.to_string(),
+            },
+        )?;
+        Some((resolvers, dns.line))
     }
 
     /// `spec.allowSockets`: socket kinds besides TCP and UDP, each once.

@@ -67,6 +67,30 @@ struct PortSpec {
     protocol_line: usize,
 }
 
+impl PortSpec {
+    /// The port as a kernel rule's, if it is tcp or udp.
+    fn kernel(&self) -> Option<PortRule> {
+        let PortProtocol::Kernel(protocol) = self.protocol else {
+            return None;
+        };
+        Some(PortRule {
+            port: self.port,
+            protocol,
+        })
+    }
+
+    /// The port as an http rule's, if it is http or https.
+    fn http(&self) -> Option<HttpPort> {
+        let PortProtocol::Http(protocol) = self.protocol else {
+            return None;
+        };
+        Some(HttpPort {
+            port: self.port,
+            protocol,
+        })
+    }
+}
+
 /// `spec.destination.service`, classified.
 enum Destination {
     /// A CIDR or a single address.
@@ -153,29 +177,11 @@ impl Walk<'_> {
         match destination {
             Destination::Net(net) if is_kernel => Some(Paired::Kernel(
                 net,
-                ports
-                    .iter()
-                    .filter_map(|p| match p.protocol {
-                        PortProtocol::Kernel(protocol) => Some(PortRule {
-                            port: p.port,
-                            protocol,
-                        }),
-                        PortProtocol::Http(_) => None,
-                    })
-                    .collect(),
+                ports.iter().filter_map(PortSpec::kernel).collect(),
             )),
             Destination::Host(host) if !is_kernel => Some(Paired::Http(
                 host,
-                ports
-                    .iter()
-                    .filter_map(|p| match p.protocol {
-                        PortProtocol::Http(protocol) => Some(HttpPort {
-                            port: p.port,
-                            protocol,
-                        }),
-                        PortProtocol::Kernel(_) => None,
-                    })
-                    .collect(),
+                ports.iter().filter_map(PortSpec::http).collect(),
                 ports.iter().map(|p| p.line).collect(),
             )),
             Destination::Host(_) => {
@@ -238,16 +244,7 @@ impl Walk<'_> {
     /// `spec.ports`: at least one, each port once with each protocol. One port may be both
     /// tcp and udp (53/tcp and 53/udp), never both http and https, nor kernel and proxy.
     fn ports(&mut self, spec: &Fields<'_>) -> Option<Vec<PortSpec>> {
-        let entry = self.require(spec, "ports")?;
-        let items = self.sequence("spec.ports", &entry.value)?;
-        if items.is_empty() {
-            self.report.field_error(
-                entry.value.line,
-                "spec.ports",
-                "a rule needs at least one port",
-            );
-            return None;
-        }
+        let items = self.port_items(spec, "a rule needs at least one port")?;
         let mut ports: Vec<PortSpec> = Vec::with_capacity(items.len());
         let mut seen: HashMap<u16, Vec<usize>> = HashMap::new();
         let mut ok = true;

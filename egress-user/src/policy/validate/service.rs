@@ -201,16 +201,10 @@ impl Walk<'_> {
 
     /// `spec.ports`: at least one, each port once, TCP only.
     fn service_ports(&mut self, spec: &Fields<'_>) -> Option<Vec<u16>> {
-        let entry = self.require(spec, "ports")?;
-        let items = self.sequence("spec.ports", &entry.value)?;
-        if items.is_empty() {
-            self.report.field_error(
-                entry.value.line,
-                "spec.ports",
-                "an ExternalName Service needs at least one port (the ports requests arrive on)",
-            );
-            return None;
-        }
+        let items = self.port_items(
+            spec,
+            "an ExternalName Service needs at least one port (the ports requests arrive on)",
+        )?;
         let mut ports = Vec::with_capacity(items.len());
         let mut seen: HashMap<u16, usize> = HashMap::new();
         let mut ok = true;

@@ -98,11 +98,8 @@ async fn ambiguous_framing_is_still_refused() {
     let dest = Upstream::start("127.0.0.1").await;
     let h = Harness::start(audit(vec![], &[])).await;
     let mut c = h.connect(dest.addr).await;
-    c.send(
-        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    )
-    .await;
-    assert_eq!(c.response().await.status, 400);
+    let raw = "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    assert_eq!(c.exchange(raw).await.status, 400);
     assert_eq!(dest.requests(), 0);
 }
 

@@ -71,9 +71,8 @@ async fn an_upload_the_app_stops_sending_is_408_after_the_idle_limit() {
     let mut h = proxy_for("up.test", &up).await;
     let mut c = h.connect(orig(up.addr.port())).await;
     let start = Instant::now();
-    c.send("POST /upload HTTP/1.1\r\nHost: up.test\r\nContent-Length: 1000\r\n\r\nten bytes!")
-        .await;
-    let r = c.response().await;
+    let raw = "POST /upload HTTP/1.1\r\nHost: up.test\r\nContent-Length: 1000\r\n\r\nten bytes!";
+    let r = c.exchange(raw).await;
     let took = start.elapsed();
     assert_eq!(
         (r.status, r.text()),
@@ -185,12 +184,9 @@ async fn a_malformed_chunked_body_is_the_apps_400_not_an_upstream_failure() {
     let mut h = proxy_for("up.test", &up).await;
     let mut c = h.connect(orig(up.addr.port())).await;
     // `zz` is no chunk size.
-    c.send(
-        "POST /chunks HTTP/1.1\r\nHost: up.test\r\nTransfer-Encoding: chunked\r\n\r\n\
-         5\r\nhello\r\nzz\r\n",
-    )
-    .await;
-    let r = c.response().await;
+    let raw = "POST /chunks HTTP/1.1\r\nHost: up.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\nzz\r\n";
+    let r = c.exchange(raw).await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(
         r.text().starts_with("egress: invalid request body: "),

@@ -10,31 +10,21 @@ use crate::policy::{Alias, HttpProtocol::Http};
 
 #[tokio::test]
 async fn allowed_host_reaches_the_upstream_and_a_forbidden_one_does_not() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let mut h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, mut h) = httpbin().await;
 
     let mut c = h.connect(orig(port)).await;
-    let r = c.get(&format!("httpbin.test:{port}"), "/headers").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        r.text(),
-        format!("host=httpbin.test:{port} path=/headers body=0")
-    );
+    c.get(&format!("httpbin.test:{port}"), "/headers")
+        .await
+        .assert_echoed(&format!("httpbin.test:{port}"), "/headers");
     assert_eq!(up.requests(), 1);
 
     let mut c = h.connect(orig(port)).await;
     let r = c.get(&format!("evil.test:{port}"), "/").await;
-    assert_eq!(r.status, 403);
-    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
-    assert_eq!(
-        r.text(),
-        "egress: host evil.test is not allowed: no http rule or alias names it\n"
+    r.assert_is(
+        403,
+        "egress: host evil.test is not allowed: no http rule or alias names it\n",
     );
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_eq!(up.requests(), 1, "the upstream saw the forbidden request");
 
     let ok = h.event().await;
@@ -51,13 +41,7 @@ async fn allowed_host_reaches_the_upstream_and_a_forbidden_one_does_not() {
 
 #[tokio::test]
 async fn every_request_on_a_kept_alive_connection_is_checked() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, h) = httpbin().await;
     let mut c = h.connect(orig(port)).await;
     // Three pipelined requests in one write; the second is for another host.
     c.send(&format!(
@@ -107,13 +91,7 @@ async fn wildcards_cover_subdomains_only() {
 
 #[tokio::test]
 async fn case_and_a_trailing_dot_do_not_matter() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, h) = httpbin().await;
     let mut c = h.connect(orig(port)).await;
     assert_eq!(
         c.get(&format!("HTTPBIN.Test.:{port}"), "/").await.status,
@@ -126,19 +104,13 @@ async fn case_and_a_trailing_dot_do_not_matter() {
 
 #[tokio::test]
 async fn absolute_form_wins_over_host() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, h) = httpbin().await;
     let mut c = h.connect(orig(port)).await;
-    c.send(&format!(
-        "GET http://httpbin.test:{port}/abs?q=1 HTTP/1.1\r\nHost: evil.test\r\n\r\n"
-    ))
-    .await;
-    let r = c.response().await;
+    let r = c
+        .exchange(&format!(
+            "GET http://httpbin.test:{port}/abs?q=1 HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+        ))
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = up.last();
     assert_eq!(seen.uri, "/abs?q=1");
@@ -151,63 +123,45 @@ async fn absolute_form_wins_over_host() {
         "GET http://evil.test/ HTTP/1.1\r\nHost: httpbin.test:{port}\r\n\r\n"
     ))
     .await;
-    let r = c.response().await;
-    assert_eq!(r.status, 403);
-    assert!(
-        r.text().contains("host evil.test is not allowed"),
-        "{}",
-        r.text()
-    );
+    c.response()
+        .await
+        .assert_says(403, "host evil.test is not allowed");
     assert_eq!(up.requests(), 1);
 }
 
 #[tokio::test]
 async fn the_port_must_be_the_one_the_app_connected_to() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, h) = httpbin().await;
     // An explicit other port in Host.
     let mut c = h.connect(orig(port)).await;
-    let r = c.get("httpbin.test:81", "/").await;
-    assert_eq!(r.status, 400);
-    assert_eq!(
-        r.text(),
-        format!("egress: port 81 in the request does not match port {port} the app connected to\n")
+    c.get("httpbin.test:81", "/").await.assert_is(
+        400,
+        &format!(
+            "egress: port 81 in the request does not match port {port} the app connected to\n"
+        ),
     );
     // A connection to a port the rule does not name.
     let other = if port == 65535 { 65534 } else { port + 1 };
     let mut c = h.connect(orig(other)).await;
-    let r = c.get("httpbin.test", "/").await;
-    assert_eq!(r.status, 403);
-    assert_eq!(
-        r.text(),
-        format!(
+    c.get("httpbin.test", "/").await.assert_is(
+        403,
+        &format!(
             "egress: host httpbin.test is not allowed on port {other} (its rules allow port {port})\n"
-        )
+        ),
     );
     assert_eq!(up.requests(), 0);
 }
 
 #[tokio::test]
 async fn connect_and_unredirected_connections_are_refused() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let mut h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, mut h) = httpbin().await;
 
     let mut c = h.connect(orig(port)).await;
-    c.send(&format!(
-        "CONNECT httpbin.test:{port} HTTP/1.1\r\nHost: httpbin.test:{port}\r\n\r\n"
-    ))
-    .await;
-    let r = c.response().await;
+    let r = c
+        .exchange(&format!(
+            "CONNECT httpbin.test:{port} HTTP/1.1\r\nHost: httpbin.test:{port}\r\n\r\n"
+        ))
+        .await;
     assert_eq!(r.status, 405);
     assert!(r.text().contains("connect is refused"), "{}", r.text());
     assert!(c.closed().await);
@@ -236,13 +190,7 @@ async fn connect_and_unredirected_connections_are_refused() {
 
 #[tokio::test]
 async fn ambiguous_framing_is_refused() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, h) = httpbin().await;
     let cases = [
         (
             "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
@@ -259,11 +207,11 @@ async fn ambiguous_framing_is_refused() {
     ];
     for (framing, why) in cases {
         let mut c = h.connect(orig(port)).await;
-        c.send(&format!(
-            "POST / HTTP/1.1\r\nHost: httpbin.test\r\n{framing}\r\n0\r\n\r\n"
-        ))
-        .await;
-        let r = c.response().await;
+        let r = c
+            .exchange(&format!(
+                "POST / HTTP/1.1\r\nHost: httpbin.test\r\n{framing}\r\n0\r\n\r\n"
+            ))
+            .await;
         assert_eq!(r.status, 400, "{framing:?}");
         assert_eq!(
             r.text(),
@@ -273,11 +221,9 @@ async fn ambiguous_framing_is_refused() {
     }
     // Different lengths: hyper refuses those itself.
     let mut c = h.connect(orig(port)).await;
-    c.send(
-        "POST / HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-    )
-    .await;
-    assert_eq!(c.response().await.status, 400);
+    let raw =
+        "POST / HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
+    assert_eq!(c.exchange(raw).await.status, 400);
     assert_eq!(up.requests(), 0);
 }
 
@@ -297,18 +243,11 @@ async fn hop_by_hop_fields_stay_on_their_hop() {
     )
     .await;
     let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let h = Harness::one_rule("web", "httpbin.test", port).await;
     let mut c = h.connect(orig(port)).await;
-    c.send(
-        "GET / HTTP/1.1\r\nHost: httpbin.test\r\nConnection: x-foo, keep-alive\r\nX-Foo: 1\r\n\
-         X-Keep: 2\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eDp5\r\nTE: trailers\r\n\r\n",
-    )
-    .await;
-    let r = c.response().await;
+    let raw = "GET / HTTP/1.1\r\nHost: httpbin.test\r\nConnection: x-foo, keep-alive\r\nX-Foo: 1\r\n\
+         X-Keep: 2\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eDp5\r\nTE: trailers\r\n\r\n";
+    let r = c.exchange(raw).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-resp"), None);
     assert_eq!(r.header("x-end"), Some("2"));
@@ -322,13 +261,7 @@ async fn hop_by_hop_fields_stay_on_their_hop() {
 
 #[tokio::test]
 async fn upstream_connections_are_pooled() {
-    let up = Upstream::start("127.0.0.1").await;
-    let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("web", "httpbin.test", port, Http)],
-        &["httpbin.test"],
-    ))
-    .await;
+    let (up, port, h) = httpbin().await;
     for i in 0..5 {
         let mut c = h.connect(orig(port)).await;
         assert_eq!(c.get("httpbin.test", &format!("/{i}")).await.status, 200);
@@ -361,12 +294,9 @@ async fn an_alias_sends_its_names_to_the_external_name() {
         "httpbin.default.svc",
         "HTTPBIN.default.svc.cluster.local.",
     ] {
-        let r = c.get(host, "/get").await;
-        assert_eq!(r.status, 200, "{host}: {}", r.text());
-        assert_eq!(
-            r.text(),
-            format!("host=httpbin.test:{port} path=/get body=0")
-        );
+        c.get(host, "/get")
+            .await
+            .assert_echoed(&format!("httpbin.test:{port}"), "/get");
         assert_eq!(h.event().await.rule.as_deref(), Some("httpbin"));
     }
     assert_eq!(c.get("httpbin.other", "/").await.status, 403);
@@ -408,11 +338,7 @@ async fn ws_echo(mut req: Request<Incoming>) -> Response<TestBody> {
 async fn websocket_upgrades_only_to_an_allowed_authority() {
     let up = Upstream::with("127.0.0.1:0", None, handler(ws_echo)).await;
     let port = up.addr.port();
-    let mut h = Harness::start(policy(
-        vec![rule("ws", "ws.test", port, Http)],
-        &["ws.test"],
-    ))
-    .await;
+    let mut h = Harness::one_rule("ws", "ws.test", port).await;
     let upgrade = |host: &str| {
         format!(
             "GET /chat HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -420,8 +346,7 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
         )
     };
     let mut c = h.connect(orig(port)).await;
-    c.send(&upgrade("evil.test")).await;
-    let r = c.response().await;
+    let r = c.exchange(&upgrade("evil.test")).await;
     assert_eq!(r.status, 403);
     assert_eq!(up.conns.load(Ordering::SeqCst), 0);
     assert_eq!(h.event().await.status, 403);
@@ -447,10 +372,7 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
     );
     c.send("hello through the tunnel").await;
     let mut back = [0u8; 24];
-    tokio::time::timeout(WAIT, c.io.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    c.read_in_time(&mut back).await;
     assert_eq!(&back, b"hello through the tunnel");
     // After the 101 the bytes are not HTTP to the proxy, and not checked: a request for another
     // host goes to the same upstream connection as any other bytes (here, echoed back), never
@@ -458,10 +380,7 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
     let smuggled = "GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
     c.send(smuggled).await;
     let mut back = vec![0u8; smuggled.len()];
-    tokio::time::timeout(WAIT, c.io.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    c.read_in_time(&mut back).await;
     assert_eq!(back, smuggled.as_bytes());
     assert_eq!((up.requests(), up.conns.load(Ordering::SeqCst)), (1, 1));
     drop(c);
@@ -479,12 +398,9 @@ async fn websocket_upgrades_only_to_an_allowed_authority() {
     // Only WebSocket: an h2c tunnel could carry requests for other hosts. The request goes on
     // as a plain one, and the connection closes after it.
     let mut c = h.connect(orig(port)).await;
-    c.send(
-        "GET / HTTP/1.1\r\nHost: ws.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
-         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
-    )
-    .await;
-    let r = c.response().await;
+    let raw = "GET / HTTP/1.1\r\nHost: ws.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+    let r = c.exchange(raw).await;
     assert_eq!((r.status, r.text().as_str()), (200, "not an upgrade"));
     assert!(!up.last().headers.contains_key("upgrade"));
     assert!(c.closed().await);
@@ -506,9 +422,8 @@ async fn events_and_counters_describe_each_request() {
     .await;
     let mut c = h.connect(orig(port)).await;
     let client = c.io.get_ref().local_addr().unwrap();
-    c.send("POST /post?x=1 HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 5\r\n\r\nhello")
-        .await;
-    let r = c.response().await;
+    let raw = "POST /post?x=1 HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 5\r\n\r\nhello";
+    let r = c.exchange(raw).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         (up.last().method.as_str(), r.text().as_str()),

@@ -264,6 +264,16 @@ impl Harness {
         }
     }
 
+    /// A proxy whose policy has one plain-http rule `name` for `host` on `port`, with `host`
+    /// mapped to 127.0.0.1.
+    pub(super) async fn one_rule(name: &str, host: &str, port: u16) -> Self {
+        Self::start(policy(
+            vec![rule(name, host, port, HttpProtocol::Http)],
+            &[host],
+        ))
+        .await
+    }
+
     /// A connection that the fake kernel redirected from `orig`.
     pub(super) async fn connect(&self, orig: SocketAddr) -> Client {
         let socket = TcpSocket::new_v4().unwrap();
@@ -286,6 +296,15 @@ impl Harness {
             .expect("an event in time")
             .expect("events open")
     }
+}
+
+/// An [`echo`] upstream on 127.0.0.1, its port, and a proxy allowing `httpbin.test` there
+/// (rule `web`): the setup most plain-HTTP tests share.
+pub(super) async fn httpbin() -> (Upstream, u16, Harness) {
+    let up = Upstream::start("127.0.0.1").await;
+    let port = up.addr.port();
+    let h = Harness::one_rule("web", "httpbin.test", port).await;
+    (up, port, h)
 }
 
 /// The original destination the tests pretend the app asked for: a loopback address nothing
@@ -313,6 +332,26 @@ impl Resp {
     pub(super) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+
+    /// Asserts the status and that the body says `part`, showing the body if not.
+    #[track_caller]
+    pub(super) fn assert_says(&self, status: u16, part: &str) {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert!(self.text().contains(part), "{}", self.text());
+    }
+
+    /// Asserts the status and the whole body.
+    #[track_caller]
+    pub(super) fn assert_is(&self, status: u16, text: &str) {
+        assert_eq!((self.status, self.text().as_str()), (status, text));
+    }
+
+    /// Asserts a 200 from [`echo`] for `host` (the Host it got) and `path`, with no body.
+    #[track_caller]
+    pub(super) fn assert_echoed(&self, host: &str, path: &str) {
+        assert_eq!(self.status, 200, "{}", self.text());
+        assert_eq!(self.text(), format!("host={host} path={path} body=0"));
+    }
 }
 
 /// A raw HTTP/1.1 client, so tests control every byte (pipelining, bad framing).
@@ -331,10 +370,15 @@ impl Client {
         self.io.get_mut().write_all(raw.as_bytes()).await.unwrap();
     }
 
-    pub(super) async fn get(&mut self, host: &str, path: &str) -> Resp {
-        self.send(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"))
-            .await;
+    /// Sends `raw` and reads the response to it.
+    pub(super) async fn exchange(&mut self, raw: &str) -> Resp {
+        self.send(raw).await;
         self.response().await
+    }
+
+    pub(super) async fn get(&mut self, host: &str, path: &str) -> Resp {
+        self.exchange(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+            .await
     }
 
     /// Reads the head of the next response: status and headers.
@@ -392,6 +436,14 @@ impl Client {
             self.io.read_to_end(&mut resp.body).await.unwrap();
         }
         resp
+    }
+
+    /// Fills `buf` from the connection, failing the test after [`WAIT`].
+    pub(super) async fn read_in_time(&mut self, buf: &mut [u8]) {
+        tokio::time::timeout(WAIT, self.io.read_exact(buf))
+            .await
+            .expect("the bytes in time")
+            .unwrap();
     }
 
     /// True when the proxy closed the connection (after any bytes still unread).

@@ -69,11 +69,7 @@ fn rss() -> usize {
 async fn a_100_mb_response_streams_through_in_bounded_memory() {
     let up = generator(1600, None).await;
     let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("big", "big.test", port, Http)],
-        &["big.test"],
-    ))
-    .await;
+    let h = Harness::one_rule("big", "big.test", port).await;
     let mut c = h.connect(orig(port)).await;
     let before = rss();
     c.send("GET /bytes HTTP/1.1\r\nHost: big.test\r\n\r\n")
@@ -112,11 +108,7 @@ async fn the_app_reads_the_start_before_the_upstream_sends_the_end() {
     // 1 MiB, then the upstream waits until the app has seen half of it.
     let up = generator(32, Some((16, gate))).await;
     let port = up.addr.port();
-    let h = Harness::start(policy(
-        vec![rule("big", "big.test", port, Http)],
-        &["big.test"],
-    ))
-    .await;
+    let h = Harness::one_rule("big", "big.test", port).await;
     let mut c = h.connect(orig(port)).await;
     c.send("GET / HTTP/1.1\r\nHost: big.test\r\n\r\n").await;
     assert_eq!(c.head().await.0, 200);
@@ -127,10 +119,7 @@ async fn the_app_reads_the_start_before_the_upstream_sends_the_end() {
         .unwrap();
     open.send(()).unwrap();
     let mut rest = vec![0u8; 2 * MB - MB / 2];
-    tokio::time::timeout(WAIT, c.io.read_exact(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
+    c.read_in_time(&mut rest).await;
 }
 
 #[tokio::test]
@@ -156,11 +145,7 @@ async fn a_request_body_reaches_the_upstream_while_the_app_still_sends() {
     )
     .await;
     let port = up.addr.port();
-    let mut h = Harness::start(policy(
-        vec![rule("up", "up.test", port, Http)],
-        &["up.test"],
-    ))
-    .await;
+    let mut h = Harness::one_rule("up", "up.test", port).await;
     let mut c = h.connect(orig(port)).await;
     c.send(&format!(
         "POST /upload HTTP/1.1\r\nHost: up.test\r\nContent-Length: {}\r\n\r\n",
@@ -200,22 +185,15 @@ async fn names_that_resolve_to_protected_addresses_are_refused() {
     };
     let h = Harness::build(Proxy::builder(&p).resolver(dns())).await;
     let mut c = h.connect(orig(port)).await;
-    let r = c.get("rebind.test", "/").await;
-    assert_eq!(r.status, 502);
-    assert!(
-        r.text()
-            .contains("rebind.test resolves only to refused addresses (127.0.0.1)"),
-        "{}",
-        r.text()
-    );
-    let r = c.get("meta.test", "/").await;
-    assert_eq!(r.status, 502);
-    assert!(
-        r.text()
-            .contains("meta.test resolves only to refused addresses (169.254.169.254)"),
-        "{}",
-        r.text()
-    );
+    for (host, addr) in [
+        ("rebind.test", "127.0.0.1"),
+        ("meta.test", "169.254.169.254"),
+    ] {
+        c.get(host, "/").await.assert_says(
+            502,
+            &format!("{host} resolves only to refused addresses ({addr})"),
+        );
+    }
     assert_eq!(up.conns.load(Ordering::SeqCst), 0);
 
     // A tcp rule for the range and port is the operator's explicit permission.
@@ -267,11 +245,9 @@ async fn silent_upstreams_are_504_and_unreachable_ones_502() {
         .timeouts(t);
     let h = Harness::build(builder).await;
     let mut c = h.connect(orig(port)).await;
-    let r = c.get("slow.test", "/").await;
-    assert_eq!(r.status, 504);
-    assert_eq!(
-        r.text(),
-        format!("egress: upstream slow.test:{port} was idle: no bytes either way for 900ms\n")
+    c.get("slow.test", "/").await.assert_is(
+        504,
+        &format!("egress: upstream slow.test:{port} was idle: no bytes either way for 900ms\n"),
     );
     let r = c.get("hang.test", "/").await;
     assert_eq!(r.status, 504);
@@ -281,13 +257,8 @@ async fn silent_upstreams_are_504_and_unreachable_ones_502() {
         "{}",
         r.text()
     );
-    let r = c.get("down.test", "/").await;
-    assert_eq!(r.status, 502);
-    assert!(
-        r.text().contains(&format!(
-            "connecting to 127.0.0.2:{port}: Connection refused"
-        )),
-        "{}",
-        r.text()
+    c.get("down.test", "/").await.assert_says(
+        502,
+        &format!("connecting to 127.0.0.2:{port}: Connection refused"),
     );
 }

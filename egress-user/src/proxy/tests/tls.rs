@@ -77,12 +77,9 @@ async fn https_rule_originates_tls_with_the_host_as_sni() {
     let port = up.addr.port();
     let mut c = h.connect(orig(port)).await;
     // The app speaks plain HTTP to http://secure.test:PORT/.
-    let r = c.get(&format!("secure.test:{port}"), "/get").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        r.text(),
-        format!("host=secure.test:{port} path=/get body=0")
-    );
+    c.get(&format!("secure.test:{port}"), "/get")
+        .await
+        .assert_echoed(&format!("secure.test:{port}"), "/get");
     assert_eq!(
         *up.sni.lock().unwrap(),
         vec![Some("secure.test".to_owned())]
@@ -144,29 +141,22 @@ async fn wrong_ca_wrong_name_and_expired_are_502_with_the_reason() {
         Some(body.trim_start_matches("egress: ").trim_end())
     );
 
-    let (body, _) = refused(
-        "secure.test",
-        ca.server(&["other.test"], false),
-        &ca,
-        "wrong-name",
-    )
-    .await;
-    assert!(
-        body.contains("invalid peer certificate: certificate not valid for name \"secure.test\""),
-        "{body}"
-    );
-
-    let (body, _) = refused(
-        "secure.test",
-        ca.server(&["secure.test"], true),
-        &ca,
-        "expired",
-    )
-    .await;
-    assert!(
-        body.contains("invalid peer certificate: certificate expired"),
-        "{body}"
-    );
+    let cases = [
+        (
+            ca.server(&["other.test"], false),
+            "wrong-name",
+            "invalid peer certificate: certificate not valid for name \"secure.test\"",
+        ),
+        (
+            ca.server(&["secure.test"], true),
+            "expired",
+            "invalid peer certificate: certificate expired",
+        ),
+    ];
+    for (server, tag, why) in cases {
+        let (body, _) = refused("secure.test", server, &ca, tag).await;
+        assert!(body.contains(why), "{body}");
+    }
 }
 
 #[tokio::test]
@@ -199,9 +189,9 @@ async fn an_alias_on_443_originates_tls_to_the_external_name() {
     });
     let mut h = Harness::start(p).await;
     let mut c = h.connect(orig(443)).await;
-    let r = c.get("securebin.apps.svc", "/headers").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.text(), "host=secure.test path=/headers body=0");
+    c.get("securebin.apps.svc", "/headers")
+        .await
+        .assert_echoed("secure.test", "/headers");
     assert_eq!(
         *up.sni.lock().unwrap(),
         vec![Some("secure.test".to_owned())]
