@@ -25,15 +25,7 @@ pub fn summary(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
 
 /// 10000 -> "10,000".
 pub fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
+    egress_tests::thousands(n as u64)
 }
 
 /// A command's trimmed stdout (for `uname -r` and `date`), or why it did not run.
@@ -43,6 +35,17 @@ pub fn command_output(program: &str, args: &[&str]) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|e| format!("({program}: {e})"))
+}
+
+/// A report's line on the machine it ran on: kernel, CPU, CPU count and the date.
+pub fn machine_line() -> String {
+    format!(
+        "- kernel `{}`, CPU {} ({} CPUs), {}\n",
+        command_output("uname", &["-r"]),
+        cpu_model(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    )
 }
 
 /// The first `model name` of /proc/cpuinfo.
@@ -76,6 +79,17 @@ pub fn bench_args(name: &str) -> Result<Vec<String>, std::process::ExitCode> {
         return Err(std::process::ExitCode::FAILURE);
     }
     Ok(args)
+}
+
+/// A benchmark's `main`: [`bench_args`], then `run` on them.
+pub fn bench_main(name: &str, run: impl FnOnce(&[String])) -> std::process::ExitCode {
+    match bench_args(name) {
+        Ok(args) => {
+            run(&args);
+            std::process::ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 /// A (median, min, max) summary as a JSON object, for the results file.

@@ -207,13 +207,10 @@ fn parse(args: &[String]) -> Options {
 }
 
 fn main() -> ExitCode {
-    let args = match common::bench_args("connect") {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    let options = parse(&args);
-    run(&options);
-    ExitCode::SUCCESS
+    common::bench_main("connect", |args| {
+        let options = parse(args);
+        run(&options);
+    })
 }
 
 fn run(options: &Options) {

@@ -1,10 +1,10 @@
 //! The printed report: a markdown table per metric.
 
-use std::{thread, time::Duration};
+use std::time::Duration;
 
 use crate::{
     Options,
-    common::{command_output, cpu_model, machine_json, publish, spread, summary, thousands},
+    common::{machine_json, machine_line, publish, spread, summary, thousands},
     contender::{Contender, Expect, Kind},
     run_time::RunTime,
 };
@@ -36,13 +36,7 @@ pub fn print_report(
     let none = &contenders[0];
     let mut out = String::new();
     out.push_str("\n## connect() cost and program run time\n\n");
-    out.push_str(&format!(
-        "- kernel `{}`, CPU {} ({} CPUs), {}\n",
-        command_output("uname", &["-r"]),
-        cpu_model(),
-        thread::available_parallelism().map_or(1, |n| n.get()),
-        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-    ));
+    out.push_str(&machine_line());
     out.push_str(&format!(
         "- command: `cargo xtask bench connect` (`cargo bench -p egress-tests --bench connect -- --rounds {} --count {} \
          --budget-ms {} --warmup {} --stats-rounds {} --rules {}`)\n",

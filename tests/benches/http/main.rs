@@ -250,13 +250,10 @@ fn parse(args: &[String]) -> Options {
 }
 
 fn main() -> ExitCode {
-    let args = match common::bench_args("http") {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    let options = parse(&args);
-    run(&options);
-    ExitCode::SUCCESS
+    common::bench_main("http", |args| {
+        let options = parse(args);
+        run(&options);
+    })
 }
 
 /// One wrk run of a contender, with what the proxy and the upstream did meanwhile.

@@ -199,14 +199,11 @@ fn parse(args: &[String]) -> Options {
 }
 
 fn main() -> ExitCode {
-    let args = match common::bench_args("reload") {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    let options = parse(&args);
-    catch_interrupts();
-    run(&options);
-    ExitCode::SUCCESS
+    common::bench_main("reload", |args| {
+        let options = parse(args);
+        catch_interrupts();
+        run(&options);
+    })
 }
 
 /// Set by SIGINT or SIGTERM: the bench then stops at the next reload and, unwinding, stops its
