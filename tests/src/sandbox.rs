@@ -170,6 +170,12 @@ impl Sandbox {
         dir
     }
 
+    /// Writes `yaml` as the file `name` in the sandbox's policy directory (`policies/` in its
+    /// temporary directory) and returns its path.
+    pub fn policy_file(&self, name: &str, yaml: &str) -> PathBuf {
+        crate::policy_file(&self.dir("policies"), name, yaml)
+    }
+
     /// The agent's state directory in this sandbox.
     pub fn state_dir(&self) -> PathBuf {
         self.run_dir.join("state")

@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa};
+use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -19,9 +19,8 @@ fn rule(name: &str, port: u16) -> String {
 #[test]
 fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     let sb = Sandbox::new();
-    let tmp = sb.dir("policy");
-    let p8080 = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
-    let p9090 = policy_file(&tmp, "b.yaml", &rule("allow-9090", 9090));
+    let p8080 = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
+    let p9090 = sb.policy_file("b.yaml", &rule("allow-9090", 9090));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
 
@@ -93,8 +92,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
 #[test]
 fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     let sb = Sandbox::new();
-    let tmp = sb.dir("policy");
-    let policy = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
+    let policy = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
     let allowed = sb.sink(sa(V4_A, 8080));
     let denied = sb.sink(sa(V4_A, 9090));
     let exec = |addr: &str| {
@@ -142,8 +140,7 @@ fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
 #[test]
 fn run_with_an_invalid_policy_loads_nothing() {
     let sb = Sandbox::new();
-    let tmp = sb.dir("policy");
-    let bad = policy_file(&tmp, "bad.yaml", &rule("bad", 0));
+    let bad = sb.policy_file("bad.yaml", &rule("bad", 0));
     let out = Command::new(EGRESS)
         .arg("run")
         .args(sb.run_args(&bad, &[]))
@@ -169,8 +166,7 @@ fn run_with_an_invalid_policy_loads_nothing() {
 #[test]
 fn a_pinned_map_of_another_layout_is_reported_not_misread() {
     let sb = Sandbox::new();
-    let tmp = sb.dir("policy");
-    let policy = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
+    let policy = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
     std::fs::create_dir_all(&sb.pin_dir).expect("pin dir");
     // COUNTERS as another version might have made it: per-CPU, but 16-byte values.
     let counters = sb.pin_dir.join("COUNTERS");
@@ -227,8 +223,7 @@ fn a_pinned_map_of_another_layout_is_reported_not_misread() {
 #[test]
 fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
     let sb = Sandbox::new();
-    let tmp = sb.dir("cgroup");
-    let policy = policy_file(&tmp, "p.yaml", &rule("r", 8080));
+    let policy = sb.policy_file("p.yaml", &rule("r", 8080));
     // The sandbox's cgroup holds one child cgroup, as a node holds kubepods.
     std::fs::create_dir(sb.cgroup.join("kubepods")).expect("child cgroup");
     let typo = sb.cgroup.join("kubepods.slice");
@@ -273,8 +268,7 @@ fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
 #[test]
 fn an_empty_managed_cgroup_is_reported() {
     let sb = Sandbox::new();
-    let tmp = sb.dir("empty");
-    let policy = policy_file(&tmp, "p.yaml", &rule("r", 8080));
+    let policy = sb.policy_file("p.yaml", &rule("r", 8080));
     const WARNING: &str = "the managed cgroup has no process and no child cgroup";
     let env = [("EGRESS_EMPTY_CGROUP_WARN_AFTER_MS", "300")];
     let agent = sb.agent(EGRESS).policy(&policy, &[]).env(&env).start();

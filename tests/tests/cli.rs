@@ -65,9 +65,7 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
 #[test]
 fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() {
     let sb = Sandbox::new();
-    let dir = sb.dir("cli");
-    let policy = policy_file(
-        &dir,
+    let policy = sb.policy_file(
         "p.yaml",
         "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
     );
@@ -180,9 +178,7 @@ fn run_then_unload(sb: &Sandbox, policy: &Path, cgroup: &Path) -> String {
 #[test]
 fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_stays() {
     let sb = Sandbox::new();
-    let dir = sb.dir("unload");
-    let policy = policy_file(
-        &dir,
+    let policy = sb.policy_file(
         "p.yaml",
         "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
     );

@@ -13,8 +13,8 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Attempted, Sandbox, Sink, UdpSink, V4_B, V4_C, Vector, egress_bin, policy_file, sa,
-    status_row, vector::attempt, vector_bin,
+    Agent, Attempted, Sandbox, Sink, UdpSink, V4_B, V4_C, Vector, egress_bin, sa, status_row,
+    vector::attempt, vector_bin,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -167,9 +167,8 @@ fn reload(sb: &Sandbox, agent: &Agent) {
 /// it and the policy `yaml`, in the sandbox's directory: (resolv.conf, policy).
 fn files(sb: &Sandbox, resolver: &str, bits: u8, yaml: &str) -> (PathBuf, PathBuf) {
     sb.add_addr(&format!("{resolver}/{bits}"));
-    let dir = sb.dir("dns");
-    let resolv = policy_file(&dir, "resolv.conf", &format!("nameserver {resolver}\n"));
-    (resolv, policy_file(&dir, "policy.yaml", yaml))
+    let resolv = sb.policy_file("resolv.conf", &format!("nameserver {resolver}\n"));
+    (resolv, sb.policy_file("policy.yaml", yaml))
 }
 
 /// A policy that says nothing about port 53: one unrelated rule.

@@ -238,7 +238,6 @@ fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
 #[test]
 fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
     let sb = Sandbox::new();
-    let dir = sb.dir("kfeat");
     // 300 rules, one per port, then the ones the test connects to.
     let mut yaml = String::new();
     for port in 20_000..20_300 {
@@ -251,7 +250,7 @@ fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
             "---\nkind: EgressRule\nmetadata: {{name: allow-{port}}}\nspec:\n  destination: {{service: 192.0.2.1}}\n  ports: [{{port: {port}, protocol: tcp}}]\n"
         )
     };
-    let file = policy_file(&dir, "policy.yaml", &format!("{yaml}{}", rule(8080)));
+    let file = sb.policy_file("policy.yaml", &format!("{yaml}{}", rule(8080)));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
     let s20299 = sb.sink(sa(egress_tests::V4_B, 20_299));

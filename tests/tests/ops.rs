@@ -55,8 +55,7 @@ fn status(sb: &Sandbox) -> serde_json::Value {
 #[test]
 fn created_rules_persist_and_bad_requests_change_nothing() {
     let sb = Sandbox::new();
-    let dir = sb.dir("ops");
-    let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("from-file", 8080));
+    let policy = sb.policy_file("policy.yaml", &rule("from-file", 8080));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
     let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
@@ -355,13 +354,12 @@ fn policy_file_changes_are_applied_without_a_signal() {
 #[test]
 fn metrics_count_verdicts_requests_and_reloads() {
     let sb = Sandbox::new();
-    let dir = sb.dir("metrics");
     let yaml = format!(
         "kind: EgressConfig\nspec:\n  hosts: {{one.test: [192.0.2.1]}}\n---\n{}---\n\
          kind: EgressRule\nmetadata: {{name: web}}\nspec:\n  destination: {{service: one.test}}\n  ports: [{{port: 80, protocol: http}}]\n",
         rule("tcp", 8080)
     );
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    let file = sb.policy_file("policy.yaml", &yaml);
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
     let http = egress_tests::upstream::Upstream::http(&sb.name, sa(V4_A, 80));
@@ -453,7 +451,6 @@ fn metrics_count_verdicts_requests_and_reloads() {
 #[test]
 fn a_large_policy_logs_progress_while_it_loads() {
     let sb = Sandbox::new();
-    let dir = sb.dir("large");
     let mut yaml = String::new();
     for i in 0..20_000u32 {
         let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
@@ -461,7 +458,7 @@ fn a_large_policy_logs_progress_while_it_loads() {
             "---\nkind: EgressRule\nmetadata: {{name: r{i}}}\nspec:\n  destination: {{service: {ip}/32}}\n  ports: [{{port: 8080, protocol: tcp}}]\n"
         ));
     }
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    let file = sb.policy_file("policy.yaml", &yaml);
     sb.add_addr("198.18.0.7/32");
     let sink = sb.sink(sa(std::net::Ipv4Addr::new(198, 18, 0, 7), 8080));
     let agent = sb.agent(EGRESS).policy(&file, &[]).start();
@@ -492,8 +489,7 @@ fn a_large_policy_logs_progress_while_it_loads() {
 fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     const BURST: usize = 2000;
     let sb = Sandbox::new();
-    let dir = sb.dir("burst");
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
+    let file = sb.policy_file("policy.yaml", &rule("r", 8080));
     let denied = sb.sink(sa(V4_A, 9090));
     let agent = sb.agent(EGRESS).policy(&file, &["--no-watch"]).start();
     let follower = EventFollower::start(&sb, EGRESS);

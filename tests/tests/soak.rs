@@ -85,7 +85,7 @@ fn policy_and_sinks(
     yaml: &str,
     targets: &[SocketAddr],
 ) -> (PathBuf, HashMap<SocketAddr, Sink>) {
-    let file = egress_tests::policy_file(&sb.dir("policy"), "policy.yaml", yaml);
+    let file = sb.policy_file("policy.yaml", yaml);
     (file, targets.iter().map(|t| (*t, sb.sink(*t))).collect())
 }
 

@@ -10,7 +10,6 @@ use std::{net::SocketAddr, time::Duration};
 use egress_tests::{
     Agent, Attempted, PodNet, Sandbox, V4_A, V4_B, V6_A, V6_B, Vector, egress_bin,
     matrix::{Expect, Family, Matrix, TIMEOUT, cases_rule},
-    policy_file,
     vector::attempt,
     vector_bin,
 };
@@ -28,7 +27,7 @@ fn rule(name: &str, service: &str) -> String {
 
 /// Starts an agent enforcing `yaml` with the XDP backstop on `iface`.
 fn agent(sb: &Sandbox, yaml: &str, iface: &str) -> Agent {
-    let policy = policy_file(&sb.dir("xdp"), "policy.yaml", yaml);
+    let policy = sb.policy_file("policy.yaml", yaml);
     sb.agent(EGRESS)
         .policy(&policy, &["--xdp-iface", iface])
         .start()
