@@ -436,8 +436,7 @@ fn run(options: &Options) {
         nice: options.nice,
     };
     let sandbox = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("egress-bench-http-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("bench directory");
+    let dir = sandbox.dir("bench-http");
     eprintln!(
         "bench http: sandbox {}, files in {}",
         sandbox.name,
@@ -567,7 +566,6 @@ fn run(options: &Options) {
     report::print(options, &contenders, &shown);
     drop(contenders);
     drop(nginx);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 fn short(kind: Kind) -> &'static str {

@@ -394,7 +394,7 @@ pub fn start_envoy(bin: &Path, dir: &Path, netns: &str, pin: Pin, ca: &Path) -> 
 }
 
 /// The egress agent (`egress run`) enforcing `policy` on the sandbox's cgroup, with its log
-/// at `log_level` (`None`: the agent's default). Started like `Agent::start_in`, but pinned and
+/// at `log_level` (`None`: the agent's default). Started like `Sandbox::agent`, but pinned and
 /// logging to a file: at tens of thousands of requests a second its per-request lines would
 /// otherwise cost the bench a reader thread on someone's CPU.
 pub fn start_egress(
