@@ -81,6 +81,71 @@ pub fn bench_args(name: &str) -> Result<Vec<String>, std::process::ExitCode> {
     Ok(args)
 }
 
+/// A benchmark's arguments, read in order: each flag with [`Iterator::next`], its value with
+/// [`Flags::value`] or [`Flags::number`]; a missing or malformed value panics naming the flag
+/// and the bench's `usage`.
+pub struct Flags<'a> {
+    args: std::slice::Iter<'a, String>,
+    usage: &'a str,
+    separators: bool,
+}
+
+impl<'a> Flags<'a> {
+    pub fn new(args: &'a [String], usage: &'a str) -> Self {
+        Self {
+            args: args.iter(),
+            usage,
+            separators: false,
+        }
+    }
+
+    /// Values may group digits with `_` (`--sizes 1_000,10_000`): it is removed from every
+    /// value.
+    pub fn with_separators(mut self) -> Self {
+        self.separators = true;
+        self
+    }
+
+    /// The value after `flag`.
+    pub fn value(&mut self, flag: &str) -> String {
+        let value = self
+            .args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value; {}", self.usage));
+        if self.separators {
+            value.replace('_', "")
+        } else {
+            value.clone()
+        }
+    }
+
+    /// `text`, a value of `flag`, as a number.
+    pub fn parse<T: std::str::FromStr>(&self, text: &str, flag: &str) -> T
+    where
+        T::Err: std::fmt::Display,
+    {
+        text.parse()
+            .unwrap_or_else(|e| panic!("{flag} {text}: {e}; {}", self.usage))
+    }
+
+    /// The value after `flag`, as a number.
+    pub fn number<T: std::str::FromStr>(&mut self, flag: &str) -> T
+    where
+        T::Err: std::fmt::Display,
+    {
+        let text = self.value(flag);
+        self.parse(&text, flag)
+    }
+}
+
+impl<'a> Iterator for Flags<'a> {
+    type Item = &'a String;
+
+    fn next(&mut self) -> Option<&'a String> {
+        self.args.next()
+    }
+}
+
 /// A benchmark's `main`: [`bench_args`], then `run` on them.
 pub fn bench_main(name: &str, run: impl FnOnce(&[String])) -> std::process::ExitCode {
     match bench_args(name) {
