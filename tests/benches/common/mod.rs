@@ -119,6 +119,14 @@ impl<'a> Flags<'a> {
         }
     }
 
+    /// The directory after `flag` (as given, digit separators or not).
+    pub fn dir(&mut self, flag: &str) -> std::path::PathBuf {
+        self.args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a directory; {}", self.usage))
+            .into()
+    }
+
     /// `text`, a value of `flag`, as a number.
     pub fn parse<T: std::str::FromStr>(&self, text: &str, flag: &str) -> T
     where

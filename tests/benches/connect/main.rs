@@ -167,13 +167,7 @@ fn parse(args: &[String]) -> Options {
                     })
                     .collect();
             }
-            "--out" => {
-                options.out = Some(
-                    args.next()
-                        .unwrap_or_else(|| panic!("--out needs a directory; {USAGE}"))
-                        .into(),
-                );
-            }
+            "--out" => options.out = Some(args.dir("--out")),
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }

@@ -160,13 +160,7 @@ fn parse(args: &[String]) -> Options {
             "--nice" => options.nice = args.number(flag),
             "--no-big" => options.big = false,
             "--no-1m" => options.million = false,
-            "--out" => {
-                options.out = Some(
-                    args.next()
-                        .unwrap_or_else(|| panic!("--out needs a directory; {USAGE}"))
-                        .into(),
-                )
-            }
+            "--out" => options.out = Some(args.dir("--out")),
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }
