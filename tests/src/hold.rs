@@ -89,10 +89,9 @@ impl Sandbox {
     /// (status line, body). From a thread that enters the sandbox's netns (the agent's
     /// loopback), not from the workload cgroup: the scraper is not a workload.
     pub fn scrape(&self, port: u16, path: &str) -> (String, String) {
-        let (name, path) = (self.name.clone(), path.to_owned());
-        std::thread::spawn(move || {
+        let path = path.to_owned();
+        crate::in_netns(&self.name, move || {
             use std::io::{Read as _, Write as _};
-            crate::enter_netns(&name);
             let mut stream =
                 std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to /metrics");
             write!(
@@ -108,8 +107,6 @@ impl Sandbox {
             let status = head.lines().next().unwrap_or("").to_owned();
             (status, body.to_owned())
         })
-        .join()
-        .expect("scraping")
     }
 }
 

@@ -71,58 +71,97 @@ pub enum Expect {
     Vanishes,
 }
 
-/// Runs every vector over every family from `netns` (inside `cgroup` when given) to sinks in
-/// `sink_ns`, at `v4`/`v6`, expecting sources `src4`/`src6`; returns the failures, one line
-/// each. `bin` is `vector_bin!()`; `timeout` bounds each attempt ([`TIMEOUT`] unless the
-/// caller counts retransmissions).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one table-driven runner for every caller"
-)]
-pub fn run_matrix(
-    bin: &str,
-    timeout: Duration,
-    netns: &str,
-    cgroup: Option<&Path>,
-    sink_ns: &str,
-    (v4, v6): (std::net::Ipv4Addr, std::net::Ipv6Addr),
-    (src4, src6): (IpAddr, IpAddr),
-    base_port: u16,
-    expect: impl Fn(Vector, Family) -> Expect,
-) -> Vec<String> {
-    let mut failures = Vec::new();
-    for (fi, family) in FAMILIES.into_iter().enumerate() {
-        for (vi, vector) in Vector::ALL.into_iter().enumerate() {
-            let port = base_port + (fi * 10 + vi) as u16;
-            let (sink_addr, target, src) = match family {
-                Family::V4 => (sa(v4, port), sa(v4, port), src4),
-                Family::V6 => (sa(v6, port), sa(v6, port), src6),
-                Family::Mapped => (sa(v4, port), mapped(v4, port), src4),
-            };
-            let sink = AnySink::start(vector, sink_ns, sink_addr);
-            let no_routes = ip6_in_no_routes(sink_ns);
-            let got = attempt(bin, netns, cgroup, vector, target, timeout);
-            let want = expect(vector, family);
-            let case = format!("{vector} to {target} ({family:?})");
-            let no_route = ip6_in_no_routes(sink_ns) - no_routes;
-            let checked = check(&sink, vector, src, &got, &want).and_then(|()| {
-                let wanted = u64::from(want == Expect::DroppedNoRoute);
-                if no_route == wanted {
-                    Ok(())
-                } else {
-                    Err(format!("Ip6InNoRoutes grew by {no_route}, not {wanted}"))
-                }
-            });
-            if let Err(why) = checked {
-                failures.push(format!(
-                    "{case}: {why} (tool said {got:?}, wanted {want:?})"
-                ));
-            } else {
-                eprintln!("{case}: {got:?}, as expected ({want:?})");
-            }
+/// Where the vectors run: from `netns` (inside `cgroup` when given) to sinks in `sink_ns`,
+/// with `bin` (`vector_bin!()`); `timeout` bounds each attempt ([`TIMEOUT`] unless the caller
+/// counts retransmissions).
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a> {
+    pub bin: &'a str,
+    pub timeout: Duration,
+    pub netns: &'a str,
+    pub cgroup: Option<&'a Path>,
+    pub sink_ns: &'a str,
+}
+
+impl<'a> Matrix<'a> {
+    /// From `netns` (inside `cgroup` when given) to sinks in `sink_ns`, with `bin`, each
+    /// attempt bounded by [`TIMEOUT`].
+    pub fn new(bin: &'a str, netns: &'a str, cgroup: Option<&'a Path>, sink_ns: &'a str) -> Self {
+        Self {
+            bin,
+            timeout: TIMEOUT,
+            netns,
+            cgroup,
+            sink_ns,
         }
     }
-    failures
+
+    /// Runs every vector over every family to sinks at `v4`/`v6`, expecting sources
+    /// `src4`/`src6`, on ports from `base_port` on; returns the failures, one line each.
+    pub fn run(
+        &self,
+        (v4, v6): (std::net::Ipv4Addr, std::net::Ipv6Addr),
+        (src4, src6): (IpAddr, IpAddr),
+        base_port: u16,
+        expect: impl Fn(Vector, Family) -> Expect,
+    ) -> Vec<String> {
+        let Self {
+            bin,
+            timeout,
+            netns,
+            cgroup,
+            sink_ns,
+        } = *self;
+        let mut failures = Vec::new();
+        for (fi, family) in FAMILIES.into_iter().enumerate() {
+            for (vi, vector) in Vector::ALL.into_iter().enumerate() {
+                let port = case_port(base_port, fi, vi);
+                let (sink_addr, target, src) = match family {
+                    Family::V4 => (sa(v4, port), sa(v4, port), src4),
+                    Family::V6 => (sa(v6, port), sa(v6, port), src6),
+                    Family::Mapped => (sa(v4, port), mapped(v4, port), src4),
+                };
+                let sink = AnySink::start(vector, sink_ns, sink_addr);
+                let no_routes = ip6_in_no_routes(sink_ns);
+                let got = attempt(bin, netns, cgroup, vector, target, timeout);
+                let want = expect(vector, family);
+                let case = format!("{vector} to {target} ({family:?})");
+                let no_route = ip6_in_no_routes(sink_ns) - no_routes;
+                let checked = check(&sink, vector, src, &got, &want).and_then(|()| {
+                    let wanted = u64::from(want == Expect::DroppedNoRoute);
+                    if no_route == wanted {
+                        Ok(())
+                    } else {
+                        Err(format!("Ip6InNoRoutes grew by {no_route}, not {wanted}"))
+                    }
+                });
+                if let Err(why) = checked {
+                    failures.push(format!(
+                        "{case}: {why} (tool said {got:?}, wanted {want:?})"
+                    ));
+                } else {
+                    eprintln!("{case}: {got:?}, as expected ({want:?})");
+                }
+            }
+        }
+        failures
+    }
+}
+
+/// The port of the case of family `fi` and vector `vi` (their indexes in [`FAMILIES`] and
+/// [`Vector::ALL`]) when the cases start at `base_port`.
+fn case_port(base_port: u16, fi: usize, vi: usize) -> u16 {
+    base_port + (fi * 10 + vi) as u16
+}
+
+/// An EgressRule allowing `service` over tcp and udp on every port [`Matrix::run`] gives its
+/// cases from `base_port` (one per family and vector).
+pub fn cases_rule(name: &str, service: &str, base_port: u16) -> String {
+    let ports = (0..FAMILIES.len())
+        .flat_map(|fi| (0..Vector::ALL.len()).map(move |vi| case_port(base_port, fi, vi)));
+    crate::policy::Rule::new(name, service)
+        .tcp_and_udp(ports)
+        .to_string()
 }
 
 /// The `Ip6InNoRoutes` counter of a namespace: IPv6 packets it received and had no route for.
@@ -178,19 +217,8 @@ fn check(
             }
         }
         AnySink::Udp(s) => {
-            let got = s.datagrams();
-            if !arrives {
-                return if got.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("the sink received {got:?}"))
-                };
-            }
-            let [d] = got.as_slice() else {
-                return Err(format!(
-                    "the sink received {} datagrams: {got:?}",
-                    got.len()
-                ));
+            let Some(d) = at_most_one(s.datagrams(), arrives, "received", "datagrams")? else {
+                return Ok(());
             };
             if d.payload != payload || !d.marked() || d.from.ip() != src {
                 return Err(format!("the sink received {d:?}"));
@@ -200,16 +228,8 @@ fn check(
             }
         }
         AnySink::Syn(s) => {
-            let got = s.syns();
-            if !arrives {
-                return if got.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("the sink saw {got:?}"))
-                };
-            }
-            let [syn] = got.as_slice() else {
-                return Err(format!("the sink saw {} SYNs: {got:?}", got.len()));
+            let Some(syn) = at_most_one(s.syns(), arrives, "saw", "SYNs")? else {
+                return Ok(());
             };
             if syn.payload != payload || syn.from != SocketAddr::new(src, 40001) {
                 return Err(format!("the sink saw {syn:?}"));
@@ -217,4 +237,26 @@ fn check(
         }
     }
     Ok(())
+}
+
+/// What a sink recorded (`verb` and `what` name it in errors), when exactly one item was to
+/// arrive (`Some` of it) or none was (`None`); anything else is an error.
+fn at_most_one<T: std::fmt::Debug>(
+    got: Vec<T>,
+    arrives: bool,
+    verb: &str,
+    what: &str,
+) -> Result<Option<T>, String> {
+    if !arrives {
+        return if got.is_empty() {
+            Ok(None)
+        } else {
+            Err(format!("the sink {verb} {got:?}"))
+        };
+    }
+    let len = got.len();
+    match <[T; 1]>::try_from(got) {
+        Ok([one]) => Ok(Some(one)),
+        Err(got) => Err(format!("the sink {verb} {len} {what}: {got:?}")),
+    }
 }

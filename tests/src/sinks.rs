@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Sandbox, Sink, enter_netns, sh};
+use crate::{Sandbox, Sink, sh, spawn_in_netns};
 
 /// The bytes every payload of `egress-vector` starts with.
 pub const MARKER: &[u8] = b"egress-vector";
@@ -88,34 +88,76 @@ impl<T: Clone> Shared<T> {
     }
 }
 
-/// Runs `body` on a thread inside `netns`; it gets a channel to report its bound address on
-/// (or why it could not start, which [`spawn`] panics with).
-fn spawn<T: Send + 'static>(
-    netns: &str,
-    what: String,
+/// A thread inside a network namespace that records what reaches an address (a [`UdpSink`]
+/// its datagrams, a [`SynSink`] its SYNs), stopped on drop.
+pub struct Recording<T> {
+    addr: SocketAddr,
     shared: Arc<Shared<T>>,
-    body: impl FnOnce(&Shared<T>, std::sync::mpsc::Sender<SocketAddr>) + Send + 'static,
-) -> (SocketAddr, thread::JoinHandle<()>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let netns = netns.to_owned();
-    let thread = thread::spawn(move || {
-        enter_netns(&netns);
-        body(&shared, tx);
-    });
-    match rx.recv_timeout(Duration::from_secs(5)) {
-        Ok(addr) => (addr, thread),
-        Err(_) => match thread.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => panic!("the {what} did not start"),
-        },
-    }
+    thread: Option<thread::JoinHandle<()>>,
 }
 
 /// A UDP server inside a network namespace that records every datagram reaching it.
-pub struct UdpSink {
-    addr: SocketAddr,
-    shared: Arc<Shared<Datagram>>,
-    thread: Option<thread::JoinHandle<()>>,
+pub type UdpSink = Recording<Datagram>;
+
+/// Counts TCP SYNs (SYN set, ACK clear) that reach an address and port inside a network
+/// namespace, whether or not anything listens there.
+///
+/// It is a raw `IPPROTO_TCP` socket bound to the address: the kernel hands raw sockets a copy
+/// of every packet of their protocol it delivers locally (`raw_local_deliver` for IPv4,
+/// `ipv6_raw_deliver` for IPv6) before TCP sees it, and binding filters on the destination
+/// address. IPv4 copies start with the IP header, IPv6 copies with the TCP header (the
+/// source comes from `recvfrom`). Verified on this kernel by `tests/vectors.rs` for both
+/// families, over loopback and over a veth.
+pub type SynSink = Recording<Syn>;
+
+impl<T: Clone + Send + 'static> Recording<T> {
+    /// Runs `body` on a thread inside `netns`; it reports its bound address on the channel
+    /// (or panics with why it could not start, which this passes on).
+    fn spawn(
+        netns: &str,
+        what: String,
+        body: impl FnOnce(&Shared<T>, std::sync::mpsc::Sender<SocketAddr>) + Send + 'static,
+    ) -> Self {
+        let shared = Shared::new();
+        let (addr, thread) = {
+            let shared = shared.clone();
+            spawn_in_netns(netns, &what, move |tx| body(&shared, tx))
+        };
+        Self {
+            addr,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// The address it records what reaches.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What it recorded so far, in order (after waiting briefly for any in flight).
+    pub fn all(&self) -> Vec<T> {
+        self.shared.all()
+    }
+
+    /// How many it recorded so far (after waiting briefly for any in flight).
+    pub fn count(&self) -> usize {
+        self.all().len()
+    }
+
+    /// Waits until at least `n` arrived or `timeout` passed; returns the count.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+        self.shared.wait_for(n, timeout)
+    }
+}
+
+impl<T> Drop for Recording<T> {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl UdpSink {
@@ -133,17 +175,15 @@ impl UdpSink {
     }
 
     fn start_protocol(netns: &str, addr: SocketAddr, protocol: libc::c_int) -> Self {
-        let shared = Shared::new();
         let ns = netns.to_owned();
         let what = if protocol == libc::IPPROTO_UDP {
             "UDP"
         } else {
             "UDP-Lite"
         };
-        let (addr, thread) = spawn(
+        Self::spawn(
             netns,
             format!("{what} sink at {addr}"),
-            shared.clone(),
             move |shared, tx| {
                 let socket = datagram_socket(addr, protocol)
                     .unwrap_or_else(|e| panic!("binding {what} {addr} in {ns}: {e}"));
@@ -168,41 +208,12 @@ impl UdpSink {
                     }
                 }
             },
-        );
-        Self {
-            addr,
-            shared,
-            thread: Some(thread),
-        }
-    }
-
-    /// The address it is bound to.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Datagrams received so far (after waiting briefly for any in flight).
-    pub fn count(&self) -> usize {
-        self.datagrams().len()
+        )
     }
 
     /// Every datagram received so far, in order (after waiting briefly for any in flight).
     pub fn datagrams(&self) -> Vec<Datagram> {
-        self.shared.all()
-    }
-
-    /// Waits until at least `n` datagrams arrived or `timeout` passed; returns the count.
-    pub fn wait_for(&self, n: usize, timeout: Duration) -> usize {
-        self.shared.wait_for(n, timeout)
-    }
-}
-
-impl Drop for UdpSink {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.all()
     }
 }
 
@@ -229,21 +240,6 @@ fn datagram_socket(addr: SocketAddr, protocol: libc::c_int) -> std::io::Result<U
     Ok(UdpSocket::from(fd))
 }
 
-/// Counts TCP SYNs (SYN set, ACK clear) that reach an address and port inside a network
-/// namespace, whether or not anything listens there.
-///
-/// It is a raw `IPPROTO_TCP` socket bound to the address: the kernel hands raw sockets a copy
-/// of every packet of their protocol it delivers locally (`raw_local_deliver` for IPv4,
-/// `ipv6_raw_deliver` for IPv6) before TCP sees it, and binding filters on the destination
-/// address. IPv4 copies start with the IP header, IPv6 copies with the TCP header (the
-/// source comes from `recvfrom`). Verified on this kernel by `tests/vectors.rs` for both
-/// families, over loopback and over a veth.
-pub struct SynSink {
-    addr: SocketAddr,
-    shared: Arc<Shared<Syn>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
 impl SynSink {
     /// Starts counting SYNs to `addr` inside `netns`. A `::ffff:a.b.c.d` address counts the
     /// IPv4 packets to `a.b.c.d`, which is what travels for it.
@@ -255,63 +251,28 @@ impl SynSink {
             },
             IpAddr::V4(_) => addr,
         };
-        let shared = Shared::new();
         let ns = netns.to_owned();
-        let (_, thread) = spawn(
-            netns,
-            format!("SYN sink at {addr}"),
-            shared.clone(),
-            move |shared, tx| {
-                let fd = raw_tcp_socket(addr)
-                    .unwrap_or_else(|e| panic!("raw TCP socket at {addr} in {ns}: {e}"));
-                tx.send(addr).expect("send addr");
-                let mut buf = vec![0u8; 65536];
-                while !shared.stop.load(Ordering::Relaxed) {
-                    let Some((n, from)) = recv_from(&fd, &mut buf)
-                        .unwrap_or_else(|e| panic!("receiving on raw TCP at {addr}: {e}"))
-                    else {
-                        continue;
-                    };
-                    if let Some(syn) = parse_syn(&buf[..n], from, addr.port()) {
-                        shared.push(syn);
-                    }
+        Self::spawn(netns, format!("SYN sink at {addr}"), move |shared, tx| {
+            let fd = raw_tcp_socket(addr)
+                .unwrap_or_else(|e| panic!("raw TCP socket at {addr} in {ns}: {e}"));
+            tx.send(addr).expect("send addr");
+            let mut buf = vec![0u8; 65536];
+            while !shared.stop.load(Ordering::Relaxed) {
+                let Some((n, from)) = recv_from(&fd, &mut buf)
+                    .unwrap_or_else(|e| panic!("receiving on raw TCP at {addr}: {e}"))
+                else {
+                    continue;
+                };
+                if let Some(syn) = parse_syn(&buf[..n], from, addr.port()) {
+                    shared.push(syn);
                 }
-            },
-        );
-        Self {
-            addr,
-            shared,
-            thread: Some(thread),
-        }
-    }
-
-    /// The address and port it counts SYNs to.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// SYNs seen so far (after waiting briefly for any in flight).
-    pub fn count(&self) -> usize {
-        self.syns().len()
+            }
+        })
     }
 
     /// Every SYN seen so far, in order (after waiting briefly for any in flight).
     pub fn syns(&self) -> Vec<Syn> {
-        self.shared.all()
-    }
-
-    /// Waits until at least `n` SYNs arrived or `timeout` passed; returns the count.
-    pub fn wait_for(&self, n: usize, timeout: Duration) -> usize {
-        self.shared.wait_for(n, timeout)
-    }
-}
-
-impl Drop for SynSink {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.all()
     }
 }
 

@@ -89,12 +89,9 @@ impl Upstream {
     fn start(netns: &str, addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let netns = netns.to_owned();
-        let thread = {
+        let (addr, thread) = {
             let (seen, stop) = (seen.clone(), stop.clone());
-            thread::spawn(move || {
-                crate::enter_netns(&netns);
+            crate::spawn_in_netns(netns, "upstream", move |tx| {
                 let listener =
                     TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
                 listener.set_nonblocking(true).expect("nonblocking");
@@ -114,9 +111,6 @@ impl Upstream {
                 }
             })
         };
-        let addr = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("upstream did not start");
         Self {
             addr,
             seen,

@@ -80,8 +80,7 @@ impl World {
     /// The upstreams and the policy, no agent yet ([`World::start_agent`] starts one).
     pub fn without_agent(egress: &'static str, probe: &'static str) -> Self {
         let sb = Sandbox::new();
-        let dir = std::env::temp_dir().join(format!("{}-http", sb.name));
-        fs::create_dir_all(&dir).expect("policy dir");
+        let dir = sb.dir("http");
         let ca = TestCa::new(&["secure.test"]);
         // A server with a certificate for its own name, from a CA the agent does not trust.
         let rogue_ca = TestCa::new(&["rogue.test"]);
@@ -112,11 +111,11 @@ impl World {
     pub fn start_agent_with(&mut self, extra: &[&str], nofile: Option<(u64, u64)>) {
         let policy = self.dir.join("policy.yaml");
         let args = self.sb.run_args(&policy, extra);
-        let agent = match nofile {
-            Some(limits) => Agent::start_in_nofile(&self.sb, self.egress, &args, limits),
-            None => Agent::start_in(&self.sb, self.egress, &args),
-        };
-        self.agent = Some(agent);
+        let mut launch = self.sb.agent(self.egress).args(&args);
+        if let Some((soft, hard)) = nofile {
+            launch = launch.nofile(soft, hard);
+        }
+        self.agent = Some(launch.start());
     }
 
     /// The value of `series` in the agent's metrics, served at `127.0.0.1:port` in the sandbox.
@@ -134,12 +133,6 @@ impl World {
         let req =
             format!("GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
         Response::parse(&self.sb.http(self.probe, &req, &[addr]))
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

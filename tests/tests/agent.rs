@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use egress_tests::{Agent, Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa};
+use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -19,13 +19,12 @@ fn rule(name: &str, port: u16) -> String {
 #[test]
 fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     let sb = Sandbox::new();
-    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
-    let p8080 = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
-    let p9090 = policy_file(&tmp, "b.yaml", &rule("allow-9090", 9090));
+    let p8080 = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
+    let p9090 = sb.policy_file("b.yaml", &rule("allow-9090", 9090));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
 
-    let first = Agent::start_in(&sb, EGRESS, &sb.run_args(&p8080, &[]));
+    let first = sb.agent(EGRESS).policy(&p8080, &[]).start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
     // The agent logs the denial with the destination and the process.
@@ -49,7 +48,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     );
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
 
-    let second = Agent::start_in(&sb, EGRESS, &sb.run_args(&p9090, &[]));
+    let second = sb.agent(EGRESS).policy(&p9090, &[]).start();
     assert!(second.log().contains("generation=2"), "{}", second.log());
     assert_eq!(
         sb.connect(PROBE, s9090.addr()),
@@ -78,11 +77,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     assert_eq!(s8080.accepted(), 2);
     assert_eq!(s9090.accepted(), 1);
 
-    let out = Command::new(EGRESS)
-        .args(["unload", "--pin-dir"])
-        .arg(&sb.pin_dir)
-        .output()
-        .expect("unload");
+    let out = sb.unload(EGRESS);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("no longer filtered"));
     assert!(!sb.pin_dir.exists(), "unload removed the pin directory");
@@ -90,7 +85,6 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     assert_eq!(sb.connect(PROBE, sa(V4_A, 9090)), Outcome::Connected);
     assert_eq!(s8080.accepted(), 3);
     assert_eq!(s9090.accepted(), 2);
-    let _ = std::fs::remove_dir_all(tmp);
 }
 
 /// `egress exec` runs the command inside the managed cgroup, with its exit status; it refuses
@@ -98,8 +92,7 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
 #[test]
 fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     let sb = Sandbox::new();
-    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
-    let policy = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
+    let policy = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
     let allowed = sb.sink(sa(V4_A, 8080));
     let denied = sb.sink(sa(V4_A, 9090));
     let exec = |addr: &str| {
@@ -125,7 +118,7 @@ fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     );
     assert_eq!(denied.accepted(), 0);
 
-    let _agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let _agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     let out = exec("192.0.2.1:9090");
     assert_eq!(
         out.status.code(),
@@ -141,15 +134,13 @@ fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected");
     assert_eq!(allowed.accepted(), 1);
     assert_eq!(denied.accepted(), 0);
-    let _ = std::fs::remove_dir_all(tmp);
 }
 
 /// A bad policy is reported as FILE:LINE and nothing is loaded.
 #[test]
 fn run_with_an_invalid_policy_loads_nothing() {
     let sb = Sandbox::new();
-    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
-    let bad = policy_file(&tmp, "bad.yaml", &rule("bad", 0));
+    let bad = sb.policy_file("bad.yaml", &rule("bad", 0));
     let out = Command::new(EGRESS)
         .arg("run")
         .args(sb.run_args(&bad, &[]))
@@ -168,7 +159,6 @@ fn run_with_an_invalid_policy_loads_nothing() {
         Outcome::Connected,
         "nothing is filtered"
     );
-    let _ = std::fs::remove_dir_all(tmp);
 }
 
 /// A map pinned by an incompatible version of egress is reported, with the command that
@@ -176,8 +166,7 @@ fn run_with_an_invalid_policy_loads_nothing() {
 #[test]
 fn a_pinned_map_of_another_layout_is_reported_not_misread() {
     let sb = Sandbox::new();
-    let tmp = std::env::temp_dir().join(format!("{}-policy", sb.name));
-    let policy = policy_file(&tmp, "a.yaml", &rule("allow-8080", 8080));
+    let policy = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
     std::fs::create_dir_all(&sb.pin_dir).expect("pin dir");
     // COUNTERS as another version might have made it: per-CPU, but 16-byte values.
     let counters = sb.pin_dir.join("COUNTERS");
@@ -197,15 +186,8 @@ fn a_pinned_map_of_another_layout_is_reported_not_misread() {
         "name",
         "COUNTERS",
     ]);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sb.name))
-        .arg(EGRESS)
-        .arg("run")
-        .args(sb.run_args(&policy, &[]))
-        .output()
-        .expect("egress run");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = sb.agent(EGRESS).policy(&policy, &[]).run_to_exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "pinned map {} has type PerCpuArray, key 4 B, value 16 B, 8 entries",
@@ -229,16 +211,11 @@ fn a_pinned_map_of_another_layout_is_reported_not_misread() {
         "nothing is filtered"
     );
 
-    let unload = Command::new(EGRESS)
-        .args(["unload", "--pin-dir"])
-        .arg(&sb.pin_dir)
-        .output()
-        .expect("egress unload");
+    let unload = sb.unload(EGRESS);
     assert!(unload.status.success(), "{unload:?}");
-    let _agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let _agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     assert_eq!(sb.connect(PROBE, server.addr()), Outcome::Denied);
     assert_eq!(server.accepted(), 1);
-    let _ = std::fs::remove_dir_all(tmp);
 }
 
 /// A mistyped `--cgroup` (`kubepods.slice` on a cgroupfs-driver node) is an error naming what
@@ -246,8 +223,7 @@ fn a_pinned_map_of_another_layout_is_reported_not_misread() {
 #[test]
 fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
     let sb = Sandbox::new();
-    let tmp = std::env::temp_dir().join(format!("{}-cgroup", sb.name));
-    let policy = policy_file(&tmp, "p.yaml", &rule("r", 8080));
+    let policy = sb.policy_file("p.yaml", &rule("r", 8080));
     // The sandbox's cgroup holds one child cgroup, as a node holds kubepods.
     std::fs::create_dir(sb.cgroup.join("kubepods")).expect("child cgroup");
     let typo = sb.cgroup.join("kubepods.slice");
@@ -263,7 +239,7 @@ fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         args
     };
-    let (status, log) = Agent::run_to_exit_env(&sb, EGRESS, &args(&[]), &[]);
+    let (status, log) = sb.agent(EGRESS).args(&args(&[])).run_to_exit();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains(&format!("cgroup {} does not exist", typo.display()))
@@ -277,7 +253,7 @@ fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
     assert!(!typo.exists(), "nothing was created");
     assert!(!sb.pin_dir.join("links").exists(), "nothing was pinned");
 
-    let agent = Agent::start_in(&sb, EGRESS, &args(&["--create-cgroup"]));
+    let agent = sb.agent(EGRESS).args(&args(&["--create-cgroup"])).start();
     assert!(typo.join("cgroup.procs").exists(), "{}", agent.log());
     assert!(agent.log().contains("ready: enforcing"), "{}", agent.log());
     agent.signal(libc::SIGTERM);
@@ -285,7 +261,6 @@ fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
     let _ = egress_user::loader::unload(&sb.pin_dir);
     let _ = std::fs::remove_dir(&typo);
     let _ = std::fs::remove_dir(sb.cgroup.join("kubepods"));
-    let _ = std::fs::remove_dir_all(tmp);
 }
 
 /// An empty managed cgroup filters nothing: after a while the agent says so, once; a cgroup
@@ -293,11 +268,10 @@ fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
 #[test]
 fn an_empty_managed_cgroup_is_reported() {
     let sb = Sandbox::new();
-    let tmp = std::env::temp_dir().join(format!("{}-empty", sb.name));
-    let policy = policy_file(&tmp, "p.yaml", &rule("r", 8080));
+    let policy = sb.policy_file("p.yaml", &rule("r", 8080));
     const WARNING: &str = "the managed cgroup has no process and no child cgroup";
     let env = [("EGRESS_EMPTY_CGROUP_WARN_AFTER_MS", "300")];
-    let agent = Agent::start_in_env(&sb, EGRESS, &sb.run_args(&policy, &[]), &env);
+    let agent = sb.agent(EGRESS).policy(&policy, &[]).env(&env).start();
     agent.wait_for_log(WARNING, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(agent.log().matches(WARNING).count(), 1, "{}", agent.log());
@@ -311,11 +285,10 @@ fn an_empty_managed_cgroup_is_reported() {
         .spawn()
         .expect("a workload");
     std::thread::sleep(Duration::from_millis(200));
-    let agent = Agent::start_in_env(&sb, EGRESS, &sb.run_args(&policy, &[]), &env);
+    let agent = sb.agent(EGRESS).policy(&policy, &[]).env(&env).start();
     std::thread::sleep(Duration::from_millis(2000));
     let log = agent.log();
     let _ = workload.kill();
     let _ = workload.wait();
     assert!(!log.contains(WARNING), "{log}");
-    let _ = std::fs::remove_dir_all(tmp);
 }

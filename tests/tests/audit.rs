@@ -56,17 +56,12 @@ fn a_request_no_rule_allows_reaches_the_address_the_app_chose_and_is_reported() 
     assert_eq!(r.code(), 200, "{}", r.raw);
     assert_eq!(w.http.seen().len(), 2);
 
-    let (ok, out, err) = w.sb.ctl(EGRESS, &["events", "-o", "json"]);
-    assert!(ok.success(), "{err}");
-    let events: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("event json"))
-        .collect();
+    let events = w.sb.events_json(EGRESS);
     let would: Vec<_> = events
         .iter()
         .filter(|e| e["source"] == "http" && e["verdict"] == "would-deny")
         .collect();
-    assert_eq!(would.len(), 1, "one would-deny http event: {out}");
+    assert_eq!(would.len(), 1, "one would-deny http event: {events:#?}");
     assert_eq!(would[0]["host"], "nobody.test");
     assert_eq!(would[0]["status"], 200);
     assert!(

@@ -11,8 +11,7 @@ use std::collections::HashMap;
 use egress_common::RuleCounters;
 use egress_tests::{
     Sandbox, V4_A, V4_B, V6_A, V6_B, Vector,
-    matrix::{Expect, FAMILIES, TIMEOUT, run_matrix},
-    policy::Rule,
+    matrix::{Expect, Matrix, cases_rule},
     vector_bin,
 };
 use egress_user::{
@@ -25,16 +24,9 @@ const VECTOR: &str = vector_bin!();
 const BASE_PORT: u16 = 24000;
 const EPERM: i32 = libc::EPERM;
 
-/// The ports `run_matrix` gives the cases (one per family and vector).
-fn ports() -> Vec<u16> {
-    (0..FAMILIES.len())
-        .flat_map(|fi| (0..Vector::ALL.len()).map(move |vi| BASE_PORT + (fi * 10 + vi) as u16))
-        .collect()
-}
-
 /// An EgressRule allowing `service` on every case port, over tcp and udp.
 fn rule(name: &str, service: &str) -> String {
-    Rule::new(name, service).tcp_and_udp(ports()).to_string()
+    cases_rule(name, service, BASE_PORT)
 }
 
 fn by_name(rows: Vec<egress_user::loader::RowCount>) -> HashMap<String, RuleCounters> {
@@ -56,16 +48,11 @@ fn every_vector_is_judged_allowed_and_denied_over_every_family() {
     let policy = egress_tests::policy::load(&yaml);
     let mut enforcer = pipeline::apply(&sb.target(), &policy).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
-    let cgroup = Some(sb.cgroup.as_path());
+    let matrix = Matrix::new(VECTOR, &sb.name, Some(sb.cgroup.as_path()), &sb.name);
 
     // Allowed destinations: TCP and UDP get through whatever the API; a raw socket is refused
     // at socket(), before it could send anything anywhere.
-    let failures = run_matrix(
-        VECTOR,
-        TIMEOUT,
-        &sb.name,
-        cgroup,
-        &sb.name,
+    let failures = matrix.run(
         (V4_A, V6_A),
         (V4_A.into(), V6_A.into()),
         BASE_PORT,
@@ -82,12 +69,7 @@ fn every_vector_is_judged_allowed_and_denied_over_every_family() {
 
     // Denied destinations (same ports, addresses no rule names): every vector fails with
     // EPERM at the call the kernel judged, and no sink sees anything.
-    let failures = run_matrix(
-        VECTOR,
-        TIMEOUT,
-        &sb.name,
-        cgroup,
-        &sb.name,
+    let failures = matrix.run(
         (V4_B, V6_B),
         (V4_B.into(), V6_B.into()),
         BASE_PORT,

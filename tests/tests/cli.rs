@@ -5,35 +5,28 @@
 use std::{
     io::{BufRead as _, BufReader},
     os::unix::process::ExitStatusExt as _,
+    path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use egress_tests::{Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, policy_file, probe_bin, sa};
+use egress_tests::{
+    Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, policy_file, probe_bin, sa, wait_within,
+};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
 
 /// Waits for `child` at most `limit`; kills it and panics if it is still running.
 fn wait_at_most(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_within(child, limit).unwrap_or_else(|| panic!("still running after {limit:?}"))
 }
 
 #[test]
 fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
     // `egress check big.yaml | head -1`: far more output than a pipe holds.
-    let dir = std::env::temp_dir().join(format!("egress-cli-pipe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = tmp.path();
     let yaml: String = (0..3000)
         .map(|i| {
             format!(
@@ -43,7 +36,7 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
             )
         })
         .collect();
-    let file = policy_file(&dir, "big.yaml", &yaml);
+    let file = policy_file(dir, "big.yaml", &yaml);
     let mut child = Command::new(EGRESS)
         .arg("check")
         .arg(&file)
@@ -60,7 +53,6 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
         .expect("stderr");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!first.is_empty());
     assert_ne!(status.code(), Some(101), "it panicked: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -73,14 +65,11 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
 #[test]
 fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-cli", sb.name));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let policy = policy_file(
-        &dir,
+    let policy = sb.policy_file(
         "p.yaml",
         "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
     );
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
 
     // EGRESS_SOCKET instead of --socket.
     let out = Command::new(EGRESS)
@@ -109,7 +98,6 @@ fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() 
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut follow.stderr.take().expect("stderr"), &mut stderr)
         .expect("stderr");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!status.success(), "a follow that lost its agent must fail");
     assert!(
         stderr.contains("the agent closed the event stream"),
@@ -121,7 +109,8 @@ fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() 
 fn a_namespace_flag_other_than_default_is_refused_before_anything_is_sent() {
     // `istioctl create -f rule.yaml -n default` as the seeds do it: accepted (this one then
     // fails only because no agent listens on the made-up socket).
-    let socket = std::env::temp_dir().join(format!("egress-cli-ns-{}.sock", std::process::id()));
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let socket = tmp.path().join("ns.sock");
     let out = Command::new(EGRESS)
         .args(["get", "egressrules", "-n", "default", "--socket"])
         .arg(&socket)
@@ -151,16 +140,14 @@ fn a_namespace_flag_other_than_default_is_refused_before_anything_is_sent() {
     }
 }
 
-/// Starts an agent of `sb` on `cgroup` (with `--create-cgroup`), stops it, and returns what
-/// `egress unload` then printed.
-fn run_then_unload(sb: &Sandbox, policy: &std::path::Path, cgroup: &std::path::Path) -> String {
+/// Starts an agent of `sb` enforcing `policy` on `cgroup`, which it creates
+/// (`--create-cgroup`).
+fn start_creating(sb: &Sandbox, policy: &Path, cgroup: &Path) -> Agent {
     let cgroup = cgroup.display().to_string();
     let policy = policy.display().to_string();
     let pin_dir = sb.pin_dir.display().to_string();
-    let agent = Agent::start_in(
-        sb,
-        EGRESS,
-        &[
+    sb.agent(EGRESS)
+        .args(&[
             "--policy",
             &policy,
             "--cgroup",
@@ -168,14 +155,17 @@ fn run_then_unload(sb: &Sandbox, policy: &std::path::Path, cgroup: &std::path::P
             "--create-cgroup",
             "--pin-dir",
             &pin_dir,
-        ],
-    );
+        ])
+        .start()
+}
+
+/// Starts an agent of `sb` on `cgroup` (with `--create-cgroup`), stops it, and returns what
+/// `egress unload` then printed.
+fn run_then_unload(sb: &Sandbox, policy: &Path, cgroup: &Path) -> String {
+    let agent = start_creating(sb, policy, cgroup);
     agent.signal(libc::SIGTERM);
     let _ = agent.wait();
-    let out = Command::new(EGRESS)
-        .args(["unload", "--pin-dir", &pin_dir])
-        .output()
-        .expect("egress unload");
+    let out = sb.unload(EGRESS);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -188,9 +178,7 @@ fn run_then_unload(sb: &Sandbox, policy: &std::path::Path, cgroup: &std::path::P
 #[test]
 fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_stays() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-unload", sb.name));
-    let policy = policy_file(
-        &dir,
+    let policy = sb.policy_file(
         "p.yaml",
         "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
     );
@@ -216,30 +204,12 @@ fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_
     };
     let agent_then_join = {
         // The agent makes the cgroup; the process joins it before the unload.
-        let cgroup = busy.display().to_string();
-        let policy = policy.display().to_string();
-        let pin_dir = sb.pin_dir.display().to_string();
-        let agent = Agent::start_in(
-            &sb,
-            EGRESS,
-            &[
-                "--policy",
-                &policy,
-                "--cgroup",
-                &cgroup,
-                "--create-cgroup",
-                "--pin-dir",
-                &pin_dir,
-            ],
-        );
+        let agent = start_creating(&sb, &policy, &busy);
         std::fs::write(busy.join("cgroup.procs"), sleeper.id().to_string())
             .expect("moving sleep into the cgroup");
         agent.signal(libc::SIGTERM);
         let _ = agent.wait();
-        Command::new(EGRESS)
-            .args(["unload", "--pin-dir", &pin_dir])
-            .output()
-            .expect("egress unload")
+        sb.unload(EGRESS)
     };
     let out = String::from_utf8_lossy(&agent_then_join.stdout).into_owned();
     let busy_stays = busy.exists();
@@ -256,7 +226,6 @@ fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_
 
     // A cgroup that existed before the agent (the sandbox made it): never removed.
     let out = run_then_unload(&sb, &policy, &sb.cgroup);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.contains(&format!(
             "cgroup {} stays: egress did not create it",
@@ -270,7 +239,7 @@ fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_
 #[test]
 fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-maps", sb.name));
+    let dir = sb.dir("maps");
     let policy = policy_file(
         &dir,
         "p.yaml",
@@ -278,7 +247,7 @@ fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
          kind: EgressRule\nmetadata: {name: dns-b}\nspec:\n  destination: {service: 198.51.100.0/24}\n  ports: [{port: 53, protocol: udp}]\n---\n\
          kind: EgressRule\nmetadata: {name: site}\nspec:\n  destination: {service: site.example.test}\n  ports: [{port: 80, protocol: http}]\n",
     );
-    let _agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let _agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     let allowed = sb.sink(sa(V4_A, 8080));
     let denied = sb.sink(sa(V4_B, 8080));
     for _ in 0..3 {
@@ -333,7 +302,6 @@ fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
         .args(["maps", "--pin-dir", &pin_dir, "-o", "json"])
         .output()
         .expect("egress maps -o json");
-    let _ = std::fs::remove_dir_all(&dir);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "{e}: {}{}",

@@ -13,7 +13,7 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Attempted, Sandbox, Sink, UdpSink, V4_B, V4_C, Vector, egress_bin, policy_file, sa,
+    Agent, Attempted, Sandbox, Sink, UdpSink, V4_B, V4_C, Vector, egress_bin, sa, status_row,
     vector::attempt, vector_bin,
 };
 
@@ -60,18 +60,16 @@ impl Server {
     }
 }
 
+/// One query of kind `vector` to `addr` from the managed cgroup.
+fn query(sb: &Sandbox, vector: Vector, addr: SocketAddr) -> Attempted {
+    attempt(VECTOR, &sb.name, Some(&sb.cgroup), vector, addr, TIMEOUT)
+}
+
 /// Every query to `server` from the managed cgroup gets through, and arrives.
 fn allowed(sb: &Sandbox, server: &Server) {
     let before = server.seen();
     for (vector, _) in QUERIES {
-        let got = attempt(
-            VECTOR,
-            &sb.name,
-            Some(&sb.cgroup),
-            vector,
-            server.addr(),
-            TIMEOUT,
-        );
+        let got = query(sb, vector, server.addr());
         assert_eq!(got, Attempted::Ok, "{vector} to {}", server.addr());
     }
     assert_eq!(
@@ -86,14 +84,7 @@ fn allowed(sb: &Sandbox, server: &Server) {
 fn denied(sb: &Sandbox, server: &Server) {
     let before = server.seen();
     for (vector, stage) in QUERIES {
-        let got = attempt(
-            VECTOR,
-            &sb.name,
-            Some(&sb.cgroup),
-            vector,
-            server.addr(),
-            TIMEOUT,
-        );
+        let got = query(sb, vector, server.addr());
         assert!(
             got.failed_with(stage, EPERM),
             "{vector} to {}: {got:?}, wanted EPERM at {stage}",
@@ -124,7 +115,7 @@ fn row<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::
 
 /// (allowed, denied) of the row named `name`; panics with the status when there is none.
 fn counted(status: &serde_json::Value, name: &str) -> (u64, u64) {
-    let r = row(status, name).unwrap_or_else(|| panic!("no row {name} in {status:#}"));
+    let r = status_row(status, name);
     (
         r["allowed"].as_u64().expect("allowed"),
         r["denied"].as_u64().expect("denied"),
@@ -137,15 +128,11 @@ fn counted(status: &serde_json::Value, name: &str) -> (u64, u64) {
 fn deny_events(sb: &Sandbox, n: usize) -> Vec<(String, String)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
-        assert!(ok.success(), "egress events failed: {err}");
-        let denials: Vec<serde_json::Value> = out
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("an event per line"))
-            .filter(|e: &serde_json::Value| e["verdict"] == "deny")
-            .collect();
+        let events = sb.events_json(EGRESS);
+        let denials: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["verdict"] == "deny").collect();
         if denials.len() >= n || std::time::Instant::now() >= deadline {
-            assert_eq!(denials.len(), n, "{out}");
+            assert_eq!(denials.len(), n, "{events:#?}");
             let mut got: Vec<(String, String)> = denials
                 .iter()
                 .map(|e| {
@@ -176,25 +163,12 @@ fn reload(sb: &Sandbox, agent: &Agent) {
     );
 }
 
-/// A temporary directory for a test's policy and resolv.conf, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(sb: &Sandbox) -> Self {
-        let dir = std::env::temp_dir().join(format!("{}-dns", sb.name));
-        fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        policy_file(&self.0, name, text)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// Puts `resolver` on the sandbox's interface as a /`bits` and writes a resolv.conf naming
+/// it and the policy `yaml`, in the sandbox's directory: (resolv.conf, policy).
+fn files(sb: &Sandbox, resolver: &str, bits: u8, yaml: &str) -> (PathBuf, PathBuf) {
+    sb.add_addr(&format!("{resolver}/{bits}"));
+    let resolv = sb.policy_file("resolv.conf", &format!("nameserver {resolver}\n"));
+    (resolv, sb.policy_file("policy.yaml", yaml))
 }
 
 /// A policy that says nothing about port 53: one unrelated rule.
@@ -204,11 +178,9 @@ const UNRELATED: &str = "kind: EgressRule\nmetadata:\n  name: web\nspec:\n  dest
 /// files, so that only `egress reload` reloads.
 fn agent(sb: &Sandbox, policy: &Path, resolv: &Path) -> Agent {
     let resolv = resolv.to_str().expect("utf-8 path");
-    Agent::start_in(
-        sb,
-        EGRESS,
-        &sb.run_args(policy, &["--resolv-conf", resolv, "--no-watch"]),
-    )
+    sb.agent(EGRESS)
+        .policy(policy, &["--resolv-conf", resolv, "--no-watch"])
+        .start()
 }
 
 /// The nameserver of resolv.conf may be queried over udp (sendto and connected) and tcp; the
@@ -218,10 +190,7 @@ fn agent(sb: &Sandbox, policy: &Path, resolv: &Path) -> Agent {
 #[test]
 fn the_resolv_conf_nameserver_is_allowed_and_reread_at_reload() {
     let sb = Sandbox::new();
-    sb.add_addr(&format!("{RESOLVER}/32"));
-    let dir = TempDir::new(&sb);
-    let resolv = dir.write("resolv.conf", &format!("nameserver {RESOLVER}\n"));
-    let policy = dir.write("policy.yaml", UNRELATED);
+    let (resolv, policy) = files(&sb, RESOLVER, 32, UNRELATED);
     let first = Server::start(&sb, RESOLVER.parse().expect("ip"));
     let other = Server::start(&sb, V4_B.into());
     let agent = agent(&sb, &policy, &resolv);
@@ -229,7 +198,7 @@ fn the_resolv_conf_nameserver_is_allowed_and_reread_at_reload() {
     allowed(&sb, &first);
     denied(&sb, &other);
     let s = status(&sb);
-    let dns = row(&s, "(dns)").unwrap_or_else(|| panic!("no (dns) row in {s:#}"));
+    let dns = status_row(&s, "(dns)");
     assert_eq!(dns["allows"], "192.0.2.53 udp/53,tcp/53", "{dns}");
     assert_eq!(dns["source"], resolv.display().to_string(), "{dns}");
     assert_eq!(counted(&s, "(dns)"), (3, 0));
@@ -254,7 +223,7 @@ fn the_resolv_conf_nameserver_is_allowed_and_reread_at_reload() {
     allowed(&sb, &other);
     denied(&sb, &first);
     let s = status(&sb);
-    let dns = row(&s, "(dns)").unwrap_or_else(|| panic!("no (dns) row in {s:#}"));
+    let dns = status_row(&s, "(dns)");
     assert_eq!(dns["allows"], "198.51.100.1 udp/53,tcp/53", "{dns}");
     assert_eq!(s["generation"], 2, "{s:#}");
     // The row is the same rule across the reload: its counters carry on.
@@ -268,10 +237,7 @@ fn the_resolv_conf_nameserver_is_allowed_and_reread_at_reload() {
 #[test]
 fn the_egress_config_resolvers_override_resolv_conf() {
     let sb = Sandbox::new();
-    sb.add_addr(&format!("{RESOLVER}/32"));
-    let dir = TempDir::new(&sb);
-    let resolv = dir.write("resolv.conf", &format!("nameserver {RESOLVER}\n"));
-    let policy = dir.write("policy.yaml", UNRELATED);
+    let (resolv, policy) = files(&sb, RESOLVER, 32, UNRELATED);
     let first = Server::start(&sb, RESOLVER.parse().expect("ip"));
     let b = Server::start(&sb, V4_B.into());
     let c = Server::start(&sb, V4_C.into());
@@ -290,7 +256,7 @@ fn the_egress_config_resolvers_override_resolv_conf() {
     denied(&sb, &first);
     denied(&sb, &b);
     let s = status(&sb);
-    let dns = row(&s, "(dns)").unwrap_or_else(|| panic!("no (dns) row in {s:#}"));
+    let dns = status_row(&s, "(dns)");
     assert_eq!(dns["allows"], "203.0.113.1 udp/53,tcp/53", "{dns}");
     // `dns:` is line 14 of the rewritten file.
     assert_eq!(dns["source"], format!("{}:14", policy.display()), "{dns}");
@@ -321,16 +287,15 @@ fn the_egress_config_resolvers_override_resolv_conf() {
 #[test]
 fn an_explicit_udp_rule_allows_dns_where_it_says() {
     let sb = Sandbox::new();
-    sb.add_addr(&format!("{RESOLVER}/32"));
-    let dir = TempDir::new(&sb);
-    let resolv = dir.write("resolv.conf", &format!("nameserver {RESOLVER}\n"));
     let rule = |service: &str| {
         format!(
             "kind: EgressRule\nmetadata:\n  name: dns-rule\nspec:\n  destination:\n    service: {service}\n  ports:\n    - port: 53\n      protocol: udp\n"
         )
     };
-    let policy = dir.write(
-        "policy.yaml",
+    let (resolv, policy) = files(
+        &sb,
+        RESOLVER,
+        32,
         &format!(
             "{}---\nkind: EgressConfig\nmetadata: {{name: config}}\nspec:\n  dns:\n    resolvers: []\n",
             rule("198.51.100.0/24")
@@ -344,14 +309,7 @@ fn an_explicit_udp_rule_allows_dns_where_it_says() {
     // resolv.conf is not one ([] in the config).
     let before = b.seen();
     for (vector, stage) in QUERIES {
-        let got = attempt(
-            VECTOR,
-            &sb.name,
-            Some(&sb.cgroup),
-            vector,
-            b.addr(),
-            TIMEOUT,
-        );
+        let got = query(&sb, vector, b.addr());
         if vector == Vector::Tcp {
             assert!(got.failed_with(stage, EPERM), "{vector}: {got:?}");
         } else {
@@ -380,17 +338,14 @@ fn an_explicit_udp_rule_allows_dns_where_it_says() {
 #[test]
 fn an_ipv6_nameserver_is_allowed() {
     let sb = Sandbox::new();
-    sb.add_addr(&format!("{RESOLVER6}/128"));
-    let dir = TempDir::new(&sb);
-    let resolv = dir.write("resolv.conf", &format!("nameserver {RESOLVER6}\n"));
-    let policy = dir.write("policy.yaml", UNRELATED);
+    let (resolv, policy) = files(&sb, RESOLVER6, 128, UNRELATED);
     let resolver = Server::start(&sb, RESOLVER6.parse().expect("ip"));
     let other = Server::start(&sb, egress_tests::V6_B.into());
     let agent = agent(&sb, &policy, &resolv);
     allowed(&sb, &resolver);
     denied(&sb, &other);
     let s = status(&sb);
-    let dns = row(&s, "(dns)").unwrap_or_else(|| panic!("no (dns) row in {s:#}"));
+    let dns = status_row(&s, "(dns)");
     assert_eq!(dns["allows"], "2001:db8::53 udp/53,tcp/53", "{dns}");
     assert_eq!(counted(&s, "(dns)"), (3, 0));
     assert_eq!(counted(&s, "(no rule)"), (0, 3));

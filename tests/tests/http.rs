@@ -7,7 +7,7 @@
 use std::{fs, net::SocketAddr, time::Duration};
 
 use egress_tests::{
-    Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, probe_bin, sa,
+    Outcome, Sandbox, V4_A, V4_B, egress_bin, probe_bin, sa,
     upstream::Upstream,
     world::{Response, World},
 };
@@ -235,8 +235,7 @@ fn two_hundred_concurrent_connections_each_get_their_own_original_destination() 
 #[test]
 fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cgroup() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-exempt", sb.name));
-    fs::create_dir_all(&dir).expect("dir");
+    let dir = sb.dir("exempt");
     let policy = dir.join("policy.yaml");
     fs::write(
         &policy,
@@ -246,7 +245,11 @@ fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cg
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
     let args = sb.run_args(&policy, &[]);
 
-    let (status, log) = Agent::run_to_exit(&sb, EGRESS, &args, &sb.cgroup);
+    let (status, log) = sb
+        .agent(EGRESS)
+        .args(&args)
+        .cgroup(&sb.cgroup)
+        .run_to_exit();
     assert!(!status.success(), "{log}");
     assert!(log.contains("runs in the managed cgroup"), "{log}");
     assert!(
@@ -256,7 +259,7 @@ fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cg
 
     let agent_cgroup = sb.cgroup.join("agent");
     fs::create_dir_all(&agent_cgroup).expect("agent cgroup");
-    let agent = Agent::start_in_with(&sb, EGRESS, &args, Some(&agent_cgroup), None);
+    let agent = sb.agent(EGRESS).args(&args).cgroup(&agent_cgroup).start();
     let req = "GET /exempt HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n";
     let r = Response::parse(&sb.http(PROBE, req, &[sa(V4_A, 80)]));
     assert_eq!(r.code(), 200, "{}\n{}", r.raw, agent.log());
@@ -267,7 +270,6 @@ fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cg
         "one request, not a loop through the proxy: {seen:?}"
     );
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// Without a static override the proxy resolves the host with the system resolver (here
@@ -275,8 +277,7 @@ fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cg
 #[test]
 fn names_resolve_through_the_system_resolver_and_rebinding_to_a_bypass_range_gets_502() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-dns", sb.name));
-    fs::create_dir_all(&dir).expect("dir");
+    let dir = sb.dir("dns");
     let hosts = dir.join("hosts");
     fs::write(
         &hosts,
@@ -293,7 +294,7 @@ fn names_resolve_through_the_system_resolver_and_rebinding_to_a_bypass_range_get
     // Something listening where the rebinding answer points: it must see nothing.
     let local = Upstream::http(&sb.name, sa(std::net::Ipv4Addr::LOCALHOST, 80));
     let args = sb.run_args(&policy, &[]);
-    let agent = Agent::start_in_with(&sb, EGRESS, &args, None, Some(&hosts));
+    let agent = sb.agent(EGRESS).args(&args).hosts(&hosts).start();
 
     let get = |host: &str| {
         let req =
@@ -315,5 +316,4 @@ fn names_resolve_through_the_system_resolver_and_rebinding_to_a_bypass_range_get
         "nothing reached the loopback server"
     );
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }

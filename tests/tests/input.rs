@@ -4,9 +4,9 @@
 //! at its `FILE:LINE` without hanging the agent, the running policy staying in force. Each is
 //! proven at the sinks.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{fs, time::Duration};
 
-use egress_tests::{Agent, Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
+use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -47,21 +47,6 @@ fn rule_cut_at_the_limit(name: &str) -> String {
     text
 }
 
-/// A directory of the test's own, removed when dropped, so also when the test fails.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: String) -> Self {
-        Self(std::env::temp_dir().join(name))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `egress status -o json`, parsed; fails if the agent does not answer promptly.
 fn status(sb: &Sandbox) -> serde_json::Value {
     let (ok, out, err) = sb.ctl_within(EGRESS, &["status", "-o", "json"], b"", PROMPTLY);
@@ -72,13 +57,12 @@ fn status(sb: &Sandbox) -> serde_json::Value {
 #[test]
 fn create_with_more_than_8_mib_fails_and_changes_nothing() {
     let sb = Sandbox::new();
-    let temp = TempDir::new(format!("{}-input", sb.name));
-    let dir = &temp.0;
+    let dir = &sb.dir("input");
     let policy = egress_tests::policy_file(dir, "policy.yaml", &rule("from-file", 8080));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s443 = sb.sink(sa(V4_A, 443));
     let s4430 = sb.sink(sa(V4_A, 4430));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
 
     let yaml = rule_cut_at_the_limit("cut");
@@ -117,15 +101,14 @@ fn create_with_more_than_8_mib_fails_and_changes_nothing() {
 #[test]
 fn a_reload_naming_a_fifo_or_a_bad_ca_file_fails_at_its_line_and_keeps_the_policy() {
     let sb = Sandbox::new();
-    let temp = TempDir::new(format!("{}-input-reload", sb.name));
-    let dir = &temp.0;
+    let dir = &sb.dir("input-reload");
     let config = egress_tests::policy_file(dir, "0-config.yaml", "kind: EgressConfig\nspec: {}\n");
     let rules = egress_tests::policy_file(dir, "rules.yaml", &rule("r", 8080));
     let fifo = dir.join("ca.fifo");
     egress_tests::sh(&["mkfifo", fifo.to_str().expect("utf-8 path")]);
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(dir, &[]));
+    let agent = sb.agent(EGRESS).policy(dir, &[]).start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
 
     // Each reload also moves the rule to 9090: a change that must not come into force.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa, upstream::Upstream,
+    Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa, status_row, upstream::Upstream,
 };
 use egress_user::loader::{self, features};
 
@@ -30,10 +30,6 @@ fn policy(dir: &Path) -> PathBuf {
          ---\nkind: EgressRule\nmetadata: {name: web}\nspec:\n  destination: {service: web.test}\n  \
          ports: [{port: 80, protocol: http}]\n",
     )
-}
-
-fn policy_dir(sb: &Sandbox) -> PathBuf {
-    std::env::temp_dir().join(format!("{}-kfeat", sb.name))
 }
 
 /// `egress status` of the sandbox's agent, as text.
@@ -70,9 +66,9 @@ fn with_every_feature_the_agent_says_so_and_runs_complete() {
     );
 
     let sb = Sandbox::new();
-    let dir = policy_dir(&sb);
+    let dir = sb.dir("kfeat");
     let web = Upstream::http(&sb.name, sa(V4_A, 80));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy(&dir), &[]));
+    let agent = sb.agent(EGRESS).policy(&policy(&dir), &[]).start();
     let log = agent.log();
     assert!(log.contains("kernel: all kernel features present"), "{log}");
     assert!(log.contains(&kernel.release), "{log}");
@@ -93,7 +89,6 @@ fn with_every_feature_the_agent_says_so_and_runs_complete() {
     );
     assert_eq!(web.seen().len(), 1);
     assert!(sb.pin_dir.join("links/getpeername4").exists());
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// Without a required feature the agent exits non-zero before touching anything, naming every
@@ -102,11 +97,15 @@ fn with_every_feature_the_agent_says_so_and_runs_complete() {
 #[test]
 fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
     let sb = Sandbox::new();
-    let dir = policy_dir(&sb);
+    let dir = sb.dir("kfeat");
     let denied_if_enforced = sb.sink(sa(V4_A, 9090));
     let args = sb.run_args(&policy(&dir), &[]);
 
-    let (code, log) = Agent::run_to_exit_env(&sb, EGRESS, &args, &[(HIDE, "sendmsg4,ringbuf")]);
+    let (code, log) = sb
+        .agent(EGRESS)
+        .args(&args)
+        .env(&[(HIDE, "sendmsg4,ringbuf")])
+        .run_to_exit();
     assert_eq!(code.code(), Some(1), "{log}");
     assert!(
         log.contains("egress: error: this kernel (Linux ")
@@ -141,7 +140,11 @@ fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
     assert_eq!(denied_if_enforced.accepted(), 1);
 
     // A name that is no feature refuses too, rather than quietly hide nothing.
-    let (code, log) = Agent::run_to_exit_env(&sb, EGRESS, &args, &[(HIDE, "getpeername")]);
+    let (code, log) = sb
+        .agent(EGRESS)
+        .args(&args)
+        .env(&[(HIDE, "getpeername")])
+        .run_to_exit();
     assert_eq!(code.code(), Some(1), "{log}");
     assert!(
         log.contains("EGRESS_KERNEL_FEATURES_HIDE names getpeername, which is no kernel feature"),
@@ -150,19 +153,17 @@ fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
     assert!(!sb.pin_dir.exists());
 
     // Without the XDP link the agent runs, unless the XDP backstop is asked for.
-    let (code, log) = Agent::run_to_exit_env(
-        &sb,
-        EGRESS,
-        &sb.run_args(&policy(&dir), &["--xdp-iface", "d1"]),
-        &[(HIDE, "xdp_link")],
-    );
+    let (code, log) = sb
+        .agent(EGRESS)
+        .policy(&policy(&dir), &["--xdp-iface", "d1"])
+        .env(&[(HIDE, "xdp_link")])
+        .run_to_exit();
     assert_eq!(code.code(), Some(1), "{log}");
     assert!(
         log.contains("xdp_link (XDP programs attached through BPF_LINK_CREATE; Linux >= 5.9"),
         "{log}"
     );
     assert!(!sb.pin_dir.exists());
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// Without the getpeername hooks the agent runs, warns, shows it in `egress status`, and
@@ -172,19 +173,23 @@ fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
 #[test]
 fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
     let sb = Sandbox::new();
-    let dir = policy_dir(&sb);
+    let dir = sb.dir("kfeat");
     let allowed = sb.sink(sa(V4_A, 8080));
     let denied = sb.sink(sa(V4_A, 9090));
     let web = Upstream::http(&sb.name, sa(V4_A, 80));
     let args = sb.run_args(&policy(&dir), &[]);
 
     // An earlier agent with every feature pinned the getpeername links.
-    let complete = Agent::start_in(&sb, EGRESS, &args);
+    let complete = sb.agent(EGRESS).args(&args).start();
     assert!(sb.pin_dir.join("links/getpeername4").exists());
     complete.signal(libc::SIGKILL);
     complete.wait();
 
-    let agent = Agent::start_in_env(&sb, EGRESS, &args, &[(HIDE, "getpeername4,getpeername6")]);
+    let agent = sb
+        .agent(EGRESS)
+        .args(&args)
+        .env(&[(HIDE, "getpeername4,getpeername6")])
+        .start();
     let log = agent.log();
     for feature in ["getpeername4", "getpeername6"] {
         assert!(
@@ -225,7 +230,6 @@ fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
     assert!(code.contains(" 200 "), "{code}");
     assert_eq!(peer, "127.0.0.1:15001", "getpeername shows the proxy");
     assert_eq!(web.seen().len(), 1);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// Without batch map calls the agent writes the rules one by one: the same policy in force
@@ -234,7 +238,6 @@ fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
 #[test]
 fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
     let sb = Sandbox::new();
-    let dir = policy_dir(&sb);
     // 300 rules, one per port, then the ones the test connects to.
     let mut yaml = String::new();
     for port in 20_000..20_300 {
@@ -247,17 +250,16 @@ fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
             "---\nkind: EgressRule\nmetadata: {{name: allow-{port}}}\nspec:\n  destination: {{service: 192.0.2.1}}\n  ports: [{{port: {port}, protocol: tcp}}]\n"
         )
     };
-    let file = policy_file(&dir, "policy.yaml", &format!("{yaml}{}", rule(8080)));
+    let file = sb.policy_file("policy.yaml", &format!("{yaml}{}", rule(8080)));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
     let s20299 = sb.sink(sa(egress_tests::V4_B, 20_299));
 
-    let agent = Agent::start_in_env(
-        &sb,
-        EGRESS,
-        &sb.run_args(&file, &["--no-watch"]),
-        &[(HIDE, "batch_ops")],
-    );
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&file, &["--no-watch"])
+        .env(&[(HIDE, "batch_ops")])
+        .start();
     let log = agent.log();
     assert!(
         log.lines().any(|l| l.contains("WARN")
@@ -287,22 +289,14 @@ fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
     assert_eq!(s9090.accepted(), 1);
     assert_eq!(s20299.accepted(), 2);
     // The counters kept their rows across the reload (the row table was read back right).
-    let (code, out, err) = sb.ctl(EGRESS, &["status", "-o", "json"]);
-    assert!(code.success(), "{err}");
-    let json: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
-    let row = json["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .find(|r| r["name"] == "r20299")
-        .unwrap_or_else(|| panic!("no r20299 row:\n{out}"));
+    let json = sb.status_json(EGRESS);
+    let row = status_row(&json, "r20299");
     assert_eq!(row["allowed"], 2, "{row}");
     assert_eq!(
         json["degraded"][0]
             .as_str()
             .map(|l| l.starts_with("batch_ops (Linux >= 5.13)")),
         Some(true),
-        "{out}"
+        "{json:#}"
     );
-    let _ = fs::remove_dir_all(dir);
 }

@@ -94,7 +94,7 @@ fn assert_once(text: &str, needle: &str) {
 fn an_error_names_its_cause_once() {
     let sb = egress_tests::Sandbox::new();
     // A socket that is not there.
-    let missing = std::env::temp_dir().join(format!("{}-none.sock", sb.name));
+    let missing = sb.tmp().join("none.sock");
     let out = std::process::Command::new(EGRESS)
         .args(["status", "--socket"])
         .arg(&missing)
@@ -106,16 +106,9 @@ fn an_error_names_its_cause_once() {
     assert_once(&err, "No such file or directory");
 
     // A policy file that is not there.
-    let policy = std::env::temp_dir().join(format!("{}-missing.yaml", sb.name));
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sb.name))
-        .arg(EGRESS)
-        .arg("run")
-        .args(sb.run_args(&policy, &[]))
-        .output()
-        .expect("egress run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let policy = sb.tmp().join("missing.yaml");
+    let (status, err) = sb.agent(EGRESS).policy(&policy, &[]).run_to_exit();
+    assert!(!status.success());
     assert!(err.contains(&policy.display().to_string()), "{err}");
     assert_once(&err, "No such file or directory");
 }
@@ -136,11 +129,7 @@ fn a_reload_with_a_bad_file_names_its_cause_once() {
 
 /// `egress events -o json` (the recent ones), parsed.
 fn events(w: &World) -> Vec<serde_json::Value> {
-    let (status, out, err) = w.sb.ctl(EGRESS, &["events", "-o", "json"]);
-    assert!(status.success(), "egress events: {err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
+    w.sb.events_json(EGRESS)
 }
 
 /// The generation in force, from `egress status -o json`.

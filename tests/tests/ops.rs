@@ -11,8 +11,7 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, probe_bin, sa, sample,
-    status_row,
+    Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, probe_bin, sa, sample, status_row,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -56,11 +55,10 @@ fn status(sb: &Sandbox) -> serde_json::Value {
 #[test]
 fn created_rules_persist_and_bad_requests_change_nothing() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-ops", sb.name));
-    let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("from-file", 8080));
+    let policy = sb.policy_file("policy.yaml", &rule("from-file", 8080));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
 
     let (ok, out, err) = create(&sb, &rule("extra", 9090));
@@ -150,16 +148,11 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     assert_eq!(status_row(&s, "(no rule)")["denied"], 1);
 
     // events: the denial, with the process and the rule.
-    let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
-    assert!(ok.success(), "{err}");
-    let events: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("an event per line"))
-        .collect();
+    let events = sb.events_json(EGRESS);
     let deny = events
         .iter()
         .find(|e| e["verdict"] == "deny")
-        .unwrap_or_else(|| panic!("no deny event in {out}"));
+        .unwrap_or_else(|| panic!("no deny event in {events:#?}"));
     assert_eq!(deny["destination"], "192.0.2.1:9090");
     assert_eq!(deny["rule"], "(no rule)");
     assert_eq!(deny["comm"], "egress-probe");
@@ -170,7 +163,7 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     // A restart (SIGTERM, then a new agent on the same state directory) keeps the rule.
     agent.signal(libc::SIGTERM);
     assert!(agent.wait().success());
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &[]));
+    let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     let (_, out, _) = sb.ctl(EGRESS, &["get", "egressrules"]);
     assert!(out.lines().any(|l| l.contains("extra")), "{out}");
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
@@ -190,7 +183,6 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     );
     assert_eq!(s8080.accepted(), 1);
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// A copy of the egress binary that any user may run, in `dir` (the build tree may not be
@@ -207,18 +199,17 @@ fn world_runnable_egress(dir: &Path) -> PathBuf {
 #[test]
 fn the_control_socket_refuses_a_client_that_is_not_root() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-ops", sb.name));
+    let dir = sb.dir("ops");
     let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
     // The socket in a directory anyone may enter, so only the socket's own mode and the
     // agent's uid check stand in the way.
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let socket = dir.join("egress.sock");
     let socket_arg = socket.to_str().expect("utf-8 path");
-    let agent = Agent::start_in(
-        &sb,
-        EGRESS,
-        &sb.run_args(&policy, &["--socket", socket_arg]),
-    );
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&policy, &["--socket", socket_arg])
+        .start();
     let egress = world_runnable_egress(&dir);
     let as_nobody = |verb: &[&str]| {
         let out = Command::new(&egress)
@@ -257,7 +248,6 @@ fn the_control_socket_refuses_a_client_that_is_not_root() {
         .expect("egress get");
     assert!(out.status.success(), "root still gets in: {out:?}");
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// Polls `f` until it is true or `timeout` passes.
@@ -278,11 +268,11 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn policy_file_changes_are_applied_without_a_signal() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-watch", sb.name));
+    let dir = sb.dir("watch");
     let file = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&dir, &[]));
+    let agent = sb.agent(EGRESS).policy(&dir, &[]).start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     let replace = |yaml: &str| {
         let tmp = dir.join(".policy.yaml.new");
@@ -357,7 +347,6 @@ fn policy_file_changes_are_applied_without_a_signal() {
     assert_eq!(s["generation"], 2);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// Prometheus metrics: kernel verdicts per rule, proxied requests by rule and status with a
@@ -365,21 +354,19 @@ fn policy_file_changes_are_applied_without_a_signal() {
 #[test]
 fn metrics_count_verdicts_requests_and_reloads() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-metrics", sb.name));
     let yaml = format!(
         "kind: EgressConfig\nspec:\n  hosts: {{one.test: [192.0.2.1]}}\n---\n{}---\n\
          kind: EgressRule\nmetadata: {{name: web}}\nspec:\n  destination: {{service: one.test}}\n  ports: [{{port: 80, protocol: http}}]\n",
         rule("tcp", 8080)
     );
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    let file = sb.policy_file("policy.yaml", &yaml);
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
     let http = egress_tests::upstream::Upstream::http(&sb.name, sa(V4_A, 80));
-    let agent = Agent::start_in(
-        &sb,
-        EGRESS,
-        &sb.run_args(&file, &["--metrics-addr", "127.0.0.1:9464", "--no-watch"]),
-    );
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&file, &["--metrics-addr", "127.0.0.1:9464", "--no-watch"])
+        .start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
     for host in ["one.test", "two.test"] {
@@ -457,7 +444,6 @@ fn metrics_count_verdicts_requests_and_reloads() {
     );
     assert_eq!(s9090.accepted(), 1);
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// A policy big enough to take a while shows the agent loading it: progress lines at every
@@ -465,7 +451,6 @@ fn metrics_count_verdicts_requests_and_reloads() {
 #[test]
 fn a_large_policy_logs_progress_while_it_loads() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-large", sb.name));
     let mut yaml = String::new();
     for i in 0..20_000u32 {
         let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i);
@@ -473,10 +458,10 @@ fn a_large_policy_logs_progress_while_it_loads() {
             "---\nkind: EgressRule\nmetadata: {{name: r{i}}}\nspec:\n  destination: {{service: {ip}/32}}\n  ports: [{{port: 8080, protocol: tcp}}]\n"
         ));
     }
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
+    let file = sb.policy_file("policy.yaml", &yaml);
     sb.add_addr("198.18.0.7/32");
     let sink = sb.sink(sa(std::net::Ipv4Addr::new(198, 18, 0, 7), 8080));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&file, &[]));
+    let agent = sb.agent(EGRESS).policy(&file, &[]).start();
     let log = agent.log();
     let progress: Vec<&str> = log
         .lines()
@@ -494,7 +479,6 @@ fn a_large_policy_logs_progress_while_it_loads() {
     assert_eq!(sb.connect(PROBE, sink.addr()), Outcome::Connected);
     assert_eq!(sink.accepted(), 1);
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// A workload that denies itself in a loop gets a bounded number of log lines, while `egress
@@ -505,10 +489,9 @@ fn a_large_policy_logs_progress_while_it_loads() {
 fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     const BURST: usize = 2000;
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-burst", sb.name));
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
+    let file = sb.policy_file("policy.yaml", &rule("r", 8080));
     let denied = sb.sink(sa(V4_A, 9090));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&file, &["--no-watch"]));
+    let agent = sb.agent(EGRESS).policy(&file, &["--no-watch"]).start();
     let follower = EventFollower::start(&sb, EGRESS);
     let markers = follower.wait_subscribed(&sb, PROBE, sa(V4_A, 9));
     // A marker denied before the follower subscribed is counted and logged but not streamed
@@ -582,5 +565,4 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     );
     drop(follower);
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }

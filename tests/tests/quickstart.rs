@@ -19,7 +19,7 @@ use std::{
     process::Command,
 };
 
-use egress_tests::{Agent, Sandbox, egress_bin};
+use egress_tests::{Sandbox, egress_bin};
 
 const EGRESS: &str = egress_bin!();
 const DEMO: &str = "egress-demo";
@@ -114,7 +114,7 @@ fn the_readme_quickstart_shows_an_allowed_and_a_denied_connection_and_their_even
     let demo = Demo { name: name.clone() };
     let ours = |text: String| text.replace(DEMO, &demo.name);
     let dir = PathBuf::from("/tmp").join(&name);
-    let bin = wrapper(&sb, &std::env::temp_dir().join(format!("{name}-wrap")));
+    let bin = wrapper(&sb, &sb.dir("wrap"));
     let path = format!(
         "{}:{}",
         bin.display(),
@@ -139,7 +139,7 @@ fn the_readme_quickstart_shows_an_allowed_and_a_denied_connection_and_their_even
         "--pin-dir".to_owned(),
         sb.pin_dir.display().to_string(),
     ]);
-    let agent = Agent::start_in(&sb, EGRESS, &run);
+    let agent = sb.agent(EGRESS).args(&run).start();
     // Start-up ends with what to run next, with this agent's own flags (issue 14, item 5).
     agent.wait_for_log("stop: Ctrl-C here", std::time::Duration::from_secs(5));
     let log = agent.log();
@@ -219,5 +219,4 @@ fn the_readme_quickstart_shows_an_allowed_and_a_denied_connection_and_their_even
     assert!(!Path::new("/run/netns").join(&name).exists());
     assert!(!dir.exists());
     drop(demo);
-    let _ = fs::remove_dir_all(bin.parent().expect("wrapper dir"));
 }

@@ -3,7 +3,7 @@
 
 use std::{fs, time::Duration};
 
-use egress_tests::{Agent, Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa, upstream::Upstream};
+use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa, upstream::Upstream};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -34,8 +34,7 @@ fn status(sb: &Sandbox, host: &str) -> String {
 #[test]
 fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-reload", sb.name));
-    fs::create_dir_all(&dir).expect("policy dir");
+    let dir = sb.dir("reload");
     fs::write(dir.join("0-config.yaml"), CONFIG).expect("config");
     fs::write(
         dir.join("a.yaml"),
@@ -49,7 +48,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
     let s8080 = sb.sink(sa(V4_A, 8080));
     let s9090 = sb.sink(sa(V4_A, 9090));
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&dir, &[]));
+    let agent = sb.agent(EGRESS).policy(&dir, &[]).start();
 
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
@@ -115,5 +114,4 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
         "only allowed requests reached the upstream"
     );
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }

@@ -6,11 +6,11 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use egress_tests::{Agent, Sandbox, Sink, Workload, egress_bin, follow::EventFollower, sa};
+use egress_tests::{Sandbox, Sink, Workload, egress_bin, follow::EventFollower, sa};
 
 const EGRESS: &str = egress_bin!();
 const VERDICTS: &str = env!("CARGO_BIN_EXE_egress-verdicts");
@@ -79,6 +79,16 @@ fn replace(path: &Path, yaml: &str) {
     fs::rename(&tmp, path).expect("renaming the policy");
 }
 
+/// The policy file, with `yaml`, and a sink at each of `targets`.
+fn policy_and_sinks(
+    sb: &Sandbox,
+    yaml: &str,
+    targets: &[SocketAddr],
+) -> (PathBuf, HashMap<SocketAddr, Sink>) {
+    let file = sb.policy_file("policy.yaml", yaml);
+    (file, targets.iter().map(|t| (*t, sb.sink(*t))).collect())
+}
+
 /// 1,000 reloads alternating between two policies while a workload connects without pause to
 /// destinations each allows and one neither does: every verdict is the one its generation's
 /// policy gives, each sink saw exactly the connections the workload saw succeed, and nothing
@@ -87,10 +97,12 @@ fn replace(path: &Path, yaml: &str) {
 fn a_thousand_alternating_reloads_judge_every_connect_by_one_whole_policy() {
     let sb = Sandbox::new();
     let (a, b, targets) = policies();
-    let dir = std::env::temp_dir().join(format!("{}-soak", sb.name));
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &a.yaml("all"));
-    let sinks: HashMap<SocketAddr, Sink> = targets.iter().map(|t| (*t, sb.sink(*t))).collect();
-    let agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &["--no-watch"]), QUIET);
+    let (file, sinks) = policy_and_sinks(&sb, &a.yaml("all"), &targets);
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&file, &["--no-watch"])
+        .log(QUIET)
+        .start();
     let follower = EventFollower::start(&sb, EGRESS);
     // One denied connect to an address outside the targets, seen by the follower, proves it
     // listens before the workload starts; the check below counts it as any other denial.
@@ -198,7 +210,6 @@ fn a_thousand_alternating_reloads_judge_every_connect_by_one_whole_policy() {
         reload_times[999]
     );
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// The agent is SIGKILLed 20 times while a workload connects without pause, and restarted
@@ -208,10 +219,8 @@ fn a_thousand_alternating_reloads_judge_every_connect_by_one_whole_policy() {
 fn twenty_sigkills_under_load_let_nothing_through_and_block_nothing_allowed() {
     let sb = Sandbox::new();
     let (a, _, targets) = policies();
-    let dir = std::env::temp_dir().join(format!("{}-kill", sb.name));
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &a.yaml("denied"));
-    let sinks: HashMap<SocketAddr, Sink> = targets.iter().map(|t| (*t, sb.sink(*t))).collect();
-    let mut agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &[]), QUIET);
+    let (file, sinks) = policy_and_sinks(&sb, &a.yaml("denied"), &targets);
+    let mut agent = sb.agent(EGRESS).policy(&file, &[]).log(QUIET).start();
     let workload = Workload::start(&sb, VERDICTS, &targets, PAUSE);
     for round in 0..20u64 {
         // Die at a different point each round: while idle, and right after starting.
@@ -224,7 +233,7 @@ fn twenty_sigkills_under_load_let_nothing_through_and_block_nothing_allowed() {
         );
         // A moment with no agent at all.
         std::thread::sleep(Duration::from_millis(50));
-        agent = Agent::start_in_logging(&sb, EGRESS, &sb.run_args(&file, &[]), QUIET);
+        agent = sb.agent(EGRESS).policy(&file, &[]).log(QUIET).start();
         let log = agent.log();
         assert!(
             log.contains(&format!("generation={}", round + 2)),
@@ -250,5 +259,4 @@ fn twenty_sigkills_under_load_let_nothing_through_and_block_nothing_allowed() {
         );
     }
     drop(agent);
-    let _ = fs::remove_dir_all(dir);
 }

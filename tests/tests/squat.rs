@@ -13,7 +13,7 @@ use std::{
 };
 
 use egress_tests::{
-    PodNet, V4_A, V6_A, egress_bin, probe_bin, sa,
+    Agent, PodNet, V4_A, V6_A, egress_bin, probe_bin, sa,
     squatter::{Hold, Squatter},
     squatter_bin,
     world::World,
@@ -48,6 +48,14 @@ fn assert_refused(r: &egress_tests::world::Response) {
 
 fn assert_served(r: &egress_tests::world::Response) {
     assert_eq!(r.code(), 200, "{}", r.raw);
+}
+
+/// Waits for the agent to log that every proxy listener is its own again.
+fn wait_reclaimed(agent: &Agent) {
+    agent.wait_for_log(
+        "ready: every proxy listener is the agent's",
+        Duration::from_secs(5),
+    );
 }
 
 /// Waits until `egress status` says ready (or panics after 10 s).
@@ -99,10 +107,7 @@ fn squat_before_start(proxy: SocketAddr) {
         "the squatter received nothing"
     );
     drop(squatter);
-    agent.wait_for_log(
-        "ready: every proxy listener is the agent's",
-        Duration::from_secs(5),
-    );
+    wait_reclaimed(agent);
     wait_ready(&w);
     assert_served(&victim(&w, proxy));
     assert_eq!(
@@ -189,10 +194,7 @@ fn while_the_agent_is_down_a_squatter_receives_nothing_and_the_events_say_why() 
         "the IPv6 squatter received nothing"
     );
     drop((s4, s6));
-    agent.wait_for_log(
-        "ready: every proxy listener is the agent's",
-        Duration::from_secs(5),
-    );
+    wait_reclaimed(agent);
     wait_ready(&w);
     assert_served(&victim(&w, PROXY_V4));
     assert_served(&victim(&w, PROXY_V6));
@@ -217,10 +219,7 @@ fn a_bound_socket_that_does_not_listen_does_not_stop_the_agent() {
     agent.wait_for_log("reason=proxy-absent", Duration::from_secs(5));
     assert_served(&victim(&w, PROXY_V6));
     drop(squatter);
-    agent.wait_for_log(
-        "ready: every proxy listener is the agent's",
-        Duration::from_secs(5),
-    );
+    wait_reclaimed(agent);
     assert_served(&victim(&w, PROXY_V4));
 
     // With SO_REUSEADDR the agent binds beside it and listens; the squatter can no longer

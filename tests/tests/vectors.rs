@@ -11,7 +11,7 @@ use std::{net::IpAddr, process::Command};
 
 use egress_tests::{
     Attempted, PodNet, Sandbox, Sink, UdpSink, V4_A, V4_B, V6_A, V6_B, Vector,
-    matrix::{Expect, Family, TIMEOUT, run_matrix},
+    matrix::{Expect, Family, Matrix, TIMEOUT},
     sa,
     vector::attempt,
     vector_bin,
@@ -24,12 +24,7 @@ const VECTOR: &str = vector_bin!();
 #[test]
 fn every_vector_reaches_its_sink_from_the_sandbox() {
     let sb = Sandbox::new();
-    let failures = run_matrix(
-        VECTOR,
-        TIMEOUT,
-        &sb.name,
-        None,
-        &sb.name,
+    let failures = Matrix::new(VECTOR, &sb.name, None, &sb.name).run(
         (V4_A, V6_A),
         (V4_A.into(), V6_A.into()),
         21000,
@@ -51,12 +46,7 @@ fn every_vector_reaches_its_sink_from_the_sandbox() {
 fn every_vector_reaches_its_sink_from_a_pod() {
     let sb = Sandbox::new();
     let pod = PodNet::new(&sb);
-    let failures = run_matrix(
-        VECTOR,
-        TIMEOUT,
-        pod.pod_netns(),
-        None,
-        &sb.name,
+    let failures = Matrix::new(VECTOR, pod.pod_netns(), None, &sb.name).run(
         (V4_B, V6_B),
         (pod.pod_v4().into(), pod.pod_v6().into()),
         22000,

@@ -5,11 +5,12 @@
 //! node's sinks; what they do not is dropped on the veth, counted on the xdp hook and
 //! reported as events naming the interface.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use egress_tests::{
-    Agent, PodNet, Sandbox, V4_A, V4_B, V6_A, V6_B, Vector, egress_bin,
-    matrix::{Expect, FAMILIES, Family, TIMEOUT, run_matrix},
+    Agent, Attempted, PodNet, Sandbox, V4_A, V4_B, V6_A, V6_B, Vector, egress_bin,
+    matrix::{Expect, Family, Matrix, TIMEOUT, cases_rule},
+    vector::attempt,
     vector_bin,
 };
 
@@ -21,11 +22,27 @@ const SHORT: Duration = Duration::from_millis(500);
 
 /// An EgressRule allowing `service` on every port the matrix uses, over tcp and udp.
 fn rule(name: &str, service: &str) -> String {
-    let ports = (0..FAMILIES.len())
-        .flat_map(|fi| (0..Vector::ALL.len()).map(move |vi| BASE_PORT + (fi * 10 + vi) as u16));
-    egress_tests::policy::Rule::new(name, service)
-        .tcp_and_udp(ports)
-        .to_string()
+    cases_rule(name, service, BASE_PORT)
+}
+
+/// Starts an agent enforcing `yaml` with the XDP backstop on `iface`.
+fn agent(sb: &Sandbox, yaml: &str, iface: &str) -> Agent {
+    let policy = sb.policy_file("policy.yaml", yaml);
+    sb.agent(EGRESS)
+        .policy(&policy, &["--xdp-iface", iface])
+        .start()
+}
+
+/// One UDP datagram from the pod to `to` (outside any managed cgroup).
+fn datagram_from_pod(pod: &PodNet, to: SocketAddr) -> Attempted {
+    attempt(
+        VECTOR,
+        pod.pod_netns(),
+        None,
+        Vector::UdpSendto,
+        to,
+        TIMEOUT,
+    )
 }
 
 fn status(sb: &Sandbox) -> serde_json::Value {
@@ -50,14 +67,8 @@ fn counts(value: &serde_json::Value, key: &str, name: &str) -> (u64, u64, u64) {
 fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
     let sb = Sandbox::new();
     let pod = PodNet::new(&sb);
-    let dir = std::env::temp_dir().join(format!("{}-xdp", sb.name));
     let yaml = rule("v4-a", "192.0.2.1") + &rule("v6-a", "2001:db8::1");
-    let policy = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
-    let agent = Agent::start_in(
-        &sb,
-        EGRESS,
-        &sb.run_args(&policy, &["--xdp-iface", pod.host_iface()]),
-    );
+    let agent = agent(&sb, &yaml, pod.host_iface());
     let st = status(&sb);
     assert_eq!(
         st["xdp_ifaces"],
@@ -69,12 +80,8 @@ fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
     // outside the managed cgroup, so sock_create never refused them). As without a filter, a
     // raw packet to a v4-mapped address crosses the veth as IPv6 and the node has no route
     // for it.
-    let failures = run_matrix(
-        VECTOR,
-        TIMEOUT,
-        pod.pod_netns(),
-        None,
-        &sb.name,
+    let from_pod = Matrix::new(VECTOR, pod.pod_netns(), None, &sb.name);
+    let failures = from_pod.run(
         (V4_A, V6_A),
         (pod.pod_v4().into(), pod.pod_v6().into()),
         BASE_PORT,
@@ -92,12 +99,11 @@ fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
 
     // Denied destinations: the SYN or datagram leaves the pod and is dropped on the veth.
     // TCP waits for an answer that never comes; a datagram's sender cannot tell.
-    let failures = run_matrix(
-        VECTOR,
-        SHORT,
-        pod.pod_netns(),
-        None,
-        &sb.name,
+    let failures = Matrix {
+        timeout: SHORT,
+        ..from_pod
+    }
+    .run(
         (V4_B, V6_B),
         (pod.pod_v4().into(), pod.pod_v6().into()),
         BASE_PORT,
@@ -134,13 +140,8 @@ fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
     assert_eq!(counts(&st, "rules", "(no rule)"), (0, 21, 0), "{st:#}");
 
     // Every drop is an event naming the interface, the protocol and the destination.
-    let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
-    assert!(ok.success(), "egress events failed: {err}");
-    let events: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("an event per line"))
-        .collect();
-    assert_eq!(events.len(), 21, "{out}");
+    let events = sb.events_json(EGRESS);
+    assert_eq!(events.len(), 21, "{events:#?}");
     let (mut tcp, mut udp, mut mapped) = (0, 0, 0);
     for e in &events {
         assert_eq!(e["source"], "xdp", "{e}");
@@ -162,10 +163,10 @@ fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
         }
     }
     // tcp, tfo, uring and raw SYNs; connected, unconnected and raw UDP.
-    assert_eq!((tcp, udp), (12, 9), "{out}");
+    assert_eq!((tcp, udp), (12, 9), "{events:#?}");
     // Only the raw packets cross the veth with a v4-mapped destination; dual-stack TCP and
     // UDP sockets send IPv4.
-    assert_eq!(mapped, 2, "{out}");
+    assert_eq!(mapped, 2, "{events:#?}");
     drop(agent);
 }
 
@@ -174,9 +175,7 @@ fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
 #[test]
 fn a_prefix_pattern_covers_pods_that_start_later() {
     let sb = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("{}-xdp", sb.name));
-    let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("v4-a", "192.0.2.1"));
-    let agent = Agent::start_in(&sb, EGRESS, &sb.run_args(&policy, &["--xdp-iface", "hv*"]));
+    let agent = agent(&sb, &rule("v4-a", "192.0.2.1"), "hv*");
     assert_eq!(status(&sb)["xdp_ifaces"], serde_json::json!([]));
 
     let pod = PodNet::new(&sb);
@@ -199,15 +198,8 @@ fn a_prefix_pattern_covers_pods_that_start_later() {
     let allowed = egress_tests::UdpSink::start(&sb.name, egress_tests::sa(V4_A, BASE_PORT + 4));
     let denied = egress_tests::UdpSink::start(&sb.name, egress_tests::sa(V4_B, BASE_PORT + 4));
     for sink in [&allowed, &denied] {
-        let got = egress_tests::vector::attempt(
-            VECTOR,
-            pod.pod_netns(),
-            None,
-            Vector::UdpSendto,
-            sink.addr(),
-            TIMEOUT,
-        );
-        assert_eq!(got, egress_tests::Attempted::Ok, "to {}", sink.addr());
+        let got = datagram_from_pod(&pod, sink.addr());
+        assert_eq!(got, Attempted::Ok, "to {}", sink.addr());
     }
     assert_eq!(
         allowed.wait_for(1, TIMEOUT),
@@ -233,36 +225,21 @@ fn a_prefix_pattern_covers_pods_that_start_later() {
 fn in_audit_mode_the_backstop_passes_and_reports_would_deny() {
     let sb = Sandbox::new();
     let pod = PodNet::new(&sb);
-    let dir = std::env::temp_dir().join(format!("{}-xdp", sb.name));
     let yaml =
         "kind: EgressConfig\nspec:\n  mode: audit\n---\n".to_owned() + &rule("v4-a", "192.0.2.1");
-    let policy = egress_tests::policy_file(&dir, "policy.yaml", &yaml);
-    let agent = Agent::start_in(
-        &sb,
-        EGRESS,
-        &sb.run_args(&policy, &["--xdp-iface", pod.host_iface()]),
-    );
+    let agent = agent(&sb, &yaml, pod.host_iface());
     let sink = egress_tests::UdpSink::start(&sb.name, egress_tests::sa(V4_B, BASE_PORT + 4));
-    let got = egress_tests::vector::attempt(
-        VECTOR,
-        pod.pod_netns(),
-        None,
-        Vector::UdpSendto,
-        sink.addr(),
-        TIMEOUT,
-    );
-    assert_eq!(got, egress_tests::Attempted::Ok);
+    let got = datagram_from_pod(&pod, sink.addr());
+    assert_eq!(got, Attempted::Ok);
     assert_eq!(sink.wait_for(1, TIMEOUT), 1, "audit mode let it through");
     assert_eq!(counts(&status(&sb), "hooks", "xdp"), (0, 0, 1));
-    let (ok, out, err) = sb.ctl(EGRESS, &["events", "-o", "json"]);
-    assert!(ok.success(), "{err}");
-    let e: serde_json::Value =
-        serde_json::from_str(out.lines().next().expect("an event")).expect("JSON");
+    let events = sb.events_json(EGRESS);
+    let e = events.first().expect("an event");
     assert_eq!(
         (&e["source"], &e["verdict"]),
         (&serde_json::json!("xdp"), &serde_json::json!("would-deny")),
-        "{out}"
+        "{events:#?}"
     );
-    assert_eq!(out.lines().count(), 1, "{out}");
+    assert_eq!(events.len(), 1, "{events:#?}");
     drop(agent);
 }

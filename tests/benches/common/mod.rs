@@ -25,15 +25,7 @@ pub fn summary(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
 
 /// 10000 -> "10,000".
 pub fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
+    egress_tests::thousands(n as u64)
 }
 
 /// A command's trimmed stdout (for `uname -r` and `date`), or why it did not run.
@@ -43,6 +35,17 @@ pub fn command_output(program: &str, args: &[&str]) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|e| format!("({program}: {e})"))
+}
+
+/// A report's line on the machine it ran on: kernel, CPU, CPU count and the date.
+pub fn machine_line() -> String {
+    format!(
+        "- kernel `{}`, CPU {} ({} CPUs), {}\n",
+        command_output("uname", &["-r"]),
+        cpu_model(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    )
 }
 
 /// The first `model name` of /proc/cpuinfo.
@@ -76,6 +79,90 @@ pub fn bench_args(name: &str) -> Result<Vec<String>, std::process::ExitCode> {
         return Err(std::process::ExitCode::FAILURE);
     }
     Ok(args)
+}
+
+/// A benchmark's arguments, read in order: each flag with [`Iterator::next`], its value with
+/// [`Flags::value`] or [`Flags::number`]; a missing or malformed value panics naming the flag
+/// and the bench's `usage`.
+pub struct Flags<'a> {
+    args: std::slice::Iter<'a, String>,
+    usage: &'a str,
+    separators: bool,
+}
+
+impl<'a> Flags<'a> {
+    pub fn new(args: &'a [String], usage: &'a str) -> Self {
+        Self {
+            args: args.iter(),
+            usage,
+            separators: false,
+        }
+    }
+
+    /// Values may group digits with `_` (`--sizes 1_000,10_000`): it is removed from every
+    /// value.
+    pub fn with_separators(mut self) -> Self {
+        self.separators = true;
+        self
+    }
+
+    /// The value after `flag`.
+    pub fn value(&mut self, flag: &str) -> String {
+        let value = self
+            .args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value; {}", self.usage));
+        if self.separators {
+            value.replace('_', "")
+        } else {
+            value.clone()
+        }
+    }
+
+    /// The directory after `flag` (as given, digit separators or not).
+    pub fn dir(&mut self, flag: &str) -> std::path::PathBuf {
+        self.args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a directory; {}", self.usage))
+            .into()
+    }
+
+    /// `text`, a value of `flag`, as a number.
+    pub fn parse<T: std::str::FromStr>(&self, text: &str, flag: &str) -> T
+    where
+        T::Err: std::fmt::Display,
+    {
+        text.parse()
+            .unwrap_or_else(|e| panic!("{flag} {text}: {e}; {}", self.usage))
+    }
+
+    /// The value after `flag`, as a number.
+    pub fn number<T: std::str::FromStr>(&mut self, flag: &str) -> T
+    where
+        T::Err: std::fmt::Display,
+    {
+        let text = self.value(flag);
+        self.parse(&text, flag)
+    }
+}
+
+impl<'a> Iterator for Flags<'a> {
+    type Item = &'a String;
+
+    fn next(&mut self) -> Option<&'a String> {
+        self.args.next()
+    }
+}
+
+/// A benchmark's `main`: [`bench_args`], then `run` on them.
+pub fn bench_main(name: &str, run: impl FnOnce(&[String])) -> std::process::ExitCode {
+    match bench_args(name) {
+        Ok(args) => {
+            run(&args);
+            std::process::ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 /// A (median, min, max) summary as a JSON object, for the results file.

@@ -4,11 +4,10 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    thread,
     time::{Duration, Instant},
 };
 
-use egress_tests::{Sandbox, V4_A, enter_netns, sa};
+use egress_tests::{Sandbox, V4_A, in_netns, sa};
 use egress_user::{compile::NO_RULE_NAME, loader::Enforcer, pipeline, policy::Policy};
 
 use crate::{DENIED_PORT, PORT, TARGET_RULE, rulesets::netns_exec, sink::FastSink};
@@ -247,13 +246,9 @@ impl Contender {
         netns_exec(&self.sandbox.name, loader, rules);
         self.load = Some(started.elapsed());
         // The ruleset must reset anything it does not allow, even with a listener there.
-        let netns = self.sandbox.name.clone();
-        let refused = thread::spawn(move || {
-            enter_netns(&netns);
+        let refused = in_netns(&self.sandbox.name, || {
             TcpStream::connect_timeout(&sa(V4_A, DENIED_PORT), Duration::from_secs(2))
-        })
-        .join()
-        .expect("probe thread");
+        });
         match refused {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             other => panic!(

@@ -130,25 +130,19 @@ fn parse(args: &[String]) -> Options {
         scale: vec![1_000, 10_000, 100_000, 1_000_000],
         out: None,
     };
-    let mut args = args.iter();
-    let number = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> u64 {
-        let value = args
-            .next()
-            .unwrap_or_else(|| panic!("{flag} needs a value; {USAGE}"));
-        value
-            .parse()
-            .unwrap_or_else(|e| panic!("{flag} {value}: {e}; {USAGE}"))
-    };
+    let mut args = common::Flags::new(args, USAGE);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             // cargo bench passes --bench to a harness = false target.
             "--bench" => {}
-            "--rounds" => options.rounds = number(&mut args, "--rounds") as usize,
-            "--count" => options.count = number(&mut args, "--count"),
-            "--budget-ms" => options.budget_ms = number(&mut args, "--budget-ms"),
-            "--warmup" => options.warmup = number(&mut args, "--warmup"),
-            "--stats-rounds" => options.stats_rounds = number(&mut args, "--stats-rounds") as usize,
-            "--rules" => options.rules = number(&mut args, "--rules") as usize,
+            "--rounds" => options.rounds = args.number::<u64>("--rounds") as usize,
+            "--count" => options.count = args.number::<u64>("--count"),
+            "--budget-ms" => options.budget_ms = args.number::<u64>("--budget-ms"),
+            "--warmup" => options.warmup = args.number::<u64>("--warmup"),
+            "--stats-rounds" => {
+                options.stats_rounds = args.number::<u64>("--stats-rounds") as usize
+            }
+            "--rules" => options.rules = args.number::<u64>("--rules") as usize,
             "--sink-cpu" => {
                 options.sink_cpu = match args.next().map(String::as_str) {
                     Some("other") => SinkCpu::Other,
@@ -173,13 +167,7 @@ fn parse(args: &[String]) -> Options {
                     })
                     .collect();
             }
-            "--out" => {
-                options.out = Some(
-                    args.next()
-                        .unwrap_or_else(|| panic!("--out needs a directory; {USAGE}"))
-                        .into(),
-                );
-            }
+            "--out" => options.out = Some(args.dir("--out")),
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -207,13 +195,10 @@ fn parse(args: &[String]) -> Options {
 }
 
 fn main() -> ExitCode {
-    let args = match common::bench_args("connect") {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    let options = parse(&args);
-    run(&options);
-    ExitCode::SUCCESS
+    common::bench_main("connect", |args| {
+        let options = parse(args);
+        run(&options);
+    })
 }
 
 fn run(options: &Options) {

@@ -1,11 +1,11 @@
 //! The printed report: a markdown table per metric.
 
-use std::{thread, time::Duration};
+use std::time::Duration;
 
 use crate::{
     Options,
-    common::{command_output, cpu_model, machine_json, publish, spread, summary, thousands},
-    contender::{Contender, Expect, Kind},
+    common::{machine_json, machine_line, publish, spread, summary, thousands},
+    contender::{Contender, Expect, Kind, Round},
     run_time::RunTime,
 };
 
@@ -36,13 +36,7 @@ pub fn print_report(
     let none = &contenders[0];
     let mut out = String::new();
     out.push_str("\n## connect() cost and program run time\n\n");
-    out.push_str(&format!(
-        "- kernel `{}`, CPU {} ({} CPUs), {}\n",
-        command_output("uname", &["-r"]),
-        cpu_model(),
-        thread::available_parallelism().map_or(1, |n| n.get()),
-        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-    ));
+    out.push_str(&machine_line());
     out.push_str(&format!(
         "- command: `cargo xtask bench connect` (`cargo bench -p egress-tests --bench connect -- --rounds {} --count {} \
          --budget-ms {} --warmup {} --stats-rounds {} --rules {}`)\n",
@@ -78,25 +72,24 @@ pub fn print_report(
     );
     out.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let mut rows = Vec::new();
-    for c in contenders {
-        let (med, lo, hi) = summary(c.rounds.iter().map(|r| r.mean_ns as f64));
-        let (rmed, rlo, rhi) = summary(
+    // A contender's ratio to no filter in the same round, of one of the rounds' times.
+    let to_none = |c: &Contender, time: fn(&Round) -> u64| {
+        summary(
             c.rounds
                 .iter()
                 .zip(&none.rounds)
-                .map(|(a, b)| a.mean_ns as f64 / b.mean_ns as f64),
-        );
+                .map(|(a, b)| time(a) as f64 / time(b) as f64),
+        )
+    };
+    for c in contenders {
+        let (med, lo, hi) = summary(c.rounds.iter().map(|r| r.mean_ns as f64));
+        let (rmed, rlo, rhi) = to_none(c, |r| r.mean_ns);
         let ratio = match c.expect {
             Expect::Denied => format!("({rmed:.2}x: fails before any packet)"),
             Expect::Connected => format!("{rmed:.3}x ({rlo:.3}-{rhi:.3})"),
         };
         let (p50, _, _) = summary(c.rounds.iter().map(|r| r.p50_ns as f64));
-        let (p50_ratio, _, _) = summary(
-            c.rounds
-                .iter()
-                .zip(&none.rounds)
-                .map(|(a, b)| a.p50_ns as f64 / b.p50_ns as f64),
-        );
+        let (p50_ratio, _, _) = to_none(c, |r| r.p50_ns);
         let (p99, _, _) = summary(c.rounds.iter().map(|r| r.p99_ns as f64));
         let (cmed, cmin, cmax) = summary(c.rounds.iter().map(|r| r.count as f64));
         let counts = if cmin == cmax {

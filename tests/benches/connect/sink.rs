@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_tests::enter_netns;
+use egress_tests::spawn_in_netns;
 
 /// A TCP server that accepts as fast as it can (a blocking accept with a 4096 backlog, on its
 /// own CPU) and counts. The test crate's `Sink` polls every 2 ms with the default backlog of
@@ -27,17 +27,15 @@ impl FastSink {
     /// Starts accepting on `addr` inside `netns`, the accept thread pinned to `cpu`.
     pub fn start(netns: &str, addr: SocketAddr, cpu: Option<usize>) -> Self {
         let accepted = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let netns = netns.to_owned();
-        let thread = {
+        let ns = netns.to_owned();
+        let (fd, thread) = {
             let accepted = accepted.clone();
-            thread::spawn(move || {
-                enter_netns(&netns);
+            spawn_in_netns(netns, "sink", move |tx| {
                 if let Some(cpu) = cpu {
                     pin_to(cpu);
                 }
                 let listener = TcpListener::bind(addr)
-                    .unwrap_or_else(|e| panic!("binding {addr} in {netns}: {e}"));
+                    .unwrap_or_else(|e| panic!("binding {addr} in {ns}: {e}"));
                 // SAFETY: listen(2) again on a listening socket only changes its backlog.
                 let ret = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
                 assert_eq!(ret, 0, "listen: {}", std::io::Error::last_os_error());
@@ -48,9 +46,6 @@ impl FastSink {
                 }
             })
         };
-        let fd = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("the sink did not start");
         Self {
             accepted,
             fd,

@@ -165,32 +165,24 @@ fn parse(args: &[String]) -> Options {
             options.shown_args.push(arg.clone());
         }
     }
-    let mut args = args.iter();
-    let value = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> String {
-        args.next()
-            .unwrap_or_else(|| panic!("{flag} needs a value; {USAGE}"))
-            .clone()
-    };
-    let number = |text: String, flag: &str| -> u64 {
-        text.parse()
-            .unwrap_or_else(|e| panic!("{flag} {text}: {e}; {USAGE}"))
-    };
+    let mut args = common::Flags::new(args, USAGE);
     while let Some(arg) = args.next() {
         let flag = arg.as_str();
         match flag {
             // cargo bench passes --bench to a harness = false target.
             "--bench" => {}
-            "--rounds" => options.rounds = number(value(&mut args, flag), flag) as usize,
-            "--seconds" => options.seconds = number(value(&mut args, flag), flag),
-            "--warmup" => options.warmup = number(value(&mut args, flag), flag),
-            "--connections" => options.connections = number(value(&mut args, flag), flag) as u32,
-            "--rate" => options.rate = number(value(&mut args, flag), flag) as u32,
+            "--rounds" => options.rounds = args.number::<u64>(flag) as usize,
+            "--seconds" => options.seconds = args.number::<u64>(flag),
+            "--warmup" => options.warmup = args.number::<u64>(flag),
+            "--connections" => options.connections = args.number::<u64>(flag) as u32,
+            "--rate" => options.rate = args.number::<u64>(flag) as u32,
             "--rate-connections" => {
-                options.rate_connections = number(value(&mut args, flag), flag) as u32;
+                options.rate_connections = args.number::<u64>(flag) as u32;
             }
-            "--rate-seconds" => options.rate_seconds = number(value(&mut args, flag), flag),
+            "--rate-seconds" => options.rate_seconds = args.number::<u64>(flag),
             "--contenders" => {
-                options.contenders = value(&mut args, flag)
+                options.contenders = args
+                    .value(flag)
                     .split(',')
                     .map(|c| match c {
                         "direct" => Kind::Direct,
@@ -201,7 +193,7 @@ fn parse(args: &[String]) -> Options {
                     .collect();
             }
             "--upstream-cpu" | "--rate-upstream-cpu" => {
-                let place = match value(&mut args, flag).as_str() {
+                let place = match args.value(flag).as_str() {
                     "load" => UpstreamCpu::Load,
                     "proxy" => UpstreamCpu::Proxy,
                     "any" => UpstreamCpu::Any,
@@ -213,17 +205,12 @@ fn parse(args: &[String]) -> Options {
                     options.rate_upstream_cpu = place;
                 }
             }
-            "--nice" => {
-                let text = value(&mut args, flag);
-                options.nice = text
-                    .parse()
-                    .unwrap_or_else(|e| panic!("--nice {text}: {e}; {USAGE}"));
-            }
-            "--agent-log" => options.agent_log = Some(value(&mut args, flag)),
-            "--envoy" => options.envoy = Some(value(&mut args, flag).into()),
-            "--oha" => options.oha = Some(value(&mut args, flag).into()),
+            "--nice" => options.nice = args.number(flag),
+            "--agent-log" => options.agent_log = Some(args.value(flag)),
+            "--envoy" => options.envoy = Some(args.value(flag).into()),
+            "--oha" => options.oha = Some(args.value(flag).into()),
             "--no-rate" => options.no_rate = true,
-            "--out" => options.out = Some(value(&mut args, flag).into()),
+            "--out" => options.out = Some(args.value(flag).into()),
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -250,13 +237,10 @@ fn parse(args: &[String]) -> Options {
 }
 
 fn main() -> ExitCode {
-    let args = match common::bench_args("http") {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    let options = parse(&args);
-    run(&options);
-    ExitCode::SUCCESS
+    common::bench_main("http", |args| {
+        let options = parse(args);
+        run(&options);
+    })
 }
 
 /// One wrk run of a contender, with what the proxy and the upstream did meanwhile.
@@ -439,8 +423,7 @@ fn run(options: &Options) {
         nice: options.nice,
     };
     let sandbox = Sandbox::new();
-    let dir = std::env::temp_dir().join(format!("egress-bench-http-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("bench directory");
+    let dir = sandbox.dir("bench-http");
     eprintln!(
         "bench http: sandbox {}, files in {}",
         sandbox.name,
@@ -570,7 +553,6 @@ fn run(options: &Options) {
     report::print(options, &contenders, &shown);
     drop(contenders);
     drop(nginx);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 fn short(kind: Kind) -> &'static str {

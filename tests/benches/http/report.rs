@@ -1,10 +1,10 @@
 //! The printed report: the machine and the method, then a markdown table per metric.
 
-use std::{path::Path, process::Command, thread, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use crate::{
     Contender, Kind, Options,
-    common::{command_output, cpu_model, machine_json, publish, spread, summary, thousands},
+    common::{command_output, machine_json, machine_line, publish, spread, summary, thousands},
 };
 
 /// What the report says about the run besides the numbers.
@@ -27,13 +27,7 @@ pub fn print(options: &Options, contenders: &[Contender], shown: &Shown) {
     let cpu = |c: Option<usize>| c.map_or("any".to_owned(), |c| c.to_string());
     let mut out = String::new();
     out.push_str("\n## HTTP egress proxy: throughput, added latency, footprint\n\n");
-    out.push_str(&format!(
-        "- kernel `{}`, CPU {} ({} CPUs), {}\n",
-        command_output("uname", &["-r"]),
-        cpu_model(),
-        thread::available_parallelism().map_or(1, |n| n.get()),
-        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-    ));
+    out.push_str(&machine_line());
     out.push_str(&format!(
         "- command: `cargo xtask bench http{}`\n",
         if options.shown_args.is_empty() {

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_tests::{Sandbox, V4_A, enter_netns, upstream::TestCa};
+use egress_tests::{Sandbox, V4_A, in_netns, upstream::TestCa};
 
 /// The name the upstream answers for, and the rules allow.
 pub const HOST: &str = "bench.test";
@@ -394,7 +394,7 @@ pub fn start_envoy(bin: &Path, dir: &Path, netns: &str, pin: Pin, ca: &Path) -> 
 }
 
 /// The egress agent (`egress run`) enforcing `policy` on the sandbox's cgroup, with its log
-/// at `log_level` (`None`: the agent's default). Started like `Agent::start_in`, but pinned and
+/// at `log_level` (`None`: the agent's default). Started like `Sandbox::agent`, but pinned and
 /// logging to a file: at tens of thousands of requests a second its per-request lines would
 /// otherwise cost the bench a reader thread on someone's CPU.
 pub fn start_egress(
@@ -439,9 +439,8 @@ pub fn get(
     host: &str,
     path: &str,
 ) -> std::io::Result<(u16, String)> {
-    let (netns, host, path) = (netns.to_owned(), host.to_owned(), path.to_owned());
-    thread::spawn(move || {
-        enter_netns(&netns);
+    let (host, path) = (host.to_owned(), path.to_owned());
+    in_netns(netns, move || {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(
@@ -460,8 +459,6 @@ pub fn get(
             .map_or(String::new(), |(_, b)| b.to_owned());
         Ok((status, body))
     })
-    .join()
-    .expect("GET thread")
 }
 
 /// DER bytes as a PEM block.

@@ -115,10 +115,10 @@ fn main() -> ExitCode {
 /// `direct`) and returns the instructions the process executed.
 fn callgrind(requests: u64, direct: bool) -> u64 {
     let exe = std::env::current_exe().expect("own path");
-    let out = std::env::temp_dir().join(format!(
-        "egress-callgrind-{}-{requests}-{direct}.out",
-        std::process::id()
-    ));
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let out = tmp
+        .path()
+        .join(format!("callgrind-{requests}-{direct}.out"));
     let mut cmd = Command::new("valgrind");
     cmd.arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()));
@@ -137,7 +137,6 @@ fn callgrind(requests: u64, direct: bool) -> u64 {
     );
     let text =
         std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("reading {}: {e}", out.display()));
-    let _ = std::fs::remove_file(&out);
     text.lines()
         .find_map(|l| {
             l.strip_prefix("totals:")

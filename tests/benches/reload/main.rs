@@ -137,53 +137,30 @@ fn parse(args: &[String]) -> Options {
         nice: -10,
         out: None,
     };
-    let mut args = args.iter();
-    let value = |args: &mut std::slice::Iter<'_, String>, flag: &str| -> String {
-        args.next()
-            .unwrap_or_else(|| panic!("{flag} needs a value; {USAGE}"))
-            .replace('_', "")
-    };
-    let number = |text: &str, flag: &str| -> usize {
-        text.parse()
-            .unwrap_or_else(|e| panic!("{flag} {text}: {e}; {USAGE}"))
-    };
+    let mut args = common::Flags::new(args, USAGE).with_separators();
     while let Some(arg) = args.next() {
         let flag = arg.as_str();
         match flag {
             // cargo bench passes --bench to a harness = false target.
             "--bench" => {}
-            "--reloads" => options.reloads = number(&value(&mut args, flag), flag),
-            "--warmup" => options.warmup = number(&value(&mut args, flag), flag),
-            "--poll-us" => {
-                options.poll = Duration::from_micros(number(&value(&mut args, flag), flag) as u64)
-            }
-            "--starts" => options.starts = number(&value(&mut args, flag), flag),
-            "--big-rules" => options.big_rules = number(&value(&mut args, flag), flag),
+            "--reloads" => options.reloads = args.number::<usize>(flag),
+            "--warmup" => options.warmup = args.number::<usize>(flag),
+            "--poll-us" => options.poll = Duration::from_micros(args.number::<usize>(flag) as u64),
+            "--starts" => options.starts = args.number::<usize>(flag),
+            "--big-rules" => options.big_rules = args.number::<usize>(flag),
             "--sizes" => {
-                options.sizes = value(&mut args, flag)
+                let list = args.value(flag);
+                options.sizes = list
                     .split(',')
                     .filter(|s| !s.is_empty())
-                    .map(|s| number(s, flag))
+                    .map(|s| args.parse(s, flag))
                     .collect()
             }
-            "--budget-s" => {
-                options.budget = Duration::from_secs(number(&value(&mut args, flag), flag) as u64)
-            }
-            "--nice" => {
-                let text = value(&mut args, flag);
-                options.nice = text
-                    .parse()
-                    .unwrap_or_else(|e| panic!("--nice {text}: {e}; {USAGE}"));
-            }
+            "--budget-s" => options.budget = Duration::from_secs(args.number::<usize>(flag) as u64),
+            "--nice" => options.nice = args.number(flag),
             "--no-big" => options.big = false,
             "--no-1m" => options.million = false,
-            "--out" => {
-                options.out = Some(
-                    args.next()
-                        .unwrap_or_else(|| panic!("--out needs a directory; {USAGE}"))
-                        .into(),
-                )
-            }
+            "--out" => options.out = Some(args.dir("--out")),
             other => panic!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -199,14 +176,11 @@ fn parse(args: &[String]) -> Options {
 }
 
 fn main() -> ExitCode {
-    let args = match common::bench_args("reload") {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    let options = parse(&args);
-    catch_interrupts();
-    run(&options);
-    ExitCode::SUCCESS
+    common::bench_main("reload", |args| {
+        let options = parse(args);
+        catch_interrupts();
+        run(&options);
+    })
 }
 
 /// Set by SIGINT or SIGTERM: the bench then stops at the next reload and, unwinding, stops its

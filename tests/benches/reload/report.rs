@@ -1,13 +1,13 @@
 //! The printed report: the machine and the method, markdown tables, and a one-line JSON
 //! summary for scripts (also written to `reload.json` with `--out`).
 
-use std::{thread, time::Duration};
+use std::time::Duration;
 
 use serde_json::json;
 
 use crate::{
     Big, Breakdown, Contender, DEBOUNCE, Options, Startup, Way,
-    common::{command_output, cpu_model, machine_json, publish, summary, thousands},
+    common::{machine_json, machine_line, publish, summary, thousands},
 };
 
 /// One contender's measurements, its agent stopped.
@@ -106,13 +106,7 @@ pub fn print(
     let sizes: Vec<String> = options.sizes.iter().map(ToString::to_string).collect();
     let mut out = String::new();
     out.push_str("\n## Reload to enforced, and large-policy load time\n\n");
-    out.push_str(&format!(
-        "- kernel `{}`, CPU {} ({} CPUs), {}\n",
-        command_output("uname", &["-r"]),
-        cpu_model(),
-        thread::available_parallelism().map_or(1, |n| n.get()),
-        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-    ));
+    out.push_str(&machine_line());
     out.push_str(&format!(
         "- command: `cargo xtask bench reload` (`cargo bench -p egress-tests --bench reload -- --reloads {} --sizes {} \
          --warmup {} --poll-us {} --budget-s {} --starts {} --big-rules {} --nice {}{}{}`)\n",

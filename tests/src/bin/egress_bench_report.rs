@@ -18,6 +18,7 @@ use std::{
     process::{Command, ExitCode},
 };
 
+use egress_tests::thousands;
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -704,19 +705,6 @@ fn rps(v: &Value) -> String {
     v["median"]
         .as_f64()
         .map_or("-".into(), |r| thousands(r.round() as u64))
-}
-
-/// 10000 -> "10,000".
-fn thousands(n: impl Into<u64>) -> String {
-    let s = n.into().to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }
 
 /// 1000 -> "1k", 1000000 -> "1M".

@@ -96,12 +96,7 @@ fn parse() -> Options {
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--cgroup" => {
-                let dir = args.next().expect("--cgroup DIR");
-                egress_user::cgroup::join(dir.as_ref())
-                    .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
-            }
-            "--netns" => egress_tests::enter_netns(&args.next().expect("--netns NAME")),
+            flag @ ("--cgroup" | "--netns") => egress_tests::place(flag, &mut args),
             "--cpu" => options.cpu = Some(number(&mut args, "--cpu") as usize),
             "--warmup" => options.block.warmup = number(&mut args, "--warmup"),
             "--count" => options.block.count = number(&mut args, "--count"),

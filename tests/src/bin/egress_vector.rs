@@ -553,8 +553,8 @@ fn so_error(fd: RawFd) -> io::Result<i32> {
     }
 }
 
-/// The local port of a socket (`getsockname()`); for a ping socket, the echo id it sends.
-fn local_port(fd: &OwnedFd) -> Step<u16> {
+/// The local address of a socket (`getsockname()`).
+fn sock_name(fd: &OwnedFd) -> Step<libc::sockaddr_storage> {
     // SAFETY: sockaddr_storage is plain data; zeroed is valid.
     let mut local: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -569,6 +569,12 @@ fn local_port(fd: &OwnedFd) -> Step<u16> {
     if ret != 0 {
         return Err(Failure::last("getsockname"));
     }
+    Ok(local)
+}
+
+/// The local port of a socket (`getsockname()`); for a ping socket, the echo id it sends.
+fn local_port(fd: &OwnedFd) -> Step<u16> {
+    let local = sock_name(fd)?;
     let port_be = match i32::from(local.ss_family) {
         // SAFETY: the kernel filled an AF_INET address; storage is aligned for it.
         libc::AF_INET => unsafe {
@@ -589,20 +595,10 @@ fn raw_source(fd: &OwnedFd, target: SocketAddr) -> Step<Ipv4Addr> {
     if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
         return Err(Failure::last("connect"));
     }
-    // SAFETY: sockaddr_in is plain data; zeroed is valid.
-    let mut local: libc::sockaddr_in = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a valid socket and a sockaddr_in of `len` bytes.
-    let ret = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            std::ptr::from_mut(&mut local).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(Failure::last("getsockname"));
-    }
+    let local = sock_name(fd)?;
+    // SAFETY: the kernel filled the AF_INET address of this IPv4 raw socket; storage is
+    // aligned for it.
+    let local = unsafe { *std::ptr::from_ref(&local).cast::<libc::sockaddr_in>() };
     Ok(Ipv4Addr::from(local.sin_addr.s_addr.to_ne_bytes()))
 }
 

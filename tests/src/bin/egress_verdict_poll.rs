@@ -121,12 +121,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--cgroup" => {
-                let dir = args.next().expect("--cgroup DIR");
-                egress_user::cgroup::join(dir.as_ref())
-                    .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
-            }
-            "--netns" => egress_tests::enter_netns(&args.next().expect("--netns NAME")),
+            flag @ ("--cgroup" | "--netns") => egress_tests::place(flag, &mut args),
             other => panic!("usage: egress-verdict-poll --cgroup DIR --netns NAME (not {other:?})"),
         }
     }

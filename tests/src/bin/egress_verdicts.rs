@@ -33,12 +33,7 @@ fn main() -> ExitCode {
     let mut pause = std::time::Duration::ZERO;
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--cgroup" => {
-                let dir = args.next().expect("--cgroup DIR");
-                egress_user::cgroup::join(dir.as_ref())
-                    .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
-            }
-            "--netns" => egress_tests::enter_netns(&args.next().expect("--netns NAME")),
+            flag @ ("--cgroup" | "--netns") => egress_tests::place(flag, &mut args),
             "--pause-us" => {
                 let us = args.next().expect("--pause-us N");
                 pause = std::time::Duration::from_micros(us.parse().expect("--pause-us N"));
