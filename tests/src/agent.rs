@@ -12,6 +12,12 @@ use std::{
 
 use crate::{Sandbox, wait_within};
 
+/// How long an agent may take to say whether it is ready. Generous: the kernel matrix runs
+/// the suite under QEMU without acceleration on a shared 2-CPU machine, where reading a
+/// 20,000-rule policy alone took 19 s; this bounds a hang, it does not measure speed
+/// (`cargo xtask bench` does).
+const READY_WITHIN: Duration = Duration::from_secs(120);
+
 /// An `egress run` agent started as a child process, stopped on drop.
 pub struct Agent {
     child: Child,
@@ -185,7 +191,7 @@ impl Launch<'_> {
             });
         }
         let mut agent = Agent { child, log };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        if rx.recv_timeout(READY_WITHIN).is_err() {
             let status = agent.child.try_wait();
             panic!(
                 "the agent did not become ready ({status:?}); its log:\n{}",
