@@ -1,20 +1,18 @@
 //! What the unit tests of several modules share.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// A fresh, empty directory under the system temp dir, `egress-NAME-PID-N`, removed with what
-/// it holds when dropped.
-pub(crate) struct TempDir(pub(crate) PathBuf);
+/// A fresh, empty directory (`tempfile`'s, named `egress-NAME-…`), removed with what it holds
+/// when dropped, even when the test fails.
+pub(crate) struct TempDir(pub(crate) PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl TempDir {
     pub(crate) fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("egress-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("egress-{name}-"))
+            .tempdir()
+            .expect("create temp dir");
+        Self(dir.path().to_owned(), dir)
     }
 
     /// The file `name` in the directory, holding `contents`.
@@ -22,12 +20,6 @@ impl TempDir {
         let path = self.0.join(name);
         std::fs::write(&path, contents).expect("write temp file");
         path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
