@@ -368,38 +368,23 @@ pub fn compile(
             }
         }
     }
-    check_len(
-        "IPv4",
-        out.rules_v4.len(),
-        MAX_RULE_KEYS,
-        |family, keys, max| CompileError::TooManyKeys { family, keys, max },
-    )?;
-    check_len(
-        "IPv6",
-        out.rules_v6.len(),
-        MAX_RULE_KEYS,
-        |family, keys, max| CompileError::TooManyKeys { family, keys, max },
-    )?;
-    check_len(
-        "IPv4",
-        out.bypass_v4.len(),
-        MAX_BYPASS,
-        |family, ranges, max| CompileError::TooManyBypass {
-            family,
-            ranges,
-            max,
-        },
-    )?;
-    check_len(
-        "IPv6",
-        out.bypass_v6.len(),
-        MAX_BYPASS,
-        |family, ranges, max| CompileError::TooManyBypass {
-            family,
-            ranges,
-            max,
-        },
-    )?;
+    type TooMany = fn(&'static str, usize, u32) -> CompileError;
+    let keys: TooMany = |family, keys, max| CompileError::TooManyKeys { family, keys, max };
+    let bypass: TooMany = |family, ranges, max| CompileError::TooManyBypass {
+        family,
+        ranges,
+        max,
+    };
+    for (family, len, max, too_many) in [
+        ("IPv4", out.rules_v4.len(), MAX_RULE_KEYS, keys),
+        ("IPv6", out.rules_v6.len(), MAX_RULE_KEYS, keys),
+        ("IPv4", out.bypass_v4.len(), MAX_BYPASS, bypass),
+        ("IPv6", out.bypass_v6.len(), MAX_BYPASS, bypass),
+    ] {
+        if len > max as usize {
+            return Err(too_many(family, len, max));
+        }
+    }
     out.rows = rows;
     Ok(out)
 }
@@ -456,19 +441,6 @@ fn http_ports(policy: &Policy) -> Vec<u16> {
     ports.sort_unstable();
     ports.dedup();
     ports
-}
-
-fn check_len(
-    family: &'static str,
-    len: usize,
-    max: u32,
-    err: impl FnOnce(&'static str, usize, u32) -> CompileError,
-) -> Result<(), CompileError> {
-    if len > max as usize {
-        Err(err(family, len, max))
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
