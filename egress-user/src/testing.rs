@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 /// A fresh, empty directory (`tempfile`'s, named `egress-NAME-…`), removed with what it holds
 /// when dropped, even when the test fails.
-pub(crate) struct TempDir(pub(crate) PathBuf, #[allow(dead_code)] tempfile::TempDir);
+pub(crate) struct TempDir(
+    pub(crate) PathBuf,
+    #[expect(dead_code, reason = "held for its Drop, which removes the directory")]
+    tempfile::TempDir,
+);
 
 impl TempDir {
     pub(crate) fn new(name: &str) -> Self {

@@ -78,24 +78,13 @@ impl Agent {
             }
         };
         let mut rows = Vec::new();
-        let ports = |ports: Vec<String>| join(ports.into_iter());
         for r in &self.policy.rules {
-            let ports = ports(
-                r.ports
-                    .iter()
-                    .map(|p| format!("{}/{}", p.port, p.protocol))
-                    .collect(),
-            );
+            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
             let allows = format!("{} {ports}", r.destination);
             rows.push(row(Kind::EgressRule, &r.name, allows, &r.origin));
         }
         for r in &self.policy.http_rules {
-            let ports = ports(
-                r.ports
-                    .iter()
-                    .map(|p| format!("{}/{}", p.port, p.protocol))
-                    .collect(),
-            );
+            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
             let allows = format!("{} {ports}", r.host);
             rows.push(row(Kind::EgressRule, &r.name, allows, &r.origin));
         }
