@@ -67,6 +67,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod daemon;
+mod phases;
 mod policies;
 mod report;
 
@@ -79,11 +80,8 @@ use std::{
 
 use daemon::{Agent, Line, Poller, READY, RELOADED, generation_of};
 use egress_tests::{Sandbox, Sink};
-use egress_user::{
-    control::{Request, Response, client},
-    pipeline,
-    proxy::Proxy,
-};
+use egress_user::control::{Request, Response, client};
+use phases::{Breakdown, big, breakdown};
 use policies::{Allowed, MAX_FILLER, PolicyDir, yaml};
 
 pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench reload -- [--reloads N] \
@@ -411,184 +409,6 @@ impl Contender {
         self.generation += 1;
         self.current = next;
         result
-    }
-}
-
-/// What one reload does, step by step, in the bench's own process (milliseconds, median of
-/// the runs).
-pub struct Breakdown {
-    pub rules: usize,
-    pub parse: f64,
-    pub proxy: f64,
-    pub kernel: f64,
-}
-
-/// Times parsing, the proxy configuration and the kernel generation of `rules`-rule policies,
-/// alternating as the reloads do, on a scratch sandbox.
-fn breakdown(rules: usize, runs: usize) -> Breakdown {
-    let sandbox = Sandbox::new();
-    let policies = PolicyDir::new(&sandbox.run_dir);
-    let target = sandbox.target();
-    let texts = [yaml(rules, 1, Allowed::A), yaml(rules, 1, Allowed::B)];
-    let mut which = Allowed::A;
-    policies.replace(text(&texts, which));
-    let load = || egress_user::policy::load_files(&[policies.file()]).expect("the policy loads");
-    let mut enforcer = pipeline::apply(&target, &load()).expect("first generation");
-    let (mut parse, mut proxy, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        which = which.flip();
-        policies.replace(text(&texts, which));
-        let started = Instant::now();
-        let policy = load();
-        parse.push(started.elapsed());
-        let started = Instant::now();
-        let p = Proxy::new(&policy).expect("proxy config");
-        proxy.push(started.elapsed());
-        drop(p);
-        let started = Instant::now();
-        let next = pipeline::apply(&target, &policy).expect("next generation");
-        // The agent drops the old generation before it answers, too.
-        drop(std::mem::replace(&mut enforcer, next));
-        kernel.push(started.elapsed());
-    }
-    drop(enforcer);
-    let med = |v: &[Duration]| common::summary(v.iter().map(|d| d.as_secs_f64() * 1e3)).0;
-    Breakdown {
-        rules,
-        parse: med(&parse),
-        proxy: med(&proxy),
-        kernel: med(&kernel),
-    }
-}
-
-/// One big start-up: a fresh agent, then one reload to the other policy.
-pub struct Startup {
-    /// Spawn to the ready line, ms.
-    pub start: f64,
-    /// `Reload` round trip to the other policy, ms.
-    pub reload: f64,
-    /// The `loading rules` lines of the start-up: (ms since spawn, the line's message and
-    /// fields).
-    pub progress: Vec<(f64, String)>,
-    /// How many `loading rules` lines the reload logged.
-    pub reload_progress: usize,
-}
-
-/// Starts an agent with `texts[0]` (allows A), times it to ready, checks the verdicts, then
-/// reloads to `texts[1]` (allows B) and times that.
-fn startup(texts: &[String; 2], timeout: Duration) -> Startup {
-    let sandbox = Sandbox::new();
-    let policies = PolicyDir::new(&sandbox.run_dir);
-    policies.replace(&texts[0]);
-    let _sinks = [
-        sandbox.sink(Allowed::A.allowed()),
-        sandbox.sink(Allowed::B.allowed()),
-    ];
-    let (mut agent, index, ready) = start_agent(&sandbox, &policies, false, timeout);
-    let since = |ns: u64| ns.saturating_sub(agent.spawned_ns) as f64 / 1e6;
-    let start = since(ready.at_ns);
-    let progress: Vec<(f64, String)> = agent
-        .lines_from(0)
-        .into_iter()
-        .take(index)
-        .filter(|l| l.text.contains("loading rules:"))
-        .map(|l| {
-            let message = l
-                .text
-                .split_once("loading rules:")
-                .map_or(l.text.clone(), |(_, rest)| format!("loading rules:{rest}"));
-            (since(l.at_ns), message)
-        })
-        .collect();
-    let mut poller = Poller::start(POLL, &sandbox);
-    expect_verdicts(&mut poller, Allowed::A, "after start-up", &agent);
-    policies.replace(&texts[1]);
-    let before = agent.line_count();
-    let (took, generation) = reload_request(&sandbox);
-    assert_eq!(generation, 2, "the reload did not make generation 2");
-    expect_verdicts(&mut poller, Allowed::B, "right after the answer", &agent);
-    let (_, line) = agent.wait_for(before, RELOADED, Duration::from_secs(5));
-    assert_eq!(generation_of(&line.text), Some(2), "{}", line.text);
-    let reload_progress = agent
-        .lines_from(before)
-        .iter()
-        .filter(|l| l.text.contains("loading rules:"))
-        .count();
-    drop(poller);
-    drop(agent);
-    Startup {
-        start,
-        reload: took.as_secs_f64() * 1e3,
-        progress,
-        reload_progress,
-    }
-}
-
-/// The start-up phase's results.
-pub struct Big {
-    pub rules: usize,
-    /// Bytes of one of the policy files.
-    pub bytes: usize,
-    pub runs: Vec<Startup>,
-    /// 1,000,000 keys: (bytes, result), or why not.
-    pub million: Result<(usize, Startup), String>,
-}
-
-fn big(options: &Options) -> Big {
-    let rules = options.big_rules;
-    let n = common::thousands(rules);
-    let texts = [yaml(rules, 1, Allowed::A), yaml(rules, 1, Allowed::B)];
-    let mut runs = Vec::new();
-    for i in 0..options.starts {
-        check_interrupted();
-        let run = startup(&texts, Duration::from_secs(120));
-        eprintln!(
-            "bench reload: {n} rules, start-up {}/{}: ready after {:.0} ms ({} progress lines), reload {:.0} ms",
-            i + 1,
-            options.starts,
-            run.start,
-            run.progress.len(),
-            run.reload
-        );
-        // Ten lines at every tenth of the one big map fill (RULES_V4).
-        let wanted = if rules >= 10_000 { 10 } else { 0 };
-        assert_eq!(
-            run.progress.len(),
-            wanted,
-            "the start-up should log `loading rules: N%` at every 10% of the {n}-rule fill: {:?}",
-            run.progress
-        );
-        assert_eq!(run.reload_progress, wanted, "the reload's progress lines");
-        runs.push(run);
-    }
-    let million = if !options.million {
-        Err("1,000,000 keys: skipped (--no-1m)".to_owned())
-    } else {
-        let start = common::summary(runs.iter().map(|r| r.start)).0;
-        // A million keys are ten times the map fill of 100,000 one-port rules, and their YAML
-        // is about three times larger: ten times is a generous forecast.
-        let forecast = Duration::from_secs_f64(start * 10.0 * 100_000.0 / rules as f64 / 1e3);
-        if forecast > MILLION_LIMIT {
-            Err(format!(
-                "1,000,000 keys: skipped, the {n}-rule start-up ({start:.0} ms) forecasts about {forecast:.0?}, over {MILLION_LIMIT:?}"
-            ))
-        } else {
-            eprintln!("bench reload: 1,000,000 keys (forecast under {forecast:.0?})...");
-            let texts = [yaml(100_000, 10, Allowed::A), yaml(100_000, 10, Allowed::B)];
-            let run = startup(&texts, MILLION_LIMIT * 3);
-            eprintln!(
-                "bench reload: 1,000,000 keys: ready after {:.0} ms, reload {:.0} ms",
-                run.start, run.reload
-            );
-            assert_eq!(run.progress.len(), 10, "progress lines: {:?}", run.progress);
-            Ok((texts[0].len(), run))
-        }
-    };
-    Big {
-        rules,
-        bytes: texts[0].len(),
-        runs,
-        million,
     }
 }
 

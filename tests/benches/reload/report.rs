@@ -6,8 +6,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::{
-    Big, Breakdown, Contender, DEBOUNCE, Options, Startup, Way,
+    Contender, DEBOUNCE, Options, Way,
     common::{machine_json, machine_line, publish, summary, thousands},
+    phases::{Big, Breakdown, Startup},
 };
 
 /// One contender's measurements, its agent stopped.

@@ -48,14 +48,20 @@
 //! never v6-only unless the namespace's `bindv6only` says so), whatever the kernel then does.
 
 use std::{
-    io, mem,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd as _, OwnedFd},
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use egress_tests::{raw::sockaddr, setsockopt_int};
+use sys::{
+    initial_sequence, local_port, raw_source, send, sendto, socket, tcp4_checksum, wait_connected,
+    wait_ready,
+};
+
+mod sys;
 
 /// Source port of the raw UDP datagram.
 const RAW_UDP_SPORT: u16 = 40000;
@@ -197,20 +203,9 @@ impl Attempt {
     /// `tcp` (`proto` 0) and `mptcp`: connect, then send.
     fn stream(&self, proto: libc::c_int) -> Step<()> {
         let fd = self.inet_socket(libc::SOCK_STREAM, proto)?;
-        let tv = timeval(self.timeout);
-        // SAFETY: a valid socket and a timeval of the size given.
-        let ret = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDTIMEO,
-                std::ptr::from_ref(&tv).cast(),
-                mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if ret != 0 {
-            return Err(Failure::last("setsockopt"));
-        }
+        socket2::SockRef::from(&fd)
+            .set_write_timeout(Some(self.timeout))
+            .map_err(|e| Failure::from_io("setsockopt", &e))?;
         let (sa, len) = sockaddr(self.addr);
         // SAFETY: a valid socket and a sockaddr of `len` bytes.
         if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
@@ -398,25 +393,13 @@ impl Attempt {
         let deadline = Instant::now() + self.timeout;
         let mut buf = [0u8; 2048];
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n =
-                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Failure::from_io("recv", &e));
-            }
-            if n == 0 {
-                return Err(Failure::timed_out("recv", "echo reply", self.timeout));
-            }
+            wait_ready(
+                &fd,
+                libc::POLLIN,
+                deadline,
+                ("recv", "echo reply"),
+                self.timeout,
+            )?;
             // SAFETY: a valid socket and a buffer of its own length; MSG_DONTWAIT never blocks.
             let got = unsafe {
                 libc::recv(
@@ -446,193 +429,5 @@ impl Attempt {
                 return Ok(());
             }
         }
-    }
-}
-
-/// `socket()` with `SOCK_CLOEXEC`, owned.
-fn socket(family: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> Step<OwnedFd> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(Failure::last("socket"));
-    }
-    // SAFETY: a descriptor socket() just returned, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `send()` of all of `data` on a connected socket.
-fn send(fd: &OwnedFd, data: &[u8]) -> Step<()> {
-    // SAFETY: a valid socket and a buffer of its own length.
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    };
-    sent(n, data.len())
-}
-
-/// `sendto()` of `data` to `addr`.
-fn sendto(fd: &OwnedFd, data: &[u8], addr: SocketAddr) -> Step<()> {
-    let (sa, len) = sockaddr(addr);
-    // SAFETY: a valid socket, a buffer of its own length and a sockaddr of `len` bytes.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_NOSIGNAL,
-            std::ptr::from_ref(&sa).cast(),
-            len,
-        )
-    };
-    sent(n, data.len())
-}
-
-fn sent(n: isize, want: usize) -> Step<()> {
-    if n < 0 {
-        return Err(Failure::last("send"));
-    }
-    if n as usize != want {
-        let mut f = Failure::new("send", libc::EMSGSIZE);
-        f.message = format!("sent {n} of {want} bytes");
-        return Err(f);
-    }
-    Ok(())
-}
-
-/// Waits for a non-blocking TCP socket's handshake: writable, then `SO_ERROR`.
-fn wait_connected(fd: &OwnedFd, deadline: Instant, timeout: Duration) -> Step<()> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Failure::from_io("connect", &e));
-        }
-        if n == 0 {
-            return Err(Failure::timed_out("connect", "handshake", timeout));
-        }
-        let err = so_error(fd.as_raw_fd()).map_err(|e| Failure::from_io("connect", &e))?;
-        if err != 0 {
-            return Err(Failure::new("connect", err));
-        }
-        return Ok(());
-    }
-}
-
-/// The socket's pending error (`SO_ERROR`).
-fn so_error(fd: RawFd) -> io::Result<i32> {
-    let mut err: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid socket and an int of `len` bytes.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            std::ptr::from_mut(&mut err).cast(),
-            &mut len,
-        )
-    };
-    if ret == 0 {
-        Ok(err)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// The local address of a socket (`getsockname()`).
-fn sock_name(fd: &OwnedFd) -> Step<libc::sockaddr_storage> {
-    // SAFETY: sockaddr_storage is plain data; zeroed is valid.
-    let mut local: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: a valid socket and a sockaddr_storage of `len` bytes.
-    let ret = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            std::ptr::from_mut(&mut local).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(Failure::last("getsockname"));
-    }
-    Ok(local)
-}
-
-/// The local port of a socket (`getsockname()`); for a ping socket, the echo id it sends.
-fn local_port(fd: &OwnedFd) -> Step<u16> {
-    let local = sock_name(fd)?;
-    let port_be = match i32::from(local.ss_family) {
-        // SAFETY: the kernel filled an AF_INET address; storage is aligned for it.
-        libc::AF_INET => unsafe {
-            (*std::ptr::from_ref(&local).cast::<libc::sockaddr_in>()).sin_port
-        },
-        // SAFETY: the kernel filled an AF_INET6 address; storage is aligned for it.
-        _ => unsafe { (*std::ptr::from_ref(&local).cast::<libc::sockaddr_in6>()).sin6_port },
-    };
-    Ok(u16::from_be(port_be))
-}
-
-/// The IPv4 source the kernel picks for `target`: `connect()` on the raw socket (a route
-/// lookup; it also makes the socket take packets from `target` only, which does not matter
-/// for sending), then `getsockname()`.
-fn raw_source(fd: &OwnedFd, target: SocketAddr) -> Step<Ipv4Addr> {
-    let (sa, len) = sockaddr(target);
-    // SAFETY: a valid socket and a sockaddr of `len` bytes.
-    if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
-        return Err(Failure::last("connect"));
-    }
-    let local = sock_name(fd)?;
-    // SAFETY: the kernel filled the AF_INET address of this IPv4 raw socket; storage is
-    // aligned for it.
-    let local = unsafe { *std::ptr::from_ref(&local).cast::<libc::sockaddr_in>() };
-    Ok(Ipv4Addr::from(local.sin_addr.s_addr.to_ne_bytes()))
-}
-
-/// The TCP checksum of `segment` (its checksum field zero) from `src` to `dst` (RFC 793:
-/// the one's-complement sum over the pseudo-header and the segment).
-fn tcp4_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
-    let mut pseudo = Vec::with_capacity(12 + segment.len());
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.push(0);
-    pseudo.push(libc::IPPROTO_TCP as u8);
-    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(segment);
-    let mut sum: u32 = pseudo
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// A sequence number that differs from run to run (the kernel's own are random too).
-fn initial_sequence() -> u32 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    now.subsec_nanos() ^ std::process::id().rotate_left(16)
-}
-
-fn timeval(d: Duration) -> libc::timeval {
-    libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(d.subsec_micros()),
     }
 }
