@@ -95,22 +95,28 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
         .map_err(|_| format!("{FONT}: not a font ab_glyph can read"))?;
     let plots_dir = docs.join("benchmarks");
     fs::create_dir_all(&plots_dir).map_err(|e| format!("{}: {e}", plots_dir.display()))?;
-    let mut plots = Vec::new();
-    if let Some(connect) = get("connect") {
-        let path = plots_dir.join("connect-scaling.png");
-        plot_connect(connect, &path)?;
-        plots.push((
+    // (bench, how its plot is drawn, file, title)
+    type Draw = fn(&Value, &Path) -> Result<(), String>;
+    let drawn: [(&str, Draw, &str, &str); 2] = [
+        (
+            "connect",
+            plot_connect,
+            "connect-scaling.png",
             "connect() p50 against the number of CIDR+port keys, per filter (log-log; bars: min-max over rounds)",
-            "benchmarks/connect-scaling.png",
-        ));
-    }
-    if let Some(http) = get("http") {
-        let path = plots_dir.join("http.png");
-        plot_http(http, &path)?;
-        plots.push((
+        ),
+        (
+            "http",
+            plot_http,
+            "http.png",
             "HTTP proxy: req/s and p99 per contender, plain HTTP and TLS origination (bars: median; whiskers: min-max over rounds)",
-            "benchmarks/http.png",
-        ));
+        ),
+    ];
+    let mut plots = Vec::new();
+    for (bench, draw, file, title) in drawn {
+        if let Some(results) = get(bench) {
+            draw(results, &plots_dir.join(file))?;
+            plots.push((title, format!("benchmarks/{file}")));
+        }
     }
 
     let mut page = String::from("# Benchmarks\n\n");

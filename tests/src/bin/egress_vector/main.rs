@@ -49,17 +49,16 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
-use egress_tests::{raw::sockaddr, setsockopt_int};
-use sys::{
-    initial_sequence, local_port, raw_source, send, sendto, socket, tcp4_checksum, wait_connected,
-    wait_ready,
-};
+use egress_tests::setsockopt_int;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use sys::{initial_sequence, tcp4_checksum, wait_connected, wait_ready};
 
 mod sys;
 
@@ -95,11 +94,6 @@ impl Failure {
             errno,
             message,
         }
-    }
-
-    /// The failure of `stage` from the thread's last OS error.
-    fn last(stage: &'static str) -> Self {
-        Self::from_io(stage, &io::Error::last_os_error())
     }
 
     fn from_io(stage: &'static str, e: &io::Error) -> Self {
@@ -177,12 +171,8 @@ struct Attempt {
 
 impl Attempt {
     /// The socket family for the address: AF_INET6 for any IPv6 form, v4-mapped included.
-    fn family(&self) -> libc::c_int {
-        if self.addr.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        }
+    fn domain(&self) -> Domain {
+        Domain::for_address(self.addr)
     }
 
     fn is_mapped(&self) -> bool {
@@ -191,91 +181,77 @@ impl Attempt {
 
     /// A socket of type `ty` and protocol `proto` (0: TCP or UDP, by the type) for the
     /// address; dual-stack for a v4-mapped one.
-    fn inet_socket(&self, ty: libc::c_int, proto: libc::c_int) -> Step<OwnedFd> {
-        let fd = socket(self.family(), ty, proto)?;
+    fn inet_socket(&self, ty: Type, proto: libc::c_int) -> Step<Socket> {
+        let socket = socket(self.domain(), ty, proto)?;
         if self.is_mapped() {
-            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
+            socket
+                .set_only_v6(false)
                 .map_err(|e| Failure::from_io("setsockopt", &e))?;
         }
-        Ok(fd)
+        Ok(socket)
     }
 
     /// `tcp` (`proto` 0) and `mptcp`: connect, then send.
     fn stream(&self, proto: libc::c_int) -> Step<()> {
-        let fd = self.inet_socket(libc::SOCK_STREAM, proto)?;
-        socket2::SockRef::from(&fd)
+        let socket = self.inet_socket(Type::STREAM, proto)?;
+        socket
             .set_write_timeout(Some(self.timeout))
             .map_err(|e| Failure::from_io("setsockopt", &e))?;
-        let (sa, len) = sockaddr(self.addr);
-        // SAFETY: a valid socket and a sockaddr of `len` bytes.
-        if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = socket.connect(&self.addr.into()) {
             // A blocking connect() cut short by SO_SNDTIMEO returns EINPROGRESS.
             if e.raw_os_error() == Some(libc::EINPROGRESS) {
                 return Err(Failure::timed_out("connect", "connect", self.timeout));
             }
             return Err(Failure::from_io("connect", &e));
         }
-        send(&fd, &self.payload)
+        send(&socket, &self.payload)
     }
 
     fn tfo(&self) -> Step<()> {
-        let fd = self.inet_socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
+        let socket = self.inet_socket(Type::STREAM, 0)?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| Failure::from_io("setsockopt", &e))?;
         setsockopt_int(
-            fd.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_FASTOPEN_NO_COOKIE,
             1,
         )
         .map_err(|e| Failure::from_io("setsockopt", &e))?;
-        let (sa, len) = sockaddr(self.addr);
-        // SAFETY: a valid socket, a buffer of its own length and a sockaddr of `len` bytes.
-        let n = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                self.payload.as_ptr().cast(),
-                self.payload.len(),
-                libc::MSG_FASTOPEN | libc::MSG_NOSIGNAL,
-                std::ptr::from_ref(&sa).cast(),
-                len,
-            )
-        };
         // EINPROGRESS: the SYN left without the data (no TFO for this route after all); the
         // data then goes once the handshake completes.
-        let in_syn = if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(Failure::from_io("send", &e));
-            }
-            false
-        } else {
-            true
+        let in_syn = match socket.send_to_with_flags(
+            &self.payload,
+            &self.addr.into(),
+            libc::MSG_FASTOPEN | libc::MSG_NOSIGNAL,
+        ) {
+            Ok(_) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
+            Err(e) => return Err(Failure::from_io("send", &e)),
         };
-        wait_connected(&fd, Instant::now() + self.timeout, self.timeout)?;
+        wait_connected(&socket, Instant::now() + self.timeout, self.timeout)?;
         if in_syn {
             Ok(())
         } else {
-            send(&fd, &self.payload)
+            send(&socket, &self.payload)
         }
     }
 
     fn uring(&self) -> Step<()> {
         use io_uring::{IoUring, opcode, squeue, types};
 
-        let fd = self.inet_socket(libc::SOCK_STREAM, 0)?;
+        let socket = self.inet_socket(Type::STREAM, 0)?;
         let mut ring = IoUring::new(4).map_err(|e| Failure::from_io("io_uring", &e))?;
-        let (sa, len) = sockaddr(self.addr);
+        let sa = SockAddr::from(self.addr);
         let ts = types::Timespec::new()
             .sec(self.timeout.as_secs())
             .nsec(self.timeout.subsec_nanos());
-        let connect = opcode::Connect::new(
-            types::Fd(fd.as_raw_fd()),
-            std::ptr::from_ref(&sa).cast(),
-            len,
-        )
-        .build()
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(1);
+        let connect =
+            opcode::Connect::new(types::Fd(socket.as_raw_fd()), sa.as_ptr().cast(), sa.len())
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(1);
         let timeout = opcode::LinkTimeout::new(&ts).build().user_data(2);
         // SAFETY: `sa` and `ts` outlive the ring's use of them: both completions are reaped
         // below, before either goes out of scope.
@@ -310,30 +286,33 @@ impl Attempt {
         if connected < 0 {
             return Err(Failure::new("connect", -connected));
         }
-        send(&fd, &self.payload)
+        send(&socket, &self.payload)
     }
 
     /// The UDP vectors (`proto` 0) and `udplite`: one datagram, with `connect()` and `send()`
     /// or with `sendto()`.
     fn datagram(&self, proto: libc::c_int, connected: bool) -> Step<()> {
-        let fd = self.inet_socket(libc::SOCK_DGRAM, proto)?;
-        let (sa, len) = sockaddr(self.addr);
+        let socket = self.inet_socket(Type::DGRAM, proto)?;
         if connected {
-            // SAFETY: a valid socket and a sockaddr of `len` bytes.
-            if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) } != 0 {
-                return Err(Failure::last("connect"));
-            }
-            return send(&fd, &self.payload);
+            socket
+                .connect(&self.addr.into())
+                .map_err(|e| Failure::from_io("connect", &e))?;
+            return send(&socket, &self.payload);
         }
-        sendto(&fd, &self.payload, self.addr)
+        sendto(&socket, &self.payload, self.addr)
     }
 
     fn raw_udp(&self) -> Step<()> {
-        let fd = socket(self.family(), libc::SOCK_RAW, libc::IPPROTO_UDP)?;
-        if self.family() == libc::AF_INET6 {
+        let socket = socket(self.domain(), Type::RAW, libc::IPPROTO_UDP)?;
+        if self.domain() == Domain::IPV6 {
             // The UDP checksum is at offset 6 of what we hand the kernel.
-            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 6)
-                .map_err(|e| Failure::from_io("setsockopt", &e))?;
+            setsockopt_int(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_CHECKSUM,
+                6,
+            )
+            .map_err(|e| Failure::from_io("setsockopt", &e))?;
         }
         let mut datagram = Vec::with_capacity(8 + self.payload.len());
         datagram.extend_from_slice(&RAW_UDP_SPORT.to_be_bytes());
@@ -342,11 +321,11 @@ impl Attempt {
         datagram.extend_from_slice(&[0, 0]);
         datagram.extend_from_slice(&self.payload);
         // An IPv6 raw socket takes port 0 or its own protocol in the address; IPv4 ignores it.
-        sendto(&fd, &datagram, SocketAddr::new(self.addr.ip(), 0))
+        sendto(&socket, &datagram, SocketAddr::new(self.addr.ip(), 0))
     }
 
     fn raw_syn(&self) -> Step<()> {
-        let fd = socket(self.family(), libc::SOCK_RAW, libc::IPPROTO_TCP)?;
+        let socket = socket(self.domain(), Type::RAW, libc::IPPROTO_TCP)?;
         let target = SocketAddr::new(self.addr.ip(), 0);
         let mut segment = Vec::with_capacity(20 + self.payload.len());
         segment.extend_from_slice(&RAW_SYN_SPORT.to_be_bytes());
@@ -361,66 +340,78 @@ impl Attempt {
         segment.extend_from_slice(&self.payload);
         match self.addr.ip() {
             IpAddr::V4(dst) => {
-                let src = raw_source(&fd, target)?;
+                // The source the kernel picks: `connect()` on the raw socket (a route lookup;
+                // it also makes the socket take packets from `target` only, which does not
+                // matter for sending), then `getsockname()`.
+                socket
+                    .connect(&target.into())
+                    .map_err(|e| Failure::from_io("connect", &e))?;
+                let src = *local_addr(&socket)?
+                    .as_socket_ipv4()
+                    .ok_or_else(|| Failure::new("getsockname", libc::EAFNOSUPPORT))?
+                    .ip();
                 let sum = tcp4_checksum(src, dst, &segment);
                 segment[16..18].copy_from_slice(&sum.to_be_bytes());
             }
             IpAddr::V6(_) => {
                 // The TCP checksum is at offset 16 of what we hand the kernel.
-                setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 16)
-                    .map_err(|e| Failure::from_io("setsockopt", &e))?;
+                setsockopt_int(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_CHECKSUM,
+                    16,
+                )
+                .map_err(|e| Failure::from_io("setsockopt", &e))?;
             }
         }
-        sendto(&fd, &segment, target)
+        sendto(&socket, &segment, target)
     }
 
     fn ping(&self) -> Step<()> {
-        let (proto, request, reply) = if self.family() == libc::AF_INET {
+        let (proto, request, reply) = if self.domain() == Domain::IPV4 {
             (libc::IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
         } else {
             (libc::IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
         };
-        let fd = socket(self.family(), libc::SOCK_DGRAM, proto)?;
+        let socket = socket(self.domain(), Type::DGRAM, proto)?;
         // Type, code, checksum and id (the kernel fills both: the id is the socket's), then
         // the sequence number and the payload.
         let sequence = (std::process::id() as u16) | 1;
         let mut message = vec![request, 0, 0, 0, 0, 0];
         message.extend_from_slice(&sequence.to_be_bytes());
         message.extend_from_slice(&self.payload);
-        sendto(&fd, &message, SocketAddr::new(self.addr.ip(), 0))?;
+        sendto(&socket, &message, SocketAddr::new(self.addr.ip(), 0))?;
         // The id the kernel gave the request: the socket's "port", bound by sendto().
-        let id = local_port(&fd)?;
+        let id = local_addr(&socket)?
+            .as_socket()
+            .ok_or_else(|| Failure::new("getsockname", libc::EAFNOSUPPORT))?
+            .port();
         let deadline = Instant::now() + self.timeout;
-        let mut buf = [0u8; 2048];
+        let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
         loop {
             wait_ready(
-                &fd,
+                &socket,
                 libc::POLLIN,
                 deadline,
                 ("recv", "echo reply"),
                 self.timeout,
             )?;
-            // SAFETY: a valid socket and a buffer of its own length; MSG_DONTWAIT never blocks.
-            let got = unsafe {
-                libc::recv(
-                    fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if got < 0 {
-                let e = io::Error::last_os_error();
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) {
+            // MSG_DONTWAIT: a wake-up with nothing to read must not block past the deadline.
+            let got = match socket.recv_with_flags(&mut buf, libc::MSG_DONTWAIT) {
+                Ok(got) => got,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
                     continue;
                 }
-                return Err(Failure::from_io("recv", &e));
-            }
+                Err(e) => return Err(Failure::from_io("recv", &e)),
+            };
+            // SAFETY: recv() initialised the first `got` bytes.
+            let message: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), got) };
             // A ping socket hands over the ICMP message without the IP header.
-            let message = &buf[..got as usize];
             if message.len() >= 8
                 && message[0] == reply
                 && message[4..6] == id.to_be_bytes()
@@ -430,4 +421,42 @@ impl Attempt {
             }
         }
     }
+}
+
+/// `socket()` (with `SOCK_CLOEXEC`, as socket2 makes every socket).
+fn socket(domain: Domain, ty: Type, proto: libc::c_int) -> Step<Socket> {
+    Socket::new(domain, ty, Some(Protocol::from(proto))).map_err(|e| Failure::from_io("socket", &e))
+}
+
+/// `send()` of all of `data` on a connected socket.
+fn send(socket: &Socket, data: &[u8]) -> Step<()> {
+    let n = socket
+        .send_with_flags(data, libc::MSG_NOSIGNAL)
+        .map_err(|e| Failure::from_io("send", &e))?;
+    sent(n, data.len())
+}
+
+/// `sendto()` of all of `data` to `addr`.
+fn sendto(socket: &Socket, data: &[u8], addr: SocketAddr) -> Step<()> {
+    let n = socket
+        .send_to_with_flags(data, &addr.into(), libc::MSG_NOSIGNAL)
+        .map_err(|e| Failure::from_io("send", &e))?;
+    sent(n, data.len())
+}
+
+/// A send that took `n` of the `want` bytes: all of them, or a failure saying how many.
+fn sent(n: usize, want: usize) -> Step<()> {
+    if n != want {
+        let mut f = Failure::new("send", libc::EMSGSIZE);
+        f.message = format!("sent {n} of {want} bytes");
+        return Err(f);
+    }
+    Ok(())
+}
+
+/// The socket's local address (`getsockname()`).
+fn local_addr(socket: &Socket) -> Step<SockAddr> {
+    socket
+        .local_addr()
+        .map_err(|e| Failure::from_io("getsockname", &e))
 }
