@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use super::*;
+use crate::testing::TempDir;
 
 /// One rule, one field a line, so each test can break one field and know its line:
 /// 1 kind, 2 metadata, 3 name, 4 spec, 5 destination, 6 service, 7 ports, 8 port, 9 protocol.
@@ -554,8 +555,8 @@ fn oversized_source_is_rejected() {
 
 #[test]
 fn files_unreadable_or_oversized_are_errors() {
-    let dir = std::env::temp_dir().join(format!("egress-policy-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tmp = TempDir::new("policy-test");
+    let dir = &tmp.0;
     let big = dir.join("big.yaml");
     // Sparse: the size check must refuse it from the metadata, without reading 64 MiB.
     std::fs::File::create(&big)
@@ -566,7 +567,6 @@ fn files_unreadable_or_oversized_are_errors() {
     std::fs::write(&good, RULE).expect("write");
     let missing = dir.join("missing.yaml");
     let result = load_files(&[good.clone(), big.clone(), missing.clone(), dir.clone()]);
-    let _ = std::fs::remove_dir_all(&dir);
     let lines: Vec<String> = result
         .expect_err("invalid")
         .0
