@@ -5,7 +5,8 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 
-use crate::policy::{self, DEFAULT_POLICY_NAME, Policy, PolicyErrors, dns::DEFAULT_RESOLV_CONF};
+use super::ResolvConf;
+use crate::policy::{self, DEFAULT_POLICY_NAME, Policy, PolicyErrors};
 
 /// Validate policy files and print the normalised policy; exit 1 on any error.
 ///
@@ -26,15 +27,9 @@ pub struct CheckArgs {
     /// Check the policy built into the binary, the one `egress run` enforces without --policy.
     #[arg(long, conflicts_with = "files")]
     pub default: bool,
-    /// The resolv.conf whose `nameserver` addresses DNS is allowed to, unless the EgressConfig
-    /// names `dns.resolvers` (as `egress run --resolv-conf`).
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "EGRESS_RESOLV_CONF",
-        default_value = DEFAULT_RESOLV_CONF
-    )]
-    pub resolv_conf: PathBuf,
+    /// `--resolv-conf`, as `egress run` reads it.
+    #[command(flatten)]
+    pub resolv_conf: ResolvConf,
 }
 
 /// Exit status for a command line that names nothing to check (clap's own usage-error code).
@@ -82,7 +77,7 @@ fn run_with(
     };
     match result {
         Ok(mut policy) => {
-            match policy.fill_resolvers(&args.resolv_conf) {
+            match policy.fill_resolvers(&args.resolv_conf.path) {
                 Ok(warnings) => {
                     for warning in warnings {
                         writeln!(err, "warning: {warning}").context("cannot write to stderr")?;
