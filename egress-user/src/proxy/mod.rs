@@ -93,7 +93,7 @@ pub struct Proxy {
     /// Audit mode: what the policy would refuse is passed on, see [`audit`].
     audit: bool,
     /// Audit mode's pool, to the apps' original destinations.
-    direct: Client<audit::Direct, ReqBody>,
+    direct: Client<Connector, ReqBody>,
     counters: Counters,
     timeouts: Timeouts,
     /// The policy generation this proxy judges for, as its events report it. Set when the
@@ -171,16 +171,16 @@ impl<'a> ProxyBuilder<'a> {
             tls: TlsConnector::from(tls),
             connect_timeout: self.timeouts.connect,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.timeouts.pool_idle)
-            .build(Connector(Arc::new(dialer)));
-        let direct = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.timeouts.pool_idle)
-            .build(audit::Direct {
-                connect_timeout: self.timeouts.connect,
-            });
+        let pool = |connector| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.timeouts.pool_idle)
+                .build(connector)
+        };
+        let client = pool(Connector::Dialer(Arc::new(dialer)));
+        let direct = pool(Connector::Direct {
+            connect_timeout: self.timeouts.connect,
+        });
         let counters = Counters::after(routes.names(), self.previous.map(|p| &p.counters));
         Ok(Proxy {
             routes,
