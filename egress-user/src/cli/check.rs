@@ -35,6 +35,12 @@ pub struct CheckArgs {
 /// Exit status for a command line that names nothing to check (clap's own usage-error code).
 const USAGE_ERROR: u8 = 2;
 
+/// Prints `message` as `egress check`'s usage error and returns its exit status.
+fn usage_error(err: &mut dyn Write, message: &str) -> anyhow::Result<ExitCode> {
+    writeln!(err, "egress check: {message}").context("cannot write to stderr")?;
+    Ok(ExitCode::from(USAGE_ERROR))
+}
+
 /// Runs `egress check`: 0 when the policy is valid (and printed), 1 when it is not, 2 when
 /// there is nothing to check.
 ///
@@ -58,21 +64,14 @@ fn run_with(
         (true, true) => Ok(policy::default_policy()),
         (false, false) => policy::load_files(&args.files),
         // clap rejects both cases already; this is for callers that build CheckArgs by hand.
-        (true, false) => {
-            writeln!(
-                err,
-                "egress check: give policy files or --default, not both"
-            )
-            .context("cannot write to stderr")?;
-            return Ok(ExitCode::from(USAGE_ERROR));
-        }
+        (true, false) => return usage_error(err, "give policy files or --default, not both"),
         (false, true) => {
-            writeln!(
+            return usage_error(
                 err,
-                "egress check: nothing to check: give policy files, or --default for {DEFAULT_POLICY_NAME}"
-            )
-            .context("cannot write to stderr")?;
-            return Ok(ExitCode::from(USAGE_ERROR));
+                &format!(
+                    "nothing to check: give policy files, or --default for {DEFAULT_POLICY_NAME}"
+                ),
+            );
         }
     };
     match result {
