@@ -380,7 +380,7 @@ mod tests {
         assert!(ensure_symlink(&link, &second).unwrap());
         assert_eq!(fs::read_link(&link).unwrap(), second);
         assert_eq!(
-            fs::read_dir(&dir).unwrap().count(),
+            fs::read_dir(dir).unwrap().count(),
             1,
             "no temporary link left behind"
         );
