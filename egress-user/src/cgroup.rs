@@ -318,8 +318,7 @@ mod tests {
 
     #[test]
     fn a_missing_cgroup_is_refused_naming_what_exists_nearby() {
-        let tmp = TempDir::new("cg");
-        let dir = &tmp.0;
+        let dir = TempDir::new("cg");
         fs::create_dir_all(dir.join("kubepods/pod1")).expect("dirs");
         // Fake cgroups: directories with cgroup.procs.
         fs::write(dir.join("kubepods/cgroup.procs"), "").expect("procs");

@@ -361,7 +361,7 @@ spec: {type: ExternalName, externalName: httpbin.test, ports: [{port: 80}]}
     #[test]
     fn save_replaces_the_file_and_an_empty_set_removes_it() {
         let dir = TempDir::new("state");
-        let store = Store::open(&dir.0).unwrap();
+        let store = Store::open(&dir).unwrap();
         assert_eq!(store.documents().unwrap(), []);
         let docs = split("-", TWO).unwrap();
         store.save(&docs).unwrap();

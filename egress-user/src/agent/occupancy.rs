@@ -80,16 +80,15 @@ mod tests {
 
     #[test]
     fn emptiness_is_judged_by_processes_and_child_cgroups() {
-        let tmp = TempDir::new("occ");
-        let dir = &tmp.0;
+        let dir = TempDir::new("occ");
         std::fs::create_dir_all(dir.join("child")).expect("dirs");
         std::fs::write(dir.join("cgroup.procs"), "").expect("procs");
-        assert!(is_empty(dir));
+        assert!(is_empty(&dir));
         std::fs::write(dir.join("child/cgroup.procs"), "").expect("procs");
-        assert!(!is_empty(dir), "a child cgroup");
+        assert!(!is_empty(&dir), "a child cgroup");
         std::fs::remove_file(dir.join("child/cgroup.procs")).expect("rm");
         std::fs::write(dir.join("cgroup.procs"), "42\n").expect("procs");
-        assert!(!is_empty(dir), "a process");
+        assert!(!is_empty(&dir), "a process");
         assert!(
             !is_empty(&dir.join("missing")),
             "unreadable counts as in use"

@@ -119,7 +119,7 @@ mod tests {
         // Nothing changed: no wake-up.
         let quiet = tokio::time::timeout(QUIET * 3, watch.changed()).await;
         assert!(quiet.is_err(), "woke up without a change");
-        let tmp = dir.0.join(".policy.yaml.tmp");
+        let tmp = dir.join(".policy.yaml.tmp");
         std::fs::write(&tmp, "b").unwrap();
         std::fs::rename(&tmp, &file).unwrap();
         // Interrupted (as the agent's loop does when another event comes first) while the

@@ -368,7 +368,7 @@ nameserver -1
     #[test]
     fn a_missing_resolv_conf_allows_no_dns_and_says_so() {
         let dir = TempDir::new("no-resolv");
-        let path = dir.0.join("resolv.conf");
+        let path = dir.join("resolv.conf");
         let mut policy = Policy::default();
         let warnings = policy
             .fill_resolvers(&path)
@@ -403,10 +403,9 @@ nameserver -1
     #[test]
     fn an_unreadable_resolv_conf_is_an_error_naming_it() {
         // A directory exists but cannot be read as a file.
-        let tmp = TempDir::new("resolv-dir");
-        let dir = &tmp.0;
+        let dir = TempDir::new("resolv-dir");
         let error = Policy::default()
-            .fill_resolvers(dir)
+            .fill_resolvers(&dir)
             .expect_err("a directory is not a resolv.conf");
         assert!(
             error.to_string().starts_with(&format!(

@@ -555,8 +555,7 @@ fn oversized_source_is_rejected() {
 
 #[test]
 fn files_unreadable_or_oversized_are_errors() {
-    let tmp = TempDir::new("policy-test");
-    let dir = &tmp.0;
+    let dir = TempDir::new("policy-test");
     let big = dir.join("big.yaml");
     // Sparse: the size check must refuse it from the metadata, without reading 64 MiB.
     std::fs::File::create(&big)
@@ -566,7 +565,12 @@ fn files_unreadable_or_oversized_are_errors() {
     let good = dir.join("good.yaml");
     std::fs::write(&good, RULE).expect("write");
     let missing = dir.join("missing.yaml");
-    let result = load_files(&[good.clone(), big.clone(), missing.clone(), dir.clone()]);
+    let result = load_files(&[
+        good.clone(),
+        big.clone(),
+        missing.clone(),
+        dir.to_path_buf(),
+    ]);
     let lines: Vec<String> = result
         .expect_err("invalid")
         .0
