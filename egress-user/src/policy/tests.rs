@@ -562,15 +562,9 @@ fn files_unreadable_or_oversized_are_errors() {
         .and_then(|f| f.set_len(MAX_FILE_SIZE + 1))
         .expect("sparse file");
     // A valid file among them adds nothing, and does not stop the others being checked.
-    let good = dir.join("good.yaml");
-    std::fs::write(&good, RULE).expect("write");
+    let good = dir.file("good.yaml", RULE);
     let missing = dir.join("missing.yaml");
-    let result = load_files(&[
-        good.clone(),
-        big.clone(),
-        missing.clone(),
-        dir.to_path_buf(),
-    ]);
+    let result = load_files(&[good, big.clone(), missing.clone(), dir.0.clone()]);
     let lines: Vec<String> = result
         .expect_err("invalid")
         .0
