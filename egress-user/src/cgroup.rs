@@ -314,10 +314,11 @@ pub fn open(path: &Path) -> Result<fs::File, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     #[test]
     fn a_missing_cgroup_is_refused_naming_what_exists_nearby() {
-        let dir = std::env::temp_dir().join(format!("egress-cg-{}", std::process::id()));
+        let dir = TempDir::new("cg");
         fs::create_dir_all(dir.join("kubepods/pod1")).expect("dirs");
         // Fake cgroups: directories with cgroup.procs.
         fs::write(dir.join("kubepods/cgroup.procs"), "").expect("procs");
@@ -325,7 +326,6 @@ mod tests {
         assert!(require_existing(&dir.join("kubepods")).is_ok());
         let err = require_existing(&dir.join("kubepods.slice")).expect_err("missing");
         let text = err.to_string();
-        let _ = fs::remove_dir_all(&dir);
         assert!(
             text.starts_with(&format!(
                 "cgroup {}/kubepods.slice does not exist",

@@ -398,27 +398,28 @@ fn push_key(
     value: RuleValue,
 ) {
     let (port, proto) = (port.to_be(), proto(protocol));
+    let bits = KEY_PREFIX_BITS + u32::from(destination.prefix_len());
     match destination {
-        IpNet::V4(net) => out.rules_v4.push((
-            KEY_PREFIX_BITS + u32::from(net.prefix_len()),
-            RuleKeyV4 {
+        IpNet::V4(net) => {
+            let addr = net.network().octets();
+            let key = RuleKeyV4 {
                 port,
                 proto,
                 _pad: 0,
-                addr: net.network().octets(),
-            },
-            value,
-        )),
-        IpNet::V6(net) => out.rules_v6.push((
-            KEY_PREFIX_BITS + u32::from(net.prefix_len()),
-            RuleKeyV6 {
+                addr,
+            };
+            out.rules_v4.push((bits, key, value));
+        }
+        IpNet::V6(net) => {
+            let addr = net.network().octets();
+            let key = RuleKeyV6 {
                 port,
                 proto,
                 _pad: 0,
-                addr: net.network().octets(),
-            },
-            value,
-        )),
+                addr,
+            };
+            out.rules_v6.push((bits, key, value));
+        }
     }
 }
 

@@ -306,6 +306,7 @@ pub fn make_private(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     const TWO: &str = "\
 kind: EgressRule
@@ -359,8 +360,7 @@ spec: {type: ExternalName, externalName: httpbin.test, ports: [{port: 80}]}
 
     #[test]
     fn save_replaces_the_file_and_an_empty_set_removes_it() {
-        let dir = std::env::temp_dir().join(format!("egress-state-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = TempDir::new("state");
         let store = Store::open(&dir).unwrap();
         assert_eq!(store.documents().unwrap(), []);
         let docs = split("-", TWO).unwrap();
@@ -375,8 +375,7 @@ spec: {type: ExternalName, externalName: httpbin.test, ports: [{port: 80}]}
         assert_eq!(store.documents().unwrap(), docs[..1]);
         store.save(&[]).unwrap();
         assert!(!store.created_path().exists());
-        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().collect();
+        let leftovers: Vec<_> = fs::read_dir(&dir.0).unwrap().collect();
         assert!(leftovers.is_empty(), "no temporary file is left behind");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,9 @@
 //! What the unit tests of several modules share.
 
-use std::path::PathBuf;
+use std::{
+    ops::Deref,
+    path::{Path, PathBuf},
+};
 
 /// A fresh, empty directory (`tempfile`'s, named `egress-NAME-…`), removed with what it holds
 /// when dropped, even when the test fails.
@@ -24,6 +27,15 @@ impl TempDir {
         let path = self.0.join(name);
         std::fs::write(&path, contents).expect("write temp file");
         path
+    }
+}
+
+/// The directory's path, so that a test writes `dir.join("a.yaml")`.
+impl Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
     }
 }
 

@@ -367,8 +367,11 @@ mod tests {
 
     #[test]
     fn ensure_symlink_creates_then_keeps_then_replaces() {
-        let dir = std::env::temp_dir().join(format!("xtask-symlink-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("xtask-symlink-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path();
         let link = dir.join("libLLVM.so");
         let (first, second) = (dir.join("a"), dir.join("b"));
 
@@ -377,11 +380,9 @@ mod tests {
         assert!(ensure_symlink(&link, &second).unwrap());
         assert_eq!(fs::read_link(&link).unwrap(), second);
         assert_eq!(
-            fs::read_dir(&dir).unwrap().count(),
+            fs::read_dir(dir).unwrap().count(),
             1,
             "no temporary link left behind"
         );
-
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

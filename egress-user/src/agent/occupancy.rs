@@ -76,10 +76,11 @@ fn is_empty(cgroup: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     #[test]
     fn emptiness_is_judged_by_processes_and_child_cgroups() {
-        let dir = std::env::temp_dir().join(format!("egress-occ-{}", std::process::id()));
+        let dir = TempDir::new("occ");
         std::fs::create_dir_all(dir.join("child")).expect("dirs");
         std::fs::write(dir.join("cgroup.procs"), "").expect("procs");
         assert!(is_empty(&dir));
@@ -92,6 +93,5 @@ mod tests {
             !is_empty(&dir.join("missing")),
             "unreadable counts as in use"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -127,13 +127,12 @@ pub fn digest(sources: &[PolicySource], resolv_conf: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     #[test]
     fn a_changed_resolv_conf_changes_the_digest() {
-        let dir = std::env::temp_dir().join(format!("egress-digest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let resolv_conf = dir.join("resolv.conf");
-        std::fs::write(&resolv_conf, "nameserver 192.0.2.53\n").expect("write");
+        let dir = TempDir::new("digest");
+        let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\n");
         let sources = [PolicySource::Text {
             name: "p.yaml".to_owned(),
             bytes: b"kind: EgressConfig\n".to_vec(),
@@ -144,7 +143,6 @@ mod tests {
         let after = digest(&sources, &resolv_conf);
         std::fs::remove_file(&resolv_conf).expect("remove");
         let missing = digest(&sources, &resolv_conf);
-        let _ = std::fs::remove_dir_all(&dir);
         assert_ne!(after, before);
         assert_ne!(missing, after);
     }

@@ -109,14 +109,12 @@ fn directories(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempDir;
 
     #[tokio::test]
     async fn a_rename_over_a_watched_file_is_seen_once_it_settles() {
-        let dir = std::env::temp_dir().join(format!("egress-watch-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("policy.yaml");
-        std::fs::write(&file, "a").unwrap();
+        let dir = TempDir::new("watch");
+        let file = dir.file("policy.yaml", "a");
         let mut watch = PolicyWatch::new(std::slice::from_ref(&file)).unwrap();
         // Nothing changed: no wake-up.
         let quiet = tokio::time::timeout(QUIET * 3, watch.changed()).await;
@@ -131,7 +129,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), watch.changed())
             .await
             .expect("the rename is seen");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

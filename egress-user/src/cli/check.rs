@@ -5,7 +5,8 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 
-use crate::policy::{self, DEFAULT_POLICY_NAME, Policy, PolicyErrors, dns::DEFAULT_RESOLV_CONF};
+use super::ResolvConf;
+use crate::policy::{self, DEFAULT_POLICY_NAME, Policy, PolicyErrors};
 
 /// Validate policy files and print the normalised policy; exit 1 on any error.
 ///
@@ -26,19 +27,19 @@ pub struct CheckArgs {
     /// Check the policy built into the binary, the one `egress run` enforces without --policy.
     #[arg(long, conflicts_with = "files")]
     pub default: bool,
-    /// The resolv.conf whose `nameserver` addresses DNS is allowed to, unless the EgressConfig
-    /// names `dns.resolvers` (as `egress run --resolv-conf`).
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "EGRESS_RESOLV_CONF",
-        default_value = DEFAULT_RESOLV_CONF
-    )]
-    pub resolv_conf: PathBuf,
+    /// `--resolv-conf`, as `egress run` reads it.
+    #[command(flatten)]
+    pub resolv_conf: ResolvConf,
 }
 
 /// Exit status for a command line that names nothing to check (clap's own usage-error code).
 const USAGE_ERROR: u8 = 2;
+
+/// Prints `message` as `egress check`'s usage error and returns its exit status.
+fn usage_error(err: &mut dyn Write, message: &str) -> anyhow::Result<ExitCode> {
+    writeln!(err, "egress check: {message}").context("cannot write to stderr")?;
+    Ok(ExitCode::from(USAGE_ERROR))
+}
 
 /// Runs `egress check`: 0 when the policy is valid (and printed), 1 when it is not, 2 when
 /// there is nothing to check.
@@ -63,26 +64,19 @@ fn run_with(
         (true, true) => Ok(policy::default_policy()),
         (false, false) => policy::load_files(&args.files),
         // clap rejects both cases already; this is for callers that build CheckArgs by hand.
-        (true, false) => {
-            writeln!(
-                err,
-                "egress check: give policy files or --default, not both"
-            )
-            .context("cannot write to stderr")?;
-            return Ok(ExitCode::from(USAGE_ERROR));
-        }
+        (true, false) => return usage_error(err, "give policy files or --default, not both"),
         (false, true) => {
-            writeln!(
+            return usage_error(
                 err,
-                "egress check: nothing to check: give policy files, or --default for {DEFAULT_POLICY_NAME}"
-            )
-            .context("cannot write to stderr")?;
-            return Ok(ExitCode::from(USAGE_ERROR));
+                &format!(
+                    "nothing to check: give policy files, or --default for {DEFAULT_POLICY_NAME}"
+                ),
+            );
         }
     };
     match result {
         Ok(mut policy) => {
-            match policy.fill_resolvers(&args.resolv_conf) {
+            match policy.fill_resolvers(&args.resolv_conf.path) {
                 Ok(warnings) => {
                     for warning in warnings {
                         writeln!(err, "warning: {warning}").context("cannot write to stderr")?;

@@ -15,9 +15,11 @@ pub mod run;
 pub mod status;
 pub mod unload;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+
+use crate::policy::dns::DEFAULT_RESOLV_CONF;
 
 /// egress: default-deny TCP and UDP egress for the processes of a cgroup, enforced in the
 /// kernel at connect()/sendto() time (raw and other sockets refused at socket()), from
@@ -125,6 +127,22 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--resolv-conf`, one declaration for `egress run` and `egress check`, so that a check
+/// reads the same file (and the same `EGRESS_RESOLV_CONF`) as the agent it is checking for.
+#[derive(clap::Args, Debug)]
+pub struct ResolvConf {
+    /// The resolv.conf whose `nameserver` addresses DNS (port 53, udp and tcp) is allowed to,
+    /// unless the EgressConfig names `dns.resolvers`. A missing file allows no DNS. `egress
+    /// run` reads it again at every reload.
+    #[arg(
+        long = "resolv-conf",
+        value_name = "PATH",
+        env = "EGRESS_RESOLV_CONF",
+        default_value = DEFAULT_RESOLV_CONF
+    )]
+    pub path: PathBuf,
 }
 
 /// `items` joined with `, `, or `none` when there are none: a list on one line of `egress

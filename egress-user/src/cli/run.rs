@@ -12,9 +12,9 @@ use crate::{
         watch::PolicyWatch,
     },
     cgroup,
+    cli::ResolvConf,
     control::{self, DEFAULT_SOCKET},
     loader::{DEFAULT_PIN_DIR, Target, features},
-    policy::dns::DEFAULT_RESOLV_CONF,
     state::{DEFAULT_STATE_DIR, Store},
     telemetry,
 };
@@ -46,16 +46,9 @@ pub struct RunArgs {
     /// The control socket for `egress status|get|create|delete|reload|events` (root only).
     #[arg(long, value_name = "PATH", env = "EGRESS_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// The resolv.conf whose `nameserver` addresses DNS (port 53, udp and tcp) is allowed to,
-    /// unless the EgressConfig names `dns.resolvers`. Read again at every reload; a missing
-    /// file allows no DNS.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "EGRESS_RESOLV_CONF",
-        default_value = DEFAULT_RESOLV_CONF
-    )]
-    pub resolv_conf: PathBuf,
+    /// `--resolv-conf`.
+    #[command(flatten)]
+    pub resolv_conf: ResolvConf,
     /// Do not watch the policy files; reload only on SIGHUP or `egress reload`.
     #[arg(long)]
     pub no_watch: bool,
@@ -114,7 +107,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // control socket (a second agent stops here), the proxy listeners (they must be there
     // before any program sends a connection to them) and the policy.
     let control = control::server::bind(&args.socket).context("binding the control socket")?;
-    let built = match sources::build(&sources::list(&args.policy, &store), &args.resolv_conf) {
+    let built = match sources::build(&sources::list(&args.policy, &store), &args.resolv_conf.path) {
         Ok(built) => built,
         Err(SourceError::Invalid(errors)) => {
             eprintln!("{errors}");
@@ -142,7 +135,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings {
         paths: args.policy.clone(),
         store,
-        resolv_conf: args.resolv_conf.clone(),
+        resolv_conf: args.resolv_conf.path.clone(),
         target: Target {
             pin_dir: args.pin_dir.clone(),
             cgroup: cgroup.clone(),

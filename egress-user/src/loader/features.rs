@@ -46,7 +46,9 @@ use aya_obj::generated::{
     bpf_prog_type as prog,
 };
 use egress_common::programs;
-use probe::{batch_ops, call, cgroup_link, in_judges, map_type, program, xdp_link};
+use probe::{
+    batch_ops, call, cgroup_link, in_connect4, in_judges, map_type, program, sock_addr, xdp_link,
+};
 
 /// The environment variable that hides features from the probes (tests only).
 pub const HIDE_ENV: &str = "EGRESS_KERNEL_FEATURES_HIDE";
@@ -175,12 +177,7 @@ pub static FEATURES: [Feature; 19] = [
         since: Linux(4, 17),
         need: Need::Required,
         programs: &[programs::CONNECT4],
-        probe: || {
-            program(
-                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                Some(attach::BPF_CGROUP_INET4_CONNECT),
-            )
-        },
+        probe: || sock_addr(attach::BPF_CGROUP_INET4_CONNECT),
     },
     Feature {
         id: Id::Connect6,
@@ -190,12 +187,7 @@ pub static FEATURES: [Feature; 19] = [
         since: Linux(4, 17),
         need: Need::Required,
         programs: &[programs::CONNECT6],
-        probe: || {
-            program(
-                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                Some(attach::BPF_CGROUP_INET6_CONNECT),
-            )
-        },
+        probe: || sock_addr(attach::BPF_CGROUP_INET6_CONNECT),
     },
     Feature {
         id: Id::Sendmsg4,
@@ -205,12 +197,7 @@ pub static FEATURES: [Feature; 19] = [
         since: Linux(4, 18),
         need: Need::Required,
         programs: &[programs::SENDMSG4],
-        probe: || {
-            program(
-                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                Some(attach::BPF_CGROUP_UDP4_SENDMSG),
-            )
-        },
+        probe: || sock_addr(attach::BPF_CGROUP_UDP4_SENDMSG),
     },
     Feature {
         id: Id::Sendmsg6,
@@ -220,12 +207,7 @@ pub static FEATURES: [Feature; 19] = [
         since: Linux(4, 18),
         need: Need::Required,
         programs: &[programs::SENDMSG6],
-        probe: || {
-            program(
-                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                Some(attach::BPF_CGROUP_UDP6_SENDMSG),
-            )
-        },
+        probe: || sock_addr(attach::BPF_CGROUP_UDP6_SENDMSG),
     },
     Feature {
         id: Id::SockCreate,
@@ -264,12 +246,7 @@ pub static FEATURES: [Feature; 19] = [
                    asked for; enforcement is unchanged",
         },
         programs: &[programs::GETPEERNAME4],
-        probe: || {
-            program(
-                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                Some(attach::BPF_CGROUP_INET4_GETPEERNAME),
-            )
-        },
+        probe: || sock_addr(attach::BPF_CGROUP_INET4_GETPEERNAME),
     },
     Feature {
         id: Id::Getpeername6,
@@ -283,12 +260,7 @@ pub static FEATURES: [Feature; 19] = [
                    for; enforcement is unchanged",
         },
         programs: &[programs::GETPEERNAME6],
-        probe: || {
-            program(
-                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                Some(attach::BPF_CGROUP_INET6_GETPEERNAME),
-            )
-        },
+        probe: || sock_addr(attach::BPF_CGROUP_INET6_GETPEERNAME),
     },
     Feature {
         id: Id::CgroupIdHelper,
@@ -329,15 +301,12 @@ pub static FEATURES: [Feature; 19] = [
             programs::GETPEERNAME6,
         ],
         probe: || {
-            Ok(call(
-                prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                Some(attach::BPF_CGROUP_INET4_CONNECT),
-                helper::BPF_FUNC_get_socket_cookie,
-            )? && call(
-                prog::BPF_PROG_TYPE_SOCK_OPS,
-                None,
-                helper::BPF_FUNC_get_socket_cookie,
-            )?)
+            Ok(in_connect4(helper::BPF_FUNC_get_socket_cookie)?
+                && call(
+                    prog::BPF_PROG_TYPE_SOCK_OPS,
+                    None,
+                    helper::BPF_FUNC_get_socket_cookie,
+                )?)
         },
     },
     Feature {
@@ -354,16 +323,9 @@ pub static FEATURES: [Feature; 19] = [
             programs::SENDMSG6,
         ],
         probe: || {
-            let judge = |func| {
-                call(
-                    prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                    Some(attach::BPF_CGROUP_INET4_CONNECT),
-                    func,
-                )
-            };
-            Ok(judge(helper::BPF_FUNC_sk_lookup_tcp)?
-                && judge(helper::BPF_FUNC_sk_release)?
-                && judge(helper::BPF_FUNC_sk_storage_get)?)
+            Ok(in_connect4(helper::BPF_FUNC_sk_lookup_tcp)?
+                && in_connect4(helper::BPF_FUNC_sk_release)?
+                && in_connect4(helper::BPF_FUNC_sk_storage_get)?)
         },
     },
     Feature {

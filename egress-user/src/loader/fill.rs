@@ -91,30 +91,34 @@ pub(super) fn fill_generation(ebpf: &mut Ebpf, c: &Compiled, batch: bool) -> Res
     config
         .set(0, c.config, 0)
         .map_err(map_err(maps::CONFIG, "writing"))?;
-    let mut ports: Array<_, u32> = Array::try_from(
-        ebpf.map_mut(maps::HTTP_PORTS)
-            .expect("object has HTTP_PORTS"),
-    )
-    .map_err(map_err(maps::HTTP_PORTS, "opening"))?;
-    for port in &c.http_ports {
-        ports
-            .set(u32::from(*port), 1, 0)
-            .map_err(map_err(maps::HTTP_PORTS, "writing"))?;
-    }
-    let mut protos: Array<_, u32> = Array::try_from(
-        ebpf.map_mut(maps::SOCK_PROTOS)
-            .expect("object has SOCK_PROTOS"),
-    )
-    .map_err(map_err(maps::SOCK_PROTOS, "opening"))?;
-    for proto in &c.sock_protos {
-        protos
-            .set(u32::from(*proto), 1, 0)
-            .map_err(map_err(maps::SOCK_PROTOS, "writing"))?;
-    }
+    fill_set(
+        ebpf,
+        maps::HTTP_PORTS,
+        c.http_ports.iter().map(|&p| u32::from(p)),
+    )?;
+    fill_set(
+        ebpf,
+        maps::SOCK_PROTOS,
+        c.sock_protos.iter().map(|&p| u32::from(p)),
+    )?;
     fill_lpm::<RuleKeyV4, RuleValue>(ebpf, maps::RULES_V4, &c.rules_v4, batch)?;
     fill_lpm::<RuleKeyV6, RuleValue>(ebpf, maps::RULES_V6, &c.rules_v6, batch)?;
     fill_lpm::<[u8; 4], u32>(ebpf, maps::BYPASS_V4, &c.bypass_v4, batch)?;
     fill_lpm::<[u8; 16], u32>(ebpf, maps::BYPASS_V6, &c.bypass_v6, batch)?;
+    Ok(())
+}
+
+/// Sets 1 at each of `indexes` in the array `name`, a set of ports or protocols.
+fn fill_set(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    indexes: impl IntoIterator<Item = u32>,
+) -> Result<(), LoadError> {
+    let map = ebpf.map_mut(name).expect("object has the map");
+    let mut set: Array<_, u32> = Array::try_from(map).map_err(map_err(name, "opening"))?;
+    for index in indexes {
+        set.set(index, 1, 0).map_err(map_err(name, "writing"))?;
+    }
     Ok(())
 }
 

@@ -9,11 +9,14 @@
 //! the pins, like `cilium-dbg bpf ... list`.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
-use aya::maps::{Array, LpmTrie, Map, MapData};
+use aya::{
+    Pod,
+    maps::{Array, LpmTrie, Map, MapData},
+};
 use egress_common::{
     COUNTER_ROWS, Config, FIRST_RULE_ROW, PORTS, PROTO_TCP, PROTO_UDP, RULE_NAME_LEN, RuleInfo,
     RuleKeyV4, RuleKeyV6, RuleValue, Stats, config_flags, maps, mode,
@@ -132,54 +135,32 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
             .find(|(r, _)| *r == row)
             .map_or_else(|| format!("(row {row} has no rule)"), |(_, n)| n.clone())
     };
-    let mut rules = Vec::new();
-    let v4: LpmTrie<_, RuleKeyV4, RuleValue> =
-        LpmTrie::try_from(Map::LpmTrie(open(maps::RULES_V4)?))
-            .map_err(map_err(maps::RULES_V4, "opening"))?;
-    for entry in v4.iter() {
-        let (key, value) = entry.map_err(map_err(maps::RULES_V4, "reading"))?;
-        let data = key.data();
-        rules.push(RuleKeyView {
-            destination: cidr(Ipv4Addr::from(data.addr).into(), key.prefix_len()),
-            port: port_proto(data.port, data.proto),
-            row: value.row,
-            rule: name_of(value.row),
-        });
-    }
-    let v6: LpmTrie<_, RuleKeyV6, RuleValue> =
-        LpmTrie::try_from(Map::LpmTrie(open(maps::RULES_V6)?))
-            .map_err(map_err(maps::RULES_V6, "opening"))?;
-    for entry in v6.iter() {
-        let (key, value) = entry.map_err(map_err(maps::RULES_V6, "reading"))?;
-        let data = key.data();
-        rules.push(RuleKeyView {
-            destination: cidr(Ipv6Addr::from(data.addr).into(), key.prefix_len()),
-            port: port_proto(data.port, data.proto),
-            row: value.row,
-            rule: name_of(value.row),
-        });
-    }
-    let mut bypass = Vec::new();
-    let b4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(Map::LpmTrie(open(maps::BYPASS_V4)?))
-        .map_err(map_err(maps::BYPASS_V4, "opening"))?;
-    for entry in b4.iter() {
-        let (key, _) = entry.map_err(map_err(maps::BYPASS_V4, "reading"))?;
-        bypass.push(format!(
-            "{}/{}",
-            Ipv4Addr::from(key.data()),
-            key.prefix_len()
-        ));
-    }
-    let b6: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(Map::LpmTrie(open(maps::BYPASS_V6)?))
-        .map_err(map_err(maps::BYPASS_V6, "opening"))?;
-    for entry in b6.iter() {
-        let (key, _) = entry.map_err(map_err(maps::BYPASS_V6, "reading"))?;
-        bypass.push(format!(
-            "{}/{}",
-            Ipv6Addr::from(key.data()),
-            key.prefix_len()
-        ));
-    }
+    let rule = |addr: IpAddr, prefix_len, port, proto, RuleValue { row }| RuleKeyView {
+        destination: cidr(addr, prefix_len),
+        port: port_proto(port, proto),
+        row,
+        rule: name_of(row),
+    };
+    let v4 = trie::<RuleKeyV4, RuleValue>(&pins, maps::RULES_V4)?;
+    let v6 = trie::<RuleKeyV6, RuleValue>(&pins, maps::RULES_V6)?;
+    let rules = v4
+        .into_iter()
+        .map(|(len, k, v)| rule(Ipv4Addr::from(k.addr).into(), len, k.port, k.proto, v))
+        .chain(
+            v6.into_iter()
+                .map(|(len, k, v)| rule(Ipv6Addr::from(k.addr).into(), len, k.port, k.proto, v)),
+        )
+        .collect();
+    let b4 = trie::<[u8; 4], u32>(&pins, maps::BYPASS_V4)?;
+    let b6 = trie::<[u8; 16], u32>(&pins, maps::BYPASS_V6)?;
+    let bypass = b4
+        .into_iter()
+        .map(|(len, addr, _)| format!("{}/{len}", Ipv4Addr::from(addr)))
+        .chain(
+            b6.into_iter()
+                .map(|(len, addr, _)| format!("{}/{len}", Ipv6Addr::from(addr))),
+        )
+        .collect();
     let http_ports = http_ports(&Map::Array(open(maps::HTTP_PORTS)?))?;
 
     // Every row below the limit, so that a row still counting after its rule went (or a
@@ -232,6 +213,20 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
     })
 }
 
+/// Every entry of the LPM trie pinned as `name`, in the trie's order, as (prefix length, key
+/// data, value).
+fn trie<K: Pod, V: Pod>(pins: &PinDir, name: &'static str) -> Result<Vec<(u32, K, V)>, LoadError> {
+    let pin = MapData::from_pin(pins.map(name)).map_err(map_err(name, "opening the pin of"))?;
+    let trie: LpmTrie<_, K, V> =
+        LpmTrie::try_from(Map::LpmTrie(pin)).map_err(map_err(name, "opening"))?;
+    trie.iter()
+        .map(|entry| {
+            let (key, value) = entry.map_err(map_err(name, "reading"))?;
+            Ok((key.prefix_len(), key.data(), value))
+        })
+        .collect()
+}
+
 /// The names of the rows a rule owns. A name longer than [`RULE_NAME_LEN`] bytes is stored
 /// cut: it is shown cut, with `...`.
 fn rule_names(rows: &[(u32, RuleInfo)]) -> Vec<(u32, String)> {
@@ -273,7 +268,7 @@ fn http_ports(map: &Map) -> Result<Vec<u16>, LoadError> {
 
 /// `192.0.2.0/24` from a rule key's address and its LPM prefix length, which counts the
 /// port, protocol and pad bits before the address.
-fn cidr(addr: std::net::IpAddr, prefix_len: u32) -> String {
+fn cidr(addr: IpAddr, prefix_len: u32) -> String {
     format!(
         "{addr}/{}",
         prefix_len.saturating_sub(egress_common::KEY_PREFIX_BITS)

@@ -3,53 +3,37 @@
 
 use aya::maps::{MapInfo, MapType};
 use egress_common::{
-    COUNTER_ROWS, EVENTS_BYTES, MAX_REDIRECTS, OrigDst, PeerKey, RuleCounters, RuleInfo, Stats,
-    maps,
+    COUNTER_ROWS, EVENTS_BYTES, MAX_REDIRECTS, OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo,
+    Stats, hook, maps,
 };
 
 use super::{LoadError, PinDir, error::map_err};
 
-/// The layout each shared map must have to be reused.
-fn expected_layout(name: &str) -> (MapType, u32, u32, u32) {
+/// A map's layout as the kernel reports it: type, key size, value size, max entries.
+type Layout = (MapType, u32, u32, u32);
+
+/// The layout of a map of type `map_type` with keys `K`, values `V` and `max_entries`.
+const fn layout<K, V>(map_type: MapType, max_entries: u32) -> Layout {
+    (
+        map_type,
+        size_of::<K>() as u32,
+        size_of::<V>() as u32,
+        max_entries,
+    )
+}
+
+/// The layout each shared map must have to be reused. Arrays are keyed by a `u32` index,
+/// `ORIG_BY_COOKIE` by the `u64` socket cookie, socket storage by a socket fd (`u32`).
+fn expected_layout(name: &str) -> Layout {
     match name {
-        maps::COUNTERS => (
-            MapType::PerCpuArray,
-            4,
-            size_of::<RuleCounters>() as u32,
-            COUNTER_ROWS,
-        ),
-        maps::RULE_INFO => (
-            MapType::Array,
-            4,
-            size_of::<RuleInfo>() as u32,
-            COUNTER_ROWS,
-        ),
-        maps::STATS => (MapType::PerCpuArray, 4, size_of::<Stats>() as u32, 1),
+        maps::COUNTERS => layout::<u32, RuleCounters>(MapType::PerCpuArray, COUNTER_ROWS),
+        maps::RULE_INFO => layout::<u32, RuleInfo>(MapType::Array, COUNTER_ROWS),
+        maps::STATS => layout::<u32, Stats>(MapType::PerCpuArray, 1),
         maps::EVENTS => (MapType::RingBuf, 0, 0, EVENTS_BYTES),
-        maps::ORIG_BY_COOKIE => (
-            MapType::LruHash,
-            8,
-            size_of::<OrigDst>() as u32,
-            MAX_REDIRECTS,
-        ),
-        maps::ORIG_BY_PEER => (
-            MapType::LruHash,
-            size_of::<PeerKey>() as u32,
-            size_of::<OrigDst>() as u32,
-            MAX_REDIRECTS,
-        ),
-        maps::HOOKS => (
-            MapType::PerCpuArray,
-            4,
-            size_of::<RuleCounters>() as u32,
-            egress_common::hook::COUNT,
-        ),
-        maps::PROXY_LISTEN => (
-            MapType::SkStorage,
-            4,
-            size_of::<egress_common::ProxyMark>() as u32,
-            0,
-        ),
+        maps::ORIG_BY_COOKIE => layout::<u64, OrigDst>(MapType::LruHash, MAX_REDIRECTS),
+        maps::ORIG_BY_PEER => layout::<PeerKey, OrigDst>(MapType::LruHash, MAX_REDIRECTS),
+        maps::HOOKS => layout::<u32, RuleCounters>(MapType::PerCpuArray, hook::COUNT),
+        maps::PROXY_LISTEN => layout::<u32, ProxyMark>(MapType::SkStorage, 0),
         other => unreachable!("{other} is not a shared map"),
     }
 }

@@ -367,7 +367,8 @@ nameserver -1
 
     #[test]
     fn a_missing_resolv_conf_allows_no_dns_and_says_so() {
-        let path = std::env::temp_dir().join(format!("egress-no-resolv-{}", std::process::id()));
+        let dir = TempDir::new("no-resolv");
+        let path = dir.join("resolv.conf");
         let mut policy = Policy::default();
         let warnings = policy
             .fill_resolvers(&path)
@@ -402,7 +403,7 @@ nameserver -1
     #[test]
     fn an_unreadable_resolv_conf_is_an_error_naming_it() {
         // A directory exists but cannot be read as a file.
-        let dir = std::env::temp_dir();
+        let dir = TempDir::new("resolv-dir");
         let error = Policy::default()
             .fill_resolvers(&dir)
             .expect_err("a directory is not a resolv.conf");

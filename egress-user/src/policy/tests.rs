@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use super::*;
+use crate::testing::TempDir;
 
 /// One rule, one field a line, so each test can break one field and know its line:
 /// 1 kind, 2 metadata, 3 name, 4 spec, 5 destination, 6 service, 7 ports, 8 port, 9 protocol.
@@ -554,19 +555,16 @@ fn oversized_source_is_rejected() {
 
 #[test]
 fn files_unreadable_or_oversized_are_errors() {
-    let dir = std::env::temp_dir().join(format!("egress-policy-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = TempDir::new("policy-test");
     let big = dir.join("big.yaml");
     // Sparse: the size check must refuse it from the metadata, without reading 64 MiB.
     std::fs::File::create(&big)
         .and_then(|f| f.set_len(MAX_FILE_SIZE + 1))
         .expect("sparse file");
     // A valid file among them adds nothing, and does not stop the others being checked.
-    let good = dir.join("good.yaml");
-    std::fs::write(&good, RULE).expect("write");
+    let good = dir.file("good.yaml", RULE);
     let missing = dir.join("missing.yaml");
-    let result = load_files(&[good.clone(), big.clone(), missing.clone(), dir.clone()]);
-    let _ = std::fs::remove_dir_all(&dir);
+    let result = load_files(&[good, big.clone(), missing.clone(), dir.0.clone()]);
     let lines: Vec<String> = result
         .expect_err("invalid")
         .0

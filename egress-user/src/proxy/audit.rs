@@ -4,7 +4,7 @@
 //! - A request the policy would refuse (no rule names its host, the host on another port, a
 //!   port that does not match the connection's, no or an invalid Host) goes over plain HTTP to
 //!   the app's original destination address, with the Host the app sent, through a pool of
-//!   its own ([`Direct`]): the app gets the destination's answer, as it would without egress.
+//!   its own ([`connect_direct`]): the app gets the destination's answer, as it would without egress.
 //!   A request a rule allows is served as in enforce mode (TLS origination included), so an
 //!   app that works in audit mode works the same once the policy is enforced.
 //! - A connection that does not speak HTTP (its own TLS, or any other protocol on an HTTP
@@ -16,7 +16,6 @@
 //! redirected (no destination to pass it to).
 
 use std::net::SocketAddr;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::Uri;
@@ -25,7 +24,7 @@ use tokio::sync::mpsc;
 
 use super::error::ProxyError;
 use super::events::RequestEvent;
-use super::upstream::{BoxFuture, ConnectError, UpstreamIo, dial};
+use super::upstream::{ConnectError, UpstreamIo, dial};
 use super::{Proxy, hello};
 
 /// The start of the reason of every request or connection audit mode passed on.
@@ -51,41 +50,27 @@ pub(crate) fn starts_http(first: u8) -> bool {
     first.is_ascii_uppercase()
 }
 
-/// The connector of audit mode's pool: dials the URI's address as it is (the app's original
-/// destination, an IP literal), plain TCP, within the connect limit. No name is resolved and no
-/// address refused: the app could have connected there itself, audit mode lets it.
-#[derive(Clone)]
-pub(crate) struct Direct {
-    pub(crate) connect_timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for Direct {
-    type Response = UpstreamIo;
-    type Error = ConnectError;
-    type Future = BoxFuture<Result<UpstreamIo, ConnectError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = self.connect_timeout;
-        Box::pin(async move {
-            let addr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-                .ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
-            let tcp = tokio::time::timeout(timeout, dial(addr))
-                .await
-                .map_err(|_| ConnectError::Timeout {
-                    host: addr.to_string(),
-                    timeout,
-                })?
-                .map_err(|source| ConnectError::Tcp { addr, source })?;
-            let _ = tcp.set_nodelay(true);
-            Ok(UpstreamIo::plain(tcp, addr))
-        })
-    }
+/// How audit mode's pool ([`super::upstream::Connector::Direct`]) connects: dials the URI's address as it is
+/// (the app's original destination, an IP literal), plain TCP, within the connect limit. No
+/// name is resolved and no address refused: the app could have connected there itself, audit
+/// mode lets it.
+pub(crate) async fn connect_direct(
+    uri: Uri,
+    timeout: Duration,
+) -> Result<UpstreamIo, ConnectError> {
+    let addr = uri
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
+    let tcp = tokio::time::timeout(timeout, dial(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            host: addr.to_string(),
+            timeout,
+        })?
+        .map_err(|source| ConnectError::Tcp { addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(UpstreamIo::plain(tcp, addr))
 }
 
 /// Relays a connection that is not HTTP to its original destination `orig`, byte for byte

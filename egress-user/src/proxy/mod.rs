@@ -18,6 +18,47 @@
 
 #![forbid(unsafe_code)]
 
+/// Inside an `impl` of tokio's `AsyncWrite` or hyper's `rt::Write` (the same five methods, the
+/// same signatures) for a wrapper whose writes are not its business: every write goes to the
+/// field `$field` unchanged. Reads are where the wrappers differ (`framing` watches them).
+macro_rules! forward_writes_to {
+    ($field:ident) => {
+        fn poll_write(
+            self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+            buf: &[u8],
+        ) -> ::std::task::Poll<::std::io::Result<usize>> {
+            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+            bufs: &[::std::io::IoSlice<'_>],
+        ) -> ::std::task::Poll<::std::io::Result<usize>> {
+            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.$field.is_write_vectored()
+        }
+
+        fn poll_flush(
+            self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+        ) -> ::std::task::Poll<::std::io::Result<()>> {
+            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+        ) -> ::std::task::Poll<::std::io::Result<()>> {
+            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
+        }
+    };
+}
+
 mod admission;
 mod audit;
 mod body;
@@ -93,7 +134,7 @@ pub struct Proxy {
     /// Audit mode: what the policy would refuse is passed on, see [`audit`].
     audit: bool,
     /// Audit mode's pool, to the apps' original destinations.
-    direct: Client<audit::Direct, ReqBody>,
+    direct: Client<Connector, ReqBody>,
     counters: Counters,
     timeouts: Timeouts,
     /// The policy generation this proxy judges for, as its events report it. Set when the
@@ -171,16 +212,16 @@ impl<'a> ProxyBuilder<'a> {
             tls: TlsConnector::from(tls),
             connect_timeout: self.timeouts.connect,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.timeouts.pool_idle)
-            .build(Connector(Arc::new(dialer)));
-        let direct = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.timeouts.pool_idle)
-            .build(audit::Direct {
-                connect_timeout: self.timeouts.connect,
-            });
+        let pool = |connector| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.timeouts.pool_idle)
+                .build(connector)
+        };
+        let client = pool(Connector::Dialer(Arc::new(dialer)));
+        let direct = pool(Connector::Direct {
+            connect_timeout: self.timeouts.connect,
+        });
         let counters = Counters::after(routes.names(), self.previous.map(|p| &p.counters));
         Ok(Proxy {
             routes,

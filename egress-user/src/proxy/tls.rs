@@ -106,12 +106,7 @@ fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), ConfigError
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp(name: &str, contents: &[u8]) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("egress-tls-{}-{name}", std::process::id()));
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
+    use crate::testing::TempDir;
 
     #[test]
     fn ca_file_errors_name_the_file() {
@@ -122,21 +117,22 @@ mod tests {
             "ca file /nonexistent/egress-ca.pem: cannot read it"
         );
 
-        let empty = temp("empty.pem", b"no pem here\n");
+        let dir = TempDir::new("tls");
+        let empty = dir.file("empty.pem", b"no pem here\n");
         let err = client_config(std::slice::from_ref(&empty), SystemRoots::Skip).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("ca file {}: no certificate in it", empty.display())
         );
 
-        let garbage = temp(
+        let garbage = dir.file(
             "garbage.pem",
             b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
         );
         let err = client_config(std::slice::from_ref(&garbage), SystemRoots::Skip).unwrap_err();
         assert!(matches!(err, ConfigError::CaFilePem { .. }), "{err:?}");
 
-        let not_a_cert = temp(
+        let not_a_cert = dir.file(
             "bad.pem",
             b"-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n",
         );
@@ -145,9 +141,6 @@ mod tests {
             err.to_string().contains("certificate 1 is not a usable ca"),
             "{err}"
         );
-        for p in [empty, garbage, not_a_cert] {
-            let _ = std::fs::remove_file(p);
-        }
     }
 
     #[test]
@@ -156,9 +149,9 @@ mod tests {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = params.self_signed(&key).unwrap();
-        let path = temp("ca.pem", ca.pem().as_bytes());
+        let dir = TempDir::new("tls");
+        let path = dir.file("ca.pem", ca.pem());
         let config = client_config(std::slice::from_ref(&path), SystemRoots::Skip).unwrap();
         assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
-        let _ = std::fs::remove_file(path);
     }
 }

@@ -4,7 +4,8 @@
 //! [`Connector`] is what the pooled HTTP client ([`hyper_util::client::legacy::Client`]) calls
 //! for a new connection. The pool is keyed by scheme and authority, so a connection made for
 //! `https://a.test:443` is only ever reused for that protocol and host. The app's original
-//! destination address never gets here: the resolve result is what counts.
+//! destination address never reaches the policy's [`Dialer`]: the resolve result is what
+//! counts (only audit mode's own pool dials it, see [`super::audit`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -328,9 +329,15 @@ pub(crate) async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
     TcpStream::connect(addr).await
 }
 
-/// The [`tower_service::Service`] the pooled client calls to open a connection.
+/// The [`tower_service::Service`] a pooled client calls to open a connection: the policy's
+/// [`Dialer`], or audit mode's pool to the apps' original destinations.
 #[derive(Clone)]
-pub(crate) struct Connector(pub(crate) Arc<Dialer>);
+pub(crate) enum Connector {
+    /// The policy's way: hosts entries or filtered DNS answers, then TLS for https.
+    Dialer(Arc<Dialer>),
+    /// [`super::audit::connect_direct`] within this connect limit.
+    Direct { connect_timeout: Duration },
+}
 
 impl tower_service::Service<Uri> for Connector {
     type Response = UpstreamIo;
@@ -342,7 +349,12 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(self.0.clone().connect(uri))
+        match self {
+            Self::Dialer(dialer) => Box::pin(dialer.clone().connect(uri)),
+            Self::Direct { connect_timeout } => {
+                Box::pin(super::audit::connect_direct(uri, *connect_timeout))
+            }
+        }
     }
 }
 
@@ -443,33 +455,7 @@ impl hyper::rt::Read for UpstreamIo {
 }
 
 impl hyper::rt::Write for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
+    forward_writes_to!(io);
 }
 
 #[cfg(test)]

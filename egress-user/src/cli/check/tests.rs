@@ -3,7 +3,7 @@
 use clap::Parser;
 
 use super::*;
-use crate::policy::ca::testing as ca_testing;
+use crate::policy::{ca::testing as ca_testing, dns::DEFAULT_RESOLV_CONF};
 use crate::testing::TempDir;
 
 /// A resolv.conf in `dir` with two resolvers.
@@ -35,7 +35,7 @@ fn check_files(files: Vec<PathBuf>, resolv_conf: PathBuf) -> CheckArgs {
     CheckArgs {
         files,
         default: false,
-        resolv_conf,
+        resolv_conf: ResolvConf { path: resolv_conf },
     }
 }
 
@@ -62,7 +62,7 @@ fn valid_file_prints_the_policy_and_succeeds() {
         out.starts_with(&format!(
             "mode: enforce\nbypass: 127.0.0.0/8, ::1/128\ndns: 192.0.2.53, 2001:db8::53 (from \
                  {})\nrules: 1\n",
-            args.resolv_conf.display()
+            args.resolv_conf.path.display()
         )),
         "{out}"
     );
@@ -137,7 +137,7 @@ fn both_seeds_check_clean() {
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
     assert_eq!(err, "");
     let f = path.display();
-    let r = args.resolv_conf.display();
+    let r = args.resolv_conf.path.display();
     assert_eq!(
             out,
             format!(
@@ -200,7 +200,9 @@ fn default_policy_checks_clean() {
     let args = CheckArgs {
         files: Vec::new(),
         default: true,
-        resolv_conf: resolv_conf(&dir),
+        resolv_conf: ResolvConf {
+            path: resolv_conf(&dir),
+        },
     };
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
@@ -210,7 +212,7 @@ fn default_policy_checks_clean() {
     assert!(
         out.contains(&format!(
             "\ndns: 192.0.2.53, 2001:db8::53 (from {})\n",
-            args.resolv_conf.display()
+            args.resolv_conf.path.display()
         )),
         "{out}"
     );
@@ -273,7 +275,9 @@ fn resolvers_named_by_the_policy_win_over_resolv_conf() {
         files: vec![path.clone(), dir.file("good.yaml", GOOD)],
         default: false,
         // Not even read: a directory would fail the check otherwise.
-        resolv_conf: dir.0.clone(),
+        resolv_conf: ResolvConf {
+            path: dir.0.clone(),
+        },
     };
     let (code, out, err) = check(&args);
     assert_eq!(code, ExitCode::SUCCESS, "{err}");
@@ -307,10 +311,13 @@ fn nothing_to_check_is_a_usage_error() {
     );
     let parsed =
         Cli::try_parse_from(["check", "--resolv-conf", "/tmp/r.conf", "a.yaml"]).expect("valid");
-    assert_eq!(parsed.args.resolv_conf, PathBuf::from("/tmp/r.conf"));
+    assert_eq!(parsed.args.resolv_conf.path, PathBuf::from("/tmp/r.conf"));
     if std::env::var_os("EGRESS_RESOLV_CONF").is_none() {
         let parsed = Cli::try_parse_from(["check", "a.yaml"]).expect("valid");
-        assert_eq!(parsed.args.resolv_conf, PathBuf::from(DEFAULT_RESOLV_CONF));
+        assert_eq!(
+            parsed.args.resolv_conf.path,
+            PathBuf::from(DEFAULT_RESOLV_CONF)
+        );
     }
 }
 

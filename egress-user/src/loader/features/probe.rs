@@ -73,15 +73,28 @@ pub(super) fn call(
 
 /// `func` is callable from both kinds of judging program.
 pub(super) fn in_judges(func: helper) -> Result<bool, String> {
-    Ok(call(
+    Ok(in_connect4(func)?
+        && call(
+            prog::BPF_PROG_TYPE_CGROUP_SOCK,
+            Some(attach::BPF_CGROUP_INET_SOCK_CREATE),
+            func,
+        )?)
+}
+
+/// A `cgroup_sock_addr` program loads on `attach_type` (the hooks of connect, sendmsg and
+/// getpeername are all of this program type).
+pub(super) fn sock_addr(attach_type: attach) -> Result<bool, String> {
+    program(prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, Some(attach_type))
+}
+
+/// The `cgroup/connect4` program type can call `func`: the probe of a helper every
+/// `cgroup_sock_addr` judge calls.
+pub(super) fn in_connect4(func: helper) -> Result<bool, String> {
+    call(
         prog::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
         Some(attach::BPF_CGROUP_INET4_CONNECT),
         func,
-    )? && call(
-        prog::BPF_PROG_TYPE_CGROUP_SOCK,
-        Some(attach::BPF_CGROUP_INET_SOCK_CREATE),
-        func,
-    )?)
+    )
 }
 
 /// The kernel creates a map of this type.

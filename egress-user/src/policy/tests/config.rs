@@ -37,18 +37,20 @@ fn ip(text: &str) -> IpAddr {
 /// A directory holding `CONFIG` as `policy/config.yaml`, with its two CA files made real:
 /// `/etc/egress/ca.pem` becomes `<dir>/ca.pem`, and `certs/extra.pem` is next to the policy.
 pub(super) struct ConfigDir {
-    /// The directory, removed when dropped.
+    /// The directory.
     pub(super) dir: PathBuf,
     /// The policy file.
     pub(super) file: PathBuf,
     /// The absolute CA file.
     pub(super) ca: PathBuf,
+    /// Removes the directory when dropped.
+    _tmp: TempDir,
 }
 
 impl ConfigDir {
     pub(super) fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("egress-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = TempDir::new(name);
+        let dir = tmp.0.clone();
         std::fs::create_dir_all(dir.join("policy/certs")).expect("temp dir");
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, ca_pem()).expect("write");
@@ -56,13 +58,12 @@ impl ConfigDir {
         let file = dir.join("policy/config.yaml");
         let text = config_with("/etc/egress/ca.pem", &ca.display().to_string());
         std::fs::write(&file, text).expect("write");
-        Self { dir, file, ca }
-    }
-}
-
-impl Drop for ConfigDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        Self {
+            dir,
+            file,
+            ca,
+            _tmp: tmp,
+        }
     }
 }
 

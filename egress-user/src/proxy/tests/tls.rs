@@ -6,7 +6,10 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 use super::*;
-use crate::policy::{Alias, HttpProtocol::Https};
+use crate::{
+    policy::{Alias, HttpProtocol::Https},
+    testing::TempDir,
+};
 
 /// A test certificate authority.
 struct Ca(CertifiedIssuer<'static, KeyPair>);
@@ -21,14 +24,12 @@ impl Ca {
         Ca(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
     }
 
-    /// The CA's PEM in a file of its own, for `caFiles`.
-    fn file(&self, tag: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!(
-            "egress-proxy-test-{}-{tag}.pem",
-            std::process::id()
-        ));
-        std::fs::write(&path, self.0.pem()).unwrap();
-        path
+    /// The CA's PEM in a file of its own, for `caFiles`, in a directory that goes when the
+    /// returned guard is dropped.
+    fn file(&self, tag: &str) -> (TempDir, PathBuf) {
+        let dir = TempDir::new(&format!("proxy-test-{tag}"));
+        let path = dir.file("ca.pem", self.0.pem());
+        (dir, path)
     }
 
     /// A server configuration with a certificate for `names`, optionally long expired.
@@ -61,18 +62,18 @@ async fn setup(
     server: Arc<rustls::ServerConfig>,
     trusted: &Ca,
     tag: &str,
-) -> (Upstream, Harness, PathBuf) {
+) -> (Upstream, Harness, TempDir) {
     let up = Upstream::with("127.0.0.1:0", Some(server), handler(echo)).await;
-    let ca = trusted.file(tag);
+    let (dir, ca) = trusted.file(tag);
     let mut p = policy(vec![rule("secure", name, up.addr.port(), Https)], &[name]);
-    p.ca_files = vec![ca.clone()];
-    (up, Harness::start(p).await, ca)
+    p.ca_files = vec![ca];
+    (up, Harness::start(p).await, dir)
 }
 
 #[tokio::test]
 async fn https_rule_originates_tls_with_the_host_as_sni() {
     let ca = Ca::new("egress test ca");
-    let (up, mut h, file) =
+    let (up, mut h, _ca_dir) =
         setup("secure.test", ca.server(&["secure.test"], false), &ca, "ok").await;
     let port = up.addr.port();
     let mut c = h.connect(orig(port)).await;
@@ -88,7 +89,6 @@ async fn https_rule_originates_tls_with_the_host_as_sni() {
     assert_eq!(c.get("secure.test", "/again").await.status, 200);
     assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(h.event().await.upstream, Some(up.addr));
-    let _ = std::fs::remove_file(file);
 }
 
 /// Fails the handshake for `server` and returns the 502's body.
@@ -98,12 +98,11 @@ async fn refused(
     trusted: &Ca,
     tag: &str,
 ) -> (String, RequestEvent) {
-    let (up, mut h, file) = setup(name, server, trusted, tag).await;
+    let (up, mut h, _ca_dir) = setup(name, server, trusted, tag).await;
     let mut c = h.connect(orig(up.addr.port())).await;
     let r = c.get(name, "/").await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(up.requests(), 0);
-    let _ = std::fs::remove_file(file);
     (r.text(), h.event().await)
 }
 
@@ -174,9 +173,9 @@ async fn an_alias_on_443_originates_tls_to_the_external_name() {
         }
     }
     let up = up.expect("binding a loopback address on port 443 (the tests run as root)");
-    let file = ca.file("alias");
+    let (_ca_dir, file) = ca.file("alias");
     let mut p = Policy {
-        ca_files: vec![file.clone()],
+        ca_files: vec![file],
         ..Policy::default()
     };
     p.hosts.insert("secure.test".into(), vec![up.addr.ip()]);
@@ -201,7 +200,6 @@ async fn an_alias_on_443_originates_tls_to_the_external_name() {
         (ev.rule.as_deref(), ev.upstream),
         (Some("securebin"), Some(up.addr))
     );
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test]
