@@ -15,13 +15,7 @@ fn rule(name: &str, dest: &str, ports: &[u16]) -> Rule {
         name: name.to_owned(),
         origin: origin(1),
         destination: dest.parse().unwrap(),
-        ports: ports
-            .iter()
-            .map(|&port| PortRule {
-                port,
-                protocol: Protocol::Tcp,
-            })
-            .collect(),
+        ports: ports.iter().map(|&port| PortRule::tcp(port)).collect(),
     }
 }
 

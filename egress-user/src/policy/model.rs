@@ -90,6 +90,16 @@ pub struct PortRule {
     pub protocol: Protocol,
 }
 
+impl PortRule {
+    /// `{port: N, protocol: tcp}`.
+    pub const fn tcp(port: u16) -> Self {
+        Self {
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+}
+
 /// One `kind: EgressRule` document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {

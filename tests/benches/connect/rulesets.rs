@@ -7,7 +7,7 @@ use std::{
 };
 
 use egress_tests::V4_A;
-use egress_user::policy::{Mode, Origin, Policy, PortRule, Protocol, Rule, default_bypass};
+use egress_user::policy::{Mode, Origin, Policy, PortRule, Rule, default_bypass};
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::{PORT, PORTS, TARGET_RULE};
@@ -28,13 +28,7 @@ pub fn rule(i: usize, name: String, destination: IpNet, ports: &[u16]) -> Rule {
             line: i + 1,
         },
         destination,
-        ports: ports
-            .iter()
-            .map(|&port| PortRule {
-                port,
-                protocol: Protocol::Tcp,
-            })
-            .collect(),
+        ports: ports.iter().map(|&port| PortRule::tcp(port)).collect(),
     }
 }
 
