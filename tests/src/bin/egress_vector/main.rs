@@ -66,14 +66,10 @@ mod sys;
 const RAW_UDP_SPORT: u16 = 40000;
 /// Source port of the raw SYN.
 const RAW_SYN_SPORT: u16 = 40001;
-/// ICMP echo request (RFC 792).
-const ICMP_ECHO_REQUEST: u8 = 8;
-/// ICMP echo reply.
-const ICMP_ECHO_REPLY: u8 = 0;
-/// ICMPv6 echo request (RFC 4443).
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-/// ICMPv6 echo reply.
-const ICMPV6_ECHO_REPLY: u8 = 129;
+/// A ping socket's protocol, and the types of its echo request and reply: ICMP (RFC 792)
+/// and ICMPv6 (RFC 4443).
+const ECHO_V4: (libc::c_int, u8, u8) = (libc::IPPROTO_ICMP, 8, 0);
+const ECHO_V6: (libc::c_int, u8, u8) = (libc::IPPROTO_ICMPV6, 128, 129);
 
 /// Why the attempt failed: the step, the errno and its text.
 struct Failure {
@@ -369,9 +365,9 @@ impl Attempt {
 
     fn ping(&self) -> Step<()> {
         let (proto, request, reply) = if self.domain() == Domain::IPV4 {
-            (libc::IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+            ECHO_V4
         } else {
-            (libc::IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+            ECHO_V6
         };
         let socket = socket(self.domain(), Type::DGRAM, proto)?;
         // Type, code, checksum and id (the kernel fills both: the id is the socket's), then
