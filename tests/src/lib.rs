@@ -91,7 +91,7 @@ pub mod workload;
 pub mod world;
 
 pub use agent::{Agent, Launch};
-pub use client::status_row;
+pub use client::{row_named, status_row};
 pub use hold::{Hold, sample};
 pub use pod::PodNet;
 pub use probe::Outcome;
@@ -130,6 +130,43 @@ pub fn wait_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A workload binary (`bin`, one of `tests/src/bin`) about to run inside the network namespace
+/// `netns`, and first in `cgroup` when given: `bin [--cgroup CGROUP] --netns NETNS`, to which
+/// the caller adds the workload's own arguments. The workload reads these two with [`place`].
+pub fn workload_command(bin: &str, cgroup: Option<&Path>, netns: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    if let Some(cgroup) = cgroup {
+        cmd.arg("--cgroup").arg(cgroup);
+    }
+    cmd.args(["--netns", netns]);
+    cmd
+}
+
+/// Runs `cmd` to its end and returns its stdout and stderr as text; `what` names it if it
+/// cannot be started.
+pub fn output_text(cmd: &mut Command, what: &str) -> (String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The first line `child` writes to its stdout (piped), newline included; `what` names it if
+/// that cannot be read. Whatever else the read took from the pipe is dropped: for workloads
+/// that write nothing more until told to.
+pub fn first_line(child: &mut Child, what: &str) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("a piped stdout")),
+        &mut line,
+    )
+    .unwrap_or_else(|e| panic!("{what}'s first line: {e}"));
+    line
 }
 
 /// Moves the calling process into the cgroup v2 directory `dir` (the workloads' `--cgroup`).

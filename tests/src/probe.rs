@@ -3,20 +3,25 @@
 
 use std::{net::SocketAddr, process::Command};
 
-use crate::Sandbox;
+use crate::{Sandbox, output_text, workload_command};
 
 impl Sandbox {
+    /// The workload `bin` about to run in this sandbox's managed cgroup and network namespace
+    /// ([`workload_command`]), for the caller to add its arguments to.
+    pub fn workload(&self, bin: &str) -> Command {
+        workload_command(bin, Some(&self.cgroup), &self.name)
+    }
+
     /// Runs the probe in HTTP mode from inside the managed cgroup: `request` goes to each
     /// address over its own connection, all open at once. Returns the probe's stdout.
     pub fn http(&self, probe: &str, request: &str, addrs: &[SocketAddr]) -> String {
-        let out = Command::new(probe)
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .args(["--netns", &self.name, "--http", request])
-            .args(addrs.iter().map(ToString::to_string))
-            .output()
-            .expect("running the probe");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (stdout, _) = output_text(
+            self.workload(probe)
+                .args(["--http", request])
+                .args(addrs.iter().map(ToString::to_string)),
+            "the probe",
+        );
+        stdout
     }
 
     /// Connects from inside the managed cgroup and the namespace.
@@ -30,19 +35,12 @@ impl Sandbox {
     }
 
     fn run_probe(&self, probe: &str, addr: SocketAddr, in_cgroup: bool) -> Outcome {
-        let mut cmd = Command::new(probe);
-        if in_cgroup {
-            cmd.arg("--cgroup").arg(&self.cgroup);
-        }
-        let out = cmd
-            .args(["--netns", &self.name])
-            .arg(addr.to_string())
-            .output()
-            .expect("running the probe");
-        Outcome::parse(
-            &String::from_utf8_lossy(&out.stdout),
-            &String::from_utf8_lossy(&out.stderr),
-        )
+        let cgroup = in_cgroup.then_some(self.cgroup.as_path());
+        let (stdout, stderr) = output_text(
+            workload_command(probe, cgroup, &self.name).arg(addr.to_string()),
+            "the probe",
+        );
+        Outcome::parse(&stdout, &stderr)
     }
 }
 

@@ -3,7 +3,6 @@
 //! unload` tidies the cgroup `egress run` made, and `egress maps` decodes the pins.
 
 use std::{
-    io::{BufRead as _, BufReader},
     os::unix::process::ExitStatusExt as _,
     path::Path,
     process::{Command, Stdio},
@@ -11,7 +10,8 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, policy_file, probe_bin, sa, wait_within,
+    Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, first_line, policy_file, probe_bin, row_named,
+    sa, wait_within,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -44,11 +44,9 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("egress check");
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut first)
-        .expect("first line");
-    // The reader is dropped here: the pipe is closed with most of the output unwritten.
+    let first = first_line(&mut child, "egress check");
+    // The pipe is closed here with most of the output unwritten.
+    drop(child.stdout.take());
     let status = wait_at_most(&mut child, Duration::from_secs(30));
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
@@ -316,15 +314,7 @@ fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
             && r["rule"] == "web-a"),
         "{json}"
     );
-    let counter = |name: &str| {
-        json["counters"]
-            .as_array()
-            .expect("counters")
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("no counter {name}: {json}"))
-            .clone()
-    };
+    let counter = |name: &str| row_named(&json, "counters", name);
     assert_eq!(counter("web-a")["allowed"], 3, "{json}");
     assert_eq!(counter("(no rule)")["denied"], 2, "{json}");
     assert_eq!(json["http_ports"], serde_json::json!([80]), "{json}");

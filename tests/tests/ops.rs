@@ -6,7 +6,7 @@ use std::{
     fs,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -25,23 +25,13 @@ fn rule(name: &str, port: u16) -> String {
 
 /// Runs `egress create -f - --socket ...` with `yaml` on stdin.
 fn create(sb: &Sandbox, yaml: &str) -> (bool, String, String) {
-    let mut child = Command::new(EGRESS)
-        .args(["create", "-f", "-", "--socket"])
-        .arg(sb.socket())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("egress create");
-    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), yaml.as_bytes())
-        .expect("writing the rule");
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("egress create");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (status, out, err) = sb.ctl_within(
+        EGRESS,
+        &["create", "-f", "-"],
+        yaml.as_bytes(),
+        Duration::from_secs(60),
+    );
+    (status.success(), out, err)
 }
 
 /// `egress status -o json`, parsed.
@@ -501,10 +491,9 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
         .expect("denied") as usize;
 
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_egress-connect-loop"))
-        .arg("--cgroup")
-        .arg(&sb.cgroup)
-        .args(["--netns", &sb.name, "--warmup", "0", "--count"])
+    let out = sb
+        .workload(env!("CARGO_BIN_EXE_egress-connect-loop"))
+        .args(["--warmup", "0", "--count"])
         .arg(BURST.to_string())
         .args(["--expect", "denied"])
         .arg(denied.addr().to_string())

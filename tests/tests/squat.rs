@@ -13,9 +13,9 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, PodNet, V4_A, V6_A, egress_bin, probe_bin, sa,
+    Agent, PodNet, V4_A, V6_A, egress_bin, output_text, probe_bin, sa,
     squatter::{Hold, Squatter},
-    squatter_bin,
+    squatter_bin, workload_command,
     world::World,
 };
 
@@ -292,15 +292,14 @@ fn in_another_network_namespace_only_the_agents_own_listener_there_would_do() {
     let w = World::new(EGRESS, PROBE);
     let pod = PodNet::new(&w.sb);
     let from_pod = || {
-        let out = Command::new(PROBE)
-            .arg("--cgroup")
-            .arg(&w.sb.cgroup)
-            .args(["--netns", pod.pod_netns(), "--http"])
-            .arg("GET / HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n")
-            .arg(sa(V4_A, 80).to_string())
-            .output()
-            .expect("probe");
-        egress_tests::world::Response::parse(&String::from_utf8_lossy(&out.stdout))
+        let (stdout, _) = output_text(
+            workload_command(PROBE, Some(&w.sb.cgroup), pod.pod_netns())
+                .arg("--http")
+                .arg("GET / HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n")
+                .arg(sa(V4_A, 80).to_string()),
+            "the probe",
+        );
+        egress_tests::world::Response::parse(&stdout)
     };
     assert_refused(&from_pod());
     w.agent()
