@@ -101,6 +101,16 @@ pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
 pub use vector::{Attempted, Vector};
 pub use workload::{Counted, Workload};
 
+/// A row of the kernel's counters: connections it `allowed`, `denied` and (audit mode) would
+/// have denied.
+pub fn counted(allowed: u64, denied: u64, would_deny: u64) -> egress_common::RuleCounters {
+    egress_common::RuleCounters {
+        allowed,
+        denied,
+        would_deny,
+    }
+}
+
 /// Runs a command and panics with its output if it fails.
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])

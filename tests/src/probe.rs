@@ -29,6 +29,14 @@ impl Sandbox {
         self.run_probe(probe, addr, true)
     }
 
+    /// Connects to each address of `want` in turn from inside the managed cgroup, and fails the
+    /// test unless each connect comes to the outcome beside it.
+    pub fn expect_verdicts(&self, probe: &str, want: &[(SocketAddr, Outcome)]) {
+        for (addr, outcome) in want {
+            assert_eq!(self.connect(probe, *addr), *outcome, "connect to {addr}");
+        }
+    }
+
     /// Connects from inside the namespace but outside the managed cgroup.
     pub fn connect_outside(&self, probe: &str, addr: SocketAddr) -> Outcome {
         self.run_probe(probe, addr, false)

@@ -13,7 +13,7 @@ use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
 
 use egress_common::RuleCounters;
 use egress_tests::{
-    Attempted, Sandbox, V4_A, V6_A, Vector,
+    Attempted, Sandbox, V4_A, V6_A, Vector, counted,
     matrix::AnySink,
     policy::{Rule, config, load},
     sa,
@@ -206,14 +206,6 @@ fn by_name(rows: Vec<RowCount>) -> HashMap<String, RuleCounters> {
     rows.into_iter().map(|r| (r.name, r.counters)).collect()
 }
 
-fn counts(allowed: u64, denied: u64, would_deny: u64) -> RuleCounters {
-    RuleCounters {
-        allowed,
-        denied,
-        would_deny,
-    }
-}
-
 /// The events now in the enforcer's ring.
 fn drain(
     enforcer: &mut Enforcer,
@@ -289,14 +281,14 @@ fn targets(vector: Vector, protocol: u16) -> Vec<(std::net::SocketAddr, u16)> {
 fn other_socket_kinds_are_refused_at_socket_by_default() {
     let t = trial(&rules_for_every_port(), true, |_| REFUSED);
     t.assert_hooks(&[
-        ("sock_create", counts(0, 8, 0)),
-        ("connect", counts(0, 0, 0)),
-        ("sendmsg", counts(0, 0, 0)),
+        ("sock_create", counted(0, 8, 0)),
+        ("connect", counted(0, 0, 0)),
+        ("sendmsg", counted(0, 0, 0)),
     ]);
     t.assert_rows(&[
-        (NO_RULE_NAME, counts(0, 8, 0)),
-        ("ports-0", counts(0, 0, 0)),
-        ("ports-1", counts(0, 0, 0)),
+        (NO_RULE_NAME, counted(0, 8, 0)),
+        ("ports-0", counted(0, 0, 0)),
+        ("ports-1", counted(0, 0, 0)),
     ]);
     assert_eq!(t.events.len(), 8, "{:#?}", t.events);
     check_sock_create_events(&t.sb, &t.events, Verdict::Deny, |_| true);
@@ -323,15 +315,15 @@ fn allow_sockets_lets_each_named_kind_through() {
         },
     );
     t.assert_hooks(&[
-        ("sock_create", counts(8, 0, 0)),
+        ("sock_create", counted(8, 0, 0)),
         // The UDP-Lite sendto()s; ping and raw sockets meet no sendmsg hook.
-        ("sendmsg", counts(2, 0, 0)),
+        ("sendmsg", counted(2, 0, 0)),
         // The MPTCP subflows' connects, judged as TCP.
-        ("connect", counts(0, 2, 0)),
+        ("connect", counted(0, 2, 0)),
     ]);
     t.assert_rows(&[
-        (BYPASS_NAME, counts(8 + 2, 0, 0)),
-        (NO_RULE_NAME, counts(0, 2, 0)),
+        (BYPASS_NAME, counted(8 + 2, 0, 0)),
+        (NO_RULE_NAME, counted(0, 2, 0)),
     ]);
 
     // Only the denials make events (`events: denied`, the default): the MPTCP connects, as TCP.
@@ -371,13 +363,13 @@ fn an_allowed_mptcp_socket_connects_where_a_tcp_rule_allows() {
         },
     );
     t.assert_hooks(&[
-        ("sock_create", counts(2, 6, 0)),
-        ("connect", counts(2, 0, 0)),
+        ("sock_create", counted(2, 6, 0)),
+        ("connect", counted(2, 0, 0)),
     ]);
     t.assert_rows(&[
-        ("mptcp-0", counts(1, 0, 0)),
-        ("mptcp-1", counts(1, 0, 0)),
-        (BYPASS_NAME, counts(2, 0, 0)),
+        ("mptcp-0", counted(1, 0, 0)),
+        ("mptcp-1", counted(1, 0, 0)),
+        (BYPASS_NAME, counted(2, 0, 0)),
     ]);
     assert_eq!(t.events.len(), 6, "{:#?}", t.events);
     check_sock_create_events(&t.sb, &t.events, Verdict::Deny, |c| {
@@ -394,13 +386,13 @@ fn one_allowed_kind_does_not_open_the_others() {
         if udplite(c) { Expect::Arrives } else { REFUSED }
     });
     t.assert_hooks(&[
-        ("sock_create", counts(2, 6, 0)),
-        ("sendmsg", counts(2, 0, 0)),
-        ("connect", counts(0, 0, 0)),
+        ("sock_create", counted(2, 6, 0)),
+        ("sendmsg", counted(2, 0, 0)),
+        ("connect", counted(0, 0, 0)),
     ]);
     t.assert_rows(&[
-        (BYPASS_NAME, counts(2 + 2, 0, 0)),
-        (NO_RULE_NAME, counts(0, 6, 0)),
+        (BYPASS_NAME, counted(2 + 2, 0, 0)),
+        (NO_RULE_NAME, counted(0, 6, 0)),
     ]);
     assert_eq!(t.events.len(), 6, "{:#?}", t.events);
     check_sock_create_events(&t.sb, &t.events, Verdict::Deny, |c| !udplite(c));
@@ -414,11 +406,11 @@ fn one_allowed_kind_does_not_open_the_others() {
 fn audit_mode_lets_them_through_as_would_deny() {
     let t = trial(&config("  mode: audit\n"), true, |_| Expect::Arrives);
     t.assert_hooks(&[
-        ("sock_create", counts(0, 0, 8)),
-        ("sendmsg", counts(0, 0, 2)),
-        ("connect", counts(0, 0, 2)),
+        ("sock_create", counted(0, 0, 8)),
+        ("sendmsg", counted(0, 0, 2)),
+        ("connect", counted(0, 0, 2)),
     ]);
-    t.assert_rows(&[(NO_RULE_NAME, counts(0, 0, 12))]);
+    t.assert_rows(&[(NO_RULE_NAME, counted(0, 0, 12))]);
 
     assert_eq!(t.events.len(), 12, "{:#?}", t.events);
     check_sock_create_events(&t.sb, &t.events, Verdict::WouldDeny, |_| true);
@@ -439,7 +431,7 @@ fn outside_the_cgroup_nothing_is_refused() {
     let t = trial(&rules_for_every_port(), false, |_| Expect::Arrives);
     let hooks = by_name(t.enforcer.hooks().expect("hooks"));
     for (hook, c) in &hooks {
-        assert_eq!(*c, counts(0, 0, 0), "{hook}: {hooks:?}");
+        assert_eq!(*c, counted(0, 0, 0), "{hook}: {hooks:?}");
     }
     assert!(t.events.is_empty(), "{:#?}", t.events);
 }
@@ -469,6 +461,6 @@ fn the_kernel_refuses_ping_sockets_before_the_filter_without_ping_group_range() 
     assert_counts(
         "hook",
         enforcer.hooks().expect("hooks"),
-        &[("sock_create", counts(0, 0, 0))],
+        &[("sock_create", counted(0, 0, 0))],
     );
 }
