@@ -91,7 +91,7 @@ pub mod workload;
 pub mod world;
 
 pub use agent::{Agent, Launch};
-pub use client::{row_named, status_row};
+pub use client::{find_row, row_named, status_row};
 pub use hold::{Hold, sample};
 pub use pod::PodNet;
 pub use probe::Outcome;
