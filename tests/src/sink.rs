@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::{SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener},
     os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
@@ -34,6 +34,12 @@ impl Sandbox {
     /// Starts a server inside the namespace at `addr`.
     pub fn sink(&self, addr: SocketAddr) -> Sink {
         Sink::start(&self.name, addr)
+    }
+
+    /// Starts a server inside the namespace at `ip` on each of `ports`, in that order.
+    pub fn sinks<const N: usize>(&self, ip: impl Into<IpAddr>, ports: [u16; N]) -> [Sink; N] {
+        let ip = ip.into();
+        ports.map(|port| self.sink(SocketAddr::new(ip, port)))
     }
 }
 

@@ -294,8 +294,7 @@ fn processes_outside_the_cgroup_are_not_filtered() {
 #[test]
 fn a_second_apply_swaps_the_policy_in_place_and_keeps_counters() {
     let sb = Sandbox::new();
-    let a = sb.sink(sa(V4_A, 8080));
-    let b = sb.sink(sa(V4_A, 9090));
+    let [a, b] = sb.sinks(V4_A, [8080, 9090]);
     let keep = rule_yaml("keep", "192.0.2.0/24", 8080);
     let first = enforce(
         &sb,

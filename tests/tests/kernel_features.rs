@@ -194,8 +194,7 @@ fn assert_degraded(log: &str, features: &[&str], needs: &str, lost: &str) {
 fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
     let sb = Sandbox::new();
     let dir = sb.dir("kfeat");
-    let allowed = sb.sink(sa(V4_A, 8080));
-    let denied = sb.sink(sa(V4_A, 9090));
+    let [allowed, denied] = sb.sinks(V4_A, [8080, 9090]);
     let web = Upstream::http(&sb.name, sa(V4_A, 80));
     let args = sb.run_args(&policy(&dir), &[]);
 
@@ -268,8 +267,7 @@ fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
         )
     };
     let file = sb.policy_file("policy.yaml", &format!("{yaml}{}", rule(8080)));
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let s20299 = sb.sink(sa(egress_tests::V4_B, 20_299));
 
     let agent = sb

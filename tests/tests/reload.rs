@@ -45,8 +45,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
         ),
     )
     .expect("a");
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
     let agent = sb.agent(EGRESS).policy(&dir, &[]).start();
 
