@@ -113,16 +113,26 @@ pub fn counted(allowed: u64, denied: u64, would_deny: u64) -> egress_common::Rul
 
 /// Runs a command and panics with its output if it fails.
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+    run_ok(
+        Command::new(args[0]).args(&args[1..]),
+        &format!("{args:?} (cargo xtask setup installs iproute2)"),
+    );
+}
+
+/// Runs `cmd` (`what`) to its end and returns its stdout as text; fails the test with its
+/// stdout and stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e} (cargo xtask setup installs iproute2)"));
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
+        "{what} failed ({}): {stdout}{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
 }
 
 /// Waits for `child` at most `limit`: its exit status, or `None` once it has been killed (and

@@ -11,15 +11,24 @@ use std::{
 
 use egress_tests::{
     Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, first_line, policy_file, probe_bin, row_named,
-    sa, wait_within,
+    run_ok, sa, wait_within,
 };
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
 
-/// Waits for `child` at most `limit`; kills it and panics if it is still running.
-fn wait_at_most(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    wait_within(child, limit).unwrap_or_else(|| panic!("still running after {limit:?}"))
+/// A policy of an EgressConfig and no rules: enough for an agent to start.
+const NO_RULES: &str = "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n";
+
+/// Waits for `child` at most `limit` (killing it and failing the test if it is still
+/// running then) and returns its exit status and what it wrote to its stderr (piped).
+fn finish(child: &mut std::process::Child, limit: Duration) -> (std::process::ExitStatus, String) {
+    let status =
+        wait_within(child, limit).unwrap_or_else(|| panic!("still running after {limit:?}"));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    (status, stderr)
 }
 
 #[test]
@@ -47,10 +56,7 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
     let first = first_line(&mut child, "egress check");
     // The pipe is closed here with most of the output unwritten.
     drop(child.stdout.take());
-    let status = wait_at_most(&mut child, Duration::from_secs(30));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
+    let (status, stderr) = finish(&mut child, Duration::from_secs(30));
     assert!(!first.is_empty());
     assert_ne!(status.code(), Some(101), "it panicked: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -63,24 +69,17 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
 #[test]
 fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file(
-        "p.yaml",
-        "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
-    );
+    let policy = sb.policy_file("p.yaml", NO_RULES);
     let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
 
     // EGRESS_SOCKET instead of --socket.
-    let out = Command::new(EGRESS)
-        .arg("status")
-        .env("EGRESS_SOCKET", sb.socket())
-        .output()
-        .expect("egress status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(EGRESS)
+            .arg("status")
+            .env("EGRESS_SOCKET", sb.socket()),
+        "egress status",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(", ready"));
+    assert!(out.contains(", ready"), "{out}");
 
     let mut follow = Command::new(EGRESS)
         .args(["events", "--follow"])
@@ -92,10 +91,7 @@ fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() 
     std::thread::sleep(Duration::from_millis(500));
     agent.signal(libc::SIGTERM);
     let _ = agent.wait();
-    let status = wait_at_most(&mut follow, Duration::from_secs(10));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut follow.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
+    let (status, stderr) = finish(&mut follow, Duration::from_secs(10));
     assert!(!status.success(), "a follow that lost its agent must fail");
     assert!(
         stderr.contains("the agent closed the event stream"),
@@ -176,10 +172,7 @@ fn run_then_unload(sb: &Sandbox, policy: &Path, cgroup: &Path) -> String {
 #[test]
 fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_stays() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file(
-        "p.yaml",
-        "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
-    );
+    let policy = sb.policy_file("p.yaml", NO_RULES);
 
     // Created by `egress run --create-cgroup`, empty: removed.
     let made = sb.cgroup.join("made");
@@ -259,15 +252,9 @@ fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
     assert_eq!(denied.accepted(), 0);
 
     let pin_dir = sb.pin_dir.display().to_string();
-    let out = Command::new(EGRESS)
-        .args(["maps", "--pin-dir", &pin_dir])
-        .output()
-        .expect("egress maps");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = run_ok(
+        Command::new(EGRESS).args(["maps", "--pin-dir", &pin_dir]),
+        "egress maps",
     );
     let line = |needle: &str| {
         text.lines()

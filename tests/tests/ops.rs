@@ -12,7 +12,7 @@ use std::{
 
 use egress_tests::{
     Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, policy::test_net_rule, probe_bin,
-    sa, sample, status_row,
+    run_ok, sa, sample, status_row,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -483,18 +483,13 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
         .expect("denied") as usize;
 
     let started = Instant::now();
-    let out = sb
-        .workload(env!("CARGO_BIN_EXE_egress-connect-loop"))
-        .args(["--warmup", "0", "--count"])
-        .arg(BURST.to_string())
-        .args(["--expect", "denied"])
-        .arg(denied.addr().to_string())
-        .output()
-        .expect("egress-connect-loop");
-    assert!(
-        out.status.success(),
-        "the burst: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        sb.workload(env!("CARGO_BIN_EXE_egress-connect-loop"))
+            .args(["--warmup", "0", "--count"])
+            .arg(BURST.to_string())
+            .args(["--expect", "denied"])
+            .arg(denied.addr().to_string()),
+        "the burst (egress-connect-loop)",
     );
     let burst_time = started.elapsed();
     let total = markers + BURST;
