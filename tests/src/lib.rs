@@ -189,6 +189,21 @@ pub fn first_line(child: &mut Child, what: &str) -> String {
     line
 }
 
+/// Polls `done` until it is true (then true) or `timeout` has passed (then false): for what
+/// the agent does on its own time (a reload, a log line, an event).
+pub fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// Moves the calling process into the cgroup v2 directory `dir` (the workloads' `--cgroup`).
 pub fn join_cgroup(dir: &str) {
     fs::write(

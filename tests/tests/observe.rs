@@ -30,18 +30,15 @@ fn requests(w: &World, name: &str) -> u64 {
 /// Waits until `egress get` counts `want` requests for `name` (a request is counted when its
 /// response body is over, a moment after the app read it); fails with the last count.
 fn wait_requests(w: &World, name: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = requests(w, name);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rule {name}: egress get shows {got} requests, want {want}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut got = 0;
+    let counted = egress_tests::eventually(Duration::from_secs(5), || {
+        got = requests(w, name);
+        got == want
+    });
+    assert!(
+        counted,
+        "rule {name}: egress get shows {got} requests, want {want}"
+    );
 }
 
 const ADDED: &str = "kind: EgressRule\nmetadata: {name: added}\nspec:\n  destination: {service: 192.0.2.9}\n  ports:\n    - {port: 9, protocol: tcp}\n";

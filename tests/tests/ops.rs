@@ -11,8 +11,8 @@ use std::{
 };
 
 use egress_tests::{
-    Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, policy::test_net_rule, probe_bin,
-    run_ok, sa, sample, status_row,
+    Outcome, Sandbox, V4_A, egress_bin, eventually, follow::EventFollower, policy::test_net_rule,
+    probe_bin, run_ok, sa, sample, status_row,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -232,18 +232,6 @@ fn the_control_socket_refuses_a_client_that_is_not_root() {
         .expect("egress get");
     assert!(out.status.success(), "root still gets in: {out:?}");
     drop(agent);
-}
-
-/// Polls `f` until it is true or `timeout` passes.
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    false
 }
 
 /// The agent watches its policy directory: a file replaced by rename (as editors and

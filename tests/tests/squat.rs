@@ -60,19 +60,16 @@ fn wait_reclaimed(agent: &Agent) {
 
 /// Waits until `egress status` says ready (or panics after 10 s).
 fn wait_ready(w: &World) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, out, _) = w.sb.ctl(EGRESS, &["status"]);
-        if out.lines().next().is_some_and(|l| l.ends_with(", ready")) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent never became ready; status:\n{out}\nlog:\n{}",
-            w.agent().log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut out = String::new();
+    let ready = egress_tests::eventually(Duration::from_secs(10), || {
+        out = w.sb.ctl(EGRESS, &["status"]).1;
+        out.lines().next().is_some_and(|l| l.ends_with(", ready"))
+    });
+    assert!(
+        ready,
+        "the agent never became ready; status:\n{out}\nlog:\n{}",
+        w.agent().log()
+    );
 }
 
 fn status(w: &World) -> String {
