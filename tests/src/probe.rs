@@ -29,11 +29,15 @@ impl Sandbox {
         self.run_probe(probe, addr, true)
     }
 
-    /// Connects to each address of `want` in turn from inside the managed cgroup, and fails the
-    /// test unless each connect comes to the outcome beside it.
-    pub fn expect_verdicts(&self, probe: &str, want: &[(SocketAddr, Outcome)]) {
-        for (addr, outcome) in want {
-            assert_eq!(self.connect(probe, *addr), *outcome, "connect to {addr}");
+    /// Connects from inside the managed cgroup to each of `connected` in turn, failing the test
+    /// unless each connects, then to each of `denied`, failing it unless the filter denies each
+    /// (EPERM).
+    pub fn expect_verdicts(&self, probe: &str, connected: &[SocketAddr], denied: &[SocketAddr]) {
+        let want = [(connected, Outcome::Connected), (denied, Outcome::Denied)];
+        for (addrs, outcome) in want {
+            for addr in addrs {
+                assert_eq!(self.connect(probe, *addr), outcome, "connect to {addr}");
+            }
         }
     }
 

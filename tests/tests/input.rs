@@ -83,9 +83,7 @@ fn create_with_more_than_8_mib_fails_and_changes_nothing() {
     let s = status(&sb);
     assert_eq!(s["generation"], 1, "no generation was made");
     assert!(!sb.state_dir().join("created.yaml").exists());
-    assert_eq!(sb.connect(PROBE, s443.addr()), Outcome::Denied);
-    assert_eq!(sb.connect(PROBE, s4430.addr()), Outcome::Denied);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    sb.expect_verdicts(PROBE, &[s8080.addr()], &[s443.addr(), s4430.addr()]);
     assert_eq!(
         s443.accepted(),
         0,
@@ -166,8 +164,7 @@ fn a_reload_naming_a_fifo_or_a_bad_ca_file_fails_at_its_line_and_keeps_the_polic
     let (ok, out, err) = sb.ctl_within(EGRESS, &["reload"], b"", PROMPTLY);
     assert!(ok.success(), "{err}");
     assert!(out.contains("reloaded"), "{out}");
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s9090.addr()], &[s8080.addr()]);
     assert_eq!(
         s9090.accepted(),
         1,

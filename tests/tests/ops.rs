@@ -48,8 +48,7 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     let (ok, out, err) = create(&sb, &test_net_rule("extra", 9090));
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "created egressrule/extra (generation 2)");
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    sb.expect_verdicts(PROBE, &[s9090.addr(), s8080.addr()], &[]);
     let created = sb.state_dir().join("created.yaml");
     let saved = fs::read(&created).expect("the created rule is saved");
     let mode = fs::metadata(&created)
@@ -257,8 +256,7 @@ fn policy_file_changes_are_applied_without_a_signal() {
         "the change was not applied: {}",
         agent.log()
     );
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s9090.addr()], &[s8080.addr()]);
     assert!(
         agent.log().contains("policy files changed"),
         "{}",
@@ -337,8 +335,7 @@ fn metrics_count_verdicts_requests_and_reloads() {
         .agent(EGRESS)
         .policy(&file, &["--metrics-addr", "127.0.0.1:9464", "--no-watch"])
         .start();
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s8080.addr()], &[s9090.addr()]);
     for host in ["one.test", "two.test"] {
         let req = format!("GET / HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
         sb.http(PROBE, &req, &[sa(V4_A, 80)]);

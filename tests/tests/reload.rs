@@ -49,8 +49,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
     let agent = sb.agent(EGRESS).policy(&dir, &[]).start();
 
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s8080.addr()], &[s9090.addr()]);
     assert!(status(&sb, "one.test").contains("200"));
     assert!(status(&sb, "two.test").contains("403"));
 
@@ -74,8 +73,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
         "{}",
         agent.log()
     );
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s9090.addr()], &[s8080.addr()]);
     assert!(status(&sb, "two.test").contains("200"));
     assert!(status(&sb, "one.test").contains("403"));
     // Events carry the generation that judged them.

@@ -97,19 +97,31 @@ fn squat_before_start(proxy: SocketAddr) {
     assert_served(&victim(&w, other));
 
     // The squatter goes; the agent takes the port within a second or two and serves.
+    squatters_go(&w, vec![(squatter, "squatter")], &[proxy], 2);
+}
+
+/// After a moment for anything in flight, fails the test if any of `squatters` (each with
+/// what to call it) received something; then they go, and the agent takes its ports back,
+/// says it is ready and serves at each of `proxies`. The upstream has then seen `seen`
+/// requests: only the served ones.
+fn squatters_go(w: &World, squatters: Vec<(Squatter, &str)>, proxies: &[SocketAddr], seen: usize) {
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        squatter.stolen(),
-        Vec::<String>::new(),
-        "the squatter received nothing"
-    );
-    drop(squatter);
-    wait_reclaimed(agent);
-    wait_ready(&w);
-    assert_served(&victim(&w, proxy));
+    for (squatter, who) in &squatters {
+        assert_eq!(
+            squatter.stolen(),
+            Vec::<String>::new(),
+            "the {who} received nothing"
+        );
+    }
+    drop(squatters);
+    wait_reclaimed(w.agent());
+    wait_ready(w);
+    for proxy in proxies {
+        assert_served(&victim(w, *proxy));
+    }
     assert_eq!(
         w.http.seen().len(),
-        2,
+        seen,
         "the upstream saw only the served requests"
     );
 }
@@ -179,26 +191,11 @@ fn while_the_agent_is_down_a_squatter_receives_nothing_and_the_events_say_why() 
     let proxy_row = egress_tests::status_row(&json, "(proxy)");
     assert_eq!(proxy_row["denied"], 9, "{proxy_row}");
 
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        s4.stolen(),
-        Vec::<String>::new(),
-        "the IPv4 squatter received nothing"
-    );
-    assert_eq!(
-        s6.stolen(),
-        Vec::<String>::new(),
-        "the IPv6 squatter received nothing"
-    );
-    drop((s4, s6));
-    wait_reclaimed(agent);
-    wait_ready(&w);
-    assert_served(&victim(&w, PROXY_V4));
-    assert_served(&victim(&w, PROXY_V6));
-    assert_eq!(
-        w.http.seen().len(),
+    squatters_go(
+        &w,
+        vec![(s4, "IPv4 squatter"), (s6, "IPv6 squatter")],
+        &[PROXY_V4, PROXY_V6],
         3,
-        "the upstream saw only the served requests"
     );
 }
 
