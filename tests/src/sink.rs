@@ -143,6 +143,19 @@ impl Sink {
     }
 }
 
+/// Fails the test unless each sink of `want` has accepted the number of connections beside
+/// it ([`Sink::accepted`]): what reached the servers, whatever the clients were told.
+pub fn assert_accepted(want: &[(&Sink, usize)]) {
+    for (sink, count) in want {
+        assert_eq!(
+            sink.accepted(),
+            *count,
+            "connections accepted at {}",
+            sink.addr()
+        );
+    }
+}
+
 /// Whether the server accepted data in this connection's SYN (TCP Fast Open). Also reads
 /// whatever data is already queued, so that closing the connection sends a FIN, not the RST
 /// that unread data would: a TFO client checking its socket after the handshake then sees no

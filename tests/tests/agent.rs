@@ -3,7 +3,9 @@
 
 use std::{process::Command, time::Duration};
 
-use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, policy::test_net_rule, probe_bin, sa};
+use egress_tests::{
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, policy::test_net_rule, probe_bin, sa,
+};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -66,16 +68,14 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
         "a clean stop also keeps enforcing"
     );
 
-    assert_eq!(s8080.accepted(), 2);
-    assert_eq!(s9090.accepted(), 1);
+    assert_accepted(&[(&s8080, 2), (&s9090, 1)]);
 
     let out = sb.unload(EGRESS);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("no longer filtered"));
     assert!(!sb.pin_dir.exists(), "unload removed the pin directory");
     sb.expect_verdicts(PROBE, &[s8080.addr(), sa(V4_A, 9090)], &[]);
-    assert_eq!(s8080.accepted(), 3);
-    assert_eq!(s9090.accepted(), 2);
+    assert_accepted(&[(&s8080, 3), (&s9090, 2)]);
 }
 
 /// `egress exec` runs the command inside the managed cgroup, with its exit status; it refuses
@@ -122,8 +122,7 @@ fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     let out = exec("192.0.2.1:8080");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected");
-    assert_eq!(allowed.accepted(), 1);
-    assert_eq!(denied.accepted(), 0);
+    assert_accepted(&[(&allowed, 1), (&denied, 0)]);
 }
 
 /// A bad policy is reported as FILE:LINE and nothing is loaded.

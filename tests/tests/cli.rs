@@ -10,8 +10,8 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, first_line, policy_file, probe_bin, row_named,
-    run_ok, sa, wait_within,
+    Agent, Outcome, Sandbox, V4_A, V4_B, assert_accepted, egress_bin, first_line, policy_file,
+    probe_bin, row_named, run_ok, sa, wait_within,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -248,8 +248,7 @@ fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
         assert_eq!(sb.connect(PROBE, sa(V4_B, 8080)), Outcome::Denied);
     }
     // Counted at the sinks: the counters below describe what really happened.
-    assert_eq!(allowed.accepted(), 3);
-    assert_eq!(denied.accepted(), 0);
+    assert_accepted(&[(&allowed, 3), (&denied, 0)]);
 
     let pin_dir = sb.pin_dir.display().to_string();
     let text = run_ok(

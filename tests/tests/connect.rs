@@ -11,7 +11,9 @@ use std::{
 };
 
 use egress_common::RuleCounters;
-use egress_tests::{Outcome, Sandbox, V4_A, V4_B, V6_A, V6_B, counted, mapped, probe_bin, sa};
+use egress_tests::{
+    Outcome, Sandbox, V4_A, V4_B, V6_A, V6_B, assert_accepted, counted, mapped, probe_bin, sa,
+};
 use egress_user::{
     compile::{BYPASS_NAME, NO_RULE_NAME},
     events::{self, EventRecord, Verdict},
@@ -125,8 +127,7 @@ fn v4_mapped_destinations_follow_the_ipv4_rules() {
 
     // An IPv6 rule for ::/0 does not open IPv4 through the mapped form.
     sb.expect_verdicts(PROBE, &[mapped(V4_A, 8080)], &[mapped(V4_B, 8080)]);
-    assert_eq!(ok.accepted(), 1);
-    assert_eq!(denied.accepted(), 0);
+    assert_accepted(&[(&ok, 1), (&denied, 0)]);
 
     let c = counters(&enforcer);
     assert_eq!(c["v4-a"], counted(1, 0, 0));
@@ -277,8 +278,7 @@ fn a_second_apply_swaps_the_policy_in_place_and_keeps_counters() {
     assert_eq!(second.generation(), g1 + 1);
     let mut ring = second.take_events().expect("events");
     sb.expect_verdicts(PROBE, &[b.addr()], &[sa(V4_A, 7000)]);
-    assert_eq!(a.accepted(), 1);
-    assert_eq!(b.accepted(), 1);
+    assert_accepted(&[(&a, 1), (&b, 1)]);
     let c = counters(&second);
     assert_eq!(
         c["keep"],
@@ -334,8 +334,7 @@ fn one_hundred_thousand_rules_load_and_work() {
     let enforcer = pipeline::apply(&sb.target(), &p).expect("apply 100k rules");
     eprintln!("100k rules applied in {:?}", started.elapsed());
     sb.expect_verdicts(PROBE, &[ok.addr()], &[denied.addr()]);
-    assert_eq!(ok.accepted(), 1);
-    assert_eq!(denied.accepted(), 0);
+    assert_accepted(&[(&ok, 1), (&denied, 0)]);
     let c = counters(&enforcer);
     assert_eq!(c.len(), 100_003);
     assert_eq!(c["r258"], counted(1, 0, 0), "198.18.1.2 is rule 258");

@@ -6,7 +6,7 @@
 
 use std::{fs, time::Duration};
 
-use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin};
+use egress_tests::{Outcome, Sandbox, V4_A, assert_accepted, egress_bin, probe_bin};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -89,8 +89,7 @@ fn create_with_more_than_8_mib_fails_and_changes_nothing() {
         0,
         "the cut rule for 443 was never in force"
     );
-    assert_eq!(s4430.accepted(), 0);
-    assert_eq!(s8080.accepted(), 2);
+    assert_accepted(&[(&s4430, 0), (&s8080, 2)]);
     drop(agent);
 }
 

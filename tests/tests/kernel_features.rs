@@ -11,7 +11,8 @@ use std::{
 };
 
 use egress_tests::{
-    Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa, status_row, upstream::Upstream,
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, policy_file, probe_bin, sa, status_row,
+    upstream::Upstream,
 };
 use egress_user::loader::{self, features};
 
@@ -284,9 +285,7 @@ fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
     assert!(code.success(), "{out}{err}");
     sb.expect_verdicts(PROBE, &[s9090.addr(), s20299.addr()], &[s8080.addr()]);
 
-    assert_eq!(s8080.accepted(), 1);
-    assert_eq!(s9090.accepted(), 1);
-    assert_eq!(s20299.accepted(), 2);
+    assert_accepted(&[(&s8080, 1), (&s9090, 1), (&s20299, 2)]);
     // The counters kept their rows across the reload (the row table was read back right).
     let json = sb.status_json(EGRESS);
     let row = status_row(&json, "r20299");

@@ -11,8 +11,8 @@ use std::{
 };
 
 use egress_tests::{
-    Outcome, Sandbox, V4_A, egress_bin, eventually, follow::EventFollower, policy::test_net_rule,
-    probe_bin, run_ok, sa, sample, status_row,
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, eventually, follow::EventFollower,
+    policy::test_net_rule, probe_bin, run_ok, sa, sample, status_row,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -284,8 +284,7 @@ fn policy_file_changes_are_applied_without_a_signal() {
     );
     assert_eq!(s["generation"], 2);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(s9090.accepted(), 2);
-    assert_eq!(s8080.accepted(), 1);
+    assert_accepted(&[(&s9090, 2), (&s8080, 1)]);
 
     // Put back as it was: the files are the policy in force again, and the failure is no
     // longer reported, without a manual reload.

@@ -3,7 +3,9 @@
 
 use std::{fs, time::Duration};
 
-use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa, upstream::Upstream};
+use egress_tests::{
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, probe_bin, sa, upstream::Upstream,
+};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -103,8 +105,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
     assert!(status(&sb, "two.test").contains("200"));
 
-    assert_eq!(s8080.accepted(), 1);
-    assert_eq!(s9090.accepted(), 2);
+    assert_accepted(&[(&s8080, 1), (&s9090, 2)]);
     assert_eq!(
         http.seen().len(),
         3,
