@@ -96,7 +96,7 @@ pub use hold::{Hold, sample};
 pub use pod::PodNet;
 pub use probe::Outcome;
 pub use sandbox::Sandbox;
-pub use sink::{Sink, assert_accepted, setsockopt_int};
+pub use sink::{Sink, assert_accepted, setsockopt, setsockopt_int};
 pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
 pub use vector::{Attempted, Vector};
 pub use workload::{Counted, Workload};

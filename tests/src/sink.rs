@@ -196,14 +196,25 @@ pub fn setsockopt_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> std::io::Result<()> {
-    // SAFETY: a pointer to an int and its size.
+    setsockopt(fd, level, name, &value)
+}
+
+/// `setsockopt()` with `value`, the plain C value the option reads (an `int`, a `timeval`
+/// for `SO_RCVTIMEO`/`SO_SNDTIMEO`, a `linger` for `SO_LINGER`), passed by pointer and size.
+pub fn setsockopt<T: Copy>(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: a pointer to a `T` and its size; the kernel only reads it.
     let ret = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if ret == 0 {
