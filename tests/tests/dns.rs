@@ -133,31 +133,29 @@ fn counted(status: &serde_json::Value, name: &str) -> (u64, u64) {
 /// there are `n` (the agent reads the ring buffer on its own time); each must be a query to
 /// 198.51.100.1:53 by `egress-vector` from the sandbox's cgroup, on `(no rule)`.
 fn deny_events(sb: &Sandbox, n: usize) -> Vec<(String, String)> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let events = sb.events_json(EGRESS);
-        let denials: Vec<&serde_json::Value> =
-            events.iter().filter(|e| e["verdict"] == "deny").collect();
-        if denials.len() >= n || std::time::Instant::now() >= deadline {
-            assert_eq!(denials.len(), n, "{events:#?}");
-            let mut got: Vec<(String, String)> = denials
-                .iter()
-                .map(|e| {
-                    assert_eq!(e["destination"], "198.51.100.1:53", "{e}");
-                    assert_eq!(e["rule"], "(no rule)", "{e}");
-                    assert_eq!(e["comm"], "egress-vector", "{e}");
-                    assert_eq!(e["cgroup_id"], sb.cgroup_id(), "{e}");
-                    (
-                        e["source"].as_str().expect("source").to_owned(),
-                        e["protocol"].as_str().expect("protocol").to_owned(),
-                    )
-                })
-                .collect();
-            got.sort();
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut events = Vec::new();
+    let is_deny = |e: &&serde_json::Value| e["verdict"] == "deny";
+    egress_tests::eventually(Duration::from_secs(5), || {
+        events = sb.events_json(EGRESS);
+        events.iter().filter(is_deny).count() >= n
+    });
+    let denials: Vec<&serde_json::Value> = events.iter().filter(is_deny).collect();
+    assert_eq!(denials.len(), n, "{events:#?}");
+    let mut got: Vec<(String, String)> = denials
+        .iter()
+        .map(|e| {
+            assert_eq!(e["destination"], "198.51.100.1:53", "{e}");
+            assert_eq!(e["rule"], "(no rule)", "{e}");
+            assert_eq!(e["comm"], "egress-vector", "{e}");
+            assert_eq!(e["cgroup_id"], sb.cgroup_id(), "{e}");
+            (
+                e["source"].as_str().expect("source").to_owned(),
+                e["protocol"].as_str().expect("protocol").to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    got
 }
 
 /// `egress reload`, which must succeed.
