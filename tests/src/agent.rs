@@ -234,14 +234,8 @@ impl Agent {
 
     /// Waits until the log contains `needle`, or panics with the log after `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.log().contains(needle) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
+        assert!(
+            crate::eventually(timeout, || self.log().contains(needle)),
             "the agent never logged {needle:?}; its log:\n{}",
             self.log()
         );

@@ -105,10 +105,26 @@ impl Sandbox {
 
 /// The row of rule `name` in a parsed `egress status -o json` (fails the test if there is none).
 pub fn status_row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    status["rules"]
+    row_named(status, "rules", name)
+}
+
+/// The element whose `name` is `name` in the array `list` of the JSON document `json` (the
+/// rules of `egress status -o json`, the counters of `egress maps -o json`); fails the test if
+/// there is none.
+pub fn row_named<'a>(json: &'a serde_json::Value, list: &str, name: &str) -> &'a serde_json::Value {
+    find_row(json, list, name).unwrap_or_else(|| panic!("no {list} row {name} in {json:#}"))
+}
+
+/// [`row_named`], or `None` where there is no such element; fails the test if `json` has no
+/// array `list`.
+pub fn find_row<'a>(
+    json: &'a serde_json::Value,
+    list: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    json[list]
         .as_array()
-        .expect("rules")
+        .unwrap_or_else(|| panic!("no array {list} in {json:#}"))
         .iter()
         .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no rule {name} in {status:#}"))
 }

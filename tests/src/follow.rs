@@ -61,10 +61,7 @@ impl EventFollower {
 
     /// Waits until at least `n` events were seen, or `timeout` passed; returns the count.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        while self.count() < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::eventually(timeout, || self.count() >= n);
         self.count()
     }
 

@@ -2,12 +2,11 @@
 //! and netns, and [`Sandbox::scrape`], a read of the agent's metrics endpoint.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     process::{Child, Command, Stdio},
 };
 
-use crate::Sandbox;
+use crate::{Sandbox, first_line};
 
 /// `egress-hold` holding half-sent requests open from the sandbox's managed cgroup.
 pub struct Hold {
@@ -24,20 +23,15 @@ impl Hold {
     /// (and closed ones are reopened) until [`Hold::stop`] or drop. `bin` is
     /// `env!("CARGO_BIN_EXE_egress-hold")`.
     pub fn start(sandbox: &Sandbox, bin: &str, count: usize, send: &str, addr: SocketAddr) -> Self {
-        let mut child = Command::new(bin)
-            .arg("--cgroup")
-            .arg(&sandbox.cgroup)
-            .args(["--netns", &sandbox.name, "--count", &count.to_string()])
+        let mut child = sandbox
+            .workload(bin)
+            .args(["--count", &count.to_string()])
             .args(["--send", send, &addr.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting egress-hold");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("egress-hold's first line");
-        let (held, failed) = parse(&line, "held");
+        let (held, failed) = parse(&first_line(&mut child, "egress-hold"), "held");
         Self {
             child,
             held,

@@ -91,28 +91,48 @@ pub mod workload;
 pub mod world;
 
 pub use agent::{Agent, Launch};
-pub use client::status_row;
+pub use client::{find_row, row_named, status_row};
 pub use hold::{Hold, sample};
 pub use pod::PodNet;
 pub use probe::Outcome;
 pub use sandbox::Sandbox;
-pub use sink::{Sink, setsockopt_int};
+pub use sink::{Sink, assert_accepted, setsockopt, setsockopt_int};
 pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};
 pub use vector::{Attempted, Vector};
 pub use workload::{Counted, Workload};
 
+/// A row of the kernel's counters: connections it `allowed`, `denied` and (audit mode) would
+/// have denied.
+pub fn counted(allowed: u64, denied: u64, would_deny: u64) -> egress_common::RuleCounters {
+    egress_common::RuleCounters {
+        allowed,
+        denied,
+        would_deny,
+    }
+}
+
 /// Runs a command and panics with its output if it fails.
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+    run_ok(
+        Command::new(args[0]).args(&args[1..]),
+        &format!("{args:?} (cargo xtask setup installs iproute2)"),
+    );
+}
+
+/// Runs `cmd` (`what`) to its end and returns its stdout as text; fails the test with its
+/// stdout and stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e} (cargo xtask setup installs iproute2)"));
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
+        "{what} failed ({}): {stdout}{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
 }
 
 /// Waits for `child` at most `limit`: its exit status, or `None` once it has been killed (and
@@ -129,6 +149,58 @@ pub fn wait_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A workload binary (`bin`, one of `tests/src/bin`) about to run inside the network namespace
+/// `netns`, and first in `cgroup` when given: `bin [--cgroup CGROUP] --netns NETNS`, to which
+/// the caller adds the workload's own arguments. The workload reads these two with [`place`].
+pub fn workload_command(bin: &str, cgroup: Option<&Path>, netns: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    if let Some(cgroup) = cgroup {
+        cmd.arg("--cgroup").arg(cgroup);
+    }
+    cmd.args(["--netns", netns]);
+    cmd
+}
+
+/// Runs `cmd` to its end and returns its stdout and stderr as text; `what` names it if it
+/// cannot be started.
+pub fn output_text(cmd: &mut Command, what: &str) -> (String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The first line `child` writes to its stdout (piped), newline included; `what` names it if
+/// that cannot be read. Whatever else the read took from the pipe is dropped: for workloads
+/// that write nothing more until told to.
+pub fn first_line(child: &mut Child, what: &str) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("a piped stdout")),
+        &mut line,
+    )
+    .unwrap_or_else(|e| panic!("{what}'s first line: {e}"));
+    line
+}
+
+/// Polls `done` until it is true (then true) or `timeout` has passed (then false): for what
+/// the agent does on its own time (a reload, a log line, an event).
+pub fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
     }
 }
 

@@ -66,6 +66,15 @@ pub fn tcp_rule(name: &str, service: impl Display, port: u16) -> String {
     Rule::new(name, service).tcp(port).to_string()
 }
 
+/// A one-port TCP rule for TEST-NET-1 (192.0.2.0/24, the sandbox's first network) as a single
+/// document, without the `---` that ends [`Rule`]'s: what `egress create -f -` reads, and a
+/// policy file of one rule. Its name is on line 3, its port on line 8 (where a bad port is
+/// reported).
+pub fn test_net_rule(name: &str, port: u16) -> String {
+    let doc = tcp_rule(name, "192.0.2.0/24", port);
+    doc.strip_suffix("---\n").expect("a document").to_owned()
+}
+
 /// An `EgressConfig` document with `spec` (its lines, each indented by two spaces).
 pub fn config(spec: &str) -> String {
     format!("kind: EgressConfig\nmetadata:\n  name: config\nspec:\n{spec}---\n")

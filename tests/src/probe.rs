@@ -3,25 +3,42 @@
 
 use std::{net::SocketAddr, process::Command};
 
-use crate::Sandbox;
+use crate::{Sandbox, output_text, workload_command};
 
 impl Sandbox {
+    /// The workload `bin` about to run in this sandbox's managed cgroup and network namespace
+    /// ([`workload_command`]), for the caller to add its arguments to.
+    pub fn workload(&self, bin: &str) -> Command {
+        workload_command(bin, Some(&self.cgroup), &self.name)
+    }
+
     /// Runs the probe in HTTP mode from inside the managed cgroup: `request` goes to each
     /// address over its own connection, all open at once. Returns the probe's stdout.
     pub fn http(&self, probe: &str, request: &str, addrs: &[SocketAddr]) -> String {
-        let out = Command::new(probe)
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .args(["--netns", &self.name, "--http", request])
-            .args(addrs.iter().map(ToString::to_string))
-            .output()
-            .expect("running the probe");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (stdout, _) = output_text(
+            self.workload(probe)
+                .args(["--http", request])
+                .args(addrs.iter().map(ToString::to_string)),
+            "the probe",
+        );
+        stdout
     }
 
     /// Connects from inside the managed cgroup and the namespace.
     pub fn connect(&self, probe: &str, addr: SocketAddr) -> Outcome {
         self.run_probe(probe, addr, true)
+    }
+
+    /// Connects from inside the managed cgroup to each of `connected` in turn, failing the test
+    /// unless each connects, then to each of `denied`, failing it unless the filter denies each
+    /// (EPERM).
+    pub fn expect_verdicts(&self, probe: &str, connected: &[SocketAddr], denied: &[SocketAddr]) {
+        let want = [(connected, Outcome::Connected), (denied, Outcome::Denied)];
+        for (addrs, outcome) in want {
+            for addr in addrs {
+                assert_eq!(self.connect(probe, *addr), outcome, "connect to {addr}");
+            }
+        }
     }
 
     /// Connects from inside the namespace but outside the managed cgroup.
@@ -30,19 +47,12 @@ impl Sandbox {
     }
 
     fn run_probe(&self, probe: &str, addr: SocketAddr, in_cgroup: bool) -> Outcome {
-        let mut cmd = Command::new(probe);
-        if in_cgroup {
-            cmd.arg("--cgroup").arg(&self.cgroup);
-        }
-        let out = cmd
-            .args(["--netns", &self.name])
-            .arg(addr.to_string())
-            .output()
-            .expect("running the probe");
-        Outcome::parse(
-            &String::from_utf8_lossy(&out.stdout),
-            &String::from_utf8_lossy(&out.stderr),
-        )
+        let cgroup = in_cgroup.then_some(self.cgroup.as_path());
+        let (stdout, stderr) = output_text(
+            workload_command(probe, cgroup, &self.name).arg(addr.to_string()),
+            "the probe",
+        );
+        Outcome::parse(&stdout, &stderr)
     }
 }
 

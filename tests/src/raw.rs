@@ -61,15 +61,7 @@ pub fn connect_once(
             l_onoff: 1,
             l_linger: 0,
         };
-        let ret = libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-        if ret != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = crate::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger) {
             libc::close(fd);
             return (Duration::ZERO, Err(e));
         }

@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::{SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener},
     os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
@@ -34,6 +34,12 @@ impl Sandbox {
     /// Starts a server inside the namespace at `addr`.
     pub fn sink(&self, addr: SocketAddr) -> Sink {
         Sink::start(&self.name, addr)
+    }
+
+    /// Starts a server inside the namespace at `ip` on each of `ports`, in that order.
+    pub fn sinks<const N: usize>(&self, ip: impl Into<IpAddr>, ports: [u16; N]) -> [Sink; N] {
+        let ip = ip.into();
+        ports.map(|port| self.sink(SocketAddr::new(ip, port)))
     }
 }
 
@@ -137,6 +143,19 @@ impl Sink {
     }
 }
 
+/// Fails the test unless each sink of `want` has accepted the number of connections beside
+/// it ([`Sink::accepted`]): what reached the servers, whatever the clients were told.
+pub fn assert_accepted(want: &[(&Sink, usize)]) {
+    for (sink, count) in want {
+        assert_eq!(
+            sink.accepted(),
+            *count,
+            "connections accepted at {}",
+            sink.addr()
+        );
+    }
+}
+
 /// Whether the server accepted data in this connection's SYN (TCP Fast Open). Also reads
 /// whatever data is already queued, so that closing the connection sends a FIN, not the RST
 /// that unread data would: a TFO client checking its socket after the handshake then sees no
@@ -177,14 +196,25 @@ pub fn setsockopt_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> std::io::Result<()> {
-    // SAFETY: a pointer to an int and its size.
+    setsockopt(fd, level, name, &value)
+}
+
+/// `setsockopt()` with `value`, the plain C value the option reads (an `int`, a `timeval`
+/// for `SO_RCVTIMEO`/`SO_SNDTIMEO`, a `linger` for `SO_LINGER`), passed by pointer and size.
+pub fn setsockopt<T: Copy>(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: a pointer to a `T` and its size; the kernel only reads it.
     let ret = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if ret == 0 {

@@ -307,19 +307,12 @@ fn raw_tcp_socket(addr: SocketAddr) -> std::io::Result<OwnedFd> {
         tv_sec: 0,
         tv_usec: 5_000,
     };
-    // SAFETY: a valid socket and a timeval of the size given.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&timeout).cast(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    crate::setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        &timeout,
+    )?;
     Ok(fd)
 }
 

@@ -6,7 +6,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
     time::Duration,
@@ -61,10 +61,8 @@ impl Squatter {
         addr: SocketAddr,
         hold: Hold,
     ) -> Result<Self, String> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("--cgroup")
-            .arg(cgroup)
-            .args(["--netns", netns, "--uid", &NOBODY.to_string()]);
+        let mut cmd = crate::workload_command(bin, Some(cgroup), netns);
+        cmd.args(["--uid", &NOBODY.to_string()]);
         match hold {
             Hold::Listen => {}
             Hold::BindReuseAddr => {

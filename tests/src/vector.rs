@@ -1,7 +1,9 @@
 //! Running `egress-vector` (one egress attempt of a given kind) from a test, and reading its
 //! answer. The binary's own doc comment (src/bin/egress_vector.rs) says what each vector does.
 
-use std::{fmt, net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+
+use crate::{output_text, workload_command};
 
 /// A kind of egress attempt `egress-vector` makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,19 +131,13 @@ pub fn attempt(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Attempted {
-    let mut cmd = Command::new(bin);
-    if let Some(cg) = cgroup {
-        cmd.arg("--cgroup").arg(cg);
-    }
-    let out = cmd
-        .args(["--netns", netns, "--timeout-ms"])
-        .arg(timeout.as_millis().to_string())
-        .arg(vector.name())
-        .arg(addr.to_string())
-        .output()
-        .expect("running egress-vector");
-    Attempted::parse(
-        &String::from_utf8_lossy(&out.stdout),
-        &String::from_utf8_lossy(&out.stderr),
-    )
+    let (stdout, stderr) = output_text(
+        workload_command(bin, cgroup, netns)
+            .arg("--timeout-ms")
+            .arg(timeout.as_millis().to_string())
+            .arg(vector.name())
+            .arg(addr.to_string()),
+        "egress-vector",
+    );
+    Attempted::parse(&stdout, &stderr)
 }

@@ -2,7 +2,7 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -29,11 +29,8 @@ impl Workload {
     /// Starts it (`bin` is `env!("CARGO_BIN_EXE_egress-verdicts")`) and waits until it runs.
     /// With `pause`, it sleeps that long after each round over the targets.
     pub fn start(sandbox: &Sandbox, bin: &str, targets: &[SocketAddr], pause: Duration) -> Self {
-        let mut child = Command::new(bin)
-            .arg("--cgroup")
-            .arg(&sandbox.cgroup)
-            .arg("--netns")
-            .arg(&sandbox.name)
+        let mut child = sandbox
+            .workload(bin)
             .arg("--pause-us")
             .arg(pause.as_micros().to_string())
             .args(targets.iter().map(ToString::to_string))

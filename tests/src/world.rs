@@ -6,7 +6,9 @@
 use std::{fs, net::SocketAddr, path::PathBuf};
 
 use crate::{
-    Agent, Sandbox, V4_A, V4_B, sa,
+    Agent, Sandbox, V4_A, V4_B,
+    policy::Rule,
+    sa,
     upstream::{TestCa, Upstream},
 };
 
@@ -25,39 +27,24 @@ pub struct World {
 }
 
 /// The policy of the HTTP tests: two upstreams by name, one TLS origination, a rogue TLS
-/// server, and an ExternalName alias.
-pub const POLICY: &str = r#"
-kind: EgressConfig
-metadata: {name: config}
-spec:
-  caFiles: [ca.pem]
-  hosts:
-    httpbin.test: [192.0.2.1]
-    secure.test: [192.0.2.1]
-    rogue.test: [198.51.100.1]
----
-kind: EgressRule
-metadata: {name: httpbin}
-spec:
-  destination: {service: httpbin.test}
-  ports:
-    - {port: 80, protocol: http}
----
-kind: EgressRule
-metadata: {name: secure}
-spec:
-  destination: {service: secure.test}
-  ports:
-    - {port: 443, protocol: https}
----
-kind: EgressRule
-metadata: {name: rogue}
-spec:
-  destination: {service: rogue.test}
-  ports:
-    - {port: 443, protocol: https}
----
-apiVersion: v1
+/// server, and an ExternalName alias. It starts with its EgressConfig.
+pub fn policy() -> String {
+    let config = crate::policy::config(
+        "  caFiles: [ca.pem]\n  hosts:\n    httpbin.test: [192.0.2.1]\n    secure.test: [192.0.2.1]\n    rogue.test: [198.51.100.1]\n",
+    );
+    let rules: String = [
+        ("httpbin", "httpbin.test", 80, "http"),
+        ("secure", "secure.test", 443, "https"),
+        ("rogue", "rogue.test", 443, "https"),
+    ]
+    .into_iter()
+    .map(|(name, host, port, protocol)| Rule::new(name, host).port(port, protocol).to_string())
+    .collect();
+    config + &rules + ALIAS
+}
+
+/// `securebin`: a Kubernetes ExternalName Service for `secure.test`.
+const ALIAS: &str = r#"apiVersion: v1
 kind: Service
 metadata:
   name: securebin
@@ -69,7 +56,7 @@ spec:
 "#;
 
 impl World {
-    /// Starts the upstreams and an agent enforcing [`POLICY`]; `egress` and `probe` are the
+    /// Starts the upstreams and an agent enforcing [`policy`]; `egress` and `probe` are the
     /// binaries (`egress_bin!()`, `probe_bin!()`).
     pub fn new(egress: &'static str, probe: &'static str) -> Self {
         let mut world = Self::without_agent(egress, probe);
@@ -85,7 +72,7 @@ impl World {
         // A server with a certificate for its own name, from a CA the agent does not trust.
         let rogue_ca = TestCa::new(&["rogue.test"]);
         fs::write(dir.join("ca.pem"), &ca.ca_pem).expect("ca.pem");
-        fs::write(dir.join("policy.yaml"), POLICY).expect("policy");
+        fs::write(dir.join("policy.yaml"), policy()).expect("policy");
         let http = Upstream::http(&sb.name, sa(V4_A, 80));
         let tls = Upstream::tls(&sb.name, sa(V4_A, 443), &ca);
         let rogue_tls = Upstream::tls(&sb.name, sa(V4_B, 443), &rogue_ca);
@@ -130,9 +117,17 @@ impl World {
 
     /// One request over its own connection to `addr`, from inside the managed cgroup.
     pub fn get(&self, addr: SocketAddr, host: &str, path: &str) -> Response {
+        self.sb.get(self.probe, addr, host, path)
+    }
+}
+
+impl Sandbox {
+    /// `GET path` for `host` over its own connection to `addr`, by the probe (`probe_bin!()`)
+    /// from inside the managed cgroup.
+    pub fn get(&self, probe: &str, addr: SocketAddr, host: &str, path: &str) -> Response {
         let req =
             format!("GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
-        Response::parse(&self.sb.http(self.probe, &req, &[addr]))
+        Response::parse(&self.http(probe, &req, &[addr]))
     }
 }
 
@@ -168,6 +163,25 @@ impl Response {
             text: text.to_owned(),
             raw: out.to_owned(),
         }
+    }
+
+    /// Fails the test, showing what the probe printed, unless the status code is `code`.
+    pub fn assert_code(&self, code: u16) -> &Self {
+        assert_eq!(self.code(), code, "{}", self.raw);
+        self
+    }
+
+    /// Fails the test, showing what the probe printed, unless the body contains `needle`.
+    pub fn assert_says(&self, needle: &str) -> &Self {
+        assert!(self.text.contains(needle), "no {needle:?} in: {}", self.raw);
+        self
+    }
+
+    /// Fails the test, showing what the probe printed, unless the app's socket named `peer`
+    /// as its peer (`getpeername()`).
+    pub fn assert_peer(&self, peer: &str) -> &Self {
+        assert_eq!(self.peer, peer, "{}", self.raw);
+        self
     }
 
     pub fn code(&self) -> u16 {

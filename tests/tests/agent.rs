@@ -3,30 +3,24 @@
 
 use std::{process::Command, time::Duration};
 
-use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
+use egress_tests::{
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, policy::test_net_rule, probe_bin, sa,
+};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
-
-fn rule(name: &str, port: u16) -> String {
-    format!(
-        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: 192.0.2.0/24\n  ports:\n    - port: {port}\n      protocol: tcp\n"
-    )
-}
 
 /// SIGKILL leaves enforcement in place (the pins hold it); a new agent takes the pins over
 /// and swaps its own policy in; `egress unload` then lifts all filtering.
 #[test]
 fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
     let sb = Sandbox::new();
-    let p8080 = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
-    let p9090 = sb.policy_file("b.yaml", &rule("allow-9090", 9090));
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let p8080 = sb.policy_file("a.yaml", &test_net_rule("allow-8080", 8080));
+    let p9090 = sb.policy_file("b.yaml", &test_net_rule("allow-9090", 9090));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
 
     let first = sb.agent(EGRESS).policy(&p8080, &[]).start();
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s8080.addr()], &[s9090.addr()]);
     // The agent logs the denial with the destination and the process.
     first.wait_for_log("192.0.2.1:9090", Duration::from_secs(5));
     let log = first.log();
@@ -74,17 +68,14 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
         "a clean stop also keeps enforcing"
     );
 
-    assert_eq!(s8080.accepted(), 2);
-    assert_eq!(s9090.accepted(), 1);
+    assert_accepted(&[(&s8080, 2), (&s9090, 1)]);
 
     let out = sb.unload(EGRESS);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("no longer filtered"));
     assert!(!sb.pin_dir.exists(), "unload removed the pin directory");
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, sa(V4_A, 9090)), Outcome::Connected);
-    assert_eq!(s8080.accepted(), 3);
-    assert_eq!(s9090.accepted(), 2);
+    sb.expect_verdicts(PROBE, &[s8080.addr(), sa(V4_A, 9090)], &[]);
+    assert_accepted(&[(&s8080, 3), (&s9090, 2)]);
 }
 
 /// `egress exec` runs the command inside the managed cgroup, with its exit status; it refuses
@@ -92,9 +83,8 @@ fn enforcement_survives_sigkill_a_new_agent_takes_over_and_unload_lifts_it() {
 #[test]
 fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
-    let allowed = sb.sink(sa(V4_A, 8080));
-    let denied = sb.sink(sa(V4_A, 9090));
+    let policy = sb.policy_file("a.yaml", &test_net_rule("allow-8080", 8080));
+    let [allowed, denied] = sb.sinks(V4_A, [8080, 9090]);
     let exec = |addr: &str| {
         Command::new(EGRESS)
             .args(["exec", "--cgroup"])
@@ -132,15 +122,14 @@ fn exec_runs_the_command_filtered_and_refuses_an_unwatched_cgroup() {
     let out = exec("192.0.2.1:8080");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected");
-    assert_eq!(allowed.accepted(), 1);
-    assert_eq!(denied.accepted(), 0);
+    assert_accepted(&[(&allowed, 1), (&denied, 0)]);
 }
 
 /// A bad policy is reported as FILE:LINE and nothing is loaded.
 #[test]
 fn run_with_an_invalid_policy_loads_nothing() {
     let sb = Sandbox::new();
-    let bad = sb.policy_file("bad.yaml", &rule("bad", 0));
+    let bad = sb.policy_file("bad.yaml", &test_net_rule("bad", 0));
     let out = Command::new(EGRESS)
         .arg("run")
         .args(sb.run_args(&bad, &[]))
@@ -166,7 +155,7 @@ fn run_with_an_invalid_policy_loads_nothing() {
 #[test]
 fn a_pinned_map_of_another_layout_is_reported_not_misread() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file("a.yaml", &rule("allow-8080", 8080));
+    let policy = sb.policy_file("a.yaml", &test_net_rule("allow-8080", 8080));
     std::fs::create_dir_all(&sb.pin_dir).expect("pin dir");
     // COUNTERS as another version might have made it: per-CPU, but 16-byte values.
     let counters = sb.pin_dir.join("COUNTERS");
@@ -223,7 +212,7 @@ fn a_pinned_map_of_another_layout_is_reported_not_misread() {
 #[test]
 fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file("p.yaml", &rule("r", 8080));
+    let policy = sb.policy_file("p.yaml", &test_net_rule("r", 8080));
     // The sandbox's cgroup holds one child cgroup, as a node holds kubepods.
     std::fs::create_dir(sb.cgroup.join("kubepods")).expect("child cgroup");
     let typo = sb.cgroup.join("kubepods.slice");
@@ -268,7 +257,7 @@ fn a_missing_cgroup_is_refused_unless_creating_it_was_asked_for() {
 #[test]
 fn an_empty_managed_cgroup_is_reported() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file("p.yaml", &rule("r", 8080));
+    let policy = sb.policy_file("p.yaml", &test_net_rule("r", 8080));
     const WARNING: &str = "the managed cgroup has no process and no child cgroup";
     let env = [("EGRESS_EMPTY_CGROUP_WARN_AFTER_MS", "300")];
     let agent = sb.agent(EGRESS).policy(&policy, &[]).env(&env).start();

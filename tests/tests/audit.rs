@@ -14,7 +14,7 @@ use egress_tests::{
     V4_A, egress_bin, probe_bin, sa,
     squatter::{Hold, Squatter},
     squatter_bin, status_row,
-    world::{POLICY, Response, World},
+    world::{self, Response, World},
 };
 
 const EGRESS: &str = egress_bin!();
@@ -28,9 +28,10 @@ const PROXY_V4: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCA
 /// The HTTP tests' world with its policy in audit mode, agent running.
 fn audit_world() -> World {
     let mut w = World::without_agent(EGRESS, PROBE);
-    let policy = POLICY.replacen("spec:\n", "spec:\n  mode: audit\n", 1);
+    let enforcing = world::policy();
+    let policy = enforcing.replacen("spec:\n", "spec:\n  mode: audit\n", 1);
     assert_ne!(
-        policy, POLICY,
+        policy, enforcing,
         "the world's policy starts with its EgressConfig"
     );
     std::fs::write(w.dir.join("policy.yaml"), policy).expect("audit policy");

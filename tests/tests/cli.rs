@@ -3,7 +3,6 @@
 //! unload` tidies the cgroup `egress run` made, and `egress maps` decodes the pins.
 
 use std::{
-    io::{BufRead as _, BufReader},
     os::unix::process::ExitStatusExt as _,
     path::Path,
     process::{Command, Stdio},
@@ -11,15 +10,25 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Outcome, Sandbox, V4_A, V4_B, egress_bin, policy_file, probe_bin, sa, wait_within,
+    Agent, Outcome, Sandbox, V4_A, V4_B, assert_accepted, egress_bin, first_line, policy_file,
+    probe_bin, row_named, run_ok, sa, wait_within,
 };
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
 
-/// Waits for `child` at most `limit`; kills it and panics if it is still running.
-fn wait_at_most(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    wait_within(child, limit).unwrap_or_else(|| panic!("still running after {limit:?}"))
+/// A policy of an EgressConfig and no rules: enough for an agent to start.
+const NO_RULES: &str = "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n";
+
+/// Waits for `child` at most `limit` (killing it and failing the test if it is still
+/// running then) and returns its exit status and what it wrote to its stderr (piped).
+fn finish(child: &mut std::process::Child, limit: Duration) -> (std::process::ExitStatus, String) {
+    let status =
+        wait_within(child, limit).unwrap_or_else(|| panic!("still running after {limit:?}"));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    (status, stderr)
 }
 
 #[test]
@@ -44,15 +53,10 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("egress check");
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut first)
-        .expect("first line");
-    // The reader is dropped here: the pipe is closed with most of the output unwritten.
-    let status = wait_at_most(&mut child, Duration::from_secs(30));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
+    let first = first_line(&mut child, "egress check");
+    // The pipe is closed here with most of the output unwritten.
+    drop(child.stdout.take());
+    let (status, stderr) = finish(&mut child, Duration::from_secs(30));
     assert!(!first.is_empty());
     assert_ne!(status.code(), Some(101), "it panicked: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -65,24 +69,17 @@ fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
 #[test]
 fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file(
-        "p.yaml",
-        "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
-    );
+    let policy = sb.policy_file("p.yaml", NO_RULES);
     let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
 
     // EGRESS_SOCKET instead of --socket.
-    let out = Command::new(EGRESS)
-        .arg("status")
-        .env("EGRESS_SOCKET", sb.socket())
-        .output()
-        .expect("egress status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(EGRESS)
+            .arg("status")
+            .env("EGRESS_SOCKET", sb.socket()),
+        "egress status",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(", ready"));
+    assert!(out.contains(", ready"), "{out}");
 
     let mut follow = Command::new(EGRESS)
         .args(["events", "--follow"])
@@ -94,10 +91,7 @@ fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() 
     std::thread::sleep(Duration::from_millis(500));
     agent.signal(libc::SIGTERM);
     let _ = agent.wait();
-    let status = wait_at_most(&mut follow, Duration::from_secs(10));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut follow.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
+    let (status, stderr) = finish(&mut follow, Duration::from_secs(10));
     assert!(!status.success(), "a follow that lost its agent must fail");
     assert!(
         stderr.contains("the agent closed the event stream"),
@@ -178,10 +172,7 @@ fn run_then_unload(sb: &Sandbox, policy: &Path, cgroup: &Path) -> String {
 #[test]
 fn unload_removes_the_cgroup_egress_run_created_when_empty_and_says_why_another_stays() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file(
-        "p.yaml",
-        "kind: EgressConfig\nmetadata: {name: c}\nspec: {}\n",
-    );
+    let policy = sb.policy_file("p.yaml", NO_RULES);
 
     // Created by `egress run --create-cgroup`, empty: removed.
     let made = sb.cgroup.join("made");
@@ -257,19 +248,12 @@ fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
         assert_eq!(sb.connect(PROBE, sa(V4_B, 8080)), Outcome::Denied);
     }
     // Counted at the sinks: the counters below describe what really happened.
-    assert_eq!(allowed.accepted(), 3);
-    assert_eq!(denied.accepted(), 0);
+    assert_accepted(&[(&allowed, 3), (&denied, 0)]);
 
     let pin_dir = sb.pin_dir.display().to_string();
-    let out = Command::new(EGRESS)
-        .args(["maps", "--pin-dir", &pin_dir])
-        .output()
-        .expect("egress maps");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = run_ok(
+        Command::new(EGRESS).args(["maps", "--pin-dir", &pin_dir]),
+        "egress maps",
     );
     let line = |needle: &str| {
         text.lines()
@@ -316,15 +300,7 @@ fn egress_maps_lists_the_rules_by_name_with_the_counts_of_the_traffic_made() {
             && r["rule"] == "web-a"),
         "{json}"
     );
-    let counter = |name: &str| {
-        json["counters"]
-            .as_array()
-            .expect("counters")
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("no counter {name}: {json}"))
-            .clone()
-    };
+    let counter = |name: &str| row_named(&json, "counters", name);
     assert_eq!(counter("web-a")["allowed"], 3, "{json}");
     assert_eq!(counter("(no rule)")["denied"], 2, "{json}");
     assert_eq!(json["http_ports"], serde_json::json!([80]), "{json}");

@@ -11,7 +11,9 @@ use std::{
 };
 
 use egress_common::RuleCounters;
-use egress_tests::{Outcome, Sandbox, V4_A, V4_B, V6_A, V6_B, mapped, probe_bin, sa};
+use egress_tests::{
+    Outcome, Sandbox, V4_A, V4_B, V6_A, V6_B, assert_accepted, counted, mapped, probe_bin, sa,
+};
 use egress_user::{
     compile::{BYPASS_NAME, NO_RULE_NAME},
     events::{self, EventRecord, Verdict},
@@ -40,11 +42,9 @@ fn drain(
     events::drain(ring, |_, row| enforcer.row_name(row).map(str::to_owned))
 }
 
-fn allowed(n: u64) -> RuleCounters {
-    RuleCounters {
-        allowed: n,
-        ..RuleCounters::default()
-    }
+/// Applies the policy `yaml` to the sandbox's cgroup.
+fn enforce(sb: &Sandbox, yaml: &str) -> Enforcer {
+    pipeline::apply(&sb.target(), &policy(yaml)).expect("apply")
 }
 
 /// For one family: a CIDR+port rule lets its own (address, port) through and nothing else,
@@ -54,13 +54,10 @@ fn rule_allows_exactly_its_cidr_and_port(cidr: &str, inside: IpAddr, outside: Ip
     let ok = sb.sink(sa(inside, 8080));
     let wrong_port = sb.sink(sa(inside, 9090));
     let wrong_addr = sb.sink(sa(outside, 8080));
-    let mut enforcer =
-        pipeline::apply(&sb.target(), &policy(&rule_yaml("net-a", cidr, 8080))).expect("apply");
+    let mut enforcer = enforce(&sb, &rule_yaml("net-a", cidr, 8080));
     let mut ring = enforcer.take_events().expect("events");
 
-    assert_eq!(sb.connect(PROBE, ok.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, wrong_port.addr()), Outcome::Denied);
-    assert_eq!(sb.connect(PROBE, wrong_addr.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[ok.addr()], &[wrong_port.addr(), wrong_addr.addr()]);
 
     assert_eq!(ok.accepted(), 1, "the allowed server saw the connection");
     assert_eq!(
@@ -75,14 +72,8 @@ fn rule_allows_exactly_its_cidr_and_port(cidr: &str, inside: IpAddr, outside: Ip
     );
 
     let c = counters(&enforcer);
-    assert_eq!(c["net-a"], allowed(1));
-    assert_eq!(
-        c[NO_RULE_NAME],
-        RuleCounters {
-            denied: 2,
-            ..RuleCounters::default()
-        }
-    );
+    assert_eq!(c["net-a"], counted(1, 0, 0));
+    assert_eq!(c[NO_RULE_NAME], counted(0, 2, 0));
     assert_eq!(c[BYPASS_NAME], RuleCounters::default());
 
     let events = drain(&mut enforcer, &mut ring);
@@ -131,17 +122,15 @@ fn v4_mapped_destinations_follow_the_ipv4_rules() {
     let ok = sb.sink(sa(V4_A, 8080));
     let denied = sb.sink(sa(V4_B, 8080));
     let yaml = rule_yaml("v4-a", "192.0.2.0/24", 8080) + &rule_yaml("v6-all", "::/0", 8080);
-    let mut enforcer = pipeline::apply(&sb.target(), &policy(&yaml)).expect("apply");
+    let mut enforcer = enforce(&sb, &yaml);
     let mut ring = enforcer.take_events().expect("events");
 
-    assert_eq!(sb.connect(PROBE, mapped(V4_A, 8080)), Outcome::Connected);
     // An IPv6 rule for ::/0 does not open IPv4 through the mapped form.
-    assert_eq!(sb.connect(PROBE, mapped(V4_B, 8080)), Outcome::Denied);
-    assert_eq!(ok.accepted(), 1);
-    assert_eq!(denied.accepted(), 0);
+    sb.expect_verdicts(PROBE, &[mapped(V4_A, 8080)], &[mapped(V4_B, 8080)]);
+    assert_accepted(&[(&ok, 1), (&denied, 0)]);
 
     let c = counters(&enforcer);
-    assert_eq!(c["v4-a"], allowed(1));
+    assert_eq!(c["v4-a"], counted(1, 0, 0));
     assert_eq!(c["v6-all"], RuleCounters::default());
     let events = drain(&mut enforcer, &mut ring);
     assert_eq!(events.len(), 1, "{events:#?}");
@@ -161,92 +150,68 @@ fn an_ipv4_wildcard_never_opens_ipv6() {
     let sb = Sandbox::new();
     let v4 = sb.sink(sa(V4_A, 8080));
     let v6 = sb.sink(sa(V6_A, 8080));
-    let mut enforcer = pipeline::apply(
-        &sb.target(),
-        &policy(&rule_yaml("any-v4", "0.0.0.0/0", 8080)),
-    )
-    .expect("apply");
+    let mut enforcer = enforce(&sb, &rule_yaml("any-v4", "0.0.0.0/0", 8080));
     let mut ring = enforcer.take_events().expect("events");
 
-    assert_eq!(sb.connect(PROBE, v4.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, mapped(V4_A, 8080)), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, v6.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[v4.addr(), mapped(V4_A, 8080)], &[v6.addr()]);
     assert_eq!(v4.accepted(), 2);
     assert_eq!(v6.accepted(), 0, "the IPv6 server never saw a connection");
 
-    assert_eq!(counters(&enforcer)["any-v4"], allowed(2));
+    assert_eq!(counters(&enforcer)["any-v4"], counted(2, 0, 0));
     let events = drain(&mut enforcer, &mut ring);
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0].destination, sa(V6_A, 8080));
     assert_eq!(events[0].verdict, Verdict::Deny);
 }
 
-#[test]
-fn default_bypass_is_loopback_and_unspecified_counts_as_loopback() {
+/// Under the policy `yaml`, connects to sinks at 127.0.0.1:7001 and [::1]:7002, to the
+/// unspecified address of each family on the same ports (which the kernel sends to loopback),
+/// and to a sink at `other`:7003: the loopback ones must get through when `loopback_bypassed`
+/// and the other must not, or the other way round; the sinks count what got through, the
+/// `(bypass)` row counts it too and the `(no rule)` row the denials.
+fn loopback_and_one_other(yaml: &str, loopback_bypassed: bool, other: IpAddr) {
     let sb = Sandbox::new();
     let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
     let lo6 = sb.sink(sa(Ipv6Addr::LOCALHOST, 7002));
-    let elsewhere = sb.sink(sa(V4_A, 7003));
-    let enforcer = pipeline::apply(
-        &sb.target(),
-        &policy("kind: EgressConfig\nspec:\n  mode: enforce\n"),
-    )
-    .expect("apply");
+    let other = sb.sink(sa(other, 7003));
+    let enforcer = enforce(&sb, yaml);
 
-    assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Connected);
-    assert_eq!(
-        sb.connect(PROBE, sa(Ipv4Addr::UNSPECIFIED, 7001)),
-        Outcome::Connected
-    );
-    assert_eq!(sb.connect(PROBE, lo6.addr()), Outcome::Connected);
-    assert_eq!(
-        sb.connect(PROBE, sa(Ipv6Addr::UNSPECIFIED, 7002)),
-        Outcome::Connected
-    );
-    assert_eq!(sb.connect(PROBE, elsewhere.addr()), Outcome::Denied);
-    assert_eq!(lo4.accepted(), 2);
-    assert_eq!(lo6.accepted(), 2);
-    assert_eq!(elsewhere.accepted(), 0);
+    let loopback = vec![
+        lo4.addr(),
+        sa(Ipv4Addr::UNSPECIFIED, 7001),
+        lo6.addr(),
+        sa(Ipv6Addr::UNSPECIFIED, 7002),
+    ];
+    let (through, denied) = if loopback_bypassed {
+        (loopback, vec![other.addr()])
+    } else {
+        (vec![other.addr()], loopback)
+    };
+    sb.expect_verdicts(PROBE, &through, &denied);
+    let (each_loopback, elsewhere) = if loopback_bypassed { (2, 0) } else { (0, 1) };
+    assert_eq!(lo4.accepted(), each_loopback);
+    assert_eq!(lo6.accepted(), each_loopback);
+    assert_eq!(other.accepted(), elsewhere);
     let c = counters(&enforcer);
-    assert_eq!(c[BYPASS_NAME], allowed(4));
-    assert_eq!(c[NO_RULE_NAME].denied, 1);
+    assert_eq!(c[BYPASS_NAME], counted(through.len() as u64, 0, 0), "{c:?}");
+    assert_eq!(c[NO_RULE_NAME].denied, denied.len() as u64, "{c:?}");
+}
+
+#[test]
+fn default_bypass_is_loopback_and_unspecified_counts_as_loopback() {
+    let yaml = "kind: EgressConfig\nspec:\n  mode: enforce\n";
+    loopback_and_one_other(yaml, true, V4_A.into());
 }
 
 #[test]
 fn explicit_bypass_replaces_the_default_so_loopback_is_filtered() {
-    let sb = Sandbox::new();
-    let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
-    let lo6 = sb.sink(sa(Ipv6Addr::LOCALHOST, 7002));
-    let bypassed = sb.sink(sa(V4_B, 7003));
     let yaml = "kind: EgressConfig\nspec:\n  bypass: [198.51.100.0/24]\n";
-    let enforcer = pipeline::apply(&sb.target(), &policy(yaml)).expect("apply");
-
-    assert_eq!(sb.connect(PROBE, bypassed.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Denied);
-    assert_eq!(
-        sb.connect(PROBE, sa(Ipv4Addr::UNSPECIFIED, 7001)),
-        Outcome::Denied
-    );
-    assert_eq!(sb.connect(PROBE, lo6.addr()), Outcome::Denied);
-    assert_eq!(
-        sb.connect(PROBE, sa(Ipv6Addr::UNSPECIFIED, 7002)),
-        Outcome::Denied
-    );
-    assert_eq!(bypassed.accepted(), 1);
-    assert_eq!(lo4.accepted(), 0);
-    assert_eq!(lo6.accepted(), 0);
-    let c = counters(&enforcer);
-    assert_eq!(c[BYPASS_NAME], allowed(1));
-    assert_eq!(c[NO_RULE_NAME].denied, 4);
+    loopback_and_one_other(yaml, false, V4_B.into());
 
     // `bypass: []` filters loopback too.
     let sb = Sandbox::new();
     let lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
-    let _enforcer = pipeline::apply(
-        &sb.target(),
-        &policy("kind: EgressConfig\nspec:\n  bypass: []\n"),
-    )
-    .expect("apply");
+    let _enforcer = enforce(&sb, "kind: EgressConfig\nspec:\n  bypass: []\n");
     assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Denied);
     assert_eq!(lo4.accepted(), 0);
 }
@@ -263,19 +228,12 @@ fn audit_mode_lets_through_and_records_a_would_deny() {
     let mut enforcer = pipeline::apply(&sb.target(), &p).expect("apply");
     let mut ring = enforcer.take_events().expect("events");
 
-    assert_eq!(sb.connect(PROBE, ruled.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, unruled.addr()), Outcome::Connected);
+    sb.expect_verdicts(PROBE, &[ruled.addr(), unruled.addr()], &[]);
     assert_eq!(ruled.accepted(), 1);
     assert_eq!(unruled.accepted(), 1, "audit mode does not block");
     let c = counters(&enforcer);
-    assert_eq!(c["a"], allowed(1));
-    assert_eq!(
-        c[NO_RULE_NAME],
-        RuleCounters {
-            would_deny: 1,
-            ..RuleCounters::default()
-        }
-    );
+    assert_eq!(c["a"], counted(1, 0, 0));
+    assert_eq!(c[NO_RULE_NAME], counted(0, 0, 1));
     let events = drain(&mut enforcer, &mut ring);
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0].verdict, Verdict::WouldDeny);
@@ -286,11 +244,7 @@ fn audit_mode_lets_through_and_records_a_would_deny() {
 fn processes_outside_the_cgroup_are_not_filtered() {
     let sb = Sandbox::new();
     let server = sb.sink(sa(V4_A, 8080));
-    let enforcer = pipeline::apply(
-        &sb.target(),
-        &policy("kind: EgressConfig\nspec:\n  mode: enforce\n"),
-    )
-    .expect("apply");
+    let enforcer = enforce(&sb, "kind: EgressConfig\nspec:\n  mode: enforce\n");
     assert_eq!(sb.connect_outside(PROBE, server.addr()), Outcome::Connected);
     assert_eq!(sb.connect(PROBE, server.addr()), Outcome::Denied);
     assert_eq!(
@@ -310,37 +264,28 @@ fn processes_outside_the_cgroup_are_not_filtered() {
 #[test]
 fn a_second_apply_swaps_the_policy_in_place_and_keeps_counters() {
     let sb = Sandbox::new();
-    let a = sb.sink(sa(V4_A, 8080));
-    let b = sb.sink(sa(V4_A, 9090));
+    let [a, b] = sb.sinks(V4_A, [8080, 9090]);
     let keep = rule_yaml("keep", "192.0.2.0/24", 8080);
-    let first = pipeline::apply(
-        &sb.target(),
-        &policy(&(keep.clone() + &rule_yaml("old", "192.0.2.0/24", 7000))),
-    )
-    .expect("apply");
-    assert_eq!(sb.connect(PROBE, a.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, b.addr()), Outcome::Denied);
+    let first = enforce(
+        &sb,
+        &(keep.clone() + &rule_yaml("old", "192.0.2.0/24", 7000)),
+    );
+    sb.expect_verdicts(PROBE, &[a.addr()], &[b.addr()]);
     let g1 = first.generation();
     drop(first);
 
-    let mut second = pipeline::apply(
-        &sb.target(),
-        &policy(&(keep + &rule_yaml("new", "192.0.2.0/24", 9090))),
-    )
-    .expect("reapply");
+    let mut second = enforce(&sb, &(keep + &rule_yaml("new", "192.0.2.0/24", 9090)));
     assert_eq!(second.generation(), g1 + 1);
     let mut ring = second.take_events().expect("events");
-    assert_eq!(sb.connect(PROBE, b.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, sa(V4_A, 7000)), Outcome::Denied);
-    assert_eq!(a.accepted(), 1);
-    assert_eq!(b.accepted(), 1);
+    sb.expect_verdicts(PROBE, &[b.addr()], &[sa(V4_A, 7000)]);
+    assert_accepted(&[(&a, 1), (&b, 1)]);
     let c = counters(&second);
     assert_eq!(
         c["keep"],
-        allowed(1),
+        counted(1, 0, 0),
         "a rule that stays keeps its counters"
     );
-    assert_eq!(c["new"], allowed(1));
+    assert_eq!(c["new"], counted(1, 0, 0));
     assert!(!c.contains_key("old"));
     let events = drain(&mut second, &mut ring);
     let deny: Vec<_> = events
@@ -388,13 +333,11 @@ fn one_hundred_thousand_rules_load_and_work() {
     let started = Instant::now();
     let enforcer = pipeline::apply(&sb.target(), &p).expect("apply 100k rules");
     eprintln!("100k rules applied in {:?}", started.elapsed());
-    assert_eq!(sb.connect(PROBE, ok.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, denied.addr()), Outcome::Denied);
-    assert_eq!(ok.accepted(), 1);
-    assert_eq!(denied.accepted(), 0);
+    sb.expect_verdicts(PROBE, &[ok.addr()], &[denied.addr()]);
+    assert_accepted(&[(&ok, 1), (&denied, 0)]);
     let c = counters(&enforcer);
     assert_eq!(c.len(), 100_003);
-    assert_eq!(c["r258"], allowed(1), "198.18.1.2 is rule 258");
+    assert_eq!(c["r258"], counted(1, 0, 0), "198.18.1.2 is rule 258");
 }
 
 /// The maps are BTF-defined and pinned, so `bpftool map dump pinned` shows named fields: what
@@ -403,11 +346,7 @@ fn one_hundred_thousand_rules_load_and_work() {
 fn bpftool_shows_the_pinned_maps_with_field_names() {
     let sb = Sandbox::new();
     let server = sb.sink(sa(V4_A, 443));
-    let _enforcer = pipeline::apply(
-        &sb.target(),
-        &policy(&rule_yaml("web", "192.0.2.0/24", 443)),
-    )
-    .expect("apply");
+    let _enforcer = enforce(&sb, &rule_yaml("web", "192.0.2.0/24", 443));
     assert_eq!(sb.connect(PROBE, server.addr()), Outcome::Connected);
     let dump = |map: &str| {
         let out = std::process::Command::new("bpftool")
@@ -495,7 +434,7 @@ fn nat64_and_6to4_destinations_are_judged_by_their_ipv4_address() {
         .collect();
     // The IPv4 rule allows V4_A only; the IPv6 rule allows every IPv6 address on the port.
     let yaml = rule_yaml("v4-a", "192.0.2.1", 7000) + &rule_yaml("all-v6", "::/0", 7000);
-    let mut enforcer = pipeline::apply(&sb.target(), &policy(&yaml)).expect("apply");
+    let mut enforcer = enforce(&sb, &yaml);
     let mut ring = enforcer.take_events().expect("events");
 
     for ((ip, allow, _), sink) in targets.iter().zip(&sinks) {
@@ -509,7 +448,11 @@ fn nat64_and_6to4_destinations_are_judged_by_their_ipv4_address() {
     }
 
     let c = counters(&enforcer);
-    assert_eq!(c["v4-a"], allowed(2), "judged by the IPv4 rule: {c:?}");
+    assert_eq!(
+        c["v4-a"],
+        counted(2, 0, 0),
+        "judged by the IPv4 rule: {c:?}"
+    );
     assert_eq!(
         c["all-v6"],
         RuleCounters::default(),

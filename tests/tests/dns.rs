@@ -8,13 +8,13 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
 use egress_tests::{
-    Agent, Attempted, Sandbox, Sink, UdpSink, V4_B, V4_C, Vector, egress_bin, sa, status_row,
-    vector::attempt, vector_bin,
+    Agent, Attempted, Sandbox, Sink, UdpSink, V4_B, V4_C, Vector, egress_bin, find_row, sa,
+    status_row, vector::attempt, vector_bin,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -99,6 +99,17 @@ fn denied(sb: &Sandbox, server: &Server) {
     );
 }
 
+/// Every query to each of `allowed` gets through and arrives; every one to each of `denied`
+/// fails with EPERM and nothing arrives.
+fn expect_dns(sb: &Sandbox, allowed: &[&Server], denied: &[&Server]) {
+    for server in allowed {
+        self::allowed(sb, server);
+    }
+    for server in denied {
+        self::denied(sb, server);
+    }
+}
+
 /// `egress status -o json`, parsed.
 fn status(sb: &Sandbox) -> serde_json::Value {
     sb.status_json(EGRESS)
@@ -106,11 +117,7 @@ fn status(sb: &Sandbox) -> serde_json::Value {
 
 /// The row named `name`, if the status has one.
 fn row<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    status["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .find(|r| r["name"] == name)
+    find_row(status, "rules", name)
 }
 
 /// (allowed, denied) of the row named `name`; panics with the status when there is none.
@@ -126,31 +133,29 @@ fn counted(status: &serde_json::Value, name: &str) -> (u64, u64) {
 /// there are `n` (the agent reads the ring buffer on its own time); each must be a query to
 /// 198.51.100.1:53 by `egress-vector` from the sandbox's cgroup, on `(no rule)`.
 fn deny_events(sb: &Sandbox, n: usize) -> Vec<(String, String)> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let events = sb.events_json(EGRESS);
-        let denials: Vec<&serde_json::Value> =
-            events.iter().filter(|e| e["verdict"] == "deny").collect();
-        if denials.len() >= n || std::time::Instant::now() >= deadline {
-            assert_eq!(denials.len(), n, "{events:#?}");
-            let mut got: Vec<(String, String)> = denials
-                .iter()
-                .map(|e| {
-                    assert_eq!(e["destination"], "198.51.100.1:53", "{e}");
-                    assert_eq!(e["rule"], "(no rule)", "{e}");
-                    assert_eq!(e["comm"], "egress-vector", "{e}");
-                    assert_eq!(e["cgroup_id"], sb.cgroup_id(), "{e}");
-                    (
-                        e["source"].as_str().expect("source").to_owned(),
-                        e["protocol"].as_str().expect("protocol").to_owned(),
-                    )
-                })
-                .collect();
-            got.sort();
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut events = Vec::new();
+    let is_deny = |e: &&serde_json::Value| e["verdict"] == "deny";
+    egress_tests::eventually(Duration::from_secs(5), || {
+        events = sb.events_json(EGRESS);
+        events.iter().filter(is_deny).count() >= n
+    });
+    let denials: Vec<&serde_json::Value> = events.iter().filter(is_deny).collect();
+    assert_eq!(denials.len(), n, "{events:#?}");
+    let mut got: Vec<(String, String)> = denials
+        .iter()
+        .map(|e| {
+            assert_eq!(e["destination"], "198.51.100.1:53", "{e}");
+            assert_eq!(e["rule"], "(no rule)", "{e}");
+            assert_eq!(e["comm"], "egress-vector", "{e}");
+            assert_eq!(e["cgroup_id"], sb.cgroup_id(), "{e}");
+            (
+                e["source"].as_str().expect("source").to_owned(),
+                e["protocol"].as_str().expect("protocol").to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    got
 }
 
 /// `egress reload`, which must succeed.
@@ -163,24 +168,65 @@ fn reload(sb: &Sandbox, agent: &Agent) {
     );
 }
 
-/// Puts `resolver` on the sandbox's interface as a /`bits` and writes a resolv.conf naming
-/// it and the policy `yaml`, in the sandbox's directory: (resolv.conf, policy).
-fn files(sb: &Sandbox, resolver: &str, bits: u8, yaml: &str) -> (PathBuf, PathBuf) {
-    sb.add_addr(&format!("{resolver}/{bits}"));
-    let resolv = sb.policy_file("resolv.conf", &format!("nameserver {resolver}\n"));
-    (resolv, sb.policy_file("policy.yaml", yaml))
-}
-
 /// A policy that says nothing about port 53: one unrelated rule.
 const UNRELATED: &str = "kind: EgressRule\nmetadata:\n  name: web\nspec:\n  destination:\n    service: 203.0.113.0/24\n  ports:\n    - port: 443\n      protocol: tcp\n";
 
-/// Starts the agent on `policy` with `--resolv-conf resolv` and no watch of the policy
-/// files, so that only `egress reload` reloads.
-fn agent(sb: &Sandbox, policy: &Path, resolv: &Path) -> Agent {
-    let resolv = resolv.to_str().expect("utf-8 path");
-    sb.agent(EGRESS)
-        .policy(policy, &["--resolv-conf", resolv, "--no-watch"])
-        .start()
+/// A sandbox with a nameserver: its resolv.conf names `resolver`, and DNS servers listen at
+/// the resolver and at `other`.
+struct Resolving {
+    sb: Sandbox,
+    resolv: PathBuf,
+    policy: PathBuf,
+    resolver: Server,
+    other: Server,
+    agent: Agent,
+}
+
+impl Resolving {
+    /// Puts `resolver` on the sandbox's interface as a /`bits`, writes a resolv.conf naming it
+    /// and the policy `yaml`, starts the two servers, and starts the agent on the policy with
+    /// `--resolv-conf` and no watch of the policy files, so that only `egress reload` reloads.
+    fn start(resolver: &str, bits: u8, yaml: &str, other: IpAddr) -> Self {
+        let sb = Sandbox::new();
+        sb.add_addr(&format!("{resolver}/{bits}"));
+        let resolv = sb.policy_file("resolv.conf", &format!("nameserver {resolver}\n"));
+        let policy = sb.policy_file("policy.yaml", yaml);
+        let resolver = Server::start(&sb, resolver.parse().expect("ip"));
+        let other = Server::start(&sb, other);
+        let agent = sb
+            .agent(EGRESS)
+            .policy(
+                &policy,
+                &[
+                    "--resolv-conf",
+                    resolv.to_str().expect("utf-8 path"),
+                    "--no-watch",
+                ],
+            )
+            .start();
+        Self {
+            sb,
+            resolv,
+            policy,
+            resolver,
+            other,
+            agent,
+        }
+    }
+
+    /// [`Resolving::start`] on a policy that says nothing about port 53; then checks that
+    /// every query to the resolver gets through and every one to `other` is denied, counted
+    /// on `(dns)` and `(no rule)` in `egress status`, where `(dns)` names the resolver.
+    fn only_the_resolver(resolver: &str, bits: u8, other: IpAddr) -> Self {
+        let r = Self::start(resolver, bits, UNRELATED, other);
+        expect_dns(&r.sb, &[&r.resolver], &[&r.other]);
+        let s = status(&r.sb);
+        let dns = status_row(&s, "(dns)");
+        assert_eq!(dns["allows"], format!("{resolver} udp/53,tcp/53"), "{dns}");
+        assert_eq!(counted(&s, "(dns)"), (3, 0));
+        assert_eq!(counted(&s, "(no rule)"), (0, 3));
+        r
+    }
 }
 
 /// The nameserver of resolv.conf may be queried over udp (sendto and connected) and tcp; the
@@ -189,20 +235,17 @@ fn agent(sb: &Sandbox, policy: &Path, resolv: &Path) -> Agent {
 /// `egress reload` on, not before.
 #[test]
 fn the_resolv_conf_nameserver_is_allowed_and_reread_at_reload() {
-    let sb = Sandbox::new();
-    let (resolv, policy) = files(&sb, RESOLVER, 32, UNRELATED);
-    let first = Server::start(&sb, RESOLVER.parse().expect("ip"));
-    let other = Server::start(&sb, V4_B.into());
-    let agent = agent(&sb, &policy, &resolv);
-
-    allowed(&sb, &first);
-    denied(&sb, &other);
+    let Resolving {
+        sb,
+        resolv,
+        resolver: first,
+        other,
+        agent,
+        ..
+    } = Resolving::only_the_resolver(RESOLVER, 32, V4_B.into());
     let s = status(&sb);
     let dns = status_row(&s, "(dns)");
-    assert_eq!(dns["allows"], "192.0.2.53 udp/53,tcp/53", "{dns}");
     assert_eq!(dns["source"], resolv.display().to_string(), "{dns}");
-    assert_eq!(counted(&s, "(dns)"), (3, 0));
-    assert_eq!(counted(&s, "(no rule)"), (0, 3));
     assert_eq!(counted(&s, "web"), (0, 0));
     let denials = deny_events(&sb, 3);
     assert_eq!(
@@ -216,12 +259,10 @@ fn the_resolv_conf_nameserver_is_allowed_and_reread_at_reload() {
 
     // Rewritten, but not reloaded: the old resolver stays the one allowed.
     fs::write(&resolv, "nameserver 198.51.100.1\n").expect("rewriting resolv.conf");
-    denied(&sb, &other);
-    allowed(&sb, &first);
+    expect_dns(&sb, &[&first], &[&other]);
 
     reload(&sb, &agent);
-    allowed(&sb, &other);
-    denied(&sb, &first);
+    expect_dns(&sb, &[&other], &[&first]);
     let s = status(&sb);
     let dns = status_row(&s, "(dns)");
     assert_eq!(dns["allows"], "198.51.100.1 udp/53,tcp/53", "{dns}");
@@ -236,14 +277,15 @@ fn the_resolv_conf_nameserver_is_allowed_and_reread_at_reload() {
 /// when it changes), and `resolvers: []` allows no DNS at all.
 #[test]
 fn the_egress_config_resolvers_override_resolv_conf() {
-    let sb = Sandbox::new();
-    let (resolv, policy) = files(&sb, RESOLVER, 32, UNRELATED);
-    let first = Server::start(&sb, RESOLVER.parse().expect("ip"));
+    let Resolving {
+        sb,
+        resolv,
+        policy,
+        resolver: first,
+        other: c,
+        agent,
+    } = Resolving::only_the_resolver(RESOLVER, 32, V4_C.into());
     let b = Server::start(&sb, V4_B.into());
-    let c = Server::start(&sb, V4_C.into());
-    let agent = agent(&sb, &policy, &resolv);
-    allowed(&sb, &first);
-    denied(&sb, &c);
 
     let config = |resolvers: &str| {
         format!(
@@ -252,9 +294,7 @@ fn the_egress_config_resolvers_override_resolv_conf() {
     };
     fs::write(&policy, config("[203.0.113.1]")).expect("rewriting the policy");
     reload(&sb, &agent);
-    allowed(&sb, &c);
-    denied(&sb, &first);
-    denied(&sb, &b);
+    expect_dns(&sb, &[&c], &[&first, &b]);
     let s = status(&sb);
     let dns = status_row(&s, "(dns)");
     assert_eq!(dns["allows"], "203.0.113.1 udp/53,tcp/53", "{dns}");
@@ -264,15 +304,11 @@ fn the_egress_config_resolvers_override_resolv_conf() {
     // resolv.conf changes and is read at no reload while the EgressConfig names resolvers.
     fs::write(&resolv, "nameserver 198.51.100.1\n").expect("rewriting resolv.conf");
     reload(&sb, &agent);
-    allowed(&sb, &c);
-    denied(&sb, &b);
-    denied(&sb, &first);
+    expect_dns(&sb, &[&c], &[&b, &first]);
 
     fs::write(&policy, config("[]")).expect("rewriting the policy");
     reload(&sb, &agent);
-    for server in [&first, &b, &c] {
-        denied(&sb, server);
-    }
+    expect_dns(&sb, &[], &[&first, &b, &c]);
     let s = status(&sb);
     assert!(
         row(&s, "(dns)").is_none(),
@@ -286,24 +322,23 @@ fn the_egress_config_resolvers_override_resolv_conf() {
 /// queries count on the rule's row while the other protocol stays on `(dns)`.
 #[test]
 fn an_explicit_udp_rule_allows_dns_where_it_says() {
-    let sb = Sandbox::new();
     let rule = |service: &str| {
         format!(
             "kind: EgressRule\nmetadata:\n  name: dns-rule\nspec:\n  destination:\n    service: {service}\n  ports:\n    - port: 53\n      protocol: udp\n"
         )
     };
-    let (resolv, policy) = files(
-        &sb,
-        RESOLVER,
-        32,
-        &format!(
-            "{}---\nkind: EgressConfig\nmetadata: {{name: config}}\nspec:\n  dns:\n    resolvers: []\n",
-            rule("198.51.100.0/24")
-        ),
+    let yaml = format!(
+        "{}---\nkind: EgressConfig\nmetadata: {{name: config}}\nspec:\n  dns:\n    resolvers: []\n",
+        rule("198.51.100.0/24")
     );
-    let first = Server::start(&sb, RESOLVER.parse().expect("ip"));
-    let b = Server::start(&sb, V4_B.into());
-    let agent = agent(&sb, &policy, &resolv);
+    let Resolving {
+        sb,
+        policy,
+        resolver: first,
+        other: b,
+        agent,
+        ..
+    } = Resolving::start(RESOLVER, 32, &yaml, V4_B.into());
 
     // udp to 198.51.100.1:53 by the rule; tcp there is not in it; the resolver of
     // resolv.conf is not one ([] in the config).
@@ -326,8 +361,7 @@ fn an_explicit_udp_rule_allows_dns_where_it_says() {
     // The resolver from resolv.conf, and a rule for its exact address over udp.
     fs::write(&policy, rule(RESOLVER)).expect("rewriting the policy");
     reload(&sb, &agent);
-    allowed(&sb, &first);
-    denied(&sb, &b);
+    expect_dns(&sb, &[&first], &[&b]);
     let s = status(&sb);
     assert_eq!(counted(&s, "dns-rule"), (2 + 2, 0), "{s:#}");
     assert_eq!(counted(&s, "(dns)"), (1, 0), "{s:#}");
@@ -337,17 +371,5 @@ fn an_explicit_udp_rule_allows_dns_where_it_says() {
 /// An IPv6 nameserver is allowed as an IPv4 one is; another IPv6 address's port 53 is not.
 #[test]
 fn an_ipv6_nameserver_is_allowed() {
-    let sb = Sandbox::new();
-    let (resolv, policy) = files(&sb, RESOLVER6, 128, UNRELATED);
-    let resolver = Server::start(&sb, RESOLVER6.parse().expect("ip"));
-    let other = Server::start(&sb, egress_tests::V6_B.into());
-    let agent = agent(&sb, &policy, &resolv);
-    allowed(&sb, &resolver);
-    denied(&sb, &other);
-    let s = status(&sb);
-    let dns = status_row(&s, "(dns)");
-    assert_eq!(dns["allows"], "2001:db8::53 udp/53,tcp/53", "{dns}");
-    assert_eq!(counted(&s, "(dns)"), (3, 0));
-    assert_eq!(counted(&s, "(no rule)"), (0, 3));
-    drop(agent);
+    Resolving::only_the_resolver(RESOLVER6, 128, egress_tests::V6_B.into());
 }

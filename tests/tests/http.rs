@@ -7,7 +7,9 @@
 use std::{fs, net::SocketAddr, time::Duration};
 
 use egress_tests::{
-    Outcome, Sandbox, V4_A, V4_B, egress_bin, probe_bin, sa,
+    Outcome, Sandbox, V4_A, V4_B, egress_bin,
+    policy::{Rule, config},
+    probe_bin, sa,
     upstream::Upstream,
     world::{Response, World},
 };
@@ -19,20 +21,20 @@ fn world() -> World {
     World::new(EGRESS, PROBE)
 }
 
+/// A rule for plain HTTP to `host` on port 80.
+fn http_rule(name: &str, host: &str) -> String {
+    Rule::new(name, host).port(80, "http").to_string()
+}
+
 #[test]
 fn plain_http_by_host_and_tls_origination_as_in_the_seed() {
     let w = world();
     // curl http://httpbin.test/headers
-    let r = w.get(sa(V4_A, 80), "httpbin.test", "/headers");
-    assert_eq!(r.code(), 200, "{}", r.raw);
-    assert!(
-        r.text
-            .contains("upstream saw host=httpbin.test path=/headers sni=-"),
-        "{}",
-        r.raw
-    );
-    // The app's getpeername() shows where it connected, not the proxy.
-    assert_eq!(r.peer, "192.0.2.1:80");
+    w.get(sa(V4_A, 80), "httpbin.test", "/headers")
+        .assert_code(200)
+        .assert_says("upstream saw host=httpbin.test path=/headers sni=-")
+        // The app's getpeername() shows where it connected, not the proxy.
+        .assert_peer("192.0.2.1:80");
     // The request's log line rounds its latency for people: `latency_ms=0.84`.
     w.agent()
         .wait_for_log("latency_ms=", Duration::from_secs(5));
@@ -46,10 +48,10 @@ fn plain_http_by_host_and_tls_origination_as_in_the_seed() {
     assert_eq!(decimals, 2, "latency_ms={latency}");
 
     // curl http://secure.test:443/: the app speaks HTTP, the upstream sees TLS for secure.test.
-    let r = w.get(sa(V4_A, 443), "secure.test:443", "/");
-    assert_eq!(r.code(), 200, "{}", r.raw);
-    assert!(r.text.contains("sni=secure.test"), "{}", r.raw);
-    assert_eq!(r.peer, "192.0.2.1:443");
+    w.get(sa(V4_A, 443), "secure.test:443", "/")
+        .assert_code(200)
+        .assert_says("sni=secure.test")
+        .assert_peer("192.0.2.1:443");
     let tls = w.tls.seen();
     assert_eq!(tls.len(), 1);
     assert_eq!(tls[0].sni.as_deref(), Some("secure.test"));
@@ -75,33 +77,25 @@ fn plain_http_by_host_and_tls_origination_as_in_the_seed() {
 fn an_externalname_alias_is_sent_to_its_external_name() {
     let w = world();
     // The app calls the alias; any address works for the connection, Host picks the alias.
-    let r = w.get(sa(V4_A, 443), "securebin", "/alias");
-    assert_eq!(r.code(), 200, "{}", r.raw);
-    assert!(
-        r.text
-            .contains("host=secure.test path=/alias sni=secure.test"),
-        "{}",
-        r.raw
-    );
-    let r = w.get(
-        sa(V4_A, 443),
-        "securebin.default.svc.cluster.local",
-        "/fqdn",
-    );
-    assert_eq!(r.code(), 200, "{}", r.raw);
+    // Also by its cluster DNS name.
+    for (alias, path) in [
+        ("securebin", "/alias"),
+        ("securebin.default.svc.cluster.local", "/fqdn"),
+    ] {
+        w.get(sa(V4_A, 443), alias, path)
+            .assert_code(200)
+            .assert_says(&format!("host=secure.test path={path} sni=secure.test"));
+    }
     assert_eq!(w.tls.seen().len(), 2);
 }
 
 #[test]
 fn a_forbidden_host_on_an_allowed_address_gets_403_and_the_upstream_sees_nothing() {
     let w = world();
-    let r = w.get(sa(V4_A, 80), "forbidden.test", "/");
-    assert_eq!(r.code(), 403, "{}", r.raw);
-    assert!(
-        r.text.contains("forbidden.test"),
-        "the reason names the host: {}",
-        r.raw
-    );
+    // The reason names the host.
+    w.get(sa(V4_A, 80), "forbidden.test", "/")
+        .assert_code(403)
+        .assert_says("forbidden.test");
     // A pipelined second request with a forbidden Host is refused on its own.
     let req = "GET /one HTTP/1.1\\r\\nHost: httpbin.test\\r\\n\\r\\nGET /two HTTP/1.1\\r\\nHost: forbidden.test\\r\\nConnection: close\\r\\n\\r\\n";
     let out = w.sb.http(PROBE, req, &[sa(V4_A, 80)]);
@@ -128,7 +122,7 @@ fn a_forbidden_host_on_an_allowed_address_gets_403_and_the_upstream_sees_nothing
 fn an_upstream_certificate_from_an_untrusted_ca_gets_502() {
     let w = world();
     let r = w.get(sa(V4_B, 443), "rogue.test:443", "/");
-    assert_eq!(r.code(), 502, "{}", r.raw);
+    r.assert_code(502);
     assert!(
         r.text.to_ascii_lowercase().contains("certificate"),
         "the reason says why: {}",
@@ -176,7 +170,7 @@ fn a_large_response_streams_through_with_bounded_proxy_memory() {
     let w = world();
     const SIZE: u64 = 100 * 1024 * 1024;
     let r = w.get(sa(V4_A, 80), "httpbin.test", &format!("/big/{SIZE}"));
-    assert_eq!(r.code(), 200, "{}", r.raw);
+    r.assert_code(200);
     assert!(r.bytes > SIZE, "the whole body arrived: {} bytes", r.bytes);
     let status =
         fs::read_to_string(format!("/proc/{}/status", w.agent().pid())).expect("agent status");
@@ -235,13 +229,10 @@ fn two_hundred_concurrent_connections_each_get_their_own_original_destination() 
 #[test]
 fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cgroup() {
     let sb = Sandbox::new();
-    let dir = sb.dir("exempt");
-    let policy = dir.join("policy.yaml");
-    fs::write(
-        &policy,
-        "kind: EgressConfig\nspec:\n  hosts: {httpbin.test: [192.0.2.1]}\n---\nkind: EgressRule\nmetadata: {name: httpbin}\nspec:\n  destination: {service: httpbin.test}\n  ports: [{port: 80, protocol: http}]\n",
-    )
-    .expect("policy");
+    let policy = sb.policy_file(
+        "policy.yaml",
+        &(config("  hosts: {httpbin.test: [192.0.2.1]}\n") + &http_rule("httpbin", "httpbin.test")),
+    );
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
     let args = sb.run_args(&policy, &[]);
 
@@ -260,8 +251,7 @@ fn the_agents_own_connections_are_exempt_by_cgroup_and_it_refuses_the_managed_cg
     let agent_cgroup = sb.cgroup.join("agent");
     fs::create_dir_all(&agent_cgroup).expect("agent cgroup");
     let agent = sb.agent(EGRESS).args(&args).cgroup(&agent_cgroup).start();
-    let req = "GET /exempt HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n";
-    let r = Response::parse(&sb.http(PROBE, req, &[sa(V4_A, 80)]));
+    let r = sb.get(PROBE, sa(V4_A, 80), "httpbin.test", "/exempt");
     assert_eq!(r.code(), 200, "{}\n{}", r.raw, agent.log());
     let seen = http.seen();
     assert_eq!(
@@ -284,33 +274,22 @@ fn names_resolve_through_the_system_resolver_and_rebinding_to_a_bypass_range_get
         "127.0.0.1 localhost\n192.0.2.1 dns.test\n127.0.0.1 rebind.test\n",
     )
     .expect("hosts");
-    let policy = dir.join("policy.yaml");
-    fs::write(
-        &policy,
-        "kind: EgressRule\nmetadata: {name: dns}\nspec:\n  destination: {service: dns.test}\n  ports: [{port: 80, protocol: http}]\n---\nkind: EgressRule\nmetadata: {name: rebind}\nspec:\n  destination: {service: rebind.test}\n  ports: [{port: 80, protocol: http}]\n",
-    )
-    .expect("policy");
+    let policy = sb.policy_file(
+        "policy.yaml",
+        &(http_rule("dns", "dns.test") + &http_rule("rebind", "rebind.test")),
+    );
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
     // Something listening where the rebinding answer points: it must see nothing.
     let local = Upstream::http(&sb.name, sa(std::net::Ipv4Addr::LOCALHOST, 80));
     let args = sb.run_args(&policy, &[]);
     let agent = sb.agent(EGRESS).args(&args).hosts(&hosts).start();
 
-    let get = |host: &str| {
-        let req =
-            format!("GET /{host} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
-        Response::parse(&sb.http(PROBE, &req, &[sa(V4_A, 80)]))
-    };
+    let get = |host: &str| sb.get(PROBE, sa(V4_A, 80), host, &format!("/{host}"));
     let r = get("dns.test");
     assert_eq!(r.code(), 200, "{}\n{}", r.raw, agent.log());
     assert_eq!(http.seen().len(), 1);
-    let r = get("rebind.test");
-    assert_eq!(r.code(), 502, "{}", r.raw);
-    assert!(
-        r.text.contains("127.0.0.1"),
-        "the reason names the refused address: {}",
-        r.raw
-    );
+    // The reason names the refused address.
+    get("rebind.test").assert_code(502).assert_says("127.0.0.1");
     assert!(
         local.seen().is_empty(),
         "nothing reached the loopback server"

@@ -6,7 +6,7 @@
 
 use std::{fs, time::Duration};
 
-use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa};
+use egress_tests::{Outcome, Sandbox, V4_A, assert_accepted, egress_bin, probe_bin};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -59,9 +59,7 @@ fn create_with_more_than_8_mib_fails_and_changes_nothing() {
     let sb = Sandbox::new();
     let dir = &sb.dir("input");
     let policy = egress_tests::policy_file(dir, "policy.yaml", &rule("from-file", 8080));
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s443 = sb.sink(sa(V4_A, 443));
-    let s4430 = sb.sink(sa(V4_A, 4430));
+    let [s8080, s443, s4430] = sb.sinks(V4_A, [8080, 443, 4430]);
     let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
 
@@ -85,16 +83,13 @@ fn create_with_more_than_8_mib_fails_and_changes_nothing() {
     let s = status(&sb);
     assert_eq!(s["generation"], 1, "no generation was made");
     assert!(!sb.state_dir().join("created.yaml").exists());
-    assert_eq!(sb.connect(PROBE, s443.addr()), Outcome::Denied);
-    assert_eq!(sb.connect(PROBE, s4430.addr()), Outcome::Denied);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    sb.expect_verdicts(PROBE, &[s8080.addr()], &[s443.addr(), s4430.addr()]);
     assert_eq!(
         s443.accepted(),
         0,
         "the cut rule for 443 was never in force"
     );
-    assert_eq!(s4430.accepted(), 0);
-    assert_eq!(s8080.accepted(), 2);
+    assert_accepted(&[(&s4430, 0), (&s8080, 2)]);
     drop(agent);
 }
 
@@ -106,8 +101,7 @@ fn a_reload_naming_a_fifo_or_a_bad_ca_file_fails_at_its_line_and_keeps_the_polic
     let rules = egress_tests::policy_file(dir, "rules.yaml", &rule("r", 8080));
     let fifo = dir.join("ca.fifo");
     egress_tests::sh(&["mkfifo", fifo.to_str().expect("utf-8 path")]);
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let agent = sb.agent(EGRESS).policy(dir, &[]).start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
 
@@ -169,8 +163,7 @@ fn a_reload_naming_a_fifo_or_a_bad_ca_file_fails_at_its_line_and_keeps_the_polic
     let (ok, out, err) = sb.ctl_within(EGRESS, &["reload"], b"", PROMPTLY);
     assert!(ok.success(), "{err}");
     assert!(out.contains("reloaded"), "{out}");
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s9090.addr()], &[s8080.addr()]);
     assert_eq!(
         s9090.accepted(),
         1,

@@ -11,7 +11,8 @@ use std::{
 };
 
 use egress_tests::{
-    Outcome, Sandbox, V4_A, egress_bin, policy_file, probe_bin, sa, status_row, upstream::Upstream,
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, policy_file, probe_bin, sa, status_row,
+    upstream::Upstream,
 };
 use egress_user::loader::{self, features};
 
@@ -101,12 +102,7 @@ fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
     let denied_if_enforced = sb.sink(sa(V4_A, 9090));
     let args = sb.run_args(&policy(&dir), &[]);
 
-    let (code, log) = sb
-        .agent(EGRESS)
-        .args(&args)
-        .env(&[(HIDE, "sendmsg4,ringbuf")])
-        .run_to_exit();
-    assert_eq!(code.code(), Some(1), "{log}");
+    let log = refused_without(&sb, &args, "sendmsg4,ringbuf");
     assert!(
         log.contains("egress: error: this kernel (Linux ")
             && log.contains(") lacks what egress needs to enforce its policy: sendmsg4 ("),
@@ -125,8 +121,8 @@ fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
     }
     assert!(!log.contains("ready"), "{log}");
 
-    // Nothing was made: no pin directory, no control socket, no link on the cgroup.
-    assert!(!sb.pin_dir.exists(), "{} exists", sb.pin_dir.display());
+    // Nothing was made: no pin directory (as checked above), no control socket, no link on
+    // the cgroup.
     assert!(!sb.socket().exists());
     assert_eq!(
         loader::enforced_cgroups(&sb.pin_dir).expect("reading pins"),
@@ -140,30 +136,55 @@ fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
     assert_eq!(denied_if_enforced.accepted(), 1);
 
     // A name that is no feature refuses too, rather than quietly hide nothing.
-    let (code, log) = sb
-        .agent(EGRESS)
-        .args(&args)
-        .env(&[(HIDE, "getpeername")])
-        .run_to_exit();
-    assert_eq!(code.code(), Some(1), "{log}");
+    let log = refused_without(&sb, &args, "getpeername");
     assert!(
         log.contains("EGRESS_KERNEL_FEATURES_HIDE names getpeername, which is no kernel feature"),
         "{log}"
     );
-    assert!(!sb.pin_dir.exists());
 
     // Without the XDP link the agent runs, unless the XDP backstop is asked for.
-    let (code, log) = sb
-        .agent(EGRESS)
-        .policy(&policy(&dir), &["--xdp-iface", "d1"])
-        .env(&[(HIDE, "xdp_link")])
-        .run_to_exit();
-    assert_eq!(code.code(), Some(1), "{log}");
+    let xdp = sb.run_args(&policy(&dir), &["--xdp-iface", "d1"]);
+    let log = refused_without(&sb, &xdp, "xdp_link");
     assert!(
         log.contains("xdp_link (XDP programs attached through BPF_LINK_CREATE; Linux >= 5.9"),
         "{log}"
     );
-    assert!(!sb.pin_dir.exists());
+}
+
+/// Runs an agent of `sb` with `args` and shown a kernel without the features `hidden` (a
+/// comma-separated list), which must refuse to start: exit status 1, nothing pinned. Returns
+/// its log, which says why.
+fn refused_without(sb: &Sandbox, args: &[String], hidden: &str) -> String {
+    let (code, log) = sb
+        .agent(EGRESS)
+        .args(args)
+        .env(&[(HIDE, hidden)])
+        .run_to_exit();
+    assert_eq!(code.code(), Some(1), "{log}");
+    assert!(
+        !sb.pin_dir.exists(),
+        "{} exists: {log}",
+        sb.pin_dir.display()
+    );
+    log
+}
+
+/// Fails the test unless the agent's `log` has a WARN line for each of the optional
+/// `features` it runs without, naming the kernel that has it (`needs`) and what is `lost`, and
+/// then the summary naming them all.
+fn assert_degraded(log: &str, features: &[&str], needs: &str, lost: &str) {
+    for feature in features {
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains("kernel feature missing, running without it")
+                && l.contains(&format!("feature=\"{feature}\""))
+                && l.contains(needs)
+                && l.contains(lost)),
+            "no WARN line for {feature}:\n{log}"
+        );
+    }
+    let summary = format!("kernel: degraded, running without {}", features.join(", "));
+    assert!(log.contains(&summary), "{log}");
 }
 
 /// Without the getpeername hooks the agent runs, warns, shows it in `egress status`, and
@@ -174,8 +195,7 @@ fn without_a_required_feature_the_agent_refuses_and_attaches_nothing() {
 fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
     let sb = Sandbox::new();
     let dir = sb.dir("kfeat");
-    let allowed = sb.sink(sa(V4_A, 8080));
-    let denied = sb.sink(sa(V4_A, 9090));
+    let [allowed, denied] = sb.sinks(V4_A, [8080, 9090]);
     let web = Upstream::http(&sb.name, sa(V4_A, 80));
     let args = sb.run_args(&policy(&dir), &[]);
 
@@ -191,19 +211,11 @@ fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
         .env(&[(HIDE, "getpeername4,getpeername6")])
         .start();
     let log = agent.log();
-    for feature in ["getpeername4", "getpeername6"] {
-        assert!(
-            log.lines().any(|l| l.contains("WARN")
-                && l.contains("kernel feature missing, running without it")
-                && l.contains(&format!("feature=\"{feature}\""))
-                && l.contains("Linux >= 5.8")
-                && l.contains("getpeername() instead of the destination")),
-            "no WARN line for {feature}:\n{log}"
-        );
-    }
-    assert!(
-        log.contains("kernel: degraded, running without getpeername4, getpeername6"),
-        "{log}"
+    assert_degraded(
+        &log,
+        &["getpeername4", "getpeername6"],
+        "Linux >= 5.8",
+        "getpeername() instead of the destination",
     );
     assert!(log.contains("detached a pinned link"), "{log}");
     assert!(!sb.pin_dir.join("links/getpeername4").exists());
@@ -216,8 +228,7 @@ fn without_getpeername_the_agent_warns_and_enforces_unchanged() {
     );
 
     // Enforcement is unchanged, counted at the sinks.
-    assert_eq!(sb.connect(PROBE, allowed.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, denied.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[allowed.addr()], &[denied.addr()]);
     assert_eq!(allowed.accepted(), 1);
     assert_eq!(
         denied.accepted(),
@@ -251,8 +262,7 @@ fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
         )
     };
     let file = sb.policy_file("policy.yaml", &format!("{yaml}{}", rule(8080)));
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let s20299 = sb.sink(sa(egress_tests::V4_B, 20_299));
 
     let agent = sb
@@ -260,34 +270,22 @@ fn without_batch_ops_rules_load_one_by_one_and_are_the_same() {
         .policy(&file, &["--no-watch"])
         .env(&[(HIDE, "batch_ops")])
         .start();
-    let log = agent.log();
-    assert!(
-        log.lines().any(|l| l.contains("WARN")
-            && l.contains("feature=\"batch_ops\"")
-            && l.contains("Linux >= 5.13")
-            && l.contains("one bpf(2) call per entry")),
-        "{log}"
+    assert_degraded(
+        &agent.log(),
+        &["batch_ops"],
+        "Linux >= 5.13",
+        "one bpf(2) call per entry",
     );
-    assert!(
-        log.contains("kernel: degraded, running without batch_ops"),
-        "{log}"
-    );
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s20299.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s8080.addr(), s20299.addr()], &[s9090.addr()]);
 
     // A reload: the new generation is written key by key and the row table read back the
     // same way; 8080 goes, 9090 comes, the 300 stay.
     fs::write(&file, format!("{yaml}{}", rule(9090))).expect("policy");
     let (code, out, err) = sb.ctl(EGRESS, &["reload"]);
     assert!(code.success(), "{out}{err}");
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
-    assert_eq!(sb.connect(PROBE, s20299.addr()), Outcome::Connected);
+    sb.expect_verdicts(PROBE, &[s9090.addr(), s20299.addr()], &[s8080.addr()]);
 
-    assert_eq!(s8080.accepted(), 1);
-    assert_eq!(s9090.accepted(), 1);
-    assert_eq!(s20299.accepted(), 2);
+    assert_accepted(&[(&s8080, 1), (&s9090, 1), (&s20299, 2)]);
     // The counters kept their rows across the reload (the row table was read back right).
     let json = sb.status_json(EGRESS);
     let row = status_row(&json, "r20299");

@@ -3,7 +3,7 @@
 //! events carry the generation that judged them and no made-up process fields, and errors
 //! name their cause once.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use egress_tests::{Outcome, V4_A, egress_bin, probe_bin, sa, world::World};
 
@@ -30,18 +30,15 @@ fn requests(w: &World, name: &str) -> u64 {
 /// Waits until `egress get` counts `want` requests for `name` (a request is counted when its
 /// response body is over, a moment after the app read it); fails with the last count.
 fn wait_requests(w: &World, name: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = requests(w, name);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rule {name}: egress get shows {got} requests, want {want}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut got = 0;
+    let counted = egress_tests::eventually(Duration::from_secs(5), || {
+        got = requests(w, name);
+        got == want
+    });
+    assert!(
+        counted,
+        "rule {name}: egress get shows {got} requests, want {want}"
+    );
 }
 
 const ADDED: &str = "kind: EgressRule\nmetadata: {name: added}\nspec:\n  destination: {service: 192.0.2.9}\n  ports:\n    - {port: 9, protocol: tcp}\n";
@@ -143,18 +140,16 @@ fn generation(w: &World) -> u64 {
 /// The http events of allowed requests to `httpbin.test`, once there are `want` of them (an
 /// event is published when its response is over, a moment after the app read it).
 fn http_events(w: &World, want: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let found: Vec<_> = events(w)
+    let mut found = Vec::new();
+    egress_tests::eventually(Duration::from_secs(5), || {
+        found = events(w)
             .into_iter()
             .filter(|e| e["source"] == "http" && e["host"] == "httpbin.test")
             .filter(|e| e["reason"] == "" || e["reason"].is_null())
             .collect();
-        if found.len() >= want || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        found.len() >= want
+    });
+    found
 }
 
 #[test]

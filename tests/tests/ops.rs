@@ -6,42 +6,27 @@ use std::{
     fs,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use egress_tests::{
-    Outcome, Sandbox, V4_A, egress_bin, follow::EventFollower, probe_bin, sa, sample, status_row,
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, eventually, follow::EventFollower,
+    policy::test_net_rule, probe_bin, run_ok, sa, sample, status_row,
 };
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
 
-fn rule(name: &str, port: u16) -> String {
-    format!(
-        "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    service: 192.0.2.0/24\n  ports:\n    - port: {port}\n      protocol: tcp\n"
-    )
-}
-
 /// Runs `egress create -f - --socket ...` with `yaml` on stdin.
 fn create(sb: &Sandbox, yaml: &str) -> (bool, String, String) {
-    let mut child = Command::new(EGRESS)
-        .args(["create", "-f", "-", "--socket"])
-        .arg(sb.socket())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("egress create");
-    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), yaml.as_bytes())
-        .expect("writing the rule");
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("egress create");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (status, out, err) = sb.ctl_within(
+        EGRESS,
+        &["create", "-f", "-"],
+        yaml.as_bytes(),
+        Duration::from_secs(60),
+    );
+    (status.success(), out, err)
 }
 
 /// `egress status -o json`, parsed.
@@ -55,17 +40,15 @@ fn status(sb: &Sandbox) -> serde_json::Value {
 #[test]
 fn created_rules_persist_and_bad_requests_change_nothing() {
     let sb = Sandbox::new();
-    let policy = sb.policy_file("policy.yaml", &rule("from-file", 8080));
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let policy = sb.policy_file("policy.yaml", &test_net_rule("from-file", 8080));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let agent = sb.agent(EGRESS).policy(&policy, &[]).start();
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
 
-    let (ok, out, err) = create(&sb, &rule("extra", 9090));
+    let (ok, out, err) = create(&sb, &test_net_rule("extra", 9090));
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "created egressrule/extra (generation 2)");
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    sb.expect_verdicts(PROBE, &[s9090.addr(), s8080.addr()], &[]);
     let created = sb.state_dir().join("created.yaml");
     let saved = fs::read(&created).expect("the created rule is saved");
     let mode = fs::metadata(&created)
@@ -75,13 +58,13 @@ fn created_rules_persist_and_bad_requests_change_nothing() {
     assert_eq!(mode & 0o777, 0o600, "the state file is root's alone");
 
     // Refused, each with its reason, and nothing changes.
-    let (ok, _, err) = create(&sb, &rule("bad", 0));
+    let (ok, _, err) = create(&sb, &test_net_rule("bad", 0));
     assert!(!ok);
     assert!(
         err.contains("-:8: spec.ports[0].port") && err.contains("nothing was created"),
         "{err}"
     );
-    let (ok, _, err) = create(&sb, &rule("from-file", 7070));
+    let (ok, _, err) = create(&sb, &test_net_rule("from-file", 7070));
     assert!(!ok);
     assert!(
         err.contains("duplicate name `from-file`")
@@ -200,7 +183,7 @@ fn world_runnable_egress(dir: &Path) -> PathBuf {
 fn the_control_socket_refuses_a_client_that_is_not_root() {
     let sb = Sandbox::new();
     let dir = sb.dir("ops");
-    let policy = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
+    let policy = egress_tests::policy_file(&dir, "policy.yaml", &test_net_rule("r", 8080));
     // The socket in a directory anyone may enter, so only the socket's own mode and the
     // agent's uid check stand in the way.
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
@@ -250,18 +233,6 @@ fn the_control_socket_refuses_a_client_that_is_not_root() {
     drop(agent);
 }
 
-/// Polls `f` until it is true or `timeout` passes.
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    false
-}
-
 /// The agent watches its policy directory: a file replaced by rename (as editors and
 /// ConfigMap updates do) is applied without a signal; a write that changes nothing makes no
 /// generation; an invalid file is reported, counted, and the running policy stays.
@@ -269,9 +240,8 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn policy_file_changes_are_applied_without_a_signal() {
     let sb = Sandbox::new();
     let dir = sb.dir("watch");
-    let file = egress_tests::policy_file(&dir, "policy.yaml", &rule("r", 8080));
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let file = egress_tests::policy_file(&dir, "policy.yaml", &test_net_rule("r", 8080));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let agent = sb.agent(EGRESS).policy(&dir, &[]).start();
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
     let replace = |yaml: &str| {
@@ -280,14 +250,13 @@ fn policy_file_changes_are_applied_without_a_signal() {
         fs::rename(&tmp, &file).expect("renaming");
     };
 
-    replace(&rule("r", 9090));
+    replace(&test_net_rule("r", 9090));
     assert!(
         eventually(Duration::from_secs(10), || status(&sb)["generation"] == 2),
         "the change was not applied: {}",
         agent.log()
     );
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s9090.addr()], &[s8080.addr()]);
     assert!(
         agent.log().contains("policy files changed"),
         "{}",
@@ -295,12 +264,12 @@ fn policy_file_changes_are_applied_without_a_signal() {
     );
 
     // Same bytes again: nothing to do.
-    replace(&rule("r", 9090));
+    replace(&test_net_rule("r", 9090));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(status(&sb)["generation"], 2);
 
     // Invalid: reported with file and line, counted, and the old policy stays.
-    replace(&rule("r", 0));
+    replace(&test_net_rule("r", 0));
     assert!(
         eventually(Duration::from_secs(10), || status(&sb)["reloads_failed"]
             == 1),
@@ -315,12 +284,11 @@ fn policy_file_changes_are_applied_without_a_signal() {
     );
     assert_eq!(s["generation"], 2);
     assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(s9090.accepted(), 2);
-    assert_eq!(s8080.accepted(), 1);
+    assert_accepted(&[(&s9090, 2), (&s8080, 1)]);
 
     // Put back as it was: the files are the policy in force again, and the failure is no
     // longer reported, without a manual reload.
-    replace(&rule("r", 9090));
+    replace(&test_net_rule("r", 9090));
     assert!(
         eventually(Duration::from_secs(10), || status(&sb)["last_error"]
             .is_null()),
@@ -328,7 +296,7 @@ fn policy_file_changes_are_applied_without_a_signal() {
         agent.log()
     );
     // A broken file added to the directory, then deleted: a removed file is a change too.
-    let broken = egress_tests::policy_file(&dir, "broken.yaml", &rule("b", 0));
+    let broken = egress_tests::policy_file(&dir, "broken.yaml", &test_net_rule("b", 0));
     assert!(
         eventually(Duration::from_secs(10), || status(&sb)["reloads_failed"]
             == 2),
@@ -357,18 +325,16 @@ fn metrics_count_verdicts_requests_and_reloads() {
     let yaml = format!(
         "kind: EgressConfig\nspec:\n  hosts: {{one.test: [192.0.2.1]}}\n---\n{}---\n\
          kind: EgressRule\nmetadata: {{name: web}}\nspec:\n  destination: {{service: one.test}}\n  ports: [{{port: 80, protocol: http}}]\n",
-        rule("tcp", 8080)
+        test_net_rule("tcp", 8080)
     );
     let file = sb.policy_file("policy.yaml", &yaml);
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let http = egress_tests::upstream::Upstream::http(&sb.name, sa(V4_A, 80));
     let agent = sb
         .agent(EGRESS)
         .policy(&file, &["--metrics-addr", "127.0.0.1:9464", "--no-watch"])
         .start();
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s8080.addr()], &[s9090.addr()]);
     for host in ["one.test", "two.test"] {
         let req = format!("GET / HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n");
         sb.http(PROBE, &req, &[sa(V4_A, 80)]);
@@ -417,10 +383,10 @@ fn metrics_count_verdicts_requests_and_reloads() {
     }
 
     // A failed and a good reload are counted, and the new generation shows.
-    fs::write(&file, rule("tcp", 0)).expect("writing");
+    fs::write(&file, test_net_rule("tcp", 0)).expect("writing");
     let (ok, _, _) = sb.ctl(EGRESS, &["reload"]);
     assert!(!ok.success());
-    fs::write(&file, rule("tcp", 9090)).expect("writing");
+    fs::write(&file, test_net_rule("tcp", 9090)).expect("writing");
     let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
     assert!(ok.success(), "{err}");
     assert_eq!(out.trim(), "reloaded: generation 2 in force");
@@ -489,7 +455,7 @@ fn a_large_policy_logs_progress_while_it_loads() {
 fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
     const BURST: usize = 2000;
     let sb = Sandbox::new();
-    let file = sb.policy_file("policy.yaml", &rule("r", 8080));
+    let file = sb.policy_file("policy.yaml", &test_net_rule("r", 8080));
     let denied = sb.sink(sa(V4_A, 9090));
     let agent = sb.agent(EGRESS).policy(&file, &["--no-watch"]).start();
     let follower = EventFollower::start(&sb, EGRESS);
@@ -501,19 +467,13 @@ fn a_burst_of_denials_is_logged_in_few_lines_and_counted_in_full() {
         .expect("denied") as usize;
 
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_egress-connect-loop"))
-        .arg("--cgroup")
-        .arg(&sb.cgroup)
-        .args(["--netns", &sb.name, "--warmup", "0", "--count"])
-        .arg(BURST.to_string())
-        .args(["--expect", "denied"])
-        .arg(denied.addr().to_string())
-        .output()
-        .expect("egress-connect-loop");
-    assert!(
-        out.status.success(),
-        "the burst: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        sb.workload(env!("CARGO_BIN_EXE_egress-connect-loop"))
+            .args(["--warmup", "0", "--count"])
+            .arg(BURST.to_string())
+            .args(["--expect", "denied"])
+            .arg(denied.addr().to_string()),
+        "the burst (egress-connect-loop)",
     );
     let burst_time = started.elapsed();
     let total = markers + BURST;

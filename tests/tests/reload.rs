@@ -3,7 +3,9 @@
 
 use std::{fs, time::Duration};
 
-use egress_tests::{Outcome, Sandbox, V4_A, egress_bin, probe_bin, sa, upstream::Upstream};
+use egress_tests::{
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, probe_bin, sa, upstream::Upstream,
+};
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
@@ -45,13 +47,11 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
         ),
     )
     .expect("a");
-    let s8080 = sb.sink(sa(V4_A, 8080));
-    let s9090 = sb.sink(sa(V4_A, 9090));
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
     let http = Upstream::http(&sb.name, sa(V4_A, 80));
     let agent = sb.agent(EGRESS).policy(&dir, &[]).start();
 
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s8080.addr()], &[s9090.addr()]);
     assert!(status(&sb, "one.test").contains("200"));
     assert!(status(&sb, "two.test").contains("403"));
 
@@ -75,8 +75,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
         "{}",
         agent.log()
     );
-    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
-    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    sb.expect_verdicts(PROBE, &[s9090.addr()], &[s8080.addr()]);
     assert!(status(&sb, "two.test").contains("200"));
     assert!(status(&sb, "one.test").contains("403"));
     // Events carry the generation that judged them.
@@ -106,8 +105,7 @@ fn sighup_applies_a_valid_policy_and_keeps_the_running_one_when_invalid() {
     assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
     assert!(status(&sb, "two.test").contains("200"));
 
-    assert_eq!(s8080.accepted(), 1);
-    assert_eq!(s9090.accepted(), 2);
+    assert_accepted(&[(&s8080, 1), (&s9090, 2)]);
     assert_eq!(
         http.seen().len(),
         3,

@@ -13,7 +13,7 @@ use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
 
 use egress_common::RuleCounters;
 use egress_tests::{
-    Attempted, Sandbox, V4_A, V6_A, Vector,
+    Attempted, Sandbox, V4_A, V6_A, Vector, counted,
     matrix::AnySink,
     policy::{Rule, config, load},
     sa,
@@ -139,13 +139,52 @@ fn run(sb: &Sandbox, cgroup: Option<&Path>, expect: impl Fn(&Case) -> Expect) ->
     failures
 }
 
-/// A sandbox whose namespace lets ping sockets be made (so only the filter can refuse them),
-/// with `yaml` applied by an [`Enforcer`].
-fn enforced(yaml: &str) -> (Sandbox, Enforcer) {
+/// Every case run against one policy: the sandbox, the enforcer that judged the cases, and
+/// the events they made.
+struct Trial {
+    sb: Sandbox,
+    enforcer: Enforcer,
+    events: Vec<EventRecord>,
+}
+
+/// Applies `yaml` in a sandbox whose namespace lets ping sockets be made (so only the filter
+/// can refuse them), runs every case (from inside the managed cgroup when `in_cgroup`) and
+/// fails the test if one did not come to what `expect` says; then takes the events.
+fn trial(yaml: &str, in_cgroup: bool, expect: impl Fn(&Case) -> Expect) -> Trial {
     let sb = Sandbox::new();
     sb.allow_ping();
-    let enforcer = pipeline::apply(&sb.target(), &load(yaml)).expect("apply");
-    (sb, enforcer)
+    let mut enforcer = pipeline::apply(&sb.target(), &load(yaml)).expect("apply");
+    let mut ring = enforcer.take_events().expect("events");
+    let cgroup = in_cgroup.then_some(sb.cgroup.as_path());
+    let failures = run(&sb, cgroup, expect);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let events = drain(&mut enforcer, &mut ring);
+    Trial {
+        sb,
+        enforcer,
+        events,
+    }
+}
+
+impl Trial {
+    /// Fails the test unless each named hook counted what `want` says of it.
+    fn assert_hooks(&self, want: &[(&str, RuleCounters)]) {
+        assert_counts("hook", self.enforcer.hooks().expect("hooks"), want);
+    }
+
+    /// Fails the test unless each named row counted what `want` says of it.
+    fn assert_rows(&self, want: &[(&str, RuleCounters)]) {
+        assert_counts("row", self.enforcer.counters().expect("counters"), want);
+    }
+}
+
+/// Fails the test unless each of the named `rows` (of hooks or of rules: `what`) counted what
+/// `want` says of it.
+fn assert_counts(what: &str, rows: Vec<RowCount>, want: &[(&str, RuleCounters)]) {
+    let got = by_name(rows);
+    for (name, counted) in want {
+        assert_eq!(got[*name], *counted, "{what} {name}: {got:?}");
+    }
 }
 
 /// An EgressRule allowing tcp and udp on every case port of both addresses: what a rule can
@@ -165,14 +204,6 @@ fn rules_for_every_port() -> String {
 
 fn by_name(rows: Vec<RowCount>) -> HashMap<String, RuleCounters> {
     rows.into_iter().map(|r| (r.name, r.counters)).collect()
-}
-
-fn counts(allowed: u64, denied: u64, would_deny: u64) -> RuleCounters {
-    RuleCounters {
-        allowed,
-        denied,
-        would_deny,
-    }
 }
 
 /// The events now in the enforcer's ring.
@@ -248,23 +279,19 @@ fn targets(vector: Vector, protocol: u16) -> Vec<(std::net::SocketAddr, u16)> {
 /// denial each and reports it with the socket's protocol (and `raw` for the raw one only).
 #[test]
 fn other_socket_kinds_are_refused_at_socket_by_default() {
-    let (sb, mut enforcer) = enforced(&rules_for_every_port());
-    let mut ring = enforcer.take_events().expect("events");
-    let failures = run(&sb, Some(&sb.cgroup), |_| REFUSED);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-
-    let hooks = by_name(enforcer.hooks().expect("hooks"));
-    assert_eq!(hooks["sock_create"], counts(0, 8, 0), "{hooks:?}");
-    assert_eq!(hooks["connect"], counts(0, 0, 0), "{hooks:?}");
-    assert_eq!(hooks["sendmsg"], counts(0, 0, 0), "{hooks:?}");
-    let rows = by_name(enforcer.counters().expect("counters"));
-    assert_eq!(rows[NO_RULE_NAME], counts(0, 8, 0), "{rows:?}");
-    assert_eq!(rows["ports-0"], counts(0, 0, 0), "{rows:?}");
-    assert_eq!(rows["ports-1"], counts(0, 0, 0), "{rows:?}");
-
-    let events = drain(&mut enforcer, &mut ring);
-    assert_eq!(events.len(), 8, "{events:#?}");
-    check_sock_create_events(&sb, &events, Verdict::Deny, |_| true);
+    let t = trial(&rules_for_every_port(), true, |_| REFUSED);
+    t.assert_hooks(&[
+        ("sock_create", counted(0, 8, 0)),
+        ("connect", counted(0, 0, 0)),
+        ("sendmsg", counted(0, 0, 0)),
+    ]);
+    t.assert_rows(&[
+        (NO_RULE_NAME, counted(0, 8, 0)),
+        ("ports-0", counted(0, 0, 0)),
+        ("ports-1", counted(0, 0, 0)),
+    ]);
+    assert_eq!(t.events.len(), 8, "{:#?}", t.events);
+    check_sock_create_events(&t.sb, &t.events, Verdict::Deny, |_| true);
 }
 
 /// `allowSockets: [icmp, udplite, mptcp, raw]`: each socket is made, counted as allowed by
@@ -279,32 +306,33 @@ fn other_socket_kinds_are_refused_at_socket_by_default() {
 /// `an_allowed_mptcp_socket_connects_where_a_tcp_rule_allows`.
 #[test]
 fn allow_sockets_lets_each_named_kind_through() {
-    let (sb, mut enforcer) = enforced(&config("  allowSockets: [icmp, udplite, mptcp, raw]\n"));
-    let mut ring = enforcer.take_events().expect("events");
-    let failures = run(&sb, Some(&sb.cgroup), |c| match c.vector {
-        Vector::Mptcp => Expect::Denied("connect"),
-        _ => Expect::Arrives,
-    });
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-
-    let hooks = by_name(enforcer.hooks().expect("hooks"));
-    assert_eq!(hooks["sock_create"], counts(8, 0, 0), "{hooks:?}");
-    // The UDP-Lite sendto()s; ping and raw sockets meet no sendmsg hook.
-    assert_eq!(hooks["sendmsg"], counts(2, 0, 0), "{hooks:?}");
-    // The MPTCP subflows' connects, judged as TCP.
-    assert_eq!(hooks["connect"], counts(0, 2, 0), "{hooks:?}");
-    let rows = by_name(enforcer.counters().expect("counters"));
-    assert_eq!(rows[BYPASS_NAME], counts(8 + 2, 0, 0), "{rows:?}");
-    assert_eq!(rows[NO_RULE_NAME], counts(0, 2, 0), "{rows:?}");
+    let t = trial(
+        &config("  allowSockets: [icmp, udplite, mptcp, raw]\n"),
+        true,
+        |c| match c.vector {
+            Vector::Mptcp => Expect::Denied("connect"),
+            _ => Expect::Arrives,
+        },
+    );
+    t.assert_hooks(&[
+        ("sock_create", counted(8, 0, 0)),
+        // The UDP-Lite sendto()s; ping and raw sockets meet no sendmsg hook.
+        ("sendmsg", counted(2, 0, 0)),
+        // The MPTCP subflows' connects, judged as TCP.
+        ("connect", counted(0, 2, 0)),
+    ]);
+    t.assert_rows(&[
+        (BYPASS_NAME, counted(8 + 2, 0, 0)),
+        (NO_RULE_NAME, counted(0, 2, 0)),
+    ]);
 
     // Only the denials make events (`events: denied`, the default): the MPTCP connects, as TCP.
-    let events = drain(&mut enforcer, &mut ring);
-    for e in &events {
-        check_event(&sb, e, Verdict::Deny, NO_RULE_NAME);
+    for e in &t.events {
+        check_event(&t.sb, e, Verdict::Deny, NO_RULE_NAME);
         assert!(!e.raw, "{e:?}");
     }
-    assert_eq!(at_hook(&events, Hook::Connect), targets(Vector::Mptcp, 6));
-    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(at_hook(&t.events, Hook::Connect), targets(Vector::Mptcp, 6));
+    assert_eq!(t.events.len(), 2, "{:#?}", t.events);
 }
 
 /// With `allowSockets: [mptcp]` and a tcp rule for the MPTCP sinks' ports, the MPTCP
@@ -326,48 +354,48 @@ fn an_allowed_mptcp_socket_connects_where_a_tcp_rule_allows() {
             )
         })
         .collect();
-    let (sb, mut enforcer) = enforced(&(rules + &config("  allowSockets: [mptcp]\n")));
-    let mut ring = enforcer.take_events().expect("events");
-    let failures = run(&sb, Some(&sb.cgroup), |c| match c.vector {
-        Vector::Mptcp => Expect::Arrives,
-        _ => REFUSED,
+    let t = trial(
+        &(rules + &config("  allowSockets: [mptcp]\n")),
+        true,
+        |c| match c.vector {
+            Vector::Mptcp => Expect::Arrives,
+            _ => REFUSED,
+        },
+    );
+    t.assert_hooks(&[
+        ("sock_create", counted(2, 6, 0)),
+        ("connect", counted(2, 0, 0)),
+    ]);
+    t.assert_rows(&[
+        ("mptcp-0", counted(1, 0, 0)),
+        ("mptcp-1", counted(1, 0, 0)),
+        (BYPASS_NAME, counted(2, 0, 0)),
+    ]);
+    assert_eq!(t.events.len(), 6, "{:#?}", t.events);
+    check_sock_create_events(&t.sb, &t.events, Verdict::Deny, |c| {
+        c.vector != Vector::Mptcp
     });
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-
-    let hooks = by_name(enforcer.hooks().expect("hooks"));
-    assert_eq!(hooks["sock_create"], counts(2, 6, 0), "{hooks:?}");
-    assert_eq!(hooks["connect"], counts(2, 0, 0), "{hooks:?}");
-    let rows = by_name(enforcer.counters().expect("counters"));
-    assert_eq!(rows["mptcp-0"], counts(1, 0, 0), "{rows:?}");
-    assert_eq!(rows["mptcp-1"], counts(1, 0, 0), "{rows:?}");
-    assert_eq!(rows[BYPASS_NAME], counts(2, 0, 0), "{rows:?}");
-    let events = drain(&mut enforcer, &mut ring);
-    assert_eq!(events.len(), 6, "{events:#?}");
-    check_sock_create_events(&sb, &events, Verdict::Deny, |c| c.vector != Vector::Mptcp);
 }
 
 /// `allowSockets: [udplite]` opens UDP-Lite alone: ping, MPTCP and raw sockets are still
 /// refused at `socket()`.
 #[test]
 fn one_allowed_kind_does_not_open_the_others() {
-    let (sb, mut enforcer) = enforced(&config("  allowSockets: [udplite]\n"));
-    let mut ring = enforcer.take_events().expect("events");
     let udplite = |c: &Case| c.vector == Vector::Udplite;
-    let failures = run(&sb, Some(&sb.cgroup), |c| {
+    let t = trial(&config("  allowSockets: [udplite]\n"), true, |c| {
         if udplite(c) { Expect::Arrives } else { REFUSED }
     });
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-
-    let hooks = by_name(enforcer.hooks().expect("hooks"));
-    assert_eq!(hooks["sock_create"], counts(2, 6, 0), "{hooks:?}");
-    assert_eq!(hooks["sendmsg"], counts(2, 0, 0), "{hooks:?}");
-    assert_eq!(hooks["connect"], counts(0, 0, 0), "{hooks:?}");
-    let rows = by_name(enforcer.counters().expect("counters"));
-    assert_eq!(rows[BYPASS_NAME], counts(2 + 2, 0, 0), "{rows:?}");
-    assert_eq!(rows[NO_RULE_NAME], counts(0, 6, 0), "{rows:?}");
-    let events = drain(&mut enforcer, &mut ring);
-    assert_eq!(events.len(), 6, "{events:#?}");
-    check_sock_create_events(&sb, &events, Verdict::Deny, |c| !udplite(c));
+    t.assert_hooks(&[
+        ("sock_create", counted(2, 6, 0)),
+        ("sendmsg", counted(2, 0, 0)),
+        ("connect", counted(0, 0, 0)),
+    ]);
+    t.assert_rows(&[
+        (BYPASS_NAME, counted(2 + 2, 0, 0)),
+        (NO_RULE_NAME, counted(0, 6, 0)),
+    ]);
+    assert_eq!(t.events.len(), 6, "{:#?}", t.events);
+    check_sock_create_events(&t.sb, &t.events, Verdict::Deny, |c| !udplite(c));
 }
 
 /// Audit mode without `allowSockets`: every one goes through, and sock_create counts it as
@@ -376,46 +404,36 @@ fn one_allowed_kind_does_not_open_the_others() {
 /// refused) and the MPTCP subflow's connect as TCP without a rule, both would-deny too.
 #[test]
 fn audit_mode_lets_them_through_as_would_deny() {
-    let (sb, mut enforcer) = enforced(&config("  mode: audit\n"));
-    let mut ring = enforcer.take_events().expect("events");
-    let failures = run(&sb, Some(&sb.cgroup), |_| Expect::Arrives);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let t = trial(&config("  mode: audit\n"), true, |_| Expect::Arrives);
+    t.assert_hooks(&[
+        ("sock_create", counted(0, 0, 8)),
+        ("sendmsg", counted(0, 0, 2)),
+        ("connect", counted(0, 0, 2)),
+    ]);
+    t.assert_rows(&[(NO_RULE_NAME, counted(0, 0, 12))]);
 
-    let hooks = by_name(enforcer.hooks().expect("hooks"));
-    assert_eq!(hooks["sock_create"], counts(0, 0, 8), "{hooks:?}");
-    assert_eq!(hooks["sendmsg"], counts(0, 0, 2), "{hooks:?}");
-    assert_eq!(hooks["connect"], counts(0, 0, 2), "{hooks:?}");
-    let rows = by_name(enforcer.counters().expect("counters"));
-    assert_eq!(rows[NO_RULE_NAME], counts(0, 0, 12), "{rows:?}");
-
-    let events = drain(&mut enforcer, &mut ring);
-    assert_eq!(events.len(), 12, "{events:#?}");
-    check_sock_create_events(&sb, &events, Verdict::WouldDeny, |_| true);
-    for e in &events {
-        check_event(&sb, e, Verdict::WouldDeny, NO_RULE_NAME);
+    assert_eq!(t.events.len(), 12, "{:#?}", t.events);
+    check_sock_create_events(&t.sb, &t.events, Verdict::WouldDeny, |_| true);
+    for e in &t.events {
+        check_event(&t.sb, e, Verdict::WouldDeny, NO_RULE_NAME);
     }
     assert_eq!(
-        at_hook(&events, Hook::Sendmsg),
+        at_hook(&t.events, Hook::Sendmsg),
         targets(Vector::Udplite, 136)
     );
-    assert_eq!(at_hook(&events, Hook::Connect), targets(Vector::Mptcp, 6));
+    assert_eq!(at_hook(&t.events, Hook::Connect), targets(Vector::Mptcp, 6));
 }
 
 /// The same process outside the managed cgroup is never refused: the programs judge the
 /// managed cgroup only, and count and report nothing for it.
 #[test]
 fn outside_the_cgroup_nothing_is_refused() {
-    let (sb, mut enforcer) = enforced(&rules_for_every_port());
-    let mut ring = enforcer.take_events().expect("events");
-    let failures = run(&sb, None, |_| Expect::Arrives);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-
-    let hooks = by_name(enforcer.hooks().expect("hooks"));
+    let t = trial(&rules_for_every_port(), false, |_| Expect::Arrives);
+    let hooks = by_name(t.enforcer.hooks().expect("hooks"));
     for (hook, c) in &hooks {
-        assert_eq!(*c, counts(0, 0, 0), "{hook}: {hooks:?}");
+        assert_eq!(*c, counted(0, 0, 0), "{hook}: {hooks:?}");
     }
-    let events = drain(&mut enforcer, &mut ring);
-    assert!(events.is_empty(), "{events:#?}");
+    assert!(t.events.is_empty(), "{:#?}", t.events);
 }
 
 /// Without `net.ipv4.ping_group_range` (empty in a new namespace), the kernel refuses a ping
@@ -440,6 +458,9 @@ fn the_kernel_refuses_ping_sockets_before_the_filter_without_ping_group_range() 
             "ping {ip}: {got:?}"
         );
     }
-    let hooks = by_name(enforcer.hooks().expect("hooks"));
-    assert_eq!(hooks["sock_create"], counts(0, 0, 0), "{hooks:?}");
+    assert_counts(
+        "hook",
+        enforcer.hooks().expect("hooks"),
+        &[("sock_create", counted(0, 0, 0))],
+    );
 }

@@ -13,9 +13,9 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, PodNet, V4_A, V6_A, egress_bin, probe_bin, sa,
+    Agent, PodNet, V4_A, V6_A, egress_bin, output_text, probe_bin, sa,
     squatter::{Hold, Squatter},
-    squatter_bin,
+    squatter_bin, workload_command,
     world::World,
 };
 
@@ -60,19 +60,16 @@ fn wait_reclaimed(agent: &Agent) {
 
 /// Waits until `egress status` says ready (or panics after 10 s).
 fn wait_ready(w: &World) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, out, _) = w.sb.ctl(EGRESS, &["status"]);
-        if out.lines().next().is_some_and(|l| l.ends_with(", ready")) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent never became ready; status:\n{out}\nlog:\n{}",
-            w.agent().log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut out = String::new();
+    let ready = egress_tests::eventually(Duration::from_secs(10), || {
+        out = w.sb.ctl(EGRESS, &["status"]).1;
+        out.lines().next().is_some_and(|l| l.ends_with(", ready"))
+    });
+    assert!(
+        ready,
+        "the agent never became ready; status:\n{out}\nlog:\n{}",
+        w.agent().log()
+    );
 }
 
 fn status(w: &World) -> String {
@@ -100,19 +97,31 @@ fn squat_before_start(proxy: SocketAddr) {
     assert_served(&victim(&w, other));
 
     // The squatter goes; the agent takes the port within a second or two and serves.
+    squatters_go(&w, vec![(squatter, "squatter")], &[proxy], 2);
+}
+
+/// After a moment for anything in flight, fails the test if any of `squatters` (each with
+/// what to call it) received something; then they go, and the agent takes its ports back,
+/// says it is ready and serves at each of `proxies`. The upstream has then seen `seen`
+/// requests: only the served ones.
+fn squatters_go(w: &World, squatters: Vec<(Squatter, &str)>, proxies: &[SocketAddr], seen: usize) {
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        squatter.stolen(),
-        Vec::<String>::new(),
-        "the squatter received nothing"
-    );
-    drop(squatter);
-    wait_reclaimed(agent);
-    wait_ready(&w);
-    assert_served(&victim(&w, proxy));
+    for (squatter, who) in &squatters {
+        assert_eq!(
+            squatter.stolen(),
+            Vec::<String>::new(),
+            "the {who} received nothing"
+        );
+    }
+    drop(squatters);
+    wait_reclaimed(w.agent());
+    wait_ready(w);
+    for proxy in proxies {
+        assert_served(&victim(w, *proxy));
+    }
     assert_eq!(
         w.http.seen().len(),
-        2,
+        seen,
         "the upstream saw only the served requests"
     );
 }
@@ -182,26 +191,11 @@ fn while_the_agent_is_down_a_squatter_receives_nothing_and_the_events_say_why() 
     let proxy_row = egress_tests::status_row(&json, "(proxy)");
     assert_eq!(proxy_row["denied"], 9, "{proxy_row}");
 
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        s4.stolen(),
-        Vec::<String>::new(),
-        "the IPv4 squatter received nothing"
-    );
-    assert_eq!(
-        s6.stolen(),
-        Vec::<String>::new(),
-        "the IPv6 squatter received nothing"
-    );
-    drop((s4, s6));
-    wait_reclaimed(agent);
-    wait_ready(&w);
-    assert_served(&victim(&w, PROXY_V4));
-    assert_served(&victim(&w, PROXY_V6));
-    assert_eq!(
-        w.http.seen().len(),
+    squatters_go(
+        &w,
+        vec![(s4, "IPv4 squatter"), (s6, "IPv6 squatter")],
+        &[PROXY_V4, PROXY_V6],
         3,
-        "the upstream saw only the served requests"
     );
 }
 
@@ -292,15 +286,14 @@ fn in_another_network_namespace_only_the_agents_own_listener_there_would_do() {
     let w = World::new(EGRESS, PROBE);
     let pod = PodNet::new(&w.sb);
     let from_pod = || {
-        let out = Command::new(PROBE)
-            .arg("--cgroup")
-            .arg(&w.sb.cgroup)
-            .args(["--netns", pod.pod_netns(), "--http"])
-            .arg("GET / HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n")
-            .arg(sa(V4_A, 80).to_string())
-            .output()
-            .expect("probe");
-        egress_tests::world::Response::parse(&String::from_utf8_lossy(&out.stdout))
+        let (stdout, _) = output_text(
+            workload_command(PROBE, Some(&w.sb.cgroup), pod.pod_netns())
+                .arg("--http")
+                .arg("GET / HTTP/1.1\\r\\nHost: httpbin.test\\r\\nConnection: close\\r\\n\\r\\n")
+                .arg(sa(V4_A, 80).to_string()),
+            "the probe",
+        );
+        egress_tests::world::Response::parse(&stdout)
     };
     assert_refused(&from_pod());
     w.agent()

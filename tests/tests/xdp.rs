@@ -180,18 +180,12 @@ fn a_prefix_pattern_covers_pods_that_start_later() {
 
     let pod = PodNet::new(&sb);
     let wait_for = |want: serde_json::Value| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let got = status(&sb)["xdp_ifaces"].clone();
-            if got == want {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "xdp_ifaces stayed {got}, not {want}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut got = serde_json::Value::Null;
+        let shown = egress_tests::eventually(Duration::from_secs(5), || {
+            got = status(&sb)["xdp_ifaces"].clone();
+            got == want
+        });
+        assert!(shown, "xdp_ifaces stayed {got}, not {want}");
     };
     wait_for(serde_json::json!([pod.host_iface()]));
 
