@@ -175,20 +175,29 @@ mod tests {
 
     use super::*;
 
+    /// Offers each (key, time) to `limit` and counts the lines it lets through; all in one
+    /// window, so no summary is due on the way.
+    fn logged(limit: &LogLimit, offers: impl Iterator<Item = (String, Instant)>) -> u32 {
+        offers
+            .map(|(key, at)| {
+                let (admit, summary) = limit.admit_at(&key, at);
+                assert_eq!(summary, None, "{key}");
+                u32::from(admit)
+            })
+            .sum()
+    }
+
     #[test]
     fn a_burst_from_one_key_logs_a_few_lines_and_one_summary() {
         let limit = LogLimit::new();
         let t0 = Instant::now();
-        let mut logged = 0;
-        for i in 0..2000u32 {
-            let (admit, summary) = limit.admit_at(
-                "cgroup 7 -> 192.0.2.1:80",
-                t0 + Duration::from_micros(u64::from(i) * 100),
-            );
-            assert_eq!(summary, None);
-            logged += u32::from(admit);
-        }
-        assert_eq!(logged, LogLimit::PER_KEY);
+        let burst = (0..2000u64).map(|i| {
+            (
+                "cgroup 7 -> 192.0.2.1:80".to_owned(),
+                t0 + Duration::from_micros(i * 100),
+            )
+        });
+        assert_eq!(logged(&limit, burst), LogLimit::PER_KEY);
         // Nothing until the window is over, then one summary with all the rest.
         assert_eq!(limit.flush_at(t0 + Duration::from_millis(500)), None);
         assert_eq!(
@@ -210,12 +219,9 @@ mod tests {
     fn many_keys_are_bounded_in_all_and_the_summary_comes_with_the_next_denial() {
         let limit = LogLimit::new();
         let t0 = Instant::now();
-        let mut logged = 0;
-        for i in 0..20_000u32 {
-            let key = format!("cgroup 7 -> 192.0.2.{}:{}", i % 250, i / 250);
-            logged += u32::from(limit.admit_at(&key, t0).0);
-        }
-        assert_eq!(logged, LogLimit::PER_WINDOW);
+        let keys =
+            (0..20_000u32).map(|i| (format!("cgroup 7 -> 192.0.2.{}:{}", i % 250, i / 250), t0));
+        assert_eq!(logged(&limit, keys), LogLimit::PER_WINDOW);
         let (admit, summary) = limit.admit_at("other", t0 + Duration::from_millis(1500));
         assert!(admit);
         assert_eq!(

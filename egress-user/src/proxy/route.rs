@@ -263,7 +263,12 @@ mod tests {
         }
     }
 
-    fn rule(name: &str, host: HostPattern, ports: &[(u16, HttpProtocol)]) -> HttpRule {
+    /// An http rule for `host`, written as in a policy file (`*.example.com` is a wildcard).
+    fn rule(name: &str, host: &str, ports: &[(u16, HttpProtocol)]) -> HttpRule {
+        let host = match host.strip_prefix("*.") {
+            Some(domain) => HostPattern::Wildcard(domain.into()),
+            None => HostPattern::Exact(host.into()),
+        };
         let ports = ports
             .iter()
             .map(|&(port, protocol)| HttpPort { port, protocol })
@@ -280,26 +285,10 @@ mod tests {
         use HttpProtocol::*;
         Policy {
             http_rules: vec![
-                rule(
-                    "exact",
-                    HostPattern::Exact("api.example.com".into()),
-                    &[(80, Http)],
-                ),
-                rule(
-                    "wild",
-                    HostPattern::Wildcard("example.com".into()),
-                    &[(80, Http), (443, Https)],
-                ),
-                rule(
-                    "deep",
-                    HostPattern::Wildcard("b.example.com".into()),
-                    &[(80, Http)],
-                ),
-                rule(
-                    "tls",
-                    HostPattern::Exact("secure.test".into()),
-                    &[(443, Https), (8443, Https)],
-                ),
+                rule("exact", "api.example.com", &[(80, Http)]),
+                rule("wild", "*.example.com", &[(80, Http), (443, Https)]),
+                rule("deep", "*.b.example.com", &[(80, Http)]),
+                rule("tls", "secure.test", &[(443, Https), (8443, Https)]),
             ],
             aliases: vec![Alias {
                 name: "httpbin".into(),
@@ -350,7 +339,7 @@ mod tests {
     fn wildcard_agrees_with_host_pattern() {
         let p = HostPattern::Wildcard("example.com".into());
         let r = Routes::new(&Policy {
-            http_rules: vec![rule("w", p.clone(), &[(80, HttpProtocol::Http)])],
+            http_rules: vec![rule("w", "*.example.com", &[(80, HttpProtocol::Http)])],
             ..Policy::default()
         })
         .unwrap();

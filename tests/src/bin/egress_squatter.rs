@@ -12,7 +12,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener},
-    os::fd::FromRawFd as _,
     time::Duration,
 };
 
@@ -84,36 +83,17 @@ fn say(line: &str) {
 /// A TCP socket (with `SO_REUSEADDR` if `reuse`) bound to `addr`, listening unless
 /// `bind_only`.
 fn bind(addr: SocketAddr, bind_only: bool, reuse: bool) -> std::io::Result<TcpListener> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket calls on a descriptor this function owns; the address comes from
-    // the harness's sockaddr conversion and outlives the call.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let listener = TcpListener::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        if reuse {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-        let (sa, len) = egress_tests::raw::sockaddr(addr);
-        if libc::bind(fd, (&raw const sa).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if !bind_only && libc::listen(fd, 128) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(listener)
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if reuse {
+        socket.set_reuse_address(true)?;
     }
+    socket.bind(&addr.into())?;
+    if !bind_only {
+        socket.listen(128)?;
+    }
+    Ok(socket.into())
 }
