@@ -12,7 +12,8 @@
 //!   family; [`workload`]: `egress-verdicts` of the soak tests; [`raw`]: `connect()` in a loop;
 //! - [`hold`]: the descriptor-exhaustion attacker and the metrics scrape; [`upstream`]: the
 //!   HTTP and TLS servers of the HTTP egress tests, [`world`] their whole world; [`pod`]: a
-//!   second namespace wired to a sandbox as a pod to its node; [`squatter`], [`follow`].
+//!   second namespace wired to a sandbox as a pod to its node; [`node`] (feature `pods`): a
+//!   real containerd on a sandbox and its pods; [`squatter`], [`follow`].
 //!
 //! Network safety: every address here is assigned by the sandbox to a veth interface whose peer is also inside
 //! the sandbox's own namespace (TEST-NET ranges and 2001:db8::/32), so a filter that failed
@@ -77,6 +78,8 @@ pub mod client;
 pub mod follow;
 pub mod hold;
 pub mod matrix;
+#[cfg(feature = "pods")]
+pub mod node;
 pub mod pod;
 pub mod policy;
 pub mod probe;

@@ -44,6 +44,9 @@ enum Step {
     /// The Kubernetes manifests in `deploy/`, validated offline (schemas, strict), broken
     /// examples rejected, and the ConfigMap's policy run through `egress check`.
     Deploy,
+    /// Pods under a real containerd, created through the CRI, filtered by the agent
+    /// (`tests/tests/pods.rs`, feature `pods`); installs the runtime's Debian packages first.
+    Pods,
     /// The kernel-facing tests on Debian's 6.1 and 6.12 kernels under QEMU
     /// (`cargo xtask integration-test --kernel all`).
     Kernels,
@@ -61,17 +64,34 @@ echo "workspace: bpffs is not mounted in this mount namespace (as on a fresh mac
 exec "$@"
 "#;
 
+/// The Debian packages of the pods step (and a command each provides): the container
+/// runtime, its CNI plugins, buildah for the images, busybox for what runs in them, and protoc
+/// for the CRI client's generated code.
+const POD_PACKAGES: &[(&str, &str)] = &[
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("containernetworking-plugins", "/usr/lib/cni/ptp"),
+    ("buildah", "buildah"),
+    ("busybox-static", "busybox"),
+    ("protobuf-compiler", "protoc"),
+];
+
+/// `cargo test` as on a machine that never mounted bpffs: in a private mount namespace where
+/// it is unmounted, every test that needs bpffs must mount it itself, the way the agent does.
+/// The host's mounts are not touched.
+fn without_bpffs(child: &ChildEnv) -> std::process::Command {
+    let mut command = child.command("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "--"])
+        .args(["sh", "-c", WITHOUT_BPFFS, "sh", "cargo", "test"]);
+    command
+}
+
 impl Step {
     fn run(self, child: &ChildEnv, options: &Options) -> Result<()> {
         match self {
             Self::Workspace => {
-                // As on a machine that never mounted bpffs: in a private mount namespace where
-                // it is unmounted, every test that needs bpffs must mount it itself, the way
-                // the agent does. The host's mounts are not touched.
-                let mut command = child.command("unshare");
-                command
-                    .args(["--mount", "--propagation", "private", "--"])
-                    .args(["sh", "-c", WITHOUT_BPFFS, "sh", "cargo", "test"]);
+                let mut command = without_bpffs(child);
                 // cargo ignores `--package` next to `--workspace`; let `-- -p tests` narrow.
                 if !selects_packages(&options.cargo_test_args) {
                     command.arg("--workspace");
@@ -79,6 +99,17 @@ impl Step {
                 run_tallied(command.args(&options.cargo_test_args))
             }
             Self::Deploy => deploy::run(child),
+            Self::Pods => {
+                setup::debian_packages(child, POD_PACKAGES)?;
+                run_tallied(without_bpffs(child).args([
+                    "-p",
+                    "egress-tests",
+                    "--features",
+                    "pods",
+                    "--test",
+                    "pods",
+                ]))
+            }
             Self::Kernels => vm::run_matrix(child, &vm::Matrix::all()),
         }
     }
