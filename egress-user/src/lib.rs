@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod compile;
 pub mod control;
+pub mod cri;
 pub mod fds;
 pub mod loader;
 pub use loader::events;

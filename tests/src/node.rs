@@ -133,6 +133,11 @@ impl<'a> Node<'a> {
         node
     }
 
+    /// containerd's CRI socket (what `egress run --cri-socket` takes).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// containerd's log so far, for failure messages.
     pub fn log(&self) -> String {
         let text = fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use egress_tests::{
-    Sandbox, V4_A, assert_accepted, egress_bin,
+    Sandbox, V4_A, assert_accepted, egress_bin, eventually,
     node::{Exec, Node, Pod},
     policy::tcp_rule,
     status_row,
@@ -48,7 +48,8 @@ fn assert_refused(node: &Node<'_>, pod: &Pod, port: u16) {
 
 /// A pod that ran before the agent started and one created after it are both held to the
 /// node's policy: the allowed port reaches its server, the other never does, and the agent
-/// counts and reports each denial with the pod's own cgroup.
+/// counts each denial and reports it with the pod's own cgroup and its name, which it learns
+/// from containerd's CRI socket.
 #[test]
 fn containerd_pods_are_held_to_the_policy_from_before_and_after_the_agent_starts() {
     let sb = Sandbox::new();
@@ -60,25 +61,63 @@ fn containerd_pods_are_held_to_the_policy_from_before_and_after_the_agent_starts
     assert_accepted(&[(&allowed, 0), (&denied, 1)]);
 
     let policy = sb.policy_file("p.yaml", &tcp_rule("web", "192.0.2.0/24", 8080));
-    let _agent = sb.agent(EGRESS).policy(&policy, &[]).start();
+    let socket = node.socket().display().to_string();
+    let _agent = sb
+        .agent(EGRESS)
+        .policy(&policy, &["--cri-socket", &socket])
+        .start();
     let late = node.pod("team-a", "late");
     for pod in [&early, &late] {
         assert_connects(&node, pod, 8080);
-        assert_refused(&node, pod, 9090);
+        // The agent lists the pods every second: a pod's first denials may name only its
+        // cgroup. Each attempt is refused all the same; within seconds the events name it.
+        let named = eventually(Duration::from_secs(15), || {
+            assert_refused(&node, pod, 9090);
+            sb.events_json(EGRESS).iter().any(|e| {
+                e["verdict"] == "deny"
+                    && e["destination"] == "192.0.2.1:9090"
+                    && e["cgroup_id"] == pod.cgroup_id
+                    && e["pod"] == pod.name.as_str()
+            })
+        });
+        assert!(
+            named,
+            "no deny event naming {} (cgroup {}): {:#?}",
+            pod.name,
+            pod.cgroup_id,
+            sb.events_json(EGRESS)
+        );
     }
     assert_accepted(&[(&allowed, 2), (&denied, 1)]);
-
     let status = sb.status_json(EGRESS);
     assert_eq!(status_row(&status, "web")["allowed"], 2, "{status:#}");
-    let events = sb.events_json(EGRESS);
-    for pod in [&early, &late] {
-        assert!(
-            events.iter().any(|e| e["verdict"] == "deny"
-                && e["destination"] == "192.0.2.1:9090"
-                && e["cgroup_id"] == pod.cgroup_id),
-            "a deny event from {}'s cgroup {}: {events:#?}",
-            pod.name,
-            pod.cgroup_id
+
+    // `egress events` picks one pod's denials.
+    let (ok, out, err) = sb.ctl(
+        EGRESS,
+        &[
+            "events",
+            "-o",
+            "json",
+            "-n",
+            "team-a",
+            "--pod",
+            "late",
+            "--verdict",
+            "deny",
+        ],
+    );
+    assert!(ok.success(), "{err}");
+    let picked: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an event per line"))
+        .collect();
+    assert!(!picked.is_empty(), "no events picked: {err}");
+    for e in &picked {
+        assert_eq!(
+            (&e["pod"], &e["verdict"]),
+            (&"team-a/late".into(), &"deny".into()),
+            "{e}"
         );
     }
 

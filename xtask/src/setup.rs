@@ -8,7 +8,8 @@
 //! - `bpf-linker`, built against the LLVM that ships inside the nightly toolchain, so that
 //!   it reads the bitcode nightly's rustc writes. crates.io's default feature (`llvm-23`)
 //!   does not match rustc's LLVM 22, hence `--no-default-features --features llvm-22`.
-//! - the Debian packages the tests call: `bpftool` and `iproute2` (`ip`, `tc`).
+//! - the Debian packages the tests call, `bpftool` and `iproute2` (`ip`, `tc`), and
+//!   `protobuf-compiler` (protoc), which the agent's CRI client needs to build.
 
 use std::{
     ffi::OsStr,
@@ -32,7 +33,12 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// `libLLVM.so`, and its feature selects the matching LLVM C API bindings.
 const LLVM_MAJOR: &str = "22";
 /// Debian packages the tests need, with a command each provides (checked on non-Debian hosts).
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("bpftool", "bpftool"), ("iproute2", "ip")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("iproute2", "ip"),
+    // The agent's CRI client (crate k8s-cri) generates its gRPC code with protoc at build time.
+    ("protobuf-compiler", "protoc"),
+];
 
 /// Options of `cargo xtask setup`; `test` and `run` embed them.
 #[derive(Debug, Args)]

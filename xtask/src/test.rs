@@ -65,15 +65,14 @@ exec "$@"
 "#;
 
 /// The Debian packages of the pods step (and a command each provides): the container
-/// runtime, its CNI plugins, buildah for the images, busybox for what runs in them, and protoc
-/// for the CRI client's generated code.
+/// runtime, its CNI plugins, buildah for the images and busybox for what runs in them
+/// (set-up installs protoc, which the CRI client's generated code needs).
 const POD_PACKAGES: &[(&str, &str)] = &[
     ("containerd", "containerd"),
     ("runc", "runc"),
     ("containernetworking-plugins", "/usr/lib/cni/ptp"),
     ("buildah", "buildah"),
     ("busybox-static", "busybox"),
-    ("protobuf-compiler", "protoc"),
 ];
 
 /// `cargo test` as on a machine that never mounted bpffs: in a private mount namespace where

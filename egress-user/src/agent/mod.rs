@@ -15,6 +15,7 @@ pub mod health;
 mod history;
 pub mod listeners;
 pub mod occupancy;
+pub mod pods;
 mod redirects;
 mod serve;
 pub mod sources;
@@ -57,6 +58,8 @@ pub struct Settings {
     pub listeners: listeners::ProxyListeners,
     /// The metrics listener, when metrics are served.
     pub metrics: Option<std::net::TcpListener>,
+    /// The container runtime's CRI socket, when events are to name the node's pods.
+    pub cri_socket: Option<PathBuf>,
 }
 
 /// The generation in force and its counter rows with their names, for the metrics endpoint.

@@ -25,7 +25,7 @@ use crate::{
     telemetry::LogLimit,
 };
 
-use super::{Agent, error::chain, health, occupancy, watch};
+use super::{Agent, error::chain, health, occupancy, pods, watch};
 
 /// Proxy events waiting to be logged; past this the proxy drops (and counts) them rather than
 /// slow a request down. It holds [`REQUEST_BATCH`] of requests at well over 100,000 a second.
@@ -135,6 +135,16 @@ impl Agent {
             self.serve_metrics(listener, ready_rx, health.clone())?;
         }
         let mut occupancy = occupancy::Occupancy::new(&self.settings.target.cgroup);
+        let pods =
+            self.settings.cri_socket.clone().and_then(
+                |socket| match crate::cgroup::cgroup2_mount() {
+                    Ok(root) => Some(pods::PodWatch::start(socket, root)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pods: not watched, events name cgroups only");
+                        None
+                    }
+                },
+            );
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         // While `batching`, proxy events are left queued until `batch` fires (REQUEST_BATCH).
         let batch = tokio::time::sleep(REQUEST_BATCH);
@@ -202,7 +212,8 @@ impl Agent {
                     let name = |generation, row| self.row_name(generation, row);
                     for event in events::drain(guard.get_inner_mut(), name) {
                         events::log(&event, &self.log_limit);
-                        self.hub.publish(HubEvent::Connect(SystemTime::now(), event));
+                        let pod = pods.as_ref().and_then(|p| p.pod(event.cgroup_id));
+                        self.hub.publish(HubEvent::Connect(SystemTime::now(), event, pod));
                     }
                 }
             }

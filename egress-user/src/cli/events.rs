@@ -21,6 +21,32 @@ pub struct EventsArgs {
     /// Output format: a line per event, or a JSON document per line.
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
+    /// Only events of the pods of this namespace (the agent names pods when it runs with
+    /// `--cri-socket`).
+    #[arg(short, long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Only events of the pod of this name (in `--namespace` when given).
+    #[arg(long, value_name = "NAME")]
+    pod: Option<String>,
+    /// Only events with this verdict (`allow`, `deny`, `would-deny`, `bypass`, `redirect`;
+    /// for http events also `error` and `refused`).
+    #[arg(long, value_name = "VERDICT")]
+    verdict: Option<String>,
+}
+
+impl EventsArgs {
+    /// Whether `e` passes the `--namespace`, `--pod` and `--verdict` filters.
+    fn wanted(&self, e: &WireEvent) -> bool {
+        let (namespace, name) = match e.pod.as_deref().and_then(|p| p.split_once('/')) {
+            Some((namespace, name)) => (Some(namespace), Some(name)),
+            None => (None, None),
+        };
+        self.namespace
+            .as_deref()
+            .is_none_or(|n| namespace == Some(n))
+            && self.pod.as_deref().is_none_or(|p| name == Some(p))
+            && self.verdict.as_deref().is_none_or(|v| e.verdict == v)
+    }
 }
 
 /// Runs `egress events`.
@@ -43,6 +69,7 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
             break;
         };
         match response {
+            Response::Event(e) if !args.wanted(&e) => {}
             Response::Event(e) if args.output == Output::Json => {
                 println!("{}", serde_json::to_string(&e)?);
             }
@@ -85,7 +112,7 @@ fn line(e: &WireEvent) -> String {
         )
     } else if e.source == "sock_create" {
         format!(
-            "{} sock_create {} {}{} rule={} pid={} comm={} cgroup={} generation={}",
+            "{} sock_create {} {}{} rule={} pid={} comm={} cgroup={}{} generation={}",
             e.time,
             e.verdict,
             if e.socket.is_empty() { "" } else { "raw " },
@@ -94,11 +121,12 @@ fn line(e: &WireEvent) -> String {
             shown(&e.pid),
             shown(&e.comm),
             shown(&e.cgroup_id),
+            pod(e),
             e.generation
         )
     } else {
         format!(
-            "{} {} {} {} dst={}{} rule={} pid={} comm={} cgroup={} generation={}{}",
+            "{} {} {} {} dst={}{} rule={} pid={} comm={} cgroup={}{} generation={}{}",
             e.time,
             e.source,
             e.verdict,
@@ -109,6 +137,7 @@ fn line(e: &WireEvent) -> String {
             shown(&e.pid),
             shown(&e.comm),
             shown(&e.cgroup_id),
+            pod(e),
             e.generation,
             if e.reason.is_empty() {
                 String::new()
@@ -117,6 +146,13 @@ fn line(e: &WireEvent) -> String {
             }
         )
     }
+}
+
+/// ` pod=namespace/name` where the agent knows it, or nothing.
+fn pod(e: &WireEvent) -> String {
+    e.pod
+        .as_ref()
+        .map_or_else(String::new, |p| format!(" pod={p}"))
 }
 
 /// ` via=nat64` and the like, or nothing.
@@ -131,4 +167,60 @@ fn via(e: &WireEvent) -> String {
 /// A process field of a kernel event, or `-` where the event has none.
 fn shown<T: std::fmt::Display>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        events: EventsArgs,
+    }
+
+    fn args(words: &[&str]) -> EventsArgs {
+        Cli::parse_from(std::iter::once("events").chain(words.iter().copied())).events
+    }
+
+    fn event(pod: Option<&str>, verdict: &str) -> WireEvent {
+        WireEvent {
+            source: "connect".into(),
+            verdict: verdict.into(),
+            pod: pod.map(str::to_owned),
+            cgroup_id: Some(7),
+            ..WireEvent::default()
+        }
+    }
+
+    #[test]
+    fn namespace_pod_and_verdict_pick_events() {
+        let late_deny = event(Some("team-a/late"), "deny");
+        let late_allow = event(Some("team-a/late"), "allow");
+        let other_pod = event(Some("team-a/early"), "deny");
+        let other_namespace = event(Some("default/late"), "deny");
+        let host = event(None, "deny");
+        let all = [&late_deny, &late_allow, &other_pod, &other_namespace, &host];
+        let picked = |words: &[&str]| {
+            let a = args(words);
+            all.iter().filter(|e| a.wanted(e)).count()
+        };
+        assert_eq!(picked(&[]), 5);
+        assert_eq!(picked(&["-n", "team-a"]), 3);
+        assert_eq!(picked(&["--pod", "late"]), 3);
+        assert_eq!(picked(&["-n", "team-a", "--pod", "late"]), 2);
+        assert_eq!(
+            picked(&["-n", "team-a", "--pod", "late", "--verdict", "deny"]),
+            1
+        );
+        assert_eq!(picked(&["--verdict", "deny"]), 4);
+    }
+
+    #[test]
+    fn a_known_pod_is_named_in_the_line() {
+        assert!(line(&event(Some("team-a/late"), "deny")).contains(" cgroup=7 pod=team-a/late "));
+        assert!(!line(&event(None, "deny")).contains("pod="));
+    }
 }

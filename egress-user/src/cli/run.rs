@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// An interface no longer named is detached at the next start or reload.
     #[arg(long = "xdp-iface", value_name = "IFACE", value_delimiter = ',')]
     pub xdp_iface: Vec<String>,
+    /// The container runtime's CRI socket (containerd: /run/containerd/containerd.sock): the
+    /// agent lists the node's pods there every second, and events name the pod
+    /// (`namespace/name`) of a cgroup below a pod's. Off by default (events name cgroup ids).
+    #[arg(long, value_name = "PATH", env = "EGRESS_CRI_SOCKET")]
+    pub cri_socket: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -144,6 +149,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         kernel,
         listeners,
         metrics,
+        cri_socket: args.cri_socket.clone(),
     };
     let (mut agent, proxies) = Agent::start(settings, built)?;
     if let Some(missing) = agent.missing_listener() {

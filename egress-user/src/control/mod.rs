@@ -238,6 +238,10 @@ pub struct WireEvent {
     /// Its cgroup id (kernel events); absent as `pid` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// `namespace/pod` of that cgroup, when the agent knows the node's pods
+    /// (`egress run --cri-socket`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// Destination `IP:PORT` (for http, the original destination); empty for sock_create.
     pub destination: String,
     /// Kernel events: `tcp`, `udp`, or the protocol of a refused socket (`icmp`, `sctp`...).

@@ -82,7 +82,11 @@ pub struct Call {
 #[derive(Debug)]
 pub enum HubEvent {
     /// A kernel verdict.
-    Connect(std::time::SystemTime, EventRecord),
+    Connect(
+        std::time::SystemTime,
+        EventRecord,
+        Option<std::sync::Arc<crate::cri::PodName>>,
+    ),
     /// A proxied request.
     Http(std::time::SystemTime, RequestEvent),
     /// An event of an earlier run of the agent, read back from the history file
@@ -94,7 +98,7 @@ impl HubEvent {
     fn wire(&self) -> WireEvent {
         match self {
             Self::Restored(e) => e.clone(),
-            Self::Connect(at, e) => WireEvent {
+            Self::Connect(at, e, pod) => WireEvent {
                 time: super::rfc3339(*at),
                 source: e.hook.to_string(),
                 verdict: e.verdict.to_string(),
@@ -102,6 +106,7 @@ impl HubEvent {
                 pid: Some(e.pid),
                 comm: Some(e.comm.clone()),
                 cgroup_id: Some(e.cgroup_id),
+                pod: pod.as_ref().map(|p| p.to_string()),
                 destination: if e.hook == crate::events::Hook::SockCreate {
                     String::new()
                 } else {

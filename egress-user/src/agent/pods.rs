@@ -1,0 +1,91 @@
+//! The node's pods, learned from the container runtime (`egress run --cri-socket`): polled
+//! every second, so that kernel events name `namespace/pod` instead of a bare cgroup id.
+//!
+//! While the runtime does not answer (it restarts, or is not there yet), the last pods known
+//! stay known and one warning says so; events of pods not known yet name their cgroup only.
+
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::cri::{self, PodName, PodsByCgroup, Runtime};
+
+/// How often the runtime is asked for its pods.
+const POLL: Duration = Duration::from_secs(1);
+/// A runtime that takes longer than this to list its pods is treated as not answering.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How far below a pod's cgroup its containers' cgroups are looked for (cgroupfs:
+/// `pod<uid>/<container>`; systemd: `...-pod<uid>.slice/cri-containerd-<id>.scope`).
+const CONTAINER_DEPTH: usize = 2;
+
+/// The pods by cgroup id, kept current by a task that polls the runtime.
+pub struct PodWatch {
+    pods: watch::Receiver<Arc<PodsByCgroup>>,
+}
+
+impl PodWatch {
+    /// Starts polling the runtime on `socket` (on the current tokio runtime); the pods'
+    /// cgroups are below `cgroup_root`, the cgroup v2 mount.
+    pub fn start(socket: PathBuf, cgroup_root: PathBuf) -> Self {
+        let (tx, pods) = watch::channel(Arc::new(PodsByCgroup::new()));
+        tokio::spawn(poll(Runtime::new(&socket), socket, cgroup_root, tx));
+        Self { pods }
+    }
+
+    /// The pod whose cgroup (or a container's below it) is `cgroup_id`, if known.
+    pub fn pod(&self, cgroup_id: u64) -> Option<Arc<PodName>> {
+        self.pods.borrow().get(&cgroup_id).cloned()
+    }
+}
+
+async fn poll(
+    mut runtime: Runtime,
+    socket: PathBuf,
+    cgroup_root: PathBuf,
+    tx: watch::Sender<Arc<PodsByCgroup>>,
+) {
+    let mut tick = tokio::time::interval(POLL);
+    let mut failing = false;
+    let mut count = None;
+    loop {
+        tick.tick().await;
+        let listed = tokio::time::timeout(ANSWER_WITHIN, runtime.pods(&cgroup_root))
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {ANSWER_WITHIN:?}",
+                    socket.display()
+                )
+            })
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match listed {
+            Ok(pods) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(socket = %socket.display(), "pods: the container runtime answers again");
+                }
+                if count != Some(pods.len()) {
+                    tracing::info!(pods = pods.len(), "pods: ready pods on this node");
+                    count = Some(pods.len());
+                }
+                let map = cri::by_cgroup(&pods, CONTAINER_DEPTH);
+                tx.send_if_modified(|current| {
+                    let changed = **current != map;
+                    if changed {
+                        *current = Arc::new(map);
+                    }
+                    changed
+                });
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    error = %e,
+                    "pods: cannot list the node's pods; events name the pods known so far, others by cgroup id only"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The pods on this node, from the container runtime's CRI socket (containerd's
+//! `/run/containerd/containerd.sock`), as node agents such as Tetragon and Falco learn them:
+//! every ready pod sandbox, its namespace, name and uid, and the cgroup its containers run
+//! in, so that a kernel event's cgroup id can be named `namespace/pod`.
+//!
+//! The pod's cgroup is the sandbox's `cgroup_parent`, which the runtime reports in the
+//! sandbox's verbose status: a path below the cgroup v2 root with the cgroupfs driver
+//! (`/kubepods/besteffort/pod<uid>`), a slice name with the systemd driver
+//! (`kubepods-besteffort-pod<uid>.slice`, nested as systemd nests slices). Its containers'
+//! cgroups are the directories below it.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::{
+    ListPodSandboxRequest, PodSandboxFilter, PodSandboxState, PodSandboxStateValue,
+    PodSandboxStatusRequest, runtime_service_client::RuntimeServiceClient,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A pod's identity, as events and logs name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for PodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One ready pod and where its cgroup is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub name: PodName,
+    /// The pod's cgroup directory (below the cgroup v2 mount).
+    pub cgroup: PathBuf,
+}
+
+/// The cgroup ids of the pods' cgroups and of every cgroup below them (their containers'),
+/// each with its pod.
+pub type PodsByCgroup = HashMap<u64, Arc<PodName>>;
+
+/// Why the pods could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error("the container runtime at {socket}: {status}")]
+    Call {
+        socket: PathBuf,
+        #[source]
+        status: Box<tonic::Status>,
+    },
+    #[error("pod sandbox {id}: the runtime's status has no cgroup parent")]
+    NoCgroup { id: String },
+}
+
+/// A CRI client on the runtime's socket. It connects when first used and again after the
+/// runtime restarts.
+#[derive(Clone)]
+pub struct Runtime {
+    socket: PathBuf,
+    client: RuntimeServiceClient<Channel>,
+}
+
+impl Runtime {
+    /// A client for the runtime listening on `socket` (which need not exist yet).
+    pub fn new(socket: &Path) -> Self {
+        let path = socket.to_owned();
+        let channel = Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(
+            tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }),
+        );
+        Self {
+            socket: socket.to_owned(),
+            client: RuntimeServiceClient::new(channel),
+        }
+    }
+
+    /// The ready pods, with their cgroups below `cgroup_root` (the cgroup v2 mount).
+    pub async fn pods(&mut self, cgroup_root: &Path) -> Result<Vec<Pod>, CriError> {
+        let call = |status| CriError::Call {
+            socket: self.socket.clone(),
+            status: Box::new(status),
+        };
+        let sandboxes = self
+            .client
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    state: Some(PodSandboxStateValue {
+                        state: PodSandboxState::SandboxReady.into(),
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(call)?
+            .into_inner()
+            .items;
+        let mut pods = Vec::with_capacity(sandboxes.len());
+        for sandbox in sandboxes {
+            let Some(metadata) = sandbox.metadata else {
+                continue;
+            };
+            let status = self
+                .client
+                .pod_sandbox_status(PodSandboxStatusRequest {
+                    pod_sandbox_id: sandbox.id.clone(),
+                    verbose: true,
+                })
+                .await
+                .map_err(|status| CriError::Call {
+                    socket: self.socket.clone(),
+                    status: Box::new(status),
+                })?
+                .into_inner();
+            let parent = status
+                .info
+                .get("info")
+                .and_then(|info| serde_json::from_str::<serde_json::Value>(info).ok())
+                .and_then(|info| {
+                    info["config"]["linux"]["cgroup_parent"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .filter(|parent| !parent.is_empty())
+                .ok_or_else(|| CriError::NoCgroup {
+                    id: sandbox.id.clone(),
+                })?;
+            pods.push(Pod {
+                name: PodName {
+                    namespace: metadata.namespace,
+                    name: metadata.name,
+                    uid: metadata.uid,
+                },
+                cgroup: cgroup_root.join(cgroup_path(&parent)),
+            });
+        }
+        Ok(pods)
+    }
+}
+
+/// The path below the cgroup root of a sandbox's `cgroup_parent`: as it is with the cgroupfs
+/// driver, expanded as systemd nests a slice with the systemd driver (`a-b-c.slice` is
+/// `a.slice/a-b.slice/a-b-c.slice`).
+pub fn cgroup_path(parent: &str) -> PathBuf {
+    let Some(stem) = parent.strip_suffix(".slice").filter(|s| !s.contains('/')) else {
+        return PathBuf::from(parent.trim_start_matches('/'));
+    };
+    let mut path = PathBuf::new();
+    let mut prefix = String::new();
+    for part in stem.split('-') {
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        path.push(format!("{prefix}.slice"));
+    }
+    path
+}
+
+/// Every pod's cgroup and the cgroups below it (its containers', at most `depth` levels
+/// down), by cgroup id (the directory's inode, what `bpf_get_current_cgroup_id` reports).
+/// A cgroup that went away meanwhile is left out.
+pub fn by_cgroup(pods: &[Pod], depth: usize) -> PodsByCgroup {
+    let mut map = PodsByCgroup::new();
+    for pod in pods {
+        let name = Arc::new(pod.name.clone());
+        walk(&pod.cgroup, depth, &mut |id| {
+            map.insert(id, name.clone());
+        });
+    }
+    map
+}
+
+fn walk(dir: &Path, depth: usize, found: &mut impl FnMut(u64)) {
+    let Ok(metadata) = fs::metadata(dir) else {
+        return;
+    };
+    found(metadata.ino());
+    if depth == 0 {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(&entry.path(), depth - 1, found);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TempDir;
+
+    #[test]
+    fn cgroupfs_parents_are_paths_and_systemd_slices_nest() {
+        assert_eq!(
+            cgroup_path("/kubepods/besteffort/pod1234"),
+            PathBuf::from("kubepods/besteffort/pod1234")
+        );
+        assert_eq!(
+            cgroup_path("kubepods-besteffort-pod1234.slice"),
+            PathBuf::from(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice"
+            )
+        );
+        assert_eq!(
+            cgroup_path("kubepods.slice"),
+            PathBuf::from("kubepods.slice")
+        );
+    }
+
+    #[test]
+    fn a_pods_cgroup_and_its_containers_map_to_the_pod() {
+        let root = TempDir::new("cri");
+        let pod_dir = root.join("kubepods/pod1");
+        for c in ["c1", "c2/deeper"] {
+            fs::create_dir_all(pod_dir.join(c)).unwrap();
+        }
+        let name = PodName {
+            namespace: "team-a".into(),
+            name: "web".into(),
+            uid: "1".into(),
+        };
+        let pods = [
+            Pod {
+                name: name.clone(),
+                cgroup: pod_dir.clone(),
+            },
+            Pod {
+                name: PodName {
+                    name: "gone".into(),
+                    ..name.clone()
+                },
+                cgroup: root.join("kubepods/missing"),
+            },
+        ];
+        let map = by_cgroup(&pods, 1);
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        for dir in [pod_dir.clone(), pod_dir.join("c1"), pod_dir.join("c2")] {
+            assert_eq!(
+                map.get(&ino(&dir)).map(|n| n.to_string()),
+                Some("team-a/web".into())
+            );
+        }
+        assert!(
+            !map.contains_key(&ino(&pod_dir.join("c2/deeper"))),
+            "deeper than asked"
+        );
+        assert_eq!(map.len(), 3, "the missing pod's cgroup adds nothing");
+    }
+}
