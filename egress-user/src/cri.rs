@@ -76,20 +76,9 @@ pub struct Runtime {
 impl Runtime {
     /// A client for the runtime listening on `socket` (which need not exist yet).
     pub fn new(socket: &Path) -> Self {
-        let path = socket.to_owned();
-        let channel = Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(
-            tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }),
-        );
         Self {
             socket: socket.to_owned(),
-            client: RuntimeServiceClient::new(channel),
+            client: RuntimeServiceClient::new(channel(socket)),
         }
     }
 
@@ -154,6 +143,20 @@ impl Runtime {
         }
         Ok(pods)
     }
+}
+
+/// A gRPC channel to the runtime's Unix socket; it connects when first used, and again
+/// after the runtime restarts.
+pub fn channel(socket: &Path) -> Channel {
+    let path = socket.to_owned();
+    Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(tower::service_fn(
+        move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        },
+    ))
 }
 
 /// The path below the cgroup root of a sandbox's `cgroup_parent`: as it is with the cgroupfs

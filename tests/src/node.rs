@@ -28,14 +28,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
     ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
     VersionRequest, runtime_service_client::RuntimeServiceClient,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::{Sandbox, eventually, run_ok};
 
@@ -106,7 +105,8 @@ impl<'a> Node<'a> {
             .enable_all()
             .build()
             .expect("a tokio runtime for the CRI client");
-        let client = runtime.block_on(connect(&socket));
+        let client = runtime
+            .block_on(async { RuntimeServiceClient::new(egress_user::cri::channel(&socket)) });
         let node = Self {
             sandbox,
             dir,
@@ -356,22 +356,6 @@ impl Drop for Node<'_> {
         unmount_below(&self.dir);
         remove_v1_cgroups(&self.cgroup_parent());
     }
-}
-
-/// A CRI client on containerd's socket (which may not exist yet: tonic connects lazily).
-async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
-    let socket = socket.to_owned();
-    let channel = Endpoint::try_from("http://[::]:0")
-        .expect("an endpoint")
-        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }));
-    RuntimeServiceClient::new(channel)
 }
 
 /// The cgroup v2 id (the directory's inode) of process `pid`'s cgroup.
