@@ -12,8 +12,10 @@
 //! Example: cargo run --release -p egress-tests --example load_profile -- 10000 --runs 20 --apply
 
 #[path = "../benches/reload/policies.rs"]
-// The example needs the policy text only, not the bench's directory handling.
-#[allow(dead_code)]
+#[expect(
+    dead_code,
+    reason = "the example needs the policy text only, not the bench's directory handling"
+)]
 mod policies;
 
 use std::time::{Duration, Instant};
