@@ -279,13 +279,21 @@ pub struct OrigDst {
     pub pid: u32,
     /// Its command name, NUL-padded (`bpf_get_current_comm`).
     pub comm: [u8; 16],
+    /// The network namespace cookie of the connecting socket (`bpf_get_netns_cookie`): which
+    /// namespace's proxy listener the connection goes to, and so which pod made it.
+    pub netns: u64,
 }
-const _: () = assert!(size_of::<OrigDst>() == 40);
+const _: () = assert!(size_of::<OrigDst>() == 48);
 
-/// The client end of a redirected connection, as the proxy sees it in `accept()`.
+/// The client end of a redirected connection, as the proxy sees it in `accept()`, in the
+/// network namespace the connection was made in: two pods' connections from the same loopback
+/// address and port are two keys.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PeerKey {
+    /// The network namespace cookie of the client socket (and so of the proxy listener that
+    /// accepts it), as [`OrigDst::netns`].
+    pub netns: u64,
     /// Network byte order; IPv4 (also a v4-mapped client) in the first 4 bytes.
     pub addr: [u8; 16],
     /// Network byte order.
@@ -294,8 +302,10 @@ pub struct PeerKey {
     pub family: u8,
     /// Always zero.
     pub _pad: u8,
+    /// Always zero.
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<PeerKey>() == 20);
+const _: () = assert!(size_of::<PeerKey>() == 32);
 
 /// The data part of an IPv4 rule key (the LPM trie adds the `u32` prefix length before it).
 #[repr(C)]

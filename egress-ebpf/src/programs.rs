@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie,
-        generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
+        generated::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
     },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
@@ -189,6 +189,8 @@ fn record_peer(ctx: &SockOpsContext) -> Result<(), ()> {
             port,
             family: AF_INET,
             _pad: 0,
+            _pad2: 0,
+            netns: orig.netns,
         }
     } else if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
         // A dual-stack socket talking IPv4: the proxy's IPv4 listener sees an IPv4 peer.
@@ -197,6 +199,8 @@ fn record_peer(ctx: &SockOpsContext) -> Result<(), ()> {
             port,
             family: AF_INET,
             _pad: 0,
+            _pad2: 0,
+            netns: orig.netns,
         }
     } else {
         PeerKey {
@@ -204,6 +208,8 @@ fn record_peer(ctx: &SockOpsContext) -> Result<(), ()> {
             port,
             family: AF_INET6,
             _pad: 0,
+            _pad2: 0,
+            netns: orig.netns,
         }
     };
     ORIG_PEER.insert(key, orig, 0).map_err(|_| ())
@@ -575,6 +581,8 @@ fn record_redirect(ctx: &SockAddrContext, dest: &Dest) -> Result<(), ()> {
         // The caller of connect(), for the proxy's events (the redirect hides it otherwise).
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        // SAFETY: a plain helper call on the program's own context.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     ORIG_COOKIE.insert(cookie, orig, 0).map_err(|_| ())
 }

@@ -40,12 +40,17 @@ impl std::fmt::Display for PodName {
     }
 }
 
-/// One ready pod and where its cgroup is.
+/// One ready pod, where its cgroup is and its network namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
+    /// The runtime's id of the pod's sandbox.
+    pub id: String,
     pub name: PodName,
     /// The pod's cgroup directory (below the cgroup v2 mount).
     pub cgroup: PathBuf,
+    /// A path to the pod's network namespace (`/proc/PID/ns/net` of the sandbox's process, or
+    /// the runtime's bind mount); `None` for a pod on the host's network.
+    pub netns: Option<PathBuf>,
 }
 
 /// The cgroup ids of the pods' cgroups and of every cgroup below them (their containers'),
@@ -114,25 +119,19 @@ impl Runtime {
                     verbose: true,
                 })
                 .await
-                .map_err(|status| CriError::Call {
-                    socket: self.socket.clone(),
-                    status: Box::new(status),
-                })?
+                .map_err(call)?
                 .into_inner();
-            let parent = status
+            let info = status
                 .info
                 .get("info")
                 .and_then(|info| serde_json::from_str::<serde_json::Value>(info).ok())
-                .and_then(|info| {
-                    info["config"]["linux"]["cgroup_parent"]
-                        .as_str()
-                        .map(str::to_owned)
-                })
-                .filter(|parent| !parent.is_empty())
-                .ok_or_else(|| CriError::NoCgroup {
-                    id: sandbox.id.clone(),
-                })?;
+                .unwrap_or_default();
+            let Some(parent) = cgroup_parent(&info) else {
+                return Err(CriError::NoCgroup { id: sandbox.id });
+            };
             pods.push(Pod {
+                netns: netns(&info),
+                id: sandbox.id,
                 name: PodName {
                     namespace: metadata.namespace,
                     name: metadata.name,
@@ -142,6 +141,29 @@ impl Runtime {
             });
         }
         Ok(pods)
+    }
+}
+
+/// The sandbox's `cgroup_parent`, from the runtime's verbose sandbox status.
+fn cgroup_parent(info: &serde_json::Value) -> Option<String> {
+    info["config"]["linux"]["cgroup_parent"]
+        .as_str()
+        .filter(|parent| !parent.is_empty())
+        .map(str::to_owned)
+}
+
+/// The sandbox's network namespace, from the runtime's verbose sandbox status: none when its
+/// runtime spec joins no network namespace of its own (a pod on the host's network); else the
+/// namespace of its process (`/proc/PID/ns/net`, which an agent with the host's PID namespace
+/// can open wherever it runs), or the path the spec names when there is no process id.
+fn netns(info: &serde_json::Value) -> Option<PathBuf> {
+    let namespaces = info["runtimeSpec"]["linux"]["namespaces"].as_array()?;
+    let network = namespaces
+        .iter()
+        .find(|ns| ns["type"].as_str() == Some("network"))?;
+    match info["pid"].as_u64() {
+        Some(pid) if pid > 0 => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        _ => network["path"].as_str().map(PathBuf::from),
     }
 }
 
@@ -247,15 +269,19 @@ mod tests {
         };
         let pods = [
             Pod {
+                id: "a".into(),
                 name: name.clone(),
                 cgroup: pod_dir.clone(),
+                netns: None,
             },
             Pod {
+                id: "b".into(),
                 name: PodName {
                     name: "gone".into(),
                     ..name.clone()
                 },
                 cgroup: root.join("kubepods/missing"),
+                netns: None,
             },
         ];
         let map = by_cgroup(&pods, 1);
@@ -271,5 +297,29 @@ mod tests {
             "deeper than asked"
         );
         assert_eq!(map.len(), 3, "the missing pod's cgroup adds nothing");
+    }
+
+    #[test]
+    fn the_sandbox_status_names_cgroup_and_network_namespace() {
+        let info: serde_json::Value = serde_json::from_str(
+            r#"{"pid": 4242, "config": {"linux": {"cgroup_parent": "/kubepods/pod1"}},
+                "runtimeSpec": {"linux": {"namespaces": [
+                    {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(cgroup_parent(&info).as_deref(), Some("/kubepods/pod1"));
+        assert_eq!(netns(&info), Some(PathBuf::from("/proc/4242/ns/net")));
+        // Without a process id, the path of the spec.
+        let mut no_pid = info.clone();
+        no_pid["pid"] = serde_json::Value::Null;
+        assert_eq!(netns(&no_pid), Some(PathBuf::from("/var/run/netns/cni-1")));
+        // hostNetwork: no network namespace of its own.
+        let host: serde_json::Value = serde_json::from_str(
+            r#"{"pid": 7, "config": {"linux": {"cgroup_parent": ""}},
+                "runtimeSpec": {"linux": {"namespaces": [{"type": "pid"}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(netns(&host), None);
+        assert_eq!(cgroup_parent(&host), None);
     }
 }

@@ -14,6 +14,7 @@ pub mod fds;
 pub mod loader;
 pub use loader::events;
 pub mod metrics;
+pub mod netns;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;

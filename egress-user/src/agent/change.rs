@@ -108,13 +108,10 @@ impl Agent {
         };
         let previous = self.proxies.send_replace(Arc::new(proxy));
         let settings = &self.settings;
+        let mut listeners = settings.listeners.bound();
+        listeners.extend(self.pod_nets.bound());
         let enforced = tokio::task::block_in_place(|| {
-            pipeline::enforce(
-                &settings.target,
-                &settings.kernel,
-                &policy,
-                &settings.listeners.bound(),
-            )
+            pipeline::enforce(&settings.target, &settings.kernel, &policy, &listeners)
         });
         match enforced {
             Ok(enforcer) => {

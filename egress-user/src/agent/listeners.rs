@@ -142,14 +142,14 @@ impl ProxyListeners {
 /// before `bind()`, so connections left in TIME-WAIT by an earlier agent do not hold the port;
 /// it never sets `SO_REUSEPORT`, so no other socket can share the port with the agent's
 /// listener (which the kernel's check of the listener relies on).
-fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+pub(super) fn listen(address: SocketAddr) -> io::Result<TcpListener> {
     let listener = TcpListener::bind(address)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
 
 /// Whether `e` says that the host has no IPv6 loopback (IPv6 disabled or not built).
-fn no_ipv6(e: &io::Error) -> bool {
+pub(super) fn no_ipv6(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT)

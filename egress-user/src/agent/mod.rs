@@ -15,6 +15,7 @@ pub mod health;
 mod history;
 pub mod listeners;
 pub mod occupancy;
+pub mod pod_nets;
 pub mod pods;
 mod redirects;
 mod serve;
@@ -91,6 +92,8 @@ pub struct Agent {
     health: Option<Arc<health::Health>>,
     /// Keeps `egress events` history across restarts.
     history: history::HistoryWriter,
+    /// The proxy's listeners inside the pods' network namespaces.
+    pod_nets: pod_nets::PodNets,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -143,6 +146,7 @@ impl Agent {
             names: std::collections::VecDeque::new(),
             log_limit: crate::telemetry::LogLimit::new(),
             health: None,
+            pod_nets: pod_nets::PodNets::default(),
         };
         agent.remember_names();
         Ok((agent, rx))

@@ -10,7 +10,14 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::cri::{self, PodName, PodsByCgroup, Runtime};
+use crate::cri::{self, Pod, PodName, PodsByCgroup, Runtime};
+
+/// The node's ready pods, and their pods by cgroup id.
+#[derive(Debug, Default, PartialEq)]
+pub struct NodePods {
+    pub pods: Vec<Pod>,
+    pub by_cgroup: PodsByCgroup,
+}
 
 /// How often the runtime is asked for its pods.
 const POLL: Duration = Duration::from_secs(1);
@@ -22,21 +29,33 @@ const CONTAINER_DEPTH: usize = 2;
 
 /// The pods by cgroup id, kept current by a task that polls the runtime.
 pub struct PodWatch {
-    pods: watch::Receiver<Arc<PodsByCgroup>>,
+    pods: watch::Receiver<Arc<NodePods>>,
 }
 
 impl PodWatch {
     /// Starts polling the runtime on `socket` (on the current tokio runtime); the pods'
     /// cgroups are below `cgroup_root`, the cgroup v2 mount.
     pub fn start(socket: PathBuf, cgroup_root: PathBuf) -> Self {
-        let (tx, pods) = watch::channel(Arc::new(PodsByCgroup::new()));
+        let (tx, pods) = watch::channel(Arc::new(NodePods::default()));
         tokio::spawn(poll(Runtime::new(&socket), socket, cgroup_root, tx));
         Self { pods }
     }
 
     /// The pod whose cgroup (or a container's below it) is `cgroup_id`, if known.
     pub fn pod(&self, cgroup_id: u64) -> Option<Arc<PodName>> {
-        self.pods.borrow().get(&cgroup_id).cloned()
+        self.pods.borrow().by_cgroup.get(&cgroup_id).cloned()
+    }
+
+    /// The pods now.
+    pub fn now(&self) -> Arc<NodePods> {
+        self.pods.borrow().clone()
+    }
+
+    /// Waits until the pods change (forever, once the poller is gone).
+    pub async fn changed(&mut self) {
+        if self.pods.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -44,7 +63,7 @@ async fn poll(
     mut runtime: Runtime,
     socket: PathBuf,
     cgroup_root: PathBuf,
-    tx: watch::Sender<Arc<PodsByCgroup>>,
+    tx: watch::Sender<Arc<NodePods>>,
 ) {
     let mut tick = tokio::time::interval(POLL);
     let mut failing = false;
@@ -69,11 +88,12 @@ async fn poll(
                     tracing::info!(pods = pods.len(), "pods: ready pods on this node");
                     count = Some(pods.len());
                 }
-                let map = cri::by_cgroup(&pods, CONTAINER_DEPTH);
+                let by_cgroup = cri::by_cgroup(&pods, CONTAINER_DEPTH);
+                let now = NodePods { pods, by_cgroup };
                 tx.send_if_modified(|current| {
-                    let changed = **current != map;
+                    let changed = **current != now;
                     if changed {
-                        *current = Arc::new(map);
+                        *current = Arc::new(now);
                     }
                     changed
                 });

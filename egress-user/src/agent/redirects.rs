@@ -4,21 +4,33 @@
 
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
     loader::{OrigDstTable, Redirect},
     proxy::{OrigDst, Process},
 };
 
-impl OrigDst for OrigDstTable {
+/// The kernel's records of the connections made in one network namespace: what a proxy
+/// listener in that namespace asks (the same client address and port in two pods are two
+/// connections).
+pub struct InNetns {
+    /// The table every namespace shares.
+    pub table: Arc<OrigDstTable>,
+    /// The namespace's cookie.
+    pub netns: u64,
+}
+
+impl OrigDst for InNetns {
     fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr> {
-        self.take(peer).map(|r| r.dst)
+        self.table.take(self.netns, peer).map(|r| r.dst)
     }
 
     fn lookup_with_process(&self, peer: SocketAddr) -> Option<(SocketAddr, Option<Process>)> {
-        self.take(peer).map(|Redirect { dst, process }| {
-            (dst, process.map(|(pid, comm)| Process { pid, comm }))
-        })
+        self.table
+            .take(self.netns, peer)
+            .map(|Redirect { dst, process }| {
+                (dst, process.map(|(pid, comm)| Process { pid, comm }))
+            })
     }
 }

@@ -21,11 +21,11 @@ use crate::{
     events,
     loader::PinnedCounters,
     metrics::{self, KernelSnapshot, RuleVerdicts},
-    proxy::{Proxy, RequestEvent},
+    proxy::{Origin, Proxy, RequestEvent},
     telemetry::LogLimit,
 };
 
-use super::{Agent, error::chain, health, occupancy, pods, watch};
+use super::{Agent, error::chain, health, occupancy, pod_nets, pods, redirects, watch};
 
 /// Proxy events waiting to be logged; past this the proxy drops (and counts) them rather than
 /// slow a request down. It holds [`REQUEST_BATCH`] of requests at well over 100,000 a second.
@@ -87,7 +87,7 @@ impl Agent {
             .enforcer
             .take_async_events()
             .context("watching the event ring buffer")?;
-        let orig_dst = Arc::new(
+        let table = Arc::new(
             self.enforcer
                 .take_orig_dst()
                 .context("the original-destination map is missing")?,
@@ -101,20 +101,23 @@ impl Agent {
         // Everything the agent holds for good is open now: share out the descriptor limit.
         let health = Arc::new(health::Health::measure());
         self.health = Some(health.clone());
+        // The agent's own network namespace: its listeners' connections are recorded under it.
+        let host = match crate::netns::current() {
+            Ok(cookie) => Some(cookie),
+            Err(e) => {
+                tracing::error!(error = %e, "proxy: the kernel cannot tell network namespaces apart (SO_NETNS_COOKIE, Linux 5.14); redirected connections are refused");
+                None
+            }
+        };
+        let serving = Serving {
+            proxies: proxies.clone(),
+            table,
+            events: tx.clone(),
+            health: health.clone(),
+        };
         let serve_proxy = |listener: std::net::TcpListener| -> anyhow::Result<()> {
-            let address = listener.local_addr().context("proxy listener address")?;
-            let listener = tokio::net::TcpListener::from_std(listener).context("proxy listener")?;
-            let (proxies, orig_dst, tx) = (proxies.clone(), orig_dst.clone(), tx.clone());
-            let (admission, health) = (health.admission.clone(), health.clone());
-            health.listener_started();
-            tokio::spawn(async move {
-                let served =
-                    Proxy::serve_reloadable(proxies, listener, orig_dst, tx, admission).await;
-                if let Err(e) = served {
-                    tracing::error!(%address, error = %e, "proxy listener failed");
-                }
-                health.listener_stopped();
-            });
+            let origin = None;
+            serving.spawn(listener, host.unwrap_or(0), origin)?;
             Ok(())
         };
         for listener in to_serve {
@@ -135,7 +138,7 @@ impl Agent {
             self.serve_metrics(listener, ready_rx, health.clone())?;
         }
         let mut occupancy = occupancy::Occupancy::new(&self.settings.target.cgroup);
-        let pods =
+        let mut pods =
             self.settings.cri_socket.clone().and_then(
                 |socket| match crate::cgroup::cgroup2_mount() {
                     Ok(root) => Some(pods::PodWatch::start(socket, root)),
@@ -170,7 +173,12 @@ impl Agent {
                     let response = self.handle(call.request);
                     let _ = call.reply.send(response);
                 }
+                () = pods_changed(&mut pods) => {
+                    self.sync_pod_nets(pods.as_ref(), host, &serving);
+                }
                 _ = tick.tick() => {
+                    // Pod listeners that could not be bound are tried again.
+                    self.sync_pod_nets(pods.as_ref(), host, &serving);
                     self.rescan_xdp();
                     occupancy.check(std::time::Instant::now());
                     for listener in self.retry_listeners() {
@@ -217,6 +225,29 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Opens the proxy's listeners in new pods and closes those of pods that went.
+    fn sync_pod_nets(
+        &mut self,
+        pods: Option<&pods::PodWatch>,
+        host: Option<u64>,
+        serving: &Serving,
+    ) {
+        let Some(pods) = pods else {
+            return;
+        };
+        let now = pods.now();
+        let marking = MarkAndServe {
+            enforcer: &self.enforcer,
+            serving,
+        };
+        let port = self.policy.proxy.port;
+        let gone = self.pod_nets.sync(&now.pods, port, host, &marking);
+        let proxy = self.proxies.borrow();
+        for netns in gone {
+            proxy.forget_netns(netns);
         }
     }
 
@@ -293,6 +324,80 @@ impl Agent {
             }
         });
         Ok(())
+    }
+}
+
+/// What serving a proxy listener takes: the proxy in force, the kernel's records of
+/// redirects, where request events go, and the connection bounds.
+struct Serving {
+    proxies: channel::Receiver<Arc<Proxy>>,
+    table: Arc<crate::loader::OrigDstTable>,
+    events: mpsc::Sender<RequestEvent>,
+    health: Arc<health::Health>,
+}
+
+impl Serving {
+    /// Serves `listener`, whose connections the kernel records under the network namespace
+    /// `netns`, on a task of its own; `origin` for a listener inside a pod.
+    fn spawn(
+        &self,
+        listener: std::net::TcpListener,
+        netns: u64,
+        origin: Option<Arc<Origin>>,
+    ) -> anyhow::Result<tokio::task::AbortHandle> {
+        let address = listener.local_addr().context("proxy listener address")?;
+        let listener = tokio::net::TcpListener::from_std(listener).context("proxy listener")?;
+        let orig_dst: Arc<dyn crate::proxy::OrigDst> = Arc::new(redirects::InNetns {
+            table: self.table.clone(),
+            netns,
+        });
+        let (proxies, tx) = (self.proxies.clone(), self.events.clone());
+        let (admission, health) = (self.health.admission.clone(), self.health.clone());
+        health.listener_started();
+        let task = tokio::spawn(async move {
+            let served =
+                Proxy::serve_reloadable(proxies, listener, (orig_dst, origin), tx, admission).await;
+            if let Err(e) = served {
+                tracing::error!(%address, error = %e, "proxy listener failed");
+            }
+            health.listener_stopped();
+        });
+        Ok(task.abort_handle())
+    }
+}
+
+/// Marks a pod's listener in the generation in force, then serves it.
+struct MarkAndServe<'a> {
+    enforcer: &'a crate::loader::Enforcer,
+    serving: &'a Serving,
+}
+
+impl pod_nets::Serve for MarkAndServe<'_> {
+    fn mark(&self, listener: &std::net::TcpListener) -> anyhow::Result<()> {
+        Ok(self.enforcer.mark_proxy_listener(listener)?)
+    }
+
+    fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        origin: Arc<Origin>,
+    ) -> tokio::task::AbortHandle {
+        let netns = origin.netns;
+        match self.serving.spawn(listener, netns, Some(origin)) {
+            Ok(task) => task,
+            Err(e) => {
+                tracing::error!(error = %e, "proxy: serving a pod listener");
+                tokio::spawn(async {}).abort_handle()
+            }
+        }
+    }
+}
+
+/// The next change of the node's pods; never, without a pod watch.
+async fn pods_changed(pods: &mut Option<pods::PodWatch>) {
+    match pods {
+        Some(p) => p.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,8 +11,6 @@ use egress_common::{AF_INET, OrigDst, PeerKey};
 
 /// Where redirected connections were going, keyed by the client end of the connection (the
 /// peer address the proxy's `accept()` returns), as the sockops program files them.
-/// Where redirected connections were going, keyed by the client end of the connection (the
-/// peer address the proxy's `accept()` returns), as the sockops program files them.
 pub struct OrigDstTable(pub(super) Mutex<aya::maps::HashMap<MapData, PeerKey, OrigDst>>);
 
 /// What the kernel recorded for one redirected connection.
@@ -25,10 +23,12 @@ pub struct Redirect {
 }
 
 impl OrigDstTable {
-    /// What was recorded for the connection whose client end is `peer`, taken out of the table
-    /// (a later connection from the same address and port gets its own entry).
-    pub fn take(&self, peer: SocketAddr) -> Option<Redirect> {
-        let key = peer_key(peer);
+    /// What was recorded for the connection whose client end is `peer` in the network
+    /// namespace whose cookie is `netns` (the namespace of the listener that accepted it),
+    /// taken out of the table (a later connection from the same address and port gets its own
+    /// entry).
+    pub fn take(&self, netns: u64, peer: SocketAddr) -> Option<Redirect> {
+        let key = peer_key(netns, peer);
         let mut map = self
             .0
             .lock()
@@ -60,7 +60,7 @@ fn orig_process(orig: &OrigDst) -> Option<(u32, String)> {
 
 /// The key the sockops program files a connection under: IPv4 (also a v4-mapped client) in
 /// the first four bytes.
-fn peer_key(peer: SocketAddr) -> PeerKey {
+fn peer_key(netns: u64, peer: SocketAddr) -> PeerKey {
     let port = peer.port().to_be();
     match peer.ip().to_canonical() {
         IpAddr::V4(ip) => {
@@ -71,6 +71,8 @@ fn peer_key(peer: SocketAddr) -> PeerKey {
                 port,
                 family: AF_INET,
                 _pad: 0,
+                _pad2: 0,
+                netns,
             }
         }
         IpAddr::V6(ip) => PeerKey {
@@ -78,6 +80,8 @@ fn peer_key(peer: SocketAddr) -> PeerKey {
             port,
             family: egress_common::AF_INET6,
             _pad: 0,
+            _pad2: 0,
+            netns,
         },
     }
 }
@@ -115,14 +119,17 @@ mod tests {
 
     #[test]
     fn peer_keys_match_what_sockops_files() {
-        let k = peer_key("127.0.0.1:40000".parse().unwrap());
+        let k = peer_key(7, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(k.netns, 7);
         assert_eq!(&k.addr[..4], &[127, 0, 0, 1]);
         assert_eq!(k.addr[4..], [0; 12]);
         assert_eq!(k.port.to_ne_bytes(), 40000u16.to_be_bytes());
         assert_eq!(k.family, AF_INET);
         // A v4-mapped peer is filed as IPv4, like sockops does for dual-stack sockets.
-        assert_eq!(peer_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
-        let k6 = peer_key("[::1]:5".parse().unwrap());
+        assert_eq!(peer_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
+        // The same address and port in another pod's network namespace is another key.
+        assert_ne!(peer_key(8, "127.0.0.1:40000".parse().unwrap()), k);
+        let k6 = peer_key(7, "[::1]:5".parse().unwrap());
         assert_eq!(k6.family, egress_common::AF_INET6);
         assert_eq!(k6.addr[15], 1);
     }

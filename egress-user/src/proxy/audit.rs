@@ -62,7 +62,7 @@ pub(crate) async fn connect_direct(
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         .ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
-    let tcp = tokio::time::timeout(timeout, dial(addr))
+    let tcp = tokio::time::timeout(timeout, dial(addr, None))
         .await
         .map_err(|_| ConnectError::Timeout {
             host: addr.to_string(),
@@ -94,7 +94,7 @@ pub(crate) async fn relay(
     };
     let mut reason = format!("{WOULD_REFUSE}: {what}");
     let (mut bytes_in, mut bytes_out, mut upstream) = (0, 0, None);
-    match tokio::time::timeout(proxy.timeouts.connect, dial(orig)).await {
+    match tokio::time::timeout(proxy.timeouts.connect, dial(orig, None)).await {
         Ok(Ok(mut up)) => {
             upstream = Some(orig);
             let _ = up.set_nodelay(true);

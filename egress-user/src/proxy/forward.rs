@@ -59,6 +59,8 @@ pub(crate) struct Conn {
     pub(crate) verdicts: Verdicts,
     /// The process that connected, when the kernel recorded it.
     pub(crate) process: Option<super::Process>,
+    /// The pod's namespace the connection came from, when it came in through a pod's listener.
+    pub(crate) origin: Option<Arc<super::Origin>>,
 }
 
 impl Conn {
@@ -176,7 +178,7 @@ impl Conn {
         );
         let mut timer = IdleTimer::new(activity.clone(), proxy.timeouts.idle);
         let request = match target {
-            Some(_) => proxy.client.request(req),
+            Some(_) => proxy.client_for(self.origin.as_deref()).request(req),
             None => proxy.direct.request(req),
         };
         let sent = until_idle(&mut timer, request).await;

@@ -27,6 +27,15 @@ use super::framing::FramingGuard;
 use super::{OrigDst, Proxy};
 use super::{audit, hello};
 
+/// A listener inside a pod's network namespace: the namespace's cookie (the kernel's record of
+/// each redirect names it) and where upstream sockets for its connections are made.
+pub struct Origin {
+    /// The namespace's cookie.
+    pub netns: u64,
+    /// Makes the namespace's upstream sockets.
+    pub sockets: Arc<dyn super::Sockets>,
+}
+
 impl Proxy {
     /// Accepts app connections on `listener` and serves each on its own task, until the
     /// listener fails with an error that is not about one connection (or this future is
@@ -39,7 +48,8 @@ impl Proxy {
         events: mpsc::Sender<RequestEvent>,
     ) -> io::Result<()> {
         let admission = Arc::new(Admission::new(Limits::UNLIMITED));
-        accept_loop(Current::Fixed(self), listener, orig_dst, events, admission).await
+        let current = Current::Fixed(self);
+        accept_loop(current, listener, (orig_dst, None), events, admission).await
     }
 
     /// As [`Proxy::serve`], for a policy that changes: each request is judged by the proxy
@@ -47,29 +57,25 @@ impl Proxy {
     /// policy) applies at once, to kept-alive connections too, without closing the listener.
     /// A request already under way finishes with the proxy it started with. Counters belong
     /// to each `Proxy`. `admission` bounds the connections held (shared by every listener of
-    /// the agent): a connection it has no room for is closed at once.
+    /// the agent): a connection it has no room for is closed at once. A listener inside a
+    /// pod's network namespace has its `origin`: its connections' upstream sockets are made
+    /// there.
     pub async fn serve_reloadable(
         proxies: watch::Receiver<Arc<Proxy>>,
         listener: TcpListener,
-        orig_dst: Arc<dyn OrigDst>,
+        (orig_dst, origin): (Arc<dyn OrigDst>, Option<Arc<Origin>>),
         events: mpsc::Sender<RequestEvent>,
         admission: Arc<Admission>,
     ) -> io::Result<()> {
-        accept_loop(
-            Current::Live(proxies),
-            listener,
-            orig_dst,
-            events,
-            admission,
-        )
-        .await
+        let current = Current::Live(proxies);
+        accept_loop(current, listener, (orig_dst, origin), events, admission).await
     }
 }
 
 async fn accept_loop(
     current: Current,
     listener: TcpListener,
-    orig_dst: Arc<dyn OrigDst>,
+    (orig_dst, origin): (Arc<dyn OrigDst>, Option<Arc<Origin>>),
     events: mpsc::Sender<RequestEvent>,
     admission: Arc<Admission>,
 ) -> io::Result<()> {
@@ -104,7 +110,7 @@ async fn accept_loop(
             stream,
             client,
             (orig, process),
-            events.clone(),
+            (events.clone(), origin.clone()),
             ticket.clone(),
         );
         let held = async move {
@@ -157,7 +163,7 @@ async fn connection(
     stream: TcpStream,
     client: SocketAddr,
     (orig_dst, process): (Option<SocketAddr>, Option<super::Process>),
-    events: mpsc::Sender<RequestEvent>,
+    (events, origin): (mpsc::Sender<RequestEvent>, Option<Arc<Origin>>),
     ticket: Arc<super::admission::Ticket>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -194,6 +200,7 @@ async fn connection(
         orig_dst,
         verdicts: guard.verdicts(),
         process,
+        origin,
     });
     let service = service_fn(move |req| {
         // A whole request head arrived: this connection is no longer one to evict.

@@ -77,6 +77,7 @@ mod tests;
 mod tls;
 mod upstream;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,10 +88,10 @@ use tokio_rustls::TlsConnector;
 pub use admission::{Admission, AdmissionStats, Limits, Ticket};
 pub use error::{ConfigError, ProxyError, Side};
 pub use events::{RequestEvent, RuleStats};
-pub use listen::accept_error_is_per_connection;
+pub use listen::{Origin, accept_error_is_per_connection};
 pub use orig_dst::{OrigDst, Process};
 pub use tls::install_crypto_provider;
-pub use upstream::{BoxFuture, ConnectError, Resolve, SystemResolver};
+pub use upstream::{BoxFuture, ConnectError, Resolve, Sockets, SystemResolver};
 
 use crate::policy::Policy;
 use body::ReqBody;
@@ -131,6 +132,11 @@ impl Default for Timeouts {
 pub struct Proxy {
     routes: Routes,
     client: Client<Connector, ReqBody>,
+    /// How upstream connections are made, for the pools of pods' namespaces.
+    dialer: Arc<Dialer>,
+    /// One pool per pod network namespace (by cookie) that requests came from: a connection
+    /// made from one pod's namespace never carries another pod's request.
+    pods: std::sync::Mutex<HashMap<u64, Client<Connector, ReqBody>>>,
     /// Audit mode: what the policy would refuse is passed on, see [`audit`].
     audit: bool,
     /// Audit mode's pool, to the apps' original destinations.
@@ -212,13 +218,9 @@ impl<'a> ProxyBuilder<'a> {
             tls: TlsConnector::from(tls),
             connect_timeout: self.timeouts.connect,
         };
-        let pool = |connector| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(self.timeouts.pool_idle)
-                .build(connector)
-        };
-        let client = pool(Connector::Dialer(Arc::new(dialer)));
+        let pool = |connector| pool(connector, &self.timeouts);
+        let dialer = Arc::new(dialer);
+        let client = pool(Connector::Dialer(dialer.clone(), None));
         let direct = pool(Connector::Direct {
             connect_timeout: self.timeouts.connect,
         });
@@ -226,6 +228,8 @@ impl<'a> ProxyBuilder<'a> {
         Ok(Proxy {
             routes,
             client,
+            dialer,
+            pods: std::sync::Mutex::default(),
             audit: self.policy.mode == crate::policy::Mode::Audit,
             direct,
             counters,
@@ -235,7 +239,41 @@ impl<'a> ProxyBuilder<'a> {
     }
 }
 
+/// A pool of upstream connections made by `connector`.
+fn pool(connector: Connector, timeouts: &Timeouts) -> Client<Connector, ReqBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(timeouts.pool_idle)
+        .build(connector)
+}
+
 impl Proxy {
+    /// The pool for requests that came in through a listener of `origin` (a pod's network
+    /// namespace), or the agent's own.
+    fn client_for(&self, origin: Option<&Origin>) -> Client<Connector, ReqBody> {
+        let Some(origin) = origin else {
+            return self.client.clone();
+        };
+        let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        pods.entry(origin.netns)
+            .or_insert_with(|| {
+                let sockets = Some(origin.sockets.clone());
+                pool(
+                    Connector::Dialer(self.dialer.clone(), sockets),
+                    &self.timeouts,
+                )
+            })
+            .clone()
+    }
+
+    /// Drops the pool of a pod's network namespace (the pod is gone).
+    pub fn forget_netns(&self, netns: u64) {
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&netns);
+    }
+
     /// The proxy for `policy`, with the system resolver and default time limits. Reads
     /// `policy.ca_files`; an error names the file.
     pub fn new(policy: &Policy) -> Result<Proxy, ConfigError> {

@@ -181,6 +181,13 @@ impl AddrFilter {
     }
 }
 
+/// Where the upstream sockets of one pod's requests are made: in the pod's own network
+/// namespace, so that they leave with the pod's address and under the CNI's policy for it.
+pub trait Sockets: Send + Sync + 'static {
+    /// A new TCP socket, IPv6 when `v6`, not yet connected.
+    fn tcp(&self, v6: bool) -> BoxFuture<io::Result<tokio::net::TcpSocket>>;
+}
+
 /// Everything a new upstream connection needs; shared by every clone of the [`Connector`].
 pub(crate) struct Dialer {
     pub(crate) hosts: HashMap<String, Vec<IpAddr>>,
@@ -237,7 +244,11 @@ impl Dialer {
 
     /// Resolve, dial the first address that answers, and for https shake hands with SNI and
     /// verification against `host`.
-    async fn connect(self: Arc<Self>, uri: Uri) -> Result<UpstreamIo, ConnectError> {
+    async fn connect(
+        self: Arc<Self>,
+        uri: Uri,
+        sockets: Option<Arc<dyn Sockets>>,
+    ) -> Result<UpstreamIo, ConnectError> {
         let host = uri
             .host()
             .ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
@@ -254,7 +265,7 @@ impl Dialer {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let tries_left = u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
                 let share = (left / tries_left).max(Duration::from_secs(1));
-                let tried = tokio::time::timeout(share, dial(addr))
+                let tried = tokio::time::timeout(share, dial(addr, sockets.as_deref()))
                     .await
                     .unwrap_or_else(|_| {
                         Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
@@ -313,28 +324,28 @@ impl Dialer {
     }
 }
 
-#[cfg(not(test))]
-pub(crate) async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
-    TcpStream::connect(addr).await
-}
-
-/// Tests may only reach this machine: a filter bug must not send a packet anywhere else.
-#[cfg(test)]
-pub(crate) async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
-    if !addr.ip().to_canonical().is_loopback() {
+/// Connects to `addr`, from a socket `sockets` makes when given (a pod's namespace), else from
+/// the agent's own namespace.
+pub(crate) async fn dial(addr: SocketAddr, sockets: Option<&dyn Sockets>) -> io::Result<TcpStream> {
+    // Tests may only reach this machine: a filter bug must not send a packet anywhere else.
+    if cfg!(test) && !addr.ip().to_canonical().is_loopback() {
         return Err(io::Error::other(format!(
             "test safety net: refusing to dial {addr}"
         )));
     }
-    TcpStream::connect(addr).await
+    match sockets {
+        Some(sockets) => sockets.tcp(addr.is_ipv6()).await?.connect(addr).await,
+        None => TcpStream::connect(addr).await,
+    }
 }
 
 /// The [`tower_service::Service`] a pooled client calls to open a connection: the policy's
 /// [`Dialer`], or audit mode's pool to the apps' original destinations.
 #[derive(Clone)]
 pub(crate) enum Connector {
-    /// The policy's way: hosts entries or filtered DNS answers, then TLS for https.
-    Dialer(Arc<Dialer>),
+    /// The policy's way: hosts entries or filtered DNS answers, then TLS for https; from the
+    /// sockets of a pod's namespace when there are any.
+    Dialer(Arc<Dialer>, Option<Arc<dyn Sockets>>),
     /// [`super::audit::connect_direct`] within this connect limit.
     Direct { connect_timeout: Duration },
 }
@@ -350,7 +361,7 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         match self {
-            Self::Dialer(dialer) => Box::pin(dialer.clone().connect(uri)),
+            Self::Dialer(dialer, sockets) => Box::pin(dialer.clone().connect(uri, sockets.clone())),
             Self::Direct { connect_timeout } => {
                 Box::pin(super::audit::connect_direct(uri, *connect_timeout))
             }

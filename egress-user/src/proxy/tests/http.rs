@@ -492,7 +492,7 @@ async fn a_reload_applies_to_the_next_request_on_every_connection() {
     tokio::spawn(Proxy::serve_reloadable(
         proxies,
         listener,
-        Arc::new(lookup),
+        (Arc::new(lookup), None),
         tx,
         Arc::new(crate::proxy::Admission::new(
             crate::proxy::Limits::UNLIMITED,
@@ -517,4 +517,69 @@ async fn a_reload_applies_to_the_next_request_on_every_connection() {
     );
     assert_eq!(allowing.counters()[0].status_2xx, 2);
     assert_eq!(denying.counters().last().unwrap().denied, 2);
+}
+
+/// Counts the upstream sockets it makes (in the test's own namespace).
+#[derive(Default)]
+struct CountingSockets(std::sync::atomic::AtomicUsize);
+
+impl crate::proxy::Sockets for CountingSockets {
+    fn tcp(&self, v6: bool) -> crate::proxy::BoxFuture<std::io::Result<tokio::net::TcpSocket>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if v6 {
+                tokio::net::TcpSocket::new_v6()
+            } else {
+                tokio::net::TcpSocket::new_v4()
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_pods_requests_go_out_from_its_own_sockets_in_a_pool_of_its_own() {
+    let up = Upstream::start("127.0.0.1").await;
+    let port = up.addr.port();
+    let p = policy(vec![rule("web", "httpbin.test", port, Http)], &["httpbin.test"]);
+    let proxy = Proxy::builder(&p).resolver(Arc::new(MapResolver::default()));
+    let proxy = Arc::new(proxy.without_system_roots().build().unwrap());
+    let (_reload, proxies) = tokio::sync::watch::channel(proxy.clone());
+    let admission = Arc::new(crate::proxy::Admission::new(crate::proxy::Limits::UNLIMITED));
+    let (tx, _events) = mpsc::channel(16);
+    // Two pods' listeners, each with its namespace's sockets.
+    let mut pods = Vec::new();
+    for netns in [11, 12] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sockets = Arc::new(CountingSockets::default());
+        let origin = Arc::new(crate::proxy::Origin {
+            netns,
+            sockets: sockets.clone(),
+        });
+        let lookup = move |_| Some(orig(port));
+        pods.push((listener.local_addr().unwrap(), sockets));
+        tokio::spawn(Proxy::serve_reloadable(
+            proxies.clone(),
+            listener,
+            (Arc::new(lookup), Some(origin)),
+            tx.clone(),
+            admission.clone(),
+        ));
+    }
+    for (addr, _) in &pods {
+        for _ in 0..2 {
+            let mut c = Client::new(TcpStream::connect(addr).await.unwrap());
+            assert_eq!(c.get("httpbin.test", "/").await.status, 200);
+        }
+    }
+    assert_eq!(up.requests(), 4);
+    // Each pod's upstream connection came from its own sockets and was reused by its own
+    // second request only: one socket each, never the other pod's pooled connection.
+    for (_, sockets) in &pods {
+        assert_eq!(sockets.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+    // A pod that went takes its pool with it: its next request makes a new connection.
+    proxy.forget_netns(11);
+    let mut c = Client::new(TcpStream::connect(pods[0].0).await.unwrap());
+    assert_eq!(c.get("httpbin.test", "/").await.status, 200);
+    assert_eq!(pods[0].1.0.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
