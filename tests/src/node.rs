@@ -31,8 +31,8 @@ use std::{
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
     ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    VersionRequest, runtime_service_client::RuntimeServiceClient,
+    PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest, VersionRequest, runtime_service_client::RuntimeServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -64,6 +64,8 @@ pub struct Pod {
     pub name: String,
     /// The container's cgroup (cgroup v2 id), as the kernel's events name it.
     pub cgroup_id: u64,
+    /// The pod's address, which the CNI gave it.
+    pub ip: std::net::IpAddr,
 }
 
 /// What a command run in a pod did.
@@ -271,7 +273,21 @@ impl<'a> Node<'a> {
         let pid = info["pid"]
             .as_u64()
             .unwrap_or_else(|| panic!("no pid in the container's status: {info}"));
+        let sandbox = self
+            .runtime
+            .block_on(client.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: false,
+            }))
+            .unwrap_or_else(|e| panic!("PodSandboxStatus {namespace}/{name}: {e}"))
+            .into_inner();
+        let ip = sandbox
+            .status
+            .and_then(|s| s.network)
+            .and_then(|n| n.ip.parse().ok())
+            .unwrap_or_else(|| panic!("{namespace}/{name} has no address from the CNI"));
         Pod {
+            ip,
             cgroup_id: cgroup_id_of(pid),
             id,
             container,

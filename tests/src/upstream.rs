@@ -23,6 +23,8 @@ pub struct Seen {
     pub path: String,
     /// The TLS server name (SNI) of the connection, for the TLS server.
     pub sni: Option<String>,
+    /// The client's address: where the connection came from.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// A test certificate authority and what it signed.
@@ -142,9 +144,10 @@ impl Drop for Upstream {
 
 fn serve(stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, seen: &Mutex<Vec<Seen>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+    let peer = stream.peer_addr().ok();
     match tls {
         None => {
-            let _ = serve_http(stream, None, seen);
+            let _ = serve_http(stream, (None, peer), seen);
         }
         Some(config) => {
             let Ok(conn) = rustls::ServerConnection::new(config) else {
@@ -158,7 +161,7 @@ fn serve(stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, seen: &Mutex
                 }
             }
             let sni = tls.conn.server_name().map(str::to_owned);
-            let _ = serve_http(tls, sni, seen);
+            let _ = serve_http(tls, (sni, peer), seen);
         }
     }
 }
@@ -168,7 +171,7 @@ fn serve(stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, seen: &Mutex
 /// text naming what the server saw.
 fn serve_http<S: Read + Write>(
     stream: S,
-    sni: Option<String>,
+    (sni, peer): (Option<String>, Option<std::net::SocketAddr>),
     seen: &Mutex<Vec<Seen>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
@@ -209,6 +212,7 @@ fn serve_http<S: Read + Write>(
             host: host.clone(),
             path: path.clone(),
             sni: sni.clone(),
+            peer,
         });
         let out = reader.get_mut();
         if let Some(n) = path

@@ -11,10 +11,12 @@ use egress_tests::{
     Sandbox, V4_A, assert_accepted, egress_bin, eventually,
     node::{Exec, Node, Pod},
     policy::tcp_rule,
-    status_row,
+    probe_bin, status_row,
+    world::World,
 };
 
 const EGRESS: &str = egress_bin!();
+const PROBE: &str = probe_bin!();
 
 /// `nc` from the pod's busybox to the node's 192.0.2.1:`port`: exit 0 once connected (the
 /// sink closes at once), non-zero with the reason on stderr when refused.
@@ -125,4 +127,136 @@ fn containerd_pods_are_held_to_the_policy_from_before_and_after_the_agent_starts
     node.delete(early);
     assert_refused(&node, &late, 9090);
     assert_accepted(&[(&allowed, 2), (&denied, 1)]);
+}
+
+/// `GET path` for `host` from the pod over its own connection to 192.0.2.1:`port` (busybox's
+/// `nc`, as an app would send it): the response as the pod received it. The request's end is
+/// not a half-close: `nc` would shut its sending side down at the end of its input, and the
+/// proxy (hyper) takes a half-closed client as gone before answering.
+fn get(node: &Node<'_>, pod: &Pod, port: u16, host: &str, path: &str) -> String {
+    let script = format!(
+        "(printf 'GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n'; \\
+         /bin/busybox sleep 1) | /bin/busybox nc -w 5 {V4_A} {port}"
+    );
+    let out = node.exec(
+        pod,
+        &["/bin/busybox", "sh", "-c", &script],
+        Duration::from_secs(15),
+    );
+    format!("{}{}", out.stdout, out.stderr)
+}
+
+/// The status code of a response, 0 when there was none.
+fn code(response: &str) -> u16 {
+    response
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Seed 000 from pods: a pod's connection to an HTTP egress port goes to the proxy listener
+/// the agent opened inside that pod's own network namespace (for a pod from before the agent
+/// and one created after it), the request is allowed by Host, TLS is originated on :443, the
+/// ExternalName alias works and a forbidden Host gets 403 without reaching its upstream; the
+/// upstream sees each request come from the pod's own address. A deleted pod's listeners go.
+#[test]
+fn pods_http_egress_goes_through_the_proxy_inside_each_pod() {
+    let w = World::without_agent(EGRESS, PROBE);
+    let sb = &w.sb;
+    let mut node = Node::start(sb);
+    let early = node.pod("default", "sleep");
+    let policy = w.dir.join("policy.yaml");
+    let socket = node.socket().display().to_string();
+    let agent = sb
+        .agent(EGRESS)
+        .args(&sb.run_args(&policy, &["--cri-socket", &socket]))
+        .start();
+    let late = node.pod("team-a", "sleep");
+    for pod in [&early, &late] {
+        // The agent lists the pods every second and then opens the pod's listeners; until
+        // then the kernel refuses the pod's connections meant for the proxy.
+        let mut last = String::new();
+        let served = eventually(Duration::from_secs(15), || {
+            last = get(&node, pod, 80, "httpbin.test", "/headers");
+            code(&last) == 200
+        });
+        assert!(
+            served,
+            "{}: no 200 through the proxy: {last}\n{}",
+            pod.name,
+            agent.log()
+        );
+        assert!(
+            last.contains("upstream saw host=httpbin.test path=/headers"),
+            "{}: {last}",
+            pod.name
+        );
+        let seen = w.http.seen();
+        let at_upstream = seen.last().expect("the upstream saw the request");
+        assert_eq!(
+            at_upstream.peer.map(|p| p.ip()),
+            Some(pod.ip),
+            "{}: the proxied request left from the pod's own address",
+            pod.name
+        );
+
+        // curl http://secure.test:443/: TLS originated by the proxy, from the pod's address.
+        let tls = get(&node, pod, 443, "secure.test:443", "/tls");
+        assert_eq!(code(&tls), 200, "{}: {tls}", pod.name);
+        assert!(tls.contains("sni=secure.test"), "{}: {tls}", pod.name);
+        let seen = w.tls.seen();
+        let at_upstream = seen.last().expect("the TLS upstream saw the request");
+        assert_eq!(
+            (at_upstream.sni.as_deref(), at_upstream.peer.map(|p| p.ip())),
+            (Some("secure.test"), Some(pod.ip)),
+            "{}",
+            pod.name
+        );
+
+        // The ExternalName alias.
+        let alias = get(&node, pod, 443, "securebin", "/alias");
+        assert_eq!(code(&alias), 200, "{}: {alias}", pod.name);
+        assert!(
+            alias.contains("host=secure.test path=/alias sni=secure.test"),
+            "{}: {alias}",
+            pod.name
+        );
+
+        // A Host no rule allows: 403 from the proxy, never seen upstream.
+        let before = w.http.seen().len();
+        let forbidden = get(&node, pod, 80, "forbidden.test", "/");
+        assert_eq!(code(&forbidden), 403, "{}: {forbidden}", pod.name);
+        assert!(
+            forbidden.contains("forbidden.test"),
+            "{}: {forbidden}",
+            pod.name
+        );
+        assert_eq!(
+            w.http.seen().len(),
+            before,
+            "the upstream saw the forbidden request"
+        );
+    }
+    let log = agent.log();
+    for pod in [&early, &late] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("listening inside the pod") && l.contains(&pod.name)),
+            "{}: {log}",
+            pod.name
+        );
+    }
+
+    // A deleted pod's listeners go; the other pod keeps its proxy.
+    node.delete(early);
+    let gone = eventually(Duration::from_secs(10), || {
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("the pod is gone") && l.contains("default/sleep"))
+    });
+    assert!(gone, "{}", agent.log());
+    assert_eq!(code(&get(&node, &late, 80, "httpbin.test", "/after")), 200);
 }

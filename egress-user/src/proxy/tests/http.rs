@@ -540,11 +540,16 @@ impl crate::proxy::Sockets for CountingSockets {
 async fn a_pods_requests_go_out_from_its_own_sockets_in_a_pool_of_its_own() {
     let up = Upstream::start("127.0.0.1").await;
     let port = up.addr.port();
-    let p = policy(vec![rule("web", "httpbin.test", port, Http)], &["httpbin.test"]);
+    let p = policy(
+        vec![rule("web", "httpbin.test", port, Http)],
+        &["httpbin.test"],
+    );
     let proxy = Proxy::builder(&p).resolver(Arc::new(MapResolver::default()));
     let proxy = Arc::new(proxy.without_system_roots().build().unwrap());
     let (_reload, proxies) = tokio::sync::watch::channel(proxy.clone());
-    let admission = Arc::new(crate::proxy::Admission::new(crate::proxy::Limits::UNLIMITED));
+    let admission = Arc::new(crate::proxy::Admission::new(
+        crate::proxy::Limits::UNLIMITED,
+    ));
     let (tx, _events) = mpsc::channel(16);
     // Two pods' listeners, each with its namespace's sockets.
     let mut pods = Vec::new();
