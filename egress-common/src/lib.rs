@@ -31,9 +31,11 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `RingBuf` of [`Event`](crate::Event): deny and would-deny verdicts.
     pub const EVENTS: &str = "EVENTS";
-    /// `Array<u32>` indexed by port (host byte order): 1 for ports whose connections go to
-    /// the proxy when no TCP rule or bypass range allows them directly.
-    pub const HTTP_PORTS: &str = "HTTP_PORTS";
+    /// `HashMap<u64, u32>`: a pod's cgroup id to its scope (1..=[`MAX_SCOPES`](crate::MAX_SCOPES),
+    /// the namespace with rules it belongs to). A socket's scope is the first of its cgroup's
+    /// ancestors found here (at most [`SCOPE_DEPTH`](crate::SCOPE_DEPTH) levels); none found:
+    /// scope 0, the node-wide rules only.
+    pub const SCOPES: &str = "SCOPES";
     /// `LruHashMap<u64, OrigDst>`: original destination of a redirected socket, by socket
     /// cookie (written by connect4/6, read by sock_ops and getpeername4/6).
     pub const ORIG_BY_COOKIE: &str = "ORIG_COOKIE";
@@ -61,7 +63,7 @@ pub mod maps {
         RULES_V6,
         BYPASS_V4,
         BYPASS_V6,
-        HTTP_PORTS,
+        SCOPES,
         SOCK_PROTOS,
     ];
     /// Maps that outlive generations and agent restarts: reopened from their pins. The
@@ -128,8 +130,18 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Entries of each original-destination map: redirected connections being set up at once
 /// (LRU: the oldest are evicted, long after their connection was accepted).
 pub const MAX_REDIRECTS: u32 = 1 << 16;
-/// Entries of [`maps::HTTP_PORTS`]: one per port.
-pub const PORTS: u32 = 1 << 16;
+/// Entries of [`maps::SCOPES`]: pods (their cgroups) on one node.
+pub const MAX_SCOPED_CGROUPS: u32 = 1 << 16;
+/// Scopes a policy may have besides the node-wide one: namespaces with rules of their own.
+/// A rule key's scope is one byte; [`XDP_SCOPE`] is the last value.
+pub const MAX_SCOPES: u8 = 254;
+/// The scope of the keys the XDP backstop judges packets by when the policy has scopes: every
+/// scope's rules (a packet carries no cgroup to find its scope from). Without scopes it
+/// judges by scope 0, which then holds every rule.
+pub const XDP_SCOPE: u8 = 255;
+/// How many levels below the cgroup root a socket's cgroup ancestors are looked up in
+/// [`maps::SCOPES`] (a container's cgroup is 3 to 5 levels down under kubelet's layouts).
+pub const SCOPE_DEPTH: u32 = 8;
 /// Highest protocol number in [`maps::SOCK_PROTOS`]: `IPPROTO_MPTCP` (262), the one inet
 /// protocol above 255.
 pub const MAX_PROTOCOL: u32 = 262;
@@ -138,7 +150,9 @@ pub const MAX_PROTOCOL: u32 = 262;
 pub const ROW_NO_RULE: u32 = 0;
 /// Counter row for connections to a bypass destination.
 pub const ROW_BYPASS: u32 = 1;
-/// Counter row for connections redirected to the proxy (the proxy counts per rule).
+/// Counter row for connections redirected to the proxy (the proxy counts per rule). A rule key
+/// whose value is this row is a redirect: a TCP connection on its port (any address, in its
+/// scope) that no more specific key allows goes to the proxy.
 pub const ROW_PROXY: u32 = 2;
 /// First counter row that belongs to a rule.
 pub const FIRST_RULE_ROW: u32 = 3;
@@ -196,6 +210,10 @@ const _: () = assert!(size_of::<ProxyMark>() == 8);
 pub mod config_flags {
     /// Report every verdict as an event (EgressConfig `events: all`), not only denials.
     pub const EVENTS_ALL: u16 = 1;
+    /// The policy has scopes (namespaces with rules of their own): the hooks look a socket's
+    /// scope up ([`maps::SCOPES`](crate::maps)). Without it every socket is in scope 0 and the
+    /// lookup is skipped.
+    pub const SCOPED: u16 = 4;
     /// Raw sockets (`SOCK_RAW`, any protocol) may be created in the managed cgroup
     /// (EgressConfig `allowSockets: [raw]`).
     pub const ALLOW_RAW: u16 = 2;
@@ -234,7 +252,7 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// DNS: datagrams and connections to this port go to the resolvers' implicit rule.
 pub const DNS_PORT: u16 = 53;
 
-/// Bits of a rule key that precede the address: port (16), protocol (8), pad (8). The LPM
+/// Bits of a rule key that precede the address: port (16), protocol (8), scope (8). The LPM
 /// prefix length of a key is `KEY_PREFIX_BITS + cidr_len`, so port and protocol always match
 /// exactly and the address matches by CIDR, in one lookup.
 pub const KEY_PREFIX_BITS: u32 = 32;
@@ -315,8 +333,10 @@ pub struct RuleKeyV4 {
     pub port: u16,
     /// IP protocol ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
-    /// Always zero (it is inside the matched prefix).
-    pub _pad: u8,
+    /// The scope the key belongs to (inside the matched prefix): 0 for sockets of no scope
+    /// (host processes, pods of namespaces without rules of their own), a namespace's scope
+    /// (see [`maps::SCOPES`]), or [`XDP_SCOPE`]. The node-wide rules are in every scope.
+    pub scope: u8,
     /// Destination address, network byte order.
     pub addr: [u8; 4],
 }
@@ -330,8 +350,8 @@ pub struct RuleKeyV6 {
     pub port: u16,
     /// IP protocol ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
-    /// Always zero (it is inside the matched prefix).
-    pub _pad: u8,
+    /// The scope, as [`RuleKeyV4::scope`].
+    pub scope: u8,
     /// Destination address, network byte order.
     pub addr: [u8; 16],
 }

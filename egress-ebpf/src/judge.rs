@@ -97,18 +97,19 @@ pub enum Matched {
     Rule(u32),
 }
 
-/// Looks the destination up in the bypass and rule tries of its family.
+/// Looks the destination up in the bypass trie and the rule trie of its family, among the
+/// rule keys of `scope`.
 #[inline(always)]
-pub fn lookup(dest: &Dest) -> Option<Matched> {
+pub fn lookup(dest: &Dest, scope: u8) -> Option<Matched> {
     if dest.family == AF_INET {
-        lookup_v4(dest)
+        lookup_v4(dest, scope)
     } else {
-        lookup_v6(dest)
+        lookup_v6(dest, scope)
     }
 }
 
 #[inline(always)]
-fn lookup_v4(dest: &Dest) -> Option<Matched> {
+fn lookup_v4(dest: &Dest, scope: u8) -> Option<Matched> {
     let mut addr = [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]];
     if addr == [0, 0, 0, 0] {
         // connect() or sendto() to 0.0.0.0 reaches the local host.
@@ -120,7 +121,7 @@ fn lookup_v4(dest: &Dest) -> Option<Matched> {
     let key = RuleKeyV4 {
         port: dest.port,
         proto: dest.proto,
-        _pad: 0,
+        scope,
         addr,
     };
     RULES_V4
@@ -129,7 +130,7 @@ fn lookup_v4(dest: &Dest) -> Option<Matched> {
 }
 
 #[inline(always)]
-fn lookup_v6(dest: &Dest) -> Option<Matched> {
+fn lookup_v6(dest: &Dest, scope: u8) -> Option<Matched> {
     let mut addr = dest.addr;
     if addr == [0; 16] {
         // connect() or sendto() to :: reaches the local host.
@@ -141,7 +142,7 @@ fn lookup_v6(dest: &Dest) -> Option<Matched> {
     let key = RuleKeyV6 {
         port: dest.port,
         proto: dest.proto,
-        _pad: 0,
+        scope,
         addr,
     };
     RULES_V6

@@ -2,24 +2,24 @@
 //! each at `<pin dir>/<NAME>` and `bpftool map dump pinned ...` shows their BTF field names.
 
 use aya_ebpf::{
-    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use egress_common::{
     COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_PROTOCOL, MAX_REDIRECTS,
-    MAX_RULE_KEYS, OrigDst, PORTS, PeerKey, ProxyMark, RuleCounters, RuleInfo, RuleKeyV4,
-    RuleKeyV6, RuleValue, Stats, hook,
+    MAX_RULE_KEYS, MAX_SCOPED_CGROUPS, OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo,
+    RuleKeyV4, RuleKeyV6, RuleValue, Stats, hook,
 };
 
 /// The policy's mode and generation (one entry).
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// IPv4 allow rules: (port, protocol, CIDR) -> rule row.
+/// IPv4 allow rules and redirects: (port, protocol, scope, CIDR) -> rule row.
 #[btf_map]
 pub static RULES_V4: LpmTrie<RuleKeyV4, RuleValue, { MAX_RULE_KEYS as usize }> = LpmTrie::new();
 
-/// IPv6 allow rules: (port, protocol, CIDR) -> rule row.
+/// IPv6 allow rules and redirects: (port, protocol, scope, CIDR) -> rule row.
 #[btf_map]
 pub static RULES_V6: LpmTrie<RuleKeyV6, RuleValue, { MAX_RULE_KEYS as usize }> = LpmTrie::new();
 
@@ -48,9 +48,9 @@ pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 #[btf_map]
 pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
 
-/// Ports (host byte order index) whose unmatched connections go to the proxy: 1, else 0.
+/// A pod's cgroup id to its scope (`egress_common::maps::SCOPES`).
 #[btf_map]
-pub static HTTP_PORTS: Array<u32, { PORTS as usize }> = Array::new();
+pub static SCOPES: HashMap<u64, u32, { MAX_SCOPED_CGROUPS as usize }> = HashMap::new();
 
 /// Original destination of a redirected socket, by socket cookie.
 #[btf_map]

@@ -12,14 +12,17 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie,
-        generated::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_sk_lookup_tcp,
+            bpf_sk_release, bpf_sk_storage_get,
+        },
     },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use egress_common::{
     AF_INET, AF_INET6, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey, ROW_BYPASS, ROW_NO_RULE, ROW_PROXY,
-    config_flags, flags, hook, mode, reason, verdict,
+    SCOPE_DEPTH, config_flags, flags, hook, mode, reason, verdict,
 };
 
 use crate::{
@@ -27,7 +30,7 @@ use crate::{
         Dest, Judgement, LOOPBACK_V4, Matched, NAT64_WORD, V4_MAPPED_WORD, Who, count, count_error,
         lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
     },
-    maps::{CONFIG, HTTP_PORTS, ORIG_COOKIE, ORIG_PEER, PROXY_LISTEN},
+    maps::{CONFIG, ORIG_COOKIE, ORIG_PEER, PROXY_LISTEN, SCOPES},
 };
 
 /// The operation goes ahead.
@@ -387,8 +390,13 @@ fn decide(
         // can be set by anyone holding CAP_NET_RAW).
         return Ok(Outcome::Allow);
     }
+    let scope = if config.flags & config_flags::SCOPED != 0 {
+        socket_scope()
+    } else {
+        0
+    };
     let judged = if !raw && (protocol == u32::from(PROTO_TCP) || protocol == u32::from(PROTO_UDP)) {
-        lookup(dest)
+        lookup(dest, scope)
     } else if other_allowed(config.flags, raw, protocol) {
         // allowSockets lets this kind of socket through without rules: booked as a bypass.
         Some(Matched::Bypass)
@@ -397,7 +405,12 @@ fn decide(
         // sock_create would have refused is refused here too.
         None
     };
-    let redirectable = dest.hook == hook::CONNECT
+    // A redirect key of the scope: no rule allows the destination directly, and the port is
+    // one of the scope's HTTP egress ports.
+    let redirect = matches!(judged, Some(Matched::Rule(ROW_PROXY)));
+    let judged = if redirect { None } else { judged };
+    let redirectable = redirect
+        && dest.hook == hook::CONNECT
         && !raw
         && protocol == u32::from(PROTO_TCP)
         // A 6to4 address cannot be rebuilt from the IPv4 address alone for getpeername.
@@ -405,7 +418,7 @@ fn decide(
     let (verdict, row, outcome, why) = match judged {
         Some(Matched::Bypass) => (verdict::BYPASS, ROW_BYPASS, Outcome::Allow, reason::RULES),
         Some(Matched::Rule(row)) => (verdict::ALLOW, row, Outcome::Allow, reason::RULES),
-        None if redirectable && is_http_port(dest.port) => {
+        None if redirectable => {
             match proxy_listener(ctx, config.proxy_port, proxy) {
                 reason::RULES => {
                     record_redirect(ctx, dest)?;
@@ -493,11 +506,27 @@ fn try_sock_create(ctx: &SockContext) -> Result<i32, ()> {
     Ok(ret)
 }
 
+/// The scope of the calling task's sockets: that of the first of its cgroup's ancestors (from
+/// the top) that is a pod's cgroup in `SCOPES`, at most [`SCOPE_DEPTH`] levels down; 0 when
+/// none is (a host process, a pod of a namespace without rules of its own, a pod the agent has
+/// not seen yet: the node-wide rules only).
 #[inline(always)]
-fn is_http_port(port_be: u16) -> bool {
-    HTTP_PORTS
-        .get(u32::from(u16::from_be(port_be)))
-        .is_some_and(|v| *v != 0)
+fn socket_scope() -> u8 {
+    let mut level = 1;
+    while level <= SCOPE_DEPTH {
+        // SAFETY: a plain helper call; 0 past the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if let Some(scope) = SCOPES.get_ptr(id) {
+            // SAFETY: a valid map value pointer, read at once.
+            let scope = unsafe { *scope };
+            return if scope <= 255 { scope as u8 } else { 0 };
+        }
+        level += 1;
+    }
+    0
 }
 
 /// Whether the socket listening where a redirect would send the connection (the proxy's

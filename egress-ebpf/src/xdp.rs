@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use egress_common::{
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE, config_flags, hook,
-    mode, reason, verdict,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE, XDP_SCOPE,
+    config_flags, hook, mode, reason, verdict,
 };
 
 use crate::{
@@ -176,8 +176,15 @@ fn l4_port(ctx: &XdpContext, proto: u8, l4: usize, icmp: u8) -> Result<Option<u1
 
 fn judge(ctx: &XdpContext, dest: &Dest) -> Result<u32, ()> {
     let config = CONFIG.get(0).ok_or(())?;
+    // A packet carries no cgroup: with scopes, the keys of every scope (their own copy);
+    // without, scope 0 holds every rule.
+    let scope = if config.flags & config_flags::SCOPED != 0 {
+        XDP_SCOPE
+    } else {
+        0
+    };
     let matched = if dest.proto == PROTO_TCP || dest.proto == PROTO_UDP {
-        lookup(dest)
+        lookup(dest, scope)
     } else {
         None
     };

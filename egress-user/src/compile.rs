@@ -25,6 +25,8 @@ use ipnet::IpNet;
 
 use crate::policy::{Events, Mode, Policy, Protocol, judged_as};
 
+use egress_common::{MAX_SCOPES, XDP_SCOPE};
+
 /// The row name of the implicit rule that allows DNS to the policy's resolvers. No EgressRule
 /// can be named so (names are DNS subdomains), so it never clashes with one.
 pub const DNS_RULE_NAME: &str = "(dns)";
@@ -74,6 +76,14 @@ pub enum CompileError {
         /// The limit.
         max: u32,
     },
+    /// More namespaces with rules of their own than a rule key's scope can tell apart.
+    #[error("the policy has rules in {scopes} namespaces; at most {max} can have their own")]
+    TooManyScopes {
+        /// Namespaces with rules.
+        scopes: usize,
+        /// The limit.
+        max: u8,
+    },
     /// More bypass ranges than the bypass tries hold.
     #[error("the policy has {ranges} {family} bypass ranges; at most {max} fit")]
     TooManyBypass {
@@ -102,9 +112,16 @@ pub struct Compiled {
     pub bypass_v4: Vec<LpmEntry<[u8; 4], u32>>,
     /// `BYPASS_V6` entries.
     pub bypass_v6: Vec<LpmEntry<[u8; 16], u32>>,
-    /// Ports (host byte order) whose connections go to the proxy: every port of an HTTP rule
-    /// or alias, sorted, without duplicates.
+    /// Ports (host byte order) whose connections go to the proxy in some scope: every port of
+    /// an HTTP rule or alias, sorted, without duplicates. The kernel redirects by the rule
+    /// keys with [`ROW_PROXY`] (one per scope and port), not by this list.
     pub http_ports: Vec<u16>,
+    /// The policy's scopes: the namespaces with rules of their own, sorted; the scope id of
+    /// `scopes[i]` is `i + 1` (0 is the node-wide rules only).
+    pub scopes: Vec<String>,
+    /// `SCOPES` entries: the cgroup id of each pod of a scope's namespace, with the scope id
+    /// (see [`scoped_cgroups`]); set by the caller, who knows the pods.
+    pub scoped_cgroups: Vec<(u64, u32)>,
     /// Protocol numbers whose `SOCK_PROTOS` entry is 1 (EgressConfig `allowSockets`), sorted,
     /// without duplicates; TCP and UDP are never among them (always allowed).
     pub sock_protos: Vec<u16>,
@@ -294,8 +311,28 @@ pub fn compile(
     generation: u32,
 ) -> Result<Compiled, CompileError> {
     let dns = (!policy.dns.resolvers.is_empty()).then_some(DNS_RULE_NAME);
-    let (rows, order) =
-        stored.assign_in_order(policy.rules.iter().map(|r| r.name.as_str()).chain(dns))?;
+    let row_names: Vec<String> = policy.rules.iter().map(|r| r.row_name()).collect();
+    let (rows, order) = stored.assign_in_order(row_names.iter().map(String::as_str).chain(dns))?;
+    let scopes = policy.scopes();
+    if scopes.len() > usize::from(MAX_SCOPES) {
+        return Err(CompileError::TooManyScopes {
+            scopes: scopes.len(),
+            max: MAX_SCOPES,
+        });
+    }
+    let scope_id = |ns: &str| -> u8 {
+        let i = scopes
+            .binary_search_by(|s| s.as_str().cmp(ns))
+            .expect("a scope of the policy");
+        u8::try_from(i + 1).expect("at most MAX_SCOPES scopes")
+    };
+    // Where a key of each kind of rule goes: a node-wide rule's into every scope (and the XDP
+    // backstop's), a namespace's into its own scope and the XDP backstop's. Without scopes
+    // the XDP backstop judges by scope 0, which then holds every rule: no copies.
+    let all_scopes: Vec<u8> = (0..=scopes.len())
+        .map(|i| u8::try_from(i).expect("at most MAX_SCOPES scopes"))
+        .chain((!scopes.is_empty()).then_some(XDP_SCOPE))
+        .collect();
     let mut out = Compiled {
         config: Config {
             mode: match policy.mode {
@@ -312,6 +349,10 @@ pub fn compile(
                 config_flags::ALLOW_RAW
             } else {
                 0
+            } | if scopes.is_empty() {
+                0
+            } else {
+                config_flags::SCOPED
             },
             // The loader knows the agent's cgroup.
             agent_cgroup: 0,
@@ -320,25 +361,52 @@ pub fn compile(
         sock_protos: policy.allow_sockets.protocols.iter().copied().collect(),
         ..Compiled::default()
     };
-    // First rule to claim a key keeps it: file order is the user's order of precedence.
-    let mut owners: HashMap<(IpNet, u16, Protocol), &str> = HashMap::new();
-    for (rule, &row) in policy.rules.iter().zip(&order) {
+    // First rule to claim a key in a scope keeps it: node-wide rules first, then file order,
+    // the user's order of precedence. A key a node-wide rule holds is held in every scope.
+    let mut owners: HashMap<(Option<&str>, IpNet, u16, Protocol), &str> = HashMap::new();
+    let node_wide_first = policy
+        .rules
+        .iter()
+        .zip(&order)
+        .zip(&row_names)
+        .filter(|((r, _), _)| r.scope.is_none())
+        .chain(
+            policy
+                .rules
+                .iter()
+                .zip(&order)
+                .zip(&row_names)
+                .filter(|((r, _), _)| r.scope.is_some()),
+        );
+    for ((rule, &row), name) in node_wide_first {
         let value = RuleValue { row };
+        let scope = rule.scope.as_deref();
+        let in_scopes = match scope {
+            None => all_scopes.clone(),
+            Some(ns) => vec![scope_id(ns), XDP_SCOPE],
+        };
         for port in &rule.ports {
-            match owners.entry((rule.destination, port.port, port.protocol)) {
-                Entry::Occupied(owner) => {
-                    out.shadowed.push(Shadowed {
-                        rule: rule.name.clone(),
-                        by: (*owner.get()).to_owned(),
-                        key: format!("{} {}/{}", rule.destination, port.port, port.protocol),
-                    });
-                    continue;
-                }
-                Entry::Vacant(slot) => {
-                    slot.insert(&rule.name);
-                }
+            let key = (rule.destination, port.port, port.protocol);
+            let held = owners
+                .get(&(None, key.0, key.1, key.2))
+                .or_else(|| scope.and_then(|_| owners.get(&(scope, key.0, key.1, key.2))));
+            if let Some(owner) = held {
+                out.shadowed.push(Shadowed {
+                    rule: name.clone(),
+                    by: (*owner).to_owned(),
+                    key: format!("{} {}/{}", rule.destination, port.port, port.protocol),
+                });
+                continue;
             }
-            push_key(&mut out, rule.destination, port.port, port.protocol, value);
+            owners.insert((scope, key.0, key.1, key.2), name);
+            for &s in &in_scopes {
+                push_key(
+                    &mut out,
+                    s,
+                    (rule.destination, port.port, port.protocol),
+                    value,
+                );
+            }
         }
     }
     // After the user's rules: a key one of them holds stays theirs, and is not reported.
@@ -349,13 +417,32 @@ pub fn compile(
             // A NAT64 or 6to4 resolver is judged as its IPv4 address: the key must be that.
             let destination = IpNet::from(judged_as(*resolver));
             for protocol in [Protocol::Udp, Protocol::Tcp] {
-                if let Entry::Vacant(slot) = owners.entry((destination, DNS_PORT, protocol)) {
+                if let Entry::Vacant(slot) = owners.entry((None, destination, DNS_PORT, protocol)) {
                     slot.insert(DNS_RULE_NAME);
-                    push_key(&mut out, destination, DNS_PORT, protocol, value);
+                    for &s in &all_scopes {
+                        push_key(&mut out, s, (destination, DNS_PORT, protocol), value);
+                    }
                 }
             }
         }
     }
+    // The redirects: each scope's HTTP egress ports (node-wide HTTP rules and aliases, and the
+    // scope's own HTTP rules), unless a tcp rule of the scope allows the whole port directly.
+    let redirect = RuleValue { row: ROW_PROXY };
+    for (i, s) in all_scopes.iter().take(scopes.len() + 1).enumerate() {
+        let ns = i.checked_sub(1).map(|i| scopes[i].as_str());
+        for port in scope_http_ports(policy, ns) {
+            for any in ["0.0.0.0/0", "::/0"] {
+                let any: IpNet = any.parse().expect("valid literal");
+                let held = owners.contains_key(&(None, any, port, Protocol::Tcp))
+                    || ns.is_some_and(|_| owners.contains_key(&(ns, any, port, Protocol::Tcp)));
+                if !held {
+                    push_key(&mut out, *s, (any, port, Protocol::Tcp), redirect);
+                }
+            }
+        }
+    }
+    out.scopes = scopes;
     for net in &policy.bypass {
         match net {
             IpNet::V4(net) => {
@@ -389,12 +476,23 @@ pub fn compile(
     Ok(out)
 }
 
-/// Adds the rule key for `destination` and `port`/`protocol` (port in host order).
+/// The `SCOPES` entries for `pods` (each pod's cgroup id and namespace) under a policy whose
+/// scopes are `scopes` (sorted, as [`Compiled::scopes`]): the pods of a namespace with rules of
+/// its own, with its scope id. The other pods have scope 0 (no entry).
+pub fn scoped_cgroups(scopes: &[String], pods: &[(u64, String)]) -> Vec<(u64, u32)> {
+    pods.iter()
+        .filter_map(|(cgroup, ns)| {
+            let i = scopes.binary_search(ns).ok()?;
+            Some((*cgroup, u32::try_from(i + 1).ok()?))
+        })
+        .collect()
+}
+
+/// Adds the rule key of `scope` for `destination` and `port`/`protocol` (port in host order).
 fn push_key(
     out: &mut Compiled,
-    destination: IpNet,
-    port: u16,
-    protocol: Protocol,
+    scope: u8,
+    (destination, port, protocol): (IpNet, u16, Protocol),
     value: RuleValue,
 ) {
     let (port, proto) = (port.to_be(), proto(protocol));
@@ -405,7 +503,7 @@ fn push_key(
             let key = RuleKeyV4 {
                 port,
                 proto,
-                _pad: 0,
+                scope,
                 addr,
             };
             out.rules_v4.push((bits, key, value));
@@ -415,7 +513,7 @@ fn push_key(
             let key = RuleKeyV6 {
                 port,
                 proto,
-                _pad: 0,
+                scope,
                 addr,
             };
             out.rules_v6.push((bits, key, value));
@@ -436,6 +534,21 @@ fn http_ports(policy: &Policy) -> Vec<u16> {
     let rules = policy
         .http_rules
         .iter()
+        .flat_map(|r| r.ports.iter().map(|p| p.port));
+    let aliases = policy.aliases.iter().flat_map(|a| a.ports.iter().copied());
+    let mut ports: Vec<u16> = rules.chain(aliases).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The HTTP egress ports of a scope (`None`: the node-wide one): those of the node-wide HTTP
+/// rules and of the aliases, and of the scope's own HTTP rules; sorted, without duplicates.
+fn scope_http_ports(policy: &Policy, scope: Option<&str>) -> Vec<u16> {
+    let rules = policy
+        .http_rules
+        .iter()
+        .filter(|r| r.scope.is_none() || r.scope.as_deref() == scope)
         .flat_map(|r| r.ports.iter().map(|p| p.port));
     let aliases = policy.aliases.iter().flat_map(|a| a.ports.iter().copied());
     let mut ports: Vec<u16> = rules.chain(aliases).collect();

@@ -214,6 +214,22 @@ pub fn by_cgroup(pods: &[Pod], depth: usize) -> PodsByCgroup {
     map
 }
 
+/// Each pod's own cgroup id with its namespace, sorted; a pod whose cgroup went away is left
+/// out.
+pub fn pod_cgroups(pods: &[Pod]) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = pods
+        .iter()
+        .filter_map(|p| {
+            Some((
+                fs::metadata(&p.cgroup).ok()?.ino(),
+                p.name.namespace.clone(),
+            ))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 fn walk(dir: &Path, depth: usize, found: &mut impl FnMut(u64)) {
     let Ok(metadata) = fs::metadata(dir) else {
         return;

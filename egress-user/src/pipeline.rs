@@ -40,7 +40,8 @@ pub enum Error {
 }
 
 /// Puts `policy` in force on `target` as a new generation, on a kernel that `kernel` assessed,
-/// with `proxy_listeners` marked as the agent's before any program of the generation runs.
+/// with `proxy_listeners` marked as the agent's before any program of the generation runs and
+/// `pods` (each pod's cgroup id and namespace) in their namespaces' scopes.
 ///
 /// # Errors
 /// The policy does not fit the maps, or the kernel side failed; nothing was switched.
@@ -49,9 +50,11 @@ pub fn enforce(
     kernel: &Assessment,
     policy: &Policy,
     proxy_listeners: &[&std::net::TcpListener],
+    pods: &[(u64, String)],
 ) -> Result<Enforcer, Error> {
     let generation = Generation::open(target, kernel, proxy_listeners)?;
-    let compiled = compile::compile(policy, generation.stored_rows(), generation.number())?;
+    let mut compiled = compile::compile(policy, generation.stored_rows(), generation.number())?;
+    compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);
     warn_shadowed(&compiled);
     Ok(generation.fill(compiled)?.swap()?)
 }
@@ -64,7 +67,7 @@ pub fn enforce(
 /// nothing was touched.
 pub fn apply(target: &Target, policy: &Policy) -> Result<Enforcer, Error> {
     let kernel = features::kernel().assess(!target.xdp_ifaces.is_empty())?;
-    enforce(target, &kernel, policy, &[])
+    enforce(target, &kernel, policy, &[], &[])
 }
 
 /// Logs the rule keys an earlier rule already holds: connections are counted there.

@@ -67,6 +67,9 @@ pub struct Document {
     pub kind: Kind,
     /// `metadata.name`.
     pub name: String,
+    /// Its namespace: a rule's, `None` for a node-wide rule; a Service's (`default` when it
+    /// names none).
+    pub namespace: Option<String>,
     /// The document's YAML text, without its `---` line.
     pub text: String,
 }
@@ -95,16 +98,74 @@ pub enum SplitError {
 /// documents in YAML (the spec forbids it inside any scalar), so splitting at such lines is
 /// exact.
 pub fn split(source: &str, text: &str) -> Result<Vec<Document>, SplitError> {
+    split_in(source, text, None)
+}
+
+/// [`split`], with each document that names no namespace put in `namespace` (`egress create
+/// -n`): `namespace: NS` is written into its `metadata`, and the document checked again to
+/// be sure it now is in that namespace.
+///
+/// # Errors
+/// As [`split`], and a document whose `metadata` is written in a way this cannot add the
+/// namespace to.
+pub fn split_in(
+    source: &str,
+    text: &str,
+    namespace: Option<&str>,
+) -> Result<Vec<Document>, SplitError> {
     // The whole source first: errors then carry the user's own line numbers.
     policy::load_sources(&[(source.to_owned(), text.as_bytes().to_vec())])
         .map_err(SplitError::Invalid)?;
     let mut documents = Vec::new();
     for (first_line, chunk) in chunks(text) {
-        let policy = policy::load_sources(&[(source.to_owned(), chunk.as_bytes().to_vec())])
-            .map_err(SplitError::Invalid)?;
-        let (kind, name) = match classify(&policy) {
+        let load = |chunk: &str| {
+            policy::load_sources(&[(source.to_owned(), chunk.as_bytes().to_vec())])
+                .map_err(SplitError::Invalid)
+        };
+        let mut policy = load(chunk)?;
+        let mut chunk = chunk.to_owned();
+        if let Some(ns) = namespace
+            && let Some((kind, _, found)) = classify(&policy)
+        {
+            // A rule that names no namespace is node-wide; a Service that names none is in
+            // `default`, so its text tells.
+            let named = match kind {
+                Kind::EgressRule => found.is_some(),
+                Kind::Service => chunk.contains("namespace:"),
+            };
+            if named && found.as_deref() != Some(ns) {
+                return Err(SplitError::Refused {
+                    origin: format!("{source}:{first_line}"),
+                    message: format!(
+                        "the document is in namespace `{}`, not `{ns}` as -n says",
+                        found.as_deref().unwrap_or("")
+                    ),
+                });
+            }
+            if !named {
+                let placed = with_namespace(&chunk, ns)
+                    .map(|text| (load(&text), text))
+                    .filter(|(loaded, _)| {
+                        loaded.as_ref().is_ok_and(|p| {
+                            classify(p).is_some_and(|(_, _, f)| f.as_deref() == Some(ns))
+                        })
+                    });
+                let Some((loaded, text)) = placed else {
+                    return Err(SplitError::Refused {
+                        origin: format!("{source}:{first_line}"),
+                        message: format!(
+                            "cannot put this document in namespace `{ns}`: write \
+                             `namespace: {ns}` in its metadata, or leave -n out"
+                        ),
+                    });
+                };
+                policy = loaded?;
+                chunk = text;
+            }
+        }
+        let (kind, name, namespace) = match classify(&policy) {
             Some(found) => found,
-            None if is_blank(chunk) => continue,
+            None if is_blank(&chunk) => continue,
             None => {
                 return Err(SplitError::Refused {
                     origin: format!("{source}:{first_line}"),
@@ -117,24 +178,45 @@ pub fn split(source: &str, text: &str) -> Result<Vec<Document>, SplitError> {
         documents.push(Document {
             kind,
             name,
+            namespace,
             text: chunk.trim_end().to_owned() + "\n",
         });
     }
     Ok(documents)
 }
 
-/// The kind and name of the one rule or alias a single document's policy holds.
-fn classify(policy: &Policy) -> Option<(Kind, String)> {
+/// The kind, name and namespace of the one rule or alias a single document's policy holds.
+fn classify(policy: &Policy) -> Option<(Kind, String, Option<String>)> {
     if let Some(rule) = policy.rules.first() {
-        return Some((Kind::EgressRule, rule.name.clone()));
+        return Some((Kind::EgressRule, rule.name.clone(), rule.scope.clone()));
     }
     if let Some(rule) = policy.http_rules.first() {
-        return Some((Kind::EgressRule, rule.name.clone()));
+        return Some((Kind::EgressRule, rule.name.clone(), rule.scope.clone()));
     }
-    policy
-        .aliases
-        .first()
-        .map(|alias| (Kind::Service, alias.name.clone()))
+    policy.aliases.first().map(|alias| {
+        (
+            Kind::Service,
+            alias.name.clone(),
+            Some(alias.namespace.clone()),
+        )
+    })
+}
+
+/// `chunk` with `namespace: NS` added to its block `metadata:` mapping, indented as the
+/// mapping's first entry; `None` when there is no such mapping at the top level.
+fn with_namespace(chunk: &str, namespace: &str) -> Option<String> {
+    let lines: Vec<&str> = chunk.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim_end() == "metadata:" || l.starts_with("metadata: #"))?;
+    let indent = lines[at + 1..]
+        .iter()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|l| &l[..l.len() - l.trim_start().len()])
+        .filter(|i| !i.is_empty())?;
+    let mut out: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    out.insert(at + 1, format!("{indent}namespace: {namespace}"));
+    Some(out.join("\n") + "\n")
 }
 
 /// Comments and blank lines only.
@@ -330,6 +412,34 @@ spec: {type: ExternalName, externalName: httpbin.test, ports: [{port: 80}]}
         assert!(docs[1].text.starts_with("# a comment\nkind: Service"));
         // Joined and split again: the same documents.
         assert_eq!(split("created.yaml", &join(&docs)).unwrap(), docs);
+    }
+
+    #[test]
+    fn minus_n_puts_documents_that_name_no_namespace_in_it() {
+        const BLOCK: &str = "kind: EgressRule\nmetadata:\n  name: range1\nspec:\n  destination:\n    service: 192.0.2.0/24\n  ports:\n  - port: 443\n    protocol: tcp\n";
+        let docs = split_in("-", BLOCK, Some("team-a")).unwrap();
+        assert_eq!(docs[0].namespace.as_deref(), Some("team-a"));
+        assert!(
+            docs[0].text.contains("  namespace: team-a\n  name: range1"),
+            "{}",
+            docs[0].text
+        );
+        // Kept as written, and read back in it.
+        assert_eq!(split("created.yaml", &join(&docs)).unwrap(), docs);
+        // Without -n: node-wide.
+        assert_eq!(split("-", BLOCK).unwrap()[0].namespace, None);
+        // A document in another namespace than -n says, and flow-style metadata, are refused
+        // rather than put anywhere else.
+        let other = BLOCK.replace("  name: range1", "  name: range1\n  namespace: b");
+        let err = split_in("-", &other, Some("team-a"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in namespace `b`, not `team-a`"), "{err}");
+        let err = split_in("-", TWO, Some("team-a")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("-:1: cannot put this document in namespace `team-a`"),
+            "{err}"
+        );
     }
 
     #[test]

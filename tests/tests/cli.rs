@@ -100,37 +100,40 @@ fn events_follow_says_when_the_agent_stops_and_egress_socket_names_the_socket() 
 }
 
 #[test]
-fn a_namespace_flag_other_than_default_is_refused_before_anything_is_sent() {
-    // `istioctl create -f rule.yaml -n default` as the seeds do it: accepted (this one then
-    // fails only because no agent listens on the made-up socket).
+fn a_namespace_flag_is_a_namespace_name_checked_before_anything_is_sent() {
+    // `istioctl create -f rule.yaml -n default` as the seeds do it, and any other namespace:
+    // accepted (these then fail only because no agent listens on the made-up socket).
     let tmp = tempfile::tempdir().expect("temporary directory");
     let socket = tmp.path().join("ns.sock");
-    let out = Command::new(EGRESS)
-        .args(["get", "egressrules", "-n", "default", "--socket"])
-        .arg(&socket)
-        .output()
-        .expect("egress get");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("namespace"), "{err}");
-    assert!(err.contains("no egress agent is listening"), "{err}");
     for verb in [
         &["create", "-f", "-"][..],
         &["delete", "egressrule", "r"],
         &["get", "egressrules"],
     ] {
+        for ns in ["default", "team-a"] {
+            let out = Command::new(EGRESS)
+                .args(verb)
+                .args(["-n", ns, "--socket"])
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .output()
+                .expect("egress");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("no egress agent is listening"),
+                "{verb:?} -n {ns}: {err}"
+            );
+        }
         let out = Command::new(EGRESS)
             .args(verb)
-            .args(["--namespace", "team-a", "--socket"])
+            .args(["--namespace", "Team_A", "--socket"])
             .arg(&socket)
             .stdin(Stdio::null())
             .output()
             .expect("egress");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{verb:?}: {err}");
-        assert!(
-            err.contains("namespaces do not scope rules yet"),
-            "{verb:?}: {err}"
-        );
+        assert!(err.contains("is not a namespace name"), "{verb:?}: {err}");
     }
 }
 

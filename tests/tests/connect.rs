@@ -308,6 +308,7 @@ fn one_hundred_thousand_rules_load_and_work() {
     let first = u32::from(Ipv4Addr::new(198, 18, 0, 0));
     let rules: Vec<Rule> = (0..100_000u32)
         .map(|i| Rule {
+            scope: None,
             name: format!("r{i}"),
             origin: Origin {
                 file: "gen.yaml".into(),

@@ -111,7 +111,13 @@ impl Agent {
         let mut listeners = settings.listeners.bound();
         listeners.extend(self.pod_nets.bound());
         let enforced = tokio::task::block_in_place(|| {
-            pipeline::enforce(&settings.target, &settings.kernel, &policy, &listeners)
+            pipeline::enforce(
+                &settings.target,
+                &settings.kernel,
+                &policy,
+                &listeners,
+                &self.pods,
+            )
         });
         match enforced {
             Ok(enforcer) => {
@@ -131,9 +137,19 @@ impl Agent {
 
     /// `egress create`: adds the documents of `text`, if the whole policy with them is valid
     /// and the kernel takes it; otherwise nothing changes, on disk or in force.
-    pub(super) fn create(&mut self, origin: &str, text: &str) -> Result<Response, ChangeError> {
+    pub(super) fn create(
+        &mut self,
+        origin: &str,
+        text: &str,
+        namespace: Option<&str>,
+    ) -> Result<Response, ChangeError> {
         let nothing = |e: ChangeError| ChangeError::NothingCreated(Box::new(e));
-        let docs = state::split(origin, text).map_err(|e| nothing(e.into()))?;
+        let docs = state::split_in(origin, text, namespace).map_err(|e| nothing(e.into()))?;
+        // With -n, what is checked and kept is the documents put in that namespace.
+        let text = match namespace {
+            Some(_) => state::join(&docs),
+            None => text.to_owned(),
+        };
         if docs.is_empty() {
             return Err(ChangeError::NoDocuments {
                 origin: origin.to_owned(),
@@ -163,7 +179,24 @@ impl Agent {
     }
 
     /// `egress delete`: removes created documents by name; all of them or none.
-    pub(super) fn delete(&mut self, kind: Kind, names: &[String]) -> Result<Response, ChangeError> {
+    pub(super) fn delete(
+        &mut self,
+        kind: Kind,
+        names: &[String],
+        namespace: Option<&str>,
+    ) -> Result<Response, ChangeError> {
+        // Without -n: node-wide rules, and Services of `default` (as Kubernetes has it).
+        let namespace = match kind {
+            Kind::EgressRule => namespace.map(str::to_owned),
+            Kind::Service => Some(namespace.unwrap_or("default").to_owned()),
+        };
+        let this = |d: &state::Document, name: &String| {
+            d.kind == kind && &d.name == name && d.namespace == namespace
+        };
+        let shown = |name: &str| match (kind, namespace.as_deref()) {
+            (Kind::Service, Some(ns)) => super::status::service_name(ns, name),
+            (_, ns) => crate::policy::scoped_name(ns, name),
+        };
         let old = self
             .settings
             .store
@@ -171,10 +204,11 @@ impl Agent {
             .map_err(ChangeError::Store)?;
         let mut problems = Vec::new();
         for name in names {
-            if old.iter().any(|d| d.kind == kind && &d.name == name) {
+            if old.iter().any(|d| this(d, name)) {
                 continue;
             }
-            problems.push(match self.origin_of(kind, name) {
+            let name = shown(name);
+            problems.push(match self.origin_of(kind, &name) {
                 Some(origin) => format!(
                     "{kind} `{name}` comes from {origin}, not from `egress create`; edit that file"
                 ),
@@ -187,7 +221,7 @@ impl Agent {
         let (gone, new): (Vec<_>, Vec<_>) = old
             .iter()
             .cloned()
-            .partition(|d| d.kind == kind && names.contains(&d.name));
+            .partition(|d| names.iter().any(|n| this(d, n)));
         let names = describe(&gone);
         self.change_store(&old, &new, &format!("delete {names}"))
             .map(|generation| Response::Applied {
@@ -216,7 +250,13 @@ impl Agent {
 /// `egressrule/a, service/b` for messages.
 fn describe(docs: &[state::Document]) -> String {
     docs.iter()
-        .map(|d| format!("{}/{}", d.kind, d.name))
+        .map(|d| {
+            let name = match (d.kind, d.namespace.as_deref()) {
+                (Kind::Service, Some(ns)) => super::status::service_name(ns, &d.name),
+                (_, ns) => crate::policy::scoped_name(ns, &d.name),
+            };
+            format!("{}/{name}", d.kind)
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

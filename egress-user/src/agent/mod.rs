@@ -94,6 +94,9 @@ pub struct Agent {
     history: history::HistoryWriter,
     /// The proxy's listeners inside the pods' network namespaces.
     pod_nets: pod_nets::PodNets,
+    /// The node's pods (each pod's cgroup id and namespace): every generation puts them in
+    /// their namespaces' scopes.
+    pods: Vec<(u64, String)>,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -118,6 +121,7 @@ impl Agent {
             &settings.kernel,
             &policy,
             &settings.listeners.bound(),
+            &[],
         )
         .with_context(|| {
             format!(
@@ -147,6 +151,7 @@ impl Agent {
             log_limit: crate::telemetry::LogLimit::new(),
             health: None,
             pod_nets: pod_nets::PodNets::default(),
+            pods: Vec::new(),
         };
         agent.remember_names();
         Ok((agent, rx))

@@ -87,6 +87,7 @@ impl PodNet {
         let origin = Arc::new(Origin {
             netns,
             sockets: Arc::new(PodSockets(thread.clone())),
+            namespace: Some(pod.name.namespace.clone()),
         });
         Ok(Some(Self {
             pod: Arc::new(pod.name.clone()),

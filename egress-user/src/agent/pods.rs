@@ -17,6 +17,8 @@ use crate::cri::{self, Pod, PodName, PodsByCgroup, Runtime};
 pub struct NodePods {
     pub pods: Vec<Pod>,
     pub by_cgroup: PodsByCgroup,
+    /// Each pod's own cgroup id (not its containers') and namespace, sorted: what scopes it.
+    pub scoped: Vec<(u64, String)>,
 }
 
 /// How often the runtime is asked for its pods.
@@ -89,7 +91,12 @@ async fn poll(
                     count = Some(pods.len());
                 }
                 let by_cgroup = cri::by_cgroup(&pods, CONTAINER_DEPTH);
-                let now = NodePods { pods, by_cgroup };
+                let scoped = cri::pod_cgroups(&pods);
+                let now = NodePods {
+                    pods,
+                    by_cgroup,
+                    scoped,
+                };
                 tx.send_if_modified(|current| {
                     let changed = **current != now;
                     if changed {

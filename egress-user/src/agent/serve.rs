@@ -42,13 +42,26 @@ impl Agent {
     pub(super) fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
-            Request::Get { kind } => {
+            Request::Get { kind, namespace } => {
                 let kind = kind.to_string();
-                let rules = self.rows().into_iter().filter(|r| r.kind == kind).collect();
+                let rules = self
+                    .rows()
+                    .into_iter()
+                    .filter(|r| r.kind == kind)
+                    .filter(|r| namespace.is_none() || r.namespace == namespace)
+                    .collect();
                 Ok(Response::Rules { rules })
             }
-            Request::Create { source, text } => self.create(&source, &text),
-            Request::Delete { kind, names } => self.delete(kind, &names),
+            Request::Create {
+                source,
+                text,
+                namespace,
+            } => self.create(&source, &text, namespace.as_deref()),
+            Request::Delete {
+                kind,
+                names,
+                namespace,
+            } => self.delete(kind, &names, namespace.as_deref()),
             Request::Reload => {
                 self.reload(true, "egress reload")
                     .map(|generation| Response::Applied {
@@ -239,6 +252,14 @@ impl Agent {
             return;
         };
         let now = pods.now();
+        if now.scoped != self.pods {
+            match self.enforcer.set_pods(&now.scoped) {
+                Ok(()) => self.pods.clone_from(&now.scoped),
+                Err(e) => {
+                    tracing::error!(error = %e, "pods: putting the pods in their namespaces' scopes; they keep the node-wide rules only until it works")
+                }
+            }
+        }
         let marking = MarkAndServe {
             enforcer: &self.enforcer,
             serving,

@@ -19,6 +19,8 @@ use super::Agent;
 
 impl Agent {
     /// Where a rule or alias of the policy in force is defined.
+    /// Where the rule or Service named `name` (as [`policy::scoped_name`] and
+    /// [`service_name`] name them) is defined.
     pub(super) fn origin_of(&self, kind: Kind, name: &str) -> Option<String> {
         match kind {
             Kind::EgressRule if name == DNS_RULE_NAME => self
@@ -28,20 +30,20 @@ impl Agent {
                 .policy
                 .rules
                 .iter()
-                .find(|r| r.name == name)
+                .find(|r| r.row_name() == name)
                 .map(|r| r.origin.to_string())
                 .or_else(|| {
                     let rules = &self.policy.http_rules;
                     rules
                         .iter()
-                        .find(|r| r.name == name)
+                        .find(|r| policy::scoped_name(r.scope.as_deref(), &r.name) == name)
                         .map(|r| r.origin.to_string())
                 }),
             Kind::Service => self
                 .policy
                 .aliases
                 .iter()
-                .find(|a| a.name == name)
+                .find(|a| service_name(&a.namespace, &a.name) == name)
                 .map(|a| a.origin.to_string()),
         }
     }
@@ -63,30 +65,41 @@ impl Agent {
             .map(|s| (s.rule, s.requests))
             .collect();
         let created = self.settings.store.created_path().display().to_string();
-        let row = |kind: Kind, name: &str, allows: String, origin: &policy::Origin| {
-            let k = kernel.get(name).copied().unwrap_or_default();
+        let row = |kind: Kind,
+                   (namespace, name): (Option<&str>, &str),
+                   allows: String,
+                   origin: &policy::Origin| {
+            // Counted under `namespace/name` for a rule of a namespace.
+            let counted = match kind {
+                Kind::EgressRule => policy::scoped_name(namespace, name),
+                Kind::Service => name.to_owned(),
+            };
+            let k = kernel.get(&counted).copied().unwrap_or_default();
             RuleRow {
                 kind: kind.to_string(),
                 name: name.to_owned(),
+                namespace: namespace.map(str::to_owned),
                 allows,
                 source: origin.to_string(),
                 created: origin.file == created,
                 allowed: k.allowed,
                 denied: k.denied,
                 would_deny: k.would_deny,
-                requests: proxy.get(&Some(name.to_owned())).copied().unwrap_or(0),
+                requests: proxy.get(&Some(counted)).copied().unwrap_or(0),
             }
         };
         let mut rows = Vec::new();
         for r in &self.policy.rules {
             let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
             let allows = format!("{} {ports}", r.destination);
-            rows.push(row(Kind::EgressRule, &r.name, allows, &r.origin));
+            let who = (r.scope.as_deref(), r.name.as_str());
+            rows.push(row(Kind::EgressRule, who, allows, &r.origin));
         }
         for r in &self.policy.http_rules {
             let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
             let allows = format!("{} {ports}", r.host);
-            rows.push(row(Kind::EgressRule, &r.name, allows, &r.origin));
+            let who = (r.scope.as_deref(), r.name.as_str());
+            rows.push(row(Kind::EgressRule, who, allows, &r.origin));
         }
         rows.extend(dns_row(
             &self.policy.dns,
@@ -100,7 +113,7 @@ impl Agent {
             );
             rows.push(row(
                 Kind::Service,
-                &a.name,
+                (Some(a.namespace.as_str()), a.name.as_str()),
                 format!("{}.{} -> {} {ports}", a.name, a.namespace, a.external_name),
                 &a.origin,
             ));
@@ -220,6 +233,7 @@ fn dns_row(dns: &policy::Dns, k: egress_common::RuleCounters) -> Option<RuleRow>
     Some(RuleRow {
         kind: Kind::EgressRule.to_string(),
         name: DNS_RULE_NAME.to_owned(),
+        namespace: None,
         allows: format!(
             "{} udp/{DNS_PORT},tcp/{DNS_PORT}",
             join(dns.resolvers.iter().map(ToString::to_string))
@@ -235,6 +249,15 @@ fn dns_row(dns: &policy::Dns, k: egress_common::RuleCounters) -> Option<RuleRow>
 
 fn join(items: impl Iterator<Item = String>) -> String {
     items.collect::<Vec<_>>().join(",")
+}
+
+/// A Service's name in messages: `name` in `default`, else `namespace/name`.
+pub(super) fn service_name(namespace: &str, name: &str) -> String {
+    if namespace == "default" {
+        name.to_owned()
+    } else {
+        format!("{namespace}/{name}")
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +284,7 @@ mod tests {
             RuleRow {
                 kind: "egressrule".to_owned(),
                 name: "(dns)".to_owned(),
+                namespace: None,
                 allows: "192.0.2.53,2001:db8::53 udp/53,tcp/53".to_owned(),
                 source: "/etc/resolv.conf".to_owned(),
                 created: false,

@@ -26,7 +26,7 @@ pub struct CreateArgs {
     #[command(flatten)]
     socket: SocketArg,
     #[command(flatten)]
-    _namespace: ctl::NamespaceArg,
+    namespace: ctl::NamespaceArg,
 }
 
 /// Runs `egress create`.
@@ -55,7 +55,11 @@ pub fn run(args: &CreateArgs) -> anyhow::Result<ExitCode> {
     })?;
     let text = String::from_utf8(bytes)
         .with_context(|| format!("reading {source} (it must be UTF-8 YAML)"))?;
-    let request = Request::Create { source, text };
+    let request = Request::Create {
+        source,
+        text,
+        namespace: args.namespace.namespace.clone(),
+    };
     ctl::apply(&args.socket, &request)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -16,25 +16,28 @@ pub struct SocketArg {
     pub socket: PathBuf,
 }
 
-/// `-n/--namespace`, as `istioctl create -f rule.yaml -n default` and `kubectl -n` take it.
-/// Until namespaces scope rules, only `default` (where Istio's documents are created) is
-/// accepted: any other would be ignored, and its rules would apply to every workload.
+/// `-n/--namespace`, as `istioctl create -f rule.yaml -n default` and `kubectl -n` take it:
+/// the namespace whose rules the verb works on. A namespace's rules apply to its pods only.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NamespaceArg {
-    /// The namespace; only `default` until namespaces scope rules.
+    /// The namespace whose rules to work on (its pods'); without it, the node-wide rules.
     #[arg(short = 'n', long = "namespace", value_name = "NS", value_parser = parse_namespace)]
     pub namespace: Option<String>,
 }
 
-/// Accepts `default` only (see [`NamespaceArg`]).
+/// A Kubernetes namespace name: an RFC 1123 label.
 pub fn parse_namespace(ns: &str) -> Result<String, String> {
-    if ns == crate::policy::ONLY_NAMESPACE {
+    let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let valid = (1..=63).contains(&ns.len())
+        && ns.bytes().all(|b| ok(b) || b == b'-')
+        && ns.bytes().next().is_some_and(ok)
+        && ns.bytes().last().is_some_and(ok);
+    if valid {
         Ok(ns.to_owned())
     } else {
         Err(format!(
-            "namespaces do not scope rules yet, so rules created in `{ns}` would apply to every \
-             workload of the managed cgroup; leave -n out (or write `-n {}`)",
-            crate::policy::ONLY_NAMESPACE
+            "`{ns}` is not a namespace name (lowercase letters, digits and '-', starting and \
+             ending with a letter or digit, at most 63 characters)"
         ))
     }
 }
@@ -101,6 +104,7 @@ pub fn print_rules(rules: &[RuleRow]) {
         .map(|r| {
             vec![
                 r.kind.clone(),
+                r.namespace.clone().unwrap_or_else(|| "*".to_owned()),
                 r.name.clone(),
                 r.allows.clone(),
                 r.allowed.to_string(),
@@ -118,6 +122,7 @@ pub fn print_rules(rules: &[RuleRow]) {
     print_table(
         &[
             "KIND",
+            "NAMESPACE",
             "NAME",
             "ALLOWS",
             "ALLOWED",
@@ -135,12 +140,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_default_namespace_is_taken() {
+    fn namespaces_are_rfc_1123_labels() {
         assert_eq!(parse_namespace("default").as_deref(), Ok("default"));
-        let refused = parse_namespace("team-a").expect_err("team-a");
-        assert!(
-            refused.contains("namespaces do not scope rules yet"),
-            "{refused}"
-        );
+        assert_eq!(parse_namespace("team-a").as_deref(), Ok("team-a"));
+        for bad in ["", "Team", "-a", "a-", "a.b", &"a".repeat(64)] {
+            let refused = parse_namespace(bad).expect_err(bad);
+            assert!(refused.contains("is not a namespace name"), "{refused}");
+        }
     }
 }

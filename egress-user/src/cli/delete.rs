@@ -17,7 +17,7 @@ pub struct DeleteArgs {
     #[command(flatten)]
     socket: SocketArg,
     #[command(flatten)]
-    _namespace: ctl::NamespaceArg,
+    namespace: ctl::NamespaceArg,
 }
 
 /// Runs `egress delete`.
@@ -25,6 +25,7 @@ pub fn run(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
     let request = Request::Delete {
         kind: args.kind,
         names: args.names.clone(),
+        namespace: args.namespace.namespace.clone(),
     };
     ctl::apply(&args.socket, &request)?;
     Ok(ExitCode::SUCCESS)

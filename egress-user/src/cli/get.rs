@@ -18,7 +18,7 @@ pub struct GetArgs {
     #[command(flatten)]
     socket: SocketArg,
     #[command(flatten)]
-    _namespace: ctl::NamespaceArg,
+    namespace: ctl::NamespaceArg,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
@@ -33,7 +33,11 @@ pub fn parse_kind(word: &str) -> Result<Kind, String> {
 
 /// Runs `egress get`.
 pub fn run(args: &GetArgs) -> anyhow::Result<ExitCode> {
-    let rules = match ctl::call(&args.socket, &Request::Get { kind: args.kind })? {
+    let request = Request::Get {
+        kind: args.kind,
+        namespace: args.namespace.namespace.clone(),
+    };
+    let rules = match ctl::call(&args.socket, &request)? {
         Response::Rules { rules } => rules,
         other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
     };

@@ -53,8 +53,13 @@ pub fn run(args: &MapsArgs) -> anyhow::Result<ExitCode> {
         .max()
         .unwrap_or(0);
     for rule in &view.rules {
+        let scope = if rule.scope == 0 {
+            String::new()
+        } else {
+            format!("  (scope {})", rule.scope)
+        };
         println!(
-            "  {:width$}  {:9}  -> row {:<5} {}",
+            "  {:width$}  {:9}  -> row {:<5} {}{scope}",
             rule.destination, rule.port, rule.row, rule.rule
         );
     }

@@ -12,6 +12,7 @@ fn origin(line: usize) -> Origin {
 
 fn rule(name: &str, dest: &str, ports: &[u16]) -> Rule {
     Rule {
+        scope: None,
         name: name.to_owned(),
         origin: origin(1),
         destination: dest.parse().unwrap(),
@@ -19,9 +20,20 @@ fn rule(name: &str, dest: &str, ports: &[u16]) -> Rule {
     }
 }
 
-/// Compiles `p` as generation 1, with no rows in the kernel yet.
+/// Compiles `p` as generation 1, with no rows in the kernel yet; the rule keys of the
+/// node-wide scope only (see [`node_wide`]).
 fn compile_first(p: &Policy) -> Compiled {
-    compile(p, &StoredRows::default(), 1).unwrap()
+    node_wide(compile(p, &StoredRows::default(), 1).unwrap())
+}
+
+/// `c` with the allow keys of scope 0 only: the XDP backstop's copies (scope 255) and the
+/// redirect keys left out, which the scope tests below check.
+fn node_wide(mut c: Compiled) -> Compiled {
+    c.rules_v4
+        .retain(|(_, k, v)| k.scope == 0 && v.row != ROW_PROXY);
+    c.rules_v6
+        .retain(|(_, k, v)| k.scope == 0 && v.row != ROW_PROXY);
+    c
 }
 
 /// The rows `c` leaves in the kernel, stored by generation `generation`.
@@ -49,7 +61,7 @@ fn keys_carry_port_in_network_order_and_prefix_past_port_and_proto() {
         rule("a", "192.0.2.0/24", &[443, 8080]),
         rule("b", "2001:db8::/32", &[22]),
     ]);
-    let c = compile(&p, &StoredRows::default(), 7).unwrap();
+    let c = node_wide(compile(&p, &StoredRows::default(), 7).unwrap());
     assert_eq!(
         c.config,
         Config {
@@ -84,6 +96,7 @@ fn http_rule_and_alias_ports_go_to_the_proxy() {
     use crate::policy::{Alias, HostPattern, HttpPort, HttpProtocol, HttpRule};
     let mut p = policy(vec![rule("a", "192.0.2.0/24", &[8080])]);
     p.http_rules.push(HttpRule {
+        scope: None,
         name: "web".into(),
         origin: origin(1),
         host: HostPattern::Exact("httpbin.test".into()),
@@ -391,4 +404,132 @@ fn too_many_bypass_ranges_is_an_error() {
         .collect();
     let err = compile(&p, &StoredRows::default(), 1).unwrap_err();
     assert!(matches!(err, CompileError::TooManyBypass { .. }), "{err}");
+}
+
+/// An HTTP rule for `host` on port 80, in `scope`.
+fn http_rule(name: &str, scope: Option<&str>, host: &str) -> crate::policy::HttpRule {
+    use crate::policy::{HostPattern, HttpPort, HttpProtocol};
+    crate::policy::HttpRule {
+        name: name.into(),
+        scope: scope.map(str::to_owned),
+        origin: origin(1),
+        host: HostPattern::Exact(host.into()),
+        ports: vec![HttpPort {
+            port: 80,
+            protocol: HttpProtocol::Http,
+        }],
+    }
+}
+
+#[test]
+fn namespaces_get_scopes_with_the_node_wide_rules_in_every_one() {
+    let mut shared = rule("shared", "192.0.2.0/24", &[443]);
+    shared.name = "shared".into();
+    let mut a = rule("web", "198.51.100.0/24", &[8080]);
+    a.scope = Some("team-a".into());
+    // The same name in another namespace is another rule.
+    let mut b = rule("web", "203.0.113.0/24", &[8080]);
+    b.scope = Some("default".into());
+    let mut p = policy(vec![a, shared, b]);
+    p.http_rules
+        .push(http_rule("api", Some("team-a"), "api.test"));
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(c.scopes, ["default", "team-a"]);
+    assert_ne!(c.config.flags & config_flags::SCOPED, 0);
+    // Rows by scoped name.
+    let shared_row = c.rows.row("shared").unwrap();
+    let a_row = c.rows.row("team-a/web").unwrap();
+    let b_row = c.rows.row("default/web").unwrap();
+    assert_eq!(c.rows.len(), 3);
+    let keys = |scope: u8| -> Vec<([u8; 4], u16, u32)> {
+        let mut k: Vec<_> = c
+            .rules_v4
+            .iter()
+            .filter(|(_, k, _)| k.scope == scope)
+            .map(|(_, k, v)| (k.addr, u16::from_be(k.port), v.row))
+            .collect();
+        k.sort_unstable();
+        k
+    };
+    // Scope 0 (host processes, pods of other namespaces): the node-wide rule only.
+    assert_eq!(keys(0), [([192, 0, 2, 0], 443, shared_row)]);
+    // default (1): node-wide and its own; team-a (2): node-wide, its own and the redirect of
+    // its HTTP rule's port.
+    assert_eq!(
+        keys(1),
+        [
+            ([192, 0, 2, 0], 443, shared_row),
+            ([203, 0, 113, 0], 8080, b_row)
+        ]
+    );
+    assert_eq!(
+        keys(2),
+        [
+            ([0, 0, 0, 0], 80, ROW_PROXY),
+            ([192, 0, 2, 0], 443, shared_row),
+            ([198, 51, 100, 0], 8080, a_row)
+        ]
+    );
+    // The XDP backstop's scope: every scope's rules, no redirect.
+    assert_eq!(
+        keys(XDP_SCOPE),
+        [
+            ([192, 0, 2, 0], 443, shared_row),
+            ([198, 51, 100, 0], 8080, a_row),
+            ([203, 0, 113, 0], 8080, b_row)
+        ]
+    );
+    // Pods are put in their namespace's scope; a namespace without rules has none.
+    let pods = [
+        (10, "team-a".to_owned()),
+        (11, "kube-system".to_owned()),
+        (12, "default".to_owned()),
+    ];
+    assert_eq!(scoped_cgroups(&c.scopes, &pods), [(10, 2), (12, 1)]);
+}
+
+#[test]
+fn redirects_are_per_scope_and_a_tcp_rule_on_the_whole_port_wins() {
+    let mut p = policy(vec![rule("open-80", "0.0.0.0/0", &[80])]);
+    p.http_rules.push(http_rule("node-api", None, "api.test"));
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert!(c.scopes.is_empty());
+    assert_eq!(c.config.flags & config_flags::SCOPED, 0);
+    // 0.0.0.0/0 on 80/tcp is the rule's: no IPv4 redirect; [::]/0 has none, so IPv6 goes to
+    // the proxy.
+    let proxied_v4 = c
+        .rules_v4
+        .iter()
+        .filter(|(_, _, v)| v.row == ROW_PROXY)
+        .count();
+    let proxied_v6: Vec<_> = c
+        .rules_v6
+        .iter()
+        .filter(|(_, _, v)| v.row == ROW_PROXY)
+        .map(|(len, k, _)| (*len, u16::from_be(k.port), k.proto, k.scope))
+        .collect();
+    assert_eq!(proxied_v4, 0);
+    assert_eq!(proxied_v6, [(KEY_PREFIX_BITS, 80, PROTO_TCP, 0)]);
+}
+
+#[test]
+fn too_many_scopes_is_an_error() {
+    let rules = (0..=u32::from(MAX_SCOPES))
+        .map(|i| {
+            let mut r = rule("r", "192.0.2.0/24", &[443]);
+            r.scope = Some(format!("ns{i}"));
+            r
+        })
+        .collect();
+    let err = compile(&policy(rules), &StoredRows::default(), 1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CompileError::TooManyScopes {
+                scopes: 255,
+                max: 254
+            }
+        ),
+        "{err}"
+    );
 }

@@ -170,6 +170,7 @@ mod tests {
         let request = Request::Create {
             source: "big.yaml".to_owned(),
             text: "#".repeat(MAX_REQUEST),
+            namespace: None,
         };
         let error = Conversation::start(Path::new("/nonexistent/egress.sock"), &request)
             .err()

@@ -33,6 +33,9 @@ pub enum Request {
     Get {
         /// Which.
         kind: Kind,
+        /// Only those of this namespace; all of them without.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
     },
     /// Adds the EgressRule and Service documents of `text` (named `source` in messages).
     Create {
@@ -40,6 +43,9 @@ pub enum Request {
         source: String,
         /// The YAML.
         text: String,
+        /// The namespace of the documents that name none (`egress create -n`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
     },
     /// Removes created documents by name.
     Delete {
@@ -47,6 +53,9 @@ pub enum Request {
         kind: Kind,
         /// Their names.
         names: Vec<String>,
+        /// Their namespace: without, node-wide rules (and Services of `default`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
     },
     /// Reads the policy files again and applies them.
     Reload,
@@ -200,6 +209,10 @@ pub struct RuleRow {
     pub kind: String,
     /// Its name.
     pub name: String,
+    /// Its namespace: the pods it applies to (a Service's, whose names it answers to). None:
+    /// a node-wide rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// What it allows: `CIDR tcp/PORTS` or `HOST http/PORTS`.
     pub allows: String,
     /// `FILE:LINE`, or `created` plus where in the state file.
@@ -289,6 +302,7 @@ mod tests {
         let r = Request::Delete {
             kind: Kind::EgressRule,
             names: vec!["a".into()],
+            namespace: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(line, r#"{"op":"delete","kind":"egressrule","names":["a"]}"#);

@@ -25,6 +25,8 @@ pub struct Enforcer {
     pub(super) ebpf: Ebpf,
     pub(super) rows: RowTable,
     pub(super) generation: u32,
+    /// The policy's scopes (namespaces with rules of their own); scope id `i + 1` each.
+    pub(super) scopes: Vec<String>,
 }
 
 impl Enforcer {
@@ -35,6 +37,22 @@ impl Enforcer {
     /// The pinned `PROXY_LISTEN` map cannot be opened or written.
     pub fn mark_proxy_listener(&self, listener: &std::net::TcpListener) -> Result<(), LoadError> {
         proxy_mark::mark_pinned(&self.pins, listener)
+    }
+
+    /// Puts the node's pods (each pod's cgroup id and namespace) in their scopes in the
+    /// generation in force: the pods of a namespace with rules of its own get that namespace's
+    /// rules from their next `connect()`; the others (and pods gone) the node-wide ones only.
+    ///
+    /// # Errors
+    /// The `SCOPES` map cannot be written (more pods than it holds).
+    pub fn set_pods(&mut self, pods: &[(u64, String)]) -> Result<(), LoadError> {
+        let entries = crate::compile::scoped_cgroups(&self.scopes, pods);
+        super::fill::fill_scopes(&mut self.ebpf, &entries)
+    }
+
+    /// The policy's scopes: namespaces with rules of their own, sorted (scope id `i + 1`).
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
     }
 
     /// The generation in force.

@@ -91,11 +91,7 @@ pub(super) fn fill_generation(ebpf: &mut Ebpf, c: &Compiled, batch: bool) -> Res
     config
         .set(0, c.config, 0)
         .map_err(map_err(maps::CONFIG, "writing"))?;
-    fill_set(
-        ebpf,
-        maps::HTTP_PORTS,
-        c.http_ports.iter().map(|&p| u32::from(p)),
-    )?;
+    fill_scopes(ebpf, &c.scoped_cgroups)?;
     fill_set(
         ebpf,
         maps::SOCK_PROTOS,
@@ -118,6 +114,37 @@ fn fill_set(
     let mut set: Array<_, u32> = Array::try_from(map).map_err(map_err(name, "opening"))?;
     for index in indexes {
         set.set(index, 1, 0).map_err(map_err(name, "writing"))?;
+    }
+    Ok(())
+}
+
+/// Writes the pods' scopes into a generation's `SCOPES`, and removes the entries of cgroups
+/// not among them: the map holds exactly `entries` afterwards.
+pub(super) fn fill_scopes(ebpf: &mut Ebpf, entries: &[(u64, u32)]) -> Result<(), LoadError> {
+    let name = maps::SCOPES;
+    if entries.len() > egress_common::MAX_SCOPED_CGROUPS as usize {
+        return Err(map_err(name, "writing")(aya::maps::MapError::OutOfBounds {
+            index: entries.len() as u32,
+            max_entries: egress_common::MAX_SCOPED_CGROUPS,
+        }));
+    }
+    let map = ebpf.map_mut(name).expect("object has the map");
+    let mut scopes: aya::maps::HashMap<_, u64, u32> =
+        aya::maps::HashMap::try_from(map).map_err(map_err(name, "opening"))?;
+    let stale: Vec<u64> = scopes
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !entries.iter().any(|(cgroup, _)| cgroup == k))
+        .collect();
+    for (cgroup, scope) in entries {
+        if scopes.get(cgroup, 0).ok() != Some(*scope) {
+            scopes
+                .insert(cgroup, scope, 0)
+                .map_err(map_err(name, "writing"))?;
+        }
+    }
+    for cgroup in stale {
+        scopes.remove(&cgroup).map_err(map_err(name, "writing"))?;
     }
     Ok(())
 }

@@ -242,6 +242,7 @@ impl Filled<'_> {
             ebpf,
             rows: compiled.rows,
             generation: g.number,
+            scopes: compiled.scopes,
         })
     }
 }

@@ -18,17 +18,13 @@ use aya::{
     maps::{Array, LpmTrie, Map, MapData},
 };
 use egress_common::{
-    COUNTER_ROWS, Config, FIRST_RULE_ROW, PORTS, PROTO_TCP, PROTO_UDP, RULE_NAME_LEN, RuleInfo,
-    RuleKeyV4, RuleKeyV6, RuleValue, Stats, config_flags, maps, mode,
+    COUNTER_ROWS, Config, FIRST_RULE_ROW, PROTO_TCP, PROTO_UDP, ROW_PROXY, RULE_NAME_LEN, RuleInfo,
+    RuleKeyV4, RuleKeyV6, RuleValue, Stats, XDP_SCOPE, config_flags, maps, mode,
 };
 use serde::Serialize;
 
 use super::{
-    LoadError, PinDir, PinnedCounters, RowCount,
-    error::map_err,
-    features,
-    fill::{map_fd, rule_info_rows, syscall_error},
-    sys,
+    LoadError, PinDir, PinnedCounters, RowCount, error::map_err, features, fill::rule_info_rows,
 };
 use crate::compile::RESERVED_ROWS;
 
@@ -39,11 +35,13 @@ pub struct MapsView {
     pub pin_dir: String,
     /// The `CONFIG` entry.
     pub config: ConfigView,
-    /// Every key of `RULES_V4` and `RULES_V6`, IPv4 first, in the tries' order.
+    /// Every rule key of `RULES_V4` and `RULES_V6` but the redirects and the XDP backstop's
+    /// copies (scope 255), IPv4 first, in the tries' order.
     pub rules: Vec<RuleKeyView>,
     /// `BYPASS_V4` and `BYPASS_V6`: the never-filtered ranges.
     pub bypass: Vec<String>,
-    /// `HTTP_PORTS`: the ports whose unmatched connections go to the proxy.
+    /// The ports whose unmatched connections go to the proxy in some scope (the tries' keys
+    /// with the proxy's row), sorted.
     pub http_ports: Vec<u16>,
     /// `COUNTERS` rows in use, summed over CPUs.
     pub counters: Vec<CounterView>,
@@ -75,6 +73,9 @@ pub struct ConfigView {
 /// One rule key: what it matches and the rule that owns it.
 #[derive(Debug, Serialize)]
 pub struct RuleKeyView {
+    /// The scope: 0 for every socket, else a namespace's (the agent's `egress check` lists
+    /// them).
+    pub scope: u8,
     /// The destination, as a CIDR.
     pub destination: String,
     /// `443/tcp`, as `egress check` and `get` spell it.
@@ -135,7 +136,8 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
             .find(|(r, _)| *r == row)
             .map_or_else(|| format!("(row {row} has no rule)"), |(_, n)| n.clone())
     };
-    let rule = |addr: IpAddr, prefix_len, port, proto, RuleValue { row }| RuleKeyView {
+    let rule = |addr: IpAddr, prefix_len, port, proto, scope, RuleValue { row }| RuleKeyView {
+        scope,
         destination: cidr(addr, prefix_len),
         port: port_proto(port, proto),
         row,
@@ -143,14 +145,38 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
     };
     let v4 = trie::<RuleKeyV4, RuleValue>(&pins, maps::RULES_V4)?;
     let v6 = trie::<RuleKeyV6, RuleValue>(&pins, maps::RULES_V6)?;
-    let rules = v4
+    let keys: Vec<RuleKeyView> = v4
         .into_iter()
-        .map(|(len, k, v)| rule(Ipv4Addr::from(k.addr).into(), len, k.port, k.proto, v))
-        .chain(
-            v6.into_iter()
-                .map(|(len, k, v)| rule(Ipv6Addr::from(k.addr).into(), len, k.port, k.proto, v)),
-        )
+        .map(|(len, k, v)| {
+            rule(
+                Ipv4Addr::from(k.addr).into(),
+                len,
+                k.port,
+                k.proto,
+                k.scope,
+                v,
+            )
+        })
+        .chain(v6.into_iter().map(|(len, k, v)| {
+            rule(
+                Ipv6Addr::from(k.addr).into(),
+                len,
+                k.port,
+                k.proto,
+                k.scope,
+                v,
+            )
+        }))
+        .filter(|k| k.scope != XDP_SCOPE)
         .collect();
+    let (redirects, rules): (Vec<RuleKeyView>, Vec<RuleKeyView>) =
+        keys.into_iter().partition(|k| k.row == ROW_PROXY);
+    let mut http_ports: Vec<u16> = redirects
+        .iter()
+        .filter_map(|k| k.port.split_once('/').and_then(|(p, _)| p.parse().ok()))
+        .collect();
+    http_ports.sort_unstable();
+    http_ports.dedup();
     let b4 = trie::<[u8; 4], u32>(&pins, maps::BYPASS_V4)?;
     let b6 = trie::<[u8; 16], u32>(&pins, maps::BYPASS_V6)?;
     let bypass = b4
@@ -161,7 +187,6 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
                 .map(|(len, addr, _)| format!("{}/{len}", Ipv6Addr::from(addr))),
         )
         .collect();
-    let http_ports = http_ports(&Map::Array(open(maps::HTTP_PORTS)?))?;
 
     // Every row below the limit, so that a row still counting after its rule went (or a
     // reserved row) is not hidden; only rows with a rule or a count are listed.
@@ -241,29 +266,6 @@ fn rule_names(rows: &[(u32, RuleInfo)]) -> Vec<(u32, String)> {
             (*row, name)
         })
         .collect()
-}
-
-/// The ports set in `HTTP_PORTS`, in one batch where the kernel has batch calls.
-fn http_ports(map: &Map) -> Result<Vec<u16>, LoadError> {
-    let mut set = vec![0u32; PORTS as usize];
-    if features::kernel().has(features::Id::BatchOps) {
-        sys::array_lookup_batch(map_fd(map), 0, &mut set).map_err(|io_error| {
-            map_err(maps::HTTP_PORTS, "reading")(syscall_error("bpf_map_lookup_batch", io_error))
-        })?;
-    } else {
-        let array: Array<_, u32> =
-            Array::try_from(map).map_err(map_err(maps::HTTP_PORTS, "opening"))?;
-        for (port, value) in (0..).zip(set.iter_mut()) {
-            *value = array
-                .get(&port, 0)
-                .map_err(map_err(maps::HTTP_PORTS, "reading"))?;
-        }
-    }
-    Ok((0..=u16::MAX)
-        .zip(set)
-        .filter(|(_, v)| *v != 0)
-        .map(|(p, _)| p)
-        .collect())
 }
 
 /// `192.0.2.0/24` from a rule key's address and its LPM prefix length, which counts the

@@ -37,9 +37,8 @@ pub use model::{
     Alias, AllowSockets, DEFAULT_PROXY_IDLE_TIMEOUT, DEFAULT_PROXY_PORT, Diagnostic, Dns,
     DnsSource, Embedded, Events, HostName, HostPattern, HttpPort, HttpProtocol, HttpRule, Mode,
     Origin, Policy, PolicyErrors, PortRule, Protocol, ProxySettings, Rule, default_bypass,
-    judged_as,
+    judged_as, scoped_name,
 };
-pub use validate::ONLY_NAMESPACE;
 
 /// The policy `egress run` enforces when no `--policy` is given (`egress check --default`).
 pub const DEFAULT_POLICY: &str = include_str!("default.yaml");

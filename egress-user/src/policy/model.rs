@@ -103,8 +103,11 @@ impl PortRule {
 /// One `kind: EgressRule` document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
-    /// `metadata.name`, unique in the policy.
+    /// `metadata.name`, unique in its namespace.
     pub name: String,
+    /// `metadata.namespace`: the rule applies to that namespace's pods only. `None`: to every
+    /// managed workload (pods of every namespace, host processes).
+    pub scope: Option<String>,
     /// Where the document starts.
     pub origin: Origin,
     /// `spec.destination.service` as a network with no host bits set; a single address
@@ -115,7 +118,21 @@ pub struct Rule {
     pub ports: Vec<PortRule>,
 }
 
+/// The name a rule of `scope` goes by in counters, events and `egress status`:
+/// `namespace/name`, or `name` for a node-wide rule.
+pub fn scoped_name(scope: Option<&str>, name: &str) -> String {
+    match scope {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
 impl Rule {
+    /// Its name in counters, events and `egress status` (see [`scoped_name`]).
+    pub fn row_name(&self) -> String {
+        scoped_name(self.scope.as_deref(), &self.name)
+    }
+
     /// The IPv6 ranges with an embedded IPv4 address that this rule's destination contains:
     /// connections there are judged by the IPv4 rules, not by this rule (`::/0` contains both).
     /// A destination inside one of them is refused when the policy is loaded.
@@ -279,8 +296,10 @@ pub struct HttpPort {
 /// authority matches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpRule {
-    /// `metadata.name`, unique among EgressRules.
+    /// `metadata.name`, unique among the EgressRules of its namespace.
     pub name: String,
+    /// `metadata.namespace`, as [`Rule::scope`]: the pods the proxy allows it for.
+    pub scope: Option<String>,
     /// Where the document starts.
     pub origin: Origin,
     /// `spec.destination.service`.
@@ -452,6 +471,21 @@ pub struct Policy {
     /// in file and line order: `egress check` prints them and the agent logs them as
     /// `FILE:LINE: warning: message`; they never refuse the policy.
     pub warnings: Vec<Diagnostic>,
+}
+
+impl Policy {
+    /// The namespaces with rules of their own, sorted, each once.
+    pub fn scopes(&self) -> Vec<String> {
+        let mut scopes: Vec<String> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.scope.clone())
+            .chain(self.http_rules.iter().filter_map(|r| r.scope.clone()))
+            .collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        scopes
+    }
 }
 
 impl Default for Policy {

@@ -79,6 +79,7 @@ fn seed_rules_load_as_written() {
     let rules: Vec<Rule> = expected
         .iter()
         .map(|&(name, destination, line)| Rule {
+            scope: None,
             name: name.to_owned(),
             origin: Origin {
                 file: "p.yaml".to_owned(),
@@ -599,19 +600,39 @@ mod input;
 mod service;
 
 #[test]
-fn a_namespace_other_than_default_is_refused_until_namespaces_scope_rules() {
-    let rule = |ns: &str| {
+fn a_rules_namespace_scopes_it_and_names_are_unique_per_namespace() {
+    let rule = |ns: &str, name: &str| {
         format!(
-            "kind: EgressRule\nmetadata:\n  name: r\n  namespace: {ns}\nspec:\n  destination: {{service: 192.0.2.0/24}}\n  ports: [{{port: 443, protocol: tcp}}]\n"
+            "kind: EgressRule\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  destination: {{service: 192.0.2.0/24}}\n  ports: [{{port: 443, protocol: tcp}}]\n"
         )
     };
-    // Istio's documents are created in `default`: they load as written.
-    assert_eq!(loaded(&rule("default")).rules.len(), 1);
+    let p = loaded(&rule("team-a", "r"));
+    assert_eq!(p.rules[0].scope.as_deref(), Some("team-a"));
+    assert_eq!(p.rules[0].name, "r");
+    assert_eq!(p.rules[0].row_name(), "team-a/r");
+    assert_eq!(p.scopes(), ["team-a"]);
+    // Without a namespace: node-wide.
+    let node = rule("x", "r").replace("  namespace: x\n", "");
+    assert_eq!(loaded(&node).rules[0].scope, None);
+    // The same name in two namespaces, and node-wide: three rules.
+    let three = format!("{}---\n{}---\n{node}", rule("a", "r"), rule("b", "r"));
+    assert_eq!(loaded(&three).rules.len(), 3);
+    // Twice in one namespace: a duplicate.
+    let twice = format!("{}---\n{}", rule("a", "r"), rule("a", "r"));
     assert_rejected(
-        &rule("team-a"),
-        "p.yaml:4: metadata.namespace: namespace \"team-a\": namespaces do not scope rules yet",
+        &twice,
+        "p.yaml:11: metadata.name: duplicate name `a/r` (the first is at p.yaml:3)",
+    );
+    assert_rejected(
+        &rule("Team_A", "r"),
+        "p.yaml:4: metadata.namespace: \"Team_A\" is not a valid namespace",
     );
     // Labels and annotations stay accepted and ignored.
-    let labelled = rule("default").replace("  namespace: default\n", "  labels: {app: x}\n");
+    let labelled = rule("default", "r").replace("  namespace: default\n", "  labels: {app: x}\n");
     assert_eq!(loaded(&labelled).rules.len(), 1);
+    // An EgressConfig is node-wide.
+    assert_rejected(
+        "kind: EgressConfig\nmetadata:\n  namespace: default\nspec:\n  mode: audit\n",
+        "p.yaml:3: metadata.namespace: namespace \"default\": an EgressConfig applies to the whole node; remove metadata.namespace",
+    );
 }

@@ -23,14 +23,11 @@ use super::{
 
 /// The fields every document may have, whatever its kind.
 const DOCUMENT_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
-/// The `metadata` fields we read: `namespace` only to refuse one that would not be honoured.
+/// The `metadata` fields we read: a rule's `namespace` scopes it to that namespace's pods.
 const METADATA_FIELDS: &[&str] = &["name", "namespace"];
 /// The usual Kubernetes `metadata` fields, accepted so that manifests written for a cluster
 /// load as they are, and ignored: they mean nothing to the filter.
 const METADATA_IGNORED: &[&str] = &["labels", "annotations"];
-/// The one namespace an EgressRule or EgressConfig may name until namespaces scope rules: the
-/// one Istio's documents are created in (`istioctl create -f rule.yaml -n default`).
-pub const ONLY_NAMESPACE: &str = "default";
 /// The kinds a document may be, for messages.
 const KINDS: &str = "EgressRule, EgressConfig or Service";
 
@@ -89,7 +86,10 @@ pub(crate) struct ServiceKey {
 /// Checks one document (the root node of a non-empty YAML document). `None` when the document
 /// is not a policy document at all (not a mapping, no or unknown kind): already reported.
 pub(crate) fn document(root: &Node, report: &mut Report) -> Option<Item> {
-    let mut walk = Walk { report };
+    let mut walk = Walk {
+        report,
+        namespace: None,
+    };
     let fields = walk.mapping("", root.line, root)?;
     let kind_entry = fields.get("kind");
     let Some(kind_entry) = kind_entry else {
@@ -141,10 +141,16 @@ impl<'n> Fields<'n> {
     }
 }
 
+/// A name and the line it is on.
+type Named = (String, usize);
+
 /// The walk over one document, carrying where errors go.
 struct Walk<'r> {
     /// Where errors go.
     report: &'r mut Report,
+    /// The namespace of a rule that names none: none for a policy file (the rule is
+    /// node-wide).
+    namespace: Option<String>,
 }
 
 impl Walk<'_> {
@@ -241,33 +247,30 @@ impl Walk<'_> {
         }
     }
 
-    /// `metadata.name`: required on a rule, optional on the config.
-    fn name(&mut self, doc: &Fields<'_>, required: bool) -> Option<(String, usize)> {
-        let metadata =
-            self.sub_mapping(doc, "metadata", METADATA_FIELDS, METADATA_IGNORED, required)?;
-        if let Some(ns) = metadata.get("namespace")
-            && let Some(namespace) = self.string("metadata.namespace", &ns.value)
-            && namespace != ONLY_NAMESPACE
-        {
-            // Accepting and ignoring it would apply a rule written for one namespace to every
-            // workload of the managed cgroup.
-            self.report.field_error(
-                ns.value.line,
-                "metadata.namespace",
-                format!(
-                    "namespace \"{}\": namespaces do not scope rules yet, so this document \
-                     would apply to every workload of the managed cgroup; remove \
-                     metadata.namespace (or write `{ONLY_NAMESPACE}`)",
-                    namespace.escape_debug()
-                ),
-            );
-        }
-        let entry = if required {
-            self.require(&metadata, "name")?
-        } else {
-            metadata.get("name")?
+    /// `metadata.name` (required on a rule, optional on the config) and `metadata.namespace`
+    /// (a namespace name, with its line), each when given and valid.
+    fn name(&mut self, doc: &Fields<'_>, required: bool) -> (Option<Named>, Option<Named>) {
+        let Some(metadata) =
+            self.sub_mapping(doc, "metadata", METADATA_FIELDS, METADATA_IGNORED, required)
+        else {
+            return (None, None);
         };
-        let name = self.string("metadata.name", &entry.value)?;
+        let namespace = metadata.get("namespace").and_then(|ns| {
+            let line = ns.value.line;
+            self.label("metadata.namespace", &ns.value, "namespace", false)
+                .map(|ns| (ns, line))
+        });
+        let entry = if required {
+            self.require(&metadata, "name")
+        } else {
+            metadata.get("name")
+        };
+        let Some(entry) = entry else {
+            return (None, namespace);
+        };
+        let Some(name) = self.string("metadata.name", &entry.value) else {
+            return (None, namespace);
+        };
         if !is_dns_subdomain(name) {
             self.report.field_error(
                 entry.value.line,
@@ -278,9 +281,9 @@ impl Walk<'_> {
                     name.escape_debug()
                 ),
             );
-            return None;
+            return (None, namespace);
         }
-        Some((name.to_owned(), entry.value.line))
+        (Some((name.to_owned(), entry.value.line)), namespace)
     }
 
     /// The field `port` of the mapping at `path`: an integer 1..=65535.

@@ -119,7 +119,8 @@ impl Conn {
                     connection: orig.port(),
                 });
             }
-            proxy.routes.decide(&log.host, orig.port())
+            let scope = self.origin.as_ref().and_then(|o| o.namespace.as_deref());
+            proxy.routes.decide(&log.host, orig.port(), scope)
         });
         // `None`: audit mode passes the request on to where the app sent it.
         let target = match judged {

@@ -34,6 +34,9 @@ pub struct Origin {
     pub netns: u64,
     /// Makes the namespace's upstream sockets.
     pub sockets: Arc<dyn super::Sockets>,
+    /// The pod's Kubernetes namespace: the rules of that namespace apply to its requests,
+    /// besides the node-wide ones.
+    pub namespace: Option<String>,
 }
 
 impl Proxy {

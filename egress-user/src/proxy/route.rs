@@ -18,7 +18,7 @@ use http::HeaderValue;
 use http::uri::Authority;
 
 use super::error::{ConfigError, ProxyError};
-use crate::policy::{Alias, HostPattern, HttpProtocol, Policy};
+use crate::policy::{Alias, HostPattern, HttpProtocol, Policy, scoped_name};
 
 /// Where and how an allowed request goes.
 #[derive(Clone, Debug)]
@@ -37,7 +37,16 @@ pub(crate) struct Target {
 #[derive(Clone, Debug)]
 struct Entry {
     port: u16,
+    /// The namespace whose pods the entry is for; `None`: every client.
+    scope: Option<String>,
     target: Target,
+}
+
+impl Entry {
+    /// Whether the entry is for a request on `port` from a client of `scope`.
+    fn serves(&self, port: u16, scope: Option<&str>) -> bool {
+        self.port == port && (self.scope.is_none() || self.scope.as_deref() == scope)
+    }
 }
 
 /// Every HTTP rule and alias of a policy, indexed by host.
@@ -53,8 +62,12 @@ impl Routes {
     pub(crate) fn new(policy: &Policy) -> Result<Self, ConfigError> {
         let mut r = Routes::default();
         let first_alias = policy.http_rules.len();
-        r.names
-            .extend(policy.http_rules.iter().map(|h| (h.name.clone(), false)));
+        r.names.extend(
+            policy
+                .http_rules
+                .iter()
+                .map(|h| (scoped_name(h.scope.as_deref(), &h.name), false)),
+        );
         r.names
             .extend(policy.aliases.iter().map(|a| (a.name.clone(), true)));
 
@@ -64,10 +77,11 @@ impl Routes {
                 let name = normalise(&name).into_owned();
                 for &port in &alias.ports {
                     let target = alias_target(alias, slot, port, true)?;
-                    r.exact
-                        .entry(name.clone())
-                        .or_default()
-                        .push(Entry { port, target });
+                    r.exact.entry(name.clone()).or_default().push(Entry {
+                        port,
+                        scope: None,
+                        target,
+                    });
                 }
             }
         }
@@ -89,6 +103,7 @@ impl Routes {
                 };
                 map.entry(name.into_owned()).or_default().push(Entry {
                     port: p.port,
+                    scope: rule.scope.clone(),
                     target,
                 });
             }
@@ -97,10 +112,11 @@ impl Routes {
             let name = normalise(&alias.external_name).into_owned();
             for &port in &alias.ports {
                 let target = alias_target(alias, first_alias + i, port, false)?;
-                r.exact
-                    .entry(name.clone())
-                    .or_default()
-                    .push(Entry { port, target });
+                r.exact.entry(name.clone()).or_default().push(Entry {
+                    port,
+                    scope: None,
+                    target,
+                });
             }
         }
         Ok(r)
@@ -111,12 +127,19 @@ impl Routes {
         self.names.iter().cloned()
     }
 
-    /// The target for normalised `host` on the connection's original `port`, or why not.
-    pub(crate) fn decide(&self, host: &str, port: u16) -> Result<&Target, ProxyError> {
-        fn on_port(v: &[Entry], port: u16) -> Option<&Target> {
-            v.iter().find(|e| e.port == port).map(|e| &e.target)
+    /// The target for normalised `host` on the connection's original `port`, for a client of
+    /// the namespace `scope` (`None`: a host process, or a pod of no namespace with rules), or
+    /// why not. The client's namespace's rules and the node-wide ones apply.
+    pub(crate) fn decide(
+        &self,
+        host: &str,
+        port: u16,
+        scope: Option<&str>,
+    ) -> Result<&Target, ProxyError> {
+        fn on_port<'e>(v: &'e [Entry], port: u16, scope: Option<&str>) -> Option<&'e Target> {
+            v.iter().find(|e| e.serves(port, scope)).map(|e| &e.target)
         }
-        if let Some(t) = self.exact.get(host).and_then(|v| on_port(v, port)) {
+        if let Some(t) = self.exact.get(host).and_then(|v| on_port(v, port, scope)) {
             return Ok(t);
         }
         // `a.b.example.com`: try `b.example.com`, then `example.com`, then `com`. A wildcard
@@ -125,7 +148,7 @@ impl Routes {
             if let Some(t) = self
                 .wildcard
                 .get(&host[i + 1..])
-                .and_then(|v| on_port(v, port))
+                .and_then(|v| on_port(v, port, scope))
             {
                 return Ok(t);
             }
@@ -135,6 +158,7 @@ impl Routes {
             .get(host)
             .into_iter()
             .flatten()
+            .filter(|e| e.serves(e.port, scope))
             .map(|e| e.port)
             .collect();
         for (i, _) in host.match_indices('.') {
@@ -143,6 +167,7 @@ impl Routes {
                     .get(&host[i + 1..])
                     .into_iter()
                     .flatten()
+                    .filter(|e| e.serves(e.port, scope))
                     .map(|e| e.port),
             );
         }
@@ -274,6 +299,7 @@ mod tests {
             .map(|&(port, protocol)| HttpPort { port, protocol })
             .collect();
         HttpRule {
+            scope: None,
             name: name.into(),
             origin: origin(),
             host,
@@ -302,7 +328,7 @@ mod tests {
     }
 
     fn name_of(r: &Routes, host: &str, port: u16) -> Result<String, String> {
-        r.decide(host, port)
+        r.decide(host, port, None)
             .map(|t| r.names[t.slot].0.clone())
             .map_err(|e| e.to_string())
     }
@@ -329,10 +355,15 @@ mod tests {
             name_of(&r, "x.example.com", 8080).unwrap_err(),
             "host x.example.com is not allowed on port 8080 (its rules allow port 80, 443)"
         );
-        let t = r.decide("secure.test", 8443).unwrap();
+        let t = r.decide("secure.test", 8443, None).unwrap();
         assert_eq!(t.protocol, HttpProtocol::Https);
         assert_eq!(t.authority.as_ref().unwrap().as_str(), "secure.test:8443");
-        assert!(r.decide("x.example.com", 80).unwrap().authority.is_none());
+        assert!(
+            r.decide("x.example.com", 80, None)
+                .unwrap()
+                .authority
+                .is_none()
+        );
     }
 
     #[test]
@@ -351,7 +382,7 @@ mod tests {
             "com",
             "x.com",
         ] {
-            assert_eq!(r.decide(host, 80).is_ok(), p.matches(host), "{host}");
+            assert_eq!(r.decide(host, 80, None).is_ok(), p.matches(host), "{host}");
         }
     }
 
@@ -364,23 +395,23 @@ mod tests {
             "httpbin.default.svc",
             "httpbin.default.svc.cluster.local",
         ] {
-            let t = r.decide(host, 80).unwrap();
+            let t = r.decide(host, 80, None).unwrap();
             assert_eq!(r.names[t.slot], ("httpbin".to_owned(), true));
             assert_eq!(t.protocol, HttpProtocol::Http);
             assert_eq!(t.authority.as_ref().unwrap().as_str(), "httpbin.org:80");
             assert_eq!(t.host_header.as_ref().unwrap(), "httpbin.org");
-            let t = r.decide(host, 443).unwrap();
+            let t = r.decide(host, 443, None).unwrap();
             assert_eq!(t.protocol, HttpProtocol::Https);
             assert_eq!(t.authority.as_ref().unwrap().as_str(), "httpbin.org:443");
         }
         // The external name itself is allowed on the alias's ports, its Host kept.
-        let t = r.decide("httpbin.org", 443).unwrap();
+        let t = r.decide("httpbin.org", 443, None).unwrap();
         assert_eq!(
             (t.protocol, t.host_header.is_none()),
             (HttpProtocol::Https, true)
         );
-        assert!(r.decide("httpbin.other", 80).is_err());
-        assert!(r.decide("httpbin", 8080).is_err());
+        assert!(r.decide("httpbin.other", 80, None).is_err());
+        assert!(r.decide("httpbin", 8080, None).is_err());
     }
 
     #[test]
@@ -388,7 +419,7 @@ mod tests {
         let mut p = policy();
         p.aliases[0].ports = vec![8080];
         let r = Routes::new(&p).unwrap();
-        let t = r.decide("httpbin", 8080).unwrap();
+        let t = r.decide("httpbin", 8080, None).unwrap();
         assert_eq!(t.host_header.as_ref().unwrap(), "httpbin.org:8080");
         assert_eq!(t.protocol, HttpProtocol::Http);
     }
@@ -443,5 +474,41 @@ mod tests {
         assert_eq!(normalise("A.Test."), "a.test");
         assert_eq!(normalise("a.test"), "a.test");
         assert!(matches!(normalise("a.test"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_namespaces_rules_are_for_its_pods_and_the_node_wide_ones_for_everyone() {
+        use HttpProtocol::*;
+        let mut a = rule("web", "api.test", &[(80, Http)]);
+        a.scope = Some("team-a".into());
+        let mut b = rule("web", "api.test", &[(8080, Http)]);
+        b.scope = Some("team-b".into());
+        let p = Policy {
+            http_rules: vec![a, b, rule("shared", "shared.test", &[(80, Http)])],
+            ..Policy::default()
+        };
+        let r = Routes::new(&p).unwrap();
+        let name = |host, port, scope| {
+            r.decide(host, port, scope)
+                .map(|t| r.names[t.slot].0.clone())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            name("api.test", 80, Some("team-a")),
+            Ok("team-a/web".into())
+        );
+        assert_eq!(
+            name("api.test", 8080, Some("team-b")),
+            Ok("team-b/web".into())
+        );
+        // Another namespace's rule is not this pod's, nor a host process's: and the refusal
+        // names only the ports this client has.
+        assert!(name("api.test", 80, Some("team-b")).is_err());
+        assert!(name("api.test", 80, None).is_err());
+        let other = name("api.test", 8080, Some("team-a")).unwrap_err();
+        assert!(other.contains("80") && !other.contains("8080, "), "{other}");
+        for scope in [None, Some("team-a"), Some("kube-system")] {
+            assert_eq!(name("shared.test", 80, scope), Ok("shared".into()));
+        }
     }
 }

@@ -514,6 +514,7 @@ mod tests {
     /// A filter for a policy with one rule `name` for 169.254.169.254/32 port 80 over `protocol`.
     fn metadata_rule(name: &str, protocol: Protocol) -> AddrFilter {
         let rule = Rule {
+            scope: None,
             name: name.into(),
             origin: crate::policy::Origin {
                 file: "t".into(),

@@ -22,6 +22,7 @@ pub fn network(i: usize) -> Ipv4Net {
 /// A TCP rule named `name` from the generated line `i`.
 pub fn rule(i: usize, name: String, destination: IpNet, ports: &[u16]) -> Rule {
     Rule {
+        scope: None,
         name,
         origin: Origin {
             file: "<bench>".into(),

@@ -46,6 +46,7 @@ fn http_and_https_host_rules() {
         policy.http_rules,
         [
             HttpRule {
+                scope: None,
                 name: "web".to_owned(),
                 origin: origin(1),
                 host: HostPattern::Exact("example.test".to_owned()),
@@ -61,6 +62,7 @@ fn http_and_https_host_rules() {
                 ],
             },
             HttpRule {
+                scope: None,
                 name: "wild".to_owned(),
                 origin: origin(11),
                 host: HostPattern::Wildcard("xn--bcher-kva.test".to_owned()),

@@ -67,8 +67,18 @@ impl Walk<'_> {
     /// A `kind: EgressConfig` document.
     pub(super) fn config(&mut self, doc: &Fields<'_>) -> Option<Config> {
         let errors_before = self.report.error_count();
-        // The config needs no name, but one is checked like a rule's when given.
-        self.name(doc, false);
+        // The config needs no name, but one is checked like a rule's when given. It applies
+        // to the whole node: a namespace would mean something it does not do.
+        if let (_, Some((namespace, line))) = self.name(doc, false) {
+            self.report.field_error(
+                line,
+                "metadata.namespace",
+                format!(
+                    "namespace \"{namespace}\": an EgressConfig applies to the whole node; \
+                     remove metadata.namespace"
+                ),
+            );
+        }
         let mut config = Config::default();
         if let Some(spec) = self.sub_mapping(doc, "spec", SPEC_FIELDS, &[], false) {
             if let Some(entry) = spec.get("mode") {

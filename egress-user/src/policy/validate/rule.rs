@@ -103,7 +103,16 @@ impl Walk<'_> {
     /// A `kind: EgressRule` document.
     pub(super) fn rule(&mut self, root: &Node, doc: &Fields<'_>) -> Item {
         let errors_before = self.report.error_count();
-        let name = self.name(doc, true);
+        let (name, namespace) = self.name(doc, true);
+        // A rule of a namespace applies to that namespace's pods; one of none to every managed
+        // workload. Its name is unique in its namespace: `namespace/name` in the whole policy.
+        let scope = namespace
+            .map(|(ns, _)| ns)
+            .or_else(|| self.namespace.clone());
+        let name = name.map(|(name, line)| match &scope {
+            Some(ns) => (format!("{ns}/{name}"), line),
+            None => (name, line),
+        });
         let spec = self.sub_mapping(doc, "spec", &["destination", "ports"], &[], true);
         let destination = spec.as_ref().and_then(|spec| self.destination(spec));
         let ports = spec.as_ref().and_then(|spec| self.ports(spec));
@@ -115,10 +124,15 @@ impl Walk<'_> {
         };
         let rule = match (&name, rule) {
             (Some((name, _)), Some(rule)) if self.report.error_count() == errors_before => {
-                let (name, origin) = (name.clone(), self.report.origin(root.line));
+                let name = match &scope {
+                    Some(ns) => name[ns.len() + 1..].to_owned(),
+                    None => name.clone(),
+                };
+                let origin = self.report.origin(root.line);
                 Some(match rule {
                     Paired::Kernel(destination, ports) => EgressRule::Kernel(Rule {
                         name,
+                        scope,
                         origin,
                         destination,
                         ports,
@@ -126,6 +140,7 @@ impl Walk<'_> {
                     Paired::Http(host, ports, port_lines) => EgressRule::Http {
                         rule: HttpRule {
                             name,
+                            scope,
                             origin,
                             host,
                             ports,

@@ -105,7 +105,13 @@ impl Walk<'_> {
     }
 
     /// `node` as a DNS label; `what` names it in the message.
-    fn label(&mut self, path: &str, node: &Node, what: &str, letter_first: bool) -> Option<String> {
+    pub(super) fn label(
+        &mut self,
+        path: &str,
+        node: &Node,
+        what: &str,
+        letter_first: bool,
+    ) -> Option<String> {
         let text = self.string(path, node)?;
         if is_dns_label(text, letter_first) {
             return Some(text.to_owned());

@@ -559,6 +559,7 @@ async fn a_pods_requests_go_out_from_its_own_sockets_in_a_pool_of_its_own() {
         let origin = Arc::new(crate::proxy::Origin {
             netns,
             sockets: sockets.clone(),
+            namespace: None,
         });
         let lookup = move |_| Some(orig(port));
         pods.push((listener.local_addr().unwrap(), sockets));

@@ -209,6 +209,7 @@ pub(super) fn rule(name: &str, host: &str, port: u16, protocol: HttpProtocol) ->
         None => HostPattern::Exact(host.into()),
     };
     HttpRule {
+        scope: None,
         name: name.into(),
         origin: origin(),
         host,

@@ -198,6 +198,7 @@ async fn names_that_resolve_to_protected_addresses_are_refused() {
 
     // A tcp rule for the range and port is the operator's explicit permission.
     p.rules.push(Rule {
+        scope: None,
         name: "local".into(),
         origin: origin(),
         destination: "127.0.0.0/8".parse().unwrap(),
