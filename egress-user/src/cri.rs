@@ -76,6 +76,9 @@ pub enum CriError {
 pub struct Runtime {
     socket: PathBuf,
     client: RuntimeServiceClient<Channel>,
+    /// The pods of the last listing, by sandbox id: a ready sandbox's cgroup and network
+    /// namespace do not change, so only new sandboxes cost a status call.
+    known: HashMap<String, Pod>,
 }
 
 impl Runtime {
@@ -84,6 +87,7 @@ impl Runtime {
         Self {
             socket: socket.to_owned(),
             client: RuntimeServiceClient::new(channel(socket)),
+            known: HashMap::new(),
         }
     }
 
@@ -109,6 +113,10 @@ impl Runtime {
             .items;
         let mut pods = Vec::with_capacity(sandboxes.len());
         for sandbox in sandboxes {
+            if let Some(pod) = self.known.get(&sandbox.id) {
+                pods.push(pod.clone());
+                continue;
+            }
             let Some(metadata) = sandbox.metadata else {
                 continue;
             };
@@ -140,6 +148,7 @@ impl Runtime {
                 cgroup: cgroup_root.join(cgroup_path(&parent)),
             });
         }
+        self.known = pods.iter().map(|p| (p.id.clone(), p.clone())).collect();
         Ok(pods)
     }
 }

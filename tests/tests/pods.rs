@@ -5,45 +5,70 @@
 //! Every address is TEST-NET inside the sandbox's network namespace, which has no route out:
 //! the pods reach the node's own addresses and nothing else.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use egress_tests::{
-    Sandbox, V4_A, assert_accepted, egress_bin, eventually,
+    Sandbox, V4_A, V4_B, assert_accepted, egress_bin, eventually,
     node::{Exec, Node, Pod},
-    policy::tcp_rule,
-    probe_bin, status_row,
+    policy::{config, tcp_rule},
+    probe_bin, sa, status_row,
+    upstream::Upstream,
     world::World,
 };
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
 
-/// `nc` from the pod's busybox to the node's 192.0.2.1:`port`: exit 0 once connected (the
-/// sink closes at once), non-zero with the reason on stderr when refused.
-fn connect(node: &Node<'_>, pod: &Pod, port: u16) -> Exec {
-    let port = port.to_string();
+/// `nc` from the pod's busybox to `addr` (192.0.2.1 when only a port is given): exit 0 once
+/// connected (the sink closes at once), non-zero with the reason on stderr when refused.
+fn connect(node: &Node<'_>, pod: &Pod, addr: impl Into<Dest>) -> Exec {
+    let Dest(addr) = addr.into();
     node.exec(
         pod,
-        &["/bin/busybox", "nc", "-w", "3", &V4_A.to_string(), &port],
+        &[
+            "/bin/busybox",
+            "nc",
+            "-w",
+            "3",
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ],
         Duration::from_secs(10),
     )
 }
 
-fn assert_connects(node: &Node<'_>, pod: &Pod, port: u16) {
-    let out = connect(node, pod, port);
-    assert_eq!(out.exit_code, 0, "{} to port {port}: {out:?}", pod.name);
+/// Where a pod connects: a port of 192.0.2.1, or any address.
+struct Dest(SocketAddr);
+
+impl From<u16> for Dest {
+    fn from(port: u16) -> Self {
+        Self(sa(V4_A, port))
+    }
 }
 
-fn assert_refused(node: &Node<'_>, pod: &Pod, port: u16) {
-    let out = connect(node, pod, port);
+impl From<SocketAddr> for Dest {
+    fn from(addr: SocketAddr) -> Self {
+        Self(addr)
+    }
+}
+
+fn assert_connects(node: &Node<'_>, pod: &Pod, addr: impl Into<Dest>) {
+    let Dest(addr) = addr.into();
+    let out = connect(node, pod, addr);
+    assert_eq!(out.exit_code, 0, "{} to {addr}: {out:?}", pod.name);
+}
+
+fn assert_refused(node: &Node<'_>, pod: &Pod, addr: impl Into<Dest>) {
+    let Dest(addr) = addr.into();
+    let out = connect(node, pod, addr);
     assert_ne!(
         out.exit_code, 0,
-        "{} to port {port} connected: {out:?}",
+        "{} to {addr} connected: {out:?}",
         pod.name
     );
     assert!(
         out.stderr.contains("Operation not permitted"),
-        "{} to port {port}: refused at connect() with EPERM, not {out:?}",
+        "{} to {addr}: refused at connect() with EPERM, not {out:?}",
         pod.name
     );
 }
@@ -259,4 +284,172 @@ fn pods_http_egress_goes_through_the_proxy_inside_each_pod() {
     });
     assert!(gone, "{}", agent.log());
     assert_eq!(code(&get(&node, &late, 80, "httpbin.test", "/after")), 200);
+}
+
+/// Istio's seed 003 (five EgressRules for the ranges of one site, created with `istioctl create
+/// -n default`), with TEST-NET ranges in place of the site's.
+const SEED_003: &str = "\
+kind: EgressRule
+metadata:
+  name: wikipedia-range1
+spec:
+  destination:
+    service: 192.0.2.0/25
+  ports:
+  - port: 443
+    protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range2
+spec:
+  destination:
+    service: 198.51.100.0/25
+  ports:
+  - port: 443
+    protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range3
+spec:
+  destination:
+    service: 203.0.113.0/26
+  ports:
+  - port: 443
+    protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range4
+spec:
+  destination:
+    service: 198.18.0.0/24
+  ports:
+  - port: 443
+    protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedia-range5
+spec:
+  destination:
+    service: 198.19.0.0/24
+  ports:
+  - port: 443
+    protocol: tcp
+";
+
+/// HTTP rules of two namespaces: `teamonly.test` for team-a's pods, `otheronly.test` for
+/// team-b's, both on port 80 of the node's 192.0.2.1.
+const TEAM_RULES: &str = "\
+kind: EgressRule
+metadata: {name: web, namespace: team-a}
+spec:
+  destination: {service: teamonly.test}
+  ports: [{port: 80, protocol: http}]
+---
+kind: EgressRule
+metadata: {name: web, namespace: team-b}
+spec:
+  destination: {service: otheronly.test}
+  ports: [{port: 80, protocol: http}]
+";
+
+/// Policy scopes on real pods: seed 003 created in `default` with `egress create -n default`
+/// allows its ranges to the pods of `default` and nothing else, and nothing to a pod of
+/// another namespace; HTTP rules of `team-a` and `team-b` allow each its own host (the other's
+/// is 403, never seen upstream), and a namespace with no HTTP rule on a port has no redirect
+/// there. Pods created after the agent are in their namespace's scope from their first
+/// connect.
+#[test]
+fn each_namespace_has_its_own_rules() {
+    let sb = Sandbox::new();
+    let [a443, a9090] = sb.sinks(V4_A, [443, 9090]);
+    let [b443] = sb.sinks(V4_B, [443]);
+    let http = Upstream::http(&sb.name, sa(V4_A, 80));
+    let hosts = "  hosts:\n    teamonly.test: [192.0.2.1]\n    otheronly.test: [192.0.2.1]\n";
+    let policy = sb.policy_file("p.yaml", &(config(hosts) + TEAM_RULES));
+    let mut node = Node::start(&sb);
+    let socket = node.socket().display().to_string();
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&policy, &["--cri-socket", &socket])
+        .start();
+    let seed = sb.policy_file("wikipedia.yaml", SEED_003);
+    let seed = seed.display().to_string();
+    let (ok, out, err) = sb.ctl(EGRESS, &["create", "-f", &seed, "-n", "default"]);
+    assert!(ok.success(), "{out}{err}");
+    let (ok, out, err) = sb.ctl(
+        EGRESS,
+        &["get", "egressrules", "-n", "default", "-o", "json"],
+    );
+    assert!(ok.success(), "{err}");
+    let rules: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+    assert_eq!(rules.len(), 5, "{out}");
+    assert!(rules.iter().all(|r| r["namespace"] == "default"), "{out}");
+
+    // Created after the agent: in their namespaces' scopes from their first connect.
+    let web = node.pod("default", "sleep");
+    let other = node.pod("other", "sleep");
+    assert_connects(&node, &web, sa(V4_A, 443));
+    assert_connects(&node, &web, sa(V4_B, 443));
+    assert_refused(&node, &web, 9090);
+    assert_refused(&node, &other, sa(V4_A, 443));
+    assert_refused(&node, &other, sa(V4_B, 443));
+    assert_accepted(&[(&a443, 1), (&b443, 1), (&a9090, 0)]);
+    let status = sb.status_json(EGRESS);
+    let range1 = status["rules"]
+        .as_array()
+        .and_then(|rules| {
+            rules
+                .iter()
+                .find(|r| r["name"] == "wikipedia-range1" && r["namespace"] == "default")
+        })
+        .unwrap_or_else(|| panic!("no default/wikipedia-range1 in {status:#}"));
+    assert_eq!(range1["allowed"], 1, "{status:#}");
+
+    // HTTP rules by namespace, on the same port: each pod gets its own.
+    let a = node.pod("team-a", "sleep");
+    let b = node.pod("team-b", "sleep");
+    let mut last = String::new();
+    let served = eventually(Duration::from_secs(15), || {
+        last = get(&node, &a, 80, "teamonly.test", "/a");
+        code(&last) == 200
+    });
+    assert!(served, "team-a: {last}\n{}", agent.log());
+    let served = eventually(Duration::from_secs(15), || {
+        last = get(&node, &b, 80, "otheronly.test", "/b");
+        code(&last) == 200
+    });
+    assert!(served, "team-b: {last}\n{}", agent.log());
+    let seen = http.seen().len();
+    let refused = get(&node, &b, 80, "teamonly.test", "/not-b");
+    assert_eq!(code(&refused), 403, "{refused}");
+    assert_eq!(
+        http.seen().len(),
+        seen,
+        "the upstream saw team-b's request for team-a's host"
+    );
+    // `other` has no HTTP rule on 80: no redirect, refused at connect().
+    assert_refused(&node, &other, 80);
+
+    // The seed's rules deleted from `default` as `istioctl delete ... -n default` does.
+    let (ok, out, err) = sb.ctl(
+        EGRESS,
+        &[
+            "delete",
+            "egressrule",
+            "wikipedia-range1",
+            "wikipedia-range2",
+            "wikipedia-range3",
+            "wikipedia-range4",
+            "wikipedia-range5",
+            "-n",
+            "default",
+        ],
+    );
+    assert!(ok.success(), "{out}{err}");
+    assert_refused(&node, &web, sa(V4_A, 443));
+    assert_accepted(&[(&a443, 1), (&b443, 1)]);
 }

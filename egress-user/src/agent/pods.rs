@@ -1,5 +1,8 @@
 //! The node's pods, learned from the container runtime (`egress run --cri-socket`): polled
-//! every second, so that kernel events name `namespace/pod` instead of a bare cgroup id.
+//! every second, and at once when a cgroup appears below the managed one (inotify): a new
+//! pod's cgroup is made when its sandbox starts, before its containers, so the agent puts the
+//! pod in its namespace's scope and opens its proxy listeners before the pod's workload runs.
+//! Kernel events name `namespace/pod` instead of a bare cgroup id.
 //!
 //! While the runtime does not answer (it restarts, or is not there yet), the last pods known
 //! stay known and one warning says so; events of pods not known yet name their cgroup only.
@@ -23,6 +26,11 @@ pub struct NodePods {
 
 /// How often the runtime is asked for its pods.
 const POLL: Duration = Duration::from_secs(1);
+/// After a new cgroup appeared, how often the runtime is asked, [`BURST`] times: the sandbox
+/// is listed as ready a moment after its cgroup exists.
+const BURST_POLL: Duration = Duration::from_millis(25);
+/// How many quick polls follow a new cgroup.
+const BURST: u32 = 40;
 /// A runtime that takes longer than this to list its pods is treated as not answering.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// How far below a pod's cgroup its containers' cgroups are looked for (cgroupfs:
@@ -36,10 +44,25 @@ pub struct PodWatch {
 
 impl PodWatch {
     /// Starts polling the runtime on `socket` (on the current tokio runtime); the pods'
-    /// cgroups are below `cgroup_root`, the cgroup v2 mount.
-    pub fn start(socket: PathBuf, cgroup_root: PathBuf) -> Self {
+    /// cgroups are below `cgroup_root`, the cgroup v2 mount, and new ones appear below
+    /// `managed` (watched with inotify; without it, the runtime is polled every second only).
+    pub fn start(socket: PathBuf, cgroup_root: PathBuf, managed: &std::path::Path) -> Self {
         let (tx, pods) = watch::channel(Arc::new(NodePods::default()));
-        tokio::spawn(poll(Runtime::new(&socket), socket, cgroup_root, tx));
+        let (wake, woken) = tokio::sync::mpsc::channel(1);
+        let watcher = new_cgroups(managed, wake)
+            .map_err(|e| {
+                tracing::warn!(cgroup = %managed.display(), error = %e, "pods: cannot watch for new pod cgroups; the runtime is asked every second only");
+            })
+            .ok();
+        let polling = Polling {
+            runtime: Runtime::new(&socket),
+            socket,
+            cgroup_root,
+            tx,
+            woken,
+            _watcher: watcher,
+        };
+        tokio::spawn(poll(polling));
         Self { pods }
     }
 
@@ -61,17 +84,63 @@ impl PodWatch {
     }
 }
 
-async fn poll(
-    mut runtime: Runtime,
+/// What the polling task holds.
+struct Polling {
+    runtime: Runtime,
     socket: PathBuf,
     cgroup_root: PathBuf,
     tx: watch::Sender<Arc<NodePods>>,
-) {
+    /// Wake-ups from the cgroup watch.
+    woken: tokio::sync::mpsc::Receiver<()>,
+    /// The inotify watch on the managed cgroup, kept alive.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Watches `managed` and every cgroup below it for new directories (a pod's or container's
+/// cgroup); each sends a wake-up on `wake`.
+fn new_cgroups(
+    managed: &std::path::Path,
+    wake: tokio::sync::mpsc::Sender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event
+            && e.kind.is_create()
+        {
+            // A full channel already holds a wake-up.
+            let _ = wake.try_send(());
+        }
+    })?;
+    watcher.watch(managed, notify::RecursiveMode::Recursive)?;
+    Ok(watcher)
+}
+
+async fn poll(p: Polling) {
+    let Polling {
+        mut runtime,
+        socket,
+        cgroup_root,
+        tx,
+        mut woken,
+        _watcher,
+    } = p;
     let mut tick = tokio::time::interval(POLL);
     let mut failing = false;
     let mut count = None;
+    let mut burst = 0u32;
     loop {
-        tick.tick().await;
+        if burst > 0 {
+            burst -= 1;
+            tokio::select! {
+                () = tokio::time::sleep(BURST_POLL) => {}
+                Some(()) = woken.recv() => burst = BURST,
+            }
+        } else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(()) = woken.recv() => burst = BURST,
+            }
+        }
         let listed = tokio::time::timeout(ANSWER_WITHIN, runtime.pods(&cgroup_root))
             .await
             .map_err(|_| {

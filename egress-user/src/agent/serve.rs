@@ -154,7 +154,11 @@ impl Agent {
         let mut pods =
             self.settings.cri_socket.clone().and_then(
                 |socket| match crate::cgroup::cgroup2_mount() {
-                    Ok(root) => Some(pods::PodWatch::start(socket, root)),
+                    Ok(root) => Some(pods::PodWatch::start(
+                        socket,
+                        root,
+                        &self.settings.target.cgroup,
+                    )),
                     Err(e) => {
                         tracing::warn!(error = %e, "pods: not watched, events name cgroups only");
                         None
