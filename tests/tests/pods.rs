@@ -434,6 +434,34 @@ fn each_namespace_has_its_own_rules() {
     // `other` has no HTTP rule on 80: no redirect, refused at connect().
     assert_refused(&node, &other, 80);
 
+    // The agent killed: what is pinned keeps enforcing, scopes included; the pods' HTTP egress
+    // has no proxy and is refused, never sent anywhere else.
+    agent.signal(9);
+    let _ = agent.wait();
+    assert_connects(&node, &web, sa(V4_A, 443));
+    assert_refused(&node, &other, sa(V4_A, 443));
+    let seen = http.seen().len();
+    let down = get(&node, &a, 80, "teamonly.test", "/down");
+    assert_eq!(code(&down), 0, "{down}");
+    assert_eq!(
+        http.seen().len(),
+        seen,
+        "a request got out with the agent down"
+    );
+    // Restarted: the pods are in their scopes from its first generation, and their HTTP
+    // egress resumes once it has reopened their listeners.
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&policy, &["--cri-socket", &socket])
+        .start();
+    assert_connects(&node, &web, sa(V4_A, 443));
+    assert_refused(&node, &other, sa(V4_A, 443));
+    let served = eventually(Duration::from_secs(15), || {
+        last = get(&node, &a, 80, "teamonly.test", "/again");
+        code(&last) == 200
+    });
+    assert!(served, "team-a after the restart: {last}\n{}", agent.log());
+
     // The seed's rules deleted from `default` as `istioctl delete ... -n default` does.
     let (ok, out, err) = sb.ctl(
         EGRESS,
@@ -451,5 +479,5 @@ fn each_namespace_has_its_own_rules() {
     );
     assert!(ok.success(), "{out}{err}");
     assert_refused(&node, &web, sa(V4_A, 443));
-    assert_accepted(&[(&a443, 1), (&b443, 1)]);
+    assert_accepted(&[(&a443, 3), (&b443, 1)]);
 }

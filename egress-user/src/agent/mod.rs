@@ -61,6 +61,9 @@ pub struct Settings {
     pub metrics: Option<std::net::TcpListener>,
     /// The container runtime's CRI socket, when events are to name the node's pods.
     pub cri_socket: Option<PathBuf>,
+    /// The node's pods when the agent starts (each pod's cgroup id and namespace): the first
+    /// generation puts them in their namespaces' scopes.
+    pub pods: Vec<(u64, String)>,
 }
 
 /// The generation in force and its counter rows with their names, for the metrics endpoint.
@@ -121,7 +124,7 @@ impl Agent {
             &settings.kernel,
             &policy,
             &settings.listeners.bound(),
-            &[],
+            &settings.pods,
         )
         .with_context(|| {
             format!(
@@ -130,6 +133,7 @@ impl Agent {
             )
         })?;
         proxy.set_generation(enforcer.generation());
+        let pods = settings.pods.clone();
         let (proxies, rx) = channel::channel(proxy);
         let hub = Arc::<EventHub>::default();
         let history = history::HistoryWriter::restore(settings.store.history_path(), &hub);
@@ -151,7 +155,7 @@ impl Agent {
             log_limit: crate::telemetry::LogLimit::new(),
             health: None,
             pod_nets: pod_nets::PodNets::default(),
-            pods: Vec::new(),
+            pods,
         };
         agent.remember_names();
         Ok((agent, rx))

@@ -84,6 +84,36 @@ impl PodWatch {
     }
 }
 
+/// The node's pods now (each pod's cgroup id and namespace), asked of the runtime on
+/// `socket` once, waiting at most [`ANSWER_WITHIN`]; none (and a warning) when it does not
+/// answer: the pods then have the node-wide rules only until the watch knows them.
+pub fn initial(socket: &std::path::Path) -> Vec<(u64, String)> {
+    let listed = crate::cgroup::cgroup2_mount()
+        .map_err(|e| e.to_string())
+        .and_then(|root| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                tokio::time::timeout(ANSWER_WITHIN, Runtime::new(socket).pods(&root))
+                    .await
+                    .map_err(|_| format!("no answer within {ANSWER_WITHIN:?}"))?
+                    .map_err(|e| e.to_string())
+            })
+        });
+    match listed {
+        Ok(pods) => {
+            tracing::info!(pods = pods.len(), "pods: ready pods on this node at start");
+            cri::pod_cgroups(&pods)
+        }
+        Err(error) => {
+            tracing::warn!(socket = %socket.display(), %error, "pods: cannot list the node's pods at start; they have the node-wide rules only until the runtime answers");
+            Vec::new()
+        }
+    }
+}
+
 /// What the polling task holds.
 struct Polling {
     runtime: Runtime,

@@ -137,7 +137,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    // The pods already on the node go into their namespaces' scopes with the first generation:
+    // a restarted agent's takeover never leaves them with the node-wide rules only.
+    let pods = args
+        .cri_socket
+        .as_deref()
+        .map(crate::agent::pods::initial)
+        .unwrap_or_default();
     let settings = Settings {
+        pods,
         paths: args.policy.clone(),
         store,
         resolv_conf: args.resolv_conf.path.clone(),
