@@ -192,6 +192,19 @@ fn pods_http_egress_goes_through_the_proxy_inside_each_pod() {
     let sb = &w.sb;
     let mut node = Node::start(sb);
     let early = node.pod("default", "sleep");
+    // A pod whose own process holds the proxy port before the agent starts.
+    let squat = node.pod("default", "squat");
+    let held = node.exec(
+        &squat,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox nc -l -p 15001 >/got 2>&1 &",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(held.exit_code, 0, "{held:?}");
     let policy = w.dir.join("policy.yaml");
     let socket = node.socket().display().to_string();
     let agent = sb
@@ -264,6 +277,35 @@ fn pods_http_egress_goes_through_the_proxy_inside_each_pod() {
             "the upstream saw the forbidden request"
         );
     }
+    // The squatting pod's connections meant for the proxy are refused (`proxy-foreign`), never
+    // handed to its own listener, and the agent says why.
+    let mut last = String::new();
+    let refused = eventually(Duration::from_secs(15), || {
+        last = get(&node, &squat, 80, "httpbin.test", "/squat");
+        sb.events_json(EGRESS).iter().any(|e| {
+            e["reason"] == "proxy-foreign" && e["pod"] == "default/squat" && e["verdict"] == "deny"
+        })
+    });
+    assert!(refused, "no proxy-foreign event for default/squat: {last}");
+    assert_eq!(code(&last), 0, "{last}");
+    let got = node.exec(
+        &squat,
+        &["/bin/busybox", "cat", "/got"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        got.stdout, "",
+        "the pod's own listener received a connection meant for the proxy"
+    );
+    assert!(
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("cannot listen inside the pod") && l.contains("default/squat")),
+        "{}",
+        agent.log()
+    );
+
     let log = agent.log();
     for pod in [&early, &late] {
         assert!(
