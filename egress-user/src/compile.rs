@@ -550,7 +550,11 @@ fn scope_http_ports(policy: &Policy, scope: Option<&str>) -> Vec<u16> {
         .iter()
         .filter(|r| r.scope.is_none() || r.scope.as_deref() == scope)
         .flat_map(|r| r.ports.iter().map(|p| p.port));
-    let aliases = policy.aliases.iter().flat_map(|a| a.ports.iter().copied());
+    let aliases = policy
+        .aliases
+        .iter()
+        .filter(|a| a.scope.is_none() || a.scope.as_deref() == scope)
+        .flat_map(|a| a.ports.iter().copied());
     let mut ports: Vec<u16> = rules.chain(aliases).collect();
     ports.sort_unstable();
     ports.dedup();

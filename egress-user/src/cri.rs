@@ -223,6 +223,54 @@ pub fn by_cgroup(pods: &[Pod], depth: usize) -> PodsByCgroup {
     map
 }
 
+/// kubelet's names for the cgroup of all pods: systemd cgroup driver, cgroupfs.
+const KUBEPODS: [&str; 2] = ["kubepods.slice", "kubepods"];
+
+/// The cgroup that holds a node's pods: the nearest ancestor of the pods' cgroups (`pods`)
+/// named as kubelet names it (`kubepods.slice` under the systemd cgroup driver, `kubepods`
+/// under cgroupfs), the same for every pod; with no pods yet, the one of those directly below
+/// `root` (the cgroup v2 mount) that exists.
+///
+/// # Errors
+/// A pod outside such a cgroup, pods under two of them (give `--cgroup`), or no pods and
+/// neither cgroup exists.
+pub fn kubepods(root: &Path, pods: &[&Path]) -> anyhow::Result<PathBuf> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    for pod in pods {
+        let Some(top) = pod.ancestors().skip(1).find(|a| {
+            a.file_name()
+                .is_some_and(|n| KUBEPODS.iter().any(|k| n == *k))
+        }) else {
+            anyhow::bail!("pod cgroup {} is in no kubepods cgroup", pod.display());
+        };
+        if !found.iter().any(|f| f == top) {
+            found.push(top.to_owned());
+        }
+    }
+    match found.as_slice() {
+        [one] => return Ok(one.clone()),
+        [] => {}
+        many => anyhow::bail!(
+            "the pods' cgroups are under several kubepods cgroups ({})",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+    KUBEPODS
+        .iter()
+        .map(|name| root.join(name))
+        .find(|dir| dir.is_dir())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no pods yet, and neither {root}/kubepods.slice (systemd cgroup driver) nor \
+                 {root}/kubepods (cgroupfs) exists",
+                root = root.display()
+            )
+        })
+}
+
 /// Each pod's own cgroup id with its namespace, sorted; a pod whose cgroup went away is left
 /// out.
 pub fn pod_cgroups(pods: &[Pod]) -> Vec<(u64, String)> {
@@ -346,5 +394,38 @@ mod tests {
         .unwrap();
         assert_eq!(netns(&host), None);
         assert_eq!(cgroup_parent(&host), None);
+    }
+
+    #[test]
+    fn the_pods_cgroup_comes_from_the_pods_or_kubelets_layout() {
+        let root = TempDir::new("kubepods");
+        // No pods, no kubelet cgroup: an error saying what was looked for.
+        let err = kubepods(&root, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("kubepods.slice") && err.contains("kubepods (cgroupfs)"),
+            "{err}"
+        );
+        fs::create_dir_all(root.join("kubepods")).unwrap();
+        assert_eq!(kubepods(&root, &[]).unwrap(), root.join("kubepods"));
+        fs::create_dir_all(root.join("kubepods.slice")).unwrap();
+        assert_eq!(kubepods(&root, &[]).unwrap(), root.join("kubepods.slice"));
+        // Pods tell, whatever exists, wherever their kubepods cgroup is.
+        let pod = root.join("kubepods/besteffort/pod1");
+        let other = root.join("kubepods/pod2");
+        assert_eq!(
+            kubepods(&root, &[&pod, &other]).unwrap(),
+            root.join("kubepods")
+        );
+        let systemd = root
+            .join("node/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod3.slice");
+        assert_eq!(
+            kubepods(&root, &[&systemd]).unwrap(),
+            root.join("node/kubepods.slice")
+        );
+        let err = kubepods(&root, &[&pod, &systemd]).unwrap_err().to_string();
+        assert!(err.contains("several"), "{err}");
+        let stray = root.join("elsewhere/pod4");
+        let err = kubepods(&root, &[&stray]).unwrap_err().to_string();
+        assert!(err.contains("in no kubepods cgroup"), "{err}");
     }
 }

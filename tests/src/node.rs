@@ -212,7 +212,7 @@ impl<'a> Node<'a> {
             hostname: name.into(),
             log_directory: self.dir.join("logs").join(&uid).display().to_string(),
             linux: Some(LinuxPodSandboxConfig {
-                cgroup_parent: format!("{}/pod{uid}", self.cgroup_parent()),
+                cgroup_parent: format!("{}/kubepods/pod{uid}", self.cgroup_parent()),
                 ..Default::default()
             }),
             ..Default::default()

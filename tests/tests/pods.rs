@@ -414,10 +414,31 @@ fn each_namespace_has_its_own_rules() {
     let policy = sb.policy_file("p.yaml", &(config(hosts) + TEAM_RULES));
     let mut node = Node::start(&sb);
     let socket = node.socket().display().to_string();
-    let agent = sb
-        .agent(EGRESS)
-        .policy(&policy, &["--cri-socket", &socket])
-        .start();
+    // No --cgroup: the agent finds the pods' cgroup from the runtime's layout (kubelet's
+    // `kubepods`, here below the sandbox's cgroup).
+    let _first = node.pod("kube-system", "first");
+    let (policy_arg, pin_dir) = (
+        policy.display().to_string(),
+        sb.pin_dir.display().to_string(),
+    );
+    let args = [
+        "--policy",
+        &policy_arg,
+        "--pin-dir",
+        &pin_dir,
+        "--cri-socket",
+        &socket,
+    ];
+    let agent = sb.agent(EGRESS).args(&args).start();
+    let kubepods = sb.cgroup.join("kubepods");
+    assert!(
+        agent.log().contains(&format!(
+            "the pods' cgroup, from the runtime's layout cgroup={}",
+            kubepods.display()
+        )),
+        "{}",
+        agent.log()
+    );
     let seed = sb.policy_file("wikipedia.yaml", SEED_003);
     let seed = seed.display().to_string();
     let (ok, out, err) = sb.ctl(EGRESS, &["create", "-f", &seed, "-n", "default"]);
@@ -492,10 +513,7 @@ fn each_namespace_has_its_own_rules() {
     );
     // Restarted: the pods are in their scopes from its first generation, and their HTTP
     // egress resumes once it has reopened their listeners.
-    let agent = sb
-        .agent(EGRESS)
-        .policy(&policy, &["--cri-socket", &socket])
-        .start();
+    let agent = sb.agent(EGRESS).args(&args).start();
     assert_connects(&node, &web, sa(V4_A, 443));
     assert_refused(&node, &other, sa(V4_A, 443));
     let served = eventually(Duration::from_secs(15), || {

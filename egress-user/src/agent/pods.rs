@@ -84,10 +84,10 @@ impl PodWatch {
     }
 }
 
-/// The node's pods now (each pod's cgroup id and namespace), asked of the runtime on
-/// `socket` once, waiting at most [`ANSWER_WITHIN`]; none (and a warning) when it does not
-/// answer: the pods then have the node-wide rules only until the watch knows them.
-pub fn initial(socket: &std::path::Path) -> Vec<(u64, String)> {
+/// The node's pods now, asked of the runtime on `socket` once, waiting at most
+/// [`ANSWER_WITHIN`]; none (and a warning) when it does not answer: the pods then have the
+/// node-wide rules only until the watch knows them.
+pub fn initial(socket: &std::path::Path) -> Vec<Pod> {
     let listed = crate::cgroup::cgroup2_mount()
         .map_err(|e| e.to_string())
         .and_then(|root| {
@@ -105,7 +105,7 @@ pub fn initial(socket: &std::path::Path) -> Vec<(u64, String)> {
     match listed {
         Ok(pods) => {
             tracing::info!(pods = pods.len(), "pods: ready pods on this node at start");
-            cri::pod_cgroups(&pods)
+            pods
         }
         Err(error) => {
             tracing::warn!(socket = %socket.display(), %error, "pods: cannot list the node's pods at start; they have the node-wide rules only until the runtime answers");

@@ -28,9 +28,12 @@ pub struct RunArgs {
     /// been quiet for 200 ms; SIGHUP (or `egress reload`) reloads at once.
     #[arg(long = "policy", value_name = "FILE")]
     pub policy: Vec<PathBuf>,
-    /// The managed cgroup v2 directory (default: `<cgroup2 mount>/egress`, created if
-    /// missing). A path given here must exist, unless `--create-cgroup`: a mistyped path would
-    /// otherwise enforce on a new, empty cgroup.
+    /// The managed cgroup v2 directory. By default, with `--cri-socket`, the cgroup that holds
+    /// the node's pods, found from the runtime's layout (`kubepods.slice` under the systemd
+    /// cgroup driver, `kubepods` under cgroupfs: the common top of the pods' cgroups, or the
+    /// one that exists); without it, `<cgroup2 mount>/egress` (created if missing). A path
+    /// given here must exist, unless `--create-cgroup`: a mistyped path would otherwise
+    /// enforce on a new, empty cgroup.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
     /// Create the `--cgroup` directory if it does not exist.
@@ -66,8 +69,10 @@ pub struct RunArgs {
     #[arg(long = "xdp-iface", value_name = "IFACE", value_delimiter = ',')]
     pub xdp_iface: Vec<String>,
     /// The container runtime's CRI socket (containerd: /run/containerd/containerd.sock): the
-    /// agent lists the node's pods there every second, and events name the pod
-    /// (`namespace/name`) of a cgroup below a pod's. Off by default (events name cgroup ids).
+    /// agent learns the node's pods there (listed every second, and at once when a cgroup
+    /// appears), opens the proxy's listeners inside each pod, puts each pod in its namespace's
+    /// scope, and events name the pod (`namespace/name`) of a cgroup below a pod's. Off by
+    /// default (no pods: events name cgroup ids).
     #[arg(long, value_name = "PATH", env = "EGRESS_CRI_SOCKET")]
     pub cri_socket: Option<PathBuf>,
 }
@@ -98,15 +103,36 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     kernel.log();
-    let cgroup = match &args.cgroup {
-        Some(path) => {
+    // The pods already on the node: their cgroups tell where pods live, and they go into
+    // their namespaces' scopes with the first generation, so a restarted agent's takeover
+    // never leaves them with the node-wide rules only.
+    let pods = args
+        .cri_socket
+        .as_deref()
+        .map(crate::agent::pods::initial)
+        .unwrap_or_default();
+    let cgroup = match (&args.cgroup, &args.cri_socket) {
+        (Some(path), _) => {
             if !args.create_cgroup {
                 cgroup::require_existing(path)?;
             }
             path.clone()
         }
-        None => cgroup::default_cgroup()?,
+        (None, Some(socket)) => {
+            let root = cgroup::cgroup2_mount()?;
+            let pod_dirs: Vec<&std::path::Path> = pods.iter().map(|p| p.cgroup.as_path()).collect();
+            let found = crate::cri::kubepods(&root, &pod_dirs).with_context(|| {
+                format!(
+                    "finding the cgroup of the pods of the runtime at {}: give --cgroup",
+                    socket.display()
+                )
+            })?;
+            tracing::info!(cgroup = %found.display(), "the pods' cgroup, from the runtime's layout");
+            found
+        }
+        (None, None) => cgroup::default_cgroup()?,
     };
+    let pods = crate::cri::pod_cgroups(&pods);
     let store = Store::open(&args.state_dir).context("opening the state directory")?;
     // Everything that can fail on the user side comes before the kernel is touched: the
     // control socket (a second agent stops here), the proxy listeners (they must be there
@@ -137,13 +163,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    // The pods already on the node go into their namespaces' scopes with the first generation:
-    // a restarted agent's takeover never leaves them with the node-wide rules only.
-    let pods = args
-        .cri_socket
-        .as_deref()
-        .map(crate::agent::pods::initial)
-        .unwrap_or_default();
     let settings = Settings {
         pods,
         paths: args.policy.clone(),

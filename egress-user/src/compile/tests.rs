@@ -105,6 +105,7 @@ fn http_rule_and_alias_ports_go_to_the_proxy() {
             .into(),
     });
     p.aliases.push(Alias {
+        scope: None,
         name: "httpbin".into(),
         namespace: "default".into(),
         origin: origin(9),
@@ -532,4 +533,36 @@ fn too_many_scopes_is_an_error() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn an_alias_of_a_named_namespace_redirects_its_ports_for_that_namespace_only() {
+    use crate::policy::Alias;
+    let alias = |name: &str, scope: Option<&str>, port| Alias {
+        name: name.into(),
+        namespace: scope.unwrap_or("default").into(),
+        scope: scope.map(str::to_owned),
+        origin: origin(1),
+        external_name: "httpbin.test".into(),
+        ports: vec![port],
+    };
+    let mut p = policy(vec![]);
+    // As the seeds write them (no namespace): every workload's; and one of team-a.
+    p.aliases.push(alias("httpbin", None, 80));
+    p.aliases.push(alias("teambin", Some("team-a"), 8080));
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(c.scopes, ["team-a"]);
+    let redirects = |scope: u8| -> Vec<u16> {
+        let mut ports: Vec<u16> = c
+            .rules_v4
+            .iter()
+            .filter(|(_, k, v)| k.scope == scope && v.row == ROW_PROXY)
+            .map(|(_, k, _)| u16::from_be(k.port))
+            .collect();
+        ports.sort_unstable();
+        ports
+    };
+    assert_eq!(redirects(0), [80]);
+    assert_eq!(redirects(1), [80, 8080]);
+    assert!(redirects(XDP_SCOPE).is_empty());
 }

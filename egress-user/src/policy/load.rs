@@ -348,6 +348,7 @@ impl Across {
             name,
             namespace,
             line,
+            ..
         } = key;
         let origin = report.origin(line);
         match self.services.entry((namespace.clone(), name.clone())) {

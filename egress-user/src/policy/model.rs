@@ -318,6 +318,10 @@ pub struct Alias {
     pub name: String,
     /// `metadata.namespace`, `default` when absent.
     pub namespace: String,
+    /// The namespace whose pods the alias is for, when the document (or `egress create -n`)
+    /// names one; `None`: every managed workload (host processes included), as a rule without
+    /// a namespace.
+    pub scope: Option<String>,
     /// Where the document starts.
     pub origin: Origin,
     /// `spec.externalName`, normalised.
@@ -481,6 +485,7 @@ impl Policy {
             .iter()
             .filter_map(|r| r.scope.clone())
             .chain(self.http_rules.iter().filter_map(|r| r.scope.clone()))
+            .chain(self.aliases.iter().filter_map(|a| a.scope.clone()))
             .collect();
         scopes.sort_unstable();
         scopes.dedup();

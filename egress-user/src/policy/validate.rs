@@ -79,6 +79,9 @@ pub(crate) struct ServiceKey {
     pub(crate) name: String,
     /// `metadata.namespace`, `default` when absent.
     pub(crate) namespace: String,
+    /// The namespace it was given (by its document, or `egress create -n`): the alias is for
+    /// that namespace's pods only. `None`: for every managed workload.
+    pub(crate) scope: Option<String>,
     /// Line of `metadata.name`.
     pub(crate) line: usize,
 }

@@ -79,7 +79,7 @@ impl Routes {
                     let target = alias_target(alias, slot, port, true)?;
                     r.exact.entry(name.clone()).or_default().push(Entry {
                         port,
-                        scope: None,
+                        scope: alias.scope.clone(),
                         target,
                     });
                 }
@@ -114,7 +114,7 @@ impl Routes {
                 let target = alias_target(alias, first_alias + i, port, false)?;
                 r.exact.entry(name.clone()).or_default().push(Entry {
                     port,
-                    scope: None,
+                    scope: alias.scope.clone(),
                     target,
                 });
             }
@@ -317,6 +317,7 @@ mod tests {
                 rule("tls", "secure.test", &[(443, Https), (8443, Https)]),
             ],
             aliases: vec![Alias {
+                scope: None,
                 name: "httpbin".into(),
                 namespace: "default".into(),
                 origin: origin(),

@@ -33,6 +33,7 @@ fn seed_services_load_as_written() {
     assert!(policy.rules.is_empty());
     assert!(policy.http_rules.is_empty());
     let alias = |name: &str, line, external_name: &str, port| Alias {
+        scope: None,
         name: name.to_owned(),
         namespace: "default".to_owned(),
         origin: Origin {
@@ -190,4 +191,24 @@ rejects! {
     service_unknown_port_field: service_with("  - port: 80\n", "  - port: 80\n    nodePort: 30080\n")
         => "p.yaml:10: spec.ports[0].nodePort: unknown field (expected port, name, protocol or \
             targetPort)";
+}
+
+#[test]
+fn a_service_that_names_its_namespace_is_for_that_namespaces_pods() {
+    let named = service_with(
+        "metadata:\n  name: httpbin\n",
+        "metadata:\n  name: httpbin\n  namespace: team-a\n",
+    );
+    let alias = &loaded(&named).aliases[0];
+    assert_eq!(
+        (alias.namespace.as_str(), alias.scope.as_deref()),
+        ("team-a", Some("team-a"))
+    );
+    assert_eq!(loaded(&named).scopes(), ["team-a"]);
+    // Without one: in `default` for its host names, for every workload.
+    let alias = &loaded(SERVICE).aliases[0];
+    assert_eq!(
+        (alias.namespace.as_str(), alias.scope.as_deref()),
+        ("default", None)
+    );
 }

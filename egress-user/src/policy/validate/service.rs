@@ -52,6 +52,7 @@ impl Walk<'_> {
                 Some(Alias {
                     name: key.name.clone(),
                     namespace: key.namespace.clone(),
+                    scope: key.scope.clone(),
                     origin: self.report.origin(root.line),
                     external_name,
                     ports,
@@ -91,15 +92,21 @@ impl Walk<'_> {
             &["labels", "annotations"],
             true,
         )?;
-        let namespace = match metadata.get("namespace") {
-            None => Some(DEFAULT_NAMESPACE.to_owned()),
-            Some(entry) => self.label("metadata.namespace", &entry.value, "namespace", false),
+        let scope = match metadata.get("namespace") {
+            None => Some(self.namespace.clone()),
+            Some(entry) => self
+                .label("metadata.namespace", &entry.value, "namespace", false)
+                .map(Some),
         };
+        let namespace = scope
+            .clone()
+            .map(|s| s.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()));
         let entry = self.require(&metadata, "name")?;
         let name = self.label("metadata.name", &entry.value, "Service name", true)?;
         Some(ServiceKey {
             name,
             namespace: namespace?,
+            scope: scope?,
             line: entry.value.line,
         })
     }

@@ -280,6 +280,7 @@ async fn an_alias_sends_its_names_to_the_external_name() {
     let port = up.addr.port();
     let mut p = policy(vec![], &["httpbin.test"]);
     p.aliases.push(Alias {
+        scope: None,
         name: "httpbin".into(),
         namespace: "default".into(),
         origin: origin(),

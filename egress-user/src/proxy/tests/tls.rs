@@ -180,6 +180,7 @@ async fn an_alias_on_443_originates_tls_to_the_external_name() {
     };
     p.hosts.insert("secure.test".into(), vec![up.addr.ip()]);
     p.aliases.push(Alias {
+        scope: None,
         name: "securebin".into(),
         namespace: "apps".into(),
         origin: origin(),
