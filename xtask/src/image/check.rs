@@ -1,8 +1,9 @@
 //! Reads an image archive back and checks that it is what it says: one image, named
-//! `egress:<version>`, every blob matching its digest, the entrypoint and command, exactly the
-//! agent and the CA bundle (owned by root, with their modes), the agent static and the very
-//! binary that was built, and `egress --version` and the default `--help` working from the
-//! unpacked root file system, run in a chroot in a private mount and network namespace.
+//! `docker.io/library/egress:<version>`, every blob matching its digest, the entrypoint,
+//! command and PATH, exactly the agent and the CA bundle (owned by root, with their modes),
+//! the agent static and the very binary that was built, and `egress --version` and the
+//! default `--help` working from the unpacked root file system, run in a chroot in a private
+//! mount and network namespace.
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
-use super::{BINARY_PATH, CA_BUNDLE, CMD, elf, relative, report};
+use super::{BINARY_PATH, CA_BUNDLE, CMD, PATH_ENV, elf, image_name, relative, report};
 use crate::env::{self, ChildEnv};
 
 /// What the archive must hold.
@@ -61,7 +62,7 @@ pub fn archive(child: &ChildEnv, archive: &Path, work: &Path, expected: &Expecte
     else {
         bail!("index.json must list exactly one image: {index}");
     };
-    let name = format!("egress:{}", expected.version);
+    let name = image_name(expected.version);
     ensure!(
         manifest["annotations"]["org.opencontainers.image.ref.name"] == name.as_str(),
         "the archive's image is not named {name}: {manifest}"
@@ -192,6 +193,11 @@ fn check_config(config: &Value, version: &str) -> Result<()> {
         run["Cmd"]
     );
     ensure!(
+        run["Env"] == serde_json::json!([PATH_ENV]),
+        "env {} instead of [{PATH_ENV:?}]",
+        run["Env"]
+    );
+    ensure!(
         run["Labels"]["org.opencontainers.image.version"] == version,
         "label org.opencontainers.image.version is {} instead of {version}",
         run["Labels"]["org.opencontainers.image.version"]
@@ -315,6 +321,7 @@ mod tests {
             "config": {
                 "Entrypoint": ["/usr/local/bin/egress"],
                 "Cmd": ["--help"],
+                "Env": ["PATH=/usr/local/bin"],
                 "Labels": {"org.opencontainers.image.version": "1.2.3"}
             }
         });

@@ -11,14 +11,15 @@
 //! 2. buildah, with every piece of its state in `target/image/buildah/` (vfs storage driver,
 //!    `--root`, `--runroot`, storage.conf, signature policy, TMPDIR), puts two files in an
 //!    empty image: the agent at `/usr/local/bin/egress` and the build machine's CA bundle at
-//!    `/etc/ssl/certs/ca-certificates.crt`, the first place the proxy's TLS roots are looked
-//!    for. Each buildah command runs in a private mount namespace with empty tmpfs over
-//!    `/var/lib/containers` and `/var/cache/containers`: buildah 1.28 opens its blob-info
-//!    cache and short-name lock there whatever `--root` says, and the machine's copies must
-//!    not be touched.
-//! 3. `buildah commit` then `buildah push ... oci-archive:PATH:egress:<version>`; the private
-//!    storage is removed afterwards (and before, if a failed run left it), so reruns start
-//!    clean.
+//!    `/etc/ssl/certs/ca-certificates.crt`, one of the files rustls-native-certs looks for
+//!    the proxy's TLS roots (Debian 12's bundle gives 144). Each buildah command runs in a
+//!    private mount namespace with empty tmpfs over `/var/lib/containers` and
+//!    `/var/cache/containers`: buildah 1.28 opens its blob-info cache and short-name lock
+//!    there whatever `--root` says, and the machine's copies must not be touched.
+//! 3. `buildah commit`, then `buildah push` to `oci-archive:PATH:NAME`, NAME being
+//!    `docker.io/library/egress:<version>`, what `egress:<version>` stands for (see
+//!    [`REPOSITORY`]); the private storage is removed afterwards (and before, if a failed run
+//!    left it), so reruns start clean.
 //! 4. [`check::archive`] reads the archive back: exactly those files, the binary static,
 //!    entrypoint and command, and `egress --version` run from the unpacked root file system
 //!    in a chroot.
@@ -52,12 +53,20 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The package and binary in the image.
 const PACKAGE: &str = "egress-user";
 const BINARY: &str = "egress";
+/// The image's name, tagged with the version, in the archive and in buildah's storage. The
+/// form a Docker engine gives `-t egress:<version>`, which is also how the kubelet's
+/// `image: egress:<version>` reaches containerd's CRI: `ctr -n k8s.io images import` keeps
+/// the name as the archive spells it, and the CRI would not find a bare `egress:<version>`.
+const REPOSITORY: &str = "docker.io/library/egress";
 /// Where the image holds the agent, and its entrypoint.
 const BINARY_PATH: &str = "/usr/local/bin/egress";
 /// The CA bundle: taken from the build machine, and put at the same path in the image.
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The image's default arguments.
 const CMD: &[&str] = &["--help"];
+/// The image's PATH, so that `kubectl exec ... -- egress status` finds the agent by name
+/// (BuildKit would give a scratch image a longer default; this is the only directory).
+const PATH_ENV: &str = "PATH=/usr/local/bin";
 /// Debian packages the image build needs, with a command each provides (`ca-certificates`
 /// brings the bundle; `update-ca-certificates` writes it).
 const PACKAGES: &[(&str, &str)] = &[
@@ -162,12 +171,17 @@ pub fn build_and_check(child: &ChildEnv, out: Option<&Path>) -> Result<()> {
     };
     check::archive(child, &archive, &work.join("check"), &expected)?;
     report(&format!(
-        "ok: egress:{} in {} (built and checked in {:.0?})",
-        package.version,
+        "ok: {} in {} (built and checked in {:.0?})",
+        image_name(&package.version),
         relative(&archive),
         started.elapsed()
     ));
     Ok(())
+}
+
+/// The image's name and tag: `docker.io/library/egress:<version>`.
+fn image_name(version: &str) -> String {
+    format!("{REPOSITORY}:{version}")
 }
 
 /// One line of this command's own output.
@@ -198,7 +212,10 @@ fn megabytes(path: &Path) -> Result<f64> {
 fn ca_bundle() -> Result<PathBuf> {
     let path = Path::new(CA_BUNDLE);
     let resolved = fs::canonicalize(path).with_context(|| {
-        format!("{CA_BUNDLE} is missing although ca-certificates is installed; run update-ca-certificates")
+        format!(
+            "{CA_BUNDLE} is missing although ca-certificates is installed; run \
+             update-ca-certificates"
+        )
     })?;
     let text =
         fs::read_to_string(&resolved).with_context(|| format!("reading {}", resolved.display()))?;
@@ -380,7 +397,7 @@ fn pack(
     archive: &Path,
 ) -> Result<()> {
     let buildah = Buildah::new(child, work.join("buildah"))?;
-    let name = format!("egress:{}", package.version);
+    let name = image_name(&package.version);
     let container = buildah.run(&["from", "--name", "egress-image", "scratch"])?;
     let path = |p: &Path| p.display().to_string();
     buildah.run(&[
@@ -416,6 +433,8 @@ fn pack(
         &entrypoint,
         "--cmd",
         &cmd,
+        "--env",
+        PATH_ENV,
         "--created-by",
         "cargo xtask image",
     ]
