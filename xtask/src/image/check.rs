@@ -113,7 +113,7 @@ pub fn archive(child: &ChildEnv, archive: &Path, work: &Path, expected: &Expecte
     );
     report(&format!(
         "checked {}: one image {name}, digests match, exactly {} and {} (static, as built), \
-         entrypoint and cmd, `egress --version` in a chroot prints `{}`",
+         entrypoint, cmd and PATH; in a chroot `--help` works and `--version` prints `{}`",
         relative(archive),
         BINARY_PATH,
         CA_BUNDLE,
