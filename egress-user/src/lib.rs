@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod cgroupns;
 pub mod cli;
 pub mod compile;
 pub mod control;

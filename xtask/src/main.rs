@@ -7,6 +7,7 @@
 mod bench;
 mod deploy;
 mod env;
+mod image;
 mod run;
 mod setup;
 mod tally;
@@ -31,8 +32,9 @@ enum Command {
     /// Example: cargo xtask setup
     Setup(setup::Options),
     /// Run set-up, then the test suite as root: `cargo test --workspace` on this kernel, the
-    /// deployment manifests, then the kernel-facing tests on Debian's 6.1 and 6.12 kernels
-    /// under QEMU (`integration-test --kernel all`); `--step` picks stages.
+    /// deployment manifests, the agent's image (`cargo xtask image`), pods under containerd,
+    /// then the kernel-facing tests on Debian's 6.1 and 6.12 kernels under QEMU
+    /// (`integration-test --kernel all`); `--step` picks stages.
     ///
     /// Arguments after `--` go to `cargo test`; `-p PACKAGE` there narrows the run.
     ///
@@ -62,6 +64,13 @@ enum Command {
     ///
     /// Example: cargo xtask integration-test --kernel 6.1 --test connect -- allowed
     IntegrationTest(vm::Options),
+    /// Run set-up, then build the agent's container image without a Docker engine: the agent
+    /// static (release, +crt-static) and the machine's CA bundle, FROM scratch, with buildah
+    /// (vfs storage under target/image/, removed afterwards), written as an OCI archive and
+    /// checked (exact contents, static binary, `egress --version` in a chroot). As root.
+    ///
+    /// Example: cargo xtask image --out /tmp/egress.oci.tar
+    Image(image::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(options) => run::run(&options),
         Command::Bench(options) => bench::run(&options),
         Command::IntegrationTest(options) => vm::run(&options),
+        Command::Image(options) => image::run(&options),
     }
 }
 

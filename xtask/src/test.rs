@@ -1,7 +1,8 @@
 //! `cargo xtask test`: set-up, then the test suite, as a list of steps run in order.
 //!
 //! The suite is a list of stages, selectable with `--step`: the workspace's tests on this
-//! kernel, the deployment manifests, then the kernel matrix under QEMU.
+//! kernel, the deployment manifests, the agent's image, pods under a real container runtime,
+//! then the kernel matrix under QEMU.
 
 use std::{
     ffi::OsString,
@@ -15,7 +16,7 @@ use clap::{Args, ValueEnum};
 use crate::{
     deploy,
     env::{self, ChildEnv},
-    setup,
+    image, setup,
     tally::Tally,
     vm,
 };
@@ -44,6 +45,10 @@ enum Step {
     /// The Kubernetes manifests in `deploy/`, validated offline (schemas, strict), broken
     /// examples rejected, and the ConfigMap's policy run through `egress check`.
     Deploy,
+    /// The agent's container image (`cargo xtask image`): built with buildah, FROM scratch,
+    /// then checked: exactly the static agent and the CA bundle, and `egress --version` run
+    /// from the unpacked image in a chroot.
+    Image,
     /// Pods under a real containerd, created through the CRI, filtered by the agent
     /// (`tests/tests/pods.rs`, feature `pods`); installs the runtime's Debian packages first.
     Pods,
@@ -98,6 +103,7 @@ impl Step {
                 run_tallied(command.args(&options.cargo_test_args))
             }
             Self::Deploy => deploy::run(child),
+            Self::Image => image::test_step(child),
             Self::Pods => {
                 setup::debian_packages(child, POD_PACKAGES)?;
                 run_tallied(without_bpffs(child).args([

@@ -11,7 +11,7 @@ use crate::{
         sources::{self, SourceError},
         watch::PolicyWatch,
     },
-    cgroup,
+    cgroup, cgroupns,
     cli::ResolvConf,
     control::{self, DEFAULT_SOCKET},
     loader::{DEFAULT_PIN_DIR, Target, features},
@@ -75,11 +75,27 @@ pub struct RunArgs {
     /// default (no pods: events name cgroup ids).
     #[arg(long, value_name = "PATH", env = "EGRESS_CRI_SOCKET")]
     pub cri_socket: Option<PathBuf>,
+    /// Join the cgroup namespace of this file before anything else: the host's,
+    /// /proc/1/ns/cgroup, when the agent runs in a container that shares the host's PID
+    /// namespace. containerd gives a container a private cgroup namespace, where
+    /// /proc/self/cgroup reads `0::/`; the agent finds its own cgroup there (its own upstream
+    /// connections are exempt by it), so in a pod it needs the host's view. Off by default.
+    #[arg(long, value_name = "PATH", env = "EGRESS_HOST_CGROUPNS")]
+    pub host_cgroupns: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     telemetry::init();
+    // Before anything reads a cgroup path, and while this is the only thread: a cgroup
+    // namespace is per thread, and the runtime's threads inherit this one's.
+    if let Some(namespace) = &args.host_cgroupns {
+        cgroupns::join(namespace)?;
+        tracing::info!(
+            namespace = %namespace.display(),
+            "joined the cgroup namespace"
+        );
+    }
     // A service manager's soft limit of 1024 is exhausted by ~1,100 half-sent requests; the
     // hard limit is what the host allows this agent. The budget is shared out in serve().
     match crate::fds::raise_nofile_limit() {
