@@ -4,11 +4,12 @@
 //! mode: enforce
 //! bypass: 127.0.0.0/8, ::1/128
 //! dns: 192.0.2.53, 2001:db8::53 (from /etc/resolv.conf)
+//! scopes: team-a (and node-wide)
 //! rules: 2
 //! wikipedia-range1  91.198.174.192/27  443/tcp            (seed.yaml:1)
 //! example-v6        2001:db8::/32      443/tcp, 8443/tcp  (seed.yaml:11)
 //! http rules: 1
-//! httpbin-rule  httpbin.test  80/http, 443/https  (seed.yaml:21)
+//! team-a/httpbin-rule  httpbin.test  80/http, 443/https  (seed.yaml:21)
 //! aliases: 1
 //! alias httpbin (httpbin, httpbin.default, httpbin.default.svc, httpbin.default.svc.cluster.local) -> httpbin.test 80/http  (seed.yaml:31)
 //! proxy: port 15001
@@ -20,7 +21,8 @@
 //! Everything is shown as the filter and the proxy will use it: single addresses as /32 or
 //! /128, host names in their ASCII form, protocols lowercase, alias ports with the protocol
 //! the proxy speaks upstream, defaults spelt out (`events` and `allowSockets` appear only when
-//! they are not the default; `dns` once the resolvers are filled, with where they came from).
+//! they are not the default; `dns` once the resolvers are filled, with where they came from;
+//! `scopes` when rules name namespaces). A rule of a namespace is named `namespace/name`.
 //! Rules keep their file order and columns are aligned, so two outputs can be diffed line by
 //! line and read at a glance. Each rule ends with the `FILE:LINE` of its document, to find it
 //! again.
@@ -59,17 +61,25 @@ impl fmt::Display for Policy {
             )?;
         }
 
+        let scopes = self.scopes();
+        if !scopes.is_empty() {
+            // Each namespace's pods get its rules and the node-wide ones; every other workload
+            // the node-wide ones only.
+            writeln!(f, "scopes: {} (and node-wide)", list(&scopes))?;
+        }
+
         writeln!(f, "rules: {}", self.rules.len())?;
         let rows = self.rules.iter().map(|rule| {
             let ports = rule.ports.iter().map(|p| (p.port, p.protocol));
-            rule_row(&rule.name, rule.destination, ports, &rule.origin)
+            rule_row(&rule.row_name(), rule.destination, ports, &rule.origin)
         });
         table(f, rows)?;
 
         writeln!(f, "http rules: {}", self.http_rules.len())?;
         let rows = self.http_rules.iter().map(|rule| {
             let ports = rule.ports.iter().map(|p| (p.port, p.protocol));
-            rule_row(&rule.name, &rule.host, ports, &rule.origin)
+            let name = super::model::scoped_name(rule.scope.as_deref(), &rule.name);
+            rule_row(&name, &rule.host, ports, &rule.origin)
         });
         table(f, rows)?;
 
@@ -81,11 +91,15 @@ impl fmt::Display for Policy {
                 .map(|&port| format!("{port}/{}", Alias::protocol(port)));
             (
                 [format!(
-                    "alias {} ({}) -> {} {}",
+                    "alias {} ({}) -> {} {}{}",
                     alias.name,
                     alias.hostnames().join(", "),
                     alias.external_name,
-                    list(ports)
+                    list(ports),
+                    alias
+                        .scope
+                        .as_ref()
+                        .map_or_else(String::new, |ns| format!(" for {ns}'s pods")),
                 )],
                 Some(alias.origin.to_string()),
             )
