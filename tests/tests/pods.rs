@@ -306,6 +306,18 @@ fn pods_http_egress_goes_through_the_proxy_inside_each_pod() {
         agent.log()
     );
 
+    // The proxy's events name the pod a request came from.
+    let events = sb.events_json(EGRESS);
+    for pod in [&early, &late] {
+        assert!(
+            events.iter().any(|e| e["source"] == "http"
+                && e["host"] == "httpbin.test"
+                && e["status"] == 200
+                && e["pod"] == pod.name.as_str()),
+            "no http event naming {}: {events:#?}",
+            pod.name
+        );
+    }
     let log = agent.log();
     for pod in [&early, &late] {
         assert!(

@@ -88,6 +88,7 @@ impl PodNet {
             netns,
             sockets: Arc::new(PodSockets(thread.clone())),
             namespace: Some(pod.name.namespace.clone()),
+            pod: Some(pod.name.to_string()),
         });
         Ok(Some(Self {
             pod: Arc::new(pod.name.clone()),

@@ -19,6 +19,8 @@ pub struct InNetns {
     pub table: Arc<OrigDstTable>,
     /// The namespace's cookie.
     pub netns: u64,
+    /// The pod whose namespace it is (`namespace/name`); `None` for the agent's own.
+    pub pod: Option<String>,
 }
 
 impl OrigDst for InNetns {
@@ -30,7 +32,8 @@ impl OrigDst for InNetns {
         self.table
             .take(self.netns, peer)
             .map(|Redirect { dst, process }| {
-                (dst, process.map(|(pid, comm)| Process { pid, comm }))
+                let pod = self.pod.clone();
+                (dst, process.map(|(pid, comm)| Process { pid, comm, pod }))
             })
     }
 }

@@ -375,6 +375,7 @@ impl Serving {
         let orig_dst: Arc<dyn crate::proxy::OrigDst> = Arc::new(redirects::InNetns {
             table: self.table.clone(),
             netns,
+            pod: origin.as_ref().and_then(|o| o.pod.clone()),
         });
         let (proxies, tx) = (self.proxies.clone(), self.events.clone());
         let (admission, health) = (self.health.admission.clone(), self.health.clone());
@@ -446,6 +447,7 @@ fn log_request(e: &RequestEvent, limit: &LogLimit) {
         ($level:ident) => {
             tracing::$level!(
                 rule = %rule,
+                pod = %e.process.as_ref().and_then(|p| p.pod.as_deref()).unwrap_or(""),
                 host = %e.host,
                 method = %e.method,
                 path = %e.path,

@@ -146,6 +146,7 @@ impl HubEvent {
                 generation: e.generation,
                 pid: e.process.as_ref().map(|p| p.pid),
                 comm: e.process.as_ref().map(|p| p.comm.clone()),
+                pod: e.process.as_ref().and_then(|p| p.pod.clone()),
                 ..WireEvent::default()
             },
         }

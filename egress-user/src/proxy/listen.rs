@@ -37,6 +37,8 @@ pub struct Origin {
     /// The pod's Kubernetes namespace: the rules of that namespace apply to its requests,
     /// besides the node-wide ones.
     pub namespace: Option<String>,
+    /// The pod, `namespace/name`, as events name it.
+    pub pod: Option<String>,
 }
 
 impl Proxy {

@@ -24,6 +24,8 @@ pub struct Process {
     pub pid: u32,
     /// Its command name.
     pub comm: String,
+    /// Its pod (`namespace/name`), when the connection came in through a pod's listener.
+    pub pod: Option<String>,
 }
 
 /// Any `Fn(peer) -> Option<destination>` is a lookup (handy in tests and for fixed setups).

@@ -561,6 +561,7 @@ async fn a_pods_requests_go_out_from_its_own_sockets_in_a_pool_of_its_own() {
             netns,
             sockets: sockets.clone(),
             namespace: None,
+            pod: None,
         });
         let lookup = move |_| Some(orig(port));
         pods.push((listener.local_addr().unwrap(), sockets));
