@@ -66,8 +66,20 @@ pub fn enforce(
 /// As [`enforce`], and [`Error::Kernel`] when the kernel lacks a required feature; then
 /// nothing was touched.
 pub fn apply(target: &Target, policy: &Policy) -> Result<Enforcer, Error> {
+    apply_with_pods(target, policy, &[])
+}
+
+/// [`apply`], with `pods` (each pod's cgroup id and namespace) in their namespaces' scopes.
+///
+/// # Errors
+/// As [`apply`].
+pub fn apply_with_pods(
+    target: &Target,
+    policy: &Policy,
+    pods: &[(u64, String)],
+) -> Result<Enforcer, Error> {
     let kernel = features::kernel().assess(!target.xdp_ifaces.is_empty())?;
-    enforce(target, &kernel, policy, &[], &[])
+    enforce(target, &kernel, policy, &[], pods)
 }
 
 /// Logs the rule keys an earlier rule already holds: connections are counted there.

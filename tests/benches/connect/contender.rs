@@ -29,6 +29,8 @@ pub enum Kind {
     IptablesNft,
     NftSet,
     EgressDenied,
+    /// egress with scopes, the client's cgroup in one.
+    EgressScoped,
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             Self::IptablesNft => "iptables-nft",
             Self::NftSet => "nft-set",
             Self::EgressDenied => "egress-denied",
+            Self::EgressScoped => "egress-scoped",
         }
     }
 }
@@ -226,6 +229,21 @@ impl Contender {
     pub fn with_egress(mut self, policy: &Policy) -> Self {
         let started = Instant::now();
         let enforcer = pipeline::apply(&self.sandbox.target(), policy)
+            .unwrap_or_else(|e| panic!("{}: loading the policy: {}", self.name, chain(&e)));
+        self.load = Some(started.elapsed());
+        self.enforcer = Some(enforcer);
+        self
+    }
+
+    /// Puts `policy` in force on the contender's cgroup, with that cgroup in the scope of
+    /// namespace `namespace` as a pod of it would be: its sockets' scope is found by the walk
+    /// up their cgroup's ancestors.
+    pub fn with_egress_in_scope(mut self, policy: &Policy, namespace: &str) -> Self {
+        let started = Instant::now();
+        let id = egress_user::cgroup::id(&self.sandbox.cgroup)
+            .unwrap_or_else(|e| panic!("{}: the cgroup's id: {e}", self.name));
+        let pods = [(id, namespace.to_owned())];
+        let enforcer = pipeline::apply_with_pods(&self.sandbox.target(), policy, &pods)
             .unwrap_or_else(|e| panic!("{}: loading the policy: {}", self.name, chain(&e)));
         self.load = Some(started.elapsed());
         self.enforcer = Some(enforcer);

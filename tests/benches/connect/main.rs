@@ -294,6 +294,23 @@ fn run(options: &Options) {
         });
         contenders.extend(rulesets.into_iter().map(|(contender, _, _)| contender));
     }
+    // Scopes: the main ruleset node-wide, ten namespaces with rules of their own, and the
+    // client's cgroup in one of them, as a pod's: the hooks walk the cgroup's ancestors to
+    // find its scope, then look up the scope's copy of the keys.
+    contenders.push(
+        Contender::new(
+            format!(
+                "egress, {} rules + {} namespaces, socket in a scope",
+                thousands(options.rules),
+                rulesets::SCOPES
+            ),
+            target,
+            Expect::Connected,
+            sink_cpu,
+        )
+        .of(Kind::EgressScoped, options.rules)
+        .with_egress_in_scope(&rulesets::policy_scoped(options.rules), "ns-5"),
+    );
     contenders.push(
         Contender::new(
             format!("egress, {} rules, denied (EPERM)", thousands(options.rules)),

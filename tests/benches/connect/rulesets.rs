@@ -184,3 +184,24 @@ pub fn netns_exec(netns: &str, args: &[&str], input: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Namespaces with rules of their own in the scoped contender.
+pub const SCOPES: usize = 10;
+
+/// [`policy_keys`] with, besides its node-wide rules, [`SCOPES`] namespaces (`ns-0`...) of ten
+/// rules each, on networks no other rule has (198.19.128.0/17): each namespace's scope then
+/// holds every node-wide key too.
+pub fn policy_scoped(keys: usize) -> Policy {
+    let mut policy = policy_keys(keys);
+    let base = u32::from(Ipv4Addr::new(198, 19, 128, 0));
+    for ns in 0..SCOPES {
+        for j in 0..10 {
+            let i = ns * 10 + j;
+            let net = Ipv4Net::new(Ipv4Addr::from(base + (i as u32) * 8), 29).expect("/29");
+            let mut r = rule(i, format!("s{j}"), net.into(), &[PORT]);
+            r.scope = Some(format!("ns-{ns}"));
+            policy.rules.push(r);
+        }
+    }
+    policy
+}
