@@ -31,10 +31,11 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     /// `RingBuf` of [`Event`](crate::Event): deny and would-deny verdicts.
     pub const EVENTS: &str = "EVENTS";
-    /// `HashMap<u64, u32>`: a pod's cgroup id to its scope (1..=[`MAX_SCOPES`](crate::MAX_SCOPES),
-    /// the namespace with rules it belongs to). A socket's scope is the first of its cgroup's
-    /// ancestors found here (at most [`SCOPE_DEPTH`](crate::SCOPE_DEPTH) levels); none found:
-    /// scope 0, the node-wide rules only.
+    /// `HashMap<u64, u32>`: the cgroup id of a pod (and of each of its containers the agent
+    /// has seen) to its scope (1..=[`MAX_SCOPES`](crate::MAX_SCOPES), the namespace with rules
+    /// it belongs to). A socket's scope is that of the nearest of its cgroup and the cgroup's
+    /// ancestors found here (at most [`SCOPE_DEPTH`](crate::SCOPE_DEPTH) levels below the
+    /// root); none found: scope 0, the node-wide rules only.
     pub const SCOPES: &str = "SCOPES";
     /// `LruHashMap<u64, OrigDst>`: original destination of a redirected socket, by socket
     /// cookie (written by connect4/6, read by sock_ops and getpeername4/6).

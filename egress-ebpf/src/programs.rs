@@ -506,12 +506,23 @@ fn try_sock_create(ctx: &SockContext) -> Result<i32, ()> {
     Ok(ret)
 }
 
-/// The scope of the calling task's sockets: that of the first of its cgroup's ancestors (from
-/// the top) that is a pod's cgroup in `SCOPES`, at most [`SCOPE_DEPTH`] levels down; 0 when
-/// none is (a host process, a pod of a namespace without rules of its own, a pod the agent has
-/// not seen yet: the node-wide rules only).
+/// The scope of the calling task's sockets: that of its own cgroup when that is in `SCOPES`
+/// (a container of a pod the agent has seen: one lookup), else of the first of the cgroup's
+/// ancestors from the top that is (a pod's cgroup, for a container the agent has not seen
+/// yet), at most [`SCOPE_DEPTH`] levels below the root; 0 when none is (a host process, a pod
+/// of a namespace without rules of its own, a pod the agent has not seen yet: the node-wide
+/// rules only).
 #[inline(always)]
 fn socket_scope() -> u8 {
+    let read = |scope: *const u32| {
+        // SAFETY: a valid map value pointer, read at once.
+        let scope = unsafe { *scope };
+        if scope <= 255 { scope as u8 } else { 0 }
+    };
+    // SAFETY: a plain helper call without arguments.
+    if let Some(scope) = SCOPES.get_ptr(unsafe { bpf_get_current_cgroup_id() }) {
+        return read(scope);
+    }
     let mut level = 1;
     while level <= SCOPE_DEPTH {
         // SAFETY: a plain helper call; 0 past the task's own level.
@@ -520,9 +531,7 @@ fn socket_scope() -> u8 {
             break;
         }
         if let Some(scope) = SCOPES.get_ptr(id) {
-            // SAFETY: a valid map value pointer, read at once.
-            let scope = unsafe { *scope };
-            return if scope <= 255 { scope as u8 } else { 0 };
+            return read(scope);
         }
         level += 1;
     }

@@ -271,18 +271,17 @@ pub fn kubepods(root: &Path, pods: &[&Path]) -> anyhow::Result<PathBuf> {
         })
 }
 
-/// Each pod's own cgroup id with its namespace, sorted; a pod whose cgroup went away is left
-/// out.
-pub fn pod_cgroups(pods: &[Pod]) -> Vec<(u64, String)> {
-    let mut out: Vec<(u64, String)> = pods
-        .iter()
-        .filter_map(|p| {
-            Some((
-                fs::metadata(&p.cgroup).ok()?.ino(),
-                p.name.namespace.clone(),
-            ))
-        })
-        .collect();
+/// The cgroup ids of each pod's cgroup and of the cgroups below it (its containers', at most
+/// `depth` levels down), with the pod's namespace, sorted: what puts the pod in its scope (a
+/// container the list has is found in one lookup, a newer one by its pod's). A cgroup that
+/// went away is left out.
+pub fn pod_cgroups(pods: &[Pod], depth: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for pod in pods {
+        walk(&pod.cgroup, depth, &mut |id| {
+            out.push((id, pod.name.namespace.clone()));
+        });
+    }
     out.sort_unstable();
     out
 }

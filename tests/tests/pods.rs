@@ -553,3 +553,71 @@ fn each_namespace_has_its_own_rules() {
     assert_refused(&node, &web, sa(V4_A, 443));
     assert_accepted(&[(&a443, 3), (&b443, 1)]);
 }
+
+/// The agent's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// What each pod costs the agent: ten pods created one after another each get their proxy
+/// listeners (and scope) within a second of `RunPodSandbox`, every one of them serves, and
+/// the agent's memory grows by a bounded amount per pod. Prints the numbers (time from the
+/// pod's creation to its listeners, resident memory per pod) for the project's notes.
+#[test]
+fn every_pod_gets_its_listeners_within_a_second_at_a_bounded_cost() {
+    const PODS: usize = 10;
+    let sb = Sandbox::new();
+    let http = Upstream::http(&sb.name, sa(V4_A, 80));
+    let hosts = "  hosts:\n    httpbin.test: [192.0.2.1]\n";
+    let rule = "kind: EgressRule\nmetadata: {name: web}\nspec:\n  destination: {service: httpbin.test}\n  ports: [{port: 80, protocol: http}]\n";
+    let policy = sb.policy_file("p.yaml", &(config(hosts) + rule));
+    let mut node = Node::start(&sb);
+    let socket = node.socket().display().to_string();
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&policy, &["--cri-socket", &socket])
+        .start();
+    // Settled: the first poll done, nothing else going on.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = rss_kib(agent.pid());
+    let mut pods = Vec::new();
+    let mut waits = Vec::new();
+    for i in 0..PODS {
+        let started = std::time::Instant::now();
+        let pod = node.pod("bench", &format!("p{i}"));
+        let created = started.elapsed();
+        let listening = eventually(Duration::from_secs(5), || {
+            agent
+                .log()
+                .lines()
+                .any(|l| l.contains("listening inside the pod") && l.contains(&pod.name))
+        });
+        assert!(listening, "{}: no listeners: {}", pod.name, agent.log());
+        waits.push((created, started.elapsed()));
+        pods.push(pod);
+    }
+    for pod in &pods {
+        let out = get(&node, pod, 80, "httpbin.test", "/cost");
+        assert_eq!(code(&out), 200, "{}: {out}", pod.name);
+    }
+    assert_eq!(http.seen().len(), PODS);
+    let after = rss_kib(agent.pid());
+    let per_pod = after.saturating_sub(before) as f64 / PODS as f64;
+    let slowest = waits.iter().map(|(_, w)| *w).max().expect("pods");
+    let created = waits.iter().map(|(c, _)| *c).max().expect("pods");
+    eprintln!(
+        "pods: {PODS} pods; agent RSS {before} KiB -> {after} KiB ({per_pod:.0} KiB per pod, one \
+         request each); creation (RunPodSandbox to a running container) at most {created:?}; \
+         listeners seen in the agent's log at most {slowest:?} after RunPodSandbox"
+    );
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a pod waited {slowest:?} for its listeners"
+    );
+}

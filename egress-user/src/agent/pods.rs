@@ -20,7 +20,8 @@ use crate::cri::{self, Pod, PodName, PodsByCgroup, Runtime};
 pub struct NodePods {
     pub pods: Vec<Pod>,
     pub by_cgroup: PodsByCgroup,
-    /// Each pod's own cgroup id (not its containers') and namespace, sorted: what scopes it.
+    /// The cgroup ids of each pod and its containers, with the pod's namespace, sorted: what
+    /// scopes it.
     pub scoped: Vec<(u64, String)>,
 }
 
@@ -35,7 +36,7 @@ const BURST: u32 = 40;
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// How far below a pod's cgroup its containers' cgroups are looked for (cgroupfs:
 /// `pod<uid>/<container>`; systemd: `...-pod<uid>.slice/cri-containerd-<id>.scope`).
-const CONTAINER_DEPTH: usize = 2;
+pub const CONTAINER_DEPTH: usize = 2;
 
 /// The pods by cgroup id, kept current by a task that polls the runtime.
 pub struct PodWatch {
@@ -190,7 +191,7 @@ async fn poll(p: Polling) {
                     count = Some(pods.len());
                 }
                 let by_cgroup = cri::by_cgroup(&pods, CONTAINER_DEPTH);
-                let scoped = cri::pod_cgroups(&pods);
+                let scoped = cri::pod_cgroups(&pods, CONTAINER_DEPTH);
                 let now = NodePods {
                     pods,
                     by_cgroup,
