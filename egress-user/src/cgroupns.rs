@@ -90,13 +90,17 @@ mod tests {
             .to_owned()
     }
 
-    /// The proof, in a child process (this test binary again, running only
-    /// [`child_unshares_then_joins`]): the child moves itself into a fresh cgroup, takes a new
-    /// cgroup namespace as a container does (its path reads `/`), then joins ours and reads the
-    /// real path again. A child because the test harness itself may sit in the cgroup2 root,
-    /// whose path is `/` in every namespace, and because unshare must not touch other tests.
+    /// The proof, in a child process (this test binary again, running this same test with
+    /// [`CHILD_ENV`] set, when it takes [`child_unshares_then_joins`]'s part): the child moves
+    /// itself into a fresh cgroup, takes a new cgroup namespace as a container does (its path
+    /// reads `/`), then joins ours and reads the real path again. A child because the test
+    /// harness itself may sit in the cgroup2 root, whose path is `/` in every namespace, and
+    /// because unshare must not touch other tests.
     #[test]
     fn joining_a_namespace_shows_the_real_cgroup_path() {
+        if let Ok(setting) = std::env::var(CHILD_ENV) {
+            return child_unshares_then_joins(&setting);
+        }
         let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
         let name = format!("egress-test-cgroupns-{}", std::process::id());
         let dir = mount.join(&name);
@@ -108,8 +112,11 @@ mod tests {
             unsafe { libc::gettid() }
         );
         let output = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "cgroupns::tests::child_unshares_then_joins"])
-            .args(["--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "cgroupns::tests::joining_a_namespace_shows_the_real_cgroup_path",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, format!("{}\n{ours}", dir.display()))
             .output()
             .expect("starting the child");
@@ -128,14 +135,9 @@ mod tests {
         );
     }
 
-    /// The child's half of [`joining_a_namespace_shows_the_real_cgroup_path`]; does nothing
-    /// when run on its own.
-    #[test]
-    #[ignore = "run by joining_a_namespace_shows_the_real_cgroup_path in a child process"]
-    fn child_unshares_then_joins() {
-        let Ok(setting) = std::env::var(CHILD_ENV) else {
-            return;
-        };
+    /// The child's part of [`joining_a_namespace_shows_the_real_cgroup_path`]: `setting` is
+    /// the cgroup to move into and the namespace file to join, separated by a newline.
+    fn child_unshares_then_joins(setting: &str) {
         let (cgroup_dir, namespace) = setting.split_once('\n').expect("two lines");
         // The whole process: a cgroup v2 process's threads share its cgroup.
         fs::write(
