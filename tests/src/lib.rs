@@ -231,10 +231,16 @@ pub fn place(flag: &str, args: &mut impl Iterator<Item = String>) {
     }
 }
 
-/// Moves the calling thread into the named network namespace.
+/// Moves the calling thread into the network namespace `name` (under `/run/netns/`), or the
+/// one at a path (`/proc/PID/ns/net`).
 pub fn enter_netns(name: &str) {
-    let ns = fs::File::open(format!("/run/netns/{name}"))
-        .unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
+    // A path (a pod's `/proc/PID/ns/net`) or a name under /run/netns.
+    let path = if name.starts_with('/') {
+        name.to_owned()
+    } else {
+        format!("/run/netns/{name}")
+    };
+    let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
     // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
     let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(ret, 0, "setns({name}): {}", std::io::Error::last_os_error());

@@ -66,6 +66,21 @@ pub struct Pod {
     pub cgroup_id: u64,
     /// The pod's address, which the CNI gave it.
     pub ip: std::net::IpAddr,
+    /// Its container's first process, on the host.
+    pub pid: u32,
+}
+
+impl Pod {
+    /// The pod's network namespace, for `nsenter --net` (through its container's process).
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.pid))
+    }
+
+    /// Its container's cgroup directory (cgroup v2), whose `cgroup.procs` a process joins to
+    /// be one of the pod's, as the kernel and the agent see it.
+    pub fn cgroup_dir(&self) -> PathBuf {
+        cgroup_dir_of(u64::from(self.pid))
+    }
 }
 
 /// What a command run in a pod did.
@@ -288,6 +303,7 @@ impl<'a> Node<'a> {
             .unwrap_or_else(|| panic!("{namespace}/{name} has no address from the CNI"));
         Pod {
             ip,
+            pid: u32::try_from(pid).expect("a pid"),
             cgroup_id: cgroup_id_of(pid),
             id,
             container,
@@ -377,18 +393,23 @@ impl Drop for Node<'_> {
 /// The cgroup v2 id (the directory's inode) of process `pid`'s cgroup.
 fn cgroup_id_of(pid: u64) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
+    let dir = cgroup_dir_of(pid);
+    fs::metadata(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .ino()
+}
+
+/// The cgroup v2 directory of process `pid`.
+fn cgroup_dir_of(pid: u64) -> PathBuf {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/cgroup: {e}"));
     let path = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .unwrap_or_else(|| panic!("no cgroup v2 line in /proc/{pid}/cgroup: {text}"));
-    let dir = egress_user::cgroup::cgroup2_mount()
+    egress_user::cgroup::cgroup2_mount()
         .expect("a cgroup v2 mount")
-        .join(path.trim_start_matches('/'));
-    fs::metadata(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .ino()
+        .join(path.trim_start_matches('/'))
 }
 
 /// Unmounts everything mounted below `dir` (the snapshots, the pods' shm), deepest first.

@@ -498,6 +498,7 @@ fn each_namespace_has_its_own_rules() {
         code(&last) == 200
     });
     assert!(served, "team-b: {last}\n{}", agent.log());
+    same_loopback_port_at_once(&sb, &agent, &http, [&a, &b]);
     let seen = http.seen().len();
     let refused = get(&node, &b, 80, "teamonly.test", "/not-b");
     assert_eq!(code(&refused), 403, "{refused}");
@@ -552,6 +553,108 @@ fn each_namespace_has_its_own_rules() {
     assert!(ok.success(), "{out}{err}");
     assert_refused(&node, &web, sa(V4_A, 443));
     assert_accepted(&[(&a443, 3), (&b443, 1)]);
+}
+
+/// Two pods whose connections to the proxy come from the same loopback address and port at
+/// the same time (each pod has its own loopback) get their own original destinations: team-a's
+/// 192.0.2.1:80, team-b's 198.51.100.1:80. The agent is stopped (SIGSTOP) while both connect, so
+/// both are established and both original destinations recorded before the proxy looks either
+/// up: keyed by address and port alone, the second would overwrite the first. The clients are
+/// the probe binary in each pod's container cgroup and network namespace (busybox's `nc`
+/// cannot pick its local port).
+fn same_loopback_port_at_once(
+    sb: &Sandbox,
+    agent: &egress_tests::agent::Agent,
+    http: &Upstream,
+    [a, b]: [&Pod; 2],
+) {
+    const PORT: u16 = 40_000;
+    let requests = [
+        (a, V4_A, "teamonly.test", "/same-a"),
+        (b, V4_B, "otheronly.test", "/same-b"),
+    ];
+    let before = sb.events_json(EGRESS).len();
+    agent.signal(libc::SIGSTOP);
+    let probes: Vec<_> = requests
+        .iter()
+        .map(|(pod, dst, host, path)| {
+            std::process::Command::new(PROBE)
+                .arg("--cgroup")
+                .arg(pod.cgroup_dir())
+                .arg("--netns")
+                .arg(pod.netns_path())
+                .args(["--local-port", &PORT.to_string(), "--http"])
+                .arg(format!(
+                    "GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n"
+                ))
+                .arg(sa(*dst, 80).to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting the probe")
+        })
+        .collect();
+    // Both established from 127.0.0.1:40000, in their own pods, with the proxy stopped.
+    for (pod, ..) in requests {
+        let mut sockets = String::new();
+        let established = eventually(Duration::from_secs(5), || {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", pod.netns_path().display()))
+                .args(["ss", "-Htan"])
+                .output()
+                .expect("ss");
+            sockets = String::from_utf8_lossy(&out.stdout).into_owned();
+            sockets.lines().any(|l| {
+                l.starts_with("ESTAB")
+                    && l.contains(&format!("127.0.0.1:{PORT} "))
+                    && l.contains("127.0.0.1:15001")
+            })
+        });
+        if !established {
+            agent.signal(libc::SIGCONT);
+        }
+        assert!(
+            established,
+            "{}: no connection from 127.0.0.1:{PORT} to the proxy: {sockets}",
+            pod.name
+        );
+    }
+    agent.signal(libc::SIGCONT);
+    for ((pod, dst, host, path), probe) in requests.into_iter().zip(probes) {
+        let out = probe.wait_with_output().expect("the probe");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("status HTTP/1.1 200"),
+            "{}: {text}{}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            http.seen().iter().any(|s| s.host == host
+                && s.path == path
+                && s.peer.map(|p| p.ip()) == Some(pod.ip)),
+            "{}: the upstream did not see {host}{path} from the pod",
+            pod.name
+        );
+        // The proxy's events for this request name the destination the pod connected to.
+        let mut events = Vec::new();
+        let logged = eventually(Duration::from_secs(5), || {
+            events = sb.events_json(EGRESS).split_off(before);
+            events.retain(|e| {
+                e["source"] == "http" && e["pod"] == pod.name.as_str() && e["host"] == host
+            });
+            !events.is_empty()
+        });
+        assert!(logged, "no http event for {} {host}", pod.name);
+        for event in &events {
+            assert_eq!(
+                event["destination"],
+                sa(dst, 80).to_string(),
+                "{}: the proxy took another pod's original destination: {event:#}",
+                pod.name
+            );
+        }
+    }
 }
 
 /// Seconds since midnight UTC of `t`.

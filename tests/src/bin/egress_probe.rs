@@ -12,6 +12,8 @@
 //!   `bytes <response bytes>`, and the first 4 KiB of the response between `begin` and `end`.
 //!
 //! An `[::ffff:a.b.c.d]:port` address makes an AF_INET6 socket, the dual-stack case.
+//! `--local-port N` binds each socket to port N (any address) before it connects. `--netns`
+//! takes a name under `/run/netns/` or a path (a pod's `/proc/PID/ns/net`).
 
 use std::{
     io::{Read as _, Write as _},
@@ -24,12 +26,21 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut targets = Vec::new();
     let mut request = None;
+    let mut local_port = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--cgroup" => egress_tests::join_cgroup(&args.next().expect("--cgroup DIR")),
             "--netns" => {
                 let name = args.next().expect("--netns NAME");
                 egress_tests::enter_netns(&name);
+            }
+            "--local-port" => {
+                local_port = Some(
+                    args.next()
+                        .expect("--local-port N")
+                        .parse::<u16>()
+                        .expect("a port"),
+                );
             }
             "--http" => {
                 request = Some(
@@ -43,14 +54,15 @@ fn main() -> ExitCode {
     }
     assert!(
         !targets.is_empty(),
-        "usage: egress-probe [--cgroup DIR] [--netns NAME] [--http REQUEST] ADDR:PORT..."
+        "usage: egress-probe [--cgroup DIR] [--netns NAME] [--local-port N] [--http REQUEST] \
+         ADDR:PORT..."
     );
     let Some(request) = request else {
-        return connect_once(targets[0]);
+        return connect_once(targets[0], local_port);
     };
     let conns: Vec<_> = targets
         .iter()
-        .map(|t| (t, TcpStream::connect_timeout(t, Duration::from_secs(3))))
+        .map(|t| (t, connect(*t, local_port)))
         .collect();
     let mut failed = false;
     for (target, conn) in conns {
@@ -71,8 +83,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn connect_once(target: SocketAddr) -> ExitCode {
-    match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+/// A connection to `target` (at most 3 s), from `local_port` if given.
+fn connect(target: SocketAddr, local_port: Option<u16>) -> std::io::Result<TcpStream> {
+    let Some(port) = local_port else {
+        return TcpStream::connect_timeout(&target, Duration::from_secs(3));
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    let any: std::net::IpAddr = if target.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    socket.bind(&SocketAddr::new(any, port).into())?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(3))?;
+    Ok(socket.into())
+}
+
+fn connect_once(target: SocketAddr, local_port: Option<u16>) -> ExitCode {
+    match connect(target, local_port) {
         Ok(_) => {
             println!("connected");
             ExitCode::SUCCESS
