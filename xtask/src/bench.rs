@@ -88,14 +88,24 @@ impl Bench {
     }
 
     /// Debian packages this benchmark needs beyond what `setup` installs.
-    fn packages(self, args: &[OsString]) -> &'static [(&'static str, &'static str)] {
+    fn packages(self, args: &[OsString]) -> Vec<(&'static str, &'static str)> {
         match self {
-            Self::Connect if args.iter().any(|arg| arg == "--no-netfilter") => &[],
-            Self::Connect => NETFILTER_PACKAGES,
-            Self::Http => HTTP_PACKAGES,
+            Self::Connect if args.iter().any(|arg| arg == "--no-netfilter") => Vec::new(),
+            Self::Connect => NETFILTER_PACKAGES.to_vec(),
+            // The pod contender runs its clients in a containerd pod.
+            Self::Http => [HTTP_PACKAGES, setup::POD_PACKAGES].concat(),
             // Only the agent, its CLI and a workload of the egress-tests package.
-            Self::Reload => &[],
-            Self::Instructions => &[("valgrind", "valgrind")],
+            Self::Reload => Vec::new(),
+            Self::Instructions => vec![("valgrind", "valgrind")],
+        }
+    }
+
+    /// Cargo features of the egress-tests package this benchmark needs.
+    fn features(self) -> &'static [&'static str] {
+        match self {
+            // The pod contender (a containerd pod through the CRI client).
+            Self::Http => &["--features", "pods"],
+            Self::Connect | Self::Reload | Self::Instructions => &[],
         }
     }
 
@@ -133,7 +143,7 @@ pub fn run(options: &Options) -> Result<()> {
         );
         return run_all(&child);
     };
-    setup::debian_packages(&child, bench.packages(&options.args))?;
+    setup::debian_packages(&child, &bench.packages(&options.args))?;
     let tool_args = bench.tools(&child, &options.args)?;
     run_bench(&child, bench, &tool_args, &options.args)
 }
@@ -147,7 +157,9 @@ fn run_bench(
 ) -> Result<()> {
     let mut command = child.command("cargo");
     command
-        .args(["bench", "--package", "egress-tests", "--bench"])
+        .args(["bench", "--package", "egress-tests"])
+        .args(bench.features())
+        .arg("--bench")
         .arg(bench.target())
         .arg("--")
         .args(tool_args)

@@ -69,17 +69,6 @@ echo "workspace: bpffs is not mounted in this mount namespace (as on a fresh mac
 exec "$@"
 "#;
 
-/// The Debian packages of the pods step (and a command each provides): the container
-/// runtime, its CNI plugins, buildah for the images and busybox for what runs in them
-/// (set-up installs protoc, which the CRI client's generated code needs).
-const POD_PACKAGES: &[(&str, &str)] = &[
-    ("containerd", "containerd"),
-    ("runc", "runc"),
-    ("containernetworking-plugins", "/usr/lib/cni/ptp"),
-    ("buildah", "buildah"),
-    ("busybox-static", "busybox"),
-];
-
 /// `cargo test` as on a machine that never mounted bpffs: in a private mount namespace where
 /// it is unmounted, every test that needs bpffs must mount it itself, the way the agent does.
 /// The host's mounts are not touched.
@@ -105,7 +94,7 @@ impl Step {
             Self::Deploy => deploy::run(child),
             Self::Image => image::test_step(child),
             Self::Pods => {
-                setup::debian_packages(child, POD_PACKAGES)?;
+                setup::debian_packages(child, setup::POD_PACKAGES)?;
                 run_tallied(without_bpffs(child).args([
                     "-p",
                     "egress-tests",

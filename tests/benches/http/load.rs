@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::servers::{Pin, pinned_in_netns};
+use crate::servers::{Pin, pinned_in};
 
 /// Where and how a load generator runs.
 pub struct Target<'a> {
@@ -23,8 +23,10 @@ pub struct Target<'a> {
     pub url: &'a str,
     /// The Host header.
     pub host: &'a str,
-    pub netns: &'a str,
-    /// The managed cgroup, which the generator joins before it connects (egress).
+    /// Its network namespace (for `nsenter --net`): the sandbox's, or the pod's.
+    pub net: &'a Path,
+    /// The cgroup it joins before it connects: the managed cgroup (egress), the pod's
+    /// container's (egress from a pod).
     pub cgroup: Option<&'a Path>,
     pub pin: Pin,
     /// Where the generator's output goes.
@@ -37,7 +39,7 @@ impl Target<'_> {
     /// A command that runs `program args` in the target's cgroup (joined first, while `/sys`
     /// is still the host's), namespace and CPU.
     fn command(&self, program: &Path, args: &[String]) -> Command {
-        let inner = pinned_in_netns(self.netns, self.pin);
+        let inner = pinned_in(self.net, self.pin);
         let mut cmd = match self.cgroup {
             Some(cgroup) => {
                 let mut cmd = Command::new("sh");

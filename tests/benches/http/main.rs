@@ -12,7 +12,16 @@
 //! - Contenders: *direct* (the load generator to nginx's `192.0.2.1:80`), *egress* (the load
 //!   generator in the managed cgroup, connecting to `203.0.113.1:80` or `:443`, where nothing
 //!   listens: only the kernel's redirect to the proxy can answer) and *Envoy* (the load
-//!   generator to Envoy's listeners). For TLS origination the client sends plain HTTP with
+//!   generator to Envoy's listeners). With the `pods` feature (`cargo xtask bench http` turns
+//!   it on) also *egress from a pod*: containerd runs on the sandbox as on a node (see
+//!   `egress_tests::node`), one pod `default/bench` is created through the CRI before the
+//!   agent starts, the agent (the same one, given `--cri-socket`) learns it and opens its
+//!   proxy listeners inside the pod's network namespace, and the load generator runs in the
+//!   pod's network namespace and its container's cgroup (the host's `wrk`/`oha` binaries,
+//!   `nsenter --net=/proc/PID/ns/net`: the pod's image has only busybox). Its requests go to
+//!   `203.0.113.1`, the kernel redirects them to the listener inside the pod, and the proxy
+//!   dials nginx from the pod's own namespace, across the pod's veth to the node: one hop more
+//!   than the other contenders, as in a cluster. For TLS origination the client sends plain HTTP with
 //!   `Host: bench.test:443`; the proxy speaks TLS 1.3 to nginx (SNI bench.test, the test CA the
 //!   only trusted root, the name checked) over pooled connections.
 //! - CPUs: the proxies run on CPU 0; the load generator on the last CPU. nginx runs on the
@@ -47,7 +56,8 @@
 //! # Options (after `cargo bench -p egress-tests --bench http --`)
 //! `--rounds N` (5), `--seconds N` (wrk run length, 5), `--warmup N` (seconds, 1),
 //! `--connections N` (wrk, 50), `--rate N` (1000), `--rate-connections N` (16),
-//! `--rate-seconds N` (5), `--contenders direct,egress,envoy`, `--upstream-cpu load|proxy|any`
+//! `--rate-seconds N` (5), `--contenders direct,egress,egress-pod,envoy` (egress-pod only with
+//! the `pods` feature; it is in the default list then), `--upstream-cpu load|proxy|any`
 //! (load), `--rate-upstream-cpu load|proxy|any` (proxy),
 //! `--nice N` (-10; 0 leaves priorities alone),
 //! `--agent-log FILTER` (the agent's `EGRESS_LOG`; default: unset, the agent's own default,
@@ -104,8 +114,14 @@ pub struct RateSample {
 /// A contender: where its client connects, its proxy process, its results.
 pub struct Contender {
     pub kind: Kind,
-    /// The proxy (none for direct).
+    /// The proxy it owns (none for direct, and for egress from a pod when the egress
+    /// contender's agent serves the pod too).
     pub daemon: Option<Daemon>,
+    /// The proxy's process, whose CPU and memory are measured (the agent's for both egress
+    /// contenders).
+    pub proxy_pid: Option<u32>,
+    /// The network namespace its clients run in.
+    pub net: PathBuf,
     pub plain_url: String,
     /// None: the contender does not originate TLS (direct).
     pub tls_url: Option<String>,
@@ -129,7 +145,6 @@ pub enum Phase {
 /// Everything one run of a contender needs.
 struct Bench<'a> {
     options: &'a Options,
-    sandbox: &'a Sandbox,
     nginx: &'a Nginx,
     dir: &'a Path,
     load: Pin,
@@ -148,7 +163,7 @@ impl Bench<'_> {
             name: c.kind.name(),
             url,
             host,
-            netns: &self.sandbox.name,
+            net: &c.net,
             cgroup: c.cgroup.as_deref(),
             pin: self.load,
             dir: self.dir,
@@ -157,6 +172,11 @@ impl Bench<'_> {
                     "Nothing listens at the egress client's destination: only the kernel's \
                      redirect to the agent's proxy answers there. Is `egress run` proxying ports \
                      80 and 443 (see the agent's log, egress.log in the bench directory)?"
+                }
+                Kind::EgressPod => {
+                    "Nothing listens at the pod's destination: only the kernel's redirect to the \
+                     listener the agent opened inside the pod answers there. Did the agent \
+                     learn the pod from containerd (egress.log, containerd.log)?"
                 }
                 Kind::Direct | Kind::Envoy => "",
             },
@@ -201,7 +221,7 @@ impl Bench<'_> {
         } else {
             seconds
         };
-        let pid = c.daemon.as_ref().map(Daemon::pid);
+        let pid = c.proxy_pid;
         let before = self.nginx.requests();
         let cpu = pid.map(procfs::cpu_seconds);
         let run = self.wrk().run(&self.target(c, phase), seconds);
@@ -216,7 +236,7 @@ impl Bench<'_> {
     }
 
     fn rate_run(&self, c: &mut Contender) -> RateSample {
-        let pid = c.daemon.as_ref().map(Daemon::pid);
+        let pid = c.proxy_pid;
         let before = self.nginx.requests();
         let cpu = pid.map(procfs::cpu_seconds);
         // Resident memory half-way through the run.
@@ -277,21 +297,51 @@ fn run(options: &Options) {
     let nginx = Nginx::start(&dir, &sandbox.name, pin(upstream_cpu), &ca);
     check_no_direct_path(&sandbox.name);
 
-    let mut contenders: Vec<Contender> = options
+    // The pod (a containerd pod on the sandbox, as on a node) before the agent, which learns
+    // it from the runtime when it starts.
+    #[cfg(feature = "pods")]
+    let mut node = options
         .contenders
-        .iter()
-        .map(|&kind| start(kind, options, &sandbox, &dir, &ca_path, pin(proxy_cpu)))
-        .collect();
+        .contains(&Kind::EgressPod)
+        .then(|| egress_tests::node::Node::start(&sandbox));
+    #[cfg(feature = "pods")]
+    let pod = node.as_mut().map(|node| {
+        let pod = node.pod("default", "bench");
+        PodAt {
+            name: pod.name.clone(),
+            net: pod.netns_path(),
+            cgroup: pod.cgroup_dir(),
+            cri_socket: node.socket().to_owned(),
+        }
+    });
+    #[cfg(not(feature = "pods"))]
+    let pod: Option<PodAt> = None;
+    let setup = Setup {
+        options,
+        sandbox: &sandbox,
+        dir: &dir,
+        ca_path: &ca_path,
+        pin: pin(proxy_cpu),
+        pod: pod.as_ref(),
+    };
+    let mut contenders: Vec<Contender> = Vec::new();
+    for &kind in &options.contenders {
+        // One agent serves both egress contenders: the first one starts it.
+        let agent = contenders
+            .iter()
+            .find(|c| matches!(c.kind, Kind::Egress | Kind::EgressPod))
+            .and_then(|c| c.proxy_pid);
+        contenders.push(setup.start(kind, agent));
+    }
     // Let start-up settle before the idle footprint.
     thread::sleep(Duration::from_secs(1));
     for c in &mut contenders {
-        c.idle_rss_mib = c.daemon.as_ref().map(|d| procfs::rss_mib(d.pid()));
+        c.idle_rss_mib = c.proxy_pid.map(procfs::rss_mib);
     }
     let setup = started.elapsed();
 
     let bench = Bench {
         options,
-        sandbox: &sandbox,
         nginx: &nginx,
         dir: &dir,
         load: pin(load_cpu),
@@ -372,7 +422,7 @@ fn run(options: &Options) {
         }
     }
     for c in &mut contenders {
-        c.peak_rss_mib = c.daemon.as_ref().map(|d| procfs::peak_rss_mib(d.pid()));
+        c.peak_rss_mib = c.proxy_pid.map(procfs::peak_rss_mib);
     }
 
     let shown = report::Shown {
@@ -400,6 +450,7 @@ fn short(kind: Kind) -> &'static str {
     match kind {
         Kind::Direct => "direct",
         Kind::Egress => "egress",
+        Kind::EgressPod => "pod",
         Kind::Envoy => "envoy",
     }
 }
@@ -419,69 +470,153 @@ fn check_no_direct_path(netns: &str) {
     }
 }
 
-/// Starts a contender's proxy.
-fn start(
-    kind: Kind,
-    options: &Options,
-    sandbox: &Sandbox,
-    dir: &Path,
-    ca_path: &Path,
+/// The pod the egress-pod contender's clients run in (feature `pods`).
+pub struct PodAt {
+    /// `namespace/name`, as the agent's log names it.
+    pub name: String,
+    /// Its network namespace, for `nsenter --net`.
+    pub net: PathBuf,
+    /// Its container's cgroup.
+    pub cgroup: PathBuf,
+    /// The CRI socket of its runtime, which the agent watches.
+    pub cri_socket: PathBuf,
+}
+
+/// Where a contender's proxy comes from: the sandbox, the pod (if any) and an egress agent
+/// already started for the other egress contender, which serves both.
+struct Setup<'a> {
+    options: &'a Options,
+    sandbox: &'a Sandbox,
+    dir: &'a Path,
+    ca_path: &'a Path,
     pin: Pin,
-) -> Contender {
-    let (daemon, plain_url, tls_url, cgroup) = match kind {
-        Kind::Direct => (None, format!("http://{}/", sa(V4_A, 80)), None, None),
-        Kind::Egress => {
-            let policy = dir.join("policy.yaml");
-            fs::write(
-                &policy,
-                format!(
-                    "kind: EgressConfig\nmetadata: {{name: config}}\nspec:\n  caFiles: [{}]\n  \
-                     hosts: {{{HOST}: [{V4_A}]}}\n---\nkind: EgressRule\nmetadata: {{name: bench-http}}\n\
-                     spec:\n  destination: {{service: {HOST}}}\n  ports: [{{port: 80, protocol: http}}, \
-                     {{port: 443, protocol: https}}]\n",
-                    ca_path.display()
-                ),
-            )
-            .expect("policy.yaml");
-            if let Err(e) = egress_user::policy::load_files(std::slice::from_ref(&policy)) {
-                panic!("the bench's egress policy does not load:\n{e}");
-            }
-            let daemon = servers::start_egress(
-                Path::new(env!("CARGO_BIN_EXE_egress-cli")),
-                dir,
-                sandbox,
-                pin,
-                &policy,
-                options.agent_log.as_deref(),
-            );
-            (
-                Some(daemon),
-                format!("http://{}/", sa(V4_C, 80)),
-                Some(format!("http://{}/", sa(V4_C, 443))),
-                Some(sandbox.cgroup.clone()),
-            )
+    pod: Option<&'a PodAt>,
+}
+
+impl Setup<'_> {
+    /// Starts the agent: the sandbox's cgroup managed, the pods of the runtime (if any)
+    /// learned from its CRI socket.
+    fn start_egress(&self) -> Daemon {
+        let policy = self.dir.join("policy.yaml");
+        fs::write(
+            &policy,
+            format!(
+                "kind: EgressConfig\nmetadata: {{name: config}}\nspec:\n  caFiles: [{}]\n  \
+                 hosts: {{{HOST}: [{V4_A}]}}\n---\nkind: EgressRule\nmetadata: {{name: bench-http}}\n\
+                 spec:\n  destination: {{service: {HOST}}}\n  ports: [{{port: 80, protocol: http}}, \
+                 {{port: 443, protocol: https}}]\n",
+                self.ca_path.display()
+            ),
+        )
+        .expect("policy.yaml");
+        if let Err(e) = egress_user::policy::load_files(std::slice::from_ref(&policy)) {
+            panic!("the bench's egress policy does not load:\n{e}");
         }
-        Kind::Envoy => {
-            let bin = options.envoy.as_deref().expect("checked in parse");
-            let daemon = servers::start_envoy(bin, dir, &sandbox.name, pin, ca_path);
-            (
-                Some(daemon),
-                format!("http://{ENVOY_PLAIN}/"),
-                Some(format!("http://{ENVOY_TLS}/")),
+        let cri: Vec<String> = self
+            .pod
+            .map(|p| vec!["--cri-socket".into(), p.cri_socket.display().to_string()])
+            .unwrap_or_default();
+        servers::start_egress(
+            Path::new(env!("CARGO_BIN_EXE_egress-cli")),
+            self.dir,
+            self.sandbox,
+            self.pin,
+            &policy,
+            &cri,
+            self.options.agent_log.as_deref(),
+        )
+    }
+
+    /// Starts a contender's proxy; `agent` is the egress agent another contender owns.
+    fn start(&self, kind: Kind, agent: Option<u32>) -> Contender {
+        let sandbox_net = PathBuf::from(format!("/run/netns/{}", self.sandbox.name));
+        let egress = |owned: Option<Daemon>| {
+            let pid = owned.as_ref().map(Daemon::pid).or(agent);
+            (owned, pid)
+        };
+        let (daemon, proxy_pid, plain_url, tls_url, cgroup, net) = match kind {
+            Kind::Direct => (
                 None,
-            )
+                None,
+                format!("http://{}/", sa(V4_A, 80)),
+                None,
+                None,
+                sandbox_net,
+            ),
+            Kind::Egress => {
+                let (daemon, pid) = egress(agent.is_none().then(|| self.start_egress()));
+                (
+                    daemon,
+                    pid,
+                    format!("http://{}/", sa(V4_C, 80)),
+                    Some(format!("http://{}/", sa(V4_C, 443))),
+                    Some(self.sandbox.cgroup.clone()),
+                    sandbox_net,
+                )
+            }
+            Kind::EgressPod => {
+                let pod = self.pod.expect("a pod for the egress-pod contender");
+                let (daemon, pid) = egress(agent.is_none().then(|| self.start_egress()));
+                wait_for_pod_listeners(&self.dir.join("egress.log"), &pod.name);
+                (
+                    daemon,
+                    pid,
+                    format!("http://{}/", sa(V4_C, 80)),
+                    Some(format!("http://{}/", sa(V4_C, 443))),
+                    Some(pod.cgroup.clone()),
+                    pod.net.clone(),
+                )
+            }
+            Kind::Envoy => {
+                let bin = self.options.envoy.as_deref().expect("checked in parse");
+                let daemon =
+                    servers::start_envoy(bin, self.dir, &self.sandbox.name, self.pin, self.ca_path);
+                let pid = daemon.pid();
+                (
+                    Some(daemon),
+                    Some(pid),
+                    format!("http://{ENVOY_PLAIN}/"),
+                    Some(format!("http://{ENVOY_TLS}/")),
+                    None,
+                    sandbox_net,
+                )
+            }
+        };
+        Contender {
+            kind,
+            daemon,
+            proxy_pid,
+            net,
+            plain_url,
+            tls_url,
+            cgroup,
+            idle_rss_mib: None,
+            peak_rss_mib: None,
+            plain: Vec::new(),
+            tls: Vec::new(),
+            rate: Vec::new(),
         }
-    };
-    Contender {
-        kind,
-        daemon,
-        plain_url,
-        tls_url,
-        cgroup,
-        idle_rss_mib: None,
-        peak_rss_mib: None,
-        plain: Vec::new(),
-        tls: Vec::new(),
-        rate: Vec::new(),
+    }
+}
+
+/// Waits until the agent's log says it listens inside the pod `name` (it learns the pod from
+/// the runtime, then opens the proxy's listeners in the pod's network namespace).
+fn wait_for_pod_listeners(log: &Path, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.contains("listening inside the pod") && l.contains(name))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not listen inside pod {name} within 30 s; its log ({}):\n{}",
+            log.display(),
+            servers::tail(&text, 30)
+        );
+        thread::sleep(Duration::from_millis(50));
     }
 }

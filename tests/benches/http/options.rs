@@ -6,7 +6,7 @@ use crate::common;
 
 pub const USAGE: &str = "usage: cargo bench -p egress-tests --bench http -- [--rounds N] [--seconds N] \
      [--warmup N] [--connections N] [--rate N] [--rate-connections N] [--rate-seconds N] \
-     [--contenders direct,egress,envoy] [--upstream-cpu load|proxy|any] \
+     [--contenders direct,egress,egress-pod,envoy] [--upstream-cpu load|proxy|any] \
      [--rate-upstream-cpu load|proxy|any] [--nice N] [--agent-log FILTER] \
      [--envoy PATH] [--oha PATH] [--no-rate] [--out DIR]";
 
@@ -26,6 +26,9 @@ pub enum UpstreamCpu {
 pub enum Kind {
     Direct,
     Egress,
+    /// The egress agent's proxy serving a containerd pod, from inside the pod's network
+    /// namespace (feature `pods`).
+    EgressPod,
     Envoy,
 }
 
@@ -34,6 +37,7 @@ impl Kind {
         match self {
             Self::Direct => "direct (no proxy)",
             Self::Egress => "egress proxy",
+            Self::EgressPod => "egress proxy, from a pod",
             Self::Envoy => "Envoy",
         }
     }
@@ -73,7 +77,11 @@ pub fn parse(args: &[String]) -> Options {
         rate: 1000,
         rate_connections: 16,
         rate_seconds: 5,
-        contenders: vec![Kind::Direct, Kind::Egress, Kind::Envoy],
+        contenders: if cfg!(feature = "pods") {
+            vec![Kind::Direct, Kind::Egress, Kind::EgressPod, Kind::Envoy]
+        } else {
+            vec![Kind::Direct, Kind::Egress, Kind::Envoy]
+        },
         upstream_cpu: UpstreamCpu::Load,
         rate_upstream_cpu: UpstreamCpu::Proxy,
         nice: -10,
@@ -116,6 +124,7 @@ pub fn parse(args: &[String]) -> Options {
                     .map(|c| match c {
                         "direct" => Kind::Direct,
                         "egress" => Kind::Egress,
+                        "egress-pod" => Kind::EgressPod,
                         "envoy" => Kind::Envoy,
                         other => panic!("--contenders: unknown {other:?}; {USAGE}"),
                     })
@@ -151,6 +160,11 @@ pub fn parse(args: &[String]) -> Options {
         !options.contenders.is_empty()
             && (options.no_rate || options.contenders[0] == Kind::Direct),
         "--contenders must start with direct unless --no-rate (metric 6 subtracts direct's latency)"
+    );
+    assert!(
+        cfg!(feature = "pods") || !options.contenders.contains(&Kind::EgressPod),
+        "the egress-pod contender needs the bench built with `--features pods` (`cargo xtask \
+         bench http` does)"
     );
     if options.contenders.contains(&Kind::Envoy) && options.envoy.is_none() {
         panic!(

@@ -128,12 +128,18 @@ impl Drop for Daemon {
 /// `nice -n NICE taskset -c CPU nsenter --net=/run/netns/NETNS`, to which the program and its
 /// arguments are appended; each execs the next, so the process id is the program's.
 pub fn pinned_in_netns(netns: &str, pin: Pin) -> Command {
+    pinned_in(Path::new(&format!("/run/netns/{netns}")), pin)
+}
+
+/// `nice`, `taskset` and `nsenter --net=NET`: what follows runs in the network namespace at
+/// `net` (a name's `/run/netns/` file, or a pod's `/proc/PID/ns/net`).
+pub fn pinned_in(net: &Path, pin: Pin) -> Command {
     let mut cmd = Command::new("nice");
     cmd.args(["-n", &pin.nice.to_string()]);
     if let Some(cpu) = pin.cpu {
         cmd.args(["taskset", "-c", &cpu.to_string()]);
     }
-    cmd.arg("nsenter").arg(format!("--net=/run/netns/{netns}"));
+    cmd.arg("nsenter").arg(format!("--net={}", net.display()));
     cmd
 }
 
@@ -403,6 +409,7 @@ pub fn start_egress(
     sandbox: &Sandbox,
     pin: Pin,
     policy: &Path,
+    extra: &[String],
     log_level: Option<&str>,
 ) -> Daemon {
     let mut daemon = Daemon::spawn(
@@ -418,7 +425,10 @@ pub fn start_egress(
             &sandbox.cgroup.display().to_string(),
             "--pin-dir",
             &sandbox.pin_dir.display().to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
         dir.join("egress.log"),
         |cmd| {
             cmd.env_remove(egress_user::telemetry::LOG_ENV);
