@@ -367,6 +367,18 @@ fn on_path(child: &ChildEnv, command: &str) -> bool {
         })
 }
 
+/// The Debian packages of real pods, for the pods test step and the HTTP benchmark's pod
+/// contender (and a command each provides): the container
+/// runtime, its CNI plugins, buildah for the images and busybox for what runs in them
+/// (set-up installs protoc, which the CRI client's generated code needs).
+pub const POD_PACKAGES: &[(&str, &str)] = &[
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("containernetworking-plugins", "/usr/lib/cni/ptp"),
+    ("buildah", "buildah"),
+    ("busybox-static", "busybox"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,15 +404,3 @@ mod tests {
         );
     }
 }
-
-/// The Debian packages of real pods, for the pods test step and the HTTP benchmark's pod
-/// contender (and a command each provides): the container
-/// runtime, its CNI plugins, buildah for the images and busybox for what runs in them
-/// (set-up installs protoc, which the CRI client's generated code needs).
-pub const POD_PACKAGES: &[(&str, &str)] = &[
-    ("containerd", "containerd"),
-    ("runc", "runc"),
-    ("containernetworking-plugins", "/usr/lib/cni/ptp"),
-    ("buildah", "buildah"),
-    ("busybox-static", "busybox"),
-];
