@@ -4,13 +4,21 @@ Run by xtask/src/deploy.rs with the Python of the validator's venv (which has Py
 
     deploy.py lint FILE...          one set of manifests, checked together; exit 1 on errors
     deploy.py extract FILE NAME DIR  write ConfigMap NAME's `*.yaml`/`*.yml` keys into DIR
+    deploy.py crs CRDS FILE...      validate the custom objects of FILEs against the schemas of
+                                    the CustomResourceDefinitions in CRDS; exit 1 on errors
 
 `lint` prints one `error: FILE: what` line per problem:
 - a duplicate key in a mapping (PyYAML keeps the last one silently; the API server refuses
   the object),
 - a DaemonSet/Deployment whose selector does not match its pod template's labels,
 - a volumeMount naming no volume of its pod,
-- a ConfigMap volume, a ServiceAccount or a Namespace that no manifest of the set defines.
+- a ConfigMap volume, a ServiceAccount or a Namespace that no manifest of the set defines,
+- a (Cluster)RoleBinding whose role or ServiceAccount subject no manifest of the set defines.
+
+`crs` checks each object whose kind a CRD defines against that CRD's openAPIV3Schema with
+jsonschema, as the API server would with strict field validation: an unknown field is an
+error (every object schema with `properties` is closed). The `x-kubernetes-validations` (CEL)
+rules are not evaluated here; the kube-api test step runs them in a real API server.
 """
 
 import os
@@ -95,6 +103,18 @@ def lint(paths):
         if account not in (None, "default"):
             need(path, what, "ServiceAccount", namespace, account)
 
+    for path, obj in objects:
+        if obj.get("kind") not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        meta = obj.get("metadata") or {}
+        what = "%s/%s" % (obj.get("kind"), meta.get("name"))
+        ref = obj.get("roleRef") or {}
+        role_namespace = None if ref.get("kind") == "ClusterRole" else meta.get("namespace")
+        need(path, what, ref.get("kind"), role_namespace, ref.get("name"))
+        for subject in obj.get("subjects") or []:
+            if subject.get("kind") == "ServiceAccount":
+                need(path, what, "ServiceAccount", subject.get("namespace"), subject.get("name"))
+
     for error in errors:
         print("error: %s" % error)
     if not errors:
@@ -125,9 +145,64 @@ def extract(path, name, directory):
     return 0
 
 
+def closed(schema):
+    """`schema` with every object schema that lists properties closed to other fields."""
+    if isinstance(schema, dict):
+        out = {k: closed(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+        if out.get("type") == "object" and "properties" in out:
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [closed(v) for v in schema]
+    return schema
+
+
+def crs(crd_path, paths):
+    import jsonschema
+
+    schemas = {}
+    for crd in load(crd_path):
+        if crd.get("kind") != "CustomResourceDefinition":
+            continue
+        spec = crd.get("spec") or {}
+        for version in spec.get("versions") or []:
+            api_version = "%s/%s" % (spec.get("group"), version.get("name"))
+            schema = ((version.get("schema") or {}).get("openAPIV3Schema")) or {}
+            kind = (spec.get("names") or {}).get("kind")
+            schemas[(api_version, kind)] = closed(schema)
+    errors = []
+    checked = 0
+    for path in paths:
+        try:
+            objects = load(path)
+        except yaml.YAMLError as e:
+            errors.append("%s: %s" % (path, " ".join(str(e).split())))
+            continue
+        for obj in objects:
+            key = (obj.get("apiVersion"), obj.get("kind"))
+            name = (obj.get("metadata") or {}).get("name")
+            if key not in schemas:
+                errors.append("%s: %s/%s: no CRD in %s defines apiVersion %s kind %s"
+                              % (path, obj.get("kind"), name, crd_path, key[0], key[1]))
+                continue
+            validator = jsonschema.Draft7Validator(schemas[key])
+            for error in sorted(validator.iter_errors(obj), key=lambda e: list(e.path)):
+                field = ".".join(str(p) for p in error.path) or "(object)"
+                errors.append("%s: %s/%s: %s: %s" % (path, obj.get("kind"), name, field,
+                                                     error.message))
+            checked += 1
+    for error in errors:
+        print("error: %s" % error)
+    if not errors:
+        print("ok: %d custom objects in %d files match %s" % (checked, len(paths), crd_path))
+    return 1 if errors else 0
+
+
 def main(argv):
     if len(argv) >= 2 and argv[0] == "lint":
         return lint(argv[1:])
+    if len(argv) >= 3 and argv[0] == "crs":
+        return crs(argv[1], argv[2:])
     if len(argv) == 4 and argv[0] == "extract":
         return extract(*argv[1:])
     print(__doc__, file=sys.stderr)

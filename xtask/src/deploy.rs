@@ -7,8 +7,12 @@
 //!
 //! So that the validator cannot pass everything unnoticed, each broken manifest in
 //! `deploy/testdata/invalid/` must be rejected, with the message its `# expect:` lines name.
-//! Last, the policy documents of the ConfigMap are extracted and checked with `egress check`,
-//! as the agent in the pod would read them.
+//! Then the policy documents of the ConfigMap are extracted and checked with `egress check`,
+//! as the agent in the pod would read them. Last, the example EgressRule objects of
+//! `deploy/examples/` are checked against the schema of `deploy/crds.yaml` (`deploy.py crs`,
+//! closed to unknown fields as strict field validation is) and with `egress check`, and each
+//! file of broken objects in `deploy/testdata/invalid-egressrules/` must be refused by the
+//! schema check with the messages it names.
 //!
 //! The validator lives in a venv under `target/deploy-tools/venv`, installed with the exact
 //! versions in [`REQUIREMENTS`] and reused while its stamp file matches them.
@@ -46,6 +50,8 @@ const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
 /// The manifest holding the agent's policy, and the ConfigMap's name in it.
 const POLICY_MANIFEST: &str = "configmap.yaml";
 const POLICY_CONFIGMAP: &str = "egress-policy";
+/// The CustomResourceDefinitions, whose schemas the example objects must match.
+const CRDS_MANIFEST: &str = "crds.yaml";
 /// The lint and extract helper, run with the venv's Python (which has PyYAML).
 const HELPER: &str = include_str!("deploy.py");
 
@@ -171,10 +177,91 @@ pub fn run(child: &ChildEnv) -> Result<()> {
         files.len(),
         files.join(", ")
     ));
+    // (e) The example EgressRule objects against the CRD's schema, and with `egress check`;
+    // the broken ones must be refused by the schema check, for the reasons they name.
+    let crds = relative(&deploy.join(CRDS_MANIFEST));
+    let examples = yaml_files(&deploy.join("examples"))?;
+    ensure!(
+        !examples.is_empty(),
+        "no example objects in deploy/examples"
+    );
+    let (ok, output) = run_combined(
+        checker
+            .helper_command(child)
+            .arg("crs")
+            .arg(&crds)
+            .args(examples.iter().map(|f| relative(f))),
+    )?;
+    print!("{output}");
+    ensure!(ok, "the example objects do not match the schemas of {crds}");
+    env::run_streaming(
+        child
+            .command("cargo")
+            .args([
+                "run",
+                "--quiet",
+                "-p",
+                "egress-user",
+                "--bin",
+                "egress",
+                "--",
+                "check",
+            ])
+            .args(examples.iter().map(|f| relative(f))),
+    )
+    .context("`egress check` refused the example objects in deploy/examples")?;
+    let broken = yaml_files(&deploy.join("testdata/invalid-egressrules"))?;
+    ensure!(
+        !broken.is_empty(),
+        "no broken objects in deploy/testdata/invalid-egressrules"
+    );
+    for file in &broken {
+        let text =
+            fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let expected = expectations(&text);
+        ensure!(
+            !expected.is_empty(),
+            "{} names no expected error (a `# expect: MESSAGE` line)",
+            file.display()
+        );
+        let (ok, output) = run_combined(
+            checker
+                .helper_command(child)
+                .arg("crs")
+                .arg(&crds)
+                .arg(relative(file)),
+        )?;
+        if ok {
+            print!("{output}");
+            bail!(
+                "the schema check accepted the broken objects of {}",
+                relative(file)
+            );
+        }
+        for message in &expected {
+            if !output.contains(message) {
+                print!("{output}");
+                bail!("{} was rejected, but not with {message:?}", relative(file));
+            }
+        }
+        report(&format!(
+            "rejected as expected: {}: {}",
+            relative(file),
+            expected.join("; ")
+        ));
+    }
     report(&format!(
-        "ok: {} manifests valid, {} broken manifests rejected, policy checked",
+        "example objects ({}) match {crds} and pass `egress check`",
+        examples
+            .iter()
+            .map(|f| relative(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    report(&format!(
+        "ok: {} manifests valid, {} broken manifests rejected, policy and examples checked",
         manifests.len(),
-        invalid.len()
+        invalid.len() + broken.len()
     ));
     Ok(())
 }
