@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod cgroupns;
 pub mod cli;
+pub mod cluster;
 pub mod compile;
 pub mod control;
 pub mod cri;

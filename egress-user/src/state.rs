@@ -21,6 +21,8 @@ use crate::policy::{self, Policy, PolicyErrors};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/egress";
 /// The file of created documents, inside the state directory.
 pub const CREATED_FILE: &str = "created.yaml";
+/// The file of the Kubernetes API's EgressRule objects last in force.
+pub const CLUSTER_RULES_FILE: &str = "egressrules.json";
 
 /// The kind of a created document, as `egress get`/`delete` name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -294,6 +296,12 @@ impl Store {
     /// `history` module writes and reads it).
     pub fn history_path(&self) -> PathBuf {
         self.dir.join(HISTORY_FILE)
+    }
+
+    /// The EgressRule objects of the Kubernetes API last in force (JSON), which a restarted
+    /// agent enforces until the API answers (see [`crate::cluster`]).
+    pub fn cluster_rules_path(&self) -> PathBuf {
+        self.dir.join(CLUSTER_RULES_FILE)
     }
 
     /// The file of created documents (it may not exist yet).

@@ -28,7 +28,7 @@ impl Agent {
     /// Reads the policy sources again and applies them; unless `force`, only if their bytes
     /// changed. Returns the generation in force.
     pub(super) fn reload(&mut self, force: bool, why: &str) -> Result<u32, ChangeError> {
-        let sources = sources::list(&self.settings.paths, &self.settings.store);
+        let sources = self.sources();
         if !force && sources::digest(&sources, &self.settings.resolv_conf) == self.digest {
             if let Some(error) = self.last_error.take() {
                 // A broken file removed, or put back as it was: the sources are again those of
@@ -160,7 +160,7 @@ impl Agent {
             .store
             .documents()
             .map_err(ChangeError::Store)?;
-        let mut candidate = sources::list(&self.settings.paths, &self.settings.store);
+        let mut candidate = self.sources();
         candidate.push(PolicySource::Text {
             name: origin.to_owned(),
             bytes: text.as_bytes().to_vec(),

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod change;
+mod cluster;
 pub mod error;
 pub mod health;
 mod history;
@@ -64,6 +65,11 @@ pub struct Settings {
     /// The node's pods when the agent starts (each pod's cgroup id and namespace): the first
     /// generation puts them in their namespaces' scopes.
     pub pods: Vec<(u64, String)>,
+    /// The Kubernetes API's EgressRule objects, when the agent watches them.
+    pub cluster: Option<crate::cluster::Cluster>,
+    /// The objects in force when the agent last ran (in `built` already): in force until the
+    /// API's list arrives.
+    pub cluster_rules: Vec<crate::cluster::RuleObject>,
 }
 
 /// The generation in force and its counter rows with their names, for the metrics endpoint.
@@ -100,6 +106,8 @@ pub struct Agent {
     /// The node's pods (each pod's cgroup id and namespace): every generation puts them in
     /// their namespaces' scopes.
     pods: Vec<(u64, String)>,
+    /// The Kubernetes API's EgressRule objects in force.
+    cluster: cluster::ClusterRules,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -134,6 +142,7 @@ impl Agent {
         })?;
         proxy.set_generation(enforcer.generation());
         let pods = settings.pods.clone();
+        let cluster = cluster::ClusterRules::restored(settings.cluster_rules.clone());
         let (proxies, rx) = channel::channel(proxy);
         let hub = Arc::<EventHub>::default();
         let history = history::HistoryWriter::restore(settings.store.history_path(), &hub);
@@ -156,6 +165,7 @@ impl Agent {
             health: None,
             pod_nets: pod_nets::PodNets::default(),
             pods,
+            cluster,
         };
         agent.remember_names();
         Ok((agent, rx))
@@ -189,6 +199,14 @@ impl Agent {
             .rev()
             .find(|(g, _)| *g == generation)
             .and_then(|(_, table)| table.name(row).map(str::to_owned))
+    }
+
+    /// The policy's sources: the files (or the default), the created rules, then the API's
+    /// objects in force.
+    fn sources(&self) -> Vec<crate::policy::PolicySource> {
+        let mut sources = sources::list(&self.settings.paths, &self.settings.store);
+        sources.extend(self.cluster.sources());
+        sources
     }
 
     /// The generation in force.

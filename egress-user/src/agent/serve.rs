@@ -165,6 +165,10 @@ impl Agent {
                     }
                 },
             );
+        let mut cluster = self.settings.cluster.take();
+        if let Some(cluster) = cluster.as_mut() {
+            cluster.spawn();
+        }
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         // While `batching`, proxy events are left queued until `batch` fires (REQUEST_BATCH).
         let batch = tokio::time::sleep(REQUEST_BATCH);
@@ -189,6 +193,11 @@ impl Agent {
                 Some(call) = calls.recv() => {
                     let response = self.handle(call.request);
                     let _ = call.reply.send(response);
+                }
+                snapshot = cluster_changed(&mut cluster) => {
+                    if let Some(cluster) = cluster.as_ref() {
+                        self.sync_cluster(cluster, &snapshot);
+                    }
                 }
                 () = pods_changed(&mut pods) => {
                     self.sync_pod_nets(pods.as_ref(), host, &serving);
@@ -423,6 +432,16 @@ impl pod_nets::Serve for MarkAndServe<'_> {
 async fn pods_changed(pods: &mut Option<pods::PodWatch>) {
     match pods {
         Some(p) => p.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The Kubernetes API's objects, once a change has settled; never, without a watch.
+async fn cluster_changed(
+    cluster: &mut Option<crate::cluster::Cluster>,
+) -> crate::cluster::Snapshot {
+    match cluster {
+        Some(c) => c.changed().await,
         None => std::future::pending().await,
     }
 }

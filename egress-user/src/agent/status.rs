@@ -65,6 +65,7 @@ impl Agent {
             .map(|s| (s.rule, s.requests))
             .collect();
         let created = self.settings.store.created_path().display().to_string();
+        let objects: std::collections::HashSet<String> = self.cluster.source_names().collect();
         let row = |kind: Kind,
                    (namespace, name): (Option<&str>, &str),
                    allows: String,
@@ -80,7 +81,12 @@ impl Agent {
                 name: name.to_owned(),
                 namespace: namespace.map(str::to_owned),
                 allows,
-                source: origin.to_string(),
+                // An API object is named by itself; its document has no lines to point at.
+                source: if objects.contains(origin.file.as_str()) {
+                    origin.file.clone()
+                } else {
+                    origin.to_string()
+                },
                 created: origin.file == created,
                 allowed: k.allowed,
                 denied: k.denied,

@@ -82,6 +82,45 @@ pub struct RunArgs {
     /// connections are exempt by it), so in a pod it needs the host's view. Off by default.
     #[arg(long, value_name = "PATH", env = "EGRESS_HOST_CGROUPNS")]
     pub host_cgroupns: Option<PathBuf>,
+    /// Watch the EgressRule objects (egressrules.egress.dev, deploy/crds.yaml) of every
+    /// namespace in the Kubernetes API this kubeconfig names: each is in force for its
+    /// namespace's pods, beside the policy files, and its `status.nodes` says so for this
+    /// node. Until the API's first list arrives the objects in force when the agent last ran
+    /// stay in force (kept in the state directory), and an API outage changes nothing.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "EGRESS_KUBECONFIG",
+        conflicts_with = "in_cluster"
+    )]
+    pub kubeconfig: Option<PathBuf>,
+    /// As `--kubeconfig`, with the pod's service account (the DaemonSet's way).
+    #[arg(long, env = "EGRESS_IN_CLUSTER")]
+    pub in_cluster: bool,
+    /// This node's name in the EgressRules' status (the DaemonSet passes the pod's
+    /// `spec.nodeName`). Default: the host name.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+impl RunArgs {
+    /// The Kubernetes API to watch, if any.
+    fn cluster(&self) -> anyhow::Result<Option<crate::cluster::Cluster>> {
+        let connect = match (&self.kubeconfig, self.in_cluster) {
+            (Some(path), _) => crate::cluster::Connect::Kubeconfig(path.clone()),
+            (None, true) => crate::cluster::Connect::InCluster,
+            (None, false) => return Ok(None),
+        };
+        let node = match &self.node_name {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("reading the host name for --node-name")?
+                .trim()
+                .to_owned(),
+        };
+        anyhow::ensure!(!node.is_empty(), "--node-name is empty");
+        Ok(Some(crate::cluster::Cluster::new(connect, node)))
+    }
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -154,7 +193,27 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // control socket (a second agent stops here), the proxy listeners (they must be there
     // before any program sends a connection to them) and the policy.
     let control = control::server::bind(&args.socket).context("binding the control socket")?;
-    let built = match sources::build(&sources::list(&args.policy, &store), &args.resolv_conf.path) {
+    let cluster = args.cluster()?;
+    // The API's objects last in force stay in force until its first list arrives.
+    let mut cluster_rules = if cluster.is_some() {
+        crate::cluster::restore(&store)
+    } else {
+        Vec::new()
+    };
+    let files = sources::list(&args.policy, &store);
+    let mut initial = files.clone();
+    initial.extend(cluster_rules.iter().map(crate::cluster::RuleObject::source));
+    let mut built = sources::build(&initial, &args.resolv_conf.path);
+    if let Err(SourceError::Invalid(errors)) = &built
+        && !cluster_rules.is_empty()
+    {
+        // Changed files that no longer go with the objects recorded: the files win, and the
+        // API's objects are judged again when its list arrives.
+        tracing::error!(%errors, "kubernetes: the EgressRules last in force do not go with the policy files; starting without them until the API answers");
+        cluster_rules.clear();
+        built = sources::build(&files, &args.resolv_conf.path);
+    }
+    let built = match built {
         Ok(built) => built,
         Err(SourceError::Invalid(errors)) => {
             eprintln!("{errors}");
@@ -193,6 +252,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         listeners,
         metrics,
         cri_socket: args.cri_socket.clone(),
+        cluster,
+        cluster_rules,
     };
     let (mut agent, proxies) = Agent::start(settings, built)?;
     if let Some(missing) = agent.missing_listener() {

@@ -92,12 +92,15 @@ pub enum HubEvent {
     /// An event of an earlier run of the agent, read back from the history file
     /// ([`super::history`]).
     Restored(WireEvent),
+    /// A change of the policy's sources that the agent refused (an EgressRule object of the
+    /// Kubernetes API), as it is shown.
+    Policy(WireEvent),
 }
 
 impl HubEvent {
     fn wire(&self) -> WireEvent {
         match self {
-            Self::Restored(e) => e.clone(),
+            Self::Restored(e) | Self::Policy(e) => e.clone(),
             Self::Connect(at, e, pod) => WireEvent {
                 time: super::rfc3339(*at),
                 source: e.hook.to_string(),

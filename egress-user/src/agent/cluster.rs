@@ -1,0 +1,172 @@
+//! The Kubernetes API's EgressRule objects in the agent's policy (see [`crate::cluster`]):
+//! which of them are in force, and what each object's status says on this node.
+//!
+//! An object goes in when it is valid alone and with the rest of the policy. One that is not
+//! is left out with the errors that name it, and the others go in: a user's mistake in one
+//! namespace never holds back another namespace's change, nor takes the policy in force away.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+
+use crate::{
+    cluster::{Cluster, RuleObject, Snapshot, Verdict},
+    control::{WireEvent, server::HubEvent},
+    policy::{self, PolicySource},
+};
+
+use super::{Agent, error::ChangeError, sources::SourceError};
+
+/// What the agent knows of the API's objects.
+#[derive(Default)]
+pub struct ClusterRules {
+    /// The objects in the policy in force.
+    pub in_force: Vec<RuleObject>,
+    /// Each object's verdict alone, by uid and resourceVersion: `Some(errors)` when invalid.
+    alone: HashMap<(String, String), Option<String>>,
+}
+
+impl ClusterRules {
+    /// Starts with the objects in force when the agent last ran.
+    pub fn restored(in_force: Vec<RuleObject>) -> Self {
+        Self {
+            in_force,
+            alone: HashMap::new(),
+        }
+    }
+
+    /// The policy sources of the objects in force, in namespace and name order.
+    pub fn sources(&self) -> impl Iterator<Item = PolicySource> + '_ {
+        self.in_force.iter().map(RuleObject::source)
+    }
+
+    /// The source names of the objects in force (`EgressRule NS/NAME (resourceVersion N)`).
+    pub fn source_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.in_force.iter().map(RuleObject::source_name)
+    }
+
+    /// `rule` checked alone, as a policy of its own; remembered until it changes.
+    fn alone(&mut self, rule: &RuleObject) -> Option<String> {
+        let key = (rule.uid.clone(), rule.resource_version.clone());
+        self.alone
+            .entry(key)
+            .or_insert_with(|| {
+                policy::load_sources(&[(rule.source_name(), rule.document())])
+                    .err()
+                    .map(|errors| errors.to_string())
+            })
+            .clone()
+    }
+}
+
+impl Agent {
+    /// Puts the objects of `snapshot` in force, each one that is valid, and writes each
+    /// object's verdict. Before the first full list nothing changes.
+    pub(super) fn sync_cluster(&mut self, cluster: &Cluster, snapshot: &Snapshot) {
+        if !snapshot.synced {
+            return;
+        }
+        let mut refused: Vec<(&RuleObject, Verdict)> = Vec::new();
+        let mut candidates: Vec<RuleObject> = Vec::with_capacity(snapshot.rules.len());
+        for rule in snapshot.rules.values() {
+            match self.cluster.alone(rule) {
+                Some(errors) => refused.push((rule, Verdict::Refused(errors))),
+                None => candidates.push(rule.clone()),
+            }
+        }
+        // Forget the checks of objects gone or changed.
+        let current: HashSet<(&str, &str)> = snapshot
+            .rules
+            .values()
+            .map(|r| (r.uid.as_str(), r.resource_version.as_str()))
+            .collect();
+        self.cluster
+            .alone
+            .retain(|(uid, rv), _| current.contains(&(uid.as_str(), rv.as_str())));
+
+        let before = std::mem::replace(&mut self.cluster.in_force, candidates);
+        let why = "EgressRule objects changed";
+        let mut result = self.reload(false, why);
+        // Objects the whole policy's errors name are left out, and the rest tried again.
+        if let Err(ChangeError::Sources(SourceError::Invalid(errors))) = &result {
+            let mut named: HashMap<String, Vec<String>> = HashMap::new();
+            for diagnostic in &errors.0 {
+                named
+                    .entry(diagnostic.origin.file.clone())
+                    .or_default()
+                    .push(diagnostic.to_string());
+            }
+            let (bad, good): (Vec<RuleObject>, Vec<RuleObject>) = self
+                .cluster
+                .in_force
+                .drain(..)
+                .partition(|r| named.contains_key(&r.source_name()));
+            self.cluster.in_force = good;
+            if !bad.is_empty() {
+                result = self.reload(false, why);
+                let bad: HashMap<(String, String), String> = bad
+                    .into_iter()
+                    .map(|r| {
+                        let errors = named[&r.source_name()].join("\n");
+                        (r.key(), errors)
+                    })
+                    .collect();
+                for (key, errors) in bad {
+                    if let Some(rule) = snapshot.rules.get(&key) {
+                        refused.push((rule, Verdict::Refused(errors)));
+                    }
+                }
+            }
+        }
+        let mut verdicts = refused;
+        match result {
+            Ok(generation) => {
+                if let Err(e) =
+                    crate::cluster::persist(&self.settings.store, &self.cluster.in_force)
+                {
+                    tracing::error!(error = %e, "kubernetes: recording the EgressRules in force");
+                }
+                tracing::info!(
+                    generation,
+                    in_force = self.cluster.in_force.len(),
+                    refused = verdicts.len(),
+                    "kubernetes: EgressRules applied"
+                );
+                let in_force: HashSet<(String, String)> =
+                    self.cluster.in_force.iter().map(RuleObject::key).collect();
+                verdicts.extend(
+                    snapshot
+                        .rules
+                        .values()
+                        .filter(|r| in_force.contains(&r.key()))
+                        .map(|r| (r, Verdict::InForce)),
+                );
+            }
+            Err(_) => {
+                // Logged by the reload; what was in force stays in force.
+                self.cluster.in_force = before;
+            }
+        }
+        cluster.forget_others(snapshot);
+        for (rule, verdict) in cluster.report(&verdicts) {
+            if let Verdict::Refused(errors) = verdict {
+                tracing::warn!(
+                    object = %format!("{}/{}", rule.namespace, rule.name),
+                    resource_version = %rule.resource_version,
+                    errors = %errors,
+                    "kubernetes: EgressRule refused on this node; the rest of the policy is in force"
+                );
+                // `egress events --verdict refused` shows it beside the connections' verdicts.
+                self.hub.publish(HubEvent::Policy(WireEvent {
+                    time: crate::control::rfc3339(std::time::SystemTime::now()),
+                    source: "policy".to_owned(),
+                    verdict: "refused".to_owned(),
+                    rule: format!("{}/{}", rule.namespace, rule.name),
+                    generation: self.generation(),
+                    reason: errors.lines().next().unwrap_or_default().to_owned(),
+                    ..WireEvent::default()
+                }));
+            }
+        }
+    }
+}
