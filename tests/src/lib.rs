@@ -77,6 +77,7 @@ pub mod agent;
 pub mod client;
 pub mod follow;
 pub mod hold;
+pub mod kube_api;
 pub mod matrix;
 #[cfg(feature = "pods")]
 pub mod node;

@@ -311,6 +311,44 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// `nc` from the pod's busybox to `addr`: exit 0 once connected (the sinks close at once),
+    /// non-zero with the reason on stderr when refused.
+    pub fn connect(&self, pod: &Pod, addr: std::net::SocketAddr) -> Exec {
+        self.exec(
+            pod,
+            &[
+                "/bin/busybox",
+                "nc",
+                "-w",
+                "3",
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ],
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Asserts that the pod connects to `addr`.
+    pub fn assert_connects(&self, pod: &Pod, addr: std::net::SocketAddr) {
+        let out = self.connect(pod, addr);
+        assert_eq!(out.exit_code, 0, "{} to {addr}: {out:?}", pod.name);
+    }
+
+    /// Asserts that the pod's connect() to `addr` fails with EPERM.
+    pub fn assert_refused(&self, pod: &Pod, addr: std::net::SocketAddr) {
+        let out = self.connect(pod, addr);
+        assert_ne!(
+            out.exit_code, 0,
+            "{} to {addr} connected: {out:?}",
+            pod.name
+        );
+        assert!(
+            out.stderr.contains("Operation not permitted"),
+            "{} to {addr}: refused at connect() with EPERM, not {out:?}",
+            pod.name
+        );
+    }
+
     /// Runs `argv` in the pod's container (the CRI's `ExecSync`, at most `timeout`).
     pub fn exec(&self, pod: &Pod, argv: &[&str], timeout: Duration) -> Exec {
         let mut client = self.client.clone();

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use egress_tests::{
     Sandbox, V4_A, V4_B, assert_accepted, egress_bin, eventually,
-    node::{Exec, Node, Pod},
+    node::{Node, Pod},
     policy::{config, tcp_rule},
     probe_bin, sa, status_row,
     upstream::Upstream,
@@ -18,24 +18,6 @@ use egress_tests::{
 
 const EGRESS: &str = egress_bin!();
 const PROBE: &str = probe_bin!();
-
-/// `nc` from the pod's busybox to `addr` (192.0.2.1 when only a port is given): exit 0 once
-/// connected (the sink closes at once), non-zero with the reason on stderr when refused.
-fn connect(node: &Node<'_>, pod: &Pod, addr: impl Into<Dest>) -> Exec {
-    let Dest(addr) = addr.into();
-    node.exec(
-        pod,
-        &[
-            "/bin/busybox",
-            "nc",
-            "-w",
-            "3",
-            &addr.ip().to_string(),
-            &addr.port().to_string(),
-        ],
-        Duration::from_secs(10),
-    )
-}
 
 /// Where a pod connects: a port of 192.0.2.1, or any address.
 struct Dest(SocketAddr);
@@ -53,24 +35,11 @@ impl From<SocketAddr> for Dest {
 }
 
 fn assert_connects(node: &Node<'_>, pod: &Pod, addr: impl Into<Dest>) {
-    let Dest(addr) = addr.into();
-    let out = connect(node, pod, addr);
-    assert_eq!(out.exit_code, 0, "{} to {addr}: {out:?}", pod.name);
+    node.assert_connects(pod, addr.into().0);
 }
 
 fn assert_refused(node: &Node<'_>, pod: &Pod, addr: impl Into<Dest>) {
-    let Dest(addr) = addr.into();
-    let out = connect(node, pod, addr);
-    assert_ne!(
-        out.exit_code, 0,
-        "{} to {addr} connected: {out:?}",
-        pod.name
-    );
-    assert!(
-        out.stderr.contains("Operation not permitted"),
-        "{} to {addr}: refused at connect() with EPERM, not {out:?}",
-        pod.name
-    );
+    node.assert_refused(pod, addr.into().0);
 }
 
 /// A pod that ran before the agent started and one created after it are both held to the

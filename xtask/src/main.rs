@@ -8,6 +8,7 @@ mod bench;
 mod deploy;
 mod env;
 mod image;
+mod kube_api;
 mod run;
 mod setup;
 mod tally;

@@ -2,7 +2,7 @@
 //!
 //! The suite is a list of stages, selectable with `--step`: the workspace's tests on this
 //! kernel, the deployment manifests, the agent's image, pods under a real container runtime,
-//! then the kernel matrix under QEMU.
+//! the agent against a real Kubernetes API, then the kernel matrix under QEMU.
 
 use std::{
     ffi::OsString,
@@ -16,7 +16,7 @@ use clap::{Args, ValueEnum};
 use crate::{
     deploy,
     env::{self, ChildEnv},
-    image, setup,
+    image, kube_api, setup,
     tally::Tally,
     vm,
 };
@@ -52,6 +52,10 @@ enum Step {
     /// Pods under a real containerd, created through the CRI, filtered by the agent
     /// (`tests/tests/pods.rs`, feature `pods`); installs the runtime's Debian packages first.
     Pods,
+    /// The agent against a real Kubernetes API: etcd and the CRD server
+    /// (k8s.io/apiextensions-apiserver), built once from Debian's packaged Go sources and kept
+    /// in `~/.cache/egress/kube-api` (`tests/tests/kube_api.rs`, feature `kube-api`).
+    KubeApi,
     /// The kernel-facing tests on Debian's 6.1 and 6.12 kernels under QEMU
     /// (`cargo xtask integration-test --kernel all`).
     Kernels,
@@ -103,6 +107,22 @@ impl Step {
                     "--test",
                     "pods",
                 ]))
+            }
+            Self::KubeApi => {
+                setup::debian_packages(child, setup::POD_PACKAGES)?;
+                let parts = kube_api::prepare(child)?;
+                run_tallied(
+                    without_bpffs(child)
+                        .args([
+                            "-p",
+                            "egress-tests",
+                            "--features",
+                            "kube-api",
+                            "--test",
+                            "kube_api",
+                        ])
+                        .envs(parts.env()),
+                )
             }
             Self::Kernels => vm::run_matrix(child, &vm::Matrix::all()),
         }
