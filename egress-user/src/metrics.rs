@@ -98,6 +98,16 @@ struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    /// `namespace/name`.
+    pod: String,
+    /// The hook of a kernel verdict (`connect`, `sendmsg`, ...), or `http`.
+    source: String,
+    /// As `egress events` says it (`deny`, `allow`, `would-deny`, `refused`, `error`).
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
     rule: Arc<str>,
 }
@@ -124,6 +134,7 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RuleLabels, Histogram, fn() -> Histogram>,
+    pods: Family<PodLabels, Counter>,
     would_deny: Counter,
     events_dropped: Counter,
     /// The last running total given to [`Metrics::set_proxy_events_dropped`].
@@ -135,6 +146,8 @@ pub struct Metrics {
     open_fds: Gauge,
     fds_limit: Gauge,
     by_rule: RwLock<HashMap<Box<str>, RuleSeries>>,
+    /// Each pod's (source, verdict) counters, for [`Metrics::pod_event`].
+    by_pod: RwLock<HashMap<Box<str>, Vec<(String, String, Counter)>>>,
 }
 
 impl Default for Metrics {
@@ -172,6 +185,14 @@ impl Metrics {
             "From the start of a proxied request to the end of its response body, by rule",
             Unit::Seconds,
             durations.clone(),
+        );
+        let pods = Family::<PodLabels, Counter>::default();
+        registry.register(
+            "egress_pod_events",
+            "Events of the node's pods (with --cri-socket): kernel verdicts that made an event \
+             (denials, and audit mode's would-denials) by hook, and proxied requests (source \
+             http), by pod (namespace/name) and verdict; a pod's series go when it goes",
+            pods.clone(),
         );
         let would_deny = Counter::default();
         registry.register(
@@ -230,6 +251,7 @@ impl Metrics {
             reloads,
             requests,
             durations,
+            pods,
             would_deny,
             events_dropped,
             events_dropped_seen: AtomicU64::new(0),
@@ -240,7 +262,66 @@ impl Metrics {
             open_fds,
             fds_limit,
             by_rule: RwLock::default(),
+            by_pod: RwLock::default(),
         }
+    }
+
+    /// One event of pod `pod` (`namespace/name`): a kernel verdict (`source` its hook) or a
+    /// proxied request (`http`), with its verdict as `egress events` names it. Once a pod's
+    /// (source, verdict) pair has been seen this takes two read locks and allocates nothing.
+    pub fn pod_event(&self, pod: &str, source: &str, verdict: &str) {
+        let find = |series: &[(String, String, Counter)]| {
+            series
+                .iter()
+                .find(|(s, v, _)| s == source && v == verdict)
+                .map(|(_, _, c)| c.clone())
+        };
+        if let Some(counter) = self
+            .by_pod
+            .read()
+            .expect("pod series")
+            .get(pod)
+            .and_then(|series| find(series))
+        {
+            counter.inc();
+            return;
+        }
+        let mut by_pod = self.by_pod.write().expect("pod series");
+        let series = by_pod.entry(pod.into()).or_default();
+        let counter = match find(series) {
+            Some(counter) => counter,
+            None => {
+                let counter = self
+                    .pods
+                    .get_or_create(&PodLabels {
+                        pod: pod.to_owned(),
+                        source: source.to_owned(),
+                        verdict: verdict.to_owned(),
+                    })
+                    .clone();
+                series.push((source.to_owned(), verdict.to_owned(), counter.clone()));
+                counter
+            }
+        };
+        counter.inc();
+    }
+
+    /// Drops the series of the pods not in `pods` (`namespace/name`): pods that went.
+    pub fn keep_pods(&self, pods: &std::collections::HashSet<String>) {
+        let mut by_pod = self.by_pod.write().expect("pod series");
+        by_pod.retain(|pod, series| {
+            let keep = pods.contains(&**pod);
+            if !keep {
+                for (source, verdict, _) in series.iter() {
+                    self.pods.remove(&PodLabels {
+                        pod: pod.to_string(),
+                        source: source.clone(),
+                        verdict: verdict.clone(),
+                    });
+                }
+            }
+            keep
+        });
     }
 
     /// A reload finished: ok or failed (invalid policy, kernel refused it...).

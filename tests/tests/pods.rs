@@ -409,6 +409,8 @@ fn each_namespace_has_its_own_rules() {
         &pin_dir,
         "--cri-socket",
         &socket,
+        "--metrics-addr",
+        "127.0.0.1:9464",
     ];
     let agent = sb.agent(EGRESS).args(&args).start();
     let kubepods = sb.cgroup.join("kubepods");
@@ -476,6 +478,20 @@ fn each_namespace_has_its_own_rules() {
         seen,
         "the upstream saw team-b's request for team-a's host"
     );
+    // The metrics count each pod's events by pod: other/sleep's two denied connects,
+    // team-b/sleep's 403.
+    let series = |pod: &str, source: &str, verdict: &str| {
+        format!(
+            "egress_pod_events_total{{pod=\"{pod}\",source=\"{source}\",verdict=\"{verdict}\"}} "
+        )
+    };
+    let mut metrics = String::new();
+    let counted = eventually(Duration::from_secs(5), || {
+        metrics = sb.scrape(9464, "/metrics").1;
+        metrics.contains(&(series("other/sleep", "connect", "deny") + "2\n"))
+            && metrics.contains(&(series("team-b/sleep", "http", "deny") + "1\n"))
+    });
+    assert!(counted, "{metrics}");
     // `other` has no HTTP rule on 80: no redirect, refused at connect().
     assert_refused(&node, &other, 80);
 

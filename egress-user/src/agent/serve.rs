@@ -247,6 +247,13 @@ impl Agent {
                     for event in events::drain(guard.get_inner_mut(), name) {
                         events::log(&event, &self.log_limit);
                         let pod = pods.as_ref().and_then(|p| p.pod(event.cgroup_id));
+                        if let Some(pod) = &pod {
+                            self.metrics.pod_event(
+                                &pod.to_string(),
+                                &event.hook.to_string(),
+                                &event.verdict.to_string(),
+                            );
+                        }
                         self.hub.publish(HubEvent::Connect(SystemTime::now(), event, pod));
                     }
                 }
@@ -279,6 +286,12 @@ impl Agent {
         };
         let port = self.policy.proxy.port;
         let gone = self.pod_nets.sync(&now.pods, port, host, &marking);
+        if !gone.is_empty() {
+            // A pod that went takes its metric series with it.
+            let names: std::collections::HashSet<String> =
+                now.pods.iter().map(|p| p.name.to_string()).collect();
+            self.metrics.keep_pods(&names);
+        }
         let proxy = self.proxies.borrow();
         for netns in gone {
             proxy.forget_netns(netns);
@@ -291,6 +304,10 @@ impl Agent {
             .proxy_request(request.rule.as_deref(), request.status, request.latency);
         if request.would_deny {
             self.metrics.proxy_would_deny();
+        }
+        if let Some(pod) = request.process.as_ref().and_then(|p| p.pod.as_deref()) {
+            self.metrics
+                .pod_event(pod, "http", crate::control::server::http_verdict(&request));
         }
         log_request(&request, &self.log_limit);
         self.hub.publish(HubEvent::Http(SystemTime::now(), request));

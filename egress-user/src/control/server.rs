@@ -130,14 +130,7 @@ impl HubEvent {
             Self::Http(at, e) => WireEvent {
                 time: super::rfc3339(*at),
                 source: "http".to_owned(),
-                verdict: match e.status {
-                    _ if e.would_deny => "would-deny",
-                    403 => "deny",
-                    0 => "refused",
-                    s if s >= 400 => "error",
-                    _ => "allow",
-                }
-                .to_owned(),
+                verdict: http_verdict(e).to_owned(),
                 rule: e
                     .rule
                     .clone()
@@ -153,6 +146,17 @@ impl HubEvent {
                 ..WireEvent::default()
             },
         }
+    }
+}
+
+/// A proxied request's verdict as `egress events` and the per-pod metrics name it.
+pub fn http_verdict(e: &RequestEvent) -> &'static str {
+    match e.status {
+        _ if e.would_deny => "would-deny",
+        403 => "deny",
+        0 => "refused",
+        s if s >= 400 => "error",
+        _ => "allow",
     }
 }
 

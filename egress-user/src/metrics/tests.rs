@@ -207,6 +207,33 @@ fn encodes_agent_and_kernel_numbers() {
 }
 
 #[test]
+fn pod_events_are_counted_by_pod_source_and_verdict_until_the_pod_goes() {
+    let m = Metrics::new();
+    m.pod_event("team-a/web", "connect", "deny");
+    m.pod_event("team-a/web", "connect", "deny");
+    m.pod_event("team-a/web", "http", "allow");
+    m.pod_event("team-b/db", "http", "deny");
+    let text = m.encode(&KernelSnapshot::default());
+    let s = samples(&text);
+    let series = |pod: &str, source: &str, verdict: &str| {
+        format!(
+            "egress_pod_events_total{{pod=\"{pod}\",source=\"{source}\",verdict=\"{verdict}\"}}"
+        )
+    };
+    assert_eq!(value(&s, &series("team-a/web", "connect", "deny")), "2");
+    assert_eq!(value(&s, &series("team-a/web", "http", "allow")), "1");
+    assert_eq!(value(&s, &series("team-b/db", "http", "deny")), "1");
+    // team-a/web went: its series go, team-b/db's stay.
+    m.keep_pods(&["team-b/db".to_owned()].into());
+    let s = samples(&m.encode(&KernelSnapshot::default()));
+    assert!(
+        !s.contains_key(&series("team-a/web", "connect", "deny")),
+        "{s:#?}"
+    );
+    assert_eq!(value(&s, &series("team-b/db", "http", "deny")), "1");
+}
+
+#[test]
 fn histogram_buckets_are_cumulative_and_inclusive() {
     let m = Metrics::new();
     let micros = Duration::from_micros;
