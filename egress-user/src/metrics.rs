@@ -127,6 +127,9 @@ struct RuleSeries {
     by_status: RwLock<HashMap<u16, Counter>>,
 }
 
+/// One (source, verdict) counter of a pod.
+type PodSeries = (String, String, Counter);
+
 /// The agent's metrics: a registry of its own families, plus the kernel's numbers added at
 /// each [`encode`](Metrics::encode).
 pub struct Metrics {
@@ -147,7 +150,7 @@ pub struct Metrics {
     fds_limit: Gauge,
     by_rule: RwLock<HashMap<Box<str>, RuleSeries>>,
     /// Each pod's (source, verdict) counters, for [`Metrics::pod_event`].
-    by_pod: RwLock<HashMap<Box<str>, Vec<(String, String, Counter)>>>,
+    by_pod: RwLock<HashMap<Box<str>, Vec<PodSeries>>>,
 }
 
 impl Default for Metrics {
@@ -270,7 +273,7 @@ impl Metrics {
     /// proxied request (`http`), with its verdict as `egress events` names it. Once a pod's
     /// (source, verdict) pair has been seen this takes two read locks and allocates nothing.
     pub fn pod_event(&self, pod: &str, source: &str, verdict: &str) {
-        let find = |series: &[(String, String, Counter)]| {
+        let find = |series: &[PodSeries]| {
             series
                 .iter()
                 .find(|(s, v, _)| s == source && v == verdict)
