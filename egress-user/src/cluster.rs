@@ -457,20 +457,15 @@ async fn write_status(
 /// is no record or it cannot be read (said in the log).
 pub fn restore(store: &Store) -> Vec<RuleObject> {
     let path = store.cluster_rules_path();
-    match std::fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(rules) => rules,
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "kubernetes: the EgressRules last in force cannot be read; starting without them until the API answers");
-                Vec::new()
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            tracing::error!(file = %path.display(), error = %e, "kubernetes: the EgressRules last in force cannot be read; starting without them until the API answers");
+    let read = match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        read => read.map_err(|e| e.to_string()),
+    };
+    read.and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        .unwrap_or_else(|error| {
+            tracing::error!(file = %path.display(), %error, "kubernetes: the EgressRules last in force cannot be read; starting without them until the API answers");
             Vec::new()
-        }
-    }
+        })
 }
 
 /// Records `rules` as the objects in force, crash-safely.
@@ -517,16 +512,16 @@ mod tests {
     #[test]
     fn an_invalid_object_is_reported_by_its_name_and_the_field_line() {
         let rule = object(serde_json::json!({
-            "destination": {"service": "*.co.uk"},
-            "ports": [{"port": 80, "protocol": "http"}],
+            "destination": {"service": "192.0.2.1/24"},
+            "ports": [{"port": 443, "protocol": "tcp"}],
         }));
         let errors = crate::policy::load_sources(&[(rule.source_name(), rule.document())])
-            .expect_err("a wildcard over a public suffix is refused");
+            .expect_err("a CIDR with host bits is refused");
         let text = errors.to_string();
         let line = String::from_utf8(rule.document())
             .expect("UTF-8")
             .lines()
-            .position(|l| l.contains("*.co.uk"))
+            .position(|l| l.contains("192.0.2.1/24"))
             .expect("the service line")
             + 1;
         assert!(

@@ -43,7 +43,7 @@ fn rule(name: &str, spec: serde_json::Value) -> serde_json::Value {
     })
 }
 
-/// The CRD's schema takes seed 003's rules as written and refuses, with the field and why,
+/// The CRD's schema takes seed 003's rules as written (with TEST-NET ranges) and refuses, with the field and why,
 /// what `egress check` refuses and a schema can say: a CIDR with host bits, an address that
 /// is not one, ports out of range, an unknown protocol, no ports, a port twice, tcp ports on a
 /// host name and http ports on a CIDR, and (with strict field validation, kubectl's default)
@@ -57,7 +57,7 @@ fn the_schema_refuses_what_egress_check_refuses() {
         api.apply_crds().await;
         let rules: Api<DynamicObject> =
             Api::namespaced_with(api.client().await, "default", &egress_rules());
-        for document in seed_003() {
+        for document in seed_003_test_net() {
             let object: DynamicObject = serde_json::from_value(document).expect("an object");
             let name = object.metadata.name.clone().unwrap_or_default();
             rules
@@ -82,17 +82,17 @@ fn the_schema_refuses_what_egress_check_refuses() {
         let refused = [
             (
                 "host-bits",
-                tcp("10.0.0.1/24", 443, "tcp"),
+                tcp("192.0.2.1/24", 443, "tcp"),
                 "no bits past its prefix",
             ),
             (
                 "bad-prefix",
-                tcp("10.0.0.0/33", 443, "tcp"),
+                tcp("192.0.2.0/33", 443, "tcp"),
                 "no bits past its prefix",
             ),
             (
                 "bad-address",
-                tcp("10.0.0.256", 443, "tcp"),
+                tcp("192.0.2.256", 443, "tcp"),
                 "valid IPv4 address",
             ),
             (
@@ -230,8 +230,8 @@ fn node_statuses(api: &ApiServer, namespace: &str, name: &str) -> Vec<serde_json
 /// `default` reaches a sink in the first range, a pod of `other` is refused at connect(), and
 /// the sinks count exactly the allowed connections. `egress get` shows each rule with its
 /// object and resourceVersion as the source, and each object's status says it is in force on
-/// this node for its generation. An object the schema takes but the agent refuses (a wildcard
-/// over a public suffix) is marked Refused with the agent's message, and the valid ones stay
+/// this node for its generation. An object the schema takes but the agent refuses (https on
+/// a port the node's file makes http for that host) is marked Refused with the agent's message, and the valid ones stay
 /// in force. Deleting the five objects (as the seed's cleanup does) denies again.
 #[test]
 fn egress_rules_in_the_api_hold_for_their_namespace_only() {
@@ -242,7 +242,12 @@ fn egress_rules_in_the_api_hold_for_their_namespace_only() {
     rt.block_on(api.apply_crds());
     let [a443, a9090] = sb.sinks(V4_A, [443, 9090]);
     let [b443] = sb.sinks(V4_B, [443]);
-    let policy = sb.policy_file("p.yaml", &config("  mode: enforce\n"));
+    let policy = sb.policy_file(
+        "p.yaml",
+        &(config("  mode: enforce\n")
+            + "kind: EgressRule\nmetadata: {name: conflict-http}\nspec:\n  destination: \
+               {service: conflict.test}\n  ports: [{port: 8080, protocol: http}]\n"),
+    );
     let mut node = Node::start(&sb);
     let web = node.pod("default", "sleep");
     let other = node.pod("other", "sleep");
@@ -310,17 +315,18 @@ fn egress_rules_in_the_api_hold_for_their_namespace_only() {
         agent.log()
     );
 
-    // Valid for the schema, refused by the agent: the valid rules stay in force.
-    let suffix = serde_json::json!({
+    // Valid for the schema, refused by the agent: port 8080 of conflict.test is http in the
+    // node's file and https here. The valid rules stay in force.
+    let conflict = serde_json::json!({
         "apiVersion": "egress.dev/v1alpha1",
         "kind": "EgressRule",
-        "metadata": {"name": "every-uk-site"},
-        "spec": {"destination": {"service": "*.co.uk"}, "ports": [{"port": 80, "protocol": "http"}]},
+        "metadata": {"name": "conflict"},
+        "spec": {"destination": {"service": "conflict.test"}, "ports": [{"port": 8080, "protocol": "https"}]},
     });
-    rt.block_on(api.create_rule("default", &suffix));
+    rt.block_on(api.create_rule("default", &conflict));
     let mut statuses = Vec::new();
     let refused = eventually(Duration::from_secs(10), || {
-        statuses = node_statuses(&api, "default", "every-uk-site");
+        statuses = node_statuses(&api, "default", "conflict");
         statuses
             .iter()
             .any(|n| n["node"] == "node-a" && n["state"] == "Refused")
@@ -328,7 +334,8 @@ fn egress_rules_in_the_api_hold_for_their_namespace_only() {
     assert!(refused, "status: {statuses:?}\n{}", agent.log());
     let message = statuses[0]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("EgressRule default/every-uk-site") && message.contains("public suffix"),
+        message.contains("EgressRule default/conflict")
+            && message.contains("a host's port has one protocol"),
         "{message}"
     );
     assert!(

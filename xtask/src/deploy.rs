@@ -8,8 +8,8 @@
 //! So that the validator cannot pass everything unnoticed, each broken manifest in
 //! `deploy/testdata/invalid/` must be rejected, with the message its `# expect:` lines name.
 //! Then the policy documents of the ConfigMap are extracted and checked with `egress check`,
-//! as the agent in the pod would read them. Last, the example EgressRule objects of
-//! `deploy/examples/` are checked against the schema of `deploy/crds.yaml` (`deploy.py crs`,
+//! as the agent in the pod would read them. Last, seed 003's EgressRules with our apiVersion
+//! added are checked against the schema of `deploy/crds.yaml` (`deploy.py crs`,
 //! closed to unknown fields as strict field validation is) and with `egress check`, and each
 //! file of broken objects in `deploy/testdata/invalid-egressrules/` must be refused by the
 //! schema check with the messages it names.
@@ -50,6 +50,8 @@ const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
 /// The manifest holding the agent's policy, and the ConfigMap's name in it.
 const POLICY_MANIFEST: &str = "configmap.yaml";
 const POLICY_CONFIGMAP: &str = "egress-policy";
+/// Seed 003's EgressRules, which must apply as objects with only our apiVersion added.
+const SEED_003: &str = "egress-user/src/policy/seeds/tcp.yaml";
 /// The CustomResourceDefinitions, whose schemas the example objects must match.
 const CRDS_MANIFEST: &str = "crds.yaml";
 /// The lint and extract helper, run with the venv's Python (which has PyYAML).
@@ -102,32 +104,8 @@ pub fn run(child: &ChildEnv) -> Result<()> {
         invalid.len()
     );
     for file in &invalid {
-        let text =
-            fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let expected = expectations(&text);
-        ensure!(
-            !expected.is_empty(),
-            "{} names no expected error (a `# expect: MESSAGE` line)",
-            file.display()
-        );
         let verdict = checker.check(child, std::slice::from_ref(file))?;
-        if verdict.accepted {
-            print!("{}", verdict.output);
-            bail!(
-                "the checks accepted the broken manifest {}, so their verdict on deploy/ \
-                 cannot be trusted",
-                relative(file)
-            );
-        }
-        for message in &expected {
-            if !verdict.output.contains(message) {
-                print!("{}", verdict.output);
-                bail!(
-                    "{} was rejected, but not with {message:?}: it may be broken in another way",
-                    relative(file)
-                );
-            }
-        }
+        let expected = rejected_as_expected(file, verdict.accepted, &verdict.output)?;
         report(&format!(
             "rejected as expected: {}: {}",
             relative(file),
@@ -177,23 +155,32 @@ pub fn run(child: &ChildEnv) -> Result<()> {
         files.len(),
         files.join(", ")
     ));
-    // (e) The example EgressRule objects against the CRD's schema, and with `egress check`;
+    // (e) Seed 003's EgressRules as objects against the CRD's schema, and with `egress check`;
     // the broken ones must be refused by the schema check, for the reasons they name.
     let crds = relative(&deploy.join(CRDS_MANIFEST));
-    let examples = yaml_files(&deploy.join("examples"))?;
-    ensure!(
-        !examples.is_empty(),
-        "no example objects in deploy/examples"
-    );
+    // Seed 003's EgressRules as Istio wrote them, with only our apiVersion added: what users
+    // apply (`kubectl apply -n default -f`), made from the one copy of the seed.
+    let examples_dir = tools.join("examples");
+    fs::create_dir_all(&examples_dir)
+        .with_context(|| format!("creating {}", examples_dir.display()))?;
+    let seed = root.join(SEED_003);
+    let seed_text =
+        fs::read_to_string(&seed).with_context(|| format!("reading {}", seed.display()))?;
+    let example = examples_dir.join("seed-003.yaml");
+    fs::write(&example, with_api_version(&seed_text))
+        .with_context(|| format!("writing {}", example.display()))?;
     let (ok, output) = run_combined(
         checker
             .helper_command(child)
             .arg("crs")
             .arg(&crds)
-            .args(examples.iter().map(|f| relative(f))),
+            .arg(relative(&example)),
     )?;
     print!("{output}");
-    ensure!(ok, "the example objects do not match the schemas of {crds}");
+    ensure!(
+        ok,
+        "seed 003's EgressRules do not match the schemas of {crds}"
+    );
     env::run_streaming(
         child
             .command("cargo")
@@ -207,23 +194,15 @@ pub fn run(child: &ChildEnv) -> Result<()> {
                 "--",
                 "check",
             ])
-            .args(examples.iter().map(|f| relative(f))),
+            .arg(relative(&example)),
     )
-    .context("`egress check` refused the example objects in deploy/examples")?;
+    .context("`egress check` refused seed 003's EgressRules as objects")?;
     let broken = yaml_files(&deploy.join("testdata/invalid-egressrules"))?;
     ensure!(
         !broken.is_empty(),
         "no broken objects in deploy/testdata/invalid-egressrules"
     );
     for file in &broken {
-        let text =
-            fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let expected = expectations(&text);
-        ensure!(
-            !expected.is_empty(),
-            "{} names no expected error (a `# expect: MESSAGE` line)",
-            file.display()
-        );
         let (ok, output) = run_combined(
             checker
                 .helper_command(child)
@@ -231,19 +210,7 @@ pub fn run(child: &ChildEnv) -> Result<()> {
                 .arg(&crds)
                 .arg(relative(file)),
         )?;
-        if ok {
-            print!("{output}");
-            bail!(
-                "the schema check accepted the broken objects of {}",
-                relative(file)
-            );
-        }
-        for message in &expected {
-            if !output.contains(message) {
-                print!("{output}");
-                bail!("{} was rejected, but not with {message:?}", relative(file));
-            }
-        }
+        let expected = rejected_as_expected(file, ok, &output)?;
         report(&format!(
             "rejected as expected: {}: {}",
             relative(file),
@@ -251,12 +218,7 @@ pub fn run(child: &ChildEnv) -> Result<()> {
         ));
     }
     report(&format!(
-        "example objects ({}) match {crds} and pass `egress check`",
-        examples
-            .iter()
-            .map(|f| relative(f))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "seed 003's EgressRules ({SEED_003}) with our apiVersion match {crds} and pass `egress check`"
     ));
     report(&format!(
         "ok: {} manifests valid, {} broken manifests rejected, policy and examples checked",
@@ -264,6 +226,48 @@ pub fn run(child: &ChildEnv) -> Result<()> {
         invalid.len() + broken.len()
     ));
     Ok(())
+}
+
+/// Fails unless the broken `file` was refused (`accepted` false) with every message its
+/// `# expect:` lines name (printing `output` when not); returns those messages. A file naming
+/// none is an error: it could not tell one refusal from another.
+fn rejected_as_expected(file: &Path, accepted: bool, output: &str) -> Result<Vec<String>> {
+    let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let expected = expectations(&text);
+    ensure!(
+        !expected.is_empty(),
+        "{} names no expected error (a `# expect: MESSAGE` line)",
+        file.display()
+    );
+    if accepted {
+        print!("{output}");
+        bail!(
+            "the checks accepted the broken file {}, so their verdict on deploy/ cannot be \
+             trusted",
+            relative(file)
+        );
+    }
+    if let Some(message) = expected.iter().find(|m| !output.contains(m.as_str())) {
+        print!("{output}");
+        bail!(
+            "{} was rejected, but not with {message:?}: it may be broken in another way",
+            relative(file)
+        );
+    }
+    Ok(expected)
+}
+
+/// `text` with `apiVersion: egress.dev/v1alpha1` before each `kind: EgressRule` line.
+fn with_api_version(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            if line == "kind: EgressRule" {
+                format!("apiVersion: egress.dev/v1alpha1\n{line}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect()
 }
 
 /// Prints one line of the step's own output.
