@@ -83,6 +83,7 @@ pub mod matrix;
 pub mod node;
 pub mod pod;
 pub mod policy;
+pub mod poll;
 pub mod probe;
 pub mod raw;
 pub mod sandbox;

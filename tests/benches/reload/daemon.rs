@@ -1,11 +1,9 @@
-//! `egress run` as a child process whose log lines are kept with the moment each arrived, and
-//! the workload process that polls verdicts from inside the managed cgroup.
+//! `egress run` as a child process whose log lines are kept with the moment each arrived.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddr,
+    io::{BufRead as _, BufReader},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -151,103 +149,4 @@ pub fn generation_of(line: &str) -> Option<u32> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("generation="))
         .and_then(|g| g.parse().ok())
-}
-
-/// What a `wait` found.
-pub struct Flip {
-    /// When the first connect with the new verdict returned.
-    pub at_ns: u64,
-    /// When the last connect with the old verdict returned: the verdict changed in between.
-    pub last_old_ns: u64,
-}
-
-/// `egress-verdict-poll` running in a sandbox's cgroup and network namespace; killed on drop
-/// (and with the cgroup, when the sandbox goes).
-pub struct Poller {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Poller {
-    /// Starts it (`bin` is `CARGO_BIN_EXE_egress-verdict-poll`) and waits until it runs.
-    pub fn start(bin: &str, sandbox: &Sandbox) -> Self {
-        let mut child = Command::new(bin)
-            .arg("--cgroup")
-            .arg(&sandbox.cgroup)
-            .arg("--netns")
-            .arg(&sandbox.name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting egress-verdict-poll");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut poller = Self {
-            child,
-            stdin,
-            stdout,
-        };
-        assert_eq!(poller.read_line(), "ready");
-        poller
-    }
-
-    fn read_line(&mut self) -> String {
-        let mut line = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut line)
-            .expect("reading egress-verdict-poll");
-        assert!(n > 0, "egress-verdict-poll exited");
-        line.trim().to_owned()
-    }
-
-    fn send(&mut self, command: &str) {
-        writeln!(self.stdin, "{command}").expect("writing to egress-verdict-poll");
-        self.stdin.flush().expect("flushing");
-    }
-
-    /// One connect from inside the cgroup: `connected`, `denied` or `error ...`.
-    pub fn check(&mut self, addr: SocketAddr) -> String {
-        self.send(&format!("check {addr}"));
-        self.read_line()
-    }
-
-    /// Asks it to poll `addr` until it connects; returns once it confirmed that `addr` is
-    /// still denied, so that the change can start. Then [`Poller::flipped`] gets the result.
-    pub fn start_wait(&mut self, addr: SocketAddr, interval: Duration, timeout: Duration) {
-        self.send(&format!(
-            "wait {addr} connected {} {}",
-            interval.as_micros(),
-            timeout.as_millis()
-        ));
-        let line = self.read_line();
-        assert_eq!(
-            line, "polling",
-            "before the change, {addr} should still be denied"
-        );
-    }
-
-    /// The result of the wait started by [`Poller::start_wait`].
-    pub fn flipped(&mut self) -> Result<Flip, String> {
-        let line = self.read_line();
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        match (field("at_ns"), field("last_old_ns")) {
-            (Some(at_ns), Some(last_old_ns)) if line.starts_with("flipped") => {
-                Ok(Flip { at_ns, last_old_ns })
-            }
-            _ => Err(line),
-        }
-    }
-}
-
-impl Drop for Poller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -78,7 +78,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::{Agent, Line, Poller, READY, RELOADED, generation_of};
+use daemon::{Agent, Line, READY, RELOADED, generation_of};
+use egress_tests::poll::Poller;
 use egress_tests::{Sandbox, Sink};
 use egress_user::control::{Request, Response, client};
 use phases::{Breakdown, big, breakdown};

@@ -2,12 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use egress_tests::Sandbox;
+use egress_tests::{Sandbox, poll::Poller};
 use egress_user::{pipeline, proxy::Proxy};
 
 use crate::{
     MILLION_LIMIT, Options, POLL, check_interrupted, common,
-    daemon::{Poller, RELOADED, generation_of},
+    daemon::{RELOADED, generation_of},
     expect_verdicts,
     policies::{Allowed, PolicyDir, yaml},
     reload_request, start_agent, text,
