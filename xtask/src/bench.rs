@@ -20,7 +20,7 @@ use clap::{Args, ValueEnum};
 
 use crate::{
     env::{self, ChildEnv},
-    setup,
+    kube_api, setup,
 };
 
 /// Debian packages the netfilter contenders need, with a command each provides. Their rules
@@ -74,6 +74,10 @@ enum Bench {
     /// Instructions per request on the HTTP proxy's path, counted by callgrind: stable
     /// between runs, for comparing commits (tests/benches/instructions/).
     Instructions,
+    /// EgressRules from a real Kubernetes API (etcd and the CRD server, as the kube-api test
+    /// step builds them): apply to enforced in a containerd pod, p50/p99, and the agent's
+    /// memory with 10,000 objects (tests/benches/kube/).
+    Kube,
 }
 
 impl Bench {
@@ -84,6 +88,7 @@ impl Bench {
             Self::Http => "http",
             Self::Reload => "reload",
             Self::Instructions => "instructions",
+            Self::Kube => "kube",
         }
     }
 
@@ -97,6 +102,8 @@ impl Bench {
             // Only the agent, its CLI and a workload of the egress-tests package.
             Self::Reload => Vec::new(),
             Self::Instructions => vec![("valgrind", "valgrind")],
+            // Its pod runs under containerd.
+            Self::Kube => setup::POD_PACKAGES.to_vec(),
         }
     }
 
@@ -105,6 +112,7 @@ impl Bench {
         match self {
             // The pod contender (a containerd pod through the CRI client).
             Self::Http => &["--features", "pods"],
+            Self::Kube => &["--features", "kube-api"],
             Self::Connect | Self::Reload | Self::Instructions => &[],
         }
     }
@@ -113,6 +121,13 @@ impl Bench {
     /// tell the benchmark where they are.
     fn tools(self, child: &ChildEnv, args: &[OsString]) -> Result<Vec<OsString>> {
         let mut paths = Vec::new();
+        if self == Self::Kube {
+            // etcd and the CRD server, built once and cached (as for the kube-api test step).
+            let parts = kube_api::prepare(child)?;
+            paths.extend(["--etcd".into(), parts.etcd.into_os_string()]);
+            paths.extend(["--apiserver".into(), parts.server.into_os_string()]);
+            return Ok(paths);
+        }
         if self != Self::Http {
             return Ok(paths);
         }

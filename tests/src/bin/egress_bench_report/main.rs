@@ -1,6 +1,6 @@
 //! `egress-bench-report RESULTS DOCS COMMAND`: writes `DOCS/benchmarks.md` and its plots
 //! (`DOCS/benchmarks/*.png`) from what the benchmarks left in `RESULTS` with `--out`
-//! (`connect`, `http`, `reload`, `instructions`: a `.md` report and a `.json` of its numbers
+//! (`connect`, `http`, `reload`, `instructions`, `kube`: a `.md` report and a `.json` of its numbers
 //! each). `cargo xtask bench` runs it after the benchmarks; COMMAND is how it was started.
 //!
 //! The page starts with the headline table: BENCHMARKS.md metrics 1-7, egress's number, the
@@ -36,7 +36,7 @@ const KEEP: &str =
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The benchmarks, in the order of the page.
-const BENCHES: [&str; 4] = ["connect", "http", "reload", "instructions"];
+const BENCHES: [&str; 5] = ["connect", "http", "reload", "instructions", "kube"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
