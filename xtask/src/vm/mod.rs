@@ -30,7 +30,7 @@ mod boot;
 mod initramfs;
 mod kernel;
 
-use std::{fmt::Write as _, fs, time::Instant};
+use std::{fs, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
@@ -167,43 +167,25 @@ pub fn run_matrix(child: &ChildEnv, options: &Matrix) -> Result<()> {
         &initramfs,
     )?;
 
+    // The guests run side by side, one vCPU each (a host thread each under TCG): on a 2-CPU
+    // machine that halves the step. Their console lines carry the kernel's name.
+    let results = std::thread::scope(|scope| {
+        let guests: Vec<_> = kernels
+            .iter()
+            .map(|image| {
+                scope.spawn(|| run_guest(image, &initramfs, &work, options, built.tests.len()))
+            })
+            .collect();
+        guests
+            .into_iter()
+            .map(|guest| guest.join().expect("a guest's thread panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
     let mut failures = Vec::new();
     let mut summary = String::new();
-    for image in &kernels {
-        let started = Instant::now();
-        let log = work.join(format!("{}.log", image.kernel.name()));
-        let mut outcome = boot::boot(image, &initramfs, &log, options)?;
-        let mut note = "";
-        if outcome.release.is_none() {
-            // The guest died before /init printed its first line: a boot failure under
-            // emulation, not a test result. Keep that console and boot once more.
-            let first = work.join(format!("{}.boot-failure.log", image.kernel.name()));
-            fs::rename(&log, &first)?;
-            eprintln!(
-                "vm: {} died before /init ran (console in {}); booting it once more",
-                image.release,
-                first.display()
-            );
-            outcome = boot::boot(image, &initramfs, &log, options)?;
-            note = " (second boot: the first died before /init ran)";
-        }
-        let verdict = outcome.verdict(built.tests.len());
-        let _ = writeln!(
-            summary,
-            "kernel {} ({}): {} passed, {} failed, {} skipped in {} test binaries, {:.0?}{note}: {}",
-            image.kernel.name(),
-            outcome.release.as_deref().unwrap_or(&image.release),
-            outcome.tally.passed,
-            outcome.tally.failed,
-            outcome.tally.ignored,
-            outcome.tally.binaries,
-            started.elapsed(),
-            match &verdict {
-                Ok(()) => "ok".to_owned(),
-                Err(why) => format!("FAILED: {why} (console: {})", log.display()),
-            }
-        );
-        if verdict.is_err() {
+    for (image, (line, failed)) in kernels.iter().zip(results) {
+        summary.push_str(&line);
+        if failed {
             failures.push(image.kernel.name());
         }
     }
@@ -212,6 +194,50 @@ pub fn run_matrix(child: &ChildEnv, options: &Matrix) -> Result<()> {
         bail!("the kernel matrix failed on {}", failures.join(", "));
     }
     Ok(())
+}
+
+/// Boots one kernel (twice if it dies before `/init` runs) and returns its summary line and
+/// whether it failed.
+fn run_guest(
+    image: &kernel::KernelImage,
+    initramfs: &std::path::Path,
+    work: &std::path::Path,
+    options: &Matrix,
+    binaries: usize,
+) -> Result<(String, bool)> {
+    let started = Instant::now();
+    let log = work.join(format!("{}.log", image.kernel.name()));
+    let mut outcome = boot::boot(image, initramfs, &log, options)?;
+    let mut note = "";
+    if outcome.release.is_none() {
+        // The guest died before /init printed its first line: a boot failure under
+        // emulation, not a test result. Keep that console and boot once more.
+        let first = work.join(format!("{}.boot-failure.log", image.kernel.name()));
+        fs::rename(&log, &first)?;
+        eprintln!(
+            "vm: {} died before /init ran (console in {}); booting it once more",
+            image.release,
+            first.display()
+        );
+        outcome = boot::boot(image, initramfs, &log, options)?;
+        note = " (second boot: the first died before /init ran)";
+    }
+    let verdict = outcome.verdict(binaries);
+    let line = format!(
+        "kernel {} ({}): {} passed, {} failed, {} skipped in {} test binaries, {:.0?}{note}: {}\n",
+        image.kernel.name(),
+        outcome.release.as_deref().unwrap_or(&image.release),
+        outcome.tally.passed,
+        outcome.tally.failed,
+        outcome.tally.ignored,
+        outcome.tally.binaries,
+        started.elapsed(),
+        match &verdict {
+            Ok(()) => "ok".to_owned(),
+            Err(why) => format!("FAILED: {why} (console: {})", log.display()),
+        }
+    );
+    Ok((line, verdict.is_err()))
 }
 
 impl Matrix {
