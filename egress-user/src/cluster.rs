@@ -1,11 +1,21 @@
 //! The Kubernetes API as a policy source (`egress run --kubeconfig FILE` or `--in-cluster`):
-//! the EgressRule objects of every namespace (deploy/crds.yaml), each scoped to its namespace,
-//! beside the node's policy files.
+//! the EgressRule objects of every namespace (deploy/crds.yaml) and the ExternalName Services
+//! (aliases), each scoped to its namespace, beside the node's policy files.
 //!
-//! - [`Cluster::spawn`] runs kube-rs's watcher on `egressrules.egress.dev`: a full list, then a
-//!   watch; after an error or an API outage it lists again from scratch (with backoff), and the
-//!   list replaces what the agent had, so an object deleted meanwhile is gone and none is
-//!   counted twice. Each change publishes a [`Snapshot`]; the agent's loop takes the latest
+//! - [`Cluster::spawn`] runs kube-rs's watcher on `egressrules.egress.dev` and one on core
+//!   `services`: a full list, then a watch; after an error or an API outage it lists again from
+//!   scratch (with backoff), and the list replaces what the agent had, so an object deleted
+//!   meanwhile is gone and none is counted twice. The agent applies nothing from the API until
+//!   both kinds have been listed.
+//! - Only a Service of `type: ExternalName` counts, and only its name, namespace,
+//!   `externalName` and `ports[].port` (the fields an alias means; the API server's defaults
+//!   such as `targetPort` are not read). Anyone who may create Services in a namespace can
+//!   therefore open egress for that namespace's pods, to the `externalName` on those ports,
+//!   just as with an EgressRule there.
+//! - An API server that does not serve Services (404) is logged once and asked again every
+//!   [`ABSENT_RETRY`]; the agent goes on with none from the API. A Service list the agent may
+//!   not read (403: its ClusterRole lacks `services`) is logged once, and the Services last
+//!   listed stay. Each change publishes a [`Snapshot`]; the agent's loop takes the latest
 //!   once the changes have been quiet for [`QUIET`] (at most [`MAX_DELAY`] after the first),
 //!   so a burst of updates becomes a few generations.
 //! - Each object becomes a policy document (its `spec` as written, its namespace as
@@ -48,6 +58,8 @@ pub const QUIET: Duration = Duration::from_millis(100);
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
 /// How many status writes are in flight at once.
 const STATUS_CONCURRENCY: usize = 8;
+/// How often the agent asks again for a kind the API server does not serve.
+pub const ABSENT_RETRY: Duration = Duration::from_secs(60);
 
 /// How the agent reaches the API.
 #[derive(Clone, Debug)]
@@ -66,9 +78,62 @@ pub fn egress_rules() -> ApiResource {
     )
 }
 
-/// One EgressRule object, as the agent judges it.
+/// The core v1 Service resource.
+fn services() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Service"), "services")
+}
+
+/// The kinds of objects the agent reads from the API.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Kind {
+    /// `egressrules.egress.dev`.
+    #[default]
+    EgressRule,
+    /// A core v1 Service of `type: ExternalName`: an alias.
+    Service,
+}
+
+impl Kind {
+    /// Every kind, each watched on its own.
+    const ALL: [Self; 2] = [Self::EgressRule, Self::Service];
+
+    /// Its API resource.
+    fn resource(self) -> ApiResource {
+        match self {
+            Self::EgressRule => egress_rules(),
+            Self::Service => services(),
+        }
+    }
+
+    /// Its plural, for messages.
+    fn plural(self) -> &'static str {
+        match self {
+            Self::EgressRule => "EgressRules",
+            Self::Service => "Services",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::EgressRule => "EgressRule",
+            Self::Service => "Service",
+        })
+    }
+}
+
+/// An object's identity in a [`Snapshot`]: namespace, name and kind.
+pub type ObjectKey = (String, String, Kind);
+
+/// One EgressRule object, or one ExternalName Service, as the agent judges it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleObject {
+    /// EgressRule or Service (records written before Services were read have none).
+    #[serde(default)]
+    pub kind: Kind,
     /// Its namespace: the pods it applies to.
     pub namespace: String,
     /// Its name.
@@ -79,21 +144,28 @@ pub struct RuleObject {
     pub resource_version: String,
     /// `metadata.generation`.
     pub generation: i64,
-    /// `spec`, as the API has it.
+    /// `spec`, as the API has it (a Service's: only the fields an alias means).
     pub spec: serde_json::Value,
 }
 
 impl RuleObject {
-    /// From the API's object; `None` without a namespace or name.
-    fn from_dynamic(object: &DynamicObject) -> Option<Self> {
+    /// From the API's object; `None` without a namespace or name, or for a Service that is
+    /// not of type ExternalName.
+    fn from_dynamic(kind: Kind, object: &DynamicObject) -> Option<Self> {
         let meta = &object.metadata;
+        let spec = object.data.get("spec").cloned().unwrap_or_default();
+        let spec = match kind {
+            Kind::EgressRule => spec,
+            Kind::Service => alias_spec(&spec)?,
+        };
         Some(Self {
+            kind,
             namespace: meta.namespace.clone()?,
             name: meta.name.clone()?,
             uid: meta.uid.clone().unwrap_or_default(),
             resource_version: meta.resource_version.clone().unwrap_or_default(),
             generation: meta.generation.unwrap_or(0),
-            spec: object.data.get("spec").cloned().unwrap_or_default(),
+            spec,
         })
     }
 
@@ -102,25 +174,29 @@ impl RuleObject {
         self.uid == other.uid && self.generation == other.generation && self.spec == other.spec
     }
 
-    /// `namespace/name`.
-    pub fn key(&self) -> (String, String) {
-        (self.namespace.clone(), self.name.clone())
+    /// Namespace, name and kind.
+    pub fn key(&self) -> ObjectKey {
+        (self.namespace.clone(), self.name.clone(), self.kind)
     }
 
     /// The name its policy document goes by in messages and in `egress get`'s SOURCE column.
     pub fn source_name(&self) -> String {
         format!(
-            "EgressRule {}/{} (resourceVersion {})",
-            self.namespace, self.name, self.resource_version
+            "{} {}/{} (resourceVersion {})",
+            self.kind, self.namespace, self.name, self.resource_version
         )
     }
 
     /// The object as a policy document: JSON (which is YAML), one field a line, so that a
     /// message's line number points at the field.
     pub fn document(&self) -> Vec<u8> {
+        let api_version = match self.kind {
+            Kind::EgressRule => API_VERSION,
+            Kind::Service => "v1",
+        };
         let document = serde_json::json!({
-            "apiVersion": API_VERSION,
-            "kind": "EgressRule",
+            "apiVersion": api_version,
+            "kind": self.kind.to_string(),
             "metadata": {"name": self.name, "namespace": self.namespace},
             "spec": self.spec,
         });
@@ -136,13 +212,32 @@ impl RuleObject {
     }
 }
 
-/// The objects as the watch last saw them.
+/// A Service's `spec` reduced to what an alias means (`type`, `externalName`,
+/// `ports[].port`); `None` unless it is of type ExternalName.
+fn alias_spec(spec: &serde_json::Value) -> Option<serde_json::Value> {
+    if spec.get("type").and_then(serde_json::Value::as_str) != Some("ExternalName") {
+        return None;
+    }
+    let mut alias = serde_json::json!({"type": "ExternalName"});
+    if let Some(name) = spec.get("externalName") {
+        alias["externalName"] = name.clone();
+    }
+    if let Some(ports) = spec.get("ports").and_then(serde_json::Value::as_array) {
+        alias["ports"] = ports
+            .iter()
+            .map(|p| serde_json::json!({"port": p.get("port").cloned().unwrap_or_default()}))
+            .collect();
+    }
+    Some(alias)
+}
+
+/// The objects as the watches last saw them.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// Whether a full list has arrived (until then, the objects last in force stay).
+    /// Whether every kind has been listed (until then, the objects last in force stay).
     pub synced: bool,
-    /// By namespace and name.
-    pub rules: Arc<BTreeMap<(String, String), RuleObject>>,
+    /// By namespace, name and kind.
+    pub rules: Arc<BTreeMap<ObjectKey, RuleObject>>,
 }
 
 /// What the agent made of one object on this node.
@@ -199,7 +294,18 @@ impl Cluster {
                 }
             };
             tokio::spawn(write_statuses(client.clone(), node, status_rx, written));
-            watch_rules(client, tx).await;
+            let publisher = Arc::new(Publisher {
+                tx,
+                kinds: Mutex::default(),
+            });
+            for kind in Kind::ALL {
+                tokio::spawn(watch_kind(
+                    client.clone(),
+                    kind,
+                    publisher.clone(),
+                    ABSENT_RETRY,
+                ));
+            }
         });
         self.snapshots = Some(rx);
         self.status = Some(status_tx);
@@ -233,7 +339,8 @@ impl Cluster {
         }
     }
 
-    /// Writes the verdicts that changed since they were last written, and returns those.
+    /// Writes the verdicts that changed since they were last written (an EgressRule's, in its
+    /// status), and returns those.
     pub fn report<'a>(
         &self,
         verdicts: &'a [(&'a RuleObject, Verdict)],
@@ -250,6 +357,10 @@ impl Cluster {
             }
             written.insert(object.uid.clone(), now);
             changed.push((*object, verdict));
+            if object.kind != Kind::EgressRule {
+                // A Service has no status of ours: its verdict is in the log and the events.
+                continue;
+            }
             let _ = status.send(StatusUpdate {
                 namespace: object.namespace.clone(),
                 name: object.name.clone(),
@@ -289,80 +400,165 @@ async fn client(connect: &Connect) -> anyhow::Result<Client> {
     Client::try_from(config).context("a Kubernetes client")
 }
 
-/// Lists and watches the EgressRules of every namespace, publishing each change, for good.
-async fn watch_rules(client: Client, tx: watch::Sender<Snapshot>) {
-    let api: Api<DynamicObject> = Api::all_with(client, &egress_rules());
-    let mut rules: BTreeMap<(String, String), RuleObject> = BTreeMap::new();
-    // A re-list's objects, until it is complete.
-    let mut listing: Option<BTreeMap<(String, String), RuleObject>> = None;
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    loop {
-        let event = match stream.try_next().await {
-            Ok(Some(event)) => event,
-            Ok(None) => {
-                tracing::error!("kubernetes: the EgressRule watch ended");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "kubernetes: watching EgressRules; listing again (the policy in force stays)");
-                continue;
-            }
-        };
-        let publish = match event {
-            watcher::Event::Init => {
-                listing = Some(BTreeMap::new());
-                false
-            }
-            watcher::Event::InitApply(object) => {
-                if let (Some(listing), Some(rule)) =
-                    (listing.as_mut(), RuleObject::from_dynamic(&object))
-                {
-                    listing.insert(rule.key(), rule);
+/// Combines the kinds' objects into one [`Snapshot`], published once every kind is listed.
+struct Publisher {
+    tx: watch::Sender<Snapshot>,
+    /// Each kind's objects, once listed.
+    kinds: Mutex<BTreeMap<Kind, Arc<BTreeMap<ObjectKey, RuleObject>>>>,
+}
+
+impl Publisher {
+    /// `objects` are now the objects of `kind`.
+    fn publish(&self, kind: Kind, objects: Arc<BTreeMap<ObjectKey, RuleObject>>) {
+        let mut kinds = self.kinds.lock().expect("published kinds");
+        kinds.insert(kind, objects);
+        if kinds.len() < Kind::ALL.len() {
+            return;
+        }
+        let all = kinds
+            .values()
+            .flat_map(|objects| objects.iter().map(|(k, o)| (k.clone(), o.clone())))
+            .collect();
+        self.tx.send_replace(Snapshot {
+            synced: true,
+            rules: Arc::new(all),
+        });
+    }
+}
+
+/// The HTTP status of an API's refusal, if the watch failed with one.
+fn refusal(error: &watcher::Error) -> Option<u16> {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
+        watcher::Error::WatchError(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// Lists and watches the objects of `kind` in every namespace, publishing each change, for
+/// good. For Services, a 404 (an API server without them) means none, asked again every
+/// `absent_retry` ([`ABSENT_RETRY`]), and a 403 means the last ones listed; each is logged
+/// once.
+async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absent_retry: Duration) {
+    let api: Api<DynamicObject> = Api::all_with(client, &kind.resource());
+    let mut objects: Arc<BTreeMap<ObjectKey, RuleObject>> = Arc::default();
+    let mut absent_logged = false;
+    'watch: loop {
+        // A re-list's objects, until it is complete.
+        let mut listing: Option<BTreeMap<ObjectKey, RuleObject>> = None;
+        let mut forbidden_logged = false;
+        let mut stream = watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        loop {
+            let event = match stream.try_next().await {
+                Ok(Some(event)) => event,
+                Ok(None) => {
+                    tracing::error!("kubernetes: the {} watch ended", kind.plural());
+                    return;
                 }
-                false
-            }
-            watcher::Event::InitDone => {
-                let mut listed = listing.take().unwrap_or_default();
-                // An object whose spec did not change keeps the resourceVersion it was judged
-                // at: a status write is not a change of the policy.
-                for (key, rule) in &mut listed {
-                    if let Some(old) = rules.get(key)
-                        && old.same_spec(rule)
-                    {
-                        rule.clone_from(old);
+                Err(e) if kind == Kind::Service && refusal(&e) == Some(404) => {
+                    if !absent_logged {
+                        tracing::warn!(
+                            error = %e,
+                            "kubernetes: the API server does not serve Services; ExternalName aliases come from the node's policy files only (asking again every {} s)",
+                            absent_retry.as_secs()
+                        );
+                        absent_logged = true;
+                        objects = Arc::default();
+                        publisher.publish(kind, objects.clone());
                     }
+                    tokio::time::sleep(absent_retry).await;
+                    continue 'watch;
                 }
-                rules = listed;
-                tracing::info!(objects = rules.len(), "kubernetes: listed the EgressRules");
-                true
-            }
-            watcher::Event::Apply(object) => match RuleObject::from_dynamic(&object) {
-                // Its status written (by this agent or another): not a change of the policy.
-                Some(rule)
-                    if rules
-                        .get(&rule.key())
-                        .is_some_and(|old| old.same_spec(&rule)) =>
-                {
+                Err(e) if kind == Kind::Service && refusal(&e) == Some(403) => {
+                    if !forbidden_logged {
+                        tracing::error!(
+                            error = %e,
+                            "kubernetes: the agent may not read Services (its ClusterRole needs services get/list/watch, see deploy/rbac.yaml); the Services last listed stay"
+                        );
+                        forbidden_logged = true;
+                        publisher.publish(kind, objects.clone());
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kubernetes: watching {}; listing again (the policy in force stays)", kind.plural());
+                    continue;
+                }
+            };
+            let changed = match event {
+                watcher::Event::Init => {
+                    listing = Some(BTreeMap::new());
                     false
                 }
-                Some(rule) => {
-                    rules.insert(rule.key(), rule);
+                watcher::Event::InitApply(object) => {
+                    if let (Some(listing), Some(rule)) =
+                        (listing.as_mut(), RuleObject::from_dynamic(kind, &object))
+                    {
+                        listing.insert(rule.key(), rule);
+                    }
+                    false
+                }
+                watcher::Event::InitDone => {
+                    let mut listed = listing.take().unwrap_or_default();
+                    // An object whose spec did not change keeps the resourceVersion it was
+                    // judged at: a status write is not a change of the policy.
+                    for (key, rule) in &mut listed {
+                        if let Some(old) = objects.get(key)
+                            && old.same_spec(rule)
+                        {
+                            rule.clone_from(old);
+                        }
+                    }
+                    objects = Arc::new(listed);
+                    absent_logged = false;
+                    forbidden_logged = false;
+                    tracing::info!(
+                        objects = objects.len(),
+                        "kubernetes: listed the {}",
+                        kind.plural()
+                    );
                     true
                 }
-                None => false,
-            },
-            watcher::Event::Delete(object) => RuleObject::from_dynamic(&object)
-                .is_some_and(|rule| rules.remove(&rule.key()).is_some()),
-        };
-        if publish {
-            tx.send_replace(Snapshot {
-                synced: true,
-                rules: Arc::new(rules.clone()),
-            });
+                watcher::Event::Apply(object) => match RuleObject::from_dynamic(kind, &object) {
+                    // Its status written (by this agent or another): not a change of the policy.
+                    Some(rule)
+                        if objects
+                            .get(&rule.key())
+                            .is_some_and(|old| old.same_spec(&rule)) =>
+                    {
+                        false
+                    }
+                    Some(rule) => {
+                        Arc::make_mut(&mut objects).insert(rule.key(), rule);
+                        true
+                    }
+                    // A Service no longer of type ExternalName is no alias any more.
+                    None => remove(&mut objects, kind, &object),
+                },
+                watcher::Event::Delete(object) => remove(&mut objects, kind, &object),
+            };
+            if changed {
+                publisher.publish(kind, objects.clone());
+            }
         }
     }
+}
+
+/// Removes `object` from `objects`; whether it was there.
+fn remove(
+    objects: &mut Arc<BTreeMap<ObjectKey, RuleObject>>,
+    kind: Kind,
+    object: &DynamicObject,
+) -> bool {
+    let (Some(namespace), Some(name)) = (&object.metadata.namespace, &object.metadata.name) else {
+        return false;
+    };
+    let key = (namespace.clone(), name.clone(), kind);
+    objects.contains_key(&key) && Arc::make_mut(objects).remove(&key).is_some()
 }
 
 /// One object's verdict on this node, to write.
@@ -483,6 +679,7 @@ mod tests {
 
     fn object(spec: serde_json::Value) -> RuleObject {
         RuleObject {
+            kind: Kind::EgressRule,
             namespace: "team-a".to_owned(),
             name: "web".to_owned(),
             uid: "u1".to_owned(),
@@ -545,5 +742,288 @@ mod tests {
         let mut recreated = rule.clone();
         recreated.uid = "u2".to_owned();
         assert!(!rule.same_spec(&recreated));
+    }
+
+    /// A mock API server: `respond` answers each request (path and query) with a status and
+    /// a body; a watch request's body is then streamed from `events` (the first watch only;
+    /// later ones stay open with nothing).
+    fn mock_client(
+        respond: impl Fn(&str) -> (u16, serde_json::Value) + Send + Sync + 'static,
+        events: mpsc::UnboundedReceiver<serde_json::Value>,
+    ) -> Client {
+        use bytes::Bytes;
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        type Chunks =
+            futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>;
+        let events = Arc::new(Mutex::new(Some(events)));
+        let respond = Arc::new(respond);
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let uri = request.uri().to_string();
+            let (events, respond) = (events.clone(), respond.clone());
+            async move {
+                let body: Chunks = if uri.contains("watch=true") {
+                    match events.lock().expect("events").take() {
+                        Some(rx) => tokio_stream_of(rx),
+                        None => futures::stream::pending().boxed(),
+                    }
+                } else {
+                    let (code, value) = respond(&uri);
+                    let bytes = Bytes::from(serde_json::to_vec(&value).expect("JSON"));
+                    let response = http::Response::builder()
+                        .status(code)
+                        .body(StreamBody::new(
+                            futures::stream::iter([Ok(Frame::data(bytes))]).boxed(),
+                        ))
+                        .expect("a response");
+                    return Ok::<_, std::convert::Infallible>(response);
+                };
+                Ok(http::Response::builder()
+                    .status(200)
+                    .body(StreamBody::new(body))
+                    .expect("a response"))
+            }
+        });
+        Client::new(service, "default")
+    }
+
+    /// Each event as one line of a watch response.
+    fn tokio_stream_of(
+        mut rx: mpsc::UnboundedReceiver<serde_json::Value>,
+    ) -> futures::stream::BoxStream<
+        'static,
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    > {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+            .map(|event| {
+                let mut line = serde_json::to_vec(&event).expect("JSON");
+                line.push(b'\n');
+                Ok(hyper::body::Frame::data(bytes::Bytes::from(line)))
+            })
+            .boxed()
+    }
+
+    fn service(
+        namespace: &str,
+        name: &str,
+        rv: &str,
+        spec: serde_json::Value,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                         "resourceVersion": rv},
+            "spec": spec,
+        })
+    }
+
+    fn external(name: &str) -> serde_json::Value {
+        // As the API server returns it, with the defaults it fills in.
+        serde_json::json!({
+            "type": "ExternalName",
+            "externalName": name,
+            "sessionAffinity": "None",
+            "ports": [{"port": 80, "protocol": "TCP", "targetPort": 80}],
+        })
+    }
+
+    fn list(items: &[serde_json::Value]) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ServiceList",
+            "metadata": {"resourceVersion": "10"},
+            "items": items,
+        })
+    }
+
+    /// A Services watch against the mock, with the EgressRules already listed (none).
+    fn watch_services(client: Client, absent_retry: Duration) -> watch::Receiver<Snapshot> {
+        let (tx, rx) = watch::channel(Snapshot::default());
+        let publisher = Arc::new(Publisher {
+            tx,
+            kinds: Mutex::default(),
+        });
+        publisher.publish(Kind::EgressRule, Arc::default());
+        tokio::spawn(watch_kind(client, Kind::Service, publisher, absent_retry));
+        rx
+    }
+
+    /// The next snapshot, within 10 s.
+    async fn next(rx: &mut watch::Receiver<Snapshot>) -> Snapshot {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("a snapshot within 10 s")
+            .expect("the watch is running");
+        rx.borrow_and_update().clone()
+    }
+
+    fn names(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .rules
+            .keys()
+            .map(|(ns, name, kind)| format!("{kind} {ns}/{name}"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn external_name_services_are_aliases_of_their_namespace_and_follow_the_watch() {
+        let (events, rx) = mpsc::unbounded_channel();
+        let client = mock_client(
+            |_| {
+                (
+                    200,
+                    list(&[
+                        service("team-a", "httpbin", "5", external("httpbin.test")),
+                        service(
+                            "team-a",
+                            "web",
+                            "6",
+                            serde_json::json!({"type": "ClusterIP", "clusterIP": "10.0.0.1",
+                                               "ports": [{"port": 80}]}),
+                        ),
+                    ]),
+                )
+            },
+            rx,
+        );
+        let mut snapshots = watch_services(client, ABSENT_RETRY);
+        let listed = next(&mut snapshots).await;
+        assert!(listed.synced);
+        assert_eq!(
+            names(&listed),
+            ["Service team-a/httpbin"],
+            "a ClusterIP Service is no alias"
+        );
+        let object = listed.rules.values().next().expect("one");
+        assert_eq!(
+            object.spec,
+            serde_json::json!({"type": "ExternalName", "externalName": "httpbin.test",
+                               "ports": [{"port": 80}]}),
+            "only what an alias means is read"
+        );
+        let policy = crate::policy::load_sources(&[(object.source_name(), object.document())])
+            .expect("the Service is a valid alias");
+        assert_eq!(policy.aliases.len(), 1);
+        let alias = &policy.aliases[0];
+        assert_eq!(
+            (
+                alias.name.as_str(),
+                alias.namespace.as_str(),
+                alias.scope.as_deref()
+            ),
+            ("httpbin", "team-a", Some("team-a")),
+            "the alias is for its namespace's pods only"
+        );
+        assert_eq!(alias.ports, [80]);
+        assert_eq!(
+            alias.origin.file,
+            "Service team-a/httpbin (resourceVersion 5)"
+        );
+
+        events
+            .send(serde_json::json!({"type": "ADDED",
+                "object": service("team-b", "api", "11", external("api.test"))}))
+            .expect("watching");
+        assert_eq!(
+            names(&next(&mut snapshots).await),
+            ["Service team-a/httpbin", "Service team-b/api"]
+        );
+        events
+            .send(serde_json::json!({"type": "MODIFIED",
+                "object": service("team-a", "httpbin", "12",
+                    serde_json::json!({"type": "ClusterIP", "ports": [{"port": 80}]}))}))
+            .expect("watching");
+        assert_eq!(
+            names(&next(&mut snapshots).await),
+            ["Service team-b/api"],
+            "a Service changed to ClusterIP is no alias any more"
+        );
+        events
+            .send(serde_json::json!({"type": "DELETED",
+                "object": service("team-b", "api", "13", external("api.test"))}))
+            .expect("watching");
+        assert!(next(&mut snapshots).await.rules.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_api_server_without_services_means_none_and_is_asked_again() {
+        let lists = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = lists.clone();
+        let (_events, rx) = mpsc::unbounded_channel();
+        let client = mock_client(
+            move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (
+                    404,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": "the server could not find the requested resource",
+                        "reason": "NotFound", "code": 404}),
+                )
+            },
+            rx,
+        );
+        let mut snapshots = watch_services(client, Duration::from_millis(50));
+        let snapshot = next(&mut snapshots).await;
+        assert!(snapshot.synced, "the EgressRules are not held back");
+        assert!(snapshot.rules.is_empty());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while lists.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "asked again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !snapshots.has_changed().expect("running"),
+            "a 404 again publishes nothing new (no reload every minute)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_service_list_keeps_the_services_last_listed() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let (events, rx) = mpsc::unbounded_channel();
+        let client = mock_client(
+            move |_| {
+                if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    (
+                        200,
+                        list(&[service("team-a", "httpbin", "5", external("httpbin.test"))]),
+                    )
+                } else {
+                    (
+                        403,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                            "status": "Failure", "message": "services is forbidden",
+                            "reason": "Forbidden", "code": 403}),
+                    )
+                }
+            },
+            rx,
+        );
+        let mut snapshots = watch_services(client, ABSENT_RETRY);
+        assert_eq!(
+            names(&next(&mut snapshots).await),
+            ["Service team-a/httpbin"]
+        );
+        // The watch expires (410 Gone): the watcher lists again, and is refused.
+        events
+            .send(
+                serde_json::json!({"type": "ERROR", "object": {"kind": "Status",
+                "apiVersion": "v1", "status": "Failure", "message": "too old resource version",
+                "reason": "Expired", "code": 410}}),
+            )
+            .expect("watching");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while calls.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "listed again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let snapshot = next(&mut snapshots).await;
+        assert_eq!(
+            names(&snapshot),
+            ["Service team-a/httpbin"],
+            "the Services last listed stay"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The Kubernetes API's EgressRule objects in the agent's policy (see [`crate::cluster`]):
-//! which of them are in force, and what each object's status says on this node.
+//! The Kubernetes API's EgressRule objects and ExternalName Services in the agent's policy
+//! (see [`crate::cluster`]): which of them are in force, and what each EgressRule's status
+//! says on this node.
 //!
 //! An object goes in when it is valid alone and with the rest of the policy. One that is not
 //! is left out with the errors that name it, and the others go in: a user's mistake in one
@@ -10,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    cluster::{Cluster, RuleObject, Snapshot, Verdict},
+    cluster::{Cluster, ObjectKey, RuleObject, Snapshot, Verdict},
     control::{WireEvent, server::HubEvent},
     policy::{self, PolicySource},
 };
@@ -104,7 +105,7 @@ impl Agent {
             self.cluster.in_force = good;
             if !bad.is_empty() {
                 result = self.reload(false, why);
-                let bad: HashMap<(String, String), String> = bad
+                let bad: HashMap<ObjectKey, String> = bad
                     .into_iter()
                     .map(|r| {
                         let errors = named[&r.source_name()].join("\n");
@@ -132,7 +133,7 @@ impl Agent {
                     refused = verdicts.len(),
                     "kubernetes: EgressRules applied"
                 );
-                let in_force: HashSet<(String, String)> =
+                let in_force: HashSet<ObjectKey> =
                     self.cluster.in_force.iter().map(RuleObject::key).collect();
                 verdicts.extend(
                     snapshot
@@ -151,10 +152,12 @@ impl Agent {
         for (rule, verdict) in cluster.report(&verdicts) {
             if let Verdict::Refused(errors) = verdict {
                 tracing::warn!(
+                    kind = %rule.kind,
                     object = %format!("{}/{}", rule.namespace, rule.name),
                     resource_version = %rule.resource_version,
                     errors = %errors,
-                    "kubernetes: EgressRule refused on this node; the rest of the policy is in force"
+                    "kubernetes: {} refused on this node; the rest of the policy is in force",
+                    rule.kind
                 );
                 // `egress events --verdict refused` shows it beside the connections' verdicts.
                 self.hub.publish(HubEvent::Policy(WireEvent {
