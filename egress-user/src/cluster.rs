@@ -426,6 +426,34 @@ impl Publisher {
     }
 }
 
+/// Whether the API server serves core v1 Services, from its discovery document (`GET
+/// /api/v1`): `Some(false)` when it answers 404 there (as the CRD server does, with a body
+/// that is no `Status`, so the watch's error has no code) or lists no `services`; `None` when
+/// it cannot be told.
+async fn serves_services(client: &Client) -> Option<bool> {
+    let request = http::Request::get("/api/v1")
+        .body(Vec::new())
+        .expect("a valid request");
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .ok()?;
+    match response.status() {
+        http::StatusCode::NOT_FOUND => Some(false),
+        status if status.is_success() => {
+            let body = response.into_body().collect_bytes().await.ok()?;
+            let list: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            let resources = list.get("resources")?.as_array()?;
+            Some(
+                resources
+                    .iter()
+                    .any(|r| r.get("name") == Some(&"services".into())),
+            )
+        }
+        _ => None,
+    }
+}
+
 /// The HTTP status of an API's refusal, if the watch failed with one.
 fn refusal(error: &watcher::Error) -> Option<u16> {
     match error {
@@ -442,7 +470,7 @@ fn refusal(error: &watcher::Error) -> Option<u16> {
 /// `absent_retry` ([`ABSENT_RETRY`]), and a 403 means the last ones listed; each is logged
 /// once.
 async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absent_retry: Duration) {
-    let api: Api<DynamicObject> = Api::all_with(client, &kind.resource());
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.resource());
     let mut objects: Arc<BTreeMap<ObjectKey, RuleObject>> = Arc::default();
     let mut absent_logged = false;
     'watch: loop {
@@ -459,7 +487,20 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
                     tracing::error!("kubernetes: the {} watch ended", kind.plural());
                     return;
                 }
-                Err(e) if kind == Kind::Service && refusal(&e) == Some(404) => {
+                Err(e) if kind == Kind::Service && refusal(&e) == Some(403) => {
+                    if !forbidden_logged {
+                        tracing::error!(
+                            error = %e,
+                            "kubernetes: the agent may not read Services (its ClusterRole needs services get/list/watch, see deploy/rbac.yaml); the Services last listed stay"
+                        );
+                        forbidden_logged = true;
+                        publisher.publish(kind, objects.clone());
+                    }
+                    continue;
+                }
+                Err(e)
+                    if kind == Kind::Service && serves_services(&client).await == Some(false) =>
+                {
                     if !absent_logged {
                         tracing::warn!(
                             error = %e,
@@ -472,17 +513,6 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
                     }
                     tokio::time::sleep(absent_retry).await;
                     continue 'watch;
-                }
-                Err(e) if kind == Kind::Service && refusal(&e) == Some(403) => {
-                    if !forbidden_logged {
-                        tracing::error!(
-                            error = %e,
-                            "kubernetes: the agent may not read Services (its ClusterRole needs services get/list/watch, see deploy/rbac.yaml); the Services last listed stay"
-                        );
-                        forbidden_logged = true;
-                        publisher.publish(kind, objects.clone());
-                    }
-                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "kubernetes: watching {}; listing again (the policy in force stays)", kind.plural());
@@ -954,12 +984,8 @@ mod tests {
         let client = mock_client(
             move |_| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                (
-                    404,
-                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "message": "the server could not find the requested resource",
-                        "reason": "NotFound", "code": 404}),
-                )
+                // What the CRD server answers for /api/...: its paths, not a `Status`.
+                (404, serde_json::json!({"paths": ["/apis", "/healthz"]}))
             },
             rx,
         );
@@ -968,7 +994,8 @@ mod tests {
         assert!(snapshot.synced, "the EgressRules are not held back");
         assert!(snapshot.rules.is_empty());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while lists.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        // Each round is a list and a discovery request.
+        while lists.load(std::sync::atomic::Ordering::SeqCst) < 6 {
             assert!(tokio::time::Instant::now() < deadline, "asked again");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1024,6 +1051,38 @@ mod tests {
             names(&snapshot),
             ["Service team-a/httpbin"],
             "the Services last listed stay"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_service_list_on_a_server_with_services_holds_the_policy() {
+        let (_events, rx) = mpsc::unbounded_channel();
+        let client = mock_client(
+            |uri| {
+                if uri.ends_with("/api/v1") {
+                    (
+                        200,
+                        serde_json::json!({"kind": "APIResourceList", "groupVersion": "v1",
+                            "resources": [{"name": "services", "namespaced": true,
+                                           "kind": "Service", "verbs": ["list", "watch"]}]}),
+                    )
+                } else {
+                    (
+                        500,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                            "status": "Failure", "message": "etcd is down", "code": 500}),
+                    )
+                }
+            },
+            rx,
+        );
+        let mut snapshots = watch_services(client, Duration::from_millis(50));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), snapshots.changed())
+                .await
+                .is_err(),
+            "nothing is published until the Services are listed: {:?}",
+            names(&snapshots.borrow())
         );
     }
 }

@@ -284,6 +284,15 @@ fn egress_rules_in_the_api_hold_for_their_namespace_only() {
         "seed 003 as objects: in force {:?} after the first create",
         applied.elapsed()
     );
+    // The CRD server serves no core Services (404): the agent says so once and goes on with
+    // the EgressRules (a Service watch that held them back would have failed the wait above).
+    let log = agent.log();
+    assert_eq!(
+        log.matches("the API server does not serve Services")
+            .count(),
+        1,
+        "{log}"
+    );
     node.assert_connects(&web, sa(V4_A, 443));
     node.assert_connects(&web, sa(V4_B, 443));
     node.assert_refused(&web, sa(V4_A, 9090));
