@@ -339,8 +339,8 @@ impl Cluster {
         }
     }
 
-    /// Writes the verdicts that changed since they were last written (an EgressRule's, in its
-    /// status), and returns those.
+    /// Writes the verdicts that changed since they were last written (an EgressRule's in its
+    /// status; a refusal also as a Kubernetes Event on the object), and returns those.
     pub fn report<'a>(
         &self,
         verdicts: &'a [(&'a RuleObject, Verdict)],
@@ -357,11 +357,8 @@ impl Cluster {
             }
             written.insert(object.uid.clone(), now);
             changed.push((*object, verdict));
-            if object.kind != Kind::EgressRule {
-                // A Service has no status of ours: its verdict is in the log and the events.
-                continue;
-            }
             let _ = status.send(StatusUpdate {
+                kind: object.kind,
                 namespace: object.namespace.clone(),
                 name: object.name.clone(),
                 uid: object.uid.clone(),
@@ -594,6 +591,7 @@ fn remove(
 /// One object's verdict on this node, to write.
 #[derive(Clone, Debug)]
 struct StatusUpdate {
+    kind: Kind,
     namespace: String,
     name: String,
     uid: String,
@@ -602,7 +600,9 @@ struct StatusUpdate {
     verdict: Verdict,
 }
 
-/// Writes each object's `status.nodes` entry for `node`, latest verdict first, a few at once.
+/// Writes each EgressRule's `status.nodes` entry for `node`, latest verdict first, a few at
+/// once, and records a refusal as a Warning Event (reason `Refused`) on the object, for
+/// `kubectl describe` and `kubectl get events`.
 async fn write_statuses(
     client: Client,
     node: String,
@@ -610,6 +610,7 @@ async fn write_statuses(
     written: Arc<Mutex<HashMap<String, (Verdict, i64)>>>,
 ) {
     let manager = format!("egress-agent/{node}");
+    let events = Arc::new(Events::new(client.clone(), &node));
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         // The latest verdict of each object only.
@@ -619,14 +620,17 @@ async fn write_statuses(
         }
         futures::stream::iter(latest.into_values())
             .for_each_concurrent(STATUS_CONCURRENCY, |update| {
-                let (client, node, manager, written) = (
+                let (client, node, manager, written, events) = (
                     client.clone(),
                     node.clone(),
                     manager.clone(),
                     written.clone(),
+                    events.clone(),
                 );
                 async move {
-                    if let Err(e) = write_status(client, &node, &manager, &update).await {
+                    if update.kind == Kind::EgressRule
+                        && let Err(e) = write_status(client, &node, &manager, &update).await
+                    {
                         // Written again at the next change of the objects.
                         written.lock().expect("status map").remove(&update.uid);
                         if !matches!(&e, kube::Error::Api(s) if s.code == 404) {
@@ -637,9 +641,78 @@ async fn write_statuses(
                             );
                         }
                     }
+                    if let Verdict::Refused(message) = &update.verdict {
+                        events.refused(&update, message).await;
+                    }
                 }
             })
             .await;
+    }
+}
+
+/// The agent's Kubernetes Events (`events.k8s.io/v1`): one Warning per refusal.
+struct Events {
+    recorder: kube::runtime::events::Recorder,
+    /// Whether the API refused an Event already (said once: an API server without Events, or
+    /// a ClusterRole without them, is no reason to fill the log).
+    failed: std::sync::atomic::AtomicBool,
+}
+
+/// The most an Event's note may hold (the API's limit is 1 kB).
+const EVENT_NOTE_MAX: usize = 1024;
+
+impl Events {
+    fn new(client: Client, node: &str) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: "egress-agent".to_owned(),
+            instance: Some(node.to_owned()),
+        };
+        Self {
+            recorder: kube::runtime::events::Recorder::new(client, reporter),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Records that this node refused `update`'s object, with the agent's `message`.
+    async fn refused(&self, update: &StatusUpdate, message: &str) {
+        use kube::runtime::events::{Event, EventType};
+        let mut note = message.to_owned();
+        if note.len() > EVENT_NOTE_MAX {
+            let mut end = EVENT_NOTE_MAX - 3;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push_str("...");
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "Refused".to_owned(),
+            note: Some(note),
+            action: "Enforce".to_owned(),
+            secondary: None,
+        };
+        let (api_version, kind) = match update.kind {
+            Kind::EgressRule => (API_VERSION, "EgressRule"),
+            Kind::Service => ("v1", "Service"),
+        };
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(api_version.to_owned()),
+            kind: Some(kind.to_owned()),
+            name: Some(update.name.clone()),
+            namespace: Some(update.namespace.clone()),
+            uid: Some(update.uid.clone()),
+            resource_version: Some(update.resource_version.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = self.recorder.publish(&event, &regarding).await
+            && !self.failed.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                error = %e,
+                "kubernetes: the API refused an Event (refusals are still in the objects' status and the agent's log; said once)"
+            );
+        }
     }
 }
 
@@ -774,11 +847,20 @@ mod tests {
         assert!(!rule.same_spec(&recreated));
     }
 
-    /// A mock API server: `respond` answers each request (path and query) with a status and
-    /// a body; a watch request's body is then streamed from `events` (the first watch only;
-    /// later ones stay open with nothing).
+    /// A request the mock API server received.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        method: http::Method,
+        uri: String,
+        /// The body, as JSON (`null` when empty or not JSON).
+        body: serde_json::Value,
+    }
+
+    /// A mock API server: `respond` answers each request with a status and a body; a watch
+    /// request's body is then streamed from `events` (the first watch only; later ones stay
+    /// open with nothing).
     fn mock_client(
-        respond: impl Fn(&str) -> (u16, serde_json::Value) + Send + Sync + 'static,
+        respond: impl Fn(&Seen) -> (u16, serde_json::Value) + Send + Sync + 'static,
         events: mpsc::UnboundedReceiver<serde_json::Value>,
     ) -> Client {
         use bytes::Bytes;
@@ -789,16 +871,23 @@ mod tests {
         let events = Arc::new(Mutex::new(Some(events)));
         let respond = Arc::new(respond);
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            let uri = request.uri().to_string();
             let (events, respond) = (events.clone(), respond.clone());
             async move {
+                let (parts, body) = request.into_parts();
+                let uri = parts.uri.to_string();
                 let body: Chunks = if uri.contains("watch=true") {
                     match events.lock().expect("events").take() {
                         Some(rx) => tokio_stream_of(rx),
                         None => futures::stream::pending().boxed(),
                     }
                 } else {
-                    let (code, value) = respond(&uri);
+                    let bytes = body.collect_bytes().await.unwrap_or_default();
+                    let seen = Seen {
+                        method: parts.method,
+                        uri,
+                        body: serde_json::from_slice(&bytes).unwrap_or_default(),
+                    };
+                    let (code, value) = respond(&seen);
                     let bytes = Bytes::from(serde_json::to_vec(&value).expect("JSON"));
                     let response = http::Response::builder()
                         .status(code)
@@ -1058,8 +1147,8 @@ mod tests {
     async fn a_failing_service_list_on_a_server_with_services_holds_the_policy() {
         let (_events, rx) = mpsc::unbounded_channel();
         let client = mock_client(
-            |uri| {
-                if uri.ends_with("/api/v1") {
+            |seen| {
+                if seen.uri.ends_with("/api/v1") {
                     (
                         200,
                         serde_json::json!({"kind": "APIResourceList", "groupVersion": "v1",
@@ -1084,5 +1173,137 @@ mod tests {
             "nothing is published until the Services are listed: {:?}",
             names(&snapshots.borrow())
         );
+    }
+
+    fn refused(kind: Kind, name: &str, message: &str) -> StatusUpdate {
+        StatusUpdate {
+            kind,
+            namespace: "team-a".to_owned(),
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            generation: 2,
+            resource_version: "7".to_owned(),
+            verdict: Verdict::Refused(message.to_owned()),
+        }
+    }
+
+    /// Runs the status writer on `updates` against a mock that answers every request with
+    /// `code` for Events and 200 otherwise; returns what the mock received.
+    async fn write_all(updates: Vec<StatusUpdate>, events_code: u16) -> Vec<Seen> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        let (_events, rx) = mpsc::unbounded_channel();
+        let client = mock_client(
+            move |request| {
+                recorded.lock().expect("seen").push(request.clone());
+                if request.uri.contains("/events") {
+                    (
+                        events_code,
+                        serde_json::json!({"kind": "Status", "code": events_code}),
+                    )
+                } else {
+                    (200, request.body.clone())
+                }
+            },
+            rx,
+        );
+        let (tx, updates_rx) = mpsc::unbounded_channel();
+        let count = updates.len();
+        for update in updates {
+            tx.send(update).expect("the writer runs");
+        }
+        drop(tx);
+        let written = Arc::new(Mutex::new(HashMap::new()));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            write_statuses(client, "node-a".to_owned(), updates_rx, written),
+        )
+        .await
+        .expect("the writer ends when its channel closes");
+        let seen = seen.lock().expect("seen").clone();
+        assert!(seen.len() >= count, "{seen:?}");
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_a_warning_event_on_the_object_beside_its_status() {
+        let long = "x".repeat(3000);
+        let seen = write_all(
+            vec![
+                refused(
+                    Kind::EgressRule,
+                    "web",
+                    "EgressRule team-a/web: a host's port has one protocol",
+                ),
+                refused(Kind::Service, "httpbin", &long),
+            ],
+            201,
+        )
+        .await;
+        let status: Vec<&Seen> = seen.iter().filter(|s| s.uri.contains("/status")).collect();
+        assert_eq!(
+            status.len(),
+            1,
+            "a status for the EgressRule only: {seen:?}"
+        );
+        assert_eq!(status[0].method, http::Method::PATCH);
+        assert!(
+            status[0]
+                .uri
+                .starts_with("/apis/egress.dev/v1alpha1/namespaces/team-a/egressrules/web/status")
+        );
+        assert_eq!(status[0].body["status"]["nodes"][0]["state"], "Refused");
+
+        let events: Vec<&Seen> = seen.iter().filter(|s| s.uri.contains("/events")).collect();
+        assert_eq!(events.len(), 2, "{seen:?}");
+        for event in &events {
+            assert_eq!(event.method, http::Method::POST);
+            assert!(
+                event
+                    .uri
+                    .starts_with("/apis/events.k8s.io/v1/namespaces/team-a/events"),
+                "{}",
+                event.uri
+            );
+            let body = &event.body;
+            assert_eq!(body["type"], "Warning");
+            assert_eq!(body["reason"], "Refused");
+            assert_eq!(body["reportingController"], "egress-agent");
+            assert_eq!(body["reportingInstance"], "node-a");
+            assert_eq!(body["regarding"]["namespace"], "team-a");
+        }
+        let web = events
+            .iter()
+            .find(|e| e.body["regarding"]["name"] == "web")
+            .expect("an Event for web");
+        assert_eq!(web.body["regarding"]["kind"], "EgressRule");
+        assert_eq!(web.body["regarding"]["apiVersion"], API_VERSION);
+        assert_eq!(web.body["regarding"]["uid"], "uid-web");
+        assert_eq!(
+            web.body["note"],
+            "EgressRule team-a/web: a host's port has one protocol"
+        );
+        let httpbin = events
+            .iter()
+            .find(|e| e.body["regarding"]["name"] == "httpbin")
+            .expect("an Event for the Service");
+        assert_eq!(httpbin.body["regarding"]["kind"], "Service");
+        let note = httpbin.body["note"].as_str().expect("a note");
+        assert!(
+            note.len() <= EVENT_NOTE_MAX && note.ends_with("..."),
+            "{}",
+            note.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_api_without_events_still_gets_the_status() {
+        let seen = write_all(vec![refused(Kind::EgressRule, "web", "refused")], 404).await;
+        assert!(
+            seen.iter()
+                .any(|s| s.uri.contains("/egressrules/web/status")),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|s| s.uri.contains("/events")), "{seen:?}");
     }
 }

@@ -352,6 +352,15 @@ fn egress_rules_in_the_api_hold_for_their_namespace_only() {
         "{}",
         agent.log()
     );
+    // The refusal's Kubernetes Event: the CRD server does not serve events.k8s.io, which the
+    // agent says once (the Event itself is unit-tested against a mock API in cluster.rs).
+    assert!(
+        eventually(Duration::from_secs(10), || agent
+            .log()
+            .contains("the API refused an Event")),
+        "{}",
+        agent.log()
+    );
     assert_eq!(in_force(&sb, "default").len(), 5);
     node.assert_connects(&web, sa(V4_A, 443));
     assert_accepted(&[(&a443, 2)]);
