@@ -254,13 +254,17 @@ pub struct Cluster {
     connect: Connect,
     /// This node's name, in `status.nodes`.
     pub node: String,
-    snapshots: Option<watch::Receiver<Snapshot>>,
+    /// The watches' objects, and their changes.
+    snapshots: Option<(watch::Receiver<()>, Arc<Publisher>)>,
     status: Option<mpsc::UnboundedSender<StatusUpdate>>,
     /// The verdict written (or being written) for each object, by uid: only a change is
     /// written again. The writer removes an entry whose write failed.
     written: Arc<Mutex<HashMap<String, (Verdict, i64)>>>,
-    /// When the first change of the burst being waited for was seen.
-    first_change: Option<tokio::time::Instant>,
+    /// When the first and the latest change of the burst being waited for were seen. Kept
+    /// here, not in [`Cluster::changed`]'s future, which the agent's loop drops whenever
+    /// another event comes first (a denied connect, a pod, a control call): the quiet period
+    /// runs from the latest change, not from the latest wake-up.
+    burst: Option<(tokio::time::Instant, tokio::time::Instant)>,
 }
 
 impl Cluster {
@@ -272,13 +276,14 @@ impl Cluster {
             snapshots: None,
             status: None,
             written: Arc::default(),
-            first_change: None,
+            burst: None,
         }
     }
 
     /// Starts the watch and the status writer on the current tokio runtime.
     pub fn spawn(&mut self) {
-        let (tx, rx) = watch::channel(Snapshot::default());
+        let (publisher, rx) = Publisher::new();
+        let watched = publisher.clone();
         let (status_tx, status_rx) = mpsc::unbounded_channel();
         let connect = self.connect.clone();
         let node = self.node.clone();
@@ -294,10 +299,6 @@ impl Cluster {
                 }
             };
             tokio::spawn(write_statuses(client.clone(), node, status_rx, written));
-            let publisher = Arc::new(Publisher {
-                tx,
-                kinds: Mutex::default(),
-            });
             for kind in Kind::ALL {
                 tokio::spawn(watch_kind(
                     client.clone(),
@@ -307,34 +308,39 @@ impl Cluster {
                 ));
             }
         });
-        self.snapshots = Some(rx);
+        self.snapshots = Some((rx, watched));
         self.status = Some(status_tx);
     }
 
     /// Waits until the objects changed and then stayed unchanged for [`QUIET`] (or
     /// [`MAX_DELAY`] passed), and returns them. Cancel-safe. Never returns without a watch.
     pub async fn changed(&mut self) -> Snapshot {
-        let Some(rx) = self.snapshots.as_mut() else {
+        let Some((rx, publisher)) = self.snapshots.as_mut() else {
             return std::future::pending().await;
         };
         loop {
-            let Some(first) = self.first_change else {
+            let Some((first, latest)) = self.burst else {
                 if rx.changed().await.is_err() {
                     return std::future::pending().await;
                 }
-                self.first_change = Some(tokio::time::Instant::now());
+                let now = tokio::time::Instant::now();
+                self.burst = Some((now, now));
                 continue;
             };
-            let deadline = (tokio::time::Instant::now() + QUIET).min(first + MAX_DELAY);
+            let deadline = (latest + QUIET).min(first + MAX_DELAY);
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => {
-                    self.first_change = None;
-                    return rx.borrow_and_update().clone();
+                    self.burst = None;
+                    rx.borrow_and_update();
+                    return publisher.snapshot();
                 }
-                more = rx.changed() => if more.is_err() {
-                    self.first_change = None;
-                    return rx.borrow_and_update().clone();
-                },
+                more = rx.changed() => {
+                    if more.is_err() {
+                        self.burst = None;
+                        return publisher.snapshot();
+                    }
+                    self.burst = Some((first, tokio::time::Instant::now()));
+                }
             }
         }
     }
@@ -397,29 +403,60 @@ async fn client(connect: &Connect) -> anyhow::Result<Client> {
     Client::try_from(config).context("a Kubernetes client")
 }
 
-/// Combines the kinds' objects into one [`Snapshot`], published once every kind is listed.
-struct Publisher {
-    tx: watch::Sender<Snapshot>,
+/// The objects of every kind as the watches see them: the watch tasks change them in place
+/// (a change costs a map insertion, not a copy of every object, so 10,000 creates stay
+/// linear), and the agent copies them once a burst of changes has settled.
+pub struct Publisher {
+    /// Told of each change, once every kind is listed.
+    tx: watch::Sender<()>,
     /// Each kind's objects, once listed.
-    kinds: Mutex<BTreeMap<Kind, Arc<BTreeMap<ObjectKey, RuleObject>>>>,
+    kinds: Mutex<BTreeMap<Kind, BTreeMap<ObjectKey, RuleObject>>>,
 }
 
 impl Publisher {
-    /// `objects` are now the objects of `kind`.
-    fn publish(&self, kind: Kind, objects: Arc<BTreeMap<ObjectKey, RuleObject>>) {
-        let mut kinds = self.kinds.lock().expect("published kinds");
-        kinds.insert(kind, objects);
-        if kinds.len() < Kind::ALL.len() {
-            return;
+    /// An empty one, and the receiver of its changes.
+    fn new() -> (Arc<Self>, watch::Receiver<()>) {
+        let (tx, rx) = watch::channel(());
+        (
+            Arc::new(Self {
+                tx,
+                kinds: Mutex::default(),
+            }),
+            rx,
+        )
+    }
+
+    /// Calls `change` on the objects of `kind` (`None` until listed); when it says it changed
+    /// them and every kind is listed, the agent is told. Returns what `change` returned.
+    fn update(
+        &self,
+        kind: Kind,
+        change: impl FnOnce(&mut Option<BTreeMap<ObjectKey, RuleObject>>) -> bool,
+    ) -> bool {
+        let mut kinds = self.kinds.lock().expect("watched objects");
+        let mut objects = kinds.remove(&kind);
+        let changed = change(&mut objects);
+        if let Some(objects) = objects {
+            kinds.insert(kind, objects);
         }
-        let all = kinds
-            .values()
-            .flat_map(|objects| objects.iter().map(|(k, o)| (k.clone(), o.clone())))
-            .collect();
-        self.tx.send_replace(Snapshot {
-            synced: true,
-            rules: Arc::new(all),
-        });
+        if changed && kinds.len() == Kind::ALL.len() {
+            self.tx.send_replace(());
+        }
+        changed
+    }
+
+    /// A copy of every kind's objects.
+    fn snapshot(&self) -> Snapshot {
+        let kinds = self.kinds.lock().expect("watched objects");
+        Snapshot {
+            synced: kinds.len() == Kind::ALL.len(),
+            rules: Arc::new(
+                kinds
+                    .values()
+                    .flat_map(|objects| objects.iter().map(|(k, o)| (k.clone(), o.clone())))
+                    .collect(),
+            ),
+        }
     }
 }
 
@@ -468,7 +505,6 @@ fn refusal(error: &watcher::Error) -> Option<u16> {
 /// once.
 async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absent_retry: Duration) {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.resource());
-    let mut objects: Arc<BTreeMap<ObjectKey, RuleObject>> = Arc::default();
     let mut absent_logged = false;
     'watch: loop {
         // A re-list's objects, until it is complete.
@@ -491,7 +527,10 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
                             "kubernetes: the agent may not read Services (its ClusterRole needs services get/list/watch, see deploy/rbac.yaml); the Services last listed stay"
                         );
                         forbidden_logged = true;
-                        publisher.publish(kind, objects.clone());
+                        // Never listed: none, so that the EgressRules are not held back.
+                        publisher.update(kind, |objects| {
+                            objects.is_none() && objects.insert(BTreeMap::new()).is_empty()
+                        });
                     }
                     continue;
                 }
@@ -505,8 +544,10 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
                             absent_retry.as_secs()
                         );
                         absent_logged = true;
-                        objects = Arc::default();
-                        publisher.publish(kind, objects.clone());
+                        publisher.update(kind, |objects| {
+                            *objects = Some(BTreeMap::new());
+                            true
+                        });
                     }
                     tokio::time::sleep(absent_retry).await;
                     continue 'watch;
@@ -516,76 +557,75 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
                     continue;
                 }
             };
-            let changed = match event {
-                watcher::Event::Init => {
-                    listing = Some(BTreeMap::new());
-                    false
-                }
+            match event {
+                watcher::Event::Init => listing = Some(BTreeMap::new()),
                 watcher::Event::InitApply(object) => {
                     if let (Some(listing), Some(rule)) =
                         (listing.as_mut(), RuleObject::from_dynamic(kind, &object))
                     {
                         listing.insert(rule.key(), rule);
                     }
-                    false
                 }
                 watcher::Event::InitDone => {
                     let mut listed = listing.take().unwrap_or_default();
-                    // An object whose spec did not change keeps the resourceVersion it was
-                    // judged at: a status write is not a change of the policy.
-                    for (key, rule) in &mut listed {
-                        if let Some(old) = objects.get(key)
-                            && old.same_spec(rule)
-                        {
-                            rule.clone_from(old);
+                    let count = listed.len();
+                    publisher.update(kind, |objects| {
+                        // An object whose spec did not change keeps the resourceVersion it was
+                        // judged at: a status write is not a change of the policy.
+                        if let Some(old) = objects.as_ref() {
+                            for (key, rule) in &mut listed {
+                                if let Some(old) = old.get(key)
+                                    && old.same_spec(rule)
+                                {
+                                    rule.clone_from(old);
+                                }
+                            }
                         }
-                    }
-                    objects = Arc::new(listed);
+                        *objects = Some(listed);
+                        true
+                    });
                     absent_logged = false;
                     forbidden_logged = false;
-                    tracing::info!(
-                        objects = objects.len(),
-                        "kubernetes: listed the {}",
-                        kind.plural()
-                    );
-                    true
+                    tracing::info!(objects = count, "kubernetes: listed the {}", kind.plural());
                 }
                 watcher::Event::Apply(object) => match RuleObject::from_dynamic(kind, &object) {
-                    // Its status written (by this agent or another): not a change of the policy.
-                    Some(rule)
-                        if objects
-                            .get(&rule.key())
-                            .is_some_and(|old| old.same_spec(&rule)) =>
-                    {
-                        false
-                    }
                     Some(rule) => {
-                        Arc::make_mut(&mut objects).insert(rule.key(), rule);
-                        true
+                        publisher.update(kind, |objects| {
+                            let Some(objects) = objects.as_mut() else {
+                                return false;
+                            };
+                            // Its status written (by this agent or another): not a change of
+                            // the policy.
+                            if objects
+                                .get(&rule.key())
+                                .is_some_and(|old| old.same_spec(&rule))
+                            {
+                                return false;
+                            }
+                            objects.insert(rule.key(), rule);
+                            true
+                        });
                     }
                     // A Service no longer of type ExternalName is no alias any more.
-                    None => remove(&mut objects, kind, &object),
+                    None => remove(&publisher, kind, &object),
                 },
-                watcher::Event::Delete(object) => remove(&mut objects, kind, &object),
-            };
-            if changed {
-                publisher.publish(kind, objects.clone());
+                watcher::Event::Delete(object) => remove(&publisher, kind, &object),
             }
         }
     }
 }
 
-/// Removes `object` from `objects`; whether it was there.
-fn remove(
-    objects: &mut Arc<BTreeMap<ObjectKey, RuleObject>>,
-    kind: Kind,
-    object: &DynamicObject,
-) -> bool {
+/// Removes `object` from the objects of `kind`.
+fn remove(publisher: &Publisher, kind: Kind, object: &DynamicObject) {
     let (Some(namespace), Some(name)) = (&object.metadata.namespace, &object.metadata.name) else {
-        return false;
+        return;
     };
     let key = (namespace.clone(), name.clone(), kind);
-    objects.contains_key(&key) && Arc::make_mut(objects).remove(&key).is_some()
+    publisher.update(kind, |objects| {
+        objects
+            .as_mut()
+            .is_some_and(|objects| objects.remove(&key).is_some())
+    });
 }
 
 /// One object's verdict on this node, to write.
@@ -957,24 +997,33 @@ mod tests {
     }
 
     /// A Services watch against the mock, with the EgressRules already listed (none).
-    fn watch_services(client: Client, absent_retry: Duration) -> watch::Receiver<Snapshot> {
-        let (tx, rx) = watch::channel(Snapshot::default());
-        let publisher = Arc::new(Publisher {
-            tx,
-            kinds: Mutex::default(),
+    fn watch_services(client: Client, absent_retry: Duration) -> Watched {
+        let (publisher, rx) = Publisher::new();
+        publisher.update(Kind::EgressRule, |objects| {
+            *objects = Some(BTreeMap::new());
+            true
         });
-        publisher.publish(Kind::EgressRule, Arc::default());
-        tokio::spawn(watch_kind(client, Kind::Service, publisher, absent_retry));
-        rx
+        tokio::spawn(watch_kind(
+            client,
+            Kind::Service,
+            publisher.clone(),
+            absent_retry,
+        ));
+        Watched { rx, publisher }
     }
 
-    /// The next snapshot, within 10 s.
-    async fn next(rx: &mut watch::Receiver<Snapshot>) -> Snapshot {
-        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+    struct Watched {
+        rx: watch::Receiver<()>,
+        publisher: Arc<Publisher>,
+    }
+
+    /// The objects after the next change, within 10 s.
+    async fn next(watched: &mut Watched) -> Snapshot {
+        tokio::time::timeout(Duration::from_secs(10), watched.rx.changed())
             .await
-            .expect("a snapshot within 10 s")
+            .expect("a change within 10 s")
             .expect("the watch is running");
-        rx.borrow_and_update().clone()
+        watched.publisher.snapshot()
     }
 
     fn names(snapshot: &Snapshot) -> Vec<String> {
@@ -1089,7 +1138,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(
-            !snapshots.has_changed().expect("running"),
+            !snapshots.rx.has_changed().expect("running"),
             "a 404 again publishes nothing new (no reload every minute)"
         );
     }
@@ -1135,7 +1184,10 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "listed again");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let snapshot = next(&mut snapshots).await;
+        // The refusal is handled (and logged) right after the list; give it a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let snapshot = snapshots.publisher.snapshot();
+        assert!(snapshot.synced);
         assert_eq!(
             names(&snapshot),
             ["Service team-a/httpbin"],
@@ -1167,11 +1219,11 @@ mod tests {
         );
         let mut snapshots = watch_services(client, Duration::from_millis(50));
         assert!(
-            tokio::time::timeout(Duration::from_secs(2), snapshots.changed())
+            tokio::time::timeout(Duration::from_secs(2), snapshots.rx.changed())
                 .await
                 .is_err(),
             "nothing is published until the Services are listed: {:?}",
-            names(&snapshots.borrow())
+            names(&snapshots.publisher.snapshot())
         );
     }
 
@@ -1305,5 +1357,35 @@ mod tests {
             "{seen:?}"
         );
         assert!(seen.iter().any(|s| s.uri.contains("/events")), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_change_is_applied_after_the_quiet_period_however_often_the_wait_is_dropped() {
+        let (publisher, rx) = Publisher::new();
+        let mut cluster = Cluster::new(Connect::InCluster, "node-a".to_owned());
+        cluster.snapshots = Some((rx, publisher.clone()));
+        for kind in Kind::ALL {
+            publisher.update(kind, |objects| {
+                *objects = Some(BTreeMap::new());
+                true
+            });
+        }
+        let sent = tokio::time::Instant::now();
+        // As the agent's loop does when other events keep coming: the wait is dropped every
+        // 10 ms and started again.
+        let snapshot = loop {
+            if let Ok(snapshot) =
+                tokio::time::timeout(Duration::from_millis(10), cluster.changed()).await
+            {
+                break snapshot;
+            }
+            assert!(sent.elapsed() < MAX_DELAY, "the quiet period never ended");
+        };
+        assert!(snapshot.synced);
+        let waited = sent.elapsed();
+        assert!(
+            waited >= QUIET && waited < QUIET * 3,
+            "applied {waited:?} after the change (quiet period {QUIET:?})"
+        );
     }
 }
