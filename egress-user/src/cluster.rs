@@ -1047,7 +1047,7 @@ mod tests {
                             "team-a",
                             "web",
                             "6",
-                            serde_json::json!({"type": "ClusterIP", "clusterIP": "10.0.0.1",
+                            serde_json::json!({"type": "ClusterIP", "clusterIP": "192.0.2.53",
                                                "ports": [{"port": 80}]}),
                         ),
                     ]),
