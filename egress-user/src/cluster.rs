@@ -1388,4 +1388,64 @@ mod tests {
             "applied {waited:?} after the change (quiet period {QUIET:?})"
         );
     }
+
+    /// A change every 10 ms for 3 s (in paused time, so the timeline is exact): a snapshot
+    /// at most every [`MAX_DELAY`] while the burst lasts, none sooner than [`QUIET`] after the
+    /// previous, and the last one holds the burst's last change.
+    #[tokio::test(start_paused = true)]
+    async fn a_continuous_burst_is_applied_once_per_max_delay_and_its_end_once() {
+        let (publisher, rx) = Publisher::new();
+        let mut cluster = Cluster::new(Connect::InCluster, "node-a".to_owned());
+        cluster.snapshots = Some((rx, publisher.clone()));
+        for kind in Kind::ALL {
+            publisher.update(kind, |objects| {
+                *objects = Some(BTreeMap::new());
+                true
+            });
+        }
+        // Settle the listing's own change first.
+        cluster.changed().await;
+        let start = tokio::time::Instant::now();
+        let changes = 300;
+        let changer = {
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                for port in 1..=changes {
+                    publisher.update(Kind::EgressRule, |objects| {
+                        let rule = object(serde_json::json!({"ports": [{"port": port}]}));
+                        objects.as_mut().expect("listed").insert(rule.key(), rule);
+                        true
+                    });
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let mut applied = Vec::new();
+        let last = loop {
+            let snapshot = cluster.changed().await;
+            applied.push(start.elapsed());
+            let port = snapshot
+                .rules
+                .values()
+                .next()
+                .map(|r| r.spec["ports"][0]["port"].clone());
+            if port == Some(changes.into()) {
+                break snapshot;
+            }
+            assert!(applied.len() < 10, "applied at {applied:?}");
+        };
+        assert_eq!(last.rules.len(), 1);
+        changer.await.expect("the changes");
+        // 3 s of changes: one snapshot per second of burst, and the burst's end.
+        assert!((3..=5).contains(&applied.len()), "applied at {applied:?}");
+        let mut previous = Duration::ZERO;
+        for at in &applied {
+            let gap = *at - previous;
+            assert!(
+                gap >= QUIET && gap <= MAX_DELAY + Duration::from_millis(20),
+                "applied at {applied:?}"
+            );
+            previous = *at;
+        }
+    }
 }
