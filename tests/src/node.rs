@@ -155,6 +155,13 @@ impl<'a> Node<'a> {
         &self.socket
     }
 
+    /// A second CRI socket in front of containerd's that answers the first client at once and
+    /// every later one only after `delay`: a runtime slow to answer an agent's pod watch (its
+    /// second client, after the listing at start). Removed on drop.
+    pub fn slow_socket(&self, delay: Duration) -> SlowSocket {
+        SlowSocket::start(self.dir.join("slow.sock"), self.socket.clone(), delay)
+    }
+
     /// containerd's log so far, for failure messages.
     pub fn log(&self) -> String {
         let text = fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
@@ -548,4 +555,91 @@ fn cni_config(dir: &Path) -> String {
 "#,
         dir.display()
     )
+}
+
+/// See [`Node::slow_socket`]: forwards each connection to the runtime's socket on its own
+/// threads, holding back every one but the first for the delay.
+pub struct SlowSocket {
+    path: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// How many held-back connections have been let through.
+    let_through: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowSocket {
+    fn start(path: PathBuf, runtime: PathBuf, delay: Duration) -> Self {
+        use std::{
+            os::unix::net::{UnixListener, UnixStream},
+            sync::{
+                Arc,
+                atomic::{AtomicBool, AtomicUsize, Ordering},
+            },
+        };
+        let _ = fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).unwrap_or_else(|e| panic!("binding {}: {e}", path.display()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let let_through = Arc::new(AtomicUsize::new(0));
+        let counted = let_through.clone();
+        let accept = std::thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let runtime = runtime.clone();
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    if n > 0 {
+                        std::thread::sleep(delay);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let Ok(upstream) = UnixStream::connect(&runtime) else {
+                        return;
+                    };
+                    let pipe = |mut from: UnixStream, mut to: UnixStream| {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                        })
+                    };
+                    let (Ok(c), Ok(u)) = (client.try_clone(), upstream.try_clone()) else {
+                        return;
+                    };
+                    pipe(c, upstream);
+                    pipe(u, client);
+                });
+            }
+        });
+        Self {
+            path,
+            stop,
+            let_through,
+            accept: Some(accept),
+        }
+    }
+
+    /// The socket's path (what `egress run --cri-socket` takes).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many held-back clients have been let through to the runtime so far.
+    pub fn let_through(&self) -> usize {
+        self.let_through.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SlowSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        let _ = fs::remove_file(&self.path);
+    }
 }

@@ -509,11 +509,22 @@ fn each_namespace_has_its_own_rules() {
         seen,
         "a request got out with the agent down"
     );
-    // Restarted: the pods are in their scopes from its first generation, and their HTTP
-    // egress resumes once it has reopened their listeners.
-    let agent = sb.agent(EGRESS).args(&args).start();
+    // Restarted: the pods are in their scopes from its first generation, and stay in them
+    // while the runtime is slow to answer its pod watch (the listing at start is answered, the
+    // watch's first call only after 4 s); their HTTP egress resumes once it has reopened their
+    // listeners.
+    let slow = node.slow_socket(Duration::from_secs(4));
+    let slow_arg = slow.path().display().to_string();
+    let restart_args = args.map(|a| if a == socket { slow_arg.as_str() } else { a });
+    let agent = sb.agent(EGRESS).args(&restart_args).start();
     assert_connects(&node, &web, sa(V4_A, 443));
     assert_refused(&node, &other, sa(V4_A, 443));
+    assert_eq!(
+        slow.let_through(),
+        0,
+        "the checks ran after the pod watch's first answer: they show nothing of the time before it\n{}",
+        agent.log()
+    );
     let served = eventually(Duration::from_secs(15), || {
         last = get(&node, &a, 80, "teamonly.test", "/again");
         code(&last) == 200

@@ -62,9 +62,9 @@ pub struct Settings {
     pub metrics: Option<std::net::TcpListener>,
     /// The container runtime's CRI socket, when events are to name the node's pods.
     pub cri_socket: Option<PathBuf>,
-    /// The node's pods when the agent starts (each pod's cgroup id and namespace): the first
-    /// generation puts them in their namespaces' scopes.
-    pub pods: Vec<(u64, String)>,
+    /// The node's pods when the agent starts: the first generation puts them in their
+    /// namespaces' scopes, and they stay known until the runtime next answers.
+    pub pods: Arc<pods::NodePods>,
     /// The Kubernetes API's EgressRule objects, when the agent watches them.
     pub cluster: Option<crate::cluster::Cluster>,
     /// The objects in force when the agent last ran (in `built` already): in force until the
@@ -132,7 +132,7 @@ impl Agent {
             &settings.kernel,
             &policy,
             &settings.listeners.bound(),
-            &settings.pods,
+            &settings.pods.scoped,
         )
         .with_context(|| {
             format!(
@@ -141,7 +141,7 @@ impl Agent {
             )
         })?;
         proxy.set_generation(enforcer.generation());
-        let pods = settings.pods.clone();
+        let pods = settings.pods.scoped.clone();
         let cluster = cluster::ClusterRules::restored(settings.cluster_rules.clone());
         let (proxies, rx) = channel::channel(proxy);
         let hub = Arc::<EventHub>::default();

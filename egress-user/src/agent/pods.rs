@@ -25,6 +25,19 @@ pub struct NodePods {
     pub scoped: Vec<(u64, String)>,
 }
 
+impl NodePods {
+    /// The pods as listed, with their cgroups (and their containers') found now.
+    pub fn new(pods: Vec<Pod>) -> Self {
+        let by_cgroup = cri::by_cgroup(&pods, CONTAINER_DEPTH);
+        let scoped = cri::pod_cgroups(&pods, CONTAINER_DEPTH);
+        Self {
+            pods,
+            by_cgroup,
+            scoped,
+        }
+    }
+}
+
 /// How often the runtime is asked for its pods.
 const POLL: Duration = Duration::from_secs(1);
 /// After a new cgroup appeared, how often the runtime is asked, [`BURST`] times: the sandbox
@@ -47,8 +60,15 @@ impl PodWatch {
     /// Starts polling the runtime on `socket` (on the current tokio runtime); the pods'
     /// cgroups are below `cgroup_root`, the cgroup v2 mount, and new ones appear below
     /// `managed` (watched with inotify; without it, the runtime is polled every second only).
-    pub fn start(socket: PathBuf, cgroup_root: PathBuf, managed: &std::path::Path) -> Self {
-        let (tx, pods) = watch::channel(Arc::new(NodePods::default()));
+    /// Until the runtime's first answer, the pods are `known`: those the agent started with
+    /// (already in their scopes), never "none", which would take every pod out of its scope.
+    pub fn start(
+        socket: PathBuf,
+        cgroup_root: PathBuf,
+        managed: &std::path::Path,
+        known: Arc<NodePods>,
+    ) -> Self {
+        let (tx, pods) = watch::channel(known);
         let (wake, woken) = tokio::sync::mpsc::channel(1);
         let watcher = new_cgroups(managed, wake)
             .map_err(|e| {
@@ -190,13 +210,7 @@ async fn poll(p: Polling) {
                     tracing::info!(pods = pods.len(), "pods: ready pods on this node");
                     count = Some(pods.len());
                 }
-                let by_cgroup = cri::by_cgroup(&pods, CONTAINER_DEPTH);
-                let scoped = cri::pod_cgroups(&pods, CONTAINER_DEPTH);
-                let now = NodePods {
-                    pods,
-                    by_cgroup,
-                    scoped,
-                };
+                let now = NodePods::new(pods);
                 tx.send_if_modified(|current| {
                     let changed = **current != now;
                     if changed {
@@ -214,5 +228,43 @@ async fn poll(p: Polling) {
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Until the runtime answers, the watch holds the pods the agent started with, not "no
+    /// pods": the agent's first sync would otherwise take every pod out of its scope (found
+    /// as a restarted agent's pods refused for the moment the runtime took to answer).
+    #[tokio::test]
+    async fn the_pods_known_at_start_stay_known_while_the_runtime_does_not_answer() {
+        let dir = std::env::temp_dir().join(format!("egress-podwatch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let known = Arc::new(NodePods {
+            pods: Vec::new(),
+            by_cgroup: PodsByCgroup::from([(
+                7,
+                Arc::new(PodName {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    uid: "u1".into(),
+                }),
+            )]),
+            scoped: vec![(7, "default".into())],
+        });
+        let watch = PodWatch::start(
+            dir.join("no-runtime.sock"),
+            dir.clone(),
+            &dir,
+            known.clone(),
+        );
+        assert_eq!(watch.now(), known);
+        assert_eq!(watch.pod(7).map(|p| p.name.clone()), Some("web".into()));
+        // The first poll (at once) and the next (after POLL) fail: nothing changes.
+        tokio::time::sleep(POLL + Duration::from_millis(200)).await;
+        assert_eq!(watch.now(), known);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -158,6 +158,7 @@ impl Agent {
                         socket,
                         root,
                         &self.settings.target.cgroup,
+                        self.settings.pods.clone(),
                     )),
                     Err(e) => {
                         tracing::warn!(error = %e, "pods: not watched, events name cgroups only");

@@ -187,7 +187,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         (None, None) => cgroup::default_cgroup()?,
     };
-    let pods = crate::cri::pod_cgroups(&pods, crate::agent::pods::CONTAINER_DEPTH);
+    let pods = std::sync::Arc::new(crate::agent::pods::NodePods::new(pods));
     let store = Store::open(&args.state_dir).context("opening the state directory")?;
     // Everything that can fail on the user side comes before the kernel is touched: the
     // control socket (a second agent stops here), the proxy listeners (they must be there
