@@ -23,7 +23,7 @@ use egress_common::{
 };
 use ipnet::IpNet;
 
-use crate::policy::{Events, Mode, Policy, Protocol, judged_as};
+use crate::policy::{Events, Mode, Policy, PortRule, Protocol, judged_as, port_span};
 
 use egress_common::{MAX_SCOPES, XDP_SCOPE};
 
@@ -73,6 +73,25 @@ pub enum CompileError {
         family: &'static str,
         /// Keys needed.
         keys: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// A rule's ports took the rule keys past what the tries hold: each port of a range is a
+    /// key, in each scope the rule is in.
+    #[error(
+        "rule `{rule}` ({origin}): ports {ports} take the policy past {max} rule keys (a \
+         range needs one key per port, destination and scope, here {scopes} scopes); \
+         narrow the range or the scopes it is in"
+    )]
+    RangeTooWide {
+        /// The rule, as named in counters.
+        rule: String,
+        /// Where it is (`file:line`).
+        origin: String,
+        /// The entry that crossed the limit, `8000-8999/tcp`.
+        ports: String,
+        /// How many scopes its keys go into.
+        scopes: usize,
         /// The limit.
         max: u32,
     },
@@ -386,26 +405,53 @@ pub fn compile(
             Some(ns) => vec![scope_id(ns), XDP_SCOPE],
         };
         for port in &rule.ports {
-            let key = (rule.destination, port.port, port.protocol);
-            let held = owners
-                .get(&(None, key.0, key.1, key.2))
-                .or_else(|| scope.and_then(|_| owners.get(&(scope, key.0, key.1, key.2))));
-            if let Some(owner) = held {
-                out.shadowed.push(Shadowed {
-                    rule: name.clone(),
-                    by: (*owner).to_owned(),
-                    key: format!("{} {}/{}", rule.destination, port.port, port.protocol),
-                });
-                continue;
+            // A range is one key per port (the port is matched exactly, ahead of the
+            // address's prefix, so one lookup decides); a run of ports an earlier rule holds
+            // is reported once, as a span.
+            let mut held_run: Option<(u16, u16, &str)> = None;
+            for p in port.ports() {
+                let key = (rule.destination, p, port.protocol);
+                let held = owners
+                    .get(&(None, key.0, key.1, key.2))
+                    .or_else(|| scope.and_then(|_| owners.get(&(scope, key.0, key.1, key.2))))
+                    .copied();
+                match (held, &mut held_run) {
+                    (Some(owner), Some((_, end, by)))
+                        if *by == owner && end.checked_add(1) == Some(p) =>
+                    {
+                        *end = p;
+                    }
+                    (held, run) => {
+                        if let Some(done) = run.take() {
+                            out.shadowed
+                                .push(shadowed(name, rule.destination, port, done));
+                        }
+                        *run = held.map(|owner| (p, p, owner));
+                    }
+                }
+                if held.is_some() {
+                    continue;
+                }
+                owners.insert((scope, key.0, key.1, key.2), name);
+                for &s in &in_scopes {
+                    push_key(&mut out, s, key, value);
+                }
+                // Checked per port, so a range that would need millions of keys stops here,
+                // with its rule named, before they are all made.
+                let keys = out.rules_v4.len().max(out.rules_v6.len());
+                if keys > MAX_RULE_KEYS as usize {
+                    return Err(CompileError::RangeTooWide {
+                        rule: name.clone(),
+                        origin: rule.origin.to_string(),
+                        ports: port.to_string(),
+                        scopes: in_scopes.len(),
+                        max: MAX_RULE_KEYS,
+                    });
+                }
             }
-            owners.insert((scope, key.0, key.1, key.2), name);
-            for &s in &in_scopes {
-                push_key(
-                    &mut out,
-                    s,
-                    (rule.destination, port.port, port.protocol),
-                    value,
-                );
+            if let Some(done) = held_run {
+                out.shadowed
+                    .push(shadowed(name, rule.destination, port, done));
             }
         }
     }
@@ -486,6 +532,20 @@ pub fn scoped_cgroups(scopes: &[String], pods: &[(u64, String)]) -> Vec<(u64, u3
             Some((*cgroup, u32::try_from(i + 1).ok()?))
         })
         .collect()
+}
+
+/// The report of ports `start..=end` of `port` that rule `by` already holds for `rule`.
+fn shadowed(
+    rule: &str,
+    destination: IpNet,
+    port: &PortRule,
+    (start, end, by): (u16, u16, &str),
+) -> Shadowed {
+    Shadowed {
+        rule: rule.to_owned(),
+        by: by.to_owned(),
+        key: format!("{destination} {}/{}", port_span(start, end), port.protocol),
+    }
 }
 
 /// Adds the rule key of `scope` for `destination` and `port`/`protocol` (port in host order).

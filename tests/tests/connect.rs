@@ -19,7 +19,7 @@ use egress_user::{
     events::{self, EventRecord, Verdict},
     loader::Enforcer,
     pipeline,
-    policy::{self, Mode, Origin, Policy, PortRule, Protocol, Rule},
+    policy::{self, Mode, Origin, Policy, PortRule, Rule},
 };
 
 const PROBE: &str = probe_bin!();
@@ -317,10 +317,7 @@ fn one_hundred_thousand_rules_load_and_work() {
             destination: ipnet::Ipv4Net::new(Ipv4Addr::from(first + i), 32)
                 .expect("/32")
                 .into(),
-            ports: vec![PortRule {
-                port: 8080,
-                protocol: Protocol::Tcp,
-            }],
+            ports: vec![PortRule::tcp(8080)],
         })
         .collect();
     let p = Policy {
@@ -472,4 +469,70 @@ fn nat64_and_6to4_destinations_are_judged_by_their_ipv4_address() {
         ],
         "denials name the embedded IPv4 address and how it was written: {events:#?}"
     );
+}
+
+/// `endPort`: a range allows its ports, both ends included, and not one port past either end:
+/// TCP at connect(), UDP at sendto(), over IPv4 and IPv6, counted at the sinks (the ports past
+/// the ends never see anything) and on the rules' counters.
+#[test]
+fn port_ranges_allow_both_ends_and_nothing_past_them() {
+    use egress_tests::{Attempted, Vector, vector::attempt, vector_bin};
+    let sb = Sandbox::new();
+    let range = |name: &str, net: &str| {
+        format!(
+            "kind: EgressRule\nmetadata: {{name: {name}}}\nspec:\n  destination: {{service: \
+             \"{net}\"}}\n  ports:\n  - {{port: 8000, endPort: 8002, protocol: tcp}}\n  - {{port: \
+             5000, endPort: 5001, protocol: udp}}\n---\n"
+        )
+    };
+    let yaml = range("range4", "192.0.2.0/24") + &range("range6", "2001:db8::/64");
+    let mut enforcer = enforce(&sb, &yaml);
+    let mut ring = enforcer.take_events().expect("events");
+    let mut denied = Vec::new();
+    for (ip, name) in [
+        (IpAddr::from(V4_A), "range4"),
+        (IpAddr::from(V6_A), "range6"),
+    ] {
+        denied.extend([7999, 8003, 4999, 5002].map(|p| sa(ip, p)));
+        let [below, first, last, above] = [7999, 8000, 8002, 8003].map(|p| sb.sink(sa(ip, p)));
+        sb.expect_verdicts(
+            PROBE,
+            &[first.addr(), last.addr()],
+            &[below.addr(), above.addr()],
+        );
+        assert_accepted(&[(&below, 0), (&first, 1), (&last, 1), (&above, 0)]);
+
+        let udp = [4999, 5000, 5001, 5002].map(|p| sb.udp_sink(sa(ip, p)));
+        let sent = udp.each_ref().map(|sink| {
+            attempt(
+                vector_bin!(),
+                &sb.name,
+                Some(&sb.cgroup),
+                Vector::UdpSendto,
+                sink.addr(),
+                std::time::Duration::from_secs(3),
+            )
+        });
+        assert!(sent[0].failed_with("send", libc::EPERM), "{:?}", sent[0]);
+        assert_eq!(sent[1], Attempted::Ok);
+        assert_eq!(sent[2], Attempted::Ok);
+        assert!(sent[3].failed_with("send", libc::EPERM), "{:?}", sent[3]);
+        let timeout = std::time::Duration::from_secs(3);
+        assert_eq!(udp[1].wait_for(1, timeout), 1, "5000/udp got the datagram");
+        assert_eq!(udp[2].wait_for(1, timeout), 1, "5001/udp got the datagram");
+        assert_eq!(
+            udp[0].count() + udp[3].count(),
+            0,
+            "a denied datagram arrived"
+        );
+
+        let c = counters(&enforcer);
+        assert_eq!(c[name], counted(4, 0, 0), "{name}");
+    }
+    // Two TCP and two UDP denials per family, each an event naming the port past the end.
+    assert_eq!(counters(&enforcer)[NO_RULE_NAME], counted(0, 8, 0));
+    let events = drain(&mut enforcer, &mut ring);
+    let seen: Vec<SocketAddr> = events.iter().map(|e| e.destination).collect();
+    assert_eq!(seen, denied, "{events:#?}");
+    assert!(events.iter().all(|e| e.verdict == Verdict::Deny));
 }

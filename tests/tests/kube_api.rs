@@ -48,8 +48,8 @@ fn rule(name: &str, spec: serde_json::Value) -> serde_json::Value {
 /// The CRD's schema takes seed 003's rules as written (with TEST-NET ranges) and refuses, with the field and why,
 /// what `egress check` refuses and a schema can say: a CIDR with host bits, an address that
 /// is not one, ports out of range, an unknown protocol, no ports, a port twice, tcp ports on a
-/// host name and http ports on a CIDR, and (with strict field validation, kubectl's default)
-/// an unknown field.
+/// host name and http ports on a CIDR, a reversed or http port range, and (with strict field
+/// validation, kubectl's default) an unknown field. A port range is taken as written.
 #[test]
 fn the_schema_refuses_what_egress_check_refuses() {
     let sb = Sandbox::new();
@@ -144,6 +144,18 @@ fn the_schema_refuses_what_egress_check_refuses() {
                     "ports": [{"port": 443, "protocol": "tcp"}, {"port": 80, "protocol": "http"}]}),
                 "all tcp/udp",
             ),
+            (
+                "range-reversed",
+                serde_json::json!({"destination": {"service": "192.0.2.0/24"},
+                    "ports": [{"port": 8999, "endPort": 8000, "protocol": "tcp"}]}),
+                "endPort is below port",
+            ),
+            (
+                "range-http",
+                serde_json::json!({"destination": {"service": "api.example.test"},
+                    "ports": [{"port": 8000, "endPort": 8010, "protocol": "http"}]}),
+                "a port range is tcp or udp",
+            ),
         ];
         for (name, spec, want) in refused {
             let object: DynamicObject =
@@ -156,6 +168,21 @@ fn the_schema_refuses_what_egress_check_refuses() {
                 ),
             }
         }
+
+        // A port range is taken, and kept as written (not pruned by the schema).
+        let range = serde_json::json!({"destination": {"service": "192.0.2.0/24"},
+            "ports": [{"port": 8000, "endPort": 8999, "protocol": "tcp"}]});
+        let object: DynamicObject =
+            serde_json::from_value(rule("range", range)).expect("an object");
+        rules
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("a port range refused");
+        let stored = rules.get("range").await.expect("get range");
+        assert_eq!(
+            stored.data["spec"]["ports"][0]["endPort"], 8999,
+            "{stored:?}"
+        );
 
         // An unknown field: refused with strict field validation (kubectl's default).
         let mut unknown = rule("unknown-field", tcp("192.0.2.0/24", 443, "tcp"));
@@ -170,7 +197,7 @@ fn the_schema_refuses_what_egress_check_refuses() {
             .await
             .expect_err("the API accepted an unknown field under strict validation");
         assert!(e.to_string().contains("destinaton"), "{e}");
-        // Nothing refused was stored.
+        // Nothing refused was stored: seed 003's five and the range.
         assert_eq!(
             rules
                 .list(&Default::default())
@@ -178,7 +205,7 @@ fn the_schema_refuses_what_egress_check_refuses() {
                 .expect("list")
                 .items
                 .len(),
-            5
+            6
         );
     });
 }

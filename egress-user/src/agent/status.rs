@@ -96,7 +96,7 @@ impl Agent {
         };
         let mut rows = Vec::new();
         for r in &self.policy.rules {
-            let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
+            let ports = join(r.ports.iter().map(ToString::to_string));
             let allows = format!("{} {ports}", r.destination);
             let who = (r.scope.as_deref(), r.name.as_str());
             rows.push(row(Kind::EgressRule, who, allows, &r.origin));

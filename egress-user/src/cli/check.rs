@@ -87,6 +87,12 @@ fn run_with(
                     return Ok(ExitCode::FAILURE);
                 }
             }
+            // What the kernel maps could not hold (a port range too wide for its scopes, too
+            // many rules) is refused here as `egress run` would refuse it.
+            if let Err(e) = crate::compile::compile(&policy, &Default::default(), 1) {
+                writeln!(err, "egress check: {e}").context("cannot write to stderr")?;
+                return Ok(ExitCode::FAILURE);
+            }
             for warning in &policy.warnings {
                 writeln!(err, "{}: warning: {}", warning.origin, warning.message)
                     .context("cannot write to stderr")?;

@@ -164,10 +164,7 @@ fn with_resolvers(mut p: Policy, resolvers: &[&str]) -> Policy {
 #[test]
 fn resolvers_become_the_dns_rule_after_the_users_rules() {
     let mut user = rule("own-dns", "192.0.2.53/32", &[53]);
-    user.ports.push(PortRule {
-        port: 5353,
-        protocol: Protocol::Udp,
-    });
+    user.ports.push(PortRule::new(5353, Protocol::Udp));
     let p = with_resolvers(
         policy(vec![user]),
         &[
@@ -274,18 +271,9 @@ fn same_key_twice_is_kept_by_the_first_rule_and_reported() {
 #[test]
 fn udp_ports_compile_to_udp_keys_beside_tcp_ones() {
     let mut dns = rule("dns", "192.0.2.53/32", &[53]);
-    dns.ports.insert(
-        0,
-        PortRule {
-            port: 53,
-            protocol: Protocol::Udp,
-        },
-    );
+    dns.ports.insert(0, PortRule::new(53, Protocol::Udp));
     let mut again = rule("again", "192.0.2.53/32", &[]);
-    again.ports.push(PortRule {
-        port: 53,
-        protocol: Protocol::Udp,
-    });
+    again.ports.push(PortRule::new(53, Protocol::Udp));
     let c = compile_first(&policy(vec![dns, again]));
     let keys: Vec<(u16, u8)> = c
         .rules_v4
@@ -565,4 +553,140 @@ fn an_alias_of_a_named_namespace_redirects_its_ports_for_that_namespace_only() {
     assert_eq!(redirects(0), [80]);
     assert_eq!(redirects(1), [80, 8080]);
     assert!(redirects(XDP_SCOPE).is_empty());
+}
+
+fn range_rule(name: &str, dest: &str, port: u16, end: u16, protocol: Protocol) -> Rule {
+    let mut r = rule(name, dest, &[]);
+    r.ports.push(PortRule {
+        port,
+        end,
+        protocol,
+    });
+    r
+}
+
+/// The (port, protocol, row) of `c`'s IPv4 keys, sorted.
+fn v4_ports(c: &Compiled) -> Vec<(u16, u8, u32)> {
+    let mut ports: Vec<_> = c
+        .rules_v4
+        .iter()
+        .map(|(_, k, v)| (u16::from_be(k.port), k.proto, v.row))
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// A range is one exact-port key per port, both ends included (the kernel's one lookup
+/// matches the port before the address's prefix), with the same prefix length and row.
+#[test]
+fn a_port_range_is_one_key_per_port_from_port_to_end_port() {
+    let c = compile_first(&policy(vec![
+        range_rule("r", "192.0.2.0/24", 8000, 8003, Protocol::Tcp),
+        range_rule("top", "192.0.2.0/24", 65534, 65535, Protocol::Udp),
+    ]));
+    let r = FIRST_RULE_ROW;
+    assert_eq!(
+        v4_ports(&c),
+        [
+            (8000, PROTO_TCP, r),
+            (8001, PROTO_TCP, r),
+            (8002, PROTO_TCP, r),
+            (8003, PROTO_TCP, r),
+            (65534, PROTO_UDP, r + 1),
+            (65535, PROTO_UDP, r + 1),
+        ]
+    );
+    assert!(c.rules_v4.iter().all(|(len, _, _)| *len == 32 + 24));
+    assert!(c.shadowed.is_empty(), "{:?}", c.shadowed);
+}
+
+/// Ports of a later rule's range that an earlier rule holds stay the earlier rule's, and are
+/// reported once per run of ports, not once per port; the rest are the later rule's.
+#[test]
+fn a_range_overlapping_an_earlier_rule_is_reported_as_spans() {
+    let mut a = rule("a", "192.0.2.0/24", &[8005]);
+    a.ports.push(PortRule {
+        port: 8010,
+        end: 8012,
+        protocol: Protocol::Tcp,
+    });
+    let b = range_rule("b", "192.0.2.0/24", 8000, 8015, Protocol::Tcp);
+    let c = compile_first(&policy(vec![a, b]));
+    let keys = v4_ports(&c);
+    let owner = |port: u16| keys.iter().find(|(p, _, _)| *p == port).map(|k| k.2);
+    let (ra, rb) = (Some(FIRST_RULE_ROW), Some(FIRST_RULE_ROW + 1));
+    assert_eq!(
+        [8000, 8004, 8005, 8006, 8009, 8010, 8012, 8013, 8015].map(owner),
+        [rb, rb, ra, rb, rb, ra, ra, rb, rb]
+    );
+    assert_eq!(keys.len(), 16);
+    let spans: Vec<(&str, &str, &str)> = c
+        .shadowed
+        .iter()
+        .map(|s| (s.rule.as_str(), s.by.as_str(), s.key.as_str()))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            ("b", "a", "192.0.2.0/24 8005/tcp"),
+            ("b", "a", "192.0.2.0/24 8010-8012/tcp")
+        ]
+    );
+}
+
+/// A range over every address on an HTTP egress port takes the port from the proxy, as the
+/// single port does (the documented precedence): connections to it are allowed directly.
+#[test]
+fn a_range_over_every_address_holds_the_http_ports_it_covers() {
+    let mut p = policy(vec![range_rule("low", "0.0.0.0/0", 1, 1024, Protocol::Tcp)]);
+    p.http_rules.push(http_rule("api", None, "api.test"));
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert!(!c.rules_v4.iter().any(|(_, _, v)| v.row == ROW_PROXY));
+    assert!(
+        c.rules_v6
+            .iter()
+            .any(|(_, k, v)| v.row == ROW_PROXY && u16::from_be(k.port) == 80)
+    );
+}
+
+/// A range that takes the policy past the tries' capacity is refused with its rule and
+/// entry named, and stops being expanded there: 1-65535 in 20 scopes (node-wide rules go
+/// into each, and into the XDP backstop's and the node-wide one) is 22 * 65,535 keys.
+#[test]
+fn a_range_past_the_key_capacity_is_an_error_naming_the_rule() {
+    let mut rules = vec![range_rule(
+        "all-ports",
+        "192.0.2.0/24",
+        1,
+        65535,
+        Protocol::Tcp,
+    )];
+    rules[0].origin = origin(12);
+    rules.extend((0..20).map(|i| {
+        let mut r = rule("r", "198.51.100.0/24", &[443]);
+        r.scope = Some(format!("ns{i}"));
+        r
+    }));
+    let err = compile(&policy(rules), &StoredRows::default(), 1).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "rule `all-ports` (t.yaml:12): ports 1-65535/tcp take the policy past 1048576 rule keys \
+         (a range needs one key per port, destination and scope, here 22 scopes); narrow the \
+         range or the scopes it is in"
+    );
+    // Without scopes the same rule fits: 65,535 keys in scope 0.
+    let fits = policy(vec![range_rule(
+        "all-ports",
+        "192.0.2.0/24",
+        1,
+        65535,
+        Protocol::Tcp,
+    )]);
+    assert_eq!(
+        compile(&fits, &StoredRows::default(), 1)
+            .unwrap()
+            .rules_v4
+            .len(),
+        65535
+    );
 }

@@ -70,14 +70,21 @@ impl fmt::Display for Policy {
 
         writeln!(f, "rules: {}", self.rules.len())?;
         let rows = self.rules.iter().map(|rule| {
-            let ports = rule.ports.iter().map(|p| (p.port, p.protocol));
-            rule_row(&rule.row_name(), rule.destination, ports, &rule.origin)
+            rule_row(
+                &rule.row_name(),
+                rule.destination,
+                rule.ports.iter(),
+                &rule.origin,
+            )
         });
         table(f, rows)?;
 
         writeln!(f, "http rules: {}", self.http_rules.len())?;
         let rows = self.http_rules.iter().map(|rule| {
-            let ports = rule.ports.iter().map(|p| (p.port, p.protocol));
+            let ports = rule
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol));
             let name = super::model::scoped_name(rule.scope.as_deref(), &rule.name);
             rule_row(&name, &rule.host, ports, &rule.origin)
         });
@@ -132,13 +139,12 @@ impl fmt::Display for Policy {
 
 /// A rule's row: its name, what it allows, its ports as `port/protocol`, and where it is
 /// written.
-fn rule_row<P: fmt::Display>(
+fn rule_row(
     name: &str,
     allows: impl fmt::Display,
-    ports: impl Iterator<Item = (u16, P)>,
+    ports: impl Iterator<Item = impl fmt::Display>,
     origin: &Origin,
 ) -> ([String; 3], Option<String>) {
-    let ports = ports.map(|(port, protocol)| format!("{port}/{protocol}"));
     (
         [name.to_owned(), allows.to_string(), list(ports)],
         Some(origin.to_string()),

@@ -37,7 +37,7 @@ pub use model::{
     Alias, AllowSockets, DEFAULT_PROXY_IDLE_TIMEOUT, DEFAULT_PROXY_PORT, Diagnostic, Dns,
     DnsSource, Embedded, Events, HostName, HostPattern, HttpPort, HttpProtocol, HttpRule, Mode,
     Origin, Policy, PolicyErrors, PortRule, Protocol, ProxySettings, Rule, default_bypass,
-    judged_as, scoped_name,
+    judged_as, port_span, scoped_name,
 };
 
 /// The policy `egress run` enforces when no `--policy` is given (`egress check --default`).

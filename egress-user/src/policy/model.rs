@@ -81,22 +81,57 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// One `spec.ports[]` entry.
+/// One `spec.ports[]` entry: a port, or a range of ports (`endPort`, as Kubernetes
+/// NetworkPolicy spells it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortRule {
-    /// 1..=65535.
+    /// 1..=65535: the port, or the first of the range.
     pub port: u16,
+    /// The last port of the range, included: `endPort`, or `port` when there is none.
+    pub end: u16,
     /// The protocol.
     pub protocol: Protocol,
 }
 
 impl PortRule {
-    /// `{port: N, protocol: tcp}`.
-    pub const fn tcp(port: u16) -> Self {
+    /// One port: `{port: N, protocol: P}`.
+    pub const fn new(port: u16, protocol: Protocol) -> Self {
         Self {
             port,
-            protocol: Protocol::Tcp,
+            end: port,
+            protocol,
         }
+    }
+
+    /// `{port: N, protocol: tcp}`.
+    pub const fn tcp(port: u16) -> Self {
+        Self::new(port, Protocol::Tcp)
+    }
+
+    /// Its ports, `port..=end`.
+    pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
+        self.port..=self.end
+    }
+
+    /// How many ports it covers.
+    pub fn count(&self) -> usize {
+        usize::from(self.end - self.port) + 1
+    }
+}
+
+/// `443/tcp`, or `8000-8999/tcp` for a range.
+impl fmt::Display for PortRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", port_span(self.port, self.end), self.protocol)
+    }
+}
+
+/// Ports `port..=end` as written in messages: `8080`, or `8000-8999`.
+pub fn port_span(port: u16, end: u16) -> String {
+    if end == port {
+        port.to_string()
+    } else {
+        format!("{port}-{end}")
     }
 }
 

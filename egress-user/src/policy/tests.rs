@@ -86,10 +86,7 @@ fn seed_rules_load_as_written() {
                 line,
             },
             destination: net(destination),
-            ports: vec![PortRule {
-                port: 443,
-                protocol: Protocol::Tcp,
-            }],
+            ports: vec![PortRule::new(443, Protocol::Tcp)],
         })
         .collect();
     assert_eq!(policy.rules, rules);
@@ -177,6 +174,44 @@ fn udp_ports_and_one_port_as_both_tcp_and_udp() {
             .contains("\nr1  10.0.0.0/8  53/udp, 53/tcp, 123/udp  (p.yaml:1)\n"),
         "{policy}"
     );
+}
+
+/// `endPort` makes a range of tcp or udp ports, both ends included, as Kubernetes
+/// NetworkPolicy spells it; `endPort` equal to `port` is that one port. A range beside a
+/// single port of the other protocol is fine (separate port spaces).
+#[test]
+fn port_ranges_load_with_both_ends_included() {
+    let policy = loaded(&rule_with(
+        "    - port: 443\n      protocol: tcp\n",
+        "    - {port: 8000, endPort: 8999, protocol: tcp}\n    - {port: 443, endPort: 443, \
+         protocol: tcp}\n    - {port: 8080, protocol: udp}\n    - {port: 9000, endPort: \
+         65535, protocol: tcp}\n",
+    ));
+    let ports: Vec<(u16, u16, Protocol, usize)> = policy.rules[0]
+        .ports
+        .iter()
+        .map(|p| (p.port, p.end, p.protocol, p.count()))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (8000, 8999, Protocol::Tcp, 1000),
+            (443, 443, Protocol::Tcp, 1),
+            (8080, 8080, Protocol::Udp, 1),
+            (9000, 65535, Protocol::Tcp, 56536),
+        ]
+    );
+    assert!(
+        policy.to_string().contains(
+            "\nr1  10.0.0.0/8  8000-8999/tcp, 443/tcp, 8080/udp, 9000-65535/tcp  (p.yaml:1)\n"
+        ),
+        "{policy}"
+    );
+}
+
+/// `RULE` with `ports` as its `spec.ports` items (from line 8).
+fn ports_rule(ports: &str) -> String {
+    rule_with("    - port: 443\n      protocol: tcp\n", ports)
 }
 
 #[test]
@@ -364,6 +399,27 @@ rejects! {
             "      protocol: tcp\n    - {port: 443, protocol: https}\n")
         => "p.yaml:10: spec.ports[1].protocol: `https` and `tcp` (spec.ports[0]) cannot share a \
             rule";
+    range_reversed: ports_rule("    - {port: 8999, endPort: 8000, protocol: tcp}\n")
+        => "p.yaml:8: spec.ports[0].endPort: 8000 is below port 8999 (a range is port to \
+            endPort, both included)";
+    range_end_over_65535: ports_rule("    - {port: 8000, endPort: 65536, protocol: udp}\n")
+        => "p.yaml:8: spec.ports[0].endPort: 65536 is not a valid port (1-65535)";
+    range_end_zero: ports_rule("    - {port: 8000, endPort: 0, protocol: tcp}\n")
+        => "p.yaml:8: spec.ports[0].endPort: 0 is not a valid port (1-65535)";
+    range_end_a_string: ports_rule("    - {port: 8000, endPort: \"8999\", protocol: tcp}\n")
+        => "p.yaml:8: spec.ports[0].endPort: expected a port number (1-65535), found a string";
+    range_without_port: ports_rule("    - {endPort: 8999, protocol: tcp}\n")
+        => "p.yaml:8: spec.ports[0].port: missing field";
+    range_holds_a_later_port: ports_rule(
+            "    - {port: 8000, endPort: 8999, protocol: tcp}\n    - {port: 8999, protocol: tcp}\n")
+        => "p.yaml:9: spec.ports[1]: port 8999/tcp is already in spec.ports[0] (8000-8999/tcp)";
+    range_over_an_earlier_port: ports_rule(
+            "    - {port: 8000, protocol: tcp}\n    - {port: 7000, endPort: 8000, protocol: tcp}\n")
+        => "p.yaml:9: spec.ports[1]: ports 7000-8000/tcp overlap spec.ports[0] (8000/tcp); each \
+            port is in one entry of a rule";
+    ranges_overlap: ports_rule(
+            "    - {port: 8000, endPort: 8999, protocol: udp}\n    - {port: 8999, endPort: 9100, protocol: udp}\n")
+        => "p.yaml:9: spec.ports[1]: ports 8999-9100/udp overlap spec.ports[0] (8000-8999/udp)";
     unknown_kind: rule_with("EgressRule", "DestinationRule")
         => "p.yaml:1: kind: unknown kind `DestinationRule` (expected EgressRule, EgressConfig or Service)";
     kind_case_matters: rule_with("EgressRule", "egressrule")
@@ -379,7 +435,7 @@ rejects! {
     unknown_destination_field: rule_with("    service: 10.0.0.0/8\n", "    service: 10.0.0.0/8\n    port: 443\n")
         => "p.yaml:7: spec.destination.port: unknown field (expected service)";
     unknown_port_field: rule_with("      protocol: tcp\n", "      protocol: tcp\n      name: web\n")
-        => "p.yaml:10: spec.ports[0].name: unknown field (expected port or protocol)";
+        => "p.yaml:10: spec.ports[0].name: unknown field (expected port, endPort or protocol)";
     missing_metadata: rule_with("metadata:\n  name: r1\n", "")
         => "p.yaml:1: metadata: missing field";
     missing_name: rule_with("  name: r1\n", "  namespace: default\n")

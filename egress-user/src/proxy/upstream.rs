@@ -521,7 +521,7 @@ mod tests {
                 line: 1,
             },
             destination: "169.254.169.254/32".parse().unwrap(),
-            ports: vec![PortRule { port: 80, protocol }],
+            ports: vec![PortRule::new(80, protocol)],
         };
         AddrFilter::new(&Policy {
             rules: vec![rule],

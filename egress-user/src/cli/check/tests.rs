@@ -384,3 +384,44 @@ fn an_empty_policy_passes_with_a_warning() {
     );
     assert!(out.contains("\nrules: 0\n"), "{out}");
 }
+
+/// A policy the kernel maps could not hold fails the check, as it would fail `egress run`:
+/// a port range over every port, in more scopes than its keys fit; nothing goes to stdout.
+#[test]
+fn a_port_range_too_wide_for_its_scopes_fails_the_check_naming_the_rule() {
+    let dir = TempDir::new("check");
+    let mut yaml = String::from(
+        "kind: EgressRule\nmetadata: {name: every-port}\nspec:\n  destination: {service: \
+         192.0.2.0/24}\n  ports:\n    - {port: 1, endPort: 65535, protocol: tcp}\n",
+    );
+    for i in 0..20 {
+        yaml.push_str(&format!(
+            "---\nkind: EgressRule\nmetadata: {{name: web, namespace: ns{i}}}\nspec:\n  \
+             destination: {{service: 198.51.100.0/24}}\n  ports: [{{port: 443, protocol: tcp}}]\n"
+        ));
+    }
+    let path = dir.file("wide.yaml", &yaml);
+    let (code, out, err) = check(&check_files(vec![path.clone()], resolv_conf(&dir)));
+    assert_eq!(code, ExitCode::FAILURE);
+    assert_eq!(out, "");
+    assert_eq!(
+        err,
+        format!(
+            "egress check: rule `every-port` ({}:1): ports 1-65535/tcp take the policy past \
+             1048576 rule keys (a range needs one key per port, destination and scope, here 22 \
+             scopes); narrow the range or the scopes it is in\n",
+            path.display()
+        )
+    );
+    // In one scope it fits, and shows as a range.
+    let one = dir.file(
+        "one.yaml",
+        &yaml[..yaml.find("---").expect("a second document")],
+    );
+    let (code, out, err) = check(&check_files(vec![one], resolv_conf(&dir)));
+    assert_eq!(code, ExitCode::SUCCESS, "{err}");
+    assert!(
+        out.contains("every-port  192.0.2.0/24  1-65535/tcp  "),
+        "{out}"
+    );
+}

@@ -251,6 +251,12 @@ rejects! {
     duplicate_http_port: host_rule("web", "example.test",
             &["{port: 80, protocol: http}", "{port: 80, protocol: HTTP}"])
         => "p.yaml:9: spec.ports[1]: duplicate port 80/http (also spec.ports[0])";
+    http_range: host_rule("web", "example.test", &["{port: 8000, endPort: 8010, protocol: http}"])
+        => "p.yaml:8: spec.ports[0].endPort: a port range cannot be http: the proxy takes each \
+            HTTP port on its own; list the ports";
+    https_range_of_one: host_rule("web", "example.test",
+            &["{port: 443, endPort: 443, protocol: https}"])
+        => "p.yaml:8: spec.ports[0].endPort: a port range cannot be https";
     grpc_is_unknown: host_rule("web", "example.test", &["{port: 80, protocol: GRPC}"])
         => "p.yaml:8: spec.ports[0].protocol: unknown protocol `GRPC` (expected tcp, udp, http or \
             https)";

@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use super::{EgressRule, Fields, Item, Walk};
 use crate::policy::{
     addr, host,
-    model::{HostPattern, HttpPort, HttpProtocol, HttpRule, PortRule, Protocol, Rule},
+    model::{HostPattern, HttpPort, HttpProtocol, HttpRule, PortRule, Protocol, Rule, port_span},
+    report::join,
     yaml::{Entry, Node, ScalarKind, Value},
 };
 
@@ -59,6 +60,8 @@ impl fmt::Display for PortProtocol {
 struct PortSpec {
     /// 1..=65535.
     port: u16,
+    /// The last port of its range (`endPort`), `port` when it has none.
+    end: u16,
     /// Its protocol.
     protocol: PortProtocol,
     /// Line of the item, where a problem with the whole port is reported.
@@ -75,6 +78,7 @@ impl PortSpec {
         };
         Some(PortRule {
             port: self.port,
+            end: self.end,
             protocol,
         })
     }
@@ -257,16 +261,26 @@ impl Walk<'_> {
     }
 
     /// `spec.ports`: at least one, each port once with each protocol. One port may be both
-    /// tcp and udp (53/tcp and 53/udp), never both http and https, nor kernel and proxy.
+    /// tcp and udp (53/tcp and 53/udp), never both http and https, nor kernel and proxy. A
+    /// tcp or udp entry may be a range (`endPort`, both ends included), which may not overlap
+    /// another entry of its protocol in the rule.
     fn ports(&mut self, spec: &Fields<'_>) -> Option<Vec<PortSpec>> {
         let items = self.port_items(spec, "a rule needs at least one port")?;
         let mut ports: Vec<PortSpec> = Vec::with_capacity(items.len());
+        // Single ports by number, and the ranges: a repeat is found without comparing every
+        // pair of a long list of single ports.
         let mut seen: HashMap<u16, Vec<usize>> = HashMap::new();
+        let mut ranges: Vec<usize> = Vec::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let path = format!("spec.ports[{i}]");
-            let Some(fields) = self.mapping_of(&*path, item.line, item, &["port", "protocol"], &[])
-            else {
+            let Some(fields) = self.mapping_of(
+                &*path,
+                item.line,
+                item,
+                &["port", "endPort", "protocol"],
+                &[],
+            ) else {
                 ok = false;
                 continue;
             };
@@ -276,36 +290,106 @@ impl Walk<'_> {
             let protocol = self
                 .require(&fields, "protocol")
                 .and_then(|e| self.protocol(&path, e).map(|p| (p, e.value.line)));
+            let end = fields.get("endPort").map(|e| {
+                let end_path = join(&path, "endPort");
+                (self.port_value(&end_path, &e.value), e.value.line, end_path)
+            });
             let (Some(port), Some((protocol, protocol_line))) = (port, protocol) else {
                 ok = false;
                 continue;
+            };
+            let end = match end {
+                None => port,
+                Some((None, _, _)) => {
+                    ok = false;
+                    continue;
+                }
+                Some((Some(end), line, end_path)) => {
+                    let problem = if !protocol.is_kernel() {
+                        Some(format!(
+                            "a port range cannot be {protocol}: the proxy takes each HTTP port \
+                             on its own; list the ports"
+                        ))
+                    } else if end < port {
+                        Some(format!(
+                            "{end} is below port {port} (a range is port to endPort, both \
+                             included)"
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(problem) = problem {
+                        self.report.field_error(line, &end_path, problem);
+                        ok = false;
+                        continue;
+                    }
+                    end
+                }
             };
             // Rejected rather than merged: a repeated port is more often a typo for another
             // one (443 twice where 8443 was meant) than a deliberate repeat, and one port
             // cannot be both plain and TLS-originating. TCP and UDP are separate port spaces,
             // so 53/tcp beside 53/udp is two keys, not a repeat; a tcp port beside an http one
-            // is left to `one_family`, which says why they cannot share a rule.
-            let earlier = seen.get(&port).into_iter().flatten().find_map(|&first| {
-                let earlier = ports[first].protocol;
-                let both_http = !earlier.is_kernel() && !protocol.is_kernel();
-                (earlier == protocol || both_http).then_some((first, earlier))
-            });
+            // is left to `one_family`, which says why they cannot share a rule. A range that
+            // overlaps another entry is refused for the same reason.
+            let clashes = |earlier: &PortSpec| {
+                let both_http = !earlier.protocol.is_kernel() && !protocol.is_kernel();
+                (earlier.protocol == protocol || both_http)
+                    && earlier.port <= end
+                    && port <= earlier.end
+            };
+            let candidates: Vec<usize> = if end == port {
+                seen.get(&port)
+                    .into_iter()
+                    .flatten()
+                    .chain(&ranges)
+                    .copied()
+                    .collect()
+            } else {
+                (0..ports.len()).collect()
+            };
+            let earlier = candidates
+                .into_iter()
+                .filter(|&j| clashes(&ports[j]))
+                .min()
+                .map(|j| (j, ports[j]));
             if let Some((first, earlier)) = earlier {
-                let message = if earlier == protocol {
+                let message = if earlier.protocol == protocol
+                    && earlier.port == earlier.end
+                    && port == end
+                {
                     format!("duplicate port {port}/{protocol} (also spec.ports[{first}])")
+                } else if earlier.protocol == protocol && port == end {
+                    format!(
+                        "port {port}/{protocol} is already in spec.ports[{first}] ({}/{protocol})",
+                        port_span(earlier.port, earlier.end)
+                    )
+                } else if earlier.protocol == protocol {
+                    format!(
+                        "ports {}/{protocol} overlap spec.ports[{first}] ({}/{protocol}); \
+                         each port is in one entry of a rule",
+                        port_span(port, end),
+                        port_span(earlier.port, earlier.end)
+                    )
                 } else {
                     format!(
-                        "port {port} is already spec.ports[{first}] as {port}/{earlier}; \
-                         a port has one protocol in a rule"
+                        "port {port} is already spec.ports[{first}] as {port}/{}; \
+                         a port has one protocol in a rule",
+                        earlier.protocol
                     )
                 };
                 self.report.field_error(item.line, &path, message);
                 ok = false;
                 continue;
             }
-            seen.entry(port).or_default().push(ports.len());
+            if end == port {
+                seen.entry(port).or_default().push(ports.len());
+            } else {
+                ranges.push(ports.len());
+            }
             ports.push(PortSpec {
                 port,
+                end,
                 protocol,
                 line: item.line,
                 protocol_line,

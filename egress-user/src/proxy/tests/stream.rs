@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::policy::HttpProtocol::Http;
-use crate::policy::{PortRule, Protocol, Rule};
+use crate::policy::{PortRule, Rule};
 
 pub(super) const CHUNK_LEN: usize = 64 * 1024;
 static CHUNK: [u8; CHUNK_LEN] = [b'x'; CHUNK_LEN];
@@ -202,10 +202,7 @@ async fn names_that_resolve_to_protected_addresses_are_refused() {
         name: "local".into(),
         origin: origin(),
         destination: "127.0.0.0/8".parse().unwrap(),
-        ports: vec![PortRule {
-            port,
-            protocol: Protocol::Tcp,
-        }],
+        ports: vec![PortRule::tcp(port)],
     });
     let h = Harness::build(Proxy::builder(&p).resolver(dns())).await;
     let mut c = h.connect(orig(port)).await;
