@@ -55,10 +55,28 @@ pub mod maps {
     /// the connecting socket's network namespace carries this mark; the mark dies with the
     /// socket, so a listener of another process (a squatter on the proxy port) never has it.
     pub const PROXY_LISTEN: &str = "PROXY_LISTEN";
+    /// `Array<DnsSlot>`, [`MAX_RESOLVERS`](crate::MAX_RESOLVERS) entries: the policy's DNS
+    /// resolvers, each with the agent's DNS listener port for it. A UDP query to a resolver
+    /// goes to that listener (when the policy has FQDN rules and the agent's marked listener
+    /// is there), and `cgroup/recvmsg4`/`6` show the answer as coming from the resolver.
+    pub const DNS_SLOTS: &str = "DNS_SLOTS";
+    /// `Array<u64>`, 256 entries: the stable id of each scope of this generation (a hash of
+    /// its namespace's name; 0 for scope 0, [`XDP_LEARNED`](crate::XDP_LEARNED) for
+    /// [`XDP_SCOPE`](crate::XDP_SCOPE)), under which the addresses its DNS answers taught are
+    /// kept in [`LEARNED_V4`]/[`LEARNED_V6`]. Scope numbers change between generations; these
+    /// ids do not.
+    pub const SCOPE_IDS: &str = "SCOPE_IDS";
+    /// `HashMap<LearnedKeyV4, Learned>`: IPv4 addresses that a DNS answer to a workload of a
+    /// scope gave for a name an FQDN rule allows, on that rule's ports, until they expire.
+    /// Written by the agent before it releases the answer to the workload; survives
+    /// generations and agent restarts.
+    pub const LEARNED_V4: &str = "LEARNED_V4";
+    /// `HashMap<LearnedKeyV6, Learned>`: the same for IPv6 addresses.
+    pub const LEARNED_V6: &str = "LEARNED_V6";
 
     /// Maps that belong to one policy generation: a new policy gets new ones, filled completely
     /// before the programs that use them are swapped in.
-    pub const PER_GENERATION: [&str; 7] = [
+    pub const PER_GENERATION: [&str; 9] = [
         CONFIG,
         RULES_V4,
         RULES_V6,
@@ -66,12 +84,14 @@ pub mod maps {
         BYPASS_V6,
         SCOPES,
         SOCK_PROTOS,
+        DNS_SLOTS,
+        SCOPE_IDS,
     ];
     /// Maps that outlive generations and agent restarts: reopened from their pins. The
     /// original-destination maps are here so a reload never loses a connection in flight.
     /// The proxy's listener marks are here too: they are set once per listener, not per
-    /// generation.
-    pub const SHARED: [&str; 8] = [
+    /// generation. So are the addresses learned from DNS answers, keyed by stable scope ids.
+    pub const SHARED: [&str; 10] = [
         COUNTERS,
         RULE_INFO,
         STATS,
@@ -80,6 +100,8 @@ pub mod maps {
         ORIG_BY_PEER,
         HOOKS,
         PROXY_LISTEN,
+        LEARNED_V4,
+        LEARNED_V6,
     ];
 }
 
@@ -104,6 +126,11 @@ pub mod programs {
     pub const SOCK_CREATE: &str = "egress_sock_create";
     /// `xdp`: the packet-level backstop on host-side veths (`egress run --xdp-iface`).
     pub const XDP: &str = "egress_xdp";
+    /// `cgroup/recvmsg4`: an answer from the agent's DNS listener shows the resolver the
+    /// query was sent to as its source.
+    pub const RECVMSG4: &str = "egress_recvmsg4";
+    /// `cgroup/recvmsg6`.
+    pub const RECVMSG6: &str = "egress_recvmsg6";
 }
 
 /// The hooks that take verdicts: rows of [`maps::HOOKS`] and values of [`Event::hook`].
@@ -146,6 +173,18 @@ pub const SCOPE_DEPTH: u32 = 8;
 /// Highest protocol number in [`maps::SOCK_PROTOS`]: `IPPROTO_MPTCP` (262), the one inet
 /// protocol above 255.
 pub const MAX_PROTOCOL: u32 = 262;
+
+/// Entries of [`maps::DNS_SLOTS`]: resolvers whose queries the agent can answer (the policy
+/// may name more; queries to the others are not learned from).
+pub const MAX_RESOLVERS: u32 = 16;
+/// Entries of [`maps::SCOPE_IDS`]: every scope byte.
+pub const SCOPE_ID_ROWS: u32 = 256;
+/// Capacity of each learned-address map (not preallocated: an entry costs memory only once
+/// it is written).
+pub const MAX_LEARNED: u32 = 1 << 18;
+/// The scope id ([`maps::SCOPE_IDS`]) of [`XDP_SCOPE`]: the addresses learned by any scope,
+/// for the XDP backstop, which cannot tell scopes apart.
+pub const XDP_LEARNED: u64 = u64::MAX;
 
 /// Counter row for connections that matched no rule (denied, or would-be denied in audit).
 pub const ROW_NO_RULE: u32 = 0;
@@ -218,6 +257,11 @@ pub mod config_flags {
     /// Raw sockets (`SOCK_RAW`, any protocol) may be created in the managed cgroup
     /// (EgressConfig `allowSockets: [raw]`).
     pub const ALLOW_RAW: u16 = 2;
+    /// The policy has FQDN rules: UDP queries to a resolver of
+    /// [`maps::DNS_SLOTS`](crate::maps) go to the agent's DNS listener, and a destination no
+    /// rule key allows is looked up among the learned addresses
+    /// ([`maps::LEARNED_V4`](crate::maps)).
+    pub const DNS: u16 = 8;
 }
 
 /// Bits of [`Event::flags`].
@@ -367,6 +411,77 @@ pub struct RuleValue {
 }
 const _: () = assert!(size_of::<RuleValue>() == 4);
 
+/// One entry of [`maps::DNS_SLOTS`]: a resolver and the agent's listener for its queries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsSlot {
+    /// The resolver's address, network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// The resolver's port ([`DNS_PORT`]), network byte order.
+    pub port: u16,
+    /// The agent's listener port for this resolver, on 127.0.0.1 and [::1] of each network
+    /// namespace, network byte order. 0: an unused slot.
+    pub listen_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<DnsSlot>() == 24);
+
+/// A learned IPv4 destination: (scope id, port, protocol, address), matched exactly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKeyV4 {
+    /// The stable id of the asking workload's scope ([`maps::SCOPE_IDS`]).
+    pub scope_id: u64,
+    /// Network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// Network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<LearnedKeyV4>() == 16);
+
+/// A learned IPv6 destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKeyV6 {
+    /// As [`LearnedKeyV4::scope_id`].
+    pub scope_id: u64,
+    /// Network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// Network byte order.
+    pub addr: [u8; 16],
+    /// Always zero.
+    pub _pad2: u32,
+}
+const _: () = assert!(size_of::<LearnedKeyV6>() == 32);
+
+/// Value of a learned destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which a new connection is no longer
+    /// allowed by this entry. Connections made before are never cut.
+    pub expires_ns: u64,
+    /// FNV-1a 64 of the FQDN rule's name and pattern that allowed it: a new policy keeps the
+    /// entry only while the same rule, unchanged, is in it.
+    pub rule_hash: u64,
+    /// The rule's counter row.
+    pub row: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Learned>() == 24);
+
 /// One row of [`maps::COUNTERS`] (per CPU; the agent sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -476,9 +591,18 @@ pub const fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, Event, OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6,
-        RuleValue, Stats,
+        Config, DnsSlot, Event, Learned, LearnedKeyV4, LearnedKeyV6, OrigDst, PeerKey, ProxyMark,
+        RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, Stats,
     };
+
+    // SAFETY: as below: repr(C), Copy, integers and byte arrays only, sizes asserted.
+    unsafe impl aya::Pod for DnsSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Learned {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LearnedKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LearnedKeyV6 {}
 
     // SAFETY: every type is #[repr(C)], Copy, made only of integers and byte arrays, with its
     // size asserted equal to the sum of its fields, so it has no padding and every bit pattern

@@ -8,11 +8,13 @@ use aya_ebpf::{
     },
 };
 use egress_common::{
-    AF_INET, Event, KEY_PREFIX_BITS, MAX_PROTOCOL, RuleKeyV4, RuleKeyV6, flags, verdict,
+    AF_INET, Event, KEY_PREFIX_BITS, LearnedKeyV4, LearnedKeyV6, MAX_PROTOCOL, RuleKeyV4,
+    RuleKeyV6, flags, verdict,
 };
 
 use crate::maps::{
-    BYPASS_V4, BYPASS_V6, COUNTERS, EVENTS, HOOKS, RULES_V4, RULES_V6, SOCK_PROTOS, STATS,
+    BYPASS_V4, BYPASS_V6, COUNTERS, EVENTS, HOOKS, LEARNED_V4, LEARNED_V6, RULES_V4, RULES_V6,
+    SCOPE_IDS, SOCK_PROTOS, STATS,
 };
 
 /// `::ffff:0:0/96` as its third 32-bit word (network byte order), the mark of a v4-mapped
@@ -98,14 +100,49 @@ pub enum Matched {
 }
 
 /// Looks the destination up in the bypass trie and the rule trie of its family, among the
-/// rule keys of `scope`.
+/// rule keys of `scope`; then, when `learned` (the policy has FQDN rules) and no key matched,
+/// among the addresses DNS answers taught `scope`, while they have not expired.
 #[inline(always)]
-pub fn lookup(dest: &Dest, scope: u8) -> Option<Matched> {
-    if dest.family == AF_INET {
+pub fn lookup(dest: &Dest, scope: u8, learned: bool) -> Option<Matched> {
+    let matched = if dest.family == AF_INET {
         lookup_v4(dest, scope)
     } else {
         lookup_v6(dest, scope)
+    };
+    if matched.is_some() || !learned {
+        return matched;
     }
+    lookup_learned(dest, scope)
+}
+
+/// The learned-address lookup: one array read for the scope's stable id, one hash lookup.
+#[inline(always)]
+fn lookup_learned(dest: &Dest, scope: u8) -> Option<Matched> {
+    let scope_id = *SCOPE_IDS.get(u32::from(scope))?;
+    let entry = if dest.family == AF_INET {
+        let key = LearnedKeyV4 {
+            scope_id,
+            port: dest.port,
+            proto: dest.proto,
+            _pad: 0,
+            addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]],
+        };
+        // SAFETY: a valid map value pointer, copied out at once.
+        LEARNED_V4.get_ptr(&key).map(|p| unsafe { *p })?
+    } else {
+        let key = LearnedKeyV6 {
+            scope_id,
+            port: dest.port,
+            proto: dest.proto,
+            _pad: 0,
+            addr: dest.addr,
+            _pad2: 0,
+        };
+        // SAFETY: as above.
+        LEARNED_V6.get_ptr(&key).map(|p| unsafe { *p })?
+    };
+    // SAFETY: a plain helper call without arguments.
+    (unsafe { bpf_ktime_get_ns() } < entry.expires_ns).then_some(Matched::Rule(entry.row))
 }
 
 #[inline(always)]

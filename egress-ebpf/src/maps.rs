@@ -1,14 +1,16 @@
 //! Every map the kernel programs use. Names are ABI (`egress_common::maps`): the agent pins
 //! each at `<pin dir>/<NAME>` and `bpftool map dump pinned ...` shows their BTF field names.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use egress_common::{
-    COUNTER_ROWS, Config, EVENTS_BYTES, Event, MAX_BYPASS, MAX_PROTOCOL, MAX_REDIRECTS,
-    MAX_RULE_KEYS, MAX_SCOPED_CGROUPS, OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo,
-    RuleKeyV4, RuleKeyV6, RuleValue, Stats, hook,
+    COUNTER_ROWS, Config, DnsSlot, EVENTS_BYTES, Event, Learned, LearnedKeyV4, LearnedKeyV6,
+    MAX_BYPASS, MAX_LEARNED, MAX_PROTOCOL, MAX_REDIRECTS, MAX_RESOLVERS, MAX_RULE_KEYS,
+    MAX_SCOPED_CGROUPS, OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo, RuleKeyV4, RuleKeyV6,
+    RuleValue, SCOPE_ID_ROWS, Stats, hook,
 };
 
 /// The policy's mode and generation (one entry).
@@ -74,3 +76,30 @@ pub static HOOKS: PerCpuArray<RuleCounters, { hook::COUNT as usize }> = PerCpuAr
 /// the redirect target carries it.
 #[btf_map]
 pub static PROXY_LISTEN: SkStorage<ProxyMark> = SkStorage::new();
+
+/// The policy's resolvers and the agent's DNS listener port for each
+/// (`egress_common::maps::DNS_SLOTS`).
+#[btf_map]
+pub static DNS_SLOTS: Array<DnsSlot, { MAX_RESOLVERS as usize }> = Array::new();
+
+/// Each scope's stable id, under which its learned addresses are kept.
+#[btf_map]
+pub static SCOPE_IDS: Array<u64, { SCOPE_ID_ROWS as usize }> = Array::new();
+
+/// IPv4 addresses learned from DNS answers, per scope id, port and protocol.
+#[btf_map]
+pub static LEARNED_V4: HashMap<
+    LearnedKeyV4,
+    Learned,
+    { MAX_LEARNED as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// IPv6 addresses learned from DNS answers.
+#[btf_map]
+pub static LEARNED_V6: HashMap<
+    LearnedKeyV6,
+    Learned,
+    { MAX_LEARNED as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();

@@ -2,7 +2,9 @@
 //! sockets), `cgroup/sendmsg4`/`sendmsg6` (datagrams sent to an address) and
 //! `cgroup/sock_create` (socket kinds) around one decision path; and the programs that keep a
 //! redirected connection's original destination: `sockops` (for the proxy) and
-//! `cgroup/getpeername4`/`6` (for the app).
+//! `cgroup/getpeername4`/`6` (for the app); and, for FQDN rules, the DNS path: a UDP query to
+//! a resolver goes to the agent's DNS listener, and `cgroup/recvmsg4`/`6` show its answer as
+//! the resolver's.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -14,15 +16,16 @@ use aya_ebpf::{
         bpf_get_socket_cookie,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_sk_lookup_tcp,
-            bpf_sk_release, bpf_sk_storage_get,
+            bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get,
         },
     },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use egress_common::{
-    AF_INET, AF_INET6, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey, ROW_BYPASS, ROW_NO_RULE, ROW_PROXY,
-    SCOPE_DEPTH, config_flags, flags, hook, mode, reason, verdict,
+    AF_INET, AF_INET6, DNS_PORT, DnsSlot, MAX_RESOLVERS, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey,
+    ROW_BYPASS, ROW_NO_RULE, ROW_PROXY, SCOPE_DEPTH, config_flags, flags, hook, mode, reason,
+    verdict,
 };
 
 use crate::{
@@ -30,7 +33,7 @@ use crate::{
         Dest, Judgement, LOOPBACK_V4, Matched, NAT64_WORD, V4_MAPPED_WORD, Who, count, count_error,
         lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
     },
-    maps::{CONFIG, ORIG_COOKIE, ORIG_PEER, PROXY_LISTEN, SCOPES},
+    maps::{CONFIG, DNS_SLOTS, ORIG_COOKIE, ORIG_PEER, PROXY_LISTEN, SCOPES},
 };
 
 /// The operation goes ahead.
@@ -147,6 +150,149 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
         sa.user_port = u32::from(orig.port);
     }
     1
+}
+
+/// `cgroup/recvmsg4`: a datagram read with its source address (`recvfrom`, `recvmsg`) that
+/// came from the agent's DNS listener for a resolver shows that resolver as its source, so a
+/// stub resolver that checks where its answer came from (glibc does) takes it. Changes
+/// nothing else; always returns 1.
+///
+/// # Minimum kernel version
+///
+/// 5.2 (the attach type).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = sock_addr(&ctx);
+    if sa.user_ip4 == u32::from_ne_bytes(LOOPBACK_V4)
+        && let Some(slot) = dns_slot_of_listener(sa.user_port as u16, AF_INET)
+    {
+        let sa = sock_addr_mut(&ctx);
+        sa.user_ip4 = u32::from_ne_bytes([slot.addr[0], slot.addr[1], slot.addr[2], slot.addr[3]]);
+        sa.user_port = u32::from(slot.port);
+    }
+    1
+}
+
+/// `cgroup/recvmsg6`: as recvmsg4, for IPv6 sockets: `[::1]` answers for an IPv6 resolver,
+/// `::ffff:127.0.0.1` for an IPv4 one asked through a dual-stack socket.
+///
+/// # Minimum kernel version
+///
+/// 5.2 (the attach type).
+#[cgroup_sock_addr(recvmsg6)]
+pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = sock_addr(&ctx);
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let port = sa.user_port as u16;
+    let loopback_v6 = words == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    let loopback_mapped = words == [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(LOOPBACK_V4)];
+    let slot = if loopback_v6 {
+        dns_slot_of_listener(port, AF_INET6)
+    } else if loopback_mapped {
+        dns_slot_of_listener(port, AF_INET)
+    } else {
+        None
+    };
+    if let Some(slot) = slot {
+        let a = slot.addr;
+        let first = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        let words = if slot.family == AF_INET {
+            [0, 0, V4_MAPPED_WORD, first]
+        } else {
+            [
+                first,
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ]
+        };
+        let sa = sock_addr_mut(&ctx);
+        write_ip6(sa, words);
+        sa.user_port = u32::from(slot.port);
+    }
+    1
+}
+
+/// The resolver whose agent DNS listener is on `listen_port` (network byte order) in
+/// `family`, when the policy has FQDN rules.
+#[inline(always)]
+fn dns_slot_of_listener(listen_port: u16, family: u8) -> Option<DnsSlot> {
+    let config = CONFIG.get(0)?;
+    if config.flags & config_flags::DNS == 0 || listen_port == 0 {
+        return None;
+    }
+    let mut i = 0;
+    while i < MAX_RESOLVERS {
+        let slot = DNS_SLOTS.get(i)?;
+        if slot.listen_port == 0 {
+            // Slots are filled from the first: the rest are unused.
+            return None;
+        }
+        if slot.listen_port == listen_port && slot.family == family {
+            return Some(*slot);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The agent's DNS listener port (network byte order) for a UDP query to `dest`, when `dest`
+/// is one of the policy's resolvers, the policy has FQDN rules, the caller is not the agent,
+/// and the socket listening there in the caller's network namespace is the agent's (marked
+/// in `PROXY_LISTEN`). Otherwise `None`: the query goes to the resolver unchanged (the
+/// resolver is allowed either way; an answer the agent did not see teaches the kernel
+/// nothing, so connections to its addresses stay refused unless a rule allows them).
+#[inline(always)]
+fn dns_listener(
+    ctx: &SockAddrContext,
+    dest: &Dest,
+    protocol: u32,
+    proxy: ProxyFamily,
+) -> Option<u16> {
+    if protocol != u32::from(PROTO_UDP)
+        || dest.port != DNS_PORT.to_be()
+        || dest.flags & (flags::NAT64 | flags::SIX_TO_FOUR) != 0
+    {
+        return None;
+    }
+    let config = CONFIG.get(0)?;
+    if config.flags & config_flags::DNS == 0 {
+        return None;
+    }
+    // SAFETY: a plain helper call without arguments.
+    if config.agent_cgroup != 0 && unsafe { bpf_get_current_cgroup_id() } == config.agent_cgroup {
+        // The agent's own queries to the resolver.
+        return None;
+    }
+    let mut i = 0;
+    while i < MAX_RESOLVERS {
+        let slot = DNS_SLOTS.get(i)?;
+        if slot.listen_port == 0 {
+            return None;
+        }
+        if slot.family == dest.family && slot.port == dest.port && same_addr(&slot.addr, &dest.addr)
+        {
+            return (listener_check(ctx, slot.listen_port, proxy, true) == reason::RULES)
+                .then_some(slot.listen_port);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether two 16-byte addresses are equal, compared as four words (no `memcmp` in BPF).
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let word = |x: &[u8; 16], i: usize| u32::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
+    word(a, 0) == word(b, 0)
+        && word(a, 4) == word(b, 4)
+        && word(a, 8) == word(b, 8)
+        && word(a, 12) == word(b, 12)
 }
 
 /// `sockops`: when a redirected connection is established (the client got the proxy's
@@ -306,7 +452,18 @@ fn try_addr4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         dest.flags = flags::V4_MAPPED;
     }
     match decide(ctx, &dest, raw, sa.protocol, ProxyFamily::V4)? {
-        Outcome::Allow => Ok(RET_ALLOW),
+        Outcome::Allow => {
+            if !raw && let Some(port) = dns_listener(ctx, &dest, sa.protocol, ProxyFamily::V4) {
+                if dest.hook == hook::CONNECT {
+                    // A connected query socket: getpeername() shows the resolver.
+                    record_redirect(ctx, &dest)?;
+                }
+                let sa = sock_addr_mut(ctx);
+                sa.user_ip4 = u32::from_ne_bytes(LOOPBACK_V4);
+                sa.user_port = u32::from(port);
+            }
+            Ok(RET_ALLOW)
+        }
         Outcome::Deny => Ok(RET_DENY),
         Outcome::Redirect(port) => {
             // Only user_ip4/user_port are writable here: the rewrite lives in each hook, not
@@ -336,22 +493,39 @@ fn try_addr6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         ProxyFamily::V6
     };
     match decide(ctx, &dest, raw, sa.protocol, proxy)? {
-        Outcome::Allow => Ok(RET_ALLOW),
+        Outcome::Allow => {
+            if !raw && let Some(port) = dns_listener(ctx, &dest, sa.protocol, proxy) {
+                if dest.hook == hook::CONNECT {
+                    record_redirect(ctx, &dest)?;
+                }
+                let words = loopback_words(proxy);
+                let sa = sock_addr_mut(ctx);
+                write_ip6(sa, words);
+                sa.user_port = u32::from(port);
+            }
+            Ok(RET_ALLOW)
+        }
         Outcome::Deny => Ok(RET_DENY),
         Outcome::Redirect(port) => {
             // A dual-stack socket headed for IPv4 reaches the proxy's IPv4 listener through
             // ::ffff:127.0.0.1; an IPv6 destination (NAT64 too: the socket may be IPv6-only)
             // goes to [::1].
-            let words = if dest.flags & flags::V4_MAPPED != 0 {
-                [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(LOOPBACK_V4)]
-            } else {
-                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
-            };
+            let words = loopback_words(proxy);
             let sa = sock_addr_mut(ctx);
             write_ip6(sa, words);
             sa.user_port = u32::from(port);
             Ok(RET_ALLOW)
         }
+    }
+}
+
+/// The agent's loopback address, as an IPv6 socket reaches it: `::ffff:127.0.0.1` for its
+/// IPv4 listeners (a dual-stack socket headed for an IPv4-mapped address), `[::1]` otherwise.
+#[inline(always)]
+fn loopback_words(family: ProxyFamily) -> [u32; 4] {
+    match family {
+        ProxyFamily::V4 => [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(LOOPBACK_V4)],
+        ProxyFamily::V6 => [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
     }
 }
 
@@ -396,7 +570,7 @@ fn decide(
         0
     };
     let judged = if !raw && (protocol == u32::from(PROTO_TCP) || protocol == u32::from(PROTO_UDP)) {
-        lookup(dest, scope)
+        lookup(dest, scope, config.flags & config_flags::DNS != 0)
     } else if other_allowed(config.flags, raw, protocol) {
         // allowSockets lets this kind of socket through without rules: booked as a bypass.
         Some(Matched::Bypass)
@@ -419,7 +593,7 @@ fn decide(
         Some(Matched::Bypass) => (verdict::BYPASS, ROW_BYPASS, Outcome::Allow, reason::RULES),
         Some(Matched::Rule(row)) => (verdict::ALLOW, row, Outcome::Allow, reason::RULES),
         None if redirectable => {
-            match proxy_listener(ctx, config.proxy_port, proxy) {
+            match listener_check(ctx, config.proxy_port, proxy, false) {
                 reason::RULES => {
                     record_redirect(ctx, dest)?;
                     (
@@ -538,9 +712,10 @@ fn socket_scope() -> u8 {
     0
 }
 
-/// Whether the socket listening where a redirect would send the connection (the proxy's
-/// loopback address on `port_be`, in the connecting socket's own network namespace) is one the
-/// agent made: [`reason::RULES`] if it is, else why not ([`reason::PROXY_ABSENT`],
+/// Whether the socket listening where a redirect would send the connection (the agent's
+/// loopback address on `port_be`, in the connecting socket's own network namespace: the
+/// proxy's TCP listener, or with `udp` a DNS listener) is one the agent made:
+/// [`reason::RULES`] if it is, else why not ([`reason::PROXY_ABSENT`],
 /// [`reason::PROXY_FOREIGN`]). Only a listener the agent marked in `PROXY_LISTEN` passes; the
 /// mark lives on the socket and dies with it, so a process that binds the port while the agent
 /// is down (or before it starts) never receives a redirected connection.
@@ -550,7 +725,7 @@ fn socket_scope() -> u8 {
 /// share their address and port, and a socket bound to a device or to the wildcard address
 /// cannot be bound beside them.
 #[inline(always)]
-fn proxy_listener(ctx: &SockAddrContext, port_be: u16, family: ProxyFamily) -> u8 {
+fn listener_check(ctx: &SockAddrContext, port_be: u16, family: ProxyFamily, udp: bool) -> u8 {
     // SAFETY: an all-zero tuple is a valid value of this plain C union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = match family {
@@ -575,13 +750,23 @@ fn proxy_listener(ctx: &SockAddrContext, port_be: u16, family: ProxyFamily) -> u
     // a pod).
     // SAFETY: a helper call with the program's context and a tuple on this stack frame.
     let sk = unsafe {
-        bpf_sk_lookup_tcp(
-            ctx.as_ptr(),
-            &mut tuple,
-            size as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
+        if udp {
+            bpf_sk_lookup_udp(
+                ctx.as_ptr(),
+                &mut tuple,
+                size as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        } else {
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                &mut tuple,
+                size as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
     };
     if sk.is_null() {
         return reason::PROXY_ABSENT;

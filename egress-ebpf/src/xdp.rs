@@ -184,7 +184,7 @@ fn judge(ctx: &XdpContext, dest: &Dest) -> Result<u32, ()> {
         0
     };
     let matched = if dest.proto == PROTO_TCP || dest.proto == PROTO_UDP {
-        lookup(dest, scope)
+        lookup(dest, scope, config.flags & config_flags::DNS != 0)
     } else {
         None
     };

@@ -17,13 +17,16 @@
 use std::collections::{HashMap, hash_map::Entry};
 
 use egress_common::{
-    COUNTER_ROWS, Config, DNS_PORT, FIRST_RULE_ROW, KEY_PREFIX_BITS, MAX_BYPASS, MAX_RULE_KEYS,
-    PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE, ROW_PROXY, RULE_NAME_LEN, RuleInfo, RuleKeyV4,
-    RuleKeyV6, RuleValue, config_flags, fnv1a64, mode,
+    AF_INET, AF_INET6, COUNTER_ROWS, Config, DNS_PORT, DnsSlot, FIRST_RULE_ROW, KEY_PREFIX_BITS,
+    MAX_BYPASS, MAX_RESOLVERS, MAX_RULE_KEYS, PROTO_TCP, PROTO_UDP, ROW_BYPASS, ROW_NO_RULE,
+    ROW_PROXY, RULE_NAME_LEN, RuleInfo, RuleKeyV4, RuleKeyV6, RuleValue, XDP_LEARNED, config_flags,
+    fnv1a64, mode,
 };
 use ipnet::IpNet;
 
-use crate::policy::{Events, Mode, Policy, PortRule, Protocol, judged_as, port_span};
+use crate::policy::{
+    DNS_LISTEN_PORT, Events, HostPattern, Mode, Policy, PortRule, Protocol, judged_as, port_span,
+};
 
 use egress_common::{MAX_SCOPES, XDP_SCOPE};
 
@@ -148,6 +151,43 @@ pub struct Compiled {
     pub rows: RowTable,
     /// Rules whose every key was already taken by an earlier rule: they can never match.
     pub shadowed: Vec<Shadowed>,
+    /// `DNS_SLOTS` entries: the resolvers whose queries go to the agent's DNS listeners (none
+    /// without FQDN rules).
+    pub dns_slots: Vec<DnsSlot>,
+    /// `SCOPE_IDS` entries (scope, stable id), every scope of this generation and
+    /// [`XDP_SCOPE`].
+    pub scope_ids: Vec<(u32, u64)>,
+    /// The FQDN rules, for the agent's DNS path.
+    pub names: Vec<NameEntry>,
+}
+
+/// An FQDN rule as the agent's DNS path applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameEntry {
+    /// Its name in counters (`namespace/name`).
+    pub name: String,
+    /// Its namespace; `None`: every scope.
+    pub scope: Option<String>,
+    /// The names it allows.
+    pub host: HostPattern,
+    /// Its ports.
+    pub ports: Vec<PortRule>,
+    /// Its counter row.
+    pub row: u32,
+    /// [`crate::policy::NameRule::learned_hash`].
+    pub hash: u64,
+}
+
+/// The stable id of the scope of namespace `ns` (`None`: scope 0) in `SCOPE_IDS` and the
+/// learned-address keys: FNV-1a 64 of the name, never 0 (scope 0) nor [`XDP_LEARNED`].
+pub fn stable_scope_id(ns: Option<&str>) -> u64 {
+    match ns {
+        None => 0,
+        Some(ns) => match fnv1a64(ns.as_bytes()) {
+            0 | XDP_LEARNED => 1,
+            id => id,
+        },
+    }
 }
 
 /// A rule key that an earlier rule already holds; the connection is counted on the earlier one.
@@ -331,7 +371,14 @@ pub fn compile(
 ) -> Result<Compiled, CompileError> {
     let dns = (!policy.dns.resolvers.is_empty()).then_some(DNS_RULE_NAME);
     let row_names: Vec<String> = policy.rules.iter().map(|r| r.row_name()).collect();
-    let (rows, order) = stored.assign_in_order(row_names.iter().map(String::as_str).chain(dns))?;
+    let name_rule_names: Vec<String> = policy.name_rules.iter().map(|r| r.row_name()).collect();
+    let (rows, order) = stored.assign_in_order(
+        row_names
+            .iter()
+            .chain(&name_rule_names)
+            .map(String::as_str)
+            .chain(dns),
+    )?;
     let scopes = policy.scopes();
     if scopes.len() > usize::from(MAX_SCOPES) {
         return Err(CompileError::TooManyScopes {
@@ -372,6 +419,10 @@ pub fn compile(
                 0
             } else {
                 config_flags::SCOPED
+            } | if policy.name_rules.is_empty() {
+                0
+            } else {
+                config_flags::DNS
             },
             // The loader knows the agent's cgroup.
             agent_cgroup: 0,
@@ -457,7 +508,7 @@ pub fn compile(
     }
     // After the user's rules: a key one of them holds stays theirs, and is not reported.
     if dns.is_some() {
-        let row = order[policy.rules.len()];
+        let row = order[policy.rules.len() + policy.name_rules.len()];
         let value = RuleValue { row };
         for resolver in &policy.dns.resolvers {
             // A NAT64 or 6to4 resolver is judged as its IPv4 address: the key must be that.
@@ -488,6 +539,31 @@ pub fn compile(
             }
         }
     }
+    if !policy.name_rules.is_empty() {
+        out.dns_slots = dns_slots(&policy.dns.resolvers);
+        out.names = policy
+            .name_rules
+            .iter()
+            .zip(&order[policy.rules.len()..])
+            .map(|(rule, &row)| NameEntry {
+                name: rule.row_name(),
+                scope: rule.scope.clone(),
+                host: rule.host.clone(),
+                ports: rule.ports.clone(),
+                row,
+                hash: rule.learned_hash(),
+            })
+            .collect();
+    }
+    out.scope_ids = std::iter::once((0, 0))
+        .chain(
+            scopes
+                .iter()
+                .enumerate()
+                .map(|(i, ns)| (i as u32 + 1, stable_scope_id(Some(ns)))),
+        )
+        .chain(std::iter::once((u32::from(XDP_SCOPE), XDP_LEARNED)))
+        .collect();
     out.scopes = scopes;
     for net in &policy.bypass {
         match net {
@@ -530,6 +606,33 @@ pub fn scoped_cgroups(scopes: &[String], pods: &[(u64, String)]) -> Vec<(u64, u3
         .filter_map(|(cgroup, ns)| {
             let i = scopes.binary_search(ns).ok()?;
             Some((*cgroup, u32::try_from(i + 1).ok()?))
+        })
+        .collect()
+}
+
+/// The `DNS_SLOTS` entries for `resolvers`: the first [`MAX_RESOLVERS`], each as the kernel
+/// judges it (a v4-mapped resolver as IPv4), with its listener port.
+fn dns_slots(resolvers: &[std::net::IpAddr]) -> Vec<DnsSlot> {
+    resolvers
+        .iter()
+        .take(MAX_RESOLVERS as usize)
+        .enumerate()
+        .map(|(i, resolver)| {
+            let (family, addr) = match judged_as(*resolver) {
+                std::net::IpAddr::V4(v4) => {
+                    let mut addr = [0; 16];
+                    addr[..4].copy_from_slice(&v4.octets());
+                    (AF_INET, addr)
+                }
+                std::net::IpAddr::V6(v6) => (AF_INET6, v6.octets()),
+            };
+            DnsSlot {
+                addr,
+                port: DNS_PORT.to_be(),
+                listen_port: (DNS_LISTEN_PORT + i as u16).to_be(),
+                family,
+                _pad: [0; 3],
+            }
         })
         .collect()
 }

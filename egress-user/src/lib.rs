@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod compile;
 pub mod control;
 pub mod cri;
+pub mod dns;
 pub mod fds;
 pub mod loader;
 pub use loader::events;

@@ -13,7 +13,10 @@
 //! - [`hold`]: the descriptor-exhaustion attacker and the metrics scrape; [`upstream`]: the
 //!   HTTP and TLS servers of the HTTP egress tests, [`world`] their whole world; [`pod`]: a
 //!   second namespace wired to a sandbox as a pod to its node; [`node`] (feature `pods`): a
-//!   real containerd on a sandbox and its pods; [`squatter`], [`follow`].
+//!   real containerd on a sandbox and its pods; [`squatter`], [`follow`];
+//! - [`dns_server`]: the [`DnsServer`] of the FQDN tests (records set while it runs, queries
+//!   counted); [`resolve`]: the `egress-resolve` workload (glibc `getaddrinfo()`, then a
+//!   connection) and its [`Resolved`] output.
 //!
 //! Network safety: every address here is assigned by the sandbox to a veth interface whose peer is also inside
 //! the sandbox's own namespace (TEST-NET ranges and 2001:db8::/32), so a filter that failed
@@ -65,6 +68,15 @@ macro_rules! vector_bin {
     };
 }
 
+/// Path of the `egress-resolve` workload (glibc `getaddrinfo()` against a given resolv.conf,
+/// then a connection), for [`Sandbox::resolve`].
+#[macro_export]
+macro_rules! resolve_bin {
+    () => {
+        env!("CARGO_BIN_EXE_egress-resolve")
+    };
+}
+
 /// Path of the `egress` CLI, from the integration test that calls it.
 #[macro_export]
 macro_rules! egress_bin {
@@ -75,6 +87,7 @@ macro_rules! egress_bin {
 
 pub mod agent;
 pub mod client;
+pub mod dns_server;
 pub mod follow;
 pub mod hold;
 pub mod kube_api;
@@ -86,6 +99,7 @@ pub mod policy;
 pub mod poll;
 pub mod probe;
 pub mod raw;
+pub mod resolve;
 pub mod sandbox;
 pub mod sink;
 pub mod sinks;
@@ -97,9 +111,11 @@ pub mod world;
 
 pub use agent::{Agent, Launch};
 pub use client::{find_row, row_named, status_row};
+pub use dns_server::{DnsServer, Zone, resolv_conf_text};
 pub use hold::{Hold, sample};
 pub use pod::PodNet;
 pub use probe::Outcome;
+pub use resolve::{Family, Lookup, Resolve, Resolved};
 pub use sandbox::Sandbox;
 pub use sink::{Sink, assert_accepted, setsockopt, setsockopt_int};
 pub use sinks::{Datagram, MARKER, Syn, SynSink, UdpSink};

@@ -124,6 +124,8 @@ impl Agent {
                 self.proxies.borrow().set_generation(enforcer.generation());
                 self.enforcer = enforcer;
                 self.generation_changed();
+                // A policy that gained FQDN rules or resolvers gets its DNS listeners now.
+                self.dns.sync(&self.enforcer);
                 self.policy = policy;
                 self.digest = digest;
                 Ok(self.generation())

@@ -11,6 +11,7 @@
 
 mod change;
 mod cluster;
+pub mod dns;
 pub mod error;
 pub mod health;
 mod history;
@@ -108,6 +109,8 @@ pub struct Agent {
     pods: Vec<(u64, String)>,
     /// The Kubernetes API's EgressRule objects in force.
     cluster: cluster::ClusterRules,
+    /// The DNS listeners of FQDN rules in the agent's own network namespace.
+    dns: dns::DnsListeners,
 }
 
 /// How many generations' row tables are kept to name events with. Events wait in the ring
@@ -166,6 +169,7 @@ impl Agent {
             pod_nets: pod_nets::PodNets::default(),
             pods,
             cluster,
+            dns: dns::DnsListeners::default(),
         };
         agent.remember_names();
         Ok((agent, rx))

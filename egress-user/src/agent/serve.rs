@@ -37,6 +37,10 @@ const EVENT_QUEUE: usize = 4096;
 /// Metrics, logs and `egress events` see a request at most this much later.
 const REQUEST_BATCH: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Every this many seconds, the learned addresses that expired are removed (the kernel
+/// already refuses them from their expiry on; this only frees their entries).
+const DNS_SWEEP_TICKS: u64 = 10;
+
 impl Agent {
     /// Answers one control request.
     pub(super) fn handle(&mut self, request: Request) -> Response {
@@ -170,6 +174,8 @@ impl Agent {
         if let Some(cluster) = cluster.as_mut() {
             cluster.spawn();
         }
+        self.dns.sync(&self.enforcer);
+        let mut ticks: u64 = 0;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         // While `batching`, proxy events are left queued until `batch` fires (REQUEST_BATCH).
         let batch = tokio::time::sleep(REQUEST_BATCH);
@@ -204,6 +210,11 @@ impl Agent {
                     self.sync_pod_nets(pods.as_ref(), host, &serving);
                 }
                 _ = tick.tick() => {
+                    ticks += 1;
+                    self.dns.sync(&self.enforcer);
+                    if ticks.is_multiple_of(DNS_SWEEP_TICKS) {
+                        self.sweep_learned();
+                    }
                     // Pod listeners that could not be bound are tried again.
                     self.sync_pod_nets(pods.as_ref(), host, &serving);
                     self.rescan_xdp();
@@ -259,6 +270,21 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Removes the learned addresses that expired.
+    fn sweep_learned(&self) {
+        if self.enforcer.dns_listeners().is_empty() {
+            return;
+        }
+        match self.dns.sweep(self.enforcer.pin_dir()) {
+            Ok(swept) => {
+                if swept.expired + swept.revoked > 0 {
+                    tracing::debug!(?swept, "dns: swept the learned addresses");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "dns: sweeping the learned addresses"),
         }
     }
 

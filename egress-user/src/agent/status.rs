@@ -38,6 +38,13 @@ impl Agent {
                         .iter()
                         .find(|r| policy::scoped_name(r.scope.as_deref(), &r.name) == name)
                         .map(|r| r.origin.to_string())
+                })
+                .or_else(|| {
+                    let rules = &self.policy.name_rules;
+                    rules
+                        .iter()
+                        .find(|r| r.row_name() == name)
+                        .map(|r| r.origin.to_string())
                 }),
             Kind::Service => self
                 .policy
@@ -104,6 +111,13 @@ impl Agent {
         for r in &self.policy.http_rules {
             let ports = join(r.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)));
             let allows = format!("{} {ports}", r.host);
+            let who = (r.scope.as_deref(), r.name.as_str());
+            rows.push(row(Kind::EgressRule, who, allows, &r.origin));
+        }
+        for r in &self.policy.name_rules {
+            // An FQDN rule allows what the answers for its names gave, on its ports.
+            let ports = join(r.ports.iter().map(ToString::to_string));
+            let allows = format!("{} {ports} (by DNS answer)", r.host);
             let who = (r.scope.as_deref(), r.name.as_str());
             rows.push(row(Kind::EgressRule, who, allows, &r.origin));
         }

@@ -690,3 +690,110 @@ fn a_range_past_the_key_capacity_is_an_error_naming_the_rule() {
         65535
     );
 }
+
+/// An FQDN rule: `host` on tcp `ports`, in namespace `scope` (`None`: node-wide).
+fn name_rule(
+    name: &str,
+    host: &str,
+    scope: Option<&str>,
+    ports: &[u16],
+) -> crate::policy::NameRule {
+    crate::policy::NameRule {
+        name: name.to_owned(),
+        scope: scope.map(str::to_owned),
+        origin: origin(1),
+        host: match host.strip_prefix("*.") {
+            Some(suffix) => HostPattern::Wildcard(suffix.to_owned()),
+            None => HostPattern::Exact(host.to_owned()),
+        },
+        ports: ports.iter().map(|&port| PortRule::tcp(port)).collect(),
+    }
+}
+
+#[test]
+fn fqdn_rules_get_rows_dns_slots_and_the_dns_flag_and_no_rule_keys() {
+    let mut p = policy(vec![rule("web", "192.0.2.0/24", &[443])]);
+    p.name_rules = vec![
+        name_rule("wiki", "www.wikipedia.test", None, &[443]),
+        name_rule("wikis", "*.wikipedia.test", Some("team-a"), &[443, 80]),
+    ];
+    p.dns.resolvers = vec![
+        "192.0.2.53".parse().unwrap(),
+        "2001:db8::53".parse().unwrap(),
+    ];
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_ne!(c.config.flags & config_flags::DNS, 0);
+    // Rows: the CIDR rule, the FQDN rules, then (dns).
+    let rows = c.rows.rows();
+    let names: Vec<&str> = rows.iter().map(|(_, n)| *n).collect();
+    assert_eq!(names, ["web", "wiki", "team-a/wikis", DNS_RULE_NAME]);
+    assert_eq!(
+        c.names
+            .iter()
+            .map(|n| (n.name.as_str(), n.row, n.scope.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            ("wiki", rows[1].0, None),
+            ("team-a/wikis", rows[2].0, Some("team-a"))
+        ]
+    );
+    assert_eq!(c.names[0].hash, p.name_rules[0].learned_hash());
+    // No rule key of their own: only what DNS answers teach opens them.
+    let rows_of_names = [rows[1].0, rows[2].0];
+    assert!(
+        !c.rules_v4
+            .iter()
+            .any(|(_, _, v)| rows_of_names.contains(&v.row))
+    );
+    assert!(
+        !c.rules_v6
+            .iter()
+            .any(|(_, _, v)| rows_of_names.contains(&v.row))
+    );
+    // One slot per resolver, each with its listener port.
+    assert_eq!(c.dns_slots.len(), 2);
+    assert_eq!(c.dns_slots[0].family, egress_common::AF_INET);
+    assert_eq!(&c.dns_slots[0].addr[..4], &[192, 0, 2, 53]);
+    assert_eq!(u16::from_be(c.dns_slots[0].port), 53);
+    assert_eq!(u16::from_be(c.dns_slots[0].listen_port), DNS_LISTEN_PORT);
+    assert_eq!(c.dns_slots[1].family, egress_common::AF_INET6);
+    assert_eq!(
+        u16::from_be(c.dns_slots[1].listen_port),
+        DNS_LISTEN_PORT + 1
+    );
+    // Scope ids: 0 for the node-wide scope, a stable id for team-a, the XDP backstop's own.
+    assert_eq!(
+        c.scope_ids,
+        [
+            (0, 0),
+            (1, stable_scope_id(Some("team-a"))),
+            (u32::from(XDP_SCOPE), XDP_LEARNED)
+        ]
+    );
+}
+
+#[test]
+fn without_fqdn_rules_nothing_goes_to_the_dns_path() {
+    let mut p = policy(vec![rule("web", "192.0.2.0/24", &[443])]);
+    p.dns.resolvers = vec!["192.0.2.53".parse().unwrap()];
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(c.config.flags & config_flags::DNS, 0);
+    assert!(c.dns_slots.is_empty() && c.names.is_empty());
+}
+
+#[test]
+fn stable_scope_ids_do_not_depend_on_the_other_scopes() {
+    let id = stable_scope_id(Some("team-b"));
+    let mut p = policy(vec![]);
+    p.name_rules = vec![name_rule("w", "a.test", Some("team-b"), &[443])];
+    let alone = compile(&p, &StoredRows::default(), 1).unwrap();
+    p.name_rules
+        .insert(0, name_rule("w", "a.test", Some("team-a"), &[443]));
+    let with_a = compile(&p, &StoredRows::default(), 1).unwrap();
+    // team-b is scope 1 alone and scope 2 beside team-a, with one id.
+    assert!(alone.scope_ids.contains(&(1, id)));
+    assert!(with_a.scope_ids.contains(&(2, id)));
+    assert_ne!(id, 0);
+    assert_ne!(id, XDP_LEARNED);
+    assert_eq!(stable_scope_id(None), 0);
+}

@@ -27,6 +27,8 @@ pub struct Enforcer {
     pub(super) generation: u32,
     /// The policy's scopes (namespaces with rules of their own); scope id `i + 1` each.
     pub(super) scopes: Vec<String>,
+    /// The resolvers whose queries go to the agent's DNS listeners (none without FQDN rules).
+    pub(super) dns_slots: Vec<egress_common::DnsSlot>,
 }
 
 impl Enforcer {
@@ -48,6 +50,40 @@ impl Enforcer {
     pub fn set_pods(&mut self, pods: &[(u64, String)]) -> Result<(), LoadError> {
         let entries = crate::compile::scoped_cgroups(&self.scopes, pods);
         super::fill::fill_scopes(&mut self.ebpf, &entries)
+    }
+
+    /// Marks a DNS listener socket as the agent's, so that queries to a resolver may go to it.
+    ///
+    /// # Errors
+    /// The pinned `PROXY_LISTEN` map cannot be opened or written.
+    pub fn mark_dns_socket(&self, socket: &std::net::UdpSocket) -> Result<(), LoadError> {
+        proxy_mark::mark_pinned_socket(&self.pins, socket)
+    }
+
+    /// The DNS listeners this generation sends queries to: (resolver, listener address).
+    pub fn dns_listeners(&self) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+        self.dns_slots
+            .iter()
+            .map(|slot| {
+                let (resolver, listener): (std::net::IpAddr, std::net::IpAddr) =
+                    if slot.family == egress_common::AF_INET {
+                        let a = slot.addr;
+                        (
+                            std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).into(),
+                            std::net::Ipv4Addr::LOCALHOST.into(),
+                        )
+                    } else {
+                        (
+                            std::net::Ipv6Addr::from(slot.addr).into(),
+                            std::net::Ipv6Addr::LOCALHOST.into(),
+                        )
+                    };
+                (
+                    std::net::SocketAddr::new(resolver, u16::from_be(slot.port)),
+                    std::net::SocketAddr::new(listener, u16::from_be(slot.listen_port)),
+                )
+            })
+            .collect()
     }
 
     /// The policy's scopes: namespaces with rules of their own, sorted (scope id `i + 1`).

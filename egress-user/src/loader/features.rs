@@ -100,6 +100,10 @@ pub enum Id {
     Getpeername4,
     /// `getpeername6`.
     Getpeername6,
+    /// `recvmsg4`.
+    Recvmsg4,
+    /// `recvmsg6`.
+    Recvmsg6,
     /// `cgroup_id_helper`.
     CgroupIdHelper,
     /// `task_helpers`.
@@ -164,11 +168,13 @@ const CGROUP_PROGRAMS: &[&str] = &[
     programs::SOCK_OPS,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
 ];
 
 /// Every kernel feature the programs and the loader use. The "Kernel features" table of
 /// docs/kernel.md lists the same, in the same order.
-pub static FEATURES: [Feature; 19] = [
+pub static FEATURES: [Feature; 21] = [
     Feature {
         id: Id::Connect4,
         name: "connect4",
@@ -263,6 +269,26 @@ pub static FEATURES: [Feature; 19] = [
         probe: || sock_addr(attach::BPF_CGROUP_INET6_GETPEERNAME),
     },
     Feature {
+        id: Id::Recvmsg4,
+        name: "recvmsg4",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_UDP4_RECVMSG",
+        used_for: "showing a DNS answer from the agent's DNS listener as the resolver's (FQDN rules)",
+        since: Linux(5, 2),
+        need: Need::Required,
+        programs: &[programs::RECVMSG4],
+        probe: || sock_addr(attach::BPF_CGROUP_UDP4_RECVMSG),
+    },
+    Feature {
+        id: Id::Recvmsg6,
+        name: "recvmsg6",
+        kernel: "cgroup_sock_addr programs on BPF_CGROUP_UDP6_RECVMSG",
+        used_for: "showing a DNS answer from the agent's DNS listener as an IPv6 (or v4-mapped) resolver's",
+        since: Linux(5, 2),
+        need: Need::Required,
+        programs: &[programs::RECVMSG6],
+        probe: || sock_addr(attach::BPF_CGROUP_UDP6_RECVMSG),
+    },
+    Feature {
         id: Id::CgroupIdHelper,
         name: "cgroup_id_helper",
         kernel: "bpf_get_current_cgroup_id in cgroup_sock_addr and cgroup_sock programs",
@@ -312,8 +338,8 @@ pub static FEATURES: [Feature; 19] = [
     Feature {
         id: Id::ProxyCheck,
         name: "proxy_check",
-        kernel: "bpf_sk_lookup_tcp, bpf_sk_release and bpf_sk_storage_get in cgroup_sock_addr programs (and so BPF_MAP_TYPE_SK_STORAGE)",
-        used_for: "redirecting only to a proxy listener the agent made (PROXY_LISTEN), never to another process on the proxy port",
+        kernel: "bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release and bpf_sk_storage_get in cgroup_sock_addr programs (and so BPF_MAP_TYPE_SK_STORAGE)",
+        used_for: "redirecting only to a proxy or DNS listener the agent made (PROXY_LISTEN), never to another process on its port",
         since: Linux(5, 8),
         need: Need::Required,
         programs: &[
@@ -324,6 +350,7 @@ pub static FEATURES: [Feature; 19] = [
         ],
         probe: || {
             Ok(in_connect4(helper::BPF_FUNC_sk_lookup_tcp)?
+                && in_connect4(helper::BPF_FUNC_sk_lookup_udp)?
                 && in_connect4(helper::BPF_FUNC_sk_release)?
                 && in_connect4(helper::BPF_FUNC_sk_storage_get)?)
         },

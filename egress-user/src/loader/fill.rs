@@ -97,6 +97,21 @@ pub(super) fn fill_generation(ebpf: &mut Ebpf, c: &Compiled, batch: bool) -> Res
         maps::SOCK_PROTOS,
         c.sock_protos.iter().map(|&p| u32::from(p)),
     )?;
+    let mut slots: Array<_, egress_common::DnsSlot> =
+        Array::try_from(ebpf.map_mut(maps::DNS_SLOTS).expect("object has DNS_SLOTS"))
+            .map_err(map_err(maps::DNS_SLOTS, "opening"))?;
+    for (i, slot) in c.dns_slots.iter().enumerate() {
+        slots
+            .set(i as u32, *slot, 0)
+            .map_err(map_err(maps::DNS_SLOTS, "writing"))?;
+    }
+    let mut ids: Array<_, u64> =
+        Array::try_from(ebpf.map_mut(maps::SCOPE_IDS).expect("object has SCOPE_IDS"))
+            .map_err(map_err(maps::SCOPE_IDS, "opening"))?;
+    for &(scope, id) in &c.scope_ids {
+        ids.set(scope, id, 0)
+            .map_err(map_err(maps::SCOPE_IDS, "writing"))?;
+    }
     fill_lpm::<RuleKeyV4, RuleValue>(ebpf, maps::RULES_V4, &c.rules_v4, batch)?;
     fill_lpm::<RuleKeyV6, RuleValue>(ebpf, maps::RULES_V6, &c.rules_v6, batch)?;
     fill_lpm::<[u8; 4], u32>(ebpf, maps::BYPASS_V4, &c.bypass_v4, batch)?;

@@ -16,7 +16,7 @@ use egress_common::{COUNTER_ROWS, FIRST_RULE_ROW, maps};
 use super::{
     Enforcer, LoadError, OBJECT, PinDir, Target,
     features::{Assessment, Id},
-    fill, layout, links, pins, proxy_mark, sys, xdp,
+    fill, layout, learned, links, pins, proxy_mark, sys, xdp,
 };
 use crate::{
     cgroup,
@@ -187,6 +187,24 @@ impl Filled<'_> {
             compiled,
             programs,
         } = self;
+        // The DNS path writes learned addresses under this lock: none can be written for a
+        // rule between its revocation here and the new rules' publication below.
+        let in_force = learned::InForce::of(g.pins.path());
+        let mut published = in_force.lock();
+        let names = learned::NamesInForce {
+            names: compiled.names.clone(),
+            scopes: compiled.scopes.clone(),
+        };
+        // Addresses the new policy no longer allows go before it is in force (refused a few
+        // milliseconds early rather than allowed late).
+        let swept = learned::LearnedMaps::open(&g.pins)?.sweep(&names, false)?;
+        if swept.revoked > 0 {
+            tracing::info!(
+                revoked = swept.revoked,
+                kept = swept.kept,
+                "learned addresses the new policy no longer allows were removed"
+            );
+        }
         let mut ebpf = g.ebpf;
         for (program, _) in pins::LINKS.iter().rev() {
             let path = g.pins.link(program);
@@ -232,6 +250,8 @@ impl Filled<'_> {
         xdp::apply(&mut ebpf, &g.pins, &g.xdp_ifaces, g.existing_xdp)?;
         fill::repin_generation(&ebpf, &g.pins)?;
         fill::free_rows(&mut ebpf, &g.stored.gone(&compiled.rows))?;
+        *published = names;
+        drop(published);
         tracing::debug!(
             generation = g.number,
             rules = compiled.rows.len(),
@@ -243,6 +263,7 @@ impl Filled<'_> {
             rows: compiled.rows,
             generation: g.number,
             scopes: compiled.scopes,
+            dns_slots: compiled.dns_slots,
         })
     }
 }

@@ -3,8 +3,8 @@
 
 use aya::maps::{MapInfo, MapType};
 use egress_common::{
-    COUNTER_ROWS, EVENTS_BYTES, MAX_REDIRECTS, OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo,
-    Stats, hook, maps,
+    COUNTER_ROWS, EVENTS_BYTES, Learned, LearnedKeyV4, LearnedKeyV6, MAX_LEARNED, MAX_REDIRECTS,
+    OrigDst, PeerKey, ProxyMark, RuleCounters, RuleInfo, Stats, hook, maps,
 };
 
 use super::{LoadError, PinDir, error::map_err};
@@ -34,6 +34,8 @@ fn expected_layout(name: &str) -> Layout {
         maps::ORIG_BY_PEER => layout::<PeerKey, OrigDst>(MapType::LruHash, MAX_REDIRECTS),
         maps::HOOKS => layout::<u32, RuleCounters>(MapType::PerCpuArray, hook::COUNT),
         maps::PROXY_LISTEN => layout::<u32, ProxyMark>(MapType::SkStorage, 0),
+        maps::LEARNED_V4 => layout::<LearnedKeyV4, Learned>(MapType::Hash, MAX_LEARNED),
+        maps::LEARNED_V6 => layout::<LearnedKeyV6, Learned>(MapType::Hash, MAX_LEARNED),
         other => unreachable!("{other} is not a shared map"),
     }
 }

@@ -30,6 +30,7 @@ mod fill;
 mod generation;
 pub mod inspect;
 mod layout;
+pub mod learned;
 mod links;
 mod orig_dst;
 mod pins;

@@ -11,6 +11,8 @@
 //! <pin dir>/links/sendmsg4        cgroup/sendmsg4 and sendmsg6 (datagrams sent to an address)
 //! <pin dir>/links/sendmsg6
 //! <pin dir>/links/sock_create     cgroup/sock_create (raw sockets, other protocols)
+//! <pin dir>/links/recvmsg4        cgroup/recvmsg4 and recvmsg6 (DNS answers from the agent
+//! <pin dir>/links/recvmsg6        shown as the resolver's)
 //! <pin dir>/links/xdp-<IFNAME>    the XDP backstop on one host-side interface (--xdp-iface)
 //! ```
 //! Enforcement lives as long as the link pins do: the agent can exit, crash or restart.
@@ -31,8 +33,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The link pins, by the program they hold: every program is attached to the managed cgroup
 /// through a pinned link.
-pub const LINKS: [(&str, &str); 8] = [
+pub const LINKS: [(&str, &str); 10] = [
     (egress_common::programs::SOCK_CREATE, "sock_create"),
+    (egress_common::programs::RECVMSG4, "recvmsg4"),
+    (egress_common::programs::RECVMSG6, "recvmsg6"),
     (egress_common::programs::CONNECT4, "connect4"),
     (egress_common::programs::CONNECT6, "connect6"),
     (egress_common::programs::SENDMSG4, "sendmsg4"),

@@ -30,6 +30,26 @@ pub(super) fn mark(map: &mut Map, listeners: &[&TcpListener]) -> Result<(), Load
     Ok(())
 }
 
+/// Marks a DNS listener `socket` in the pinned `PROXY_LISTEN` map of `pins`: queries to a
+/// resolver go to the agent's DNS listener only through a socket marked so.
+pub(super) fn mark_pinned_socket(
+    pins: &PinDir,
+    socket: &std::net::UdpSocket,
+) -> Result<(), LoadError> {
+    let data = MapData::from_pin(pins.map(maps::PROXY_LISTEN))
+        .map_err(map_err(maps::PROXY_LISTEN, "opening the pinned"))?;
+    let mut map = Map::SkStorage(data);
+    let mut storage: SkStorage<&mut MapData, ProxyMark> =
+        SkStorage::try_from(&mut map).map_err(map_err(maps::PROXY_LISTEN, "opening"))?;
+    let value = ProxyMark {
+        pid: std::process::id(),
+        port: socket.local_addr().map_or(0, |a| u32::from(a.port())),
+    };
+    storage
+        .insert(socket, value, 0)
+        .map_err(map_err(maps::PROXY_LISTEN, "marking a DNS listener"))
+}
+
 /// Marks `listener` in the pinned `PROXY_LISTEN` map of `pins`: for a listener opened after the
 /// generation in force was applied (a port that was taken at start-up and freed later).
 pub(super) fn mark_pinned(pins: &PinDir, listener: &TcpListener) -> Result<(), LoadError> {

@@ -90,6 +90,20 @@ impl fmt::Display for Policy {
         });
         table(f, rows)?;
 
+        // Shown when there are some, so that the listing of other policies stays as it was.
+        if !self.name_rules.is_empty() {
+            writeln!(f, "fqdn rules: {}", self.name_rules.len())?;
+            let rows = self.name_rules.iter().map(|rule| {
+                rule_row(
+                    &rule.row_name(),
+                    &rule.host,
+                    rule.ports.iter(),
+                    &rule.origin,
+                )
+            });
+            table(f, rows)?;
+        }
+
         writeln!(f, "aliases: {}", self.aliases.len())?;
         let rows = self.aliases.iter().map(|alias| {
             let ports = alias

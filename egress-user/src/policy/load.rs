@@ -185,6 +185,7 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
                 }
                 match rule {
                     Some(EgressRule::Kernel(rule)) => policy.rules.push(rule),
+                    Some(EgressRule::Name(rule)) => policy.name_rules.push(rule),
                     Some(EgressRule::Http { rule, port_lines }) => {
                         across.http_ports(report, &rule, &port_lines);
                         policy.http_rules.push(rule);
@@ -243,7 +244,11 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
             };
         }
     }
-    if policy.rules.is_empty() && policy.http_rules.is_empty() && policy.aliases.is_empty() {
+    if policy.rules.is_empty()
+        && policy.http_rules.is_empty()
+        && policy.name_rules.is_empty()
+        && policy.aliases.is_empty()
+    {
         // Legitimate (deny everything) but more often an empty or wrong file: said, not refused.
         let (index, line) = config_line.unwrap_or((0, 1));
         if let Some(report) = reports.get_mut(index) {

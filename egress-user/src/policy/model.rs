@@ -343,6 +343,46 @@ pub struct HttpRule {
     pub ports: Vec<HttpPort>,
 }
 
+/// An `EgressRule` whose destination is a host name or `*.`-wildcard with tcp/udp ports (an
+/// FQDN rule): the kernel allows connections on those ports to the addresses that DNS answers
+/// to a workload of the rule's scope gave for a matching name (the question or a name on its
+/// CNAME chain), learned by the agent before the answer reaches the workload, for the
+/// answer's TTL (at least [`MIN_LEARNED_TTL`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameRule {
+    /// `metadata.name`, unique among the EgressRules of its namespace.
+    pub name: String,
+    /// `metadata.namespace`, as [`Rule::scope`].
+    pub scope: Option<String>,
+    /// Where the document starts.
+    pub origin: Origin,
+    /// `spec.destination.service`.
+    pub host: HostPattern,
+    /// `spec.ports`, tcp or udp, in file order (ranges allowed).
+    pub ports: Vec<PortRule>,
+}
+
+/// The first of the agent's DNS listener ports: the listener for the policy's resolver `i`
+/// is on `DNS_LISTEN_PORT + i`, on 127.0.0.1 and [::1] of each network namespace it serves.
+pub const DNS_LISTEN_PORT: u16 = 15053;
+
+/// The shortest time a learned address stays allowed, whatever the answer's TTL (0 or 1 s
+/// TTLs would expire before the app connects).
+pub const MIN_LEARNED_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl NameRule {
+    /// Its name in counters, events and `egress status` (see [`scoped_name`]).
+    pub fn row_name(&self) -> String {
+        scoped_name(self.scope.as_deref(), &self.name)
+    }
+
+    /// The hash the kernel keeps beside each address this rule allowed: a new policy keeps
+    /// the address only while a rule of the same name and pattern is in it.
+    pub fn learned_hash(&self) -> u64 {
+        egress_common::fnv1a64(format!("{}\0{}", self.row_name(), self.host).as_bytes())
+    }
+}
+
 /// A `kind: Service` with `spec.type: ExternalName`: requests whose Host is the service's name
 /// (see [`Alias::hostnames`]) go to `external_name` on the same port; port 443 means TLS
 /// origination, any other port plain HTTP. An alias is itself an allow rule for
@@ -492,6 +532,9 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Every EgressRule with a host-name destination and http/https ports, in file order.
     pub http_rules: Vec<HttpRule>,
+    /// Every EgressRule with a host-name destination and tcp/udp ports (FQDN rules), in file
+    /// order.
+    pub name_rules: Vec<NameRule>,
     /// Every ExternalName Service, in file order.
     pub aliases: Vec<Alias>,
     /// `spec.proxy` of the EgressConfig.
@@ -520,6 +563,7 @@ impl Policy {
             .iter()
             .filter_map(|r| r.scope.clone())
             .chain(self.http_rules.iter().filter_map(|r| r.scope.clone()))
+            .chain(self.name_rules.iter().filter_map(|r| r.scope.clone()))
             .chain(self.aliases.iter().filter_map(|a| a.scope.clone()))
             .collect();
         scopes.sort_unstable();
@@ -537,6 +581,7 @@ impl Default for Policy {
             bypass: default_bypass(),
             rules: Vec::new(),
             http_rules: Vec::new(),
+            name_rules: Vec::new(),
             aliases: Vec::new(),
             proxy: ProxySettings::default(),
             ca_files: Vec::new(),

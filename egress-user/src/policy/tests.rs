@@ -346,12 +346,6 @@ rejects! {
         => "p.yaml:5: spec.bypass[1]: `64:ff9b::a00:0/104` lies inside the NAT64 (64:ff9b::/96) \
             range, whose destinations the kernel judges by the IPv4 rules as their embedded IPv4 \
             address, never by IPv6 rules or bypass ranges; write `10.0.0.0/8`";
-    tcp_with_host_name: rule_with("10.0.0.0/8", "httpbin.test")
-        => "p.yaml:6: spec.destination.service: tcp or udp rules with a host name (FQDN rules) \
-            are not supported yet; use an IP/CIDR, or protocol http/https";
-    tcp_with_wildcard: rule_with("10.0.0.0/8", "\"*.example.test\"")
-        => "p.yaml:6: spec.destination.service: tcp or udp rules with a host name (FQDN rules) \
-            are not supported yet";
     garbage_destination: rule_with("10.0.0.0/8", "not/an/address")
         => "p.yaml:6: spec.destination.service: `not/an/address` is not a CIDR or an IP address";
     port_zero: rule_with("443", "0")
@@ -381,9 +375,6 @@ rejects! {
     https_with_ip: rule_with("tcp", "HTTPS").replace("10.0.0.0/8", "192.0.2.1")
         => "p.yaml:6: spec.destination.service: http/https rules need a host name destination, \
             and `192.0.2.1/32` is an address";
-    udp_with_host_name: rule_with("tcp", "UDP").replace("10.0.0.0/8", "example.test")
-        => "p.yaml:6: spec.destination.service: tcp or udp rules with a host name (FQDN rules) \
-            are not supported yet; use an IP/CIDR, or protocol http/https";
     duplicate_udp_port: rule_with("      protocol: tcp\n",
             "      protocol: udp\n    - {port: 443, protocol: UDP}\n")
         => "p.yaml:10: spec.ports[1]: duplicate port 443/udp (also spec.ports[0])";
@@ -393,7 +384,7 @@ rejects! {
     udp_with_http: rule_with("      protocol: tcp\n",
             "      protocol: udp\n    - {port: 80, protocol: http}\n")
         => "p.yaml:10: spec.ports[1].protocol: `http` and `udp` (spec.ports[0]) cannot share a \
-            rule: tcp or udp ports need an IP/CIDR destination and http/https ports a host name; \
+            rule: tcp and udp ports are judged by the kernel and http/https ports by the proxy; \
             write two rules";
     same_port_tcp_and_http: rule_with("      protocol: tcp\n",
             "      protocol: tcp\n    - {port: 443, protocol: https}\n")
@@ -653,6 +644,7 @@ fn files_unreadable_or_oversized_are_errors() {
 mod config;
 mod http;
 mod input;
+mod names;
 mod service;
 
 #[test]

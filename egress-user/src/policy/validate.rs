@@ -16,7 +16,7 @@ mod service;
 pub(crate) use config::Config;
 
 use super::{
-    model::{Alias, HttpRule, Rule},
+    model::{Alias, HttpRule, NameRule, Rule},
     report::{Report, join},
     yaml::{Entry, Node, ScalarKind, Value},
 };
@@ -63,6 +63,8 @@ pub(crate) enum Item {
 pub(crate) enum EgressRule {
     /// A CIDR or IP destination with tcp and udp ports.
     Kernel(Rule),
+    /// A host-name destination with tcp/udp ports (an FQDN rule).
+    Name(NameRule),
     /// A host-name destination with http/https ports.
     Http {
         /// The rule.

@@ -238,7 +238,7 @@ rejects! {
     mixed_http_then_tcp: host_rule("web", "example.test",
             &["{port: 80, protocol: http}", "{port: 443, protocol: tcp}"])
         => "p.yaml:9: spec.ports[1].protocol: `tcp` and `http` (spec.ports[0]) cannot share a \
-            rule: tcp or udp ports need an IP/CIDR destination and http/https ports a host name; \
+            rule: tcp and udp ports are judged by the kernel and http/https ports by the proxy; \
             write two rules";
     mixed_tcp_then_https: host_rule("web", "192.0.2.0/24",
             &["{port: 22, protocol: tcp}", "{port: 443, protocol: https}"])

@@ -1,7 +1,8 @@
 //! `kind: EgressRule`: a destination and its ports. The destination decides what the rule is:
 //! a CIDR or IP address with tcp and udp ports is a kernel rule ([`Rule`]); a host name or
-//! `*.`-wildcard with http/https ports is a proxy rule ([`HttpRule`]). Every other pairing is
-//! refused with what to write instead.
+//! `*.`-wildcard with tcp and udp ports is an FQDN rule ([`NameRule`]), judged by the kernel
+//! by the addresses DNS answers gave for it; with http/https ports it is a proxy rule
+//! ([`HttpRule`]). An address with http/https ports is refused with what to write instead.
 
 use std::{collections::HashMap, fmt};
 
@@ -10,7 +11,10 @@ use ipnet::IpNet;
 use super::{EgressRule, Fields, Item, Walk};
 use crate::policy::{
     addr, host,
-    model::{HostPattern, HttpPort, HttpProtocol, HttpRule, PortRule, Protocol, Rule, port_span},
+    model::{
+        HostPattern, HttpPort, HttpProtocol, HttpRule, NameRule, PortRule, Protocol, Rule,
+        port_span,
+    },
     report::join,
     yaml::{Entry, Node, ScalarKind, Value},
 };
@@ -141,6 +145,13 @@ impl Walk<'_> {
                         destination,
                         ports,
                     }),
+                    Paired::Name(host, ports) => EgressRule::Name(NameRule {
+                        name,
+                        scope,
+                        origin,
+                        host,
+                        ports,
+                    }),
                     Paired::Http(host, ports, port_lines) => EgressRule::Http {
                         rule: HttpRule {
                             name,
@@ -173,8 +184,8 @@ impl Walk<'_> {
                 other.protocol_line,
                 &format!("spec.ports[{i}].protocol"),
                 format!(
-                    "`{}` and `{}` (spec.ports[0]) cannot share a rule: tcp or udp ports need an \
-                     IP/CIDR destination and http/https ports a host name; write two rules",
+                    "`{}` and `{}` (spec.ports[0]) cannot share a rule: tcp and udp ports are \
+                     judged by the kernel and http/https ports by the proxy; write two rules",
                     other.protocol, first.protocol
                 ),
             );
@@ -203,15 +214,10 @@ impl Walk<'_> {
                 ports.iter().filter_map(PortSpec::http).collect(),
                 ports.iter().map(|p| p.line).collect(),
             )),
-            Destination::Host(_) => {
-                self.report.field_error(
-                    service_line,
-                    SERVICE_PATH,
-                    "tcp or udp rules with a host name (FQDN rules) are not supported yet; \
-                     use an IP/CIDR, or protocol http/https",
-                );
-                None
-            }
+            Destination::Host(host) => Some(Paired::Name(
+                host,
+                ports.iter().filter_map(PortSpec::kernel).collect(),
+            )),
             Destination::Net(net) => {
                 self.report.field_error(
                     service_line,
@@ -431,6 +437,8 @@ impl Walk<'_> {
 enum Paired {
     /// An address range and tcp/udp ports.
     Kernel(IpNet, Vec<PortRule>),
+    /// A host pattern and tcp/udp ports: an FQDN rule.
+    Name(HostPattern, Vec<PortRule>),
     /// A host pattern, http/https ports and the line of each port.
     Http(HostPattern, Vec<HttpPort>, Vec<usize>),
 }

@@ -1,0 +1,321 @@
+//! The DNS path of FQDN rules: the agent's DNS listeners, one per resolver of the policy, on
+//! `127.0.0.1` or `[::1]` port [`DNS_LISTEN_PORT`](crate::policy::DNS_LISTEN_PORT)` + i`.
+//!
+//! When the policy has FQDN rules, the kernel sends a workload's UDP query to a resolver to
+//! the agent's listener for that resolver (only one the agent marked: see
+//! `loader::Enforcer::mark_dns_socket`), and shows the answer as the resolver's
+//! (`cgroup/recvmsg4`/`6`). For each query the agent:
+//!
+//! 1. asks the resolver the workload asked, from its own (exempt) socket;
+//! 2. reads the answer: the question name, its CNAME chain, the addresses at its end
+//!    ([`crate::dns::message::parse_answer`]);
+//! 3. for every FQDN rule of the workload's scope that matches a name of the chain, allows
+//!    each address on the rule's ports for the asking scope, until the answer's TTL (at least
+//!    [`MIN_LEARNED_TTL`](crate::policy::MIN_LEARNED_TTL)) runs out
+//!    ([`crate::loader::learned`]);
+//! 4. only then sends the answer to the workload. If an address cannot be allowed (a map is
+//!    full), the workload gets SERVFAIL instead: it never holds an address the kernel would
+//!    refuse because the agent failed.
+//!
+//! While no marked listener is there (the agent is down or restarting, or has not opened it
+//! yet), queries go to the resolver directly, as without FQDN rules: DNS keeps working, the
+//! addresses already learned stay allowed (the maps are pinned), and only addresses learned
+//! from no answer are refused until the agent is back.
+//!
+//! This serves the agent's own network namespace (host processes, and the pods on the host's
+//! network), whose queries are learned for scope 0: the node-wide FQDN rules.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::net::UdpSocket;
+
+use crate::{
+    compile::stable_scope_id,
+    dns::message::{self, Answer, Query},
+    loader::{
+        Enforcer, LoadError, PinDir,
+        learned::{InForce, LearnedMaps, Swept},
+    },
+};
+
+/// How long the agent waits for a resolver's answer: glibc's default timeout, after which
+/// the workload has given up on this try anyway.
+const RESOLVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest DNS message over UDP (with EDNS).
+const MAX_MESSAGE: usize = 65_535;
+
+/// Where a query came from: the scope its answers are learned for.
+#[derive(Clone, Debug)]
+pub struct Asker {
+    /// The pin directory of the maps to learn into.
+    pub pin_dir: PathBuf,
+    /// The asking workloads' namespace (a pod's), or `None` for the agent's own network
+    /// namespace (scope 0).
+    pub namespace: Option<String>,
+}
+
+/// The learned-address maps of a pin directory, opened once and shared by the listeners.
+#[derive(Default)]
+struct Maps(Mutex<Option<LearnedMaps>>);
+
+/// The agent's DNS listeners in one network namespace.
+#[derive(Default)]
+pub struct DnsListeners {
+    /// By listener address: the resolver it is for, the socket (a duplicate of the served one,
+    /// to mark again), and its serving task.
+    bound: HashMap<SocketAddr, Listener>,
+    maps: Arc<Maps>,
+}
+
+struct Listener {
+    resolver: SocketAddr,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DnsListeners {
+    /// Brings the listeners of the agent's own network namespace in line with the generation
+    /// in force: binds, marks and serves the listener of each of its resolvers, and closes
+    /// those of resolvers it no longer has. A listener that cannot be bound or marked is tried
+    /// again at the next call (until then that resolver's queries go to it directly and teach
+    /// nothing). Call it from the agent's runtime.
+    pub fn sync(&mut self, enforcer: &Enforcer) {
+        let wanted = enforcer.dns_listeners();
+        self.bound.retain(|address, listener| {
+            wanted
+                .iter()
+                .any(|(resolver, at)| at == address && *resolver == listener.resolver)
+        });
+        let asker = Asker {
+            pin_dir: enforcer.pin_dir().to_owned(),
+            namespace: None,
+        };
+        for (resolver, address) in wanted {
+            if self.bound.contains_key(&address) {
+                continue;
+            }
+            match bind(address) {
+                Ok(socket) => {
+                    if let Err(e) = enforcer.mark_dns_socket(&socket) {
+                        tracing::error!(%address, error = %e, "dns: marking a listener; its resolver's queries are not learned from");
+                        continue;
+                    }
+                    match serve(socket, resolver, asker.clone(), self.maps.clone()) {
+                        Ok(task) => {
+                            tracing::info!(%address, %resolver, "dns: listening for the queries to a resolver");
+                            self.bound.insert(address, Listener { resolver, task });
+                        }
+                        Err(e) => {
+                            tracing::error!(%address, error = %e, "dns: serving a listener");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%address, %resolver, error = %e, "dns: cannot listen; queries to this resolver go to it directly and teach the kernel nothing (retrying every second)");
+                }
+            }
+        }
+    }
+
+    /// The listener addresses served.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        let mut addresses: Vec<SocketAddr> = self.bound.keys().copied().collect();
+        addresses.sort();
+        addresses
+    }
+
+    /// Removes expired learned addresses (and any the policy in force no longer allows).
+    ///
+    /// # Errors
+    /// The maps cannot be opened or an entry cannot be removed.
+    pub fn sweep(&self, pin_dir: &Path) -> Result<Swept, LoadError> {
+        let in_force = InForce::of(pin_dir);
+        let names = in_force.lock();
+        let mut maps = self.maps.0.lock().unwrap_or_else(|e| e.into_inner());
+        let maps = open_maps(&mut maps, pin_dir)?;
+        maps.sweep(&names, true)
+    }
+}
+
+/// Binds a DNS listener, non-blocking, without `SO_REUSEADDR`/`SO_REUSEPORT`: no other socket
+/// can share its address, which the kernel's check of the listener relies on.
+fn bind(address: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Serves one listener on the current runtime.
+fn serve(
+    socket: std::net::UdpSocket,
+    resolver: SocketAddr,
+    asker: Asker,
+    maps: Arc<Maps>,
+) -> io::Result<tokio::task::AbortHandle> {
+    let socket = Arc::new(UdpSocket::from_std(socket)?);
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let (len, peer) = match socket.recv_from(&mut buf).await {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dns: receiving a query");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let query = buf[..len].to_vec();
+            let (socket, asker, maps) = (socket.clone(), asker.clone(), maps.clone());
+            tokio::spawn(async move {
+                if let Some(reply) = answer(&query, resolver, &asker, &maps).await
+                    && let Err(e) = socket.send_to(&reply, peer).await
+                {
+                    tracing::debug!(%peer, error = %e, "dns: sending an answer");
+                }
+            });
+        }
+    });
+    Ok(task.abort_handle())
+}
+
+/// What the workload gets for `bytes`: the resolver's answer once its addresses are allowed,
+/// SERVFAIL when they cannot be, nothing when the query is not one (dropped, as a resolver
+/// would) or the resolver did not answer in time (the workload tries again).
+async fn answer(bytes: &[u8], resolver: SocketAddr, asker: &Asker, maps: &Maps) -> Option<Vec<u8>> {
+    let query = match message::parse_query(bytes) {
+        Ok(query) => query,
+        Err(e) => {
+            tracing::debug!(error = %e, "dns: dropped a datagram that is not a query");
+            return None;
+        }
+    };
+    let reply = match ask(bytes, resolver).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::debug!(%query, %resolver, error = %e, "dns: no answer from the resolver");
+            return None;
+        }
+    };
+    let answer = match message::parse_answer(&reply, &query) {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(%query, %resolver, error = %e, "dns: the resolver's answer does not answer the query; SERVFAIL");
+            return Some(message::servfail(&query));
+        }
+    };
+    match tokio::task::block_in_place(|| learn(asker, maps, &query, &answer)) {
+        Ok(_) => Some(reply),
+        Err(e) => {
+            tracing::error!(%query, error = %e, "dns: cannot allow the answer's addresses; SERVFAIL (failing closed)");
+            Some(message::servfail(&query))
+        }
+    }
+}
+
+/// Sends `query` to `resolver` from a socket of the agent's and returns the first datagram
+/// that comes back.
+async fn ask(query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
+    let local: SocketAddr = match resolver.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(resolver).await?;
+    socket.send(query).await?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let len = tokio::time::timeout(RESOLVER_TIMEOUT, socket.recv(&mut buf))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in 5 s"))??;
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Allows the answer's addresses for every FQDN rule in force that applies to the asker and
+/// matches a name of the chain. Returns the number of map entries written.
+fn learn(asker: &Asker, maps: &Maps, query: &Query, answer: &Answer) -> Result<usize, LoadError> {
+    if answer.addrs.is_empty() {
+        return Ok(0);
+    }
+    let in_force = InForce::of(&asker.pin_dir);
+    let names = in_force.lock();
+    // The asker's own scope when its namespace has rules of its own; else scope 0.
+    let namespace = asker.namespace.as_deref().filter(|ns| {
+        names
+            .scopes
+            .binary_search_by(|s| s.as_str().cmp(ns))
+            .is_ok()
+    });
+    let scope_id = stable_scope_id(namespace);
+    let xdp = !names.scopes.is_empty();
+    let rules: Vec<_> = names
+        .names
+        .iter()
+        .filter(|rule| rule.scope.is_none() || rule.scope.as_deref() == namespace)
+        .filter(|rule| answer.chain.iter().any(|name| rule.host.matches(name)))
+        .collect();
+    if rules.is_empty() {
+        return Ok(0);
+    }
+    let mut opened = maps.0.lock().unwrap_or_else(|e| e.into_inner());
+    let learned = open_maps(&mut opened, &asker.pin_dir)?;
+    let mut written = 0;
+    for rule in &rules {
+        for &(addr, ttl) in answer.addrs.iter().filter(|(addr, _)| learnable(*addr)) {
+            written += learned.allow(scope_id, xdp, rule, addr, Duration::from_secs(ttl.into()))?;
+        }
+    }
+    tracing::debug!(
+        %query,
+        rules = ?rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        addresses = answer.addrs.len(),
+        written,
+        "dns: learned"
+    );
+    Ok(written)
+}
+
+/// Whether an answer's address may be learned: never the host's own, link-local (cloud
+/// metadata services live at 169.254.169.254), multicast, broadcast or unspecified
+/// addresses, whatever name a DNS answer gives them (DNS rebinding). Only a CIDR rule or a
+/// bypass range can allow those.
+pub fn learnable(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_unspecified())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unicast_link_local()
+                || v6.is_multicast()
+                || v6.is_unspecified())
+        }
+    }
+}
+
+/// The maps, opened on first use.
+fn open_maps<'a>(
+    slot: &'a mut Option<LearnedMaps>,
+    pin_dir: &Path,
+) -> Result<&'a mut LearnedMaps, LoadError> {
+    if slot.is_none() {
+        *slot = Some(LearnedMaps::open(&PinDir::new(pin_dir))?);
+    }
+    Ok(slot.as_mut().expect("just opened"))
+}

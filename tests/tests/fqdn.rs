@@ -1,0 +1,364 @@
+//! FQDN rules (issue 18): seed 003 written with names. `www.wikipedia.test` and
+//! `*.wikipedia.test` are tcp/443 rules; a DNS server the test runs in its sandbox answers
+//! with TEST-NET addresses; workloads resolve through glibc (`egress-resolve`, the sandbox's
+//! resolv.conf, which the agent reads too) and connect. Counted at the sinks, in the rules'
+//! counters and in the learned-address maps.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    Agent, Attempted, Family, Sandbox, Sink, Vector, egress_bin, resolv_conf_text, resolve_bin, sa,
+    status_row, vector::attempt, vector_bin,
+};
+use egress_user::loader::{PinDir, learned::LearnedMaps};
+
+const EGRESS: &str = egress_bin!();
+const RESOLVE: &str = resolve_bin!();
+const VECTOR: &str = vector_bin!();
+
+/// The resolver of the sandbox's resolv.conf.
+const RESOLVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
+/// `www.wikipedia.test`.
+const WWW: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const WWW6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+/// `cdn.edge.test`, the end of `en.wikipedia.test`'s CNAME chain.
+const CDN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+/// `evil.test`: in an answer, but for a name no rule allows.
+const EVIL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// In no answer at all.
+const NOWHERE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
+
+/// Seed 003's idea with names: the two rules by name instead of Wikipedia's five CIDRs.
+const POLICY: &str = "\
+kind: EgressRule
+metadata:
+  name: wikipedia
+spec:
+  destination:
+    service: www.wikipedia.test
+  ports:
+  - port: 443
+    protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: wikipedias
+spec:
+  destination:
+    service: \"*.wikipedia.test\"
+  ports:
+  - port: 443
+    protocol: tcp
+";
+
+/// A sandbox with the resolver, the upstreams on 443 and an agent enforcing [`POLICY`].
+struct World {
+    sb: Sandbox,
+    dns: egress_tests::DnsServer,
+    resolv: PathBuf,
+    agent: Option<Agent>,
+}
+
+impl World {
+    fn start() -> Self {
+        let sb = Sandbox::new();
+        let addrs: Vec<String> = [RESOLVER, WWW, CDN, EVIL, NOWHERE]
+            .iter()
+            .map(|a| format!("{a}/32"))
+            .chain([format!("{WWW6}/128")])
+            .collect();
+        sb.add_addrs(&addrs);
+        let dns = sb.dns_server(sa(RESOLVER, 53));
+        dns.set_a("www.wikipedia.test", &[WWW], 300);
+        dns.set_aaaa("www.wikipedia.test", &[WWW6], 300);
+        dns.set_cname("en.wikipedia.test", "cdn.edge.test", 300);
+        dns.set_a("cdn.edge.test", &[CDN], 300);
+        dns.set_a("evil.test", &[EVIL], 300);
+        let resolv = sb.resolv_conf();
+        std::fs::write(
+            &resolv,
+            resolv_conf_text(&[IpAddr::V4(RESOLVER)], "timeout:2 attempts:2"),
+        )
+        .expect("writing resolv.conf");
+        let policy = sb.policy_file("policy.yaml", POLICY);
+        let agent = sb
+            .agent(EGRESS)
+            .policy(&policy, &["--no-watch"])
+            .log("egress_user::agent::dns=debug,info")
+            .start();
+        Self {
+            sb,
+            dns,
+            resolv,
+            agent: Some(agent),
+        }
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    /// A direct connect (no lookup) from the managed cgroup.
+    fn connect(&self, addr: SocketAddr) -> Attempted {
+        attempt(
+            VECTOR,
+            &self.sb.name,
+            Some(&self.sb.cgroup),
+            Vector::Tcp,
+            addr,
+            Duration::from_secs(3),
+        )
+    }
+
+    /// The learned entries: (scope id, port, protocol, address).
+    fn learned(&self) -> Vec<(u64, u16, u8, IpAddr)> {
+        let maps = LearnedMaps::open(&PinDir::new(&self.sb.pin_dir)).expect("learned maps");
+        let mut entries: Vec<_> = maps
+            .entries()
+            .into_iter()
+            .map(|(scope, port, proto, addr, _)| (scope, port, proto, addr))
+            .collect();
+        entries.sort();
+        entries
+    }
+}
+
+#[test]
+fn names_allow_the_addresses_their_answers_gave_and_nothing_else() {
+    let w = World::start();
+    let sinks: Vec<Sink> = [
+        IpAddr::V4(WWW),
+        IpAddr::V6(WWW6),
+        IpAddr::V4(CDN),
+        IpAddr::V4(EVIL),
+        IpAddr::V4(NOWHERE),
+    ]
+    .into_iter()
+    .map(|ip| w.sb.sink(sa(ip, 443)))
+    .collect();
+    let [www, www6, cdn, evil, nowhere] = &sinks[..] else {
+        unreachable!()
+    };
+
+    // Before any answer, the name's address is refused like any other.
+    assert!(
+        w.connect(sa(WWW, 443)).failed_with("connect", libc::EPERM),
+        "www before its lookup"
+    );
+    assert_eq!(www.accepted(), 0);
+    assert!(w.learned().is_empty(), "{:?}", w.learned());
+
+    // glibc asks A and AAAA; the answer comes back through the agent, which allowed both
+    // addresses before releasing it: the first connect (to the first address) succeeds.
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .connect(443)
+            .run(&["www.wikipedia.test"]);
+    let lookup = &got.lookups[0];
+    let mut addrs = lookup.addrs.clone().expect("www.wikipedia.test resolves");
+    addrs.sort();
+    assert_eq!(addrs, [IpAddr::V4(WWW), IpAddr::V6(WWW6)], "{got:?}");
+    assert_eq!(lookup.connect, Some(Ok(())), "{got:?}\n{}", w.agent().log());
+    assert!(
+        w.dns.queries_for("www.wikipedia.test") >= 2,
+        "the resolver answered"
+    );
+    // And the other address of the same answer, directly.
+    assert_eq!(w.connect(sa(WWW, 443)), Attempted::Ok);
+    assert_eq!(w.connect(sa(WWW6, 443)), Attempted::Ok);
+    // The lookup's connect went to one of the two (glibc's order), then one more each.
+    let (four, six) = (www.accepted(), www6.accepted());
+    assert!(four + six == 3 && four >= 1 && six >= 1, "({four}, {six})");
+    // Only port 443: the rule's port.
+    assert!(
+        w.connect(sa(WWW, 80)).failed_with("connect", libc::EPERM),
+        "www on port 80"
+    );
+
+    // A CNAME chain: the wildcard matches the question, the address is the chain's end's.
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(443)
+            .run(&["en.wikipedia.test"]);
+    assert_eq!(got.lookups[0].addrs, Ok(vec![IpAddr::V4(CDN)]), "{got:?}");
+    assert_eq!(got.lookups[0].connect, Some(Ok(())), "{got:?}");
+    assert_eq!(cdn.accepted(), 1);
+
+    // A name no rule allows still resolves (DNS is not the filter), but its address stays
+    // refused, as does an address no answer gave.
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(443)
+            .run(&["evil.test"]);
+    assert_eq!(got.lookups[0].addrs, Ok(vec![IpAddr::V4(EVIL)]), "{got:?}");
+    assert_eq!(
+        got.lookups[0].connect,
+        Some(Err("EPERM".to_owned())),
+        "{got:?}"
+    );
+    assert!(
+        w.connect(sa(NOWHERE, 443))
+            .failed_with("connect", libc::EPERM)
+    );
+    assert_eq!((evil.accepted(), nowhere.accepted()), (0, 0));
+
+    // What the kernel holds: the answers' addresses on 443/tcp for scope 0, nothing else.
+    let tcp = egress_common::PROTO_TCP;
+    assert_eq!(
+        w.learned(),
+        [
+            (0, 443, tcp, IpAddr::V4(WWW)),
+            (0, 443, tcp, IpAddr::V4(CDN)),
+            (0, 443, tcp, IpAddr::V6(WWW6)),
+        ]
+    );
+    // Counted on the rules that allowed them: www.wikipedia.test matches both rules, the
+    // first in the file wins (its row is written last... any of the two), en only the wildcard.
+    let status = w.sb.status_json(EGRESS);
+    let allowed = |name: &str| {
+        status_row(&status, name)["allowed"]
+            .as_u64()
+            .expect("allowed")
+    };
+    assert_eq!(
+        allowed("wikipedia") + allowed("wikipedias"),
+        4,
+        "{status:#}"
+    );
+    assert!(allowed("wikipedias") >= 1, "{status:#}");
+}
+
+#[test]
+fn the_first_connect_after_each_answer_succeeds_a_thousand_times() {
+    let w = World::start();
+    // 1,000 names, each answered with an address of its own: no connect can ride on an
+    // address an earlier answer taught.
+    let ip = |i: usize| Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250 + 1) as u8);
+    egress_tests::sh(&[
+        "ip",
+        "-n",
+        &w.sb.name,
+        "route",
+        "add",
+        "local",
+        "198.18.0.0/16",
+        "dev",
+        "lo",
+    ]);
+    let names: Vec<String> = (0..1000).map(|i| format!("n{i}.wikipedia.test")).collect();
+    for (i, name) in names.iter().enumerate() {
+        w.dns.set_a(name, &[ip(i)], 300);
+    }
+    let sink = w.sb.sink(sa(Ipv4Addr::UNSPECIFIED, 443));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(443)
+            .quiet()
+            .run(&names);
+    let took = started.elapsed();
+    assert_eq!(got.summary.lookups, 1000, "{got:?}");
+    assert!(got.summary.lookup_errors.is_empty(), "{got:?}");
+    assert_eq!(
+        got.summary.connects_ok,
+        1000,
+        "{got:?}\n{}",
+        w.agent().log()
+    );
+    assert!(got.summary.connect_errors.is_empty(), "{got:?}");
+    assert_eq!(sink.accepted(), 1000);
+    eprintln!("1,000 lookups and first connects through the agent in {took:?}");
+}
+
+#[test]
+fn an_expired_address_refuses_new_connections_and_keeps_the_established_one() {
+    let w = World::start();
+    let short = Ipv4Addr::new(192, 0, 2, 20);
+    w.sb.add_addr(&format!("{short}/32"));
+    // A TTL of 1 s is held for the floor, 5 s.
+    w.dns.set_a("short.wikipedia.test", &[short], 1);
+    let server = ByteCounter::start(&w.sb, sa(short, 443));
+    std::thread::scope(|scope| {
+        // A connection made right after the answer, which writes once at once and once after
+        // the expiry.
+        let held = scope.spawn(|| {
+            w.sb.resolve(RESOLVE, &w.resolv)
+                .family(Family::V4)
+                .connect(443)
+                .hold(Duration::from_secs(8))
+                .run(&["short.wikipedia.test"])
+        });
+        assert!(
+            egress_tests::eventually(Duration::from_secs(5), || server.received() == "before\n"),
+            "the held connection's first write: {:?}",
+            server.received()
+        );
+        std::thread::sleep(Duration::from_secs(6));
+        // Past the floor: a new connection is refused...
+        assert!(
+            w.connect(sa(short, 443))
+                .failed_with("connect", libc::EPERM),
+            "a new connect after the expiry"
+        );
+        // ...and the one made before goes on.
+        let got = held.join().expect("the held connection");
+        assert_eq!(got.lookups[0].addrs, Ok(vec![IpAddr::V4(short)]), "{got:?}");
+        assert_eq!(got.lookups[0].connect, Some(Ok(())), "{got:?}");
+    });
+    assert_eq!(server.received(), "before\nafter\n");
+    // Asked again, the name is allowed again.
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(443)
+            .run(&["short.wikipedia.test"]);
+    assert_eq!(got.lookups[0].connect, Some(Ok(())), "{got:?}");
+    assert_eq!(server.later.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A TCP server in the sandbox that keeps what its first connection sends, and counts the
+/// connections after it.
+struct ByteCounter {
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    later: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ByteCounter {
+    fn start(sb: &Sandbox, addr: SocketAddr) -> Self {
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let later = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (into, count) = (received.clone(), later.clone());
+        let ((), _thread) = egress_tests::spawn_in_netns(&sb.name, "byte counter", move |ready| {
+            let listener = std::net::TcpListener::bind(addr).expect("bind");
+            ready.send(()).expect("ready");
+            let (mut conn, _) = listener.accept().expect("accept");
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    match std::io::Read::read(&mut conn, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => into.lock().expect("lock").extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+            for conn in listener.incoming() {
+                if conn.is_ok() {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        Self { received, later }
+    }
+
+    fn received(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().expect("lock")).into_owned()
+    }
+}
