@@ -241,12 +241,13 @@ fn dns_slot_of_listener(listen_port: u16, family: u8) -> Option<DnsSlot> {
     None
 }
 
-/// The agent's DNS listener port (network byte order) for a UDP query to `dest`, when `dest`
-/// is one of the policy's resolvers, the policy has FQDN rules, the caller is not the agent,
-/// and the socket listening there in the caller's network namespace is the agent's (marked
-/// in `PROXY_LISTEN`). Otherwise `None`: the query goes to the resolver unchanged (the
-/// resolver is allowed either way; an answer the agent did not see teaches the kernel
-/// nothing, so connections to its addresses stay refused unless a rule allows them).
+/// The agent's DNS listener port (network byte order) for a query to `dest` (a UDP datagram
+/// or connect, or a TCP connect), when `dest` is one of the policy's resolvers, the policy has
+/// FQDN rules, the caller is not the agent, and the socket listening there in the caller's
+/// network namespace (UDP socket or TCP listener) is the agent's (marked in `PROXY_LISTEN`).
+/// Otherwise `None`: the query goes to the resolver unchanged (the resolver is allowed either
+/// way; an answer the agent did not see teaches the kernel nothing, so connections to its
+/// addresses stay refused unless a rule allows them).
 #[inline(always)]
 fn dns_listener(
     ctx: &SockAddrContext,
@@ -254,7 +255,8 @@ fn dns_listener(
     protocol: u32,
     proxy: ProxyFamily,
 ) -> Option<u16> {
-    if protocol != u32::from(PROTO_UDP)
+    let udp = protocol == u32::from(PROTO_UDP);
+    if !(udp || protocol == u32::from(PROTO_TCP) && dest.hook == hook::CONNECT)
         || dest.port != DNS_PORT.to_be()
         || dest.flags & (flags::NAT64 | flags::SIX_TO_FOUR) != 0
     {
@@ -277,7 +279,7 @@ fn dns_listener(
         }
         if slot.family == dest.family && slot.port == dest.port && same_addr(&slot.addr, &dest.addr)
         {
-            return (listener_check(ctx, slot.listen_port, proxy, true) == reason::RULES)
+            return (listener_check(ctx, slot.listen_port, proxy, udp) == reason::RULES)
                 .then_some(slot.listen_port);
         }
         i += 1;

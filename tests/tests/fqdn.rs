@@ -60,6 +60,7 @@ struct World {
     sb: Sandbox,
     dns: egress_tests::DnsServer,
     resolv: PathBuf,
+    policy: PathBuf,
     agent: Option<Agent>,
 }
 
@@ -85,17 +86,24 @@ impl World {
         )
         .expect("writing resolv.conf");
         let policy = sb.policy_file("policy.yaml", POLICY);
-        let agent = sb
-            .agent(EGRESS)
-            .policy(&policy, &["--no-watch"])
-            .log("egress_user::agent::dns=debug,info")
-            .start();
-        Self {
+        let mut world = Self {
             sb,
             dns,
             resolv,
-            agent: Some(agent),
-        }
+            policy,
+            agent: None,
+        };
+        world.agent = Some(world.start_agent());
+        world
+    }
+
+    /// Starts an agent on [`POLICY`] (a first one, or one taking over).
+    fn start_agent(&self) -> Agent {
+        self.sb
+            .agent(EGRESS)
+            .policy(&self.policy, &["--no-watch"])
+            .log("egress_user::agent::dns=debug,info")
+            .start()
     }
 
     fn agent(&self) -> &Agent {
@@ -361,4 +369,131 @@ impl ByteCounter {
     fn received(&self) -> String {
         String::from_utf8_lossy(&self.received.lock().expect("lock")).into_owned()
     }
+}
+
+#[test]
+fn a_restart_amid_lookups_and_connects_loses_no_allowed_connect_and_allows_no_denied_one() {
+    let mut w = World::start();
+    let sinks: Vec<Sink> = [WWW, CDN, EVIL]
+        .into_iter()
+        .map(|ip| w.sb.sink(sa(ip, 443)))
+        .collect();
+    let rounds = 300;
+    let (allowed, denied, down) = std::thread::scope(|scope| {
+        let loop_over = |names: &'static [&'static str]| {
+            let (sb, resolv) = (&w.sb, &w.resolv);
+            scope.spawn(move || {
+                sb.resolve(RESOLVE, resolv)
+                    .family(Family::V4)
+                    .connect(443)
+                    .rounds(rounds, Duration::from_millis(20))
+                    .quiet()
+                    .run(names)
+            })
+        };
+        let allowed = loop_over(&["www.wikipedia.test", "en.wikipedia.test"]);
+        let denied = loop_over(&["evil.test"]);
+        std::thread::sleep(Duration::from_millis(1500));
+        // Killed mid-loop: no chance to hand anything over.
+        let old = w.agent.take().expect("agent");
+        old.signal(libc::SIGKILL);
+        let killed = Instant::now();
+        old.wait();
+        std::thread::sleep(Duration::from_millis(500));
+        let new = w.start_agent();
+        let down = killed.elapsed();
+        w.agent = Some(new);
+        (
+            allowed.join().expect("the allowed loop"),
+            denied.join().expect("the denied loop"),
+            down,
+        )
+    });
+    eprintln!("agent down (killed to ready again) for {down:?}");
+    // Every lookup answered (by the agent, or by the resolver directly while it was down),
+    // every connect to an allowed name's address made: learned before, pinned, still valid.
+    assert_eq!(allowed.summary.lookups, 2 * rounds, "{allowed:?}");
+    assert!(allowed.summary.lookup_errors.is_empty(), "{allowed:?}");
+    assert_eq!(allowed.summary.connects_ok, 2 * rounds, "{allowed:?}");
+    // And never one to the address of a name no rule allows, whoever answered.
+    assert_eq!(denied.summary.lookups, rounds, "{denied:?}");
+    assert_eq!(denied.summary.connects_ok, 0, "{denied:?}");
+    assert_eq!(
+        denied.summary.connect_errors.get("EPERM").copied(),
+        Some(rounds),
+        "{denied:?}"
+    );
+    let [www, cdn, evil] = &sinks[..] else {
+        unreachable!()
+    };
+    assert_eq!(
+        (
+            www.accepted() as u64,
+            cdn.accepted() as u64,
+            evil.accepted()
+        ),
+        (rounds, rounds, 0)
+    );
+    // The new agent learns again: a name first asked now is allowed at once.
+    let late = Ipv4Addr::new(192, 0, 2, 21);
+    w.sb.add_addr(&format!("{late}/32"));
+    w.dns.set_a("late.wikipedia.test", &[late], 300);
+    let late_sink = w.sb.sink(sa(late, 443));
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(443)
+            .run(&["late.wikipedia.test"]);
+    assert_eq!(
+        got.lookups[0].connect,
+        Some(Ok(())),
+        "{got:?}\n{}",
+        w.agent().log()
+    );
+    assert_eq!(late_sink.accepted(), 1);
+}
+
+#[test]
+fn an_answer_too_big_for_udp_is_learned_from_its_tcp_retry() {
+    let w = World::start();
+    egress_tests::sh(&[
+        "ip",
+        "-n",
+        &w.sb.name,
+        "route",
+        "add",
+        "local",
+        "198.18.0.0/16",
+        "dev",
+        "lo",
+    ]);
+    // 40 addresses: more than 512 bytes, so the UDP answer is cut and glibc asks over TCP.
+    let many: Vec<Ipv4Addr> = (1..=40).map(|i| Ipv4Addr::new(198, 18, 1, i)).collect();
+    w.dns.set_a("big.wikipedia.test", &many, 300);
+    let sink = w.sb.sink(sa(Ipv4Addr::UNSPECIFIED, 443));
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(443)
+            .run(&["big.wikipedia.test"]);
+    let addrs = got.lookups[0].addrs.clone().expect("resolves");
+    assert_eq!(addrs.len(), 40, "{got:?}");
+    assert_eq!(
+        got.lookups[0].connect,
+        Some(Ok(())),
+        "{got:?}\n{}",
+        w.agent().log()
+    );
+    let transports: Vec<_> = w.dns.asked().into_iter().map(|a| a.transport).collect();
+    assert!(
+        transports.contains(&egress_tests::dns_server::Transport::Tcp),
+        "the retry went over TCP: {transports:?}"
+    );
+    // Every address of the answer, not only the first.
+    let learned = w.learned();
+    assert_eq!(learned.len(), 40, "{learned:?}");
+    for addr in [many[0], many[39]] {
+        assert_eq!(w.connect(sa(addr, 443)), Attempted::Ok, "{addr}");
+    }
+    assert_eq!(sink.accepted(), 3);
 }

@@ -1,8 +1,9 @@
 //! The DNS path of FQDN rules: the agent's DNS listeners, one per resolver of the policy, on
-//! `127.0.0.1` or `[::1]` port [`DNS_LISTEN_PORT`](crate::policy::DNS_LISTEN_PORT)` + i`.
+//! `127.0.0.1` or `[::1]` port [`DNS_LISTEN_PORT`](crate::policy::DNS_LISTEN_PORT)` + i`, UDP
+//! and TCP.
 //!
-//! When the policy has FQDN rules, the kernel sends a workload's UDP query to a resolver to
-//! the agent's listener for that resolver (only one the agent marked: see
+//! When the policy has FQDN rules, the kernel sends a workload's query to a resolver (a UDP
+//! datagram, or a TCP connection to port 53) to the agent's listener for that resolver (only one the agent marked: see
 //! `loader::Enforcer::mark_dns_socket`), and shows the answer as the resolver's
 //! (`cgroup/recvmsg4`/`6`). For each query the agent:
 //!
@@ -52,6 +53,10 @@ const RESOLVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest DNS message over UDP (with EDNS).
 const MAX_MESSAGE: usize = 65_535;
 
+/// How long a TCP query connection may stay idle between queries (RFC 7766 suggests
+/// seconds; stubs open one per query anyway).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
 /// Where a query came from: the scope its answers are learned for.
 #[derive(Clone, Debug)]
 pub struct Asker {
@@ -69,63 +74,95 @@ struct Maps(Mutex<Option<LearnedMaps>>);
 /// The agent's DNS listeners in one network namespace.
 #[derive(Default)]
 pub struct DnsListeners {
-    /// By listener address: the resolver it is for, the socket (a duplicate of the served one,
-    /// to mark again), and its serving task.
+    /// By listener address: the resolver it is for, and its sockets, bound and marked, served
+    /// once the agent's runtime runs.
     bound: HashMap<SocketAddr, Listener>,
     maps: Arc<Maps>,
 }
 
+/// One resolver's listener: a UDP socket and a TCP listener on the same address (a stub
+/// resolver asks again over TCP when the UDP answer was cut).
 struct Listener {
     resolver: SocketAddr,
-    task: tokio::task::AbortHandle,
+    /// Until served.
+    sockets: Option<(std::net::UdpSocket, std::net::TcpListener)>,
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
 impl DnsListeners {
     /// Brings the listeners of the agent's own network namespace in line with the generation
-    /// in force: binds, marks and serves the listener of each of its resolvers, and closes
+    /// in force: binds and marks the UDP and TCP listener of each of its resolvers, and closes
     /// those of resolvers it no longer has. A listener that cannot be bound or marked is tried
     /// again at the next call (until then that resolver's queries go to it directly and teach
-    /// nothing). Call it from the agent's runtime.
-    pub fn sync(&mut self, enforcer: &Enforcer) {
+    /// nothing). Needs no runtime: the agent calls it before it says it is ready, so that the
+    /// first query already meets a marked listener; [`DnsListeners::serve`] serves them.
+    pub fn bind(&mut self, enforcer: &Enforcer) {
         let wanted = enforcer.dns_listeners();
         self.bound.retain(|address, listener| {
             wanted
                 .iter()
                 .any(|(resolver, at)| at == address && *resolver == listener.resolver)
         });
-        let asker = Asker {
-            pin_dir: enforcer.pin_dir().to_owned(),
-            namespace: None,
-        };
         for (resolver, address) in wanted {
             if self.bound.contains_key(&address) {
                 continue;
             }
-            match bind(address) {
-                Ok(socket) => {
-                    if let Err(e) = enforcer.mark_dns_socket(&socket) {
-                        tracing::error!(%address, error = %e, "dns: marking a listener; its resolver's queries are not learned from");
-                        continue;
-                    }
-                    match serve(socket, resolver, asker.clone(), self.maps.clone()) {
-                        Ok(task) => {
-                            tracing::info!(%address, %resolver, "dns: listening for the queries to a resolver");
-                            self.bound.insert(address, Listener { resolver, task });
-                        }
-                        Err(e) => {
-                            tracing::error!(%address, error = %e, "dns: serving a listener");
-                        }
-                    }
+            let sockets = bind(address).and_then(|(udp, tcp)| {
+                enforcer
+                    .mark_dns_socket(&udp)
+                    .and_then(|()| enforcer.mark_proxy_listener(&tcp))
+                    .map_err(io::Error::other)?;
+                Ok((udp, tcp))
+            });
+            match sockets {
+                Ok(sockets) => {
+                    tracing::info!(%address, %resolver, "dns: listening for the queries to a resolver");
+                    self.bound.insert(
+                        address,
+                        Listener {
+                            resolver,
+                            sockets: Some(sockets),
+                            tasks: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(%address, %resolver, error = %e, "dns: cannot listen; queries to this resolver go to it directly and teach the kernel nothing (retrying every second)");
                 }
+            }
+        }
+    }
+
+    /// [`DnsListeners::bind`], then serves the listeners not served yet, on the current
+    /// runtime.
+    pub fn sync(&mut self, enforcer: &Enforcer) {
+        self.bind(enforcer);
+        let asker = Asker {
+            pin_dir: enforcer.pin_dir().to_owned(),
+            namespace: None,
+        };
+        for (address, listener) in &mut self.bound {
+            let Some((udp, tcp)) = listener.sockets.take() else {
+                continue;
+            };
+            let resolver = listener.resolver;
+            let served = serve_udp(udp, resolver, asker.clone(), self.maps.clone()).and_then(|u| {
+                Ok([
+                    u,
+                    serve_tcp(tcp, resolver, asker.clone(), self.maps.clone())?,
+                ])
+            });
+            match served {
+                Ok(tasks) => listener.tasks.extend(tasks),
+                Err(e) => tracing::error!(%address, error = %e, "dns: serving a listener"),
             }
         }
     }
@@ -150,16 +187,19 @@ impl DnsListeners {
     }
 }
 
-/// Binds a DNS listener, non-blocking, without `SO_REUSEADDR`/`SO_REUSEPORT`: no other socket
-/// can share its address, which the kernel's check of the listener relies on.
-fn bind(address: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(address)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
+/// Binds a DNS listener's UDP socket and TCP listener, non-blocking. The UDP socket gets
+/// neither `SO_REUSEADDR` nor `SO_REUSEPORT`, the TCP listener only the standard library's
+/// `SO_REUSEADDR` (as the proxy's): no other socket can share their address, which the
+/// kernel's check of the listener relies on.
+fn bind(address: SocketAddr) -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let udp = std::net::UdpSocket::bind(address)?;
+    udp.set_nonblocking(true)?;
+    let tcp = super::listeners::listen(address)?;
+    Ok((udp, tcp))
 }
 
-/// Serves one listener on the current runtime.
-fn serve(
+/// Serves a listener's UDP socket on the current runtime.
+fn serve_udp(
     socket: std::net::UdpSocket,
     resolver: SocketAddr,
     asker: Asker,
@@ -180,7 +220,7 @@ fn serve(
             let query = buf[..len].to_vec();
             let (socket, asker, maps) = (socket.clone(), asker.clone(), maps.clone());
             tokio::spawn(async move {
-                if let Some(reply) = answer(&query, resolver, &asker, &maps).await
+                if let Some(reply) = answer(&query, resolver, Transport::Udp, &asker, &maps).await
                     && let Err(e) = socket.send_to(&reply, peer).await
                 {
                     tracing::debug!(%peer, error = %e, "dns: sending an answer");
@@ -191,10 +231,96 @@ fn serve(
     Ok(task.abort_handle())
 }
 
+/// Serves a listener's TCP side on the current runtime: DNS over TCP (RFC 7766), each message
+/// behind its two-byte length, any number of queries per connection, answered in order.
+fn serve_tcp(
+    listener: std::net::TcpListener,
+    resolver: SocketAddr,
+    asker: Asker,
+    maps: Arc<Maps>,
+) -> io::Result<tokio::task::AbortHandle> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dns: accepting a TCP query connection");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let (asker, maps) = (asker.clone(), maps.clone());
+            tokio::spawn(async move {
+                if let Err(e) = serve_tcp_connection(stream, resolver, &asker, &maps).await {
+                    tracing::debug!(%peer, error = %e, "dns: a TCP query connection ended");
+                }
+            });
+        }
+    });
+    Ok(task.abort_handle())
+}
+
+async fn serve_tcp_connection(
+    mut stream: tokio::net::TcpStream,
+    resolver: SocketAddr,
+    asker: &Asker,
+    maps: &Maps,
+) -> io::Result<()> {
+    loop {
+        let query = match read_framed(&mut stream).await {
+            Ok(query) => query,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(reply) = answer(&query, resolver, Transport::Tcp, asker, maps).await else {
+            // Nothing to answer with: the stub sees the connection close and tries again.
+            return Ok(());
+        };
+        write_framed(&mut stream, &reply).await?;
+    }
+}
+
+/// One DNS message over TCP: its two-byte length, then the message.
+async fn read_framed(stream: &mut tokio::net::TcpStream) -> io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let len = tokio::time::timeout(TCP_IDLE, stream.read_u16())
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle"))??;
+    let mut message = vec![0u8; usize::from(len)];
+    tokio::time::timeout(RESOLVER_TIMEOUT, stream.read_exact(&mut message))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "a message cut short"))??;
+    Ok(message)
+}
+
+async fn write_framed(stream: &mut tokio::net::TcpStream, message: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let len = u16::try_from(message.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a message over 65,535 bytes"))?;
+    let mut framed = Vec::with_capacity(message.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    stream.write_all(&framed).await
+}
+
+/// How the workload asked, and so how the agent asks the resolver.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
 /// What the workload gets for `bytes`: the resolver's answer once its addresses are allowed,
 /// SERVFAIL when they cannot be, nothing when the query is not one (dropped, as a resolver
 /// would) or the resolver did not answer in time (the workload tries again).
-async fn answer(bytes: &[u8], resolver: SocketAddr, asker: &Asker, maps: &Maps) -> Option<Vec<u8>> {
+async fn answer(
+    bytes: &[u8],
+    resolver: SocketAddr,
+    transport: Transport,
+    asker: &Asker,
+    maps: &Maps,
+) -> Option<Vec<u8>> {
     let query = match message::parse_query(bytes) {
         Ok(query) => query,
         Err(e) => {
@@ -202,7 +328,11 @@ async fn answer(bytes: &[u8], resolver: SocketAddr, asker: &Asker, maps: &Maps) 
             return None;
         }
     };
-    let reply = match ask(bytes, resolver).await {
+    let asked = match transport {
+        Transport::Udp => ask(bytes, resolver).await,
+        Transport::Tcp => ask_tcp(bytes, resolver).await,
+    };
+    let reply = match asked {
         Ok(reply) => reply,
         Err(e) => {
             tracing::debug!(%query, %resolver, error = %e, "dns: no answer from the resolver");
@@ -241,6 +371,17 @@ async fn ask(query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in 5 s"))??;
     buf.truncate(len);
     Ok(buf)
+}
+
+/// Sends `query` to `resolver` over TCP from a socket of the agent's and returns the answer.
+async fn ask_tcp(query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
+    tokio::time::timeout(RESOLVER_TIMEOUT, async {
+        let mut stream = tokio::net::TcpStream::connect(resolver).await?;
+        write_framed(&mut stream, query).await?;
+        read_framed(&mut stream).await
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in 5 s"))?
 }
 
 /// Allows the answer's addresses for every FQDN rule in force that applies to the asker and

@@ -171,6 +171,8 @@ impl Agent {
             cluster,
             dns: dns::DnsListeners::default(),
         };
+        // Before the agent says it is ready: the first query meets a marked listener.
+        agent.dns.bind(&agent.enforcer);
         agent.remember_names();
         Ok((agent, rx))
     }
