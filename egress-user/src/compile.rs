@@ -159,6 +159,17 @@ pub struct Compiled {
     pub scope_ids: Vec<(u32, u64)>,
     /// The FQDN rules, for the agent's DNS path.
     pub names: Vec<NameEntry>,
+    /// The names of the ExternalName aliases, which the agent's DNS path answers itself.
+    pub alias_names: Vec<AliasName>,
+}
+
+/// The names of one ExternalName alias, as the agent's DNS path answers them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AliasName {
+    /// [`crate::policy::Alias::hostnames`].
+    pub hostnames: Vec<String>,
+    /// The namespace whose pods it is for; `None`: every workload.
+    pub scope: Option<String>,
 }
 
 /// An FQDN rule as the agent's DNS path applies it.
@@ -419,10 +430,10 @@ pub fn compile(
                 0
             } else {
                 config_flags::SCOPED
-            } | if policy.name_rules.is_empty() {
-                0
-            } else {
+            } | if uses_dns_path(policy) {
                 config_flags::DNS
+            } else {
+                0
             },
             // The loader knows the agent's cgroup.
             agent_cgroup: 0,
@@ -539,8 +550,7 @@ pub fn compile(
             }
         }
     }
-    if !policy.name_rules.is_empty() {
-        out.dns_slots = dns_slots(&policy.dns.resolvers);
+    {
         out.names = policy
             .name_rules
             .iter()
@@ -552,6 +562,17 @@ pub fn compile(
                 ports: rule.ports.clone(),
                 row,
                 hash: rule.learned_hash(),
+            })
+            .collect();
+    }
+    if uses_dns_path(policy) {
+        out.dns_slots = dns_slots(&policy.dns.resolvers);
+        out.alias_names = policy
+            .aliases
+            .iter()
+            .map(|alias| AliasName {
+                hostnames: alias.hostnames().to_vec(),
+                scope: alias.scope.clone(),
             })
             .collect();
     }
@@ -608,6 +629,13 @@ pub fn scoped_cgroups(scopes: &[String], pods: &[(u64, String)]) -> Vec<(u64, u3
             Some((*cgroup, u32::try_from(i + 1).ok()?))
         })
         .collect()
+}
+
+/// Whether the workloads' DNS goes through the agent: for FQDN rules (to learn their
+/// addresses) and for aliases (to answer their names), when there is a resolver to ask.
+fn uses_dns_path(policy: &Policy) -> bool {
+    (!policy.name_rules.is_empty() || !policy.aliases.is_empty())
+        && !policy.dns.resolvers.is_empty()
 }
 
 /// The `DNS_SLOTS` entries for `resolvers`: the first [`MAX_RESOLVERS`], each as the kernel

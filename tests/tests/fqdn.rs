@@ -53,6 +53,16 @@ spec:
   ports:
   - port: 443
     protocol: tcp
+---
+kind: EgressRule
+metadata:
+  name: ntp
+spec:
+  destination:
+    service: time.test
+  ports:
+  - port: 123
+    protocol: udp
 ";
 
 /// A sandbox with the resolver, the upstreams on 443 and an agent enforcing [`POLICY`].
@@ -496,4 +506,44 @@ fn an_answer_too_big_for_udp_is_learned_from_its_tcp_retry() {
         assert_eq!(w.connect(sa(addr, 443)), Attempted::Ok, "{addr}");
     }
     assert_eq!(sink.accepted(), 3);
+}
+
+#[test]
+fn a_udp_fqdn_rule_allows_datagrams_to_its_answers_on_its_port() {
+    let w = World::start();
+    let time = Ipv4Addr::new(192, 0, 2, 30);
+    w.sb.add_addr(&format!("{time}/32"));
+    w.dns.set_a("time.test", &[time], 300);
+    let ntp = w.sb.udp_sink(sa(time, 123));
+    let other = w.sb.udp_sink(sa(time, 124));
+    let sendto = |port| {
+        attempt(
+            VECTOR,
+            &w.sb.name,
+            Some(&w.sb.cgroup),
+            Vector::UdpSendto,
+            sa(time, port),
+            Duration::from_secs(3),
+        )
+    };
+    assert!(
+        sendto(123).failed_with("send", libc::EPERM),
+        "before the lookup"
+    );
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(123)
+            .udp()
+            .run(&["time.test"]);
+    assert_eq!(got.lookups[0].connect, Some(Ok(())), "{got:?}");
+    assert_eq!(sendto(123), Attempted::Ok);
+    // The rule's port over its protocol only.
+    assert!(sendto(124).failed_with("send", libc::EPERM), "port 124");
+    assert!(
+        w.connect(sa(time, 123)).failed_with("connect", libc::EPERM),
+        "tcp to a udp rule's port"
+    );
+    egress_tests::eventually(Duration::from_secs(2), || ntp.count() == 2);
+    assert_eq!((ntp.count(), other.count()), (2, 0));
 }

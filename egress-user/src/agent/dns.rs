@@ -44,6 +44,7 @@ use crate::{
         Enforcer, LoadError, PinDir,
         learned::{InForce, LearnedMaps, Swept},
     },
+    policy::{ALIAS_ADDRESS, ALIAS_TTL},
 };
 
 /// How long the agent waits for a resolver's answer: glibc's default timeout, after which
@@ -328,6 +329,9 @@ async fn answer(
             return None;
         }
     };
+    if let Some(reply) = alias_answer(asker, &query) {
+        return Some(reply);
+    }
     let asked = match transport {
         Transport::Udp => ask(bytes, resolver).await,
         Transport::Tcp => ask_tcp(bytes, resolver).await,
@@ -353,6 +357,19 @@ async fn answer(
             Some(message::servfail(&query))
         }
     }
+}
+
+/// The agent's own answer when `query` asks for the name of an alias the asker may use
+/// ([`ALIAS_ADDRESS`]); `None` for every other name.
+fn alias_answer(asker: &Asker, query: &Query) -> Option<Vec<u8>> {
+    let in_force = InForce::of(&asker.pin_dir);
+    let names = in_force.lock();
+    let alias = names.aliases.iter().find(|alias| {
+        (alias.scope.is_none() || alias.scope == asker.namespace)
+            && alias.hostnames.iter().any(|h| h == query.name())
+    })?;
+    tracing::debug!(%query, alias = %alias.hostnames[0], "dns: answered an alias's name");
+    Some(message::synthesized(query, ALIAS_ADDRESS, ALIAS_TTL))
 }
 
 /// Sends `query` to `resolver` from a socket of the agent's and returns the first datagram

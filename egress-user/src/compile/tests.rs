@@ -797,3 +797,40 @@ fn stable_scope_ids_do_not_depend_on_the_other_scopes() {
     assert_ne!(id, XDP_LEARNED);
     assert_eq!(stable_scope_id(None), 0);
 }
+
+#[test]
+fn aliases_turn_the_dns_path_on_when_there_is_a_resolver() {
+    let alias = crate::policy::Alias {
+        name: "httpbin".to_owned(),
+        namespace: "default".to_owned(),
+        scope: None,
+        origin: origin(1),
+        external_name: "httpbin.test".to_owned(),
+        ports: vec![80],
+    };
+    let mut p = policy(vec![]);
+    p.aliases = vec![alias];
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_eq!(
+        c.config.flags & config_flags::DNS,
+        0,
+        "no resolver: nothing to ask"
+    );
+    assert!(c.alias_names.is_empty());
+    p.dns.resolvers = vec!["192.0.2.53".parse().unwrap()];
+    let c = compile(&p, &StoredRows::default(), 1).unwrap();
+    assert_ne!(c.config.flags & config_flags::DNS, 0);
+    assert_eq!(c.dns_slots.len(), 1);
+    assert_eq!(
+        c.alias_names,
+        [AliasName {
+            hostnames: vec![
+                "httpbin".to_owned(),
+                "httpbin.default".to_owned(),
+                "httpbin.default.svc".to_owned(),
+                "httpbin.default.svc.cluster.local".to_owned()
+            ],
+            scope: None
+        }]
+    );
+}

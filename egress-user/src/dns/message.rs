@@ -16,7 +16,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use hickory_proto::{
@@ -275,6 +275,37 @@ pub fn servfail(query: &Query) -> Vec<u8> {
         .expect("a header, one question decoded from the wire and an empty OPT always encode")
 }
 
+/// The agent's own answer to `query`: an A record with `v4` (TTL `ttl`) when it asks for A,
+/// and NOERROR without records (NODATA) for any other type, so that a stub asking A and AAAA
+/// takes the A. Same id and question, RD and CD copied, AA and RA set.
+///
+/// For the names of ExternalName aliases (`httpbin`, `httpbin.default.svc.cluster.local`):
+/// the address only has to reach the kernel's redirect to the proxy, which picks the alias by
+/// the request's Host.
+pub fn synthesized(query: &Query, v4: Ipv4Addr, ttl: u32) -> Vec<u8> {
+    let mut message = Message::response(query.id, OpCode::Query);
+    message.metadata.recursion_desired = query.recursion_desired;
+    message.metadata.recursion_available = true;
+    message.metadata.authoritative = true;
+    message.metadata.checking_disabled = query.checking_disabled;
+    message.add_query(query.question.clone());
+    if query.question.query_type == RecordType::A {
+        message.add_answer(Record::from_rdata(
+            query.question.name.clone(),
+            ttl,
+            RData::A(hickory_proto::rr::rdata::A(v4)),
+        ));
+    }
+    if let Some(dnssec_ok) = query.edns_dnssec_ok {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD).set_dnssec_ok(dnssec_ok);
+        message.set_edns(edns);
+    }
+    message
+        .to_vec()
+        .expect("a header, one question decoded from the wire and an A record always encode")
+}
+
 /// The answer's bytes with every TTL of its answer section capped at `max_ttl` seconds.
 ///
 /// The workload caches an answer for its TTL, but the kernel allows the addresses only as long
@@ -415,7 +446,6 @@ fn describe(question: &Question) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 
@@ -875,6 +905,19 @@ mod tests {
             parse_query(b"").unwrap_err().to_string(),
             "malformed dns message"
         );
+    }
+
+    #[test]
+    fn a_synthesized_answer_has_an_a_record_for_a_and_nothing_for_aaaa() {
+        let v4 = Ipv4Addr::new(240, 240, 0, 1);
+        let query = query("HttpBin", RecordType::A);
+        let answer = parse_answer(&synthesized(&query, v4, 30), &query).expect("answer");
+        assert_eq!(answer.rcode, 0);
+        assert_eq!(answer.chain, ["httpbin"]);
+        assert_eq!(answer.addrs, [(IpAddr::V4(v4), 30)]);
+        let query = self::query("httpbin", RecordType::AAAA);
+        let answer = parse_answer(&synthesized(&query, v4, 30), &query).expect("answer");
+        assert_eq!((answer.rcode, answer.addrs.len()), (0, 0));
     }
 
     #[test]

@@ -194,6 +194,7 @@ impl Filled<'_> {
         let names = learned::NamesInForce {
             names: compiled.names.clone(),
             scopes: compiled.scopes.clone(),
+            aliases: compiled.alias_names.clone(),
         };
         // Addresses the new policy no longer allows go before it is in force (refused a few
         // milliseconds early rather than allowed late).

@@ -38,6 +38,8 @@ pub struct NamesInForce {
     pub names: Vec<NameEntry>,
     /// The namespaces with rules of their own (scopes), sorted.
     pub scopes: Vec<String>,
+    /// The aliases' names, which the DNS path answers itself.
+    pub aliases: Vec<crate::compile::AliasName>,
 }
 
 impl NamesInForce {

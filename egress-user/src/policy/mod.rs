@@ -34,10 +34,10 @@ mod yaml;
 pub use host::{HostError, LabelProblem, MAX_HOST_LEN, MAX_LABEL_LEN, normalise_host};
 pub use load::{MAX_FILE_SIZE, PolicySource, default_policy, load_files, load_mixed, load_sources};
 pub use model::{
-    Alias, AllowSockets, DEFAULT_PROXY_IDLE_TIMEOUT, DEFAULT_PROXY_PORT, DNS_LISTEN_PORT,
-    Diagnostic, Dns, DnsSource, Embedded, Events, HostName, HostPattern, HttpPort, HttpProtocol,
-    HttpRule, MIN_LEARNED_TTL, Mode, NameRule, Origin, Policy, PolicyErrors, PortRule, Protocol,
-    ProxySettings, Rule, default_bypass, judged_as, port_span, scoped_name,
+    ALIAS_ADDRESS, ALIAS_TTL, Alias, AllowSockets, DEFAULT_PROXY_IDLE_TIMEOUT, DEFAULT_PROXY_PORT,
+    DNS_LISTEN_PORT, Diagnostic, Dns, DnsSource, Embedded, Events, HostName, HostPattern, HttpPort,
+    HttpProtocol, HttpRule, MIN_LEARNED_TTL, Mode, NameRule, Origin, Policy, PolicyErrors,
+    PortRule, Protocol, ProxySettings, Rule, default_bypass, judged_as, port_span, scoped_name,
 };
 
 /// The policy `egress run` enforces when no `--policy` is given (`egress check --default`).

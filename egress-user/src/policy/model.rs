@@ -362,6 +362,16 @@ pub struct NameRule {
     pub ports: Vec<PortRule>,
 }
 
+/// The address the agent's DNS path answers for the names of an ExternalName alias
+/// (`httpbin`, `httpbin.default.svc.cluster.local`), when the policy has resolvers: a
+/// reserved (class E) address, so it is nobody's. A connection to it on the alias's port is
+/// redirected to the proxy like any other on an HTTP egress port, and the proxy picks the
+/// alias by the request's Host; on any other port it is refused.
+pub const ALIAS_ADDRESS: Ipv4Addr = Ipv4Addr::new(240, 240, 0, 1);
+
+/// The TTL of the agent's answers for alias names.
+pub const ALIAS_TTL: u32 = 30;
+
 /// The first of the agent's DNS listener ports: the listener for the policy's resolver `i`
 /// is on `DNS_LISTEN_PORT + i`, on 127.0.0.1 and [::1] of each network namespace it serves.
 pub const DNS_LISTEN_PORT: u16 = 15053;
