@@ -29,7 +29,7 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
+    ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest, DnsConfig,
     ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata,
     PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopPodSandboxRequest, VersionRequest, runtime_service_client::RuntimeServiceClient,
@@ -52,6 +52,9 @@ pub struct Node<'a> {
     runtime: tokio::runtime::Runtime,
     client: RuntimeServiceClient<Channel>,
     pods: Vec<String>,
+    /// The nameservers of the pods created from now on (the CRI's `dns_config`, which
+    /// containerd writes into the pod's resolv.conf); none: containerd's default.
+    pub dns_servers: Vec<String>,
 }
 
 /// A pod sandbox with one running container.
@@ -132,6 +135,7 @@ impl<'a> Node<'a> {
             runtime,
             client,
             pods: Vec::new(),
+            dns_servers: Vec::new(),
         };
         let answered = eventually(Duration::from_secs(30), || {
             let mut client = node.client.clone();
@@ -232,6 +236,11 @@ impl<'a> Node<'a> {
                 attempt: 0,
             }),
             hostname: name.into(),
+            dns_config: (!self.dns_servers.is_empty()).then(|| DnsConfig {
+                servers: self.dns_servers.clone(),
+                searches: Vec::new(),
+                options: vec!["timeout:2".into(), "attempts:2".into()],
+            }),
             log_directory: self.dir.join("logs").join(&uid).display().to_string(),
             linux: Some(LinuxPodSandboxConfig {
                 cgroup_parent: format!("{}/kubepods/pod{uid}", self.cgroup_parent()),

@@ -755,3 +755,74 @@ fn every_pod_gets_its_listeners_within_a_second_at_a_bounded_cost() {
         "a pod waited {slowest:?} for its listeners"
     );
 }
+
+/// FQDN rules in pods (issue 18): a pod's DNS queries go to the agent's DNS listener inside
+/// the pod, and what they teach is its namespace's alone. `team-a` has an FQDN rule for
+/// `www.wikipedia.test` on 443; `default` has none. busybox's `nc` resolves the name through
+/// the pod's resolv.conf (the sandbox's DNS server, as the CRI's `dns_config` says).
+#[test]
+fn one_namespaces_lookups_never_open_a_path_for_another() {
+    let sb = Sandbox::new();
+    let www = std::net::Ipv4Addr::new(192, 0, 2, 10);
+    sb.add_addrs(&["192.0.2.53/32".to_owned(), format!("{www}/32")]);
+    let dns = sb.dns_server(sa(std::net::Ipv4Addr::new(192, 0, 2, 53), 53));
+    dns.set_a("www.wikipedia.test", &[www], 300);
+    std::fs::write(sb.resolv_conf(), "nameserver 192.0.2.53\n").expect("resolv.conf");
+    let [sink] = sb.sinks(www, [443]);
+    let mut node = Node::start(&sb);
+    node.dns_servers = vec!["192.0.2.53".to_owned()];
+    let policy = sb.policy_file(
+        "p.yaml",
+        "kind: EgressRule\nmetadata:\n  name: wikipedia\n  namespace: team-a\nspec:\n  \
+         destination:\n    service: www.wikipedia.test\n  ports:\n  - port: 443\n    protocol: \
+         tcp\n",
+    );
+    let socket = node.socket().display().to_string();
+    let agent = sb
+        .agent(EGRESS)
+        .policy(&policy, &["--cri-socket", &socket])
+        .log("egress_user::agent::dns=debug,info")
+        .start();
+    let a = node.pod("team-a", "a");
+    let b = node.pod("default", "b");
+    // Each pod's DNS listener is open within a second of the agent seeing it.
+    for ns in ["team-a", "default"] {
+        agent.wait_for_log(
+            &format!("dns: listening for the queries to a resolver namespace=Some(\"{ns}\")"),
+            Duration::from_secs(15),
+        );
+    }
+    let by_name = |pod: &Pod| {
+        node.exec(
+            pod,
+            &["/bin/busybox", "nc", "-w", "3", "www.wikipedia.test", "443"],
+            Duration::from_secs(15),
+        )
+    };
+    // default/b asks first: the name resolves, but nothing lets default's pods connect.
+    let out = by_name(&b);
+    assert_ne!(out.exit_code, 0, "default/b connected: {out:?}");
+    assert!(out.stderr.contains("Operation not permitted"), "{out:?}");
+    // team-a/a's lookup is learned for team-a: its first connect goes through.
+    let out = by_name(&a);
+    assert_eq!(out.exit_code, 0, "team-a/a: {out:?}\n{}", agent.log());
+    // ...and still not for default/b, by name or by address.
+    let out = by_name(&b);
+    assert!(out.stderr.contains("Operation not permitted"), "{out:?}");
+    assert_refused(&node, &b, sa(www, 443));
+    assert_connects(&node, &a, sa(www, 443));
+    assert_accepted(&[(&sink, 2)]);
+    // The kernel holds the address for team-a's scope (and the XDP backstop's copy) only.
+    let learned = egress_user::loader::learned::LearnedMaps::open(
+        &egress_user::loader::PinDir::new(&sb.pin_dir),
+    )
+    .expect("learned maps")
+    .entries();
+    let mut scopes: Vec<u64> = learned.iter().map(|e| e.0).collect();
+    scopes.sort_unstable();
+    let team_a = egress_user::compile::stable_scope_id(Some("team-a"));
+    let mut want = vec![team_a, egress_common::XDP_LEARNED];
+    want.sort_unstable();
+    assert_eq!(scopes, want, "{learned:?}");
+    assert!(dns.queries_for("www.wikipedia.test") >= 2);
+}

@@ -126,6 +126,7 @@ impl Agent {
                 self.generation_changed();
                 // A policy that gained FQDN rules or resolvers gets its DNS listeners now.
                 self.dns.sync(&self.enforcer);
+                self.pod_nets.sync_dns(&self.enforcer);
                 self.policy = policy;
                 self.digest = digest;
                 Ok(self.generation())

@@ -44,6 +44,7 @@ use crate::{
         Enforcer, LoadError, PinDir,
         learned::{InForce, LearnedMaps, Swept},
     },
+    netns::NetnsThread,
     policy::{ALIAS_ADDRESS, ALIAS_TTL},
 };
 
@@ -58,14 +59,43 @@ const MAX_MESSAGE: usize = 65_535;
 /// seconds; stubs open one per query anyway).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Where a query came from: the scope its answers are learned for.
-#[derive(Clone, Debug)]
+/// Where a query came from: the scope its answers are learned for, and the network
+/// namespace the agent asks the resolver from.
+#[derive(Clone)]
 pub struct Asker {
     /// The pin directory of the maps to learn into.
     pub pin_dir: PathBuf,
     /// The asking workloads' namespace (a pod's), or `None` for the agent's own network
     /// namespace (scope 0).
     pub namespace: Option<String>,
+    /// A pod's network namespace: the listeners are bound there, and the resolver is asked
+    /// from there (with the pod's address, under the CNI's policy for the pod, as its proxied
+    /// requests are). `None`: the agent's own.
+    pub netns: Option<Arc<NetnsThread>>,
+}
+
+impl Asker {
+    /// Runs `f` (which makes a socket) in the asker's network namespace.
+    fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        match &self.netns {
+            None => f(),
+            Some(thread) => thread.run(f)?,
+        }
+    }
+
+    /// As [`Asker::in_netns`], from async code.
+    async fn in_netns_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        match &self.netns {
+            None => f(),
+            Some(thread) => thread.run_async(f).await?,
+        }
+    }
 }
 
 /// The learned-address maps of a pin directory, opened once and shared by the listeners.
@@ -79,6 +109,10 @@ pub struct DnsListeners {
     /// once the agent's runtime runs.
     bound: HashMap<SocketAddr, Listener>,
     maps: Arc<Maps>,
+    /// The namespace of the workloads served (a pod's), and the pod's network namespace;
+    /// `None` for the agent's own.
+    namespace: Option<String>,
+    netns: Option<Arc<NetnsThread>>,
 }
 
 /// One resolver's listener: a UDP socket and a TCP listener on the same address (a stub
@@ -99,7 +133,24 @@ impl Drop for Listener {
 }
 
 impl DnsListeners {
-    /// Brings the listeners of the agent's own network namespace in line with the generation
+    /// The listeners of a pod of `namespace`, in its network namespace.
+    pub fn in_pod(namespace: String, netns: Arc<NetnsThread>) -> Self {
+        Self {
+            namespace: Some(namespace),
+            netns: Some(netns),
+            ..Self::default()
+        }
+    }
+
+    fn asker(&self, pin_dir: &Path) -> Asker {
+        Asker {
+            pin_dir: pin_dir.to_owned(),
+            namespace: self.namespace.clone(),
+            netns: self.netns.clone(),
+        }
+    }
+
+    /// Brings the listeners of the namespace in line with the generation
     /// in force: binds and marks the UDP and TCP listener of each of its resolvers, and closes
     /// those of resolvers it no longer has. A listener that cannot be bound or marked is tried
     /// again at the next call (until then that resolver's queries go to it directly and teach
@@ -112,20 +163,23 @@ impl DnsListeners {
                 .iter()
                 .any(|(resolver, at)| at == address && *resolver == listener.resolver)
         });
+        let asker = self.asker(enforcer.pin_dir());
         for (resolver, address) in wanted {
             if self.bound.contains_key(&address) {
                 continue;
             }
-            let sockets = bind(address).and_then(|(udp, tcp)| {
-                enforcer
-                    .mark_dns_socket(&udp)
-                    .and_then(|()| enforcer.mark_proxy_listener(&tcp))
-                    .map_err(io::Error::other)?;
-                Ok((udp, tcp))
-            });
+            let sockets = asker
+                .in_netns(move || bind(address))
+                .and_then(|(udp, tcp)| {
+                    enforcer
+                        .mark_dns_socket(&udp)
+                        .and_then(|()| enforcer.mark_proxy_listener(&tcp))
+                        .map_err(io::Error::other)?;
+                    Ok((udp, tcp))
+                });
             match sockets {
                 Ok(sockets) => {
-                    tracing::info!(%address, %resolver, "dns: listening for the queries to a resolver");
+                    tracing::info!(namespace = ?self.namespace, %address, %resolver, "dns: listening for the queries to a resolver");
                     self.bound.insert(
                         address,
                         Listener {
@@ -136,7 +190,7 @@ impl DnsListeners {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(%address, %resolver, error = %e, "dns: cannot listen; queries to this resolver go to it directly and teach the kernel nothing (retrying every second)");
+                    tracing::warn!(namespace = ?self.namespace, %address, %resolver, error = %e, "dns: cannot listen; queries to this resolver go to it directly and teach the kernel nothing (retrying every second)");
                 }
             }
         }
@@ -146,10 +200,7 @@ impl DnsListeners {
     /// runtime.
     pub fn sync(&mut self, enforcer: &Enforcer) {
         self.bind(enforcer);
-        let asker = Asker {
-            pin_dir: enforcer.pin_dir().to_owned(),
-            namespace: None,
-        };
+        let asker = self.asker(enforcer.pin_dir());
         for (address, listener) in &mut self.bound {
             let Some((udp, tcp)) = listener.sockets.take() else {
                 continue;
@@ -333,8 +384,8 @@ async fn answer(
         return Some(reply);
     }
     let asked = match transport {
-        Transport::Udp => ask(bytes, resolver).await,
-        Transport::Tcp => ask_tcp(bytes, resolver).await,
+        Transport::Udp => ask(bytes, resolver, asker).await,
+        Transport::Tcp => ask_tcp(bytes, resolver, asker).await,
     };
     let reply = match asked {
         Ok(reply) => reply,
@@ -374,12 +425,19 @@ fn alias_answer(asker: &Asker, query: &Query) -> Option<Vec<u8>> {
 
 /// Sends `query` to `resolver` from a socket of the agent's and returns the first datagram
 /// that comes back.
-async fn ask(query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
+async fn ask(query: &[u8], resolver: SocketAddr, asker: &Asker) -> io::Result<Vec<u8>> {
     let local: SocketAddr = match resolver.ip() {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let socket = UdpSocket::bind(local).await?;
+    let socket = asker
+        .in_netns_async(move || {
+            let socket = std::net::UdpSocket::bind(local)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .await?;
+    let socket = UdpSocket::from_std(socket)?;
     socket.connect(resolver).await?;
     socket.send(query).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -391,9 +449,18 @@ async fn ask(query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
 }
 
 /// Sends `query` to `resolver` over TCP from a socket of the agent's and returns the answer.
-async fn ask_tcp(query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
+async fn ask_tcp(query: &[u8], resolver: SocketAddr, asker: &Asker) -> io::Result<Vec<u8>> {
     tokio::time::timeout(RESOLVER_TIMEOUT, async {
-        let mut stream = tokio::net::TcpStream::connect(resolver).await?;
+        let socket = asker
+            .in_netns_async(move || {
+                if resolver.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+            })
+            .await?;
+        let mut stream = socket.connect(resolver).await?;
         write_framed(&mut stream, query).await?;
         read_framed(&mut stream).await
     })

@@ -28,7 +28,10 @@ use crate::{
     proxy::{BoxFuture, Origin, Sockets},
 };
 
-use super::listeners::{self, ProxyListeners};
+use super::{
+    dns::DnsListeners,
+    listeners::{self, ProxyListeners},
+};
 
 /// Makes a pod's upstream sockets on its namespace's thread.
 struct PodSockets(Arc<NetnsThread>);
@@ -65,6 +68,9 @@ pub struct PodNet {
     tasks: Vec<tokio::task::AbortHandle>,
     /// When the agent first saw the pod.
     pub seen: Instant,
+    /// The DNS listeners of FQDN rules and aliases inside the pod: the pod's queries teach
+    /// its namespace's scope.
+    dns: DnsListeners,
 }
 
 impl Drop for PodNet {
@@ -84,6 +90,7 @@ impl PodNet {
         if Some(netns) == host {
             return Ok(None);
         }
+        let dns_thread = thread.clone();
         let origin = Arc::new(Origin {
             netns,
             sockets: Arc::new(PodSockets(thread.clone())),
@@ -99,6 +106,7 @@ impl PodNet {
             missing: Vec::new(),
             tasks: Vec::new(),
             seen: Instant::now(),
+            dns: DnsListeners::in_pod(pod.name.namespace.clone(), dns_thread),
         }))
     }
 
@@ -249,6 +257,14 @@ impl PodNets {
             }
         }
         gone
+    }
+
+    /// Brings every pod's DNS listeners in line with the generation in force (see
+    /// [`DnsListeners::sync`]); on the agent's runtime.
+    pub fn sync_dns(&mut self, enforcer: &crate::loader::Enforcer) {
+        for net in self.nets.values_mut() {
+            net.dns.sync(enforcer);
+        }
     }
 
     /// The listeners bound inside pods, to mark again in a new generation.

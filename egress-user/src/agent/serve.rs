@@ -313,6 +313,7 @@ impl Agent {
         };
         let port = self.policy.proxy.port;
         let gone = self.pod_nets.sync(&now.pods, port, host, &marking);
+        self.pod_nets.sync_dns(&self.enforcer);
         if !gone.is_empty() {
             // A pod that went takes its metric series with it.
             let names: std::collections::HashSet<String> =
