@@ -118,11 +118,6 @@ fn the_schema_refuses_what_egress_check_refuses() {
                 "spec.ports[0].protocol",
             ),
             (
-                "host-tcp",
-                tcp("api.example.test", 443, "tcp"),
-                "tcp/udp ports",
-            ),
-            (
                 "cidr-http",
                 tcp("192.0.2.0/24", 80, "http"),
                 "tcp/udp ports",
@@ -169,6 +164,15 @@ fn the_schema_refuses_what_egress_check_refuses() {
             }
         }
 
+        // An FQDN rule (a host name with tcp ports) is taken.
+        let fqdn: DynamicObject =
+            serde_json::from_value(rule("host-tcp", tcp("api.example.test", 443, "tcp")))
+                .expect("an object");
+        rules
+            .create(&PostParams::default(), &fqdn)
+            .await
+            .expect("the API takes an FQDN rule");
+
         // A port range is taken, and kept as written (not pruned by the schema).
         let range = serde_json::json!({"destination": {"service": "192.0.2.0/24"},
             "ports": [{"port": 8000, "endPort": 8999, "protocol": "tcp"}]});
@@ -197,7 +201,7 @@ fn the_schema_refuses_what_egress_check_refuses() {
             .await
             .expect_err("the API accepted an unknown field under strict validation");
         assert!(e.to_string().contains("destinaton"), "{e}");
-        // Nothing refused was stored: seed 003's five and the range.
+        // Nothing refused was stored: seed 003's five, the FQDN rule and the range.
         assert_eq!(
             rules
                 .list(&Default::default())
@@ -205,7 +209,7 @@ fn the_schema_refuses_what_egress_check_refuses() {
                 .expect("list")
                 .items
                 .len(),
-            6
+            7
         );
     });
 }

@@ -306,6 +306,10 @@ pub enum HttpProtocol {
     /// The app speaks plain HTTP; the proxy originates TLS to host:port (SNI = host,
     /// certificate verified against the system roots plus `caFiles`).
     Https,
+    /// TLS passthrough: the app does its own TLS; the proxy reads the ClientHello's server
+    /// name (SNI), and when it matches the rule relays the connection unmodified to its own
+    /// resolution of that name on the same port (never to the address the app gave).
+    Tls,
 }
 
 impl fmt::Display for HttpProtocol {
@@ -313,6 +317,7 @@ impl fmt::Display for HttpProtocol {
         f.write_str(match self {
             Self::Http => "http",
             Self::Https => "https",
+            Self::Tls => "tls",
         })
     }
 }

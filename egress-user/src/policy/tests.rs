@@ -367,13 +367,13 @@ rejects! {
     port_bool: rule_with("443", "true")
         => "p.yaml:8: spec.ports[0].port: expected a port number (1-65535), found a boolean `true`";
     unknown_protocol: rule_with("tcp", "sctp")
-        => "p.yaml:9: spec.ports[0].protocol: unknown protocol `sctp` (expected tcp, udp, http or \
-            https)";
+        => "p.yaml:9: spec.ports[0].protocol: unknown protocol `sctp` (expected tcp, udp, http, \
+            https or tls)";
     http_with_cidr: rule_with("tcp", "http")
-        => "p.yaml:6: spec.destination.service: http/https rules need a host name destination, \
+        => "p.yaml:6: spec.destination.service: http, https and tls rules need a host name destination, \
             and `10.0.0.0/8` is an address; use protocol tcp or udp for an IP/CIDR";
     https_with_ip: rule_with("tcp", "HTTPS").replace("10.0.0.0/8", "192.0.2.1")
-        => "p.yaml:6: spec.destination.service: http/https rules need a host name destination, \
+        => "p.yaml:6: spec.destination.service: http, https and tls rules need a host name destination, \
             and `192.0.2.1/32` is an address";
     duplicate_udp_port: rule_with("      protocol: tcp\n",
             "      protocol: udp\n    - {port: 443, protocol: UDP}\n")
@@ -566,7 +566,7 @@ fn every_error_is_reported_sorted_by_file_then_line() {
     let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     let expected = [
         "b.yaml:8: spec.ports[0].port: 0 is not a valid port (1-65535)",
-        "b.yaml:9: spec.ports[0].protocol: unknown protocol `quic` (expected tcp, udp, http or https)",
+        "b.yaml:9: spec.ports[0].protocol: unknown protocol `quic` (expected tcp, udp, http, https or tls)",
         "b.yaml:11: kind: unknown kind `Nope` (expected EgressRule, EgressConfig or Service)",
         "b.yaml:18: spec.destination.service: `10.0.0.1/8` has host bits set; did you mean `10.0.0.0/8`?",
         "a.yaml:3: metadata.name: duplicate name `r1` (the first is at b.yaml:3)",

@@ -159,6 +159,12 @@ impl Conn {
         uri.scheme = Some(match target.map(|t| t.protocol) {
             Some(HttpProtocol::Https) => Scheme::HTTPS,
             Some(HttpProtocol::Http) | None => Scheme::HTTP,
+            // `Routes::decide` never returns a passthrough port's target for a request.
+            Some(HttpProtocol::Tls) => {
+                return Err(ProxyError::Denied {
+                    host: log.host.clone(),
+                });
+            }
         });
         uri.authority = Some(authority.clone());
         uri.path_and_query = Some(

@@ -40,6 +40,23 @@ pub(crate) async fn read_sni_and_refuse(stream: &mut TcpStream) -> Option<String
 /// the bytes on as they are): `None` when the first byte is not [`HANDSHAKE`], the record does
 /// not arrive whole within the read limit, or it names no server.
 pub(crate) async fn peek_sni(stream: &TcpStream) -> Option<String> {
+    peek_hello(stream).await.and_then(|hello| hello.sni)
+}
+
+/// What the proxy reads of a ClientHello.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Hello {
+    /// The server name (SNI), if it names one.
+    pub(crate) sni: Option<String>,
+    /// It carries an `encrypted_client_hello` extension: the name that matters is encrypted,
+    /// and the SNI in clear is only the client-facing server's.
+    pub(crate) ech: bool,
+}
+
+/// The ClientHello waiting on `stream`, read without consuming it (the bytes go on as they
+/// are): `None` when the first byte is not [`HANDSHAKE`], the record does not arrive whole
+/// within the read limit, or it is not a ClientHello.
+pub(crate) async fn peek_hello(stream: &TcpStream) -> Option<Hello> {
     let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
     let mut buf = vec![0u8; 5 + 18 * 1024];
     loop {
@@ -50,7 +67,7 @@ pub(crate) async fn peek_sni(stream: &TcpStream) -> Option<String> {
         if n >= 5 {
             let len = usize::from(u16::from_be_bytes([buf[3], buf[4]])).min(18 * 1024);
             if n >= 5 + len {
-                return client_hello_sni(&buf[5..5 + len]);
+                return client_hello(&buf[5..5 + len]);
             }
         }
         // A peek returns at once while any byte waits: wait a little for the rest.
@@ -63,6 +80,15 @@ pub(crate) async fn peek_sni(stream: &TcpStream) -> Option<String> {
 
 /// The server name in a ClientHello handshake message (the payload of the first record).
 pub(crate) fn client_hello_sni(msg: &[u8]) -> Option<String> {
+    client_hello(msg).and_then(|hello| hello.sni)
+}
+
+/// `encrypted_client_hello` (draft-ietf-tls-esni), extension type 0xfe0d.
+const ECH: u16 = 0xfe0d;
+
+/// The server name and the ECH extension of a ClientHello handshake message; `None` when it
+/// is not a ClientHello or is cut short before its extensions.
+pub(crate) fn client_hello(msg: &[u8]) -> Option<Hello> {
     let mut c = Cursor(msg);
     if c.u8()? != 0x01 {
         return None; // not a ClientHello
@@ -78,22 +104,29 @@ pub(crate) fn client_hello_sni(msg: &[u8]) -> Option<String> {
     let _compression = c.take(usize::from(n))?;
     let n = c.u16()?;
     let mut exts = Cursor(c.take(usize::from(n)).unwrap_or(c.0));
+    let mut hello = Hello::default();
     while let (Some(kind), Some(len)) = (exts.u16(), exts.u16()) {
         let data = exts.take(usize::from(len))?;
-        if kind != 0 {
-            continue;
+        match kind {
+            0 => hello.sni = server_name(data),
+            ECH => hello.ech = true,
+            _ => {}
         }
-        let mut list = Cursor(data);
+    }
+    Some(hello)
+}
+
+/// The host name of a `server_name` extension's list.
+fn server_name(data: &[u8]) -> Option<String> {
+    let mut list = Cursor(data);
+    let n = list.u16()?;
+    let mut list = Cursor(list.take(usize::from(n))?);
+    while let Some(name_type) = list.u8() {
         let n = list.u16()?;
-        let mut list = Cursor(list.take(usize::from(n))?);
-        while let Some(name_type) = list.u8() {
-            let n = list.u16()?;
-            let name = list.take(usize::from(n))?;
-            if name_type == 0 {
-                return std::str::from_utf8(name).ok().map(str::to_owned);
-            }
+        let name = list.take(usize::from(n))?;
+        if name_type == 0 {
+            return std::str::from_utf8(name).ok().map(str::to_owned);
         }
-        return None;
     }
     None
 }
@@ -147,6 +180,40 @@ mod tests {
         // An IP address sends no SNI.
         let record = hello("127.0.0.1");
         assert_eq!(client_hello_sni(&record[5..]), None);
+    }
+
+    #[test]
+    fn an_encrypted_client_hello_extension_is_seen() {
+        let record = hello("public.example.test");
+        assert_eq!(
+            client_hello(&record[5..]),
+            Some(Hello {
+                sni: Some("public.example.test".to_owned()),
+                ech: false
+            })
+        );
+        // The same hello with an encrypted_client_hello extension appended.
+        let mut msg = record[5..].to_vec();
+        add_extension(&mut msg, ECH, &[0, 1, 2, 3]);
+        let seen = client_hello(&msg).expect("a hello");
+        assert_eq!(seen.sni.as_deref(), Some("public.example.test"));
+        assert!(seen.ech);
+    }
+
+    /// Appends an extension to a ClientHello handshake message, fixing its lengths.
+    fn add_extension(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
+        let mut c = 4 + 2 + 32;
+        c += 1 + usize::from(msg[c]);
+        c += 2 + usize::from(u16::from_be_bytes([msg[c], msg[c + 1]]));
+        c += 1 + usize::from(msg[c]);
+        let exts_len = u16::from_be_bytes([msg[c], msg[c + 1]]);
+        let added = u16::try_from(4 + data.len()).unwrap();
+        msg[c..c + 2].copy_from_slice(&(exts_len + added).to_be_bytes());
+        msg.extend_from_slice(&kind.to_be_bytes());
+        msg.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+        msg.extend_from_slice(data);
+        let body = u32::try_from(msg.len() - 4).unwrap().to_be_bytes();
+        msg[1..4].copy_from_slice(&body[1..]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::events::RequestEvent;
 use super::forward::{Conn, Current};
 use super::framing::FramingGuard;
 use super::{OrigDst, Proxy};
-use super::{audit, hello};
+use super::{audit, hello, passthrough};
 
 /// A listener inside a pod's network namespace: the namespace's cookie (the kernel's record of
 /// each redirect names it) and where upstream sockets for its connections are made.
@@ -187,14 +187,27 @@ async fn connection(
             return;
         }
     }
+    let mut refused = None;
+    if first[0] == hello::HANDSHAKE {
+        let port = orig_dst.map_or(443, |d| d.port());
+        match passthrough::judge(&proxy, &stream, port, origin.as_deref()).await {
+            passthrough::Judged::Allowed { sni, slot } => {
+                let at = (sni, slot, port);
+                let to = (&events, origin);
+                return passthrough::relay(&proxy, stream, client, (orig_dst, process), to, at)
+                    .await;
+            }
+            passthrough::Judged::Refused { why, .. } => refused = Some(why),
+        }
+    }
     if proxy.audit
         && !audit::starts_http(first[0])
         && let Some(orig) = orig_dst
     {
         return audit::relay(&proxy, stream, client, (orig, process), &events).await;
     }
-    if first[0] == hello::HANDSHAKE {
-        return refuse_tls(&proxy, stream, client, (orig_dst, process), &events).await;
+    if let Some(why) = refused {
+        return refuse_tls(&proxy, stream, client, (orig_dst, process), &events, why).await;
     }
 
     let guard = FramingGuard::new(stream);
@@ -225,29 +238,19 @@ async fn connection(
     }
 }
 
-/// The app did its own TLS on an HTTP egress port: the proxy cannot see the Host inside, so it
-/// says which name was asked for, and how to get what the app wants.
+/// The app did its own TLS on an HTTP egress port and no `tls` rule allows it
+/// ([`passthrough::judge`] says why): answered with an alert, reported with its SNI.
 async fn refuse_tls(
     proxy: &Proxy,
     mut stream: TcpStream,
     client: SocketAddr,
     (orig_dst, process): (Option<SocketAddr>, Option<super::Process>),
     events: &mpsc::Sender<RequestEvent>,
+    reason: String,
 ) {
     let start = Instant::now();
     let sni = hello::read_sni_and_refuse(&mut stream).await;
     drop(stream);
-    let port = orig_dst.map_or(443, |d| d.port());
-    let name = sni.as_deref().unwrap_or("HOST");
-    let reason = format!(
-        "tls client hello {} on an http egress port refused: the proxy must see plain http; \
-         send http://{name}:{port}/ to have the proxy originate tls, or allow opaque tls with a \
-         tcp rule",
-        match &sni {
-            Some(s) => format!("for {s}"),
-            None => "without sni".to_owned(),
-        },
-    );
     tracing::debug!(sni = sni.as_deref().unwrap_or(""), "{reason}");
     let counters = &proxy.counters;
     counters.record(counters.no_rule(), 0, true, 0, 0);

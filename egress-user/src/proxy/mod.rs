@@ -71,6 +71,7 @@ mod hello;
 mod idle;
 mod listen;
 mod orig_dst;
+mod passthrough;
 mod route;
 #[cfg(test)]
 mod tests;

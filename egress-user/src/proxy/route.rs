@@ -49,12 +49,39 @@ impl Entry {
     }
 }
 
-/// Every HTTP rule and alias of a policy, indexed by host.
+/// Every HTTP rule and alias of a policy, indexed by host; the `tls` (passthrough) ports of
+/// the rules apart, looked up by a ClientHello's server name, never by a request's Host.
 #[derive(Debug, Default)]
 pub(crate) struct Routes {
     exact: HashMap<String, Vec<Entry>>,
     wildcard: HashMap<String, Vec<Entry>>,
+    tls_exact: HashMap<String, Vec<Entry>>,
+    tls_wildcard: HashMap<String, Vec<Entry>>,
     names: Vec<(String, bool)>,
+}
+
+/// The entry of `exact` or `wildcard` (the longest suffix first) for `host` on `port` for a
+/// client of `scope`.
+fn lookup<'e>(
+    exact: &'e HashMap<String, Vec<Entry>>,
+    wildcard: &'e HashMap<String, Vec<Entry>>,
+    host: &str,
+    port: u16,
+    scope: Option<&str>,
+) -> Option<&'e Target> {
+    fn on_port<'e>(v: &'e [Entry], port: u16, scope: Option<&str>) -> Option<&'e Target> {
+        v.iter().find(|e| e.serves(port, scope)).map(|e| &e.target)
+    }
+    if let Some(t) = exact.get(host).and_then(|v| on_port(v, port, scope)) {
+        return Some(t);
+    }
+    // `a.b.example.com`: try `b.example.com`, then `example.com`, then `com`. A wildcard
+    // never matches its own suffix, because the suffix starts after a dot.
+    host.match_indices('.').find_map(|(i, _)| {
+        wildcard
+            .get(&host[i + 1..])
+            .and_then(|v| on_port(v, port, scope))
+    })
 }
 
 impl Routes {
@@ -87,13 +114,22 @@ impl Routes {
         }
         for (slot, rule) in policy.http_rules.iter().enumerate() {
             for p in &rule.ports {
+                let tls = p.protocol == HttpProtocol::Tls;
                 let (map, name, authority) = match &rule.host {
                     HostPattern::Exact(name) => {
                         let name = normalise(name);
                         let authority = Authority::try_from(format!("{name}:{}", p.port)).ok();
-                        (&mut r.exact, name, authority)
+                        let map = if tls { &mut r.tls_exact } else { &mut r.exact };
+                        (map, name, authority)
                     }
-                    HostPattern::Wildcard(suffix) => (&mut r.wildcard, normalise(suffix), None),
+                    HostPattern::Wildcard(suffix) => {
+                        let map = if tls {
+                            &mut r.tls_wildcard
+                        } else {
+                            &mut r.wildcard
+                        };
+                        (map, normalise(suffix), None)
+                    }
                 };
                 let target = Target {
                     slot,
@@ -136,22 +172,8 @@ impl Routes {
         port: u16,
         scope: Option<&str>,
     ) -> Result<&Target, ProxyError> {
-        fn on_port<'e>(v: &'e [Entry], port: u16, scope: Option<&str>) -> Option<&'e Target> {
-            v.iter().find(|e| e.serves(port, scope)).map(|e| &e.target)
-        }
-        if let Some(t) = self.exact.get(host).and_then(|v| on_port(v, port, scope)) {
+        if let Some(t) = lookup(&self.exact, &self.wildcard, host, port, scope) {
             return Ok(t);
-        }
-        // `a.b.example.com`: try `b.example.com`, then `example.com`, then `com`. A wildcard
-        // never matches its own suffix, because the suffix starts after a dot.
-        for (i, _) in host.match_indices('.') {
-            if let Some(t) = self
-                .wildcard
-                .get(&host[i + 1..])
-                .and_then(|v| on_port(v, port, scope))
-            {
-                return Ok(t);
-            }
         }
         let mut allowed: Vec<u16> = self
             .exact
@@ -192,6 +214,15 @@ impl Routes {
     }
 }
 
+impl Routes {
+    /// The `tls` (passthrough) rule for a ClientHello's normalised server name `sni` on the
+    /// connection's original `port`, for a client of `scope`; `None` when no such rule allows
+    /// it. The same precedence as [`Routes::decide`]: exact names, then wildcards.
+    pub(crate) fn decide_tls(&self, sni: &str, port: u16, scope: Option<&str>) -> Option<&Target> {
+        lookup(&self.tls_exact, &self.tls_wildcard, sni, port, scope)
+    }
+}
+
 fn alias_target(
     alias: &Alias,
     slot: usize,
@@ -207,7 +238,8 @@ fn alias_target(
     let authority = Authority::try_from(format!("{ext}:{port}")).map_err(|_| bad())?;
     let default_port = match protocol {
         HttpProtocol::Http => 80,
-        HttpProtocol::Https => 443,
+        // An alias is never passthrough (`Alias::protocol`); 443 as https's.
+        HttpProtocol::Https | HttpProtocol::Tls => 443,
     };
     let host_header = if !rewrite {
         None

@@ -254,6 +254,37 @@ impl Dialer {
             .ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
         let https = uri.scheme() == Some(&Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let (tcp, addr) = self.dial_host(host, port, sockets.as_deref()).await?;
+        let stream = if https {
+            let handshake = self.handshake(host, addr, tcp);
+            tokio::time::timeout_at(deadline, handshake)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ConnectError::Timeout {
+                        host: host.to_owned(),
+                        timeout: self.connect_timeout,
+                    })
+                })
+                .map(|tls| Stream::Tls(Box::new(tls)))?
+        } else {
+            Stream::Plain(tcp)
+        };
+        Ok(UpstreamIo {
+            io: TokioIo::new(stream),
+            addr,
+        })
+    }
+
+    /// Resolves `host` (the policy's `hosts` first; DNS answers filtered) and connects to the
+    /// first of its addresses on `port` that answers, from `sockets` (a pod's namespace) when
+    /// given, within the connect limit: the TCP stream and the address it reached.
+    pub(crate) async fn dial_host(
+        &self,
+        host: &str,
+        port: u16,
+        sockets: Option<&dyn Sockets>,
+    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let timeout = self.connect_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let work = async {
@@ -265,7 +296,7 @@ impl Dialer {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let tries_left = u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
                 let share = (left / tries_left).max(Duration::from_secs(1));
-                let tried = tokio::time::timeout(share, dial(addr, sockets.as_deref()))
+                let tried = tokio::time::timeout(share, dial(addr, sockets))
                     .await
                     .unwrap_or_else(|_| {
                         Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
@@ -273,15 +304,7 @@ impl Dialer {
                 match tried {
                     Ok(tcp) => {
                         let _ = tcp.set_nodelay(true);
-                        let stream = if https {
-                            Stream::Tls(Box::new(self.handshake(host, addr, tcp).await?))
-                        } else {
-                            Stream::Plain(tcp)
-                        };
-                        return Ok(UpstreamIo {
-                            io: TokioIo::new(stream),
-                            addr,
-                        });
+                        return Ok((tcp, addr));
                     }
                     Err(source) => {
                         tracing::debug!(%addr, error = %source, "upstream address failed");

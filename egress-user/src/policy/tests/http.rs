@@ -253,13 +253,13 @@ rejects! {
         => "p.yaml:9: spec.ports[1]: duplicate port 80/http (also spec.ports[0])";
     http_range: host_rule("web", "example.test", &["{port: 8000, endPort: 8010, protocol: http}"])
         => "p.yaml:8: spec.ports[0].endPort: a port range cannot be http: the proxy takes each \
-            HTTP port on its own; list the ports";
+            of its ports on its own; list the ports";
     https_range_of_one: host_rule("web", "example.test",
             &["{port: 443, endPort: 443, protocol: https}"])
         => "p.yaml:8: spec.ports[0].endPort: a port range cannot be https";
     grpc_is_unknown: host_rule("web", "example.test", &["{port: 80, protocol: GRPC}"])
-        => "p.yaml:8: spec.ports[0].protocol: unknown protocol `GRPC` (expected tcp, udp, http or \
-            https)";
+        => "p.yaml:8: spec.ports[0].protocol: unknown protocol `GRPC` (expected tcp, udp, http, \
+            https or tls)";
 }
 
 #[test]
@@ -273,4 +273,38 @@ fn mixed_ports_are_reported_even_with_a_bad_destination() {
     assert_eq!(errors.len(), 2, "{errors:#?}");
     assert!(errors[0].starts_with("p.yaml:6: spec.destination.service: `*.co.uk`"));
     assert!(errors[1].starts_with("p.yaml:9: spec.ports[1].protocol: `tcp` and `http`"));
+}
+
+#[test]
+fn tls_ports_are_passthrough_ports_of_the_proxy() {
+    let p = loaded(&host_rule(
+        "api",
+        "\"*.api.test\"",
+        &["{port: 443, protocol: tls}", "{port: 8443, protocol: TLS}"],
+    ));
+    assert_eq!(
+        p.http_rules[0].ports,
+        [
+            HttpPort {
+                port: 443,
+                protocol: HttpProtocol::Tls
+            },
+            HttpPort {
+                port: 8443,
+                protocol: HttpProtocol::Tls
+            }
+        ]
+    );
+    assert!(p.to_string().contains("443/tls, 8443/tls"), "{p}");
+}
+
+rejects! {
+    tls_with_an_address: host_rule("web", "192.0.2.1", &["{port: 443, protocol: tls}"])
+        => "p.yaml:6: spec.destination.service: http, https and tls rules need a host name \
+            destination, and `192.0.2.1/32` is an address";
+    tls_range: host_rule("web", "api.test", &["{port: 443, endPort: 444, protocol: tls}"])
+        => "p.yaml:8: spec.ports[0].endPort: a port range cannot be tls";
+    tls_beside_tcp: host_rule("web", "api.test",
+            &["{port: 443, protocol: tls}", "{port: 22, protocol: tcp}"])
+        => "p.yaml:9: spec.ports[1].protocol: `tcp` and `tls` (spec.ports[0]) cannot share a rule";
 }

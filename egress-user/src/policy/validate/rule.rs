@@ -38,6 +38,7 @@ impl PortProtocol {
             ("tcp", Self::Kernel(Protocol::Tcp)),
             ("udp", Self::Kernel(Protocol::Udp)),
             ("http", Self::Http(HttpProtocol::Http)),
+            ("tls", Self::Http(HttpProtocol::Tls)),
             ("https", Self::Http(HttpProtocol::Https)),
         ]
         .into_iter()
@@ -223,7 +224,7 @@ impl Walk<'_> {
                     service_line,
                     SERVICE_PATH,
                     format!(
-                        "http/https rules need a host name destination, and `{net}` is an \
+                        "http, https and tls rules need a host name destination, and `{net}` is an \
                          address; use protocol tcp or udp for an IP/CIDR"
                     ),
                 );
@@ -313,7 +314,7 @@ impl Walk<'_> {
                 Some((Some(end), line, end_path)) => {
                     let problem = if !protocol.is_kernel() {
                         Some(format!(
-                            "a port range cannot be {protocol}: the proxy takes each HTTP port \
+                            "a port range cannot be {protocol}: the proxy takes each of its ports \
                              on its own; list the ports"
                         ))
                     } else if end < port {
@@ -404,7 +405,7 @@ impl Walk<'_> {
         ok.then_some(ports)
     }
 
-    /// `spec.ports[i].protocol`: tcp, udp, http or https, in any case, as the Istio docs
+    /// `spec.ports[i].protocol`: tcp, udp, http, https or tls, in any case, as the Istio docs
     /// write both `tcp` and `HTTP`.
     fn protocol(&mut self, path: &str, entry: &Entry) -> Option<PortProtocol> {
         // The usual case without building the path, which only a message needs.
@@ -423,7 +424,7 @@ impl Walk<'_> {
                     entry.value.line,
                     &path,
                     format!(
-                        "unknown protocol `{}` (expected tcp, udp, http or https)",
+                        "unknown protocol `{}` (expected tcp, udp, http, https or tls)",
                         text.escape_debug()
                     ),
                 );

@@ -302,3 +302,187 @@ async fn in_audit_mode_an_apps_own_tls_is_relayed_to_its_destination_and_reporte
     let none = h.proxy.counters().pop().unwrap();
     assert_eq!((none.would_deny, none.denied), (1, 0));
 }
+
+/// An app's own TLS over `tcp` to `name`, trusting `ca`.
+async fn own_tls(
+    tcp: TcpStream,
+    name: &str,
+    ca: &Ca,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    super::super::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.0.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// A TLS upstream for `tls.test` and a proxy whose policy has the `tls` (passthrough) rule
+/// `passthrough` for `*.tls.test`... and `tls.test` itself, on the upstream's port.
+async fn passthrough_setup(ca: &Ca) -> (Upstream, Harness) {
+    let up = Upstream::with(
+        "127.0.0.1:0",
+        Some(ca.server(&["tls.test", "www.tls.test"], false)),
+        handler(echo),
+    )
+    .await;
+    let port = up.addr.port();
+    let h = Harness::start(policy(
+        vec![
+            rule("exact", "tls.test", port, crate::policy::HttpProtocol::Tls),
+            rule("wild", "*.tls.test", port, crate::policy::HttpProtocol::Tls),
+        ],
+        &["tls.test", "www.tls.test"],
+    ))
+    .await;
+    (up, h)
+}
+
+/// Issue 18: `protocol: tls` lets an app's own TLS through, unmodified, when its SNI matches
+/// the rule: the handshake is with the real server (trusting the app's own CA, which the
+/// proxy never holds), and the proxy reaches it by resolving the SNI itself, not at the
+/// address the app gave (`orig`, where nothing listens).
+#[tokio::test]
+async fn a_tls_rule_passes_the_apps_own_tls_through_to_its_sni() {
+    let ca = Ca::new("egress passthrough test ca");
+    let (up, mut h) = passthrough_setup(&ca).await;
+    let port = up.addr.port();
+    for (name, rule) in [("tls.test", "exact"), ("www.tls.test", "wild")] {
+        let c = h.connect(orig(port)).await;
+        let mut tls = own_tls(c.io.into_inner(), name, &ca)
+            .await
+            .expect("the handshake reaches the real server");
+        tls.write_all(
+            format!("GET /own HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, tls.read_to_end(&mut answer))
+            .await
+            .expect("an answer in time")
+            .expect("reading the answer");
+        assert!(
+            String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        // The connection's one event comes when it ends.
+        drop(tls);
+        let ev = h.event().await;
+        assert_eq!(
+            (ev.host.as_str(), ev.rule.as_deref(), ev.upstream),
+            (name, Some(rule), Some(up.addr)),
+            "{ev:?}"
+        );
+        assert_eq!(ev.orig_dst, Some(orig(port)));
+        assert!(
+            ev.bytes_in > 0 && ev.bytes_out > 0 && ev.reason.is_none(),
+            "{ev:?}"
+        );
+    }
+    assert_eq!(
+        *up.sni.lock().unwrap(),
+        vec![Some("tls.test".to_owned()), Some("www.tls.test".to_owned())]
+    );
+    assert_eq!(up.requests(), 2);
+    let counted: Vec<_> = h.proxy.counters().into_iter().map(|c| c.requests).collect();
+    assert_eq!(counted, [1, 1, 0]);
+}
+
+/// No SNI, an SNI no tls rule names (on that port), and an encrypted ClientHello (ECH) are
+/// refused with an alert, and each with an event naming what the app asked for; the upstream
+/// never sees a connection.
+#[tokio::test]
+async fn a_tls_rule_refuses_no_sni_another_name_and_ech() {
+    let ca = Ca::new("egress passthrough refusal ca");
+    let (up, mut h) = passthrough_setup(&ca).await;
+    let port = up.addr.port();
+
+    // No SNI: an IP address as the server name sends none.
+    let c = h.connect(orig(port)).await;
+    let err = own_tls(c.io.into_inner(), "127.0.0.9", &ca)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("HandshakeFailure"), "{err}");
+    let ev = h.event().await;
+    let reason = ev.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("tls client hello without sni"),
+        "{reason}"
+    );
+    assert_eq!(ev.rule, None);
+
+    // Another name, and a name of the rule's on another port.
+    let c = h.connect(orig(port)).await;
+    own_tls(c.io.into_inner(), "other.test", &ca)
+        .await
+        .expect_err("refused");
+    let reason = h.event().await.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("tls client hello for other.test on an http egress port refused")
+            && reason.contains(&format!("no tls rule allows other.test on port {port}")),
+        "{reason}"
+    );
+    let c = h.connect(orig(port + 1)).await;
+    own_tls(c.io.into_inner(), "tls.test", &ca)
+        .await
+        .expect_err("refused");
+    let reason = h.event().await.reason.unwrap_or_default();
+    assert!(
+        reason.contains("no tls rule allows tls.test on port"),
+        "{reason}"
+    );
+
+    // ECH: a ClientHello for tls.test with an encrypted_client_hello extension.
+    let mut c = h.connect(orig(port)).await;
+    c.io.get_mut()
+        .write_all(&hello_with_ech("tls.test"))
+        .await
+        .unwrap();
+    let mut alert = Vec::new();
+    let _ = tokio::time::timeout(WAIT, c.io.get_mut().read_to_end(&mut alert)).await;
+    assert_eq!(alert.first(), Some(&0x15), "an alert record: {alert:?}");
+    let ev = h.event().await;
+    let reason = ev.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("tls client hello for tls.test with encrypted client hello (ech)"),
+        "{reason}"
+    );
+    assert_eq!(ev.host, "tls.test");
+
+    assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let none = h.proxy.counters().pop().unwrap();
+    assert_eq!((none.requests, none.denied), (4, 4));
+}
+
+/// A rustls ClientHello record for `name` with an `encrypted_client_hello` extension (0xfe0d)
+/// appended, its lengths fixed.
+fn hello_with_ech(name: &str) -> Vec<u8> {
+    super::super::install_crypto_provider();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut record = Vec::new();
+    conn.write_tls(&mut record).unwrap();
+    let mut msg = record[5..].to_vec();
+    let mut c = 4 + 2 + 32;
+    c += 1 + usize::from(msg[c]);
+    c += 2 + usize::from(u16::from_be_bytes([msg[c], msg[c + 1]]));
+    c += 1 + usize::from(msg[c]);
+    let exts = u16::from_be_bytes([msg[c], msg[c + 1]]) + 8;
+    msg[c..c + 2].copy_from_slice(&exts.to_be_bytes());
+    msg.extend_from_slice(&[0xfe, 0x0d, 0, 4, 0, 1, 2, 3]);
+    let body = u32::try_from(msg.len() - 4).unwrap().to_be_bytes();
+    msg[1..4].copy_from_slice(&body[1..]);
+    let mut out = record[..3].to_vec();
+    out.extend_from_slice(&u16::try_from(msg.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(&msg);
+    out
+}
