@@ -296,3 +296,76 @@ fn names_resolve_through_the_system_resolver_and_rebinding_to_a_bypass_range_get
     );
     drop(agent);
 }
+
+/// Issue 18: `protocol: tls` through the kernel's redirect. The app does its own TLS (trusting
+/// the test CA, which the agent's proxy only uses for its own origination): with an SNI the
+/// rule allows it reaches the server by that name; the same SNI aimed at another address
+/// (rogue.test's, 198.51.100.1) still reaches the allowed server and never that address; no
+/// SNI is refused, as is a name no tls rule allows.
+#[test]
+fn a_tls_rule_lets_the_apps_own_tls_through_to_its_sni_only() {
+    let mut w = World::without_agent(EGRESS, PROBE);
+    let policy = w.dir.join("policy.yaml");
+    // The world's `secure` rule (secure.test, 443) becomes a tls rule: a host's port has one
+    // protocol.
+    let yaml = fs::read_to_string(&policy).expect("policy");
+    let https = "service: \"secure.test\"\n  ports:\n    - port: 443\n      protocol: https\n";
+    assert!(yaml.contains(https), "{yaml}");
+    let yaml = yaml.replace(https, &https.replace("https", "tls"));
+    fs::write(&policy, yaml).expect("policy");
+    w.start_agent();
+    let ca = w.dir.join("ca.pem").display().to_string();
+    let own_tls = |addr: SocketAddr, name: &str| -> String {
+        // The probe's TLS mode: --tls NAME --ca FILE before --http.
+        let (out, _) = egress_tests::output_text(
+            w.sb.workload(PROBE)
+                .args(["--tls", name, "--ca", &ca])
+                .args([
+                    "--http",
+                    "GET /own HTTP/1.1\\r\\nHost: secure.test\\r\\nConnection: close\\r\\n\\r\\n",
+                ])
+                .arg(addr.to_string()),
+            "the probe",
+        );
+        out
+    };
+    let before = w.tls.seen().len();
+    // A good SNI, at the server's own address.
+    let out = own_tls(sa(V4_A, 443), "secure.test");
+    assert!(
+        out.contains("status HTTP/1.1 200"),
+        "{out}\n{}",
+        w.agent().log()
+    );
+    // The same SNI aimed at rogue.test's address: the proxy dials secure.test itself.
+    let out = own_tls(sa(V4_B, 443), "secure.test");
+    assert!(out.contains("status HTTP/1.1 200"), "{out}");
+    assert!(
+        w.rogue_tls.seen().is_empty(),
+        "the address the app gave never saw it"
+    );
+    let seen = w.tls.seen();
+    let own: Vec<_> = seen[before..]
+        .iter()
+        .filter(|s| s.path == "/own")
+        .map(|s| s.sni.clone())
+        .collect();
+    let secure = Some("secure.test".to_owned());
+    assert_eq!(own, [secure.clone(), secure], "{seen:?}");
+    // No SNI (an address as the name sends none), and a name no tls rule allows.
+    for name in ["192.0.2.1", "rogue.test"] {
+        let out = own_tls(sa(V4_A, 443), name);
+        assert!(out.contains("error 0 tls:"), "{name}: {out}");
+    }
+    assert_eq!(
+        w.tls.seen().iter().filter(|s| s.path == "/own").count(),
+        2,
+        "nothing refused reached the server"
+    );
+    w.agent()
+        .wait_for_log("tls client hello without sni", Duration::from_secs(5));
+    w.agent().wait_for_log(
+        "tls client hello for rogue.test on an http egress port refused",
+        Duration::from_secs(5),
+    );
+}

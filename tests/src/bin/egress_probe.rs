@@ -11,12 +11,17 @@
 //!   `peer <getpeername()>` or `error <errno> <message>`, then `status <status line>`,
 //!   `bytes <response bytes>`, and the first 4 KiB of the response between `begin` and `end`.
 //!
+//! - With `--tls NAME --ca FILE` before `--http`, each connection first does the app's own TLS
+//!   handshake (rustls, trusting only the CA in FILE) with NAME as its server name (SNI; an IP
+//!   address as NAME sends none), and the request goes over it; a failed handshake prints
+//!   `error 0 tls: <why>`.
+//!
 //! An `[::ffff:a.b.c.d]:port` address makes an AF_INET6 socket, the dual-stack case.
 //! `--local-port N` binds each socket to port N (any address) before it connects. `--netns`
 //! takes a name under `/run/netns/` or a path (a pod's `/proc/PID/ns/net`).
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     process::ExitCode,
     time::Duration,
@@ -27,8 +32,12 @@ fn main() -> ExitCode {
     let mut targets = Vec::new();
     let mut request = None;
     let mut local_port = None;
+    let mut tls_name = None;
+    let mut ca = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--tls" => tls_name = Some(args.next().expect("--tls NAME")),
+            "--ca" => ca = Some(args.next().expect("--ca FILE")),
             "--cgroup" => egress_tests::join_cgroup(&args.next().expect("--cgroup DIR")),
             "--netns" => {
                 let name = args.next().expect("--netns NAME");
@@ -60,15 +69,22 @@ fn main() -> ExitCode {
     let Some(request) = request else {
         return connect_once(targets[0], local_port);
     };
+    let tls = tls_name.map(|name| {
+        let ca = ca.expect("--tls needs --ca FILE");
+        (name, tls_config(&ca))
+    });
     let conns: Vec<_> = targets
         .iter()
         .map(|t| (t, connect(*t, local_port)))
         .collect();
     let mut failed = false;
     for (target, conn) in conns {
-        match conn
-            .and_then(|mut s| exchange(&mut s, &request.replace("{addr}", &target.to_string())))
-        {
+        let request = request.replace("{addr}", &target.to_string());
+        let exchanged = conn.and_then(|mut s| match &tls {
+            None => exchange(&mut s, &request),
+            Some((name, config)) => exchange_tls(s, name, config, &request),
+        });
+        match exchanged {
             Ok(out) => print!("{out}"),
             Err(e) => {
                 failed = true;
@@ -116,10 +132,49 @@ fn connect_once(target: SocketAddr, local_port: Option<u16>) -> ExitCode {
     }
 }
 
+/// A client configuration trusting only the CA certificates in the PEM file `ca`.
+fn tls_config(ca: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {ca}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+            &pem,
+        )
+    {
+        roots.add(cert.expect("a PEM certificate")).expect("a CA");
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// The app's own TLS to `name` over `stream`, then [`exchange`] over it.
+fn exchange_tls(
+    stream: TcpStream,
+    name: &str,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    request: &str,
+) -> std::io::Result<String> {
+    let server = rustls_pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| std::io::Error::other(format!("tls: {e}")))?;
+    let conn = rustls::ClientConnection::new(config.clone(), server)
+        .map_err(|e| std::io::Error::other(format!("tls: {e}")))?;
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    tls.sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| std::io::Error::other(format!("tls: {e}")))?;
+    }
+    exchange(&mut tls, request)
+}
+
 /// Sends the request and reads until the server closes (or 10 s pass).
-fn exchange(stream: &mut TcpStream, request: &str) -> std::io::Result<String> {
-    let peer = stream.peer_addr()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+fn exchange<S: Read + Write + Peer>(stream: &mut S, request: &str) -> std::io::Result<String> {
+    let peer = stream.peer()?;
     stream.write_all(request.as_bytes())?;
     let mut head = Vec::new();
     let mut total = 0u64;
@@ -135,6 +190,8 @@ fn exchange(stream: &mut TcpStream, request: &str) -> std::io::Result<String> {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            // A TLS server that closes without close_notify (the upstream's Connection: close).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e),
         }
     }
@@ -145,4 +202,23 @@ fn exchange(stream: &mut TcpStream, request: &str) -> std::io::Result<String> {
     Ok(format!(
         "pid {pid}\npeer {peer}\nstatus {status}\nbytes {total}\nbegin\n{text}\nend\n"
     ))
+}
+
+/// The peer address of a connection, plain or under TLS.
+trait Peer {
+    fn peer(&self) -> std::io::Result<SocketAddr>;
+}
+
+impl Peer for TcpStream {
+    fn peer(&self) -> std::io::Result<SocketAddr> {
+        let peer = self.peer_addr()?;
+        self.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(peer)
+    }
+}
+
+impl Peer for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn peer(&self) -> std::io::Result<SocketAddr> {
+        self.sock.peer_addr()
+    }
 }
