@@ -236,8 +236,42 @@ fn names_allow_the_addresses_their_answers_gave_and_nothing_else() {
             (0, 443, tcp, IpAddr::V6(WWW6)),
         ]
     );
-    // Counted on the rules that allowed them: www.wikipedia.test matches both rules, the
-    // first in the file wins (its row is written last... any of the two), en only the wildcard.
+    // `egress maps` shows them, with the rule that allowed each.
+    let out = std::process::Command::new(EGRESS)
+        .args([
+            "maps",
+            "--pin-dir",
+            &w.sb.pin_dir.display().to_string(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("egress maps");
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let shown: Vec<(String, String, String)> = maps["learned"]
+        .as_array()
+        .expect("learned")
+        .iter()
+        .map(|l| {
+            assert!(l["expires_in_s"].as_f64().expect("expiry") > 200.0, "{l}");
+            (
+                l["destination"].as_str().expect("destination").to_owned(),
+                l["port"].as_str().expect("port").to_owned(),
+                l["rule"].as_str().expect("rule").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(shown.len(), 3, "{maps:#}");
+    assert!(
+        shown.contains(&(
+            CDN.to_string(),
+            "443/tcp".to_owned(),
+            "wikipedias".to_owned()
+        )),
+        "{shown:?}"
+    );
+    // Counted on the rules that allowed them: www.wikipedia.test matches both rules (either
+    // one's row may hold the entry: the last answer's), en.wikipedia.test only the wildcard.
     let status = w.sb.status_json(EGRESS);
     let allowed = |name: &str| {
         status_row(&status, name)["allowed"]

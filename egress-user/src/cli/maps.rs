@@ -71,6 +71,16 @@ pub fn run(args: &MapsArgs) -> anyhow::Result<ExitCode> {
         "STATS:      events lost {}, errors {}",
         view.stats.events_lost, view.stats.errors
     );
+    println!(
+        "LEARNED_V4, LEARNED_V6: {} addresses from DNS answers (FQDN rules)",
+        view.learned.len()
+    );
+    for l in &view.learned {
+        println!(
+            "  {:39}  {:9}  {}  expires in {:.0} s  (scope {})",
+            l.destination, l.port, l.rule, l.expires_in_s, l.scope
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

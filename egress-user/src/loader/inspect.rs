@@ -49,6 +49,27 @@ pub struct MapsView {
     pub hooks: Vec<CounterView>,
     /// `STATS`: events lost and verdicts taken on an error path.
     pub stats: StatsView,
+    /// `LEARNED_V4` and `LEARNED_V6`: the addresses DNS answers taught, but the XDP
+    /// backstop's copies; by scope id, address and port.
+    pub learned: Vec<LearnedView>,
+}
+
+/// One learned address (FQDN rules).
+#[derive(Debug, Serialize)]
+pub struct LearnedView {
+    /// The scope's namespace, when it is one of this generation's scopes; `-` for scope 0
+    /// (the node-wide rules, host processes), or the stable id in hex for a scope the
+    /// generation no longer has.
+    pub scope: String,
+    /// The address.
+    pub destination: String,
+    /// `443/tcp`.
+    pub port: String,
+    /// The FQDN rule owning the row in `RULE_INFO`.
+    pub rule: String,
+    /// Seconds until new connections to it are refused; negative once expired (the agent
+    /// removes it within 10 s).
+    pub expires_in_s: f64,
 }
 
 /// The `CONFIG` entry, decoded.
@@ -211,6 +232,7 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
         events_lost,
         errors,
     } = counted.stats()?;
+    let learned = learned_view(&pins, &name_of)?;
     Ok(MapsView {
         pin_dir: pin_dir.display().to_string(),
         config: ConfigView {
@@ -235,7 +257,40 @@ pub fn read(pin_dir: &Path) -> Result<MapsView, LoadError> {
             events_lost,
             errors,
         },
+        learned,
     })
+}
+
+/// The learned addresses, by scope, address and port. The maps hold scopes by stable id only
+/// (a hash of the namespace), so a scope other than 0 shows its id in hex.
+fn learned_view(
+    pins: &PinDir,
+    name_of: &dyn Fn(u32) -> String,
+) -> Result<Vec<LearnedView>, LoadError> {
+    if !pins.map(maps::LEARNED_V4).exists() {
+        return Ok(Vec::new());
+    }
+    let now = super::learned::monotonic_ns();
+    let mut learned: Vec<LearnedView> = super::learned::LearnedMaps::open(pins)?
+        .entries()
+        .into_iter()
+        .filter(|(scope, ..)| *scope != egress_common::XDP_LEARNED)
+        .map(|(scope, port, proto, addr, value)| LearnedView {
+            scope: if scope == 0 {
+                "-".to_owned()
+            } else {
+                format!("{scope:016x}")
+            },
+            destination: addr.to_string(),
+            port: port_proto(port.to_be(), proto),
+            rule: name_of(value.row),
+            expires_in_s: (value.expires_ns as f64 - now as f64) / 1e9,
+        })
+        .collect();
+    learned.sort_by(|a, b| {
+        (&a.scope, &a.destination, &a.port).cmp(&(&b.scope, &b.destination, &b.port))
+    });
+    Ok(learned)
 }
 
 /// Every entry of the LPM trie pinned as `name`, in the trie's order, as (prefix length, key
