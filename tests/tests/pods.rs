@@ -826,3 +826,59 @@ fn one_namespaces_lookups_never_open_a_path_for_another() {
     assert_eq!(scopes, want, "{learned:?}");
     assert!(dns.queries_for("www.wikipedia.test") >= 2);
 }
+
+/// Seed 000's `curl http://httpbin/headers` from a pod, as written (busybox's `wget`): the
+/// alias's name is answered by the agent's DNS listener inside the pod, with no cluster DNS
+/// entry (the pod's resolver, the sandbox's DNS server, knows nothing of `httpbin`), and the
+/// request goes through the pod's proxy listener to the alias's external name.
+#[test]
+fn seed_000s_alias_name_resolves_inside_a_pod() {
+    let w = World::without_agent(EGRESS, PROBE);
+    let sb = &w.sb;
+    sb.add_addr("192.0.2.53/32");
+    let dns = sb.dns_server(sa(std::net::Ipv4Addr::new(192, 0, 2, 53), 53));
+    std::fs::write(sb.resolv_conf(), "nameserver 192.0.2.53\n").expect("resolv.conf");
+    let policy = w.dir.join("policy.yaml");
+    let mut yaml = std::fs::read_to_string(&policy).expect("policy");
+    yaml.push_str(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: httpbin\nspec:\n  type: \
+         ExternalName\n  externalName: httpbin.test\n  ports:\n  - port: 80\n",
+    );
+    std::fs::write(&policy, yaml).expect("policy");
+    let mut node = Node::start(sb);
+    node.dns_servers = vec!["192.0.2.53".to_owned()];
+    let socket = node.socket().display().to_string();
+    let agent = sb
+        .agent(EGRESS)
+        .args(&sb.run_args(&policy, &["--cri-socket", &socket]))
+        .start();
+    let pod = node.pod("default", "sleep");
+    agent.wait_for_log(
+        "dns: listening for the queries to a resolver namespace=Some(\"default\")",
+        Duration::from_secs(15),
+    );
+    // $ curl http://httpbin/headers
+    let out = node.exec(
+        &pod,
+        &[
+            "/bin/busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://httpbin/headers",
+        ],
+        Duration::from_secs(15),
+    );
+    assert_eq!(out.exit_code, 0, "{out:?}\n{}", agent.log());
+    assert!(
+        out.stdout
+            .contains("upstream saw host=httpbin.test path=/headers"),
+        "{out:?}"
+    );
+    assert_eq!(
+        dns.queries_for("httpbin"),
+        0,
+        "the agent answered the alias's name"
+    );
+}
