@@ -131,20 +131,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
-        let a = orig.addr;
-        let v4 = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        let words = if orig.family == AF_INET && orig.flags & flags::NAT64 != 0 {
-            [NAT64_WORD, 0, 0, v4]
-        } else if orig.family == AF_INET {
-            [0, 0, V4_MAPPED_WORD, v4]
-        } else {
-            [
-                v4,
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ]
-        };
+        let words = ip6_words(&orig.addr, orig.family, orig.flags);
         let sa = sock_addr_mut(&ctx);
         write_ip6(sa, words);
         sa.user_port = u32::from(orig.port);
@@ -199,23 +186,32 @@ pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
         None
     };
     if let Some(slot) = slot {
-        let a = slot.addr;
-        let first = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        let words = if slot.family == AF_INET {
-            [0, 0, V4_MAPPED_WORD, first]
-        } else {
-            [
-                first,
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ]
-        };
+        let words = ip6_words(&slot.addr, slot.family, 0);
         let sa = sock_addr_mut(&ctx);
         write_ip6(sa, words);
         sa.user_port = u32::from(slot.port);
     }
     1
+}
+
+/// An address as an IPv6 socket shows it, four network-order words: an IPv4 one (`family`
+/// `AF_INET`, in the first four bytes) as `::ffff:a.b.c.d`, or as `64:ff9b::a.b.c.d` when
+/// `flags` say the app gave it in NAT64 form.
+#[inline(always)]
+fn ip6_words(a: &[u8; 16], family: u8, flags_: u8) -> [u32; 4] {
+    let first = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    if family == AF_INET && flags_ & flags::NAT64 != 0 {
+        [NAT64_WORD, 0, 0, first]
+    } else if family == AF_INET {
+        [0, 0, V4_MAPPED_WORD, first]
+    } else {
+        [
+            first,
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    }
 }
 
 /// The resolver whose agent DNS listener is on `listen_port` (network byte order) in

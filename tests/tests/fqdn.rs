@@ -19,6 +19,7 @@ use egress_user::loader::{PinDir, learned::LearnedMaps};
 const EGRESS: &str = egress_bin!();
 const RESOLVE: &str = resolve_bin!();
 const VECTOR: &str = vector_bin!();
+const PROBE: &str = egress_tests::probe_bin!();
 
 /// The resolver of the sandbox's resolv.conf.
 const RESOLVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
@@ -580,4 +581,81 @@ fn a_udp_fqdn_rule_allows_datagrams_to_its_answers_on_its_port() {
     );
     egress_tests::eventually(Duration::from_secs(2), || ntp.count() == 2);
     assert_eq!((ntp.count(), other.count()), (2, 0));
+}
+
+#[test]
+fn an_ipv6_resolver_is_asked_through_the_agent_too() {
+    let w = World::start();
+    let resolver6: Ipv6Addr = "2001:db8::53".parse().expect("ip");
+    w.sb.add_addr(&format!("{resolver6}/128"));
+    let dns6 = w.sb.dns_server(sa(resolver6, 53));
+    dns6.set_a("www.wikipedia.test", &[WWW], 300);
+    // The agent reads resolv.conf again at a reload: the IPv6 resolver is the policy's now.
+    std::fs::write(
+        &w.resolv,
+        resolv_conf_text(&[IpAddr::V6(resolver6)], "timeout:2 attempts:2"),
+    )
+    .expect("resolv.conf");
+    let (ok, out, err) = w.sb.ctl(EGRESS, &["reload"]);
+    assert!(ok.success(), "{out}{err}");
+    let sink = w.sb.sink(sa(WWW, 443));
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .connect(443)
+            .run(&["www.wikipedia.test"]);
+    assert_eq!(got.lookups[0].addrs, Ok(vec![IpAddr::V4(WWW)]), "{got:?}");
+    assert_eq!(
+        got.lookups[0].connect,
+        Some(Ok(())),
+        "{got:?}\n{}",
+        w.agent().log()
+    );
+    assert_eq!(sink.accepted(), 1);
+    assert!(dns6.queries_for("www.wikipedia.test") >= 1);
+    assert_eq!(w.dns.queries_for("www.wikipedia.test"), 0);
+}
+
+/// A stub that queries from an unconnected socket and checks where the answer came from
+/// (musl's does; glibc's connects its socket, so the kernel already filters): `recvfrom()`
+/// shows the resolver the query was sent to as the source, over IPv4, IPv6 and a dual-stack
+/// socket's IPv4-mapped address, and the answer was learned.
+#[test]
+fn an_unconnected_stub_sees_its_answer_come_from_the_resolver() {
+    let w = World::start();
+    let resolver6: Ipv6Addr = "2001:db8::53".parse().expect("ip");
+    w.sb.add_addr(&format!("{resolver6}/128"));
+    let dns6 = w.sb.dns_server(sa(resolver6, 53));
+    dns6.set_a("www.wikipedia.test", &[WWW], 300);
+    std::fs::write(
+        &w.resolv,
+        resolv_conf_text(
+            &[IpAddr::V4(RESOLVER), IpAddr::V6(resolver6)],
+            "timeout:2 attempts:2",
+        ),
+    )
+    .expect("resolv.conf");
+    let (ok, out, err) = w.sb.ctl(EGRESS, &["reload"]);
+    assert!(ok.success(), "{out}{err}");
+    let mapped = SocketAddr::from((RESOLVER.to_ipv6_mapped(), 53));
+    for server in [sa(RESOLVER, 53), sa(resolver6, 53), mapped] {
+        let (out, _) = egress_tests::output_text(
+            w.sb.workload(PROBE)
+                .args(["--dns-query", "www.wikipedia.test", &server.to_string()]),
+            "the probe",
+        );
+        assert_eq!(
+            out.trim(),
+            format!("from {server} addrs {WWW}"),
+            "{server}\n{}",
+            w.agent().log()
+        );
+    }
+    assert_eq!(
+        w.learned()
+            .iter()
+            .filter(|e| e.3 == IpAddr::V4(WWW))
+            .count(),
+        1
+    );
 }

@@ -16,6 +16,11 @@
 //!   address as NAME sends none), and the request goes over it; a failed handshake prints
 //!   `error 0 tls: <why>`.
 //!
+//! - `egress-probe ... --dns-query NAME ADDR:PORT` sends one A query for NAME from an
+//!   unconnected UDP socket (`sendto`) and waits 5 s for the answer (`recvfrom`): prints
+//!   `from <the answer's source address> addrs <the A records, comma-separated>`, as a stub
+//!   resolver that checks where its answer came from (musl's) sees it.
+//!
 //! An `[::ffff:a.b.c.d]:port` address makes an AF_INET6 socket, the dual-stack case.
 //! `--local-port N` binds each socket to port N (any address) before it connects. `--netns`
 //! takes a name under `/run/netns/` or a path (a pod's `/proc/PID/ns/net`).
@@ -37,6 +42,15 @@ fn main() -> ExitCode {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--tls" => tls_name = Some(args.next().expect("--tls NAME")),
+            "--dns-query" => {
+                let name = args.next().expect("--dns-query NAME");
+                let server = args
+                    .next()
+                    .expect("--dns-query NAME ADDR:PORT")
+                    .parse::<SocketAddr>()
+                    .expect("ADDR:PORT");
+                return dns_query(&name, server);
+            }
             "--ca" => ca = Some(args.next().expect("--ca FILE")),
             "--cgroup" => egress_tests::join_cgroup(&args.next().expect("--cgroup DIR")),
             "--netns" => {
@@ -220,5 +234,56 @@ impl Peer for TcpStream {
 impl Peer for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     fn peer(&self) -> std::io::Result<SocketAddr> {
         self.sock.peer_addr()
+    }
+}
+
+/// One A query for `name` to `server` from an unconnected UDP socket; prints where the answer
+/// came from and its addresses.
+fn dns_query(name: &str, server: SocketAddr) -> ExitCode {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let mut query = Message::new(0x5151, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii(format!("{name}.")).expect("a name"),
+        RecordType::A,
+    ));
+    let bytes = query.to_vec().expect("a query");
+    let any: std::net::IpAddr = if server.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = std::net::UdpSocket::bind((any, 0)).expect("a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a timeout");
+    if let Err(e) = socket.send_to(&bytes, server) {
+        println!("error {} {e}", e.raw_os_error().unwrap_or(0));
+        return ExitCode::FAILURE;
+    }
+    let mut buf = [0u8; 4096];
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            let addrs: Vec<String> = Message::from_vec(&buf[..n])
+                .map(|m| {
+                    m.answers
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            RData::A(a) => Some(a.0.to_string()),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!("from {from} addrs {}", addrs.join(","));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error {} {e}", e.raw_os_error().unwrap_or(0));
+            ExitCode::FAILURE
+        }
     }
 }
