@@ -659,3 +659,44 @@ fn an_unconnected_stub_sees_its_answer_come_from_the_resolver() {
         1
     );
 }
+
+/// Seed 003's point: the app's own HTTPS to a name, with nothing but the name in the policy.
+/// The TLS server for `www.wikipedia.test` (a CA of the test's, which only the app trusts)
+/// serves the app's request once the name was resolved through the agent.
+#[test]
+fn the_apps_own_https_to_a_name_works() {
+    let w = World::start();
+    let ca = egress_tests::upstream::TestCa::new(&["www.wikipedia.test"]);
+    let ca_file = w.sb.policy_file("ca.pem", &ca.ca_pem);
+    let server = egress_tests::upstream::Upstream::tls(&w.sb.name, sa(WWW, 443), &ca);
+    let https = |what: &str| {
+        egress_tests::output_text(
+            w.sb.workload(PROBE)
+                .args(["--tls", "www.wikipedia.test", "--ca"])
+                .arg(&ca_file)
+                .args([
+                    "--http",
+                    "GET /wiki HTTP/1.1\\r\\nHost: www.wikipedia.test\\r\\nConnection: close\\r\\n\\r\\n",
+                ])
+                .arg(sa(WWW, 443).to_string()),
+            what,
+        )
+        .0
+    };
+    // Not before the name was resolved: refused at connect().
+    let out = https("the probe before the lookup");
+    assert!(out.starts_with("error 1 "), "{out}");
+    let got =
+        w.sb.resolve(RESOLVE, &w.resolv)
+            .family(Family::V4)
+            .run(&["www.wikipedia.test"]);
+    assert_eq!(got.lookups[0].addrs, Ok(vec![IpAddr::V4(WWW)]), "{got:?}");
+    let out = https("the probe");
+    assert!(out.contains("status HTTP/1.1 200"), "{out}");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        (seen[0].path.as_str(), seen[0].sni.as_deref()),
+        ("/wiki", Some("www.wikipedia.test"))
+    );
+}
