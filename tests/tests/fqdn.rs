@@ -350,7 +350,7 @@ fn an_expired_address_refuses_new_connections_and_keeps_the_established_one() {
                 .run(&["short.wikipedia.test"])
         });
         assert!(
-            egress_tests::eventually(Duration::from_secs(5), || server.received() == "before\n"),
+            egress_tests::eventually(Duration::from_secs(30), || server.received() == "before\n"),
             "the held connection's first write: {:?}",
             server.received()
         );
