@@ -78,6 +78,10 @@ enum Bench {
     /// step builds them): apply to enforced in a containerd pod, p50/p99, and the agent's
     /// memory with 10,000 objects (tests/benches/kube/).
     Kube,
+    /// FQDN rules: DNS answer latency through the agent against direct, connects to learned
+    /// addresses against CIDR-allowed ones, and 10,000 names with rotating answers
+    /// (tests/benches/dns/).
+    Dns,
 }
 
 impl Bench {
@@ -89,6 +93,7 @@ impl Bench {
             Self::Reload => "reload",
             Self::Instructions => "instructions",
             Self::Kube => "kube",
+            Self::Dns => "dns",
         }
     }
 
@@ -104,6 +109,8 @@ impl Bench {
             Self::Instructions => vec![("valgrind", "valgrind")],
             // Its pod runs under containerd.
             Self::Kube => setup::POD_PACKAGES.to_vec(),
+            // bpftool reads the learned maps' memory.
+            Self::Dns => vec![("bpftool", "bpftool")],
         }
     }
 
@@ -113,7 +120,7 @@ impl Bench {
             // The pod contender (a containerd pod through the CRI client).
             Self::Http => &["--features", "pods"],
             Self::Kube => &["--features", "kube-api"],
-            Self::Connect | Self::Reload | Self::Instructions => &[],
+            Self::Connect | Self::Reload | Self::Instructions | Self::Dns => &[],
         }
     }
 

@@ -19,7 +19,10 @@
 //! - `egress-probe ... --dns-query NAME ADDR:PORT` sends one A query for NAME from an
 //!   unconnected UDP socket (`sendto`) and waits 5 s for the answer (`recvfrom`): prints
 //!   `from <the answer's source address> addrs <the A records, comma-separated>`, as a stub
-//!   resolver that checks where its answer came from (musl's) sees it.
+//!   resolver that checks where its answer came from (musl's) sees it. `--dns-query NAME
+//!   ADDR:PORT REPEAT` asks REPEAT times, one query at a time, and adds a line
+//!   `latency_us <each query's round trip in microseconds, comma-separated>` (the DNS
+//!   benchmark's client).
 //!
 //! An `[::ffff:a.b.c.d]:port` address makes an AF_INET6 socket, the dual-stack case.
 //! `--local-port N` binds each socket to port N (any address) before it connects. `--netns`
@@ -49,7 +52,10 @@ fn main() -> ExitCode {
                     .expect("--dns-query NAME ADDR:PORT")
                     .parse::<SocketAddr>()
                     .expect("ADDR:PORT");
-                return dns_query(&name, server);
+                let repeat = args
+                    .next()
+                    .map_or(1, |n| n.parse::<usize>().expect("REPEAT"));
+                return dns_query(&name, server, repeat);
             }
             "--ca" => ca = Some(args.next().expect("--ca FILE")),
             "--cgroup" => egress_tests::join_cgroup(&args.next().expect("--cgroup DIR")),
@@ -237,20 +243,13 @@ impl Peer for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     }
 }
 
-/// One A query for `name` to `server` from an unconnected UDP socket; prints where the answer
-/// came from and its addresses.
-fn dns_query(name: &str, server: SocketAddr) -> ExitCode {
+/// A query for `name` to `server` from an unconnected UDP socket, `repeat` times; prints where
+/// the (last) answer came from and its addresses, and with `repeat > 1` each round trip.
+fn dns_query(name: &str, server: SocketAddr, repeat: usize) -> ExitCode {
     use hickory_proto::{
         op::{Message, MessageType, OpCode, Query},
         rr::{Name, RData, RecordType},
     };
-    let mut query = Message::new(0x5151, MessageType::Query, OpCode::Query);
-    query.metadata.recursion_desired = true;
-    query.add_query(Query::query(
-        Name::from_ascii(format!("{name}.")).expect("a name"),
-        RecordType::A,
-    ));
-    let bytes = query.to_vec().expect("a query");
     let any: std::net::IpAddr = if server.is_ipv4() {
         std::net::Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -260,30 +259,51 @@ fn dns_query(name: &str, server: SocketAddr) -> ExitCode {
     socket
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("a timeout");
-    if let Err(e) = socket.send_to(&bytes, server) {
-        println!("error {} {e}", e.raw_os_error().unwrap_or(0));
-        return ExitCode::FAILURE;
-    }
-    let mut buf = [0u8; 4096];
-    match socket.recv_from(&mut buf) {
-        Ok((n, from)) => {
-            let addrs: Vec<String> = Message::from_vec(&buf[..n])
-                .map(|m| {
-                    m.answers
-                        .iter()
-                        .filter_map(|r| match &r.data {
-                            RData::A(a) => Some(a.0.to_string()),
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            println!("from {from} addrs {}", addrs.join(","));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
+    let mut latencies = Vec::with_capacity(repeat);
+    let mut last = String::new();
+    for i in 0..repeat.max(1) {
+        let mut query = Message::new(i as u16, MessageType::Query, OpCode::Query);
+        query.metadata.recursion_desired = true;
+        query.add_query(Query::query(
+            Name::from_ascii(format!("{name}.")).expect("a name"),
+            RecordType::A,
+        ));
+        let bytes = query.to_vec().expect("a query");
+        let start = std::time::Instant::now();
+        if let Err(e) = socket.send_to(&bytes, server) {
             println!("error {} {e}", e.raw_os_error().unwrap_or(0));
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+        let mut buf = [0u8; 4096];
+        let (n, from) = loop {
+            match socket.recv_from(&mut buf) {
+                // An answer to an earlier query that timed out: not this one's.
+                Ok((n, _)) if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) != i as u16 => {}
+                Ok(got) => break got,
+                Err(e) => {
+                    println!("error {} {e}", e.raw_os_error().unwrap_or(0));
+                    return ExitCode::FAILURE;
+                }
+            }
+        };
+        latencies.push(start.elapsed().as_micros());
+        let addrs: Vec<String> = Message::from_vec(&buf[..n])
+            .map(|m| {
+                m.answers
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some(a.0.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        last = format!("from {from} addrs {}", addrs.join(","));
     }
+    println!("{last}");
+    if repeat > 1 {
+        let list: Vec<String> = latencies.iter().map(u128::to_string).collect();
+        println!("latency_us {}", list.join(","));
+    }
+    ExitCode::SUCCESS
 }
