@@ -377,6 +377,13 @@ fn private_files(resolv_conf: &Path, nsswitch: Option<&Path>) {
         std::io::Error::last_os_error()
     );
     mount(None, Path::new("/"), libc::MS_REC | libc::MS_PRIVATE);
+    // A bind mount needs its target: the kernel guests' root file system has no /etc files.
+    for target in ["/etc/resolv.conf", "/etc/nsswitch.conf"] {
+        if !Path::new(target).exists() {
+            let _ = std::fs::create_dir_all("/etc");
+            std::fs::write(target, b"").unwrap_or_else(|e| panic!("creating {target}: {e}"));
+        }
+    }
     mount(
         Some(resolv_conf),
         Path::new("/etc/resolv.conf"),

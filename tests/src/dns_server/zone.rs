@@ -632,7 +632,9 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "is not a documentation, benchmarking (198.18.0.0/15) or loopback address")]
+    #[should_panic(
+        expected = "is not a documentation, benchmarking (198.18.0.0/15) or loopback address"
+    )]
     fn only_documentation_addresses_are_handed_out() {
         Zone::new().set_a("bad.egress.test", &[Ipv4Addr::new(10, 0, 0, 1)], 60);
     }
