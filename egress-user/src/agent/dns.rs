@@ -115,12 +115,11 @@ pub struct DnsListeners {
     netns: Option<Arc<NetnsThread>>,
 }
 
-/// One resolver's listener: a UDP socket and a TCP listener on the same address (a stub
-/// resolver asks again over TCP when the UDP answer was cut).
+/// One resolver's listener: the tasks serving its UDP socket and TCP listener on the same
+/// address (a stub resolver asks again over TCP when the UDP answer was cut), which own the
+/// sockets: aborting them closes the listener and with it the agent's mark.
 struct Listener {
     resolver: SocketAddr,
-    /// Until served.
-    sockets: Option<(std::net::UdpSocket, std::net::TcpListener)>,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -150,13 +149,14 @@ impl DnsListeners {
         }
     }
 
-    /// Brings the listeners of the namespace in line with the generation
-    /// in force: binds and marks the UDP and TCP listener of each of its resolvers, and closes
-    /// those of resolvers it no longer has. A listener that cannot be bound or marked is tried
-    /// again at the next call (until then that resolver's queries go to it directly and teach
-    /// nothing). Needs no runtime: the agent calls it before it says it is ready, so that the
-    /// first query already meets a marked listener; [`DnsListeners::serve`] serves them.
-    pub fn bind(&mut self, enforcer: &Enforcer) {
+    /// Brings the listeners of the namespace in line with the generation in force, on the
+    /// current runtime: binds the UDP and TCP listener of each of its resolvers, marks them as
+    /// the agent's and serves them, in that order, and closes those of resolvers it no longer
+    /// has. A listener is marked only once it is served: until then the kernel sends its
+    /// resolver's queries to the resolver directly, never into a socket nobody reads. One that
+    /// cannot be bound or marked is tried again at the next call (meanwhile its resolver's
+    /// queries go to it directly and teach nothing).
+    pub fn sync(&mut self, enforcer: &Enforcer) {
         let wanted = enforcer.dns_listeners();
         self.bound.retain(|address, listener| {
             wanted
@@ -168,54 +168,43 @@ impl DnsListeners {
             if self.bound.contains_key(&address) {
                 continue;
             }
-            let sockets = asker
-                .in_netns(move || bind(address))
-                .and_then(|(udp, tcp)| {
-                    enforcer
-                        .mark_dns_socket(&udp)
-                        .and_then(|()| enforcer.mark_proxy_listener(&tcp))
-                        .map_err(io::Error::other)?;
-                    Ok((udp, tcp))
-                });
-            match sockets {
-                Ok(sockets) => {
-                    tracing::info!(namespace = ?self.namespace, %address, %resolver, "dns: listening for the queries to a resolver");
-                    self.bound.insert(
-                        address,
-                        Listener {
-                            resolver,
-                            sockets: Some(sockets),
-                            tasks: Vec::new(),
-                        },
-                    );
-                }
+            let (udp, tcp) = match asker.in_netns(move || bind(address)) {
+                Ok(sockets) => sockets,
                 Err(e) => {
                     tracing::warn!(namespace = ?self.namespace, %address, %resolver, error = %e, "dns: cannot listen; queries to this resolver go to it directly and teach the kernel nothing (retrying every second)");
+                    continue;
                 }
-            }
-        }
-    }
-
-    /// [`DnsListeners::bind`], then serves the listeners not served yet, on the current
-    /// runtime.
-    pub fn sync(&mut self, enforcer: &Enforcer) {
-        self.bind(enforcer);
-        let asker = self.asker(enforcer.pin_dir());
-        for (address, listener) in &mut self.bound {
-            let Some((udp, tcp)) = listener.sockets.take() else {
-                continue;
             };
-            let resolver = listener.resolver;
-            let served = serve_udp(udp, resolver, asker.clone(), self.maps.clone()).and_then(|u| {
-                Ok([
-                    u,
-                    serve_tcp(tcp, resolver, asker.clone(), self.maps.clone())?,
-                ])
-            });
-            match served {
-                Ok(tasks) => listener.tasks.extend(tasks),
-                Err(e) => tracing::error!(%address, error = %e, "dns: serving a listener"),
+            let served = (|| {
+                let maps = &self.maps;
+                let u = serve_udp(udp.try_clone()?, resolver, asker.clone(), maps.clone())?;
+                match serve_tcp(tcp.try_clone()?, resolver, asker.clone(), maps.clone()) {
+                    Ok(t) => Ok(vec![u, t]),
+                    Err(e) => {
+                        u.abort();
+                        Err(e)
+                    }
+                }
+            })();
+            let tasks = match served {
+                Ok(tasks) => tasks,
+                Err(e) => {
+                    tracing::error!(%address, error = %e, "dns: serving a listener");
+                    continue;
+                }
+            };
+            // Dropped (its tasks aborted, the sockets closed) if it cannot be marked.
+            let listener = Listener { resolver, tasks };
+            // Served first, marked second: the first redirected query finds a reader.
+            let marked = enforcer
+                .mark_dns_socket(&udp)
+                .and_then(|()| enforcer.mark_proxy_listener(&tcp));
+            if let Err(e) = marked {
+                tracing::error!(namespace = ?self.namespace, %address, error = %e, "dns: marking a listener; its resolver's queries go to it directly (retrying every second)");
+                continue;
             }
+            tracing::info!(namespace = ?self.namespace, %address, %resolver, "dns: listening for the queries to a resolver");
+            self.bound.insert(address, listener);
         }
     }
 

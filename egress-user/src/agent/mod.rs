@@ -171,10 +171,15 @@ impl Agent {
             cluster,
             dns: dns::DnsListeners::default(),
         };
-        // Before the agent says it is ready: the first query meets a marked listener.
-        agent.dns.bind(&agent.enforcer);
         agent.remember_names();
         Ok((agent, rx))
+    }
+
+    /// Opens, serves and marks the DNS listeners of the agent's own network namespace (on the
+    /// current runtime): `egress run` does it before it says it is ready, so that the first
+    /// query of a workload already goes through the agent.
+    pub fn start_dns(&mut self) {
+        self.dns.sync(&self.enforcer);
     }
 
     /// Tells the metrics endpoint and the event namer about the generation now in force.

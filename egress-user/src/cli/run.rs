@@ -256,6 +256,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         cluster_rules,
     };
     let (mut agent, proxies) = Agent::start(settings, built)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // The DNS path is served before the ready line: a workload's first query goes through it.
+    runtime.block_on(async { agent.start_dns() });
     if let Some(missing) = agent.missing_listener() {
         tracing::warn!(
             generation = agent.generation(),
@@ -276,10 +282,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     eprint!("{}", next_steps(args, &cgroup));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let served = runtime.block_on(async {
         let watch = if args.no_watch || args.policy.is_empty() {
             None
