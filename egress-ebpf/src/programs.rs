@@ -141,8 +141,10 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// `cgroup/recvmsg4`: a datagram read with its source address (`recvfrom`, `recvmsg`) that
 /// came from the agent's DNS listener for a resolver shows that resolver as its source, so a
-/// stub resolver that checks where its answer came from (glibc does) takes it. Changes
-/// nothing else; always returns 1.
+/// stub resolver that checks where its answer came from (glibc does) takes it. Only while the
+/// socket bound there is the agent's (marked in `PROXY_LISTEN`): what another process bound
+/// to that port after the agent died sends keeps its own source, and a stub that checks drops
+/// it. Changes nothing else; always returns 1.
 ///
 /// # Minimum kernel version
 ///
@@ -152,6 +154,7 @@ pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
     let sa = sock_addr(&ctx);
     if sa.user_ip4 == u32::from_ne_bytes(LOOPBACK_V4)
         && let Some(slot) = dns_slot_of_listener(sa.user_port as u16, AF_INET)
+        && agent_answers(&ctx, slot)
     {
         let sa = sock_addr_mut(&ctx);
         sa.user_ip4 = u32::from_ne_bytes([slot.addr[0], slot.addr[1], slot.addr[2], slot.addr[3]]);
@@ -185,13 +188,27 @@ pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
     } else {
         None
     };
-    if let Some(slot) = slot {
+    if let Some(slot) = slot
+        && agent_answers(&ctx, slot)
+    {
         let words = ip6_words(&slot.addr, slot.family, 0);
         let sa = sock_addr_mut(&ctx);
         write_ip6(sa, words);
         sa.user_port = u32::from(slot.port);
     }
     1
+}
+
+/// Whether the UDP socket bound to the loopback listener of `slot`, in the reader's network
+/// namespace, is the agent's DNS listener (marked in `PROXY_LISTEN`).
+#[inline(always)]
+fn agent_answers(ctx: &SockAddrContext, slot: DnsSlot) -> bool {
+    let family = if slot.family == AF_INET6 {
+        ProxyFamily::V6
+    } else {
+        ProxyFamily::V4
+    };
+    listener_check(ctx, slot.listen_port, family, true) == reason::RULES
 }
 
 /// An address as an IPv6 socket shows it, four network-order words: an IPv4 one (`family`
@@ -222,15 +239,21 @@ fn dns_slot_of_listener(listen_port: u16, family: u8) -> Option<DnsSlot> {
     if config.flags & config_flags::DNS == 0 || listen_port == 0 {
         return None;
     }
+    find_dns_slot(|slot| slot.listen_port == listen_port && slot.family == family).copied()
+}
+
+/// The first resolver slot of `DNS_SLOTS` that `wanted` picks. Slots are filled from the
+/// first: the first unused one ends the search.
+#[inline(always)]
+fn find_dns_slot(wanted: impl Fn(&DnsSlot) -> bool) -> Option<&'static DnsSlot> {
     let mut i = 0;
     while i < MAX_RESOLVERS {
         let slot = DNS_SLOTS.get(i)?;
         if slot.listen_port == 0 {
-            // Slots are filled from the first: the rest are unused.
             return None;
         }
-        if slot.listen_port == listen_port && slot.family == family {
-            return Some(*slot);
+        if wanted(slot) {
+            return Some(slot);
         }
         i += 1;
     }
@@ -267,20 +290,10 @@ fn dns_listener(
         // The agent's own queries to the resolver.
         return None;
     }
-    let mut i = 0;
-    while i < MAX_RESOLVERS {
-        let slot = DNS_SLOTS.get(i)?;
-        if slot.listen_port == 0 {
-            return None;
-        }
-        if slot.family == dest.family && slot.port == dest.port && same_addr(&slot.addr, &dest.addr)
-        {
-            return (listener_check(ctx, slot.listen_port, proxy, udp) == reason::RULES)
-                .then_some(slot.listen_port);
-        }
-        i += 1;
-    }
-    None
+    let slot = find_dns_slot(|slot| {
+        slot.family == dest.family && slot.port == dest.port && same_addr(&slot.addr, &dest.addr)
+    })?;
+    (listener_check(ctx, slot.listen_port, proxy, udp) == reason::RULES).then_some(slot.listen_port)
 }
 
 /// Whether two 16-byte addresses are equal, compared as four words (no `memcmp` in BPF).

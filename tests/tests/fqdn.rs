@@ -465,28 +465,58 @@ fn a_restart_amid_lookups_and_connects_loses_no_allowed_connect_and_allows_no_de
     eprintln!("agent down (killed to ready again) for {down:?}");
     // Every lookup answered (by the agent, or by the resolver directly while it was down),
     // every connect to an allowed name's address made: learned before, pinned, still valid.
+    // With one exception (docs/policy.md, "Policy changes and restarts"): a query the old
+    // agent had read when it was killed is lost, and glibc sends its retry on the same socket,
+    // connected to the agent's listener, so it is answered only if the new agent is back by
+    // then. Each loop asks one name at a time: at most one lookup per loop can be lost so, and
+    // none when the agent was back within the stub's timeout (2 s here: then its retry met the
+    // new listener). The kernel guests' emulation takes 10 to 20 s to start an agent.
+    let may_lose = u64::from(down > Duration::from_secs(2));
+    let lost = |r: &egress_tests::Resolved| -> u64 {
+        let again = r
+            .summary
+            .lookup_errors
+            .get("EAI_AGAIN")
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            r.summary.lookup_errors.values().sum::<u64>(),
+            again,
+            "only a timeout may fail a lookup: {r:?}"
+        );
+        assert!(again <= may_lose, "agent down for {down:?}: {r:?}");
+        again
+    };
+    let (lost_allowed, lost_denied) = (lost(&allowed), lost(&denied));
     assert_eq!(allowed.summary.lookups, 2 * rounds, "{allowed:?}");
-    assert!(allowed.summary.lookup_errors.is_empty(), "{allowed:?}");
-    assert_eq!(allowed.summary.connects_ok, 2 * rounds, "{allowed:?}");
+    assert_eq!(
+        allowed.summary.connects_ok,
+        2 * rounds - lost_allowed,
+        "{allowed:?}"
+    );
     // And never one to the address of a name no rule allows, whoever answered.
     assert_eq!(denied.summary.lookups, rounds, "{denied:?}");
     assert_eq!(denied.summary.connects_ok, 0, "{denied:?}");
     assert_eq!(
         denied.summary.connect_errors.get("EPERM").copied(),
-        Some(rounds),
+        Some(rounds - lost_denied),
         "{denied:?}"
     );
     let [www, cdn, evil] = &sinks[..] else {
         unreachable!()
     };
     assert_eq!(
-        (
-            www.accepted() as u64,
-            cdn.accepted() as u64,
-            evil.accepted()
-        ),
-        (rounds + 1, rounds + 1, 0)
+        (www.accepted() + cdn.accepted()) as u64,
+        2 * (rounds + 1) - lost_allowed,
+        "every allowed connect arrived"
     );
+    assert!(
+        www.accepted() as u64 >= rounds && cdn.accepted() as u64 >= rounds,
+        "{} and {} connects",
+        www.accepted(),
+        cdn.accepted()
+    );
+    assert_eq!(evil.accepted(), 0);
     // The new agent learns again: a name first asked now is allowed at once.
     let late = Ipv4Addr::new(192, 0, 2, 21);
     w.sb.add_addr(&format!("{late}/32"));
@@ -666,6 +696,40 @@ fn an_unconnected_stub_sees_its_answer_come_from_the_resolver() {
             .count(),
         1
     );
+}
+
+/// The kernel shows an answer as the resolver's only while the agent's own socket is bound to
+/// the listener's port: after the agent died, a process that binds that port (a workload can:
+/// it is above 1024) can answer a stub, but its answers keep their own source, so a stub that
+/// checks where its answer came from drops them rather than take them as the resolver's.
+#[test]
+fn only_the_agents_listener_answers_as_the_resolver() {
+    let mut w = World::start();
+    let listener = sa(Ipv4Addr::LOCALHOST, egress_user::policy::DNS_LISTEN_PORT);
+    let ask = |w: &World| {
+        egress_tests::output_text(
+            w.sb.workload(PROBE)
+                .args(["--dns-query", "www.wikipedia.test", &listener.to_string()]),
+            "the probe",
+        )
+        .0
+        .trim()
+        .to_owned()
+    };
+    // Asked directly, the agent's listener answers as the resolver it stands for.
+    assert_eq!(
+        ask(&w),
+        format!("from {RESOLVER}:53 addrs {WWW}"),
+        "{}",
+        w.agent().log()
+    );
+    let old = w.agent.take().expect("agent");
+    old.signal(libc::SIGKILL);
+    old.wait();
+    // The programs stay pinned with the dead agent's resolver slots; a squatter takes the port.
+    let squatter = w.sb.dns_server(listener);
+    squatter.set_a("www.wikipedia.test", &[EVIL], 300);
+    assert_eq!(ask(&w), format!("from {listener} addrs {EVIL}"));
 }
 
 /// Seed 003's point: the app's own HTTPS to a name, with nothing but the name in the policy.
