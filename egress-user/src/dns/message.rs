@@ -260,7 +260,17 @@ pub fn parse_answer(bytes: &[u8], query: &Query) -> Result<Answer, MessageError>
 /// must not receive an address the kernel will refuse, and SERVFAIL tells its stub to try
 /// again later instead of caching a negative answer as NXDOMAIN would.
 pub fn servfail(query: &Query) -> Vec<u8> {
-    let mut message = Message::error_msg(query.id, OpCode::Query, ResponseCode::ServFail);
+    reply(
+        query,
+        Message::error_msg(query.id, OpCode::Query, ResponseCode::ServFail),
+    )
+    .to_vec()
+    .expect("a header, one question decoded from the wire and an empty OPT always encode")
+}
+
+/// `message` made the reply to `query`: RD and CD copied, RA set, the question echoed, and an
+/// OPT record (our payload size, DO copied) when the query had one.
+fn reply(query: &Query, mut message: Message) -> Message {
     message.metadata.recursion_desired = query.recursion_desired;
     message.metadata.recursion_available = true;
     message.metadata.checking_disabled = query.checking_disabled;
@@ -271,8 +281,6 @@ pub fn servfail(query: &Query) -> Vec<u8> {
         message.set_edns(edns);
     }
     message
-        .to_vec()
-        .expect("a header, one question decoded from the wire and an empty OPT always encode")
 }
 
 /// The agent's own answer to `query`: an A record with `v4` (TTL `ttl`) when it asks for A,
@@ -283,23 +291,14 @@ pub fn servfail(query: &Query) -> Vec<u8> {
 /// the address only has to reach the kernel's redirect to the proxy, which picks the alias by
 /// the request's Host.
 pub fn synthesized(query: &Query, v4: Ipv4Addr, ttl: u32) -> Vec<u8> {
-    let mut message = Message::response(query.id, OpCode::Query);
-    message.metadata.recursion_desired = query.recursion_desired;
-    message.metadata.recursion_available = true;
+    let mut message = reply(query, Message::response(query.id, OpCode::Query));
     message.metadata.authoritative = true;
-    message.metadata.checking_disabled = query.checking_disabled;
-    message.add_query(query.question.clone());
     if query.question.query_type == RecordType::A {
         message.add_answer(Record::from_rdata(
             query.question.name.clone(),
             ttl,
             RData::A(hickory_proto::rr::rdata::A(v4)),
         ));
-    }
-    if let Some(dnssec_ok) = query.edns_dnssec_ok {
-        let mut edns = Edns::new();
-        edns.set_max_payload(EDNS_PAYLOAD).set_dnssec_ok(dnssec_ok);
-        message.set_edns(edns);
     }
     message
         .to_vec()

@@ -57,7 +57,7 @@ impl Enforcer {
     /// # Errors
     /// The pinned `PROXY_LISTEN` map cannot be opened or written.
     pub fn mark_dns_socket(&self, socket: &std::net::UdpSocket) -> Result<(), LoadError> {
-        proxy_mark::mark_pinned_socket(&self.pins, socket)
+        proxy_mark::mark_pinned(&self.pins, socket)
     }
 
     /// The DNS listeners this generation sends queries to: (resolver, listener address).

@@ -153,11 +153,11 @@ impl<'a> Cursor<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// A real ClientHello, from rustls, for `name`.
-    fn hello(name: &str) -> Vec<u8> {
+    /// A real ClientHello record, from rustls, for `name`.
+    pub(in crate::proxy) fn hello(name: &str) -> Vec<u8> {
         super::super::tls::install_crypto_provider();
         let config = rustls::ClientConfig::builder()
             .with_root_certificates(rustls::RootCertStore::empty())
@@ -193,15 +193,19 @@ mod tests {
             })
         );
         // The same hello with an encrypted_client_hello extension appended.
-        let mut msg = record[5..].to_vec();
-        add_extension(&mut msg, ECH, &[0, 1, 2, 3]);
-        let seen = client_hello(&msg).expect("a hello");
+        let record = with_ech(&record);
+        let seen = client_hello(&record[5..]).expect("a hello");
         assert_eq!(seen.sni.as_deref(), Some("public.example.test"));
         assert!(seen.ech);
     }
 
-    /// Appends an extension to a ClientHello handshake message, fixing its lengths.
-    fn add_extension(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    /// `record` (one handshake record holding a ClientHello) with an `encrypted_client_hello`
+    /// extension appended, every length fixed.
+    pub(in crate::proxy) fn with_ech(record: &[u8]) -> Vec<u8> {
+        let data = [0, 1, 2, 3];
+        let mut msg = record[5..].to_vec();
+        // Past the version, the random, the session id, the cipher suites and the compression
+        // methods: the extensions' length.
         let mut c = 4 + 2 + 32;
         c += 1 + usize::from(msg[c]);
         c += 2 + usize::from(u16::from_be_bytes([msg[c], msg[c + 1]]));
@@ -209,11 +213,15 @@ mod tests {
         let exts_len = u16::from_be_bytes([msg[c], msg[c + 1]]);
         let added = u16::try_from(4 + data.len()).unwrap();
         msg[c..c + 2].copy_from_slice(&(exts_len + added).to_be_bytes());
-        msg.extend_from_slice(&kind.to_be_bytes());
+        msg.extend_from_slice(&ECH.to_be_bytes());
         msg.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
-        msg.extend_from_slice(data);
+        msg.extend_from_slice(&data);
         let body = u32::try_from(msg.len() - 4).unwrap().to_be_bytes();
         msg[1..4].copy_from_slice(&body[1..]);
+        let mut out = record[..3].to_vec();
+        out.extend_from_slice(&u16::try_from(msg.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&msg);
+        out
     }
 
     #[test]

@@ -441,7 +441,9 @@ async fn a_tls_rule_refuses_no_sni_another_name_and_ech() {
     // ECH: a ClientHello for tls.test with an encrypted_client_hello extension.
     let mut c = h.connect(orig(port)).await;
     c.io.get_mut()
-        .write_all(&hello_with_ech("tls.test"))
+        .write_all(&super::super::hello::tests::with_ech(
+            &super::super::hello::tests::hello("tls.test"),
+        ))
         .await
         .unwrap();
     let mut alert = Vec::new();
@@ -458,31 +460,4 @@ async fn a_tls_rule_refuses_no_sni_another_name_and_ech() {
     assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 0);
     let none = h.proxy.counters().pop().unwrap();
     assert_eq!((none.requests, none.denied), (4, 4));
-}
-
-/// A rustls ClientHello record for `name` with an `encrypted_client_hello` extension (0xfe0d)
-/// appended, its lengths fixed.
-fn hello_with_ech(name: &str) -> Vec<u8> {
-    super::super::install_crypto_provider();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = ServerName::try_from(name.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut record = Vec::new();
-    conn.write_tls(&mut record).unwrap();
-    let mut msg = record[5..].to_vec();
-    let mut c = 4 + 2 + 32;
-    c += 1 + usize::from(msg[c]);
-    c += 2 + usize::from(u16::from_be_bytes([msg[c], msg[c + 1]]));
-    c += 1 + usize::from(msg[c]);
-    let exts = u16::from_be_bytes([msg[c], msg[c + 1]]) + 8;
-    msg[c..c + 2].copy_from_slice(&exts.to_be_bytes());
-    msg.extend_from_slice(&[0xfe, 0x0d, 0, 4, 0, 1, 2, 3]);
-    let body = u32::try_from(msg.len() - 4).unwrap().to_be_bytes();
-    msg[1..4].copy_from_slice(&body[1..]);
-    let mut out = record[..3].to_vec();
-    out.extend_from_slice(&u16::try_from(msg.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(&msg);
-    out
 }
