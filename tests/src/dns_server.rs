@@ -229,7 +229,10 @@ fn serve_udp(socket: &UdpSocket, shared: &Shared) {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    // Interrupted: a signal came (a SIGSTOP/SIGCONT of the process, say).
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue;

@@ -37,6 +37,20 @@ pub struct Lookup {
     /// With `--connect`: `Ok` or the errno's name (`EPERM` for the filter's denial). `None`
     /// without `--connect` or when the lookup failed.
     pub connect: Option<Result<(), String>>,
+    /// With [`Resolve::latencies`]: how long the `getaddrinfo()` call took, in microseconds.
+    pub latency_us: Option<u64>,
+}
+
+/// Percentiles of the lookups' `getaddrinfo()` times, in microseconds (nearest rank), from
+/// [`Resolve::latencies`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latencies {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// The slowest lookup.
+    pub max: u64,
 }
 
 /// The summary line of an `egress-resolve` run: every round counted.
@@ -54,6 +68,8 @@ pub struct Summary {
     pub connect_errors: BTreeMap<String, u64>,
     /// How often each address came first in a successful lookup.
     pub first_addrs: BTreeMap<IpAddr, u64>,
+    /// With [`Resolve::latencies`]: the lookups' times over all rounds.
+    pub latency_us: Option<Latencies>,
 }
 
 /// Everything an `egress-resolve` run printed.
@@ -154,6 +170,12 @@ impl Resolve<'_> {
         self
     }
 
+    /// Times each `getaddrinfo()` call: [`Lookup::latency_us`] and [`Summary::latency_us`].
+    pub fn latencies(mut self) -> Self {
+        self.args.push("--latencies".into());
+        self
+    }
+
     /// Runs it on `names` to its end and parses what it printed; fails the test with its
     /// output if it fails or prints something else.
     pub fn run(self, names: &[&str]) -> Resolved {
@@ -210,6 +232,14 @@ fn parse(stdout: &str) -> Option<Resolved> {
             .into_iter()
             .map(|(k, n)| Some((k.parse().ok()?, n)))
             .collect::<Option<_>>()?,
+        latency_us: match summary.get("latency_us") {
+            None => None,
+            Some(l) => Some(Latencies {
+                p50: l["p50"].as_u64()?,
+                p99: l["p99"].as_u64()?,
+                max: l["max"].as_u64()?,
+            }),
+        },
     };
     let lookups = lines.iter().map(lookup).collect::<Option<_>>()?;
     Some(Resolved { lookups, summary })
@@ -232,10 +262,15 @@ fn lookup(line: &Value) -> Option<Lookup> {
         Some(Value::String(errno)) => Some(Err(errno.clone())),
         Some(_) => return None,
     };
+    let latency_us = match line.get("latency_us") {
+        None => None,
+        Some(us) => Some(us.as_u64()?),
+    };
     Some(Lookup {
         name,
         addrs,
         connect,
+        latency_us,
     })
 }
 
@@ -265,11 +300,13 @@ mod tests {
                         "2001:db8::a".parse().expect("ip")
                     ]),
                     connect: Some(Err("EPERM".into())),
+                    latency_us: None,
                 },
                 Lookup {
                     name: "b.test".into(),
                     addrs: Err("EAI_NONAME".into()),
                     connect: None,
+                    latency_us: None,
                 },
             ]
         );
@@ -279,6 +316,34 @@ mod tests {
             got.summary.first_addrs[&"192.0.2.10".parse::<IpAddr>().expect("ip")],
             1
         );
+        assert_eq!(got.summary.latency_us, None);
         assert!(parse("not json\n").is_none());
+    }
+
+    #[test]
+    fn latencies_parse() {
+        let out = concat!(
+            r#"{"name":"a.test","addrs":["192.0.2.10"],"latency_us":312}"#,
+            "\n",
+            r#"{"name":"b.test","error":"EAI_NONAME","message":"Name or service not known","latency_us":90}"#,
+            "\n",
+            r#"{"rounds":1,"lookups":2,"lookup_errors":{"EAI_NONAME":1},"connects_ok":0,"#,
+            r#""connect_errors":{},"first_addrs":{"192.0.2.10":1},"#,
+            r#""latency_us":{"p50":90,"p99":312,"max":312}}"#,
+            "\n"
+        );
+        let got = parse(out).expect("parses");
+        assert_eq!(
+            got.lookups.iter().map(|l| l.latency_us).collect::<Vec<_>>(),
+            [Some(312), Some(90)]
+        );
+        assert_eq!(
+            got.summary.latency_us,
+            Some(Latencies {
+                p50: 90,
+                p99: 312,
+                max: 312
+            })
+        );
     }
 }

@@ -5,7 +5,13 @@
 // Every bench includes all of this file and uses part of it.
 #![allow(dead_code)]
 
-use std::{fs, process::Command};
+pub mod procfs;
+
+use std::{
+    fs,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 /// Median, min and max (NaN for none).
 pub fn summary(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
@@ -201,4 +207,30 @@ pub fn publish(
         let path = dir.join(file);
         fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
+}
+
+/// Set by SIGINT or SIGTERM (after [`catch_interrupts`]): a bench then stops at its next step
+/// ([`check_interrupted`]) and, unwinding, stops its agents and removes its sandboxes, rather
+/// than die with programs still pinned.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs [`on_signal`] for SIGINT and SIGTERM (the processes the bench starts get the
+/// default actions back when they exec).
+pub fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Panics (and so cleans up) once a SIGINT or SIGTERM came.
+pub fn check_interrupted() {
+    assert!(
+        !INTERRUPTED.load(Ordering::SeqCst),
+        "interrupted: stopping the agents and removing the sandboxes"
+    );
 }

@@ -1,16 +1,15 @@
 //! A contender: one way of filtering (or not), its sandbox, sinks and load generator.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use egress_tests::{Sandbox, V4_A, in_netns, sa};
 use egress_user::{compile::NO_RULE_NAME, loader::Enforcer, pipeline, policy::Policy};
 
-use crate::{DENIED_PORT, PORT, TARGET_RULE, rulesets::netns_exec, sink::FastSink};
+pub use crate::client::Round;
+use crate::{DENIED_PORT, PORT, TARGET_RULE, client::Client, rulesets::netns_exec, sink::FastSink};
 
 /// What a contender's connects must do.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -44,113 +43,6 @@ impl Kind {
             Self::EgressDenied => "egress-denied",
             Self::EgressScoped => "egress-scoped",
         }
-    }
-}
-
-/// One block's summary, as the load generator printed it.
-#[derive(Clone, Copy, Default)]
-pub struct Round {
-    /// Connects made, warm-up included.
-    pub total: u64,
-    /// Connects timed.
-    pub count: u64,
-    /// Mean, median and 99th percentile of the timed connects.
-    pub mean_ns: u64,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
-}
-
-/// A running `egress-connect-loop --serve`, in a contender's cgroup and namespace, pinned to
-/// the client CPU; it runs one block per request.
-struct Client {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Client {
-    /// Starts the load generator for `c` and waits until it is in place.
-    pub fn start(c: &Contender, cpu: Option<usize>) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_egress-connect-loop"));
-        cmd.arg("--cgroup")
-            .arg(&c.sandbox.cgroup)
-            .args(["--netns", &c.sandbox.name]);
-        if let Some(cpu) = cpu {
-            cmd.args(["--cpu", &cpu.to_string()]);
-        }
-        cmd.args([
-            "--expect",
-            if c.expect == Expect::Connected {
-                "connected"
-            } else {
-                "denied"
-            },
-        ]);
-        let mut child = cmd
-            .args(["--serve", &c.target.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting egress-connect-loop");
-        let stdin = child.stdin.take();
-        let mut client = Self {
-            stdout: BufReader::new(child.stdout.take().expect("stdout")),
-            stdin,
-            child,
-        };
-        let ready = client.line(&c.name);
-        assert_eq!(
-            ready, "ready",
-            "{}: the load generator said {ready:?}",
-            c.name
-        );
-        client
-    }
-
-    /// The next line the client prints; panics (its error is on our stderr) when it exited.
-    fn line(&mut self, name: &str) -> String {
-        let mut line = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut line)
-            .expect("reading the load generator");
-        if n == 0 {
-            let status = self.child.wait();
-            panic!("{name}: the load generator exited ({status:?}); its error is above");
-        }
-        line.trim().to_owned()
-    }
-
-    /// Runs one block and returns its summary.
-    pub fn block(&mut self, name: &str, warmup: u64, count: u64, budget_ms: u64) -> Round {
-        let stdin = self.stdin.as_mut().expect("stdin open until drop");
-        writeln!(stdin, "{warmup} {count} {budget_ms}")
-            .and_then(|()| stdin.flush())
-            .expect("driving the load generator");
-        let line = self.line(name);
-        let field = |key: &str| -> u64 {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| {
-                    panic!("{name}: no {key} in the load generator's output {line:?}")
-                })
-        };
-        Round {
-            total: field("total"),
-            count: field("count"),
-            mean_ns: field("mean_ns"),
-            p50_ns: field("p50_ns"),
-            p99_ns: field("p99_ns"),
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        // End of input ends the client.
-        drop(self.stdin.take());
-        let _ = self.child.wait();
     }
 }
 
@@ -315,10 +207,16 @@ impl Contender {
         budget_ms: u64,
     ) -> Round {
         if self.client.is_none() {
-            self.client = Some(Client::start(self, client_cpu));
+            self.client = Some(Client::start(
+                &self.name,
+                &self.sandbox,
+                self.target,
+                self.expect == Expect::Connected,
+                client_cpu,
+            ));
         }
         let client = self.client.as_mut().expect("started above");
-        let round = client.block(&self.name, warmup, count, budget_ms);
+        let round = client.block(warmup, count, budget_ms);
         self.total += round.total;
         round
     }

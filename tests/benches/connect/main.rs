@@ -47,6 +47,7 @@
 //! connects; a netfilter ruleset let through a connection it should reject; the programs'
 //! `run_cnt` did not move by the number of connects.
 
+mod client;
 #[path = "../common/mod.rs"]
 mod common;
 mod contender;

@@ -70,7 +70,6 @@
 mod common;
 mod load;
 mod options;
-mod procfs;
 mod report;
 mod servers;
 
@@ -82,6 +81,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::procfs;
 use egress_tests::{Sandbox, V4_A, V4_C, sa, upstream::TestCa};
 use load::{Oha, RateRun, Target, Wrk, WrkRun};
 pub use options::{Kind, Options, USAGE, UpstreamCpu, parse};

@@ -74,9 +74,10 @@ mod report;
 use std::{
     path::Path,
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
+
+use common::check_interrupted;
 
 use daemon::{Agent, Line, READY, RELOADED, generation_of};
 use egress_tests::poll::Poller;
@@ -177,34 +178,9 @@ fn parse(args: &[String]) -> Options {
 fn main() -> ExitCode {
     common::bench_main("reload", |args| {
         let options = parse(args);
-        catch_interrupts();
+        common::catch_interrupts();
         run(&options);
     })
-}
-
-/// Set by SIGINT or SIGTERM: the bench then stops at the next reload and, unwinding, stops its
-/// agents and removes its sandboxes, rather than die with programs still pinned.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Installs [`on_signal`] for SIGINT and SIGTERM (the processes the bench starts get the
-/// default actions back when they exec).
-fn catch_interrupts() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
-/// Panics (and so cleans up) once a SIGINT or SIGTERM came.
-fn check_interrupted() {
-    assert!(
-        !INTERRUPTED.load(Ordering::SeqCst),
-        "interrupted: stopping the agents and removing the sandboxes"
-    );
 }
 
 /// The `egress` CLI and the workload, built by `cargo bench` in the release profile.

@@ -5,7 +5,7 @@
 //!
 //! Usage: `egress-resolve [--cgroup DIR] --netns NAME --resolv-conf FILE [--nsswitch FILE]
 //! [--family 4|6|any] [--connect PORT [--udp] [--timeout-ms MS] [--hold-ms MS]] [--count N]
-//! [--pause-ms MS] [--quiet] [--] NAME...`
+//! [--pause-ms MS] [--quiet] [--latencies] [--] NAME...`
 //!
 //! Each round resolves every NAME in turn (`getaddrinfo(NAME, NULL)` with `ai_family` from
 //! `--family`, default any, `ai_socktype = SOCK_STREAM` so that each address comes once, and
@@ -25,6 +25,11 @@
 //! "connect_errors":{"EPERM":2},"first_addrs":{"192.0.2.10":3}}`, where `first_addrs` counts
 //! the first address of each successful lookup (the one `--connect` uses).
 //!
+//! `--latencies` times each `getaddrinfo()` call (`CLOCK_MONOTONIC`, whole microseconds; a
+//! failed lookup too, the connection after it not): each lookup line gets `"latency_us":312`
+//! and the summary `"latency_us":{"p50":..,"p99":..,"max":..}` over all lookups of all rounds
+//! (nearest rank). Without it the output is as above, field for field.
+//!
 //! The process also gets a UTS namespace with the host name `egress-resolve`: glibc takes the
 //! default search domain from the host name when resolv.conf names none, and a host named
 //! `vm.example.com` would otherwise add `NAME.example.com` queries after an NXDOMAIN.
@@ -38,7 +43,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
@@ -56,13 +61,15 @@ struct Args {
     count: u64,
     pause: Duration,
     quiet: bool,
+    /// `--latencies`: time each lookup.
+    latencies: bool,
     names: Vec<String>,
 }
 
 const USAGE: &str = "usage: egress-resolve [--cgroup DIR] --netns NAME --resolv-conf FILE \
      [--nsswitch FILE] [--family 4|6|any] [--connect PORT [--udp] [--timeout-ms MS] \
      [--hold-ms MS]] \
-     [--count N] [--pause-ms MS] [--quiet] [--] NAME...";
+     [--count N] [--pause-ms MS] [--quiet] [--latencies] [--] NAME...";
 
 /// Parses the command line, joining the cgroup and the network namespace as it meets them.
 fn parse() -> Args {
@@ -79,6 +86,7 @@ fn parse() -> Args {
         count: 1,
         pause: Duration::ZERO,
         quiet: false,
+        latencies: false,
         names: Vec::new(),
     };
     let mut netns = false;
@@ -118,6 +126,7 @@ fn parse() -> Args {
             "--count" => out.count = number(value("N")),
             "--pause-ms" => out.pause = Duration::from_millis(number(value("MS"))),
             "--quiet" => out.quiet = true,
+            "--latencies" => out.latencies = true,
             "--" => out.names.extend(args.by_ref()),
             flag if flag.starts_with("--") => panic!("unknown option {flag}\n{USAGE}"),
             name => out.names.push(name.to_owned()),
@@ -146,7 +155,7 @@ fn main() {
         }
     }
     summary.rounds = args.count;
-    println!("{}", summary.to_json());
+    println!("{}", summary.to_json(args.latencies));
 }
 
 /// What all rounds came to.
@@ -158,18 +167,35 @@ struct Summary {
     connects_ok: u64,
     connect_errors: BTreeMap<String, u64>,
     first_addrs: BTreeMap<String, u64>,
+    /// With `--latencies`: every lookup's time, in microseconds.
+    latencies_us: Vec<u64>,
 }
 
 impl Summary {
-    fn to_json(&self) -> Line {
-        Line(vec![
+    /// The summary line; with `latencies`, the lookups' time percentiles at its end.
+    fn to_json(&self, latencies: bool) -> Line {
+        let mut line = Line(vec![
             ("rounds", json!(self.rounds)),
             ("lookups", json!(self.lookups)),
             ("lookup_errors", json!(self.lookup_errors)),
             ("connects_ok", json!(self.connects_ok)),
             ("connect_errors", json!(self.connect_errors)),
             ("first_addrs", json!(self.first_addrs)),
-        ])
+        ]);
+        if latencies {
+            let mut sorted = self.latencies_us.clone();
+            sorted.sort_unstable();
+            // Nearest rank: the smallest value with at least q of all at or below it.
+            let rank = |q: f64| {
+                let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+                sorted.get(i - 1).copied().unwrap_or(0)
+            };
+            line.0.push((
+                "latency_us",
+                json!({"p50": rank(0.5), "p99": rank(0.99), "max": rank(1.0)}),
+            ));
+        }
+        line
     }
 }
 
@@ -191,15 +217,24 @@ impl std::fmt::Display for Line {
 /// One lookup of `name`, and the connection after it with `--connect`: its JSON line.
 fn lookup_and_connect(args: &Args, name: &str, summary: &mut Summary) -> Line {
     summary.lookups += 1;
-    let addrs = match getaddrinfo(name, args.family) {
+    let started = Instant::now();
+    let result = getaddrinfo(name, args.family);
+    let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let latency = args.latencies.then(|| {
+        summary.latencies_us.push(took_us);
+        ("latency_us", json!(took_us))
+    });
+    let addrs = match result {
         Ok(addrs) => addrs,
         Err((error, message)) => {
             *summary.lookup_errors.entry(error.clone()).or_default() += 1;
-            return Line(vec![
+            let mut line = Line(vec![
                 ("name", json!(name)),
                 ("error", json!(error)),
                 ("message", json!(message)),
             ]);
+            line.0.extend(latency);
+            return line;
         }
     };
     let mut line = Line(vec![
@@ -209,6 +244,7 @@ fn lookup_and_connect(args: &Args, name: &str, summary: &mut Summary) -> Line {
             json!(addrs.iter().map(ToString::to_string).collect::<Vec<_>>()),
         ),
     ]);
+    line.0.extend(latency);
     let Some(first) = addrs.first() else {
         return line;
     };
