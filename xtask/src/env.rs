@@ -154,3 +154,19 @@ pub fn describe(command: &Command) -> String {
     );
     format!("`{}`", words.join(" "))
 }
+
+/// The target of the static builds (the kernel guests' test binaries, the image's agent, the
+/// instruction counts CI checks): the host's, in a directory of its own under `target/` (so
+/// the host's own build is not rebuilt), with glibc linked in.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Makes `command` (a `cargo build`, `test` or `bench`, before any `--`) build for
+/// [`STATIC_TARGET`] with `+crt-static`: only the target's code; build scripts, proc macros
+/// and the kernel programs' nested build (aya-build sets its own flags) keep theirs. Every
+/// static build sets the same flags, so they share their dependencies' artifacts.
+pub fn static_target(command: &mut Command) -> &mut Command {
+    command.args(["--target", STATIC_TARGET]).env(
+        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+        "-C target-feature=+crt-static",
+    )
+}

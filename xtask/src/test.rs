@@ -59,7 +59,15 @@ enum Step {
     /// The kernel-facing tests on Debian's 6.1 and 6.12 kernels under QEMU
     /// (`cargo xtask integration-test --kernel all`).
     Kernels,
+    /// Performance regressions without timing: the instructions of the proxy's request path
+    /// and of a 10,000-rule reload's user-space work, counted by callgrind in the static
+    /// release build the kernels step made, against [`BASELINE`]; a count more than 5 % above
+    /// it fails. With `EGRESS_RECORD_BASELINE=1` it records the counts there instead.
+    Instructions,
 }
+
+/// The instruction counts the `instructions` step checks against (workspace-relative).
+const BASELINE: &str = "tests/baselines/instructions.json";
 
 /// Unmounts every bpffs stacked on `/sys/fs/bpf` (in the private mount namespace the script
 /// runs in), checks that none is left, says so, then runs its arguments.
@@ -125,6 +133,7 @@ impl Step {
                 )
             }
             Self::Kernels => vm::run_matrix(child, &vm::Matrix::all()),
+            Self::Instructions => instructions(child),
         }
     }
 
@@ -132,6 +141,28 @@ impl Step {
         self.to_possible_value()
             .map_or_else(|| format!("{self:?}"), |value| value.get_name().to_owned())
     }
+}
+
+/// The `instructions` step: installs valgrind, then runs the instructions bench (static
+/// release build) with `--check` [`BASELINE`], or `--record` it when `EGRESS_RECORD_BASELINE`
+/// is `1`.
+fn instructions(child: &ChildEnv) -> Result<()> {
+    setup::debian_packages(child, &[("valgrind", "valgrind")])?;
+    let record = std::env::var_os("EGRESS_RECORD_BASELINE").is_some_and(|v| v == "1");
+    let baseline = env::workspace_root().join(BASELINE);
+    let mut command = child.command("cargo");
+    command.args(["bench", "-p", "egress-tests", "--bench", "instructions"]);
+    env::static_target(&mut command)
+        .arg("--")
+        .arg(if record { "--record" } else { "--check" })
+        .arg(&baseline);
+    eprintln!("test: {}", env::describe(&command));
+    env::run_streaming(&mut command).with_context(|| {
+        format!(
+            "the instruction counts (tests/benches/instructions) against {}",
+            baseline.display()
+        )
+    })
 }
 
 /// Runs `cargo test`, streaming its output, and ends with one plain line that totals every

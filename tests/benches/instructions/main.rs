@@ -21,21 +21,39 @@
 //!   flips collection at every entry of a matching function, so nested proxy functions
 //!   switch it off, and hyper's connection tasks run outside them.
 //!
+//! - A reload's user-space work at [`RELOAD_RULES`] rules, counted the same way: the child
+//!   parses a policy file of that many CIDR+port rules (`policy::load_sources`), compiles it
+//!   into map entries (`compile::compile`) and builds the proxy's configuration (`Proxy::new`),
+//!   once or twice; the difference is one reload. The kernel's part (map writes, program
+//!   verification) runs outside the process and is not counted.
+//!
+//! # Regressions in CI
+//! `--check FILE` compares both counts with a recorded baseline (`tests/baselines/
+//! instructions.json`) and fails when either is more than its `tolerance` (5 %) above it: a
+//! change that makes the proxy's request path or a reload 10 % slower fails CI, with no timing
+//! involved. The counts depend on the exact build (compiler, static glibc, profile), so the
+//! baseline is recorded by the same command CI runs, `cargo xtask test --step instructions`,
+//! with `EGRESS_RECORD_BASELINE=1` (then `--record FILE` writes it). A count more than the
+//! tolerance below the baseline passes, and says to record the gain.
+//!
 //! Arguments: `--requests-a N` (default 200), `--requests-b N` (default 1200), `--out DIR`
-//! (also write `instructions.md` and `instructions.json` there); `--child
-//! --requests N [--direct]` is the run under valgrind. Needs valgrind (Debian package `valgrind`);
-//! `cargo xtask bench instructions` installs it.
+//! (also write `instructions.md` and `instructions.json` there), `--check FILE`, `--record
+//! FILE`; `--child --requests N [--direct]` and `--child --reloads N` are the runs under
+//! valgrind. Needs valgrind (Debian package `valgrind`); `cargo xtask bench instructions` and
+//! `cargo xtask test` install it.
 
+mod baseline;
 #[path = "../common/mod.rs"]
 mod common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
     process::{Command, ExitCode},
     sync::Arc,
 };
 
-use egress_user::{policy, proxy::Proxy};
+use egress_user::{compile, policy, proxy::Proxy};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpListener, TcpStream},
@@ -53,7 +71,15 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|_| panic!("{name} takes a number, not {v:?}"))
             })
     };
+    let path_arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .map(|i| PathBuf::from(args.get(i + 1).unwrap_or_else(|| panic!("{name} FILE"))))
+    };
     if args.iter().any(|a| a == "--child") {
+        if args.iter().any(|a| a == "--reloads") {
+            return reloads(value("--reloads", 1));
+        }
         return child(
             value("--requests", 100),
             args.iter().any(|a| a == "--direct"),
@@ -66,8 +92,19 @@ fn main() -> ExitCode {
     }
     let (a, b) = (value("--requests-a", 200), value("--requests-b", 1200));
     assert!(b > a, "--requests-b must be larger than --requests-a");
-    let proxied = (callgrind(a, false), callgrind(b, false));
-    let direct = (callgrind(a, true), callgrind(b, true));
+    let proxied = (
+        callgrind(&["--requests", &a.to_string()]),
+        callgrind(&["--requests", &b.to_string()]),
+    );
+    let direct = (
+        callgrind(&["--requests", &a.to_string(), "--direct"]),
+        callgrind(&["--requests", &b.to_string(), "--direct"]),
+    );
+    let reload = (
+        callgrind(&["--reloads", "1"]),
+        callgrind(&["--reloads", "2"]),
+    );
+    let per_reload = reload.1.saturating_sub(reload.0);
     let per = |(x, y): (u64, u64)| y.saturating_sub(x) as f64 / (b - a) as f64;
     let mut out = String::from("\n## Proxy instructions per request (callgrind)\n\n");
     out.push_str(&format!(
@@ -94,6 +131,18 @@ fn main() -> ExitCode {
     out.push_str(&format!(
         "\n**The proxy's request path: {path:.0} instructions per request** (the difference).\n"
     ));
+    out.push_str(&format!(
+        "\nA reload's user-space work at {} rules (parse, compile, proxy configuration): \
+         **{} instructions** ({} at one reload, {} at two).\n",
+        common::thousands(RELOAD_RULES),
+        common::thousands(per_reload as usize),
+        common::thousands(reload.0 as usize),
+        common::thousands(reload.1 as usize),
+    ));
+    let counts = Counts {
+        proxy_path_per_request: path.round() as u64,
+        reload: per_reload,
+    };
     let json = serde_json::json!({
         "machine": common::machine_json(),
         "requests": [a, b],
@@ -102,31 +151,81 @@ fn main() -> ExitCode {
         "proxied_per_request": per(proxied),
         "direct_per_request": per(direct),
         "proxy_path_per_request": path,
+        "reload_rules": RELOAD_RULES,
+        "reload_ir": [reload.0, reload.1],
+        "per_reload": per_reload,
     });
-    let out_dir = args
-        .iter()
-        .position(|a| a == "--out")
-        .map(|i| std::path::PathBuf::from(args.get(i + 1).expect("--out needs a directory")));
+    let out_dir = path_arg("--out");
     common::publish(out_dir.as_deref(), "instructions", &out, &json);
+    if let Some(file) = path_arg("--record") {
+        baseline::record(&file, counts);
+    }
+    match path_arg("--check") {
+        Some(file) => baseline::check(&file, counts),
+        None => ExitCode::SUCCESS,
+    }
+}
+
+/// The policy size of the reload count: the issue's 10,000-rule reload.
+const RELOAD_RULES: usize = 10_000;
+
+/// The counts CI checks.
+#[derive(Clone, Copy, Debug)]
+pub struct Counts {
+    /// The proxy's request path: proxied minus direct, per request.
+    proxy_path_per_request: u64,
+    /// One reload's user-space work at [`RELOAD_RULES`] rules.
+    reload: u64,
+}
+
+/// The workload of the reload count: `reloads` times what the agent does in its own process
+/// for a new policy file of [`RELOAD_RULES`] rules, short of the kernel: parse and check it,
+/// compile it into map entries, build the proxy's configuration.
+fn reloads(reloads: u64) -> ExitCode {
+    let yaml = reload_policy(RELOAD_RULES);
+    egress_user::proxy::install_crypto_provider();
+    for generation in 1..=reloads {
+        let policy = policy::load_sources(&[("policy.yaml".to_owned(), yaml.clone().into_bytes())])
+            .unwrap_or_else(|e| panic!("the reload policy: {e}"));
+        let compiled = compile::compile(
+            &policy,
+            &compile::StoredRows::default(),
+            u32::try_from(generation).expect("a few generations"),
+        )
+        .unwrap_or_else(|e| panic!("compiling the reload policy: {e}"));
+        let proxy = Proxy::new(&policy).expect("proxy configuration");
+        std::hint::black_box((compiled, proxy));
+    }
     ExitCode::SUCCESS
 }
 
-/// Runs this binary under callgrind for `requests` requests (to the upstream directly when
-/// `direct`) and returns the instructions the process executed.
-fn callgrind(requests: u64, direct: bool) -> u64 {
+/// `rules` EgressRules as an operator writes them, one /32 in 198.18.0.0/15 each on one of
+/// ten ports, as the reload bench's filler.
+fn reload_policy(rules: usize) -> String {
+    const PORTS: [u16; 10] = [80, 443, 8080, 5432, 6379, 9200, 3306, 8443, 25, 53];
+    let mut yaml = String::new();
+    for i in 0..rules {
+        let ip = Ipv4Addr::from(
+            u32::from(Ipv4Addr::new(198, 18, 0, 0)) + u32::try_from(i).expect("small"),
+        );
+        let port = PORTS[i % PORTS.len()];
+        yaml.push_str(&format!(
+            "---\nkind: EgressRule\nmetadata:\n  name: filler-{i}\nspec:\n  destination:\n    service: {ip}/32\n  ports:\n  - port: {port}\n    protocol: tcp\n"
+        ));
+    }
+    yaml
+}
+
+/// Runs this binary's child (`--child` and `args`) under callgrind and returns the
+/// instructions the process executed.
+fn callgrind(args: &[&str]) -> u64 {
     let exe = std::env::current_exe().expect("own path");
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let out = tmp
-        .path()
-        .join(format!("callgrind-{requests}-{direct}.out"));
+    let out = tmp.path().join("callgrind.out");
     let mut cmd = Command::new("valgrind");
     cmd.arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()));
-    cmd.arg(&exe)
-        .args(["--child", "--requests", &requests.to_string()]);
-    if direct {
-        cmd.arg("--direct");
-    }
+    cmd.arg(&exe).arg("--child").args(args);
     let status = cmd
         .output()
         .unwrap_or_else(|e| panic!("running valgrind (Debian package valgrind): {e}"));

@@ -48,8 +48,6 @@ use crate::{
     setup,
 };
 
-/// The target the static agent is built for; its own directory under `target/`.
-const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The package and binary in the image.
 const PACKAGE: &str = "egress-user";
 const BINARY: &str = "egress";
@@ -268,25 +266,21 @@ impl Package {
 /// Builds the agent static and returns the binary's path (from cargo's JSON messages).
 fn build_static(child: &ChildEnv) -> Result<PathBuf> {
     report(&format!(
-        "building {BINARY} static (release, {TARGET}, +crt-static; minutes when cold)"
+        "building {BINARY} static (release, {}, +crt-static; minutes when cold)",
+        env::STATIC_TARGET
     ));
     let started = Instant::now();
-    let output = child
-        .command("cargo")
+    let mut command = child.command("cargo");
+    command
         .args(["build", "--release", "--locked", "--package", PACKAGE])
-        .args(["--bin", BINARY, "--target", TARGET])
+        .args(["--bin", BINARY]);
+    env::static_target(&mut command)
         .arg("--message-format=json-render-diagnostics")
-        // Only the target's code: build scripts, proc macros and the kernel programs' nested
-        // build (aya-build sets its own flags) keep theirs. RUSTFLAGS would override it.
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
+        // RUSTFLAGS would override the target's flags.
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build")?;
+        .stderr(Stdio::inherit());
+    let output = command.output().context("running cargo build")?;
     ensure!(
         output.status.success(),
         "building the static {BINARY} failed ({})",

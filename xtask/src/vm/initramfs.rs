@@ -24,10 +24,6 @@ const GUEST_TOOLS: &[&str] = &["ip", "nsenter", "unshare", "bpftool", "mount", "
 /// sandboxes' links and the XDP tests' pod veths). Loaded in this order.
 const MODULES: &[&str] = &["kernel/drivers/net/veth.ko"];
 
-/// The target the static test binaries are built for (a directory of its own under
-/// `target/`, so the host's own build is not rebuilt).
-const TARGET: &str = "x86_64-unknown-linux-gnu";
-
 /// A test binary to run in the guest.
 pub(super) struct TestBinary {
     pub(super) name: String,
@@ -44,27 +40,16 @@ pub(super) struct Built {
 /// Builds `egress-tests` statically and returns its test binaries (all but
 /// [`SKIPPED_BY_DEFAULT`], or those `only` names) and the executables they run.
 pub(super) fn build_tests(child: &ChildEnv, only: &[String]) -> Result<Built> {
-    eprintln!("vm: building the tests as static executables ({TARGET}, +crt-static)");
-    let output = child
-        .command("cargo")
-        .args([
-            "test",
-            "-p",
-            "egress-tests",
-            "--no-run",
-            "--release",
-            "--target",
-            TARGET,
-        ])
+    eprintln!(
+        "vm: building the tests as static executables ({}, +crt-static)",
+        env::STATIC_TARGET
+    );
+    let mut command = child.command("cargo");
+    command.args(["test", "-p", "egress-tests", "--no-run", "--release"]);
+    env::static_target(&mut command)
         .args(["--message-format", "json-render-diagnostics"])
-        // Only the target's own flags: build scripts and the eBPF build keep theirs.
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo test --no-run")?;
+        .stderr(Stdio::inherit());
+    let output = command.output().context("running cargo test --no-run")?;
     ensure!(
         output.status.success(),
         "building the static test binaries failed ({})",
