@@ -82,6 +82,9 @@ enum Bench {
     /// addresses against CIDR-allowed ones, and 10,000 names with rotating answers
     /// (tests/benches/dns/).
     Dns,
+    /// The XDP backstop's run time per packet (`BPF_PROG_TEST_RUN`): a SYN allowed and one
+    /// denied, at 10,000 rules and 1,000,000 keys (tests/benches/xdp/).
+    Xdp,
 }
 
 impl Bench {
@@ -94,6 +97,7 @@ impl Bench {
             Self::Instructions => "instructions",
             Self::Kube => "kube",
             Self::Dns => "dns",
+            Self::Xdp => "xdp",
         }
     }
 
@@ -111,6 +115,7 @@ impl Bench {
             Self::Kube => setup::POD_PACKAGES.to_vec(),
             // bpftool reads the learned maps' memory.
             Self::Dns => vec![("bpftool", "bpftool")],
+            Self::Xdp => Vec::new(),
         }
     }
 
@@ -120,7 +125,7 @@ impl Bench {
             // The pod contender (a containerd pod through the CRI client).
             Self::Http => &["--features", "pods"],
             Self::Kube => &["--features", "kube-api"],
-            Self::Connect | Self::Reload | Self::Instructions | Self::Dns => &[],
+            Self::Connect | Self::Reload | Self::Instructions | Self::Dns | Self::Xdp => &[],
         }
     }
 

@@ -36,7 +36,15 @@ const KEEP: &str =
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The benchmarks, in the order of the page.
-const BENCHES: [&str; 6] = ["connect", "http", "reload", "instructions", "kube", "dns"];
+const BENCHES: [&str; 7] = [
+    "connect",
+    "http",
+    "reload",
+    "instructions",
+    "kube",
+    "dns",
+    "xdp",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
