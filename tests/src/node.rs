@@ -71,6 +71,9 @@ pub struct Pod {
     pub ip: std::net::IpAddr,
     /// Its container's first process, on the host.
     pub pid: u32,
+    /// When `RunPodSandbox` returned: the sandbox was ready (its network and cgroup made),
+    /// its container not created yet.
+    pub sandbox_ready: (Instant, std::time::SystemTime),
 }
 
 impl Pod {
@@ -258,6 +261,7 @@ impl<'a> Node<'a> {
             .unwrap_or_else(|e| panic!("RunPodSandbox {namespace}/{name}: {e}; {}", self.log()))
             .into_inner()
             .pod_sandbox_id;
+        let sandbox_ready = (Instant::now(), std::time::SystemTime::now());
         self.pods.push(id.clone());
         let container = self
             .runtime
@@ -321,6 +325,7 @@ impl<'a> Node<'a> {
             ip,
             pid: u32::try_from(pid).expect("a pid"),
             cgroup_id: cgroup_id_of(pid),
+            sandbox_ready,
             id,
             container,
             name: format!("{namespace}/{name}"),

@@ -85,6 +85,9 @@ enum Bench {
     /// The XDP backstop's run time per packet (`BPF_PROG_TEST_RUN`): a SYN allowed and one
     /// denied, at 10,000 rules and 1,000,000 keys (tests/benches/xdp/).
     Xdp,
+    /// A pod under a real containerd: from its sandbox ready to its scope enforced and its
+    /// proxy listeners open, and the agent's memory per pod (tests/benches/pods/).
+    Pods,
 }
 
 impl Bench {
@@ -98,6 +101,7 @@ impl Bench {
             Self::Kube => "kube",
             Self::Dns => "dns",
             Self::Xdp => "xdp",
+            Self::Pods => "pods",
         }
     }
 
@@ -116,6 +120,7 @@ impl Bench {
             // bpftool reads the learned maps' memory.
             Self::Dns => vec![("bpftool", "bpftool")],
             Self::Xdp => Vec::new(),
+            Self::Pods => setup::POD_PACKAGES.to_vec(),
         }
     }
 
@@ -125,6 +130,7 @@ impl Bench {
             // The pod contender (a containerd pod through the CRI client).
             Self::Http => &["--features", "pods"],
             Self::Kube => &["--features", "kube-api"],
+            Self::Pods => &["--features", "pods"],
             Self::Connect | Self::Reload | Self::Instructions | Self::Dns | Self::Xdp => &[],
         }
     }

@@ -36,7 +36,7 @@ const KEEP: &str =
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The benchmarks, in the order of the page.
-const BENCHES: [&str; 7] = [
+const BENCHES: [&str; 8] = [
     "connect",
     "http",
     "reload",
@@ -44,6 +44,7 @@ const BENCHES: [&str; 7] = [
     "kube",
     "dns",
     "xdp",
+    "pods",
 ];
 
 fn main() -> ExitCode {
