@@ -7,20 +7,32 @@ use http::header::{
     TRANSFER_ENCODING, UPGRADE,
 };
 
-/// Fields that are hop-by-hop whether or not `Connection` lists them. `Trailer` is not among
-/// them: it announces end-to-end trailer fields, and hyper only sends announced trailers.
-const ALWAYS: [&str; 4] = [
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
+/// Fields that are hop-by-hop whether or not `Connection` lists them, besides the standard
+/// ones [`strip_hop_by_hop`] names. `Trailer` is not among them: it announces end-to-end
+/// trailer fields, and hyper only sends announced trailers.
+const ALWAYS: [&str; 2] = ["proxy-connection", "keep-alive"];
+
+/// Whether `name` is one [`strip_hop_by_hop`] removes whatever `Connection` lists.
+fn always_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TE
+        || name == TRANSFER_ENCODING
+        || name == PROXY_AUTHORIZATION
+        || name == PROXY_AUTHENTICATE
+        || name == UPGRADE
+        || ALWAYS.contains(&name.as_str())
+}
 
 /// Removes every hop-by-hop field from `headers`: those named in `Connection`, `Connection`
 /// itself, and the well-known ones. With `upgrade` (an upgrade request, or its 101 answer)
 /// `Upgrade` is kept and `Connection: upgrade` put back, since the upgrade is for the
 /// upstream; `TE: trailers` in a request is passed on, as it says the app accepts trailers.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one look at each name, no lookups by name. Without
+    // `Connection` nothing else is listed.
+    if !upgrade && !headers.keys().any(always_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
     for value in &listed {
         for token in value.as_bytes().split(|&b| b == b',') {
@@ -112,6 +124,24 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["trailer", "x-kept"]);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_fields_is_left_as_it_is() {
+        let pairs = [
+            ("host", "a.test"),
+            ("x-foo", "1"),
+            ("accept", "*/*"),
+            ("x-foo", "2"),
+            ("trailer", "x-checksum"),
+        ];
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, map(&pairs));
+        // One hop-by-hop field among them goes, the others stay.
+        let mut h = map(&[("x-foo", "1"), ("keep-alive", "timeout=5"), ("x-foo", "2")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, map(&[("x-foo", "1"), ("x-foo", "2")]));
     }
 
     #[test]
