@@ -13,13 +13,14 @@ use std::{
 use super::{
     DEFAULT_POLICY, DEFAULT_POLICY_NAME,
     ca::read_ca_file,
+    cache,
     model::{
         Dns, DnsSource, HostPattern, HttpProtocol, HttpRule, Origin, Policy, PolicyErrors,
         default_bypass,
     },
     read::read_bounded,
     report::Report,
-    validate::{self, Config, EgressRule, Item, ServiceKey},
+    validate::{Config, EgressRule, Item, ServiceKey},
     yaml,
 };
 
@@ -115,7 +116,7 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// Parses one source's bytes into document roots.
-fn parse_source(bytes: &[u8], report: &mut Report) -> Vec<yaml::Node> {
+pub(super) fn parse_source(bytes: &[u8], report: &mut Report) -> Vec<yaml::Node> {
     if bytes.len() as u64 > MAX_FILE_SIZE {
         report.error(
             1,
@@ -162,11 +163,8 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
         match source.bytes {
             Err(message) => report.error(1, message),
             Ok(bytes) => {
-                for root in parse_source(bytes, &mut report) {
-                    if let Some(item) = validate::document(&root, &mut report) {
-                        items.push((index, item));
-                    }
-                }
+                let checked = cache::items(source.name, bytes, &mut report);
+                items.extend(checked.into_iter().map(|item| (index, item)));
             }
         }
         reports.push(report);

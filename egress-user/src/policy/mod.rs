@@ -9,6 +9,7 @@
 
 mod addr;
 pub mod ca;
+mod cache;
 mod display;
 pub mod dns;
 mod host;

@@ -107,6 +107,11 @@ impl Report {
         !self.diagnostics.is_empty()
     }
 
+    /// Whether a warning was reported.
+    pub(crate) fn has_warnings(&self) -> bool {
+        !self.warnings.is_empty()
+    }
+
     /// The errors in line order; errors on the same line keep the order they were found in.
     pub(crate) fn into_sorted(self) -> Vec<Diagnostic> {
         let mut diagnostics = self.diagnostics;

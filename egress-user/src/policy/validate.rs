@@ -32,7 +32,7 @@ const METADATA_IGNORED: &[&str] = &["labels", "annotations"];
 const KINDS: &str = "EgressRule, EgressConfig or Service";
 
 /// What one document turned out to be.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Item {
     /// A `kind: EgressRule` document.
     Rule {
@@ -59,7 +59,7 @@ pub(crate) enum Item {
 }
 
 /// A checked EgressRule: which list of the policy it goes to depends on its destination.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum EgressRule {
     /// A CIDR or IP destination with tcp and udp ports.
     Kernel(Rule),
@@ -75,7 +75,7 @@ pub(crate) enum EgressRule {
 }
 
 /// Who a Service is: Services are unique by namespace and name.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct ServiceKey {
     /// `metadata.name`.
     pub(crate) name: String,

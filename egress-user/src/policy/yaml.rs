@@ -109,7 +109,7 @@ const YAML_VERSIONS: &[&str] = &["1.1", "1.2"];
 /// written in another language than the one it will be read as. saphyr-parser reads the
 /// directive and throws the version away, so directives are found here, as the lines that start
 /// with `%YAML` (a directive starts at column 0, where no content line can begin with `%`).
-fn check_version_directives(text: &str, report: &mut Report) {
+fn check_version_directives(text: &str, offset: usize, report: &mut Report) {
     for (i, line) in text.lines().enumerate() {
         let Some(rest) = line.strip_prefix("%YAML") else {
             continue;
@@ -120,7 +120,7 @@ fn check_version_directives(text: &str, report: &mut Report) {
         let version = rest.split_whitespace().next().unwrap_or_default();
         if !YAML_VERSIONS.contains(&version) {
             report.error(
-                i + 1,
+                i + 1 + offset,
                 format!(
                     "`%YAML {}`: policy files are YAML 1.2 (a `%YAML` directive may name 1.1 or \
                      1.2)",
@@ -431,7 +431,14 @@ fn key_of(
 /// After a syntax error the documents completed before it are still returned, so their own
 /// errors are reported too; the document it is in is dropped.
 pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
-    check_version_directives(text, report);
+    parse_at(text, 1, report)
+}
+
+/// [`parse`], for `text` found at line `first_line` of its source: every line reported and
+/// kept is the source's.
+pub(crate) fn parse_at(text: &str, first_line: usize, report: &mut Report) -> Vec<Node> {
+    let offset = first_line.saturating_sub(1);
+    check_version_directives(text, offset, report);
     let mut documents = Vec::new();
     let mut stack: Vec<Frame> = Vec::new();
     let mut parser = Parser::new_from_str(text);
@@ -443,7 +450,7 @@ pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
             Ok(event) => event,
             Err(e) => {
                 report.error(
-                    e.marker().line(),
+                    e.marker().line() + offset,
                     format!(
                         "invalid YAML: {} (column {})",
                         e.info(),
@@ -453,7 +460,7 @@ pub(crate) fn parse(text: &str, report: &mut Report) -> Vec<Node> {
                 break;
             }
         };
-        let line = span.start.line();
+        let line = span.start.line() + offset;
         let anchored = match &event {
             Event::Scalar(_, _, anchor, _)
             | Event::SequenceStart(anchor, _)

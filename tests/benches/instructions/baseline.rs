@@ -28,6 +28,7 @@ pub fn record(file: &Path, counts: Counts) {
         "tolerance": TOLERANCE,
         "proxy_path_per_request": counts.proxy_path_per_request,
         "reload": counts.reload,
+        "reload_edit": counts.reload_edit,
     });
     let text = serde_json::to_string_pretty(&baseline).expect("JSON of plain values") + "\n";
     fs::write(file, text).unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));

@@ -24,7 +24,9 @@
 //! - A reload's user-space work at [`RELOAD_RULES`] rules, counted the same way: the child
 //!   parses a policy file of that many CIDR+port rules (`policy::load_sources`), compiles it
 //!   into map entries (`compile::compile`) and builds the proxy's configuration (`Proxy::new`),
-//!   once or twice; the difference is one reload. The kernel's part (map writes, program
+//!   0, 1 or 2 times, each time with one rule's port changed. The first reload reads every
+//!   document (*a cold reload*); the second finds all but the changed one as the first left
+//!   them and reuses them (*a one-rule edit*). The kernel's part (map writes, program
 //!   verification) runs outside the process and is not counted.
 //!
 //! # Regressions in CI
@@ -100,11 +102,13 @@ fn main() -> ExitCode {
         callgrind(&["--requests", &a.to_string(), "--direct"]),
         callgrind(&["--requests", &b.to_string(), "--direct"]),
     );
-    let reload = (
+    let reload = [
+        callgrind(&["--reloads", "0"]),
         callgrind(&["--reloads", "1"]),
         callgrind(&["--reloads", "2"]),
-    );
-    let per_reload = reload.1.saturating_sub(reload.0);
+    ];
+    let cold = reload[1].saturating_sub(reload[0]);
+    let edit = reload[2].saturating_sub(reload[1]);
     let per = |(x, y): (u64, u64)| y.saturating_sub(x) as f64 / (b - a) as f64;
     let mut out = String::from("\n## Proxy instructions per request (callgrind)\n\n");
     out.push_str(&format!(
@@ -132,16 +136,17 @@ fn main() -> ExitCode {
         "\n**The proxy's request path: {path:.0} instructions per request** (the difference).\n"
     ));
     out.push_str(&format!(
-        "\nA reload's user-space work at {} rules (parse, compile, proxy configuration): \
-         **{} instructions** ({} at one reload, {} at two).\n",
+        "\nA reload's user-space work at {} rules (parse, compile, proxy configuration): **{} \
+         instructions** when every document is new, **{} instructions** after a one-rule edit \
+         (the other documents reused).\n",
         common::thousands(RELOAD_RULES),
-        common::thousands(per_reload as usize),
-        common::thousands(reload.0 as usize),
-        common::thousands(reload.1 as usize),
+        common::thousands(cold as usize),
+        common::thousands(edit as usize),
     ));
     let counts = Counts {
         proxy_path_per_request: path.round() as u64,
-        reload: per_reload,
+        reload: cold,
+        reload_edit: edit,
     };
     let json = serde_json::json!({
         "machine": common::machine_json(),
@@ -152,8 +157,9 @@ fn main() -> ExitCode {
         "direct_per_request": per(direct),
         "proxy_path_per_request": path,
         "reload_rules": RELOAD_RULES,
-        "reload_ir": [reload.0, reload.1],
-        "per_reload": per_reload,
+        "reload_ir": reload,
+        "reload_cold": cold,
+        "reload_edit": edit,
     });
     let out_dir = path_arg("--out");
     common::publish(out_dir.as_deref(), "instructions", &out, &json);
@@ -174,18 +180,27 @@ const RELOAD_RULES: usize = 10_000;
 pub struct Counts {
     /// The proxy's request path: proxied minus direct, per request.
     proxy_path_per_request: u64,
-    /// One reload's user-space work at [`RELOAD_RULES`] rules.
+    /// One reload's user-space work at [`RELOAD_RULES`] rules, every document new.
     reload: u64,
+    /// The same after a one-rule edit: the other documents reused.
+    reload_edit: u64,
 }
 
 /// The workload of the reload count: `reloads` times what the agent does in its own process
 /// for a new policy file of [`RELOAD_RULES`] rules, short of the kernel: parse and check it,
-/// compile it into map entries, build the proxy's configuration.
+/// compile it into map entries, build the proxy's configuration. The second time one rule's
+/// port differs from the first.
 fn reloads(reloads: u64) -> ExitCode {
-    let yaml = reload_policy(RELOAD_RULES);
     egress_user::proxy::install_crypto_provider();
+    // Both texts made whatever `reloads` is, so that making them is not counted in the
+    // difference between runs: as written, then with one rule's port changed.
+    let texts = [
+        reload_policy(RELOAD_RULES, None),
+        reload_policy(RELOAD_RULES, Some(0)),
+    ];
     for generation in 1..=reloads {
-        let policy = policy::load_sources(&[("policy.yaml".to_owned(), yaml.clone().into_bytes())])
+        let yaml = texts[usize::from(generation >= 2)].clone();
+        let policy = policy::load_sources(&[("policy.yaml".to_owned(), yaml.into_bytes())])
             .unwrap_or_else(|e| panic!("the reload policy: {e}"));
         let compiled = compile::compile(
             &policy,
@@ -200,15 +215,19 @@ fn reloads(reloads: u64) -> ExitCode {
 }
 
 /// `rules` EgressRules as an operator writes them, one /32 in 198.18.0.0/15 each on one of
-/// ten ports, as the reload bench's filler.
-fn reload_policy(rules: usize) -> String {
+/// ten ports, as the reload bench's filler; rule `edited`, if any, on port 1 instead.
+fn reload_policy(rules: usize, edited: Option<usize>) -> String {
     const PORTS: [u16; 10] = [80, 443, 8080, 5432, 6379, 9200, 3306, 8443, 25, 53];
     let mut yaml = String::new();
     for i in 0..rules {
         let ip = Ipv4Addr::from(
             u32::from(Ipv4Addr::new(198, 18, 0, 0)) + u32::try_from(i).expect("small"),
         );
-        let port = PORTS[i % PORTS.len()];
+        let port = if Some(i) == edited {
+            1
+        } else {
+            PORTS[i % PORTS.len()]
+        };
         yaml.push_str(&format!(
             "---\nkind: EgressRule\nmetadata:\n  name: filler-{i}\nspec:\n  destination:\n    service: {ip}/32\n  ports:\n  - port: {port}\n    protocol: tcp\n"
         ));

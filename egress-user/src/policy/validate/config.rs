@@ -41,7 +41,7 @@ const SOCKET_KINDS: &str = "raw, icmp, sctp, udplite, mptcp or a protocol number
 const ALWAYS_ALLOWED: &str = "tcp and udp sockets are always allowed; rules judge their traffic";
 
 /// The settings of a `kind: EgressConfig` document; `None` where the document says nothing.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Config {
     /// `spec.mode`, when given.
     pub(crate) mode: Option<Mode>,
