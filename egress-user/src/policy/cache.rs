@@ -197,13 +197,8 @@ mod tests {
         assert_eq!(checks(), 300);
     }
 
-    /// What the whole text gives: the documents, or the messages.
-    fn whole(name: &str, text: &str) -> Result<String, Vec<String>> {
-        let mut report = Report::new(name);
-        let items: Vec<Item> = parse_source(text.as_bytes(), &mut report)
-            .iter()
-            .filter_map(|root| validate::document(root, &mut report))
-            .collect();
+    /// The documents, or the messages.
+    fn outcome(report: Report, items: &[Item]) -> Result<String, Vec<String>> {
         if report.has_errors() {
             Err(report
                 .into_sorted()
@@ -215,19 +210,21 @@ mod tests {
         }
     }
 
+    /// What the whole text gives.
+    fn whole(name: &str, text: &str) -> Result<String, Vec<String>> {
+        let mut report = Report::new(name);
+        let items: Vec<Item> = parse_source(text.as_bytes(), &mut report)
+            .iter()
+            .filter_map(|root| validate::document(root, &mut report))
+            .collect();
+        outcome(report, &items)
+    }
+
     /// What [`items`] gives, with the cache as earlier loads left it.
     fn cached(name: &str, text: &str) -> Result<String, Vec<String>> {
         let mut report = Report::new(name);
         let items = items(name, text.as_bytes(), &mut report);
-        if report.has_errors() {
-            Err(report
-                .into_sorted()
-                .iter()
-                .map(ToString::to_string)
-                .collect())
-        } else {
-            Ok(format!("{items:?}"))
-        }
+        outcome(report, &items)
     }
 
     fn rules(n: usize, port: u16) -> String {

@@ -234,3 +234,18 @@ pub fn check_interrupted() {
         "interrupted: stopping the agents and removing the sandboxes"
     );
 }
+
+/// Sets this process's nice value (0 leaves it alone); what it starts afterwards inherits it.
+pub fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority on the calling process (who = 0) has no memory effects.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    assert_eq!(
+        ret,
+        0,
+        "setpriority({nice}): {}",
+        std::io::Error::last_os_error()
+    );
+}

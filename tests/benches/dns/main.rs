@@ -200,18 +200,8 @@ fn main() -> ExitCode {
 
 fn run(options: &Options) {
     let started = Instant::now();
-    if options.nice != 0 {
-        // Before any thread or process is started: they all inherit it.
-        // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
-        let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, options.nice) };
-        assert_eq!(
-            ret,
-            0,
-            "setpriority({}): {}",
-            options.nice,
-            std::io::Error::last_os_error()
-        );
-    }
+    // Before any thread or process is started: they all inherit it.
+    common::set_nice(options.nice);
     // Each part's agents and sandboxes are gone before the next part starts.
     let latency = options.latency.then(|| latency::run(options));
     let connects = options.connect.then(|| connects::run(options));

@@ -391,18 +391,8 @@ impl Contender {
 
 fn run(options: &Options) {
     let started = Instant::now();
-    if options.nice != 0 {
-        // Before any thread or process is started: they all inherit it.
-        // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
-        let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, options.nice) };
-        assert_eq!(
-            ret,
-            0,
-            "setpriority({}): {}",
-            options.nice,
-            std::io::Error::last_os_error()
-        );
-    }
+    // Before any thread or process is started: they all inherit it.
+    common::set_nice(options.nice);
     eprintln!(
         "bench reload: starting {} agents ({} sizes x 2 ways)...",
         options.sizes.len() * 2,
