@@ -42,9 +42,9 @@ impl NodePods {
 const POLL: Duration = Duration::from_secs(1);
 /// After a new cgroup appeared, how often the runtime is asked, [`BURST`] times: the sandbox
 /// is listed as ready a moment after its cgroup exists.
-const BURST_POLL: Duration = Duration::from_millis(25);
+const BURST_POLL: Duration = Duration::from_millis(5);
 /// How many quick polls follow a new cgroup.
-const BURST: u32 = 40;
+const BURST: u32 = 200;
 /// A runtime that takes longer than this to list its pods is treated as not answering.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// How far below a pod's cgroup its containers' cgroups are looked for (cgroupfs:
