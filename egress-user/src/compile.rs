@@ -641,6 +641,14 @@ fn uses_dns_path(policy: &Policy) -> bool {
 /// The `DNS_SLOTS` entries for `resolvers`: the first [`MAX_RESOLVERS`], each as the kernel
 /// judges it (a v4-mapped resolver as IPv4), with its listener port.
 fn dns_slots(resolvers: &[std::net::IpAddr]) -> Vec<DnsSlot> {
+    if resolvers.len() > MAX_RESOLVERS as usize {
+        tracing::warn!(
+            resolvers = resolvers.len(),
+            through_the_agent = MAX_RESOLVERS,
+            ignored = ?&resolvers[MAX_RESOLVERS as usize..],
+            "dns: only the first resolvers' queries go through the agent; answers from the others teach the kernel nothing, so FQDN rules do not open their addresses"
+        );
+    }
     resolvers
         .iter()
         .take(MAX_RESOLVERS as usize)
