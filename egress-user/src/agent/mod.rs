@@ -21,6 +21,7 @@ pub mod pod_nets;
 pub mod pods;
 mod redirects;
 mod serve;
+pub use serve::Signals;
 pub mod sources;
 mod status;
 pub mod watch;

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use anyhow::Context as _;
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch as channel},
 };
 
@@ -94,10 +94,13 @@ impl Agent {
         proxies: channel::Receiver<Arc<Proxy>>,
         control: std::os::unix::net::UnixListener,
         mut watch: Option<watch::PolicyWatch>,
+        signals: Signals,
     ) -> anyhow::Result<()> {
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let Signals {
+            mut sigint,
+            mut sigterm,
+            mut sighup,
+        } = signals;
         // The ring buffer and the original-destination map are shared by every generation,
         // so these handles stay valid across reloads.
         let mut ring = self
@@ -535,5 +538,29 @@ fn log_request(e: &RequestEvent, limit: &LogLimit) {
         }
     } else {
         emit!(info);
+    }
+}
+
+/// The agent's handlers for SIGINT, SIGTERM (stop) and SIGHUP (reload). `egress run` installs
+/// them before it says it is ready: a signal sent once the ready line is out is never lost to
+/// a handler not yet in place (under the kernel guests' emulation a SIGTERM sent right after
+/// the ready line once went unanswered).
+pub struct Signals {
+    sigint: Signal,
+    sigterm: Signal,
+    sighup: Signal,
+}
+
+impl Signals {
+    /// Installs the three handlers; on the agent's runtime.
+    ///
+    /// # Errors
+    /// A handler cannot be installed.
+    pub fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            sigterm: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            sighup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
     }
 }

@@ -260,8 +260,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    // The DNS path is served before the ready line: a workload's first query goes through it.
-    runtime.block_on(async { agent.start_dns() });
+    // Before the ready line: a workload's first query goes through the DNS path, and a signal
+    // sent once the agent says it is ready is handled.
+    let signals = runtime.block_on(async {
+        agent.start_dns();
+        crate::agent::Signals::install()
+    })?;
     if let Some(missing) = agent.missing_listener() {
         tracing::warn!(
             generation = agent.generation(),
@@ -288,7 +292,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         } else {
             Some(PolicyWatch::new(&args.policy).context("watching the policy files")?)
         };
-        agent.serve(proxies, control, watch).await
+        agent.serve(proxies, control, watch, signals).await
     });
     let _ = std::fs::remove_file(&args.socket);
     served?;
