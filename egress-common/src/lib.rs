@@ -19,6 +19,12 @@ pub mod maps {
     pub const RULES_V4: &str = "RULES_V4";
     /// `LpmTrie<RuleKeyV6, RuleValue>`: IPv6 allow rules.
     pub const RULES_V6: &str = "RULES_V6";
+    /// `ArrayOfMaps<RULES_V4's type, 1>`: the IPv4 rule trie in force, the only way the
+    /// programs reach the rules. A change of rules alone puts a new trie here without new
+    /// programs; the pin `RULES_V4` follows the trie in force.
+    pub const RULESET_V4: &str = "RULESET_V4";
+    /// `ArrayOfMaps<RULES_V6's type, 1>`: the IPv6 rule trie in force.
+    pub const RULESET_V6: &str = "RULESET_V6";
     /// `LpmTrie<[u8; 4], u32>`: IPv4 destinations that are never filtered.
     pub const BYPASS_V4: &str = "BYPASS_V4";
     /// `LpmTrie<[u8; 16], u32>`: IPv6 destinations that are never filtered.
@@ -76,10 +82,12 @@ pub mod maps {
 
     /// Maps that belong to one policy generation: a new policy gets new ones, filled completely
     /// before the programs that use them are swapped in.
-    pub const PER_GENERATION: [&str; 9] = [
+    pub const PER_GENERATION: [&str; 11] = [
         CONFIG,
         RULES_V4,
         RULES_V6,
+        RULESET_V4,
+        RULESET_V6,
         BYPASS_V4,
         BYPASS_V6,
         SCOPES,
@@ -407,7 +415,7 @@ const _: () = assert!(size_of::<RuleKeyV6>() == 20);
 
 /// Value of a rule key: which rule it belongs to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleValue {
     /// The rule's row in [`maps::COUNTERS`] and [`maps::RULE_INFO`].
     pub row: u32,

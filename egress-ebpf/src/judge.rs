@@ -13,7 +13,7 @@ use egress_common::{
 };
 
 use crate::maps::{
-    BYPASS_V4, BYPASS_V6, COUNTERS, EVENTS, HOOKS, LEARNED_V4, LEARNED_V6, RULES_V4, RULES_V6,
+    BYPASS_V4, BYPASS_V6, COUNTERS, EVENTS, HOOKS, LEARNED_V4, LEARNED_V6, RULESET_V4, RULESET_V6,
     SCOPE_IDS, SOCK_PROTOS, STATS,
 };
 
@@ -161,9 +161,11 @@ fn lookup_v4(dest: &Dest, scope: u8) -> Option<Matched> {
         scope,
         addr,
     };
-    RULES_V4
-        .get(&Key::new(KEY_PREFIX_BITS + 32, key))
-        .map(|value| Matched::Rule(value.row))
+    // Slot 0 holds the trie in force; empty (no rule matches) only before the agent filled it.
+    RULESET_V4
+        .get_value_ptr_mut(0, &Key::new(KEY_PREFIX_BITS + 32, key))
+        // SAFETY: a valid map value pointer, read at once.
+        .map(|value| Matched::Rule(unsafe { (*value).row }))
 }
 
 #[inline(always)]
@@ -182,9 +184,11 @@ fn lookup_v6(dest: &Dest, scope: u8) -> Option<Matched> {
         scope,
         addr,
     };
-    RULES_V6
-        .get(&Key::new(KEY_PREFIX_BITS + 128, key))
-        .map(|value| Matched::Rule(value.row))
+    // Slot 0 holds the trie in force; empty (no rule matches) only before the agent filled it.
+    RULESET_V6
+        .get_value_ptr_mut(0, &Key::new(KEY_PREFIX_BITS + 128, key))
+        // SAFETY: a valid map value pointer, read at once.
+        .map(|value| Matched::Rule(unsafe { (*value).row }))
 }
 
 /// True when the policy lets sockets (and, at the XDP backstop, packets) of this protocol

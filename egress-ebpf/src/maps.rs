@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use egress_common::{
@@ -18,12 +18,29 @@ use egress_common::{
 pub static CONFIG: Array<Config, 1> = Array::new();
 
 /// IPv4 allow rules and redirects: (port, protocol, scope, CIDR) -> rule row.
-#[btf_map]
-pub static RULES_V4: LpmTrie<RuleKeyV4, RuleValue, { MAX_RULE_KEYS as usize }> = LpmTrie::new();
-
+pub type RulesV4 = LpmTrie<RuleKeyV4, RuleValue, { MAX_RULE_KEYS as usize }>;
 /// IPv6 allow rules and redirects: (port, protocol, scope, CIDR) -> rule row.
+pub type RulesV6 = LpmTrie<RuleKeyV6, RuleValue, { MAX_RULE_KEYS as usize }>;
+
+/// The IPv4 rule trie in force, in slot 0. The programs look rules up only through it, so the
+/// agent can put a new trie in force with one map write, without new programs: a change of
+/// rules alone (`egress_common::maps::RULESET_V4`).
 #[btf_map]
-pub static RULES_V6: LpmTrie<RuleKeyV6, RuleValue, { MAX_RULE_KEYS as usize }> = LpmTrie::new();
+pub static RULESET_V4: ArrayOfMaps<RulesV4, 1> = ArrayOfMaps::new();
+
+/// The IPv6 rule trie in force, in slot 0.
+#[btf_map]
+pub static RULESET_V6: ArrayOfMaps<RulesV6, 1> = ArrayOfMaps::new();
+
+/// The generation's first IPv4 rule trie, put in `RULESET_V4` by the agent; also the model
+/// (type, size, BTF) of the tries it makes for later changes of rules. The programs never read
+/// it directly.
+#[btf_map]
+pub static RULES_V4: RulesV4 = LpmTrie::new();
+
+/// The generation's first IPv6 rule trie, as `RULES_V4`.
+#[btf_map]
+pub static RULES_V6: RulesV6 = LpmTrie::new();
 
 /// IPv4 destinations never filtered (value unused).
 #[btf_map]

@@ -262,7 +262,7 @@ impl RowTable {
 
 /// The row table as the kernel holds it, sorted by row: names may be truncated to
 /// [`RULE_NAME_LEN`] bytes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoredRows(Vec<(u32, RuleInfo)>);
 
 impl StoredRows {

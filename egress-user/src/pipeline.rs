@@ -59,6 +59,52 @@ pub fn enforce(
     Ok(generation.fill(compiled)?.swap()?)
 }
 
+/// How [`change`] put a policy in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    /// Only the rules changed: new rule tries behind the programs in force.
+    Rules,
+    /// A whole new generation: new maps and programs, swapped in behind the links.
+    Generation,
+}
+
+/// Puts `policy` in force in place of `current`'s policy: by new rule tries alone when only
+/// the rules changed ([`Enforcer::swap_rules`], milliseconds), else as a new generation like
+/// [`enforce`]. Either way the change is atomic: a `connect()` is judged by the old policy or
+/// the new one, never a mix.
+///
+/// # Errors
+/// As [`enforce`]; `current` stays in force.
+pub fn change(
+    current: &mut Enforcer,
+    target: &Target,
+    kernel: &Assessment,
+    policy: &Policy,
+    proxy_listeners: &[&std::net::TcpListener],
+    pods: &[(u64, String)],
+) -> Result<Way, Error> {
+    let batch = kernel.has(features::Id::BatchOps);
+    let stored = current.stored_rows(batch)?;
+    let number = crate::loader::next_generation(current.generation());
+    let mut compiled = compile::compile(policy, &stored, number)?;
+    compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);
+    if current.rules_only(&compiled) {
+        warn_shadowed(&compiled);
+        current.swap_rules(compiled, &stored, batch)?;
+        return Ok(Way::Rules);
+    }
+    let generation = Generation::open(target, kernel, proxy_listeners)?;
+    if *generation.stored_rows() != stored || generation.number() != number {
+        // The pins changed under the agent (`egress unload`, another agent): compile against
+        // what they hold.
+        compiled = compile::compile(policy, generation.stored_rows(), generation.number())?;
+        compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);
+    }
+    warn_shadowed(&compiled);
+    *current = generation.fill(compiled)?.swap()?;
+    Ok(Way::Generation)
+}
+
 /// [`enforce`] without proxy listeners, after assessing this kernel for `target` (for tools,
 /// benchmarks and tests that put a policy in force without an agent).
 ///

@@ -51,7 +51,10 @@ impl Agent {
     /// counted.
     fn apply(&mut self, sources: &[PolicySource], why: &str) -> Result<u32, ChangeError> {
         let generation = self.generation();
-        let result = sources::build(sources, &self.settings.resolv_conf)
+        let start = std::time::Instant::now();
+        let built = sources::build(sources, &self.settings.resolv_conf);
+        let build_ms = start.elapsed().as_secs_f64() * 1e3;
+        let result = built
             .map_err(ChangeError::from)
             .and_then(|built| self.put_in_force(built));
         self.metrics.reload(result.is_ok());
@@ -62,6 +65,8 @@ impl Agent {
                 tracing::info!(
                     why,
                     generation = new,
+                    build_ms = format!("{build_ms:.1}"),
+                    total_ms = format!("{:.1}", start.elapsed().as_secs_f64() * 1e3),
                     rules = self.policy.rules.len(),
                     http_rules = self.policy.http_rules.len(),
                     aliases = self.policy.aliases.len(),
@@ -96,6 +101,7 @@ impl Agent {
                 to: policy.proxy.port,
             });
         }
+        let start = std::time::Instant::now();
         let proxy = {
             // Counts of the rules that stay go on (`egress status`, like the kernel's rows).
             let previous = self.proxies.borrow();
@@ -110,8 +116,10 @@ impl Agent {
         let settings = &self.settings;
         let mut listeners = settings.listeners.bound();
         listeners.extend(self.pod_nets.bound());
+        let proxy_ms = start.elapsed().as_secs_f64() * 1e3;
         let enforced = tokio::task::block_in_place(|| {
-            pipeline::enforce(
+            pipeline::change(
+                &mut self.enforcer,
                 &settings.target,
                 &settings.kernel,
                 &policy,
@@ -120,9 +128,17 @@ impl Agent {
             )
         });
         match enforced {
-            Ok(enforcer) => {
-                self.proxies.borrow().set_generation(enforcer.generation());
-                self.enforcer = enforcer;
+            Ok(way) => {
+                tracing::info!(
+                    ?way,
+                    generation = self.enforcer.generation(),
+                    proxy_ms = format!("{proxy_ms:.1}"),
+                    kernel_ms = format!("{:.1}", start.elapsed().as_secs_f64() * 1e3 - proxy_ms),
+                    "kernel: policy in force"
+                );
+                self.proxies
+                    .borrow()
+                    .set_generation(self.enforcer.generation());
                 self.generation_changed();
                 // A policy that gained FQDN rules or resolvers gets its DNS listeners now.
                 self.dns.sync(&self.enforcer);

@@ -29,6 +29,15 @@ pub struct Enforcer {
     pub(super) scopes: Vec<String>,
     /// The resolvers whose queries go to the agent's DNS listeners (none without FQDN rules).
     pub(super) dns_slots: Vec<egress_common::DnsSlot>,
+    /// What the policy in force puts in the kernel besides its rules.
+    pub(super) shape: super::rules::Shape,
+    /// One past the highest row the policy in force uses (`Config::row_limit`).
+    pub(super) row_limit: u32,
+    /// The IPv4 and IPv6 rule tries in force, once a change of rules alone made them
+    /// ([`Enforcer::swap_rules`]); before, the object's own.
+    pub(super) tries: (Option<MapData>, Option<MapData>),
+    /// [`super::rules::digest`] of the IPv4 and IPv6 rule entries in force.
+    pub(super) digests: (u64, u64),
 }
 
 impl Enforcer {

@@ -70,9 +70,11 @@ pub(super) fn rule_info_rows(
 pub(super) fn map_fd(map: &aya::maps::Map) -> std::os::fd::BorrowedFd<'_> {
     use aya::maps::Map;
     match map {
-        Map::Array(data) | Map::LpmTrie(data) | Map::PerCpuArray(data) | Map::HashMap(data) => {
-            data.fd().as_fd()
-        }
+        Map::Array(data)
+        | Map::LpmTrie(data)
+        | Map::PerCpuArray(data)
+        | Map::HashMap(data)
+        | Map::ArrayOfMaps(data) => data.fd().as_fd(),
         other => unreachable!("no batch operations on {other:?}"),
     }
 }
@@ -85,12 +87,7 @@ pub(super) fn syscall_error(call: &'static str, io_error: io::Error) -> aya::map
 /// Writes every entry of a generation into its (fresh, unreferenced) maps; `batch`: the kernel
 /// has batch map operations.
 pub(super) fn fill_generation(ebpf: &mut Ebpf, c: &Compiled, batch: bool) -> Result<(), LoadError> {
-    let mut config: Array<_, Config> =
-        Array::try_from(ebpf.map_mut(maps::CONFIG).expect("object has CONFIG"))
-            .map_err(map_err(maps::CONFIG, "opening"))?;
-    config
-        .set(0, c.config, 0)
-        .map_err(map_err(maps::CONFIG, "writing"))?;
+    write_config(ebpf, c.config)?;
     fill_scopes(ebpf, &c.scoped_cgroups)?;
     fill_set(
         ebpf,
@@ -114,9 +111,29 @@ pub(super) fn fill_generation(ebpf: &mut Ebpf, c: &Compiled, batch: bool) -> Res
     }
     fill_lpm::<RuleKeyV4, RuleValue>(ebpf, maps::RULES_V4, &c.rules_v4, batch)?;
     fill_lpm::<RuleKeyV6, RuleValue>(ebpf, maps::RULES_V6, &c.rules_v6, batch)?;
+    for (ruleset, rules) in [
+        (maps::RULESET_V4, maps::RULES_V4),
+        (maps::RULESET_V6, maps::RULES_V6),
+    ] {
+        let rules = map_fd(ebpf.map(rules).expect("object has the rule trie"));
+        let outer = map_fd(ebpf.map(ruleset).expect("object has the rule set"));
+        sys::map_of_maps_set(outer, 0, rules).map_err(|io_error| {
+            map_err(ruleset, "writing")(syscall_error("bpf_map_update_elem", io_error))
+        })?;
+    }
     fill_lpm::<[u8; 4], u32>(ebpf, maps::BYPASS_V4, &c.bypass_v4, batch)?;
     fill_lpm::<[u8; 16], u32>(ebpf, maps::BYPASS_V6, &c.bypass_v6, batch)?;
     Ok(())
+}
+
+/// Writes the one `CONFIG` entry.
+pub(super) fn write_config(ebpf: &mut Ebpf, value: Config) -> Result<(), LoadError> {
+    let mut config: Array<_, Config> =
+        Array::try_from(ebpf.map_mut(maps::CONFIG).expect("object has CONFIG"))
+            .map_err(map_err(maps::CONFIG, "opening"))?;
+    config
+        .set(0, value, 0)
+        .map_err(map_err(maps::CONFIG, "writing"))
 }
 
 /// Sets 1 at each of `indexes` in the array `name`, a set of ports or protocols.
@@ -170,7 +187,22 @@ fn fill_lpm<K: aya::Pod, V: aya::Pod>(
     entries: &[(u32, K, V)],
     batch: bool,
 ) -> Result<(), LoadError> {
-    let map = ebpf.map_mut(name).expect("object has the map");
+    fill_trie(
+        ebpf.map_mut(name).expect("object has the map"),
+        name,
+        entries,
+        batch,
+    )
+}
+
+/// Writes `entries` into the (empty, unreferenced) LPM trie `map`, called `name` in errors
+/// and progress.
+pub(super) fn fill_trie<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::Map,
+    name: &'static str,
+    entries: &[(u32, K, V)],
+    batch: bool,
+) -> Result<(), LoadError> {
     let keys: Vec<Key<K>> = entries
         .iter()
         .map(|(prefix, key, _)| Key::new(*prefix, *key))

@@ -16,7 +16,7 @@ use egress_common::{COUNTER_ROWS, FIRST_RULE_ROW, maps};
 use super::{
     Enforcer, LoadError, OBJECT, PinDir, Target,
     features::{Assessment, Id},
-    fill, layout, learned, links, pins, proxy_mark, sys, xdp,
+    fill, layout, learned, links, pins, proxy_mark, rules, sys, xdp,
 };
 use crate::{
     cgroup,
@@ -261,6 +261,13 @@ impl Filled<'_> {
         Ok(Enforcer {
             pins: g.pins,
             ebpf,
+            shape: rules::Shape::of(&compiled),
+            row_limit: compiled.config.row_limit,
+            tries: (None, None),
+            digests: (
+                rules::digest(&compiled.rules_v4),
+                rules::digest(&compiled.rules_v6),
+            ),
             rows: compiled.rows,
             generation: g.number,
             scopes: compiled.scopes,

@@ -153,7 +153,10 @@ pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         xdp::detach(&link)?;
         removed.push(link.path);
     }
-    for name in maps::PER_GENERATION.into_iter().chain(maps::SHARED) {
+    // With the temporary pins of a change of rules that stopped half way.
+    let temporary = [maps::RULES_V4, maps::RULES_V6].map(super::rules::temporary_pin);
+    let names = maps::PER_GENERATION.into_iter().chain(maps::SHARED);
+    for name in names.chain(temporary.iter().map(String::as_str)) {
         let path = pins.map(name);
         if remove_pin(&path, "removing")? {
             removed.push(path);

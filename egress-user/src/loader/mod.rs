@@ -10,6 +10,10 @@
 //! the event ring) are reopened from their pins, so counters survive reloads and agent
 //! restarts.
 //!
+//! A change of rules alone takes a shorter way ([`rules`]): the programs reach the rule tries
+//! only through a one-slot map-of-maps, so a new trie filled aside is put in force with one
+//! map write, with no new programs; a `connect()` sees the old trie or the new one, whole.
+//!
 //! The stages are types, driven by [`crate::pipeline`]: [`Generation::open`] (on a kernel whose
 //! [`features`] were assessed), then the compiler, then [`Generation::fill`] and
 //! [`Filled::swap`], which returns the [`Enforcer`] of the generation in force. A new agent
@@ -19,7 +23,7 @@
 //! force; [`fill`] writing maps and rows; [`links`] the pinned links and `egress unload`;
 //! [`layout`] the shared maps' layout check; [`counters`] reading counters; [`orig_dst`] the
 //! redirects' original destinations for the proxy; [`xdp`] the XDP backstop; [`events`] the
-//! kernel's events; [`inspect`] `egress maps`.
+//! kernel's events; [`inspect`] `egress maps`; [`rules`] changes of rules alone.
 
 mod counters;
 mod enforcer;
@@ -35,6 +39,7 @@ mod links;
 mod orig_dst;
 mod pins;
 mod proxy_mark;
+mod rules;
 mod sys;
 mod xdp;
 

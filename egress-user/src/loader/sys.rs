@@ -315,6 +315,87 @@ pub fn map_create(
     new_fd(bpf_cmd::BPF_MAP_CREATE, &mut attr)
 }
 
+/// Creates an empty map like `like`: its type, key and value sizes, capacity, flags and BTF
+/// types (so that `bpftool map dump` shows field names), named `name` (at most 15 bytes).
+/// For a rule trie to fill and swap in behind the programs' map-of-maps slot.
+///
+/// # Errors
+/// `like` is not a map, its BTF cannot be opened, or the kernel refused the map.
+pub fn map_create_like(like: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
+    // SAFETY: plain C structs, all-zero initial state.
+    let mut info: aya_obj::generated::bpf_map_info = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // `info` outlives the call and `info_len` is its size.
+    attr.info.bpf_fd = like.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<aya_obj::generated::bpf_map_info>() as u32;
+    attr.info.info = std::ptr::from_mut(&mut info) as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let btf = if info.btf_id != 0 {
+        // SAFETY: as in `link_update`.
+        let mut attr: bpf_attr = unsafe { zeroed() };
+        attr.__bindgen_anon_6.__bindgen_anon_1.btf_id = info.btf_id;
+        Some(new_fd(bpf_cmd::BPF_BTF_GET_FD_BY_ID, &mut attr)?)
+    } else {
+        None
+    };
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // SAFETY: writing plain integers into the BPF_MAP_CREATE member of the union.
+    unsafe {
+        let create = &mut attr.__bindgen_anon_1;
+        create.map_type = info.type_;
+        create.key_size = info.key_size;
+        create.value_size = info.value_size;
+        create.max_entries = info.max_entries;
+        create.map_flags = info.map_flags;
+        create.map_extra = info.map_extra;
+        for (to, from) in create.map_name.iter_mut().zip(name.bytes().take(15)) {
+            *to = from as libc::c_char;
+        }
+        if let Some(btf) = &btf {
+            create.btf_fd = btf.as_raw_fd() as u32;
+            create.btf_key_type_id = info.btf_key_type_id;
+            create.btf_value_type_id = info.btf_value_type_id;
+        }
+    }
+    new_fd(bpf_cmd::BPF_MAP_CREATE, &mut attr)
+}
+
+/// Puts the map `inner` at `index` of the map-of-maps `outer` (`BPF_MAP_UPDATE_ELEM`). The
+/// kernel returns only once no program that could still see the map previously there is
+/// running (it waits for an RCU grace period on map-of-maps updates), so after this call the
+/// previous map may be changed or dropped without any program seeing it.
+///
+/// # Errors
+/// As `BPF_MAP_UPDATE_ELEM`: `EINVAL` when `inner` does not match the outer map's template.
+pub fn map_of_maps_set(outer: BorrowedFd<'_>, index: u32, inner: BorrowedFd<'_>) -> io::Result<()> {
+    let value = inner.as_raw_fd() as u32;
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // `index` and `value` outlive the call.
+    attr.__bindgen_anon_2.map_fd = outer.as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(&index) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_ref(&value) as u64;
+    bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+/// The id of the map at `index` of the map-of-maps `outer` (`BPF_MAP_LOOKUP_ELEM`).
+///
+/// # Errors
+/// As `BPF_MAP_LOOKUP_ELEM`: `ENOENT` for an empty slot.
+pub fn map_of_maps_get(outer: BorrowedFd<'_>, index: u32) -> io::Result<u32> {
+    let mut id = 0u32;
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // `index` and `id` outlive the call.
+    attr.__bindgen_anon_2.map_fd = outer.as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(&index) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(&mut id) as u64;
+    bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(id)
+}
+
 /// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup fd or an ifindex) with `attach_type`.
 /// The returned link detaches when dropped, unless pinned.
 ///
