@@ -3,8 +3,9 @@
 //! built from its sources ([`sources::build`]) and validated first; an invalid one changes
 //! nothing and the error is logged and counted. A valid one goes to the proxy first (so a
 //! removed host is refused at once) and then to the kernel as a new generation
-//! ([`pipeline::enforce`]), swapped in atomically; if the kernel refuses it, the proxy gets the
-//! old policy back.
+//! ([`pipeline::change`]: new rule tries alone when only rules changed, else new maps and
+//! programs), swapped in atomically; if the kernel refuses it, the proxy gets the old policy
+//! back.
 
 #![forbid(unsafe_code)]
 
