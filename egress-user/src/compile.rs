@@ -272,6 +272,21 @@ impl StoredRows {
         self.0.binary_search_by_key(&row, |(r, _)| *r).is_ok()
     }
 
+    /// The rows as the kernel holds them once `table` (compiled against these rows, as
+    /// `generation`) is in force: rows kept as they were, new rows as [`rule_info`] writes
+    /// them, rows gone freed. A row in both is the same rule's: [`StoredRows::assign`] never
+    /// gives a stored row to another name.
+    pub fn after(&self, table: &RowTable, generation: u32) -> StoredRows {
+        let rows = table.rows().into_iter().map(|(row, name)| {
+            let info = match self.0.binary_search_by_key(&row, |(r, _)| *r) {
+                Ok(i) => self.0[i].1,
+                Err(_) => rule_info(name, generation),
+            };
+            (row, info)
+        });
+        RowTable::from_rule_info(rows)
+    }
+
     /// The rows in use in the kernel that `table` does not keep: to be freed.
     pub fn gone(&self, table: &RowTable) -> Vec<u32> {
         self.0

@@ -84,7 +84,7 @@ pub fn change(
     pods: &[(u64, String)],
 ) -> Result<Way, Error> {
     let batch = kernel.has(features::Id::BatchOps);
-    let stored = current.stored_rows(batch)?;
+    let stored = current.stored_rows().clone();
     let number = crate::loader::next_generation(current.generation());
     let mut compiled = compile::compile(policy, &stored, number)?;
     compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);

@@ -140,10 +140,23 @@ fn link_prog_id(sb: &Sandbox, link: &str) -> u64 {
     link["prog_id"].as_u64().expect("prog_id")
 }
 
+/// The id of the pinned map `name` (`bpftool map show pinned`).
+fn pinned_map_id(sb: &Sandbox, name: &str) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(sb.pin_dir.join(name))
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool map show {name}: {out:?}");
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    map["id"].as_u64().expect("id")
+}
+
 /// A change of rules alone goes into force without new programs (the pinned links keep their
-/// program) and atomically: a workload connecting in a loop to a destination that both
-/// policies allow, by different rules and keys (a /32 in one, a /24 in the other), is never
-/// denied across many changes, while the destinations only one policy allows flip. A change
+/// program) and atomically, whether written in place (a few keys) or by a fresh trie (more
+/// than 4,096): a workload connecting in a loop to a destination that both policies allow,
+/// by different rules and keys (a /32 in one, a /24 in the other), is never denied across
+/// many changes, while the destinations only one policy allows flip. A change
 /// beyond the rules (here a bypass range) still takes a new generation of programs.
 #[test]
 fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
@@ -159,12 +172,23 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
         cidr_rule("wide", "192.0.2.0/24", 8080),
         cidr_rule("seven", "192.0.2.0/24", 7070)
     );
+    // A and more keys than a change makes in place: a change between A and C fills a fresh
+    // trie and puts it in the slot.
+    let mut policy_c = policy_a.clone();
+    for i in 0..4100u32 {
+        let [_, _, hi, lo] = (u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i).to_be_bytes();
+        policy_c.push_str(&format!(
+            "---\n{}",
+            cidr_rule(&format!("f{i}"), &format!("198.18.{hi}.{lo}/32"), 8080)
+        ));
+    }
     fs::write(dir.join("a.yaml"), &policy_a).expect("a");
     let [both, a_only, b_only] = sb.sinks(V4_A, [8080, 9090, 7070]);
     // Reloads by `egress reload` alone, each answered once in force.
     let agent = sb.agent(EGRESS).policy(&dir, &["--no-watch"]).start();
     sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
     let programs = (link_prog_id(&sb, "connect4"), link_prog_id(&sb, "connect6"));
+    let trie = pinned_map_id(&sb, "RULES_V4");
 
     let workload = Workload::start(
         &sb,
@@ -172,13 +196,11 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
         &[both.addr(), a_only.addr(), b_only.addr()],
         Duration::ZERO,
     );
+    // A to B and back in place; A to C and back by fresh tries.
+    let cycle = [&policy_b, &policy_a, &policy_c, &policy_a];
     const CHANGES: usize = 40;
     for change in 0..CHANGES {
-        let policy = if change % 2 == 0 {
-            &policy_b
-        } else {
-            &policy_a
-        };
+        let policy = cycle[change % cycle.len()];
         fs::write(dir.join("a.yaml"), policy).expect("policy");
         let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
         assert!(ok.success(), "egress reload: {out}{err}\n{}", agent.log());
@@ -210,9 +232,27 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
         programs,
         "the programs in force stayed"
     );
-    // Policy A is in force (an even number of changes): its verdicts, its keys in the pinned
-    // trie, with field names (the new trie has the object's BTF).
+    // Policy A is in force (the cycle's last): its verdicts, its keys in the pinned trie,
+    // with field names (the fresh trie has the object's BTF).
     sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
+    let fresh = pinned_map_id(&sb, "RULES_V4");
+    assert_ne!(
+        fresh, trie,
+        "a change to C put a fresh trie in force, pinned"
+    );
+    // A to B again: in place, in the trie in force.
+    fs::write(dir.join("a.yaml"), &policy_b).expect("b");
+    let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
+    assert!(ok.success(), "egress reload: {out}{err}\n{}", agent.log());
+    sb.expect_verdicts(PROBE, &[both.addr(), b_only.addr()], &[a_only.addr()]);
+    assert_eq!(
+        pinned_map_id(&sb, "RULES_V4"),
+        fresh,
+        "a small change is made in place"
+    );
+    fs::write(dir.join("a.yaml"), &policy_a).expect("a");
+    let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
+    assert!(ok.success(), "egress reload: {out}{err}\n{}", agent.log());
     let dump = std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
         .arg(sb.pin_dir.join("RULES_V4"))

@@ -336,6 +336,34 @@ fn rows_survive_a_recompile_and_new_names_never_take_a_row_still_in_force() {
 }
 
 #[test]
+fn stored_rows_after_a_change_are_what_the_kernel_then_holds() {
+    let first = compile_first(&policy(vec![
+        rule("a", "192.0.2.1/32", &[1]),
+        rule("b", "192.0.2.2/32", &[1]),
+    ]));
+    let stored = stored_by(&first, 1);
+    let second = compile(
+        &policy(vec![
+            rule("c", "192.0.2.3/32", &[1]),
+            rule("b", "192.0.2.2/32", &[1]),
+        ]),
+        &stored,
+        2,
+    )
+    .unwrap();
+    // "b" keeps its row as generation 1 wrote it, "c" is written by generation 2, "a" freed.
+    let mut expected = vec![
+        (second.rows.row("b").unwrap(), rule_info("b", 1)),
+        (second.rows.row("c").unwrap(), rule_info("c", 2)),
+    ];
+    expected.sort_unstable_by_key(|(row, _)| *row);
+    assert_eq!(
+        stored.after(&second.rows, 2),
+        RowTable::from_rule_info(expected)
+    );
+}
+
+#[test]
 fn stored_rows_are_sorted_so_contains_can_search() {
     let stored = RowTable::from_rule_info(
         [9, 3, 7, 5]

@@ -33,11 +33,13 @@ pub struct Enforcer {
     pub(super) shape: super::rules::Shape,
     /// One past the highest row the policy in force uses (`Config::row_limit`).
     pub(super) row_limit: u32,
+    /// The rows `RULE_INFO` holds for the policy in force.
+    pub(super) stored: compile::StoredRows,
     /// The IPv4 and IPv6 rule tries in force, once a change of rules alone made them
     /// ([`Enforcer::swap_rules`]); before, the object's own.
     pub(super) tries: (Option<MapData>, Option<MapData>),
-    /// [`super::rules::digest`] of the IPv4 and IPv6 rule entries in force.
-    pub(super) digests: (u64, u64),
+    /// The IPv4 and IPv6 rule entries in force, to work out what a change of rules writes.
+    pub(super) entries: super::rules::RuleEntries,
 }
 
 impl Enforcer {

@@ -263,11 +263,9 @@ impl Filled<'_> {
             ebpf,
             shape: rules::Shape::of(&compiled),
             row_limit: compiled.config.row_limit,
+            stored: g.stored.after(&compiled.rows, g.number),
             tries: (None, None),
-            digests: (
-                rules::digest(&compiled.rules_v4),
-                rules::digest(&compiled.rules_v6),
-            ),
+            entries: (compiled.rules_v4, compiled.rules_v6),
             rows: compiled.rows,
             generation: g.number,
             scopes: compiled.scopes,

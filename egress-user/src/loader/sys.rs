@@ -380,6 +380,38 @@ pub fn map_of_maps_set(outer: BorrowedFd<'_>, index: u32, inner: BorrowedFd<'_>)
     bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr)
 }
 
+/// Writes `key` = `value` into `map` (`BPF_MAP_UPDATE_ELEM`, flags 0). `K` and `V` must be
+/// the map's key and value types.
+///
+/// # Errors
+/// As `BPF_MAP_UPDATE_ELEM`.
+pub fn map_update<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> io::Result<()> {
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // `key` and `value` outlive the call.
+    attr.__bindgen_anon_2.map_fd = map.as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(key) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_ref(value) as u64;
+    bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+/// Removes `key` from `map` (`BPF_MAP_DELETE_ELEM`). `K` must be the map's key type.
+///
+/// # Errors
+/// As `BPF_MAP_DELETE_ELEM`: `ENOENT` when the key is not there.
+pub fn map_delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    // SAFETY: as in `link_update`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    // `key` outlives the call.
+    attr.__bindgen_anon_2.map_fd = map.as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(key) as u64;
+    bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr)
+}
+
 /// The id of the map at `index` of the map-of-maps `outer` (`BPF_MAP_LOOKUP_ELEM`).
 ///
 /// # Errors
