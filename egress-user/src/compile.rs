@@ -14,7 +14,10 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::hash_map::Entry;
+
+// foldhash, not SipHash: hashing rule names and keys was a seventh of a 10,000-rule reload.
+use foldhash::{HashMap, HashMapExt as _};
 
 use egress_common::{
     AF_INET, AF_INET6, COUNTER_ROWS, Config, DNS_PORT, DnsSlot, FIRST_RULE_ROW, KEY_PREFIX_BITS,

@@ -144,8 +144,11 @@ impl Agent {
                 // A policy that gained FQDN rules or resolvers gets its DNS listeners now.
                 self.dns.sync(&self.enforcer);
                 self.pod_nets.sync_dns(&self.enforcer);
-                self.policy = policy;
+                let old = std::mem::replace(&mut self.policy, policy);
                 self.digest = digest;
+                // Freeing a 10,000-rule policy and proxy takes milliseconds: not on the way
+                // to the answer.
+                drop_elsewhere((old, previous));
                 Ok(self.generation())
             }
             Err(e) => {
@@ -265,6 +268,14 @@ impl Agent {
             }
         })
     }
+}
+
+/// Drops `value` on a short-lived thread of its own (a large policy takes milliseconds to
+/// free). If no thread can be started, the closure, and `value` with it, is dropped here.
+fn drop_elsewhere<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new()
+        .name("egress-drop".into())
+        .spawn(move || drop(value));
 }
 
 /// `egressrule/a, service/b` for messages.

@@ -197,7 +197,7 @@ impl Agent {
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();
         }
-        let table = Arc::new(self.enforcer.rows().clone());
+        let table = Arc::clone(self.enforcer.rows());
         self.names.push_back((self.generation(), table));
     }
 

@@ -23,7 +23,7 @@ pub struct Enforcer {
     // The current generation's object: its programs are behind the pinned links and its maps
     // hold the policy. Kept so that counters and the row table can be read.
     pub(super) ebpf: Ebpf,
-    pub(super) rows: RowTable,
+    pub(super) rows: std::sync::Arc<RowTable>,
     pub(super) generation: u32,
     /// The policy's scopes (namespaces with rules of their own); scope id `i + 1` each.
     pub(super) scopes: Vec<String>,
@@ -112,8 +112,9 @@ impl Enforcer {
         self.pins.path()
     }
 
-    /// Which rule owns each row.
-    pub fn rows(&self) -> &RowTable {
+    /// Which rule owns each row (shared: the agent keeps the tables of recent generations to
+    /// name their events).
+    pub fn rows(&self) -> &std::sync::Arc<RowTable> {
         &self.rows
     }
 

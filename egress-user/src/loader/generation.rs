@@ -266,7 +266,7 @@ impl Filled<'_> {
             stored: g.stored.after(&compiled.rows, g.number),
             tries: (None, None),
             entries: (compiled.rules_v4, compiled.rules_v6),
-            rows: compiled.rows,
+            rows: std::sync::Arc::new(compiled.rows),
             generation: g.number,
             scopes: compiled.scopes,
             dns_slots: compiled.dns_slots,

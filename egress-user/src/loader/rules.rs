@@ -38,17 +38,27 @@ pub(super) struct Shape(Compiled);
 
 impl Shape {
     pub(super) fn of(compiled: &Compiled) -> Self {
-        let mut c = Compiled {
+        let mut config = compiled.config;
+        config.generation = 0;
+        config.row_limit = 0;
+        // Field by field: cloning the whole and clearing the rules would copy every key.
+        Self(Compiled {
+            config,
             rules_v4: Vec::new(),
             rules_v6: Vec::new(),
+            bypass_v4: compiled.bypass_v4.clone(),
+            bypass_v6: compiled.bypass_v6.clone(),
+            http_ports: compiled.http_ports.clone(),
+            scopes: compiled.scopes.clone(),
+            scoped_cgroups: Vec::new(),
+            sock_protos: compiled.sock_protos.clone(),
             rows: Default::default(),
             shadowed: Vec::new(),
-            scoped_cgroups: Vec::new(),
-            ..compiled.clone()
-        };
-        c.config.generation = 0;
-        c.config.row_limit = 0;
-        Self(c)
+            dns_slots: compiled.dns_slots.clone(),
+            scope_ids: compiled.scope_ids.clone(),
+            names: compiled.names.clone(),
+            alias_names: compiled.alias_names.clone(),
+        })
     }
 }
 
@@ -97,7 +107,7 @@ pub(super) fn delta<K: Copy + Eq + std::hash::Hash>(
     old: &[LpmEntry<K, RuleValue>],
     new: &[LpmEntry<K, RuleValue>],
 ) -> Vec<Op<K>> {
-    use std::collections::{HashMap, HashSet};
+    use foldhash::{HashMap, HashSet};
     let before: HashMap<(u32, K), RuleValue> = old.iter().map(|&(p, k, v)| ((p, k), v)).collect();
     let after: HashSet<(u32, K)> = new.iter().map(|&(p, k, _)| (p, k)).collect();
     let mut puts: Vec<Op<K>> = new
@@ -290,7 +300,7 @@ impl Enforcer {
         self.generation = compiled.config.generation;
         self.row_limit = compiled.config.row_limit;
         self.stored = stored.after(&compiled.rows, compiled.config.generation);
-        self.rows = compiled.rows;
+        self.rows = std::sync::Arc::new(compiled.rows);
         self.entries = (compiled.rules_v4, compiled.rules_v6);
         // The object's own trie of a family is out of force once replaced, and the new one
         // models the next: free it (a million-key policy holds tens of megabytes in each).

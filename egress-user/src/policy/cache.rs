@@ -18,10 +18,9 @@
 //! Memory: the text and the checked documents of each source's last clean load (a few MB for
 //! 10,000 rules); a source no longer loaded keeps its entry until a load of that name.
 
-use std::{
-    collections::HashMap,
-    sync::{Mutex, PoisonError},
-};
+use std::sync::{Mutex, PoisonError};
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use super::{
     load::{MAX_FILE_SIZE, parse_source},

@@ -6,9 +6,11 @@
 //! changes nothing but the file names in messages.
 
 use std::{
-    collections::{HashMap, hash_map},
+    collections::hash_map,
     path::{Path, PathBuf},
 };
+
+use foldhash::HashMap;
 
 use super::{
     DEFAULT_POLICY, DEFAULT_POLICY_NAME,

@@ -49,15 +49,10 @@ pub(crate) fn client_config(
     ca_files: &[PathBuf],
     system: SystemRoots,
 ) -> Result<Arc<ClientConfig>, ConfigError> {
-    let mut roots = RootCertStore::empty();
-    if system == SystemRoots::Load {
-        let native = rustls_native_certs::load_native_certs();
-        for err in &native.errors {
-            tracing::warn!(error = %err, "skipping part of the system certificate store");
-        }
-        let (added, ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(added, ignored, "system trust roots loaded");
-    }
+    let mut roots = match system {
+        SystemRoots::Load => system_roots(),
+        SystemRoots::Skip => RootCertStore::empty(),
+    };
     for path in ca_files {
         add_ca_file(&mut roots, path)?;
     }
@@ -71,6 +66,76 @@ pub(crate) fn client_config(
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Where the system's certificate store lives on the distributions rustls-native-certs knows
+/// (its `openssl-probe` list): the bundle files and the directories of single certificates.
+const STORE_PATHS: [&str; 12] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/certs",
+    "/etc/pki/tls/certs",
+    "/etc/pki/tls",
+    "/etc/ssl",
+    "/etc/openssl/certs",
+    "/usr/local/share/certs",
+];
+
+/// Size, modification time (ns), change time and inode of each path (`None`: missing).
+type Fingerprint = Vec<(String, Option<(u64, i64, i64, u64)>)>;
+
+/// What says whether the system's store changed: `SSL_CERT_FILE` and `SSL_CERT_DIR` and every
+/// [`STORE_PATHS`] entry, with [`fingerprint`] (a directory's times change when a certificate
+/// is added to it or removed).
+fn store_fingerprint() -> Fingerprint {
+    let from_env = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .into_iter()
+        .filter_map(|var| std::env::var(var).ok());
+    fingerprint(from_env.chain(STORE_PATHS.iter().map(|p| (*p).to_owned())))
+}
+
+/// The [`Fingerprint`] of `paths`.
+fn fingerprint(paths: impl Iterator<Item = String>) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt as _;
+    paths
+        .map(|path| {
+            let meta = std::fs::metadata(&path).ok().map(|m| {
+                let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+                (m.len(), mtime, m.ctime(), m.ino())
+            });
+            (path, meta)
+        })
+        .collect()
+}
+
+/// The system's trust roots, read again only when [`store_fingerprint`] changed: a reload
+/// needs the proxy's TLS settings anew, and reading some 150 certificates took 3-4 ms of
+/// every reload.
+fn system_roots() -> RootCertStore {
+    type Cached = Option<(Fingerprint, RootCertStore)>;
+    static CACHE: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
+    let fingerprint = store_fingerprint();
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((seen, roots)) = &*cache
+        && *seen == fingerprint
+    {
+        return roots.clone();
+    }
+    let native = rustls_native_certs::load_native_certs();
+    for err in &native.errors {
+        tracing::warn!(error = %err, "skipping part of the system certificate store");
+    }
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, ignored, "system trust roots loaded");
+    *cache = Some((fingerprint, roots.clone()));
+    roots
 }
 
 /// Adds the certificates of one `caFiles` entry, read as the policy loader checked it
@@ -105,6 +170,21 @@ fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), ConfigError
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_store_fingerprint_changes_when_a_file_of_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bundle.pem");
+        let paths = || [file.display().to_string(), dir.path().display().to_string()].into_iter();
+        let missing = fingerprint(paths());
+        assert_eq!(missing[0].1, None);
+        std::fs::write(&file, "one").unwrap();
+        let written = fingerprint(paths());
+        assert_ne!(written, missing, "a file appeared");
+        assert_eq!(fingerprint(paths()), written, "nothing changed");
+        std::fs::write(&file, "other").unwrap();
+        assert_ne!(fingerprint(paths()), written, "the file was rewritten");
+    }
+
     use super::*;
     use crate::testing::TempDir;
 
