@@ -44,7 +44,8 @@
 //!   (`policy::load_files`), configuring the proxy (`Proxy::new`, which reads the system's
 //!   trusted roots), and the kernel generation (`pipeline::apply`: load and fill fresh maps,
 //!   load and verify the 5 programs, swap them behind the pinned links; plus dropping the old
-//!   generation). Median of 5.
+//!   generation), and the same change as rules alone (`pipeline::change`, the agent's way:
+//!   compiled, written in place in the trie in force). Median of 5.
 //! - Start-up at 100,000 rules (`--big-rules`): `--starts` (3) fresh agents, each in a fresh
 //!   sandbox; from just before the agent process is spawned until its `ready: enforcing egress
 //!   policy` line arrives, and the `loading rules: N%` lines on the way (which must all be

@@ -122,19 +122,20 @@ pub(crate) fn headline(
             .and_then(|b| b.iter().find(|b| b["rules"] == 10_000))
             .map_or(String::new(), |b| {
                 format!(
-                    " (parse and validate {} ms, proxy configuration {} ms, kernel {} ms)",
+                    " (in the bench's process: parse and validate, one document changed, {} ms, proxy configuration {} ms, kernel as rules alone {} ms; a whole new generation {} ms)",
                     number(b["parse"].as_f64(), 1),
                     number(b["proxy"].as_f64(), 1),
+                    number(b["rules_only"].as_f64(), 1),
                     number(b["kernel"].as_f64(), 1)
                 )
             });
         row(
             "3b",
-            "10,000-rule policy loaded: `egress reload` round trip p50, YAML to enforced",
+            "one-rule change of a 10,000-rule policy in force: `egress reload` round trip p50, YAML to enforced",
             format!("{} ms{parts}", number(p50, 1)),
             "-".into(),
-            "<= 100 ms (ambitious 20 ms)",
-            p50.map(|p| p <= 100.0),
+            "<= 20 ms",
+            p50.map(|p| p <= 20.0),
         );
     }
     if let Some(h) = http {
