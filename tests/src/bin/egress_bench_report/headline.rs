@@ -6,16 +6,33 @@ use serde_json::Value;
 
 use egress_tests::thousands;
 
-use crate::{number, rps, short_count, signed, spread_text};
+use crate::{number, rps, short_count, signed, spread_text, text};
 
-/// The headline table: one row per BENCHMARKS.md metric.
-pub(crate) fn headline(
-    page: &mut String,
-    connect: Option<&Value>,
-    http: Option<&Value>,
-    reload: Option<&Value>,
-    instructions: Option<&Value>,
-) {
+/// Each benchmark's results, where it ran.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Benches<'a> {
+    pub connect: Option<&'a Value>,
+    pub http: Option<&'a Value>,
+    pub reload: Option<&'a Value>,
+    pub instructions: Option<&'a Value>,
+    pub dns: Option<&'a Value>,
+    pub xdp: Option<&'a Value>,
+    pub pods: Option<&'a Value>,
+    pub kube: Option<&'a Value>,
+}
+
+/// The headline table: one row per BENCHMARKS.md metric, then the paths of issue 19's item 4.
+pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
+    let Benches {
+        connect,
+        http,
+        reload,
+        instructions,
+        dns,
+        xdp,
+        pods,
+        kube,
+    } = b;
     page.push_str(
         "## Where egress stands\n\n\
          Medians over rounds (min-max in brackets where it matters); \"same round\" ratios divide two contenders measured \
@@ -254,6 +271,105 @@ pub(crate) fn headline(
                 rss.zip(cpu).map(|(r, c)| r <= 20.0 && c <= 0.10),
             );
         }
+    }
+    if let Some(d) = dns {
+        let same = &d["latency"]["same_name"];
+        if !same.is_null() {
+            let p99 = same["added_p99_ms"].as_f64();
+            row(
+                "8",
+                "DNS answer through the agent's FQDN path: added p50 / p99 (same name each lookup)",
+                format!(
+                    "+{} / +{} ms",
+                    number(same["added_p50_ms"].as_f64(), 3),
+                    number(p99, 3)
+                ),
+                format!(
+                    "straight to the resolver {} / {} ms",
+                    number(same["direct"]["p50_ms"].as_f64(), 3),
+                    number(same["direct"]["p99_ms"].as_f64(), 3)
+                ),
+                "<= +0.2 ms p99",
+                p99.map(|p| p <= 0.2),
+            );
+        }
+        let ratio = &d["connects"]["ratio"];
+        if !ratio.is_null() {
+            row(
+                "9",
+                "connects per second to FQDN-allowed addresses, ratio to CIDR-allowed (same agent)",
+                spread_text(ratio, 3, "x"),
+                "-".into(),
+                ">= 0.95x",
+                ratio["median"].as_f64().map(|r| r >= 0.95),
+            );
+        }
+    }
+    if let Some(p) = pods {
+        let (p50, p99) = (p["scope_ms"]["p50"].as_f64(), p["scope_ms"]["p99"].as_f64());
+        row(
+            "10",
+            "pod sandbox ready to its scope enforced (containerd): p50 / p99",
+            format!("{} / {} ms", number(p50, 1), number(p99, 1)),
+            "-".into(),
+            "<= 50 ms p99",
+            p99.map(|p| p <= 50.0),
+        );
+        let per_pod = p["rss_kib"]["per_pod"].as_f64();
+        row(
+            "11",
+            "agent memory per pod, with its listeners",
+            format!("{} KiB", number(per_pod, 0)),
+            "-".into(),
+            "<= 64 KiB",
+            per_pod.map(|k| k <= 64.0),
+        );
+    }
+    if let Some(x) = xdp {
+        let packets = x["packets"].as_array().cloned().unwrap_or_default();
+        let syn = |name: &str| {
+            packets
+                .iter()
+                .find(|p| text(&p["packet"]).starts_with(name))
+                .and_then(|p| p["ns_per_run"]["10000"]["median"].as_f64())
+        };
+        let (allowed, denied) = (syn("SYN, allowed"), syn("SYN, denied"));
+        row(
+            "12",
+            "XDP backstop run time per SYN at 10,000 rules (BPF_PROG_TEST_RUN): allowed / denied",
+            format!("{} / {} ns", number(allowed, 0), number(denied, 0)),
+            "-".into(),
+            "<= 100 ns",
+            allowed.zip(denied).map(|(a, d)| a.max(d) <= 100.0),
+        );
+    }
+    if let Some(k) = kube {
+        let a = &k["apply_to_enforced_ms"];
+        row(
+            "13",
+            "EgressRule applied through the API (PATCH) to enforced in a pod: p50 / p99",
+            format!(
+                "{} / {} ms",
+                number(a["p50"].as_f64(), 1),
+                number(a["p99"].as_f64(), 1)
+            ),
+            "-".into(),
+            "- (no target)",
+            None,
+        );
+        let m = &k["memory_kib"];
+        row(
+            "14",
+            "agent memory with 10,000 EgressRule objects from the API",
+            format!(
+                "{} MiB ({} MiB with one object)",
+                number(m["objects"].as_f64().map(|k| k / 1024.0), 1),
+                number(m["one_object"].as_f64().map(|k| k / 1024.0), 1)
+            ),
+            "-".into(),
+            "- (no target)",
+            None,
+        );
     }
     if let Some(i) = instructions {
         row(

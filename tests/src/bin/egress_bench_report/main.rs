@@ -26,7 +26,7 @@ mod headline;
 mod plot;
 
 use headline::headline;
-use plot::{plot_connect, plot_http};
+use plot::{new_paths, plot_connect, plot_http, plot_paths, plot_reload};
 
 /// The line after which docs/benchmarks.md is written by hand and kept.
 const KEEP: &str =
@@ -106,7 +106,7 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
     fs::create_dir_all(&plots_dir).map_err(|e| format!("{}: {e}", plots_dir.display()))?;
     // (bench, how its plot is drawn, file, title)
     type Draw = fn(&Value, &Path) -> Result<(), String>;
-    let drawn: [(&str, Draw, &str, &str); 2] = [
+    let drawn: [(&str, Draw, &str, &str); 3] = [
         (
             "connect",
             plot_connect,
@@ -119,6 +119,12 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
             "http.png",
             "HTTP proxy: req/s and p99 per contender, plain HTTP and TLS origination (bars: median; whiskers: min-max over rounds)",
         ),
+        (
+            "reload",
+            plot_reload,
+            "policy-change.png",
+            "A one-rule policy change to enforced, against the number of rules in force (log-log; `egress reload` round trip p50 and p99)",
+        ),
     ];
     let mut plots = Vec::new();
     for (bench, draw, file, title) in drawn {
@@ -126,6 +132,15 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
             draw(results, &plots_dir.join(file))?;
             plots.push((title, format!("benchmarks/{file}")));
         }
+    }
+    let paths = new_paths(get("dns"), get("pods"), get("kube"), get("reload"));
+    if !paths.is_empty() {
+        let file = "new-paths.png";
+        plot_paths(&paths, &plots_dir.join(file))?;
+        plots.push((
+            "The paths of pods, FQDN rules and the API: time to enforced or added, p50 and p99 (log scale)",
+            format!("benchmarks/{file}"),
+        ));
     }
 
     let mut page = String::from("# Benchmarks\n\n");
@@ -159,10 +174,16 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
     }
     headline(
         &mut page,
-        get("connect"),
-        get("http"),
-        get("reload"),
-        get("instructions"),
+        headline::Benches {
+            connect: get("connect"),
+            http: get("http"),
+            reload: get("reload"),
+            instructions: get("instructions"),
+            dns: get("dns"),
+            xdp: get("xdp"),
+            pods: get("pods"),
+            kube: get("kube"),
+        },
     );
     page.push_str("\n## Plots\n\n");
     for (title, file) in &plots {

@@ -204,6 +204,213 @@ pub(crate) fn plot_http(http: &Value, path: &Path) -> Result<(), String> {
     root.present().map_err(draw_error)
 }
 
+/// The one-rule change round trip (p50 and p99) against the rules in force, with the 20 ms
+/// target as a flat line.
+pub(crate) fn plot_reload(reload: &Value, path: &Path) -> Result<(), String> {
+    let sizes = reload["sizes"].as_object().cloned().unwrap_or_default();
+    let mut points: Vec<(f64, f64, f64)> = sizes
+        .iter()
+        .filter_map(|(rules, s)| {
+            let rt = &s["round_trip_ms"];
+            Some((
+                rules.parse().ok()?,
+                rt["p50"].as_f64()?,
+                rt["p99"].as_f64()?,
+            ))
+        })
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return Err("reload.json has no sizes to plot".into());
+    };
+    let (x_lo, x_hi) = (first.0 / 2.0, last.0 * 2.0);
+    let y_hi = points.iter().map(|p| p.2).fold(20.0, f64::max) * 3.0;
+    let y_lo = points.iter().map(|p| p.1).fold(f64::MAX, f64::min) / 3.0;
+    let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_error)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "One-rule change to enforced, by rules in force",
+            ("sans-serif", 24),
+        )
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())
+        .map_err(draw_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("rules in force")
+        .y_desc("`egress reload` round trip, ms (log)")
+        .x_label_formatter(&|x| short_count(x.round() as u64))
+        .y_label_formatter(&|y| format!("{y}"))
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(draw_error)?;
+    chart
+        .draw_series(LineSeries::new(
+            [(x_lo, 20.0), (x_hi, 20.0)],
+            ShapeStyle::from(&BLACK.mix(0.5)).stroke_width(2),
+        ))
+        .map_err(draw_error)?
+        .label("target at 10,000 rules: p50 <= 20 ms")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.5)));
+    for (label, pick, color) in [
+        ("p50", 1, RGBColor(0, 114, 178)),
+        ("p99", 2, RGBColor(213, 94, 0)),
+    ] {
+        let at = |p: &(f64, f64, f64)| (p.0, if pick == 1 { p.1 } else { p.2 });
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(at),
+                color.stroke_width(3),
+            ))
+            .map_err(draw_error)?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
+        chart
+            .draw_series(points.iter().map(|p| Circle::new(at(p), 5, color.filled())))
+            .map_err(draw_error)?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, 16)?;
+    root.present().map_err(draw_error)
+}
+
+/// One of the new paths: what it times, p50 and p99 in ms, and its target (p99, ms) if any.
+pub(crate) struct TimedPath {
+    pub name: String,
+    pub p50: f64,
+    pub p99: f64,
+    pub target_p99: Option<f64>,
+}
+
+/// The new paths that ran: DNS added by the FQDN path, a pod's scope, an EgressRule through
+/// the API, a one-rule change of 10,000 rules.
+pub(crate) fn new_paths(
+    dns: Option<&Value>,
+    pods: Option<&Value>,
+    kube: Option<&Value>,
+    reload: Option<&Value>,
+) -> Vec<TimedPath> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, p50: Option<f64>, p99: Option<f64>, target_p99: Option<f64>| {
+        if let (Some(p50), Some(p99)) = (p50, p99) {
+            out.push(TimedPath {
+                name: name.to_owned(),
+                p50,
+                p99,
+                target_p99,
+            });
+        }
+    };
+    if let Some(d) = dns {
+        let same = &d["latency"]["same_name"];
+        push(
+            "DNS added (FQDN)",
+            same["added_p50_ms"].as_f64(),
+            same["added_p99_ms"].as_f64(),
+            Some(0.2),
+        );
+    }
+    if let Some(p) = pods {
+        push(
+            "pod to scope",
+            p["scope_ms"]["p50"].as_f64(),
+            p["scope_ms"]["p99"].as_f64(),
+            Some(50.0),
+        );
+    }
+    if let Some(r) = reload {
+        let rt = &r["sizes"]["10000"]["round_trip_ms"];
+        push(
+            "rule change, 10k",
+            rt["p50"].as_f64(),
+            rt["p99"].as_f64(),
+            None,
+        );
+    }
+    if let Some(k) = kube {
+        let a = &k["apply_to_enforced_ms"];
+        push(
+            "API rule to pod",
+            a["p50"].as_f64(),
+            a["p99"].as_f64(),
+            None,
+        );
+    }
+    out
+}
+
+/// Bars of p50 and p99 per path on a log scale, each path's p99 target as a tick.
+pub(crate) fn plot_paths(paths: &[TimedPath], path: &Path) -> Result<(), String> {
+    let y_hi = paths
+        .iter()
+        .flat_map(|p| [p.p99, p.target_p99.unwrap_or(0.0)])
+        .fold(1.0, f64::max)
+        * 3.0;
+    let y_lo = paths
+        .iter()
+        .map(|p| p.p50)
+        .fold(f64::MAX, f64::min)
+        .max(1e-3)
+        / 3.0;
+    let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_error)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("The new paths, ms (log)", ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..paths.len() as f64, (y_lo..y_hi).log_scale())
+        .map_err(draw_error)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(paths.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.01 {
+                paths.get(i).map(|p| p.name.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| format!("{y}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(draw_error)?;
+    for (j, (label, color)) in [
+        ("p50", RGBColor(0, 114, 178)),
+        ("p99", RGBColor(213, 94, 0)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        chart
+            .draw_series(paths.iter().enumerate().map(|(i, p)| {
+                let x = i as f64 + 0.1 + 0.4 * j as f64;
+                let v = if j == 0 { p.p50 } else { p.p99 };
+                Rectangle::new([(x, y_lo), (x + 0.38, v)], color.mix(0.8).filled())
+            }))
+            .map_err(draw_error)?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+    }
+    chart
+        .draw_series(paths.iter().enumerate().filter_map(|(i, p)| {
+            let t = p.target_p99?;
+            Some(PathElement::new(
+                [(i as f64 + 0.05, t), (i as f64 + 0.95, t)],
+                BLACK.stroke_width(2),
+            ))
+        }))
+        .map_err(draw_error)?
+        .label("p99 target")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, 14)?;
+    root.present().map_err(draw_error)
+}
+
 /// The box naming each series, in the plots' one style.
 fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
