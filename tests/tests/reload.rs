@@ -4,8 +4,8 @@
 use std::{fs, time::Duration};
 
 use egress_tests::{
-    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, probe_bin, sa, upstream::Upstream,
-    workload::Workload,
+    Outcome, Sandbox, V4_A, assert_accepted, egress_bin, probe_bin, row_named, sa,
+    upstream::Upstream, workload::Workload,
 };
 
 const EGRESS: &str = egress_bin!();
@@ -287,4 +287,66 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
     assert_ne!(link_prog_id(&sb, "connect4"), programs.0, "new programs");
     sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
     drop(agent);
+}
+
+/// `egress maps -o json` of the sandbox's pins.
+fn maps_json(sb: &Sandbox) -> serde_json::Value {
+    let out = std::process::Command::new(EGRESS)
+        .args(["maps", "-o", "json", "--pin-dir"])
+        .arg(&sb.pin_dir)
+        .output()
+        .expect("egress maps");
+    assert!(out.status.success(), "egress maps: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("egress maps -o json")
+}
+
+/// A row freed by a change of rules is given to a rule that comes later, and that rule counts
+/// from zero: taking a row clears its counters on every CPU (in one batch) before the rule's
+/// keys are in force.
+#[test]
+fn a_row_given_again_counts_from_zero() {
+    let sb = Sandbox::new();
+    let dir = sb.dir("rows");
+    let [s8080, s9090] = sb.sinks(V4_A, [8080, 9090]);
+    let reload = |text: String| {
+        fs::write(dir.join("a.yaml"), text).expect("policy");
+        let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
+        assert!(ok.success(), "egress reload: {out}{err}");
+    };
+    fs::write(
+        dir.join("a.yaml"),
+        format!("{}---\n{}", tcp_rule("keep", 9090), tcp_rule("old", 8080)),
+    )
+    .expect("policy");
+    let agent = sb.agent(EGRESS).policy(&dir, &["--no-watch"]).start();
+    for _ in 0..3 {
+        assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    }
+    let before = maps_json(&sb);
+    let old = row_named(&before, "counters", "old");
+    assert_eq!(old["allowed"], 3, "{before}");
+    let old_row = old["row"].clone();
+
+    reload(tcp_rule("keep", 9090));
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Denied);
+    reload(format!(
+        "{}---\n{}",
+        tcp_rule("keep", 9090),
+        tcp_rule("new", 8080)
+    ));
+    let after = maps_json(&sb);
+    let new = row_named(&after, "counters", "new");
+    assert_eq!(new["row"], old_row, "the freed row is given again: {after}");
+    assert_eq!(new["allowed"], 0, "the new rule starts from zero: {after}");
+    assert_eq!(sb.connect(PROBE, s8080.addr()), Outcome::Connected);
+    assert_eq!(sb.connect(PROBE, s9090.addr()), Outcome::Connected);
+    let last = maps_json(&sb);
+    assert_eq!(row_named(&last, "counters", "new")["allowed"], 1, "{last}");
+    assert_eq!(row_named(&last, "counters", "keep")["allowed"], 1, "{last}");
+    assert!(
+        agent.log().matches("way=Rules").count() == 2,
+        "{}",
+        agent.log()
+    );
+    assert_accepted(&[(&s8080, 4), (&s9090, 1)]);
 }

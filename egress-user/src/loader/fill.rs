@@ -293,11 +293,13 @@ impl Progress {
 
 /// Gives rows to rules new in this generation: zeroes their counters (whatever an earlier
 /// rule or a crashed apply left there) and records the owner, before any program that counts
-/// on those rows runs.
+/// on those rows runs. `batch`: the kernel has batch map operations (one call for all rows
+/// instead of two per row: 10,000 new rules took 20 ms one by one).
 pub(super) fn take_rows(
     ebpf: &mut Ebpf,
     rows: &[(u32, &str)],
     generation: u32,
+    batch: bool,
 ) -> Result<(), LoadError> {
     if rows.is_empty() {
         return Ok(());
@@ -307,6 +309,22 @@ pub(super) fn take_rows(
         path: PathBuf::from("/sys/devices/system/cpu/possible"),
         source,
     })?;
+    let infos: Vec<RuleInfo> = rows
+        .iter()
+        .map(|(_, name)| compile::rule_info(name, generation))
+        .collect();
+    if batch {
+        let keys: Vec<u32> = rows.iter().map(|(row, _)| *row).collect();
+        let zeros = vec![RuleCounters::default(); keys.len() * cpus];
+        let counters = map_fd(ebpf.map(maps::COUNTERS).expect("object has COUNTERS"));
+        sys::percpu_update_batch(counters, &keys, &zeros, cpus).map_err(|e| {
+            map_err(maps::COUNTERS, "clearing")(syscall_error("bpf_map_update_batch", e))
+        })?;
+        let info = map_fd(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"));
+        return sys::map_update_batch(info, &keys, &infos).map_err(|e| {
+            map_err(maps::RULE_INFO, "writing")(syscall_error("bpf_map_update_batch", e))
+        });
+    }
     {
         let mut counters: PerCpuArray<_, RuleCounters> =
             PerCpuArray::try_from(ebpf.map_mut(maps::COUNTERS).expect("object has COUNTERS"))
@@ -328,16 +346,23 @@ pub(super) fn take_rows(
     let mut info: Array<_, RuleInfo> =
         Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
             .map_err(map_err(maps::RULE_INFO, "opening"))?;
-    for (row, name) in rows {
-        info.set(*row, compile::rule_info(name, generation), 0)
+    for ((row, _), value) in rows.iter().zip(infos) {
+        info.set(*row, value, 0)
             .map_err(map_err(maps::RULE_INFO, "writing"))?;
     }
     Ok(())
 }
 
 /// Frees the rows of rules that left the policy, after the swap: no program of the new
-/// generation counts on them.
-pub(super) fn free_rows(ebpf: &mut Ebpf, rows: &[u32]) -> Result<(), LoadError> {
+/// generation counts on them. `batch`: as [`take_rows`].
+pub(super) fn free_rows(ebpf: &mut Ebpf, rows: &[u32], batch: bool) -> Result<(), LoadError> {
+    if batch {
+        let info = map_fd(ebpf.map(maps::RULE_INFO).expect("object has RULE_INFO"));
+        let empty = vec![RuleInfo::default(); rows.len()];
+        return sys::map_update_batch(info, rows, &empty).map_err(|e| {
+            map_err(maps::RULE_INFO, "clearing")(syscall_error("bpf_map_update_batch", e))
+        });
+    }
     let mut info: Array<_, RuleInfo> =
         Array::try_from(ebpf.map_mut(maps::RULE_INFO).expect("object has RULE_INFO"))
             .map_err(map_err(maps::RULE_INFO, "opening"))?;

@@ -144,7 +144,12 @@ impl<'a> Generation<'a> {
             .into_iter()
             .filter(|(row, _)| !self.stored.contains(*row))
             .collect();
-        fill::take_rows(&mut self.ebpf, &new_rows, self.number)?;
+        fill::take_rows(
+            &mut self.ebpf,
+            &new_rows,
+            self.number,
+            self.kernel.has(Id::BatchOps),
+        )?;
 
         // A program whose feature this kernel lacks is left out: only optional ones can be
         // (the assessment refused the rest), the getpeername hooks.
@@ -250,7 +255,11 @@ impl Filled<'_> {
         }
         xdp::apply(&mut ebpf, &g.pins, &g.xdp_ifaces, g.existing_xdp)?;
         fill::repin_generation(&ebpf, &g.pins)?;
-        fill::free_rows(&mut ebpf, &g.stored.gone(&compiled.rows))?;
+        fill::free_rows(
+            &mut ebpf,
+            &g.stored.gone(&compiled.rows),
+            g.kernel.has(Id::BatchOps),
+        )?;
         *published = names;
         drop(published);
         tracing::debug!(

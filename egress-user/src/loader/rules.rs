@@ -273,7 +273,7 @@ impl Enforcer {
             .into_iter()
             .filter(|(row, _)| !stored.contains(*row))
             .collect();
-        fill::take_rows(&mut self.ebpf, &new_rows, compiled.config.generation)?;
+        fill::take_rows(&mut self.ebpf, &new_rows, compiled.config.generation, batch)?;
 
         let old_v4 = self.ruleset_get(maps::RULESET_V4)?;
         self.put_in_force(maps::RULES_V4, maps::RULESET_V4, &v4)?;
@@ -291,7 +291,7 @@ impl Enforcer {
             return Err(e);
         }
         fill::write_config(&mut self.ebpf, compiled.config)?;
-        fill::free_rows(&mut self.ebpf, &stored.gone(&compiled.rows))?;
+        fill::free_rows(&mut self.ebpf, &stored.gone(&compiled.rows), batch)?;
         tracing::debug!(
             generation = compiled.config.generation,
             rules = compiled.rows.len(),

@@ -154,6 +154,31 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     values: &[V],
 ) -> io::Result<()> {
     assert_eq!(keys.len(), values.len(), "one value per key");
+    update_batch(map, keys, values)
+}
+
+/// [`map_update_batch`] for a per-CPU map of `cpus` possible CPUs: `values` holds each key's
+/// value for every CPU in turn (`cpus` values per key), as the kernel reads them (`V`'s size
+/// must be a multiple of 8, the kernel's per-CPU stride).
+///
+/// # Errors
+/// As [`map_update_batch`].
+pub fn percpu_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    cpus: usize,
+) -> io::Result<()> {
+    assert_eq!(size_of::<V>() % 8, 0, "per-CPU values are 8-byte strided");
+    assert_eq!(keys.len() * cpus, values.len(), "one value per key and CPU");
+    update_batch(map, keys, values)
+}
+
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
