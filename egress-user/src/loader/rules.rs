@@ -143,6 +143,16 @@ enum Plan<K> {
     Fresh(MapData),
 }
 
+impl<K> Plan<K> {
+    /// The fresh trie, if that is the plan.
+    fn fresh(&self) -> Option<&MapData> {
+        match self {
+            Plan::Fresh(trie) => Some(trie),
+            Plan::Same | Plan::InPlace(_) => None,
+        }
+    }
+}
+
 /// Makes the plan for one family: nothing, key writes, or a filled fresh trie (made here, so
 /// that a failure leaves everything as it was).
 fn plan<K: aya::Pod + Eq + std::hash::Hash>(
@@ -290,8 +300,21 @@ impl Enforcer {
             }
             return Err(e);
         }
-        fill::write_config(&mut self.ebpf, compiled.config)?;
-        fill::free_rows(&mut self.ebpf, &stored.gone(&compiled.rows), batch)?;
+        // The new rules are in force: what follows cannot take them back, so a failure is
+        // logged, not returned (the caller would take the old policy for the one in force).
+        if let Err(e) = fill::write_config(&mut self.ebpf, compiled.config) {
+            tracing::error!(error = %e, "rules in force, but CONFIG still names the previous generation (events will)");
+        }
+        for (name, trie) in [(maps::RULES_V4, v4.fresh()), (maps::RULES_V6, v6.fresh())] {
+            if let Some(trie) = trie
+                && let Err(e) = self.repin(name, trie)
+            {
+                tracing::warn!(error = %e, "rules in force, but their pin still shows the previous trie");
+            }
+        }
+        if let Err(e) = fill::free_rows(&mut self.ebpf, &stored.gone(&compiled.rows), batch) {
+            tracing::warn!(error = %e, "rules in force; the rows of rules that left stay named until the next change");
+        }
         tracing::debug!(
             generation = compiled.config.generation,
             rules = compiled.rows.len(),
@@ -316,7 +339,8 @@ impl Enforcer {
     }
 
     /// Puts one family's plan in force: its key writes in the trie in force, or its fresh
-    /// trie in the slot `ruleset` and under the pin `name`.
+    /// trie in the slot `ruleset` (pinned under `name` by the caller once both families are
+    /// in force).
     fn put_in_force<K: aya::Pod>(
         &self,
         name: &'static str,
@@ -326,10 +350,7 @@ impl Enforcer {
         match plan {
             Plan::Same => Ok(()),
             Plan::InPlace(ops) => apply_ops(name, self.trie(name).1, ops),
-            Plan::Fresh(trie) => {
-                self.ruleset_set(ruleset, trie)?;
-                self.repin(name, trie)
-            }
+            Plan::Fresh(trie) => self.ruleset_set(ruleset, trie),
         }
     }
 
