@@ -288,7 +288,7 @@ fn print_big(out: &mut String, big: &Big, options: &Options) {
     let median = order[order.len() / 2];
     out.push_str(&format!(
         "\nThe `loading rules` lines of the median {n}-rule start-up ({} ms to ready), with when each arrived \
-         (ms after spawn); every start-up and every reload of this size logged {} of them:\n\n```\n",
+         (ms after spawn); every start-up of this size logged {} of them (a one-rule reload fills no map, so it logs none):\n\n```\n",
         ms(median.start),
         median.progress.len()
     ));
