@@ -19,11 +19,12 @@ pub mod maps {
     pub const RULES_V4: &str = "RULES_V4";
     /// `LpmTrie<RuleKeyV6, RuleValue>`: IPv6 allow rules.
     pub const RULES_V6: &str = "RULES_V6";
-    /// `ArrayOfMaps<RULES_V4's type, 1>`: the IPv4 rule trie in force, the only way the
-    /// programs reach the rules. A change of rules alone puts a new trie here without new
-    /// programs; the pin `RULES_V4` follows the trie in force.
+    /// `ArrayOfMaps<RULES_V4's type, 2>`: the IPv4 rule tries, the only way the programs reach
+    /// the rules. Generation `g` is judged by the trie in slot `g & 1`. A change of rules alone
+    /// writes the other slot, then the generation number in [`CONFIG`] (the one write that puts
+    /// it in force), without new programs; the pin `RULES_V4` follows the trie in force.
     pub const RULESET_V4: &str = "RULESET_V4";
-    /// `ArrayOfMaps<RULES_V6's type, 1>`: the IPv6 rule trie in force.
+    /// `ArrayOfMaps<RULES_V6's type, 2>`: the IPv6 rule tries, as [`RULESET_V4`].
     pub const RULESET_V6: &str = "RULESET_V6";
     /// `LpmTrie<[u8; 4], u32>`: IPv4 destinations that are never filtered.
     pub const BYPASS_V4: &str = "BYPASS_V4";

@@ -8,7 +8,7 @@ use aya_ebpf::{
     },
 };
 use egress_common::{
-    AF_INET, Event, KEY_PREFIX_BITS, LearnedKeyV4, LearnedKeyV6, MAX_PROTOCOL, RuleKeyV4,
+    AF_INET, Config, Event, KEY_PREFIX_BITS, LearnedKeyV4, LearnedKeyV6, MAX_PROTOCOL, RuleKeyV4,
     RuleKeyV6, flags, verdict,
 };
 
@@ -99,15 +99,28 @@ pub enum Matched {
     Rule(u32),
 }
 
-/// Looks the destination up in the bypass trie and the rule trie of its family, among the
-/// rule keys of `scope`; then, when `learned` (the policy has FQDN rules) and no key matched,
-/// among the addresses DNS answers taught `scope`, while they have not expired.
+/// The generation in force, read once: the number its verdict's event carries and, by its
+/// parity, the slot of the rule sets holding its rules ([`lookup`]). A change of rules alone
+/// writes the other slot, then this number; read twice, a verdict could come from one
+/// generation's rules and carry the other's number.
 #[inline(always)]
-pub fn lookup(dest: &Dest, scope: u8, learned: bool) -> Option<Matched> {
+pub fn generation(config: &Config) -> u32 {
+    // SAFETY: a valid reference to the map value; a volatile read so that the compiler reads
+    // it exactly once and never reloads it for a later use.
+    unsafe { core::ptr::read_volatile(&config.generation) }
+}
+
+/// Looks the destination up in the bypass trie and the rule trie of its family in force for
+/// `generation` (slot `generation & 1` of `RULESET_V4`/`RULESET_V6`), among the rule keys of
+/// `scope`; then, when `learned` (the policy has FQDN rules) and no key matched, among the
+/// addresses DNS answers taught `scope`, while they have not expired.
+#[inline(always)]
+pub fn lookup(dest: &Dest, scope: u8, learned: bool, generation: u32) -> Option<Matched> {
+    let slot = generation & 1;
     let matched = if dest.family == AF_INET {
-        lookup_v4(dest, scope)
+        lookup_v4(dest, scope, slot)
     } else {
-        lookup_v6(dest, scope)
+        lookup_v6(dest, scope, slot)
     };
     if matched.is_some() || !learned {
         return matched;
@@ -146,7 +159,7 @@ fn lookup_learned(dest: &Dest, scope: u8) -> Option<Matched> {
 }
 
 #[inline(always)]
-fn lookup_v4(dest: &Dest, scope: u8) -> Option<Matched> {
+fn lookup_v4(dest: &Dest, scope: u8, slot: u32) -> Option<Matched> {
     let mut addr = [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]];
     if addr == [0, 0, 0, 0] {
         // connect() or sendto() to 0.0.0.0 reaches the local host.
@@ -161,15 +174,15 @@ fn lookup_v4(dest: &Dest, scope: u8) -> Option<Matched> {
         scope,
         addr,
     };
-    // Slot 0 holds the trie in force; empty (no rule matches) only before the agent filled it.
+    // An empty slot (before the agent filled it) matches no rule.
     RULESET_V4
-        .get_value_ptr_mut(0, &Key::new(KEY_PREFIX_BITS + 32, key))
+        .get_value_ptr_mut(slot, &Key::new(KEY_PREFIX_BITS + 32, key))
         // SAFETY: a valid map value pointer, read at once.
         .map(|value| Matched::Rule(unsafe { (*value).row }))
 }
 
 #[inline(always)]
-fn lookup_v6(dest: &Dest, scope: u8) -> Option<Matched> {
+fn lookup_v6(dest: &Dest, scope: u8, slot: u32) -> Option<Matched> {
     let mut addr = dest.addr;
     if addr == [0; 16] {
         // connect() or sendto() to :: reaches the local host.
@@ -184,9 +197,9 @@ fn lookup_v6(dest: &Dest, scope: u8) -> Option<Matched> {
         scope,
         addr,
     };
-    // Slot 0 holds the trie in force; empty (no rule matches) only before the agent filled it.
+    // An empty slot (before the agent filled it) matches no rule.
     RULESET_V6
-        .get_value_ptr_mut(0, &Key::new(KEY_PREFIX_BITS + 128, key))
+        .get_value_ptr_mut(slot, &Key::new(KEY_PREFIX_BITS + 128, key))
         // SAFETY: a valid map value pointer, read at once.
         .map(|value| Matched::Rule(unsafe { (*value).row }))
 }

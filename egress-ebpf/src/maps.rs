@@ -22,19 +22,21 @@ pub type RulesV4 = LpmTrie<RuleKeyV4, RuleValue, { MAX_RULE_KEYS as usize }>;
 /// IPv6 allow rules and redirects: (port, protocol, scope, CIDR) -> rule row.
 pub type RulesV6 = LpmTrie<RuleKeyV6, RuleValue, { MAX_RULE_KEYS as usize }>;
 
-/// The IPv4 rule trie in force, in slot 0. The programs look rules up only through it, so the
-/// agent can put a new trie in force with one map write, without new programs: a change of
-/// rules alone (`egress_common::maps::RULESET_V4`).
+/// The IPv4 rule tries: generation `g` looks its rules up in slot `g & 1` (the parity of the
+/// generation number it read once, so one number both picks the rules and labels the event).
+/// The programs reach the rules only through it, so the agent puts a change of rules alone in
+/// force without new programs: it writes the other slot, then `CONFIG`'s generation
+/// (`egress_common::maps::RULESET_V4`).
 #[btf_map]
-pub static RULESET_V4: ArrayOfMaps<RulesV4, 1> = ArrayOfMaps::new();
+pub static RULESET_V4: ArrayOfMaps<RulesV4, 2> = ArrayOfMaps::new();
 
-/// The IPv6 rule trie in force, in slot 0.
+/// The IPv6 rule tries, as `RULESET_V4`.
 #[btf_map]
-pub static RULESET_V6: ArrayOfMaps<RulesV6, 1> = ArrayOfMaps::new();
+pub static RULESET_V6: ArrayOfMaps<RulesV6, 2> = ArrayOfMaps::new();
 
-/// The generation's first IPv4 rule trie, put in `RULESET_V4` by the agent; also the model
-/// (type, size, BTF) of the tries it makes for later changes of rules. The programs never read
-/// it directly.
+/// The generation's first IPv4 rule trie, put in its slot of `RULESET_V4` by the agent; also
+/// the model (type, size, BTF) of the tries it makes for later changes of rules. The programs
+/// never read it directly.
 #[btf_map]
 pub static RULES_V4: RulesV4 = LpmTrie::new();
 

@@ -31,7 +31,7 @@ use egress_common::{
 use crate::{
     judge::{
         Dest, Judgement, LOOPBACK_V4, Matched, NAT64_WORD, V4_MAPPED_WORD, Who, count, count_error,
-        lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
+        generation, lookup, protocol_allowed, report, v4_in_16, words_to_bytes,
     },
     maps::{CONFIG, DNS_SLOTS, ORIG_COOKIE, ORIG_PEER, PROXY_LISTEN, SCOPES},
 };
@@ -580,8 +580,14 @@ fn decide(
     } else {
         0
     };
+    let generation = generation(config);
     let judged = if !raw && (protocol == u32::from(PROTO_TCP) || protocol == u32::from(PROTO_UDP)) {
-        lookup(dest, scope, config.flags & config_flags::DNS != 0)
+        lookup(
+            dest,
+            scope,
+            config.flags & config_flags::DNS != 0,
+            generation,
+        )
     } else if other_allowed(config.flags, raw, protocol) {
         // allowSockets lets this kind of socket through without rules: booked as a bypass.
         Some(Matched::Bypass)
@@ -634,7 +640,7 @@ fn decide(
     let judgement = Judgement {
         verdict,
         row,
-        generation: config.generation,
+        generation,
         reason: why,
     };
     count(&judgement, dest.hook);

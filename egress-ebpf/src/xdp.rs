@@ -20,7 +20,10 @@ use egress_common::{
 };
 
 use crate::{
-    judge::{Dest, Judgement, Matched, Who, count, count_error, lookup, protocol_allowed, report},
+    judge::{
+        Dest, Judgement, Matched, Who, count, count_error, generation, lookup, protocol_allowed,
+        report,
+    },
     maps::CONFIG,
 };
 
@@ -183,8 +186,14 @@ fn judge(ctx: &XdpContext, dest: &Dest) -> Result<u32, ()> {
     } else {
         0
     };
+    let generation = generation(config);
     let matched = if dest.proto == PROTO_TCP || dest.proto == PROTO_UDP {
-        lookup(dest, scope, config.flags & config_flags::DNS != 0)
+        lookup(
+            dest,
+            scope,
+            config.flags & config_flags::DNS != 0,
+            generation,
+        )
     } else {
         None
     };
@@ -197,7 +206,7 @@ fn judge(ctx: &XdpContext, dest: &Dest) -> Result<u32, ()> {
     let judgement = Judgement {
         verdict,
         row,
-        generation: config.generation,
+        generation,
         reason: reason::RULES,
     };
     count(&judgement, hook::XDP);

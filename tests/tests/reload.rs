@@ -232,27 +232,39 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
         programs,
         "the programs in force stayed"
     );
-    // Policy A is in force (the cycle's last): its verdicts, its keys in the pinned trie,
-    // with field names (the fresh trie has the object's BTF).
+    // Policy A is in force (the cycle's last). Each change writes the slot the one before
+    // last used (the standby), then flips to it: the pin follows the trie in force.
     sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
-    let fresh = pinned_map_id(&sb, "RULES_V4");
-    assert_ne!(
-        fresh, trie,
-        "a change to C put a fresh trie in force, pinned"
-    );
-    // A to B again: in place, in the trie in force.
-    fs::write(dir.join("a.yaml"), &policy_b).expect("b");
-    let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
-    assert!(ok.success(), "egress reload: {out}{err}\n{}", agent.log());
+    let a_trie = pinned_map_id(&sb, "RULES_V4");
+    let reload = |policy: &str| {
+        fs::write(dir.join("a.yaml"), policy).expect("policy");
+        let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
+        assert!(ok.success(), "egress reload: {out}{err}\n{}", agent.log());
+        pinned_map_id(&sb, "RULES_V4")
+    };
+    // The standby holds C: from C to B is more than a change makes in place, a fresh trie.
+    let b_trie = reload(&policy_b);
     sb.expect_verdicts(PROBE, &[both.addr(), b_only.addr()], &[a_only.addr()]);
-    assert_eq!(
-        pinned_map_id(&sb, "RULES_V4"),
-        fresh,
-        "a small change is made in place"
+    assert!(
+        b_trie != a_trie && b_trie != trie,
+        "a change to B from the standby's C put a fresh trie in force, pinned"
     );
-    fs::write(dir.join("a.yaml"), &policy_a).expect("a");
-    let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
-    assert!(ok.success(), "egress reload: {out}{err}\n{}", agent.log());
+    // The standby holds A already: nothing written, its trie in force again.
+    assert_eq!(reload(&policy_a), a_trie, "back to A's trie");
+    sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
+    // D is B's trie with a few keys changed: written in place, in the standby.
+    let policy_d = format!(
+        "{policy_a}---\n{}",
+        cidr_rule("seven", "192.0.2.0/24", 7070)
+    );
+    assert_eq!(
+        reload(&policy_d),
+        b_trie,
+        "a small change is written in place"
+    );
+    sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr(), b_only.addr()], &[]);
+    assert_eq!(reload(&policy_a), a_trie, "A's trie in force again");
+    sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
     let dump = std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
         .arg(sb.pin_dir.join("RULES_V4"))

@@ -35,11 +35,15 @@ pub struct Enforcer {
     pub(super) row_limit: u32,
     /// The rows `RULE_INFO` holds for the policy in force.
     pub(super) stored: compile::StoredRows,
-    /// The IPv4 and IPv6 rule tries in force, once a change of rules alone made them
-    /// ([`Enforcer::swap_rules`]); before, the object's own.
-    pub(super) tries: (Option<MapData>, Option<MapData>),
-    /// The IPv4 and IPv6 rule entries in force, to work out what a change of rules writes.
-    pub(super) entries: super::rules::RuleEntries,
+    /// The IPv4 rule tries in the two slots of `RULESET_V4`.
+    pub(super) v4: super::rules::Tries<egress_common::RuleKeyV4>,
+    /// The IPv6 rule tries in the two slots of `RULESET_V6`.
+    pub(super) v6: super::rules::Tries<egress_common::RuleKeyV6>,
+    /// The wait for the programs that read the previous generation number, begun by the last
+    /// change of rules alone.
+    pub(super) barrier: Option<super::rules::Barrier>,
+    /// The last change of rules alone could not begin that wait: the next waits first.
+    pub(super) barrier_missed: bool,
 }
 
 impl Enforcer {

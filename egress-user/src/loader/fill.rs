@@ -117,7 +117,8 @@ pub(super) fn fill_generation(ebpf: &mut Ebpf, c: &Compiled, batch: bool) -> Res
     ] {
         let rules = map_fd(ebpf.map(rules).expect("object has the rule trie"));
         let outer = map_fd(ebpf.map(ruleset).expect("object has the rule set"));
-        sys::map_of_maps_set(outer, 0, rules).map_err(|io_error| {
+        let slot = super::rules::slot_of(c.config.generation) as u32;
+        sys::map_of_maps_set(outer, slot, rules).map_err(|io_error| {
             map_err(ruleset, "writing")(syscall_error("bpf_map_update_elem", io_error))
         })?;
     }

@@ -267,14 +267,30 @@ impl Filled<'_> {
             rules = compiled.rows.len(),
             "generation in force"
         );
+        let (v4_trie, v6_trie) = (
+            take_trie(&mut ebpf, maps::RULES_V4),
+            take_trie(&mut ebpf, maps::RULES_V6),
+        );
         Ok(Enforcer {
             pins: g.pins,
             ebpf,
             shape: rules::Shape::of(&compiled),
             row_limit: compiled.config.row_limit,
             stored: g.stored.after(&compiled.rows, g.number),
-            tries: (None, None),
-            entries: (compiled.rules_v4, compiled.rules_v6),
+            v4: rules::Tries::new(
+                (maps::RULES_V4, maps::RULESET_V4),
+                g.number,
+                v4_trie,
+                compiled.rules_v4,
+            ),
+            v6: rules::Tries::new(
+                (maps::RULES_V6, maps::RULESET_V6),
+                g.number,
+                v6_trie,
+                compiled.rules_v6,
+            ),
+            barrier: None,
+            barrier_missed: false,
             rows: std::sync::Arc::new(compiled.rows),
             generation: g.number,
             scopes: compiled.scopes,
@@ -283,8 +299,20 @@ impl Filled<'_> {
     }
 }
 
+/// The object's rule trie `name`, taken out of it: the enforcer keeps it in its slot.
+fn take_trie(ebpf: &mut aya::Ebpf, name: &'static str) -> aya::maps::MapData {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::LpmTrie(data)) => data,
+        _ => unreachable!("the object has the LPM trie {name}"),
+    }
+}
+
 /// The generation that follows `current`: the next number, skipping 0 (which means "none"
-/// in events and the pinned config) when it wraps.
+/// in events and the pinned config) when it wraps, to 2, so that the parity, which picks the
+/// rules' slot (`RULESET_V4`), alternates across the wrap too.
 pub fn next_generation(current: u32) -> u32 {
-    current.wrapping_add(1).max(1)
+    match current.wrapping_add(1) {
+        0 => 2,
+        n => n,
+    }
 }

@@ -1,14 +1,20 @@
 //! A change of rules alone, put in force without a new generation of programs.
 //!
-//! The programs reach the rule tries only through the one-slot map-of-maps `RULESET_V4` and
-//! `RULESET_V6`. When a new policy differs from the one in force only in its rule keys (and
-//! so in the rows its rules own), each family whose keys changed goes into force one of two
-//! ways, both atomic for every `connect()` (one trie lookup each, answered wholly by the old
-//! rules or wholly by the new):
-//! - a change of at most [`IN_PLACE_MAX_KEYS`] keys is written into the trie in force, key
-//!   by key, in the order [`delta`] gives: microseconds a key;
-//! - a larger one fills a new, unreferenced trie and puts it in the slot with one map write;
-//!   the kernel keeps the replaced trie alive until no program that could see it runs.
+//! The programs reach the rule tries only through the two-slot map-of-maps `RULESET_V4` and
+//! `RULESET_V6`: generation `g` reads its number once from `CONFIG` and looks its rules up in
+//! slot `g & 1`, so one number both picks the rules that judge a `connect()` and labels its
+//! event. When a new policy differs from the one in force only in its rule keys (and so in the
+//! rows its rules own), it goes into force in three steps:
+//! 1. each family's other slot (the standby, holding the rules of the generation before the
+//!    one in force) is brought to the new rules: a difference of at most
+//!    [`IN_PLACE_MAX_KEYS`] keys is written into the standby trie key by key (microseconds a
+//!    key); a larger one fills a fresh trie and puts it in the slot;
+//! 2. `CONFIG` takes the new generation number: the one write that puts both families' new
+//!    rules in force, for every program run that reads it from then on;
+//! 3. a wait for an RCU grace period, begun in the background (a [`Barrier`]): once it is
+//!    over, no program run that read the old number is still going, and the old slot becomes
+//!    the standby the next change may write. The next change waits for it first, if it has
+//!    not ended by then.
 //!
 //! That skips what a generation costs (loading the object, verifying every program, swapping
 //! every link). Anything else that changed (mode, bypass ranges, scopes, resolvers, FQDN
@@ -17,11 +23,11 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
 };
 
 use aya::maps::{Map, MapData, lpm_trie::Key};
-use egress_common::{RuleKeyV4, RuleKeyV6, RuleValue, maps};
+use egress_common::{RuleValue, maps};
 
 use super::{
     Enforcer, LoadError,
@@ -62,30 +68,23 @@ impl Shape {
     }
 }
 
-/// The IPv4 and IPv6 rule entries of a policy in force.
-pub(super) type RuleEntries = (
-    Vec<LpmEntry<RuleKeyV4, RuleValue>>,
-    Vec<LpmEntry<RuleKeyV6, RuleValue>>,
-);
-
-/// A change of at most this many rule keys (keys added, removed or given another row) is
-/// made in the trie in force, key by key in an order that keeps every lookup whole
+/// A difference of at most this many rule keys (keys added, removed or given another row)
+/// between the standby trie and the new rules is written into the standby key by key
 /// ([`delta`]); a larger one fills a fresh trie and puts it in the slot, which costs a fill of
 /// every key and a wait for an RCU grace period (5-16 ms here).
 pub const IN_PLACE_MAX_KEYS: usize = 4096;
 
-/// One rule key written or removed in the trie in force, with what it held before (to undo).
+/// One rule key written into or removed from a trie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Op<K> {
-    /// Insert the key, or give it another value; `was`: its value before, if any.
+    /// Insert the key, or give it another value.
     Put {
         prefix: u32,
         key: K,
         value: RuleValue,
-        was: Option<RuleValue>,
     },
-    /// Remove the key, which held `was`.
-    Delete { prefix: u32, key: K, was: RuleValue },
+    /// Remove the key.
+    Delete { prefix: u32, key: K },
 }
 
 impl<K> Op<K> {
@@ -96,13 +95,13 @@ impl<K> Op<K> {
     }
 }
 
-/// The key writes that turn the trie holding `old` into one holding `new`, in an order under
-/// which every longest-prefix lookup made between two of them gives what it gave with `old`
-/// or what it gives with `new`, never a third answer: first the keys to insert or change,
-/// longest prefix first (a new key is in only once every longer new key that could cover the
-/// same address is), then the keys to remove, shortest prefix first (a key goes only once
-/// every shorter one to go is gone). So a `connect()` during the change is judged wholly by
-/// the old rules or wholly by the new ones, as with a swapped trie.
+/// The key writes that turn the trie holding `old` into one holding `new`. Only the standby
+/// trie is written, which no program reads; the order is a second line of defence should one
+/// still read it: under it every longest-prefix lookup made between two writes gives what it
+/// gave with `old` or what it gives with `new`, never a third answer. First the keys to insert
+/// or change, longest prefix first (a new key is in only once every longer new key that could
+/// cover the same address is), then the keys to remove, shortest prefix first (a key goes only
+/// once every shorter one to go is gone).
 pub(super) fn delta<K: Copy + Eq + std::hash::Hash>(
     old: &[LpmEntry<K, RuleValue>],
     new: &[LpmEntry<K, RuleValue>],
@@ -112,112 +111,191 @@ pub(super) fn delta<K: Copy + Eq + std::hash::Hash>(
     let after: HashSet<(u32, K)> = new.iter().map(|&(p, k, _)| (p, k)).collect();
     let mut puts: Vec<Op<K>> = new
         .iter()
-        .filter_map(|&(prefix, key, value)| {
-            let was = before.get(&(prefix, key)).copied();
-            (was != Some(value)).then_some(Op::Put {
-                prefix,
-                key,
-                value,
-                was,
-            })
-        })
+        .filter(|&&(prefix, key, value)| before.get(&(prefix, key)) != Some(&value))
+        .map(|&(prefix, key, value)| Op::Put { prefix, key, value })
         .collect();
     puts.sort_by_key(|op| std::cmp::Reverse(op.prefix()));
     let mut deletes: Vec<Op<K>> = old
         .iter()
         .filter(|(p, k, _)| !after.contains(&(*p, *k)))
-        .map(|&(prefix, key, was)| Op::Delete { prefix, key, was })
+        .map(|&(prefix, key, _)| Op::Delete { prefix, key })
         .collect();
     deletes.sort_by_key(Op::prefix);
     puts.extend(deletes);
     puts
 }
 
-/// How one family's rules go into force.
+/// How one family's standby slot is brought to the new rules.
 enum Plan<K> {
-    /// Its entries did not change.
+    /// It holds them already.
     Same,
-    /// Key by key in the trie in force.
+    /// Key by key in the standby trie.
     InPlace(Vec<Op<K>>),
     /// A fresh trie, filled, to put in the slot.
     Fresh(MapData),
 }
 
-impl<K> Plan<K> {
-    /// The fresh trie, if that is the plan.
-    fn fresh(&self) -> Option<&MapData> {
-        match self {
-            Plan::Fresh(trie) => Some(trie),
-            Plan::Same | Plan::InPlace(_) => None,
-        }
-    }
-}
-
-/// Makes the plan for one family: nothing, key writes, or a filled fresh trie (made here, so
-/// that a failure leaves everything as it was).
-fn plan<K: aya::Pod + Eq + std::hash::Hash>(
-    model: (&'static str, BorrowedFd<'_>),
-    old: &[LpmEntry<K, RuleValue>],
-    new: &[LpmEntry<K, RuleValue>],
-    batch: bool,
-) -> Result<Plan<K>, LoadError> {
-    let ops = delta(old, new);
-    Ok(if ops.is_empty() {
-        Plan::Same
-    } else if ops.len() <= IN_PLACE_MAX_KEYS {
-        Plan::InPlace(ops)
-    } else {
-        Plan::Fresh(new_trie(model, new, batch)?)
-    })
-}
-
-/// Applies `ops` to the trie `trie` in order; if one fails, undoes those done (in reverse,
-/// which keeps every lookup whole too) and returns the error.
+/// Applies `ops` to the trie `trie` in order.
 fn apply_ops<K: aya::Pod>(
     name: &'static str,
     trie: BorrowedFd<'_>,
     ops: &[Op<K>],
 ) -> Result<(), LoadError> {
-    let write = |op: &Op<K>| match *op {
-        Op::Put {
-            prefix, key, value, ..
-        } => sys::map_update(trie, &Key::new(prefix, key), &value)
-            .map_err(|e| syscall_error("bpf_map_update_elem", e)),
-        Op::Delete { prefix, key, .. } => sys::map_delete(trie, &Key::new(prefix, key))
-            .map_err(|e| syscall_error("bpf_map_delete_elem", e)),
-    };
-    for (done, op) in ops.iter().enumerate() {
-        if let Err(e) = write(op) {
-            undo(name, trie, &ops[..done]);
-            return Err(map_err(name, "changing")(e));
+    for op in ops {
+        match *op {
+            Op::Put { prefix, key, value } => sys::map_update(trie, &Key::new(prefix, key), &value)
+                .map_err(|e| syscall_error("bpf_map_update_elem", e)),
+            Op::Delete { prefix, key } => sys::map_delete(trie, &Key::new(prefix, key))
+                .map_err(|e| syscall_error("bpf_map_delete_elem", e)),
         }
+        .map_err(map_err(name, "changing"))?;
     }
     Ok(())
 }
 
-/// Undoes `ops` (all done) in reverse order.
-fn undo<K: aya::Pod>(name: &'static str, trie: BorrowedFd<'_>, ops: &[Op<K>]) {
-    for op in ops.iter().rev() {
-        let result = match *op {
-            Op::Put {
-                prefix,
-                key,
-                was: Some(was),
-                ..
-            }
-            | Op::Delete {
-                prefix, key, was, ..
-            } => sys::map_update(trie, &Key::new(prefix, key), &was),
-            Op::Put {
-                prefix,
-                key,
-                was: None,
-                ..
-            } => sys::map_delete(trie, &Key::new(prefix, key)),
-        };
-        if let Err(e) = result {
-            tracing::error!(map = name, error = %e, "could not undo a rule key write after a failed change; run `egress reload` to rewrite the rules");
+/// A rule trie in one slot of a rule set, and what it holds.
+pub(super) struct Slot<K> {
+    trie: MapData,
+    /// Its entries; `None` once a change failed part-way through writing it (the next change
+    /// fills a fresh trie for the slot).
+    entries: Option<Vec<LpmEntry<K, RuleValue>>>,
+}
+
+/// One family's rule set (`RULESET_V4` or `RULESET_V6`): the tries this agent put in its two
+/// slots.
+pub(super) struct Tries<K> {
+    /// The family's trie map name, `RULES_V4` or `RULES_V6` (pin and error messages).
+    name: &'static str,
+    /// The rule set's map name.
+    ruleset: &'static str,
+    slots: [Option<Slot<K>>; 2],
+}
+
+impl<K: aya::Pod + Eq + std::hash::Hash> Tries<K> {
+    /// The rule set of a generation just put in force: its object's trie `trie`, holding
+    /// `entries`, in the slot of generation `number`; the other slot empty.
+    pub(super) fn new(
+        (name, ruleset): (&'static str, &'static str),
+        number: u32,
+        trie: MapData,
+        entries: Vec<LpmEntry<K, RuleValue>>,
+    ) -> Self {
+        let mut slots = [None, None];
+        slots[slot_of(number)] = Some(Slot {
+            trie,
+            entries: Some(entries),
+        });
+        Self {
+            name,
+            ruleset,
+            slots,
         }
+    }
+
+    /// A trie of this family, the model of new ones.
+    fn model(&self) -> BorrowedFd<'_> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|slot| slot.trie.fd().as_fd())
+            .next()
+            .expect("the slot in force holds a trie")
+    }
+
+    /// The trie in slot `slot`, if this agent put one there.
+    fn trie(&self, slot: usize) -> Option<&MapData> {
+        self.slots[slot].as_ref().map(|s| &s.trie)
+    }
+
+    /// Makes the plan that brings slot `slot` to `new`: nothing, key writes, or a filled fresh
+    /// trie (made here, so that a failure leaves everything as it was).
+    fn plan(
+        &self,
+        slot: usize,
+        new: &[LpmEntry<K, RuleValue>],
+        batch: bool,
+    ) -> Result<Plan<K>, LoadError> {
+        if let Some(Slot {
+            entries: Some(old), ..
+        }) = &self.slots[slot]
+        {
+            let ops = delta(old, new);
+            if ops.is_empty() {
+                return Ok(Plan::Same);
+            }
+            if ops.len() <= IN_PLACE_MAX_KEYS {
+                return Ok(Plan::InPlace(ops));
+            }
+        }
+        Ok(Plan::Fresh(new_trie(
+            (self.name, self.model()),
+            new,
+            batch,
+        )?))
+    }
+
+    /// Carries out `plan` on slot `slot` of the rule set `outer`, which then holds `new`. No
+    /// program reads that slot (the caller waited for the [`Barrier`] of the last change).
+    fn write(
+        &mut self,
+        outer: BorrowedFd<'_>,
+        slot: usize,
+        plan: Plan<K>,
+        new: Vec<LpmEntry<K, RuleValue>>,
+    ) -> Result<(), LoadError> {
+        match plan {
+            Plan::Same => {}
+            Plan::InPlace(ops) => {
+                let standby = self.slots[slot].as_mut().expect("planned on a trie");
+                if let Err(e) = apply_ops(self.name, standby.trie.fd().as_fd(), &ops) {
+                    standby.entries = None;
+                    return Err(e);
+                }
+            }
+            Plan::Fresh(trie) => {
+                sys::map_of_maps_set(outer, slot as u32, trie.fd().as_fd()).map_err(|e| {
+                    map_err(self.ruleset, "writing")(syscall_error("bpf_map_update_elem", e))
+                })?;
+                self.slots[slot] = Some(Slot {
+                    trie,
+                    entries: None,
+                });
+            }
+        }
+        self.slots[slot].as_mut().expect("written").entries = Some(new);
+        Ok(())
+    }
+}
+
+/// The slot of `RULESET_V4`/`RULESET_V6` whose rules judge for generation `number`.
+pub(super) fn slot_of(number: u32) -> usize {
+    (number & 1) as usize
+}
+
+/// A wait for an RCU grace period begun right after a change put a new generation number in
+/// force: a `BPF_MAP_UPDATE_ELEM` of a map-of-maps returns only once every program run that
+/// began before it has ended (the kernel's `synchronize_rcu`), so the update is made to the
+/// old slot with the trie already in it, changing nothing, in a thread of its own.
+pub(super) struct Barrier(std::thread::JoinHandle<io::Result<()>>);
+
+impl Barrier {
+    /// Begins the wait: re-puts `trie`, in slot `slot` of `outer` already, there.
+    fn begin(outer: BorrowedFd<'_>, slot: usize, trie: BorrowedFd<'_>) -> io::Result<Self> {
+        let (outer, trie): (OwnedFd, OwnedFd) =
+            (outer.try_clone_to_owned()?, trie.try_clone_to_owned()?);
+        std::thread::Builder::new()
+            .name("egress-rcu-wait".into())
+            .spawn(move || sys::map_of_maps_set(outer.as_fd(), slot as u32, trie.as_fd()))
+            .map(Self)
+    }
+
+    /// Waits for it to end.
+    fn wait(self) -> io::Result<()> {
+        self.0.join().unwrap_or_else(|_| {
+            Err(io::Error::other(
+                "the thread waiting for a grace period panicked",
+            ))
+        })
     }
 }
 
@@ -235,7 +313,9 @@ impl Enforcer {
     pub fn rules_only(&self, compiled: &Compiled) -> bool {
         let mut candidate = Shape::of(compiled);
         candidate.0.config.agent_cgroup = self.shape.0.config.agent_cgroup;
-        candidate == self.shape && self.pinned_is_ours()
+        candidate == self.shape
+            && slot_of(compiled.config.generation) != slot_of(self.generation)
+            && self.pinned_is_ours()
     }
 
     /// True when the pinned `CONFIG` is this generation's: nobody unloaded the pins or put
@@ -251,12 +331,12 @@ impl Enforcer {
 
     /// Puts `compiled` in force by its rule tries alone (see the module documentation); the
     /// caller checked [`Enforcer::rules_only`]. New rules get their rows (counters zeroed)
-    /// before the tries that count on them are in force; rows of rules that left are freed
+    /// before the rules that count on them are in force; rows of rules that left are freed
     /// after.
     ///
     /// # Errors
-    /// A trie could not be made or filled (nothing changed), or put in force; if the IPv6
-    /// trie fails after the IPv4 one went in, the IPv4 one is put back, so the policy in force
+    /// The grace period after the last change could not be waited for, or a standby trie could
+    /// not be made, filled or written, or `CONFIG` could not be written: the policy in force
     /// stays the old one whole.
     pub fn swap_rules(
         &mut self,
@@ -265,18 +345,13 @@ impl Enforcer {
         batch: bool,
     ) -> Result<(), LoadError> {
         compiled.config.agent_cgroup = self.shape.0.config.agent_cgroup;
-        let v4 = plan(
-            self.trie(maps::RULES_V4),
-            &self.entries.0,
-            &compiled.rules_v4,
-            batch,
-        )?;
-        let v6 = plan(
-            self.trie(maps::RULES_V6),
-            &self.entries.1,
-            &compiled.rules_v6,
-            batch,
-        )?;
+        let (old, slot) = (
+            slot_of(self.generation),
+            slot_of(compiled.config.generation),
+        );
+        self.wait_for_readers()?;
+        let v4 = self.v4.plan(slot, &compiled.rules_v4, batch)?;
+        let v6 = self.v6.plan(slot, &compiled.rules_v6, batch)?;
         let new_rows: Vec<(u32, &str)> = compiled
             .rows
             .rows()
@@ -284,28 +359,35 @@ impl Enforcer {
             .filter(|(row, _)| !stored.contains(*row))
             .collect();
         fill::take_rows(&mut self.ebpf, &new_rows, compiled.config.generation, batch)?;
+        let rules_v4 = std::mem::take(&mut compiled.rules_v4);
+        let rules_v6 = std::mem::take(&mut compiled.rules_v6);
+        self.v4
+            .write(outer(&self.ebpf, maps::RULESET_V4), slot, v4, rules_v4)?;
+        self.v6
+            .write(outer(&self.ebpf, maps::RULESET_V6), slot, v6, rules_v6)?;
+        // The one write that puts the new rules in force.
+        fill::write_config(&mut self.ebpf, compiled.config)?;
 
-        let old_v4 = self.ruleset_get(maps::RULESET_V4)?;
-        self.put_in_force(maps::RULES_V4, maps::RULESET_V4, &v4)?;
-        if let Err(e) = self.put_in_force(maps::RULES_V6, maps::RULESET_V6, &v6) {
-            // Back to the old IPv4 rules: the old policy stays in force whole.
-            match &v4 {
-                Plan::Same => {}
-                Plan::InPlace(ops) => undo(maps::RULES_V4, self.trie(maps::RULES_V4).1, ops),
-                Plan::Fresh(_) => {
-                    if let Err(back) = self.ruleset_set(maps::RULESET_V4, &old_v4) {
-                        tracing::error!(error = %back, "could not put the IPv4 rules back after a failed change");
-                    }
-                }
+        // What follows cannot take the new rules back, so a failure is logged, not returned
+        // (the caller would take the old policy for the one in force).
+        let previous = self.v4.trie(old).expect("the slot in force holds a trie");
+        let begun = Barrier::begin(
+            outer(&self.ebpf, maps::RULESET_V4),
+            old,
+            previous.fd().as_fd(),
+        );
+        self.barrier = match begun {
+            Ok(barrier) => Some(barrier),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not begin waiting for a grace period in the background; the next change of rules will wait first");
+                None
             }
-            return Err(e);
-        }
-        // The new rules are in force: what follows cannot take them back, so a failure is
-        // logged, not returned (the caller would take the old policy for the one in force).
-        if let Err(e) = fill::write_config(&mut self.ebpf, compiled.config) {
-            tracing::error!(error = %e, "rules in force, but CONFIG still names the previous generation (events will)");
-        }
-        for (name, trie) in [(maps::RULES_V4, v4.fresh()), (maps::RULES_V6, v6.fresh())] {
+        };
+        self.barrier_missed = self.barrier.is_none();
+        for (name, trie) in [
+            (maps::RULES_V4, self.v4.trie(slot)),
+            (maps::RULES_V6, self.v6.trie(slot)),
+        ] {
             if let Some(trie) = trie
                 && let Err(e) = self.repin(name, trie)
             {
@@ -324,63 +406,41 @@ impl Enforcer {
         self.row_limit = compiled.config.row_limit;
         self.stored = stored.after(&compiled.rows, compiled.config.generation);
         self.rows = std::sync::Arc::new(compiled.rows);
-        self.entries = (compiled.rules_v4, compiled.rules_v6);
-        // The object's own trie of a family is out of force once replaced, and the new one
-        // models the next: free it (a million-key policy holds tens of megabytes in each).
-        if let Plan::Fresh(v4) = v4 {
-            self.tries.0 = Some(v4);
-            drop(self.ebpf.take_map(maps::RULES_V4));
-        }
-        if let Plan::Fresh(v6) = v6 {
-            self.tries.1 = Some(v6);
-            drop(self.ebpf.take_map(maps::RULES_V6));
-        }
         Ok(())
     }
 
-    /// Puts one family's plan in force: its key writes in the trie in force, or its fresh
-    /// trie in the slot `ruleset` (pinned under `name` by the caller once both families are
-    /// in force).
-    fn put_in_force<K: aya::Pod>(
-        &self,
-        name: &'static str,
-        ruleset: &'static str,
-        plan: &Plan<K>,
-    ) -> Result<(), LoadError> {
-        match plan {
-            Plan::Same => Ok(()),
-            Plan::InPlace(ops) => apply_ops(name, self.trie(name).1, ops),
-            Plan::Fresh(trie) => self.ruleset_set(ruleset, trie),
+    /// Returns once no program run that read the generation before the one in force is still
+    /// going, so that its slot may be written: waits for the last change's [`Barrier`], or
+    /// waits for a grace period here if it could not be begun or failed.
+    ///
+    /// # Errors
+    /// The wait here failed too: writing the standby slot could change rules a program is
+    /// still reading, so the change is refused.
+    fn wait_for_readers(&mut self) -> Result<(), LoadError> {
+        let waited = match self.barrier.take() {
+            Some(barrier) => barrier.wait().map_err(|e| {
+                tracing::warn!(error = %e, "the background wait for a grace period failed; waiting again");
+            }).is_ok(),
+            None => !self.barrier_missed,
+        };
+        if waited {
+            return Ok(());
         }
-    }
-
-    /// The rule trie `name` (`RULES_V4` or `RULES_V6`) in force, as the model of a new one.
-    fn trie(&self, name: &'static str) -> (&'static str, BorrowedFd<'_>) {
-        let made = if name == maps::RULES_V4 {
-            &self.tries.0
-        } else {
-            &self.tries.1
-        };
-        let fd = match made {
-            Some(trie) => trie.fd().as_fd(),
-            None => map_fd(self.ebpf.map(name).expect("object has the rule trie")),
-        };
-        (name, fd)
-    }
-
-    /// The trie in slot 0 of the map-of-maps `name`.
-    fn ruleset_get(&self, name: &'static str) -> Result<MapData, LoadError> {
-        let outer = map_fd(self.ebpf.map(name).expect("object has the rule set"));
-        let id = sys::map_of_maps_get(outer, 0)
-            .map_err(|e| map_err(name, "reading")(syscall_error("bpf_map_lookup_elem", e)))?;
-        MapData::from_id(id).map_err(map_err(name, "opening the trie in"))
-    }
-
-    /// Puts `trie` in slot 0 of the map-of-maps `name`.
-    fn ruleset_set(&self, name: &'static str, trie: &MapData) -> Result<(), LoadError> {
-        let outer = map_fd(self.ebpf.map(name).expect("object has the rule set"));
-        sys::map_of_maps_set(outer, 0, trie.fd().as_fd())
-            .map_err(|e| map_err(name, "writing")(syscall_error("bpf_map_update_elem", e)))
+        let old = slot_of(self.generation) ^ 1;
+        if let Some(trie) = self.v4.trie(old) {
+            sys::map_of_maps_set(
+                outer(&self.ebpf, maps::RULESET_V4),
+                old as u32,
+                trie.fd().as_fd(),
+            )
+            .map_err(|e| {
+                map_err(maps::RULESET_V4, "waiting for a grace period after writing")(
+                    syscall_error("bpf_map_update_elem", e),
+                )
+            })?;
+        }
+        self.barrier_missed = false;
+        Ok(())
     }
 
     /// Moves the pin `name` to `trie`: pinned under a temporary name ([`temporary_pin`]),
@@ -400,6 +460,11 @@ impl Enforcer {
             source,
         })
     }
+}
+
+/// The map-of-maps `name` (`RULESET_V4` or `RULESET_V6`) of `ebpf`.
+fn outer<'a>(ebpf: &'a aya::Ebpf, name: &'static str) -> BorrowedFd<'a> {
+    map_fd(ebpf.map(name).expect("object has the rule set"))
 }
 
 /// Where the new trie `name` is pinned before it is renamed over the pin `name` (bpffs refuses
@@ -505,45 +570,19 @@ mod tests {
             let ops = delta(&old, &new);
             for (step, op) in ops.iter().enumerate() {
                 match *op {
-                    Op::Put {
-                        prefix,
-                        key,
-                        value,
-                        was,
-                    } => {
-                        assert_eq!(state.insert((prefix, key), value), was);
+                    Op::Put { prefix, key, value } => {
+                        state.insert((prefix, key), value);
                     }
-                    Op::Delete { prefix, key, was } => {
-                        assert_eq!(state.remove(&(prefix, key)), Some(was));
+                    Op::Delete { prefix, key } => {
+                        assert!(
+                            state.remove(&(prefix, key)).is_some(),
+                            "{op:?} removes a key"
+                        );
                     }
                 }
                 check(&state, step);
             }
             assert_eq!(state, after, "the delta ends at the new rules");
-            // Undone in reverse, it ends at the old rules, whole at every step too.
-            for (step, op) in ops.iter().enumerate().rev() {
-                match *op {
-                    Op::Put {
-                        prefix,
-                        key,
-                        was: Some(was),
-                        ..
-                    }
-                    | Op::Delete { prefix, key, was } => {
-                        state.insert((prefix, key), was);
-                    }
-                    Op::Put {
-                        prefix,
-                        key,
-                        was: None,
-                        ..
-                    } => {
-                        state.remove(&(prefix, key));
-                    }
-                }
-                check(&state, step);
-            }
-            assert_eq!(state, before);
         }
     }
 
@@ -561,12 +600,10 @@ mod tests {
                     prefix: 16,
                     key: [10, 1],
                     value: moved.2,
-                    was: Some(b.2)
                 },
                 Op::Delete {
                     prefix: 16,
                     key: [10, 2],
-                    was: c.2
                 },
             ]
         );

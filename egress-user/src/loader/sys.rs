@@ -437,22 +437,6 @@ pub fn map_delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr)
 }
 
-/// The id of the map at `index` of the map-of-maps `outer` (`BPF_MAP_LOOKUP_ELEM`).
-///
-/// # Errors
-/// As `BPF_MAP_LOOKUP_ELEM`: `ENOENT` for an empty slot.
-pub fn map_of_maps_get(outer: BorrowedFd<'_>, index: u32) -> io::Result<u32> {
-    let mut id = 0u32;
-    // SAFETY: as in `link_update`.
-    let mut attr: bpf_attr = unsafe { zeroed() };
-    // `index` and `id` outlive the call.
-    attr.__bindgen_anon_2.map_fd = outer.as_raw_fd() as u32;
-    attr.__bindgen_anon_2.key = std::ptr::from_ref(&index) as u64;
-    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(&mut id) as u64;
-    bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr)?;
-    Ok(id)
-}
-
 /// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup fd or an ifindex) with `attach_type`.
 /// The returned link detaches when dropped, unless pinned.
 ///
