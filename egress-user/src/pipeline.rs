@@ -53,10 +53,31 @@ pub fn enforce(
     pods: &[(u64, String)],
 ) -> Result<Enforcer, Error> {
     let generation = Generation::open(target, kernel, proxy_listeners)?;
-    let mut compiled = compile::compile(policy, generation.stored_rows(), generation.number())?;
-    compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);
+    let compiled = compile_for(policy, &generation, pods)?;
     warn_shadowed(&compiled);
     Ok(generation.fill(compiled)?.swap()?)
+}
+
+/// [`compile::compile`] of `policy` against the rows `stored` as generation `number`, with
+/// `pods` in their namespaces' scopes.
+fn compile_with_pods(
+    policy: &Policy,
+    stored: &compile::StoredRows,
+    number: u32,
+    pods: &[(u64, String)],
+) -> Result<Compiled, CompileError> {
+    let mut compiled = compile::compile(policy, stored, number)?;
+    compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);
+    Ok(compiled)
+}
+
+/// [`compile_with_pods`] for the new generation `generation`.
+fn compile_for(
+    policy: &Policy,
+    generation: &Generation<'_>,
+    pods: &[(u64, String)],
+) -> Result<Compiled, CompileError> {
+    compile_with_pods(policy, generation.stored_rows(), generation.number(), pods)
 }
 
 /// How [`change`] put a policy in force.
@@ -84,21 +105,18 @@ pub fn change(
     pods: &[(u64, String)],
 ) -> Result<Way, Error> {
     let batch = kernel.has(features::Id::BatchOps);
-    let stored = current.stored_rows().clone();
     let number = crate::loader::next_generation(current.generation());
-    let mut compiled = compile::compile(policy, &stored, number)?;
-    compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);
+    let mut compiled = compile_with_pods(policy, current.stored_rows(), number, pods)?;
     if current.rules_only(&compiled) {
         warn_shadowed(&compiled);
-        current.swap_rules(compiled, &stored, batch)?;
+        current.swap_rules(compiled, batch)?;
         return Ok(Way::Rules);
     }
     let generation = Generation::open(target, kernel, proxy_listeners)?;
-    if *generation.stored_rows() != stored || generation.number() != number {
+    if generation.stored_rows() != current.stored_rows() || generation.number() != number {
         // The pins changed under the agent (`egress unload`, another agent): compile against
         // what they hold.
-        compiled = compile::compile(policy, generation.stored_rows(), generation.number())?;
-        compiled.scoped_cgroups = compile::scoped_cgroups(&compiled.scopes, pods);
+        compiled = compile_for(policy, &generation, pods)?;
     }
     warn_shadowed(&compiled);
     *current = generation.fill(compiled)?.swap()?;

@@ -329,8 +329,8 @@ impl Enforcer {
         matches!((pinned, ours), (Ok(p), Ok(o)) if p.id() == o.id())
     }
 
-    /// Puts `compiled` in force by its rule tries alone (see the module documentation); the
-    /// caller checked [`Enforcer::rules_only`]. New rules get their rows (counters zeroed)
+    /// Puts `compiled` (compiled against [`Enforcer::stored_rows`]) in force by its rule tries
+    /// alone (see the module documentation); the caller checked [`Enforcer::rules_only`]. New rules get their rows (counters zeroed)
     /// before the rules that count on them are in force; rows of rules that left are freed
     /// after.
     ///
@@ -338,12 +338,7 @@ impl Enforcer {
     /// The grace period after the last change could not be waited for, or a standby trie could
     /// not be made, filled or written, or `CONFIG` could not be written: the policy in force
     /// stays the old one whole.
-    pub fn swap_rules(
-        &mut self,
-        mut compiled: Compiled,
-        stored: &StoredRows,
-        batch: bool,
-    ) -> Result<(), LoadError> {
+    pub fn swap_rules(&mut self, mut compiled: Compiled, batch: bool) -> Result<(), LoadError> {
         compiled.config.agent_cgroup = self.shape.0.config.agent_cgroup;
         let (old, slot) = (
             slot_of(self.generation),
@@ -356,7 +351,7 @@ impl Enforcer {
             .rows
             .rows()
             .into_iter()
-            .filter(|(row, _)| !stored.contains(*row))
+            .filter(|(row, _)| !self.stored.contains(*row))
             .collect();
         fill::take_rows(&mut self.ebpf, &new_rows, compiled.config.generation, batch)?;
         let rules_v4 = std::mem::take(&mut compiled.rules_v4);
@@ -394,7 +389,7 @@ impl Enforcer {
                 tracing::warn!(error = %e, "rules in force, but their pin still shows the previous trie");
             }
         }
-        if let Err(e) = fill::free_rows(&mut self.ebpf, &stored.gone(&compiled.rows), batch) {
+        if let Err(e) = fill::free_rows(&mut self.ebpf, &self.stored.gone(&compiled.rows), batch) {
             tracing::warn!(error = %e, "rules in force; the rows of rules that left stay named until the next change");
         }
         tracing::debug!(
@@ -404,7 +399,9 @@ impl Enforcer {
         );
         self.generation = compiled.config.generation;
         self.row_limit = compiled.config.row_limit;
-        self.stored = stored.after(&compiled.rows, compiled.config.generation);
+        self.stored = self
+            .stored
+            .after(&compiled.rows, compiled.config.generation);
         self.rows = std::sync::Arc::new(compiled.rows);
         Ok(())
     }

@@ -73,17 +73,29 @@ pub struct CgroupLinkInfo {
     pub attach_type: u32,
 }
 
-fn link_info(link: BorrowedFd<'_>) -> io::Result<bpf_link_info> {
-    // SAFETY: plain C structs, all-zero initial state.
-    let mut info: bpf_link_info = unsafe { zeroed() };
-    // SAFETY: as above.
+/// What `BPF_OBJ_GET_INFO_BY_FD` says of the object `fd`, as `T`: `bpf_link_info` for a
+/// link, `bpf_map_info` for a map.
+///
+/// # Safety
+/// `T` must be the kernel's info struct for the kind of object `fd` is: plain C data, valid
+/// all-zero, which the kernel fills up to its size.
+unsafe fn obj_info<T>(fd: BorrowedFd<'_>) -> io::Result<T> {
+    // SAFETY: the caller's promise: plain C data, all-zero is a valid value.
+    let mut info: T = unsafe { zeroed() };
+    // SAFETY: as in `link_update`.
     let mut attr: bpf_attr = unsafe { zeroed() };
     // `info` outlives the call and `info_len` is its size.
-    attr.info.bpf_fd = link.as_raw_fd() as u32;
-    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<T>() as u32;
     attr.info.info = std::ptr::from_mut(&mut info) as u64;
     bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info)
+}
+
+fn link_info(link: BorrowedFd<'_>) -> io::Result<bpf_link_info> {
+    // SAFETY: `bpf_link_info` is the kernel's info struct for a link; a fd of another kind
+    // fills it with what the caller rejects as nonsense ids.
+    unsafe { obj_info(link) }
 }
 
 /// Reads the program and cgroup of a cgroup link.
@@ -347,15 +359,9 @@ pub fn map_create(
 /// # Errors
 /// `like` is not a map, its BTF cannot be opened, or the kernel refused the map.
 pub fn map_create_like(like: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
-    // SAFETY: plain C structs, all-zero initial state.
-    let mut info: aya_obj::generated::bpf_map_info = unsafe { zeroed() };
-    // SAFETY: as above.
-    let mut attr: bpf_attr = unsafe { zeroed() };
-    // `info` outlives the call and `info_len` is its size.
-    attr.info.bpf_fd = like.as_raw_fd() as u32;
-    attr.info.info_len = size_of::<aya_obj::generated::bpf_map_info>() as u32;
-    attr.info.info = std::ptr::from_mut(&mut info) as u64;
-    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: `bpf_map_info` is the kernel's info struct for a map; for another kind of fd
+    // the map created below is refused or of no use, never unsound.
+    let info: aya_obj::generated::bpf_map_info = unsafe { obj_info(like)? };
     let btf = if info.btf_id != 0 {
         // SAFETY: as in `link_update`.
         let mut attr: bpf_attr = unsafe { zeroed() };
