@@ -344,9 +344,12 @@ impl Enforcer {
             slot_of(self.generation),
             slot_of(compiled.config.generation),
         );
-        self.wait_for_readers()?;
+        // Planning reads the standby and fills fresh tries aside: it may overlap the wait.
         let v4 = self.v4.plan(slot, &compiled.rules_v4, batch)?;
         let v6 = self.v6.plan(slot, &compiled.rules_v6, batch)?;
+        // Rows are given, and the standby written, only once no program reads either as the
+        // generation before last's.
+        self.wait_for_readers()?;
         let new_rows: Vec<(u32, &str)> = compiled
             .rows
             .rows()

@@ -81,13 +81,14 @@ fn by_document(name: &str, bytes: &[u8]) -> Option<Vec<Item>> {
     // Looked up by place first (documents mostly stay where they were), by text and line
     // only when that misses.
     let mut by_text: Option<HashMap<(usize, &str), &Option<Item>>> = None;
-    let mut next = Vec::with_capacity(documents.len());
-    for (i, (first_line, text)) in documents.into_iter().enumerate() {
+    // Each document's item: reused, or to check (`None` here).
+    let mut reused: Vec<Option<Option<Item>>> = Vec::with_capacity(documents.len());
+    for (i, &(first_line, text)) in documents.iter().enumerate() {
         let same_place = previous
             .get(i)
             .filter(|d| d.first_line == first_line && d.text == text)
             .map(|d| &d.item);
-        let reused = same_place.or_else(|| {
+        let found = same_place.or_else(|| {
             by_text
                 .get_or_insert_with(|| {
                     previous
@@ -98,26 +99,76 @@ fn by_document(name: &str, bytes: &[u8]) -> Option<Vec<Item>> {
                 .get(&(first_line, text))
                 .copied()
         });
-        let item = match reused {
-            Some(item) => item.clone(),
-            None => check(name, first_line, text)?,
-        };
-        next.push(Cached {
+        reused.push(found.cloned());
+    }
+    let fresh: Vec<(usize, &str)> = documents
+        .iter()
+        .zip(&reused)
+        .filter(|(_, item)| item.is_none())
+        .map(|(document, _)| *document)
+        .collect();
+    let mut checked = check_all(name, &fresh)?.into_iter();
+    let next: Vec<Cached> = documents
+        .into_iter()
+        .zip(reused)
+        .map(|((first_line, text), item)| Cached {
             first_line,
             text: text.to_owned(),
-            item,
-        });
-    }
+            item: item
+                .unwrap_or_else(|| checked.next().expect("one checked item per fresh document")),
+        })
+        .collect();
     let items = next.iter().filter_map(|d| d.item.clone()).collect();
     sources.insert(name.to_owned(), next);
     Some(items)
 }
 
+/// Fewer fresh documents than this are checked on the calling thread alone.
+const PARALLEL_MIN: usize = 256;
+
+/// [`check`] of each of `documents` (first line, text), in order; `None` when any has a
+/// problem. Many (a whole policy replaced) are checked on every CPU: parsing them is most of
+/// such a reload's work (issue 19).
+fn check_all(name: &str, documents: &[(usize, &str)]) -> Option<Vec<Option<Item>>> {
+    #[cfg(test)]
+    tests::CHECKS.with(|n| n.set(n.get() + documents.len()));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
+    if documents.len() < PARALLEL_MIN || threads < 2 {
+        return documents
+            .iter()
+            .map(|&(first_line, text)| check(name, first_line, text))
+            .collect();
+    }
+    let chunk = documents.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = documents
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&(first_line, text)| check(name, first_line, text))
+                        .collect::<Option<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(documents.len());
+        for worker in workers {
+            // A panic in a check is a bug: raised here as it would have been on this thread.
+            all.extend(
+                worker
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))?,
+            );
+        }
+        Some(all)
+    })
+}
+
 /// Parses and checks one document; `None` when anything was reported (the whole text is
 /// then read as before, for the exact messages), `Some(None)` for an empty document.
 fn check(name: &str, first_line: usize, text: &str) -> Option<Option<Item>> {
-    #[cfg(test)]
-    tests::CHECKS.with(|n| n.set(n.get() + 1));
     let mut report = Report::new(name);
     let mut roots = yaml::parse_at(text, first_line, &mut report);
     if report.has_errors() || report.has_warnings() || roots.len() > 1 {
@@ -289,6 +340,22 @@ mod tests {
             // And the good text after it is read right again.
             assert_eq!(cached(name, &good), whole(name, &good));
         }
+        // A whole policy replaced is checked on every CPU: a problem in its last document
+        // still gets the whole text's messages, and the good one is read in full.
+        checks();
+        let mut many = rules(2 * PARALLEL_MIN, 8443);
+        let at = many.rfind("port: 8443").expect("a port");
+        many.replace_range(at..at + "port: 8443".len(), "port: 70000");
+        let expected = whole(name, &many);
+        assert!(expected.is_err(), "{expected:?}");
+        assert_eq!(cached(name, &many), expected);
+        let many = rules(2 * PARALLEL_MIN, 8443);
+        assert_eq!(cached(name, &many), whole(name, &many));
+        assert_eq!(
+            checks(),
+            2 * PARALLEL_MIN * 2,
+            "every document checked, both times"
+        );
     }
 
     #[test]
