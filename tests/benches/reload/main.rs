@@ -11,7 +11,8 @@
 //! - The policies: `N` TCP rules, `N - 1` filler rules (a /32 each in 198.18.0.0/15, never
 //!   connected to) and the rule `target`, which allows either `192.0.2.1:8080` (A) or
 //!   `198.51.100.1:8080` (B), both on the sandbox's own veth, with a sink listening on each.
-//!   Each reload alternates between the two, so each one flips both verdicts.
+//!   Each reload alternates between the two, so each one flips both verdicts; it also moves the
+//!   first filler rule to one of three addresses in turn, so each one writes rule keys.
 //! - The workload is `egress-verdict-poll`, a process in the managed cgroup and the namespace
 //!   (a thread cannot join a cgroup by itself).
 //! - Reload to enforced, for each size (`--sizes`, default 10, 1,000 and 10,000 rules), two
@@ -45,7 +46,12 @@
 //!   trusted roots), and the kernel generation (`pipeline::apply`: load and fill fresh maps,
 //!   load and verify the 5 programs, swap them behind the pinned links; plus dropping the old
 //!   generation), and the same change as rules alone (`pipeline::change`, the agent's way:
-//!   compiled, written in place in the trie in force). Median of 5.
+//!   compiled, written in place in the standby trie, put in force by the generation number:
+//!   in this A/B alternation the standby holds the new policy already, so nothing is written,
+//!   where the agents' reloads, which also move one rule in a cycle of three, write a key or
+//!   two, microseconds); and a reload in which
+//!   every rule is new (three such policies in turn: every document parsed, new rows, a
+//!   fresh trie). Median of 5.
 //! - Start-up at 100,000 rules (`--big-rules`): `--starts` (3) fresh agents, each in a fresh
 //!   sandbox; from just before the agent process is spawned until its `ready: enforcing egress
 //!   policy` line arrives, and the `loading rules: N%` lines on the way (which must all be
@@ -209,6 +215,8 @@ pub struct Contender {
     texts: [String; 2],
     current: Allowed,
     generation: u32,
+    /// Reloads made: picks the address of the rule [`edited`] moves.
+    edits: usize,
     /// Log lines before this index belong to reloads already checked.
     log_from: usize,
     /// Milliseconds per measured reload.
@@ -224,6 +232,15 @@ fn text(texts: &[String; 2], which: Allowed) -> &str {
         Allowed::A => &texts[0],
         Allowed::B => &texts[1],
     }
+}
+
+/// `text` with the first filler rule (`r0`, 198.18.0.0/32) at one of three addresses by
+/// `edit`: with the A/B flip, each reload then also moves one key, so the agent's standby
+/// trie (two generations back) never holds the new policy already and the change writes
+/// keys, as a real one-rule edit does.
+fn edited(text: &str, edit: usize) -> String {
+    let to = ["198.18.0.0/32", "198.19.255.1/32", "198.19.255.2/32"][edit % 3];
+    text.replacen("{service: 198.18.0.0/32}", &format!("{{service: {to}}}"), 1)
 }
 
 /// Starts an agent on a fresh sandbox with the policy that allows A; returns the agent, the
@@ -299,6 +316,7 @@ impl Contender {
             policies,
             texts,
             current: Allowed::A,
+            edits: 0,
             generation: 1,
             log_from: index + 1,
             samples: Vec::new(),
@@ -322,9 +340,11 @@ impl Contender {
     fn reload(&mut self, poll: Duration) -> (f64, Option<f64>) {
         let next = self.current.flip();
         let timeout = Duration::from_secs(10) + Duration::from_millis(self.rules as u64 / 10);
+        self.edits += 1;
+        let new_text = edited(text(&self.texts, next), self.edits);
         let result = match self.way {
             Way::RoundTrip => {
-                self.policies.replace(text(&self.texts, next));
+                self.policies.replace(&new_text);
                 let (took, generation) = reload_request(&self.sandbox);
                 assert_eq!(
                     generation,
@@ -343,7 +363,7 @@ impl Contender {
             }
             Way::EndToEnd => {
                 self.poller.start_wait(next.allowed(), poll, timeout);
-                let renamed = self.policies.replace(text(&self.texts, next));
+                let renamed = self.policies.replace(&new_text);
                 let flip = self.poller.flipped().unwrap_or_else(|line| {
                     panic!(
                         "the workload did not see {} allowed within {timeout:?} of the rename: \

@@ -20,9 +20,30 @@ pub struct Breakdown {
     pub parse: f64,
     pub proxy: f64,
     pub kernel: f64,
-    /// The same change as rules alone (`pipeline::change`: written in place in the trie in
-    /// force, programs kept), what the agent does for it.
+    /// The same change as rules alone (`pipeline::change`: written in place in the standby
+    /// trie, then put in force by the generation number, programs kept), what the agent does
+    /// for it.
     pub rules_only: f64,
+    /// A reload in which every rule is new, as the agent makes it: parse and validate every
+    /// document, the proxy configuration, and `pipeline::change` (new rows for every rule and
+    /// a fresh trie, programs kept).
+    pub replaced: f64,
+}
+
+/// Untimed pause before each timed change of rules alone: longer than an RCU grace period
+/// here (5-16 ms), so that the change does not wait for the previous one's.
+const GRACE: Duration = Duration::from_millis(50);
+
+/// `text` with every filler rule renamed (so every rule but the target gets a new row) and,
+/// for `variant` 1, moved to the other half of 198.18.0.0/15: three such texts in turn make a
+/// reload in which every rule is new and the standby trie never holds the next policy.
+fn every_rule_new(text: &str, variant: usize) -> String {
+    let renamed = text.replace("{name: r", &format!("{{name: v{variant}r"));
+    if variant == 1 {
+        renamed.replace("{service: 198.18.", "{service: 198.19.")
+    } else {
+        renamed
+    }
 }
 
 /// Times parsing, the proxy configuration and the kernel generation of `rules`-rule policies,
@@ -62,11 +83,33 @@ pub(crate) fn breakdown(rules: usize, runs: usize) -> Breakdown {
         which = which.flip();
         policies.replace(text(&texts, which));
         let policy = load();
+        // One change alone, as the agent's reloads come: back to back, each would first wait
+        // for the last one's RCU grace period (docs/operations.md).
+        std::thread::sleep(GRACE);
         let started = Instant::now();
         let way = pipeline::change(&mut enforcer, &target, &kernel_features, &policy, &[], &[])
             .expect("a change of rules");
         rules_only.push(started.elapsed());
         assert_eq!(way, pipeline::Way::Rules, "one rule changed: rules alone");
+        drop(policy);
+    }
+    let replacing: Vec<String> = (0..3).map(|k| every_rule_new(&texts[0], k)).collect();
+    let mut replaced = Vec::new();
+    for run in 0..runs {
+        policies.replace(&replacing[run % replacing.len()]);
+        std::thread::sleep(GRACE);
+        let started = Instant::now();
+        let policy = load();
+        drop(Proxy::new(&policy).expect("proxy config"));
+        let way = pipeline::change(&mut enforcer, &target, &kernel_features, &policy, &[], &[])
+            .expect("a change of every rule");
+        replaced.push(started.elapsed());
+        assert_eq!(way, pipeline::Way::Rules, "every rule new, nothing else: rules alone");
+        assert_eq!(
+            enforcer.rows().len(),
+            rules,
+            "the policy replaced has its {rules} rules"
+        );
         drop(policy);
     }
     drop(enforcer);
@@ -77,6 +120,7 @@ pub(crate) fn breakdown(rules: usize, runs: usize) -> Breakdown {
         proxy: med(&proxy),
         kernel: med(&kernel),
         rules_only: med(&rules_only),
+        replaced: med(&replaced),
     }
 }
 
@@ -177,7 +221,7 @@ pub(crate) fn big(options: &Options) -> Big {
             "the start-up should log `loading rules: N%` at every 10% of the {n}-rule fill: {:?}",
             run.progress
         );
-        // The reload changes one rule: written in place in the trie in force, no fill.
+        // The reload changes one rule: written in place in the standby trie, no fill.
         assert_eq!(
             run.reload_progress, 0,
             "a one-rule change fills no map: no progress lines"

@@ -126,8 +126,9 @@ pub fn print(
         "- release `egress run`, one agent per size and way, each in its own network namespace, cgroup, pin directory, \
          state directory and control socket; {} rounds of one reload per agent, interleaved (each round starting one \
          agent later), after {} warm-up rounds; every reload alternates between two policies that differ in which of two \
-         test destinations `target` allows, and is checked (next generation, both verdicts flipped); everything at \
-         nice {}\n",
+         test destinations `target` allows, and moves one filler rule to one of three addresses in turn (so that each \
+         writes keys into the agent's standby trie, as a real edit does), and is checked (next generation, both verdicts \
+         flipped); everything at nice {}\n",
         options.reloads, options.warmup, options.nice
     ));
     out.push_str(&format!(
@@ -187,24 +188,26 @@ pub fn print(
     out.push_str(
         "| rules | parse and validate the file (`policy::load_files`: the changed document parsed, the others from the document cache) | proxy configuration (`Proxy::new`; the system's CA roots read again only when their files change) \
          | whole kernel generation (`pipeline::apply`: fresh maps filled, every program loaded and verified, links swapped; old one dropped) \
-         | the same change as rules alone (`pipeline::change`: compiled, written in place, programs kept), what the agent does \
-         | sum with the whole generation | round trip p50, for comparison |\n",
+         | the same change as rules alone (`pipeline::change`: compiled, the standby trie brought to it, the generation number flipped, programs kept), what the agent does \
+         | sum with the whole generation | round trip p50, for comparison \
+         | every rule new, as the agent does it (parse and validate every document, proxy configuration, `pipeline::change`: new rows, a fresh trie, programs kept) |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
     for b in breakdowns {
         let rt = series
             .iter()
             .find(|s| s.rules == b.rules && s.way == Way::RoundTrip)
             .map_or(f64::NAN, |s| Percentiles::of(&s.samples).p50);
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             thousands(b.rules),
             ms(b.parse),
             ms(b.proxy),
             ms(b.kernel),
             ms(b.rules_only),
             ms(b.parse + b.proxy + b.kernel),
-            ms(rt)
+            ms(rt),
+            ms(b.replaced)
         ));
     }
 
@@ -218,6 +221,7 @@ pub fn print(
             "proxy": round(b.proxy),
             "kernel": round(b.kernel),
             "rules_only": round(b.rules_only),
+            "replaced": round(b.replaced),
         })).collect::<Vec<_>>(),
         "reloads": options.reloads,
         "poll_us": options.poll.as_micros() as u64,
