@@ -189,6 +189,34 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
     sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
     let programs = (link_prog_id(&sb, "connect4"), link_prog_id(&sb, "connect6"));
     let trie = pinned_map_id(&sb, "RULES_V4");
+    // The agent makes the standby in the background once a generation is in force: the first
+    // change writes it in place (no fresh trie), and the pin follows it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let standby = loop {
+        let slots = ruleset_slots(&sb);
+        if let [a, b] = slots[..] {
+            assert!(
+                a == trie || b == trie,
+                "the trie in force is in a slot: {slots:?}"
+            );
+            break if a == trie { b } else { a };
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby never appeared: {slots:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for (policy, id, what) in [
+        (&policy_b, standby, "the standby"),
+        (&policy_a, trie, "the first trie"),
+    ] {
+        fs::write(dir.join("a.yaml"), policy).expect("policy");
+        let (ok, out, err) = sb.ctl(EGRESS, &["reload"]);
+        assert!(ok.success(), "egress reload: {out}{err}\n{}", agent.log());
+        assert_eq!(pinned_map_id(&sb, "RULES_V4"), id, "{what} in force");
+    }
+    sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
 
     let workload = Workload::start(
         &sb,
@@ -210,7 +238,7 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
     let (counts, failures) = workload.stop();
     let log = agent.log();
     let ways = log.lines().filter(|l| l.contains("way=Rules")).count();
-    assert_eq!(ways, CHANGES, "every change was of rules alone:\n{log}");
+    assert_eq!(ways, CHANGES + 2, "every change was of rules alone:\n{log}");
     let both_count = &counts[&both.addr()];
     assert_eq!(
         (both_count.denied, both_count.failed),
@@ -299,6 +327,34 @@ fn a_change_of_rules_alone_keeps_the_programs_and_no_connect_sees_a_mix() {
     assert_ne!(link_prog_id(&sb, "connect4"), programs.0, "new programs");
     sb.expect_verdicts(PROBE, &[both.addr(), a_only.addr()], &[b_only.addr()]);
     drop(agent);
+}
+
+/// The ids of the tries in the slots of the sandbox's `RULESET_V4` (`bpftool map dump`: an
+/// empty slot is not listed).
+fn ruleset_slots(sb: &Sandbox) -> Vec<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(sb.pin_dir.join("RULESET_V4"))
+        .arg("-j")
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map dump RULESET_V4: {out:?}");
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    entries
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["value"]
+                .as_array()
+                .expect("value bytes")
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().expect("hex").trim_start_matches("0x"), 16)
+                        .expect("a byte")
+                })
+                .collect();
+            u64::from(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")))
+        })
+        .collect()
 }
 
 /// `egress maps -o json` of the sandbox's pins.

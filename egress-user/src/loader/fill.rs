@@ -193,23 +193,26 @@ fn fill_lpm<K: aya::Pod, V: aya::Pod>(
         name,
         entries,
         batch,
+        true,
     )
 }
 
 /// Writes `entries` into the (empty, unreferenced) LPM trie `map`, called `name` in errors
-/// and progress.
+/// and progress; `progress`: log it ([`Progress`]), else one batch, silently (a fill in the
+/// background).
 pub(super) fn fill_trie<K: aya::Pod, V: aya::Pod>(
     map: &mut aya::maps::Map,
     name: &'static str,
     entries: &[(u32, K, V)],
     batch: bool,
+    progress: bool,
 ) -> Result<(), LoadError> {
     let keys: Vec<Key<K>> = entries
         .iter()
         .map(|(prefix, key, _)| Key::new(*prefix, *key))
         .collect();
     let values: Vec<V> = entries.iter().map(|(_, _, value)| *value).collect();
-    let mut progress = Progress::new(name, entries.len());
+    let mut progress = Progress::new(name, if progress { entries.len() } else { 0 });
     if !batch {
         // One bpf(2) call per key, as aya does it: the same entries, more slowly.
         let mut trie: LpmTrie<_, K, V> =

@@ -267,28 +267,35 @@ impl Filled<'_> {
             rules = compiled.rows.len(),
             "generation in force"
         );
+        let batch = g.kernel.has(Id::BatchOps);
+        let shape = rules::Shape::of(&compiled);
         let (v4_trie, v6_trie) = (
             take_trie(&mut ebpf, maps::RULES_V4),
             take_trie(&mut ebpf, maps::RULES_V6),
         );
+        let ruleset = |name| fill::map_fd(ebpf.map(name).expect("object has the rule set"));
+        let v4 = rules::Tries::new(
+            (maps::RULES_V4, maps::RULESET_V4),
+            g.number,
+            (ruleset(maps::RULESET_V4), v4_trie),
+            compiled.rules_v4,
+            batch,
+        );
+        let v6 = rules::Tries::new(
+            (maps::RULES_V6, maps::RULESET_V6),
+            g.number,
+            (ruleset(maps::RULESET_V6), v6_trie),
+            compiled.rules_v6,
+            batch,
+        );
         Ok(Enforcer {
             pins: g.pins,
             ebpf,
-            shape: rules::Shape::of(&compiled),
+            shape,
             row_limit: compiled.config.row_limit,
             stored: g.stored.after(&compiled.rows, g.number),
-            v4: rules::Tries::new(
-                (maps::RULES_V4, maps::RULESET_V4),
-                g.number,
-                v4_trie,
-                compiled.rules_v4,
-            ),
-            v6: rules::Tries::new(
-                (maps::RULES_V6, maps::RULESET_V6),
-                g.number,
-                v6_trie,
-                compiled.rules_v6,
-            ),
+            v4,
+            v6,
             barrier: None,
             barrier_missed: false,
             rows: std::sync::Arc::new(compiled.rows),

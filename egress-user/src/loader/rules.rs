@@ -169,17 +169,41 @@ pub(super) struct Tries<K> {
     /// The rule set's map name.
     ruleset: &'static str,
     slots: [Option<Slot<K>>; 2],
+    /// The standby being made in the background for a generation just put in force, and its
+    /// slot ([`Tries::new`]).
+    pending: Option<(usize, Pending<K>)>,
 }
 
-impl<K: aya::Pod + Eq + std::hash::Hash> Tries<K> {
-    /// The rule set of a generation just put in force: its object's trie `trie`, holding
-    /// `entries`, in the slot of generation `number`; the other slot empty.
+/// A standby trie being filled and put in its slot by a thread of its own.
+type Pending<K> = std::thread::JoinHandle<Result<Slot<K>, LoadError>>;
+
+impl<K: aya::Pod + Eq + std::hash::Hash + Send> Tries<K> {
+    /// The rule set `outer` of a generation just put in force: its object's trie `trie`,
+    /// holding `entries`, in the slot of generation `number`; the other slot gets a copy in
+    /// the background, so that the first change of rules alone finds a standby to write in
+    /// place (else it would fill a fresh trie: 0.6 s instead of 0.3 at 100,000 rules).
     pub(super) fn new(
         (name, ruleset): (&'static str, &'static str),
         number: u32,
-        trie: MapData,
+        (outer, trie): (BorrowedFd<'_>, MapData),
         entries: Vec<LpmEntry<K, RuleValue>>,
+        batch: bool,
     ) -> Self {
+        let standby = slot_of(number) ^ 1;
+        let pending = match Self::prefill(
+            name,
+            ruleset,
+            (outer, trie.fd().as_fd()),
+            standby,
+            &entries,
+            batch,
+        ) {
+            Ok(pending) => Some((standby, pending)),
+            Err(e) => {
+                tracing::warn!(map = name, error = %e, "could not begin making the standby rule trie; the first change of rules will fill one");
+                None
+            }
+        };
         let mut slots = [None, None];
         slots[slot_of(number)] = Some(Slot {
             trie,
@@ -189,6 +213,53 @@ impl<K: aya::Pod + Eq + std::hash::Hash> Tries<K> {
             name,
             ruleset,
             slots,
+            pending,
+        }
+    }
+
+    /// Begins making the standby: a trie like `model` holding `entries`, put in slot `slot` of
+    /// `outer` (no program reads it), in a thread of its own.
+    fn prefill(
+        name: &'static str,
+        ruleset: &'static str,
+        (outer, model): (BorrowedFd<'_>, BorrowedFd<'_>),
+        slot: usize,
+        entries: &[LpmEntry<K, RuleValue>],
+        batch: bool,
+    ) -> io::Result<Pending<K>> {
+        let (outer, model) = (outer.try_clone_to_owned()?, model.try_clone_to_owned()?);
+        let entries = entries.to_vec();
+        std::thread::Builder::new()
+            .name("egress-standby".into())
+            .spawn(move || {
+                let trie = new_trie((name, model.as_fd()), &entries, batch, false)?;
+                sys::map_of_maps_set(outer.as_fd(), slot as u32, trie.fd().as_fd()).map_err(
+                    |e| map_err(ruleset, "writing")(syscall_error("bpf_map_update_elem", e)),
+                )?;
+                Ok(Slot {
+                    trie,
+                    entries: Some(entries),
+                })
+            })
+    }
+
+    /// Waits for the standby begun by [`Tries::new`], if any, and takes it in its slot; one
+    /// that failed leaves the slot empty (the next change fills a fresh trie).
+    fn settle(&mut self) {
+        let Some((slot, pending)) = self.pending.take() else {
+            return;
+        };
+        match pending.join() {
+            Ok(Ok(standby)) => self.slots[slot] = Some(standby),
+            Ok(Err(e)) => {
+                tracing::warn!(map = self.name, error = %e, "the standby rule trie could not be made; this change fills a fresh one");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    map = self.name,
+                    "the thread making the standby rule trie panicked; this change fills a fresh one"
+                );
+            }
         }
     }
 
@@ -231,6 +302,7 @@ impl<K: aya::Pod + Eq + std::hash::Hash> Tries<K> {
             (self.name, self.model()),
             new,
             batch,
+            true,
         )?))
     }
 
@@ -344,6 +416,8 @@ impl Enforcer {
             slot_of(self.generation),
             slot_of(compiled.config.generation),
         );
+        self.v4.settle();
+        self.v6.settle();
         // Planning reads the standby and fills fresh tries aside: it may overlap the wait.
         let v4 = self.v4.plan(slot, &compiled.rules_v4, batch)?;
         let v6 = self.v6.plan(slot, &compiled.rules_v6, batch)?;
@@ -473,17 +547,19 @@ pub(super) fn temporary_pin(name: &str) -> String {
     format!("{name}_NEW")
 }
 
-/// A new trie like `model` (type, capacity, BTF), holding `entries`.
+/// A new trie like `model` (type, capacity, BTF), holding `entries`; `progress`: log the fill's
+/// progress.
 fn new_trie<K: aya::Pod>(
     (name, model): (&'static str, BorrowedFd<'_>),
     entries: &[(u32, K, RuleValue)],
     batch: bool,
+    progress: bool,
 ) -> Result<MapData, LoadError> {
     let fd = sys::map_create_like(model, name)
         .map_err(|e| map_err(name, "creating")(syscall_error("bpf_map_create", e)))?;
     let data = MapData::from_fd(fd).map_err(map_err(name, "opening"))?;
     let mut map = Map::LpmTrie(data);
-    fill::fill_trie(&mut map, name, entries, batch)?;
+    fill::fill_trie(&mut map, name, entries, batch, progress)?;
     match map {
         Map::LpmTrie(data) => Ok(data),
         _ => unreachable!("made as an LPM trie"),

@@ -104,7 +104,11 @@ pub(crate) fn breakdown(rules: usize, runs: usize) -> Breakdown {
         let way = pipeline::change(&mut enforcer, &target, &kernel_features, &policy, &[], &[])
             .expect("a change of every rule");
         replaced.push(started.elapsed());
-        assert_eq!(way, pipeline::Way::Rules, "every rule new, nothing else: rules alone");
+        assert_eq!(
+            way,
+            pipeline::Way::Rules,
+            "every rule new, nothing else: rules alone"
+        );
         assert_eq!(
             enforcer.rows().len(),
             rules,
