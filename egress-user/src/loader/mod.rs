@@ -11,8 +11,10 @@
 //! restarts.
 //!
 //! A change of rules alone takes a shorter way ([`rules`]): the programs reach the rule tries
-//! only through a one-slot map-of-maps, so a new trie filled aside is put in force with one
-//! map write, with no new programs; a `connect()` sees the old trie or the new one, whole.
+//! only through a two-slot map-of-maps, picked by the parity of the generation number they
+//! read once, so rules written into the standby slot are put in force by one write of that
+//! number, with no new programs; a `connect()` sees the old rules or the new ones, whole, and
+//! its event names the generation whose rules judged it.
 //!
 //! The stages are types, driven by [`crate::pipeline`]: [`Generation::open`] (on a kernel whose
 //! [`features`] were assessed), then the compiler, then [`Generation::fill`] and
