@@ -39,11 +39,8 @@ pub struct Enforcer {
     pub(super) v4: super::rules::Tries<egress_common::RuleKeyV4>,
     /// The IPv6 rule tries in the two slots of `RULESET_V6`.
     pub(super) v6: super::rules::Tries<egress_common::RuleKeyV6>,
-    /// The wait for the programs that read the previous generation number, begun by the last
-    /// change of rules alone.
-    pub(super) barrier: Option<super::rules::Barrier>,
-    /// The last change of rules alone could not begin that wait: the next waits first.
-    pub(super) barrier_missed: bool,
+    /// Whether programs that read the previous generation number may still be running.
+    pub(super) readers: super::rules::Readers,
 }
 
 impl Enforcer {

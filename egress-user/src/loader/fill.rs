@@ -212,7 +212,11 @@ pub(super) fn fill_trie<K: aya::Pod, V: aya::Pod>(
         .map(|(prefix, key, _)| Key::new(*prefix, *key))
         .collect();
     let values: Vec<V> = entries.iter().map(|(_, _, value)| *value).collect();
-    let mut progress = Progress::new(name, if progress { entries.len() } else { 0 });
+    let mut progress = if progress {
+        Progress::new(name, entries.len())
+    } else {
+        Progress::silent(name, entries.len())
+    };
     if !batch {
         // One bpf(2) call per key, as aya does it: the same entries, more slowly.
         let mut trie: LpmTrie<_, K, V> =
@@ -267,6 +271,14 @@ impl Progress {
                 usize::MAX
             },
             start: std::time::Instant::now(),
+        }
+    }
+
+    /// A fill that logs nothing, whatever its length (one made in the background).
+    fn silent(map: &'static str, total: usize) -> Self {
+        Self {
+            next: usize::MAX,
+            ..Self::new(map, total)
         }
     }
 

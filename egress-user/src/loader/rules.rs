@@ -23,7 +23,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
 };
 
 use aya::maps::{Map, MapData, lpm_trie::Key};
@@ -177,6 +177,32 @@ pub(super) struct Tries<K> {
 /// A standby trie being filled and put in its slot by a thread of its own.
 type Pending<K> = std::thread::JoinHandle<Result<Slot<K>, LoadError>>;
 
+impl<K> AsFd for Slot<K> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.trie.fd().as_fd()
+    }
+}
+
+/// In a thread of its own: makes a trie with `make`, then puts it in slot `slot` of the rule
+/// set `outer` (called `ruleset` in errors); the thread's result is the trie.
+fn set_in_background<T: AsFd + Send + 'static>(
+    thread: &str,
+    (ruleset, outer): (&'static str, BorrowedFd<'_>),
+    slot: usize,
+    make: impl FnOnce() -> Result<T, LoadError> + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<Result<T, LoadError>>> {
+    let outer = outer.try_clone_to_owned()?;
+    std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || {
+            let trie = make()?;
+            sys::map_of_maps_set(outer.as_fd(), slot as u32, trie.as_fd()).map_err(|e| {
+                map_err(ruleset, "writing")(syscall_error("bpf_map_update_elem", e))
+            })?;
+            Ok(trie)
+        })
+}
+
 impl<K: aya::Pod + Eq + std::hash::Hash + Send> Tries<K> {
     /// The rule set `outer` of a generation just put in force: its object's trie `trie`,
     /// holding `entries`, in the slot of generation `number`; the other slot gets a copy in
@@ -227,20 +253,14 @@ impl<K: aya::Pod + Eq + std::hash::Hash + Send> Tries<K> {
         entries: &[LpmEntry<K, RuleValue>],
         batch: bool,
     ) -> io::Result<Pending<K>> {
-        let (outer, model) = (outer.try_clone_to_owned()?, model.try_clone_to_owned()?);
+        let model = model.try_clone_to_owned()?;
         let entries = entries.to_vec();
-        std::thread::Builder::new()
-            .name("egress-standby".into())
-            .spawn(move || {
-                let trie = new_trie((name, model.as_fd()), &entries, batch, false)?;
-                sys::map_of_maps_set(outer.as_fd(), slot as u32, trie.fd().as_fd()).map_err(
-                    |e| map_err(ruleset, "writing")(syscall_error("bpf_map_update_elem", e)),
-                )?;
-                Ok(Slot {
-                    trie,
-                    entries: Some(entries),
-                })
+        set_in_background("egress-standby", (ruleset, outer), slot, move || {
+            Ok(Slot {
+                trie: new_trie((name, model.as_fd()), &entries, batch, false)?,
+                entries: Some(entries),
             })
+        })
     }
 
     /// Waits for the standby begun by [`Tries::new`], if any, and takes it in its slot; one
@@ -348,27 +368,48 @@ pub(super) fn slot_of(number: u32) -> usize {
 /// force: a `BPF_MAP_UPDATE_ELEM` of a map-of-maps returns only once every program run that
 /// began before it has ended (the kernel's `synchronize_rcu`), so the update is made to the
 /// old slot with the trie already in it, changing nothing, in a thread of its own.
-pub(super) struct Barrier(std::thread::JoinHandle<io::Result<()>>);
+///
+/// Only `RULESET_V4`'s slot is re-put: `synchronize_rcu` waits for every RCU reader, so the
+/// same wait covers the program runs that read `RULESET_V6`.
+pub(super) struct Barrier(std::thread::JoinHandle<Result<OwnedFd, LoadError>>);
 
 impl Barrier {
     /// Begins the wait: re-puts `trie`, in slot `slot` of `outer` already, there.
     fn begin(outer: BorrowedFd<'_>, slot: usize, trie: BorrowedFd<'_>) -> io::Result<Self> {
-        let (outer, trie): (OwnedFd, OwnedFd) =
-            (outer.try_clone_to_owned()?, trie.try_clone_to_owned()?);
-        std::thread::Builder::new()
-            .name("egress-rcu-wait".into())
-            .spawn(move || sys::map_of_maps_set(outer.as_fd(), slot as u32, trie.as_fd()))
-            .map(Self)
+        let trie = trie.try_clone_to_owned()?;
+        set_in_background(
+            "egress-rcu-wait",
+            (maps::RULESET_V4, outer),
+            slot,
+            move || Ok(trie),
+        )
+        .map(Self)
     }
 
     /// Waits for it to end.
-    fn wait(self) -> io::Result<()> {
-        self.0.join().unwrap_or_else(|_| {
-            Err(io::Error::other(
-                "the thread waiting for a grace period panicked",
-            ))
-        })
+    fn wait(self) -> Result<(), LoadError> {
+        match self.0.join() {
+            Ok(done) => done.map(drop),
+            Err(_) => Err(map_err(
+                maps::RULESET_V4,
+                "waiting for a grace period after writing",
+            )(aya::maps::MapError::IoError(
+                io::Error::other("the thread waiting for a grace period panicked"),
+            ))),
+        }
     }
+}
+
+/// Whether a program run may still read the slot of the generation before the one in force.
+#[derive(Default)]
+pub(super) enum Readers {
+    /// None does: its slot may be written.
+    #[default]
+    Gone,
+    /// The last change of rules alone began a wait for them to end.
+    Pending(Barrier),
+    /// The last change could not begin that wait, or it failed: the next change waits first.
+    Unsure,
 }
 
 impl Enforcer {
@@ -448,14 +489,13 @@ impl Enforcer {
             old,
             previous.fd().as_fd(),
         );
-        self.barrier = match begun {
-            Ok(barrier) => Some(barrier),
+        self.readers = match begun {
+            Ok(barrier) => Readers::Pending(barrier),
             Err(e) => {
                 tracing::warn!(error = %e, "could not begin waiting for a grace period in the background; the next change of rules will wait first");
-                None
+                Readers::Unsure
             }
         };
-        self.barrier_missed = self.barrier.is_none();
         for (name, trie) in [
             (maps::RULES_V4, self.v4.trie(slot)),
             (maps::RULES_V6, self.v6.trie(slot)),
@@ -491,30 +531,31 @@ impl Enforcer {
     /// The wait here failed too: writing the standby slot could change rules a program is
     /// still reading, so the change is refused.
     fn wait_for_readers(&mut self) -> Result<(), LoadError> {
-        let waited = match self.barrier.take() {
-            Some(barrier) => barrier.wait().map_err(|e| {
-                tracing::warn!(error = %e, "the background wait for a grace period failed; waiting again");
-            }).is_ok(),
-            None => !self.barrier_missed,
-        };
-        if waited {
-            return Ok(());
+        match std::mem::take(&mut self.readers) {
+            Readers::Gone => return Ok(()),
+            Readers::Pending(barrier) => match barrier.wait() {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the background wait for a grace period failed; waiting again");
+                }
+            },
+            Readers::Unsure => {}
         }
-        let old = slot_of(self.generation) ^ 1;
-        if let Some(trie) = self.v4.trie(old) {
-            sys::map_of_maps_set(
-                outer(&self.ebpf, maps::RULESET_V4),
-                old as u32,
-                trie.fd().as_fd(),
-            )
-            .map_err(|e| {
-                map_err(maps::RULESET_V4, "waiting for a grace period after writing")(
-                    syscall_error("bpf_map_update_elem", e),
-                )
-            })?;
-        }
-        self.barrier_missed = false;
-        Ok(())
+        // Re-putting the trie in force in its own slot changes nothing and waits the same.
+        let now = slot_of(self.generation);
+        let trie = self.v4.trie(now).expect("the slot in force holds a trie");
+        sys::map_of_maps_set(
+            outer(&self.ebpf, maps::RULESET_V4),
+            now as u32,
+            trie.fd().as_fd(),
+        )
+        .map_err(|e| {
+            self.readers = Readers::Unsure;
+            map_err(maps::RULESET_V4, "waiting for a grace period after writing")(syscall_error(
+                "bpf_map_update_elem",
+                e,
+            ))
+        })
     }
 
     /// Moves the pin `name` to `trie`: pinned under a temporary name ([`temporary_pin`]),
