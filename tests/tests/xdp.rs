@@ -75,6 +75,20 @@ fn the_xdp_backstop_drops_what_no_socket_hook_saw() {
         serde_json::json!([pod.host_iface()]),
         "{st:#}"
     );
+    // Attached in generic mode: on a veth, driver mode copies every packet the pod sends.
+    let link = egress_tests::run_ok(
+        std::process::Command::new("ip").args([
+            "-n",
+            &sb.name,
+            "-d",
+            "link",
+            "show",
+            "dev",
+            pod.host_iface(),
+        ]),
+        "ip link show",
+    );
+    assert!(link.contains("xdpgeneric"), "{link}");
 
     // Allowed destinations: everything arrives, raw sockets included (the pod's workload is
     // outside the managed cgroup, so sock_create never refused them). As without a filter, a

@@ -1,7 +1,8 @@
 //! The XDP backstop's links: one pinned `bpf_link` per host-side interface, at
 //! `<pin dir>/links/xdp-<IFNAME>`. Like the cgroup links they outlive the agent and are swapped
 //! to each new generation's program with `BPF_LINK_UPDATE`; an interface no longer named by
-//! `--xdp-iface` has its link detached.
+//! `--xdp-iface` has its link detached. The program runs in generic mode, on the skb (see
+//! [`apply`]); a link keeps the mode it was made with.
 
 use std::{
     io,
@@ -181,8 +182,11 @@ pub(super) fn apply(
         // No link, or one whose interface is gone (a new interface of the same name): start
         // afresh.
         remove_pin(&path)?;
+        // Generic mode, on the skb: a veth's driver mode converts every skb its peer sends
+        // into an XDP buffer (a copy), and cost pods three quarters of their TCP throughput
+        // where generic mode costs about a seventh (`cargo xtask bench xdp`, docs/benchmarks.md).
         let id = program
-            .attach_to_if_index(*ifindex, XdpMode::default())
+            .attach_to_if_index(*ifindex, XdpMode::Skb)
             .map_err(err)?;
         let link: FdLink = program
             .take_link(id)
