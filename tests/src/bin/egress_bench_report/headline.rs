@@ -356,6 +356,31 @@ pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
             "<= 100 ns",
             allowed.zip(denied).map(|(a, d)| a.max(d) <= 100.0),
         );
+        let flood = &x["flood"]["by_keys"]["10000"];
+        if flood.is_object() {
+            let ratio = |pod: &str| spread_text(&flood[pod]["ratio_to_without"], 3, "x");
+            row(
+                "12",
+                "UDP datagrams/s through a pod's veth behind the backstop at 10,000 rules, ratio to the veth without XDP",
+                format!(
+                    "{} ({}k/s)",
+                    ratio("backstop"),
+                    number(
+                        flood["backstop"]["received_per_s"]["median"]
+                            .as_f64()
+                            .map(|r| r / 1e3),
+                        0
+                    )
+                ),
+                format!(
+                    "a program that only passes, native mode {}; generic (skb) mode {}",
+                    ratio("pass_all_native"),
+                    ratio("pass_all_generic")
+                ),
+                "-",
+                None,
+            );
+        }
     }
     if let Some(k) = kube {
         let a = &k["apply_to_enforced_ms"];

@@ -1,0 +1,393 @@
+//! Packets and bytes per second through a pod's veth, with the backstop on its host end and
+//! without: a UDP flood and a TCP stream from the pod to sinks in the node's namespace,
+//! counted at the sinks.
+//!
+//! UDP because the backstop judges every UDP datagram (a TCP segment only when it opens a
+//! connection): it is the traffic the backstop costs most. The sender sends 64 datagrams per
+//! `sendmmsg(2)` call as fast as it can for a window; the sink drains them with `recvmmsg(2)`
+//! into a 16 MiB receive buffer. TCP because a bulk stream's segments are large (GSO) and an
+//! XDP mode that handles them one copy at a time shows there. On this 2-CPU machine the
+//! sender's CPU also runs the veth's receive path (XDP, the node's IP, UDP and TCP layers),
+//! so what XDP costs shows as fewer datagrams and bytes sent and received per second.
+
+use std::{
+    net::{SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use egress_tests::spawn_in_netns;
+
+/// Datagrams per `sendmmsg(2)` / `recvmmsg(2)` call.
+pub const BATCH: usize = 64;
+/// The payload: 18 bytes, so that the frame is Ethernet's minimum of 64 bytes with its FCS.
+const PAYLOAD: [u8; 18] = *b"egress-bench-flood";
+
+/// A UDP socket in the node's namespace that counts the datagrams it receives.
+pub struct Sink {
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    /// Binds `at` in the namespace `netns` and starts draining it.
+    pub fn start(netns: &str, at: SocketAddrV4) -> Self {
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, halt) = (Arc::clone(&received), Arc::clone(&stop));
+        let ((), thread) = spawn_in_netns(netns, "UDP sink", move |ready| {
+            let socket = UdpSocket::bind(at).unwrap_or_else(|e| panic!("binding {at}: {e}"));
+            set_int(&socket, libc::SO_RCVBUFFORCE, 16 << 20, "SO_RCVBUFFORCE");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("SO_RCVTIMEO");
+            ready.send(()).expect("the bench waits");
+            let mut buffers = [[0u8; 64]; BATCH];
+            while !halt.load(Ordering::Relaxed) {
+                let n = receive(&socket, &mut buffers);
+                count.fetch_add(n, Ordering::Relaxed);
+            }
+        });
+        Self {
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sets an `int` option of `SOL_SOCKET`.
+fn set_int(socket: &UdpSocket, option: libc::c_int, value: libc::c_int, name: &str) {
+    // SAFETY: a valid socket and a pointer to an int, with its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        ret,
+        0,
+        "setsockopt {name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// One `recvmmsg(2)` into `buffers`: the datagrams received, 0 when the read timed out.
+fn receive(socket: &UdpSocket, buffers: &mut [[u8; 64]; BATCH]) -> u64 {
+    let mut iovecs: Vec<libc::iovec> = buffers
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut headers = headers(&mut iovecs);
+    // SAFETY: `headers` points at `iovecs`, which point at `buffers`; all outlive the call.
+    let n = unsafe {
+        libc::recvmmsg(
+            socket.as_raw_fd(),
+            headers.as_mut_ptr(),
+            BATCH as libc::c_uint,
+            libc::MSG_WAITFORONE,
+            std::ptr::null_mut(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+            "recvmmsg: {e}"
+        );
+        return 0;
+    }
+    n as u64
+}
+
+/// One message header per iovec, without addresses.
+fn headers(iovecs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovecs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid value (no name, no control).
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect()
+}
+
+/// Sends datagrams to `to` from the namespace `netns` as fast as it can for `window`; returns
+/// how many the kernel took.
+pub fn flood(netns: &str, to: SocketAddrV4, window: Duration) -> u64 {
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let ((), thread) = spawn_in_netns(netns, "UDP flood", move |ready| {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("binding the sender");
+        socket
+            .connect(to)
+            .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+        ready.send(()).expect("the bench waits");
+        let mut payloads = [PAYLOAD; BATCH];
+        let mut iovecs: Vec<libc::iovec> = payloads
+            .iter_mut()
+            .map(|p| libc::iovec {
+                iov_base: p.as_mut_ptr().cast(),
+                iov_len: p.len(),
+            })
+            .collect();
+        let mut headers = headers(&mut iovecs);
+        let (mut sent, mut refused) = (0u64, 0u64);
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            // SAFETY: `headers` points at `iovecs`, which point at `payloads`; all outlive
+            // the call.
+            let n = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    headers.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    0,
+                )
+            };
+            if n >= 0 {
+                sent += n as u64;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // A full queue on the way: the datagram is lost, as a flood's would be.
+                Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => refused += 1,
+                _ => panic!("sendmmsg to {to}: {e}"),
+            }
+        }
+        assert!(
+            sent > 0,
+            "no datagram to {to} was sent in {window:?} ({refused} calls refused)"
+        );
+        sent_tx.send(sent).expect("the bench waits");
+    });
+    thread.join().expect("the flood thread panicked");
+    sent_rx.recv().expect("the flood reports what it sent")
+}
+
+/// An XDP program that passes every packet (`r0 = XDP_PASS; exit`), attached through a
+/// `bpf_link` to an interface: what a veth costs in its XDP mode, whatever the program.
+/// Detached when dropped (the link is not pinned).
+pub struct PassAll {
+    _link: std::os::fd::OwnedFd,
+    _program: std::os::fd::OwnedFd,
+}
+
+/// `BPF_PROG_LOAD`'s part of `union bpf_attr` (linux/bpf.h), as far as this uses it.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `BPF_LINK_CREATE`'s part of `union bpf_attr`, padded to cover its other members' fields.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 8],
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// Where an interface runs an XDP program.
+#[derive(Clone, Copy)]
+pub enum Mode {
+    /// In the driver (veth: on an `xdp_buff` the skb is converted into): what the agent's
+    /// `--xdp-iface` gets on a veth.
+    Native,
+    /// On the skb, in the core receive path (`XDP_FLAGS_SKB_MODE`).
+    Generic,
+}
+
+/// `bpf(cmd, attr)`: the fd it returns.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T, what: &str) -> std::os::fd::OwnedFd {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of its given size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    assert!(fd >= 0, "{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned this fd, owned by nobody else.
+    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+}
+
+impl PassAll {
+    /// Loads the program and attaches it to `iface` in the namespace `netns`, in `mode`.
+    pub fn attach(netns: &str, iface: &str, mode: Mode) -> Self {
+        let iface = iface.to_owned();
+        egress_tests::in_netns(netns, move || {
+            // r0 = 2 (XDP_PASS); exit.
+            let insns: [u64; 2] = [
+                u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+                u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+            ];
+            let license = c"GPL";
+            let mut load = ProgLoadAttr {
+                prog_type: BPF_PROG_TYPE_XDP,
+                insn_cnt: 2,
+                insns: insns.as_ptr() as u64,
+                license: license.as_ptr() as u64,
+                expected_attach_type: BPF_XDP,
+                ..ProgLoadAttr::default()
+            };
+            load.prog_name[..8].copy_from_slice(b"pass_all");
+            let program = bpf(BPF_PROG_LOAD, &mut load, "loading an XDP_PASS program");
+            let name = std::ffi::CString::new(iface.clone()).expect("no NUL");
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(ifindex, 0, "{iface}: {}", std::io::Error::last_os_error());
+            let mut link = LinkCreateAttr {
+                prog_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&program)).expect("an fd"),
+                target_ifindex: ifindex,
+                attach_type: BPF_XDP,
+                flags: match mode {
+                    Mode::Native => XDP_FLAGS_DRV_MODE,
+                    Mode::Generic => XDP_FLAGS_SKB_MODE,
+                },
+                ..LinkCreateAttr::default()
+            };
+            let link = bpf(
+                BPF_LINK_CREATE,
+                &mut link,
+                &format!("attaching it to {iface}"),
+            );
+            Self {
+                _link: link,
+                _program: program,
+            }
+        })
+    }
+}
+
+/// A TCP listener in the node's namespace that counts the bytes its connections bring, one
+/// connection at a time.
+pub struct StreamSink {
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StreamSink {
+    /// Listens on `at` in the namespace `netns`.
+    pub fn start(netns: &str, at: SocketAddrV4) -> Self {
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, halt) = (Arc::clone(&received), Arc::clone(&stop));
+        let ((), thread) = spawn_in_netns(netns, "TCP sink", move |ready| {
+            let listener = std::net::TcpListener::bind(at)
+                .unwrap_or_else(|e| panic!("listening on {at}: {e}"));
+            listener.set_nonblocking(true).expect("O_NONBLOCK");
+            ready.send(()).expect("the bench waits");
+            let mut buffer = vec![0u8; 1 << 20];
+            while !halt.load(Ordering::Relaxed) {
+                let mut stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(e) => panic!("accepting on {at}: {e}"),
+                };
+                stream.set_nonblocking(false).expect("blocking reads");
+                loop {
+                    match std::io::Read::read(&mut stream, &mut buffer) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            count.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("reading on {at}: {e}"),
+                    }
+                }
+            }
+        });
+        Self {
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for StreamSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes to one TCP connection to `to`, from the namespace `netns`, as fast as it can for
+/// `window`, then closes it; returns the bytes written.
+pub fn stream(netns: &str, to: SocketAddrV4, window: Duration) -> u64 {
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        egress_tests::enter_netns(&netns);
+        let mut connection =
+            std::net::TcpStream::connect(to).unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+        let chunk = vec![0x5au8; 256 << 10];
+        let mut written = 0u64;
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            written += std::io::Write::write(&mut connection, &chunk)
+                .unwrap_or_else(|e| panic!("writing to {to}: {e}")) as u64;
+        }
+        written
+    })
+    .join()
+    .expect("the stream thread panicked")
+}
