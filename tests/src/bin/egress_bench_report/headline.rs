@@ -358,24 +358,21 @@ pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
         );
         let flood = &x["flood"]["by_keys"]["10000"];
         if flood.is_object() {
-            let ratio = |pod: &str| spread_text(&flood[pod]["ratio_to_without"], 3, "x");
+            let ratios = |pod: &str| {
+                format!(
+                    "UDP {}, TCP {}",
+                    spread_text(&flood[pod]["ratio_to_without"], 3, "x"),
+                    spread_text(&flood[pod]["stream_ratio_to_without"], 3, "x")
+                )
+            };
             row(
                 "12",
-                "UDP datagrams/s through a pod's veth behind the backstop at 10,000 rules, ratio to the veth without XDP",
+                "a pod's traffic through its veth behind the backstop at 10,000 rules, ratio to the veth without XDP: UDP datagrams/s, TCP stream bytes/s",
+                ratios("backstop"),
                 format!(
-                    "{} ({}k/s)",
-                    ratio("backstop"),
-                    number(
-                        flood["backstop"]["received_per_s"]["median"]
-                            .as_f64()
-                            .map(|r| r / 1e3),
-                        0
-                    )
-                ),
-                format!(
-                    "a program that only passes, native mode {}; generic (skb) mode {}",
-                    ratio("pass_all_native"),
-                    ratio("pass_all_generic")
+                    "a program that only passes: driver mode {}; generic mode {}",
+                    ratios("pass_all_native"),
+                    ratios("pass_all_generic")
                 ),
                 "-",
                 None,
