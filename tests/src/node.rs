@@ -101,6 +101,12 @@ impl<'a> Node<'a> {
     /// Starts containerd on `sandbox` and imports the image. Panics with containerd's log when
     /// it does not answer.
     pub fn start(sandbox: &'a Sandbox) -> Self {
+        Self::start_with_subnet(sandbox, POD_SUBNET)
+    }
+
+    /// [`Node::start`], the pods' addresses from `subnet` (for more pods than [`POD_SUBNET`]
+    /// holds).
+    pub fn start_with_subnet(sandbox: &'a Sandbox, subnet: &str) -> Self {
         let dir = sandbox.dir("node");
         for sub in ["root", "state", "cni", "ipam", "logs", "buildah"] {
             fs::create_dir_all(dir.join(sub))
@@ -109,7 +115,7 @@ impl<'a> Node<'a> {
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
         fs::write(&config, containerd_config(&dir, &socket)).expect("writing containerd's config");
-        fs::write(dir.join("cni/10-pods.conflist"), cni_config(&dir))
+        fs::write(dir.join("cni/10-pods.conflist"), cni_config(&dir, subnet))
             .expect("writing the CNI config");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd's log");
         let containerd = Command::new("nsenter")
@@ -547,8 +553,8 @@ state = "{d}/state"
     )
 }
 
-/// The pods' network: the `ptp` plugin with host-local addresses from [`POD_SUBNET`].
-fn cni_config(dir: &Path) -> String {
+/// The pods' network: the `ptp` plugin with host-local addresses from `subnet`.
+fn cni_config(dir: &Path, subnet: &str) -> String {
     format!(
         r#"{{
   "cniVersion": "0.4.0",
@@ -560,7 +566,7 @@ fn cni_config(dir: &Path) -> String {
       "ipam": {{
         "type": "host-local",
         "dataDir": "{}/ipam",
-        "ranges": [[{{"subnet": "{POD_SUBNET}"}}]],
+        "ranges": [[{{"subnet": "{subnet}"}}]],
         "routes": [{{"dst": "0.0.0.0/0"}}]
       }}
     }}

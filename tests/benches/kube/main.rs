@@ -30,6 +30,12 @@
 //!   difference is what the objects add. Then a fresh agent is started against the same API
 //!   (its state directory kept): time until all are in force, and its memory. Kernel maps
 //!   are not in RSS (they are memlock'd kernel memory).
+//! - *Pods* (`--pods`, 1,000): then, with that agent and the objects in force, that many pods
+//!   of namespace `bulk` are created through the CRI one after another (a sandbox and a
+//!   busybox container each, addresses from 198.19.0.0/21), until the agent has logged
+//!   `proxy: listening inside the pod` for every one (the node file has an HTTP rule, so
+//!   every pod gets the proxy's listeners in its network namespace, as in the pods bench),
+//!   and its memory once settled: the agent with 10,000 objects and 1,000 pods.
 //!
 //! # Checks
 //! The bench stops with an error when a verdict does not flip within 10 s, the other
@@ -38,7 +44,7 @@
 //!
 //! # Options (after `cargo bench -p egress-tests --features kube-api --bench kube --`)
 //! `--applies N` (100), `--warmup N` (3), `--poll-us N` (1000), `--objects N` (10000),
-//! `--out DIR` (write kube.md and kube.json there); `--etcd PATH` and `--apiserver PATH` (or
+//! `--pods N` (1000, at most 2,000), `--out DIR` (write kube.md and kube.json there); `--etcd PATH` and `--apiserver PATH` (or
 //! `EGRESS_TEST_ETCD`/`EGRESS_TEST_APISERVER`), which `cargo xtask bench kube` passes.
 
 #[path = "../common/mod.rs"]
@@ -64,19 +70,31 @@ use kube::api::{Patch, PatchParams};
 
 const EGRESS: &str = egress_bin!();
 const POLL: &str = env!("CARGO_BIN_EXE_egress-verdict-poll");
-const USAGE: &str = "options: --applies N --warmup N --poll-us N --objects N --out DIR --etcd PATH --apiserver PATH";
+const USAGE: &str = "options: --applies N --warmup N --poll-us N --objects N --pods N --out DIR --etcd PATH --apiserver PATH";
 /// The agent's wait for a burst of changes to end (`egress_user::cluster::QUIET`).
 const QUIET_MS: f64 = 100.0;
 /// The namespace of the pod and of the object that flips.
 const NAMESPACE: &str = "bench";
-/// The namespace of the bulk objects.
+/// The namespace of the bulk objects, and of the bulk pods.
 const BULK: &str = "bulk";
+/// The pods' addresses: 2,046 of them, for `--pods` and the pod of [`NAMESPACE`].
+const PODS_SUBNET: &str = "198.19.0.0/21";
+/// The node's file policy: enforce, and one HTTP rule, so that every pod gets the proxy's
+/// listeners in its network namespace.
+const NODE_POLICY: &str = "\
+kind: EgressRule
+metadata: {name: web}
+spec:
+  destination: {service: httpbin.test}
+  ports: [{port: 80, protocol: http}]
+";
 
 struct Options {
     applies: usize,
     warmup: usize,
     poll: Duration,
     objects: usize,
+    pods: usize,
     out: Option<PathBuf>,
 }
 
@@ -86,6 +104,7 @@ fn parse(args: &[String]) -> Options {
         warmup: 3,
         poll: Duration::from_micros(1000),
         objects: 10_000,
+        pods: 1_000,
         out: None,
     };
     let mut args = common::Flags::new(args, USAGE).with_separators();
@@ -97,6 +116,7 @@ fn parse(args: &[String]) -> Options {
             "--warmup" => options.warmup = args.number(flag),
             "--poll-us" => options.poll = Duration::from_micros(args.number(flag)),
             "--objects" => options.objects = args.number(flag),
+            "--pods" => options.pods = args.number(flag),
             "--out" => options.out = Some(args.dir(flag)),
             // From `cargo xtask bench kube`: the servers the kube-api step builds.
             "--etcd" | "--apiserver" => {
@@ -116,6 +136,10 @@ fn parse(args: &[String]) -> Options {
     assert!(
         options.objects <= 65_536,
         "--objects: at most 65,536 (one /32 each in 198.18.0.0/16)"
+    );
+    assert!(
+        options.pods <= 2_000,
+        "--pods: at most 2,000 (addresses from {PODS_SUBNET})"
     );
     options
 }
@@ -190,6 +214,16 @@ fn in_force(sb: &Sandbox, namespace: &str) -> usize {
     rules.len()
 }
 
+/// How many pods of [`BULK`] the agent's `log` says have the proxy's listeners.
+fn listening(log: &str) -> usize {
+    let prefix = format!("pod={BULK}/");
+    log.lines()
+        .filter(|l| l.contains("proxy: listening inside the pod"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with(&prefix)))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 /// p-th percentile, nearest rank, of sorted `v`.
 fn percentile(v: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
@@ -205,8 +239,11 @@ fn run(options: &Options) {
     rt.block_on(api.apply_crds());
     let (a, b) = (sa(V4_A, 8080), sa(V4_B, 8080));
     let _sinks = (sb.sinks(V4_A, [8080]), sb.sinks(V4_B, [8080]));
-    let policy = sb.policy_file("node.yaml", &config("  mode: enforce\n"));
-    let mut node = Node::start(&sb);
+    let policy = sb.policy_file(
+        "node.yaml",
+        &(config("  mode: enforce\n  hosts:\n    httpbin.test: [192.0.2.1]\n") + NODE_POLICY),
+    );
+    let mut node = Node::start_with_subnet(&sb, PODS_SUBNET);
     let pod = node.pod(NAMESPACE, "sleep");
     let args = [
         "--policy".to_owned(),
@@ -324,11 +361,47 @@ fn run(options: &Options) {
     );
     let restart_in_force_s = restarted.elapsed().as_secs_f64();
     let restarted_memory = settled_memory(agent.pid());
+
+    // Pods, with the objects in force.
+    let pods_started = Instant::now();
+    for i in 0..options.pods {
+        node.pod(BULK, &format!("p{i}"));
+        if (i + 1) % 100 == 0 {
+            eprintln!(
+                "kube: {} pods in {:.0} s",
+                i + 1,
+                pods_started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let pods_create_s = pods_started.elapsed().as_secs_f64();
+    let all_listening = eventually(Duration::from_secs(120), || {
+        listening(&agent.log()) == options.pods
+    });
+    assert!(
+        all_listening,
+        "{} of {} pods have the proxy's listeners after 120 s:\n{}",
+        listening(&agent.log()),
+        options.pods,
+        agent.log()
+    );
+    let pods_listening_s = pods_started.elapsed().as_secs_f64();
+    let with_pods = settled_memory(agent.pid());
+    eprintln!(
+        "kube: {} pods created in {pods_create_s:.0} s; RSS {} -> {} KiB",
+        options.pods, restarted_memory.0, with_pods.0
+    );
     drop(agent);
+    let removing = Instant::now();
     drop(node);
+    eprintln!(
+        "kube: pods removed in {:.0} s",
+        removing.elapsed().as_secs_f64()
+    );
 
     let mib = |kib: u64| kib as f64 / 1024.0;
     let n = common::thousands(options.objects);
+    let p = common::thousands(options.pods);
     let mut out = String::new();
     out.push_str("\n## EgressRules from the Kubernetes API\n\n");
     out.push_str(&common::machine_line());
@@ -359,7 +432,15 @@ fn run(options: &Options) {
          {n} objects created in {create_s:.1} s (16 requests in flight), all in force \
          {in_force_s:.1} s after the first create; a fresh agent was ready in \
          {restart_ready_s:.1} s and had all {n} in force {restart_in_force_s:.1} s after it \
-         started.\n",
+         started.\n\n\
+         ### The agent's memory with {n} EgressRule objects and {p} pods\n\n\
+         The fresh agent, its {n} objects in force, then {p} pods of namespace `{BULK}` (which the \
+         {n} objects' rules scope) created one after another through containerd's CRI, in \
+         {pods_create_s:.0} s, each with the proxy's listeners in its network namespace \
+         {pods_listening_s:.0} s after the first was created:\n\n\
+         | | VmRSS | VmHWM (peak) |\n|---|---|---|\n\
+         | {n} objects, {p} pods | {:.1} MiB | {:.1} MiB |\n\
+         | added by {p} pods | {:.1} MiB ({:.1} KiB per pod) | |\n",
         mib(before.0),
         mib(before.1),
         mib(after.0),
@@ -368,6 +449,10 @@ fn run(options: &Options) {
         after.0.saturating_sub(before.0) as f64 / options.objects as f64,
         mib(restarted_memory.0),
         mib(restarted_memory.1),
+        mib(with_pods.0),
+        mib(with_pods.1),
+        mib(with_pods.0.saturating_sub(restarted_memory.0)),
+        with_pods.0.saturating_sub(restarted_memory.0) as f64 / options.pods.max(1) as f64,
     ));
     let json = serde_json::json!({
         "machine": common::machine_json(),
@@ -375,9 +460,12 @@ fn run(options: &Options) {
         "apply_to_enforced_ms": {"p50": p50, "p99": p99, "max": max, "n": times_ms.len(),
                                  "all": times_ms},
         "memory_kib": {"one_object": before.0, "objects": after.0, "objects_peak": after.1,
-                       "restarted": restarted_memory.0, "n": options.objects},
+                       "restarted": restarted_memory.0, "n": options.objects,
+                       "with_pods": with_pods.0, "with_pods_peak": with_pods.1,
+                       "pods": options.pods},
         "bulk_seconds": {"create": create_s, "in_force": in_force_s,
-                         "restart_ready": restart_ready_s, "restart_in_force": restart_in_force_s},
+                         "restart_ready": restart_ready_s, "restart_in_force": restart_in_force_s,
+                         "pods_create": pods_create_s, "pods_listening": pods_listening_s},
     });
     common::publish(options.out.as_deref(), "kube", &out, &json);
 }

@@ -406,6 +406,25 @@ pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
             "- (no target)",
             None,
         );
+        if let Some(pods) = m["pods"].as_u64() {
+            let mib = |key: &str| m[key].as_f64().map(|k| k / 1024.0);
+            row(
+                "14",
+                &format!(
+                    "agent memory with {} EgressRule objects and {} pods (containerd), each with the proxy's listeners",
+                    thousands(m["n"].as_u64().unwrap_or(0)),
+                    thousands(pods)
+                ),
+                format!(
+                    "{} MiB ({} MiB, a fresh agent with the objects and no pod)",
+                    number(mib("with_pods"), 1),
+                    number(mib("restarted"), 1)
+                ),
+                "-".into(),
+                "- (no target)",
+                None,
+            );
+        }
     }
     if let Some(i) = instructions {
         row(
