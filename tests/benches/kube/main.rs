@@ -61,7 +61,7 @@ use egress_tests::{
     kube_api::{ApiServer, runtime},
     monotonic_ns,
     node::Node,
-    policy::config,
+    policy::{Rule, config},
     poll::Poller,
     sa,
 };
@@ -79,15 +79,6 @@ const NAMESPACE: &str = "bench";
 const BULK: &str = "bulk";
 /// The pods' addresses: 2,046 of them, for `--pods` and the pod of [`NAMESPACE`].
 const PODS_SUBNET: &str = "198.19.0.0/21";
-/// The node's file policy: enforce, and one HTTP rule, so that every pod gets the proxy's
-/// listeners in its network namespace.
-const NODE_POLICY: &str = "\
-kind: EgressRule
-metadata: {name: web}
-spec:
-  destination: {service: httpbin.test}
-  ports: [{port: 80, protocol: http}]
-";
 
 struct Options {
     applies: usize,
@@ -241,7 +232,12 @@ fn run(options: &Options) {
     let _sinks = (sb.sinks(V4_A, [8080]), sb.sinks(V4_B, [8080]));
     let policy = sb.policy_file(
         "node.yaml",
-        &(config("  mode: enforce\n  hosts:\n    httpbin.test: [192.0.2.1]\n") + NODE_POLICY),
+        // Enforce, and one HTTP rule, so that every pod gets the proxy's listeners in its
+        // network namespace.
+        &(config("  mode: enforce\n  hosts:\n    httpbin.test: [192.0.2.1]\n")
+            + &Rule::new("web", "httpbin.test")
+                .port(80, "http")
+                .to_string()),
     );
     let mut node = Node::start_with_subnet(&sb, PODS_SUBNET);
     let pod = node.pod(NAMESPACE, "sleep");

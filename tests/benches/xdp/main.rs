@@ -511,9 +511,8 @@ fn flood(options: &Options, worlds: &[World]) -> Flooded {
         stream_ratio: Vec::new(),
     };
     for world in worlds {
-        let sinks = SINK_PORTS.map(|port| pps::Sink::start(&world.sb.name, sink(port)));
-        let stream_sinks =
-            STREAM_PORTS.map(|port| pps::StreamSink::start(&world.sb.name, sink(port)));
+        let sinks = SINK_PORTS.map(|port| pps::udp_sink(&world.sb.name, sink(port)));
+        let stream_sinks = STREAM_PORTS.map(|port| pps::tcp_sink(&world.sb.name, sink(port)));
         let pods: Vec<&PodNet> = std::iter::once(&world.pod)
             .chain(world.others.iter().map(|(_, net)| net))
             .collect();

@@ -28,32 +28,26 @@ pub const BATCH: usize = 64;
 /// The payload: 18 bytes, so that the frame is Ethernet's minimum of 64 bytes with its FCS.
 const PAYLOAD: [u8; 18] = *b"egress-bench-flood";
 
-/// A UDP socket in the node's namespace that counts the datagrams it receives.
-pub struct Sink {
+/// A thread in a network namespace that counts what a sink of its receives (datagrams or
+/// bytes), until dropped.
+pub struct Counting {
     received: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Sink {
-    /// Binds `at` in the namespace `netns` and starts draining it.
-    pub fn start(netns: &str, at: SocketAddrV4) -> Self {
+impl Counting {
+    /// Runs `sink` in a thread in `netns`: it says when it is ready, then adds what it
+    /// receives to the count until told to stop.
+    fn start(
+        netns: &str,
+        what: &str,
+        sink: impl FnOnce(&AtomicU64, &AtomicBool, std::sync::mpsc::Sender<()>) + Send + 'static,
+    ) -> Self {
         let received = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (count, halt) = (Arc::clone(&received), Arc::clone(&stop));
-        let ((), thread) = spawn_in_netns(netns, "UDP sink", move |ready| {
-            let socket = UdpSocket::bind(at).unwrap_or_else(|e| panic!("binding {at}: {e}"));
-            set_int(&socket, libc::SO_RCVBUFFORCE, 16 << 20, "SO_RCVBUFFORCE");
-            socket
-                .set_read_timeout(Some(Duration::from_millis(50)))
-                .expect("SO_RCVTIMEO");
-            ready.send(()).expect("the bench waits");
-            let mut buffers = [[0u8; 64]; BATCH];
-            while !halt.load(Ordering::Relaxed) {
-                let n = receive(&socket, &mut buffers);
-                count.fetch_add(n, Ordering::Relaxed);
-            }
-        });
+        let ((), thread) = spawn_in_netns(netns, what, move |ready| sink(&count, &halt, ready));
         Self {
             received,
             stop,
@@ -61,19 +55,35 @@ impl Sink {
         }
     }
 
-    /// Datagrams received so far.
+    /// Received so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for Sink {
+impl Drop for Counting {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
+}
+
+/// A UDP socket on `at` in the namespace `netns`, counting the datagrams it receives.
+pub fn udp_sink(netns: &str, at: SocketAddrV4) -> Counting {
+    Counting::start(netns, "UDP sink", move |count, halt, ready| {
+        let socket = UdpSocket::bind(at).unwrap_or_else(|e| panic!("binding {at}: {e}"));
+        set_int(&socket, libc::SO_RCVBUFFORCE, 16 << 20, "SO_RCVBUFFORCE");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("SO_RCVTIMEO");
+        ready.send(()).expect("the bench waits");
+        let mut buffers = [[0u8; 64]; BATCH];
+        while !halt.load(Ordering::Relaxed) {
+            count.fetch_add(receive(&socket, &mut buffers), Ordering::Relaxed);
+        }
+    })
 }
 
 /// Sets an `int` option of `SOL_SOCKET`.
@@ -308,67 +318,36 @@ impl PassAll {
     }
 }
 
-/// A TCP listener in the node's namespace that counts the bytes its connections bring, one
-/// connection at a time.
-pub struct StreamSink {
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl StreamSink {
-    /// Listens on `at` in the namespace `netns`.
-    pub fn start(netns: &str, at: SocketAddrV4) -> Self {
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, halt) = (Arc::clone(&received), Arc::clone(&stop));
-        let ((), thread) = spawn_in_netns(netns, "TCP sink", move |ready| {
-            let listener = std::net::TcpListener::bind(at)
-                .unwrap_or_else(|e| panic!("listening on {at}: {e}"));
-            listener.set_nonblocking(true).expect("O_NONBLOCK");
-            ready.send(()).expect("the bench waits");
-            let mut buffer = vec![0u8; 1 << 20];
-            while !halt.load(Ordering::Relaxed) {
-                let mut stream = match listener.accept() {
-                    Ok((stream, _)) => stream,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
+/// A TCP listener on `at` in the namespace `netns`, counting the bytes its connections
+/// bring, one connection at a time.
+pub fn tcp_sink(netns: &str, at: SocketAddrV4) -> Counting {
+    Counting::start(netns, "TCP sink", move |count, halt, ready| {
+        let listener =
+            std::net::TcpListener::bind(at).unwrap_or_else(|e| panic!("listening on {at}: {e}"));
+        listener.set_nonblocking(true).expect("O_NONBLOCK");
+        ready.send(()).expect("the bench waits");
+        let mut buffer = vec![0u8; 1 << 20];
+        while !halt.load(Ordering::Relaxed) {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) => panic!("accepting on {at}: {e}"),
+            };
+            stream.set_nonblocking(false).expect("blocking reads");
+            loop {
+                match std::io::Read::read(&mut stream, &mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        count.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Err(e) => panic!("accepting on {at}: {e}"),
-                };
-                stream.set_nonblocking(false).expect("blocking reads");
-                loop {
-                    match std::io::Read::read(&mut stream, &mut buffer) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            count.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => panic!("reading on {at}: {e}"),
-                    }
+                    Err(e) => panic!("reading on {at}: {e}"),
                 }
             }
-        });
-        Self {
-            received,
-            stop,
-            thread: Some(thread),
         }
-    }
-
-    /// Bytes received so far.
-    pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for StreamSink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    })
 }
 
 /// Writes to one TCP connection to `to`, from the namespace `netns`, as fast as it can for
