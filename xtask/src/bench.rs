@@ -76,14 +76,16 @@ enum Bench {
     Instructions,
     /// EgressRules from a real Kubernetes API (etcd and the CRD server, as the kube-api test
     /// step builds them): apply to enforced in a containerd pod, p50/p99, and the agent's
-    /// memory with 10,000 objects (tests/benches/kube/).
+    /// memory with 10,000 objects, then with 1,000 pods too (tests/benches/kube/).
     Kube,
     /// FQDN rules: DNS answer latency through the agent against direct, connects to learned
     /// addresses against CIDR-allowed ones, and 10,000 names with rotating answers
     /// (tests/benches/dns/).
     Dns,
     /// The XDP backstop's run time per packet (`BPF_PROG_TEST_RUN`): a SYN allowed and one
-    /// denied, at 10,000 rules and 1,000,000 keys (tests/benches/xdp/).
+    /// denied, at 10,000 rules and 1,000,000 keys; and a pod's UDP datagrams and TCP bytes
+    /// per second through its veth with the backstop, without XDP, and with a program that
+    /// only passes in each XDP mode (tests/benches/xdp/).
     Xdp,
     /// A pod under a real containerd: from its sandbox ready to its scope enforced and its
     /// proxy listeners open, and the agent's memory per pod (tests/benches/pods/).
