@@ -156,7 +156,7 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
          Machine: kernel `{}`, {} ({} CPUs), a shared VM: read ratios measured in the same round \
          rather than absolute numbers.\n",
         text(&machine["date"]),
-        git_revision(),
+        git_revision(docs),
         text(&machine["kernel"]),
         text(&machine["cpu"]),
         text(&machine["cpus"]),
@@ -214,8 +214,9 @@ fn run(results: &Path, docs: &Path, command: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// The commit the benchmarks ran at, with `+` when the tree had changes.
-fn git_revision() -> String {
+/// The commit the benchmarks ran at, and whether the tree had changes besides this page and
+/// its plots in `docs` (written before this is asked).
+fn git_revision(docs: &Path) -> String {
     let run = |args: &[&str]| {
         Command::new("git")
             .args(args)
@@ -224,7 +225,21 @@ fn git_revision() -> String {
             .unwrap_or_default()
     };
     let rev = run(&["rev-parse", "--short", "HEAD"]);
-    let dirty = !run(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let own = |path: PathBuf| format!(":(exclude){}", path.display());
+    let (page, plots) = (
+        own(docs.join("benchmarks.md")),
+        own(docs.join("benchmarks")),
+    );
+    let dirty = !run(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        &page,
+        &plots,
+    ])
+    .is_empty();
     format!(
         "`{rev}`{}",
         if dirty {
