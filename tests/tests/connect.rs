@@ -15,7 +15,7 @@ use egress_tests::{
     Outcome, Sandbox, V4_A, V4_B, V6_A, V6_B, assert_accepted, counted, mapped, probe_bin, sa,
 };
 use egress_user::{
-    compile::{BYPASS_NAME, NO_RULE_NAME},
+    compile::{BYPASS_NAME, NO_RULE_NAME, PROXY_NAME},
     events::{self, EventRecord, Verdict},
     loader::Enforcer,
     pipeline,
@@ -214,6 +214,54 @@ fn explicit_bypass_replaces_the_default_so_loopback_is_filtered() {
     let _enforcer = enforce(&sb, "kind: EgressConfig\nspec:\n  bypass: []\n");
     assert_eq!(sb.connect(PROBE, lo4.addr()), Outcome::Denied);
     assert_eq!(lo4.accepted(), 0);
+}
+
+/// The kernel asks the rule trie first and the bypass ranges only when no rule allows the
+/// destination: a loopback destination that a rule allows is counted on that rule, one on an
+/// HTTP egress port still goes where the app sent it (never to the proxy), and one no key
+/// matches is still a bypass. Counted at the sinks: with no proxy listening, a redirect would
+/// have been refused, as the same port on another address is.
+#[test]
+fn a_rule_counts_what_it_allows_in_a_bypass_range_and_redirect_ports_stay_bypassed() {
+    let sb = Sandbox::new();
+    let ruled = sb.sink(sa(Ipv4Addr::LOCALHOST, 7001));
+    let http_lo4 = sb.sink(sa(Ipv4Addr::LOCALHOST, 7002));
+    let http_lo6 = sb.sink(sa(Ipv6Addr::LOCALHOST, 7002));
+    let http_elsewhere = sb.sink(sa(V4_A, 7002));
+    let unruled = sb.sink(sa(Ipv4Addr::LOCALHOST, 7003));
+    let yaml = rule_yaml("loopback-7001", "127.0.0.1", 7001)
+        + "---\nkind: EgressRule\nmetadata: {name: web}\nspec:\n  destination: {service: web.test}\n  \
+           ports: [{port: 7002, protocol: http}]\n";
+    let enforcer = enforce(&sb, &yaml);
+
+    sb.expect_verdicts(
+        PROBE,
+        &[
+            ruled.addr(),
+            http_lo4.addr(),
+            http_lo6.addr(),
+            unruled.addr(),
+        ],
+        &[http_elsewhere.addr()],
+    );
+    assert_eq!(ruled.accepted(), 1);
+    assert_eq!(
+        http_lo4.accepted(),
+        1,
+        "a loopback HTTP port is not redirected"
+    );
+    assert_eq!(
+        http_lo6.accepted(),
+        1,
+        "a loopback HTTP port is not redirected"
+    );
+    assert_eq!(unruled.accepted(), 1);
+    assert_eq!(http_elsewhere.accepted(), 0);
+    let c = counters(&enforcer);
+    assert_eq!(c["loopback-7001"], counted(1, 0, 0), "{c:?}");
+    assert_eq!(c[BYPASS_NAME], counted(3, 0, 0), "{c:?}");
+    // The redirect refused: nobody listens on the proxy's port.
+    assert_eq!(c[PROXY_NAME], counted(0, 1, 0), "{c:?}");
 }
 
 #[test]
