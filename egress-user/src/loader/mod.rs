@@ -54,6 +54,7 @@ pub use generation::{Filled, Generation, next_generation};
 pub use links::{enforced_cgroups, unload};
 pub use orig_dst::{OrigDstTable, Redirect};
 pub use pins::{BPFFS_MOUNT, DEFAULT_PIN_DIR, PinDir, ensure_bpffs, is_bpffs};
+pub use xdp::PassAll as PassAllXdp;
 
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));

@@ -443,8 +443,9 @@ pub fn map_delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr)
 }
 
-/// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup fd or an ifindex) with `attach_type`.
-/// The returned link detaches when dropped, unless pinned.
+/// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup fd or an ifindex) with `attach_type` and
+/// `flags` (for XDP, its `XDP_FLAGS_*` mode). The returned link detaches when dropped, unless
+/// pinned.
 ///
 /// # Errors
 /// As `BPF_LINK_CREATE`: `EINVAL` where the kernel has no links of this kind, `EBADF` for a
@@ -453,12 +454,14 @@ pub fn link_create(
     prog: BorrowedFd<'_>,
     target: u32,
     attach_type: aya_obj::generated::bpf_attach_type,
+    flags: u32,
 ) -> io::Result<OwnedFd> {
     // SAFETY: as in `link_update`.
     let mut attr: bpf_attr = unsafe { zeroed() };
     attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
     attr.link_create.__bindgen_anon_2.target_fd = target;
     attr.link_create.attach_type = attach_type as u32;
+    attr.link_create.flags = flags;
     new_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
 }
 

@@ -237,3 +237,46 @@ fn remove_pin(path: &std::path::Path) -> Result<(), LoadError> {
         }),
     }
 }
+
+/// An XDP program that passes every packet (`r0 = XDP_PASS; exit`), linked to one interface:
+/// what the interface's XDP mode costs whatever the program. `cargo xtask bench xdp` sets it
+/// beside the backstop. Detached when dropped: the link is not pinned.
+pub struct PassAll {
+    _link: OwnedFd,
+    _program: OwnedFd,
+}
+
+impl PassAll {
+    /// Loads the program and links it to `ifindex`, in the calling thread's network
+    /// namespace, in `mode`.
+    ///
+    /// # Errors
+    /// The kernel refused the program or the link (no XDP links before 5.9, or `mode` not
+    /// available on the interface).
+    pub fn attach(ifindex: u32, mode: XdpMode) -> io::Result<Self> {
+        use aya_obj::generated::{
+            XDP_FLAGS_DRV_MODE, XDP_FLAGS_HW_MODE, XDP_FLAGS_SKB_MODE, bpf_attach_type,
+            bpf_prog_type,
+        };
+        /// `XDP_PASS`.
+        const XDP_PASS: i32 = 2;
+        let program = sys::probe_prog_load(
+            bpf_prog_type::BPF_PROG_TYPE_XDP,
+            Some(bpf_attach_type::BPF_XDP),
+            None,
+            XDP_PASS,
+        )
+        .map_err(|refused| refused.error)?;
+        let flags = match mode {
+            XdpMode::Default => 0,
+            XdpMode::Skb => XDP_FLAGS_SKB_MODE,
+            XdpMode::Driver => XDP_FLAGS_DRV_MODE,
+            XdpMode::Hardware => XDP_FLAGS_HW_MODE,
+        };
+        let link = sys::link_create(program.as_fd(), ifindex, bpf_attach_type::BPF_XDP, flags)?;
+        Ok(Self {
+            _link: link,
+            _program: program,
+        })
+    }
+}

@@ -61,7 +61,7 @@ use common::{spread, summary, thousands};
 use egress_common::ROW_NO_RULE;
 use egress_tests::{PodNet, Sandbox, in_netns};
 use egress_user::{
-    loader::{Enforcer, PinDir},
+    loader::{Enforcer, PassAllXdp, PinDir},
     pipeline,
     policy::{Mode, Origin, Policy, PortRule, Protocol, Rule, default_bypass},
 };
@@ -82,9 +82,9 @@ const SINK_PORTS: [u16; FLOODED.len()] = [9996, 9997, 9998, 9999];
 const FLOODED: [(&str, &str, Option<Option<pps::Mode>>); 4] = [
     ("behind the backstop (generic mode)", "backstop", None),
     (
-        "behind an XDP program that passes all, native mode",
-        "pass_all_native",
-        Some(Some(pps::Mode::Native)),
+        "behind an XDP program that passes all, driver mode",
+        "pass_all_driver",
+        Some(Some(pps::Mode::Driver)),
     ),
     (
         "behind an XDP program that passes all, generic (skb) mode",
@@ -241,7 +241,7 @@ struct World {
     // Dropped in this order: the pod networks before their sandbox.
     pod: PodNet,
     /// The flood's other pods ([`FLOODED`]), with the program on each one's veth.
-    others: Vec<(Option<pps::PassAll>, PodNet)>,
+    others: Vec<(Option<PassAllXdp>, PodNet)>,
     sb: Sandbox,
 }
 
@@ -255,7 +255,7 @@ impl World {
                 let net = PodNet::new(&sb);
                 let program = program
                     .flatten()
-                    .map(|mode| pps::PassAll::attach(&sb.name, net.host_iface(), mode));
+                    .map(|mode| pps::pass_all(&sb.name, net.host_iface(), mode));
                 (program, net)
             })
             .collect();

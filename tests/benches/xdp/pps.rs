@@ -21,7 +21,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::XdpMode;
 use egress_tests::spawn_in_netns;
+use egress_user::loader::PassAllXdp;
 
 /// Datagrams per `sendmmsg(2)` / `recvmmsg(2)` call.
 pub const BATCH: usize = 64;
@@ -207,115 +209,32 @@ pub fn flood(netns: &str, to: SocketAddrV4, window: Duration) -> u64 {
     sent_rx.recv().expect("the flood reports what it sent")
 }
 
-/// An XDP program that passes every packet (`r0 = XDP_PASS; exit`), attached through a
-/// `bpf_link` to an interface: what a veth costs in its XDP mode, whatever the program.
-/// Detached when dropped (the link is not pinned).
-pub struct PassAll {
-    _link: std::os::fd::OwnedFd,
-    _program: std::os::fd::OwnedFd,
-}
-
-/// `BPF_PROG_LOAD`'s part of `union bpf_attr` (linux/bpf.h), as far as this uses it.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
-/// `BPF_LINK_CREATE`'s part of `union bpf_attr`, padded to cover its other members' fields.
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_ifindex: u32,
-    attach_type: u32,
-    flags: u32,
-    _rest: [u64; 8],
-}
-
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_XDP: u32 = 37;
-const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-
 /// Where an interface runs an XDP program.
 #[derive(Clone, Copy)]
 pub enum Mode {
-    /// In the driver (veth: on an `xdp_buff` the skb is converted into): what the agent's
-    /// `--xdp-iface` gets on a veth.
-    Native,
-    /// On the skb, in the core receive path (`XDP_FLAGS_SKB_MODE`).
+    /// In the driver (veth: on an `xdp_buff` the skb is converted into): what the kernel
+    /// picks on a veth when asked for no mode.
+    Driver,
+    /// On the skb, in the core receive path: the agent's mode for the backstop.
     Generic,
 }
 
-/// `bpf(cmd, attr)`: the fd it returns.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T, what: &str) -> std::os::fd::OwnedFd {
-    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of its given size.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
-    assert!(fd >= 0, "{what}: {}", std::io::Error::last_os_error());
-    // SAFETY: the kernel just returned this fd, owned by nobody else.
-    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
-}
-
-impl PassAll {
-    /// Loads the program and attaches it to `iface` in the namespace `netns`, in `mode`.
-    pub fn attach(netns: &str, iface: &str, mode: Mode) -> Self {
-        let iface = iface.to_owned();
-        egress_tests::in_netns(netns, move || {
-            // r0 = 2 (XDP_PASS); exit.
-            let insns: [u64; 2] = [
-                u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
-                u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-            ];
-            let license = c"GPL";
-            let mut load = ProgLoadAttr {
-                prog_type: BPF_PROG_TYPE_XDP,
-                insn_cnt: 2,
-                insns: insns.as_ptr() as u64,
-                license: license.as_ptr() as u64,
-                expected_attach_type: BPF_XDP,
-                ..ProgLoadAttr::default()
-            };
-            load.prog_name[..8].copy_from_slice(b"pass_all");
-            let program = bpf(BPF_PROG_LOAD, &mut load, "loading an XDP_PASS program");
-            let name = std::ffi::CString::new(iface.clone()).expect("no NUL");
-            // SAFETY: a NUL-terminated name.
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert_ne!(ifindex, 0, "{iface}: {}", std::io::Error::last_os_error());
-            let mut link = LinkCreateAttr {
-                prog_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&program)).expect("an fd"),
-                target_ifindex: ifindex,
-                attach_type: BPF_XDP,
-                flags: match mode {
-                    Mode::Native => XDP_FLAGS_DRV_MODE,
-                    Mode::Generic => XDP_FLAGS_SKB_MODE,
-                },
-                ..LinkCreateAttr::default()
-            };
-            let link = bpf(
-                BPF_LINK_CREATE,
-                &mut link,
-                &format!("attaching it to {iface}"),
-            );
-            Self {
-                _link: link,
-                _program: program,
-            }
-        })
-    }
+/// A program that passes every packet, linked to `iface` of the namespace `netns` in `mode`
+/// (`egress_user::loader::PassAllXdp`); detached when dropped.
+pub fn pass_all(netns: &str, iface: &str, mode: Mode) -> PassAllXdp {
+    let iface = iface.to_owned();
+    egress_tests::in_netns(netns, move || {
+        let name = std::ffi::CString::new(iface.clone()).expect("no NUL");
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "{iface}: {}", std::io::Error::last_os_error());
+        let mode = match mode {
+            Mode::Driver => XdpMode::Driver,
+            Mode::Generic => XdpMode::Skb,
+        };
+        PassAllXdp::attach(ifindex, mode)
+            .unwrap_or_else(|e| panic!("a pass-all XDP program on {iface} ({mode:?}): {e}"))
+    })
 }
 
 /// A TCP listener on `at` in the namespace `netns`, counting the bytes its connections

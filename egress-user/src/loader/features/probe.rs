@@ -126,7 +126,8 @@ pub(super) fn cgroup_link() -> Result<bool, String> {
         Err(r) if is_unsupported(&r.error) => return Ok(false),
         Err(r) => return Err(failed("BPF_PROG_LOAD", &r.error)),
     };
-    let create = match sys::link_create(prog.as_fd(), u32::MAX, attach::BPF_CGROUP_INET4_CONNECT) {
+    let create = match sys::link_create(prog.as_fd(), u32::MAX, attach::BPF_CGROUP_INET4_CONNECT, 0)
+    {
         Ok(_link) => {
             return Err("BPF_LINK_CREATE on cgroup fd -1 succeeded".to_owned());
         }
@@ -157,7 +158,7 @@ pub(super) fn xdp_link() -> Result<bool, String> {
             Err(r) if is_unsupported(&r.error) => return Ok(false),
             Err(r) => return Err(failed("BPF_PROG_LOAD", &r.error)),
         };
-        match sys::link_create(prog.as_fd(), LOOPBACK, attach::BPF_XDP) {
+        match sys::link_create(prog.as_fd(), LOOPBACK, attach::BPF_XDP, 0) {
             Ok(_detached_on_drop) => Ok(true),
             Err(e) if is_unsupported(&e) => Ok(false),
             Err(e) => Err(failed("BPF_LINK_CREATE", &e)),

@@ -371,7 +371,7 @@ pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
                 ratios("backstop"),
                 format!(
                     "a program that only passes: driver mode {}; generic mode {}",
-                    ratios("pass_all_native"),
+                    ratios("pass_all_driver"),
                     ratios("pass_all_generic")
                 ),
                 "-",
