@@ -66,6 +66,11 @@ pub fn check(file: &Path, counts: Counts) -> ExitCode {
             "a 10,000-rule reload's user-space work",
             counts.reload,
         ),
+        (
+            "reload_edit",
+            "a one-rule edit's user-space work at 10,000 rules",
+            counts.reload_edit,
+        ),
     ] {
         let Some(recorded) = baseline[key].as_u64().filter(|&n| n > 0) else {
             eprintln!(
