@@ -77,45 +77,66 @@ fn by_document(name: &str, bytes: &[u8]) -> Option<Vec<Item>> {
     let documents = split(text)?;
     let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
     let sources = last.get_or_insert_with(HashMap::new);
-    let previous = sources.get(name).map_or(&[][..], Vec::as_slice);
-    // Looked up by place first (documents mostly stay where they were), by text and line
-    // only when that misses.
-    let mut by_text: Option<HashMap<(usize, &str), &Option<Item>>> = None;
-    // Each document's item: reused, or to check (`None` here).
-    let mut reused: Vec<Option<Option<Item>>> = Vec::with_capacity(documents.len());
-    for (i, &(first_line, text)) in documents.iter().enumerate() {
-        let same_place = previous
-            .get(i)
-            .filter(|d| d.first_line == first_line && d.text == text)
-            .map(|d| &d.item);
-        let found = same_place.or_else(|| {
-            by_text
-                .get_or_insert_with(|| {
-                    previous
-                        .iter()
-                        .map(|d| ((d.first_line, d.text.as_str()), &d.item))
-                        .collect()
+    // The last load's documents are moved out, not copied: this load's entry replaces them.
+    let mut previous: Vec<Option<Cached>> = sources
+        .remove(name)
+        .unwrap_or_default()
+        .into_iter()
+        .map(Some)
+        .collect();
+    // Where each document was in the last load, if it was: looked up by place first
+    // (documents mostly stay where they were), by text and line only when that misses.
+    let found: Vec<Option<usize>> = {
+        let mut by_text: Option<HashMap<(usize, &str), usize>> = None;
+        documents
+            .iter()
+            .enumerate()
+            .map(|(i, &(first_line, text))| {
+                let same_place = previous
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .filter(|d| d.first_line == first_line && d.text == text)
+                    .map(|_| i);
+                same_place.or_else(|| {
+                    by_text
+                        .get_or_insert_with(|| {
+                            previous
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(k, d)| {
+                                    d.as_ref().map(|d| ((d.first_line, d.text.as_str()), k))
+                                })
+                                .collect()
+                        })
+                        .get(&(first_line, text))
+                        .copied()
                 })
-                .get(&(first_line, text))
-                .copied()
-        });
-        reused.push(found.cloned());
-    }
+            })
+            .collect()
+    };
+    // Each document's entry of the last load, reused whole (same first line, same text); `None`:
+    // to check. Two documents never share a first line, so none takes another's; were one
+    // taken already, the document would just be checked again.
+    let reused: Vec<Option<Cached>> = found
+        .into_iter()
+        .map(|k| k.and_then(|k| previous[k].take()))
+        .collect();
     let fresh: Vec<(usize, &str)> = documents
         .iter()
         .zip(&reused)
-        .filter(|(_, item)| item.is_none())
+        .filter(|(_, last)| last.is_none())
         .map(|(document, _)| *document)
         .collect();
     let mut checked = check_all(name, &fresh)?.into_iter();
     let next: Vec<Cached> = documents
         .into_iter()
         .zip(reused)
-        .map(|((first_line, text), item)| Cached {
-            first_line,
-            text: text.to_owned(),
-            item: item
-                .unwrap_or_else(|| checked.next().expect("one checked item per fresh document")),
+        .map(|((first_line, text), last)| {
+            last.unwrap_or_else(|| Cached {
+                first_line,
+                text: text.to_owned(),
+                item: checked.next().expect("one checked item per fresh document"),
+            })
         })
         .collect();
     let items = next.iter().filter_map(|d| d.item.clone()).collect();
