@@ -49,7 +49,8 @@ enum Command {
     /// Example: cargo xtask run -- --help
     Run(run::Options),
     /// Run set-up, then a benchmark (`cargo bench`, release) as root; it prints a table.
-    /// Without a benchmark named, run all of them (about 15 minutes) and write
+    /// Without a benchmark named, run all of them (about 31 minutes, 17 of them the kube
+    /// benchmark's 1,000 pods, plus building the contenders) and write
     /// docs/benchmarks.md with the tables and plots.
     ///
     /// Arguments after `--` go to the named benchmark.
