@@ -88,6 +88,11 @@ pub fn list(paths: &[PathBuf], store: &Store) -> Vec<PolicySource> {
 /// # Errors
 /// The documents are invalid, or resolv.conf exists but cannot be read.
 pub fn build(sources: &[PolicySource], resolv_conf: &Path) -> Result<Built, SourceError> {
+    // Taken before the sources are read, never after: a file written while they are read then
+    // has a digest its policy does not match, and the write's own event reloads it. Taken
+    // after, the digest would already be the new bytes' and that reload would be skipped as
+    // "unchanged", leaving the older policy in force.
+    let digest = digest(sources, resolv_conf);
     let mut policy = policy::load_mixed(sources)?;
     let resolv_conf_warnings = policy
         .fill_resolvers(resolv_conf)
@@ -95,7 +100,7 @@ pub fn build(sources: &[PolicySource], resolv_conf: &Path) -> Result<Built, Sour
     Ok(Built {
         policy,
         resolv_conf_warnings,
-        digest: digest(sources, resolv_conf),
+        digest,
     })
 }
 
