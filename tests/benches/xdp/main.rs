@@ -54,6 +54,7 @@ use std::{
 };
 
 use aya::programs::{
+    XdpMode,
     links::{FdLink, PinnedLink},
     loaded_programs,
 };
@@ -79,17 +80,17 @@ const SINK_PORTS: [u16; FLOODED.len()] = [9996, 9997, 9998, 9999];
 /// The flood's pods, in the order of [`SINK_PORTS`]: the name of each, its key in the JSON,
 /// and the XDP program on its veth (`None` for the backstop on the first, `Some(None)` for
 /// no program on the last).
-const FLOODED: [(&str, &str, Option<Option<pps::Mode>>); 4] = [
+const FLOODED: [(&str, &str, Option<Option<XdpMode>>); 4] = [
     ("behind the backstop (generic mode)", "backstop", None),
     (
         "behind an XDP program that passes all, driver mode",
         "pass_all_driver",
-        Some(Some(pps::Mode::Driver)),
+        Some(Some(XdpMode::Driver)),
     ),
     (
         "behind an XDP program that passes all, generic (skb) mode",
         "pass_all_generic",
-        Some(Some(pps::Mode::Generic)),
+        Some(Some(XdpMode::Skb)),
     ),
     ("without XDP", "without", Some(None)),
 ];

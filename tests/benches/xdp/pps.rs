@@ -209,29 +209,17 @@ pub fn flood(netns: &str, to: SocketAddrV4, window: Duration) -> u64 {
     sent_rx.recv().expect("the flood reports what it sent")
 }
 
-/// Where an interface runs an XDP program.
-#[derive(Clone, Copy)]
-pub enum Mode {
-    /// In the driver (veth: on an `xdp_buff` the skb is converted into): what the kernel
-    /// picks on a veth when asked for no mode.
-    Driver,
-    /// On the skb, in the core receive path: the agent's mode for the backstop.
-    Generic,
-}
-
 /// A program that passes every packet, linked to `iface` of the namespace `netns` in `mode`
-/// (`egress_user::loader::PassAllXdp`); detached when dropped.
-pub fn pass_all(netns: &str, iface: &str, mode: Mode) -> PassAllXdp {
+/// (`egress_user::loader::PassAllXdp`); detached when dropped. `XdpMode::Driver` is what the
+/// kernel picks on a veth when asked for no mode (the skb converted into an `xdp_buff`);
+/// `XdpMode::Skb`, generic mode, is the agent's mode for the backstop.
+pub fn pass_all(netns: &str, iface: &str, mode: XdpMode) -> PassAllXdp {
     let iface = iface.to_owned();
     egress_tests::in_netns(netns, move || {
         let name = std::ffi::CString::new(iface.clone()).expect("no NUL");
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         assert_ne!(ifindex, 0, "{iface}: {}", std::io::Error::last_os_error());
-        let mode = match mode {
-            Mode::Driver => XdpMode::Driver,
-            Mode::Generic => XdpMode::Skb,
-        };
         PassAllXdp::attach(ifindex, mode)
             .unwrap_or_else(|e| panic!("a pass-all XDP program on {iface} ({mode:?}): {e}"))
     })
