@@ -272,7 +272,7 @@ impl Agent {
 
 /// Drops `value` on a short-lived thread of its own (a large policy takes milliseconds to
 /// free). If no thread can be started, the closure, and `value` with it, is dropped here.
-fn drop_elsewhere<T: Send + 'static>(value: T) {
+pub(super) fn drop_elsewhere<T: Send + 'static>(value: T) {
     let _ = std::thread::Builder::new()
         .name("egress-drop".into())
         .spawn(move || drop(value));

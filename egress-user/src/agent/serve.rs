@@ -366,10 +366,12 @@ impl Agent {
                 connections.budget.limit,
             );
             let rows = rows.borrow().clone();
-            let counts = counters.rows(&rows.1).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "metrics: reading the kernel counters");
-                Vec::new()
-            });
+            let counts = counters
+                .rows(&crate::loader::row_names(&rows.1))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "metrics: reading the kernel counters");
+                    Vec::new()
+                });
             let stats = counters.stats().unwrap_or_default();
             KernelSnapshot {
                 generation: rows.0,

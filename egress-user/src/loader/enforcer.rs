@@ -126,9 +126,7 @@ impl Enforcer {
 
     /// The reserved rows and every rule row of this generation, with their names.
     pub fn row_names(&self) -> Vec<(u32, String)> {
-        let reserved = compile::RESERVED_ROWS.map(|(row, name)| (row, name.to_owned()));
-        let rules = self.rows.rows().into_iter().map(|(r, n)| (r, n.to_owned()));
-        reserved.into_iter().chain(rules).collect()
+        row_names(&self.rows)
     }
 
     /// Counters of the reserved rows and every rule of the policy, summed over CPUs.
@@ -212,4 +210,12 @@ impl Enforcer {
         // fd from as_raw_fd() until it is dropped, which happens only when the AsyncFd is.
         unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
     }
+}
+
+/// The reserved rows and every rule row of `table`, with their names, sorted by row within
+/// each.
+pub fn row_names(table: &RowTable) -> Vec<(u32, String)> {
+    let reserved = compile::RESERVED_ROWS.map(|(row, name)| (row, name.to_owned()));
+    let rules = table.rows().into_iter().map(|(r, n)| (r, n.to_owned()));
+    reserved.into_iter().chain(rules).collect()
 }

@@ -48,7 +48,7 @@ mod xdp;
 use std::path::PathBuf;
 
 pub use counters::{PinnedCounters, RowCount};
-pub use enforcer::Enforcer;
+pub use enforcer::{Enforcer, row_names};
 pub use error::LoadError;
 pub use generation::{Filled, Generation, next_generation};
 pub use links::{enforced_cgroups, unload};

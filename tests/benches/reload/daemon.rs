@@ -144,6 +144,18 @@ impl Drop for Agent {
     }
 }
 
+/// The log line that follows a change put in force, with `proxy_ms` and `kernel_ms`.
+pub const IN_FORCE: &str = "kernel: policy in force";
+
+/// The `name=V` field of a log line, in milliseconds (the agent prints them `name="12.3"`
+/// or `name=12.3`).
+pub fn ms_field(line: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+}
+
 /// The `generation=N` field of a log line.
 pub fn generation_of(line: &str) -> Option<u32> {
     line.split_whitespace()

@@ -86,7 +86,7 @@ use std::{
 
 use common::check_interrupted;
 
-use daemon::{Agent, Line, READY, RELOADED, generation_of};
+use daemon::{Agent, IN_FORCE, Line, READY, RELOADED, generation_of, ms_field};
 use egress_tests::poll::Poller;
 use egress_tests::{Sandbox, Sink};
 use egress_user::control::{Request, Response, client};
@@ -224,6 +224,8 @@ pub struct Contender {
     /// End to end: the gap between the last connect with the old verdict and the first with
     /// the new one, in milliseconds (the resolution).
     pub gaps: Vec<f64>,
+    /// What the agent logged of each measured reload.
+    pub steps: Vec<Steps>,
     sandbox: Sandbox,
 }
 
@@ -231,6 +233,32 @@ fn text(texts: &[String; 2], which: Allowed) -> &str {
     match which {
         Allowed::A => &texts[0],
         Allowed::B => &texts[1],
+    }
+}
+
+/// One reload's steps as the agent logs them, ms: from reading the sources to the new
+/// generation in force, that is all of `Agent::apply` (`total_ms`), and three parts of it.
+#[derive(Clone, Copy)]
+pub struct Steps {
+    /// Reading, hashing, parsing and validating the sources (`build_ms`).
+    pub build: f64,
+    /// The proxy's configuration (`proxy_ms`).
+    pub proxy: f64,
+    /// `pipeline::change` (`kernel_ms`).
+    pub kernel: f64,
+    /// The whole of it (`total_ms`).
+    pub total: f64,
+}
+
+impl Steps {
+    /// From the reload's log lines: the one that puts it in force, then [`RELOADED`].
+    fn of(in_force: &str, reloaded: &str) -> Option<Self> {
+        Some(Self {
+            build: ms_field(reloaded, "build_ms")?,
+            proxy: ms_field(in_force, "proxy_ms")?,
+            kernel: ms_field(in_force, "kernel_ms")?,
+            total: ms_field(reloaded, "total_ms")?,
+        })
     }
 }
 
@@ -321,6 +349,7 @@ impl Contender {
             log_from: index + 1,
             samples: Vec::new(),
             gaps: Vec::new(),
+            steps: Vec::new(),
             sandbox,
         }
     }
@@ -336,8 +365,9 @@ impl Contender {
         )
     }
 
-    /// One reload to the other policy, checked; returns milliseconds (and the resolution).
-    fn reload(&mut self, poll: Duration) -> (f64, Option<f64>) {
+    /// One reload to the other policy, checked; returns milliseconds (and the resolution), and
+    /// the steps as the agent logged them.
+    fn reload(&mut self, poll: Duration) -> (f64, Option<f64>, Steps) {
         let next = self.current.flip();
         let timeout = Duration::from_secs(10) + Duration::from_millis(self.rules as u64 / 10);
         self.edits += 1;
@@ -403,10 +433,28 @@ impl Contender {
                 line.text
             );
         }
+        let in_force = self
+            .agent
+            .lines_from(self.log_from)
+            .into_iter()
+            .take(index - self.log_from)
+            .rfind(|l| l.text.contains(IN_FORCE))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the agent did not log {IN_FORCE:?} before {RELOADED:?}; its log:\n{}",
+                    self.agent.tail(30)
+                )
+            });
+        let steps = Steps::of(&in_force.text, &line.text).unwrap_or_else(|| {
+            panic!(
+                "no build_ms, proxy_ms, kernel_ms and total_ms in the agent's lines:\n{}\n{}",
+                in_force.text, line.text
+            )
+        });
         self.log_from = index + 1;
         self.generation += 1;
         self.current = next;
-        result
+        (result.0, result.1, steps)
     }
 }
 
@@ -458,11 +506,12 @@ fn run(options: &Options) {
         let mut last = vec![f64::NAN; count];
         for i in (0..count).map(|k| (round + k) % count) {
             let c = &mut contenders[i];
-            let (ms, gap) = c.reload(options.poll);
+            let (ms, gap, steps) = c.reload(options.poll);
             last[i] = ms;
             if round >= options.warmup {
                 c.samples.push(ms);
                 c.gaps.extend(gap);
+                c.steps.push(steps);
             }
         }
         if round < options.warmup

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::{
-    Contender, DEBOUNCE, Options, Way,
+    Contender, DEBOUNCE, Options, Steps, Way,
     common::{machine_json, machine_line, publish, summary, thousands},
     phases::{Big, Breakdown, Startup},
 };
@@ -17,6 +17,7 @@ pub struct Series {
     pub way: Way,
     pub samples: Vec<f64>,
     pub gaps: Vec<f64>,
+    pub steps: Vec<Steps>,
 }
 
 impl From<Contender> for Series {
@@ -26,6 +27,7 @@ impl From<Contender> for Series {
             way: c.way,
             samples: c.samples.clone(),
             gaps: c.gaps.clone(),
+            steps: c.steps.clone(),
         }
     }
 }
@@ -183,6 +185,59 @@ pub fn print(
     }
 
     out.push_str(
+        "\n### Where the round trip goes, ms: p50 of what the agent logged of each measured `egress reload` above\n\n",
+    );
+    out.push_str(
+        "| rules | read, hash, parse and validate the sources (`build_ms`) | proxy configuration (`proxy_ms`) \
+         | `pipeline::change` (`kernel_ms`) | all of `Agent::apply` (`total_ms`) | round trip | round trip less `total_ms`, p50 of the differences (the request's way in and the answer's way out, and what the agent does after the change is in force) |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|\n");
+    let mut summary_steps = serde_json::Map::new();
+    for &rules in &options.sizes {
+        let Some(rt) = series
+            .iter()
+            .find(|s| s.rules == rules && s.way == Way::RoundTrip)
+        else {
+            continue;
+        };
+        let p50 =
+            |f: fn(&Steps) -> f64| Percentiles::of(&rt.steps.iter().map(f).collect::<Vec<_>>()).p50;
+        let outside: Vec<f64> = rt
+            .samples
+            .iter()
+            .zip(&rt.steps)
+            .map(|(ms, s)| ms - s.total)
+            .collect();
+        let (build, proxy, kernel, total) = (
+            p50(|s| s.build),
+            p50(|s| s.proxy),
+            p50(|s| s.kernel),
+            p50(|s| s.total),
+        );
+        let outside = Percentiles::of(&outside).p50;
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            thousands(rules),
+            ms(build),
+            ms(proxy),
+            ms(kernel),
+            ms(total),
+            ms(Percentiles::of(&rt.samples).p50),
+            ms(outside),
+        ));
+        summary_steps.insert(
+            rules.to_string(),
+            json!({
+                "build": round(build),
+                "proxy": round(proxy),
+                "kernel": round(kernel),
+                "total": round(total),
+                "outside": round(outside),
+            }),
+        );
+    }
+
+    out.push_str(
         "\n### Where a reload's time goes, ms (the same steps in the bench's own process, on a scratch sandbox; median of 5)\n\n",
     );
     out.push_str(
@@ -226,6 +281,7 @@ pub fn print(
         "reloads": options.reloads,
         "poll_us": options.poll.as_micros() as u64,
         "sizes": summary_sizes,
+        "agent_steps_ms": summary_steps,
     });
     if let Some(big) = big {
         print_big(&mut out, big, options);
