@@ -354,7 +354,7 @@ fn one_hundred_thousand_rules_load_and_work() {
     sb.add_addr("198.18.1.2/32");
     sb.add_addr("198.19.255.1/32");
     let first = u32::from(Ipv4Addr::new(198, 18, 0, 0));
-    let rules: Vec<Rule> = (0..100_000u32)
+    let rules: Vec<_> = (0..100_000u32)
         .map(|i| Rule {
             scope: None,
             name: format!("r{i}"),
@@ -367,6 +367,7 @@ fn one_hundred_thousand_rules_load_and_work() {
                 .into(),
             ports: vec![PortRule::tcp(8080)],
         })
+        .map(std::sync::Arc::new)
         .collect();
     let p = Policy {
         mode: Mode::Enforce,

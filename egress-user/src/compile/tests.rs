@@ -50,7 +50,7 @@ fn policy(rules: Vec<Rule>) -> Policy {
     Policy {
         mode: Mode::Enforce,
         bypass: default_bypass(),
-        rules,
+        rules: rules.into_iter().map(std::sync::Arc::new).collect(),
         ..Policy::default()
     }
 }

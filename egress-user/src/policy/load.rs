@@ -8,6 +8,7 @@
 use std::{
     collections::hash_map,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use foldhash::HashMap;
@@ -177,22 +178,24 @@ fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyE
     let mut config: Option<(Origin, Option<(usize, Config)>)> = None;
     let mut policy = Policy::default();
     for (index, item) in items {
+        if let Item::Rule {
+            name: Some((name, line)),
+            ..
+        } = &item
+        {
+            across.rule_name(&mut reports, index, Arc::clone(name), *line);
+        }
         let report = &mut reports[index];
         match item {
-            Item::Rule { name, rule } => {
-                if let Some((name, line)) = name {
-                    across.rule_name(report, name, line);
+            Item::Rule { rule, .. } => match rule {
+                Some(EgressRule::Kernel(rule)) => policy.rules.push(rule),
+                Some(EgressRule::Name(rule)) => policy.name_rules.push(rule),
+                Some(EgressRule::Http { rule, port_lines }) => {
+                    across.http_ports(report, &rule, &port_lines);
+                    policy.http_rules.push(rule);
                 }
-                match rule {
-                    Some(EgressRule::Kernel(rule)) => policy.rules.push(rule),
-                    Some(EgressRule::Name(rule)) => policy.name_rules.push(rule),
-                    Some(EgressRule::Http { rule, port_lines }) => {
-                        across.http_ports(report, &rule, &port_lines);
-                        policy.http_rules.push(rule);
-                    }
-                    None => {}
-                }
-            }
+                None => {}
+            },
             Item::Service { key, alias } => {
                 if let Some(key) = key {
                     across.service(report, key);
@@ -316,8 +319,9 @@ fn resolve(directory: Option<&Path>, path: PathBuf) -> PathBuf {
 /// other.
 #[derive(Default)]
 struct Across {
-    /// EgressRule names: unique among EgressRules.
-    rule_names: HashMap<String, Origin>,
+    /// EgressRule names: unique among EgressRules; with the index of the source and the line
+    /// of the first (an [`Origin`] is made only for a duplicate's message).
+    rule_names: HashMap<Arc<str>, (usize, usize)>,
     /// Services by (namespace, name): unique, as in Kubernetes.
     services: HashMap<(String, String), Origin>,
     /// Services by name alone: the short host name (`httpbin`) of two Services in different
@@ -328,20 +332,20 @@ struct Across {
 }
 
 impl Across {
-    /// Records an EgressRule's name, reporting a duplicate.
-    fn rule_name(&mut self, report: &mut Report, name: String, line: usize) {
+    /// Records the name of an EgressRule of source `index` at `line`, reporting a duplicate.
+    fn rule_name(&mut self, reports: &mut [Report], index: usize, name: Arc<str>, line: usize) {
         match self.rule_names.entry(name) {
-            hash_map::Entry::Occupied(first) => report.field_error(
-                line,
-                "metadata.name",
-                format!(
+            hash_map::Entry::Occupied(first) => {
+                let (first_index, first_line) = *first.get();
+                let message = format!(
                     "duplicate name `{}` (the first is at {})",
                     first.key(),
-                    first.get()
-                ),
-            ),
+                    reports[first_index].origin(first_line)
+                );
+                reports[index].field_error(line, "metadata.name", message);
+            }
             hash_map::Entry::Vacant(slot) => {
-                slot.insert(report.origin(line));
+                slot.insert((index, line));
             }
         }
     }

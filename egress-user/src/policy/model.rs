@@ -4,6 +4,7 @@
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -544,7 +545,9 @@ pub struct Policy {
     /// list replaces the default, so `bypass: []` filters loopback too.
     pub bypass: Vec<IpNet>,
     /// Every EgressRule with a CIDR/IP destination, in the order of the files and documents.
-    pub rules: Vec<Rule>,
+    /// Shared with the document cache (`policy::cache`): a reload reuses the unchanged rules
+    /// of the last load without copying them.
+    pub rules: Vec<Arc<Rule>>,
     /// Every EgressRule with a host-name destination and http/https ports, in file order.
     pub http_rules: Vec<HttpRule>,
     /// Every EgressRule with a host-name destination and tcp/udp ports (FQDN rules), in file

@@ -4,7 +4,10 @@
 //! The tests of EgressRule documents with CIDR destinations and of the YAML layer are here;
 //! host-name rules, Services and the EgressConfig have a submodule each.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ipnet::IpNet;
 
@@ -89,7 +92,10 @@ fn seed_rules_load_as_written() {
             ports: vec![PortRule::new(443, Protocol::Tcp)],
         })
         .collect();
-    assert_eq!(policy.rules, rules);
+    assert_eq!(
+        policy.rules,
+        rules.into_iter().map(Arc::new).collect::<Vec<_>>()
+    );
 }
 
 #[test]

@@ -15,6 +15,8 @@ mod service;
 
 pub(crate) use config::Config;
 
+use std::sync::Arc;
+
 use super::{
     model::{Alias, HttpRule, NameRule, Rule},
     report::{Report, join},
@@ -37,8 +39,8 @@ pub(crate) enum Item {
     /// A `kind: EgressRule` document.
     Rule {
         /// `metadata.name` and its line, when it is a valid name, so duplicates are found even
-        /// among rules that have other errors.
-        name: Option<(String, usize)>,
+        /// among rules that have other errors. Shared, as the rule, with the document cache.
+        name: Option<(Arc<str>, usize)>,
         /// The rule, when the document has no error.
         rule: Option<EgressRule>,
     },
@@ -61,8 +63,8 @@ pub(crate) enum Item {
 /// A checked EgressRule: which list of the policy it goes to depends on its destination.
 #[derive(Clone, Debug)]
 pub(crate) enum EgressRule {
-    /// A CIDR or IP destination with tcp and udp ports.
-    Kernel(Rule),
+    /// A CIDR or IP destination with tcp and udp ports; shared with the document cache.
+    Kernel(Arc<Rule>),
     /// A host-name destination with tcp/udp ports (an FQDN rule).
     Name(NameRule),
     /// A host-name destination with http/https ports.

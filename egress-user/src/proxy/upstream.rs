@@ -547,7 +547,7 @@ mod tests {
             ports: vec![PortRule::new(80, protocol)],
         };
         AddrFilter::new(&Policy {
-            rules: vec![rule],
+            rules: vec![std::sync::Arc::new(rule)],
             ..Policy::default()
         })
     }

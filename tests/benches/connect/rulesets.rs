@@ -54,7 +54,7 @@ pub fn policy_one_port(rules: usize) -> Policy {
     Policy {
         mode: Mode::Enforce,
         bypass: default_bypass(),
-        rules: list,
+        rules: list.into_iter().map(std::sync::Arc::new).collect(),
         ..Policy::default()
     }
 }
@@ -110,7 +110,7 @@ pub fn policy_keys(keys: usize) -> Policy {
     Policy {
         mode: Mode::Enforce,
         bypass: default_bypass(),
-        rules: list,
+        rules: list.into_iter().map(std::sync::Arc::new).collect(),
         ..Policy::default()
     }
 }
@@ -200,7 +200,7 @@ pub fn policy_scoped(keys: usize) -> Policy {
             let net = Ipv4Net::new(Ipv4Addr::from(base + (i as u32) * 8), 29).expect("/29");
             let mut r = rule(i, format!("s{j}"), net.into(), &[PORT]);
             r.scope = Some(format!("ns-{ns}"));
-            policy.rules.push(r);
+            policy.rules.push(std::sync::Arc::new(r));
         }
     }
     policy

@@ -227,7 +227,7 @@ fn policy(keys: usize) -> Policy {
     Policy {
         mode: Mode::Enforce,
         bypass: default_bypass(),
-        rules,
+        rules: rules.into_iter().map(std::sync::Arc::new).collect(),
         ..Policy::default()
     }
 }

@@ -4,7 +4,7 @@
 //! by the addresses DNS answers gave for it; with http/https ports it is a proxy rule
 //! ([`HttpRule`]). An address with http/https ports is refused with what to write instead.
 
-use std::{collections::HashMap, fmt};
+use std::{collections::HashMap, fmt, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -139,13 +139,13 @@ impl Walk<'_> {
                 };
                 let origin = self.report.origin(root.line);
                 Some(match rule {
-                    Paired::Kernel(destination, ports) => EgressRule::Kernel(Rule {
+                    Paired::Kernel(destination, ports) => EgressRule::Kernel(Arc::new(Rule {
                         name,
                         scope,
                         origin,
                         destination,
                         ports,
-                    }),
+                    })),
                     Paired::Name(host, ports) => EgressRule::Name(NameRule {
                         name,
                         scope,
@@ -167,7 +167,10 @@ impl Walk<'_> {
             }
             _ => None,
         };
-        Item::Rule { name, rule }
+        Item::Rule {
+            name: name.map(|(name, line)| (Arc::from(name), line)),
+            rule,
+        }
     }
 
     /// Whether the ports are all tcp/udp or all http/https (reported when not): the two go to

@@ -197,13 +197,13 @@ async fn names_that_resolve_to_protected_addresses_are_refused() {
     assert_eq!(up.conns.load(Ordering::SeqCst), 0);
 
     // A tcp rule for the range and port is the operator's explicit permission.
-    p.rules.push(Rule {
+    p.rules.push(std::sync::Arc::new(Rule {
         scope: None,
         name: "local".into(),
         origin: origin(),
         destination: "127.0.0.0/8".parse().unwrap(),
         ports: vec![PortRule::tcp(port)],
-    });
+    }));
     let h = Harness::build(Proxy::builder(&p).resolver(dns())).await;
     let mut c = h.connect(orig(port)).await;
     assert_eq!(c.get("rebind.test", "/").await.status, 200);
