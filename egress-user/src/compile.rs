@@ -14,7 +14,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::hash_map::Entry;
+use std::{borrow::Cow, collections::hash_map::Entry, sync::Arc};
 
 // foldhash, not SipHash: hashing rule names and keys was a seventh of a 10,000-rule reload.
 use foldhash::{HashMap, HashMapExt as _};
@@ -218,8 +218,9 @@ pub struct Shadowed {
 /// Which rule name owns each counter row.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RowTable {
-    by_name: HashMap<String, u32>,
-    by_row: HashMap<u32, String>,
+    /// Each name is one allocation, shared by both maps.
+    by_name: HashMap<Arc<str>, u32>,
+    by_row: HashMap<u32, Arc<str>>,
 }
 
 impl RowTable {
@@ -242,12 +243,12 @@ impl RowTable {
 
     /// The name that owns a row.
     pub fn name(&self, row: u32) -> Option<&str> {
-        self.by_row.get(&row).map(String::as_str)
+        self.by_row.get(&row).map(|name| &**name)
     }
 
     /// Every (row, name), sorted by row.
     pub fn rows(&self) -> Vec<(u32, &str)> {
-        let mut rows: Vec<_> = self.by_name.iter().map(|(n, r)| (*r, n.as_str())).collect();
+        let mut rows: Vec<_> = self.by_name.iter().map(|(n, r)| (*r, &**n)).collect();
         rows.sort_unstable();
         rows
     }
@@ -328,29 +329,35 @@ impl StoredRows {
         }
         let mut by_name = HashMap::with_capacity(names.len());
         let mut taken = vec![false; COUNTER_ROWS as usize];
-        let stored: HashMap<(u64, u32), Vec<(u32, &RuleInfo)>> =
-            self.0.iter().fold(HashMap::new(), |mut acc, (row, info)| {
-                acc.entry((info.name_hash, info.name_len))
-                    .or_default()
-                    .push((*row, info));
-                acc
-            });
+        // By name hash and length: the first stored row of each, and any other in `more` (two
+        // names of the same hash and length: almost never, so no list per name).
+        type NameKey = (u64, u32);
+        let mut stored: HashMap<NameKey, (u32, &RuleInfo)> = HashMap::with_capacity(self.0.len());
+        let mut more: Vec<(NameKey, (u32, &RuleInfo))> = Vec::new();
+        for (row, info) in &self.0 {
+            match stored.entry((info.name_hash, info.name_len)) {
+                Entry::Vacant(slot) => {
+                    slot.insert((*row, info));
+                }
+                Entry::Occupied(_) => more.push(((info.name_hash, info.name_len), (*row, info))),
+            }
+        }
         let mut new = Vec::new();
         // Filled in below for the names in `new`.
         let mut order = vec![0; names.len()];
         for (i, name) in names.iter().enumerate() {
+            let key = (fnv1a64(name.as_bytes()), name.len() as u32);
+            let stored_name = rule_info(name, 0).name;
             let found = stored
-                .get(&(fnv1a64(name.as_bytes()), name.len() as u32))
-                .and_then(|c| {
-                    c.iter().find(|(row, info)| {
-                        !taken[*row as usize] && info.name == rule_info(name, 0).name
-                    })
-                });
+                .get(&key)
+                .into_iter()
+                .chain(more.iter().filter(|(k, _)| *k == key).map(|(_, r)| r))
+                .find(|(row, info)| !taken[*row as usize] && info.name == stored_name);
             match found {
-                Some((row, _)) => {
-                    taken[*row as usize] = true;
-                    by_name.insert((*name).to_owned(), *row);
-                    order[i] = *row;
+                Some(&(row, _)) => {
+                    taken[row as usize] = true;
+                    by_name.insert(Arc::from(*name), row);
+                    order[i] = row;
                 }
                 None => new.push((i, *name)),
             }
@@ -365,7 +372,7 @@ impl StoredRows {
                 rules: names.len(),
                 max,
             })?;
-            by_name.insert(name.to_owned(), row);
+            by_name.insert(Arc::from(name), row);
             order[i] = row;
         }
         if by_name.len() != names.len() {
@@ -374,7 +381,7 @@ impl StoredRows {
                 *slot = by_name[*name];
             }
         }
-        let by_row = by_name.iter().map(|(n, r)| (*r, n.clone())).collect();
+        let by_row = by_name.iter().map(|(n, r)| (*r, Arc::clone(n))).collect();
         Ok((RowTable { by_name, by_row }, order))
     }
 }
@@ -392,6 +399,15 @@ pub fn rule_info(name: &str, generation: u32) -> RuleInfo {
     info
 }
 
+/// The row name of a rule (see [`crate::policy::scoped_name`]), borrowed where it is the
+/// rule's own name (a node-wide rule): no copy of each of 10,000 names.
+fn row_name<'a>(scope: Option<&str>, name: &'a str) -> Cow<'a, str> {
+    match scope {
+        None => Cow::Borrowed(name),
+        Some(_) => Cow::Owned(crate::policy::scoped_name(scope, name)),
+    }
+}
+
 /// Compiles `policy` as generation `generation`, keeping the rows in `stored` where it can.
 pub fn compile(
     policy: &Policy,
@@ -399,13 +415,21 @@ pub fn compile(
     generation: u32,
 ) -> Result<Compiled, CompileError> {
     let dns = (!policy.dns.resolvers.is_empty()).then_some(DNS_RULE_NAME);
-    let row_names: Vec<String> = policy.rules.iter().map(|r| r.row_name()).collect();
-    let name_rule_names: Vec<String> = policy.name_rules.iter().map(|r| r.row_name()).collect();
+    let row_names: Vec<Cow<'_, str>> = policy
+        .rules
+        .iter()
+        .map(|r| row_name(r.scope.as_deref(), &r.name))
+        .collect();
+    let name_rule_names: Vec<Cow<'_, str>> = policy
+        .name_rules
+        .iter()
+        .map(|r| row_name(r.scope.as_deref(), &r.name))
+        .collect();
     let (rows, order) = stored.assign_in_order(
         row_names
             .iter()
             .chain(&name_rule_names)
-            .map(String::as_str)
+            .map(|name| &**name)
             .chain(dns),
     )?;
     let scopes = policy.scopes();
@@ -462,7 +486,8 @@ pub fn compile(
     };
     // First rule to claim a key in a scope keeps it: node-wide rules first, then file order,
     // the user's order of precedence. A key a node-wide rule holds is held in every scope.
-    let mut owners: HashMap<(Option<&str>, IpNet, u16, Protocol), &str> = HashMap::new();
+    let mut owners: HashMap<(Option<&str>, IpNet, u16, Protocol), &str> =
+        HashMap::with_capacity(policy.rules.len());
     let node_wide_first = policy
         .rules
         .iter()
@@ -480,9 +505,13 @@ pub fn compile(
     for ((rule, &row), name) in node_wide_first {
         let value = RuleValue { row };
         let scope = rule.scope.as_deref();
-        let in_scopes = match scope {
-            None => all_scopes.clone(),
-            Some(ns) => vec![scope_id(ns), XDP_SCOPE],
+        let own_scopes;
+        let in_scopes: &[u8] = match scope {
+            None => &all_scopes,
+            Some(ns) => {
+                own_scopes = [scope_id(ns), XDP_SCOPE];
+                &own_scopes
+            }
         };
         for port in &rule.ports {
             // A range is one key per port (the port is matched exactly, ahead of the
@@ -513,7 +542,7 @@ pub fn compile(
                     continue;
                 }
                 owners.insert((scope, key.0, key.1, key.2), name);
-                for &s in &in_scopes {
+                for &s in in_scopes {
                     push_key(&mut out, s, key, value);
                 }
                 // Checked per port, so a range that would need millions of keys stops here,
@@ -521,7 +550,7 @@ pub fn compile(
                 let keys = out.rules_v4.len().max(out.rules_v6.len());
                 if keys > MAX_RULE_KEYS as usize {
                     return Err(CompileError::RangeTooWide {
-                        rule: name.clone(),
+                        rule: name.to_string(),
                         origin: rule.origin.to_string(),
                         ports: port.to_string(),
                         scopes: in_scopes.len(),

@@ -30,6 +30,7 @@ use super::{
 };
 
 /// One document of a source's last load.
+#[derive(Default)]
 struct Cached {
     first_line: usize,
     text: String,
@@ -78,14 +79,13 @@ fn by_document(name: &str, bytes: &[u8]) -> Option<Vec<Item>> {
     let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
     let sources = last.get_or_insert_with(HashMap::new);
     // The last load's documents are moved out, not copied: this load's entry replaces them.
-    let mut previous: Vec<Option<Cached>> = sources
-        .remove(name)
-        .unwrap_or_default()
-        .into_iter()
-        .map(Some)
-        .collect();
+    let mut previous: Vec<Cached> = sources.remove(name).unwrap_or_default();
     // Where each document was in the last load, if it was: looked up by place first
-    // (documents mostly stay where they were), by text and line only when that misses.
+    // (documents mostly stay where they were), by text and line only when that misses. An
+    // entry is reused whole (same first line, same text) by one document at most: two never
+    // share a first line, and were one taken already, the document would just be checked
+    // again.
+    let mut taken = vec![false; previous.len()];
     let found: Vec<Option<usize>> = {
         let mut by_text: Option<HashMap<(usize, &str), usize>> = None;
         documents
@@ -94,53 +94,51 @@ fn by_document(name: &str, bytes: &[u8]) -> Option<Vec<Item>> {
             .map(|(i, &(first_line, text))| {
                 let same_place = previous
                     .get(i)
-                    .and_then(Option::as_ref)
                     .filter(|d| d.first_line == first_line && d.text == text)
                     .map(|_| i);
-                same_place.or_else(|| {
+                let k = same_place.or_else(|| {
                     by_text
                         .get_or_insert_with(|| {
                             previous
                                 .iter()
                                 .enumerate()
-                                .filter_map(|(k, d)| {
-                                    d.as_ref().map(|d| ((d.first_line, d.text.as_str()), k))
-                                })
+                                .map(|(k, d)| ((d.first_line, d.text.as_str()), k))
                                 .collect()
                         })
                         .get(&(first_line, text))
                         .copied()
-                })
+                })?;
+                (!std::mem::replace(&mut taken[k], true)).then_some(k)
             })
             .collect()
     };
-    // Each document's entry of the last load, reused whole (same first line, same text); `None`:
-    // to check. Two documents never share a first line, so none takes another's; were one
-    // taken already, the document would just be checked again.
-    let reused: Vec<Option<Cached>> = found
-        .into_iter()
-        .map(|k| k.and_then(|k| previous[k].take()))
-        .collect();
     let fresh: Vec<(usize, &str)> = documents
         .iter()
-        .zip(&reused)
-        .filter(|(_, last)| last.is_none())
+        .zip(&found)
+        .filter(|(_, k)| k.is_none())
         .map(|(document, _)| *document)
         .collect();
     let mut checked = check_all(name, &fresh)?.into_iter();
+    let mut items = Vec::with_capacity(documents.len());
     let next: Vec<Cached> = documents
         .into_iter()
-        .zip(reused)
-        .map(|((first_line, text), last)| {
-            last.unwrap_or_else(|| Cached {
-                first_line,
-                text: text.to_owned(),
-                item: checked.next().expect("one checked item per fresh document"),
-            })
+        .zip(found)
+        .map(|((first_line, text), k)| {
+            let document = match k {
+                // Moved out; what is left in its place is dropped with `previous`.
+                Some(k) => std::mem::take(&mut previous[k]),
+                None => Cached {
+                    first_line,
+                    text: text.to_owned(),
+                    item: checked.next().expect("one checked item per fresh document"),
+                },
+            };
+            items.extend(document.item.clone());
+            document
         })
         .collect();
-    let items = next.iter().filter_map(|d| d.item.clone()).collect();
     sources.insert(name.to_owned(), next);
+    drop(last);
     Some(items)
 }
 
@@ -213,25 +211,34 @@ fn is_marker(line: &str, marker: &str) -> bool {
 /// a directive or a `...` line (the cut would not follow them).
 fn split(text: &str) -> Option<Vec<(usize, &str)>> {
     let bytes = text.as_bytes();
+    // Only a line starting with one of `-`, `.` and `%` can be a marker or a directive: those
+    // line starts are found by a vectorised search, not by visiting every line.
+    let mut candidates: Vec<usize> = Vec::new();
+    if matches!(bytes.first(), Some(b'-' | b'.' | b'%')) {
+        candidates.push(0);
+    }
+    for needle in [&b"\n-"[..], b"\n.", b"\n%"] {
+        candidates.extend(memchr::memmem::find_iter(bytes, needle).map(|i| i + 1));
+    }
+    candidates.sort_unstable();
     let mut documents = Vec::new();
     let (mut start, mut start_line) = (0, 1);
-    let (mut at, mut line) = (0, 1);
-    while at < bytes.len() {
+    // The line of `counted`: newlines are counted from one candidate to the next.
+    let (mut counted, mut line) = (0, 1);
+    for at in candidates {
+        line += bytes[counted..at].iter().filter(|&&b| b == b'\n').count();
+        counted = at;
         let end = memchr::memchr(b'\n', &bytes[at..]).map_or(bytes.len(), |i| at + i + 1);
-        // Only a line starting with one of these can be a marker or a directive.
-        if matches!(bytes[at], b'-' | b'.' | b'%') {
-            let bare = text[at..end].trim_end_matches(['\n', '\r']);
-            if bare.starts_with('%') || is_marker(bare, "...") {
-                return None;
-            }
-            if is_marker(bare, "---") && at > start {
-                documents.push((start_line, &text[start..at]));
-                (start, start_line) = (at, line);
-            }
+        let bare = text[at..end].trim_end_matches(['\n', '\r']);
+        if bare.starts_with('%') || is_marker(bare, "...") {
+            return None;
         }
-        (at, line) = (end, line + 1);
+        if is_marker(bare, "---") && at > start {
+            documents.push((start_line, &text[start..at]));
+            (start, start_line) = (at, line);
+        }
     }
-    if at > start {
+    if bytes.len() > start {
         documents.push((start_line, &text[start..]));
     }
     Some(documents)
@@ -394,5 +401,16 @@ mod tests {
         assert!(split("%YAML 1.2\n---\na: 1\n").is_none());
         assert!(split("a: 1\n...\n---\nb: 2\n").is_none());
         assert_eq!(split("").unwrap(), []);
+        // Lines that start with a candidate byte and are no marker; CRLF; a marker at the end.
+        assert_eq!(
+            split("a:\n- 1\n-\n---\r\nb: 2\r\n.x: 3\n--\n---").unwrap(),
+            [
+                (1, "a:\n- 1\n-\n"),
+                (4, "---\r\nb: 2\r\n.x: 3\n--\n"),
+                (8, "---")
+            ]
+        );
+        assert!(split("a: 1\n%TAG ! x\n").is_none());
+        assert!(split("...").is_none());
     }
 }

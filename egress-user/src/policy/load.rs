@@ -158,60 +158,61 @@ struct Source<'a> {
 
 /// The whole load: per-source checks, then the checks across documents.
 fn load<'a>(sources: impl Iterator<Item = Source<'a>>) -> Result<Policy, PolicyErrors> {
-    let mut reports = Vec::new();
+    let mut reports: Vec<Report> = Vec::new();
     let mut directories = Vec::new();
-    let mut items = Vec::new();
-    for (index, source) in sources.enumerate() {
-        let mut report = Report::new(source.name);
-        match source.bytes {
-            Err(message) => report.error(1, message),
-            Ok(bytes) => {
-                let checked = cache::items(source.name, bytes, &mut report);
-                items.extend(checked.into_iter().map(|item| (index, item)));
-            }
-        }
-        reports.push(report);
-        directories.push(source.directory);
-    }
-
     let mut across = Across::default();
     let mut config: Option<(Origin, Option<(usize, Config)>)> = None;
     let mut policy = Policy::default();
-    for (index, item) in items {
-        if let Item::Rule {
-            name: Some((name, line)),
-            ..
-        } = &item
-        {
-            across.rule_name(&mut reports, index, Arc::clone(name), *line);
-        }
-        let report = &mut reports[index];
-        match item {
-            Item::Rule { rule, .. } => match rule {
-                Some(EgressRule::Kernel(rule)) => policy.rules.push(rule),
-                Some(EgressRule::Name(rule)) => policy.name_rules.push(rule),
-                Some(EgressRule::Http { rule, port_lines }) => {
-                    across.http_ports(report, &rule, &port_lines);
-                    policy.http_rules.push(rule);
-                }
-                None => {}
-            },
-            Item::Service { key, alias } => {
-                if let Some(key) = key {
-                    across.service(report, key);
-                }
-                policy.aliases.extend(alias);
+    for (index, source) in sources.enumerate() {
+        let mut report = Report::new(source.name);
+        let items = match source.bytes {
+            Err(message) => {
+                report.error(1, message);
+                Vec::new()
             }
-            Item::Config { line, config: this } => match &config {
-                Some((first, _)) => report.field_error(
-                    line,
-                    "kind",
-                    format!(
-                        "a second EgressConfig (the first is at {first}); at most one is allowed"
-                    ),
-                ),
-                None => config = Some((report.origin(line), this.map(|c| (index, c)))),
-            },
+            Ok(bytes) => cache::items(source.name, bytes, &mut report),
+        };
+        reports.push(report);
+        directories.push(source.directory);
+        // Taken into the policy source by source, in order: the checks across documents see
+        // them as one list.
+        for item in items {
+            match item {
+                Item::Rule { name, rule } => {
+                    if let Some((name, line)) = name {
+                        across.rule_name(&mut reports, index, name, line);
+                    }
+                    match rule {
+                        Some(EgressRule::Kernel(rule)) => policy.rules.push(rule),
+                        Some(EgressRule::Name(rule)) => policy.name_rules.push(*rule),
+                        Some(EgressRule::Http { rule, port_lines }) => {
+                            across.http_ports(&mut reports[index], &rule, &port_lines);
+                            policy.http_rules.push(*rule);
+                        }
+                        None => {}
+                    }
+                }
+                Item::Service { key, alias } => {
+                    if let Some(key) = key {
+                        across.service(&mut reports[index], *key);
+                    }
+                    policy.aliases.extend(alias.map(|alias| *alias));
+                }
+                Item::Config { line, config: this } => {
+                    let report = &mut reports[index];
+                    match &config {
+                        Some((first, _)) => report.field_error(
+                            line,
+                            "kind",
+                            format!(
+                                "a second EgressConfig (the first is at {first}); at most one is \
+                                 allowed"
+                            ),
+                        ),
+                        None => config = Some((report.origin(line), this.map(|c| (index, *c)))),
+                    }
+                }
+            }
         }
     }
 

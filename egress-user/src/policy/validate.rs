@@ -47,16 +47,16 @@ pub(crate) enum Item {
     /// A `kind: Service` document (an ExternalName alias).
     Service {
         /// Name, namespace and the name's line, when valid, for the duplicate checks.
-        key: Option<ServiceKey>,
+        key: Option<Box<ServiceKey>>,
         /// The alias, when the document has no error.
-        alias: Option<Alias>,
+        alias: Option<Box<Alias>>,
     },
     /// A `kind: EgressConfig` document.
     Config {
         /// Line of the `kind` value, where a second EgressConfig is reported.
         line: usize,
         /// The settings, when the document has no error.
-        config: Option<Config>,
+        config: Option<Box<Config>>,
     },
 }
 
@@ -66,11 +66,11 @@ pub(crate) enum EgressRule {
     /// A CIDR or IP destination with tcp and udp ports; shared with the document cache.
     Kernel(Arc<Rule>),
     /// A host-name destination with tcp/udp ports (an FQDN rule).
-    Name(NameRule),
+    Name(Box<NameRule>),
     /// A host-name destination with http/https ports.
     Http {
         /// The rule.
-        rule: HttpRule,
+        rule: Box<HttpRule>,
         /// The line of each of `rule.ports`, for messages about a port.
         port_lines: Vec<usize>,
     },
@@ -113,7 +113,7 @@ pub(crate) fn document(root: &Node, report: &mut Report) -> Option<Item> {
         "EgressRule" => Some(walk.rule(root, &fields)),
         "EgressConfig" => Some(Item::Config {
             line,
-            config: walk.config(&fields),
+            config: walk.config(&fields).map(Box::new),
         }),
         "Service" => Some(walk.service(root, &fields)),
         other => {

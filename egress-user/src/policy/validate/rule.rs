@@ -146,21 +146,21 @@ impl Walk<'_> {
                         destination,
                         ports,
                     })),
-                    Paired::Name(host, ports) => EgressRule::Name(NameRule {
+                    Paired::Name(host, ports) => EgressRule::Name(Box::new(NameRule {
                         name,
                         scope,
                         origin,
                         host,
                         ports,
-                    }),
+                    })),
                     Paired::Http(host, ports, port_lines) => EgressRule::Http {
-                        rule: HttpRule {
+                        rule: Box::new(HttpRule {
                             name,
                             scope,
                             origin,
                             host,
                             ports,
-                        },
+                        }),
                         port_lines,
                     },
                 })

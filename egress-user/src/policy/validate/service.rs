@@ -60,7 +60,10 @@ impl Walk<'_> {
             }
             _ => None,
         };
-        Item::Service { key, alias }
+        Item::Service {
+            key: key.map(Box::new),
+            alias: alias.map(Box::new),
+        }
     }
 
     /// `apiVersion`: optional, `v1` when given.
