@@ -31,7 +31,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, TryLockError},
     time::Duration,
 };
 
@@ -390,7 +390,15 @@ async fn answer(
             return Some(message::servfail(&query));
         }
     };
-    match tokio::task::block_in_place(|| learn(asker, maps, &query, &answer)) {
+    // Uncontended, the few map writes are made here, on the runtime's thread: handing the
+    // thread's work to another first (`block_in_place`) costs more than they do. A change of
+    // policy holds the lock of the rules in force while it swaps programs or sweeps learned
+    // addresses (milliseconds); then the wait is made where the runtime can spare a thread.
+    let learned = learn(asker, maps, &query, &answer, Wait::No).unwrap_or_else(|| {
+        tokio::task::block_in_place(|| learn(asker, maps, &query, &answer, Wait::Yes))
+            .expect("a learn that waits for the locks always ends")
+    });
+    match learned {
         Ok(_) => Some(reply),
         Err(e) => {
             tracing::error!(%query, error = %e, "dns: cannot allow the answer's addresses; SERVFAIL (failing closed)");
@@ -457,14 +465,31 @@ async fn ask_tcp(query: &[u8], resolver: SocketAddr, asker: &Asker) -> io::Resul
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in 5 s"))?
 }
 
+/// Whether [`learn`] waits for its locks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
 /// Allows the answer's addresses for every FQDN rule in force that applies to the asker and
-/// matches a name of the chain. Returns the number of map entries written.
-fn learn(asker: &Asker, maps: &Maps, query: &Query, answer: &Answer) -> Result<usize, LoadError> {
+/// matches a name of the chain. Returns the number of map entries written; `None`, having
+/// written nothing, when `wait` is [`Wait::No`] and a lock is held.
+fn learn(
+    asker: &Asker,
+    maps: &Maps,
+    query: &Query,
+    answer: &Answer,
+    wait: Wait,
+) -> Option<Result<usize, LoadError>> {
     if answer.addrs.is_empty() {
-        return Ok(0);
+        return Some(Ok(0));
     }
     let in_force = InForce::of(&asker.pin_dir);
-    let names = in_force.lock();
+    let names = match wait {
+        Wait::Yes => in_force.lock(),
+        Wait::No => in_force.try_lock()?,
+    };
     // The asker's own scope when its namespace has rules of its own; else scope 0.
     let namespace = asker.namespace.as_deref().filter(|ns| {
         names
@@ -481,14 +506,27 @@ fn learn(asker: &Asker, maps: &Maps, query: &Query, answer: &Answer) -> Result<u
         .filter(|rule| answer.chain.iter().any(|name| rule.host.matches(name)))
         .collect();
     if rules.is_empty() {
-        return Ok(0);
+        return Some(Ok(0));
     }
-    let mut opened = maps.0.lock().unwrap_or_else(|e| e.into_inner());
-    let learned = open_maps(&mut opened, &asker.pin_dir)?;
+    let mut opened = match (wait, maps.0.try_lock()) {
+        (_, Ok(guard)) => guard,
+        (_, Err(TryLockError::Poisoned(e))) => e.into_inner(),
+        (Wait::Yes, Err(TryLockError::WouldBlock)) => {
+            maps.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+        (Wait::No, Err(TryLockError::WouldBlock)) => return None,
+    };
+    let learned = match open_maps(&mut opened, &asker.pin_dir) {
+        Ok(learned) => learned,
+        Err(e) => return Some(Err(e)),
+    };
     let mut written = 0;
     for rule in &rules {
         for &(addr, ttl) in answer.addrs.iter().filter(|(addr, _)| learnable(*addr)) {
-            written += learned.allow(scope_id, xdp, rule, addr, Duration::from_secs(ttl.into()))?;
+            match learned.allow(scope_id, xdp, rule, addr, Duration::from_secs(ttl.into())) {
+                Ok(n) => written += n,
+                Err(e) => return Some(Err(e)),
+            }
         }
     }
     tracing::debug!(
@@ -498,7 +536,7 @@ fn learn(asker: &Asker, maps: &Maps, query: &Query, answer: &Answer) -> Result<u
         written,
         "dns: learned"
     );
-    Ok(written)
+    Some(Ok(written))
 }
 
 /// Whether an answer's address may be learned: never the host's own, link-local (cloud

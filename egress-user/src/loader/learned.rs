@@ -18,7 +18,7 @@ use std::{
     collections::HashMap as StdHashMap,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError},
     time::Duration,
 };
 
@@ -100,6 +100,15 @@ impl InForce {
     /// Takes the lock.
     pub fn lock(&self) -> MutexGuard<'_, NamesInForce> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the lock if no one holds it; `None` if someone does.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, NamesInForce>> {
+        match self.0.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 }
 
