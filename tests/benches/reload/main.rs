@@ -40,6 +40,12 @@
 //!     (210 s) keeps the whole bench near 5 minutes, and the table says how many were measured.
 //! - Everything the bench starts runs at nice -10 (`--nice`): the machine is shared, and a
 //!   workload that does not get the CPU for a while reports the flip late.
+//! - Where the round trip goes, in the agent: every applied reload logs its steps
+//!   (`build_ms`: reading, hashing, parsing and checking the sources; `proxy_ms`;
+//!   `kernel_ms`: `pipeline::change`; `total_ms`: all of `Agent::apply`); the bench reads them
+//!   from each measured reload's log lines and reports their p50 per size beside the round
+//!   trip's, and the p50 of round trip less `total_ms` (the control socket's way in and out).
+//!   A reload whose lines lack them stops the bench.
 //! - Where the time goes: for each size, in the bench's own process, on a scratch sandbox,
 //!   what a reload does one step at a time: parsing and validating the file
 //!   (`policy::load_files`), configuring the proxy (`Proxy::new`, which reads the system's
