@@ -383,6 +383,26 @@ fn long_names_that_share_a_prefix_keep_their_own_rows() {
 }
 
 #[test]
+fn a_stored_row_is_found_behind_another_of_the_same_hash_and_length() {
+    // Row 10 holds a name of the same FNV hash and length as `alpha` but other bytes (what a
+    // hash collision stores): `alpha` must still find its own row 11 behind it, and a new
+    // name must take neither.
+    let mut impostor = rule_info("alpha", 1);
+    impostor.name[4] = b'z';
+    let stored = RowTable::from_rule_info([
+        (FIRST_RULE_ROW + 10, impostor),
+        (FIRST_RULE_ROW + 11, rule_info("alpha", 1)),
+    ]);
+    let table = stored.assign(["alpha", "beta"]).unwrap();
+    assert_eq!(table.row("alpha"), Some(FIRST_RULE_ROW + 11));
+    let beta = table.row("beta").unwrap();
+    assert!(
+        beta != FIRST_RULE_ROW + 10 && beta != FIRST_RULE_ROW + 11,
+        "{beta}"
+    );
+}
+
+#[test]
 fn too_many_rules_is_an_error_not_a_partial_policy() {
     let names: Vec<String> = (0..COUNTER_ROWS).map(|i| format!("r{i}")).collect();
     let err = StoredRows::default()
