@@ -29,8 +29,9 @@ impl Agent {
     /// Reads the policy sources again and applies them; unless `force`, only if their bytes
     /// changed. Returns the generation in force.
     pub(super) fn reload(&mut self, force: bool, why: &str) -> Result<u32, ChangeError> {
-        let sources = self.sources();
-        if !force && sources::digest(&sources, &self.settings.resolv_conf) == self.digest {
+        let start = std::time::Instant::now();
+        let read = sources::read(&self.sources(), &self.settings.resolv_conf);
+        if !force && read.digest == self.digest {
             if let Some(error) = self.last_error.take() {
                 // A broken file removed, or put back as it was: the sources are again those of
                 // the policy in force, so the last failure no longer describes them.
@@ -45,15 +46,19 @@ impl Agent {
             }
             return Ok(self.generation());
         }
-        self.apply(&sources, why)
+        self.apply(read, start, why)
     }
 
-    /// Validates `sources` as a whole and puts them in force. Every outcome is logged and
-    /// counted.
-    fn apply(&mut self, sources: &[PolicySource], why: &str) -> Result<u32, ChangeError> {
+    /// Validates the sources `read` (from `start`) as a whole and puts them in force. Every
+    /// outcome is logged and counted.
+    fn apply(
+        &mut self,
+        read: sources::Read,
+        start: std::time::Instant,
+        why: &str,
+    ) -> Result<u32, ChangeError> {
         let generation = self.generation();
-        let start = std::time::Instant::now();
-        let built = sources::build(sources, &self.settings.resolv_conf);
+        let built = read.build(&self.settings.resolv_conf);
         let build_ms = start.elapsed().as_secs_f64() * 1e3;
         let result = built
             .map_err(ChangeError::from)

@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    policy::{self, Policy, PolicyErrors, PolicySource},
+    policy::{self, Policy, PolicyErrors, PolicySource, ReadSource},
     state::Store,
 };
 
@@ -33,7 +33,7 @@ pub struct Built {
     pub policy: Policy,
     /// What was wrong with resolv.conf (a line without a usable address, a missing file).
     pub resolv_conf_warnings: Vec<String>,
-    /// A hash of the sources' names and bytes and of resolv.conf's, see [`digest`].
+    /// A hash of the sources' names and bytes and of resolv.conf's, see [`read`].
     pub digest: u64,
 }
 
@@ -82,51 +82,57 @@ pub fn list(paths: &[PathBuf], store: &Store) -> Vec<PolicySource> {
     out
 }
 
+/// The policy sources read once, and the digest of what was read.
+pub struct Read {
+    sources: Vec<ReadSource>,
+    /// A hash of the sources' names and bytes and of resolv.conf's, see [`read`].
+    pub digest: u64,
+}
+
+/// Reads every source once, and hashes what was read together with resolv.conf's bytes (an
+/// unreadable file hashes its error): a reload whose digest is the one in force would change
+/// nothing and is skipped, and one that goes on checks exactly the bytes its digest describes.
+/// A file written after it was read has new bytes; the write's own event reloads it.
+pub fn read(sources: &[PolicySource], resolv_conf: &Path) -> Read {
+    let sources = policy::read_sources(sources);
+    let mut h = std::hash::DefaultHasher::new();
+    sources.hash(&mut h);
+    // Before resolv.conf is read for its resolvers (in [`Read::build`]), never after: a
+    // resolv.conf written in between then has a digest its policy does not match, and the
+    // write's own event reloads it, instead of being skipped as "unchanged".
+    policy::read_sources(&[PolicySource::File(resolv_conf.to_owned())]).hash(&mut h);
+    Read {
+        sources,
+        digest: h.finish(),
+    }
+}
+
 /// Reads and validates `sources` as one policy and fills its DNS resolvers from `resolv_conf`
 /// (read every time, so a changed resolv.conf is in force from the next reload on).
 ///
 /// # Errors
 /// The documents are invalid, or resolv.conf exists but cannot be read.
 pub fn build(sources: &[PolicySource], resolv_conf: &Path) -> Result<Built, SourceError> {
-    // Taken before the sources are read, never after: a file written while they are read then
-    // has a digest its policy does not match, and the write's own event reloads it. Taken
-    // after, the digest would already be the new bytes' and that reload would be skipped as
-    // "unchanged", leaving the older policy in force.
-    let digest = digest(sources, resolv_conf);
-    let mut policy = policy::load_mixed(sources)?;
-    let resolv_conf_warnings = policy
-        .fill_resolvers(resolv_conf)
-        .map_err(SourceError::ResolvConf)?;
-    Ok(Built {
-        policy,
-        resolv_conf_warnings,
-        digest,
-    })
+    read(sources, resolv_conf).build(resolv_conf)
 }
 
-/// A hash of the sources' names and bytes, and of resolv.conf's (an unreadable file hashes its
-/// error): a reload that would change nothing is skipped.
-pub fn digest(sources: &[PolicySource], resolv_conf: &Path) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    let resolv_conf = PolicySource::File(resolv_conf.to_owned());
-    for source in sources.iter().chain([&resolv_conf]) {
-        match source {
-            PolicySource::File(path) => {
-                path.hash(&mut h);
-                // Bounded and never blocking, as loading reads it: a FIFO named as a policy
-                // file must not hang the watcher (loading then reports it).
-                match policy::read::read_bounded(path, policy::MAX_FILE_SIZE) {
-                    Ok(bytes) => bytes.hash(&mut h),
-                    Err(e) => e.to_string().hash(&mut h),
-                }
-            }
-            PolicySource::Text { name, bytes } => {
-                name.hash(&mut h);
-                bytes.hash(&mut h);
-            }
-        }
+impl Read {
+    /// Validates the sources read as one policy and fills its DNS resolvers from
+    /// `resolv_conf`, as [`build`] does.
+    ///
+    /// # Errors
+    /// The documents are invalid, or resolv.conf exists but cannot be read.
+    pub fn build(self, resolv_conf: &Path) -> Result<Built, SourceError> {
+        let mut policy = policy::load_read(&self.sources)?;
+        let resolv_conf_warnings = policy
+            .fill_resolvers(resolv_conf)
+            .map_err(SourceError::ResolvConf)?;
+        Ok(Built {
+            policy,
+            resolv_conf_warnings,
+            digest: self.digest,
+        })
     }
-    h.finish()
 }
 
 #[cfg(test)]
@@ -142,13 +148,65 @@ mod tests {
             name: "p.yaml".to_owned(),
             bytes: b"kind: EgressConfig\n".to_vec(),
         }];
-        let before = digest(&sources, &resolv_conf);
-        assert_eq!(digest(&sources, &resolv_conf), before);
+        let before = read(&sources, &resolv_conf).digest;
+        assert_eq!(read(&sources, &resolv_conf).digest, before);
         std::fs::write(&resolv_conf, "nameserver 192.0.2.54\n").expect("write");
-        let after = digest(&sources, &resolv_conf);
+        let after = read(&sources, &resolv_conf).digest;
         std::fs::remove_file(&resolv_conf).expect("remove");
-        let missing = digest(&sources, &resolv_conf);
+        let missing = read(&sources, &resolv_conf).digest;
         assert_ne!(after, before);
         assert_ne!(missing, after);
+    }
+
+    fn rule(name: &str) -> String {
+        format!(
+            "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n      \
+             service: 192.0.2.0/24\n  ports:\n      - port: 443\n        protocol: tcp\n"
+        )
+    }
+
+    #[test]
+    fn a_reload_checks_the_bytes_its_digest_describes() {
+        let dir = TempDir::new("read-once");
+        let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\n");
+        let file = dir.file("p.yaml", rule("first"));
+        let sources = [PolicySource::File(file.clone())];
+        let first = read(&sources, &resolv_conf);
+        // Written after the sources were read: this reload goes on with what it read.
+        std::fs::write(&file, rule("second")).expect("write");
+        let built = first.build(&resolv_conf).expect("valid");
+        let names: Vec<_> = built.policy.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["first"]);
+        // And the write's own reload is not skipped as unchanged.
+        let second = read(&sources, &resolv_conf);
+        assert_ne!(second.digest, built.digest);
+        let built = second.build(&resolv_conf).expect("valid");
+        let names: Vec<_> = built.policy.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["second"]);
+        // The same bytes again: the same digest, so that reload is skipped.
+        assert_eq!(read(&sources, &resolv_conf).digest, built.digest);
+    }
+
+    #[test]
+    fn an_unreadable_file_is_reported_and_has_a_digest_of_its_own() {
+        let dir = TempDir::new("read-error");
+        let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\n");
+        let file = dir.file("p.yaml", rule("first"));
+        let sources = [PolicySource::File(file.clone())];
+        let present = read(&sources, &resolv_conf).digest;
+        std::fs::remove_file(&file).expect("remove");
+        let missing = read(&sources, &resolv_conf);
+        assert_ne!(missing.digest, present);
+        let Err(SourceError::Invalid(errors)) = missing.build(&resolv_conf) else {
+            panic!("a missing policy file must be an error");
+        };
+        let message = errors.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "{}:1: cannot read the policy file",
+                file.display()
+            )),
+            "{message}"
+        );
     }
 }

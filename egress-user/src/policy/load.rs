@@ -79,22 +79,51 @@ pub enum PolicySource {
 /// # Errors
 /// Every problem in every source, sorted by source (in the order given) and line.
 pub fn load_mixed(sources: &[PolicySource]) -> Result<Policy, PolicyErrors> {
-    type Read<'a> = (String, Option<&'a Path>, Result<Vec<u8>, String>);
-    let read: Vec<Read<'_>> = sources
+    load_read(&read_sources(sources))
+}
+
+/// A [`PolicySource`] read: what [`load_read`] checks. The agent reads its sources once per
+/// reload, hashes what it read to tell whether anything changed, and checks those same bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReadSource {
+    /// The name messages use: the file's path, or the text's name.
+    name: String,
+    /// The directory relative `caFiles` paths are resolved against, for a file.
+    directory: Option<PathBuf>,
+    /// The contents, or why the file cannot be read.
+    bytes: Result<Vec<u8>, String>,
+}
+
+/// Reads every file of `sources` once (bounded, never blocking, see [`read_bounded`]); a file
+/// that cannot be read keeps its error, which [`load_read`] reports on its line 1.
+#[must_use]
+pub fn read_sources(sources: &[PolicySource]) -> Vec<ReadSource> {
+    sources
         .iter()
         .map(|source| match source {
-            PolicySource::File(path) => (
-                path.display().to_string(),
-                Some(path.parent().unwrap_or_else(|| Path::new(""))),
-                read_capped(path),
-            ),
-            PolicySource::Text { name, bytes } => (name.clone(), None, Ok(bytes.clone())),
+            PolicySource::File(path) => ReadSource {
+                name: path.display().to_string(),
+                directory: Some(path.parent().unwrap_or_else(|| Path::new("")).to_owned()),
+                bytes: read_capped(path),
+            },
+            PolicySource::Text { name, bytes } => ReadSource {
+                name: name.clone(),
+                directory: None,
+                bytes: Ok(bytes.clone()),
+            },
         })
-        .collect();
-    load(read.iter().map(|(name, directory, bytes)| Source {
-        name,
-        directory: *directory,
-        bytes: bytes.as_deref().map_err(String::as_str),
+        .collect()
+}
+
+/// Checks sources already read (see [`read_sources`]) as one policy, as [`load_mixed`] does.
+///
+/// # Errors
+/// Every problem in every source, sorted by source (in the order given) and line.
+pub fn load_read(read: &[ReadSource]) -> Result<Policy, PolicyErrors> {
+    load(read.iter().map(|source| Source {
+        name: &source.name,
+        directory: source.directory.as_deref(),
+        bytes: source.bytes.as_deref().map_err(String::as_str),
     }))
 }
 

@@ -33,7 +33,10 @@ mod validate;
 mod yaml;
 
 pub use host::{HostError, LabelProblem, MAX_HOST_LEN, MAX_LABEL_LEN, normalise_host};
-pub use load::{MAX_FILE_SIZE, PolicySource, default_policy, load_files, load_mixed, load_sources};
+pub use load::{
+    MAX_FILE_SIZE, PolicySource, ReadSource, default_policy, load_files, load_mixed, load_read,
+    load_sources, read_sources,
+};
 pub use model::{
     ALIAS_ADDRESS, ALIAS_TTL, Alias, AllowSockets, DEFAULT_PROXY_IDLE_TIMEOUT, DEFAULT_PROXY_PORT,
     DNS_LISTEN_PORT, Diagnostic, Dns, DnsSource, Embedded, Events, HostName, HostPattern, HttpPort,
