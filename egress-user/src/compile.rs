@@ -29,6 +29,7 @@ use ipnet::IpNet;
 
 use crate::policy::{
     DNS_LISTEN_PORT, Events, HostPattern, Mode, Policy, PortRule, Protocol, judged_as, port_span,
+    scoped_name,
 };
 
 use egress_common::{MAX_SCOPES, XDP_SCOPE};
@@ -399,15 +400,6 @@ pub fn rule_info(name: &str, generation: u32) -> RuleInfo {
     info
 }
 
-/// The row name of a rule (see [`crate::policy::scoped_name`]), borrowed where it is the
-/// rule's own name (a node-wide rule): no copy of each of 10,000 names.
-fn row_name<'a>(scope: Option<&str>, name: &'a str) -> Cow<'a, str> {
-    match scope {
-        None => Cow::Borrowed(name),
-        Some(_) => Cow::Owned(crate::policy::scoped_name(scope, name)),
-    }
-}
-
 /// Compiles `policy` as generation `generation`, keeping the rows in `stored` where it can.
 pub fn compile(
     policy: &Policy,
@@ -418,12 +410,12 @@ pub fn compile(
     let row_names: Vec<Cow<'_, str>> = policy
         .rules
         .iter()
-        .map(|r| row_name(r.scope.as_deref(), &r.name))
+        .map(|r| scoped_name(r.scope.as_deref(), &r.name))
         .collect();
     let name_rule_names: Vec<Cow<'_, str>> = policy
         .name_rules
         .iter()
-        .map(|r| row_name(r.scope.as_deref(), &r.name))
+        .map(|r| scoped_name(r.scope.as_deref(), &r.name))
         .collect();
     let (rows, order) = stored.assign_in_order(
         row_names
@@ -603,7 +595,7 @@ pub fn compile(
             .iter()
             .zip(&order[policy.rules.len()..])
             .map(|(rule, &row)| NameEntry {
-                name: rule.row_name(),
+                name: rule.row_name().into_owned(),
                 scope: rule.scope.clone(),
                 host: rule.host.clone(),
                 ports: rule.ports.clone(),

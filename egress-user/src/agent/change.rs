@@ -223,7 +223,7 @@ impl Agent {
         };
         let shown = |name: &str| match (kind, namespace.as_deref()) {
             (Kind::Service, Some(ns)) => super::status::service_name(ns, name),
-            (_, ns) => crate::policy::scoped_name(ns, name),
+            (_, ns) => crate::policy::scoped_name(ns, name).into_owned(),
         };
         let old = self
             .settings
@@ -289,7 +289,7 @@ fn describe(docs: &[state::Document]) -> String {
         .map(|d| {
             let name = match (d.kind, d.namespace.as_deref()) {
                 (Kind::Service, Some(ns)) => super::status::service_name(ns, &d.name),
-                (_, ns) => crate::policy::scoped_name(ns, &d.name),
+                (_, ns) => crate::policy::scoped_name(ns, &d.name).into_owned(),
             };
             format!("{}/{name}", d.kind)
         })

@@ -79,7 +79,7 @@ impl Agent {
                    origin: &policy::Origin| {
             // Counted under `namespace/name` for a rule of a namespace.
             let counted = match kind {
-                Kind::EgressRule => policy::scoped_name(namespace, name),
+                Kind::EgressRule => policy::scoped_name(namespace, name).into_owned(),
                 Kind::Service => name.to_owned(),
             };
             let k = kernel.get(&counted).copied().unwrap_or_default();

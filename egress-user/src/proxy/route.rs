@@ -93,7 +93,7 @@ impl Routes {
             policy
                 .http_rules
                 .iter()
-                .map(|h| (scoped_name(h.scope.as_deref(), &h.name), false)),
+                .map(|h| (scoped_name(h.scope.as_deref(), &h.name).into_owned(), false)),
         );
         r.names
             .extend(policy.aliases.iter().map(|a| (a.name.clone(), true)));

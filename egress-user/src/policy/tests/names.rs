@@ -39,7 +39,7 @@ fn host_names_with_tcp_and_udp_ports_are_fqdn_rules() {
         .iter()
         .map(|r| {
             (
-                r.row_name(),
+                r.row_name().into_owned(),
                 r.host.to_string(),
                 r.ports.iter().map(ToString::to_string).collect(),
             )
