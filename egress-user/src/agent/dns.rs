@@ -31,7 +31,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, TryLockError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError},
     time::Duration,
 };
 
@@ -466,10 +466,26 @@ async fn ask_tcp(query: &[u8], resolver: SocketAddr, asker: &Asker) -> io::Resul
 }
 
 /// Whether [`learn`] waits for its locks.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Wait {
     Yes,
     No,
+}
+
+impl Wait {
+    /// Takes `mutex`, waiting for it only with [`Wait::Yes`]; `None` when another holds it and
+    /// this does not wait. A poisoned lock is taken all the same: its holder's writes to the
+    /// maps and the rules in force are each whole.
+    fn take<T>(self, mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+        match mutex.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => match self {
+                Self::Yes => Some(mutex.lock().unwrap_or_else(PoisonError::into_inner)),
+                Self::No => None,
+            },
+        }
+    }
 }
 
 /// Allows the answer's addresses for every FQDN rule in force that applies to the asker and
@@ -486,10 +502,7 @@ fn learn(
         return Some(Ok(0));
     }
     let in_force = InForce::of(&asker.pin_dir);
-    let names = match wait {
-        Wait::Yes => in_force.lock(),
-        Wait::No => in_force.try_lock()?,
-    };
+    let names = wait.take(in_force.mutex())?;
     // The asker's own scope when its namespace has rules of its own; else scope 0.
     let namespace = asker.namespace.as_deref().filter(|ns| {
         names
@@ -508,14 +521,7 @@ fn learn(
     if rules.is_empty() {
         return Some(Ok(0));
     }
-    let mut opened = match (wait, maps.0.try_lock()) {
-        (_, Ok(guard)) => guard,
-        (_, Err(TryLockError::Poisoned(e))) => e.into_inner(),
-        (Wait::Yes, Err(TryLockError::WouldBlock)) => {
-            maps.0.lock().unwrap_or_else(|e| e.into_inner())
-        }
-        (Wait::No, Err(TryLockError::WouldBlock)) => return None,
-    };
+    let mut opened = wait.take(&maps.0)?;
     let learned = match open_maps(&mut opened, &asker.pin_dir) {
         Ok(learned) => learned,
         Err(e) => return Some(Err(e)),
@@ -570,4 +576,48 @@ fn open_maps<'a>(
         *slot = Some(LearnedMaps::open(&PinDir::new(pin_dir))?);
     }
     Ok(slot.as_mut().expect("just opened"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_waits_only_when_told_and_takes_a_poisoned_lock() {
+        let mutex = Arc::new(Mutex::new(0u32));
+        // Free: both take it.
+        assert!(Wait::No.take(&mutex).is_some());
+        assert!(Wait::Yes.take(&mutex).is_some());
+
+        // Held by another thread: No gives up, Yes waits until the holder lets go.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let mutex = Arc::clone(&mutex);
+            move || {
+                let mut guard = mutex.lock().expect("lock");
+                held_tx.send(()).expect("send");
+                release_rx.recv().expect("recv");
+                *guard = 7;
+            }
+        });
+        held_rx.recv().expect("held");
+        assert!(Wait::No.take(&mutex).is_none());
+        release_tx.send(()).expect("release");
+        assert_eq!(Wait::Yes.take(&mutex).map(|g| *g), Some(7));
+        holder.join().expect("join");
+
+        // Poisoned (its holder panicked): taken all the same, by both.
+        let poisoner = std::thread::spawn({
+            let mutex = Arc::clone(&mutex);
+            move || {
+                let _guard = mutex.lock().expect("lock");
+                panic!("poisoning the lock on purpose");
+            }
+        });
+        assert!(poisoner.join().is_err());
+        assert!(mutex.is_poisoned());
+        assert_eq!(Wait::No.take(&mutex).map(|g| *g), Some(7));
+        assert_eq!(Wait::Yes.take(&mutex).map(|g| *g), Some(7));
+    }
 }

@@ -18,7 +18,7 @@ use std::{
     collections::HashMap as StdHashMap,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
     time::Duration,
 };
 
@@ -102,13 +102,9 @@ impl InForce {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the lock if no one holds it; `None` if someone does.
-    pub fn try_lock(&self) -> Option<MutexGuard<'_, NamesInForce>> {
-        match self.0.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        }
+    /// The lock itself, for a caller that decides how to wait for it.
+    pub fn mutex(&self) -> &Mutex<NamesInForce> {
+        &self.0
     }
 }
 
