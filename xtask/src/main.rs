@@ -6,6 +6,7 @@
 
 mod bench;
 mod deploy;
+mod disk;
 mod env;
 mod image;
 mod kube_api;

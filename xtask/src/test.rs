@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 
 use crate::{
-    deploy,
+    deploy, disk,
     env::{self, ChildEnv},
     image, kube_api, setup,
     tally::Tally,
@@ -209,6 +209,12 @@ pub fn run(options: &Options) -> Result<()> {
     // Fail before set-up spends a minute building bpf-linker for a run that cannot pass.
     env::require_root("the integration tests")?;
     let child = setup::run(&options.setup)?;
+    let target = disk::target_dir(&child)?;
+    disk::check_room(
+        &target,
+        disk::free_bytes(&child, &target)?,
+        disk::COLD_TEST_BYTES,
+    )?;
     let steps = if options.steps.is_empty() {
         Step::value_variants()
     } else {
