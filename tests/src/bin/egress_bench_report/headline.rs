@@ -390,8 +390,8 @@ pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
                 number(a["p99"].as_f64(), 1)
             ),
             "-".into(),
-            "- (no target)",
-            None,
+            "<= 1 s p99 (ambitious 200 ms)",
+            a["p99"].as_f64().map(|p99| p99 <= 1000.0),
         );
         let m = &k["memory_kib"];
         row(
@@ -403,7 +403,7 @@ pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
                 number(m["one_object"].as_f64().map(|k| k / 1024.0), 1)
             ),
             "-".into(),
-            "- (no target)",
+            "- (the 64 MB target is for the objects and 1,000 pods together, below)",
             None,
         );
         if let Some(pods) = m["pods"].as_u64() {
@@ -421,8 +421,9 @@ pub(crate) fn headline(page: &mut String, b: Benches<'_>) {
                     number(mib("restarted"), 1)
                 ),
                 "-".into(),
-                "- (no target)",
-                None,
+                "<= 64 MB (ambitious 32 MB)",
+                // MB as BENCHMARKS.md writes it, 10^6 bytes: 64 MB is 61.0 MiB.
+                mib("with_pods").map(|mib| mib * 1.048_576 <= 64.0),
             );
         }
     }
