@@ -145,7 +145,49 @@ pub struct RuleObject {
     /// `metadata.generation`.
     pub generation: i64,
     /// `spec`, as the API has it (a Service's: only the fields an alias means).
-    pub spec: serde_json::Value,
+    pub spec: Spec,
+}
+
+/// An object's `spec` as compact JSON text, keys sorted: about 150 bytes for an EgressRule,
+/// where a `serde_json::Value` of it (three B-tree maps) took about 2 KiB, in each of the
+/// copies the agent keeps (the watches', the snapshot's, the objects in force). Two specs are
+/// equal when their values are (the text is canonical).
+#[derive(Clone, Debug)]
+pub struct Spec(Box<serde_json::value::RawValue>);
+
+impl Spec {
+    /// `value` as canonical text.
+    pub fn new(value: &serde_json::Value) -> Self {
+        // A `Value`'s maps are sorted, and its numbers and strings print one way.
+        Self(serde_json::value::to_raw_value(value).expect("a JSON value serialises"))
+    }
+
+    /// The spec as a JSON value.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.get()).expect("a spec's text is JSON it printed itself")
+    }
+}
+
+impl PartialEq for Spec {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Eq for Spec {}
+
+impl Serialize for Spec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Spec {
+    /// Any JSON value, made canonical (a record written pretty, or by an older agent, reads
+    /// as the same spec as the API's).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(deserializer).map(|value| Self::new(&value))
+    }
 }
 
 impl RuleObject {
@@ -165,7 +207,7 @@ impl RuleObject {
             uid: meta.uid.clone().unwrap_or_default(),
             resource_version: meta.resource_version.clone().unwrap_or_default(),
             generation: meta.generation.unwrap_or(0),
-            spec,
+            spec: Spec::new(&spec),
         })
     }
 
@@ -198,7 +240,7 @@ impl RuleObject {
             "apiVersion": api_version,
             "kind": self.kind.to_string(),
             "metadata": {"name": self.name, "namespace": self.namespace},
-            "spec": self.spec,
+            "spec": self.spec.value(),
         });
         serde_json::to_vec_pretty(&document).expect("a JSON value serialises")
     }
@@ -828,7 +870,7 @@ mod tests {
             uid: "u1".to_owned(),
             resource_version: "42".to_owned(),
             generation: 3,
-            spec,
+            spec: Spec::new(&spec),
         }
     }
 
@@ -873,6 +915,38 @@ mod tests {
     }
 
     #[test]
+    fn a_spec_is_kept_as_canonical_text_and_stored_as_json() {
+        let value = serde_json::json!({"ports": [{"protocol": "tcp", "port": 443}],
+                                       "destination": {"service": "192.0.2.0/24"}});
+        let spec = Spec::new(&value);
+        assert_eq!(spec.value(), value);
+        // Written pretty, keys in another order (an older agent's record): the same spec.
+        let pretty: Spec = serde_json::from_str(
+            "{\n  \"destination\": {\"service\": \"192.0.2.0/24\"},\n  \"ports\": [{\"port\": 443, \"protocol\": \"tcp\"}]\n}",
+        )
+        .expect("a JSON object");
+        assert_eq!(pretty, spec);
+        assert_ne!(
+            Spec::new(&serde_json::json!({"ports": [{"port": 80}]})),
+            spec
+        );
+        // The store holds the object as JSON, not as a string of JSON, as before.
+        let rule = object(value.clone());
+        let stored: serde_json::Value = serde_json::to_value(&rule).expect("serialises");
+        assert_eq!(stored["spec"], value);
+        let back: RuleObject = serde_json::from_value(stored).expect("deserialises");
+        assert_eq!(back, rule);
+        // The policy document is the spec's value, one field a line.
+        let document = String::from_utf8(rule.document()).expect("UTF-8");
+        assert!(
+            document.contains(
+                "\"spec\": {\n    \"destination\": {\n      \"service\": \"192.0.2.0/24\""
+            ),
+            "{document}"
+        );
+    }
+
+    #[test]
     fn a_status_write_is_not_a_change_of_the_spec() {
         let rule = object(serde_json::json!({"destination": {"service": "192.0.2.0/24"}}));
         let mut written = rule.clone();
@@ -880,7 +954,8 @@ mod tests {
         assert!(rule.same_spec(&written));
         let mut edited = written.clone();
         edited.generation = 4;
-        edited.spec = serde_json::json!({"destination": {"service": "198.51.100.0/24"}});
+        edited.spec =
+            Spec::new(&serde_json::json!({"destination": {"service": "198.51.100.0/24"}}));
         assert!(!rule.same_spec(&edited));
         let mut recreated = rule.clone();
         recreated.uid = "u2".to_owned();
@@ -1065,7 +1140,7 @@ mod tests {
         );
         let object = listed.rules.values().next().expect("one");
         assert_eq!(
-            object.spec,
+            object.spec.value(),
             serde_json::json!({"type": "ExternalName", "externalName": "httpbin.test",
                                "ports": [{"port": 80}]}),
             "only what an alias means is read"
@@ -1428,7 +1503,7 @@ mod tests {
                 .rules
                 .values()
                 .next()
-                .map(|r| r.spec["ports"][0]["port"].clone());
+                .map(|r| r.spec.value()["ports"][0]["port"].clone());
             if port == Some(changes.into()) {
                 break snapshot;
             }
