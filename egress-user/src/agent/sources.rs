@@ -123,7 +123,7 @@ impl Read {
     /// # Errors
     /// The documents are invalid, or resolv.conf exists but cannot be read.
     pub fn build(self, resolv_conf: &Path) -> Result<Built, SourceError> {
-        let mut policy = policy::load_read(&self.sources)?;
+        let mut policy = policy::load_read_whole(&self.sources)?;
         let resolv_conf_warnings = policy
             .fill_resolvers(resolv_conf)
             .map_err(SourceError::ResolvConf)?;

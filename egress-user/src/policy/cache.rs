@@ -16,7 +16,8 @@
 //! too large. A source read that way keeps nothing here.
 //!
 //! Memory: the text and the checked documents of each source's last clean load (a few MB for
-//! 10,000 rules); a source no longer loaded keeps its entry until a load of that name.
+//! 10,000 rules); a source no longer loaded keeps its entry until a load of that name, or
+//! until the agent's next whole load ([`retain`], called by [`super::load_read_whole`]).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -56,6 +57,26 @@ pub(super) fn items(name: &str, bytes: &[u8], report: &mut Report) -> Vec<Item> 
         }
     }
     items
+}
+
+/// Drops the documents of every source whose name `keep` refuses: the agent calls it with
+/// the names of its whole policy, so that a source no longer loaded (a removed file, a
+/// deleted object, an edited object, whose name carries its resourceVersion) does not keep
+/// its documents for the agent's lifetime.
+pub(super) fn retain(keep: impl Fn(&str) -> bool) {
+    let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(sources) = last.as_mut() {
+        sources.retain(|name, _| keep(name));
+    }
+}
+
+/// Whether the documents of source `name` are kept.
+#[cfg(test)]
+pub(super) fn holds(name: &str) -> bool {
+    LAST.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .is_some_and(|sources| sources.contains_key(name))
 }
 
 fn forget(name: &str) {

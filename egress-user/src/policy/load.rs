@@ -115,6 +115,19 @@ pub fn read_sources(sources: &[PolicySource]) -> Vec<ReadSource> {
         .collect()
 }
 
+/// [`load_read`] of the agent's whole policy: afterwards the document cache keeps only these
+/// sources' documents, so that the sources that are gone (a removed file, a deleted or edited
+/// Kubernetes object) do not keep theirs.
+///
+/// # Errors
+/// Every problem in every source, sorted by source (in the order given) and line.
+pub fn load_read_whole(read: &[ReadSource]) -> Result<Policy, PolicyErrors> {
+    let result = load_read(read);
+    let names: foldhash::HashSet<&str> = read.iter().map(|source| source.name.as_str()).collect();
+    cache::retain(|name| names.contains(name));
+    result
+}
+
 /// Checks sources already read (see [`read_sources`]) as one policy, as [`load_mixed`] does.
 ///
 /// # Errors

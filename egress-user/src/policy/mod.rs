@@ -35,7 +35,7 @@ mod yaml;
 pub use host::{HostError, LabelProblem, MAX_HOST_LEN, MAX_LABEL_LEN, normalise_host};
 pub use load::{
     MAX_FILE_SIZE, PolicySource, ReadSource, default_policy, load_files, load_mixed, load_read,
-    load_sources, read_sources,
+    load_read_whole, load_sources, read_sources,
 };
 pub use model::{
     ALIAS_ADDRESS, ALIAS_TTL, Alias, AllowSockets, DEFAULT_PROXY_IDLE_TIMEOUT, DEFAULT_PROXY_PORT,

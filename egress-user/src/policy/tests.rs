@@ -690,3 +690,34 @@ fn a_rules_namespace_scopes_it_and_names_are_unique_per_namespace() {
         "p.yaml:3: metadata.namespace: namespace \"default\": an EgressConfig applies to the whole node; remove metadata.namespace",
     );
 }
+
+/// A whole load (the agent's) drops the cached documents of sources that are gone.
+#[test]
+fn a_whole_load_forgets_the_documents_of_sources_no_longer_loaded() {
+    let text = |name: &str| PolicySource::Text {
+        name: name.to_owned(),
+        bytes: format!(
+            "kind: EgressRule\nmetadata:\n  name: {name}\nspec:\n  destination:\n    \
+             service: 192.0.2.0/24\n  ports:\n  - port: 443\n    protocol: tcp\n"
+        )
+        .into_bytes(),
+    };
+    // Names of this test's own: other tests' whole loads may drop them meanwhile, never add them.
+    let (kept, gone) = ("cache-kept-7c1e", "cache-gone-7c1e");
+    let both = read_sources(&[text(kept), text(gone)]);
+    let mut cached = false;
+    for _ in 0..100 {
+        load_read_whole(&both).expect("valid");
+        if cache::holds(gone) {
+            cached = true;
+            break;
+        }
+    }
+    assert!(cached, "a clean source's documents are cached");
+    // The whole policy without it: gone from the cache.
+    load_read_whole(&read_sources(&[text(kept)])).expect("valid");
+    assert!(
+        !cache::holds(gone),
+        "a source no longer loaded keeps its documents"
+    );
+}
