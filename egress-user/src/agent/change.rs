@@ -30,7 +30,7 @@ impl Agent {
     /// changed. Returns the generation in force.
     pub(super) fn reload(&mut self, force: bool, why: &str) -> Result<u32, ChangeError> {
         let start = std::time::Instant::now();
-        let read = sources::read(&self.sources(), &self.settings.resolv_conf);
+        let read = sources::read(self.sources(), &self.settings.resolv_conf);
         if !force && read.digest == self.digest {
             if let Some(error) = self.last_error.take() {
                 // A broken file removed, or put back as it was: the sources are again those of
@@ -195,7 +195,7 @@ impl Agent {
         });
         // Validated whole before anything is written; its warnings are logged by the reload
         // that follows.
-        sources::build(&candidate, &self.settings.resolv_conf).map_err(|e| nothing(e.into()))?;
+        sources::build(candidate, &self.settings.resolv_conf).map_err(|e| nothing(e.into()))?;
         let mut new = old.clone();
         new.extend(docs.iter().cloned());
         let names = describe(&docs);

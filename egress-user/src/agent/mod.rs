@@ -70,7 +70,7 @@ pub struct Settings {
     /// The Kubernetes API's EgressRule objects, when the agent watches them.
     pub cluster: Option<crate::cluster::Cluster>,
     /// The objects in force when the agent last ran (in `built` already): in force until the
-    /// API's list arrives.
+    /// API's list arrives. [`Agent::start`] takes them (the settings keep no copy).
     pub cluster_rules: Vec<crate::cluster::RuleObject>,
 }
 
@@ -126,7 +126,7 @@ impl Agent {
     /// # Errors
     /// The proxy cannot be configured (a CA file), or the kernel refused the policy.
     pub fn start(
-        settings: Settings,
+        mut settings: Settings,
         built: Built,
     ) -> anyhow::Result<(Self, channel::Receiver<Arc<Proxy>>)> {
         built.log_warnings();
@@ -147,7 +147,7 @@ impl Agent {
         })?;
         proxy.set_generation(enforcer.generation());
         let pods = settings.pods.scoped.clone();
-        let cluster = cluster::ClusterRules::restored(settings.cluster_rules.clone());
+        let cluster = cluster::ClusterRules::restored(std::mem::take(&mut settings.cluster_rules));
         let (proxies, rx) = channel::channel(proxy);
         let hub = Arc::<EventHub>::default();
         let history = history::HistoryWriter::restore(settings.store.history_path(), &hub);

@@ -93,14 +93,14 @@ pub struct Read {
 /// unreadable file hashes its error): a reload whose digest is the one in force would change
 /// nothing and is skipped, and one that goes on checks exactly the bytes its digest describes.
 /// A file written after it was read has new bytes; the write's own event reloads it.
-pub fn read(sources: &[PolicySource], resolv_conf: &Path) -> Read {
+pub fn read(sources: Vec<PolicySource>, resolv_conf: &Path) -> Read {
     let sources = policy::read_sources(sources);
     let mut h = std::hash::DefaultHasher::new();
     sources.hash(&mut h);
     // Before resolv.conf is read for its resolvers (in [`Read::build`]), never after: a
     // resolv.conf written in between then has a digest its policy does not match, and the
     // write's own event reloads it, instead of being skipped as "unchanged".
-    policy::read_sources(&[PolicySource::File(resolv_conf.to_owned())]).hash(&mut h);
+    policy::read_sources([PolicySource::File(resolv_conf.to_owned())]).hash(&mut h);
     Read {
         sources,
         digest: h.finish(),
@@ -112,7 +112,7 @@ pub fn read(sources: &[PolicySource], resolv_conf: &Path) -> Read {
 ///
 /// # Errors
 /// The documents are invalid, or resolv.conf exists but cannot be read.
-pub fn build(sources: &[PolicySource], resolv_conf: &Path) -> Result<Built, SourceError> {
+pub fn build(sources: Vec<PolicySource>, resolv_conf: &Path) -> Result<Built, SourceError> {
     read(sources, resolv_conf).build(resolv_conf)
 }
 
@@ -148,12 +148,12 @@ mod tests {
             name: "p.yaml".to_owned(),
             bytes: b"kind: EgressConfig\n".to_vec(),
         }];
-        let before = read(&sources, &resolv_conf).digest;
-        assert_eq!(read(&sources, &resolv_conf).digest, before);
+        let before = read(sources.to_vec(), &resolv_conf).digest;
+        assert_eq!(read(sources.to_vec(), &resolv_conf).digest, before);
         std::fs::write(&resolv_conf, "nameserver 192.0.2.54\n").expect("write");
-        let after = read(&sources, &resolv_conf).digest;
+        let after = read(sources.to_vec(), &resolv_conf).digest;
         std::fs::remove_file(&resolv_conf).expect("remove");
-        let missing = read(&sources, &resolv_conf).digest;
+        let missing = read(sources.to_vec(), &resolv_conf).digest;
         assert_ne!(after, before);
         assert_ne!(missing, after);
     }
@@ -171,20 +171,20 @@ mod tests {
         let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\n");
         let file = dir.file("p.yaml", rule("first"));
         let sources = [PolicySource::File(file.clone())];
-        let first = read(&sources, &resolv_conf);
+        let first = read(sources.to_vec(), &resolv_conf);
         // Written after the sources were read: this reload goes on with what it read.
         std::fs::write(&file, rule("second")).expect("write");
         let built = first.build(&resolv_conf).expect("valid");
         let names: Vec<_> = built.policy.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["first"]);
         // And the write's own reload is not skipped as unchanged.
-        let second = read(&sources, &resolv_conf);
+        let second = read(sources.to_vec(), &resolv_conf);
         assert_ne!(second.digest, built.digest);
         let built = second.build(&resolv_conf).expect("valid");
         let names: Vec<_> = built.policy.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["second"]);
         // The same bytes again: the same digest, so that reload is skipped.
-        assert_eq!(read(&sources, &resolv_conf).digest, built.digest);
+        assert_eq!(read(sources.to_vec(), &resolv_conf).digest, built.digest);
     }
 
     #[test]
@@ -193,9 +193,9 @@ mod tests {
         let resolv_conf = dir.file("resolv.conf", "nameserver 192.0.2.53\n");
         let file = dir.file("p.yaml", rule("first"));
         let sources = [PolicySource::File(file.clone())];
-        let present = read(&sources, &resolv_conf).digest;
+        let present = read(sources.to_vec(), &resolv_conf).digest;
         std::fs::remove_file(&file).expect("remove");
-        let missing = read(&sources, &resolv_conf);
+        let missing = read(sources.to_vec(), &resolv_conf);
         assert_ne!(missing.digest, present);
         let Err(SourceError::Invalid(errors)) = missing.build(&resolv_conf) else {
             panic!("a missing policy file must be an error");

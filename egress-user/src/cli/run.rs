@@ -203,7 +203,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let files = sources::list(&args.policy, &store);
     let mut initial = files.clone();
     initial.extend(cluster_rules.iter().map(crate::cluster::RuleObject::source));
-    let mut built = sources::build(&initial, &args.resolv_conf.path);
+    // The sources are moved into what is built: their text (about 600 bytes per API object)
+    // is not kept for the agent's lifetime.
+    let mut built = sources::build(initial, &args.resolv_conf.path);
     if let Err(SourceError::Invalid(errors)) = &built
         && !cluster_rules.is_empty()
     {
@@ -211,7 +213,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         // API's objects are judged again when its list arrives.
         tracing::error!(%errors, "kubernetes: the EgressRules last in force do not go with the policy files; starting without them until the API answers");
         cluster_rules.clear();
-        built = sources::build(&files, &args.resolv_conf.path);
+        built = sources::build(files, &args.resolv_conf.path);
     }
     let built = match built {
         Ok(built) => built,

@@ -79,7 +79,7 @@ pub enum PolicySource {
 /// # Errors
 /// Every problem in every source, sorted by source (in the order given) and line.
 pub fn load_mixed(sources: &[PolicySource]) -> Result<Policy, PolicyErrors> {
-    load_read(&read_sources(sources))
+    load_read(&read_sources(sources.iter().cloned()))
 }
 
 /// A [`PolicySource`] read: what [`load_read`] checks. The agent reads its sources once per
@@ -95,21 +95,22 @@ pub struct ReadSource {
 }
 
 /// Reads every file of `sources` once (bounded, never blocking, see [`read_bounded`]); a file
-/// that cannot be read keeps its error, which [`load_read`] reports on its line 1.
+/// that cannot be read keeps its error, which [`load_read`] reports on its line 1. A text's
+/// bytes are moved, not copied (the agent's 10,000 API objects are about 5 MB of text).
 #[must_use]
-pub fn read_sources(sources: &[PolicySource]) -> Vec<ReadSource> {
+pub fn read_sources(sources: impl IntoIterator<Item = PolicySource>) -> Vec<ReadSource> {
     sources
-        .iter()
+        .into_iter()
         .map(|source| match source {
             PolicySource::File(path) => ReadSource {
                 name: path.display().to_string(),
                 directory: Some(path.parent().unwrap_or_else(|| Path::new("")).to_owned()),
-                bytes: read_capped(path),
+                bytes: read_capped(&path),
             },
             PolicySource::Text { name, bytes } => ReadSource {
-                name: name.clone(),
+                name,
                 directory: None,
-                bytes: Ok(bytes.clone()),
+                bytes: Ok(bytes),
             },
         })
         .collect()

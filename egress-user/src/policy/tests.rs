@@ -704,7 +704,7 @@ fn a_whole_load_forgets_the_documents_of_sources_no_longer_loaded() {
     };
     // Names of this test's own: other tests' whole loads may drop them meanwhile, never add them.
     let (kept, gone) = ("cache-kept-7c1e", "cache-gone-7c1e");
-    let both = read_sources(&[text(kept), text(gone)]);
+    let both = read_sources([text(kept), text(gone)]);
     let mut cached = false;
     for _ in 0..100 {
         load_read_whole(&both).expect("valid");
@@ -715,7 +715,7 @@ fn a_whole_load_forgets_the_documents_of_sources_no_longer_loaded() {
     }
     assert!(cached, "a clean source's documents are cached");
     // The whole policy without it: gone from the cache.
-    load_read_whole(&read_sources(&[text(kept)])).expect("valid");
+    load_read_whole(&read_sources([text(kept)])).expect("valid");
     assert!(
         !cache::holds(gone),
         "a source no longer loaded keeps its documents"
