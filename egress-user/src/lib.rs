@@ -16,6 +16,7 @@ pub mod dns;
 pub mod fds;
 pub mod loader;
 pub use loader::events;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod pipeline;

@@ -174,6 +174,7 @@ impl Agent {
             dns: dns::DnsListeners::default(),
         };
         agent.remember_names();
+        crate::memory::release_soon();
         Ok((agent, rx))
     }
 
