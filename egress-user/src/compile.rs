@@ -247,6 +247,22 @@ impl RowTable {
         self.by_row.get(&row).map(|name| &**name)
     }
 
+    /// Every (row, name), in no order, each name as the table holds it (for sharing).
+    pub fn named_rows(&self) -> impl Iterator<Item = (u32, &Arc<str>)> {
+        self.by_row.iter().map(|(row, name)| (*row, name))
+    }
+
+    /// A table of these rows and names (tests of what keeps tables).
+    #[cfg(test)]
+    pub(crate) fn of_rows<'a>(rows: impl IntoIterator<Item = (u32, &'a str)>) -> Self {
+        let by_name: HashMap<Arc<str>, u32> = rows
+            .into_iter()
+            .map(|(row, name)| (Arc::from(name), row))
+            .collect();
+        let by_row = by_name.iter().map(|(n, r)| (*r, Arc::clone(n))).collect();
+        Self { by_name, by_row }
+    }
+
     /// Every (row, name), sorted by row.
     pub fn rows(&self) -> Vec<(u32, &str)> {
         let mut rows: Vec<_> = self.by_name.iter().map(|(n, r)| (*r, &**n)).collect();

@@ -16,6 +16,7 @@ pub mod error;
 pub mod health;
 mod history;
 pub mod listeners;
+mod names;
 pub mod occupancy;
 pub mod pod_nets;
 pub mod pods;
@@ -95,9 +96,9 @@ pub struct Agent {
     hub: Arc<EventHub>,
     metrics: Arc<Metrics>,
     rows: channel::Sender<Rows>,
-    /// The row tables of the last [`NAMED_GENERATIONS`] generations, newest last: an event
-    /// names its rule as the generation that judged it knew the row.
-    names: std::collections::VecDeque<(u32, Arc<RowTable>)>,
+    /// The rows' names in the last generations: an event names its rule as the generation
+    /// that judged it knew the row.
+    names: names::RowNames,
     /// Bounds the log lines of denials; events and counters keep every one.
     log_limit: crate::telemetry::LogLimit,
     /// Descriptors, the proxy's connections and what can fail; set when serving starts.
@@ -114,10 +115,6 @@ pub struct Agent {
     /// The DNS listeners of FQDN rules in the agent's own network namespace.
     dns: dns::DnsListeners,
 }
-
-/// How many generations' row tables are kept to name events with. Events wait in the ring
-/// buffer for milliseconds; one older than this many reloads is named by its row number.
-const NAMED_GENERATIONS: usize = 16;
 
 impl Agent {
     /// Puts `built` (see [`sources::build`]) in force: the first generation, or a takeover of
@@ -165,7 +162,7 @@ impl Agent {
             history,
             metrics: Arc::new(Metrics::new()),
             rows,
-            names: std::collections::VecDeque::new(),
+            names: names::RowNames::default(),
             log_limit: crate::telemetry::LogLimit::new(),
             health: None,
             pod_nets: pod_nets::PodNets::default(),
@@ -196,14 +193,11 @@ impl Agent {
 
     /// Keeps the row table of the generation in force, for naming its events.
     fn remember_names(&mut self) {
-        if self.names.len() == NAMED_GENERATIONS
-            && let Some(oldest) = self.names.pop_front()
-        {
-            // The last handle on a 10,000-rule table, most often: freed off the reload's way.
-            change::drop_elsewhere(oldest);
-        }
         let table = Arc::clone(self.enforcer.rows());
-        self.names.push_back((self.generation(), table));
+        if let Some(previous) = self.names.push(self.generation(), table) {
+            // The last handle on a 10,000-rule table, most often: freed off the reload's way.
+            change::drop_elsewhere(previous);
+        }
     }
 
     /// The name of `row` as `generation` knew it.
@@ -211,11 +205,7 @@ impl Agent {
         if let Some(name) = compile::reserved_row_name(row) {
             return Some(name.to_owned());
         }
-        self.names
-            .iter()
-            .rev()
-            .find(|(g, _)| *g == generation)
-            .and_then(|(_, table)| table.name(row).map(str::to_owned))
+        self.names.name(generation, row).map(str::to_owned)
     }
 
     /// The policy's sources: the files (or the default), the created rules, then the API's
