@@ -278,8 +278,9 @@ fn alias_spec(spec: &serde_json::Value) -> Option<serde_json::Value> {
 pub struct Snapshot {
     /// Whether every kind has been listed (until then, the objects last in force stay).
     pub synced: bool,
-    /// By namespace, name and kind.
-    pub rules: Arc<BTreeMap<ObjectKey, RuleObject>>,
+    /// By namespace, name and kind; each object shared with the watches' map and the
+    /// agent's objects in force (10,000 objects are kept once, not three times).
+    pub rules: Arc<BTreeMap<ObjectKey, Arc<RuleObject>>>,
 }
 
 /// What the agent made of one object on this node.
@@ -452,7 +453,7 @@ pub struct Publisher {
     /// Told of each change, once every kind is listed.
     tx: watch::Sender<()>,
     /// Each kind's objects, once listed.
-    kinds: Mutex<BTreeMap<Kind, BTreeMap<ObjectKey, RuleObject>>>,
+    kinds: Mutex<BTreeMap<Kind, BTreeMap<ObjectKey, Arc<RuleObject>>>>,
 }
 
 impl Publisher {
@@ -473,7 +474,7 @@ impl Publisher {
     fn update(
         &self,
         kind: Kind,
-        change: impl FnOnce(&mut Option<BTreeMap<ObjectKey, RuleObject>>) -> bool,
+        change: impl FnOnce(&mut Option<BTreeMap<ObjectKey, Arc<RuleObject>>>) -> bool,
     ) -> bool {
         let mut kinds = self.kinds.lock().expect("watched objects");
         let mut objects = kinds.remove(&kind);
@@ -487,7 +488,7 @@ impl Publisher {
         changed
     }
 
-    /// A copy of every kind's objects.
+    /// A copy of every kind's objects (the objects themselves shared).
     fn snapshot(&self) -> Snapshot {
         let kinds = self.kinds.lock().expect("watched objects");
         Snapshot {
@@ -550,7 +551,7 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
     let mut absent_logged = false;
     'watch: loop {
         // A re-list's objects, until it is complete.
-        let mut listing: Option<BTreeMap<ObjectKey, RuleObject>> = None;
+        let mut listing: Option<BTreeMap<ObjectKey, Arc<RuleObject>>> = None;
         let mut forbidden_logged = false;
         let mut stream = watcher(api.clone(), watcher::Config::default())
             .default_backoff()
@@ -605,7 +606,7 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
                     if let (Some(listing), Some(rule)) =
                         (listing.as_mut(), RuleObject::from_dynamic(kind, &object))
                     {
-                        listing.insert(rule.key(), rule);
+                        listing.insert(rule.key(), Arc::new(rule));
                     }
                 }
                 watcher::Event::InitDone => {
@@ -644,7 +645,7 @@ async fn watch_kind(client: Client, kind: Kind, publisher: Arc<Publisher>, absen
                             {
                                 return false;
                             }
-                            objects.insert(rule.key(), rule);
+                            objects.insert(rule.key(), Arc::new(rule));
                             true
                         });
                     }
@@ -853,8 +854,9 @@ pub fn restore(store: &Store) -> Vec<RuleObject> {
 ///
 /// # Errors
 /// The file cannot be written.
-pub fn persist(store: &Store, rules: &[RuleObject]) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(rules).map_err(std::io::Error::other)?;
+pub fn persist(store: &Store, rules: &[Arc<RuleObject>]) -> std::io::Result<()> {
+    let rules: Vec<&RuleObject> = rules.iter().map(AsRef::as_ref).collect();
+    let bytes = serde_json::to_vec(&rules).map_err(std::io::Error::other)?;
     crate::state::write_atomic(&store.cluster_rules_path(), &bytes)
 }
 
@@ -1488,7 +1490,10 @@ mod tests {
                 for port in 1..=changes {
                     publisher.update(Kind::EgressRule, |objects| {
                         let rule = object(serde_json::json!({"ports": [{"port": port}]}));
-                        objects.as_mut().expect("listed").insert(rule.key(), rule);
+                        objects
+                            .as_mut()
+                            .expect("listed")
+                            .insert(rule.key(), Arc::new(rule));
                         true
                     });
                     tokio::time::sleep(Duration::from_millis(10)).await;

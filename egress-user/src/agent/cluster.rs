@@ -8,7 +8,10 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use crate::{
     cluster::{Cluster, ObjectKey, RuleObject, Snapshot, Verdict},
@@ -21,34 +24,36 @@ use super::{Agent, error::ChangeError, sources::SourceError};
 /// What the agent knows of the API's objects.
 #[derive(Default)]
 pub struct ClusterRules {
-    /// The objects in the policy in force.
-    pub in_force: Vec<RuleObject>,
-    /// Each object's verdict alone, by uid and resourceVersion: `Some(errors)` when invalid.
-    alone: HashMap<(String, String), Option<String>>,
+    /// The objects in the policy in force (shared with the watches' snapshot).
+    pub in_force: Vec<Arc<RuleObject>>,
+    /// Each object's verdict alone, by the [`policy::digest`] of its uid and resourceVersion
+    /// (16 bytes, where the two strings took about 130): `Some(errors)` when invalid. Were two
+    /// versions ever to share a digest, the whole policy's check still judges every object.
+    alone: HashMap<u128, Option<String>>,
 }
 
 impl ClusterRules {
     /// Starts with the objects in force when the agent last ran.
     pub fn restored(in_force: Vec<RuleObject>) -> Self {
         Self {
-            in_force,
+            in_force: in_force.into_iter().map(Arc::new).collect(),
             alone: HashMap::new(),
         }
     }
 
     /// The policy sources of the objects in force, in namespace and name order.
     pub fn sources(&self) -> impl Iterator<Item = PolicySource> + '_ {
-        self.in_force.iter().map(RuleObject::source)
+        self.in_force.iter().map(|rule| rule.source())
     }
 
     /// The source names of the objects in force (`EgressRule NS/NAME (resourceVersion N)`).
     pub fn source_names(&self) -> impl Iterator<Item = String> + '_ {
-        self.in_force.iter().map(RuleObject::source_name)
+        self.in_force.iter().map(|rule| rule.source_name())
     }
 
     /// `rule` checked alone, as a policy of its own; remembered until it changes.
     fn alone(&mut self, rule: &RuleObject) -> Option<String> {
-        let key = (rule.uid.clone(), rule.resource_version.clone());
+        let key = version_digest(rule);
         self.alone
             .entry(key)
             .or_insert_with(|| {
@@ -60,6 +65,11 @@ impl ClusterRules {
     }
 }
 
+/// An object's version as 128 bits: its uid and resourceVersion.
+fn version_digest(rule: &RuleObject) -> u128 {
+    policy::digest(&(&rule.uid, &rule.resource_version))
+}
+
 impl Agent {
     /// Puts the objects of `snapshot` in force, each one that is valid, and writes each
     /// object's verdict. Before the first full list nothing changes.
@@ -68,7 +78,7 @@ impl Agent {
             return;
         }
         let mut refused: Vec<(&RuleObject, Verdict)> = Vec::new();
-        let mut candidates: Vec<RuleObject> = Vec::with_capacity(snapshot.rules.len());
+        let mut candidates: Vec<Arc<RuleObject>> = Vec::with_capacity(snapshot.rules.len());
         for rule in snapshot.rules.values() {
             match self.cluster.alone(rule) {
                 Some(errors) => refused.push((rule, Verdict::Refused(errors))),
@@ -76,14 +86,8 @@ impl Agent {
             }
         }
         // Forget the checks of objects gone or changed.
-        let current: HashSet<(&str, &str)> = snapshot
-            .rules
-            .values()
-            .map(|r| (r.uid.as_str(), r.resource_version.as_str()))
-            .collect();
-        self.cluster
-            .alone
-            .retain(|(uid, rv), _| current.contains(&(uid.as_str(), rv.as_str())));
+        let current: HashSet<u128> = snapshot.rules.values().map(|r| version_digest(r)).collect();
+        self.cluster.alone.retain(|key, _| current.contains(key));
 
         let before = std::mem::replace(&mut self.cluster.in_force, candidates);
         let why = "EgressRule objects changed";
@@ -97,7 +101,7 @@ impl Agent {
                     .or_default()
                     .push(diagnostic.to_string());
             }
-            let (bad, good): (Vec<RuleObject>, Vec<RuleObject>) = self
+            let (bad, good): (Vec<Arc<RuleObject>>, Vec<Arc<RuleObject>>) = self
                 .cluster
                 .in_force
                 .drain(..)
@@ -133,14 +137,18 @@ impl Agent {
                     refused = verdicts.len(),
                     "kubernetes: EgressRules applied"
                 );
-                let in_force: HashSet<ObjectKey> =
-                    self.cluster.in_force.iter().map(RuleObject::key).collect();
+                let in_force: HashSet<ObjectKey> = self
+                    .cluster
+                    .in_force
+                    .iter()
+                    .map(|rule| rule.key())
+                    .collect();
                 verdicts.extend(
                     snapshot
                         .rules
                         .values()
                         .filter(|r| in_force.contains(&r.key()))
-                        .map(|r| (r, Verdict::InForce)),
+                        .map(|r| (r.as_ref(), Verdict::InForce)),
                 );
             }
             Err(_) => {

@@ -32,6 +32,7 @@ mod tests;
 mod validate;
 mod yaml;
 
+pub(crate) use cache::digest;
 pub use host::{HostError, LabelProblem, MAX_HOST_LEN, MAX_LABEL_LEN, normalise_host};
 pub use load::{
     MAX_FILE_SIZE, PolicySource, ReadSource, default_policy, load_files, load_mixed, load_read,
