@@ -44,7 +44,7 @@ use crate::{
         Enforcer, LoadError, PinDir,
         learned::{InForce, LearnedMaps, Swept},
     },
-    netns::NetnsThread,
+    netns::Netns,
     policy::{ALIAS_ADDRESS, ALIAS_TTL},
 };
 
@@ -71,7 +71,7 @@ pub struct Asker {
     /// A pod's network namespace: the listeners are bound there, and the resolver is asked
     /// from there (with the pod's address, under the CNI's policy for the pod, as its proxied
     /// requests are). `None`: the agent's own.
-    pub netns: Option<Arc<NetnsThread>>,
+    pub netns: Option<Arc<Netns>>,
 }
 
 impl Asker {
@@ -82,7 +82,7 @@ impl Asker {
     ) -> io::Result<T> {
         match &self.netns {
             None => f(),
-            Some(thread) => thread.run(f)?,
+            Some(ns) => ns.run(f)?,
         }
     }
 
@@ -93,7 +93,7 @@ impl Asker {
     ) -> io::Result<T> {
         match &self.netns {
             None => f(),
-            Some(thread) => thread.run_async(f).await?,
+            Some(ns) => ns.run_async(f).await?,
         }
     }
 }
@@ -112,7 +112,7 @@ pub struct DnsListeners {
     /// The namespace of the workloads served (a pod's), and the pod's network namespace;
     /// `None` for the agent's own.
     namespace: Option<String>,
-    netns: Option<Arc<NetnsThread>>,
+    netns: Option<Arc<Netns>>,
 }
 
 /// One resolver's listener: the tasks serving its UDP socket and TCP listener on the same
@@ -133,7 +133,7 @@ impl Drop for Listener {
 
 impl DnsListeners {
     /// The listeners of a pod of `namespace`, in its network namespace.
-    pub fn in_pod(namespace: String, netns: Arc<NetnsThread>) -> Self {
+    pub fn in_pod(namespace: String, netns: Arc<Netns>) -> Self {
         Self {
             namespace: Some(namespace),
             netns: Some(netns),

@@ -24,7 +24,7 @@ use std::{
 
 use crate::{
     cri::{Pod, PodName},
-    netns::NetnsThread,
+    netns::Netns,
     proxy::{BoxFuture, Origin, Sockets},
 };
 
@@ -33,22 +33,21 @@ use super::{
     listeners::{self, ProxyListeners},
 };
 
-/// Makes a pod's upstream sockets on its namespace's thread.
-struct PodSockets(Arc<NetnsThread>);
+/// Makes a pod's upstream sockets inside its namespace.
+struct PodSockets(Arc<Netns>);
 
 impl Sockets for PodSockets {
     fn tcp(&self, v6: bool) -> BoxFuture<io::Result<tokio::net::TcpSocket>> {
-        let thread = self.0.clone();
+        let ns = self.0.clone();
         Box::pin(async move {
-            thread
-                .run_async(move || {
-                    if v6 {
-                        tokio::net::TcpSocket::new_v6()
-                    } else {
-                        tokio::net::TcpSocket::new_v4()
-                    }
-                })
-                .await?
+            ns.run_async(move || {
+                if v6 {
+                    tokio::net::TcpSocket::new_v6()
+                } else {
+                    tokio::net::TcpSocket::new_v4()
+                }
+            })
+            .await?
         })
     }
 }
@@ -59,7 +58,7 @@ pub struct PodNet {
     /// The namespace's cookie.
     pub netns: u64,
     pub origin: Arc<Origin>,
-    thread: Arc<NetnsThread>,
+    ns: Arc<Netns>,
     /// The bound listeners (duplicates of those served), to mark again in a new generation.
     pub bound: Vec<TcpListener>,
     /// Addresses not bound yet, with why.
@@ -85,15 +84,14 @@ impl PodNet {
     /// Joins the pod's network namespace at `path`. `None` when it is the agent's own (a pod
     /// on the host's network, served by the agent's own listeners).
     fn open(pod: &Pod, path: &Path, host: Option<u64>) -> io::Result<Option<Self>> {
-        let thread = Arc::new(NetnsThread::start(path)?);
-        let netns = thread.cookie();
+        let ns = Arc::new(Netns::open(path)?);
+        let netns = ns.cookie();
         if Some(netns) == host {
             return Ok(None);
         }
-        let dns_thread = thread.clone();
         let origin = Arc::new(Origin {
             netns,
-            sockets: Arc::new(PodSockets(thread.clone())),
+            sockets: Arc::new(PodSockets(ns.clone())),
             namespace: Some(pod.name.namespace.clone()),
             pod: Some(pod.name.to_string()),
         });
@@ -101,12 +99,12 @@ impl PodNet {
             pod: Arc::new(pod.name.clone()),
             netns,
             origin,
-            thread,
+            ns: ns.clone(),
             bound: Vec::new(),
             missing: Vec::new(),
             tasks: Vec::new(),
             seen: Instant::now(),
-            dns: DnsListeners::in_pod(pod.name.namespace.clone(), dns_thread),
+            dns: DnsListeners::in_pod(pod.name.namespace.clone(), ns),
         }))
     }
 
@@ -122,7 +120,7 @@ impl PodNet {
         let mut new = Vec::new();
         let mut missing = Vec::new();
         for address in wanted {
-            let bound = self.thread.run(move || listeners::listen(address));
+            let bound = self.ns.run(move || listeners::listen(address));
             match bound.and_then(|r| r) {
                 Ok(listener) => new.push(listener),
                 // A pod without IPv6 on its loopback: its IPv6 redirects are refused.
