@@ -126,7 +126,7 @@ mod tests {
         for g in 1..=40u32 {
             names.push(g, table(&[(10, &format!("rule-{g}"))]));
         }
-        let oldest = 40 - u32::try_from(NAMED_GENERATIONS).unwrap() + 1;
+        let oldest = 40 - u32::try_from(NAMED_GENERATIONS).expect("16") + 1;
         assert_eq!(names.name(oldest - 1, 10), None);
         assert_eq!(
             names.name(oldest, 10),
@@ -145,7 +145,7 @@ mod tests {
             let mut generation: Vec<(u32, &str)> = rows
                 .iter()
                 .enumerate()
-                .map(|(i, name)| (u32::try_from(i).unwrap() + 10, name.as_str()))
+                .map(|(i, name)| (u32::try_from(i).expect("10,000 rows") + 10, name.as_str()))
                 .collect();
             let edited = format!("ns/edited-{g}");
             generation[0].1 = &edited;
