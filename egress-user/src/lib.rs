@@ -22,6 +22,7 @@ pub mod netns;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;
+pub mod sched;
 pub mod state;
 pub mod telemetry;
 #[cfg(test)]

@@ -174,6 +174,8 @@ fn worker() -> io::Result<mpsc::Sender<Task>> {
 /// Runs each task inside its namespace, joining it only when the worker is elsewhere; goes
 /// back to `home` whenever the queue is empty.
 fn work(home: &File, tasks: &mpsc::Receiver<Task>) {
+    // Started by the main loop, perhaps, whose SCHED_BATCH would slow the proxy's jobs.
+    let _ = crate::sched::as_before();
     // The namespace the worker is in, when not its own.
     let mut here: Option<(u64, u64)> = None;
     while let Ok(mut task) = tasks.recv() {

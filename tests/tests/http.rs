@@ -220,6 +220,37 @@ fn two_hundred_concurrent_connections_each_get_their_own_original_destination() 
             "the proxy saw {a} as the original destination of its own request"
         );
     }
+    // The main loop that logged them never preempts the proxy's workers: it runs under
+    // SCHED_BATCH; the runtime's threads (workers and blocking threads, some started by the
+    // main loop) keep the default policy.
+    let threads = thread_policies(w.agent().pid());
+    let main = threads.iter().find(|t| t.0 == w.agent().pid());
+    assert_eq!(main.map(|t| t.2), Some(SCHED_BATCH), "{threads:?}");
+    let runtime: Vec<_> = threads
+        .iter()
+        .filter(|t| t.1.starts_with("tokio-"))
+        .collect();
+    assert!(!runtime.is_empty(), "{threads:?}");
+    assert!(runtime.iter().all(|t| t.2 == SCHED_OTHER), "{threads:?}");
+}
+
+const SCHED_OTHER: u32 = 0;
+const SCHED_BATCH: u32 = 3;
+
+/// Each thread of process `pid`: its id, name and scheduling policy (`stat` field 41).
+fn thread_policies(pid: u32) -> Vec<(u32, String, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the agent's threads");
+    tasks
+        .filter_map(|task| {
+            let tid: u32 = task.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            // Fields after the name start at field 3: policy (41) is the 39th of them.
+            let policy = rest.split_whitespace().nth(41 - 3)?.parse().ok()?;
+            Some((tid, name, policy))
+        })
+        .collect()
 }
 
 /// The agent's own upstream connections are exempt by its cgroup id: an agent running below

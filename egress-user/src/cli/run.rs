@@ -260,6 +260,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let (mut agent, proxies) = Agent::start(settings, built)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // A blocking thread started by the main loop would inherit its SCHED_BATCH.
+        .on_thread_start(|| {
+            let _ = crate::sched::as_before();
+        })
         .build()
         .context("starting the async runtime")?;
     // Before the ready line: a workload's first query goes through the DNS path, and a signal
@@ -289,6 +293,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     eprint!("{}", next_steps(args, &cgroup));
     let served = runtime.block_on(async {
+        // This thread runs the agent's main loop from here on: its batches of request events
+        // and its housekeeping wait for the proxy's workers instead of interrupting them.
+        if let Err(e) = crate::sched::background() {
+            tracing::warn!(error = %e, "the agent's main loop keeps the default scheduling policy");
+        }
         let watch = if args.no_watch || args.policy.is_empty() {
             None
         } else {
