@@ -64,7 +64,10 @@ fn set(policy: libc::c_int, param: &libc::sched_param) -> io::Result<()> {
 }
 
 /// Priority 0, the only one of the non-real-time policies.
-#[expect(unsafe_code, reason = "sched_param's other fields differ between C libraries")]
+#[expect(
+    unsafe_code,
+    reason = "sched_param's other fields differ between C libraries"
+)]
 fn zero_param() -> libc::sched_param {
     // SAFETY: plain integers; all zeroes is priority 0.
     unsafe { std::mem::zeroed() }
@@ -93,7 +96,11 @@ mod tests {
         .join()
         .expect("test thread");
         assert_eq!(batch, libc::SCHED_BATCH, "the thread that asked");
-        assert_eq!(inherited, libc::SCHED_BATCH, "a thread it created inherits it");
+        assert_eq!(
+            inherited,
+            libc::SCHED_BATCH,
+            "a thread it created inherits it"
+        );
         assert_eq!(restored, before, "and can go back to the policy before");
         assert_eq!(policy(), before, "the other threads keep their policy");
     }
