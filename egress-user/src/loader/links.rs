@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
 use egress_common::maps;
 
@@ -71,10 +71,41 @@ pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), Lo
         source: Box::new(source),
     };
     match ebpf.program_mut(name).expect("object has the program") {
-        Program::CgroupSockAddr(p) => p.load().map_err(err),
-        Program::SockOps(p) => p.load().map_err(err),
-        Program::CgroupSock(p) => p.load().map_err(err),
+        Program::CgroupSockAddr(p) => retry_interrupted(|| p.load()).map_err(err),
+        Program::SockOps(p) => retry_interrupted(|| p.load()).map_err(err),
+        Program::CgroupSock(p) => retry_interrupted(|| p.load()).map_err(err),
         other => unreachable!("{name} is a {:?} program", other.prog_type()),
+    }
+}
+
+/// How many times a program load is tried while the verifier answers `EAGAIN` (libbpf tries
+/// five times as well).
+const LOAD_ATTEMPTS: usize = 5;
+
+/// Runs `load` again while it fails with `EAGAIN`, up to [`LOAD_ATTEMPTS`] times. The
+/// verifier gives up with `EAGAIN` whenever a signal is pending for the loading thread (a
+/// `SIGCHLD` of a child that exited, a `SIGHUP` for a reload), whatever the program: seen
+/// as `processed 1 insns` and `Resource temporarily unavailable` in a test process that
+/// runs children. A failed load leaves the program unloaded, so loading it again is sound.
+pub(super) fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> Result<(), ProgramError> {
+    retry_while(&mut load, |e| {
+        matches!(e, ProgramError::LoadError { io_error, .. }
+            if io_error.raw_os_error() == Some(libc::EAGAIN))
+    })
+}
+
+fn retry_while<E>(
+    load: &mut impl FnMut() -> Result<(), E>,
+    interrupted: impl Fn(&E) -> bool,
+) -> Result<(), E> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(e) if interrupted(&e) && attempt < LOAD_ATTEMPTS => attempt += 1,
+            done => return done,
+        }
     }
 }
 
@@ -175,4 +206,59 @@ pub fn enforced_cgroups(pin_dir: &Path) -> Result<Vec<u64>, LoadError> {
         .into_iter()
         .map(|l| l.info.cgroup_id)
         .collect())
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use std::io;
+
+    use super::{LOAD_ATTEMPTS, retry_while};
+
+    fn eagain(e: &io::Error) -> bool {
+        e.raw_os_error() == Some(libc::EAGAIN)
+    }
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_a_bounded_number_of_times() {
+        let mut calls = 0;
+        let twice = retry_while(
+            &mut || {
+                calls += 1;
+                if calls <= 2 {
+                    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+                } else {
+                    Ok(())
+                }
+            },
+            eagain,
+        );
+        assert!(twice.is_ok());
+        assert_eq!(calls, 3);
+
+        let mut calls = 0;
+        let always = retry_while(
+            &mut || {
+                calls += 1;
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            },
+            eagain,
+        );
+        assert!(always.is_err());
+        assert_eq!(calls, LOAD_ATTEMPTS);
+
+        // A rejection is final.
+        let mut calls = 0;
+        let rejected = retry_while(
+            &mut || {
+                calls += 1;
+                Err(io::Error::from_raw_os_error(libc::EACCES))
+            },
+            eagain,
+        );
+        assert_eq!(
+            rejected.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EACCES))
+        );
+        assert_eq!(calls, 1);
+    }
 }

@@ -157,7 +157,7 @@ pub(super) fn apply(
         };
         // A rescan attaches the generation's program, loaded once, to new interfaces.
         if program.fd().is_err() {
-            program.load().map_err(err)?;
+            super::links::retry_interrupted(|| program.load()).map_err(err)?;
         }
     }
     for (iface, ifindex) in ifaces {
