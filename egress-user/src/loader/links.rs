@@ -88,16 +88,16 @@ const LOAD_ATTEMPTS: usize = 5;
 /// as `processed 1 insns` and `Resource temporarily unavailable` in a test process that
 /// runs children. A failed load leaves the program unloaded, so loading it again is sound.
 pub(super) fn retry_interrupted(
-    mut load: impl FnMut() -> Result<(), ProgramError>,
+    load: impl FnMut() -> Result<(), ProgramError>,
 ) -> Result<(), ProgramError> {
-    retry_while(&mut load, |e| {
+    retry_while(load, |e| {
         matches!(e, ProgramError::LoadError { io_error, .. }
             if io_error.raw_os_error() == Some(libc::EAGAIN))
     })
 }
 
 fn retry_while<E>(
-    load: &mut impl FnMut() -> Result<(), E>,
+    mut load: impl FnMut() -> Result<(), E>,
     interrupted: impl Fn(&E) -> bool,
 ) -> Result<(), E> {
     let mut attempt = 1;
@@ -218,43 +218,36 @@ mod retry_tests {
         e.raw_os_error() == Some(libc::EAGAIN)
     }
 
-    #[test]
-    fn an_interrupted_load_is_tried_again_a_bounded_number_of_times() {
+    /// Runs `retry_while` over a load that fails with `errno` for its first `failures` calls;
+    /// returns its result and how many calls it made.
+    fn attempts(errno: i32, failures: usize) -> (Result<(), io::Error>, usize) {
         let mut calls = 0;
-        let twice = retry_while(
-            &mut || {
+        let result = retry_while(
+            || {
                 calls += 1;
-                if calls <= 2 {
-                    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+                if calls <= failures {
+                    Err(io::Error::from_raw_os_error(errno))
                 } else {
                     Ok(())
                 }
             },
             eagain,
         );
+        (result, calls)
+    }
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_a_bounded_number_of_times() {
+        let (twice, calls) = attempts(libc::EAGAIN, 2);
         assert!(twice.is_ok());
         assert_eq!(calls, 3);
 
-        let mut calls = 0;
-        let always = retry_while(
-            &mut || {
-                calls += 1;
-                Err(io::Error::from_raw_os_error(libc::EAGAIN))
-            },
-            eagain,
-        );
+        let (always, calls) = attempts(libc::EAGAIN, usize::MAX);
         assert!(always.is_err());
         assert_eq!(calls, LOAD_ATTEMPTS);
 
         // A rejection is final.
-        let mut calls = 0;
-        let rejected = retry_while(
-            &mut || {
-                calls += 1;
-                Err(io::Error::from_raw_os_error(libc::EACCES))
-            },
-            eagain,
-        );
+        let (rejected, calls) = attempts(libc::EACCES, usize::MAX);
         assert_eq!(
             rejected.map_err(|e| e.raw_os_error()),
             Err(Some(libc::EACCES))
